@@ -1,0 +1,87 @@
+"""The `gfattn` command line.
+
+Sub-commands live in `pipeline/commands/<name>.py`, each with `add_arguments(parser)` and
+`run(args) -> int`. Only the module of the command being run is imported, and those modules import
+torch, transformers and scanpy inside `run`, so `gfattn --help` answers instantly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from pipeline import __version__
+from pipeline.errors import InputError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "pipeline": ("pipeline.commands.pipeline", "run the thesis experiment end to end (default: embedded synthetic demo)"),
+    "synth": ("pipeline.commands.synth", "write a synthetic sci-Plex-like .h5ad (or a pretraining corpus)"),
+    "tokenize": ("pipeline.commands.tokenize", "rank-value encode an .h5ad exactly as Geneformer does"),
+    "pretrain": ("pipeline.commands.pretrain", "masked-gene pretraining of a small Geneformer-style BERT"),
+    "finetune": ("pipeline.commands.finetune", "fine-tune a checkpoint on a tokenized dataset (frozen/unfrozen/last-k)"),
+    "analyze": ("pipeline.commands.analyze", "attention analysis comparing two fine-tuned models"),
+    "plot": ("pipeline.commands.plot", "write the thesis figures of a run as PNG and SVG"),
+    "runs": ("pipeline.commands.runs", "list runs in the store"),
+    "show": ("pipeline.commands.show", "everything about one run"),
+    "export": ("pipeline.commands.export", "export every table of a run (csv, parquet or json)"),
+    "tag": ("pipeline.commands.tag", "add a tag to a run"),
+    "note": ("pipeline.commands.note", "set a run's free-text note"),
+    "rm": ("pipeline.commands.rm", "delete a run and everything it owns"),
+}
+
+
+def _top_help() -> str:
+    width = max(len(n) for n in COMMANDS)
+    lines = [
+        "usage: gfattn [-h] [--version] COMMAND ...",
+        "",
+        "What does a fine-tuned Geneformer attend to? Fine-tune, analyse attention, record everything",
+        "in a SQLite store (browse it with `gfattn-tui`).",
+        "",
+        "commands:",
+    ]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run `gfattn COMMAND --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def build_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
+    module_name, help_ = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"gfattn {name}", description=help_)
+    module.add_arguments(parser)
+    return parser, module
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_top_help())
+        return 0 if argv else 2
+    if argv[0] == "--version":
+        print(f"gfattn {__version__}")
+        return 0
+    name = argv[0]
+    if name not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(name, COMMANDS, n=1)
+        hint = f"; did you mean `{close[0]}`?" if close else "; see `gfattn --help`"
+        print(f"gfattn: error: unknown command {name!r}{hint}", file=sys.stderr)
+        return 2
+    parser, module = build_parser(name)
+    args = parser.parse_args(argv[1:])
+    try:
+        return int(module.run(args) or 0)
+    except InputError as exc:
+        print(f"gfattn {name}: error: {exc}", file=sys.stderr)
+        return InputError.exit_code
+    except KeyboardInterrupt:
+        print(f"gfattn {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

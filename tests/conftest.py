@@ -1,0 +1,30 @@
+"""Shared test set-up: quiet, deterministic, offline, and small thread counts on 2-core machines."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("NUMBA_CACHE_DIR", "/tmp/gfattn-numba-cache")
+
+import pytest  # noqa: E402
+
+from pipeline.paths import shared_dir  # noqa: E402
+
+
+@pytest.fixture
+def shared():
+    """The shared reference folder; skips the test where it is not configured."""
+    path = shared_dir()
+    if path is None:
+        pytest.skip("GFATTN_SHARED is not set to the shared reference folder (real Geneformer dictionaries)")
+    return path
+
+
+@pytest.fixture
+def geneformer_dir(shared):
+    path = shared / "geneformer"
+    if not (path / "token_dictionary_gc104M.pkl").exists():
+        pytest.skip(f"no Geneformer dictionaries under {path}")
+    return path
