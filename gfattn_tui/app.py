@@ -1,0 +1,203 @@
+"""`gfattn-tui`: the terminal face of the experiment store (DESIGN.md, "gfattn_tui/").
+
+The app owns the store client, the change poll and the error path. It asks the store for
+`data_version()` every `poll_interval` seconds (one cheap PRAGMA on the store thread) and publishes
+`store_changed` only when another connection committed; views reload then and only then. Runs launched
+from the New run form are detached processes the app merely reaps and reports on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from textual.app import App
+from textual.binding import Binding
+from textual.signal import Signal
+
+from gfattn_tui.client import StoreClient
+from gfattn_tui.commands import BindingCommands
+from gfattn_tui.config import ConfigError, TuiConfig
+from gfattn_tui.launcher import LaunchedRun, RunRequest, start_pipeline
+from gfattn_tui.screens.runs import RunsScreen
+
+
+def describe_error(error: BaseException | None) -> str:
+    if error is None:
+        return "unknown error"
+    try:
+        from store import StoreError
+    except ImportError:  # pragma: no cover
+        StoreError = ()  # type: ignore[assignment]
+    if isinstance(error, StoreError):
+        return str(error)
+    text = str(error).strip() or type(error).__name__
+    return f"{type(error).__name__}: {text}"
+
+
+class GfattnApp(App[None]):
+    """Runs list, run screens, comparison and the New run form over one store."""
+
+    CSS_PATH = "app.tcss"
+    TITLE = "gfattn"
+    COMMANDS = App.COMMANDS | {BindingCommands}
+    BINDINGS = [
+        Binding("ctrl+t", "toggle_theme", "Theme", id="app.toggle_theme", tooltip="Switch dark / light theme"),
+        Binding("f1", "toggle_help", "Keys", id="app.help", tooltip="Show or hide the key panel"),
+    ]
+
+    def __init__(
+        self,
+        store_path: str | Path,
+        *,
+        config: TuiConfig | None = None,
+        clock: Callable[[], float] = time.time,
+        poll: bool = True,
+    ) -> None:
+        super().__init__()
+        self.store_path = Path(store_path)
+        self.config = config or TuiConfig()
+        self.clock = clock
+        self.client = StoreClient(self.store_path)
+        self.poll_enabled = poll
+        self.data_version: int | None = None
+        self.launched: list[LaunchedRun] = []
+        self.store_changed: Signal[int] = Signal(self, "store-changed")
+        self._polling = False
+        self._poll_failed = False
+
+    # lifecycle -----------------------------------------------------------------------------------
+    def on_mount(self) -> None:
+        self.theme = self._known_theme(self.config.theme, "textual-dark")
+        if self.config.keymap:
+            self.set_keymap(self.config.keymap)
+        self.sub_title = str(self.store_path)
+        self.push_screen(RunsScreen())
+        if self.poll_enabled:
+            self.set_interval(self.config.poll_interval, self.check_store, name="store-poll")
+
+    def on_unmount(self) -> None:
+        self.client.close()
+
+    def _known_theme(self, name: str, fallback: str) -> str:
+        return name if name in self.available_themes else fallback
+
+    # the store -----------------------------------------------------------------------------------
+    async def check_store(self) -> None:
+        """Publish `store_changed` when another connection committed since the last check."""
+        if self._polling:
+            return
+        self._polling = True
+        try:
+            version = await self.client.acall(lambda st: st.data_version())
+        except Exception as exc:  # the store may be mid-migration or gone; say so once
+            if not self._poll_failed:
+                self._poll_failed = True
+                self.report_error(exc, where="store")
+            return
+        finally:
+            self._polling = False
+            self._reap_launched()
+        self._poll_failed = False
+        if self.data_version is None:
+            self.data_version = version
+        elif version != self.data_version:
+            self.data_version = version
+            self.store_changed.publish(version)
+
+    def notify_store_changed(self) -> None:
+        """After the TUI's own writes: its connection's data_version does not move for them."""
+        self.store_changed.publish(self.data_version or 0)
+
+    def report_error(self, error: BaseException | None, *, where: str = "") -> None:
+        """The one place failures become visible: a notification and the Textual log."""
+        message = describe_error(error)
+        self.log.error(f"{where}: {message}" if where else message)
+        self.notify(message, title="Error" + (f" ({where})" if where else ""), severity="error", timeout=10)
+
+    # launching -----------------------------------------------------------------------------------
+    def launch_run(self, request: RunRequest) -> LaunchedRun:
+        launched = start_pipeline(request, self.store_path)
+        self.launched.append(launched)
+        self.notify(f"started pid {launched.pid}; log {launched.log_path}", title="New run")
+        return launched
+
+    def _reap_launched(self) -> None:
+        for launched in list(self.launched):
+            code = launched.poll()
+            if code is None:
+                continue
+            self.launched.remove(launched)
+            if code == 0:
+                self.notify(f"pid {launched.pid} finished", title="Run finished")
+            else:
+                tail = launched.log_tail(6)
+                self.notify(
+                    f"pid {launched.pid} exited with status {code}\n{tail}\nlog: {launched.log_path}",
+                    title="Run failed",
+                    severity="error",
+                    timeout=20,
+                )
+            self.notify_store_changed()
+
+    # actions -------------------------------------------------------------------------------------
+    def action_toggle_theme(self) -> None:
+        dark = self._known_theme(self.config.dark_theme, "textual-dark")
+        light = self._known_theme(self.config.light_theme, "textual-light")
+        self.theme = light if self.current_theme.dark else dark
+
+    def action_toggle_help(self) -> None:
+        if self.screen.query("HelpPanel"):
+            self.action_hide_help_panel()
+        else:
+            self.action_show_help_panel()
+
+    def now(self) -> float:
+        return self.clock()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gfattn-tui",
+        description="Launch gfattn runs, watch them live and browse their results.",
+    )
+    parser.add_argument("--store", metavar="PATH", help="experiment store (default: $GFATTN_STORE or ./gfattn.db)")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="settings TOML (default: $GFATTN_TUI_CONFIG or ~/.config/gfattn/tui.toml)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from pipeline.paths import resolve_store_path
+
+    store_path = resolve_store_path(args.store)
+    if store_path.is_dir():
+        print(f"gfattn-tui: error: {store_path} is a directory; pass the store file with --store", file=sys.stderr)
+        return 2
+    try:
+        config = TuiConfig.load(args.config)
+    except ConfigError as exc:
+        print(f"gfattn-tui: error: {exc}", file=sys.stderr)
+        return 2
+    app = GfattnApp(store_path, config=config)
+    try:
+        # Open (and migrate) the store before the screen takes over, so an unusable store is a plain
+        # one-line error on the terminal rather than a notification.
+        app.client.call(lambda st: st.data_version())
+    except Exception as exc:
+        app.client.close()
+        print(f"gfattn-tui: error: {describe_error(exc)}", file=sys.stderr)
+        return 2
+    app.run()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""How values read on screen: timestamps, durations, numbers, run status marks, colour scales and the
+order of class labels (doses ascending, `low` before `high`, as in the thesis's figures)."""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from datetime import datetime, timezone
+from typing import Any, Iterable, Sequence
+
+STATUS_MARKS: dict[str, tuple[str, str]] = {
+    "running": ("●", "bold yellow"),
+    "completed": ("✔", "green"),
+    "failed": ("✘", "bold red"),
+    "interrupted": ("■", "magenta"),
+    "lost": ("?", "bold red"),
+    "pending": ("·", "dim"),
+    "skipped": ("–", "dim"),
+}
+
+STATUSES = ("running", "completed", "failed", "interrupted", "lost")
+
+
+def as_epoch(value: Any) -> float | None:
+    """Seconds since the epoch from whatever the store returns (number, numeric text or ISO 8601)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, datetime):
+        dt = value
+    else:
+        text = str(value).strip()
+        try:
+            return float(text)
+        except ValueError:
+            pass
+        try:
+            dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+    if dt.tzinfo is None:
+        # The store writes UTC; a naive timestamp is UTC, not local time.
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.timestamp()
+
+
+def fmt_time(value: Any, *, utc: bool = False, seconds: bool = False) -> str:
+    epoch = as_epoch(value)
+    if epoch is None:
+        return "—"
+    fmt = "%Y-%m-%d %H:%M:%S" if seconds else "%Y-%m-%d %H:%M"
+    return time.strftime(fmt, time.gmtime(epoch) if utc else time.localtime(epoch))
+
+
+def fmt_duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "—"
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, sec = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{sec:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours}h{minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d{hours:02d}h"
+
+
+def run_duration(run: dict, now: float) -> float | None:
+    """Wall time of a run: until it finished, or until `now` while it runs."""
+    start = as_epoch(run.get("created") or run.get("started"))
+    if start is None:
+        return None
+    end = as_epoch(run.get("finished"))
+    if end is None:
+        if run.get("status") != "running":
+            end = as_epoch(run.get("heartbeat")) or start
+        else:
+            end = now
+    return end - start
+
+
+def fmt_num(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if value != 0 and (abs(value) >= 1e5 or abs(value) < 10 ** (-digits)):
+            return f"{value:.{max(digits - 1, 1)}e}"
+        if float(value).is_integer() and abs(value) < 1e5:
+            return f"{value:.{digits}f}" if digits and abs(value) < 10 else f"{int(value):,}"
+        return f"{value:.{digits}f}"
+    try:
+        import numpy as np
+
+        if isinstance(value, np.integer):
+            return f"{int(value):,}"
+        if isinstance(value, np.floating):
+            return fmt_num(float(value), digits)
+    except ImportError:  # pragma: no cover
+        pass
+    return str(value)
+
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "—"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)  # pragma: no cover
+
+
+_DOSE_RE = re.compile(r"^\s*([-+]?\d*\.?\d+(?:[eE][-+]?\d+)?)\s*(?:u?m|µm|um|nm)?\s*$", re.IGNORECASE)
+_WORD_ORDER = {"control": -3.0, "vehicle": -3.0, "dmso": -3.0, "low": -2.0, "mid": -1.5, "medium": -1.5, "high": -1.0}
+
+
+def label_sort_key(label: str) -> tuple[int, float, str]:
+    text = str(label)
+    match = _DOSE_RE.match(text)
+    if match:
+        return (1, float(match.group(1)), text)
+    word = text.strip().lower()
+    if word in _WORD_ORDER:
+        return (0, _WORD_ORDER[word], text)
+    return (2, 0.0, text)
+
+
+def dose_order(labels: Sequence[str]) -> list[int]:
+    """Permutation putting class labels in dose order (numbers ascending; control < low < high)."""
+    return sorted(range(len(labels)), key=lambda i: label_sort_key(labels[i]))
+
+
+def _lerp(a: tuple[int, int, int], b: tuple[int, int, int], t: float) -> tuple[int, int, int]:
+    return tuple(int(round(x + (y - x) * t)) for x, y in zip(a, b))  # type: ignore[return-value]
+
+
+def _hex(rgb: tuple[int, int, int]) -> str:
+    return "#{:02x}{:02x}{:02x}".format(*rgb)
+
+
+def _ink_for(rgb: tuple[int, int, int]) -> str:
+    luminance = 0.2126 * rgb[0] + 0.7152 * rgb[1] + 0.0722 * rgb[2]
+    return "#000000" if luminance > 140 else "#ffffff"
+
+
+# A perceptually ordered sequential ramp (dark blue -> teal -> yellow), readable on dark and light themes.
+_SEQ = [(30, 40, 110), (33, 102, 172), (40, 160, 150), (120, 200, 90), (240, 225, 60)]
+_NEG, _MID, _POS = (49, 94, 190), (235, 235, 235), (200, 60, 50)
+
+
+def sequential_style(t: float | None) -> str:
+    """`fg on bg` for a value scaled to [0, 1]; blank style for missing values."""
+    if t is None or not math.isfinite(t):
+        return "dim"
+    t = min(max(t, 0.0), 1.0)
+    pos = t * (len(_SEQ) - 1)
+    i = min(int(pos), len(_SEQ) - 2)
+    rgb = _lerp(_SEQ[i], _SEQ[i + 1], pos - i)
+    return f"{_ink_for(rgb)} on {_hex(rgb)}"
+
+
+def fraction_style(frac: float) -> str:
+    """Confusion-matrix cell: white at 0, deep blue at 1 (row fraction)."""
+    if not math.isfinite(frac) or frac <= 0:
+        return ""
+    rgb = _lerp((225, 235, 250), (20, 60, 150), min(frac, 1.0) ** 0.7)
+    return f"{_ink_for(rgb)} on {_hex(rgb)}"
+
+
+def diverging_style(value: float | None, vmax: float) -> str:
+    """Blue for negative, red for positive differences, white at zero."""
+    if value is None or not math.isfinite(value) or vmax <= 0:
+        return "dim"
+    t = max(-1.0, min(1.0, value / vmax))
+    rgb = _lerp(_MID, _POS, t) if t >= 0 else _lerp(_MID, _NEG, -t)
+    return f"{_ink_for(rgb)} on {_hex(rgb)}"
+
+
+def finite(values: Iterable[Any]) -> list[float]:
+    out = []
+    for v in values:
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(f):
+            out.append(f)
+    return out
+
+
+def short_path(path: Any, width: int = 24) -> str:
+    if not path:
+        return "—"
+    text = str(path).rstrip("/")
+    name = text.rsplit("/", 1)[-1]
+    if len(name) > width:
+        return "…" + name[-(width - 1) :]
+    return name

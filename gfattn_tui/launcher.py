@@ -1,0 +1,154 @@
+"""Starting `gfattn pipeline` from the TUI, detached.
+
+The run gets its own session (`start_new_session=True`) and writes stdout/stderr to a log file next to
+the store (`.gfattn-cache/logs/<time>.log`), so closing the TUI or losing the SSH connection does not
+stop it; the TUI only follows it through the store. The interpreter is the TUI's own
+(`sys.executable -m pipeline`), so the run uses the same installation.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.paths import cache_dir_for_store
+
+FALLBACK_PRESETS: dict[str, str] = {
+    "default": "embedded demo: synthetic data and a small pretrained model",
+    "quick": "a tiny end-to-end run for smoke tests, under a minute",
+    "thesis-synthetic": "the thesis's scale on synthetic data",
+    "sciplex2-nutlin": "the thesis design on real sci-Plex 2 data and a real Geneformer checkpoint",
+}
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def available_presets() -> dict[str, str]:
+    """Preset name -> description from `pipeline.config.PRESETS` (stdlib-only module), else a static list."""
+    try:
+        from pipeline.config import PRESETS
+    except Exception:  # the pipeline package may be older than the TUI
+        return dict(FALLBACK_PRESETS)
+    return {str(k): str(v) for k, v in PRESETS.items()} or dict(FALLBACK_PRESETS)
+
+
+@dataclass
+class RunRequest:
+    """What the New run form collects; `argv()` turns it into `gfattn pipeline` flags."""
+
+    preset: str = "default"
+    data: str = ""
+    model: str = ""
+    geneformer_dir: str = ""
+    config: str = ""
+    name: str = ""
+    device: str = "auto"
+    nproc: int | None = None
+    epochs: int | None = None
+    extra: list[str] = field(default_factory=list)
+
+    def validate(self) -> list[str]:
+        """Problems the user can fix in the form, one line each (empty when the request is fine)."""
+        problems = []
+        if self.data:
+            p = Path(self.data).expanduser()
+            if not p.is_file():
+                problems.append(f"data file {p} does not exist")
+            elif p.suffix != ".h5ad":
+                problems.append(f"data file {p} is not an .h5ad file")
+        if self.model and not Path(self.model).expanduser().is_dir():
+            problems.append(f"model directory {self.model} does not exist")
+        if self.geneformer_dir and not Path(self.geneformer_dir).expanduser().is_dir():
+            problems.append(f"Geneformer directory {self.geneformer_dir} does not exist")
+        if self.config and not Path(self.config).expanduser().is_file():
+            problems.append(f"config file {self.config} does not exist")
+        if self.device not in DEVICES:
+            problems.append(f"device must be one of {', '.join(DEVICES)}")
+        if self.nproc is not None and self.nproc < 1:
+            problems.append("processes must be at least 1")
+        if self.epochs is not None and self.epochs < 1:
+            problems.append("epochs must be at least 1")
+        return problems
+
+    def argv(self, store_path: str | Path) -> list[str]:
+        args = [sys.executable, "-m", "pipeline", "pipeline", "--store", str(store_path)]
+        args += ["--preset", self.preset]
+        for flag, value in (
+            ("--data", self.data),
+            ("--model", self.model),
+            ("--geneformer-dir", self.geneformer_dir),
+            ("--config", self.config),
+            ("--name", self.name),
+        ):
+            if value:
+                args += [flag, str(Path(value).expanduser()) if flag != "--name" else value]
+        if self.device and self.device != "auto":
+            args += ["--device", self.device]
+        if self.nproc is not None:
+            args += ["--nproc", str(self.nproc)]
+        if self.epochs is not None:
+            args += ["--epochs", str(self.epochs)]
+        return args + list(self.extra)
+
+
+@dataclass
+class LaunchedRun:
+    process: subprocess.Popen
+    argv: list[str]
+    log_path: Path
+    started: float
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def poll(self) -> int | None:
+        """Exit status once the process ended (reaping it), else None."""
+        return self.process.poll()
+
+    def log_tail(self, lines: int = 8) -> str:
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+def log_dir_for_store(store_path: str | Path) -> Path:
+    return cache_dir_for_store(store_path) / "logs"
+
+
+def start_pipeline(request: RunRequest, store_path: str | Path, *, cwd: str | Path | None = None) -> LaunchedRun:
+    """Start the run in its own session with output to a log file; returns at once."""
+    store_path = Path(store_path).expanduser().resolve()
+    logs = log_dir_for_store(store_path)
+    logs.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    log_path = logs / f"{stamp}-{os.getpid()}.log"
+    n = 1
+    while log_path.exists():
+        n += 1
+        log_path = logs / f"{stamp}-{os.getpid()}-{n}.log"
+    argv = request.argv(store_path)
+    env = dict(os.environ)
+    # The launched run must find this checkout's packages even when started from another directory.
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    with open(log_path, "ab", buffering=0) as log:
+        log.write(("$ " + " ".join(argv) + "\n").encode())
+        process = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=str(cwd) if cwd else None,
+            env=env,
+            start_new_session=True,
+            close_fds=True,
+        )
+    return LaunchedRun(process=process, argv=argv, log_path=log_path, started=time.time())

@@ -1,0 +1,45 @@
+"""What every store-backed widget and screen shares: the store client and the one error path.
+
+Loads run in `@work(thread=True, exclusive=True, exit_on_error=False)` workers that post a message with
+their result. A worker that raises ends in the ERROR state; the state change arrives here and goes to
+`GfattnApp.report_error`, the single place where failures become notifications.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from textual.worker import Worker, WorkerState
+
+if TYPE_CHECKING:
+    from gfattn_tui.app import GfattnApp
+    from gfattn_tui.client import StoreClient
+
+
+class StoreBacked:
+    """Mixin for widgets and screens that read the store in workers."""
+
+    app: "GfattnApp"
+
+    @property
+    def client(self) -> "StoreClient":
+        return self.app.client
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        if event.state == WorkerState.ERROR:
+            self.app.report_error(event.worker.error, where=event.worker.name)
+
+
+class RunView(StoreBacked):
+    """A tab of the run screen: loads when shown, reloads when the store changed while shown."""
+
+    run_id: int
+    stale: bool = True
+
+    def reload(self) -> None:  # pragma: no cover - every view implements it
+        raise NotImplementedError
+
+    def refresh_if_stale(self) -> None:
+        if self.stale:
+            self.stale = False
+            self.reload()

@@ -1,0 +1,56 @@
+"""`gfattn pipeline`: the thesis experiment end to end, headless (see pipeline/experiment.py)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from pipeline.config import PRESETS
+
+    p.add_argument("--store", help="experiment store (default: $GFATTN_STORE or ./gfattn.db)")
+    p.add_argument("--preset", default=None, choices=list(PRESETS),
+                   help="; ".join(f"{k}: {v}" for k, v in PRESETS.items()))
+    p.add_argument("--quick", action="store_true", help="alias of --preset quick: a tiny run for smoke tests")
+    p.add_argument("--config", metavar="FILE.toml", help="TOML config (see --print-config for every key)")
+    p.add_argument("--data", metavar="FILE.h5ad", help="raw-count AnnData (default: synthetic sci-Plex-like data)")
+    p.add_argument("--model", metavar="DIR", help="Geneformer checkpoint dir (default: gfattn's embedded model)")
+    p.add_argument("--geneformer-dir", metavar="DIR", help="Geneformer dictionaries when the model dir has none")
+    p.add_argument("--name", help="run name")
+    p.add_argument("--epochs", type=int, help="fine-tuning epochs")
+    p.add_argument("--seed", type=int, help="seed for everything")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="compute device")
+    p.add_argument("--nproc", type=int, help="processes for data-parallel fine-tuning (torchrun)")
+    p.add_argument("--reference-set", metavar="FILE", help="reference gene set (e.g. p53 targets) marked in gene tables")
+    p.add_argument("--resume", metavar="RUN", help="continue a failed or interrupted run from its first unfinished stage")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
+
+
+def run(args) -> int:
+    from pipeline import config
+    from pipeline.paths import resolve_store_path
+
+    preset = "quick" if args.quick else (args.preset or ("sciplex2-nutlin" if args.data and args.model else "default"))
+    flags = {
+        "data.path": args.data,
+        "model.path": args.model,
+        "model.geneformer_dir": args.geneformer_dir,
+        "run.name": args.name,
+        "run.seed": args.seed,
+        "train.epochs": args.epochs,
+        "compute.device": args.device,
+        "compute.nproc": args.nproc,
+        "analysis.reference_set": args.reference_set,
+    }
+    store_path = resolve_store_path(args.store)
+    if args.resume:
+        from pipeline.experiment import resume_pipeline
+
+        return resume_pipeline(args.resume, store_path)
+    cfg = config.resolve(preset, args.config, flags)
+    if args.print_config:
+        print(config.to_toml(cfg))
+        return 0
+    from pipeline.experiment import run_pipeline
+
+    return run_pipeline(cfg, store_path)

@@ -1,0 +1,33 @@
+"""`gfattn plot RUN --out DIR`: the thesis's figures of a run as PNG and SVG."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", metavar="RUN", help="pipeline run id or name")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the figures")
+    p.add_argument("--store", help="experiment store (default: $GFATTN_STORE or ./gfattn.db)")
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from pipeline.errors import InputError
+    from pipeline.paths import resolve_store_path
+    from pipeline.plot import plot_run
+    from store import Store
+
+    path = resolve_store_path(args.store)
+    if not Path(path).is_file():
+        raise InputError(f"store {path} does not exist; pass --store PATH or run `gfattn pipeline` first")
+    store = Store(path)
+    try:
+        run_id = store.resolve_run(args.run)
+    except Exception as exc:
+        raise InputError(f"no run {args.run!r} in {path} ({exc}); list them with `gfattn runs`") from None
+    written = plot_run(store, run_id, args.out)
+    for p in written:
+        print(p)
+    return 0

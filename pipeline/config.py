@@ -1,0 +1,248 @@
+"""The experiment configuration: every choice of a `gfattn pipeline` run, with documented defaults.
+
+A run's configuration is resolved in layers: the built-in defaults below, then a preset
+(`pipeline/presets/<name>.toml`), then the user's `--config FILE.toml`, then command-line flags. Unknown
+keys are errors that name the nearest valid key. The resolved configuration is stored with the run.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import sys
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import InputError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+PRESET_DIR = Path(__file__).with_name("presets")
+
+# section -> key -> (default, documentation)
+SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
+    "run": {
+        "name": ("", "run name shown in `gfattn runs` and the TUI (default: preset and time)"),
+        "seed": (0, "seed for selection, splits, training and bootstrap"),
+    },
+    "data": {
+        "path": ("", ".h5ad with raw counts; empty = the synthetic sci-Plex-like data set (`gfattn synth`)"),
+        "synth_scale": (0.33, "synthetic data: cells relative to sci-Plex 2's Nutlin-3a arm"),
+        "synth_preset": ("thesis", "synthetic data: `thesis` (~680 genes/cell) or `raw` (~2,300)"),
+        "synth_length_effect": (1.0, "synthetic data: strength of the dose -> detected genes confound (0 = off)"),
+        "perturbation_column": ("perturbation", "obs column naming the perturbation"),
+        "perturbation": ("Nutlin", "value of perturbation_column selecting the drug (case-insensitive prefix)"),
+        "control_values": (["control", "vehicle", "DMSO", "Vehicle"], "perturbation values that are vehicle cells (dose 0)"),
+        "dose_column": ("dose_value", "obs column with the dose (numeric, or text such as `2.5uM`)"),
+        "dose_multiplier": (1.0, "multiply stored doses by this (scPerturb/pertpy sci-Plex 2 copies: 2.5)"),
+        "doses": ([0.0, 1.25, 2.5, 12.5, 25.0], "doses kept, in uM after the multiplier; others are dropped"),
+        "gene_id_column": ("", "var column with Ensembl IDs or symbols (empty: var index, auto-detected)"),
+        "n_counts_column": ("", "obs column with total counts (empty: n_counts/ncounts/n.umi/total_counts, else computed)"),
+        "layer": ("", "layer with raw counts (empty: X)"),
+        "max_cells": (0, "subsample to at most this many cells, stratified by dose (0 = all)"),
+        "umap": (True, "compute a UMAP of the selected cells (scanpy) for the Data view"),
+    },
+    "labels": {
+        "tasks": (["dose", "lowhigh"], "tasks: `dose` (one class per dose) and `lowhigh` (low vs high dose)"),
+        "low_doses": ([0.0, 1.25, 2.5], "doses of the `low` group"),
+        "high_doses": ([12.5, 25.0], "doses of the `high` group"),
+    },
+    "split": {
+        "validation": (0.15, "fraction of cells for validation (model selection)"),
+        "test": (0.15, "fraction of cells for the independent test split (metrics and attention)"),
+    },
+    "model": {
+        "path": ("", "Geneformer checkpoint directory (empty: the embedded model gfattn pretrains and caches)"),
+        "geneformer_dir": ("", "Geneformer dictionaries (checkout dir) when the model dir does not carry them"),
+        "version": ("auto", "`V1`, `V2` or `auto` (from the model's vocabulary)"),
+        "max_len": (0, "truncate encodings to the top N ranks (0 = the model's input size)"),
+    },
+    "pretrain": {
+        "corpus_cells": (3000, "embedded model: cells of the synthetic healthy corpus"),
+        "layers": (2, "embedded model: encoder layers"),
+        "hidden": (128, "embedded model: hidden size"),
+        "heads": (4, "embedded model: attention heads"),
+        "intermediate": (256, "embedded model: feed-forward size"),
+        "max_len": (256, "embedded model: input size (top ranks kept)"),
+        "epochs": (3, "embedded model: pretraining epochs"),
+        "batch_size": (32, "embedded model: pretraining batch size"),
+        "lr": (1e-3, "embedded model: peak learning rate"),
+        "time_budget_s": (75.0, "embedded model: stop pretraining after this many seconds (0 = no limit)"),
+    },
+    "train": {
+        "modes": (["frozen", "unfrozen", "last-1"], "training modes: frozen, unfrozen, last-K, freeze-N"),
+        "epochs": (5, "fine-tuning epochs (the thesis used 5)"),
+        "batch_size": (16, "cells per optimisation step"),
+        "grad_accum": (1, "gradient accumulation steps"),
+        "lr": (5e-5, "peak learning rate (Geneformer's 6-layer default)"),
+        "head_lr": (0.0, "learning rate of the frozen mode's head (0 = same as lr)"),
+        "weight_decay": (0.001, "AdamW weight decay"),
+        "warmup_ratio": (0.1, "fraction of steps of linear warm-up"),
+        "class_weights": (False, "weight the loss by inverse class frequency"),
+        "amp": ("auto", "autocast on CUDA: auto, bf16, fp16 or off"),
+    },
+    "analysis": {
+        "pairs": ([["frozen", "unfrozen"], ["frozen", "last-1"]], "model pairs whose attention is compared"),
+        "tasks": (["lowhigh"], "tasks whose fine-tuned models are analysed"),
+        "batch_size": (8, "cells per attention batch"),
+        "max_cells": (0, "analyse at most this many test cells (0 = all)"),
+        "n_boot": (200, "bootstrap resamples for confidence intervals"),
+        "reference_set": ("", "reference gene set file (TSV with ensembl_id, or one ID/symbol per line)"),
+        "top_k": ([10, 20, 50, 100], "k for the DE vs attention overlap"),
+        "de": (True, "run scanpy's Wilcoxon DE between the low and high groups"),
+    },
+    "compute": {
+        "device": ("auto", "auto, cpu or cuda"),
+        "nproc": (1, "processes for data-parallel fine-tuning (torchrun)"),
+        "threads": (0, "torch CPU threads (0 = torch's default)"),
+    },
+}
+
+PRESETS: dict[str, str] = {
+    "default": "embedded demo: synthetic data (~1,500 cells), a small pretrained model, top 256 ranks",
+    "quick": "a tiny end-to-end run (~400 cells, 64 ranks, 1 epoch) for smoke tests, under a minute",
+    "thesis-synthetic": "the thesis's scale on synthetic data (~4,600 cells, ~680 genes per cell)",
+    "sciplex2-nutlin": "the thesis design on real sci-Plex 2 data and a real Geneformer checkpoint",
+}
+
+
+def defaults() -> dict[str, dict[str, Any]]:
+    return {section: {k: copy.deepcopy(v[0]) for k, v in keys.items()} for section, keys in SCHEMA.items()}
+
+
+def _nearest(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return f"; did you mean `{close[0]}`?" if close else f"; valid: {', '.join(sorted(options))}"
+
+
+def _check_type(where: str, default: Any, value: Any) -> Any:
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise InputError(f"{where} must be true or false, got {value!r}")
+        return value
+    if isinstance(default, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(default, int) and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(default, str) and isinstance(value, str):
+        return value
+    if isinstance(default, list) and isinstance(value, list):
+        return value
+    raise InputError(f"{where} must be {type(default).__name__}, got {value!r}")
+
+
+def merge(base: dict, overrides: dict, source: str) -> dict:
+    """Merge `overrides` (a parsed TOML document) into `base`, refusing unknown keys and wrong types."""
+    out = copy.deepcopy(base)
+    for section, values in overrides.items():
+        if section not in SCHEMA:
+            raise InputError(f"{source}: unknown section [{section}]{_nearest(section, SCHEMA)}")
+        if not isinstance(values, dict):
+            raise InputError(f"{source}: [{section}] must be a table of keys")
+        for key, value in values.items():
+            if key not in SCHEMA[section]:
+                everything = [f"{s}.{k}" for s in SCHEMA for k in SCHEMA[s]]
+                hint = _nearest(f"{section}.{key}", everything)
+                raise InputError(f"{source}: unknown key {section}.{key}{hint}")
+            out[section][key] = _check_type(f"{source}: {section}.{key}", SCHEMA[section][key][0], value)
+    return out
+
+
+def load_toml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"config file {path} does not exist; pass an existing TOML file to --config")
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def preset_overrides(name: str) -> dict:
+    if name not in PRESETS:
+        raise InputError(f"unknown preset {name!r}{_nearest(name, PRESETS)}")
+    return load_toml(PRESET_DIR / f"{name}.toml")
+
+
+def resolve(preset: str = "default", config_file: str | Path | None = None, flags: dict | None = None) -> dict:
+    """Defaults -> preset -> config file -> flags (a dict of "section.key" -> value; None values skipped)."""
+    cfg = merge(defaults(), preset_overrides(preset), f"preset {preset}")
+    if config_file:
+        cfg = merge(cfg, load_toml(config_file), str(config_file))
+    nested: dict[str, dict] = {}
+    for dotted, value in (flags or {}).items():
+        if value is None:
+            continue
+        section, key = dotted.split(".", 1)
+        nested.setdefault(section, {})[key] = value
+    cfg = merge(cfg, nested, "command line")
+    cfg["run"]["preset"] = preset
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: dict) -> None:
+    """Checks that do not need the data: values in range and consistent with each other."""
+    split = cfg["split"]
+    if not (0 < split["validation"] < 1 and 0 < split["test"] < 1 and split["validation"] + split["test"] < 0.9):
+        raise InputError("split.validation and split.test must be in (0, 1) and leave at least 10% for training")
+    for mode in cfg["train"]["modes"]:
+        parse_mode(mode)
+    for task in cfg["labels"]["tasks"]:
+        if task not in ("dose", "lowhigh"):
+            raise InputError(f"labels.tasks: unknown task {task!r}; use `dose` and/or `lowhigh`")
+    for task in cfg["analysis"]["tasks"]:
+        if task not in cfg["labels"]["tasks"]:
+            raise InputError(f"analysis.tasks: {task!r} is not among labels.tasks {cfg['labels']['tasks']}")
+    modes = set(cfg["train"]["modes"])
+    for pair in cfg["analysis"]["pairs"]:
+        if not (isinstance(pair, list) and len(pair) == 2):
+            raise InputError(f"analysis.pairs: each pair is two modes, got {pair!r}")
+        for mode in pair:
+            if mode not in modes:
+                raise InputError(f"analysis.pairs: mode {mode!r} is not among train.modes {sorted(modes)}")
+    if cfg["compute"]["device"] not in ("auto", "cpu", "cuda"):
+        raise InputError(f"compute.device must be auto, cpu or cuda, got {cfg['compute']['device']!r}")
+    if cfg["compute"]["nproc"] < 1:
+        raise InputError("compute.nproc must be at least 1")
+    if cfg["train"]["epochs"] < 1:
+        raise InputError("train.epochs must be at least 1")
+    low, high = set(cfg["labels"]["low_doses"]), set(cfg["labels"]["high_doses"])
+    if low & high:
+        raise InputError(f"labels.low_doses and labels.high_doses overlap: {sorted(low & high)}")
+
+
+def parse_mode(mode: str) -> tuple[str, int]:
+    """`frozen`, `unfrozen`, `last-K` or `freeze-N` -> (kind, k)."""
+    if mode in ("frozen", "unfrozen"):
+        return mode, 0
+    for prefix in ("last-", "freeze-"):
+        if mode.startswith(prefix) and mode[len(prefix) :].isdigit() and int(mode[len(prefix) :]) >= 1:
+            return prefix[:-1], int(mode[len(prefix) :])
+    raise InputError(f"unknown training mode {mode!r}; use frozen, unfrozen, last-K (e.g. last-1) or freeze-N")
+
+
+def to_toml(cfg: dict) -> str:
+    """A commented TOML rendering of a configuration (`gfattn pipeline --print-config`)."""
+
+    def fmt(value: Any) -> str:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, str):
+            return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(value, list):
+            return "[" + ", ".join(fmt(v) for v in value) + "]"
+        return repr(value)
+
+    lines = []
+    for section, keys in SCHEMA.items():
+        lines.append(f"[{section}]")
+        for key, (_, doc) in keys.items():
+            lines.append(f"# {doc}")
+            lines.append(f"{key} = {fmt(cfg[section][key])}")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,168 @@
+"""Data-parallel fine-tuning across processes (torch.distributed; DESIGN.md "Only the pipeline's rank-0
+process writes").
+
+gfattn starts the processes itself: asked for `--nproc N > 1` outside a torchrun launch, a command
+re-executes itself under `python -m torch.distributed.run --standalone --nproc-per-node N`. Inside, each
+process reads RANK / WORLD_SIZE / LOCAL_RANK from the environment, joins a process group (NCCL on GPUs,
+gloo on CPUs), trains on its share of each global batch, and only rank 0 writes to the store and to disk.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Sequence
+
+from pipeline.errors import InputError
+
+
+def env_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def env_local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def under_launcher() -> bool:
+    """True inside a process started by torchrun (or any launcher that sets WORLD_SIZE > 1)."""
+    return env_world_size() > 1
+
+
+def is_initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    if is_initialized():
+        import torch.distributed as dist
+
+        return dist.get_rank()
+    return env_rank() if under_launcher() else 0
+
+
+def world_size() -> int:
+    if is_initialized():
+        import torch.distributed as dist
+
+        return dist.get_world_size()
+    return env_world_size()
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def backend_for(device) -> str:
+    return "nccl" if getattr(device, "type", str(device)).startswith("cuda") else "gloo"
+
+
+def init_from_env(device=None) -> bool:
+    """Join the process group described by the environment (no-op for a single process or when joined).
+
+    Returns True when running with more than one process.
+    """
+    if env_world_size() <= 1:
+        return is_initialized() and world_size() > 1
+    if not is_initialized():
+        import datetime
+
+        import torch
+        import torch.distributed as dist
+
+        if device is None:
+            device = torch.device("cpu")
+        kwargs = {}
+        if backend_for(device) == "nccl":
+            torch.cuda.set_device(device)
+            kwargs["device_id"] = device
+        dist.init_process_group(backend=backend_for(device), timeout=datetime.timedelta(minutes=30), **kwargs)
+    return True
+
+
+def shutdown() -> None:
+    if is_initialized():
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_initialized():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def all_reduce_sum(tensor):
+    """Sum a tensor over ranks in place (identity for one process); returns it."""
+    if is_initialized() and world_size() > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_parameters(parameters, src: int = 0) -> None:
+    """Make every rank hold rank `src`'s values (e.g. a randomly initialised head)."""
+    if is_initialized() and world_size() > 1:
+        import torch.distributed as dist
+
+        for p in parameters:
+            dist.broadcast(p.data, src=src)
+
+
+def broadcast_object(obj, src: int = 0):
+    if is_initialized() and world_size() > 1:
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+    return obj
+
+
+def torchrun_command(
+    argv: Sequence[str],
+    nproc: int,
+    *,
+    module: str | None = "pipeline",
+    script: str | None = None,
+) -> list[str]:
+    """The command line that runs `python -m MODULE ARGV` (or `python SCRIPT ARGV`) in `nproc` processes."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={int(nproc)}"]
+    if script is not None:
+        cmd += [str(script)]
+    elif module is not None:
+        cmd += ["-m", module]
+    else:
+        raise ValueError("give a module or a script to launch")
+    return cmd + [str(a) for a in argv]
+
+
+def launch_torchrun(
+    argv: Sequence[str],
+    nproc: int,
+    *,
+    module: str | None = "pipeline",
+    script: str | None = None,
+    env: dict | None = None,
+) -> int:
+    """Re-execute gfattn (`python -m pipeline ARGV`) under torch.distributed.run with `nproc` processes.
+
+    Blocks until every process has finished and returns the launcher's exit status. torchrun sets
+    OMP_NUM_THREADS=1 per process unless it is already set.
+    """
+    if int(nproc) < 1:
+        raise InputError(f"--nproc must be at least 1, got {nproc}")
+    run_env = dict(os.environ)
+    run_env.update(env or {})
+    cmd = torchrun_command(argv, nproc, module=module, script=script)
+    return subprocess.call(cmd, env=run_env)

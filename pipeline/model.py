@@ -1,0 +1,361 @@
+"""Geneformer checkpoints and gfattn's own small BERTs (thesis sections 2.3 and 3.1; Theodoris et al. 2023).
+
+A model directory is a plain Hugging Face directory: `config.json` plus `model.safetensors` or
+`pytorch_model.bin` (read with `weights_only=True`), optionally carrying Geneformer's token and median
+dictionaries. Loading never reaches the Hub. A masked-LM checkpoint (Geneformer's published models, or
+what `gfattn pretrain` writes) becomes a `BertForSequenceClassification` with a new classification head;
+a fine-tuned classifier is reused as it is.
+
+Before a model meets data its input space is checked: the vocabulary size must equal the token
+dictionary's size (a V1 model given V2 tokens would silently read the wrong genes) and the tokenized
+cells must fit the model's position embeddings (V1: 2,048; V2: 4,096).
+
+Training modes (thesis sections 2.3 and 4.1) decide which parameters train:
+
+- `frozen`: the linear probe. Embeddings and every encoder layer are frozen; the classification head
+  trains. The head is `bert.pooler` + `classifier`: a masked-LM checkpoint has no pooler, so the pooler is
+  as new as the classifier and training it is part of probing the frozen encoder.
+- `unfrozen`: everything trains.
+- `last-K`: embeddings and the first L-K encoder layers frozen; the last K layers and the head train
+  (the thesis's "first five layers frozen" of a 6-layer model is `last-1`).
+- `freeze-N`: Geneformer's `freeze_layers=N`, exactly as its `Classifier` does it: the first N encoder
+  layers are frozen and nothing else, so the embeddings, the remaining layers and the head train.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import InputError
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+CLASSIFIER_ARCHITECTURES = ("BertForSequenceClassification",)
+MASKED_LM_ARCHITECTURES = ("BertForMaskedLM", "BertForPreTraining")
+HEAD_PREFIXES = ("bert.pooler.", "classifier.")
+MODES_HELP = "frozen, unfrozen, last-K (e.g. last-1) or freeze-N (e.g. freeze-2)"
+
+
+# --------------------------------------------------------------------------------------------- files
+def _offline() -> None:
+    # A local directory never needs the Hub; make sure nothing tries.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@contextmanager
+def _quiet_transformers():
+    """Silence the load report and progress bars; gfattn reports what matters itself."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def weight_file(model_dir: str | os.PathLike) -> Path | None:
+    """The weights file of a model directory (safetensors preferred), or None."""
+    model_dir = Path(model_dir)
+    for name in WEIGHT_FILES:
+        if (model_dir / name).is_file():
+            return model_dir / name
+    return None
+
+
+def read_model_config(model_dir: str | os.PathLike):
+    """The `BertConfig` of a local model directory, after checking the directory is a usable checkpoint."""
+    _offline()
+    from transformers import BertConfig
+
+    model_dir = Path(model_dir).expanduser()
+    if not model_dir.is_dir():
+        raise InputError(f"model directory {model_dir} does not exist; pass a local Hugging Face model directory")
+    config_path = model_dir / CONFIG_FILE
+    if not config_path.is_file():
+        raise InputError(f"{model_dir} has no {CONFIG_FILE}; a model directory needs config.json and its weights")
+    try:
+        raw = json.loads(config_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{config_path} is not valid JSON: {exc}") from None
+    if raw.get("model_type", "bert") != "bert":
+        raise InputError(f"{config_path}: model_type is {raw.get('model_type')!r}; gfattn needs a BERT (Geneformer) model")
+    if weight_file(model_dir) is None:
+        raise InputError(
+            f"{model_dir} has {CONFIG_FILE} but no weights ({', '.join(WEIGHT_FILES[::2])}); "
+            "copy the checkpoint's weights next to its config"
+        )
+    return BertConfig.from_pretrained(str(model_dir), local_files_only=True)
+
+
+def is_classifier_config(config) -> bool:
+    return any(a in CLASSIFIER_ARCHITECTURES for a in (getattr(config, "architectures", None) or []))
+
+
+def model_dictionaries(model_dir: str | os.PathLike):
+    """The gene dictionaries a model directory carries (`GeneDictionaries`), or None when it carries none."""
+    model_dir = Path(model_dir)
+    if not any(model_dir.glob("token_dictionary*.pkl")):
+        return None
+    from pipeline.dictionaries import GeneDictionaries
+
+    return GeneDictionaries.from_model_dir(model_dir)
+
+
+def _dictionary_source(dicts) -> str:
+    for attr in ("source", "token_dictionary_path", "path", "token_dictionary_file"):
+        value = getattr(dicts, attr, None)
+        if value:
+            return str(value)
+    return "the token dictionary"
+
+
+# -------------------------------------------------------------------------------------------- checks
+def check_model_inputs(
+    config,
+    *,
+    dicts=None,
+    max_len: int | None = None,
+    model_dir: str | os.PathLike | None = None,
+    data_source: str | None = None,
+) -> None:
+    """Refuse a model whose vocabulary or input size does not match the dictionary or the tokenization.
+
+    `max_len` is the longest tokenized cell (or the tokenization's truncation length) that will be fed.
+    """
+    where = f"{Path(model_dir) / CONFIG_FILE}" if model_dir is not None else "the model config"
+    if dicts is not None:
+        n_tokens = len(dicts.token_dict)
+        source = _dictionary_source(dicts)
+        if int(config.vocab_size) != n_tokens:
+            raise InputError(
+                f"vocabulary mismatch: {where} has vocab_size {config.vocab_size} but {source} has {n_tokens} "
+                "tokens; tokenize with the dictionaries the model was trained with (V1 models: gc30M, V2: gc104M)"
+            )
+        top = max(int(v) for v in dicts.token_dict.values()) if n_tokens else -1
+        if top >= int(config.vocab_size):
+            raise InputError(
+                f"vocabulary mismatch: {source} uses token id {top} but {where} has only vocab_size "
+                f"{config.vocab_size}; use the model's own token dictionary"
+            )
+    if max_len is not None:
+        positions = int(config.max_position_embeddings)
+        if int(max_len) > positions:
+            data = data_source or "the tokenized cells"
+            raise InputError(
+                f"input size mismatch: {data} have up to {int(max_len)} tokens but {where} has "
+                f"max_position_embeddings {positions}; re-tokenize with --max-len {positions} or less"
+            )
+
+
+# ------------------------------------------------------------------------------------------- loading
+def load_classifier(
+    model_dir: str | os.PathLike,
+    num_labels: int,
+    *,
+    dicts=None,
+    attn_implementation: str = "sdpa",
+    max_len: int | None = None,
+    data_source: str | None = None,
+):
+    """A `BertForSequenceClassification` from a local Geneformer/gfattn checkpoint, ready to fine-tune.
+
+    A masked-LM checkpoint gets a new, randomly initialised head (`bert.pooler` and `classifier`) drawn
+    from torch's RNG, so seed torch first for a reproducible head. A fine-tuned classifier keeps its head
+    when its number of labels equals `num_labels`; otherwise its classifier layer is re-initialised for
+    the new labels (with a warning), because continuing from a fine-tuned encoder on a new task is
+    legitimate while its old head is meaningless for the new labels.
+
+    `dicts` (a `GeneDictionaries`) defaults to the dictionaries the model directory carries; when given
+    or found, the vocabulary size must match. `max_len` (the longest tokenized cell) must fit the position
+    embeddings. Mismatches raise `InputError` naming both numbers.
+    """
+    if int(num_labels) < 2:
+        raise InputError(f"a classifier needs at least 2 labels, got {num_labels}")
+    import torch
+    from transformers import BertForSequenceClassification
+
+    model_dir = Path(model_dir).expanduser()
+    config = read_model_config(model_dir)
+    if dicts is None:
+        dicts = model_dictionaries(model_dir)
+    check_model_inputs(config, dicts=dicts, max_len=max_len, model_dir=model_dir, data_source=data_source)
+
+    reinit_head = False
+    if is_classifier_config(config) and int(config.num_labels) != int(num_labels):
+        warnings.warn(
+            f"{model_dir} is a classifier with {config.num_labels} labels; its classifier layer is "
+            f"re-initialised for {num_labels} labels (the encoder and pooler are kept)",
+            stacklevel=2,
+        )
+        reinit_head = True
+    kwargs: dict[str, Any] = {}
+    if reinit_head or not is_classifier_config(config):
+        # id2label of an old head would disagree with the new number of labels.
+        kwargs["id2label"] = {i: f"LABEL_{i}" for i in range(int(num_labels))}
+        kwargs["label2id"] = {f"LABEL_{i}": i for i in range(int(num_labels))}
+    with _quiet_transformers():
+        model = BertForSequenceClassification.from_pretrained(
+            str(model_dir),
+            num_labels=int(num_labels),
+            attn_implementation=attn_implementation,
+            local_files_only=True,
+            weights_only=True,
+            dtype=torch.float32,
+            ignore_mismatched_sizes=reinit_head,
+            **kwargs,
+        )
+    model.config.problem_type = "single_label_classification"
+    return model
+
+
+def load_for_attention(
+    model_dir: str | os.PathLike,
+    *,
+    dicts=None,
+    max_len: int | None = None,
+    data_source: str | None = None,
+):
+    """A model for attention analysis: eager attention (weights are computed), eval mode, float32.
+
+    The class follows the checkpoint's architecture: a fine-tuned classifier loads as
+    `BertForSequenceClassification`, a masked-LM checkpoint as `BertForMaskedLM`; either way the encoder
+    is `model.bert`.
+    """
+    import torch
+    from transformers import BertForMaskedLM, BertForSequenceClassification, BertModel
+
+    model_dir = Path(model_dir).expanduser()
+    config = read_model_config(model_dir)
+    if dicts is None:
+        dicts = model_dictionaries(model_dir)
+    check_model_inputs(config, dicts=dicts, max_len=max_len, model_dir=model_dir, data_source=data_source)
+    archs = getattr(config, "architectures", None) or []
+    if is_classifier_config(config):
+        cls = BertForSequenceClassification
+    elif any(a in MASKED_LM_ARCHITECTURES for a in archs):
+        cls = BertForMaskedLM
+    else:
+        cls = BertModel
+    with _quiet_transformers():
+        model = cls.from_pretrained(
+            str(model_dir),
+            attn_implementation="eager",
+            local_files_only=True,
+            weights_only=True,
+            dtype=torch.float32,
+        )
+    model.eval()
+    return model
+
+
+def build_small_bert(
+    vocab_size: int,
+    *,
+    layers: int = 2,
+    hidden: int = 128,
+    heads: int = 4,
+    intermediate: int = 256,
+    max_len: int = 256,
+    dropout: float = 0.02,
+    pad_token_id: int = 0,
+    attn_implementation: str = "sdpa",
+    seed: int | None = None,
+):
+    """A Geneformer-style `BertForMaskedLM` with random weights: ReLU, dropout 0.02, pad id 0, absolute
+    positions, as in Geneformer's V1 configs, only smaller."""
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    if hidden % heads:
+        raise InputError(f"hidden size {hidden} is not divisible by the number of heads {heads}")
+    for name, value in (("vocab_size", vocab_size), ("layers", layers), ("hidden", hidden), ("heads", heads),
+                        ("intermediate", intermediate), ("max_len", max_len)):
+        if int(value) < 1:
+            raise InputError(f"{name} must be at least 1, got {value}")
+    config = BertConfig(
+        vocab_size=int(vocab_size),
+        hidden_size=int(hidden),
+        num_hidden_layers=int(layers),
+        num_attention_heads=int(heads),
+        intermediate_size=int(intermediate),
+        hidden_act="relu",
+        hidden_dropout_prob=float(dropout),
+        attention_probs_dropout_prob=float(dropout),
+        max_position_embeddings=int(max_len),
+        type_vocab_size=2,
+        initializer_range=0.02,
+        layer_norm_eps=1e-12,
+        pad_token_id=int(pad_token_id),
+        position_embedding_type="absolute",
+        architectures=["BertForMaskedLM"],
+    )
+    config._attn_implementation = attn_implementation
+    if seed is not None:
+        torch.manual_seed(int(seed))
+    return BertForMaskedLM(config)
+
+
+# ------------------------------------------------------------------------------------ training modes
+def parse_mode(mode: str, num_layers: int | None = None) -> tuple[str, int]:
+    """`frozen`, `unfrozen`, `last-K` or `freeze-N` -> (kind, K); K checked against `num_layers`."""
+    kind, k = None, 0
+    if mode in ("frozen", "unfrozen"):
+        kind = mode
+    else:
+        for prefix in ("last-", "freeze-"):
+            rest = mode[len(prefix):] if isinstance(mode, str) and mode.startswith(prefix) else ""
+            if rest.isdigit() and int(rest) >= 1:
+                kind, k = prefix[:-1], int(rest)
+    if kind is None:
+        raise InputError(f"unknown training mode {mode!r}; use {MODES_HELP}")
+    if num_layers is not None and k > int(num_layers):
+        raise InputError(f"training mode {mode!r} names {k} layers but the model has {num_layers} encoder layers")
+    return kind, k
+
+
+def is_head_parameter(name: str) -> bool:
+    """Whether a parameter name of a `BertForSequenceClassification` belongs to the classification head."""
+    return name.startswith(HEAD_PREFIXES)
+
+
+def apply_training_mode(model, mode: str) -> list[str]:
+    """Set `requires_grad` for a training mode (see the module docstring); returns the trainable names."""
+    num_layers = len(model.bert.encoder.layer)
+    kind, k = parse_mode(mode, num_layers)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    frozen_modules = []
+    if kind == "frozen":
+        frozen_modules = [model.bert.embeddings, model.bert.encoder]
+    elif kind == "last":
+        frozen_modules = [model.bert.embeddings, *model.bert.encoder.layer[: num_layers - k]]
+    elif kind == "freeze":
+        frozen_modules = list(model.bert.encoder.layer[:k])
+    for module in frozen_modules:
+        for p in module.parameters():
+            p.requires_grad_(False)
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def trainable_parameter_names(model) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]

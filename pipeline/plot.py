@@ -1,0 +1,170 @@
+"""The thesis's figures from a run in the store, as PNG and SVG (matplotlib, headless).
+
+fig. 1 UMAP of the cells by dose and group; fig. 3 confusion matrices; fig. 4 layer x head attention
+similarity; fig. 5/6 attention received per rank and its difference, median length marked; fig. 7 top
+attended versus top DE genes; table 8 the key-gene table; fig. 9 the norm-based heatmaps.
+Everything is read from the store, so a figure can be redrawn for any finished run without recomputation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out: Path, stem: str, written: list[Path]) -> None:
+    for ext in ("png", "svg"):
+        path = out / f"{stem}.{ext}"
+        fig.savefig(path, dpi=150 if ext == "png" else None, bbox_inches="tight")
+        written.append(path)
+    _plt().close(fig)
+
+
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in text).strip("_").lower()
+
+
+def plot_run(store, run_id: int, out_dir: str | Path) -> list[Path]:
+    plt = _plt()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    children = store.children(run_id)
+    by_kind: dict[str, list[dict]] = {}
+    for c in children:
+        by_kind.setdefault(c["kind"], []).append(c)
+
+    for c in by_kind.get("data", []):
+        cells = store.cells(c["id"])
+        if {"umap1", "umap2"} <= set(cells.columns):
+            fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+            doses = sorted(cells["dose"].unique())
+            cmap = plt.get_cmap("viridis", len(doses))
+            for i, d in enumerate(doses):
+                m = cells["dose"] == d
+                axes[0].scatter(cells.loc[m, "umap1"], cells.loc[m, "umap2"], s=4, color=cmap(i), label=f"{d:g} uM")
+            axes[0].set_title("cells by dose")
+            axes[0].legend(markerscale=3, fontsize=7)
+            for g, colour in (("low", "tab:blue"), ("high", "tab:red")):
+                m = cells["group"] == g
+                axes[1].scatter(cells.loc[m, "umap1"], cells.loc[m, "umap2"], s=4, color=colour, label=g)
+            axes[1].set_title("cells by group")
+            axes[1].legend(markerscale=3, fontsize=7)
+            for ax in axes:
+                ax.set_xlabel("UMAP1")
+                ax.set_ylabel("UMAP2")
+            _save(fig, out, "fig1_umap", written)
+
+    finetunes = by_kind.get("finetune", [])
+    tasks = sorted({c["name"].split("/")[0] for c in finetunes})
+    for task in tasks:
+        runs = [c for c in finetunes if c["name"].split("/")[0] == task]
+        mats = [(c, store.confusions(c["id"])) for c in runs]
+        mats = [(c, m[0]) for c, m in mats if m]
+        if not mats:
+            continue
+        fig, axes = plt.subplots(1, len(mats), figsize=(4.2 * len(mats), 4), squeeze=False)
+        for ax, (c, conf) in zip(axes[0], mats):
+            matrix = np.asarray(conf["matrix"], dtype=float)
+            frac = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+            ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+            for i in range(matrix.shape[0]):
+                for j in range(matrix.shape[1]):
+                    ax.text(j, i, f"{int(matrix[i, j])}", ha="center", va="center",
+                            color="white" if frac[i, j] > 0.5 else "black", fontsize=8)
+            labels = conf["labels"]
+            ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=7)
+            ax.set_yticks(range(len(labels)), labels, fontsize=7)
+            metrics = {m["name"]: m["value"] for m in store.metrics(c["id"], split="test")}
+            ax.set_title(f"{c['name'].split('/')[1]}\nacc {metrics.get('accuracy', float('nan')):.2f}"
+                         f"  F1 {metrics.get('macro_f1', float('nan')):.2f}", fontsize=9)
+            ax.set_xlabel("predicted")
+            ax.set_ylabel("true")
+        _save(fig, out, f"fig3_confusion_{_slug(task)}", written)
+
+    for c in by_kind.get("analysis", []):
+        stem = _slug(c["name"])
+        grids = store.grid_names(c["id"])
+        if "cosine" in grids:
+            g = store.grid(c["id"], "cosine")
+            fig, ax = plt.subplots(figsize=(1.2 + 0.6 * g["values"].shape[1], 1 + 0.5 * g["values"].shape[0]))
+            im = ax.imshow(g["values"], cmap="magma", vmin=min(0.0, float(np.nanmin(g["values"]))), vmax=1)
+            for (i, j), v in np.ndenumerate(g["values"]):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < 0.6 else "black")
+            ax.set_xlabel("head")
+            ax.set_ylabel("layer")
+            ax.set_title(f"attention cosine similarity\n{c['name']}", fontsize=9)
+            fig.colorbar(im, ax=ax)
+            _save(fig, out, f"fig4_similarity_{stem}", written)
+        norm_grids = [n for n in grids if n.startswith("norm")]
+        if norm_grids:
+            fig, axes = plt.subplots(1, len(norm_grids), figsize=(3.2 * len(norm_grids), 3), squeeze=False)
+            for ax, n in zip(axes[0], norm_grids):
+                v = store.grid(c["id"], n)["values"]
+                im = ax.imshow(v, cmap="viridis")
+                ax.set_title(n, fontsize=8)
+                ax.set_xlabel("head")
+                ax.set_ylabel("layer")
+                fig.colorbar(im, ax=ax)
+            _save(fig, out, f"fig9_norms_{stem}", written)
+        vectors = store.vector_names(c["id"])
+        if "rank_pct_diff" in vectors:
+            fig, axes = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+            for n in ("rank_received_a", "rank_received_b"):
+                if n in vectors:
+                    axes[0].plot(store.vector(c["id"], n), label=n.replace("rank_received_", "model "), lw=1)
+            axes[0].set_ylabel("attention received")
+            axes[0].legend()
+            axes[1].plot(store.vector(c["id"], "rank_pct_diff"), lw=1, color="tab:purple")
+            axes[1].axhline(0, color="grey", lw=0.5)
+            axes[1].set_ylabel("% difference (b vs a)")
+            axes[1].set_xlabel("rank position")
+            meta = store.vector_meta(c["id"], "length_hist") if "length_hist" in vectors else {}
+            median = (meta or {}).get("median")
+            if median is not None:
+                for ax in axes:
+                    ax.axvline(median, color="tab:red", ls="--", lw=1, label="median length")
+            axes[0].set_title(f"attention received per rank: {c['name']}", fontsize=9)
+            _save(fig, out, f"fig5_ranks_{stem}", written)
+        if "genes" in store.gene_tables(c["id"]):
+            df = store.gene_table_df(c["id"], "genes")
+            cfg = c.get("config") or {}
+            _gene_figures(plt, df, cfg, out, stem, written)
+    return written
+
+
+def _gene_figures(plt, df, cfg: dict, out: Path, stem: str, written: list[Path], top: int = 20) -> None:
+    label = lambda r: r["symbol"] if isinstance(r.get("symbol"), str) and r["symbol"] else r["ensembl_id"]  # noqa: E731
+    if "attn_b" in df.columns and "de_score" in df.columns:
+        top_attn = df.sort_values("attn_b", ascending=False).head(top)
+        top_de = df.sort_values("de_score", ascending=False).head(top)
+        fig, axes = plt.subplots(1, 2, figsize=(10, 5))
+        axes[0].barh([label(r) for _, r in top_attn.iterrows()][::-1], top_attn["attn_b"].to_numpy()[::-1])
+        axes[0].set_title(f"top attended ({cfg.get('model_b', 'b')})", fontsize=9)
+        axes[1].barh([label(r) for _, r in top_de.iterrows()][::-1], top_de["de_score"].to_numpy()[::-1],
+                     color="tab:orange")
+        axes[1].set_title("top DE (Wilcoxon score, high vs low)", fontsize=9)
+        _save(fig, out, f"fig7_attention_vs_de_{stem}", written)
+    cols = [c for c in ("symbol", "ensembl_id", "attn_scaled_a", "attn_scaled_b", "n_cells", "rank_std",
+                        "rank_mean_low", "rank_mean_high", "de_score", "in_reference_set") if c in df.columns]
+    sort_col = "attn_scaled_b" if "attn_scaled_b" in df.columns else cols[-1]
+    table = df.sort_values(sort_col, ascending=False).head(top)[cols]
+    fig, ax = plt.subplots(figsize=(min(16, 1.6 * len(cols)), 0.35 * (len(table) + 2)))
+    ax.axis("off")
+    cells = [[f"{v:.3g}" if isinstance(v, float) else str(v) for v in row] for row in table.itertuples(index=False)]
+    tab = ax.table(cellText=cells, colLabels=cols, loc="center")
+    tab.auto_set_font_size(False)
+    tab.set_fontsize(7)
+    _save(fig, out, f"table8_key_genes_{stem}", written)
+    table.to_csv(out / f"table8_key_genes_{stem}.csv", index=False)
+    written.append(out / f"table8_key_genes_{stem}.csv")

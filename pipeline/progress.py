@@ -1,0 +1,116 @@
+"""Headless progress: the store always hears it; the terminal gets a Rich display or plain lines.
+
+On a terminal, a Rich progress bar shows the running stage; otherwise (logs, CI, a TUI-launched run
+writing to a file) each event is one timestamped line on stderr. Results go to stdout, never here.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import contextmanager
+
+
+class Reporter:
+    """Progress for one pipeline run: stage transitions, done/total, throughput and ETA."""
+
+    def __init__(self, store=None, run_id: int | None = None, *, stream=None, min_interval_s: float = 1.0):
+        self.store = store
+        self.run_id = run_id
+        self.stream = stream or sys.stderr
+        self.min_interval_s = min_interval_s
+        self._last_line = 0.0
+        self._stage = None
+        self._started = None
+        self._rich = None
+        self._task = None
+        if getattr(self.stream, "isatty", lambda: False)():
+            try:
+                from rich.console import Console
+                from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+                self._rich = Progress(
+                    TextColumn("[bold]{task.description}"),
+                    BarColumn(),
+                    TextColumn("{task.completed:.0f}/{task.total}"),
+                    TimeElapsedColumn(),
+                    TimeRemainingColumn(),
+                    console=Console(file=self.stream),
+                    transient=True,
+                )
+                self._rich.start()
+            except Exception:  # pragma: no cover - rich unavailable or console oddities
+                self._rich = None
+
+    def line(self, message: str, level: str = "info") -> None:
+        stamp = time.strftime("%H:%M:%S")
+        text = f"{stamp} {self._stage or '-':<10} {message}"
+        if self._rich is not None:
+            self._rich.console.print(text, markup=False, highlight=False)
+        else:
+            print(text, file=self.stream, flush=True)
+        if self.store is not None and self.run_id is not None:
+            self.store.log_event(self.run_id, message, stage=self._stage, level=level)
+
+    @contextmanager
+    def stage(self, name: str):
+        previous = self._stage
+        self._stage, self._started = name, time.monotonic()
+        if self.store is not None and self.run_id is not None:
+            self.store.set_stage(self.run_id, name, "running")
+        self.line("started")
+        ok = False
+        try:
+            yield self
+            ok = True
+        finally:
+            if self.store is not None and self.run_id is not None:
+                self.store.set_stage(self.run_id, name, "completed" if ok else "failed")
+            if ok:
+                self.line(f"done in {time.monotonic() - self._started:.1f} s")
+            if self._task is not None and self._rich is not None:
+                self._rich.remove_task(self._task)
+                self._task = None
+            self._stage = previous
+
+    def skip(self, name: str, why: str) -> None:
+        if self.store is not None and self.run_id is not None:
+            self.store.set_stage(self.run_id, name, "skipped")
+        previous, self._stage = self._stage, name
+        self.line(f"skipped: {why}")
+        self._stage = previous
+
+    def update(self, done: float, total: float | None = None, *, unit: str = "", throughput: float | None = None,
+               eta_s: float | None = None, message: str | None = None) -> None:
+        """Progress within the current stage; throttled for the terminal, always cheap for the store."""
+        now = time.monotonic()
+        if eta_s is None and total and done and self._started:
+            rate = done / max(now - self._started, 1e-9)
+            eta_s = (total - done) / rate if rate > 0 else None
+        if self.store is not None and self.run_id is not None and (
+            now - self._last_line >= self.min_interval_s or (total and done >= total)
+        ):
+            self.store.set_progress(self.run_id, self._stage or "", done, total, unit=unit,
+                                    throughput=throughput, eta_s=eta_s)
+        if self._rich is not None:
+            if self._task is None:
+                self._task = self._rich.add_task(self._stage or "", total=total)
+            self._rich.update(self._task, completed=done, total=total,
+                              description=f"{self._stage} {message or ''}".strip())
+            return
+        if now - self._last_line >= max(self.min_interval_s, 5.0) or (total and done >= total):
+            self._last_line = now
+            parts = [f"{done:.0f}/{total:.0f} {unit}".strip() if total else f"{done:.0f} {unit}".strip()]
+            if throughput:
+                parts.append(f"{throughput:.1f} {unit}/s" if unit else f"{throughput:.1f}/s")
+            if eta_s is not None:
+                parts.append(f"ETA {eta_s:.0f} s")
+            if message:
+                parts.append(message)
+            stamp = time.strftime("%H:%M:%S")
+            print(f"{stamp} {self._stage or '-':<10} " + ", ".join(parts), file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._rich is not None:
+            self._rich.stop()
+            self._rich = None

@@ -1,0 +1,100 @@
+"""`gfattn pipeline --quick` end to end on CPU, asserting on what lands in the store."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from store import Store
+
+P53_UP = {"CDKN1A", "MDM2", "TP53I3", "SPATA18", "PHLDA3", "FDXR", "GDF15", "RRM2B", "DDB2", "SESN1", "ZMAT3",
+          "TNFRSF10B", "AEN", "TIGAR", "FAS", "BTG2", "PLK3", "BAX", "XPC", "BBC3", "PMAIP1"}
+
+
+def gfattn(*args, cwd=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quick")
+    db = root / "gfattn.db"
+    out = gfattn("pipeline", "--quick", "--store", str(db), "--name", "e2e")
+    assert out.returncode == 0, out.stderr[-3000:]
+    return db, out
+
+
+@pytest.mark.slow
+def test_quick_run_completes_every_stage(quick_run):
+    db, out = quick_run
+    st = Store(db)
+    (run,) = st.list_runs(kind="pipeline")
+    assert run["status"] == "completed"
+    assert f"run {run['id']}" in out.stdout
+    stages = {s["stage"]: s["status"] for s in st.stages(run["id"])}
+    assert stages and all(v in ("completed", "skipped") for v in stages.values()), stages
+    assert {"data", "model", "tokenize", "record", "de"} <= set(stages)
+    children = st.children(run["id"])
+    kinds = {c["kind"] for c in children}
+    assert {"data", "finetune", "de", "analysis"} <= kinds
+    assert all(c["status"] == "completed" for c in children)
+    assert len([c for c in children if c["kind"] == "finetune"]) == 6
+
+
+@pytest.mark.slow
+def test_quick_run_fills_every_table(quick_run):
+    db, _ = quick_run
+    st = Store(db)
+    (run,) = st.list_runs(kind="pipeline")
+    children = {c["name"]: c for c in st.children(run["id"])}
+    data = children["data"]["id"]
+    cells = st.cells(data)
+    assert {"umap1", "umap2", "dose", "group", "length", "split"} <= set(cells.columns)
+    assert np.isfinite(cells[["umap1", "umap2"]].to_numpy()).all()
+    assert set(st.labels(data)) == {"dose", "lowhigh"}
+    assert "qc_report" in st.json_names(data)
+    for c in children.values():
+        if c["kind"] == "finetune":
+            assert st.confusions(c["id"]), c["name"]
+            assert st.metrics(c["id"], split="train"), c["name"]
+            assert st.metrics(c["id"], split="validation"), c["name"]
+    analyses = [c for c in children.values() if c["kind"] == "analysis"]
+    assert len(analyses) == 2
+    for c in analyses:
+        assert {"cosine"} <= set(st.grid_names(c["id"]))
+        assert {"rank_received_a", "rank_received_b", "rank_pct_diff"} <= set(st.vector_names(c["id"]))
+        assert st.gene_table_count(c["id"], "genes") > 100
+        assert "de_overlap" in st.json_names(c["id"])
+
+
+@pytest.mark.slow
+def test_quick_run_learns_and_finds_planted_genes(quick_run):
+    db, _ = quick_run
+    st = Store(db)
+    (run,) = st.list_runs(kind="pipeline")
+    children = {c["name"]: c for c in st.children(run["id"])}
+    acc = {m["name"]: m["value"] for m in st.metrics(children["lowhigh/unfrozen"]["id"], split="test")}["accuracy"]
+    assert acc >= 0.75, acc
+    de = st.gene_table(children["de: high vs low"]["id"], "de", order_by="score", descending=True, limit=10)
+    planted = [r["symbol"] for r in de if r["symbol"] in P53_UP]
+    assert len(planted) >= 8, [r["symbol"] for r in de]
+
+
+@pytest.mark.slow
+def test_show_json_and_plot_of_the_run(quick_run, tmp_path):
+    db, _ = quick_run
+    out = gfattn("show", "1", "--json", "--store", str(db))
+    assert out.returncode == 0, out.stderr
+    shown = json.loads(out.stdout)
+    assert shown["run"]["status"] == "completed" if "run" in shown else shown["status"] == "completed"
+    out = gfattn("plot", "1", "--out", str(tmp_path / "fig"), "--store", str(db))
+    assert out.returncode == 0, out.stderr
+    names = {p.name for p in (tmp_path / "fig").iterdir()}
+    for stem in ("fig1_umap", "fig3_confusion_lowhigh", "fig3_confusion_dose"):
+        assert f"{stem}.png" in names and f"{stem}.svg" in names
+    assert any(n.startswith("fig4_similarity_") for n in names)
+    assert any(n.startswith("fig5_ranks_") for n in names)
+    assert any(n.startswith("table8_key_genes_") for n in names)
