@@ -75,9 +75,11 @@ class GfattnApp(App[None]):
         if self.config.keymap:
             self.set_keymap(self.config.keymap)
         self.sub_title = str(self.store_path)
-        self.push_screen(RunsScreen())
         if self.poll_enabled:
             self.set_interval(self.config.poll_interval, self.check_store, name="store-poll")
+
+    def get_default_screen(self) -> RunsScreen:
+        return RunsScreen()
 
     def on_unmount(self) -> None:
         self.client.close()

@@ -24,6 +24,9 @@ class BindingCommands(Provider):
             binding = active.binding
             if binding.action in _SKIP_ACTIONS or binding.system or not binding.description or not active.enabled:
                 continue
+            if not binding.id and not binding.show:
+                # widget internals such as a table's cursor keys
+                continue
             marker = (id(active.node), binding.action)
             if marker in seen:
                 continue

@@ -97,8 +97,17 @@ def finetune_sort_key(run: dict) -> tuple:
 
 def run_preset(run: dict) -> str:
     cfg = run_config(run)
-    preset = (cfg.get("run") or {}).get("preset") if isinstance(cfg.get("run"), dict) else None
-    return str(preset or cfg.get("preset") or "")
+    return str(config_value(cfg, "run.preset") or cfg.get("preset") or "")
+
+
+def config_value(cfg: dict, dotted: str, default: Any = None) -> Any:
+    """`config_value(cfg, "data.path")` without failing on missing or non-table sections."""
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
 
 
 def flatten_config(cfg: Any, prefix: str = "") -> dict[str, Any]:
@@ -262,7 +271,13 @@ def reduce_rank_vector(values: np.ndarray) -> np.ndarray:
 
 def histogram_axis(meta: dict | None, n: int) -> list[float]:
     """Bin centres of a stored histogram from its meta (edges, or start and width), else bin index."""
-    meta = meta or {}
+    centres = _histogram_centres(meta or {}, n)
+    if centres and min(abs(c) for c in centres) >= 10:
+        return [float(round(c)) for c in centres]  # whole genes read better on an axis than 294.65
+    return centres
+
+
+def _histogram_centres(meta: dict, n: int) -> list[float]:
     edges = meta.get("edges") or meta.get("bin_edges") or meta.get("bins")
     if isinstance(edges, (list, tuple)) and len(edges) == n + 1:
         return [(float(a) + float(b)) / 2 for a, b in zip(edges[:-1], edges[1:])]

@@ -12,6 +12,7 @@ spliced into SQL (result column names of gene and cell tables) are validated fir
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -24,7 +25,6 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
-import sqlite_utils
 
 from store import schema, system
 from store.errors import RunNotFoundError, SchemaTooNewError, StoreError
@@ -98,8 +98,9 @@ def _finite_or_none(x: Any) -> float | None:
 
 def _scalar(v: Any) -> Any:
     """A value SQLite can bind: numpy scalars unwrapped, NaN/NA as NULL, bools as 0/1."""
-    if v is None:
-        return None
+    t = type(v)
+    if t is str or t is int or v is None:
+        return v
     if isinstance(v, np.generic):
         v = v.item()
     if isinstance(v, bool):
@@ -145,12 +146,33 @@ def _records(rows: Any) -> list[dict]:
     return [dict(r) for r in rows]
 
 
-def _column_kind(values: Iterable[Any]) -> str:
-    """'integer', 'real' or 'text' for a result column, from its non-null values."""
-    kind = "integer"
-    seen = False
-    for v in values:
-        v = _scalar(v)
+def _columns_of(rows: Any) -> tuple[dict[str, Any], int]:
+    """Column name -> values (a pandas Series or a list) and the row count, from a DataFrame or an
+    iterable of mappings (a key missing from some rows reads as None there)."""
+    if hasattr(rows, "columns") and hasattr(rows, "to_dict"):
+        if rows.columns.has_duplicates:
+            raise StoreError(f"table has duplicate column names: {sorted(set(rows.columns[rows.columns.duplicated()]))}")
+        for name in rows.columns:
+            if not isinstance(name, str):
+                raise StoreError(f"column name {name!r} is not a string")
+        return {name: rows[name] for name in rows.columns}, len(rows)
+    records = [dict(r) for r in rows]
+    names = dict.fromkeys(k for r in records for k in r)
+    return {n: [r.get(n) for r in records] for n in names}, len(records)
+
+
+def _typed_values(values: Any) -> tuple[str, list]:
+    """('integer' | 'real' | 'text', values as Python numbers/strings with None for missing)."""
+    dtype = getattr(values, "dtype", None)
+    kind_code = getattr(dtype, "kind", None)
+    if kind_code in ("b", "i", "u"):
+        return "integer", [int(x) for x in values.tolist()]
+    if kind_code == "f":
+        return "real", [x if math.isfinite(x) else None for x in values.tolist()]
+    raw = values.tolist() if hasattr(values, "tolist") else list(values)
+    out = [_scalar(v) for v in raw]
+    kind, seen = "integer", False
+    for v in out:
         if v is None:
             continue
         seen = True
@@ -159,19 +181,15 @@ def _column_kind(values: Iterable[Any]) -> str:
         if isinstance(v, float):
             kind = "real"
             continue
-        return "text"
-    return kind if seen else "real"
-
-
-def _convert(v: Any, kind: str) -> Any:
-    v = _scalar(v)
-    if v is None:
-        return None
+        kind = "text"
+        break
+    if not seen:
+        return "real", out
     if kind == "text":
-        return v if isinstance(v, str) else str(v)
-    if kind == "integer":
-        return int(v)
-    return float(v)
+        return kind, [v if v is None or isinstance(v, str) else str(v) for v in out]
+    if kind == "real":
+        return kind, [None if v is None else float(v) for v in out]
+    return kind, out
 
 
 class Store:
@@ -202,12 +220,13 @@ class Store:
                 raise StoreError(f"{STALE_AFTER_ENV}={env!r} is not a number of seconds") from None
         self.stale_after_s = float(stale_after_s)
         self._lock = threading.RLock()
-        self._write_depth = 0
+        self._txn: str | None = None  # the kind of transaction this handle has open
         self._own_commits = 0
         self._last_reap = 0.0
         self._reap_disabled = False
         self._host = system.hostname()
         self._closed = True
+        self._db = None
 
         if self.path.is_dir():
             raise StoreError(f"store path {self.path} is a directory; pass a file path such as {self.path / 'gfattn.db'}")
@@ -233,7 +252,6 @@ class Store:
         self._conn = conn
         self._closed = False
         try:
-            self.db = sqlite_utils.Database(conn, recursive_triggers=False, execute_plugins=False)
             conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
             self._open_schema()
         except sqlite3.DatabaseError as exc:
@@ -272,6 +290,20 @@ class Store:
         if version < schema.SCHEMA_VERSION:
             schema.migrate(self.db)
 
+    @property
+    def db(self):
+        """The connection as a `sqlite_utils.Database` (for schema work and ad-hoc inspection).
+
+        Created on first use: importing sqlite-utils also imports pandas, which the commands that only
+        list or tag runs do not need.
+        """
+        self._check_open()
+        if self._db is None:
+            import sqlite_utils
+
+            self._db = sqlite_utils.Database(self._conn, recursive_triggers=False, execute_plugins=False)
+        return self._db
+
     def _check_open(self) -> None:
         if self._closed:
             raise StoreError(f"store {self.path} is closed")
@@ -282,15 +314,15 @@ class Store:
         with self._lock:
             self._check_open()
             conn = self._conn
-            if self._write_depth:
-                self._write_depth += 1
-                try:
-                    yield conn
-                finally:
-                    self._write_depth -= 1
+            if self._txn == "write":
+                yield conn
                 return
-            self._write_depth = 1
+            if self._txn == "read":
+                raise RuntimeError("a store write cannot run inside a read")
+            self._txn = "write"
             try:
+                if conn.in_transaction:  # left open by an interrupted call: never build on it
+                    conn.execute("ROLLBACK")
                 conn.execute("BEGIN IMMEDIATE")
                 yield conn
                 conn.execute("COMMIT")
@@ -306,7 +338,7 @@ class Store:
                     conn.execute("ROLLBACK")
                 raise
             finally:
-                self._write_depth = 0
+                self._txn = None
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
@@ -314,13 +346,17 @@ class Store:
         with self._lock:
             self._check_open()
             conn = self._conn
-            if conn.in_transaction:
+            if self._txn is not None:
                 yield conn
                 return
-            conn.execute("BEGIN")
+            self._txn = "read"
             try:
+                if conn.in_transaction:  # left open by an interrupted call: never read a stale snapshot
+                    conn.execute("ROLLBACK")
+                conn.execute("BEGIN")
                 yield conn
             finally:
+                self._txn = None
                 if conn.in_transaction:
                     conn.execute("COMMIT")
 
@@ -491,6 +527,27 @@ class Store:
                 ("completed" if status == "completed" else "failed", now, int(run_id)),
             )
 
+    def reopen_run(self, run_id: int) -> None:
+        """Mark a finished, failed, interrupted or lost run `running` again, owned by this process.
+
+        For resuming: the host, pid and heartbeat become this process's; the end time and error are
+        cleared. Refused while the run is still running in another live process.
+        """
+        run = self.get_run(run_id)
+        if run["status"] == "running" and not (run["host"] == self._host and run["pid"] == os.getpid()):
+            raise StoreError(
+                f"run {run_id} is still running (pid {run['pid']} on {run['host']}); stop it first or wait "
+                f"until it reads as lost"
+            )
+        now, pid = time.time(), os.getpid()
+        with self._write() as conn:
+            self._require_run(conn, run_id)
+            conn.execute(
+                """UPDATE runs SET status = 'running', finished = NULL, error = NULL, host = ?, pid = ?,
+                   pid_start = ?, heartbeat = ? WHERE id = ?""",
+                (self._host, pid, system.process_start_ticks(pid), now, int(run_id)),
+            )
+
     def track(self, run_id: int, heartbeat_s: float = 2.0):
         """Context manager that keeps the run's heartbeat and records how the block ended.
 
@@ -579,13 +636,16 @@ class Store:
         batch = []
         for r in _records(rows):
             name = _check_text(r.get("name"), "metric name")
-            step = r.get("step")
-            epoch = r.get("epoch")
-            batch.append(
-                (int(run_id), name, _finite_or_none(_scalar(r.get("value"))),
-                 None if step is None else int(step), None if epoch is None else float(epoch),
-                 r.get("split"), now)
-            )
+            step, epoch, split = r.get("step"), r.get("epoch"), r.get("split")
+            try:
+                value = _finite_or_none(_scalar(r.get("value")))
+                step = None if step is None else int(step)
+                epoch = None if epoch is None else float(epoch)
+            except (TypeError, ValueError):
+                raise StoreError(
+                    f"metric {name!r}: value {r.get('value')!r}, step {step!r} and epoch {epoch!r} must be numbers"
+                ) from None
+            batch.append((int(run_id), name, value, step, epoch, None if split is None else str(split), now))
         with self._write() as conn:
             self._require_run(conn, run_id)
             conn.executemany(
@@ -654,7 +714,7 @@ class Store:
 
     # -------- dynamic per-gene / per-cell tables
     def _ensure_columns(self, conn: sqlite3.Connection, table: str, names: Iterable[str], index_prefix: tuple[str, ...]) -> None:
-        existing = {c.lower() for c in self.db[table].columns_dict}
+        existing = {row[1].lower() for row in conn.execute(f"PRAGMA table_info({_quote(table)})")}
         for name in names:
             if name.lower() in existing:
                 continue
@@ -667,22 +727,30 @@ class Store:
             existing.add(name.lower())
 
     @staticmethod
-    def _typed_columns(records: list[dict], fixed: Sequence[str], reserved: set[str], what: str) -> list[tuple[str, str]]:
-        names: list[str] = []
-        seen: dict[str, str] = {}
-        for r in records:
-            for k in r:
-                if k in fixed or k in seen.values():
-                    continue
-                check_identifier(k, what)
-                low = k.lower()
-                if low in reserved or low in {f.lower() for f in fixed}:
-                    raise StoreError(f"{what} column {k!r} is reserved; rename it")
-                if low in seen:
-                    raise StoreError(f"{what} columns {seen[low]!r} and {k!r} differ only in case; rename one")
-                seen[low] = k
-                names.append(k)
-        return [(n, _column_kind(r.get(n) for r in records)) for n in names]
+    def _result_columns(cols: dict[str, Any], fixed: Sequence[str], reserved: set[str], what: str) -> list[tuple[str, str, list]]:
+        """Validated (name, kind, values) of the columns other than `fixed`."""
+        out: list[tuple[str, str, list]] = []
+        seen: dict[str, str] = {f.lower(): f for f in fixed}
+        for name, values in cols.items():
+            if name in fixed:
+                continue
+            check_identifier(name, f"{what} column")
+            low = name.lower()
+            if low in reserved:
+                raise StoreError(f"{what} column {name!r} is reserved; rename it")
+            if low in seen:
+                raise StoreError(f"{what} columns {seen[low]!r} and {name!r} differ only in case; rename one")
+            seen[low] = name
+            kind, converted = _typed_values(values)
+            out.append((name, kind, converted))
+        return out
+
+    def _insert_dynamic(self, conn: sqlite3.Connection, table: str, head: dict[str, list], columns: list) -> None:
+        names = list(head) + [n for n, _, _ in columns]
+        sql = (f"INSERT INTO {_quote(table)} ({', '.join(_quote(n) for n in names)}) "
+               f"VALUES ({', '.join('?' * len(names))})")
+        # plain executemany: one prepared statement for the whole table is what makes 20,000 rows cheap
+        conn.executemany(sql, zip(*head.values(), *(v for _, _, v in columns)))
 
     def put_gene_table(self, run_id: int, table: str, rows: Any) -> int:
         """Replace the per-gene table `table` of a run. Returns the number of rows.
@@ -694,37 +762,30 @@ class Store:
         _check_text(table, "gene table name")
         if hasattr(rows, "columns") and "ensembl_id" not in rows.columns and getattr(rows.index, "name", None) == "ensembl_id":
             rows = rows.reset_index()
-        records = _records(rows)
-        if records and any("ensembl_id" not in r for r in records):
+        cols, n = _columns_of(rows)
+        if n and "ensembl_id" not in cols:
             raise StoreError(f"gene table {table!r} needs an 'ensembl_id' column")
-        columns = self._typed_columns(records, ("ensembl_id", "symbol"), _GENE_RESERVED, f"gene table {table!r}")
-        seen_ids: set[str] = set()
-        out = []
-        for r in records:
-            gid = _scalar(r["ensembl_id"])
-            if gid is None:
-                raise StoreError(f"gene table {table!r} has a missing ensembl_id")
-            gid = str(gid)
-            if gid in seen_ids:
-                raise StoreError(f"gene table {table!r} has ensembl_id {gid!r} twice; each gene once per table")
-            seen_ids.add(gid)
-            sym = _scalar(r.get("symbol"))
-            row = {"run_id": int(run_id), "gtable": table, "ensembl_id": gid, "symbol": None if sym is None else str(sym)}
-            for name, kind in columns:
-                row[name] = _convert(r.get(name), kind)
-            out.append(row)
+        ids = [None if v is None else str(v) for v in _typed_values(cols.get("ensembl_id", []))[1]]
+        if None in ids:
+            raise StoreError(f"gene table {table!r} has a missing ensembl_id")
+        if len(set(ids)) != len(ids):
+            dup = next(i for i, c in collections.Counter(ids).items() if c > 1)
+            raise StoreError(f"gene table {table!r} has ensembl_id {dup!r} twice; each gene once per table")
+        symbols = [None if v is None else str(v) for v in _typed_values(cols.get("symbol", [None] * n))[1]]
+        columns = self._result_columns(cols, ("ensembl_id", "symbol"), _GENE_RESERVED, f"gene table {table!r}")
+        head = {"run_id": [int(run_id)] * n, "gtable": [table] * n, "ensembl_id": ids, "symbol": symbols}
         with self._write() as conn:
             self._require_run(conn, run_id)
-            self._ensure_columns(conn, "gene_rows", [n for n, _ in columns], ("run_id", "gtable"))
+            self._ensure_columns(conn, "gene_rows", [c for c, _, _ in columns], ("run_id", "gtable"))
             conn.execute("DELETE FROM gene_rows WHERE run_id = ? AND gtable = ?", (int(run_id), table))
             conn.execute("DELETE FROM gene_columns WHERE run_id = ? AND gtable = ?", (int(run_id), table))
             conn.executemany(
                 "INSERT INTO gene_columns (run_id, gtable, position, name, type) VALUES (?, ?, ?, ?, ?)",
-                [(int(run_id), table, i, n, k) for i, (n, k) in enumerate(columns)],
+                [(int(run_id), table, i, c, k) for i, (c, k, _) in enumerate(columns)],
             )
-            if out:
-                self.db["gene_rows"].insert_all(out, batch_size=500)
-        return len(out)
+            if n:
+                self._insert_dynamic(conn, "gene_rows", head, columns)
+        return n
 
     def put_labels(self, run_id: int, task: str, labels: Sequence[str]) -> None:
         _check_text(task, "label task")
@@ -761,33 +822,29 @@ class Store:
         if hasattr(df, "columns") and "cell_id" not in df.columns:
             df = df.copy()
             df.insert(0, "cell_id", [str(x) for x in df.index])
-        records = _records(df)
-        if records and any("cell_id" not in r for r in records):
+        cols, n = _columns_of(df)
+        if n and "cell_id" not in cols:
             raise StoreError("the cell table needs a 'cell_id' column")
-        columns = self._typed_columns(records, ("cell_id",), _CELL_RESERVED, "cell table")
-        out = []
-        seen: set[str] = set()
-        for r in records:
-            cid = str(_scalar(r["cell_id"]))
-            if cid in seen:
-                raise StoreError(f"the cell table has cell_id {cid!r} twice")
-            seen.add(cid)
-            row = {"run_id": int(run_id), "cell_id": cid}
-            for name, kind in columns:
-                row[name] = _convert(r.get(name), kind)
-            out.append(row)
+        ids = [None if v is None else str(v) for v in _typed_values(cols.get("cell_id", []))[1]]
+        if None in ids:
+            raise StoreError("the cell table has a missing cell_id")
+        if len(set(ids)) != len(ids):
+            dup = next(i for i, c in collections.Counter(ids).items() if c > 1)
+            raise StoreError(f"the cell table has cell_id {dup!r} twice")
+        columns = self._result_columns(cols, ("cell_id",), _CELL_RESERVED, "cell table")
+        head = {"run_id": [int(run_id)] * n, "cell_id": ids}
         with self._write() as conn:
             self._require_run(conn, run_id)
-            self._ensure_columns(conn, "cells", [n for n, _ in columns], ("run_id",))
+            self._ensure_columns(conn, "cells", [c for c, _, _ in columns], ("run_id",))
             conn.execute("DELETE FROM cells WHERE run_id = ?", (int(run_id),))
             conn.execute("DELETE FROM cell_columns WHERE run_id = ?", (int(run_id),))
             conn.executemany(
                 "INSERT INTO cell_columns (run_id, position, name, type) VALUES (?, ?, ?, ?)",
-                [(int(run_id), i, n, k) for i, (n, k) in enumerate(columns)],
+                [(int(run_id), i, c, k) for i, (c, k, _) in enumerate(columns)],
             )
-            if out:
-                self.db["cells"].insert_all(out, batch_size=500)
-        return len(out)
+            if n:
+                self._insert_dynamic(conn, "cells", head, columns)
+        return n
 
     def put_json(self, run_id: int, name: str, obj: Any) -> None:
         """A small JSON result (report, statistics, summary); numpy values are converted; replaces."""
@@ -803,14 +860,13 @@ class Store:
     _RUN_LIST_SQL = """
         SELECT r.id, r.name, r.kind, r.status, r.created, r.finished, r.parent_id, r.heartbeat, r.host, r.pid,
                r.pid_start, r.device, r.error, r.note,
-               (SELECT json_group_array(t.tag) FROM (SELECT tag FROM tags WHERE run_id = r.id ORDER BY tag) t) AS tags,
                (SELECT COUNT(*) FROM runs c WHERE c.parent_id = r.id) AS n_children,
                p.stage AS progress_stage, p.done AS progress_done, p.total AS progress_total
         FROM runs r LEFT JOIN progress p ON p.run_id = r.id
     """
 
-    def _run_summary(self, row: dict, now: float) -> dict:
-        row["tags"] = json.loads(row["tags"]) if row.get("tags") else []
+    def _run_summary(self, row: dict, now: float, tags: Mapping[int, list[str]]) -> dict:
+        row["tags"] = tags.get(row["id"], [])
         self._resolve_status(row, now)
         row.pop("pid_start", None)
         return row
@@ -862,8 +918,11 @@ class Store:
             params.append(int(limit))
         with self._read() as conn:
             rows = self._rows(conn, sql, params)
+            tags: dict[int, list[str]] = {}
+            for run_id, tag in conn.execute("SELECT run_id, tag FROM tags ORDER BY run_id, tag"):
+                tags.setdefault(run_id, []).append(tag)
         now = time.time()
-        out = [self._run_summary(r, now) for r in rows]
+        out = [self._run_summary(r, now, tags) for r in rows]
         if statuses is not None:
             out = [r for r in out if r["status"] in statuses]
             if limit is not None:

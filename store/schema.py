@@ -14,12 +14,13 @@ value's own storage class and numeric columns sort numerically whatever another 
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import sqlite_utils
+if TYPE_CHECKING:  # pragma: no cover
+    import sqlite_utils
 
 
-def _m001_initial(db: sqlite_utils.Database) -> None:
+def _m001_initial(db: "sqlite_utils.Database") -> None:
     db.execute(
         """
         CREATE TABLE runs (
@@ -73,7 +74,7 @@ def _m001_initial(db: sqlite_utils.Database) -> None:
         db.execute(sql)
 
 
-def _m002_stages_and_indexes(db: sqlite_utils.Database) -> None:
+def _m002_stages_and_indexes(db: "sqlite_utils.Database") -> None:
     """Per-run stage lists, the process start time that tells a reused pid apart, and read indexes."""
     db.execute(
         """CREATE TABLE stages (run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
@@ -91,7 +92,7 @@ def _m002_stages_and_indexes(db: sqlite_utils.Database) -> None:
     db["tags"].create_index(["tag"], index_name="tags_by_tag", if_not_exists=True)
 
 
-MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
+MIGRATIONS: list[tuple[str, Callable[["sqlite_utils.Database"], None]]] = [
     ("0001_initial", _m001_initial),
     ("0002_stages_and_indexes", _m002_stages_and_indexes),
 ]
@@ -105,7 +106,7 @@ KNOWN_TABLES = frozenset(
 )
 
 
-def ensure_migrations_table(db: sqlite_utils.Database) -> None:
+def ensure_migrations_table(db: "sqlite_utils.Database") -> None:
     db.execute(
         "CREATE TABLE IF NOT EXISTS migrations (id INTEGER PRIMARY KEY, name TEXT NOT NULL, applied REAL NOT NULL)"
     )
@@ -115,7 +116,7 @@ def user_version(conn) -> int:
     return int(conn.execute("PRAGMA user_version").fetchone()[0])
 
 
-def migrate(db: sqlite_utils.Database, target: int | None = None) -> list[str]:
+def migrate(db: "sqlite_utils.Database", target: int | None = None) -> list[str]:
     """Apply the migrations between the store's version and `target` (default: all); return their names.
 
     Each migration runs in one IMMEDIATE transaction that re-reads `user_version`, so two processes

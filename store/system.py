@@ -53,10 +53,12 @@ def filesystem_type(path: str | os.PathLike, mounts_text: str | None = None) -> 
         except OSError:
             return None
     p = Path(os.path.abspath(os.fspath(path)))
-    # the deepest existing ancestor, resolved through symlinks
+    # resolve symlinks through the deepest existing ancestor; the rest of the path does not exist yet
+    missing: list[str] = []
     while not p.exists() and p != p.parent:
+        missing.append(p.name)
         p = p.parent
-    target = str(p.resolve())
+    target = str(p.resolve().joinpath(*reversed(missing)))
     best, best_type = "", None
     for line in mounts_text.splitlines():
         parts = line.split()

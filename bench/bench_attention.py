@@ -1,0 +1,201 @@
+"""Benchmark: streaming attention analysis vs the `output_attentions=True` baseline and plain SDPA inference.
+
+Both analyses compute quantities 1-4 of DESIGN.md ("Attention analyses") for two models with the V1-6L
+Geneformer configuration and random weights, on the same length-bucketed batches:
+
+- streaming: `pipeline.attention.analyze_attention` (one block of attention rows alive at a time);
+- naive:     `pipeline.attention.naive_attention_reductions` (`output_attentions=True` for each model,
+             all layers kept, then the same reductions);
+- sdpa:      a plain inference pass of the two models with `attn_implementation="sdpa"` (no analysis).
+
+Two workloads: sci-Plex-like lengths (median ~680 tokens) and full 2048-token cells, batch 8. Each
+measurement runs in its own subprocess so that peak memory is that run's alone: on CPU the peak resident
+set size during the call (VmHWM after resetting it through /proc/self/clear_refs, else ru_maxrss) minus
+the resident size before it; on CUDA `torch.cuda.max_memory_allocated` minus the allocation before it.
+
+    python bench/bench_attention.py [--device cuda] [--threads 2] [--batch-size 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKLOADS = {
+    # name: (number of cells, how lengths are drawn)
+    "sciplex": (16, "sciplex"),
+    "2048": (8, "full"),
+}
+METHODS = ("sdpa", "streaming", "naive")
+
+
+def _config_path(arg: str | None) -> Path:
+    if arg:
+        return Path(arg)
+    shared = os.environ.get("GFATTN_SHARED")
+    candidates = [Path(shared) / "geneformer/configs/V1-6L-10M/config.json"] if shared else []
+    candidates.append(ROOT.parent / "shared/geneformer/configs/V1-6L-10M/config.json")
+    for c in candidates:
+        if c.exists():
+            return c
+    raise SystemExit("V1-6L config not found: pass --config or set GFATTN_SHARED")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_bytes(reset_ok: bool) -> int:
+    if reset_ok:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _dataset(workload: str, max_pos: int, vocab: int, seed: int = 0):
+    import numpy as np
+
+    n, kind = WORKLOADS[workload]
+    rng = np.random.default_rng(seed)
+    if kind == "full":
+        lengths = np.full(n, max_pos)
+    else:
+        lengths = np.clip(rng.normal(680, 200, n).round().astype(int), 150, 1430)
+    seqs = [rng.choice(np.arange(2, vocab), int(k), replace=False).tolist() for k in lengths]
+    return {"input_ids": seqs}, lengths
+
+
+def worker(args) -> dict:
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from pipeline.attention import analyze_attention, naive_attention_reductions
+    from pipeline.batching import length_grouped_batches, pad_batch
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cfg_dict = json.loads(Path(args.config_path).read_text())
+    impl = "sdpa" if args.method == "sdpa" else "eager"
+    models = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        cfg = BertConfig(**{**cfg_dict, "num_labels": 2}, attn_implementation=impl)
+        models.append(BertForSequenceClassification(cfg).eval().to(device))
+    data, lengths = _dataset(args.workload, cfg_dict["max_position_embeddings"], cfg_dict["vocab_size"])
+    batches = length_grouped_batches(lengths, args.batch_size)
+
+    def run():
+        if args.method == "streaming":
+            return analyze_attention(models[0], models[1], data, pad_id=0, batch_size=args.batch_size,
+                                     device=device)
+        if args.method == "naive":
+            return naive_attention_reductions(models[0], models[1], data, pad_id=0, batch_size=args.batch_size,
+                                              device=device)
+        with torch.inference_mode():
+            for idx in batches:
+                ids, mask = pad_batch([data["input_ids"][i] for i in idx], pad_token_id=0)
+                ids, mask = ids.to(device), mask.to(device)
+                for m in models:
+                    m.base_model(input_ids=ids, attention_mask=mask)
+        return None
+
+    # warm-up on two short cells (allocator, kernels), not measured
+    short = {"input_ids": [s[:32] for s in data["input_ids"][:2]]}
+    if args.method == "streaming":
+        analyze_attention(models[0], models[1], short, pad_id=0, batch_size=2, device=device)
+    elif args.method == "naive":
+        naive_attention_reductions(models[0], models[1], short, pad_id=0, batch_size=2, device=device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        reset_ok = _reset_peak()
+        base = _rss_bytes()
+    t0 = time.perf_counter()
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _peak_bytes(reset_ok)
+    return {
+        "method": args.method, "workload": args.workload, "seconds": seconds,
+        "peak_bytes": max(0, peak - base), "cells": int(len(lengths)), "median_length": float(sorted(lengths)[len(lengths) // 2]),
+        "max_length": int(max(lengths)),
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--config", default=None, help="BERT config.json (default: shared V1-6L-10M)")
+    p.add_argument("--workloads", default="sciplex,2048")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--method", help=argparse.SUPPRESS)
+    p.add_argument("--workload", help=argparse.SUPPRESS)
+    p.add_argument("--config-path", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args)), flush=True)
+        return 0
+    config = _config_path(args.config)
+    print(f"config {config}; device {args.device}; threads {args.threads}; batch {args.batch_size}")
+    results: dict[tuple[str, str], dict] = {}
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    for workload in args.workloads.split(","):
+        for method in args.methods.split(","):
+            cmd = [sys.executable, __file__, "--worker", "--method", method, "--workload", workload,
+                   "--config-path", str(config), "--device", args.device, "--threads", str(args.threads),
+                   "--batch-size", str(args.batch_size)]
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if out.returncode != 0 or line is None:
+                tail = (out.stderr or out.stdout).strip().splitlines()[-3:]
+                print(f"{workload:>8} {method:>10}: failed (exit {out.returncode}): {' | '.join(tail)}")
+                continue
+            r = json.loads(line[len("RESULT "):])
+            results[(workload, method)] = r
+            print(f"{workload:>8} {method:>10}: {r['seconds']:8.2f} s  peak {r['peak_bytes'] / 2**20:9.1f} MiB"
+                  f"  ({r['cells']} cells, median length {r['median_length']:.0f}, max {r['max_length']})", flush=True)
+    print()
+    print("ratios (baseline / streaming for naive; streaming / sdpa for inference):")
+    for workload in args.workloads.split(","):
+        s, n, d = (results.get((workload, m)) for m in ("streaming", "naive", "sdpa"))
+        parts = []
+        if s and n:
+            mem = n["peak_bytes"] / max(s["peak_bytes"], 1)
+            parts.append(f"naive/streaming time {n['seconds'] / s['seconds']:.2f}x, peak memory {mem:.1f}x")
+        if s and d:
+            parts.append(f"streaming/sdpa time {s['seconds'] / d['seconds']:.2f}x, "
+                         f"peak memory {s['peak_bytes'] / max(d['peak_bytes'], 1):.1f}x")
+        print(f"{workload:>8}: " + "; ".join(parts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

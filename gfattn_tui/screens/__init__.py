@@ -1,0 +1,1 @@
+"""Screens of `gfattn-tui`, one per module."""

@@ -1,0 +1,120 @@
+"""Tagging, notes, deletion and stopping, shared by the runs list and the run screen.
+
+Each asks in a modal first; the write itself runs in a worker on the store thread and posts
+`StoreWritten`. The TUI's own commits do not move its connection's `data_version`, so a successful
+write tells the app to refresh every view.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from typing import Callable
+
+from textual import work
+
+from gfattn_tui.messages import StoreWritten
+from gfattn_tui.screens.confirm import ConfirmScreen
+from gfattn_tui.screens.prompt import PromptScreen
+from gfattn_tui.widgets.store_view import StoreBacked
+
+
+class RunActions(StoreBacked):
+    """Mixin for screens; needs `post_message`, `app` and `push_screen` from `Screen`."""
+
+    @work(thread=True, exit_on_error=False, group="store-write", name="store write")
+    def write_store(self, fn: Callable, summary: str) -> None:
+        self.client.call(fn)
+        self.post_message(StoreWritten(summary))
+
+    def on_store_written(self, message: StoreWritten) -> None:
+        self.app.notify(message.summary, title="Saved", timeout=3)
+        self.app.notify_store_changed()
+
+    def ask_tag(self, run_ids: list[int]) -> None:
+        if not run_ids:
+            return
+        who = f"run {run_ids[0]}" if len(run_ids) == 1 else f"{len(run_ids)} runs"
+
+        def done(text: str | None) -> None:
+            tags = [t for t in (text or "").replace(",", " ").split() if t.strip("-")]
+            if not tags:
+                return
+
+            def apply(st) -> None:
+                for rid in run_ids:
+                    for tag in tags:
+                        if tag.startswith("-"):
+                            st.remove_tag(rid, tag[1:])
+                        else:
+                            st.add_tag(rid, tag)
+
+            self.write_store(apply, f"tags {' '.join(tags)} on {who}")
+
+        self.app.push_screen(
+            PromptScreen(f"Tags for {who}", placeholder="baseline keep", hint="space-separated; -tag removes a tag"),
+            done,
+        )
+
+    def ask_note(self, run_id: int, current: str = "") -> None:
+        def done(text: str | None) -> None:
+            if text is None:
+                return
+            self.write_store(lambda st: st.set_note(run_id, text), f"note on run {run_id}")
+
+        self.app.push_screen(PromptScreen(f"Note for run {run_id}", value=current or "", placeholder="free text"), done)
+
+    def ask_delete(self, runs: list[dict], after: Callable[[], None] | None = None) -> None:
+        if not runs:
+            return
+        names = ", ".join(f"{r['id']} {r.get('name', '')}" for r in runs[:5]) + (" …" if len(runs) > 5 else "")
+        running = [r for r in runs if r.get("status") == "running"]
+        detail = "Everything they own (child runs, metrics, tables) is deleted."
+        if running:
+            detail += f"\n{len(running)} of them still running: stop them first or their writes will fail."
+
+        def done(yes: bool | None) -> None:
+            if not yes:
+                return
+            ids = [int(r["id"]) for r in runs]
+
+            def apply(st) -> None:
+                for rid in ids:
+                    st.delete_run(rid)
+
+            self.write_store(apply, f"deleted {len(ids)} run{'s' if len(ids) != 1 else ''}")
+            if after:
+                after()
+
+        self.app.push_screen(ConfirmScreen(f"Delete {names}?", detail, yes="Delete"), done)
+
+    def ask_stop(self, run: dict) -> None:
+        """SIGTERM a running run's process (its `track` marks it interrupted), when it runs on this host."""
+        if run.get("status") != "running":
+            self.app.notify(f"run {run['id']} is {run.get('status')}, not running", severity="warning")
+            return
+        pid, host = run.get("pid"), run.get("host")
+        if not pid:
+            self.app.notify(f"run {run['id']} has no recorded process id", severity="warning")
+            return
+        if host and host != socket.gethostname():
+            self.app.notify(f"run {run['id']} runs on {host}; stop it there (pid {pid})", severity="warning")
+            return
+
+        def done(yes: bool | None) -> None:
+            if not yes:
+                return
+            try:
+                os.kill(int(pid), signal.SIGTERM)
+            except ProcessLookupError:
+                self.app.notify(f"process {pid} is gone; the run will show as lost", severity="warning")
+            except PermissionError as exc:
+                self.app.report_error(exc, where=f"stop run {run['id']}")
+            else:
+                self.app.notify(f"sent SIGTERM to pid {pid}", title="Stopping")
+
+        self.app.push_screen(
+            ConfirmScreen(f"Stop run {run['id']} {run.get('name', '')}?", f"Sends SIGTERM to pid {pid}.", yes="Stop"),
+            done,
+        )

@@ -1,0 +1,1 @@
+"""Widgets of `gfattn-tui`, one per module."""

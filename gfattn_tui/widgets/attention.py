@@ -1,0 +1,119 @@
+"""Attention tab: layer x head grids of an analysis run (cosine similarity of the two models' attention,
+its spread, attention norms; thesis section 4.3, Kobayashi et al. 2020) as coloured tables, with the
+stored interval of the highlighted head."""
+
+from __future__ import annotations
+
+import numpy as np
+from textual import on, work
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical
+from textual.widgets import DataTable, OptionList, Select, Static
+from textual.widgets.option_list import Option
+
+from gfattn_tui.messages import Loaded
+from gfattn_tui.results import collect_scope
+from gfattn_tui.widgets.analysis_picker import AnalysisPicker
+from gfattn_tui.widgets.head_grid import HeadGrid
+from gfattn_tui.widgets.store_view import RunView
+
+
+def read_analysis_grids(st, run_id: int, analysis_id: int | None, grid_name: str | None) -> dict:
+    analyses = [{"id": a["id"], "name": a.get("name")} for a in collect_scope(st, run_id).analyses]
+    ids = [a["id"] for a in analyses]
+    chosen = analysis_id if analysis_id in ids else (ids[0] if ids else None)
+    names = st.grid_names(chosen) if chosen is not None else []
+    if grid_name not in names:
+        grid_name = "cosine" if "cosine" in names else (names[0] if names else None)
+    grid = st.grid(chosen, grid_name) if grid_name else None
+    return {"analyses": analyses, "chosen": chosen, "names": names, "grid_name": grid_name, "grid": grid}
+
+
+class AttentionView(RunView, Vertical):
+    def __init__(self, run_id: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.run_id = run_id
+        self.stale = True
+        self.analysis_id: int | None = None
+        self.grid_name: str | None = None
+        self.grid_names: list[str] = []
+
+    def compose(self) -> ComposeResult:
+        yield AnalysisPicker(id="attn-analysis")
+        with Horizontal(id="attn-body"):
+            yield OptionList(id="attn-grids")
+            with Vertical(id="attn-right"):
+                yield HeadGrid(id="attn-grid")
+                yield Static("", id="attn-info")
+                yield Static("", id="attn-summary", classes="hint")
+        yield Static("No attention analysis (yet) under this run.", id="attn-empty", classes="empty")
+
+    def on_mount(self) -> None:
+        self.query_one("#attn-empty").display = False
+
+    def reload(self) -> None:
+        self.load()
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="attention", name="attention grids")
+    def load(self) -> None:
+        run_id, analysis_id, grid_name = self.run_id, self.analysis_id, self.grid_name
+        data = self.client.call(lambda st: read_analysis_grids(st, run_id, analysis_id, grid_name))
+        self.post_message(Loaded("attention", data))
+
+    def on_loaded(self, message: Loaded) -> None:
+        data = message.data
+        has = bool(data["analyses"])
+        self.query_one("#attn-empty").display = not has
+        self.query_one("#attn-body").display = has
+        self.query_one(AnalysisPicker).set_analyses(data["analyses"], data["chosen"])
+        self.analysis_id = data["chosen"]
+        names = data["names"]
+        options = self.query_one("#attn-grids", OptionList)
+        if names != self.grid_names:
+            self.grid_names = names
+            with options.prevent(OptionList.OptionHighlighted):
+                options.clear_options()
+                options.add_options([Option(n, id=n) for n in names])
+        self.grid_name = data["grid_name"]
+        if self.grid_name in names:
+            with options.prevent(OptionList.OptionHighlighted):
+                options.highlighted = names.index(self.grid_name)
+        grid = self.query_one(HeadGrid)
+        if data["grid"] is None:
+            grid.clear(columns=True)
+            self.query_one("#attn-info", Static).update("")
+            self.query_one("#attn-summary", Static).update("")
+            return
+        g = data["grid"]
+        grid.show(self.grid_name, g["values"], g.get("lower"), g.get("upper"))
+        values = np.asarray(g["values"], dtype=float)
+        finite = values[np.isfinite(values)]
+        if finite.size:
+            self.query_one("#attn-summary", Static).update(
+                f"{values.shape[0]} layers x {values.shape[1]} heads   mean {finite.mean():.4f}   "
+                f"min {finite.min():.4f}   max {finite.max():.4f}   (arrows move, values in cells)"
+            )
+        self._describe_cursor()
+
+    def _describe_cursor(self) -> None:
+        grid = self.query_one(HeadGrid)
+        cell = grid.cell_at_cursor()
+        info = self.query_one("#attn-info", Static)
+        info.update(grid.describe(*cell) if cell else "")
+
+    @on(Select.Changed, "#attn-analysis")
+    def _analysis_changed(self, event: Select.Changed) -> None:
+        if isinstance(event.value, int) and event.value != self.analysis_id:
+            self.analysis_id = event.value
+            self.load()
+
+    @on(OptionList.OptionHighlighted, "#attn-grids")
+    def _grid_changed(self, event: OptionList.OptionHighlighted) -> None:
+        name = event.option.id
+        if name and name != self.grid_name:
+            self.grid_name = name
+            self.load()
+
+    @on(DataTable.CellHighlighted, "#attn-grid")
+    def _cell_changed(self, event: DataTable.CellHighlighted) -> None:
+        self._describe_cursor()

@@ -1,0 +1,80 @@
+"""Confusion tab: the test-split confusion matrices of every task x training mode, side by side per
+task (thesis figures 2 and 3)."""
+
+from __future__ import annotations
+
+from textual import work
+from textual.app import ComposeResult
+from textual.containers import Horizontal, VerticalScroll
+from textual.widgets import Label, Static
+
+from gfattn_tui.messages import Loaded
+from gfattn_tui.results import collect_scope, ordered_confusion, pick_confusion, task_and_mode, test_scores
+from gfattn_tui.widgets.confusion_matrix import ConfusionMatrix
+from gfattn_tui.widgets.store_view import RunView
+
+
+class ConfusionView(RunView, VerticalScroll):
+    def __init__(self, run_id: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.run_id = run_id
+        self.stale = True
+        self.matrices: list[dict] = []
+
+    def compose(self) -> ComposeResult:
+        yield Static("loading…", id="conf-empty", classes="empty")
+        yield Static(
+            "test split · rows: true class, columns: predicted · shading: fraction of the true class", classes="hint"
+        )
+
+    def reload(self) -> None:
+        self.load()
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="confusion", name="confusion matrices")
+    def load(self) -> None:
+        run_id = self.run_id
+
+        def read(st) -> list[dict]:
+            out = []
+            for run in collect_scope(st, run_id).finetunes:
+                confusion = pick_confusion(st.confusions(run["id"]))
+                if confusion is None:
+                    continue
+                labels, matrix = ordered_confusion(confusion["labels"], confusion["matrix"])
+                task, mode = task_and_mode(run)
+                scores = test_scores(st, run["id"], confusion)
+                out.append({
+                    "run_id": run["id"], "task": task, "mode": mode, "split": confusion.get("split"),
+                    "labels": labels, "matrix": matrix, **scores,
+                })
+            return out
+
+        self.post_message(Loaded("confusion", self.client.call(read)))
+
+    def on_loaded(self, message: Loaded) -> None:
+        self.matrices = message.data
+        with self.app.batch_update():
+            for old in list(self.query(".conf-task")):
+                old.remove()
+            empty = self.query_one("#conf-empty", Static)
+            empty.display = not self.matrices
+            empty.update("No confusion matrices (yet): they are written when a fine-tuning run is evaluated.")
+            tasks: dict[str, list[dict]] = {}
+            for m in self.matrices:
+                tasks.setdefault(m["task"], []).append(m)
+            for task, items in tasks.items():
+                row = Horizontal(
+                    *[
+                        ConfusionMatrix(_title(m), m["labels"], m["matrix"],
+                                        m["accuracy"], m["macro_f1"], classes="confusion")
+                        for m in items
+                    ],
+                    classes="conf-row conf-task",
+                )
+                self.mount(Label(f"task {task}", classes="section conf-task"))
+                self.mount(row)
+
+
+def _title(m: dict) -> str:
+    split = "" if m.get("split") == "test" else f", {m.get('split')} split"
+    return f"{m['mode']}  (run {m['run_id']}{split})"

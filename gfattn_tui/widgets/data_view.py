@@ -1,0 +1,158 @@
+"""Data tab: the selected cells (thesis section 3.1): UMAP coloured by dose or by low/high group, cells
+per class, the distribution of cell lengths (genes per cell, the confound of thesis section 4.4) and
+the QC report of the selection."""
+
+from __future__ import annotations
+
+import numpy as np
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.widgets import Static
+from textual_plotext import PlotextPlot
+
+from gfattn_tui.format import label_sort_key
+from gfattn_tui.json_render import render_json
+from gfattn_tui.messages import Loaded
+from gfattn_tui.results import collect_scope, histogram_axis
+from gfattn_tui.widgets.store_view import RunView
+
+MAX_POINTS = 5000
+
+
+def _fmt_label(value) -> str:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return f"{f:g}"
+
+
+def read_data(st, run_id: int) -> dict:
+    scope = collect_scope(st, run_id)
+    runs = scope.data_runs
+    out: dict = {"run": None, "cells": None, "labels": {}, "qc": None, "hist": None, "hist_meta": {}}
+    if not runs:
+        return out
+    data_run = runs[0]
+    rid = data_run["id"]
+    out["run"] = {"id": rid, "name": data_run.get("name")}
+    cells = st.cells(rid)
+    if len(cells):
+        if len(cells) > MAX_POINTS:  # a scatter of more points than the terminal has cells shows nothing more
+            cells = cells.sample(MAX_POINTS, random_state=0)
+        out["cells"] = {c: cells[c].tolist() for c in cells.columns if c != "cell_id"}
+    out["labels"] = st.labels(rid)
+    if "qc_report" in st.json_names(rid):
+        out["qc"] = st.get_json(rid, "qc_report")
+    if "length_hist" in st.vector_names(rid):
+        out["hist"] = np.asarray(st.vector(rid, "length_hist"), dtype=float).ravel().tolist()
+        out["hist_meta"] = st.vector_meta(rid, "length_hist")
+    return out
+
+
+class DataView(RunView, VerticalScroll):
+    BINDINGS = [Binding("c", "colour_by", "Colour by dose/group", id="data.colour_by")]
+
+    def __init__(self, run_id: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.run_id = run_id
+        self.stale = True
+        self.colour_by = "dose"
+        self.data: dict | None = None
+
+    def compose(self) -> ComposeResult:
+        with Horizontal(id="data-plots"):
+            yield PlotextPlot(id="data-umap", classes="plot")
+            with Vertical(id="data-side"):
+                yield PlotextPlot(id="data-classes", classes="plot")
+                yield PlotextPlot(id="data-lengths", classes="plot")
+        yield Static("", id="data-qc")
+        yield Static("No data run (yet) under this run.", id="data-empty", classes="empty")
+
+    def on_mount(self) -> None:
+        self.query_one("#data-empty").display = False
+
+    def reload(self) -> None:
+        self.load()
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="data", name="cells")
+    def load(self) -> None:
+        run_id = self.run_id
+        self.post_message(Loaded("data", self.client.call(lambda st: read_data(st, run_id))))
+
+    def on_loaded(self, message: Loaded) -> None:
+        data = self.data = message.data
+        has = data["run"] is not None
+        self.query_one("#data-empty").display = not has
+        self.query_one("#data-plots").display = has
+        self.query_one("#data-qc").display = has
+        if not has:
+            return
+        self._draw_umap()
+        self._draw_classes()
+        self._draw_lengths()
+        qc = data["qc"]
+        self.query_one("#data-qc", Static).update(
+            render_json(qc, f"QC report (data run {data['run']['id']})") if qc else "no QC report stored"
+        )
+
+    def _groups(self, key: str) -> dict[str, list[int]]:
+        cells = (self.data or {}).get("cells") or {}
+        values = cells.get(key) or []
+        groups: dict[str, list[int]] = {}
+        for i, v in enumerate(values):
+            groups.setdefault(_fmt_label(v), []).append(i)
+        return dict(sorted(groups.items(), key=lambda kv: label_sort_key(kv[0])))
+
+    def _draw_umap(self) -> None:
+        plot = self.query_one("#data-umap", PlotextPlot)
+        plt = plot.plt
+        plt.clear_figure()
+        cells = (self.data or {}).get("cells") or {}
+        key = self.colour_by if self.colour_by in cells else ("dose" if "dose" in cells else "group")
+        plt.title(f"UMAP by {key}  (c: by {'group' if key == 'dose' else 'dose'})")
+        if "umap1" in cells and "umap2" in cells:
+            x, y = cells["umap1"], cells["umap2"]
+            for label, idx in self._groups(key).items():
+                plt.scatter([x[i] for i in idx], [y[i] for i in idx], label=f"{key} {label}", marker="dot")
+        else:
+            plt.text("no UMAP coordinates stored", 0, 0)
+        plot.refresh()
+
+    def _draw_classes(self) -> None:
+        plot = self.query_one("#data-classes", PlotextPlot)
+        plt = plot.plt
+        plt.clear_figure()
+        cells = (self.data or {}).get("cells") or {}
+        key = "dose" if "dose" in cells else ("class" if "class" in cells else None)
+        plt.title("cells per dose class")
+        if key:
+            groups = self._groups(key)
+            plt.bar(list(groups), [len(v) for v in groups.values()], width=0.5)
+        plot.refresh()
+
+    def _draw_lengths(self) -> None:
+        plot = self.query_one("#data-lengths", PlotextPlot)
+        plt = plot.plt
+        plt.clear_figure()
+        data = self.data or {}
+        cells = data.get("cells") or {}
+        meta = data.get("hist_meta") or {}
+        median = meta.get("median")
+        if data.get("hist"):
+            hist = data["hist"]
+            plt.bar(histogram_axis(meta, len(hist)), hist, width=0.9)
+        elif "length" in cells:
+            lengths = [float(v) for v in cells["length"] if v is not None]
+            plt.hist(lengths, bins=20)
+            median = float(np.median(lengths)) if lengths else None
+        if median is not None:
+            plt.vline(float(median), "red")
+        plt.title("genes per cell" + (f"  (median {float(median):.0f})" if median is not None else ""))
+        plot.refresh()
+
+    def action_colour_by(self) -> None:
+        self.colour_by = "group" if self.colour_by == "dose" else "dose"
+        self._draw_umap()

@@ -1,0 +1,64 @@
+"""One page of a per-gene table; the header marks the column the rows are sorted by."""
+
+from __future__ import annotations
+
+import math
+
+from rich.text import Text
+from textual.widgets import DataTable
+
+FLAG_COLUMNS = ("in_reference_set",)
+
+
+def gene_cell(column: str, value) -> Text | str:
+    if value is None:
+        return Text("—", style="dim", justify="right")
+    if column in FLAG_COLUMNS:
+        return Text("●", style="bold magenta", justify="center") if value else Text("")
+    if isinstance(value, bool):
+        return Text("yes" if value else "no")
+    if isinstance(value, int):
+        return Text(f"{value:,}", justify="right")
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return Text(str(value), justify="right")
+        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e6):
+            return Text(f"{value:.3e}", justify="right")
+        return Text(f"{value:.4f}", justify="right")
+    return str(value)
+
+
+class GeneTable(DataTable):
+    def __init__(self, **kwargs) -> None:
+        super().__init__(cursor_type="cell", zebra_stripes=True, **kwargs)
+        self.columns_shown: list[str] = []
+        self.rows_shown: list[dict] = []
+        self._sort_marks: tuple = (None, True)
+
+    def show(self, columns: list[str], rows: list[dict], order_by: str | None, descending: bool, offset: int) -> None:
+        keep = self.cursor_coordinate
+        if columns != self.columns_shown or self._sort_marks != (order_by, descending):
+            self.clear(columns=True)
+            self.columns_shown = list(columns)
+            self._sort_marks = (order_by, descending)
+            self.add_column(Text("#", style="dim"), key="_n")
+            for col in columns:
+                mark = (" ↓" if descending else " ↑") if col == order_by else ""
+                self.add_column(Text(col + mark, style="bold" if mark else ""), key=col)
+        else:
+            self.clear(columns=False)
+        self.rows_shown = rows
+        for i, row in enumerate(rows):
+            self.add_row(
+                Text(str(offset + i + 1), style="dim", justify="right"),
+                *[gene_cell(col, row.get(col)) for col in columns],
+                key=f"{offset + i}:{row.get('ensembl_id')}",
+            )
+        if rows:
+            self.move_cursor(row=min(keep.row, len(rows) - 1), column=max(keep.column, 0), animate=False)
+
+    def column_at_cursor(self) -> str | None:
+        column = self.cursor_coordinate.column
+        if 1 <= column <= len(self.columns_shown):
+            return self.columns_shown[column - 1]
+        return None

@@ -1,0 +1,226 @@
+"""Overview tab: provenance, the error in full, stages with progress and ETA, child runs, the log tail,
+the resolved configuration and package versions."""
+
+from __future__ import annotations
+
+import json
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.containers import VerticalScroll
+from textual.widgets import DataTable, Label, ProgressBar, RichLog, Static
+
+from gfattn_tui.format import STATUS_MARKS, as_epoch, fmt_duration, fmt_num, fmt_time, run_duration
+from gfattn_tui.messages import Loaded
+from gfattn_tui.results import flatten_config
+from gfattn_tui.widgets.store_view import RunView
+
+
+def _kv_table(rows: list[tuple[str, object]]) -> Table:
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
+    for key, value in rows:
+        table.add_row(key, value if isinstance(value, Text) else Text(str(value)))
+    return table
+
+
+class OverviewView(RunView, VerticalScroll):
+    """Everything about the run itself; the log and progress update live."""
+
+    def __init__(self, run_id: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.run_id = run_id
+        self.stale = True
+        self.last_event_id = 0
+        self.run: dict | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Static("", id="ov-summary")
+        yield Static("", id="ov-error", classes="error-box")
+        yield Label("", id="ov-progress-label")
+        yield ProgressBar(id="ov-progress", show_eta=False)
+        yield Label("Stages", classes="section")
+        yield Static("", id="ov-stages")
+        yield Label("Child runs  (enter opens)", classes="section", id="ov-children-title")
+        yield DataTable(id="ov-children", cursor_type="row")
+        yield Label("Log", classes="section")
+        yield RichLog(id="ov-log", max_lines=self.app.config.log_lines, wrap=True, markup=False)
+        yield Label("Configuration", classes="section")
+        yield Static("", id="ov-config")
+        yield Label("Versions", classes="section")
+        yield Static("", id="ov-versions")
+
+    def on_mount(self) -> None:
+        table = self.query_one("#ov-children", DataTable)
+        for key, label in (("status", "status"), ("id", "id"), ("name", "name"), ("kind", "kind"), ("took", "took")):
+            table.add_column(label, key=key)
+        self.query_one("#ov-error").display = False
+        self.query_one("#ov-progress").display = False
+        self.query_one("#ov-progress-label").display = False
+
+    def reload(self) -> None:
+        self.load()
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="overview", name="overview")
+    def load(self) -> None:
+        run_id, since = self.run_id, self.last_event_id
+
+        def read(st) -> dict:
+            return {
+                "run": st.get_run(run_id),
+                "stages": st.stages(run_id),
+                "children": st.children(run_id),
+                "events": st.events(run_id, since_id=since),
+            }
+
+        self.post_message(Loaded("overview", self.client.call(read)))
+
+    def on_loaded(self, message: Loaded) -> None:
+        data = message.data
+        run = self.run = data["run"]
+        utc = self.app.config.utc
+        now = self.app.now()
+        self._show_summary(run, utc, now)
+        self._show_error(run, data["children"])
+        self._show_progress(run)
+        self._show_stages(data["stages"], utc, now)
+        self._show_children(data["children"], now)
+        self._append_events(data["events"], utc)
+        self._show_config(run)
+
+    # sections ------------------------------------------------------------------------------------
+    def _show_summary(self, run: dict, utc: bool, now: float) -> None:
+        status = str(run.get("status"))
+        mark, style = STATUS_MARKS.get(status, ("·", ""))
+        rows: list[tuple[str, object]] = [
+            ("status", Text(f"{mark} {status}", style=style)),
+            ("run", f"#{run['id']} {run.get('name', '')}  ({run.get('kind', '')})"),
+        ]
+        if run.get("parent_id") is not None:
+            rows.append(("parent", f"#{run['parent_id']}"))
+        rows += [
+            ("started", fmt_time(run.get("created"), utc=utc, seconds=True)),
+            ("finished", fmt_time(run.get("finished"), utc=utc, seconds=True)),
+            ("duration", fmt_duration(run_duration(run, now))),
+        ]
+        if status == "running" and run.get("heartbeat") is not None:
+            rows.append(("heartbeat", f"{fmt_duration(now - (as_epoch(run['heartbeat']) or now))} ago"))
+        rows += [
+            ("host", f"{run.get('host') or '—'}  pid {run.get('pid') or '—'}"),
+            ("device", run.get("device") or "—"),
+            ("git", run.get("git_commit") or "—"),
+            ("data", _path_and_hash(run.get("data_path"), run.get("data_hash"))),
+            ("model", _path_and_hash(run.get("model_path"), run.get("model_hash"))),
+            ("tags", ", ".join(run.get("tags") or ()) or "—"),
+            ("note", run.get("note") or "—"),
+        ]
+        self.query_one("#ov-summary", Static).update(_kv_table(rows))
+
+    def _show_error(self, run: dict, children: list[dict]) -> None:
+        box = self.query_one("#ov-error", Static)
+        parts = []
+        if run.get("error"):
+            parts.append(Text(str(run["error"])))
+        for child in children:
+            if child.get("error"):
+                parts.append(Text(f"child #{child['id']} {child.get('name')}: {child['error']}"))
+        box.display = bool(parts)
+        if parts:
+            box.update(Group(Text("Error", style="bold red"), *parts))
+
+    def _show_progress(self, run: dict) -> None:
+        progress = run.get("progress")
+        bar = self.query_one("#ov-progress", ProgressBar)
+        label = self.query_one("#ov-progress-label", Label)
+        show = bool(progress) and run.get("status") == "running"
+        bar.display = label.display = show
+        if not show:
+            return
+        done, total = progress.get("done") or 0, progress.get("total")
+        unit = progress.get("unit") or ""
+        text = f"{progress.get('stage')}: {fmt_num(done, 0)}" + (f" / {fmt_num(total, 0)}" if total else "") + f" {unit}"
+        if progress.get("throughput"):
+            text += f"  ·  {fmt_num(progress['throughput'], 1)} {unit}/s"
+        if progress.get("eta_s") is not None:
+            text += f"  ·  ETA {fmt_duration(progress['eta_s'])}"
+        label.update(text)
+        bar.update(total=total if total else None, progress=done)
+
+    def _show_stages(self, stages: list[dict], utc: bool, now: float) -> None:
+        table = Table.grid(padding=(0, 2))
+        for _ in range(4):
+            table.add_column()
+        for s in stages:
+            status = str(s.get("status"))
+            mark, style = STATUS_MARKS.get(status, ("·", ""))
+            start, end = as_epoch(s.get("started")), as_epoch(s.get("finished"))
+            took = fmt_duration((end or now) - start) if start is not None and (end or status == "running") else ""
+            table.add_row(Text(f"{mark} {s.get('stage')}", style=style), status, took, fmt_time(start, utc=utc, seconds=True) if start else "")
+        self.query_one("#ov-stages", Static).update(table if stages else Text("no stages recorded", style="dim"))
+
+    def _show_children(self, children: list[dict], now: float) -> None:
+        table = self.query_one("#ov-children", DataTable)
+        keep = table.cursor_row
+        table.clear()
+        for child in children:
+            status = str(child.get("status"))
+            mark, style = STATUS_MARKS.get(status, ("·", ""))
+            table.add_row(
+                Text(f"{mark} {status}", style=style), str(child["id"]), child.get("name") or "", child.get("kind") or "",
+                fmt_duration(run_duration(child, now)), key=str(child["id"]),
+            )
+        visible = bool(children)
+        table.display = visible
+        self.query_one("#ov-children-title").display = visible
+        if children:
+            table.move_cursor(row=min(keep, len(children) - 1))
+
+    def _append_events(self, events: list[dict], utc: bool) -> None:
+        log = self.query_one("#ov-log", RichLog)
+        styles = {"error": "bold red", "warning": "yellow", "debug": "dim"}
+        for event in events[-self.app.config.log_lines :]:
+            line = Text(fmt_time(event.get("time"), utc=utc, seconds=True)[11:] + " ", style="dim")
+            line.append(f"{event.get('stage') or '-':<10} ", style="cyan")
+            line.append(str(event.get("message")), style=styles.get(str(event.get("level")), ""))
+            log.write(line)
+        if events:
+            self.last_event_id = int(events[-1]["id"])
+        elif not self.last_event_id and not log.lines:
+            log.write(Text("no log lines yet", style="dim"))
+
+    def _show_config(self, run: dict) -> None:
+        config = flatten_config(run.get("config") or {})
+        if config:
+            rows = [(key, _value_text(value)) for key, value in config.items()]
+            self.query_one("#ov-config", Static).update(_kv_table(rows))
+        else:
+            self.query_one("#ov-config", Static).update(Text("no configuration recorded", style="dim"))
+        versions = run.get("versions") or {}
+        if versions:
+            self.query_one("#ov-versions", Static).update(_kv_table([(k, v or "—") for k, v in versions.items()]))
+
+    # events --------------------------------------------------------------------------------------
+    @on(DataTable.RowSelected, "#ov-children")
+    def _open_child(self, event: DataTable.RowSelected) -> None:
+        event.stop()
+        from gfattn_tui.screens.run import RunScreen
+
+        self.app.push_screen(RunScreen(int(event.row_key.value)))
+
+
+def _path_and_hash(path, digest) -> str:
+    if not path:
+        return "—"
+    return f"{path}" + (f"  ({str(digest)[:12]})" if digest else "")
+
+
+def _value_text(value) -> str:
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
+    if isinstance(value, str):
+        return value or '""'
+    return str(value)

@@ -1,0 +1,144 @@
+"""Ranks tab: attention received per rank position for both models and their difference (thesis
+figures 5 and 6), with the median cell length marked and the length distribution beside them."""
+
+from __future__ import annotations
+
+import numpy as np
+from textual import on, work
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.widgets import Select, Static
+from textual_plotext import PlotextPlot
+
+from gfattn_tui.messages import Loaded
+from gfattn_tui.results import collect_scope, histogram_axis, reduce_rank_vector, run_config
+from gfattn_tui.widgets.analysis_picker import AnalysisPicker
+from gfattn_tui.widgets.store_view import RunView
+
+
+def read_ranks(st, run_id: int, analysis_id: int | None) -> dict:
+    scope = collect_scope(st, run_id)
+    analyses = [{"id": a["id"], "name": a.get("name"), "config": run_config(a)} for a in scope.analyses]
+    ids = [a["id"] for a in analyses]
+    chosen = analysis_id if analysis_id in ids else (ids[0] if ids else None)
+    out: dict = {"analyses": analyses, "chosen": chosen, "a": None, "b": None, "diff": None, "diff_name": "",
+                 "hist": None, "hist_meta": {}, "median": None, "names": ("model a", "model b")}
+    if chosen is None:
+        return out
+    cfg = next((a["config"] for a in analyses if a["id"] == chosen), {})
+    out["names"] = (str(cfg.get("a") or cfg.get("model_a") or "model a"), str(cfg.get("b") or cfg.get("model_b") or "model b"))
+    names = set(st.vector_names(chosen))
+    if "rank_received_a" in names:
+        out["a"] = reduce_rank_vector(st.vector(chosen, "rank_received_a"))
+        out["median"] = st.vector_meta(chosen, "rank_received_a").get("median_length")
+    if "rank_received_b" in names:
+        out["b"] = reduce_rank_vector(st.vector(chosen, "rank_received_b"))
+    for diff_name in ("rank_pct_diff", "rank_log_ratio"):
+        if diff_name in names:
+            out["diff"] = reduce_rank_vector(st.vector(chosen, diff_name))
+            out["diff_name"] = diff_name
+            break
+    else:
+        if out["a"] is not None and out["b"] is not None:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                out["diff"] = 100 * (out["b"] - out["a"]) / out["a"]
+            out["diff_name"] = "percent difference (computed)"
+    sources = [chosen] + [d["id"] for d in scope.data_runs]
+    for source in sources:
+        if "length_hist" in set(st.vector_names(source)):
+            out["hist"] = np.asarray(st.vector(source, "length_hist"), dtype=float).ravel()
+            out["hist_meta"] = st.vector_meta(source, "length_hist")
+            break
+    if out["hist_meta"].get("median") is not None:
+        out["median"] = out["hist_meta"]["median"]
+    return out
+
+
+class RanksView(RunView, Vertical):
+    def __init__(self, run_id: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.run_id = run_id
+        self.stale = True
+        self.analysis_id: int | None = None
+        self.data: dict | None = None
+
+    def compose(self) -> ComposeResult:
+        yield AnalysisPicker(id="ranks-analysis")
+        with VerticalScroll(id="ranks-body"):
+            yield PlotextPlot(id="ranks-received", classes="plot")
+            with Horizontal(classes="plot-row"):
+                yield PlotextPlot(id="ranks-diff", classes="plot")
+                yield PlotextPlot(id="ranks-lengths", classes="plot")
+        yield Static("No per-rank attention (yet) under this run.", id="ranks-empty", classes="empty")
+
+    def on_mount(self) -> None:
+        self.query_one("#ranks-empty").display = False
+
+    def reload(self) -> None:
+        self.load()
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="ranks", name="attention per rank")
+    def load(self) -> None:
+        run_id, analysis_id = self.run_id, self.analysis_id
+        self.post_message(Loaded("ranks", self.client.call(lambda st: read_ranks(st, run_id, analysis_id))))
+
+    def on_loaded(self, message: Loaded) -> None:
+        data = self.data = message.data
+        self.query_one(AnalysisPicker).set_analyses(data["analyses"], data["chosen"])
+        self.analysis_id = data["chosen"]
+        has = data["a"] is not None or data["b"] is not None
+        self.query_one("#ranks-empty").display = not has
+        self.query_one("#ranks-body").display = has
+        if has:
+            self._draw(data)
+
+    def _draw(self, data: dict) -> None:
+        median = data["median"]
+        n_ranks = max(len(v) for v in (data["a"], data["b"]) if v is not None)
+        # a median beyond the ranks drawn would only stretch the axis; it is named in the label instead
+        mark = median is not None and float(median) <= n_ranks
+        name_a, name_b = data["names"]
+        received = self.query_one("#ranks-received", PlotextPlot)
+        plt = received.plt
+        plt.clear_figure()
+        plt.title("attention received per rank position (summed over layers and heads)")
+        for values, label in ((data["a"], name_a), (data["b"], name_b)):
+            if values is not None and len(values):
+                plt.plot(list(range(1, len(values) + 1)), [float(v) for v in values], label=label, marker="braille")
+        if mark:
+            plt.vline(float(median), "red")
+        plt.xlabel("rank" + (f"   ({'red: ' if mark else ''}median length {float(median):.0f})" if median is not None else ""))
+        received.refresh()
+
+        diff = self.query_one("#ranks-diff", PlotextPlot)
+        plt = diff.plt
+        plt.clear_figure()
+        plt.title(f"{name_b} vs {name_a}: {data['diff_name'] or 'difference'}")
+        if data["diff"] is not None and len(data["diff"]):
+            d = np.asarray(data["diff"], dtype=float)
+            keep = np.isfinite(d)
+            x = np.arange(1, len(d) + 1)[keep]
+            plt.plot(x.tolist(), d[keep].tolist(), marker="braille")
+            plt.hline(0.0)
+            if mark:
+                plt.vline(float(median), "red")
+        plt.xlabel("rank")
+        diff.refresh()
+
+        lengths = self.query_one("#ranks-lengths", PlotextPlot)
+        plt = lengths.plt
+        plt.clear_figure()
+        plt.title("cell lengths (genes per cell)")
+        hist = data["hist"]
+        if hist is not None and len(hist):
+            x = histogram_axis(data["hist_meta"], len(hist))
+            plt.bar(x, [float(v) for v in hist], width=0.9)
+            if median is not None:
+                plt.vline(float(median), "red")
+        lengths.refresh()
+
+    @on(Select.Changed, "#ranks-analysis")
+    def _analysis_changed(self, event: Select.Changed) -> None:
+        if isinstance(event.value, int) and event.value != self.analysis_id:
+            self.analysis_id = event.value
+            self.load()

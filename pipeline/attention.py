@@ -1,0 +1,895 @@
+"""Streaming attention analysis of one or two BERT models (thesis sections 3.3, 3.4, 4.2-4.5).
+
+Implements the quantities of DESIGN.md, "Attention analyses", exactly and without ever holding more than
+one layer's attention of a model:
+
+1. cosine similarity between two models' attention on the same cell, per (layer, head) (thesis fig. 4);
+2. the norm-based analysis of Kobayashi et al. (2020, "Attention is not only a weight"): per head
+   ||alpha_ij f_h(x_j)|| = alpha_ij ||f_h(x_j)||, head-summed ||sum_h alpha^h_ij f_h(x_j)|| through the
+   factorised form sqrt(alpha_ij^T G_j alpha_ij) with G_j[h, g] = <f_h(x_j), f_g(x_j)>, and attention
+   received weighted by ||f_h(x_j)|| (thesis section 4.3, fig. 9);
+3. attention received per rank position (thesis fig. 5/6);
+4. attention received per gene, with counts and ranks (thesis table 8).
+
+Notation per layer l and head h: A = softmax(Q K^T / sqrt(d) + key-padding mask); m_i = 1 for real query
+rows. HF BERT gives padded query rows a full distribution over the real keys, so every reduction weights
+rows by m_i. f_h(x_j) = (x_j W_V + b_V)_h W_O[:, h-slice]^T (no b_O).
+
+How it streams. Both models' encoder layers are driven here (embeddings, then for each layer l:
+layer_a(l), layer_b(l)). The self-attention of each layer runs through an attention function registered
+with transformers' `AttentionInterface` ("gfattn_streaming"), which computes exactly the eager attention,
+but for a block of query rows at a time, and reduces each block into per-batch column sums, squared norms
+and Kobayashi norms before the next block exists. The paired cosine needs model A's attention beside
+model B's: model A's layer l keeps its queries and keys (O(L d), not O(L^2)), and model B's layer l
+recomputes A's probabilities block by block next to its own. Peak memory is therefore one block of
+attention rows, not one layer, and certainly not the L layers `output_attentions=True` keeps
+(`naive_attention_reductions` is that baseline and the tests' oracle).
+
+Accumulators are float64 tensors on the device. Every field of `AttentionResult` except its metadata is a
+sum over cells (per-cell arrays hold zeros for cells a process did not see), so results of several
+processes add up to the single-process result (`torch.distributed.all_reduce` when initialised).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from pipeline.batching import length_grouped_batches, pad_batch
+
+STREAMING_ATTENTION = "gfattn_streaming"
+DEFAULT_BLOCK_ELEMENTS = 1 << 23  # attention entries per query block: 32 MiB in float32
+
+_ACTIVE = threading.local()
+
+
+# ----------------------------------------------------------------------------------------- result
+@dataclass
+class AttentionResult:
+    """Sums over cells of every attention quantity, plus per-cell values for statistics.
+
+    Axes: M models (1 or 2, in `names` order), n cells (dataset order), nl layers, H heads, P rank
+    positions (token index, 0-based, special tokens included), V vocabulary, G label groups.
+    """
+
+    names: tuple[str, ...]
+    n_layers: int
+    n_heads: int
+    vocab_size: int
+    max_len: int
+    special_ids: tuple[int, ...]
+    cell_ids: np.ndarray  # (n,) str
+    lengths: np.ndarray  # (n,) real tokens per cell
+    groups: np.ndarray  # (n,) group index, -1 without a group column
+    group_names: tuple[str, ...]
+    # per rank position (shared by the models)
+    rank_count: np.ndarray  # (P,) cells that have position j
+    rank_special_count: np.ndarray  # (P,) cells whose token at j is a special token
+    # per rank position, per model
+    rank_sum: np.ndarray  # (M, nl, H, P) sum over cells of sum_i m_i A_ij
+    rank_norm_sum: np.ndarray  # (M, nl, H, P) sum over cells of ||f_h(x_j)|| sum_i m_i A_ij
+    # per gene (token id), per model
+    gene_sum: np.ndarray  # (M, nl, H, V) column sums scattered onto token ids
+    gene_norm_sum: np.ndarray  # (M, nl, H, V) the same weighted by ||f_h(x_j)||
+    gene_group_sum: np.ndarray  # (M, G, V) column sums summed over layers and heads, per label group
+    # per gene, shared
+    gene_cells: np.ndarray  # (V,) cells in which the token occurs
+    gene_occ: np.ndarray  # (V,) occurrences
+    gene_rank_sum: np.ndarray  # (V,) sum of the gene's expression rank (1-based among non-special tokens)
+    gene_rank_sq: np.ndarray  # (V,) sum of squared ranks
+    gene_group_rank_sum: np.ndarray  # (G, V)
+    gene_group_occ: np.ndarray  # (G, V)
+    gene_pos_keys: np.ndarray  # (K,) int64 token_id * max_len + position, sorted, unique
+    gene_pos_counts: np.ndarray  # (K,) occurrences of each (token, position)
+    # per cell
+    cell_curve: np.ndarray | None  # (M, n, P) column sums summed over layers and heads
+    cell_norm: np.ndarray  # (M, n, nl, H) mean over real (i, j) of alpha_ij ||f_h(x_j)||
+    cell_norm_summed: np.ndarray  # (M, n, nl) mean over real (i, j) of ||sum_h alpha^h_ij f_h(x_j)||
+    cell_centre: np.ndarray  # (M, n, nl, H) mean relative rank position (0 first .. 1 last) attended to
+    cell_cosine: np.ndarray | None  # (n, nl, H) cosine between the two models' masked attention matrices
+    meta: dict = field(default_factory=dict)
+
+    # ----- sums across processes / shards
+    _ADDITIVE = (
+        "rank_count", "rank_special_count", "rank_sum", "rank_norm_sum", "gene_sum", "gene_norm_sum",
+        "gene_group_sum", "gene_cells", "gene_occ", "gene_rank_sum", "gene_rank_sq", "gene_group_rank_sum",
+        "gene_group_occ", "lengths", "cell_curve", "cell_norm", "cell_norm_summed", "cell_centre",
+        "cell_cosine",
+    )
+
+    def merge(self, other: "AttentionResult") -> "AttentionResult":
+        """The result over the union of two disjoint sets of cells of the same dataset (e.g. two shards)."""
+        if (self.names, self.n_layers, self.n_heads, self.vocab_size, self.max_len) != (
+            other.names, other.n_layers, other.n_heads, other.vocab_size, other.max_len
+        ):
+            raise ValueError("cannot merge attention results of different models or datasets")
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name in self._ADDITIVE:
+            a, b = getattr(self, name), getattr(other, name)
+            values[name] = None if a is None or b is None else a + b
+        values["gene_pos_keys"], values["gene_pos_counts"] = _merge_counts(
+            [self.gene_pos_keys, other.gene_pos_keys], [self.gene_pos_counts, other.gene_pos_counts]
+        )
+        values["meta"] = dict(self.meta)
+        return AttentionResult(**values)
+
+    # ----- derived quantities
+    @property
+    def n_models(self) -> int:
+        return len(self.names)
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.cell_ids)
+
+    def rank_received(self, per_head: bool = False) -> np.ndarray:
+        """Mean over the cells that have position j of the attention position j receives.
+
+        (M, P) summed over layers and heads, or (M, nl, H, P) with `per_head`; NaN where no cell has j.
+        """
+        total = self.rank_sum if per_head else self.rank_sum.sum(axis=(1, 2))
+        return _safe_div(total, self.rank_count)
+
+    def rank_norm_received(self, per_head: bool = False) -> np.ndarray:
+        total = self.rank_norm_sum if per_head else self.rank_norm_sum.sum(axis=(1, 2))
+        return _safe_div(total, self.rank_count)
+
+    def gene_total(self) -> np.ndarray:
+        """(M, V) attention received per token id, summed over layers, heads and cells."""
+        return self.gene_sum.sum(axis=(1, 2))
+
+    def gene_norm_total(self) -> np.ndarray:
+        return self.gene_norm_sum.sum(axis=(1, 2))
+
+    def gene_expected(self, per_head: bool = False) -> np.ndarray:
+        """Attention each token would receive if it got the mean attention of the positions it occupies.
+
+        Sum over its occurrences of `rank_received` at the occurrence's position: (M, V), or (M, nl, H, V)
+        with `per_head`. The position control of analysis 5 is observed / expected.
+        """
+        curve = np.nan_to_num(self.rank_received(per_head=per_head))
+        token = self.gene_pos_keys // self.max_len
+        pos = self.gene_pos_keys % self.max_len
+        weights = curve[..., pos] * self.gene_pos_counts  # (..., K)
+        flat = weights.reshape(-1, weights.shape[-1])
+        out = np.stack([np.bincount(token, weights=row, minlength=self.vocab_size) for row in flat])
+        return out.reshape(*weights.shape[:-1], self.vocab_size)
+
+    def gene_rank_mean(self) -> np.ndarray:
+        return _safe_div(self.gene_rank_sum, self.gene_occ)
+
+    def gene_rank_std(self) -> np.ndarray:
+        """Population standard deviation of each gene's rank over its occurrences."""
+        mean = self.gene_rank_mean()
+        var = _safe_div(self.gene_rank_sq, self.gene_occ) - mean**2
+        return np.sqrt(np.clip(var, 0.0, None))
+
+    def cosine_grid(self) -> np.ndarray | None:
+        return None if self.cell_cosine is None else self.cell_cosine.mean(axis=0)
+
+    def norm_grid(self) -> np.ndarray:
+        """(M, nl, H) mean over cells of each cell's mean alpha_ij ||f_h(x_j)||."""
+        return self.cell_norm.mean(axis=1)
+
+    def norm_summed_grid(self) -> np.ndarray:
+        """(M, nl) mean over cells of each cell's mean ||sum_h alpha^h_ij f_h(x_j)||."""
+        return self.cell_norm_summed.mean(axis=1)
+
+    def length_median(self) -> float:
+        return float(np.median(self.lengths)) if len(self.lengths) else float("nan")
+
+    def special_positions(self) -> list[int]:
+        """Positions held by a special token in every cell that has them (e.g. V2's <cls> at 0)."""
+        both = (self.rank_count > 0) & (self.rank_special_count == self.rank_count)
+        return [int(j) for j in np.flatnonzero(both)]
+
+    def to_store(self, store, run_id: int, *, id_to_gene: dict, symbols: dict | None = None,
+                 names: Sequence[str] = ("a", "b"), reference_set=None, n_boot: int = 200, seed: int = 0):
+        """Write grids, vectors, the gene table and statistics of this result into a run of the store."""
+        from pipeline.analysis import attention_statistics, gene_table, write_pair_analysis
+
+        genes = gene_table(self, id_to_gene, symbols, reference_set=reference_set)
+        stats = attention_statistics(self, n_boot=n_boot, seed=seed)
+        return write_pair_analysis(store, run_id, self, genes, None, stats, model_names=tuple(names))
+
+
+# ---------------------------------------------------------------------------------------- cells
+class _Cells:
+    """Uniform access to a tokenized dataset: a `datasets.Dataset`, a dict of columns, or a list of ids."""
+
+    def __init__(self, dataset, group_column: str | None):
+        if isinstance(dataset, dict):
+            columns = dataset
+            self._get_ids = lambda idx: [list(columns["input_ids"][i]) for i in idx]
+            ids_all = columns["input_ids"]
+            given = columns.get("length")
+            self.lengths = np.asarray([len(s) for s in ids_all] if given is None else given, dtype=np.int64)
+            self.cell_ids = np.asarray(
+                [str(c) for c in columns["cell_id"]] if "cell_id" in columns else [str(i) for i in range(len(ids_all))]
+            )
+            group_values = columns.get(group_column) if group_column else None
+            if group_column and group_values is None:
+                raise KeyError(group_column)
+        elif hasattr(dataset, "column_names"):
+            names = dataset.column_names
+            if "input_ids" not in names:
+                raise KeyError("input_ids")
+            self._get_ids = lambda idx: list(dataset[[int(i) for i in idx]]["input_ids"])
+            self.lengths = np.asarray(
+                dataset["length"] if "length" in names else [len(s) for s in dataset["input_ids"]], dtype=np.int64
+            )
+            self.cell_ids = np.asarray(
+                [str(c) for c in dataset["cell_id"]] if "cell_id" in names else [str(i) for i in range(len(dataset))]
+            )
+            if group_column and group_column not in names:
+                raise KeyError(group_column)
+            group_values = dataset[group_column] if group_column else None
+        else:
+            seqs = list(dataset)
+            self._get_ids = lambda idx: [list(seqs[i]) for i in idx]
+            self.lengths = np.asarray([len(s) for s in seqs], dtype=np.int64)
+            self.cell_ids = np.asarray([str(i) for i in range(len(seqs))])
+            group_values = None
+            if group_column:
+                raise KeyError(group_column)
+        if group_values is not None:
+            values = np.asarray(list(group_values), dtype=object)
+            uniq = sorted(set(values.tolist()), key=_natural_key)
+            lookup = {v: i for i, v in enumerate(uniq)}
+            self.groups = np.asarray([lookup[v] for v in values], dtype=np.int64)
+            self.group_names = tuple(str(v) for v in uniq)
+        else:
+            self.groups = np.full(len(self.lengths), -1, dtype=np.int64)
+            self.group_names = ()
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def input_ids(self, idx) -> list[list[int]]:
+        return self._get_ids(idx)
+
+
+def _natural_key(v):
+    try:
+        return (0, float(v), "")
+    except (TypeError, ValueError):
+        return (1, 0.0, str(v))
+
+
+# ----------------------------------------------------------------------------------- accumulators
+class _Accumulators:
+    """Float64 sums on the device; per-batch reductions from either engine land here."""
+
+    def __init__(self, *, n_models, n_layers, n_heads, vocab_size, max_len, n_cells, n_groups, device,
+                 special_ids, cell_curves):
+        f64 = dict(dtype=torch.float64, device=device)
+        M, nl, H, V, P, n, G = n_models, n_layers, n_heads, vocab_size, max_len, n_cells, max(n_groups, 1)
+        self.M, self.nl, self.H, self.V, self.P, self.G = M, nl, H, V, P, n_groups
+        self.device = device
+        self.special = torch.tensor(sorted(special_ids), dtype=torch.long, device=device)
+        self.rank_count = torch.zeros(P, **f64)
+        self.rank_special_count = torch.zeros(P, **f64)
+        self.rank_sum = torch.zeros(M, nl, H, P, **f64)
+        self.rank_norm_sum = torch.zeros(M, nl, H, P, **f64)
+        self.gene_sum = torch.zeros(M, nl, V, H, **f64)  # (V, H) per layer so that index_add_ writes rows
+        self.gene_norm_sum = torch.zeros(M, nl, V, H, **f64)
+        self.gene_group_sum = torch.zeros(M, G * V, **f64)
+        self.gene_cells = torch.zeros(V, **f64)
+        self.gene_occ = torch.zeros(V, **f64)
+        self.gene_rank_sum = torch.zeros(V, **f64)
+        self.gene_rank_sq = torch.zeros(V, **f64)
+        self.gene_group_rank_sum = torch.zeros(G * V, **f64)
+        self.gene_group_occ = torch.zeros(G * V, **f64)
+        self.lengths = torch.zeros(n, **f64)
+        self.cell_curve = torch.zeros(M, n, P, **f64) if cell_curves else None
+        self.cell_norm = torch.zeros(M, n, nl, H, **f64)
+        self.cell_norm_summed = torch.zeros(M, n, nl, **f64)
+        self.cell_centre = torch.zeros(M, n, nl, H, **f64)
+        self.cell_cosine = torch.zeros(n, nl, H, **f64) if M == 2 else None
+        self._pos_keys: list[np.ndarray] = []
+        self._pos_counts: list[np.ndarray] = []
+        self._pos_pending = 0
+
+    # -- once per batch: what depends only on the tokens
+    def add_tokens(self, ids: torch.Tensor, mask: torch.Tensor, cells: torch.Tensor, groups: torch.Tensor):
+        B, L = ids.shape
+        real = mask.bool()
+        n = real.sum(1)
+        self.lengths[cells] = n.to(torch.float64)
+        self.rank_count[:L] += real.sum(0).to(torch.float64)
+        is_special = torch.isin(ids, self.special) & real if self.special.numel() else torch.zeros_like(real)
+        self.rank_special_count[:L] += is_special.sum(0).to(torch.float64)
+        gene = real & ~is_special
+        rank = torch.cumsum(gene.to(torch.int64), dim=1)  # 1-based expression rank among genes
+        tok = ids[real]
+        ones = torch.ones(tok.numel(), dtype=torch.float64, device=ids.device)
+        self.gene_occ.index_add_(0, tok, ones)
+        cell_of = torch.arange(B, device=ids.device).unsqueeze(1).expand(B, L)[real]
+        uniq = torch.unique(cell_of * self.V + tok)
+        self.gene_cells.index_add_(0, uniq % self.V, torch.ones(uniq.numel(), dtype=torch.float64, device=ids.device))
+        g_tok, g_rank = ids[gene], rank[gene].to(torch.float64)
+        self.gene_rank_sum.index_add_(0, g_tok, g_rank)
+        self.gene_rank_sq.index_add_(0, g_tok, g_rank * g_rank)
+        if self.G:
+            g_cell = groups.unsqueeze(1).expand(B, L)[gene]
+            self.gene_group_rank_sum.index_add_(0, g_cell * self.V + g_tok, g_rank)
+            self.gene_group_occ.index_add_(0, g_cell * self.V + g_tok, torch.ones_like(g_rank))
+        pos = torch.arange(L, device=ids.device).unsqueeze(0).expand(B, L)[real]
+        keys = (tok * self.P + pos).cpu().numpy()
+        k, c = np.unique(keys, return_counts=True)
+        self._pos_keys.append(k)
+        self._pos_counts.append(c.astype(np.float64))
+        self._pos_pending += len(k)
+        if self._pos_pending > 4_000_000:
+            k, c = _merge_counts(self._pos_keys, self._pos_counts)
+            self._pos_keys, self._pos_counts, self._pos_pending = [k], [c], len(k)
+
+    # -- once per batch, layer and model
+    def add_layer(self, k: int, layer: int, *, ids, mask, cells, groups, colsum, fnorm, norm_summed_num):
+        """colsum, fnorm: (B, H, L) float64 (colsum already weighted by m_i); norm_summed_num: (B,)."""
+        B, H, L = colsum.shape
+        real = mask.bool()
+        n = real.sum(1).to(torch.float64)
+        weighted = colsum * fnorm
+        self.rank_sum[k, layer, :, :L] += colsum.sum(0)
+        self.rank_norm_sum[k, layer, :, :L] += weighted.sum(0)
+        tok = ids[real]
+        self.gene_sum[k, layer].index_add_(0, tok, colsum.permute(0, 2, 1)[real])
+        self.gene_norm_sum[k, layer].index_add_(0, tok, weighted.permute(0, 2, 1)[real])
+        per_token = colsum.sum(1)  # (B, L), summed over heads
+        if self.G:
+            g_cell = groups.unsqueeze(1).expand(B, L)[real]
+            self.gene_group_sum[k].index_add_(0, g_cell * self.V + tok, per_token[real])
+        if self.cell_curve is not None:
+            self.cell_curve[k, cells, :L] += per_token
+        pairs = (n * n).unsqueeze(1)
+        self.cell_norm[k, cells, layer] = weighted.sum(-1) / pairs
+        self.cell_norm_summed[k, cells, layer] = norm_summed_num / pairs[:, 0]
+        relpos = torch.arange(L, dtype=torch.float64, device=colsum.device).unsqueeze(0) / (n - 1).clamp_min(1).unsqueeze(1)
+        self.cell_centre[k, cells, layer] = (colsum * relpos.unsqueeze(1)).sum(-1) / colsum.sum(-1)
+
+    def set_cosine(self, layer: int, cells, cosine: torch.Tensor):
+        self.cell_cosine[cells, layer] = cosine
+
+    # -- end
+    def all_reduce(self) -> None:
+        import torch.distributed as dist
+
+        for name in self._tensor_names():
+            t = getattr(self, name)
+            if t is not None:
+                dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        k, c = _merge_counts(self._pos_keys, self._pos_counts)
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (k, c))
+        self._pos_keys = [g[0] for g in gathered]
+        self._pos_counts = [g[1] for g in gathered]
+
+    @staticmethod
+    def _tensor_names():
+        return (
+            "rank_count", "rank_special_count", "rank_sum", "rank_norm_sum", "gene_sum", "gene_norm_sum",
+            "gene_group_sum", "gene_cells", "gene_occ", "gene_rank_sum", "gene_rank_sq", "gene_group_rank_sum",
+            "gene_group_occ", "lengths", "cell_curve", "cell_norm", "cell_norm_summed", "cell_centre",
+            "cell_cosine",
+        )
+
+    def result(self, *, names, special_ids, cells: _Cells, meta) -> AttentionResult:
+        def np_(t):
+            return None if t is None else t.detach().cpu().numpy()
+
+        G = max(self.G, 1)
+        keys, counts = _merge_counts(self._pos_keys, self._pos_counts)
+        group_sum = np_(self.gene_group_sum).reshape(self.M, G, self.V)
+        g_rank = np_(self.gene_group_rank_sum).reshape(G, self.V)
+        g_occ = np_(self.gene_group_occ).reshape(G, self.V)
+        if not self.G:
+            group_sum, g_rank, g_occ = group_sum[:, :0], g_rank[:0], g_occ[:0]
+        return AttentionResult(
+            names=tuple(names), n_layers=self.nl, n_heads=self.H, vocab_size=self.V, max_len=self.P,
+            special_ids=tuple(sorted(int(s) for s in special_ids)), cell_ids=cells.cell_ids,
+            lengths=np_(self.lengths).astype(np.int64), groups=cells.groups, group_names=cells.group_names,
+            rank_count=np_(self.rank_count), rank_special_count=np_(self.rank_special_count),
+            rank_sum=np_(self.rank_sum), rank_norm_sum=np_(self.rank_norm_sum),
+            gene_sum=np_(self.gene_sum).transpose(0, 1, 3, 2).copy(),
+            gene_norm_sum=np_(self.gene_norm_sum).transpose(0, 1, 3, 2).copy(),
+            gene_group_sum=group_sum, gene_cells=np_(self.gene_cells), gene_occ=np_(self.gene_occ),
+            gene_rank_sum=np_(self.gene_rank_sum), gene_rank_sq=np_(self.gene_rank_sq),
+            gene_group_rank_sum=g_rank, gene_group_occ=g_occ, gene_pos_keys=keys, gene_pos_counts=counts,
+            cell_curve=np_(self.cell_curve), cell_norm=np_(self.cell_norm),
+            cell_norm_summed=np_(self.cell_norm_summed), cell_centre=np_(self.cell_centre),
+            cell_cosine=np_(self.cell_cosine), meta=meta,
+        )
+
+
+def _merge_counts(keys: Sequence[np.ndarray], counts: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    if not keys:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
+    k = np.concatenate([np.asarray(x, dtype=np.int64) for x in keys])
+    c = np.concatenate([np.asarray(x, dtype=np.float64) for x in counts])
+    uniq, inverse = np.unique(k, return_inverse=True)
+    return uniq, np.bincount(inverse, weights=c, minlength=len(uniq))
+
+
+def _safe_div(num, den):
+    num = np.asarray(num, dtype=np.float64)
+    den = np.asarray(den, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+
+
+# ----------------------------------------------------------------------------------------- models
+class _Model:
+    """One BERT: its encoder layers and each layer's per-head output projection W_O[:, h-slice]."""
+
+    def __init__(self, model, device, dtype):
+        model.eval()
+        model.to(device=device, dtype=dtype)
+        base = getattr(model, "base_model", model)
+        if not hasattr(base, "embeddings") or not hasattr(base, "encoder"):
+            raise TypeError(f"{type(model).__name__} is not a BERT model (no embeddings/encoder)")
+        self.model = model
+        self.base = base
+        self.config = base.config
+        self.layers = list(base.encoder.layer)
+        self.n_heads = int(self.config.num_attention_heads)
+        self.head_dim = int(self.config.hidden_size) // self.n_heads
+        self.vocab_size = int(self.config.vocab_size)
+        self.w_out = []
+        for layer in self.layers:
+            w = layer.attention.output.dense.weight.detach()  # (D_out, H * d)
+            self.w_out.append(w.view(w.shape[0], self.n_heads, self.head_dim).permute(1, 2, 0).contiguous())
+
+    def embed(self, ids):
+        return self.base.embeddings(input_ids=ids)
+
+
+def _padding_bias(mask: torch.Tensor, dtype) -> torch.Tensor:
+    """The additive key-padding mask of HF's eager attention (0 / finfo.min), shaped (B, 1, 1, L)."""
+    return torch.where(mask.bool(), torch.zeros((), dtype=dtype, device=mask.device),
+                       torch.finfo(dtype).min)[:, None, None, :]
+
+
+def _value_gram(value: torch.Tensor, w_out: torch.Tensor, block_elements: int) -> torch.Tensor:
+    """G[b, j, h, g] = <f_h(x_j), f_g(x_j)> with f_h(x_j) = v_jh W_O,h^T, computed in blocks of positions."""
+    B, H, L, d = value.shape
+    D = w_out.shape[-1]
+    gram = value.new_empty(B, L, H, H)
+    step = max(1, block_elements // max(1, B * H * D))
+    for j0 in range(0, L, step):
+        f = torch.einsum("bhld,hde->blhe", value[:, :, j0 : j0 + step], w_out)
+        gram[:, j0 : j0 + step] = f @ f.transpose(-1, -2)
+    return gram
+
+
+def _summed_norm_torch(p: torch.Tensor, gram2: torch.Tensor) -> torch.Tensor:
+    """sum over (i, j) of sqrt(sum_{h,g} p[b,h,i,j] G[b,j,h,g] p[b,g,i,j]) per cell, with plain tensor ops.
+
+    `gram2` is (B, H, H, L): G with its off-diagonal entries doubled, so that the quadratic form of the
+    symmetric G is sum_h p_h (G_hh p_h + sum_{g<h} 2 G_hg p_g) (H (H + 1) / 2 products, not H^2).
+    """
+    H = p.shape[1]
+    g2 = gram2.unsqueeze(3)  # (B, H, H, 1, L): broadcast over query rows
+    s = None
+    for h in range(H):
+        y = p[:, h] * g2[:, h, h]
+        for g in range(h):
+            y = torch.addcmul(y, p[:, g], g2[:, h, g])
+        s = p[:, h] * y if s is None else torch.addcmul(s, p[:, h], y)
+    return s.clamp_min_(0).sqrt_().sum((1, 2))
+
+
+_NUMBA_KERNEL = None
+
+
+def _numba_summed_norm():
+    """The same reduction as `_summed_norm_torch` as one CPU pass over the block (numba), or None.
+
+    On CPU the tensor version streams the block through memory H (H + 1) / 2 + H times; this kernel reads
+    it once, keeps s_ij in a row buffer and skips padded rows and columns. Accumulation is in the block's
+    dtype per row and float64 across rows.
+    """
+    global _NUMBA_KERNEL
+    if _NUMBA_KERNEL is None:
+        try:
+            import numba
+        except ImportError:  # pragma: no cover - numba comes with scanpy
+            _NUMBA_KERNEL = False
+            return None
+
+        @numba.njit(parallel=True, cache=True)
+        def summed_norm_rows(p, gram2, rows, keys, out):  # pragma: no cover - compiled
+            B, H, C, _ = p.shape
+            part = np.zeros((B, C))
+            for bi in numba.prange(B * C):
+                b = bi // C
+                i = bi % C
+                if i >= rows[b]:
+                    continue
+                n = keys[b]
+                s = np.zeros(n, dtype=p.dtype)
+                y = np.empty(n, dtype=p.dtype)
+                for h in range(H):
+                    for j in range(n):
+                        y[j] = gram2[b, h, h, j] * p[b, h, i, j]
+                    for g in range(h):
+                        for j in range(n):
+                            y[j] += gram2[b, h, g, j] * p[b, g, i, j]
+                    for j in range(n):
+                        s[j] += p[b, h, i, j] * y[j]
+                acc = 0.0
+                for j in range(n):
+                    if s[j] > 0:
+                        acc += np.sqrt(s[j])
+                part[b, i] = acc
+            for b in range(B):
+                out[b] += part[b].sum()
+
+        _NUMBA_KERNEL = summed_norm_rows
+    return _NUMBA_KERNEL or None
+
+
+# ----------------------------------------------------------------------------------------- engine
+class _StreamingEngine:
+    """Runs the models layer by layer over one padded batch and reduces attention block by block."""
+
+    def __init__(self, models: list[_Model], acc: _Accumulators, block_elements: int, kernel: str = "auto"):
+        self.models = models
+        self.acc = acc
+        self.block_elements = block_elements
+        self.kernel = kernel
+        self.current: tuple[int, int] | None = None
+        self.batch = None
+        self.stash = None
+        self.layer_out: list[dict] = []
+
+    def run_batch(self, ids, mask, cells, groups):
+        work = self.models[0].w_out[0].dtype
+        bias = _padding_bias(mask, work)
+        lengths = mask.sum(1)
+        self.batch = dict(ids=ids, mask=mask, m=mask.to(work), cells=cells, groups=groups,
+                          lengths=lengths.cpu().numpy().astype(np.int64))
+        self.acc.add_tokens(ids, mask, cells, groups)
+        hidden = [m.embed(ids) for m in self.models]
+        for layer in range(len(self.models[0].layers)):
+            self.layer_out = []
+            for k, model in enumerate(self.models):
+                self.current = (k, layer)
+                out = model.layers[layer](hidden[k], attention_mask=bias)
+                hidden[k] = out[0] if isinstance(out, tuple) else out
+            self._finish_layer(layer)
+        self.current = self.stash = self.batch = None
+
+    def _use_numba(self, device) -> bool:
+        if self.kernel == "torch" or device.type != "cpu":
+            return False
+        kernel = _numba_summed_norm()
+        if kernel is None and self.kernel == "numba":
+            raise RuntimeError("numba is not available")
+        return kernel is not None
+
+    def attend(self, module, query, key, value, attention_mask, scaling):
+        k, layer = self.current
+        b = self.batch
+        B, H, L, d = query.shape
+        if scaling is None:
+            scaling = d**-0.5
+        device = query.device
+        # bfloat16/float16 scores are reduced in float32; float32 and float64 stay exact to eager.
+        red = query.dtype if query.dtype in (torch.float32, torch.float64) else torch.float32
+        model = self.models[k]
+        gram = _value_gram(value.to(red), model.w_out[layer].to(red), self.block_elements)  # (B, L, H, H)
+        fnorm = torch.diagonal(gram, dim1=-2, dim2=-1).clamp_min(0).sqrt().permute(0, 2, 1)  # (B, H, L)
+        off = torch.full((H, H), 2.0, dtype=red, device=device).fill_diagonal_(1.0)
+        gram2 = (gram * off).permute(0, 2, 3, 1).contiguous()  # (B, H, H, L)
+        del gram
+        use_numba = self._use_numba(device)
+        m = b["m"].to(red)
+        lengths = b["lengths"]
+        key_t = key.transpose(-1, -2)
+        colsum = torch.zeros(B, H, L, dtype=torch.float64, device=device)
+        sq = torch.zeros(B, H, dtype=torch.float64, device=device)
+        summed = torch.zeros(B, dtype=torch.float64, device=device)
+        summed_np = np.zeros(B) if use_numba else None
+        paired = len(self.models) == 2 and k == 1
+        dot = torch.zeros(B, H, dtype=torch.float64, device=device) if paired else None
+        out = torch.empty_like(query)
+        rows = max(1, self.block_elements // max(1, B * H * L))
+        for i0 in range(0, L, rows):
+            i1 = min(L, i0 + rows)
+            p = _block_probs(query[:, :, i0:i1], key_t, attention_mask, i0, i1, scaling, red)
+            out[:, :, i0:i1] = torch.matmul(p.to(value.dtype), value)
+            if i1 > int(lengths.min()):  # the block holds padded query rows: weight rows by m_i
+                p.mul_(m[:, None, i0:i1, None])
+            colsum += p.sum(2, dtype=torch.float64)
+            flat = p.view(B * H, 1, -1)
+            sq += torch.bmm(flat, flat.transpose(1, 2)).view(B, H).to(torch.float64)
+            if use_numba:
+                real_rows = np.clip(lengths - i0, 0, i1 - i0)
+                _numba_summed_norm()(p.numpy(), gram2.numpy(), real_rows, lengths, summed_np)
+            else:
+                summed += _summed_norm_torch(p, gram2).to(torch.float64)
+            if paired:
+                qa, ka_t, mask_a, scale_a = self.stash
+                pa = _block_probs(qa[:, :, i0:i1], ka_t, mask_a, i0, i1, scale_a, red)
+                dot += torch.bmm(pa.view(B * H, 1, -1), flat.transpose(1, 2)).view(B, H).to(torch.float64)
+                del pa
+            del p, flat
+        if use_numba:
+            summed += torch.from_numpy(summed_np)
+        if len(self.models) == 2 and k == 0:
+            self.stash = (query, key_t, attention_mask, scaling)
+        self.layer_out.append(dict(colsum=colsum, sq=sq, summed=summed, fnorm=fnorm.to(torch.float64), dot=dot))
+        return out.transpose(1, 2).contiguous()
+
+    def _finish_layer(self, layer):
+        b = self.batch
+        for k, o in enumerate(self.layer_out):
+            self.acc.add_layer(k, layer, ids=b["ids"], mask=b["mask"], cells=b["cells"], groups=b["groups"],
+                               colsum=o["colsum"], fnorm=o["fnorm"], norm_summed_num=o["summed"])
+        if len(self.layer_out) == 2:
+            sq_a, sq_b, dot = self.layer_out[0]["sq"], self.layer_out[1]["sq"], self.layer_out[1]["dot"]
+            self.acc.set_cosine(layer, b["cells"], dot / torch.sqrt(sq_a * sq_b))
+        self.layer_out = []
+        self.stash = None
+
+
+def _block_probs(q_block, key_t, attention_mask, i0, i1, scaling, red):
+    """Eager attention probabilities of query rows i0:i1: softmax(q k^T * scaling + mask)."""
+    B, H, c, d = q_block.shape
+    L = key_t.shape[-1]
+    if attention_mask is not None and attention_mask.shape[-2] == 1 and q_block.dtype == red:
+        # one GEMM that applies the scaling and adds the key-padding bias
+        bias = attention_mask.to(red).expand(B, H, 1, L).reshape(B * H, 1, L)
+        scores = torch.baddbmm(bias, q_block.reshape(B * H, c, d), key_t.reshape(B * H, d, L), alpha=scaling)
+        scores = scores.view(B, H, c, L)
+    else:
+        scores = torch.matmul(q_block, key_t).to(red) * scaling
+        if attention_mask is not None:
+            mask = attention_mask if attention_mask.shape[-2] == 1 else attention_mask[..., i0:i1, :]
+            scores = scores + mask.to(red)
+    return torch.softmax(scores, dim=-1)
+
+
+def _streaming_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    engine = getattr(_ACTIVE, "engine", None)
+    if engine is None:
+        # Outside an analysis the function is plain eager attention.
+        from transformers.models.bert.modeling_bert import eager_attention_forward
+
+        return eager_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                       dropout=dropout, **kwargs)
+    return engine.attend(module, query, key, value, attention_mask, scaling), None
+
+
+_REGISTERED = False
+
+
+def _register_attention() -> None:
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(STREAMING_ATTENTION, _streaming_attention_forward)
+    try:
+        from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+        AttentionMaskInterface.register(STREAMING_ATTENTION, eager_mask)
+    except ImportError:  # pragma: no cover - older mask utilities
+        pass
+    _REGISTERED = True
+
+
+@contextmanager
+def _attention_implementation(models: Iterable[_Model], name: str):
+    """Switch the models' attention function for the duration of an analysis, then restore it."""
+    configs, seen = [], set()
+    for m in models:
+        if id(m.config) not in seen:
+            seen.add(id(m.config))
+            configs.append((m.config, m.config._attn_implementation))
+    try:
+        for config, _ in configs:
+            config._attn_implementation = name
+        yield
+    finally:
+        for config, previous in configs:
+            config._attn_implementation = previous
+
+
+# ------------------------------------------------------------------------------------ public API
+def _prepare(model_a, model_b, dataset, *, group_column, device, dtype, special_ids):
+    device = torch.device(device)
+    models = [_Model(model_a, device, dtype)]
+    if model_b is not None:
+        models.append(_Model(model_b, device, dtype))
+        a, b = models
+        if (len(a.layers), a.n_heads, a.head_dim, a.vocab_size) != (len(b.layers), b.n_heads, b.head_dim, b.vocab_size):
+            raise ValueError(
+                "the two models differ in layers/heads/hidden size/vocabulary "
+                f"({len(a.layers)}/{a.n_heads}/{a.head_dim * a.n_heads}/{a.vocab_size} vs "
+                f"{len(b.layers)}/{b.n_heads}/{b.head_dim * b.n_heads}/{b.vocab_size}); they must share a tokenization"
+            )
+    cells = _Cells(dataset, group_column)
+    if len(cells) == 0:
+        raise ValueError("the dataset has no cells")
+    max_len = int(cells.lengths.max())
+    limit = int(getattr(models[0].config, "max_position_embeddings", max_len))
+    if max_len > limit:
+        raise ValueError(f"cells have up to {max_len} tokens but the model has {limit} positions")
+    acc_kwargs = dict(
+        n_models=len(models), n_layers=len(models[0].layers), n_heads=models[0].n_heads,
+        vocab_size=models[0].vocab_size, max_len=max_len, n_cells=len(cells), n_groups=len(cells.group_names),
+        device=device, special_ids=special_ids,
+    )
+    return device, models, cells, acc_kwargs
+
+
+def _shard():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _batches(cells: _Cells, batch_size: int, shard):
+    rank, world = shard
+    return length_grouped_batches(cells.lengths, batch_size)[rank::world]
+
+
+def _meta(models, dtype, device, batch_size, method):
+    return {
+        "dtype": str(dtype).replace("torch.", ""), "device": str(device), "batch_size": int(batch_size),
+        "method": method, "n_layers": len(models[0].layers), "n_heads": models[0].n_heads,
+    }
+
+
+def analyze_attention(
+    model_a,
+    model_b=None,
+    dataset=None,
+    *,
+    pad_id: int,
+    special_ids: Iterable[int] = (),
+    group_column: str | None = None,
+    batch_size: int = 8,
+    device="cpu",
+    dtype: torch.dtype = torch.float32,
+    progress: Callable | None = None,
+    names: Sequence[str] = ("a", "b"),
+    block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+    cell_curves: bool = True,
+    shard: tuple[int, int] | None = None,
+) -> AttentionResult:
+    """Analyses 1-4 of one model (or two that share a tokenization) over every cell of `dataset`.
+
+    `dataset`: a tokenized `datasets.Dataset` (columns `input_ids`, optional `length`, `cell_id`,
+    `group_column`), a dict of such columns, or a list of token-id lists. The models are put in eval mode
+    and moved to `device`/`dtype` in place (float32 or float64; bfloat16 on CUDA reduces in float32).
+    `special_ids` (V2's <cls>/<eos>, pad, mask) are kept in per-rank curves and marked, and left out of
+    gene tables downstream. `progress(done_cells, total_cells)` is called after each batch.
+    `block_elements` bounds the attention entries alive at once (query rows per block follow from it).
+    `shard=(rank, world)` processes every world-th batch only; without it, an initialised
+    `torch.distributed` group shards the batches and the sums are all-reduced, so every rank returns the
+    full result. Results of shards add up with `AttentionResult.merge`.
+    """
+    special = set(int(s) for s in special_ids) | {int(pad_id)}
+    device, models, cells, acc_kwargs = _prepare(model_a, model_b, dataset, group_column=group_column,
+                                                 device=device, dtype=dtype, special_ids=special)
+    acc = _Accumulators(**acc_kwargs, cell_curves=cell_curves)
+    distributed = shard is None and _shard()[1] > 1
+    batches = _batches(cells, batch_size, shard or _shard())
+    _register_attention()
+    engine = _StreamingEngine(models, acc, int(block_elements))
+    total = int(sum(len(b) for b in batches))
+    done = 0
+    groups_t = torch.as_tensor(np.maximum(cells.groups, 0), device=device)
+    with torch.inference_mode(), _attention_implementation(models, STREAMING_ATTENTION):
+        _ACTIVE.engine = engine
+        try:
+            for idx in batches:
+                ids, mask = pad_batch(cells.input_ids(idx), pad_token_id=int(pad_id))
+                if int(ids.max()) >= models[0].vocab_size:
+                    raise ValueError(f"token id {int(ids.max())} is outside the model's vocabulary "
+                                     f"({models[0].vocab_size})")
+                cell_t = torch.as_tensor(idx, device=device)
+                engine.run_batch(ids.to(device), mask.to(device), cell_t, groups_t[cell_t])
+                done += len(idx)
+                if progress is not None:
+                    progress(done, total)
+        finally:
+            _ACTIVE.engine = None
+    if distributed:
+        acc.all_reduce()
+    names = tuple(names[: len(models)])
+    return acc.result(names=names, special_ids=special, cells=cells,
+                      meta=_meta(models, dtype, device, batch_size, "streaming"))
+
+
+# --------------------------------------------------------------------------------- naive baseline
+def naive_attention_reductions(
+    model_a,
+    model_b=None,
+    dataset=None,
+    *,
+    pad_id: int,
+    special_ids: Iterable[int] = (),
+    group_column: str | None = None,
+    batch_size: int = 8,
+    device="cpu",
+    dtype: torch.dtype = torch.float32,
+    progress: Callable | None = None,
+    names: Sequence[str] = ("a", "b"),
+    cell_curves: bool = True,
+    shard: tuple[int, int] | None = None,
+) -> AttentionResult:
+    """The same result from `output_attentions=True`: every layer's attention of both models at once.
+
+    The reference the streaming engine is tested against, and the baseline its benchmark compares with.
+    Attention comes from HF's eager implementation, value vectors from the returned hidden states, and
+    each quantity is computed the direct way (full masked matrices, einsum over all heads).
+    """
+    special = set(int(s) for s in special_ids) | {int(pad_id)}
+    device, models, cells, acc_kwargs = _prepare(model_a, model_b, dataset, group_column=group_column,
+                                                 device=device, dtype=dtype, special_ids=special)
+    acc = _Accumulators(**acc_kwargs, cell_curves=cell_curves)
+    batches = _batches(cells, batch_size, shard or (0, 1))
+    groups_t = torch.as_tensor(np.maximum(cells.groups, 0), device=device)
+    total, done = int(sum(len(b) for b in batches)), 0
+    with torch.inference_mode(), _attention_implementation(models, "eager"):
+        for idx in batches:
+            ids, mask = pad_batch(cells.input_ids(idx), pad_token_id=int(pad_id))
+            ids, mask = ids.to(device), mask.to(device)
+            cell_t = torch.as_tensor(idx, device=device)
+            acc.add_tokens(ids, mask, cell_t, groups_t[cell_t])
+            outputs = [
+                m.base(input_ids=ids, attention_mask=mask, output_attentions=True, output_hidden_states=True)
+                for m in models
+            ]
+            _naive_reduce(models, outputs, acc, ids, mask, cell_t, groups_t[cell_t])
+            del outputs
+            done += len(idx)
+            if progress is not None:
+                progress(done, total)
+    names = tuple(names[: len(models)])
+    return acc.result(names=names, special_ids=special, cells=cells,
+                      meta=_meta(models, dtype, device, batch_size, "naive"))
+
+
+def _naive_reduce(models, outputs, acc, ids, mask, cells, groups):
+    m = mask.to(outputs[0].attentions[0].dtype)
+    real_rows = m[:, None, :, None]
+    real_pairs = (m[:, :, None] * m[:, None, :]).bool()  # (B, L, L)
+    for layer in range(len(models[0].layers)):
+        probs = []
+        for k, (model, out) in enumerate(zip(models, outputs)):
+            attn = out.attentions[layer]  # (B, H, L, L)
+            hidden_in = out.hidden_states[layer]
+            sa = model.layers[layer].attention.self
+            B, L, _ = hidden_in.shape
+            value = sa.value(hidden_in).view(B, L, model.n_heads, model.head_dim)  # (B, L, H, d)
+            f = torch.einsum("bjhd,hde->bjhe", value, model.w_out[layer])  # (B, L, H, D)
+            gram = torch.einsum("bjhe,bjge->bjhg", f, f)
+            fnorm = f.norm(dim=-1).permute(0, 2, 1)  # (B, H, L)
+            am = attn * real_rows
+            colsum = am.sum(2).to(torch.float64)
+            s = (torch.einsum("bhij,bjhg->bgij", am, gram) * am).sum(1)  # (B, L, L)
+            summed = (s.clamp_min(0).sqrt() * real_pairs).sum((1, 2)).to(torch.float64)
+            acc.add_layer(k, layer, ids=ids, mask=mask, cells=cells, groups=groups, colsum=colsum,
+                          fnorm=fnorm.to(torch.float64), norm_summed_num=summed)
+            probs.append(attn)
+        if len(probs) == 2:
+            B, H = probs[0].shape[:2]
+            cos = torch.empty(B, H, dtype=torch.float64, device=ids.device)
+            for b in range(B):
+                n = int(mask[b].sum())
+                xa = probs[0][b, :, :n, :n].reshape(H, -1)
+                xb = probs[1][b, :, :n, :n].reshape(H, -1)
+                cos[b] = torch.nn.functional.cosine_similarity(xa, xb, dim=-1).to(torch.float64)
+            acc.set_cosine(layer, cells, cos)

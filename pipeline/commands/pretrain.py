@@ -1,0 +1,100 @@
+"""`gfattn pretrain`: masked-gene pretraining of a small Geneformer-style BERT on a raw-count corpus.
+
+Builds the corpus vocabulary (token ids and gene medians), rank-value encodes the cells and pretrains
+(`pipeline.pretrain`), writing a directory that looks like a Geneformer checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--corpus", required=True, metavar="FILE.h5ad", help="raw-count AnnData to pretrain on")
+    p.add_argument("--out", required=True, metavar="DIR", help="output model directory")
+    p.add_argument("--layers", type=int, default=2, help="encoder layers (default 2)")
+    p.add_argument("--hidden", type=int, default=128, help="hidden size (default 128)")
+    p.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
+    p.add_argument("--intermediate", type=int, default=256, help="feed-forward size (default 256)")
+    p.add_argument("--max-len", type=int, default=256, help="input size: top ranks kept per cell (default 256)")
+    p.add_argument("--epochs", type=int, default=3, help="passes over the corpus (default 3)")
+    p.add_argument("--batch-size", type=int, default=16, help="cells per step (default 16)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
+    p.add_argument("--time-budget", type=float, default=0.0, metavar="SECONDS",
+                   help="stop training after this many seconds, annealing the learning rate to fit (0 = none)")
+    p.add_argument("--min-cells", type=int, default=1, help="vocabulary: genes detected in at least this many cells")
+    p.add_argument("--seed", type=int, default=0, help="seed for everything (default 0)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="compute device")
+    p.add_argument("--name", help="run name (default: pretrain:<out dir name>)")
+    p.add_argument("--store", help="experiment store (default: $GFATTN_STORE or ./gfattn.db)")
+
+
+def _open_store(path):
+    try:
+        from store import Store
+    except ImportError:  # pragma: no cover - the store package ships with gfattn
+        return None
+    return Store(path)
+
+
+def run(args) -> int:
+    import sys
+    from contextlib import nullcontext
+    from pathlib import Path
+
+    from pipeline.errors import InputError
+    from pipeline.paths import resolve_store_path
+
+    corpus_path = Path(args.corpus)
+    if not corpus_path.is_file():
+        raise InputError(f"corpus {corpus_path} does not exist; pass a raw-count .h5ad to --corpus")
+    out = Path(args.out)
+    if (out / "config.json").exists():
+        raise InputError(f"{out} already holds a model (config.json); choose a new --out directory")
+
+    from pipeline.pretrain import pretrain
+    from pipeline.tokenize import build_vocabulary, tokenize_anndata
+
+    store = _open_store(resolve_store_path(args.store))
+    run_id = None
+    hyper = {k: getattr(args, k) for k in ("layers", "hidden", "heads", "intermediate", "max_len", "epochs",
+                                           "batch_size", "lr", "time_budget", "min_cells", "seed")}
+    if store is not None:
+        run_id = store.create_run(args.name or f"pretrain:{out.name}", "pretrain", {"corpus": str(corpus_path), **hyper},
+                                  data_path=str(corpus_path), model_path=str(out), device=args.device)
+    tracking = store.track(run_id) if store is not None else nullcontext()
+    last = [0.0]
+
+    def progress(done, total, *, throughput=None, eta_s=None, message=None):
+        import time
+
+        now = time.monotonic()
+        if now - last[0] >= 5.0 or done >= total:
+            last[0] = now
+            eta = f", ETA {eta_s:.0f} s" if eta_s is not None else ""
+            print(f"pretrain {done}/{total} steps{eta}" + (f", {message}" if message else ""), file=sys.stderr,
+                  flush=True)
+
+    with tracking:
+        if store is not None:
+            store.set_stage(run_id, "vocabulary", "running")
+        dicts = build_vocabulary(str(corpus_path), min_cells=args.min_cells)
+        corpus_ds, _ = tokenize_anndata(str(corpus_path), dicts, max_len=args.max_len)
+        if store is not None:
+            store.set_stage(run_id, "vocabulary", "completed")
+            store.set_stage(run_id, "pretrain", "running")
+        metrics = pretrain(
+            corpus_ds, dicts, out, layers=args.layers, hidden=args.hidden, heads=args.heads,
+            intermediate=args.intermediate, max_len=args.max_len, epochs=args.epochs, batch_size=args.batch_size,
+            lr=args.lr, seed=args.seed, time_budget_s=args.time_budget or None, progress=progress,
+            device=args.device, store=store, run_id=run_id,
+        )
+        if store is not None:
+            store.set_stage(run_id, "pretrain", "completed")
+    print(f"model written to {out}")
+    print(f"held-out masked-gene accuracy {metrics['heldout_accuracy']:.4f} (top-5 {metrics['heldout_top5_accuracy']:.4f}); "
+          f"chance (most frequent gene) {metrics['chance_accuracy']:.4f}, rank-aware frequency "
+          f"{metrics['position_baseline_accuracy']:.4f}; {metrics['steps']} steps in {metrics['train_seconds']:.0f} s")
+    if run_id is not None:
+        print(f"run {run_id}")
+    return 0

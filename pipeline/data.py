@@ -1,0 +1,553 @@
+"""Reading single-cell raw counts for tokenization (thesis section 2.1, "Data").
+
+Geneformer's tokenizer expects raw counts of every detected gene, Ensembl gene IDs and each cell's
+total count `n_counts` (Theodoris et al. 2023). This module turns an `.h5ad` file (or an in-memory
+AnnData) into exactly that, without loading a large matrix into memory:
+
+- `open_counts` gives row-chunk access to raw counts in `X` or a named layer, reading straight from
+  the HDF5 file so a million cells never sit in memory at once;
+- `map_genes` resolves `var` identifiers (Ensembl IDs with version suffixes, or gene symbols) to
+  vocabulary genes through Geneformer's name and Ensembl-mapping dictionaries;
+- `resolve_n_counts` finds the per-cell total in `obs` (or says it must be computed from X);
+- `check_raw_counts` refuses log-normalised or otherwise non-count data.
+
+Every problem a user can fix is an `InputError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pipeline.errors import InputError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+    import scipy.sparse as sp
+
+    from pipeline.dictionaries import GeneDictionaries
+
+# obs columns accepted as the per-cell total count, in order of preference.
+N_COUNTS_COLUMNS = ("n_counts", "ncounts", "n.umi", "total_counts")
+
+# var columns that commonly hold gene identifiers, tried when none is named.
+GENE_ID_COLUMNS = (
+    "ensembl_id", "ensembl_ids", "gene_id", "gene_ids", "ensembl", "feature_id",
+    "gene_symbols", "gene_symbol", "symbol", "gene_name", "gene_names", "feature_name", "features",
+)
+
+MIN_MAPPED_FRACTION = 0.5
+
+# An Ensembl gene ID, optionally with a version suffix (group 1: the ID without it).
+_ENSEMBL_RE = re.compile(r"^(ENS[A-Z]*G\d{6,})(?:\.\d+)?$", re.IGNORECASE)
+
+
+# ------------------------------------------------------------------------------------------------
+# Row-chunk access to raw counts
+# ------------------------------------------------------------------------------------------------
+class LazyFrame:
+    """The columns of an on-disk AnnData dataframe (obs or var), read one at a time when asked for.
+
+    Supports what tokenization needs of a DataFrame: `columns`, `index`, `len()`, `frame[name]`
+    (a Series) and `name in frame.columns`. A million-cell obs with many columns costs only the
+    columns actually used.
+    """
+
+    def __init__(self, group):
+        self._g = group
+        order = group.attrs.get("column-order", [])
+        self.columns = [c.decode() if isinstance(c, bytes) else str(c) for c in list(order)]
+        self._index = None
+        self._cache: dict[str, Any] = {}
+
+    @property
+    def index(self):
+        if self._index is None:
+            import anndata.io as aio
+            import pandas as pd
+
+            key = self._g.attrs.get("_index", "_index")
+            key = key.decode() if isinstance(key, bytes) else key
+            self._index = pd.Index(aio.read_elem(self._g[key]))
+        return self._index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, name: str):
+        import anndata.io as aio
+        import pandas as pd
+
+        if name not in self.columns:
+            raise KeyError(name)
+        if name not in self._cache:
+            self._cache[name] = pd.Series(aio.read_elem(self._g[name]), index=self.index, name=name)
+        return self._cache[name]
+
+    def to_dataframe(self):
+        import pandas as pd
+
+        return pd.DataFrame({c: self[c] for c in self.columns}, index=self.index)
+
+
+class _H5CSRRows:
+    """Row slices of an on-disk CSR matrix, read straight from its HDF5 datasets."""
+
+    def __init__(self, group, shape):
+        self._data = group["data"]
+        self._indices = group["indices"]
+        self._indptr = group["indptr"][:].astype(np.int64)
+        self.shape = tuple(int(x) for x in shape)
+        self.dtype = self._data.dtype
+
+    def __getitem__(self, sl: slice):
+        import scipy.sparse as sp
+
+        a, b = sl.start, sl.stop
+        lo, hi = int(self._indptr[a]), int(self._indptr[b])
+        data = np.empty(hi - lo, dtype=self._data.dtype)
+        indices = np.empty(hi - lo, dtype=self._indices.dtype)
+        if hi > lo:
+            self._data.read_direct(data, np.s_[lo:hi])
+            self._indices.read_direct(indices, np.s_[lo:hi])
+        return sp.csr_matrix((data, indices, self._indptr[a:b + 1] - lo), shape=(b - a, self.shape[1]))
+
+
+class CountMatrix:
+    """Cells x genes raw counts read in row chunks, with `obs` and `var` read as needed.
+
+    `is_sparse` records how the counts are stored: Geneformer's arithmetic (and hence the last bit of
+    each normalised value) differs between sparse and dense input, and the tokenizer mirrors it.
+    """
+
+    def __init__(self, obs, var, matrix, *, source: str, where: str, is_sparse: bool, closer=None):
+        self.obs = obs
+        self.var = var
+        self._m = matrix
+        self.source = source
+        self.where = where  # "X" or "layer 'counts'"
+        self.is_sparse = is_sparse
+        self._closer = closer
+        self.shape = tuple(int(x) for x in matrix.shape)
+        if self.shape[0] != len(obs) or self.shape[1] != len(var):
+            raise InputError(f"{source}: {where} has shape {self.shape} but obs/var have {len(obs)}/{len(var)} rows")
+
+    @property
+    def n_obs(self) -> int:
+        return self.shape[0]
+
+    @property
+    def n_vars(self) -> int:
+        return self.shape[1]
+
+    def rows(self, start: int, stop: int) -> sp.csr_matrix:
+        """Rows [start, stop) as a canonical CSR matrix in the stored dtype."""
+        import scipy.sparse as sp
+
+        block = self._m[start:stop]
+        if sp.issparse(block):
+            block = block if isinstance(block, sp.csr_matrix) else sp.csr_matrix(block)
+            if not block.has_canonical_format:
+                block = block.copy()
+                block.sum_duplicates()
+        else:
+            block = sp.csr_matrix(np.asarray(block))
+        return block
+
+    def close(self) -> None:
+        if self._closer is not None:
+            self._closer()
+            self._closer = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open_counts(adata_or_path: Any, layer: str | None = None) -> CountMatrix:
+    """Open raw counts from an `.h5ad` path (read lazily) or an AnnData object."""
+    if isinstance(adata_or_path, (str, os.PathLike)):
+        return _open_h5ad(Path(adata_or_path), layer)
+    return _from_anndata(adata_or_path, layer, source="AnnData")
+
+
+def _from_anndata(adata, layer: str | None, source: str, closer=None) -> CountMatrix:
+    import scipy.sparse as sp
+
+    if layer is None:
+        matrix, where = adata.X, "X"
+    else:
+        if layer not in adata.layers:
+            avail = ", ".join(adata.layers.keys()) or "none"
+            raise InputError(f"{source}: no layer {layer!r} (layers: {avail}); drop --layer to use X")
+        matrix, where = adata.layers[layer], f"layer {layer!r}"
+    if matrix is None:
+        raise InputError(f"{source}: {where} is empty; store raw counts in X or name their layer with --layer")
+    is_sparse = sp.issparse(matrix) or getattr(matrix, "format", None) in ("csr", "csc")
+    if sp.issparse(matrix) and not isinstance(matrix, (sp.csr_matrix, sp.csr_array)):
+        matrix = sp.csr_matrix(matrix)
+    elif getattr(matrix, "format", None) == "csc":  # backed CSC: row chunks would rescan the file
+        matrix = matrix.to_memory().tocsr()
+    return CountMatrix(adata.obs, adata.var, matrix, source=source, where=where, is_sparse=is_sparse, closer=closer)
+
+
+def _open_h5ad(path: Path, layer: str | None) -> CountMatrix:
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, expected an .h5ad file")
+    try:
+        import h5py
+
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read as .h5ad (not an HDF5 file or unreadable: {exc})") from None
+    try:
+        return _open_h5ad_lazily(path, f, layer)
+    except InputError:
+        f.close()
+        raise
+    except Exception:
+        f.close()
+    # Files older than the current on-disk spec: let anndata read them (X stays on disk).
+    import anndata as ad
+
+    try:
+        adata = ad.read_h5ad(path, backed="r")
+    except Exception as exc:
+        raise InputError(f"{path}: cannot read as AnnData ({type(exc).__name__}: {exc})") from None
+    return _from_anndata(adata, layer, source=str(path), closer=lambda: adata.file.close())
+
+
+def _attr(obj, key, default=""):
+    v = obj.attrs.get(key, default)
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def _open_h5ad_lazily(path: Path, f, layer: str | None) -> CountMatrix:
+    import anndata.io as aio
+    import h5py
+
+    for key in ("obs", "var"):
+        if key not in f:
+            raise InputError(f"{path}: no {key} in the file; is this an .h5ad written by anndata?")
+        if _attr(f[key], "encoding-type") != "dataframe":
+            raise ValueError("pre-0.7 dataframe encoding")
+    obs, var = LazyFrame(f["obs"]), LazyFrame(f["var"])
+    if layer is None:
+        if "X" not in f:
+            raise InputError(f"{path}: no X in the file; name the layer holding raw counts with --layer")
+        elem, where = f["X"], "X"
+    else:
+        layers = f.get("layers")
+        if layers is None or layer not in layers:
+            avail = ", ".join(layers.keys()) if layers is not None else ""
+            raise InputError(f"{path}: no layer {layer!r} (layers: {avail or 'none'}); drop --layer to use X")
+        elem, where = layers[layer], f"layer {layer!r}"
+    if isinstance(elem, h5py.Group):
+        enc = _attr(elem, "encoding-type")
+        shape = tuple(elem.attrs["shape"])
+        if enc == "csr_matrix":
+            matrix = _H5CSRRows(elem, shape)
+        elif enc == "csc_matrix":
+            # Row chunks of a CSC matrix would each scan the whole file; convert once.
+            matrix = aio.sparse_dataset(elem).to_memory().tocsr()
+        else:
+            raise InputError(f"{path}: {where} has encoding {enc!r}; expected a sparse or dense count matrix")
+        is_sparse = True
+    else:
+        if elem.ndim != 2:
+            raise InputError(f"{path}: {where} is not a 2-D matrix")
+        matrix = elem
+        is_sparse = False
+    return CountMatrix(obs, var, matrix, source=str(path), where=where, is_sparse=is_sparse, closer=f.close)
+
+
+# ------------------------------------------------------------------------------------------------
+# Raw-count validation
+# ------------------------------------------------------------------------------------------------
+def check_raw_counts(values: np.ndarray, *, source: str, where: str, first_row: int = 0, indptr=None,
+                     sample_step: int = 1) -> None:
+    """Refuse negative or non-integer values (log-normalised or scaled data).
+
+    Negative values are looked for everywhere; integrality on every `sample_step`-th value.
+    """
+    if values.size == 0:
+        return
+    kind = values.dtype.kind
+    if kind not in "iufb":
+        raise InputError(f"{source}: {where} has dtype {values.dtype}; expected raw integer counts")
+    bad = None
+    if kind in "if" and not values.min() >= 0:  # also catches NaN
+        neg = ~(values >= 0)
+        bad = ("negative" if (values[neg] < 0).any() else "non-integer", int(np.flatnonzero(neg)[0]))
+    elif kind == "f":
+        sample = values[::sample_step]
+        frac = sample != np.floor(sample)
+        if frac.any():
+            bad = ("non-integer", int(np.flatnonzero(frac)[0]) * sample_step)
+    if bad is None:
+        return
+    what, pos = bad
+    cell = first_row + (int(np.searchsorted(indptr, pos, side="right")) - 1 if indptr is not None else 0)
+    hint = "it looks log-normalised or scaled" if what == "non-integer" else "counts cannot be negative"
+    raise InputError(
+        f"{source}: {where} holds {what} values (e.g. {values[pos]!r} in cell {cell}); {hint}: tokenization "
+        "needs raw counts, so store them in X or name their layer with --layer"
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# n_counts
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class NCounts:
+    values: np.ndarray | None  # None: sum each cell's row of X while reading it
+    source: str  # e.g. "obs['ncounts']" or "computed from X (...)"
+
+    @property
+    def computed(self) -> bool:
+        return self.values is None
+
+
+def resolve_n_counts(obs: pd.DataFrame, column: str | None = None, *, source: str = "data") -> NCounts:
+    """The per-cell total count from obs, or a note that it must be computed from X."""
+    import pandas as pd
+
+    if column is not None:
+        if column not in obs.columns:
+            raise InputError(
+                f"{source}: no obs column {column!r} for n_counts (obs columns: {_list_cols(obs.columns)}); "
+                "drop --n-counts-column to compute totals from X"
+            )
+        chosen = column
+    else:
+        chosen = next((c for c in N_COUNTS_COLUMNS if c in obs.columns), None)
+        if chosen is None:
+            return NCounts(None, f"computed from X (no {'/'.join(N_COUNTS_COLUMNS)} column in obs)")
+    col = obs[chosen]
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        col = col.astype(col.cat.categories.dtype)
+    if col.dtype.kind not in "iuf":
+        try:
+            col = pd.to_numeric(col)
+        except (TypeError, ValueError):
+            raise InputError(f"{source}: obs column {chosen!r} is not numeric; pass --n-counts-column with cell totals") from None
+    values = col.to_numpy()
+    if values.dtype.kind == "u":
+        values = values.astype(np.int64)
+    if values.dtype.kind == "f" and values.dtype not in (np.float32, np.float64):
+        values = values.astype(np.float64)
+    if values.dtype.kind == "f" and np.isnan(values).any():
+        raise InputError(f"{source}: obs column {chosen!r} has missing values; fill them or drop the column")
+    if (values < 0).any():
+        raise InputError(f"{source}: obs column {chosen!r} has negative totals; it cannot be n_counts")
+    return NCounts(values, f"obs[{chosen!r}]")
+
+
+def _list_cols(cols, limit: int = 12) -> str:
+    cols = [str(c) for c in cols]
+    if not cols:
+        return "none"
+    more = f", ... ({len(cols)} in all)" if len(cols) > limit else ""
+    return ", ".join(cols[:limit]) + more
+
+
+def check_obs_columns(obs: pd.DataFrame, columns, *, source: str = "data") -> list[str]:
+    reserved = {"input_ids", "length", "cell_id"}
+    out = []
+    for c in columns:
+        if c in reserved:
+            raise InputError(f"obs column {c!r} would clash with the tokenized dataset's own {c!r} column; rename it")
+        if c not in obs.columns:
+            raise InputError(f"{source}: no obs column {c!r} (obs columns: {_list_cols(obs.columns)})")
+        if c not in out:
+            out.append(c)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Gene identifiers -> vocabulary
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class GeneMapping:
+    """How each var column maps onto the vocabulary."""
+
+    column: str | None  # None: var index
+    ensembl_ids: np.ndarray  # per var column: mapped Ensembl ID, or None
+    slots: np.ndarray  # per var column: index into `genes`, -1 when unmapped
+    genes: list[str]  # unique mapped Ensembl IDs, in order of first appearance
+    n_ensembl_like: int
+    unmapped_examples: list[str] = field(default_factory=list)
+
+    @property
+    def n_total(self) -> int:
+        return int(self.slots.size)
+
+    @property
+    def n_mapped(self) -> int:
+        return int((self.slots >= 0).sum())
+
+    @property
+    def n_unique(self) -> int:
+        return len(self.genes)
+
+    @property
+    def n_duplicates(self) -> int:
+        """var columns whose counts are summed into another column of the same Ensembl ID."""
+        return self.n_mapped - self.n_unique
+
+    @property
+    def kind(self) -> str:
+        return "Ensembl IDs" if self.n_ensembl_like * 2 >= self.n_total else "gene symbols"
+
+    @property
+    def where(self) -> str:
+        return "var index" if self.column is None else f"var[{self.column!r}]"
+
+
+def looks_like_ensembl(ids) -> np.ndarray:
+    return np.array([bool(_ENSEMBL_RE.match(str(s).strip())) for s in ids], dtype=bool)
+
+
+def strip_version(gene_id: str) -> str:
+    """ENSG00000141510.16 -> ENSG00000141510; anything that is not an Ensembl gene ID is returned as is."""
+    m = _ENSEMBL_RE.match(gene_id.strip())
+    return m.group(1) if m else gene_id
+
+
+def map_identifiers(ids, dicts: GeneDictionaries) -> tuple[list[str | None], int]:
+    """Map identifiers (Ensembl IDs or symbols, mixed) to vocabulary Ensembl IDs.
+
+    Ensembl IDs lose their version suffix; symbols go through `gene_name_id_dict`, and symbols it
+    lacks are tried as aliases in the Ensembl mapping dictionary. Every ID then goes through the
+    Ensembl mapping dictionary (keys upper case, restricted to vocabulary targets) exactly as
+    Geneformer collapses gene IDs; without a mapping dictionary IDs must be tokens themselves.
+    """
+    vocab = dicts.token_dict
+    mapping = _vocab_mapping(dicts)
+    names = dicts.name_to_id or {}
+    out: list[str | None] = []
+    n_ens = 0
+    match = _ENSEMBL_RE.match
+    for raw in ids:
+        s = str(raw).strip()
+        m = match(s)
+        if m is not None:
+            n_ens += 1
+            gid: str | None = m.group(1)
+        else:
+            gid = names.get(s)
+            if gid is None:
+                # Not a known symbol: the V2 mapping dictionary also maps aliases and old symbols.
+                alias = mapping.get(s.upper()) if mapping is not None else None
+                out.append(alias)
+                continue
+        if mapping is not None:
+            gid = mapping.get(gid.upper())
+        elif gid not in vocab or gid.startswith("<"):
+            gid = None
+        out.append(gid)
+    return out, n_ens
+
+
+def _vocab_mapping(dicts: GeneDictionaries) -> dict[str, str] | None:
+    """The Ensembl mapping restricted to targets in the vocabulary (as Geneformer does), cached."""
+    if dicts.ensembl_mapping is None:
+        return None
+    cached = dicts.__dict__.get("_vocab_mapping")
+    if cached is None:
+        vocab = dicts.token_dict
+        cached = {k: v for k, v in dicts.ensembl_mapping.items() if v in vocab and not v.startswith("<")}
+        dicts.__dict__["_vocab_mapping"] = cached
+    return cached
+
+
+def var_identifiers(var: pd.DataFrame, column: str | None) -> list[str]:
+    values = var.index if column is None else var[column]
+    return ["" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v) for v in values]
+
+
+def _build_mapping(var, column, dicts) -> GeneMapping:
+    ids = var_identifiers(var, column)
+    mapped, n_ens = map_identifiers(ids, dicts)
+    slot_of: dict[str, int] = {}
+    slots = np.full(len(ids), -1, dtype=np.int64)
+    for j, gid in enumerate(mapped):
+        if gid is not None:
+            slots[j] = slot_of.setdefault(gid, len(slot_of))
+    examples = [ids[j] for j in np.flatnonzero(slots < 0)[:5]]
+    return GeneMapping(
+        column=column,
+        ensembl_ids=np.array(mapped, dtype=object),
+        slots=slots,
+        genes=list(slot_of),
+        n_ensembl_like=n_ens,
+        unmapped_examples=examples,
+    )
+
+
+def map_genes(var: pd.DataFrame, dicts: GeneDictionaries, gene_id_column: str | None = None, *,
+              source: str = "data", min_fraction: float = MIN_MAPPED_FRACTION) -> GeneMapping:
+    """Resolve `var` gene identifiers to vocabulary genes; refuse when too few map.
+
+    With no column named, the var index is used when it maps well, otherwise the common identifier
+    columns are tried and the best-mapping one wins.
+    """
+    n = len(var)
+    if n == 0:
+        raise InputError(f"{source}: var is empty (no genes)")
+    label = f"the {dicts.version} vocabulary"
+    if gene_id_column is not None:
+        if gene_id_column not in var.columns:
+            raise InputError(
+                f"{source}: no var column {gene_id_column!r} with gene IDs (var columns: {_list_cols(var.columns)}); "
+                "omit --gene-id-column to use the var index"
+            )
+        best = _build_mapping(var, gene_id_column, dicts)
+    else:
+        best = _build_mapping(var, None, dicts)
+        if best.n_mapped < min_fraction * n:
+            lowered = {str(c).lower(): c for c in var.columns}
+            for name in GENE_ID_COLUMNS:
+                col = lowered.get(name)
+                if col is None or var[col].dtype.kind in "iufb":
+                    continue
+                cand = _build_mapping(var, col, dicts)
+                if cand.n_mapped > best.n_mapped:
+                    best = cand
+        if best.n_mapped == 0 and _looks_like_row_numbers(var.index):
+            raise InputError(
+                f"{source}: no gene-ID column: the var index holds row numbers and no var column holds Ensembl IDs "
+                f"or gene symbols (var columns: {_list_cols(var.columns)}); name one with --gene-id-column"
+            )
+    if best.n_mapped < min_fraction * n:
+        pct = 100.0 * best.n_mapped / n
+        examples = ", ".join(repr(e) for e in best.unmapped_examples[:3])
+        raise InputError(
+            f"{source}: only {best.n_mapped:,} of {n:,} genes ({pct:.1f}%) in {best.where} map to {label} "
+            f"(unmapped e.g. {examples}); wrong species or ID type? Use human Ensembl IDs or symbols, "
+            "or name the right var column with --gene-id-column"
+        )
+    return best
+
+
+def _looks_like_row_numbers(index) -> bool:
+    sample = [str(v) for v in list(index[:50])]
+    return all(s.isdigit() for s in sample)
+
+
+def filter_pass_mask(obs: pd.DataFrame) -> np.ndarray | None:
+    """Geneformer's optional QC column: only cells with filter_pass == 1 are tokenized."""
+    if "filter_pass" not in obs.columns:
+        return None
+    col = obs["filter_pass"]
+    values = col.astype(object).to_numpy() if hasattr(col, "cat") else col.to_numpy()
+    return np.array([v == 1 for v in values], dtype=bool) if values.dtype == object else (values == 1)

@@ -1,0 +1,721 @@
+"""Fine-tuning Geneformer for cell classification (thesis sections 2.3 and 4.1).
+
+The loop a researcher would trust, with Geneformer's 6-layer defaults (learning rate 5e-5, weight decay
+0.001, linear warm-up and linear decay; Geneformer's `Classifier` warms up over 500 steps, gfattn over a
+ratio of the run so small data sets leave warm-up too): AdamW (no decay on biases and LayerNorm weights),
+gradient clipping at 1.0, gradient accumulation, optional inverse-frequency class weights, seeds for
+everything, length-grouped batches padded only to their own longest cell (`pipeline.batching`), autocast
+(bf16/fp16) on CUDA, validation every epoch, the best epoch's weights kept (validation macro-F1 by
+default), then test accuracy, macro-F1, per-class precision/recall and the confusion matrix.
+
+Training modes are `pipeline.model.apply_training_mode`'s (`frozen`, `unfrozen`, `last-K`, `freeze-N`).
+In `frozen` mode (the linear probe) the encoder never changes, so by default its output at the first
+position is computed once per cell in eval mode and only the head (pooler, dropout, classifier) trains on
+those cached features for every epoch. This equals plain training with the encoder in train mode except
+for the encoder's dropout (absent here, as in any evaluation of a frozen encoder); with dropout 0 both
+give the same model. `TrainConfig(cache_frozen_features=False)` runs the plain path.
+
+Several processes (`pipeline.distributed`): each optimisation step takes a global batch of
+`batch_size * grad_accum * world_size` cells from the same length-grouped plan on every rank and splits
+it into micro-batches; each micro-batch's loss is normalised by the global batch's total (class) weight,
+so the averaged gradient equals one process's on the same global batch. Evaluation shards batches over
+ranks and sums logits, so every rank computes the same metrics; only rank 0 writes to the store and disk.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from pipeline import distributed
+from pipeline.batching import length_grouped_batches, pad_batch
+from pipeline.errors import InputError
+
+AMP_CHOICES = ("auto", "bf16", "fp16", "off")
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+BEST_METRICS = ("macro_f1", "accuracy", "loss")
+STAGE = "finetune"
+
+
+@dataclass
+class TrainConfig:
+    """Fine-tuning hyperparameters; defaults are Geneformer's for 6-layer models where it has them."""
+
+    lr: float = 5e-5
+    weight_decay: float = 0.001
+    warmup_ratio: float = 0.1  # fraction of optimisation steps of linear warm-up
+    warmup_steps: int | None = None  # overrides warmup_ratio (Geneformer's Classifier: 500)
+    epochs: int = 5  # the thesis trained 5 epochs
+    batch_size: int = 12  # cells per micro-batch per process (Geneformer: 12)
+    grad_accum: int = 1
+    class_weights: bool = False  # inverse-frequency weights n / (C * n_c) in the loss
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    amp: str = "auto"  # auto | bf16 | fp16 | off (autocast is used on CUDA only)
+    max_len: int | None = None  # keep each cell's top max_len tokens (None: all; must fit the model)
+    eval_every_epoch: bool = True
+    keep_best: bool = True  # restore the best validation epoch's weights at the end
+    best_metric: str = "macro_f1"  # macro_f1 | accuracy | loss (validation)
+    num_workers: int = 0  # DataLoader workers padding batches
+    eval_batch_size: int | None = None  # default: 2 x batch_size
+    max_grad_norm: float | None = 1.0
+    head_lr: float | None = None  # learning rate in frozen mode (None/0: lr)
+    cache_frozen_features: bool = True  # frozen mode: encode each cell once, train the head on the cache
+    log_every: int = 10  # optimisation steps between train-loss records
+
+    def validate(self) -> "TrainConfig":
+        if self.device not in DEVICE_CHOICES:
+            raise InputError(f"device must be one of {', '.join(DEVICE_CHOICES)}, got {self.device!r}")
+        if self.amp not in AMP_CHOICES:
+            raise InputError(f"amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
+        if self.best_metric not in BEST_METRICS:
+            raise InputError(f"best_metric must be one of {', '.join(BEST_METRICS)}, got {self.best_metric!r}")
+        for name in ("epochs", "batch_size", "grad_accum", "log_every"):
+            if int(getattr(self, name)) < 1:
+                raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise InputError(f"learning rate must be positive, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise InputError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.max_len is not None and int(self.max_len) < 1:
+            raise InputError(f"max_len must be at least 1, got {self.max_len}")
+        return self
+
+
+@dataclass
+class FinetuneResult:
+    model: Any  # the best (or last) model, unwrapped, in eval mode
+    best_epoch: int  # 1-based; the epoch whose weights the model holds
+    val_metrics: dict  # validation metrics of best_epoch
+    test_metrics: dict  # accuracy, macro_f1, loss, precision/<label>, recall/<label>, f1/<label>
+    confusion: np.ndarray | None  # test confusion matrix, rows = true label, columns = predicted
+    test_predictions: np.ndarray | None  # predicted label per test cell, in test_ds order
+    history: list[dict] = field(default_factory=list)  # one dict per epoch
+    test_probabilities: np.ndarray | None = None  # softmax per test cell (n_cells x n_labels)
+    label_names: list[str] = field(default_factory=list)
+    mode: str = ""
+    out_dir: str | None = None
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def resolve_device(name: str = "auto", local_rank: int = 0):
+    import torch
+
+    if name not in DEVICE_CHOICES:
+        raise InputError(f"device must be one of {', '.join(DEVICE_CHOICES)}, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("device cuda was asked for but torch sees no CUDA GPU; use --device cpu or auto")
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+    return torch.device("cpu")
+
+
+def autocast_dtype(amp: str, device):
+    """The autocast dtype for `amp` on `device` (None: no autocast). Autocast is used on CUDA only."""
+    import torch
+
+    if amp not in AMP_CHOICES:
+        raise InputError(f"amp must be one of {', '.join(AMP_CHOICES)}, got {amp!r}")
+    if device.type != "cuda" or amp == "off":
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def _autocast(device, dtype):
+    import contextlib
+
+    import torch
+
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def linear_warmup_decay(warmup: int, total: int) -> Callable[[int], float]:
+    """LR multiplier: linear rise over `warmup` steps (never 0 at the first step), then linear decay to 0."""
+    warmup = max(0, int(warmup))
+    total = max(1, int(total))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return factor
+
+
+def decay_parameter_groups(named_params, weight_decay: float, lr: float) -> list[dict]:
+    """AdamW groups as Hugging Face's Trainer makes them: no weight decay on biases and LayerNorm."""
+    decay, no_decay = [], []
+    for name, p in named_params:
+        if not p.requires_grad:
+            continue
+        (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(p)
+    groups = []
+    if decay:
+        groups.append({"params": decay, "weight_decay": weight_decay, "lr": lr})
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0, "lr": lr})
+    return groups
+
+
+def classification_metrics(y_true, y_pred, label_names: Sequence[str], logits=None) -> tuple[dict, np.ndarray]:
+    """Accuracy, macro-F1 (over labels present in truth or prediction, like scikit-learn), per-class
+    precision/recall/F1 (0 where undefined), cross-entropy (when logits are given) and the confusion
+    matrix (rows: true label, columns: predicted)."""
+    y_true = np.asarray(y_true, dtype=np.int64)
+    y_pred = np.asarray(y_pred, dtype=np.int64)
+    c = len(label_names)
+    confusion = np.bincount(y_true * c + y_pred, minlength=c * c).reshape(c, c).astype(np.int64)
+    tp = np.diag(confusion).astype(float)
+    predicted = confusion.sum(axis=0).astype(float)
+    actual = confusion.sum(axis=1).astype(float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(predicted > 0, tp / predicted, 0.0)
+        recall = np.where(actual > 0, tp / actual, 0.0)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    present = (predicted + actual) > 0
+    metrics: dict[str, float] = {
+        "accuracy": float(tp.sum() / max(1, len(y_true))),
+        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "n_cells": int(len(y_true)),
+    }
+    if logits is not None and len(y_true):
+        metrics["loss"] = cross_entropy(logits, y_true)
+    for i, name in enumerate(label_names):
+        metrics[f"precision/{name}"] = float(precision[i])
+        metrics[f"recall/{name}"] = float(recall[i])
+        metrics[f"f1/{name}"] = float(f1[i])
+    return metrics, confusion
+
+
+def cross_entropy(logits, labels) -> float:
+    logits = np.asarray(logits, dtype=np.float64)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return float(-log_probs[np.arange(len(labels)), np.asarray(labels)].mean())
+
+
+def softmax(logits) -> np.ndarray:
+    logits = np.asarray(logits, dtype=np.float64)
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------- data
+@dataclass
+class _Cells:
+    ids: list  # np.int64 arrays
+    lengths: np.ndarray
+    labels: np.ndarray | None
+    name: str
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def _column(ds, name: str, split: str):
+    try:
+        return ds[name]
+    except (KeyError, ValueError):
+        cols = getattr(ds, "column_names", None) or (list(ds.keys()) if hasattr(ds, "keys") else [])
+        raise InputError(f"{split} data has no column {name!r} (columns: {', '.join(map(str, cols))})") from None
+
+
+def prepare_cells(ds, split: str, *, num_labels: int | None, max_len: int | None, max_positions: int) -> _Cells:
+    """Token arrays, lengths and labels of a dataset with `input_ids` (and `label`)."""
+    ids = [np.asarray(x, dtype=np.int64) for x in _column(ds, "input_ids", split)]
+    if max_len is not None:
+        ids = [x[: int(max_len)] for x in ids]
+    lengths = np.array([len(x) for x in ids], dtype=np.int64)
+    if len(ids) and lengths.min() < 1:
+        raise InputError(f"{split} data has a cell with no tokens; drop empty cells before fine-tuning")
+    if len(ids) and lengths.max() > max_positions:
+        raise InputError(
+            f"{split} data has cells of up to {int(lengths.max())} tokens but the model takes at most "
+            f"{max_positions} (max_position_embeddings); set max_len to {max_positions} or re-tokenize"
+        )
+    labels = None
+    if num_labels is not None:
+        labels = np.asarray(list(_column(ds, "label", split)), dtype=np.int64)
+        if len(labels) and (labels.min() < 0 or labels.max() >= num_labels):
+            raise InputError(
+                f"{split} data has label values outside 0..{num_labels - 1} "
+                f"(found {int(labels.min())}..{int(labels.max())}); labels must index label_names"
+            )
+    return _Cells(ids, lengths, labels, split)
+
+
+class _PaddedBatches:
+    """Index batches -> (indices, input_ids, attention_mask); a Dataset so DataLoader workers can pad."""
+
+    def __init__(self, cells: _Cells, batches: Sequence[np.ndarray], pad_id: int):
+        self.cells, self.batches, self.pad_id = cells, list(batches), pad_id
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i):
+        idx = self.batches[i]
+        ids, mask = pad_batch([self.cells.ids[j] for j in idx], pad_token_id=self.pad_id)
+        return idx, ids, mask
+
+
+def _iterate(cells: _Cells, batches, pad_id: int, num_workers: int):
+    data = _PaddedBatches(cells, batches, pad_id)
+    if num_workers and num_workers > 0 and len(data):
+        from torch.utils.data import DataLoader
+
+        yield from DataLoader(data, batch_size=None, shuffle=False, num_workers=num_workers)
+    else:
+        for i in range(len(data)):
+            yield data[i]
+
+
+# ---------------------------------------------------------------------------------------- evaluation
+def _encode_first_token(model, cells: _Cells, device, amp_dtype, batch_size: int, pad_id: int, num_workers: int,
+                        on_batch=None):
+    """Encoder output at the first position for every cell (eval mode), sharded over ranks and summed."""
+    import torch
+
+    rank, world = distributed.rank(), distributed.world_size()
+    hidden = model.config.hidden_size
+    out = torch.zeros(len(cells), hidden, dtype=torch.float32, device=device)
+    batches = length_grouped_batches(cells.lengths, batch_size)[rank::world]
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for idx, ids, mask in _iterate(cells, batches, pad_id, num_workers):
+            with _autocast(device, amp_dtype):
+                h = model.bert(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state[:, 0]
+            out[torch.as_tensor(idx, device=device)] = h.float()
+            if on_batch:
+                on_batch(len(idx))
+    model.train(was_training)
+    distributed.all_reduce_sum(out)
+    return out
+
+
+def _head_logits(model, features):
+    """The sequence-classification head on first-position encoder outputs (pooler, dropout, classifier)."""
+    return model.classifier(model.dropout(model.bert.pooler.activation(model.bert.pooler.dense(features))))
+
+
+def predict_logits(model, cells: _Cells, device, amp_dtype, batch_size: int, pad_id: int, num_workers: int = 0,
+                   features=None) -> np.ndarray:
+    """Logits for every cell (eval mode), sharded over ranks; every rank gets all of them."""
+    import torch
+
+    n_labels = model.config.num_labels
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        if features is not None:
+            out = torch.cat([_head_logits(model, features[i:i + 4096]).float()
+                             for i in range(0, len(features), 4096)]) if len(features) else \
+                torch.zeros(0, n_labels, device=device)
+        else:
+            rank, world = distributed.rank(), distributed.world_size()
+            out = torch.zeros(len(cells), n_labels, dtype=torch.float32, device=device)
+            batches = length_grouped_batches(cells.lengths, batch_size)[rank::world]
+            for idx, ids, mask in _iterate(cells, batches, pad_id, num_workers):
+                with _autocast(device, amp_dtype):
+                    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+                out[torch.as_tensor(idx, device=device)] = logits.float()
+            distributed.all_reduce_sum(out)
+    model.train(was_training)
+    return out.cpu().numpy()
+
+
+def evaluate(model, ds, label_names: Sequence[str], *, config: TrainConfig | None = None, batch_size: int | None = None):
+    """Metrics, confusion matrix, predictions and probabilities of `model` on a labelled dataset."""
+    config = (config or TrainConfig()).validate()
+    device = next(model.parameters()).device
+    cells = prepare_cells(ds, "evaluation", num_labels=len(label_names), max_len=config.max_len,
+                          max_positions=int(model.config.max_position_embeddings))
+    logits = predict_logits(model, cells, device, autocast_dtype(config.amp, device),
+                            batch_size or config.eval_batch_size or 2 * config.batch_size,
+                            int(model.config.pad_token_id or 0), config.num_workers)
+    preds = logits.argmax(axis=1) if len(logits) else np.zeros(0, dtype=np.int64)
+    metrics, confusion = classification_metrics(cells.labels, preds, label_names, logits)
+    return metrics, confusion, preds, softmax(logits) if len(logits) else logits
+
+
+# ------------------------------------------------------------------------------------------ finetune
+def finetune(
+    model,
+    train_ds,
+    val_ds,
+    test_ds,
+    *,
+    label_names: Sequence[str],
+    mode: str = "frozen",
+    config: TrainConfig | None = None,
+    store=None,
+    run_id: int | None = None,
+    out_dir: str | os.PathLike | None = None,
+    progress: Callable[[dict], None] | None = None,
+    dicts=None,
+) -> FinetuneResult:
+    """Fine-tune a `BertForSequenceClassification` in a training mode and evaluate it.
+
+    Datasets carry `input_ids`, `length` and an int `label` indexing `label_names`; `val_ds` and
+    `test_ds` may be None. With `store` and `run_id`, rank 0 records progress, train loss and learning
+    rate every `log_every` steps, validation metrics every epoch, and the test metrics and confusion
+    matrix. With `out_dir`, rank 0 saves the model (`save_pretrained`), its gene dictionaries (`dicts`, or
+    the ones next to the checkpoint it was loaded from) and `gfattn_finetune.json`. `progress` is called
+    on rank 0 after every logged step as `progress(step, total_steps, throughput=steps_per_s, eta_s=...,
+    message="epoch E, loss L, lr X, N cells/s")`.
+    """
+    import torch
+
+    from pipeline.model import apply_training_mode, parse_mode
+
+    config = (config or TrainConfig()).validate()
+    label_names = [str(x) for x in label_names]
+    n_labels = len(label_names)
+    if n_labels < 2:
+        raise InputError(f"fine-tuning needs at least 2 labels, got {label_names}")
+    if int(model.config.num_labels) != n_labels:
+        raise InputError(
+            f"the model's head has {model.config.num_labels} labels but label_names has {n_labels}; "
+            "load the model with num_labels=len(label_names)"
+        )
+    kind, _ = parse_mode(mode, len(model.bert.encoder.layer))
+
+    device = resolve_device(config.device, distributed.env_local_rank())
+    distributed.init_from_env(device)
+    rank, world = distributed.rank(), distributed.world_size()
+    main = rank == 0
+    record = store is not None and run_id is not None and main
+    seed_everything(config.seed)
+
+    max_positions = int(model.config.max_position_embeddings)
+    pad_id = int(model.config.pad_token_id or 0)
+    train = prepare_cells(train_ds, "training", num_labels=n_labels, max_len=config.max_len, max_positions=max_positions)
+    if len(train) == 0:
+        raise InputError("the training split is empty")
+    val = None if val_ds is None else prepare_cells(val_ds, "validation", num_labels=n_labels, max_len=config.max_len,
+                                                    max_positions=max_positions)
+    test = None if test_ds is None else prepare_cells(test_ds, "test", num_labels=n_labels, max_len=config.max_len,
+                                                      max_positions=max_positions)
+    if val is not None and len(val) == 0:
+        val = None
+
+    trainable = apply_training_mode(model, mode)
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    # Ranks may have drawn different random heads; every rank starts from rank 0's.
+    distributed.broadcast_parameters(params)
+    amp_dtype = autocast_dtype(config.amp, device)
+    eval_bs = config.eval_batch_size or 2 * config.batch_size
+    cached = kind == "frozen" and config.cache_frozen_features
+
+    # Class weights and the loss normaliser (total weight of the global batch).
+    if config.class_weights:
+        counts = np.bincount(train.labels, minlength=n_labels).astype(float)
+        cw = np.where(counts > 0, len(train) / (n_labels * np.maximum(counts, 1)), 0.0)
+    else:
+        cw = np.ones(n_labels)
+    cell_weight = cw[train.labels]
+    cw_t = torch.as_tensor(cw, dtype=torch.float32, device=device)
+
+    # One plan for every rank: global batches, each split into micro-batches.
+    shards = 1 if cached else world
+    global_bs = config.batch_size * config.grad_accum * shards
+    steps_per_epoch = math.ceil(len(train) / global_bs)
+    total_steps = steps_per_epoch * config.epochs
+    warmup = config.warmup_steps if config.warmup_steps is not None else math.ceil(config.warmup_ratio * total_steps)
+    lr = config.head_lr if (kind == "frozen" and config.head_lr) else config.lr
+    optimizer = torch.optim.AdamW(decay_parameter_groups(model.named_parameters(), config.weight_decay, lr),
+                                  lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay(warmup, total_steps))
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+
+    if record:
+        store.log_event(run_id, f"fine-tuning {mode}: {len(train)} training cells, {total_steps} steps "
+                                f"on {world} x {device.type}", stage=STAGE)
+        store.set_progress(run_id, STAGE, 0, total_steps, unit="steps")
+
+    features = {}
+    if cached:
+        t_enc = time.perf_counter()
+        n_enc = sum(len(c) for c in (train, val, test) if c is not None)
+        done_enc = [0]
+        last = [0.0]
+
+        def on_batch(n):
+            done_enc[0] += n * world
+            now = time.perf_counter()
+            if record and now - last[0] > 1.0:
+                last[0] = now
+                rate = done_enc[0] / max(now - t_enc, 1e-9)
+                store.set_progress(run_id, STAGE, min(done_enc[0], n_enc), n_enc, unit="cells encoded",
+                                   throughput=rate, eta_s=(n_enc - done_enc[0]) / max(rate, 1e-9))
+
+        for cells in (train, val, test):
+            if cells is not None:
+                features[cells.name] = _encode_first_token(model, cells, device, amp_dtype, eval_bs, pad_id,
+                                                           config.num_workers, on_batch)
+        if record:
+            store.log_event(run_id, f"frozen encoder: {n_enc} cells encoded once in "
+                                    f"{time.perf_counter() - t_enc:.1f} s; training the head", stage=STAGE)
+
+    ddp = None
+    if world > 1 and not cached:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    forward_model = ddp or model
+
+    history: list[dict] = []
+    best = {"epoch": 0, "score": None, "state": None, "val": {}}
+    last_val: dict = {}
+    step = 0
+    cells_seen = 0
+    t0 = time.perf_counter()
+    last_progress = 0.0
+    window_loss = torch.zeros((), dtype=torch.float64, device=device)
+    window_steps = 0
+
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        epoch_loss = torch.zeros((), dtype=torch.float64, device=device)
+        t_epoch = time.perf_counter()
+        plan = length_grouped_batches(train.lengths, global_bs, shuffle=True, seed=config.seed * 1000 + epoch)
+        for gbatch in plan:
+            w_total = float(cell_weight[gbatch].sum()) or 1.0
+            parts = np.array_split(gbatch, shards * config.grad_accum)
+            mine = parts if cached else parts[rank * config.grad_accum:(rank + 1) * config.grad_accum]
+            lr_now = scheduler.get_last_lr()[0]
+            step_loss = torch.zeros((), dtype=torch.float64, device=device)
+            for a, part in enumerate(mine):
+                scale = float(shards)
+                if len(part) == 0:
+                    # Every rank must take part in each gradient reduction: run one cell with zero weight.
+                    part, scale = gbatch[:1], 0.0
+                labels = torch.as_tensor(train.labels[part], device=device)
+                sync = ddp is None or a == len(mine) - 1
+                ctx = forward_model.no_sync() if (ddp is not None and not sync) else _nullcontext()
+                with ctx:
+                    with _autocast(device, amp_dtype):
+                        if cached:
+                            logits = _head_logits(model, features["training"][torch.as_tensor(part, device=device)])
+                        else:
+                            ids, mask = pad_batch([train.ids[j] for j in part], pad_token_id=pad_id)
+                            logits = forward_model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+                    ce = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
+                    part_loss = (ce * cw_t[labels]).sum() / w_total
+                    loss = part_loss * scale
+                    (scaler.scale(loss) if scaler else loss).backward()
+                step_loss += part_loss.detach().double() * (1.0 if scale else 0.0)
+            if scaler:
+                scaler.unscale_(optimizer)
+            if config.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            cells_seen += len(gbatch)
+            window_loss += step_loss
+            epoch_loss += step_loss
+            window_steps += 1
+            if step % config.log_every == 0 or step == total_steps:
+                if not cached:
+                    distributed.all_reduce_sum(window_loss)
+                loss_value = float(window_loss) / window_steps
+                window_loss.zero_()
+                window_steps = 0
+                elapsed = time.perf_counter() - t0
+                rate = cells_seen / max(elapsed, 1e-9)
+                eta = (total_steps - step) * elapsed / step
+                if record:
+                    store.log_metrics(run_id, [
+                        {"name": "loss", "value": loss_value, "step": step, "epoch": epoch, "split": "train"},
+                        {"name": "lr", "value": lr_now, "step": step, "epoch": epoch, "split": "train"},
+                    ])
+                if main and progress:
+                    progress(step, total_steps, throughput=step / max(elapsed, 1e-9), eta_s=eta,
+                             message=f"epoch {epoch}, loss {loss_value:.4f}, lr {lr_now:.2e}, {rate:.0f} cells/s")
+            now = time.perf_counter()
+            if record and (now - last_progress > 1.0 or step == total_steps):
+                last_progress = now
+                elapsed = now - t0
+                store.set_progress(run_id, STAGE, step, total_steps, unit="steps",
+                                   throughput=cells_seen / max(elapsed, 1e-9),
+                                   eta_s=(total_steps - step) * elapsed / step)
+
+        if not cached:
+            distributed.all_reduce_sum(epoch_loss)
+        seconds = time.perf_counter() - t_epoch
+        entry = {"epoch": epoch, "step": step, "train_loss": float(epoch_loss) / max(1, len(plan)),
+                 "lr": scheduler.get_last_lr()[0], "seconds": seconds, "cells_per_s": len(train) / max(seconds, 1e-9)}
+        if val is not None and (config.eval_every_epoch or epoch == config.epochs):
+            logits = predict_logits(model, val, device, amp_dtype, eval_bs, pad_id, config.num_workers,
+                                    features=features.get("validation"))
+            vm, _ = classification_metrics(val.labels, logits.argmax(axis=1), label_names, logits)
+            last_val = vm
+            entry.update({"val_loss": vm["loss"], "val_accuracy": vm["accuracy"], "val_macro_f1": vm["macro_f1"]})
+            if record:
+                store.log_metrics(run_id, [
+                    {"name": name, "value": vm[name], "step": step, "epoch": epoch, "split": "validation"}
+                    for name in ("accuracy", "macro_f1", "loss")
+                ])
+            score = -vm["loss"] if config.best_metric == "loss" else vm[config.best_metric]
+            if best["score"] is None or score > best["score"] or (
+                score == best["score"] and vm["loss"] < best["val"].get("loss", math.inf)
+            ):
+                best.update(epoch=epoch, score=score, val=vm)
+                if config.keep_best and epoch < config.epochs:
+                    best["state"] = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()
+                                     if p.requires_grad}
+                else:
+                    best["state"] = None  # the current weights are the best
+        if record:
+            store.log_metrics(run_id, [{"name": "cells_per_s", "value": entry["cells_per_s"], "step": step,
+                                        "epoch": epoch, "split": "train"}])
+            msg = f"epoch {epoch}/{config.epochs}: train loss {entry['train_loss']:.4f}"
+            if "val_accuracy" in entry:
+                msg += f", validation accuracy {entry['val_accuracy']:.3f}, macro-F1 {entry['val_macro_f1']:.3f}"
+            store.log_event(run_id, msg, stage=STAGE)
+        history.append(entry)
+
+    # Restore the best epoch's weights (only trainable parameters ever change).
+    best_epoch, val_metrics = config.epochs, last_val
+    if val is not None and config.keep_best and best["epoch"]:
+        best_epoch, val_metrics = best["epoch"], best["val"]
+        if best["state"] is not None:
+            with torch.no_grad():
+                named = dict(model.named_parameters())
+                for n, value in best["state"].items():
+                    named[n].copy_(value.to(named[n].device))
+    if cached and world > 1:
+        # Every rank trained the same head on the same features; make them bit-identical.
+        distributed.broadcast_parameters(params)
+
+    test_metrics, confusion, preds, probs = {}, None, None, None
+    if test is not None and len(test):
+        logits = predict_logits(model, test, device, amp_dtype, eval_bs, pad_id, config.num_workers,
+                                features=features.get("test"))
+        preds = logits.argmax(axis=1)
+        probs = softmax(logits)
+        test_metrics, confusion = classification_metrics(test.labels, preds, label_names, logits)
+        if record:
+            names = ["accuracy", "macro_f1", "loss"] + [f"{m}/{lab}" for lab in label_names
+                                                        for m in ("precision", "recall", "f1")]
+            store.log_metrics(run_id, [{"name": n, "value": test_metrics[n], "step": step, "epoch": best_epoch,
+                                        "split": "test"} for n in names])
+            store.put_confusion(run_id, label_names, confusion, split="test")
+            store.log_event(run_id, f"test accuracy {test_metrics['accuracy']:.3f}, macro-F1 "
+                                    f"{test_metrics['macro_f1']:.3f} (epoch {best_epoch} weights)", stage=STAGE)
+
+    model.eval()
+    model.config.id2label = {i: name for i, name in enumerate(label_names)}
+    model.config.label2id = {name: i for i, name in enumerate(label_names)}
+    if out_dir is not None:
+        if main:
+            save_finetuned(model, out_dir, dicts=dicts, summary={
+                "mode": mode, "label_names": label_names, "best_epoch": best_epoch, "val_metrics": val_metrics,
+                "test_metrics": test_metrics, "confusion": None if confusion is None else confusion.tolist(),
+                "history": history, "config": asdict(config), "trainable_parameters": len(trainable),
+                "world_size": world,
+            })
+        distributed.barrier()
+    return FinetuneResult(
+        model=model, best_epoch=best_epoch, val_metrics=val_metrics, test_metrics=test_metrics,
+        confusion=confusion, test_predictions=preds, history=history, test_probabilities=probs,
+        label_names=label_names, mode=mode, out_dir=None if out_dir is None else str(out_dir),
+    )
+
+
+def _nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def save_finetuned(model, out_dir, *, dicts=None, summary: dict | None = None) -> Path:
+    """`save_pretrained` + the gene dictionaries + `gfattn_finetune.json`, so the directory is a checkpoint
+    every later step (attention analysis, another fine-tuning) loads like any other."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out))
+    if dicts is None:
+        source = str(getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "") or "")
+        if source and Path(source).is_dir() and Path(source).resolve() != out.resolve():
+            from pipeline.model import model_dictionaries
+
+            dicts = model_dictionaries(source)
+    if dicts is not None:
+        dicts.save(out)
+    if summary is not None:
+        (out / "gfattn_finetune.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+    return out
+
+
+def _json_default(obj):
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return str(obj)
+
+
+def stratified_split(labels, fractions=(0.7, 0.15, 0.15), seed: int = 0) -> list[np.ndarray]:
+    """Indices of train/validation/test splits with each label's proportion kept (seeded).
+
+    Each label's cells are shuffled and cut by the fractions (rounded, at least one cell in validation
+    and test when a label has three or more cells).
+    """
+    labels = np.asarray(labels)
+    if not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
+        raise InputError(f"split fractions must sum to 1, got {fractions}")
+    rng = np.random.default_rng(seed)
+    out = [[] for _ in fractions]
+    for value in np.unique(labels):
+        idx = np.flatnonzero(labels == value)
+        idx = idx[rng.permutation(len(idx))]
+        n = len(idx)
+        sizes = [int(round(f * n)) for f in fractions[1:]]
+        if n >= len(fractions):
+            sizes = [max(1, s) for s in sizes]
+        sizes = [min(s, n) for s in sizes]
+        n_first = n - sum(sizes)
+        while n_first < 1 and any(sizes):
+            j = int(np.argmax(sizes))
+            sizes[j] -= 1
+            n_first += 1
+        bounds = np.cumsum([n_first] + sizes)
+        start = 0
+        for k, end in enumerate(bounds):
+            out[k].extend(idx[start:end].tolist())
+            start = end
+    return [np.sort(np.asarray(x, dtype=np.int64)) for x in out]

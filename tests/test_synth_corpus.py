@@ -1,0 +1,74 @@
+"""The healthy pretraining corpus: cell types from co-expressed programs over the sci-Plex-like genes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline import synth, synth_genes
+from pipeline.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return synth.make_corpus(n_cells=1200, seed=0, preset="thesis")
+
+
+def test_corpus_layout_and_universe(corpus):
+    assert corpus.n_obs == 1200
+    assert list(corpus.obs.columns) == ["cell_type", "n_counts", "ngenes", "percent_mito", "percent_ribo"]
+    assert set(corpus.obs["cell_type"]) == set(synth_genes.CELL_TYPE_MARKERS)
+    assert corpus.X.format == "csr" and corpus.X.dtype == np.int32
+    # same genes, same order as the sci-Plex-like data of the preset: the pretrained vocabulary covers it
+    assert corpus.var.equals(synth.gene_universe("thesis"))
+    assert corpus.var.equals(synth.make_sciplex_like(scale=0.02, preset="thesis", seed=5).var)
+    med = np.median(corpus.obs["ngenes"])
+    assert 0.7 * 680 < med < 1.3 * 680
+
+
+def test_each_type_expresses_its_markers(corpus):
+    x = corpus.X
+    libs = np.asarray(x.sum(axis=1)).ravel()
+    types = corpus.obs["cell_type"].astype(str).to_numpy()
+    names = list(synth_genes.CELL_TYPE_MARKERS)
+    for name, markers in synth_genes.CELL_TYPE_MARKERS.items():
+        cols = corpus.var.index.get_indexer([synth_genes.GENE_IDS[s] for s in markers])
+        score = [np.asarray(x[types == t][:, cols].sum(axis=1)).ravel().sum() / libs[types == t].sum() for t in names]
+        assert names[int(np.argmax(score))] == name
+
+
+def test_state_programs_are_co_expressed(corpus):
+    """Two halves of a program correlate across cells (the gene-gene structure pretraining learns);
+    two halves of as many random genes do not."""
+    x = corpus.X
+    libs = np.asarray(x.sum(axis=1)).ravel()
+    rng = np.random.default_rng(0)
+
+    def half_correlation(cols):
+        expr = np.log1p(1e4 * x[:, cols].toarray() / libs[:, None])
+        h = len(cols) // 2
+        return np.corrcoef(expr[:, :h].mean(axis=1), expr[:, h:].mean(axis=1))[0, 1]
+
+    for program, syms in synth_genes.STATE_PROGRAMS.items():
+        cols = corpus.var.index.get_indexer([synth_genes.GENE_IDS[s] for s in syms])
+        others = rng.choice(np.setdiff1d(np.arange(corpus.n_vars), cols), size=len(cols), replace=False)
+        within, control = half_correlation(cols), half_correlation(others)
+        assert within > 0.25 and within > abs(control) + 0.15, (program, within, control)
+
+
+def test_corpus_truth_and_determinism(corpus):
+    truth = synth.ground_truth(corpus)
+    assert truth["kind"] == "corpus" and truth["seed"] == 0
+    assert truth["cell_types"]["name"] == list(synth_genes.CELL_TYPE_MARKERS)
+    assert set(truth["state_programs"]) == set(synth_genes.STATE_PROGRAMS)
+    a = synth.make_corpus(n_cells=80, seed=2, preset="thesis", n_types=3)
+    b = synth.make_corpus(n_cells=80, seed=2, preset="thesis", n_types=3)
+    assert (a.X != b.X).nnz == 0 and a.obs.equals(b.obs)
+    assert set(a.obs["cell_type"]) == set(list(synth_genes.CELL_TYPE_MARKERS)[:3])
+
+
+def test_corpus_bad_arguments():
+    with pytest.raises(InputError, match="n_types"):
+        synth.make_corpus(n_cells=10, n_types=20)
+    with pytest.raises(InputError, match="n_cells"):
+        synth.make_corpus(n_cells=0)
