@@ -261,6 +261,20 @@ def training_curves(st, run: dict) -> dict[str, list[Curve]]:
     return out
 
 
+def compared_models(run: dict) -> tuple[str, str]:
+    """The two training modes an analysis run compares: from its config, else its name ("x: a vs b")."""
+    import re
+
+    cfg = run_config(run)
+    a = cfg.get("a") or cfg.get("model_a") or cfg.get("mode_a")
+    b = cfg.get("b") or cfg.get("model_b") or cfg.get("mode_b")
+    if not (a and b):
+        match = re.search(r"(\S+)\s+vs\.?\s+(\S+)\s*$", str(run.get("name") or ""))
+        if match:
+            a, b = a or match.group(1), b or match.group(2)
+    return str(a or "model a"), str(b or "model b")
+
+
 def reduce_rank_vector(values: np.ndarray) -> np.ndarray:
     """Per-rank vectors may carry (layer, head, rank) axes: sum the heads and layers away."""
     v = np.asarray(values, dtype=float)

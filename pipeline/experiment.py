@@ -297,7 +297,8 @@ def _guess_version(model_dir: Path) -> str:
 def embedded_model_dir(ctx: Context) -> Path:
     """Pretrain the embedded default's model on the synthetic healthy corpus, once per configuration."""
     pcfg = dict(ctx.cfg["pretrain"])
-    key = _digest({"pretrain": pcfg, "seed": ctx.seed, "v": 1})
+    preset = ctx.cfg["data"]["synth_preset"]
+    key = _digest({"pretrain": pcfg, "preset": preset, "seed": ctx.seed, "v": 1})
     out = ctx.cache / "models" / f"embedded-{key}"
     if (out / "config.json").is_file():
         ctx.rep.line(f"embedded model cached at {out}")
@@ -309,7 +310,8 @@ def embedded_model_dir(ctx: Context) -> Path:
     from pipeline.tokenize import build_vocabulary, tokenize_anndata
 
     ctx.rep.line(f"pretraining the embedded model on a synthetic corpus of {pcfg['corpus_cells']} cells")
-    corpus = make_corpus(n_cells=int(pcfg["corpus_cells"]), seed=ctx.seed)
+    # the corpus shares the synthetic data's gene universe, so the vocabulary covers the data
+    corpus = make_corpus(n_cells=int(pcfg["corpus_cells"]), seed=ctx.seed + 1, preset=preset)
     dicts = build_vocabulary(corpus)
     corpus_ds, _ = tokenize_anndata(corpus, dicts, max_len=int(pcfg["max_len"]))
     tmp = out.with_name(out.name + f".{os.getpid()}.tmp")

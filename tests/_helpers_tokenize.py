@@ -187,3 +187,56 @@ def reference_for_adata(adata, raw, *, max_len=None, n_counts_column="n_counts",
         adata.X, list(adata.obs_names), adata.obs[n_counts_column].to_numpy(), gene_ids, raw,
         max_len=max_len, filter_pass=fp,
     )
+
+
+def tiny_vocabulary(n_genes=40, *, version="V1", seed=0, symbols=True):
+    """A small Geneformer-style dictionary set: Ensembl IDs, tokens, medians, symbols, identity mapping."""
+    rng = np.random.default_rng(seed)
+    genes = [f"ENSG{500_000 + i:011d}" for i in range(n_genes)]
+    tok = {"<pad>": 0, "<mask>": 1}
+    if version == "V2":
+        tok.update({"<cls>": 2, "<eos>": 3})
+    tok.update({g: len(tok) + i for i, g in enumerate(genes)})
+    med = {g: float(m) for g, m in zip(genes, rng.lognormal(0.3, 0.7, size=n_genes))}
+    names = {f"GENE{i}": g for i, g in enumerate(genes)} if symbols else {}
+    return {"version": version, "token": tok, "median": med, "names": names, "mapping": {g: g for g in genes}}
+
+
+def write_vocabulary(raw: dict, directory) -> dict:
+    """Pickle a vocabulary as plain dicts; returns the file paths by kind."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for kind, key in (("token_dictionary", "token"), ("gene_median_dictionary", "median"),
+                      ("gene_name_id_dict", "names"), ("ensembl_mapping_dict", "mapping")):
+        p = directory / f"{kind}.pkl"
+        with open(p, "wb") as fh:
+            pickle.dump(raw[key], fh)
+        paths[kind] = p
+    return paths
+
+
+def tiny_counts_adata(raw: dict, *, n_cells=30, seed=0, detected=(3, 30), dtype=np.float32, n_counts=True):
+    """Random raw counts over a tiny vocabulary's genes (var index: Ensembl IDs)."""
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(seed)
+    genes = [g for g in raw["token"] if not g.startswith("<")]
+    n = len(genes)
+    rows, cols, vals = [], [], []
+    for i in range(n_cells):
+        k = int(rng.integers(detected[0], min(detected[1], n) + 1))
+        c = rng.choice(n, size=k, replace=False)
+        rows += [i] * k
+        cols += list(c)
+        vals += list(rng.integers(1, 40, size=k))
+    X = sp.csr_matrix((np.array(vals, dtype=dtype), (rows, cols)), shape=(n_cells, n))
+    obs = pd.DataFrame(
+        {"label": pd.Categorical(rng.choice(["a", "b"], size=n_cells)), "dose": rng.choice([1.0, 10.0], size=n_cells)},
+        index=[f"c{i}" for i in range(n_cells)],
+    )
+    if n_counts:
+        obs["n_counts"] = np.asarray(X.sum(axis=1)).ravel() + rng.integers(0, 100, size=n_cells)
+    return ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=genes))

@@ -229,6 +229,8 @@ def test_bad_arguments():
         synth.make_sciplex_like(scale=0.01, length_effect=-1)
     with pytest.raises(InputError, match="n_genes"):
         synth.make_sciplex_like(scale=0.01, n_genes=100)
+    with pytest.raises(InputError, match="too small for preset 'thesis'"):
+        synth.make_sciplex_like(scale=0.01, preset="thesis", n_genes=1000)
     with pytest.raises(InputError, match="not a directory"):
         synth.make_sciplex_like(scale=0.01, geneformer_dir="/nonexistent/geneformer")
 

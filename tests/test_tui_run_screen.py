@@ -3,7 +3,10 @@ and the comparison of two runs."""
 
 from __future__ import annotations
 
+import io
+
 import pytest
+from rich.console import Console
 from _helpers_tui import make_app, settle, tui_store  # noqa: F401  (fixture)
 from textual.widgets import DataTable, Input, OptionList, RichLog, Static
 
@@ -37,8 +40,15 @@ async def show_tab(pilot, key: str) -> None:
 
 
 def static_text(widget: Static) -> str:
-    renderable = widget.render()
-    return getattr(renderable, "plain", None) or str(renderable)
+    """What a Static shows, as plain text (rich renderables printed wide enough not to wrap)."""
+    content = widget.content
+    if isinstance(content, str):
+        return content
+    if hasattr(content, "plain"):
+        return content.plain
+    console = Console(width=400, file=io.StringIO(), record=True, color_system=None)
+    console.print(content)
+    return console.export_text()
 
 
 @pytest.mark.asyncio

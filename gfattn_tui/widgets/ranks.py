@@ -11,22 +11,21 @@ from textual.widgets import Select, Static
 from textual_plotext import PlotextPlot
 
 from gfattn_tui.messages import Loaded
-from gfattn_tui.results import collect_scope, histogram_axis, reduce_rank_vector, run_config
+from gfattn_tui.results import collect_scope, compared_models, histogram_axis, reduce_rank_vector
 from gfattn_tui.widgets.analysis_picker import AnalysisPicker
 from gfattn_tui.widgets.store_view import RunView
 
 
 def read_ranks(st, run_id: int, analysis_id: int | None) -> dict:
     scope = collect_scope(st, run_id)
-    analyses = [{"id": a["id"], "name": a.get("name"), "config": run_config(a)} for a in scope.analyses]
+    analyses = [{"id": a["id"], "name": a.get("name")} for a in scope.analyses]
     ids = [a["id"] for a in analyses]
     chosen = analysis_id if analysis_id in ids else (ids[0] if ids else None)
     out: dict = {"analyses": analyses, "chosen": chosen, "a": None, "b": None, "diff": None, "diff_name": "",
                  "hist": None, "hist_meta": {}, "median": None, "names": ("model a", "model b")}
     if chosen is None:
         return out
-    cfg = next((a["config"] for a in analyses if a["id"] == chosen), {})
-    out["names"] = (str(cfg.get("a") or cfg.get("model_a") or "model a"), str(cfg.get("b") or cfg.get("model_b") or "model b"))
+    out["names"] = compared_models(st.get_run(chosen))
     names = set(st.vector_names(chosen))
     if "rank_received_a" in names:
         out["a"] = reduce_rank_vector(st.vector(chosen, "rank_received_a"))

@@ -80,11 +80,11 @@ def run(args) -> int:
     obs_columns = [c.strip() for c in args.obs_columns.split(",") if c.strip()]
     dicts = load_dictionaries(args)
 
-    import datasets
+    import os
 
     from pipeline.tokenize import tokenize_to_disk
 
-    datasets.disable_progress_bars()
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     report = tokenize_to_disk(
         data,
         dicts,
