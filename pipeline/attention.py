@@ -44,7 +44,7 @@ import torch
 from pipeline.batching import length_grouped_batches, pad_batch
 
 STREAMING_ATTENTION = "gfattn_streaming"
-DEFAULT_BLOCK_ELEMENTS = 1 << 23  # attention entries per query block: 32 MiB in float32
+DEFAULT_BLOCK_ELEMENTS = 1 << 22  # attention entries per query block: 16 MiB in float32
 
 _ACTIVE = threading.local()
 
@@ -450,12 +450,6 @@ class _Model:
         return self.base.embeddings(input_ids=ids)
 
 
-def _padding_bias(mask: torch.Tensor, dtype) -> torch.Tensor:
-    """The additive key-padding mask of HF's eager attention (0 / finfo.min), shaped (B, 1, 1, L)."""
-    return torch.where(mask.bool(), torch.zeros((), dtype=dtype, device=mask.device),
-                       torch.finfo(dtype).min)[:, None, None, :]
-
-
 def _value_gram(value: torch.Tensor, w_out: torch.Tensor, block_elements: int) -> torch.Tensor:
     """G[b, j, h, g] = <f_h(x_j), f_g(x_j)> with f_h(x_j) = v_jh W_O,h^T, computed in blocks of positions."""
     B, H, L, d = value.shape
@@ -468,32 +462,40 @@ def _value_gram(value: torch.Tensor, w_out: torch.Tensor, block_elements: int) -
     return gram
 
 
-def _summed_norm_torch(p: torch.Tensor, gram2: torch.Tensor) -> torch.Tensor:
-    """sum over (i, j) of sqrt(sum_{h,g} p[b,h,i,j] G[b,j,h,g] p[b,g,i,j]) per cell, with plain tensor ops.
+def _reduce_block_torch(p, gram2, m_block, colsum, sq, summed, other=None, dot=None):
+    """Reductions of one block of attention rows p (B, H, c, L), with tensor operations (any device).
 
-    `gram2` is (B, H, H, L): G with its off-diagonal entries doubled, so that the quadratic form of the
-    symmetric G is sum_h p_h (G_hh p_h + sum_{g<h} 2 G_hg p_g) (H (H + 1) / 2 products, not H^2).
+    Adds sum_i m_i p_ij to colsum, sum_i m_i sum_j p_ij^2 to sq, sum_{i,j} m_i ||sum_h p^h_ij f_h(x_j)||
+    to summed and, for a pair, sum_i m_i sum_j p_ij other_ij to dot. `gram2` is (B, H, H, L): G with its
+    off-diagonal entries doubled, so that the quadratic form of the symmetric G is
+    sum_h p_h (G_hh p_h + sum_{g<h} 2 G_hg p_g), H (H + 1) / 2 products rather than H^2.
     """
-    H = p.shape[1]
+    B, H, c, L = p.shape
+    pm = p * m_block[:, None, :, None]
+    colsum += pm.sum(2).to(torch.float64)
+    flat = pm.reshape(B * H, 1, c * L)
+    sq += torch.bmm(flat, flat.transpose(1, 2)).view(B, H).to(torch.float64)
+    if other is not None:
+        dot += torch.bmm(other.reshape(B * H, 1, c * L), flat.transpose(1, 2)).view(B, H).to(torch.float64)
     g2 = gram2.unsqueeze(3)  # (B, H, H, 1, L): broadcast over query rows
     s = None
     for h in range(H):
-        y = p[:, h] * g2[:, h, h]
+        y = pm[:, h] * g2[:, h, h]
         for g in range(h):
-            y = torch.addcmul(y, p[:, g], g2[:, h, g])
-        s = p[:, h] * y if s is None else torch.addcmul(s, p[:, h], y)
-    return s.clamp_min_(0).sqrt_().sum((1, 2))
+            y = torch.addcmul(y, pm[:, g], g2[:, h, g])
+        s = pm[:, h] * y if s is None else torch.addcmul(s, pm[:, h], y)
+    summed += s.clamp_min_(0).sqrt_().sum((1, 2)).to(torch.float64)
 
 
 _NUMBA_KERNEL = None
 
 
-def _numba_summed_norm():
-    """The same reduction as `_summed_norm_torch` as one CPU pass over the block (numba), or None.
+def _numba_reduce_block():
+    """`_reduce_block_torch` as a single CPU pass over the block (numba), or None without numba.
 
-    On CPU the tensor version streams the block through memory H (H + 1) / 2 + H times; this kernel reads
-    it once, keeps s_ij in a row buffer and skips padded rows and columns. Accumulation is in the block's
-    dtype per row and float64 across rows.
+    The tensor version streams each block through memory about H (H + 1) / 2 + H times; this kernel
+    reads it once, in tiles of key columns that stay in cache, and skips padded query rows and keys.
+    Products are taken in the block's dtype and accumulated in float64.
     """
     global _NUMBA_KERNEL
     if _NUMBA_KERNEL is None:
@@ -503,130 +505,205 @@ def _numba_summed_norm():
             _NUMBA_KERNEL = False
             return None
 
-        @numba.njit(parallel=True, cache=True)
-        def summed_norm_rows(p, gram2, rows, keys, out):  # pragma: no cover - compiled
-            B, H, C, _ = p.shape
-            part = np.zeros((B, C))
-            for bi in numba.prange(B * C):
-                b = bi // C
-                i = bi % C
-                if i >= rows[b]:
+        # reassociation lets LLVM vectorise the row sums; no assumptions about NaN or infinities are made
+        @numba.njit(parallel=True, cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
+        def reduce_block(p, gram2, rows, keys, colsum, sq, summed, other, dot):  # pragma: no cover - compiled
+            B, H, _, _ = p.shape
+            tile = 256
+            n_tiles = (colsum.shape[2] + tile - 1) // tile
+            paired = other.shape[0] > 0
+            part_sq = np.zeros((B, n_tiles, H))
+            part_dot = np.zeros((B, n_tiles, H))
+            part_sum = np.zeros((B, n_tiles))
+            for task in numba.prange(B * n_tiles):
+                b = task // n_tiles
+                t = task % n_tiles
+                j0 = t * tile
+                w = min(keys[b], j0 + tile) - j0
+                if w <= 0:
                     continue
-                n = keys[b]
-                s = np.zeros(n, dtype=p.dtype)
-                y = np.empty(n, dtype=p.dtype)
+                s = np.empty(w, dtype=p.dtype)
+                y = np.empty(w, dtype=p.dtype)
+                cs = np.zeros((H, w))
+                for i in range(rows[b]):
+                    s[:] = 0
+                    for h in range(H):
+                        for jj in range(w):
+                            y[jj] = gram2[b, h, h, j0 + jj] * p[b, h, i, j0 + jj]
+                        for g in range(h):
+                            for jj in range(w):
+                                y[jj] += gram2[b, h, g, j0 + jj] * p[b, g, i, j0 + jj]
+                        for jj in range(w):
+                            s[jj] += p[b, h, i, j0 + jj] * y[jj]
+                    acc = 0.0
+                    for jj in range(w):
+                        if s[jj] > 0:
+                            acc += np.sqrt(s[jj])
+                    part_sum[b, t] += acc
+                    for h in range(H):
+                        a2 = 0.0
+                        for jj in range(w):
+                            v = p[b, h, i, j0 + jj]
+                            cs[h, jj] += v
+                            a2 += v * v
+                        part_sq[b, t, h] += a2
+                        if paired:
+                            ad = 0.0
+                            for jj in range(w):
+                                ad += p[b, h, i, j0 + jj] * other[b, h, i, j0 + jj]
+                            part_dot[b, t, h] += ad
                 for h in range(H):
-                    for j in range(n):
-                        y[j] = gram2[b, h, h, j] * p[b, h, i, j]
-                    for g in range(h):
-                        for j in range(n):
-                            y[j] += gram2[b, h, g, j] * p[b, g, i, j]
-                    for j in range(n):
-                        s[j] += p[b, h, i, j] * y[j]
-                acc = 0.0
-                for j in range(n):
-                    if s[j] > 0:
-                        acc += np.sqrt(s[j])
-                part[b, i] = acc
+                    for jj in range(w):
+                        colsum[b, h, j0 + jj] += cs[h, jj]
             for b in range(B):
-                out[b] += part[b].sum()
+                summed[b] += part_sum[b].sum()
+                for h in range(H):
+                    sq[b, h] += part_sq[b, :, h].sum()
+                    if paired:
+                        dot[b, h] += part_dot[b, :, h].sum()
 
-        _NUMBA_KERNEL = summed_norm_rows
+        _NUMBA_KERNEL = reduce_block
     return _NUMBA_KERNEL or None
+
+
+def _project(self_attention, hidden: torch.Tensor):
+    """Queries, keys and values of a BERT self-attention module, shaped (B, H, L, d) as HF computes them."""
+    B, L, _ = hidden.shape
+    shape = (B, L, -1, self_attention.attention_head_size)
+    q = self_attention.query(hidden).view(shape).transpose(1, 2)
+    k = self_attention.key(hidden).view(shape).transpose(1, 2)
+    v = self_attention.value(hidden).view(shape).transpose(1, 2)
+    return q, k, v
 
 
 # ----------------------------------------------------------------------------------------- engine
 class _StreamingEngine:
-    """Runs the models layer by layer over one padded batch and reduces attention block by block."""
+    """Runs the models layer by layer over one padded batch and reduces attention block by block.
+
+    For a pair, model A's attention call also projects model B's queries, keys and values for the same
+    layer (from B's hidden state, with B's own modules) and walks both models' attention through the same
+    blocks of query rows, so the cosine needs neither model's full matrix. Model B's attention call then
+    returns the output computed for it, after checking that B's layer produced the same value vectors.
+    """
 
     def __init__(self, models: list[_Model], acc: _Accumulators, block_elements: int, kernel: str = "auto"):
+        if kernel not in ("auto", "torch", "numba"):
+            raise ValueError(f"kernel must be auto, torch or numba, not {kernel!r}")
         self.models = models
         self.acc = acc
         self.block_elements = block_elements
         self.kernel = kernel
         self.current: tuple[int, int] | None = None
-        self.batch = None
-        self.stash = None
+        self.batch: dict | None = None
+        self.hidden: list | None = None
+        self.pending = None
         self.layer_out: list[dict] = []
 
     def run_batch(self, ids, mask, cells, groups):
-        work = self.models[0].w_out[0].dtype
-        bias = _padding_bias(mask, work)
         lengths = mask.sum(1)
-        self.batch = dict(ids=ids, mask=mask, m=mask.to(work), cells=cells, groups=groups,
+        self.batch = dict(ids=ids, mask=mask, cells=cells, groups=groups,
                           lengths=lengths.cpu().numpy().astype(np.int64))
         self.acc.add_tokens(ids, mask, cells, groups)
-        hidden = [m.embed(ids) for m in self.models]
+        self.hidden = [m.embed(ids) for m in self.models]
         for layer in range(len(self.models[0].layers)):
             self.layer_out = []
             for k, model in enumerate(self.models):
                 self.current = (k, layer)
-                out = model.layers[layer](hidden[k], attention_mask=bias)
-                hidden[k] = out[0] if isinstance(out, tuple) else out
+                # key padding is applied inside `attend` from the batch's lengths, so no mask tensor is passed
+                out = model.layers[layer](self.hidden[k], attention_mask=None)
+                self.hidden[k] = out[0] if isinstance(out, tuple) else out
+            if self.pending is not None:
+                raise RuntimeError("model B's layer did not run its attention through the streaming function")
             self._finish_layer(layer)
-        self.current = self.stash = self.batch = None
+        self.current = self.batch = self.hidden = None
 
     def _use_numba(self, device) -> bool:
         if self.kernel == "torch" or device.type != "cpu":
             return False
-        kernel = _numba_summed_norm()
+        kernel = _numba_reduce_block()
         if kernel is None and self.kernel == "numba":
             raise RuntimeError("numba is not available")
         return kernel is not None
 
     def attend(self, module, query, key, value, attention_mask, scaling):
         k, layer = self.current
+        if k == 1 and self.pending is not None:
+            out_b, value_b = self.pending
+            self.pending = None
+            if value.shape != value_b.shape or not torch.equal(value, value_b):
+                raise RuntimeError("model B's layer computed other value vectors than the engine projected")
+            return out_b
+        d = query.shape[-1]
+        sides = [(k, query, key, value, d**-0.5 if scaling is None else scaling)]
+        if len(self.models) == 2:
+            sa_b = self.models[1].layers[layer].attention.self
+            q_b, k_b, v_b = _project(sa_b, self.hidden[1])
+            sides.append((1, q_b, k_b, v_b, getattr(sa_b, "scaling", d**-0.5)))
+        outs = self._reduce_layer(layer, sides)
+        if len(sides) == 2:
+            self.pending = (outs[1], sides[1][3])
+        return outs[0]
+
+    def _reduce_layer(self, layer, sides):
         b = self.batch
-        B, H, L, d = query.shape
-        if scaling is None:
-            scaling = d**-0.5
-        device = query.device
+        B, H, L, d = sides[0][1].shape
+        device = sides[0][1].device
         # bfloat16/float16 scores are reduced in float32; float32 and float64 stay exact to eager.
-        red = query.dtype if query.dtype in (torch.float32, torch.float64) else torch.float32
-        model = self.models[k]
-        gram = _value_gram(value.to(red), model.w_out[layer].to(red), self.block_elements)  # (B, L, H, H)
-        fnorm = torch.diagonal(gram, dim1=-2, dim2=-1).clamp_min(0).sqrt().permute(0, 2, 1)  # (B, H, L)
-        off = torch.full((H, H), 2.0, dtype=red, device=device).fill_diagonal_(1.0)
-        gram2 = (gram * off).permute(0, 2, 3, 1).contiguous()  # (B, H, H, L)
-        del gram
-        use_numba = self._use_numba(device)
-        m = b["m"].to(red)
+        dtype = sides[0][1].dtype
+        red = dtype if dtype in (torch.float32, torch.float64) else torch.float32
         lengths = b["lengths"]
-        key_t = key.transpose(-1, -2)
-        colsum = torch.zeros(B, H, L, dtype=torch.float64, device=device)
-        sq = torch.zeros(B, H, dtype=torch.float64, device=device)
-        summed = torch.zeros(B, dtype=torch.float64, device=device)
-        summed_np = np.zeros(B) if use_numba else None
-        paired = len(self.models) == 2 and k == 1
-        dot = torch.zeros(B, H, dtype=torch.float64, device=device) if paired else None
-        out = torch.empty_like(query)
+        pad_cols = [(i, int(n)) for i, n in enumerate(lengths) if n < L]
+        use_numba = self._use_numba(device)
+        m = b["mask"].to(red)
+        off = torch.full((H, H), 2.0, dtype=red, device=device).fill_diagonal_(1.0)
+        states = []
+        for k, q, key, v, scaling in sides:
+            gram = _value_gram(v.to(red), self.models[k].w_out[layer].to(red), self.block_elements)
+            st = dict(
+                k=k, scaling=scaling,
+                # (B*H, L, d) contiguous once per layer, so that every block's GEMM reads them without a copy
+                q3=q.reshape(B * H, L, d), k3t=key.reshape(B * H, L, d).transpose(1, 2), v3=v.reshape(B * H, L, d),
+                fnorm=torch.diagonal(gram, dim1=-2, dim2=-1).clamp_min(0).sqrt().permute(0, 2, 1),
+                gram2=(gram * off).permute(0, 2, 3, 1).contiguous(),
+                out=torch.empty(B * H, L, d, dtype=v.dtype, device=device),
+                colsum=torch.zeros(B, H, L, dtype=torch.float64, device=device),
+                sq=torch.zeros(B, H, dtype=torch.float64, device=device),
+                summed=torch.zeros(B, dtype=torch.float64, device=device),
+                dot=torch.zeros(B, H, dtype=torch.float64, device=device),
+            )
+            del gram
+            states.append(st)
+        if use_numba:
+            kernel = _numba_reduce_block()
+            views = [{name: st[name].numpy() for name in ("gram2", "colsum", "sq", "summed", "dot")} for st in states]
+            no_other = np.zeros((0, 0, 0, 0), dtype=np.float32 if red == torch.float32 else np.float64)
         rows = max(1, self.block_elements // max(1, B * H * L))
         for i0 in range(0, L, rows):
             i1 = min(L, i0 + rows)
-            p = _block_probs(query[:, :, i0:i1], key_t, attention_mask, i0, i1, scaling, red)
-            out[:, :, i0:i1] = torch.matmul(p.to(value.dtype), value)
-            if i1 > int(lengths.min()):  # the block holds padded query rows: weight rows by m_i
-                p.mul_(m[:, None, i0:i1, None])
-            colsum += p.sum(2, dtype=torch.float64)
-            flat = p.view(B * H, 1, -1)
-            sq += torch.bmm(flat, flat.transpose(1, 2)).view(B, H).to(torch.float64)
+            probs = []
+            for st in states:
+                p = _block_probs(st["q3"][:, i0:i1], st["k3t"], pad_cols, st["scaling"], red, B)
+                torch.bmm(p.view(B * H, i1 - i0, L).to(st["v3"].dtype), st["v3"], out=st["out"][:, i0:i1])
+                probs.append(p)
             if use_numba:
                 real_rows = np.clip(lengths - i0, 0, i1 - i0)
-                _numba_summed_norm()(p.numpy(), gram2.numpy(), real_rows, lengths, summed_np)
+                for s, (st, p) in enumerate(zip(states, probs)):
+                    vw = views[s]
+                    other = probs[0].numpy() if s == 1 else no_other
+                    kernel(p.numpy(), vw["gram2"], real_rows, lengths, vw["colsum"], vw["sq"], vw["summed"],
+                           other, vw["dot"])
             else:
-                summed += _summed_norm_torch(p, gram2).to(torch.float64)
-            if paired:
-                qa, ka_t, mask_a, scale_a = self.stash
-                pa = _block_probs(qa[:, :, i0:i1], ka_t, mask_a, i0, i1, scale_a, red)
-                dot += torch.bmm(pa.view(B * H, 1, -1), flat.transpose(1, 2)).view(B, H).to(torch.float64)
-                del pa
-            del p, flat
-        if use_numba:
-            summed += torch.from_numpy(summed_np)
-        if len(self.models) == 2 and k == 0:
-            self.stash = (query, key_t, attention_mask, scaling)
-        self.layer_out.append(dict(colsum=colsum, sq=sq, summed=summed, fnorm=fnorm.to(torch.float64), dot=dot))
-        return out.transpose(1, 2).contiguous()
+                m_block = m[:, i0:i1]
+                for s, (st, p) in enumerate(zip(states, probs)):
+                    _reduce_block_torch(p, st["gram2"], m_block, st["colsum"], st["sq"], st["summed"],
+                                        other=probs[0] if s == 1 else None, dot=st["dot"])
+            del probs, p
+        outs = []
+        for st in states:
+            self.layer_out.append(dict(colsum=st["colsum"], sq=st["sq"], summed=st["summed"],
+                                       fnorm=st["fnorm"].to(torch.float64), dot=st["dot"]))
+            outs.append(st["out"].view(B, H, L, d).transpose(1, 2).contiguous())
+        return outs
 
     def _finish_layer(self, layer):
         b = self.batch
@@ -637,23 +714,24 @@ class _StreamingEngine:
             sq_a, sq_b, dot = self.layer_out[0]["sq"], self.layer_out[1]["sq"], self.layer_out[1]["dot"]
             self.acc.set_cosine(layer, b["cells"], dot / torch.sqrt(sq_a * sq_b))
         self.layer_out = []
-        self.stash = None
 
 
-def _block_probs(q_block, key_t, attention_mask, i0, i1, scaling, red):
-    """Eager attention probabilities of query rows i0:i1: softmax(q k^T * scaling + mask)."""
-    B, H, c, d = q_block.shape
+def _block_probs(q_block, key_t, pad_cols, scaling, red, batch):
+    """Eager attention probabilities softmax(q k^T * scaling + key-padding mask) of a block of query rows.
+
+    q_block: (B*H, c, d); key_t: (B*H, d, L); pad_cols: (cell, real length) for cells with padded keys.
+    HF's eager mask adds finfo.min to padded keys, which makes their probability exactly 0; filling those
+    scores with -inf gives the same probabilities without a pass over the whole block.
+    Returns (B, H, c, L) in `red`.
+    """
+    BH, c, d = q_block.shape
     L = key_t.shape[-1]
-    if attention_mask is not None and attention_mask.shape[-2] == 1 and q_block.dtype == red:
-        # one GEMM that applies the scaling and adds the key-padding bias
-        bias = attention_mask.to(red).expand(B, H, 1, L).reshape(B * H, 1, L)
-        scores = torch.baddbmm(bias, q_block.reshape(B * H, c, d), key_t.reshape(B * H, d, L), alpha=scaling)
-        scores = scores.view(B, H, c, L)
-    else:
-        scores = torch.matmul(q_block, key_t).to(red) * scaling
-        if attention_mask is not None:
-            mask = attention_mask if attention_mask.shape[-2] == 1 else attention_mask[..., i0:i1, :]
-            scores = scores + mask.to(red)
+    if q_block.dtype != red:
+        q_block, key_t = q_block.to(red), key_t.to(red)
+    scores = torch.baddbmm(q_block.new_empty(()).expand(BH, c, L), q_block, key_t, beta=0.0, alpha=scaling)
+    scores = scores.view(batch, BH // batch, c, L)
+    for cell, n in pad_cols:
+        scores[cell, :, :, n:] = float("-inf")
     return torch.softmax(scores, dim=-1)
 
 
@@ -766,6 +844,7 @@ def analyze_attention(
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
     cell_curves: bool = True,
     shard: tuple[int, int] | None = None,
+    kernel: str = "auto",
 ) -> AttentionResult:
     """Analyses 1-4 of one model (or two that share a tokenization) over every cell of `dataset`.
 
@@ -774,7 +853,9 @@ def analyze_attention(
     and moved to `device`/`dtype` in place (float32 or float64; bfloat16 on CUDA reduces in float32).
     `special_ids` (V2's <cls>/<eos>, pad, mask) are kept in per-rank curves and marked, and left out of
     gene tables downstream. `progress(done_cells, total_cells)` is called after each batch.
-    `block_elements` bounds the attention entries alive at once (query rows per block follow from it).
+    `block_elements` bounds the attention entries alive at once per model (query rows per block follow
+    from it). `kernel`: "auto" reduces blocks with a numba kernel on CPU and tensor operations elsewhere;
+    "torch" or "numba" force one.
     `shard=(rank, world)` processes every world-th batch only; without it, an initialised
     `torch.distributed` group shards the batches and the sums are all-reduced, so every rank returns the
     full result. Results of shards add up with `AttentionResult.merge`.
@@ -786,7 +867,7 @@ def analyze_attention(
     distributed = shard is None and _shard()[1] > 1
     batches = _batches(cells, batch_size, shard or _shard())
     _register_attention()
-    engine = _StreamingEngine(models, acc, int(block_elements))
+    engine = _StreamingEngine(models, acc, int(block_elements), kernel=kernel)
     total = int(sum(len(b) for b in batches))
     done = 0
     groups_t = torch.as_tensor(np.maximum(cells.groups, 0), device=device)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from pipeline import __version__
@@ -73,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     parser, module = build_parser(name)
     args = parser.parse_args(argv[1:])
+    # gfattn reports its own progress; library progress bars would interleave with it, and a run
+    # never reaches for a model hub (users bring local checkpoints)
+    for var in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.setdefault(var, "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return int(module.run(args) or 0)
     except InputError as exc:

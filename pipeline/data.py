@@ -43,8 +43,9 @@ GENE_ID_COLUMNS = (
 
 MIN_MAPPED_FRACTION = 0.5
 
-# An Ensembl gene ID, optionally with a version suffix (group 1: the ID without it).
-_ENSEMBL_RE = re.compile(r"^(ENS[A-Z]*G\d{6,})(?:\.\d+)?$", re.IGNORECASE)
+# An Ensembl gene ID, optionally with a version suffix (group 1: the ID without it), in upper case.
+_ENSEMBL_RE = re.compile(r"^(ENS[A-Z]*G[0-9]{6,})(?:\.[0-9]+)?$")
+_ENSEMBL_UPPER = _ENSEMBL_RE.match
 
 
 # ------------------------------------------------------------------------------------------------
@@ -68,31 +69,59 @@ class LazyFrame:
     @property
     def index(self):
         if self._index is None:
-            import anndata.io as aio
             import pandas as pd
 
-            key = self._g.attrs.get("_index", "_index")
-            key = key.decode() if isinstance(key, bytes) else key
-            self._index = pd.Index(aio.read_elem(self._g[key]))
+            key = _attr(self._g, "_index", "_index")
+            self._index = pd.Index(read_h5_elem(self._g[key]))
         return self._index
 
     def __len__(self) -> int:
         return len(self.index)
 
     def __getitem__(self, name: str):
-        import anndata.io as aio
         import pandas as pd
 
         if name not in self.columns:
             raise KeyError(name)
         if name not in self._cache:
-            self._cache[name] = pd.Series(aio.read_elem(self._g[name]), index=self.index, name=name)
+            self._cache[name] = pd.Series(read_h5_elem(self._g[name]), index=self.index, name=name)
         return self._cache[name]
 
     def to_dataframe(self):
         import pandas as pd
 
         return pd.DataFrame({c: self[c] for c in self.columns}, index=self.index)
+
+
+def read_h5_elem(elem):
+    """One obs/var column (or index) of an .h5ad file, read with h5py alone.
+
+    Covers the AnnData encodings columns use (arrays, string arrays, categoricals, nullable
+    integers/booleans/strings); anything else is handed to anndata's own reader.
+    """
+    import h5py
+
+    enc = _attr(elem, "encoding-type")
+    if isinstance(elem, h5py.Dataset):
+        if enc in ("array", "string-array", "") and elem.ndim == 1:
+            if h5py.check_string_dtype(elem.dtype) is not None:
+                return np.asarray(elem.asstr()[...], dtype=object)
+            if elem.dtype.kind in "biuf":
+                return elem[...]
+    elif enc == "categorical":
+        import pandas as pd
+
+        categories = read_h5_elem(elem["categories"])
+        return pd.Categorical.from_codes(elem["codes"][...], categories=categories,
+                                         ordered=bool(elem.attrs.get("ordered", False)))
+    elif enc in ("nullable-integer", "nullable-boolean"):
+        import pandas as pd
+
+        values, mask = elem["values"][...], elem["mask"][...].astype(bool)
+        return (pd.arrays.IntegerArray if enc == "nullable-integer" else pd.arrays.BooleanArray)(values, mask)
+    import anndata.io as aio
+
+    return aio.read_elem(elem)
 
 
 class _H5CSRRows:
@@ -232,7 +261,6 @@ def _attr(obj, key, default=""):
 
 
 def _open_h5ad_lazily(path: Path, f, layer: str | None) -> CountMatrix:
-    import anndata.io as aio
     import h5py
 
     for key in ("obs", "var"):
@@ -258,6 +286,8 @@ def _open_h5ad_lazily(path: Path, f, layer: str | None) -> CountMatrix:
             matrix = _H5CSRRows(elem, shape)
         elif enc == "csc_matrix":
             # Row chunks of a CSC matrix would each scan the whole file; convert once.
+            import anndata.io as aio
+
             matrix = aio.sparse_dataset(elem).to_memory().tocsr()
         else:
             raise InputError(f"{path}: {where} has encoding {enc!r}; expected a sparse or dense count matrix")
@@ -414,13 +444,19 @@ class GeneMapping:
 
 
 def looks_like_ensembl(ids) -> np.ndarray:
-    return np.array([bool(_ENSEMBL_RE.match(str(s).strip())) for s in ids], dtype=bool)
+    return np.array([_ensembl_base(str(s).strip().upper()) is not None for s in ids], dtype=bool)
 
 
 def strip_version(gene_id: str) -> str:
     """ENSG00000141510.16 -> ENSG00000141510; anything that is not an Ensembl gene ID is returned as is."""
-    m = _ENSEMBL_RE.match(gene_id.strip())
-    return m.group(1) if m else gene_id
+    base = _ensembl_base(gene_id.strip().upper())
+    return base if base is not None else gene_id
+
+
+def _ensembl_base(up: str) -> str | None:
+    """The version-less ID if `up` (upper case) is an Ensembl gene ID, else None."""
+    m = _ENSEMBL_UPPER(up)
+    return m.group(1) if m is not None else None
 
 
 def map_identifiers(ids, dicts: GeneDictionaries) -> tuple[list[str | None], int]:
@@ -430,31 +466,25 @@ def map_identifiers(ids, dicts: GeneDictionaries) -> tuple[list[str | None], int
     lacks are tried as aliases in the Ensembl mapping dictionary. Every ID then goes through the
     Ensembl mapping dictionary (keys upper case, restricted to vocabulary targets) exactly as
     Geneformer collapses gene IDs; without a mapping dictionary IDs must be tokens themselves.
+    Returns the mapped IDs (None where unmapped) and how many identifiers looked like Ensembl IDs.
     """
-    vocab = dicts.token_dict
     mapping = _vocab_mapping(dicts)
-    names = dicts.name_to_id or {}
+    if mapping is None:  # IDs must be tokens themselves
+        mapping = {g: g for g in dicts.token_dict if not g.startswith("<")}
+    to_vocab, by_name = mapping.get, (dicts.name_to_id or {}).get
     out: list[str | None] = []
     n_ens = 0
-    match = _ENSEMBL_RE.match
     for raw in ids:
         s = str(raw).strip()
-        m = match(s)
-        if m is not None:
+        up = s.upper()
+        base = _ensembl_base(up)
+        if base is not None:
             n_ens += 1
-            gid: str | None = m.group(1)
-        else:
-            gid = names.get(s)
-            if gid is None:
-                # Not a known symbol: the V2 mapping dictionary also maps aliases and old symbols.
-                alias = mapping.get(s.upper()) if mapping is not None else None
-                out.append(alias)
-                continue
-        if mapping is not None:
-            gid = mapping.get(gid.upper())
-        elif gid not in vocab or gid.startswith("<"):
-            gid = None
-        out.append(gid)
+            out.append(to_vocab(base))
+            continue
+        gid = by_name(s)
+        # Not a known symbol: the V2 mapping dictionary also maps aliases and old symbols.
+        out.append(to_vocab(up) if gid is None else to_vocab(gid.upper()))
     return out, n_ens
 
 
@@ -471,24 +501,35 @@ def _vocab_mapping(dicts: GeneDictionaries) -> dict[str, str] | None:
 
 
 def var_identifiers(var: pd.DataFrame, column: str | None) -> list[str]:
+    """Gene identifiers of var (index or a column) as strings; missing values become ''."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     values = var.index if column is None else var[column]
-    return ["" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v) for v in values]
+    obj = np.asarray(values, dtype=object)
+    try:
+        arr = pa.array(obj, from_pandas=True)
+        if not pa.types.is_string(arr.type):
+            arr = pc.cast(arr, pa.string())
+        return pc.fill_null(arr, "").to_pylist()
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        return ["" if pd.isna(v) else str(v) for v in obj]
 
 
 def _build_mapping(var, column, dicts) -> GeneMapping:
+    import pandas as pd
+
     ids = var_identifiers(var, column)
     mapped, n_ens = map_identifiers(ids, dicts)
-    slot_of: dict[str, int] = {}
-    slots = np.full(len(ids), -1, dtype=np.int64)
-    for j, gid in enumerate(mapped):
-        if gid is not None:
-            slots[j] = slot_of.setdefault(gid, len(slot_of))
+    codes, uniques = pd.factorize(np.array(mapped, dtype=object), use_na_sentinel=True)
+    slots = codes.astype(np.int64)
     examples = [ids[j] for j in np.flatnonzero(slots < 0)[:5]]
     return GeneMapping(
         column=column,
         ensembl_ids=np.array(mapped, dtype=object),
         slots=slots,
-        genes=list(slot_of),
+        genes=[str(g) for g in uniques],
         n_ensembl_like=n_ens,
         unmapped_examples=examples,
     )

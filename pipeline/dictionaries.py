@@ -81,8 +81,18 @@ def _numpy_scalar_function():
     return scalar
 
 
+class _LazyScalar:
+    def __call__(self, *args):
+        global _SCALAR
+        _SCALAR = _numpy_scalar_function()
+        return _SCALAR(*args)
+
+
+_SCALAR = _LazyScalar()
+
+
 def _require_plain_dtype(dt) -> None:
-    if dt.kind not in _NUMPY_DTYPE_KINDS or dt.fields is not None or dt.subdtype is not None or dt.hasobject:
+    if dt.kind not in _NUMPY_DTYPE_KINDS or dt.hasobject or dt.fields is not None or dt.subdtype is not None:
         raise pickle.UnpicklingError(f"numpy dtype {dt} is not a plain scalar type")
 
 
@@ -96,12 +106,13 @@ def _checked_dtype(*args, **kwargs):
 
 def _checked_scalar(dtype, *args):
     # The dtype may have been altered by a BUILD opcode after construction: check it again here.
-    import numpy as np
-
-    if not isinstance(dtype, np.dtype):
-        raise pickle.UnpicklingError("numpy scalar without a dtype")
-    _require_plain_dtype(dtype)
-    return _numpy_scalar_function()(dtype, *args)
+    try:
+        plain = dtype.kind in _NUMPY_DTYPE_KINDS and not dtype.hasobject and dtype.fields is None
+    except AttributeError:
+        plain = False
+    if not plain or dtype.subdtype is not None:
+        raise pickle.UnpicklingError(f"numpy scalar of type {dtype!r} is not a plain number or string")
+    return _SCALAR(dtype, *args)
 
 
 def load_pickle_restricted(path: str | os.PathLike) -> Any:

@@ -48,6 +48,11 @@ def preflight(cfg: dict) -> None:
         if p.suffix != ".h5ad":
             raise InputError(f"data file {p} is not an .h5ad file; convert it with anndata (`adata.write_h5ad`)")
     model_path = cfg["model"]["path"]
+    if data_path and not model_path:
+        raise InputError(
+            f"--data {data_path} needs --model DIR (a Geneformer checkpoint): the embedded model only knows the"
+            " synthetic data's genes"
+        )
     if model_path:
         m = Path(model_path)
         if not m.is_dir():

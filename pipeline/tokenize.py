@@ -8,11 +8,12 @@ take the first 2,048 genes; V2 models the first 4,094 between `<cls>` and `<eos>
 `filter_pass != 1` are skipped when that column exists, and so are cells with no counts in the
 vocabulary. Genes with exactly equal normalised values may come in either order.
 
-The encoding runs over a CSR matrix in chunks of cells with no Python loop over genes or cells:
-each chunk's normalised values are turned into sortable 64-bit keys that also carry the entry's
-position in its row, and rows of similar length are sorted together as a 2-D array, which is
-several times faster than `argsort` on the whole chunk. Output is written as Arrow record batches,
-spilled to disk past a size limit, so memory stays bounded for any number of cells.
+The encoding runs over a CSR matrix in chunks of cells with no Python loop over genes: each
+chunk's normalised values (computed with Geneformer's own arithmetic, so near-equal values order
+the same way) become sortable 64-bit keys that carry the entry's index in their low bits, and each
+row is sorted in place, which is several times faster than an arg-sort (see `rank_rows`). Output is
+written as Arrow record batches, spilled to disk past a size limit, so memory stays bounded for any
+number of cells.
 
 Differences from Geneformer, on purpose: duplicate Ensembl IDs are always summed (Geneformer skips
 that when its mapping dictionary is one-to-one, so a gene listed twice appears twice); explicit
@@ -34,7 +35,6 @@ import numpy as np
 
 from pipeline.data import (
     MIN_MAPPED_FRACTION,
-    var_identifiers,
     check_obs_columns,
     check_raw_counts,
     filter_pass_mask,
@@ -43,6 +43,7 @@ from pipeline.data import (
     open_counts,
     resolve_n_counts,
     strip_version,
+    var_identifiers,
 )
 from pipeline.errors import InputError
 
@@ -60,7 +61,7 @@ REPORT_FILE = "tokenize_report.json"
 _DEFAULT_CHUNK = 4096
 _SPILL_TOKENS = 50_000_000  # keep at most this many output tokens in memory before spilling
 _FLOAT_INF_BITS = np.uint64(0x7FF0_0000_0000_0000)
-_MAX_RANK_ENTRIES = 1 << 23
+_MAX_RANK_ENTRIES = 1 << 23  # entry index bits in a sort key; the other 41 hold the value
 
 
 # ------------------------------------------------------------------------------------------------
@@ -106,7 +107,9 @@ class TokenizeReport:
             + (f"; {self.skipped_no_genes:,} cells without vocabulary genes skipped" if self.skipped_no_genes else ""),
             f"genes: {self.genes_mapped:,} of {self.genes_total:,} mapped to the {self.model_version} vocabulary "
             f"({self.gene_ids})"
-            + (f"; {self.duplicates_summed:,} duplicate IDs summed" if self.duplicates_summed else ""),
+            + (f"; {self.duplicates_summed:,} duplicate IDs summed" if self.duplicates_summed else "")
+            + (f"; unmapped e.g. {', '.join(self.unmapped_examples[:3])}"
+               if self.unmapped_examples and self.genes_mapped < self.genes_total else ""),
             f"n_counts: {self.n_counts_source}",
             f"length: median {self.length_median:g}, max {self.length_max:,} (limit {self.max_len:,}"
             + (f", {self.truncated_cells:,} cells truncated)" if self.truncated_cells else ")"),
@@ -395,6 +398,131 @@ class _BatchSink:
             self.path.unlink()
 
 
+class _Tokenization:
+    """One pass over a count matrix: validation and the report up front, then Arrow record batches."""
+
+    def __init__(self, adata_or_path, dicts, *, max_len, obs_columns, n_counts_column, gene_id_column, layer,
+                 chunk_size, progress):
+        self.dicts = dicts
+        self.max_len = int(max_len) if max_len is not None else dicts.model_input_size
+        self.special = dicts.uses_special_tokens
+        self.max_genes = self.max_len - 2 if self.special else self.max_len
+        if self.max_genes < 1:
+            raise InputError(f"--max-len {self.max_len} leaves no room for genes")
+        self.chunk_size = max(1, int(chunk_size))
+        self.progress = progress
+        self.cm = open_counts(adata_or_path, layer)
+        try:
+            self._prepare(list(obs_columns), n_counts_column, gene_id_column)
+        except BaseException:
+            self.cm.close()
+            raise
+
+    def _prepare(self, obs_columns, n_counts_column, gene_id_column):
+        import pyarrow as pa
+
+        cm, dicts = self.cm, self.dicts
+        src = cm.source
+        self.obs_columns = check_obs_columns(cm.obs, obs_columns, source=src)
+        gm = map_genes(cm.var, dicts, gene_id_column, source=src)
+        self.nc = resolve_n_counts(cm.obs, n_counts_column, source=src)
+        self.fp = filter_pass_mask(cm.obs)
+        self.report = TokenizeReport(
+            source=src,
+            model_version=dicts.version,
+            max_len=self.max_len,
+            cells_in=cm.n_obs,
+            genes_total=gm.n_total,
+            genes_mapped=gm.n_mapped,
+            genes_unique=gm.n_unique,
+            duplicates_summed=gm.n_duplicates,
+            gene_ids=f"{gm.kind} in {gm.where}",
+            unmapped_examples=gm.unmapped_examples,
+            n_counts_source=self.nc.source,
+            n_counts_computed=self.nc.computed,
+            obs_columns=list(self.obs_columns),
+        )
+        self.tables = _GeneTables(gm, dicts, _token_dtype(dicts))
+        self.cell_ids = pa.array(cm.obs.index.astype(str).tolist(), type=pa.string())
+        self.obs_arrays = {c: _obs_arrow_column(cm.obs[c]) for c in self.obs_columns}
+        self.schema = pa.schema(
+            [("input_ids", pa.list_(pa.from_numpy_dtype(self.tables.token.dtype))), ("length", pa.int64()),
+             ("cell_id", pa.string())]
+            + [(c, a.type) for c, a in self.obs_arrays.items()]
+        )
+        self._lengths = []
+
+    def close(self) -> None:
+        self.cm.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def batches(self):
+        """Record batches of tokenized cells, one per chunk that keeps any cell."""
+        import pyarrow as pa
+
+        cm, report, tables, nc, fp = self.cm, self.report, self.tables, self.nc, self.fp
+        cls_id = self.dicts.cls_id if self.special else None
+        eos_id = self.dicts.eos_id if self.special else None
+        for start in range(0, cm.n_obs, self.chunk_size):
+            stop = min(cm.n_obs, start + self.chunk_size)
+            block = cm.rows(start, stop)
+            # The first chunk is checked in full, later ones on a sample (negatives always).
+            check_raw_counts(block.data, source=cm.source, where=cm.where, first_row=start, indptr=block.indptr,
+                             sample_step=1 if start == 0 else 61)
+            n_counts = _row_totals(block) if nc.values is None else nc.values[start:stop]
+            data, idx, indptr = tables.entries(block)
+            del block
+            n_genes = np.diff(indptr)
+            zero = n_counts <= 0
+            sel = (n_genes > 0) & ~zero
+            passing = np.ones(stop - start, dtype=bool) if fp is None else fp[start:stop]
+            report.filter_pass_dropped += int((~passing).sum())
+            report.skipped_zero_count += int((zero & passing).sum())
+            report.skipped_no_genes += int(((n_genes == 0) & ~zero & passing).sum())
+            sel &= passing
+            cells = np.flatnonzero(sel)
+            if cells.size:
+                if cells.size < sel.size:
+                    data, idx, indptr = _select_rows(data, idx, indptr, cells)
+                offsets, tokens = _encode(
+                    data, idx, indptr, n_counts[cells], tables.token, tables.median, tables.recip_median,
+                    max_genes=self.max_genes, cls_id=cls_id, eos_id=eos_id, sparse_arithmetic=cm.is_sparse,
+                )
+                lengths = np.diff(offsets)
+                report.truncated_cells += int((n_genes[cells] > self.max_genes).sum())
+                self._lengths.append(lengths)
+                rows = pa.array(cells + start)
+                cols = [
+                    pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(tokens)),
+                    pa.array(lengths),
+                    self.cell_ids.take(rows),
+                ] + [self.obs_arrays[c].take(rows) for c in self.obs_columns]
+                yield pa.RecordBatch.from_arrays(cols, schema=self.schema)
+            if self.progress is not None:
+                self.progress(stop, cm.n_obs)
+        lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, dtype=np.int64)
+        report.cells_out = int(lengths.size)
+        if lengths.size:
+            report.length_median = float(np.median(lengths))
+            report.length_max = int(lengths.max())
+            report.length_min = int(lengths.min())
+
+
+def _options(kwargs: dict) -> dict:
+    opts = dict(max_len=None, obs_columns=(), n_counts_column=None, gene_id_column=None, layer=None,
+                chunk_size=_DEFAULT_CHUNK, progress=None)
+    unknown = set(kwargs) - set(opts)
+    if unknown:
+        raise TypeError(f"unexpected arguments: {', '.join(sorted(unknown))}")
+    opts.update(kwargs)
+    return opts
+
+
 def tokenize_anndata(
     adata_or_path: Any,
     dicts: GeneDictionaries,
@@ -414,112 +542,22 @@ def tokenize_anndata(
     Returns a `datasets.Dataset` with `input_ids`, `length`, `cell_id` (the obs index) and the
     requested obs columns, and a `TokenizeReport`. `max_len` defaults to the model series' input size
     (2048 for V1, 4096 for V2, special tokens included). Large outputs are memory-mapped from an Arrow
-    file in `spill_dir` (default: the system temporary directory).
+    file in `spill_dir` (default: the system temporary directory); `tokenize_to_disk` streams
+    straight into a dataset directory instead.
     """
-    import pyarrow as pa
-
-    version = dicts.version
-    max_len = int(max_len) if max_len is not None else dicts.model_input_size
-    special = dicts.uses_special_tokens
-    max_genes = max_len - 2 if special else max_len
-    if max_genes < 1:
-        raise InputError(f"--max-len {max_len} leaves no room for genes")
-    chunk_size = max(1, int(chunk_size))
-
-    with open_counts(adata_or_path, layer) as cm:
-        src = cm.source
-        obs_columns = check_obs_columns(cm.obs, list(obs_columns), source=src)
-        gm = map_genes(cm.var, dicts, gene_id_column, source=src)
-        nc = resolve_n_counts(cm.obs, n_counts_column, source=src)
-        fp = filter_pass_mask(cm.obs)
-
-        report = TokenizeReport(
-            source=src,
-            model_version=version,
-            max_len=max_len,
-            cells_in=cm.n_obs,
-            genes_total=gm.n_total,
-            genes_mapped=gm.n_mapped,
-            genes_unique=gm.n_unique,
-            duplicates_summed=gm.n_duplicates,
-            gene_ids=f"{gm.kind} in {gm.where}",
-            unmapped_examples=gm.unmapped_examples,
-            n_counts_source=nc.source,
-            n_counts_computed=nc.computed,
-            obs_columns=list(obs_columns),
-        )
-
-        tables = _GeneTables(gm, dicts, _token_dtype(dicts))
-        cls_id = dicts.cls_id if special else None
-        eos_id = dicts.eos_id if special else None
-
-        cell_ids = pa.array(cm.obs.index.astype(str).tolist(), type=pa.string())
-        obs_arrays = {c: _obs_arrow_column(cm.obs[c]) for c in obs_columns}
-        schema = pa.schema(
-            [("input_ids", pa.list_(pa.from_numpy_dtype(tables.token.dtype))), ("length", pa.int64()),
-             ("cell_id", pa.string())]
-            + [(c, a.type) for c, a in obs_arrays.items()]
-        )
+    with _Tokenization(adata_or_path, dicts, **_options(dict(
+        max_len=max_len, obs_columns=obs_columns, n_counts_column=n_counts_column, gene_id_column=gene_id_column,
+        layer=layer, chunk_size=chunk_size, progress=progress,
+    ))) as t:
         sink = _BatchSink(spill_dir, spill_tokens)
-        lengths_all = []
         try:
-            for start in range(0, cm.n_obs, chunk_size):
-                stop = min(cm.n_obs, start + chunk_size)
-                block = cm.rows(start, stop)
-                # The first chunk is checked in full, later ones on a sample (negatives always).
-                check_raw_counts(block.data, source=src, where=cm.where, first_row=start, indptr=block.indptr,
-                                 sample_step=1 if start == 0 else 61)
-
-                if nc.values is None:
-                    n_counts = _row_totals(block)
-                else:
-                    n_counts = nc.values[start:stop]
-                data, idx, indptr = tables.entries(block)
-                del block
-                n_genes = np.diff(indptr)
-                sel = n_genes > 0
-                if fp is not None:
-                    passing = fp[start:stop]
-                    report.filter_pass_dropped += int((~passing).sum())
-                    sel &= passing
-                else:
-                    passing = None
-                zero = n_counts <= 0
-                report.skipped_zero_count += int((zero if passing is None else zero & passing).sum())
-                sel &= ~zero
-                report.skipped_no_genes += int(((n_genes == 0) & ~zero & (True if passing is None else passing)).sum())
-                cells = np.flatnonzero(sel)
-                if cells.size:
-                    if cells.size < sel.size:
-                        data, idx, indptr = _select_rows(data, idx, indptr, cells)
-                    offsets, tokens = _encode(
-                        data, idx, indptr, n_counts[cells], tables.token, tables.median, tables.recip_median,
-                        max_genes=max_genes, cls_id=cls_id, eos_id=eos_id, sparse_arithmetic=cm.is_sparse,
-                    )
-                    lengths = np.diff(offsets)
-                    report.truncated_cells += int((n_genes[cells] > max_genes).sum())
-                    lengths_all.append(lengths)
-                    rows = pa.array(cells + start)
-                    cols = [
-                        pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(tokens)),
-                        pa.array(lengths),
-                        cell_ids.take(rows),
-                    ] + [obs_arrays[c].take(rows) for c in obs_columns]
-                    sink.add(pa.RecordBatch.from_arrays(cols, schema=schema), int(tokens.size))
-                if progress is not None:
-                    progress(stop, cm.n_obs)
-            ds = sink.dataset(schema)
+            for batch in t.batches():
+                sink.add(batch, len(batch.column(0).values))
+            ds = sink.dataset(t.schema)
         except BaseException:
             sink.discard()
             raise
-
-    lengths = np.concatenate(lengths_all) if lengths_all else np.zeros(0, dtype=np.int64)
-    report.cells_out = int(lengths.size)
-    if lengths.size:
-        report.length_median = float(np.median(lengths))
-        report.length_max = int(lengths.max())
-        report.length_min = int(lengths.min())
-    return ds, report
+        return ds, t.report
 
 
 def _token_dtype(dicts: GeneDictionaries):
@@ -570,14 +608,7 @@ def save_tokenized(
     out = Path(out_dir)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
         raise InputError(f"{out}: already exists; remove it or choose another --out")
-    created = []
-    parent = out.parent
-    while not parent.exists():
-        created.append(parent)
-        parent = parent.parent
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with _staging_dir(out) as tmp:
         ds.save_to_disk(str(tmp))
         if report is not None or extra:
             meta = {"format": TOKENIZER_FORMAT}
@@ -585,20 +616,6 @@ def save_tokenized(
                 meta["report"] = report.to_dict()
             meta.update(extra or {})
             (tmp / REPORT_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-        if out.exists():
-            if out.is_dir():
-                shutil.rmtree(out)
-            else:
-                out.unlink()
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for d in created:  # innermost first
-            try:
-                d.rmdir()
-            except OSError:
-                break
-        raise
     return out
 
 
@@ -645,21 +662,118 @@ def tokenize_to_disk(
     out_dir: str | os.PathLike,
     *,
     overwrite: bool = False,
+    shard_bytes: int = 500 * 2**20,
     **kwargs,
 ) -> TokenizeReport:
-    """`tokenize_anndata` + `save_tokenized`, spilling large outputs next to `out_dir`."""
+    """Tokenize straight into a `datasets` directory at `out_dir`, streaming: record batches go to
+    Arrow shards as they are made, so neither the cells nor the tokens are ever all in memory.
+
+    Written into a temporary sibling and renamed into place, so an error leaves nothing behind.
+    Keyword arguments are those of `tokenize_anndata`.
+    """
     out = Path(out_dir)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
         raise InputError(f"{out}: already exists; remove it or choose another --out")
-    spill_parent = out.parent if out.parent.exists() else None
-    spill = Path(tempfile.mkdtemp(prefix=".gfattn-spill-", dir=spill_parent))
+    with _Tokenization(adata_or_path, dicts, **_options(kwargs)) as t:
+        with _staging_dir(out) as tmp:
+            shards = _write_shards(t.batches(), t.schema, tmp, shard_bytes)
+            _write_dataset_metadata(tmp, t.schema, shards)
+            meta = {"format": TOKENIZER_FORMAT, "report": t.report.to_dict()}
+            (tmp / REPORT_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+        return t.report
+
+
+def _write_shards(batches, schema, directory: Path, shard_bytes: int) -> list[str]:
+    """Arrow stream files (the format `datasets` memory-maps), a new one past `shard_bytes`."""
+    import pyarrow as pa
+
+    paths: list[Path] = []
+    writer, written = None, 0
     try:
-        ds, report = tokenize_anndata(adata_or_path, dicts, spill_dir=spill, **kwargs)
-        save_tokenized(ds, out, report, overwrite=overwrite)
-        del ds
+        for batch in batches:
+            if writer is None or written >= shard_bytes:
+                if writer is not None:
+                    writer.close()
+                paths.append(directory / f"shard-{len(paths):05d}.arrow")
+                writer, written = pa.ipc.new_stream(str(paths[-1]), schema), 0
+            writer.write_batch(batch)
+            written += batch.nbytes
+        if writer is None:  # no cell kept: one empty shard carries the schema
+            paths.append(directory / "shard-00000.arrow")
+            writer = pa.ipc.new_stream(str(paths[-1]), schema)
     finally:
-        shutil.rmtree(spill, ignore_errors=True)
-    return report
+        if writer is not None:
+            writer.close()
+    names = []
+    for i, p in enumerate(paths):
+        name = f"data-{i:05d}-of-{len(paths):05d}.arrow"
+        p.rename(directory / name)
+        names.append(name)
+    return names
+
+
+def _write_dataset_metadata(directory: Path, schema, shard_names: list[str]) -> None:
+    """`state.json` and `dataset_info.json` as `save_to_disk` writes them, for the given shards.
+
+    They are taken from saving an empty dataset of the same schema, so they follow the installed
+    `datasets` version; only the list of data files differs.
+    """
+    import uuid
+
+    import datasets
+    from datasets.table import InMemoryTable
+
+    probe = directory / ".probe"
+    empty = datasets.Dataset(InMemoryTable(schema.empty_table()), fingerprint=uuid.uuid4().hex)
+    empty.save_to_disk(str(probe))
+    try:
+        state = json.loads((probe / "state.json").read_text())
+        state["_data_files"] = [{"filename": name} for name in shard_names]
+        (directory / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+        shutil.copyfile(probe / "dataset_info.json", directory / "dataset_info.json")
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
+
+
+class _staging_dir:
+    """A temporary sibling of `out` that replaces it on success and vanishes on error (with any
+    parent directories it had to create)."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.created: list[Path] = []
+
+    def __enter__(self) -> Path:
+        parent = self.out.parent
+        while not parent.exists():
+            self.created.append(parent)
+            parent = parent.parent
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            try:
+                if self.out.is_dir():
+                    shutil.rmtree(self.out)
+                elif self.out.exists():
+                    self.out.unlink()
+                os.rename(self.tmp, self.out)
+                return False
+            except BaseException:
+                self._clean()
+                raise
+        self._clean()
+        return False
+
+    def _clean(self):
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        for d in self.created:  # innermost first
+            try:
+                d.rmdir()
+            except OSError:
+                break
 
 
 # ------------------------------------------------------------------------------------------------

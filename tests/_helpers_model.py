@@ -39,7 +39,8 @@ def class_coded_cells(n: int, *, vocab_size: int = 202, n_classes: int = 2, leng
     return {"input_ids": ids, "length": lengths, "label": labels, "cell_id": [f"c{i}" for i in range(n)]}
 
 
-def corpus_cells(n: int, *, n_genes: int = 120, n_types: int = 4, length=(24, 48), seed: int = 0, offset: int = 2):
+def corpus_cells(n: int, *, n_genes: int = 120, n_types: int = 4, length=(24, 48), seed: int = 0, offset: int = 2,
+                 noise: float = 0.7):
     """A pretraining corpus with structure to learn: each cell type over-expresses its own program of genes,
     so a cell's other genes tell which program its masked genes come from."""
     rng = np.random.default_rng(seed)
@@ -48,7 +49,7 @@ def corpus_cells(n: int, *, n_genes: int = 120, n_types: int = 4, length=(24, 48
     out = []
     for _ in range(n):
         t = int(rng.integers(n_types))
-        expr = base + rng.normal(0.0, 0.7, n_genes)
+        expr = base + rng.normal(0.0, noise, n_genes)
         expr[programs[t]] += 3.0
         size = int(rng.integers(length[0], length[1] + 1))
         out.append((np.argsort(-expr)[:size] + offset).tolist())

@@ -342,13 +342,13 @@ def frozen_clock() -> float:
     return NOW
 
 
-def make_app(ids: FixtureIds, **kwargs):
-    """The app over a fixture store with a frozen clock, UTC timestamps and the default settings."""
+def make_app(ids: FixtureIds, *, store_path: str | Path | None = None, **kwargs):
+    """The app over a fixture store with a frozen clock, UTC timestamps and 50-row gene pages."""
     from gfattn_tui.app import GfattnApp
     from gfattn_tui.config import TuiConfig
 
-    config = kwargs.pop("config", None) or TuiConfig(utc=True)
-    return GfattnApp(ids.path, config=config, clock=frozen_clock, **kwargs)
+    config = kwargs.pop("config", None) or TuiConfig(utc=True, page_size=50)
+    return GfattnApp(store_path or ids.path, config=config, clock=frozen_clock, **kwargs)
 
 
 async def settle(pilot, rounds: int = 3) -> None:

@@ -18,7 +18,7 @@ from pipeline.model import (
 
 from _helpers_model import save_random_geneformer, save_tiny_model, toy_dictionaries
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # 2 threads crawl when other processes share the 2 cores
 
 
 @pytest.fixture(scope="module")

@@ -52,7 +52,7 @@ def tiny_model(tmp_path, geneformer_dir):
 
 def test_missing_data_file(tmp_path):
     db = tmp_path / "s.db"
-    out = gfattn("pipeline", "--data", str(tmp_path / "nope.h5ad"), "--store", str(db))
+    out = gfattn("pipeline", "--data", str(tmp_path / "nope.h5ad"), "--model", str(tmp_path), "--store", str(db))
     assert_bad_input(out, "nope.h5ad", "does not exist")
     assert_no_running_runs(db)
 
@@ -85,25 +85,27 @@ def test_vocabulary_mismatch(tmp_path, small_h5ad, tiny_model, geneformer_dir):
     assert_no_running_runs(db)
 
 
-def test_perturbation_selecting_no_cells_lists_values(tmp_path, small_h5ad):
+def test_perturbation_selecting_no_cells_lists_values(tmp_path, small_h5ad, tiny_model, geneformer_dir):
     cfg = tmp_path / "c.toml"
     cfg.write_text('[data]\nperturbation = "Imatinib"\n')
     db = tmp_path / "s.db"
-    out = gfattn("pipeline", "--data", str(small_h5ad), "--config", str(cfg), "--store", str(db))
+    out = gfattn("pipeline", "--data", str(small_h5ad), "--model", str(tiny_model), "--geneformer-dir",
+                 str(geneformer_dir), "--config", str(cfg), "--store", str(db))
     assert_bad_input(out, "Imatinib", "Nutlin")
     assert_no_running_runs(db)
 
 
-def test_dose_selecting_no_cells_lists_doses(tmp_path, small_h5ad):
+def test_dose_selecting_no_cells_lists_doses(tmp_path, small_h5ad, tiny_model, geneformer_dir):
     cfg = tmp_path / "c.toml"
     cfg.write_text("[data]\ndoses = [0.0, 7.0]\n[labels]\nlow_doses = [0.0]\nhigh_doses = [7.0]\n")
     db = tmp_path / "s.db"
-    out = gfattn("pipeline", "--data", str(small_h5ad), "--config", str(cfg), "--store", str(db))
+    out = gfattn("pipeline", "--data", str(small_h5ad), "--model", str(tiny_model), "--geneformer-dir",
+                 str(geneformer_dir), "--config", str(cfg), "--store", str(db))
     assert_bad_input(out, "7 uM", "doses present")
     assert_no_running_runs(db)
 
 
-def test_class_too_small_for_the_split(tmp_path, small_h5ad):
+def test_class_too_small_for_the_split(tmp_path, small_h5ad, tiny_model, geneformer_dir):
     import anndata as ad
 
     adata = ad.read_h5ad(small_h5ad)
@@ -112,7 +114,8 @@ def test_class_too_small_for_the_split(tmp_path, small_h5ad):
     path = tmp_path / "few.h5ad"
     adata[sorted(keep)].copy().write_h5ad(path)
     db = tmp_path / "s.db"
-    out = gfattn("pipeline", "--data", str(path), "--store", str(db))
+    out = gfattn("pipeline", "--data", str(path), "--model", str(tiny_model), "--geneformer-dir", str(geneformer_dir),
+                 "--store", str(db))
     assert_bad_input(out, "25 uM", "2 cells")
     assert_no_running_runs(db)
 
@@ -145,3 +148,8 @@ def test_print_config_round_trips(tmp_path):
 
     cfg = config.resolve("default", path)
     assert cfg["train"]["epochs"] == 7
+
+
+def test_data_without_model_is_refused(tmp_path, small_h5ad):
+    out = gfattn("pipeline", "--data", str(small_h5ad), "--store", str(tmp_path / "s.db"))
+    assert_bad_input(out, "needs --model")

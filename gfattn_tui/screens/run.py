@@ -1,7 +1,8 @@
 """One run in tabs: Overview, Training, Confusion, Attention, Ranks, Genes, DE vs attention, Data.
 
-A tab loads when it is first shown. When the store changes, the visible tab reloads and the others are
-marked stale, so a live run costs one tab's queries per change, not eight.
+A tab's widgets are built and its data loaded when it is first shown, so opening a run costs one tab.
+When the store changes, the visible tab reloads and the others are marked stale, so a live run costs one
+tab's queries per change, not eight.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class RunScreen(RunActions, Screen):
         self.run_id = int(run_id)
         self.initial_tab = tab
         self.run: dict | None = None
+        self._building: set[str] = set()
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -63,31 +65,50 @@ class RunScreen(RunActions, Screen):
         with TabbedContent(initial=self.initial_tab, id="run-tabs"):
             for key, title, view in TABS:
                 with TabPane(title, id=key):
-                    yield view(self.run_id, id=f"view-{key}")
+                    if key == self.initial_tab:
+                        yield view(self.run_id, id=f"view-{key}")
         yield Footer()
 
-    def on_mount(self) -> None:
+    async def on_mount(self) -> None:
         self.app.store_changed.subscribe(self, lambda _v: self._store_changed())
         self.load_title()
-        self.active_view().refresh_if_stale()
+        await self.show_view(self.initial_tab)
 
-    def views(self):
-        return [self.query_one(f"#view-{key}") for key, _, _ in TABS]
+    def views(self) -> list:
+        return [view for key, _, _ in TABS for view in self.query(f"#view-{key}")]
 
-    def active_view(self):
-        tabs = self.query_one(TabbedContent)
-        return self.query_one(f"#view-{tabs.active or TABS[0][0]}")
+    def active_key(self) -> str:
+        return self.query_one(TabbedContent).active or TABS[0][0]
+
+    async def show_view(self, key: str, *, focus: bool = False) -> None:
+        """Build the tab's view on first use, load it if stale, optionally focus it."""
+        if key in self._building:
+            return  # being mounted by the other path (key binding vs. tab activation)
+        found = self.query(f"#view-{key}")
+        if found:
+            view = found.first()
+        else:
+            self._building.add(key)
+            try:
+                view_cls = next(cls for k, _, cls in TABS if k == key)
+                view = view_cls(self.run_id, id=f"view-{key}")
+                await self.query_one(f"#{key}", TabPane).mount(view)
+            finally:
+                self._building.discard(key)
+        view.refresh_if_stale()
+        if focus:
+            self.call_after_refresh(view.focus_main)
 
     def _store_changed(self) -> None:
         for view in self.views():
             view.stale = True
         self.load_title()
-        self.active_view().refresh_if_stale()
+        self.run_worker(self.show_view(self.active_key()), group="show-view")
 
     @on(TabbedContent.TabActivated)
-    def _tab_activated(self, event: TabbedContent.TabActivated) -> None:
+    async def _tab_activated(self, event: TabbedContent.TabActivated) -> None:
         if event.tabbed_content.id == "run-tabs":
-            self.active_view().refresh_if_stale()
+            await self.show_view(self.active_key())
 
     # title ---------------------------------------------------------------------------------------
     @work(thread=True, exclusive=True, exit_on_error=False, group="run-title", name="run title")
@@ -117,8 +138,9 @@ class RunScreen(RunActions, Screen):
     def action_back(self) -> None:
         self.app.pop_screen()
 
-    def action_show_tab(self, key: str) -> None:
+    async def action_show_tab(self, key: str) -> None:
         self.query_one(TabbedContent).active = key
+        await self.show_view(key, focus=True)
 
     def action_tag(self) -> None:
         self.ask_tag([self.run_id])

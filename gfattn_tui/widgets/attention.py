@@ -30,6 +30,8 @@ def read_analysis_grids(st, run_id: int, analysis_id: int | None, grid_name: str
 
 
 class AttentionView(RunView, Vertical):
+    focus_selector = "HeadGrid"
+
     def __init__(self, run_id: int, **kwargs) -> None:
         super().__init__(**kwargs)
         self.run_id = run_id
@@ -91,7 +93,7 @@ class AttentionView(RunView, Vertical):
         if finite.size:
             self.query_one("#attn-summary", Static).update(
                 f"{values.shape[0]} layers x {values.shape[1]} heads   mean {finite.mean():.4f}   "
-                f"min {finite.min():.4f}   max {finite.max():.4f}   (arrows move, values in cells)"
+                f"min {finite.min():.4f}   max {finite.max():.4f}"
             )
         self._describe_cursor()
 

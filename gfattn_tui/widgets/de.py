@@ -46,6 +46,8 @@ def read_de(st, run_id: int, analysis_id: int | None) -> dict:
 
 
 class DEView(RunView, Vertical):
+    focus_selector = "#de-body"
+
     def __init__(self, run_id: int, **kwargs) -> None:
         super().__init__(**kwargs)
         self.run_id = run_id

@@ -1,5 +1,6 @@
 """Genes tab: the key-gene table of an analysis run (thesis table 8: attention, scaled, per occurrence,
-position-controlled, rank statistics, DE score, reference-set mark), paged from SQL.
+position-controlled, rank statistics, DE score, reference-set mark), or the DE table it is compared
+with, paged from SQL.
 
 Only one page of rows is ever read (`Store.gene_table(limit, offset, order_by, search, where)`), so
 sorting, searching and filtering 20,000 genes cost one indexed query each and stay instant.
@@ -24,7 +25,9 @@ DEFAULT_SORT = ("attn_scaled_b", "attn_b", "attn_scaled_a", "attn_a", "de_score"
 
 
 def read_gene_page(st, run_id: int, q: dict) -> dict:
-    analyses = [{"id": a["id"], "name": a.get("name")} for a in collect_scope(st, run_id).analyses]
+    scope = collect_scope(st, run_id)
+    # attention key-gene tables first, then the differential-expression tables they are compared with
+    analyses = [{"id": r["id"], "name": r.get("name")} for r in [*scope.analyses, *scope.of_kind("de")]]
     with_tables = []
     for a in analyses:
         tables = st.gene_tables(a["id"])
@@ -50,6 +53,8 @@ def read_gene_page(st, run_id: int, q: dict) -> dict:
 
 
 class GenesView(RunView, Vertical):
+    focus_selector = "GeneTable"
+
     BINDINGS = [
         Binding("slash", "focus_search", "Search", id="genes.search"),
         Binding("f", "focus_filter", "Filter", id="genes.filter"),

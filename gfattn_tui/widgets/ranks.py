@@ -54,6 +54,8 @@ def read_ranks(st, run_id: int, analysis_id: int | None) -> dict:
 
 
 class RanksView(RunView, Vertical):
+    focus_selector = "#ranks-body"
+
     def __init__(self, run_id: int, **kwargs) -> None:
         super().__init__(**kwargs)
         self.run_id = run_id

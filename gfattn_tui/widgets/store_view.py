@@ -43,3 +43,15 @@ class RunView(StoreBacked):
         if self.stale:
             self.stale = False
             self.reload()
+
+    focus_selector: str | None = None
+
+    def focus_main(self) -> None:
+        """Focus the widget the tab's own keys act on (its table, or the tab itself)."""
+        if self.focus_selector:
+            for widget in self.query(self.focus_selector):  # type: ignore[attr-defined]
+                if widget.display:
+                    widget.focus()
+                    return
+        if getattr(self, "can_focus", False):
+            self.focus()  # type: ignore[attr-defined]
