@@ -67,6 +67,7 @@ class GfattnApp(App[None]):
         self.launched: list[LaunchedRun] = []
         self.store_changed: Signal[int] = Signal(self, "store-changed")
         self._polling = False
+        self._check_again = False
         self._poll_failed = False
 
     # lifecycle -----------------------------------------------------------------------------------
@@ -75,8 +76,10 @@ class GfattnApp(App[None]):
         if self.config.keymap:
             self.set_keymap(self.config.keymap)
         self.sub_title = str(self.store_path)
+        # the first check sets the baseline that later checks compare with
+        self.run_worker(self.check_store(), group="store-check", name="store check")
         if self.poll_enabled:
-            self.set_interval(self.config.poll_interval, self.check_store, name="store-poll")
+            self.set_interval(self.config.poll_interval, self._poll, name="store-poll")
 
     def get_default_screen(self) -> RunsScreen:
         return RunsScreen()
@@ -88,31 +91,42 @@ class GfattnApp(App[None]):
         return name if name in self.available_themes else fallback
 
     # the store -----------------------------------------------------------------------------------
+    async def _poll(self) -> None:
+        if not self._polling:  # a slow store skips ticks instead of queueing them
+            await self.check_store()
+
     async def check_store(self) -> None:
-        """Publish `store_changed` when another connection committed since the last check."""
+        """Publish `store_changed` when the store's content changed since the last check."""
         if self._polling:
+            self._check_again = True  # a check is in flight; it runs once more when done
             return
         self._polling = True
         try:
-            version = await self.client.acall(lambda st: st.data_version())
-        except Exception as exc:  # the store may be mid-migration or gone; say so once
-            if not self._poll_failed:
-                self._poll_failed = True
-                self.report_error(exc, where="store")
-            return
+            while True:
+                self._check_again = False
+                try:
+                    version = await self.client.acall(lambda st: st.data_version())
+                except Exception as exc:  # the store may be mid-migration or gone; say so once
+                    if not self._poll_failed:
+                        self._poll_failed = True
+                        self.report_error(exc, where="store")
+                    return
+                self._poll_failed = False
+                if self.data_version is None:
+                    self.data_version = version
+                elif version != self.data_version:
+                    self.data_version = version
+                    self.store_changed.publish(version)
+                if not self._check_again:
+                    return
         finally:
             self._polling = False
             self._reap_launched()
-        self._poll_failed = False
-        if self.data_version is None:
-            self.data_version = version
-        elif version != self.data_version:
-            self.data_version = version
-            self.store_changed.publish(version)
 
     def notify_store_changed(self) -> None:
-        """After the TUI's own writes: its connection's data_version does not move for them."""
-        self.store_changed.publish(self.data_version or 0)
+        """After the TUI's own writes (tag, note, delete) or a launched run ending: check at once
+        instead of waiting for the next poll, so the change shows immediately and only once."""
+        self.run_worker(self.check_store(), group="store-check", name="store check")
 
     def report_error(self, error: BaseException | None, *, where: str = "") -> None:
         """The one place failures become visible: a notification and the Textual log."""

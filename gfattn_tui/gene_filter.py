@@ -50,7 +50,9 @@ def parse_gene_filter(text: str, columns: list[str] | None = None) -> dict[str, 
             continue
         match = _COND.match(part)
         if not match:
-            raise FilterError(f"cannot read {part!r}; write COLUMN OP VALUE, e.g. attn_a > 0.5 and in_reference_set = 1")
+            raise FilterError(
+                f"cannot read {part!r}; write COLUMN OP VALUE, e.g. attn_a > 0.5 and in_reference_set = 1"
+            )
         column, op, raw = match.group(1), " ".join(match.group(2).lower().split()), match.group(3)
         if known:
             if column.lower() not in known:

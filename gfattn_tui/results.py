@@ -210,7 +210,8 @@ def headline(st, run: dict) -> str:
             task, _ = task_and_mode(child)
             best[task] = max(best.get(task, -1.0), acc)
         short = {"lowhigh": "l/h"}
-        return " ".join(f"{short.get(t, t)} {v:.2f}" for t, v in sorted(best.items(), key=lambda kv: label_sort_key(kv[0])))
+        ordered = sorted(best.items(), key=lambda kv: label_sort_key(kv[0]))
+        return " ".join(f"{short.get(t, t)} {v:.2f}" for t, v in ordered)
     if kind == "analysis":
         if "cosine" in st.grid_names(run["id"]):
             values = np.asarray(st.grid(run["id"], "cosine")["values"], dtype=float)

@@ -487,83 +487,87 @@ def _reduce_block_torch(p, gram2, m_block, colsum, sq, summed, other=None, dot=N
     summed += s.clamp_min_(0).sqrt_().sum((1, 2)).to(torch.float64)
 
 
-_NUMBA_KERNEL = None
+_NUMBA_KERNELS = None
 
 
-def _numba_reduce_block():
-    """`_reduce_block_torch` as a single CPU pass over the block (numba), or None without numba.
+def _numba_kernels():
+    """`_reduce_block_torch` as two CPU passes over the block (numba), or None without numba.
 
-    The tensor version streams each block through memory about H (H + 1) / 2 + H times; this kernel
-    reads it once, in tiles of key columns that stay in cache, and skips padded query rows and keys.
-    Products are taken in the block's dtype and accumulated in float64.
+    The tensor version streams each block through memory about H (H + 1) / 2 + H times; `rows` reads it
+    once per query row (quadratic form, square norm and the pair's dot product, vectorised over keys)
+    and `columns` once per (cell, head) for the column sums. Both skip padded query rows and keys;
+    products are taken in the block's dtype, and every sum across keys or rows is float64.
     """
-    global _NUMBA_KERNEL
-    if _NUMBA_KERNEL is None:
+    global _NUMBA_KERNELS
+    if _NUMBA_KERNELS is None:
         try:
             import numba
         except ImportError:  # pragma: no cover - numba comes with scanpy
-            _NUMBA_KERNEL = False
+            _NUMBA_KERNELS = False
             return None
+        # reassociation lets LLVM vectorise the sums over keys; no assumption about NaN or infinities
+        fast = {"reassoc", "contract", "nsz", "arcp"}
 
-        # reassociation lets LLVM vectorise the row sums; no assumptions about NaN or infinities are made
-        @numba.njit(parallel=True, cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
-        def reduce_block(p, gram2, rows, keys, colsum, sq, summed, other, dot):  # pragma: no cover - compiled
-            B, H, _, _ = p.shape
-            tile = 256
-            n_tiles = (colsum.shape[2] + tile - 1) // tile
+        @numba.njit(parallel=True, cache=True, fastmath=fast)
+        def rows(p, gram2, n_rows, n_keys, other, summed, sq, dot):  # pragma: no cover - compiled
+            B, H, C, _ = p.shape
             paired = other.shape[0] > 0
-            part_sq = np.zeros((B, n_tiles, H))
-            part_dot = np.zeros((B, n_tiles, H))
-            part_sum = np.zeros((B, n_tiles))
-            for task in numba.prange(B * n_tiles):
-                b = task // n_tiles
-                t = task % n_tiles
-                j0 = t * tile
-                w = min(keys[b], j0 + tile) - j0
-                if w <= 0:
+            part = np.zeros((B, C))
+            part_sq = np.zeros((B, C, H))
+            part_dot = np.zeros((B, C, H))
+            for task in numba.prange(B * C):
+                b = task // C
+                i = task % C
+                if i >= n_rows[b]:
                     continue
-                s = np.empty(w, dtype=p.dtype)
-                y = np.empty(w, dtype=p.dtype)
-                cs = np.zeros((H, w))
-                for i in range(rows[b]):
-                    s[:] = 0
-                    for h in range(H):
-                        for jj in range(w):
-                            y[jj] = gram2[b, h, h, j0 + jj] * p[b, h, i, j0 + jj]
-                        for g in range(h):
-                            for jj in range(w):
-                                y[jj] += gram2[b, h, g, j0 + jj] * p[b, g, i, j0 + jj]
-                        for jj in range(w):
-                            s[jj] += p[b, h, i, j0 + jj] * y[jj]
-                    acc = 0.0
-                    for jj in range(w):
-                        if s[jj] > 0:
-                            acc += np.sqrt(s[jj])
-                    part_sum[b, t] += acc
-                    for h in range(H):
-                        a2 = 0.0
-                        for jj in range(w):
-                            v = p[b, h, i, j0 + jj]
-                            cs[h, jj] += v
-                            a2 += v * v
-                        part_sq[b, t, h] += a2
-                        if paired:
-                            ad = 0.0
-                            for jj in range(w):
-                                ad += p[b, h, i, j0 + jj] * other[b, h, i, j0 + jj]
-                            part_dot[b, t, h] += ad
+                n = n_keys[b]
+                s = np.zeros(n, dtype=p.dtype)
+                y = np.empty(n, dtype=p.dtype)
                 for h in range(H):
-                    for jj in range(w):
-                        colsum[b, h, j0 + jj] += cs[h, jj]
+                    for j in range(n):
+                        y[j] = gram2[b, h, h, j] * p[b, h, i, j]
+                    for g in range(h):
+                        for j in range(n):
+                            y[j] += gram2[b, h, g, j] * p[b, g, i, j]
+                    a2 = 0.0
+                    for j in range(n):
+                        v = p[b, h, i, j]
+                        s[j] += v * y[j]
+                        a2 += v * v
+                    part_sq[b, i, h] = a2
+                    if paired:
+                        ad = 0.0
+                        for j in range(n):
+                            ad += p[b, h, i, j] * other[b, h, i, j]
+                        part_dot[b, i, h] = ad
+                acc = 0.0
+                for j in range(n):
+                    if s[j] > 0:
+                        acc += np.sqrt(s[j])
+                part[b, i] = acc
             for b in range(B):
-                summed[b] += part_sum[b].sum()
+                summed[b] += part[b].sum()
                 for h in range(H):
                     sq[b, h] += part_sq[b, :, h].sum()
                     if paired:
                         dot[b, h] += part_dot[b, :, h].sum()
 
-        _NUMBA_KERNEL = reduce_block
-    return _NUMBA_KERNEL or None
+        @numba.njit(parallel=True, cache=True, fastmath=fast)
+        def columns(p, n_rows, n_keys, colsum):  # pragma: no cover - compiled
+            B, H, _, _ = p.shape
+            for task in numba.prange(B * H):
+                b = task // H
+                h = task % H
+                n = n_keys[b]
+                acc = np.zeros(n)
+                for i in range(n_rows[b]):
+                    for j in range(n):
+                        acc[j] += p[b, h, i, j]
+                for j in range(n):
+                    colsum[b, h, j] += acc[j]
+
+        _NUMBA_KERNELS = (rows, columns)
+    return _NUMBA_KERNELS or None
 
 
 def _project(self_attention, hidden: torch.Tensor):
@@ -620,7 +624,7 @@ class _StreamingEngine:
     def _use_numba(self, device) -> bool:
         if self.kernel == "torch" or device.type != "cpu":
             return False
-        kernel = _numba_reduce_block()
+        kernel = _numba_kernels()
         if kernel is None and self.kernel == "numba":
             raise RuntimeError("numba is not available")
         return kernel is not None
@@ -674,7 +678,7 @@ class _StreamingEngine:
             del gram
             states.append(st)
         if use_numba:
-            kernel = _numba_reduce_block()
+            rows_kernel, columns_kernel = _numba_kernels()
             views = [{name: st[name].numpy() for name in ("gram2", "colsum", "sq", "summed", "dot")} for st in states]
             no_other = np.zeros((0, 0, 0, 0), dtype=np.float32 if red == torch.float32 else np.float64)
         rows = max(1, self.block_elements // max(1, B * H * L))
@@ -683,15 +687,16 @@ class _StreamingEngine:
             probs = []
             for st in states:
                 p = _block_probs(st["q3"][:, i0:i1], st["k3t"], pad_cols, st["scaling"], red, B)
-                torch.bmm(p.view(B * H, i1 - i0, L).to(st["v3"].dtype), st["v3"], out=st["out"][:, i0:i1])
+                st["out"][:, i0:i1] = torch.bmm(p.view(B * H, i1 - i0, L).to(st["v3"].dtype), st["v3"])
                 probs.append(p)
             if use_numba:
                 real_rows = np.clip(lengths - i0, 0, i1 - i0)
                 for s, (st, p) in enumerate(zip(states, probs)):
                     vw = views[s]
                     other = probs[0].numpy() if s == 1 else no_other
-                    kernel(p.numpy(), vw["gram2"], real_rows, lengths, vw["colsum"], vw["sq"], vw["summed"],
-                           other, vw["dot"])
+                    pn = p.numpy()
+                    rows_kernel(pn, vw["gram2"], real_rows, lengths, other, vw["summed"], vw["sq"], vw["dot"])
+                    columns_kernel(pn, real_rows, lengths, vw["colsum"])
             else:
                 m_block = m[:, i0:i1]
                 for s, (st, p) in enumerate(zip(states, probs)):

@@ -42,6 +42,7 @@ GENE_ID_COLUMNS = (
 )
 
 MIN_MAPPED_FRACTION = 0.5
+_FULL_CHECK = 1 << 16  # values checked for integrality one by one before sampling
 
 # An Ensembl gene ID, optionally with a version suffix (group 1: the ID without it), in upper case.
 _ENSEMBL_RE = re.compile(r"^(ENS[A-Z]*G[0-9]{6,})(?:\.[0-9]+)?$")
@@ -131,6 +132,7 @@ class _H5CSRRows:
         self._data = group["data"]
         self._indices = group["indices"]
         self._indptr = group["indptr"][:].astype(np.int64)
+        self.indptr = self._indptr
         self.shape = tuple(int(x) for x in shape)
         self.dtype = self._data.dtype
 
@@ -173,6 +175,23 @@ class CountMatrix:
     @property
     def n_vars(self) -> int:
         return self.shape[1]
+
+    def chunks(self, max_rows: int, max_entries: int = 1 << 22):
+        """(start, stop) row ranges with at most `max_rows` rows and, where the stored entries per row
+        are known, at most `max_entries` entries (a single longer row stays whole)."""
+        indptr = getattr(self._m, "indptr", None)
+        if indptr is None or not self.is_sparse:
+            per_row = self.n_vars if not self.is_sparse else 1
+            step = max(1, min(max_rows, max_entries // max(1, per_row)))
+            yield from ((a, min(self.n_obs, a + step)) for a in range(0, self.n_obs, step))
+            return
+        indptr = np.asarray(indptr, dtype=np.int64)
+        a = 0
+        while a < self.n_obs:
+            b = int(np.searchsorted(indptr, indptr[a] + max_entries, side="right")) - 1
+            b = min(self.n_obs, a + max_rows, max(b, a + 1))
+            yield a, b
+            a = b
 
     def rows(self, start: int, stop: int) -> sp.csr_matrix:
         """Rows [start, stop) as a canonical CSR matrix in the stored dtype."""
@@ -307,7 +326,8 @@ def check_raw_counts(values: np.ndarray, *, source: str, where: str, first_row: 
                      sample_step: int = 1) -> None:
     """Refuse negative or non-integer values (log-normalised or scaled data).
 
-    Negative values are looked for everywhere; integrality on every `sample_step`-th value.
+    Negative values are looked for everywhere; integrality on the first values and then on every
+    `sample_step`-th value.
     """
     if values.size == 0:
         return
@@ -319,10 +339,14 @@ def check_raw_counts(values: np.ndarray, *, source: str, where: str, first_row: 
         neg = ~(values >= 0)
         bad = ("negative" if (values[neg] < 0).any() else "non-integer", int(np.flatnonzero(neg)[0]))
     elif kind == "f":
-        sample = values[::sample_step]
-        frac = sample != np.floor(sample)
-        if frac.any():
-            bad = ("non-integer", int(np.flatnonzero(frac)[0]) * sample_step)
+        # The head in full, the rest on a stride: normalised data is fractional nearly everywhere.
+        head = values[:_FULL_CHECK]
+        rest = values[_FULL_CHECK::sample_step]
+        for offset, step, sample in ((0, 1, head), (_FULL_CHECK, sample_step, rest)):
+            frac = sample != np.floor(sample)
+            if frac.any():
+                bad = ("non-integer", offset + int(np.flatnonzero(frac)[0]) * step)
+                break
     if bad is None:
         return
     what, pos = bad
@@ -370,13 +394,13 @@ def resolve_n_counts(obs: pd.DataFrame, column: str | None = None, *, source: st
             col = pd.to_numeric(col)
         except (TypeError, ValueError):
             raise InputError(f"{source}: obs column {chosen!r} is not numeric; pass --n-counts-column with cell totals") from None
-    values = col.to_numpy()
-    if values.dtype.kind == "u":
-        values = values.astype(np.int64)
-    if values.dtype.kind == "f" and values.dtype not in (np.float32, np.float64):
-        values = values.astype(np.float64)
-    if values.dtype.kind == "f" and np.isnan(values).any():
+    if col.isna().any():
         raise InputError(f"{source}: obs column {chosen!r} has missing values; fill them or drop the column")
+    # Keep the stored precision: Geneformer divides by the column as it is (float32 stays float32).
+    if col.dtype.kind in "iu":
+        values = col.to_numpy(dtype=np.int64)
+    else:
+        values = col.to_numpy(dtype=np.float32 if col.dtype == np.float32 else np.float64)
     if (values < 0).any():
         raise InputError(f"{source}: obs column {chosen!r} has negative totals; it cannot be n_counts")
     return NCounts(values, f"obs[{chosen!r}]")
@@ -468,10 +492,17 @@ def map_identifiers(ids, dicts: GeneDictionaries) -> tuple[list[str | None], int
     Geneformer collapses gene IDs; without a mapping dictionary IDs must be tokens themselves.
     Returns the mapped IDs (None where unmapped) and how many identifiers looked like Ensembl IDs.
     """
-    mapping = _vocab_mapping(dicts)
+    vocab = dicts.token_dict
+    mapping = dicts.ensembl_mapping
     if mapping is None:  # IDs must be tokens themselves
-        mapping = {g: g for g in dicts.token_dict if not g.startswith("<")}
-    to_vocab, by_name = mapping.get, (dicts.name_to_id or {}).get
+        mapping = {g: g for g in vocab if not g.startswith("<")}
+
+    def to_vocab(key: str) -> str | None:
+        # Only targets in the vocabulary count, as Geneformer filters its mapping dictionary.
+        gid = mapping.get(key)
+        return gid if gid is not None and gid in vocab and not gid.startswith("<") else None
+
+    by_name = (dicts.name_to_id or {}).get
     out: list[str | None] = []
     n_ens = 0
     for raw in ids:
@@ -486,18 +517,6 @@ def map_identifiers(ids, dicts: GeneDictionaries) -> tuple[list[str | None], int
         # Not a known symbol: the V2 mapping dictionary also maps aliases and old symbols.
         out.append(to_vocab(up) if gid is None else to_vocab(gid.upper()))
     return out, n_ens
-
-
-def _vocab_mapping(dicts: GeneDictionaries) -> dict[str, str] | None:
-    """The Ensembl mapping restricted to targets in the vocabulary (as Geneformer does), cached."""
-    if dicts.ensembl_mapping is None:
-        return None
-    cached = dicts.__dict__.get("_vocab_mapping")
-    if cached is None:
-        vocab = dicts.token_dict
-        cached = {k: v for k, v in dicts.ensembl_mapping.items() if v in vocab and not v.startswith("<")}
-        dicts.__dict__["_vocab_mapping"] = cached
-    return cached
 
 
 def var_identifiers(var: pd.DataFrame, column: str | None) -> list[str]:

@@ -18,6 +18,7 @@ and refuses everything else.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -73,22 +74,13 @@ class _RestrictedUnpickler(pickle.Unpickler):
         )
 
 
+@functools.lru_cache(maxsize=1)
 def _numpy_scalar_function():
     try:
         from numpy._core.multiarray import scalar
     except ImportError:  # numpy < 2
         from numpy.core.multiarray import scalar  # type: ignore[no-redef]
     return scalar
-
-
-class _LazyScalar:
-    def __call__(self, *args):
-        global _SCALAR
-        _SCALAR = _numpy_scalar_function()
-        return _SCALAR(*args)
-
-
-_SCALAR = _LazyScalar()
 
 
 def _require_plain_dtype(dt) -> None:
@@ -112,7 +104,7 @@ def _checked_scalar(dtype, *args):
         plain = False
     if not plain or dtype.subdtype is not None:
         raise pickle.UnpicklingError(f"numpy scalar of type {dtype!r} is not a plain number or string")
-    return _SCALAR(dtype, *args)
+    return _numpy_scalar_function()(dtype, *args)
 
 
 def load_pickle_restricted(path: str | os.PathLike) -> Any:

@@ -176,7 +176,13 @@ def _save_split(ds, path) -> None:
         return
     if not hasattr(ds, "save_to_disk"):
         ds = datasets.Dataset.from_dict({k: list(v) for k, v in dict(ds).items()})
-    ds.save_to_disk(str(path))
+    bars = datasets.utils.logging.is_progress_bar_enabled()
+    datasets.utils.logging.disable_progress_bar()
+    try:
+        ds.save_to_disk(str(path))
+    finally:
+        if bars:
+            datasets.utils.logging.enable_progress_bar()
 
 
 def finetune_distributed(

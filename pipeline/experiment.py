@@ -404,7 +404,8 @@ def task_datasets(ctx: Context, task: str):
     """train / validation / test datasets of one task, with an integer `label` column."""
     ds, split, sel = ctx.out["dataset"], ctx.out["split"], ctx.out["selection"]
     labels, names = sel.labels(task)
-    ds = ds.remove_columns([c for c in ("label",) if c in ds.column_names]).add_column("label", labels.tolist())
+    ds = ds.remove_columns([c for c in ("label", "group_name") if c in ds.column_names])
+    ds = ds.add_column("label", labels.tolist()).add_column("group_name", [str(g) for g in sel.group])
     parts = {s: ds.select(np.flatnonzero(split == s).tolist()) for s in ("train", "validation", "test")}
     return parts, names
 
@@ -467,20 +468,42 @@ def stage_de(ctx: Context) -> None:
         done = ctx.completed_child("de: high vs low", "de")
         ctx.out["de"] = ctx.store.gene_table_df(done, "de")
         return
-    import anndata as ad
-
     from pipeline.analysis import de_wilcoxon
 
     sel = ctx.out["selection"]
-    adata = ad.read_h5ad(ctx.out["data_path"])[sel.index].copy()
+    adata = ensembl_indexed(ctx.out["data_path"], sel.index, ctx.out["dicts"], ctx.cfg["data"]["gene_id_column"] or None)
     adata.obs["group"] = sel.group
     child = ctx.new_child("de: high vs low", "de", {"groupby": "group", "group": "high", "reference": "low"})
     with ctx.store.track(child):
-        de = de_wilcoxon(adata, "group", "high", "low", dicts=ctx.out["dicts"],
-                         gene_id_column=ctx.cfg["data"]["gene_id_column"] or None)
+        de = de_wilcoxon(adata, "group", "high", "low")
+        symbols = ctx.out["dicts"].id_to_symbol
+        if "symbol" not in de.columns:
+            de.insert(1, "symbol", [symbols.get(g, "") for g in de["ensembl_id"]])
         ctx.store.put_gene_table(child, "de", de)
     ctx.out["de"] = de
     ctx.rep.line("top DE genes (high vs low): " + ", ".join(map(str, de["symbol"].head(10))))
+
+
+def ensembl_indexed(data_path: str, index: np.ndarray, dicts, gene_id_column: str | None):
+    """The selected cells with var indexed by vocabulary Ensembl IDs (unmapped genes dropped, first of duplicates kept)."""
+    import anndata as ad
+
+    from pipeline.data import map_genes
+
+    adata = ad.read_h5ad(data_path)[index].copy()
+    mapping = map_genes(adata.var, dicts, gene_id_column, source=data_path)
+    ids = np.asarray([g if g is not None else "" for g in mapping.ensembl_ids], dtype=object)
+    keep = ids != ""
+    keep &= ~pd_duplicated(ids)
+    adata = adata[:, keep].copy()
+    adata.var_names = ids[keep].astype(str)
+    return adata
+
+
+def pd_duplicated(values: np.ndarray) -> np.ndarray:
+    import pandas as pd
+
+    return pd.Series(values).duplicated().to_numpy()
 
 
 # --------------------------------------------------------------------------------------- attention

@@ -59,9 +59,9 @@ TOKENIZER_FORMAT = 1
 REPORT_FILE = "tokenize_report.json"
 
 _DEFAULT_CHUNK = 4096
-_SPILL_TOKENS = 50_000_000  # keep at most this many output tokens in memory before spilling
 _FLOAT_INF_BITS = np.uint64(0x7FF0_0000_0000_0000)
-_MAX_RANK_ENTRIES = 1 << 23  # entry index bits in a sort key; the other 41 hold the value
+_MAX_RANK_ENTRIES = 1 << 23  # index bits in a sort key; the other 41 hold the value
+_SPILL_TOKENS = 50_000_000  # keep at most this many output tokens in memory before spilling
 
 
 # ------------------------------------------------------------------------------------------------
@@ -162,11 +162,12 @@ def rank_rows(values: np.ndarray, indptr: np.ndarray, keep: np.ndarray, *, check
     Returns (out_indptr, positions): positions index `values`; row r's ranking is
     positions[out_indptr[r]:out_indptr[r+1]]. Values must be positive and finite.
 
-    A positive finite float's bit pattern orders like the float, so `inf_bits - bits` orders
-    descending; its low bits are replaced by the entry's index, and the result, still a positive
-    finite float, is sorted in place row by row (a vectorised sort per row, no arg-sort). Only values
-    agreeing in all remaining high bits (ties, or a relative difference below ~1e-9) can be misordered
-    by that; such rows are found and ranked again exactly.
+    No arg-sort: a positive finite float's bit pattern orders like the float, so `inf_bits - bits`
+    orders descending; its low bits are replaced by the entry's index, the result (still a positive
+    finite float) is sorted in place row by row with numpy's vectorised sort, and the low bits are
+    read back. Only values agreeing in all remaining high bits (exact ties, or a relative difference
+    below ~1e-9) can come out in index order instead of value order; rows where that happened are
+    ranked again exactly, so the result is exact (exactly equal values keep their column order).
     """
     indptr = np.asarray(indptr, dtype=np.int64)
     lengths = np.diff(indptr)
@@ -176,29 +177,28 @@ def rank_rows(values: np.ndarray, indptr: np.ndarray, keep: np.ndarray, *, check
     nnz = int(indptr[-1] - indptr[0])
     if nnz == 0:
         return out_indptr, np.zeros(0, dtype=np.int64)
+    values = values[indptr[0]:indptr[-1]]
     if indptr[0] != 0:
-        values = values[indptr[0]:indptr[-1]]
         indptr = indptr - indptr[0]
     if values.dtype != np.float64:
         values = values.astype(np.float64)
     if check and not (values.min() > 0 and np.isfinite(values).all()):
         raise ValueError("rank_rows needs positive finite values")
-    if nnz > _MAX_RANK_ENTRIES:  # keep enough value bits beside the entry index
+    if nnz > _MAX_RANK_ENTRIES and lengths.size > 1:  # keep enough value bits beside the index
         cut = _row_groups(indptr, _MAX_RANK_ENTRIES)
-        parts = [rank_rows(values, indptr[a:b + 1], keep[a:b] if keep.size else keep, check=False)
+        parts = [indptr[a] + rank_rows(values, indptr[a:b + 1], keep[a:b], check=False)[1]
                  for a, b in zip(cut[:-1], cut[1:])]
-        return out_indptr, np.concatenate([p for _, p in parts])
-    shift = _bits_for(nnz)
-    low = np.uint64((1 << shift) - 1)
+        return out_indptr, np.concatenate(parts)
+    low = np.uint64((1 << _bits_for(nnz)) - 1)
 
     keys = np.subtract(_FLOAT_INF_BITS, values.view(np.uint64))
     keys &= ~low
     keys |= np.arange(nnz, dtype=np.uint64)
-    fkeys = keys.view(np.float64)
+    as_float = keys.view(np.float64)
     bounds = indptr.tolist()
     for a, b in zip(bounds[:-1], bounds[1:]):
         if b - a > 1:
-            fkeys[a:b].sort()
+            as_float[a:b].sort()
 
     # Neighbours sharing the high bits were ordered by index, not by value: check them.
     same = np.flatnonzero(np.bitwise_xor(keys[1:], keys[:-1]) <= low)
@@ -206,9 +206,8 @@ def rank_rows(values: np.ndarray, indptr: np.ndarray, keep: np.ndarray, *, check
         row = np.searchsorted(indptr, same, side="right") - 1
         within = same + 1 < indptr[row + 1]
         same, row = same[within], row[within]
-        p0 = (keys[same] & low).astype(np.int64)
-        p1 = (keys[same + 1] & low).astype(np.int64)
-        for r in np.unique(row[values[p0] < values[p1]]):
+        wrong = values[(keys[same] & low).astype(np.int64)] < values[(keys[same + 1] & low).astype(np.int64)]
+        for r in np.unique(row[wrong]):
             a, b = int(indptr[r]), int(indptr[r + 1])
             keys[a:b] = a + np.argsort(-values[a:b], kind="stable")
 
@@ -468,12 +467,11 @@ class _Tokenization:
         cm, report, tables, nc, fp = self.cm, self.report, self.tables, self.nc, self.fp
         cls_id = self.dicts.cls_id if self.special else None
         eos_id = self.dicts.eos_id if self.special else None
-        for start in range(0, cm.n_obs, self.chunk_size):
-            stop = min(cm.n_obs, start + self.chunk_size)
+        for start, stop in cm.chunks(self.chunk_size):
             block = cm.rows(start, stop)
-            # The first chunk is checked in full, later ones on a sample (negatives always).
+            # Negatives are looked for everywhere, non-integers on a sample of each chunk.
             check_raw_counts(block.data, source=cm.source, where=cm.where, first_row=start, indptr=block.indptr,
-                             sample_step=1 if start == 0 else 61)
+                             sample_step=61)
             n_counts = _row_totals(block) if nc.values is None else nc.values[start:stop]
             data, idx, indptr = tables.entries(block)
             del block
@@ -846,8 +844,8 @@ def build_vocabulary(
 
         # First pass: nonzero cells per gene, to plan gene blocks within the memory bound.
         nnz_per_gene = np.zeros(n_slots, dtype=np.int64)
-        for start in range(0, cm.n_obs, chunk_size):
-            block = cm.rows(start, min(cm.n_obs, start + chunk_size))
+        for start, stop in cm.chunks(chunk_size):
+            block = cm.rows(start, stop)
             check_raw_counts(block.data, source=src, where=cm.where, first_row=start, indptr=block.indptr)
             counts = _fold_columns(block, col_slot, n_slots)
             nnz_per_gene += np.bincount(counts.indices, minlength=n_slots)
@@ -863,8 +861,7 @@ def build_vocabulary(
         medians = np.full(n_slots, np.nan)
         for lo, hi in blocks:
             vals_parts, gene_parts = [], []
-            for start in range(0, cm.n_obs, chunk_size):
-                stop = min(cm.n_obs, start + chunk_size)
+            for start, stop in cm.chunks(chunk_size):
                 block = cm.rows(start, stop)
                 n_counts = _row_totals(block) if nc.values is None else nc.values[start:stop]
                 counts = _fold_columns(block, col_slot, n_slots)
@@ -892,7 +889,6 @@ def build_vocabulary(
     names = {symbols[g]: g for g in gene_median if g in symbols}
     mapping = {g: g for g in gene_median}
     return GeneDictionaries(token_dict, gene_median, names or None, mapping, "V1", source=f"vocabulary of {src}")
-
 
 
 def _median_by_group(values: np.ndarray, groups: np.ndarray, lo: int, hi: int) -> np.ndarray:

@@ -441,9 +441,10 @@ def finetune(
     cell_weight = cw[train.labels]
     cw_t = torch.as_tensor(cw, dtype=torch.float32, device=device)
 
-    # One plan for every rank: global batches, each split into micro-batches.
-    shards = 1 if cached else world
-    global_bs = config.batch_size * config.grad_accum * shards
+    # One plan for every rank: global batches of batch_size x grad_accum x world cells, each split into
+    # micro-batches. With cached frozen features every rank runs all micro-batches (the head is tiny),
+    # so the ranks stay identical without gradient communication.
+    global_bs = config.batch_size * config.grad_accum * world
     steps_per_epoch = math.ceil(len(train) / global_bs)
     total_steps = steps_per_epoch * config.epochs
     warmup = config.warmup_steps if config.warmup_steps is not None else math.ceil(config.warmup_ratio * total_steps)
@@ -506,12 +507,16 @@ def finetune(
         plan = length_grouped_batches(train.lengths, global_bs, shuffle=True, seed=config.seed * 1000 + epoch)
         for gbatch in plan:
             w_total = float(cell_weight[gbatch].sum()) or 1.0
-            parts = np.array_split(gbatch, shards * config.grad_accum)
-            mine = parts if cached else parts[rank * config.grad_accum:(rank + 1) * config.grad_accum]
+            parts = np.array_split(gbatch, world * config.grad_accum)
+            if cached:
+                mine = [part for part in parts if len(part)]
+            else:
+                mine = parts[rank * config.grad_accum:(rank + 1) * config.grad_accum]
             lr_now = scheduler.get_last_lr()[0]
             step_loss = torch.zeros((), dtype=torch.float64, device=device)
             for a, part in enumerate(mine):
-                scale = float(shards)
+                # DDP averages gradients over ranks; scaling by world makes the result the global sum.
+                scale = 1.0 if cached else float(world)
                 if len(part) == 0:
                     # Every rank must take part in each gradient reduction: run one cell with zero weight.
                     part, scale = gbatch[:1], 0.0
@@ -663,9 +668,12 @@ def _nullcontext():
 def save_finetuned(model, out_dir, *, dicts=None, summary: dict | None = None) -> Path:
     """`save_pretrained` + the gene dictionaries + `gfattn_finetune.json`, so the directory is a checkpoint
     every later step (attention analysis, another fine-tuning) loads like any other."""
+    from pipeline.model import _quiet_transformers
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out))
+    with _quiet_transformers():
+        model.save_pretrained(str(out))
     if dicts is None:
         source = str(getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "") or "")
         if source and Path(source).is_dir() and Path(source).resolve() != out.resolve():

@@ -59,8 +59,7 @@ def reference_gene_ids(identifiers, raw: dict) -> list:
     return out
 
 
-def reference_tokenize(X, obs_index, n_counts, gene_ids, raw: dict, *, max_len=None, filter_pass=None,
-                       ):
+def reference_tokenize(X, obs_index, n_counts, gene_ids, raw: dict, *, max_len=None, filter_pass=None):
     """Per-cell encoding. Returns a list of (cell_id, input_ids, full ranking, its values), the last
     two before truncation.
 

@@ -3,9 +3,9 @@
 It holds what one `gfattn pipeline` run records (contract, "How the pipeline uses runs"): a completed
 pipeline run with a data run, six fine-tuning runs (tasks `dose` and `lowhigh` x modes frozen, unfrozen,
 last-1) and two analysis runs ("frozen vs unfrozen") with grids, per-rank vectors, gene tables (20,000
-genes for `lowhigh`) and DE overlap; plus a running run (this process), a failed run, a lost run (a finished process that
-never ended its run) and, on request, many more completed runs. Time is frozen while building, so
-timestamps, and every duration derived from them, are the same on every build.
+genes for `lowhigh`) and DE overlap; plus a running run (this process), a failed run, a lost run (a
+finished process that never ended its run) and, on request, many more completed runs. Time is frozen
+while building, so timestamps, and every duration derived from them, are the same on every build.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,7 +157,8 @@ def _analysis(st, parent: int, task: str, rng, clock: FrozenClock, n_genes: int,
     st.put_vector(rid, "rank_pct_diff", 100 * (received_b - received_a) / received_a)
     st.put_vector(rid, "rank_log_ratio", np.log(received_b / received_a))
     counts = np.bincount(rng.normal(median_len, 30, 500).astype(int).clip(0, 255) // 16, minlength=16)
-    st.put_vector(rid, "length_hist", counts.astype(float), meta={"edges": list(range(0, 257, 16)), "median": median_len})
+    meta = {"edges": list(range(0, 257, 16)), "median": median_len}
+    st.put_vector(rid, "length_hist", counts.astype(float), meta=meta)
     st.put_gene_table(rid, "genes", _gene_table(rng, n_genes))
     st.put_json(rid, "de_overlap", {
         "groups": ["high", "low"],
@@ -234,7 +234,9 @@ _LOST_SCRIPT = textwrap.dedent(
 )
 
 
-def build_fixture_store(path: str | Path, *, n_genes: int = 20_000, n_cells: int = 600, extra_runs: int = 0) -> FixtureIds:
+def build_fixture_store(
+    path: str | Path, *, n_genes: int = 20_000, n_cells: int = 600, extra_runs: int = 0
+) -> FixtureIds:
     from store import Store
 
     path = Path(path)
@@ -353,6 +355,11 @@ def make_app(ids: FixtureIds, *, store_path: str | Path | None = None, **kwargs)
 
 async def settle(pilot, rounds: int = 3) -> None:
     """Let every worker finish and every posted message be handled."""
+    from textual.worker import WorkerCancelled
+
     for _ in range(rounds):
-        await pilot.app.workers.wait_for_complete()
+        try:
+            await pilot.app.workers.wait_for_complete()
+        except WorkerCancelled:  # an exclusive worker replaced by a newer one: wait for that instead
+            continue
         await pilot.pause()

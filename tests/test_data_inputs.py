@@ -44,7 +44,7 @@ def test_map_genes_ensembl_index_with_versions_and_duplicates(vocab):
 
 
 def test_map_genes_finds_symbol_column_when_index_is_numbers(vocab):
-    raw, dicts = vocab
+    _, dicts = vocab
     var = pd.DataFrame({"gene_symbols": [f"GENE{i}" for i in range(40)], "n_cells": np.arange(40)},
                        index=[str(i) for i in range(40)])
     gm = map_genes(var, dicts)
@@ -181,3 +181,18 @@ def test_requested_obs_column_must_exist(vocab):
         tokenize_anndata(adata, dicts, obs_columns=["label", "dose_uM"])
     with pytest.raises(InputError, match="clash"):
         tokenize_anndata(adata, dicts, obs_columns=["length"])
+
+
+def test_chunks_bound_rows_and_entries(vocab):
+    raw, _ = vocab
+    adata = tiny_counts_adata(raw, n_cells=50, seed=5)
+    with open_counts(adata) as cm:
+        bounds = list(cm.chunks(max_rows=16, max_entries=100))
+        assert bounds[0][0] == 0 and bounds[-1][1] == 50
+        assert all(a < b and b - a <= 16 for a, b in bounds)
+        assert all(prev[1] == nxt[0] for prev, nxt in zip(bounds, bounds[1:]))
+        indptr = adata.X.indptr
+        assert all(indptr[b] - indptr[a] <= 100 or b - a == 1 for a, b in bounds)
+    dense = ad.AnnData(X=adata.X.toarray(), obs=adata.obs, var=adata.var)
+    with open_counts(dense) as cm:
+        assert all(b - a <= 2 for a, b in cm.chunks(max_rows=16, max_entries=100))  # 40 genes a row

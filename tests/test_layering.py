@@ -27,7 +27,7 @@ def _package_modules(package):
     import importlib
 
     pkg = importlib.import_module(package)
-    return [package] + [f"{package}.{m.name}" for m in pkgutil.walk_packages(pkg.__path__) ]
+    return [package] + [f"{package}.{m.name}" for m in pkgutil.walk_packages(pkg.__path__) if m.name != "__main__"]
 
 
 @pytest.mark.parametrize("package", ["pipeline", "store"])

@@ -57,6 +57,7 @@ def pretrained(tmp_path_factory):
     return out, dicts, metrics, rec
 
 
+@pytest.mark.slow
 def test_pretraining_learns_beyond_chance(pretrained):
     _, _, m, _ = pretrained
     assert m["heldout_accuracy"] > 2 * m["chance_accuracy"]

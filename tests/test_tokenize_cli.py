@@ -41,7 +41,7 @@ def dict_args(paths):
 
 
 def test_cli_tokenizes_and_reports(setup, tmp_path):
-    base, raw, paths, adata, good = setup
+    _, _, paths, adata, good = setup
     out = tmp_path / "nested" / "tok"
     r = gfattn(good, "--out", out, *dict_args(paths), "--obs-columns", "label,dose", "--max-len", "10")
     assert r.returncode == 0, r.stderr
@@ -103,7 +103,7 @@ def test_cli_bad_inputs_exit_2_and_write_nothing(setup, tmp_path):
              *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
             env=dict(os.environ, PYTHONPATH=str(ROOT)))))
     for name, fragment, out, p in procs:
-        stdout, stderr = p.communicate(timeout=300)
+        _, stderr = p.communicate(timeout=300)
         assert p.returncode == 2, (name, stderr)
         lines = stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("gfattn tokenize: error: "), (name, stderr)
@@ -120,7 +120,7 @@ class _Payload:
 
 
 def test_cli_dictionary_errors(setup, tmp_path):
-    base, raw, paths, adata, good = setup
+    _, _, paths, _, good = setup
     out = tmp_path / "out"
     r = gfattn(good, "--out", out)
     assert r.returncode == 2 and "--geneformer-dir" in r.stderr and "--token-dictionary" in r.stderr

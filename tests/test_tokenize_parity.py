@@ -77,7 +77,6 @@ def test_parity_dense_matrix_and_max_len(real):
 
 def test_parity_symbols_in_a_var_column(real):
     version, raw, dicts = real
-    rng = np.random.default_rng(4)
     adata = make_counts_adata(raw, seed=4, n_cells=24, long_cells=(), n_dups=0, n_unmapped=10, n_versioned=0)
     id_to_symbol = {}
     for sym, gid in raw["names"].items():
@@ -94,7 +93,6 @@ def test_parity_symbols_in_a_var_column(real):
     # without naming the column, auto-detection finds it too
     ds2, _ = tokenize_anndata(adata, dicts)
     assert ds2["input_ids"] == ds["input_ids"]
-    del rng
 
 
 def _geneformer_literal(adata, dicts, n_counts):
@@ -179,6 +177,28 @@ def test_rank_rows_exact_for_adversarial_values():
         assert np.array_equal(values[got], expected)
     with pytest.raises(ValueError):
         rank_rows(np.array([1.0, -1.0]), np.array([0, 2]), np.array([2]))
+    # all values equal: kept in position order
+    out_indptr, pos = rank_rows(np.full(10, 2.5), np.array([0, 4, 10]), np.array([3, 6]))
+    assert pos.tolist() == [0, 1, 2, 4, 5, 6, 7, 8, 9]
+
+
+def test_rank_rows_in_row_groups(monkeypatch):
+    """Chunks too large for the index bits are ranked in row groups; a long row stays whole."""
+    import pipeline.tokenize as tok
+
+    rng = np.random.default_rng(8)
+    lengths = np.array([7_000, 3, 0, 500, 900, 1])
+    indptr = np.concatenate([[0], np.cumsum(lengths)])
+    values = np.round(rng.lognormal(0, 1, indptr[-1]), 3)  # plenty of exact ties
+    values[100:200] = np.nextafter(values[99], 0)
+    keep = np.array([4094, 2, 4094, 4094, 10, 1])
+    monkeypatch.setattr(tok, "_MAX_RANK_ENTRIES", 1000)
+    out_indptr, pos = rank_rows(values, indptr, keep)
+    for r in range(lengths.size):
+        a, b = indptr[r], indptr[r + 1]
+        got = pos[out_indptr[r]:out_indptr[r + 1]]
+        assert ((got >= a) & (got < b)).all()
+        assert np.array_equal(values[got], np.sort(values[a:b])[::-1][: got.size])
 
 
 def test_tiny_vocabulary_parity_without_shared_data():

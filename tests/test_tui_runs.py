@@ -235,3 +235,45 @@ async def test_two_hundred_runs_open_and_fill_in(tmp_path):
         await pilot.press("enter")
         await settle(pilot)
         assert len(shown_ids(app)) == 100
+
+
+@pytest.mark.asyncio
+async def test_a_store_being_written_never_reports_an_error(tui_store):
+    """A writer committing as fast as it can (as a pipeline logging steps) while the app polls and
+    reloads: reads go on in WAL mode and nothing reaches the error path ("database is locked")."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from gfattn_tui.screens.run import RunScreen
+
+    writer = textwrap.dedent(f"""
+        import time
+        from store import Store
+        with Store({str(tui_store.path)!r}) as st:
+            end = time.time() + 4
+            step = 0
+            while time.time() < end:
+                step += 1
+                st.log_metric({tui_store.running}, "loss", 1.0 / step, step=step, split="train")
+                st.log_event({tui_store.running}, f"step {{step}}", stage="finetune")
+                st.set_progress({tui_store.running}, "finetune", step, 10_000, unit="steps")
+    """)
+    app = make_app(tui_store, config=TuiConfig(utc=True, poll_interval=0.05))
+    errors = []
+    app.report_error = lambda error, where="": errors.append((where, error))
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await app.push_screen(RunScreen(tui_store.running))
+        proc = subprocess.Popen([sys.executable, "-c", writer])
+        try:
+            while proc.poll() is None:
+                await pilot.pause(0.1)
+        finally:
+            proc.wait(timeout=60)
+        await settle(pilot)
+        assert proc.returncode == 0
+        assert app.data_version is not None
+        log = app.screen.query_one("#ov-log")
+        assert len(log.lines) > 3
+    assert errors == []

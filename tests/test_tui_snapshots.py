@@ -52,7 +52,8 @@ def test_attention_grid(snap_compare, snap_store):
         pilot.app.screen.query_one("#attn-grid").focus()
         await pilot.press("right", "right", "down")
 
-    assert snap_compare(app_for(snap_store), terminal_size=SIZE, run_before=open_tab(snap_store, "attention", select_head))
+    run_before = open_tab(snap_store, "attention", select_head)
+    assert snap_compare(app_for(snap_store), terminal_size=SIZE, run_before=run_before)
 
 
 def test_gene_table(snap_compare, snap_store):
@@ -61,4 +62,5 @@ def test_gene_table(snap_compare, snap_store):
         await settle(pilot)
         pilot.app.screen.query_one("#genes-grid").focus()
 
-    assert snap_compare(app_for(snap_store), terminal_size=SIZE, run_before=open_tab(snap_store, "genes", twenty_thousand_genes))
+    run_before = open_tab(snap_store, "genes", twenty_thousand_genes)
+    assert snap_compare(app_for(snap_store), terminal_size=SIZE, run_before=run_before)

@@ -51,7 +51,8 @@ def test_labels_sort_in_dose_order():
     labels = ["12.5", "0", "25", "1.25", "2.5"]
     assert [labels[i] for i in dose_order(labels)] == ["0", "1.25", "2.5", "12.5", "25"]
     assert [["high", "low"][i] for i in dose_order(["high", "low"])] == ["low", "high"]
-    assert [["25uM", "2.5 uM", "control"][i] for i in dose_order(["25uM", "2.5 uM", "control"])] == ["control", "2.5 uM", "25uM"]
+    units = ["25uM", "2.5 uM", "control"]
+    assert [units[i] for i in dose_order(units)] == ["control", "2.5 uM", "25uM"]
 
 
 def test_confusion_is_reordered_on_both_axes():

@@ -49,7 +49,8 @@ def read_side(st, run_id: int) -> dict:
 
 def read_compare(st, a: int, b: int) -> dict:
     side_a, side_b = read_side(st, a), read_side(st, b)
-    return {"a": side_a, "b": side_b, "config_diff": config_differences(run_config(side_a["run"]), run_config(side_b["run"]))}
+    diff = config_differences(run_config(side_a["run"]), run_config(side_b["run"]))
+    return {"a": side_a, "b": side_b, "config_diff": diff}
 
 
 def _delta_text(a: float | None, b: float | None) -> Text:
@@ -63,7 +64,10 @@ def _delta_text(a: float | None, b: float | None) -> Text:
 class CompareScreen(StoreBacked, Screen):
     BINDINGS = [
         Binding("escape", "back", "Back", id="compare.back"),
-        *[Binding(str(i + 1), f"show_tab('{key}')", title, show=False, id=f"compare.tab_{key[4:]}") for i, (key, title) in enumerate(TABS)],
+        *[
+            Binding(str(i + 1), f"show_tab('{key}')", title, show=False, id=f"compare.tab_{key[4:]}")
+            for i, (key, title) in enumerate(TABS)
+        ],
         Binding("x", "swap", "Swap A/B", id="compare.swap"),
     ]
 
@@ -139,7 +143,11 @@ class CompareScreen(StoreBacked, Screen):
                 va = data["a"]["metrics"].get(key, {}).get(metric)
                 vb = data["b"]["metrics"].get(key, {}).get(metric)
                 table.add_row(
-                    key, metric, Text(fmt_num(va), justify="right"), Text(fmt_num(vb), justify="right"), _delta_text(va, vb)
+                    key,
+                    metric,
+                    Text(fmt_num(va), justify="right"),
+                    Text(fmt_num(vb), justify="right"),
+                    _delta_text(va, vb),
                 )
         if not keys:
             table.add_row("—", "no fine-tuning results in either run", "", "", "")
@@ -162,7 +170,8 @@ class CompareScreen(StoreBacked, Screen):
             options.clear_options()
             options.add_options([Option(k, id=k) for k in keys] or [Option("no grid in both runs", disabled=True)])
         if keys:
-            self.grid_key = self.grid_key if self.grid_key in keys else next((k for k in keys if k.endswith("cosine")), keys[0])
+            if self.grid_key not in keys:
+                self.grid_key = next((k for k in keys if k.endswith("cosine")), keys[0])
             with options.prevent(OptionList.OptionHighlighted):
                 options.highlighted = keys.index(self.grid_key)
             self._show_grid()
@@ -175,7 +184,9 @@ class CompareScreen(StoreBacked, Screen):
         grid = self.query_one("#cmp-grid", HeadGrid)
         if a.shape != b.shape:
             grid.clear(columns=True)
-            self.query_one("#cmp-grid-info", Static).update(f"shapes differ: A {a.shape}, B {b.shape}; models are not comparable head by head")
+            self.query_one("#cmp-grid-info", Static).update(
+                f"shapes differ: A {a.shape}, B {b.shape}; the models are not comparable head by head"
+            )
             return
         grid.show(f"{self.grid_key} (B − A)", b - a)
         self._describe_grid_cell()
@@ -210,7 +221,8 @@ class CompareScreen(StoreBacked, Screen):
     def _show_curves(self) -> None:
         if not self.data or not self.curve_key:
             return
-        for plot_id, kind, title in (("#cmp-curve-acc", "accuracy", "validation accuracy"), ("#cmp-curve-loss", "loss", "loss")):
+        plots = (("#cmp-curve-acc", "accuracy", "validation accuracy"), ("#cmp-curve-loss", "loss", "loss"))
+        for plot_id, kind, title in plots:
             plot = self.query_one(plot_id, PlotextPlot)
             plt = plot.plt
             plt.clear_figure()
@@ -219,7 +231,9 @@ class CompareScreen(StoreBacked, Screen):
                 for curve in self.data[side]["curves"].get(self.curve_key, {}).get(kind, []):
                     if kind == "accuracy" and "F1" in curve.label:
                         continue
-                    plt.plot(curve.x, curve.y, label=f"{side.upper()} {curve.label}", marker="braille")
+                    draw = plt.scatter if len(curve.x) == 1 else plt.plot
+                    marker = "braille" if len(curve.x) > 1 else "dot"
+                    draw(curve.x, curve.y, label=f"{side.upper()} {curve.label}", marker=marker)
             plot.refresh()
 
     # events --------------------------------------------------------------------------------------

@@ -37,7 +37,8 @@ class NewRunScreen(Screen[int | None]):
     def __init__(self, *, preset: str | None = None) -> None:
         super().__init__()
         self.presets = available_presets()
-        self.initial_preset = preset if preset in self.presets else ("default" if "default" in self.presets else next(iter(self.presets)))
+        fallback = "default" if "default" in self.presets else next(iter(self.presets))
+        self.initial_preset = preset if preset in self.presets else fallback
 
     def compose(self) -> ComposeResult:
         yield Header()

@@ -144,7 +144,9 @@ class RunsScreen(RunActions, Screen):
         table.show(self.shown, details=self.details, now=self.app.now(), utc=self.app.config.utc, marked=self.marked)
         empty = self.query_one("#runs-empty", Static)
         if not self.runs:
-            empty.update(f"No runs in {self.app.store_path} yet. Press N to start one (preset quick is a one-minute demo).")
+            empty.update(
+                f"No runs in {self.app.store_path} yet. Press N to start one (preset quick is a one-minute demo)."
+            )
         elif not self.shown:
             empty.update("No run matches the filters. Press f / g to change them, or clear the search.")
         empty.display = not self.shown
@@ -258,7 +260,9 @@ class RunsScreen(RunActions, Screen):
         if len(ids) == 1 and current is not None and int(current["id"]) != ids[0]:
             ids.append(int(current["id"]))
         if len(ids) != 2:
-            self.app.notify("Mark one run with space, then press c on another (or mark exactly two).", severity="warning")
+            self.app.notify(
+                "Mark one run with space, then press c on another (or mark exactly two).", severity="warning"
+            )
             return
         from gfattn_tui.screens.compare import CompareScreen
 
@@ -286,7 +290,8 @@ class RunsScreen(RunActions, Screen):
             self.render_runs()
 
         hint = ("tags in use: " + ", ".join(tags[:12])) if tags else "no run has a tag yet"
-        self.app.push_screen(PromptScreen("Show runs with tag (empty = any)", value=self.tag_filter or "", hint=hint), done)
+        prompt = PromptScreen("Show runs with tag (empty = any)", value=self.tag_filter or "", hint=hint)
+        self.app.push_screen(prompt, done)
 
     def action_cycle_sort(self) -> None:
         self.sort_key = SORTS[(SORTS.index(self.sort_key) + 1) % len(SORTS)]
@@ -324,7 +329,8 @@ class RunsScreen(RunActions, Screen):
 
     def _haystack(self, run: dict) -> str:
         info = self.details.get(int(run["id"]), {})
-        parts = (run.get("name"), run.get("kind"), info.get("preset"), run.get("note"), *(run.get("tags") or ()), run.get("id"))
+        tags = run.get("tags") or ()
+        parts = (run.get("name"), run.get("kind"), info.get("preset"), run.get("note"), *tags, run.get("id"))
         return " ".join(str(x) for x in parts if x).lower()
 
 

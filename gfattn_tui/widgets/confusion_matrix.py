@@ -10,7 +10,9 @@ from textual.widgets import Static
 from gfattn_tui.format import fraction_style
 
 
-def render_confusion(title: str, labels: list[str], matrix: np.ndarray, accuracy: float | None, f1: float | None) -> Text:
+def render_confusion(
+    title: str, labels: list[str], matrix: np.ndarray, accuracy: float | None, f1: float | None
+) -> Text:
     m = np.asarray(matrix, dtype=float)
     counts = [[int(round(v)) for v in row] for row in m]
     width = max([len(str(lbl)) for lbl in labels] + [len(str(c)) for row in counts for c in row] + [3]) + 1
@@ -41,7 +43,9 @@ def render_confusion(title: str, labels: list[str], matrix: np.ndarray, accuracy
 
 
 class ConfusionMatrix(Static):
-    def __init__(self, title: str, labels: list[str], matrix: np.ndarray, accuracy: float | None, f1: float | None, **kwargs):
+    def __init__(
+        self, title: str, labels: list[str], matrix: np.ndarray, accuracy: float | None, f1: float | None, **kwargs
+    ) -> None:
         super().__init__(render_confusion(title, labels, matrix, accuracy, f1), **kwargs)
         self.labels = labels
         self.matrix = np.asarray(matrix)

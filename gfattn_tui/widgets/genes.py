@@ -90,7 +90,7 @@ class GenesView(RunView, Vertical):
         with Horizontal(classes="bar"):
             yield AnalysisPicker(id="genes-analysis")
             yield Select([], id="genes-table-name", compact=True, allow_blank=True, prompt="table")
-        with Horizontal(classes="bar"):
+        with Horizontal(classes="bar", id="genes-inputs"):
             yield Input(placeholder="/ symbol or Ensembl ID", id="genes-search", compact=True)
             yield Input(placeholder="f filter: in_reference_set = 1 and attn_a > 0.5", id="genes-filter", compact=True)
         yield Label("", id="genes-status")
@@ -128,6 +128,7 @@ class GenesView(RunView, Vertical):
         has = data["chosen"] is not None
         self.query_one("#genes-empty").display = not has
         self.query_one(GeneTable).display = has
+        self.query_one("#genes-inputs").display = has
         self.query_one(AnalysisPicker).set_analyses(data["analyses"], data["chosen"])
         self.analysis_id = data["chosen"]
         if not has:
@@ -150,7 +151,10 @@ class GenesView(RunView, Vertical):
         last = min(self.row_offset + size, self.count)
         pages = max(1, -(-self.count // size))
         arrow = "↓" if self.descending else "↑"
-        parts = [f"{self.table}: rows {first:,}–{last:,} of {self.count:,}", f"page {self.row_offset // size + 1}/{pages}"]
+        parts = [
+            f"{self.table}: rows {first:,}–{last:,} of {self.count:,}",
+            f"page {self.row_offset // size + 1}/{pages}",
+        ]
         if self.order_by:
             parts.append(f"sorted by {self.order_by} {arrow}")
         if self.search:

@@ -142,7 +142,8 @@ class OverviewView(RunView, VerticalScroll):
             return
         done, total = progress.get("done") or 0, progress.get("total")
         unit = progress.get("unit") or ""
-        text = f"{progress.get('stage')}: {fmt_num(done, 0)}" + (f" / {fmt_num(total, 0)}" if total else "") + f" {unit}"
+        text = f"{progress.get('stage')}: {fmt_num(done, 0)}"
+        text += (f" / {fmt_num(total, 0)}" if total else "") + f" {unit}"
         if progress.get("throughput"):
             text += f"  ·  {fmt_num(progress['throughput'], 1)} {unit}/s"
         if progress.get("eta_s") is not None:
@@ -159,7 +160,8 @@ class OverviewView(RunView, VerticalScroll):
             mark, style = STATUS_MARKS.get(status, ("·", ""))
             start, end = as_epoch(s.get("started")), as_epoch(s.get("finished"))
             took = fmt_duration((end or now) - start) if start is not None and (end or status == "running") else ""
-            table.add_row(Text(f"{mark} {s.get('stage')}", style=style), status, took, fmt_time(start, utc=utc, seconds=True) if start else "")
+            began = fmt_time(start, utc=utc, seconds=True) if start else ""
+            table.add_row(Text(f"{mark} {s.get('stage')}", style=style), status, took, began)
         self.query_one("#ov-stages", Static).update(table if stages else Text("no stages recorded", style="dim"))
 
     def _show_children(self, children: list[dict], now: float) -> None:
@@ -170,8 +172,12 @@ class OverviewView(RunView, VerticalScroll):
             status = str(child.get("status"))
             mark, style = STATUS_MARKS.get(status, ("·", ""))
             table.add_row(
-                Text(f"{mark} {status}", style=style), str(child["id"]), child.get("name") or "", child.get("kind") or "",
-                fmt_duration(run_duration(child, now)), key=str(child["id"]),
+                Text(f"{mark} {status}", style=style),
+                str(child["id"]),
+                child.get("name") or "",
+                child.get("kind") or "",
+                fmt_duration(run_duration(child, now)),
+                key=str(child["id"]),
             )
         visible = bool(children)
         table.display = visible

@@ -108,7 +108,10 @@ class RanksView(RunView, Vertical):
                 plt.plot(list(range(1, len(values) + 1)), [float(v) for v in values], label=label, marker="braille")
         if mark:
             plt.vline(float(median), "red")
-        plt.xlabel("rank" + (f"   ({'red: ' if mark else ''}median length {float(median):.0f})" if median is not None else ""))
+        if median is not None:
+            plt.xlabel(f"rank   ({'red: ' if mark else ''}median length {float(median):.0f})")
+        else:
+            plt.xlabel("rank")
         received.refresh()
 
         diff = self.query_one("#ranks-diff", PlotextPlot)

@@ -95,7 +95,8 @@ class RunsTable(DataTable):
     def update_durations(self, runs: Iterable[dict], now: float) -> None:
         for run in runs:
             if run.get("status") == "running" and str(run["id"]) in self.rows:
-                self.update_cell(str(run["id"]), "duration", Text(fmt_duration(run_duration(run, now)), justify="right"))
+                took = Text(fmt_duration(run_duration(run, now)), justify="right")
+                self.update_cell(str(run["id"]), "duration", took)
 
     def update_details(self, run: dict, info: dict | None) -> None:
         key = str(run["id"])

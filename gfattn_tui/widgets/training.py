@@ -42,7 +42,8 @@ class TrainingView(RunView, VerticalScroll):
             out = []
             for run in scope.finetunes:
                 task, mode = task_and_mode(run)
-                out.append({"task": task, "mode": mode, "status": run.get("status"), "curves": training_curves(st, run)})
+                curves = training_curves(st, run)
+                out.append({"task": task, "mode": mode, "status": run.get("status"), "curves": curves})
             return out
 
         self.post_message(Loaded("training", self.client.call(read)))
@@ -87,7 +88,8 @@ class TrainingView(RunView, VerticalScroll):
                     if kind == "accuracy" and "F1" in curve.label:
                         continue
                     label = item["mode"] + ("" if item["status"] != "running" else " (running)")
-                    plt.plot(curve.x, curve.y, label=label, marker="braille")
+                    draw = plt.scatter if len(curve.x) == 1 else plt.plot  # one epoch is a point, not a line
+                    draw(curve.x, curve.y, label=label, marker="braille" if len(curve.x) > 1 else "dot")
                     drawn = True
             if kind == "accuracy" and drawn:
                 plt.ylim(0, 1)
