@@ -10,6 +10,7 @@ while building, so timestamps, and every duration derived from them, are the sam
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import subprocess
@@ -317,6 +318,7 @@ def template_store(**kwargs) -> tuple[Path, FixtureIds]:
     key = tuple(sorted(kwargs.items()))
     if key not in _TEMPLATES:
         folder = Path(tempfile.mkdtemp(prefix="gfattn-tui-fixture-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
         ids = build_fixture_store(folder / "gfattn.db", **kwargs)
         _TEMPLATES[key] = (folder / "gfattn.db", ids)
     return _TEMPLATES[key]

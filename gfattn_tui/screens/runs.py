@@ -183,7 +183,7 @@ class RunsScreen(RunActions, Screen):
                 self.query_one(RunsTable).select_run(int(run["id"]))
                 return
 
-    # helpers -------------------------------------------------------------------------------------
+    # the run(s) an action applies to -----------------------------------------------------------
     def current_run(self) -> dict | None:
         rid = self.query_one(RunsTable).selected_run_id()
         return next((r for r in self.shown if int(r["id"]) == rid), None)

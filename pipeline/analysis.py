@@ -1,0 +1,685 @@
+"""From attention sums to findings: gene tables, position control, DE agreement, statistics, the store.
+
+Thesis sections 4.2-4.5 on top of `pipeline.attention` (DESIGN.md, "Attention analyses"):
+
+- `gene_table`: attention received per gene (thesis table 8) for one or two models: total, min-max scaled,
+  per occurrence, norm-weighted (Kobayashi et al. 2020), position-controlled, cells expressing the gene,
+  rank mean and standard deviation, mean rank per label group, differences between the models;
+- `position_controlled_attention` (analysis 5): a gene's position is its expression rank and attention
+  depends strongly on position, so each gene's attention is divided by what its rank positions receive
+  on average (analysis 3): observed / expected > 1 means attended beyond its ranks;
+- `de_wilcoxon`: scanpy's Wilcoxon `rank_genes_groups` between two label groups (thesis fig. 7);
+- `compare_de_attention`: overlap of the top k DE and top k attended genes, hypergeometric p-values
+  against the genes present in the tokenized cells, Spearman correlation, reference-set enrichment;
+- `bootstrap_ci`, `paired_sign_flip_test`, `wilcoxon_signed_rank`, `attention_statistics`: confidence
+  intervals over cells and per-(layer, head) paired tests that two models' attention differs;
+- `write_pair_analysis` / `run_pair_analysis`: everything into an "analysis" run of the store.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from pipeline.errors import InputError
+
+SUFFIXES = ("a", "b")
+
+
+# ------------------------------------------------------------------------------------ gene tables
+def position_controlled_attention(result, *, per_head: bool = False) -> np.ndarray:
+    """Observed / expected attention per token id: (M, V), or (M, nl, H, V) with `per_head`.
+
+    Expected is the sum over the gene's occurrences of the mean attention its position receives
+    (`AttentionResult.rank_received`), so ratios compare a gene with other genes at the same ranks.
+    NaN where the gene never occurs.
+    """
+    observed = result.gene_sum if per_head else result.gene_total()
+    expected = result.gene_expected(per_head=per_head)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(expected > 0, observed / np.where(expected > 0, expected, 1.0), np.nan)
+
+
+def _minmax(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    if x.size == 0:
+        return x
+    lo, hi = np.nanmin(x), np.nanmax(x)
+    return np.zeros_like(x) if not hi > lo else (x - lo) / (hi - lo)
+
+
+def sql_name(text: str) -> str:
+    """A column-name-safe version of a label (letters, digits, underscores)."""
+    out = re.sub(r"[^0-9A-Za-z]+", "_", str(text)).strip("_")
+    return out or "group"
+
+
+def gene_table(
+    result,
+    id_to_gene: dict,
+    symbols: dict | None = None,
+    *,
+    reference_set: Iterable[str] | None = None,
+    suffixes: Sequence[str] = SUFFIXES,
+) -> pd.DataFrame:
+    """One row per gene that occurs in the analysed cells; special tokens (pad, <cls>, <eos>, ...) left out.
+
+    Per model (column suffix `_a`, `_b`): `attn` (attention received, summed over layers, heads, query
+    rows and cells), `attn_scaled` (min-max over the table, thesis table 8), `attn_per_cell` (per
+    occurrence), `attn_norm` (weighted by ||f_h(x_j)||), `attn_expected` and `attn_pos_ratio` (analysis 5).
+    Shared: `token_id`, `n_cells`, `rank_mean`, `rank_std` (population, over occurrences; rank 1 = most
+    expressed gene of the cell), `rank_mean_<group>` per label group. For two models: `attn_diff`
+    (b - a), `attn_log2_ratio`, `attn_scaled_diff`, `pos_ratio_diff`. `in_reference_set` (0/1) when a
+    reference set is given. Rows are sorted by the last model's attention, descending.
+    """
+    V = result.vocab_size
+    present = result.gene_occ > 0
+    present[[s for s in result.special_ids if 0 <= s < V]] = False
+    tokens = np.flatnonzero(present)
+    symbols = symbols or {}
+    ens = [str(id_to_gene.get(int(t), f"token_{int(t)}")) for t in tokens]
+    df = pd.DataFrame({"ensembl_id": ens, "symbol": [symbols.get(e, "") or "" for e in ens], "token_id": tokens})
+    df["n_cells"] = result.gene_cells[tokens].astype(np.int64)
+    df["rank_mean"] = result.gene_rank_mean()[tokens]
+    df["rank_std"] = result.gene_rank_std()[tokens]
+    for g, name in enumerate(result.group_names):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            occ = result.gene_group_occ[g, tokens]
+            df[f"rank_mean_{sql_name(name)}"] = np.where(occ > 0, result.gene_group_rank_sum[g, tokens] / np.maximum(occ, 1), np.nan)
+    total = result.gene_total()[:, tokens]
+    norm = result.gene_norm_total()[:, tokens]
+    expected = result.gene_expected()[:, tokens]
+    occ = result.gene_occ[tokens]
+    for m in range(result.n_models):
+        s = suffixes[m]
+        df[f"attn_{s}"] = total[m]
+        df[f"attn_scaled_{s}"] = _minmax(total[m])
+        df[f"attn_per_cell_{s}"] = total[m] / occ
+        df[f"attn_norm_{s}"] = norm[m]
+        df[f"attn_norm_scaled_{s}"] = _minmax(norm[m])
+        df[f"attn_expected_{s}"] = expected[m]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            df[f"attn_pos_ratio_{s}"] = np.where(expected[m] > 0, total[m] / np.where(expected[m] > 0, expected[m], 1), np.nan)
+    if result.n_models == 2:
+        a, b = suffixes[0], suffixes[1]
+        df["attn_diff"] = df[f"attn_{b}"] - df[f"attn_{a}"]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            df["attn_log2_ratio"] = np.log2(df[f"attn_{b}"] / df[f"attn_{a}"])
+        df["attn_scaled_diff"] = df[f"attn_scaled_{b}"] - df[f"attn_scaled_{a}"]
+        df["pos_ratio_diff"] = df[f"attn_pos_ratio_{b}"] - df[f"attn_pos_ratio_{a}"]
+    if reference_set is not None:
+        mark_reference_set(df, reference_set)
+    order = f"attn_{suffixes[result.n_models - 1]}"
+    return df.sort_values(order, ascending=False, kind="stable").reset_index(drop=True)
+
+
+def mark_reference_set(df: pd.DataFrame, reference_set: Iterable[str]) -> pd.DataFrame:
+    """Add (in place) `in_reference_set` (0/1): the row's Ensembl ID or symbol is in the set."""
+    ref = {str(x) for x in reference_set}
+    ref_upper = {x.upper() for x in ref}
+    sym = df["symbol"].astype(str).str.upper() if "symbol" in df else pd.Series("", index=df.index)
+    df["in_reference_set"] = (df["ensembl_id"].astype(str).isin(ref) | (sym.isin(ref_upper) & (sym != ""))).astype(np.int64)
+    return df
+
+
+def load_reference_set(path, *, symbol_to_id: dict | None = None) -> set[str]:
+    """A reference gene set: a TSV/CSV with an `ensembl_id` column, or one Ensembl ID or symbol per line.
+
+    Symbols are translated to Ensembl IDs with `symbol_to_id` when given (case-insensitive); otherwise,
+    and when a symbol is unknown, the symbol itself is kept (`mark_reference_set` matches symbols too).
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise InputError(f"reference gene set {path} does not exist; give a TSV with an ensembl_id column or one gene per line")
+    lines = [ln.strip() for ln in path.read_text().splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith("#")]
+    if not lines:
+        raise InputError(f"reference gene set {path} is empty")
+    header = re.split(r"[\t,]", lines[0])
+    header_l = [h.strip().lower() for h in header]
+    if "ensembl_id" in header_l:
+        col = header_l.index("ensembl_id")
+        entries = [re.split(r"[\t,]", ln)[col].strip() for ln in lines[1:] if len(re.split(r"[\t,]", ln)) > col]
+    elif any(h in ("symbol", "gene_symbol", "gene") for h in header_l):
+        col = next(i for i, h in enumerate(header_l) if h in ("symbol", "gene_symbol", "gene"))
+        entries = [re.split(r"[\t,]", ln)[col].strip() for ln in lines[1:] if len(re.split(r"[\t,]", ln)) > col]
+    else:
+        entries = [re.split(r"[\t,]", ln)[0].strip() for ln in lines]
+    lookup = {k.upper(): v for k, v in (symbol_to_id or {}).items()}
+    out = set()
+    for e in entries:
+        if not e:
+            continue
+        if e.upper().startswith("ENS"):
+            out.add(e)
+        else:
+            out.add(lookup.get(e.upper(), e))
+    if not out:
+        raise InputError(f"reference gene set {path} holds no gene IDs or symbols")
+    return out
+
+
+# ------------------------------------------------------------------------------------------- DE
+def _de_gene_ids(adata, dicts=None, gene_id_column: str | None = None) -> tuple[list[str], list[str]]:
+    var = adata.var
+    if gene_id_column:
+        if gene_id_column not in var.columns:
+            raise InputError(f"var has no column {gene_id_column!r} (gene IDs); columns: {', '.join(map(str, var.columns))}")
+        ids = var[gene_id_column].astype(str).tolist()
+    elif "ensembl_id" in var.columns:
+        ids = var["ensembl_id"].astype(str).tolist()
+    else:
+        ids = [str(x) for x in var.index]
+    if dicts is not None:
+        token_dict = dicts.token_dict
+        mapping = dicts.ensembl_mapping or {}
+        names = {k.upper(): v for k, v in (dicts.name_to_id or {}).items()}
+        mapped = []
+        for g in ids:
+            if g in token_dict:
+                mapped.append(g)
+            elif g in mapping:
+                mapped.append(mapping[g])
+            elif g.upper() in names:
+                mapped.append(names[g.upper()])
+            else:
+                mapped.append(g)
+        ids = mapped
+    if "gene_symbol" in var.columns:
+        symbols = var["gene_symbol"].astype(str).tolist()
+    elif dicts is not None:
+        symbols = [dicts.id_to_symbol.get(g, "") for g in ids]
+    else:
+        symbols = [str(x) if not str(x).upper().startswith("ENS") else "" for x in var.index]
+    return ids, symbols
+
+
+def de_wilcoxon(adata, groupby: str, group, reference, *, dicts=None, gene_id_column: str | None = None,
+                layer: str | None = None) -> pd.DataFrame:
+    """Differential expression of `group` against `reference` with scanpy's Wilcoxon rank-sum test.
+
+    Raw counts (X, or `layer`) are normalised to 10,000 per cell and log1p-transformed on a copy of the
+    two groups' cells; then `scanpy.tl.rank_genes_groups(method="wilcoxon")`. Returns one row per gene,
+    sorted by score (up in `group` first): ensembl_id, symbol, score, logfoldchange, pval, pval_adj.
+    Gene IDs come from `gene_id_column`, var's `ensembl_id` or the var index, mapped to Ensembl through
+    `dicts` (the same mapping the tokenizer applies) when given.
+    """
+    import anndata as ad
+    import scanpy as sc
+    import scipy.sparse as sp
+
+    if groupby not in adata.obs.columns:
+        raise InputError(f"obs has no column {groupby!r} to group cells for DE; columns: {', '.join(map(str, adata.obs.columns))}")
+    labels = adata.obs[groupby].astype(str)
+    group, reference = str(group), str(reference)
+    for g in (group, reference):
+        if not (labels == g).any():
+            raise InputError(f"obs[{groupby!r}] has no cells labelled {g!r}; labels: {', '.join(sorted(labels.unique())[:10])}")
+    keep = (labels == group) | (labels == reference)
+    X = adata.layers[layer] if layer else adata.X
+    X = X[np.flatnonzero(keep.to_numpy())]
+    X = X.astype(np.float32) if sp.issparse(X) else np.asarray(X, dtype=np.float32)
+    ids, symbols = _de_gene_ids(adata, dicts, gene_id_column)
+    sub = ad.AnnData(X=X, obs=pd.DataFrame({"_group": pd.Categorical(labels[keep].to_numpy())},
+                                           index=adata.obs_names[keep.to_numpy()]))
+    sub.var_names = [f"g{i}" for i in range(adata.n_vars)]
+    sc.pp.normalize_total(sub, target_sum=1e4)
+    sc.pp.log1p(sub)
+    sc.tl.rank_genes_groups(sub, "_group", groups=[group], reference=reference, method="wilcoxon", use_raw=False)
+    res = sc.get.rank_genes_groups_df(sub, group=group)
+    idx = res["names"].str.slice(1).astype(int).to_numpy()
+    df = pd.DataFrame({
+        "ensembl_id": [ids[i] for i in idx],
+        "symbol": [symbols[i] for i in idx],
+        "score": res["scores"].to_numpy(dtype=np.float64),
+        "logfoldchange": res["logfoldchanges"].to_numpy(dtype=np.float64),
+        "pval": res["pvals"].to_numpy(dtype=np.float64),
+        "pval_adj": res["pvals_adj"].to_numpy(dtype=np.float64),
+    })
+    df = df.sort_values("score", ascending=False, kind="stable")
+    return df.drop_duplicates("ensembl_id", keep="first").reset_index(drop=True)
+
+
+def _hypergeom_sf(overlap: int, population: int, successes: int, draws: int) -> float:
+    """P(X >= overlap) for X ~ Hypergeometric(population, successes, draws)."""
+    from scipy.stats import hypergeom
+
+    if population <= 0 or draws <= 0 or successes <= 0:
+        return 1.0
+    return float(hypergeom.sf(overlap - 1, population, successes, draws))
+
+
+def compare_de_attention(
+    de_df: pd.DataFrame,
+    attention_df: pd.DataFrame,
+    background: Iterable[str] | None = None,
+    ks: Sequence[int] = (10, 20, 50, 100),
+    reference_set: Iterable[str] | None = None,
+    *,
+    attention_column: str | None = None,
+    de_column: str = "score",
+) -> dict:
+    """Agreement between the top DE genes and the top attended genes (thesis fig. 7).
+
+    Both rankings are restricted to `background` (default: the genes of `attention_df`, i.e. the genes
+    present in the tokenized cells). DE genes are ranked by `de_column` descending (up in the group
+    first), attended genes by `attention_column` descending (default: the last model's `attn_*`).
+    For each k: the overlap of the two top-k lists, its expectation k^2 / N and the hypergeometric
+    P(overlap >= observed) with N = |background|; Spearman correlation of DE score and attention over
+    the shared genes; with a reference set, its members among the top k attended (and top k DE) genes
+    and their hypergeometric enrichment p-values. Also marks `in_reference_set` on `attention_df`.
+    """
+    from scipy.stats import spearmanr
+
+    if attention_column is None:
+        cands = [c for c in attention_df.columns if re.fullmatch(r"attn_[a-z]", c)]
+        if not cands:
+            raise ValueError("attention_df has no attn_<model> column; pass attention_column")
+        attention_column = sorted(cands)[-1]
+    for col, df, what in ((de_column, de_df, "DE table"), (attention_column, attention_df, "attention table")):
+        if col not in df.columns or "ensembl_id" not in df.columns:
+            raise ValueError(f"{what} needs columns ensembl_id and {col}")
+    bg = set(attention_df["ensembl_id"].astype(str)) if background is None else {str(g) for g in background}
+    de = de_df[de_df["ensembl_id"].astype(str).isin(bg)].dropna(subset=[de_column])
+    de = de.sort_values(de_column, ascending=False, kind="stable").drop_duplicates("ensembl_id")
+    at = attention_df[attention_df["ensembl_id"].astype(str).isin(bg)].dropna(subset=[attention_column])
+    at = at.sort_values(attention_column, ascending=False, kind="stable").drop_duplicates("ensembl_id")
+    N = len(bg)
+    de_ids, at_ids = de["ensembl_id"].astype(str).tolist(), at["ensembl_id"].astype(str).tolist()
+    symbol = {}
+    for df in (attention_df, de_df):
+        if "symbol" in df.columns:
+            for e, s in zip(df["ensembl_id"].astype(str), df["symbol"].astype(str)):
+                if s and s != "nan":
+                    symbol.setdefault(e, s)
+    ref = None
+    if reference_set is not None:
+        ref_raw = {str(x) for x in reference_set}
+        ref_upper = {x.upper() for x in ref_raw}
+        ref = {g for g in bg if g in ref_raw or symbol.get(g, "").upper() in ref_upper}
+        mark_reference_set(attention_df, ref_raw)
+    out: dict = {
+        "attention_column": attention_column, "de_column": de_column, "background": N,
+        "n_de": len(de_ids), "n_attention": len(at_ids), "overlap": [],
+    }
+    for k in ks:
+        k = int(k)
+        top_de, top_at = de_ids[:k], at_ids[:k]
+        shared = sorted(set(top_de) & set(top_at), key=top_at.index)
+        item = {
+            "k": k, "overlap": len(shared), "expected": (len(top_de) * len(top_at) / N) if N else 0.0,
+            "p_value": _hypergeom_sf(len(shared), N, len(top_de), len(top_at)),
+            "genes": [symbol.get(g) or g for g in shared],
+        }
+        if ref is not None:
+            hits_at = [g for g in top_at if g in ref]
+            hits_de = [g for g in top_de if g in ref]
+            item["reference_in_top_attention"] = len(hits_at)
+            item["reference_p_value"] = _hypergeom_sf(len(hits_at), N, len(ref), len(top_at))
+            item["reference_in_top_de"] = len(hits_de)
+            item["reference_de_p_value"] = _hypergeom_sf(len(hits_de), N, len(ref), len(top_de))
+            item["reference_genes"] = [symbol.get(g) or g for g in hits_at]
+        out["overlap"].append(item)
+    merged = de[["ensembl_id", de_column]].merge(at[["ensembl_id", attention_column]], on="ensembl_id")
+    if len(merged) >= 3:
+        rho, p = spearmanr(merged[de_column], merged[attention_column])
+        out["spearman"] = {"rho": float(rho), "p_value": float(p), "n": int(len(merged))}
+    else:
+        out["spearman"] = {"rho": None, "p_value": None, "n": int(len(merged))}
+    if ref is not None:
+        out["reference_set"] = {"size": len(ref_raw), "in_background": len(ref)}
+    out["top_de"] = [symbol.get(g) or g for g in de_ids[: max(ks, default=0)]]
+    out["top_attention"] = [symbol.get(g) or g for g in at_ids[: max(ks, default=0)]]
+    return out
+
+
+# ------------------------------------------------------------------------------------- statistics
+def _resample_counts(n: int, n_boot: int, rng) -> np.ndarray:
+    return rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)
+
+
+def bootstrap_ci(per_cell_values, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05, *,
+                 weights=None, chunk: int = 256):
+    """Percentile bootstrap over cells (axis 0) of the mean: returns (mean, lower, upper).
+
+    With `weights` (same shape), the statistic is the weighted mean sum(w x) / sum(w) (e.g. per-rank
+    curves where w marks the cells that have the position). Resampling draws cells with replacement,
+    the same draw for every feature, so paired features stay paired.
+    """
+    x = np.asarray(per_cell_values, dtype=np.float64)
+    n = x.shape[0]
+    shape = x.shape[1:]
+    flat = x.reshape(n, -1)
+    w = None if weights is None else np.broadcast_to(np.asarray(weights, dtype=np.float64), x.shape).reshape(n, -1)
+    if w is None:
+        mean = flat.mean(axis=0)
+    else:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = (w * flat).sum(0) / w.sum(0)
+    if n < 2 or n_boot < 1:
+        return mean.reshape(shape), mean.reshape(shape).copy(), mean.reshape(shape).copy()
+    rng = np.random.default_rng(seed)
+    stats = np.empty((n_boot, flat.shape[1]))
+    for start in range(0, n_boot, chunk):
+        counts = _resample_counts(n, min(chunk, n_boot - start), rng)
+        if w is None:
+            stats[start : start + len(counts)] = counts @ flat / n
+        else:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                stats[start : start + len(counts)] = (counts @ (w * flat)) / (counts @ w)
+    with np.errstate(invalid="ignore"):
+        lower = np.nanquantile(stats, alpha / 2, axis=0) if np.isnan(stats).any() else np.quantile(stats, alpha / 2, axis=0)
+        upper = np.nanquantile(stats, 1 - alpha / 2, axis=0) if np.isnan(stats).any() else np.quantile(stats, 1 - alpha / 2, axis=0)
+    return mean.reshape(shape), lower.reshape(shape), upper.reshape(shape)
+
+
+def paired_sign_flip_test(x, y, n_perm: int = 10000, seed: int = 0, *, chunk: int = 1000) -> np.ndarray:
+    """Two-sided paired permutation test of mean(x - y) = 0 per feature (axis 0 = cells).
+
+    Under the null each cell's difference is equally likely to have either sign; the statistic is
+    |mean d| and p = (1 + #{|mean of flipped d| >= observed}) / (1 + n_perm). Identical inputs give 1.
+    """
+    d = np.asarray(x, dtype=np.float64) - np.asarray(y, dtype=np.float64)
+    n = d.shape[0]
+    shape = d.shape[1:]
+    d = d.reshape(n, -1)
+    observed = np.abs(d.mean(axis=0))
+    tol = 1e-12 * np.maximum(observed, np.abs(d).max(axis=0, initial=0.0))
+    rng = np.random.default_rng(seed)
+    hits = np.zeros(d.shape[1])
+    for start in range(0, n_perm, chunk):
+        m = min(chunk, n_perm - start)
+        signs = rng.integers(0, 2, size=(m, n)) * 2.0 - 1.0
+        hits += (np.abs(signs @ d / n) >= observed - tol).sum(axis=0)
+    return ((1.0 + hits) / (1.0 + n_perm)).reshape(shape)
+
+
+def wilcoxon_signed_rank(x, y) -> np.ndarray:
+    """Wilcoxon signed-rank p-value of x - y per feature (axis 0 = cells); 1 where all differences are 0."""
+    from scipy.stats import wilcoxon
+
+    d = np.asarray(x, dtype=np.float64) - np.asarray(y, dtype=np.float64)
+    n = d.shape[0]
+    shape = d.shape[1:]
+    d = d.reshape(n, -1)
+    out = np.ones(d.shape[1])
+    for f in range(d.shape[1]):
+        if np.any(d[:, f] != 0):
+            out[f] = float(wilcoxon(d[:, f], zero_method="wilcox").pvalue)
+    return out.reshape(shape)
+
+
+def benjamini_hochberg(p) -> np.ndarray:
+    p = np.asarray(p, dtype=np.float64)
+    flat = p.ravel()
+    n = flat.size
+    order = np.argsort(flat)
+    ranked = flat[order] * n / np.arange(1, n + 1)
+    adj = np.minimum.accumulate(ranked[::-1])[::-1]
+    out = np.empty(n)
+    out[order] = np.minimum(adj, 1.0)
+    return out.reshape(p.shape)
+
+
+def attention_statistics(result, *, n_boot: int = 200, n_perm: int = 2000, seed: int = 0, alpha: float = 0.05,
+                         test: str = "sign-flip") -> dict:
+    """Confidence intervals over cells for analyses 1-3 and paired per-(layer, head) tests.
+
+    Returns numpy arrays: `cosine` / `cosine_lower` / `cosine_upper` / `cosine_std` (nl, H); per model
+    `norm_<s>` (+ lower/upper, (nl, H)), `norm_summed_<s>` (+ lower/upper, (nl,)), `centre_<s>` (nl, H),
+    `rank_received_<s>` (+ lower/upper, (P,)); for a pair `rank_pct_diff` (+ lower/upper) and the tests:
+    `p_value` (whether the mean attended rank position, the centre of attention, differs), `p_value_norm`
+    (whether the Kobayashi norm differs), `p_value_adj` (Benjamini-Hochberg over the grid).
+    `test`: "sign-flip" (paired permutation) or "wilcoxon" (signed-rank).
+    """
+    out: dict = {"n_cells": int(result.n_cells), "n_boot": int(n_boot), "alpha": float(alpha), "test": test,
+                 "n_perm": int(n_perm) if test == "sign-flip" else None}
+    names = SUFFIXES[: result.n_models]
+    for m, s in enumerate(names):
+        mean, lo, hi = bootstrap_ci(result.cell_norm[m], n_boot, seed, alpha)
+        out[f"norm_{s}"], out[f"norm_{s}_lower"], out[f"norm_{s}_upper"] = mean, lo, hi
+        mean, lo, hi = bootstrap_ci(result.cell_norm_summed[m], n_boot, seed, alpha)
+        out[f"norm_summed_{s}"], out[f"norm_summed_{s}_lower"], out[f"norm_summed_{s}_upper"] = mean, lo, hi
+        out[f"centre_{s}"] = result.cell_centre[m].mean(axis=0)
+    if result.cell_curve is not None:
+        has = (np.arange(result.max_len)[None, :] < result.lengths[:, None]).astype(np.float64)
+        for m, s in enumerate(names):
+            mean, lo, hi = bootstrap_ci(result.cell_curve[m], n_boot, seed, alpha, weights=has)
+            out[f"rank_received_{s}"], out[f"rank_received_{s}_lower"], out[f"rank_received_{s}_upper"] = mean, lo, hi
+        if result.n_models == 2:
+            out["rank_pct_diff"], out["rank_pct_diff_lower"], out["rank_pct_diff_upper"] = _pct_diff_ci(
+                result.cell_curve[0], result.cell_curve[1], has, n_boot, seed, alpha)
+    if result.n_models == 2 and result.cell_cosine is not None:
+        mean, lo, hi = bootstrap_ci(result.cell_cosine, n_boot, seed, alpha)
+        out["cosine"], out["cosine_lower"], out["cosine_upper"] = mean, lo, hi
+        out["cosine_std"] = result.cell_cosine.std(axis=0, ddof=1) if result.n_cells > 1 else np.zeros_like(mean)
+        if test == "wilcoxon":
+            p = wilcoxon_signed_rank(result.cell_centre[0], result.cell_centre[1])
+            p_norm = wilcoxon_signed_rank(result.cell_norm[0], result.cell_norm[1])
+        else:
+            p = paired_sign_flip_test(result.cell_centre[0], result.cell_centre[1], n_perm, seed)
+            p_norm = paired_sign_flip_test(result.cell_norm[0], result.cell_norm[1], n_perm, seed + 1)
+        out["p_value"], out["p_value_norm"] = p, p_norm
+        out["p_value_adj"] = benjamini_hochberg(p)
+        out["p_value_norm_adj"] = benjamini_hochberg(p_norm)
+    return out
+
+
+def _pct_diff_ci(curve_a, curve_b, has, n_boot, seed, alpha, chunk: int = 128):
+    """Bootstrap CI of 100 (b - a) / a per rank position, the cells resampled jointly for both models."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sa, sb = curve_a.sum(0), curve_b.sum(0)
+        point = np.where(sa > 0, 100.0 * (sb - sa) / np.where(sa > 0, sa, 1), np.nan)
+    n = curve_a.shape[0]
+    if n < 2 or n_boot < 1:
+        return point, point.copy(), point.copy()
+    rng = np.random.default_rng(seed)
+    stats = np.empty((n_boot, curve_a.shape[1]))
+    for start in range(0, n_boot, chunk):
+        counts = _resample_counts(n, min(chunk, n_boot - start), rng)
+        ra, rb = counts @ (curve_a * has), counts @ (curve_b * has)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            stats[start : start + len(counts)] = np.where(ra > 0, 100.0 * (rb - ra) / np.where(ra > 0, ra, 1), np.nan)
+    with np.errstate(invalid="ignore"):
+        lo = np.nanquantile(stats, alpha / 2, axis=0)
+        hi = np.nanquantile(stats, 1 - alpha / 2, axis=0)
+    return point, lo, hi
+
+
+# ------------------------------------------------------------------------------------------- store
+def _plain(obj):
+    """JSON-safe copy: numpy scalars/arrays to Python, NaN/inf to None."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _plain(obj.tolist())
+    if isinstance(obj, (np.floating, float)):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    return obj
+
+
+def length_histogram(lengths, bins: int = 40) -> tuple[np.ndarray, np.ndarray]:
+    lengths = np.asarray(lengths)
+    if lengths.size == 0:
+        return np.zeros(0), np.zeros(1)
+    lo, hi = int(lengths.min()), int(lengths.max())
+    n_bins = max(1, min(bins, hi - lo + 1))
+    counts, edges = np.histogram(lengths, bins=n_bins, range=(lo, hi + 1))
+    return counts.astype(np.float64), edges
+
+
+def write_pair_analysis(store, run_id: int, result, gene_df: pd.DataFrame | None, de_summary: dict | None,
+                        stats: dict | None, *, model_names: Sequence[str] | None = None) -> dict:
+    """Write an analysis run's results (grids, per-rank vectors, the gene table, JSON) into the store.
+
+    Grids (layer x head): `cosine` (bootstrap CI as lower/upper), `cosine_std`, `norm_<s>` (CI),
+    `norm_summed_<s>` (layer x 1, CI), `centre_<s>`, `p_value` (lower/upper unused), `p_value_adj`,
+    `p_value_norm`. Vectors: `rank_received_<s>` (summed over layers and heads; meta carries the CI
+    arrays' names), `rank_received_lh_<s>` (layer, head, rank), `rank_norm_received_<s>`, `rank_pct_diff`
+    (+ `_lower`/`_upper`), `rank_log_ratio`, `rank_count`, `rank_special_count`, `length_hist`. Every
+    per-rank vector's meta: median length, special-token positions, cells, model name. Gene table
+    `genes`; JSON `de_overlap`, `stats`, `summary`. Returns the summary.
+    """
+    names = SUFFIXES[: result.n_models]
+    model_names = tuple(model_names or result.names)
+    stats = stats if stats is not None else attention_statistics(result)
+    median = result.length_median()
+    specials = result.special_positions()
+    base_meta = {
+        "median_length": median, "special_positions": specials, "n_cells": int(result.n_cells),
+        "x": "rank position (0-based token index; special tokens kept)", "models": dict(zip(names, model_names)),
+    }
+
+    def meta(**extra):
+        return _plain({**base_meta, **extra})
+
+    if result.n_models == 2 and "cosine" in stats:
+        store.put_grid(run_id, "cosine", stats["cosine"], lower=stats["cosine_lower"], upper=stats["cosine_upper"])
+        store.put_grid(run_id, "cosine_std", stats["cosine_std"])
+        store.put_grid(run_id, "p_value", stats["p_value"])
+        store.put_grid(run_id, "p_value_adj", stats["p_value_adj"])
+        store.put_grid(run_id, "p_value_norm", stats["p_value_norm"])
+    for m, s in enumerate(names):
+        store.put_grid(run_id, f"norm_{s}", stats[f"norm_{s}"], lower=stats[f"norm_{s}_lower"], upper=stats[f"norm_{s}_upper"])
+        col = lambda v: np.asarray(v).reshape(-1, 1)  # noqa: E731 - one column: the heads are summed
+        store.put_grid(run_id, f"norm_summed_{s}", col(stats[f"norm_summed_{s}"]),
+                       lower=col(stats[f"norm_summed_{s}_lower"]), upper=col(stats[f"norm_summed_{s}_upper"]))
+        store.put_grid(run_id, f"centre_{s}", stats[f"centre_{s}"])
+    received = result.rank_received()
+    received_lh = result.rank_received(per_head=True)
+    norm_received = result.rank_norm_received()
+    for m, s in enumerate(names):
+        extra = {}
+        if f"rank_received_{s}_lower" in stats:
+            store.put_vector(run_id, f"rank_received_{s}_lower", stats[f"rank_received_{s}_lower"], meta=meta(model=model_names[m]))
+            store.put_vector(run_id, f"rank_received_{s}_upper", stats[f"rank_received_{s}_upper"], meta=meta(model=model_names[m]))
+            extra = {"lower": f"rank_received_{s}_lower", "upper": f"rank_received_{s}_upper"}
+        store.put_vector(run_id, f"rank_received_{s}", received[m], meta=meta(model=model_names[m], **extra))
+        store.put_vector(run_id, f"rank_received_lh_{s}", received_lh[m], meta=meta(model=model_names[m], axes=["layer", "head", "rank"]))
+        store.put_vector(run_id, f"rank_norm_received_{s}", norm_received[m], meta=meta(model=model_names[m]))
+    if result.n_models == 2:
+        a, b = received
+        with np.errstate(invalid="ignore", divide="ignore"):
+            pct = np.where(a > 0, 100.0 * (b - a) / np.where(a > 0, a, 1), np.nan)
+            log_ratio = np.where((a > 0) & (b > 0), np.log(np.where(b > 0, b, 1) / np.where(a > 0, a, 1)), np.nan)
+        extra = {}
+        if "rank_pct_diff_lower" in stats:
+            store.put_vector(run_id, "rank_pct_diff_lower", stats["rank_pct_diff_lower"], meta=meta())
+            store.put_vector(run_id, "rank_pct_diff_upper", stats["rank_pct_diff_upper"], meta=meta())
+            extra = {"lower": "rank_pct_diff_lower", "upper": "rank_pct_diff_upper"}
+        store.put_vector(run_id, "rank_pct_diff", pct, meta=meta(definition="100 (b - a) / a", **extra))
+        store.put_vector(run_id, "rank_log_ratio", log_ratio, meta=meta(definition="ln(b / a)"))
+    store.put_vector(run_id, "rank_count", result.rank_count, meta=meta())
+    store.put_vector(run_id, "rank_special_count", result.rank_special_count, meta=meta())
+    counts, edges = length_histogram(result.lengths)
+    store.put_vector(run_id, "length_hist", counts, meta=_plain({"edges": edges, "median": median,
+                                                                "n_cells": int(result.n_cells)}))
+    if gene_df is not None:
+        store.put_gene_table(run_id, "genes", gene_df)
+    if de_summary is not None:
+        store.put_json(run_id, "de_overlap", _plain(de_summary))
+    stats_json = {k: v for k, v in stats.items() if not k.startswith("rank_")}
+    store.put_json(run_id, "stats", _plain(stats_json))
+    summary = pair_summary(result, gene_df, stats, model_names=model_names)
+    store.put_json(run_id, "summary", summary)
+    return summary
+
+
+def pair_summary(result, gene_df, stats, *, model_names, top_n: int = 10) -> dict:
+    names = SUFFIXES[: result.n_models]
+    out = {
+        "models": dict(zip(names, model_names)), "n_cells": int(result.n_cells),
+        "median_length": result.length_median(), "max_length": int(result.lengths.max()) if result.n_cells else 0,
+        "n_layers": result.n_layers, "n_heads": result.n_heads, "special_positions": result.special_positions(),
+        "groups": list(result.group_names), "meta": result.meta,
+    }
+    if "cosine" in stats:
+        out["cosine_mean"] = float(np.mean(stats["cosine"]))
+        out["cosine_per_layer"] = np.mean(stats["cosine"], axis=1)
+        out["cosine_min"] = {"value": float(np.min(stats["cosine"])),
+                             "layer_head": [int(i) for i in np.unravel_index(np.argmin(stats["cosine"]), stats["cosine"].shape)]}
+        out["heads_differing"] = int((stats["p_value_adj"] < stats.get("alpha", 0.05)).sum())
+    for s in names:
+        out[f"norm_summed_{s}"] = stats[f"norm_summed_{s}"]
+    if gene_df is not None and len(gene_df):
+        for s in names:
+            top = gene_df.sort_values(f"attn_{s}", ascending=False).head(top_n)
+            out[f"top_genes_{s}"] = [r.symbol or r.ensembl_id for r in top.itertuples()]
+            top = gene_df[gene_df["n_cells"] >= max(3, int(0.05 * result.n_cells))]
+            top = top.sort_values(f"attn_pos_ratio_{s}", ascending=False).head(top_n)
+            out[f"top_position_controlled_{s}"] = [r.symbol or r.ensembl_id for r in top.itertuples()]
+    return _plain(out)
+
+
+# --------------------------------------------------------------------------------- orchestration
+def run_pair_analysis(
+    store,
+    run_id: int,
+    model_a,
+    model_b,
+    dataset,
+    *,
+    dicts,
+    names: Sequence[str] = ("a", "b"),
+    group_column: str | None = None,
+    de: pd.DataFrame | None = None,
+    reference_set=None,
+    top_k: Sequence[int] = (10, 20, 50, 100),
+    n_boot: int = 200,
+    n_perm: int = 2000,
+    batch_size: int = 8,
+    device="cpu",
+    dtype=None,
+    seed: int = 0,
+    progress: Callable | None = None,
+) -> dict:
+    """The attention stage of an analysis run: analyses 1-7 of two models on `dataset`, into the store.
+
+    `dicts`: the `GeneDictionaries` of the shared tokenization (pad and special tokens, Ensembl IDs,
+    symbols). `de`: a `de_wilcoxon` table to compare with (optional). `reference_set`: a path or a set
+    of IDs/symbols, marked in the gene table and tested among the top attended genes. Returns the summary.
+    """
+    import torch
+
+    from pipeline.attention import analyze_attention
+
+    if group_column is not None and hasattr(dataset, "column_names") and group_column not in dataset.column_names:
+        group_column = None
+    if isinstance(reference_set, (str, Path)):
+        reference_set = load_reference_set(reference_set, symbol_to_id=getattr(dicts, "name_to_id", None))
+    result = analyze_attention(
+        model_a, model_b, dataset, pad_id=dicts.pad_id, special_ids=dicts.special_ids, group_column=group_column,
+        batch_size=batch_size, device=device, dtype=dtype or torch.float32, progress=progress,
+    )
+    if store is not None:
+        store.log_event(run_id, f"attention reduced over {result.n_cells} cells", stage="attention")
+    genes = gene_table(result, dicts.id_to_gene, dicts.id_to_symbol, reference_set=reference_set)
+    stats = attention_statistics(result, n_boot=n_boot, n_perm=n_perm, seed=seed)
+    de_summary = None
+    if de is not None and len(de):
+        background = genes["ensembl_id"].tolist()
+        de_summary = compare_de_attention(de, genes, background, ks=top_k, reference_set=reference_set,
+                                          attention_column=f"attn_{SUFFIXES[result.n_models - 1]}")
+        de_summary["by_column"] = {}
+        for m in range(result.n_models):
+            for col in (f"attn_{SUFFIXES[m]}", f"attn_pos_ratio_{SUFFIXES[m]}", f"attn_norm_{SUFFIXES[m]}"):
+                de_summary["by_column"][col] = compare_de_attention(de, genes, background, ks=top_k,
+                                                                    reference_set=reference_set, attention_column=col)
+        de_summary["models"] = dict(zip(SUFFIXES, names))
+    elif reference_set is not None:
+        mark_reference_set(genes, reference_set)
+    if store is None:
+        return {"result": result, "genes": genes, "stats": stats, "de_overlap": de_summary}
+    return write_pair_analysis(store, run_id, result, genes, de_summary, stats, model_names=tuple(names))

@@ -1,0 +1,162 @@
+"""`gfattn analyze`: attention analysis of one fine-tuned model, or two that share a tokenization.
+
+Thesis sections 3.3-4.5: weight- and norm-based attention per layer/head, per rank and per gene, the
+cosine between the two models, position-controlled key genes, optional DE agreement and statistics.
+Records an "analysis" run in the store (`pipeline.analysis.run_pair_analysis`).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-a", required=True, metavar="DIR", help="first model (e.g. the frozen fine-tune)")
+    p.add_argument("--model-b", metavar="DIR", help="second model on the same tokenization (e.g. unfrozen)")
+    p.add_argument("--data", required=True, metavar="TOKENIZED_DIR", help="tokenized cells (`gfattn tokenize`)")
+    p.add_argument("--group-column", metavar="COL", help="dataset column with label groups (mean rank per group)")
+    p.add_argument("--reference-set", metavar="FILE",
+                   help="reference genes: TSV with an ensembl_id column, or one Ensembl ID or symbol per line")
+    p.add_argument("--adata", metavar="H5AD", help="raw counts for differential expression (needs --de-groupby)")
+    p.add_argument("--de-groupby", metavar="COL", help="obs column for DE groups")
+    p.add_argument("--de-group", metavar="LABEL", help="DE group (e.g. high)")
+    p.add_argument("--de-reference", metavar="LABEL", help="DE reference group (e.g. low)")
+    p.add_argument("--gene-id-column", metavar="COL", help="var column with gene IDs for DE (default: var index)")
+    p.add_argument("--top-k", default="10,20,50,100", help="k for the DE vs attention overlap (default 10,20,50,100)")
+    p.add_argument("--max-cells", type=int, default=0, help="analyse a seeded random subset of this many cells (0 = all)")
+    p.add_argument("--batch-size", type=int, default=8, help="cells per batch (default 8)")
+    p.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples for confidence intervals (default 200)")
+    p.add_argument("--seed", type=int, default=0, help="seed for subsampling, bootstrap and permutations (default 0)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="compute device")
+    p.add_argument("--name", help="run name (default: 'A vs B' from the model directory names)")
+    p.add_argument("--store", help="experiment store (default: $GFATTN_STORE or ./gfattn.db)")
+
+
+def _check_dir(path, what: str):
+    from pathlib import Path
+
+    from pipeline.errors import InputError
+
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise InputError(f"{what} {p} is not a directory")
+    return p
+
+
+def run(args) -> int:
+    import sys
+
+    from pipeline.errors import InputError
+    from pipeline.paths import resolve_store_path
+
+    model_a = _check_dir(args.model_a, "--model-a")
+    model_b = _check_dir(args.model_b, "--model-b") if args.model_b else None
+    data = _check_dir(args.data, "--data")
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
+    try:
+        top_k = [int(k) for k in str(args.top_k).split(",") if k.strip()]
+    except ValueError:
+        raise InputError(f"--top-k {args.top_k!r} must be comma-separated integers, e.g. 10,20,50") from None
+    de_args = (args.de_groupby, args.de_group, args.de_reference)
+    if args.adata and not all(de_args):
+        raise InputError("--adata needs --de-groupby, --de-group and --de-reference")
+    if any(de_args) and not args.adata:
+        raise InputError("--de-groupby/--de-group/--de-reference need --adata (raw counts)")
+    if args.reference_set:
+        from pathlib import Path
+
+        if not Path(args.reference_set).expanduser().is_file():
+            raise InputError(f"--reference-set {args.reference_set} does not exist")
+
+    import numpy as np
+    import torch
+
+    from pipeline.analysis import de_wilcoxon, load_reference_set, run_pair_analysis
+    from pipeline.model import load_for_attention, model_dictionaries
+    from pipeline.tokenize import load_tokenized
+
+    dicts = model_dictionaries(model_a)
+    if dicts is None:
+        raise InputError(f"{model_a} carries no token_dictionary*.pkl; save the model with its dictionaries")
+    if model_b is not None:
+        dicts_b = model_dictionaries(model_b)
+        if dicts_b is None or dicts_b.fingerprint() != dicts.fingerprint():
+            raise InputError(f"{model_a} and {model_b} do not share a tokenization (different dictionaries); "
+                             "compare models fine-tuned from the same checkpoint")
+    ds = load_tokenized(data)
+    if "input_ids" not in ds.column_names:
+        raise InputError(f"{data}: no input_ids column; tokenize with `gfattn tokenize`")
+    if args.group_column and args.group_column not in ds.column_names:
+        raise InputError(f"{data}: no column {args.group_column!r} (columns: {', '.join(ds.column_names)})")
+    if args.max_cells and len(ds) > args.max_cells:
+        rng = np.random.default_rng(args.seed)
+        ds = ds.select(sorted(rng.choice(len(ds), int(args.max_cells), replace=False).tolist()))
+    lengths = ds["length"] if "length" in ds.column_names else [len(x) for x in ds["input_ids"]]
+    longest = int(max(lengths)) if len(lengths) else 0
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available; use --device cpu")
+
+    from store import Store
+
+    store = Store(resolve_store_path(args.store))
+    names = (model_a.name, model_b.name if model_b is not None else "")
+    name = args.name or (f"{names[0]} vs {names[1]}" if model_b is not None else f"attention: {names[0]}")
+    config = {
+        "model_a": str(model_a), "model_b": str(model_b) if model_b is not None else None, "data": str(data),
+        "group_column": args.group_column, "reference_set": args.reference_set, "top_k": top_k,
+        "batch_size": args.batch_size, "n_boot": args.n_boot, "seed": args.seed, "cells": len(ds),
+        "de": {"adata": args.adata, "groupby": args.de_groupby, "group": args.de_group,
+               "reference": args.de_reference} if args.adata else None,
+    }
+    run_id = store.create_run(name, "analysis", config, data_path=str(data), model_path=str(model_a), device=device)
+    last = [0.0]
+
+    def progress(done, total, **_):
+        import time
+
+        store.set_progress(run_id, "attention", done, total, unit="cells")
+        now = time.monotonic()
+        if now - last[0] >= 5.0 or done >= total:
+            last[0] = now
+            print(f"attention {done}/{total} cells", file=sys.stderr, flush=True)
+
+    with store.track(run_id):
+        de = None
+        if args.adata:
+            import anndata as ad
+
+            store.set_stage(run_id, "de", "running")
+            adata = ad.read_h5ad(args.adata)
+            de = de_wilcoxon(adata, args.de_groupby, args.de_group, args.de_reference, dicts=dicts,
+                             gene_id_column=args.gene_id_column)
+            store.put_gene_table(run_id, "de", de)
+            store.set_stage(run_id, "de", "completed")
+        reference = (load_reference_set(args.reference_set, symbol_to_id=dicts.name_to_id)
+                     if args.reference_set else None)
+        store.set_stage(run_id, "attention", "running")
+        source = f"cells in {data}"
+        m_a = load_for_attention(model_a, dicts=dicts, max_len=longest, data_source=source)
+        m_b = load_for_attention(model_b, dicts=dicts, max_len=longest, data_source=source) if model_b else None
+        summary = run_pair_analysis(
+            store, run_id, m_a, m_b, ds, dicts=dicts, names=names if model_b is not None else names[:1],
+            group_column=args.group_column, de=de, reference_set=reference, top_k=top_k, n_boot=args.n_boot,
+            batch_size=args.batch_size, device=device, dtype=torch.float32, seed=args.seed, progress=progress,
+        )
+        store.set_stage(run_id, "attention", "completed")
+    print(f"{name}: {summary['n_cells']} cells, median length {summary['median_length']:.0f}")
+    if "cosine_per_layer" in summary:
+        per_layer = ", ".join(f"{v:.3f}" for v in summary["cosine_per_layer"])
+        print(f"cosine similarity per layer: {per_layer}; heads differing (BH 5%): {summary['heads_differing']}")
+    for s, model in summary["models"].items():
+        if f"top_genes_{s}" in summary:
+            print(f"top attended genes, {model}: {', '.join(summary[f'top_genes_{s}'])}")
+    if de is not None:
+        ov = store.get_json(run_id, "de_overlap")
+        parts = [f"k={o['k']}: {o['overlap']} (p={o['p_value']:.2g})" for o in ov["overlap"]]
+        print("top attended vs top DE genes: " + "; ".join(parts))
+    print(f"run {run_id}")
+    return 0
