@@ -89,8 +89,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--small", action="store_true", help="2 layers, hidden 128 (same 2,048 input size)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--steps", type=int, default=3, help="timed steps per variant (after one warm-up step)")
-    p.add_argument("--cells", type=int, default=0, help="cells to draw batches from (default: 50 x batch size)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps before them (default 1)")
+    p.add_argument("--cells", type=int, default=0, help="pool of cells the timed ones are drawn from (default: 50 x batch size)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--amp", choices=["auto", "off"], default="auto", help="bf16 autocast on CUDA")
     p.add_argument("--seed", type=int, default=0)
@@ -106,17 +107,22 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if use_cuda else "cpu")
     amp_dtype = torch.bfloat16 if (use_cuda and args.amp == "auto") else None
     spec = SMALL if args.small else V1_6L
-    n_cells = args.cells or 50 * args.batch_size
+    n_cells = max(args.cells or 50 * args.batch_size, (args.steps + args.warmup) * args.batch_size)
     lengths = sciplex_like_lengths(n_cells, args.seed)
     rng = np.random.default_rng(args.seed)
     cells = [rng.integers(2, spec["vocab_size"], size=int(n)) for n in lengths]
     labels = rng.integers(0, 2, size=n_cells)
     model = build_model(spec, device, args.seed)
-    take = args.steps + 1
+    take = args.steps + args.warmup
 
-    grouped = length_grouped_batches(lengths, args.batch_size, shuffle=True, seed=args.seed)[:take]
+    # Every variant trains on the same cells (a random sample of steps x batch size), so throughputs
+    # compare batching alone; warm-up batches come from other cells and are not timed.
     perm = rng.permutation(n_cells)
-    random_batches = [perm[i:i + args.batch_size] for i in range(0, n_cells, args.batch_size)][:take]
+    bs = args.batch_size
+    warm = [perm[i * bs:(i + 1) * bs] for i in range(args.warmup)]
+    subset = perm[args.warmup * bs:take * bs]
+    grouped = warm + [subset[b] for b in length_grouped_batches(lengths[subset], bs)]
+    random_batches = warm + [subset[i:i + bs] for i in range(0, len(subset), bs)]
     size = spec["max_position_embeddings"]
 
     print(f"device {device}{' (bf16 autocast)' if amp_dtype else ''}, model "
@@ -127,7 +133,8 @@ def main(argv=None) -> int:
     for name, batches, pad_to in (("gfattn: length-grouped, padded to own longest", grouped, None),
                                   (f"baseline: random, padded to input size {size}", random_batches, size),
                                   ("reference: random, padded to own longest", random_batches, None)):
-        rate, width = time_variant(model, cells, labels, batches, pad_to=pad_to, device=device, amp_dtype=amp_dtype)
+        rate, width = time_variant(model, cells, labels, batches, pad_to=pad_to, device=device, amp_dtype=amp_dtype,
+                                   warmup=args.warmup)
         results[name] = rate
         print(f"  {name:<48} {rate:8.2f} cells/s   (mean padded width {width:.0f})", flush=True)
     names = list(results)

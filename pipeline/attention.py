@@ -45,6 +45,7 @@ from pipeline.batching import length_grouped_batches, pad_batch
 
 STREAMING_ATTENTION = "gfattn_streaming"
 DEFAULT_BLOCK_ELEMENTS = 1 << 22  # attention entries per query block: 16 MiB in float32
+NUMBA_MIN_BLOCK = 1 << 18  # "auto" uses the compiled CPU reductions from this block size on
 
 _ACTIVE = threading.local()
 
@@ -496,7 +497,8 @@ def _numba_kernels():
     The tensor version streams each block through memory about H (H + 1) / 2 + H times; `rows` reads it
     once per query row (quadratic form, square norm and the pair's dot product, vectorised over keys)
     and `columns` once per (cell, head) for the column sums. Both skip padded query rows and keys;
-    products are taken in the block's dtype, and every sum across keys or rows is float64.
+    products are taken in the block's dtype, and every sum across keys or rows is float64. The kernels
+    are serial on purpose: numba's OpenMP pool and torch's would compete for the same cores.
     """
     global _NUMBA_KERNELS
     if _NUMBA_KERNELS is None:
@@ -508,14 +510,14 @@ def _numba_kernels():
         # reassociation lets LLVM vectorise the sums over keys; no assumption about NaN or infinities
         fast = {"reassoc", "contract", "nsz", "arcp"}
 
-        @numba.njit(parallel=True, cache=True, fastmath=fast)
+        @numba.njit(cache=True, fastmath=fast)
         def rows(p, gram2, n_rows, n_keys, other, summed, sq, dot):  # pragma: no cover - compiled
             B, H, C, _ = p.shape
             paired = other.shape[0] > 0
             part = np.zeros((B, C))
             part_sq = np.zeros((B, C, H))
             part_dot = np.zeros((B, C, H))
-            for task in numba.prange(B * C):
+            for task in range(B * C):
                 b = task // C
                 i = task % C
                 if i >= n_rows[b]:
@@ -552,10 +554,10 @@ def _numba_kernels():
                     if paired:
                         dot[b, h] += part_dot[b, :, h].sum()
 
-        @numba.njit(parallel=True, cache=True, fastmath=fast)
+        @numba.njit(cache=True, fastmath=fast)
         def columns(p, n_rows, n_keys, colsum):  # pragma: no cover - compiled
             B, H, _, _ = p.shape
-            for task in numba.prange(B * H):
+            for task in range(B * H):
                 b = task // H
                 h = task % H
                 n = n_keys[b]
@@ -621,9 +623,11 @@ class _StreamingEngine:
             self._finish_layer(layer)
         self.current = self.batch = self.hidden = None
 
-    def _use_numba(self, device) -> bool:
+    def _use_numba(self, device, block_size: int) -> bool:
         if self.kernel == "torch" or device.type != "cpu":
             return False
+        if self.kernel == "auto" and block_size < NUMBA_MIN_BLOCK:
+            return False  # small blocks: tensor operations cost less than compiling or calling the kernel
         kernel = _numba_kernels()
         if kernel is None and self.kernel == "numba":
             raise RuntimeError("numba is not available")
@@ -657,7 +661,8 @@ class _StreamingEngine:
         red = dtype if dtype in (torch.float32, torch.float64) else torch.float32
         lengths = b["lengths"]
         pad_cols = [(i, int(n)) for i, n in enumerate(lengths) if n < L]
-        use_numba = self._use_numba(device)
+        rows = max(1, self.block_elements // max(1, B * H * L))
+        use_numba = self._use_numba(device, B * H * min(rows, L) * L)
         m = b["mask"].to(red)
         off = torch.full((H, H), 2.0, dtype=red, device=device).fill_diagonal_(1.0)
         states = []
@@ -681,7 +686,6 @@ class _StreamingEngine:
             rows_kernel, columns_kernel = _numba_kernels()
             views = [{name: st[name].numpy() for name in ("gram2", "colsum", "sq", "summed", "dot")} for st in states]
             no_other = np.zeros((0, 0, 0, 0), dtype=np.float32 if red == torch.float32 else np.float64)
-        rows = max(1, self.block_elements // max(1, B * H * L))
         for i0 in range(0, L, rows):
             i1 = min(L, i0 + rows)
             probs = []
@@ -859,8 +863,8 @@ def analyze_attention(
     `special_ids` (V2's <cls>/<eos>, pad, mask) are kept in per-rank curves and marked, and left out of
     gene tables downstream. `progress(done_cells, total_cells)` is called after each batch.
     `block_elements` bounds the attention entries alive at once per model (query rows per block follow
-    from it). `kernel`: "auto" reduces blocks with a numba kernel on CPU and tensor operations elsewhere;
-    "torch" or "numba" force one.
+    from it). `kernel`: "auto" reduces large blocks on CPU with compiled numba kernels (compiled once per
+    dtype, cached on disk) and everything else with tensor operations; "torch" or "numba" force one.
     `shard=(rank, world)` processes every world-th batch only; without it, an initialised
     `torch.distributed` group shards the batches and the sums are all-reduced, so every rank returns the
     full result. Results of shards add up with `AttentionResult.merge`.

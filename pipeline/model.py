@@ -25,7 +25,6 @@ Training modes (thesis sections 2.3 and 4.1) decide which parameters train:
 from __future__ import annotations
 
 import json
-import logging
 import os
 import warnings
 from contextlib import contextmanager
@@ -33,8 +32,6 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import InputError
-
-log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 WEIGHT_FILES = (

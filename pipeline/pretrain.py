@@ -7,6 +7,10 @@ the vocabulary and 10% stay as they are; the model predicts the original gene at
 (which gives the same loss as scoring every position and ignoring the rest, at a fraction of the cost),
 with length-grouped batches padded to their own longest cell, AdamW, linear warm-up and linear decay.
 
+One departure from Geneformer's initialisation: the gene-prediction bias starts at each gene's log
+frequency in the training cells (`init_output_bias`), so a short run starts from the unigram baseline
+instead of spending its steps learning it.
+
 A time budget bounds the run: the decay horizon follows the measured step time so the learning rate still
 anneals before the budget ends. Held-out cells measure what was learned: 15% of each held-out cell's
 genes are replaced by `<mask>` and the top-1 prediction is scored, against two baselines computed on the
@@ -159,7 +163,7 @@ def pretrain(
     max_len: int = 256,
     epochs: int = 3,
     batch_size: int = 32,
-    lr: float = 1e-3,
+    lr: float = 5e-3,
     seed: int = 0,
     time_budget_s: float | None = None,
     progress: Callable | None = None,

@@ -29,7 +29,6 @@ import math
 import os
 import random
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -65,7 +64,7 @@ class TrainConfig:
     eval_every_epoch: bool = True
     keep_best: bool = True  # restore the best validation epoch's weights at the end
     best_metric: str = "macro_f1"  # macro_f1 | accuracy | loss (validation)
-    num_workers: int = 0  # DataLoader workers padding batches
+    num_workers: int = 0  # DataLoader workers padding evaluation / feature-encoding batches
     eval_batch_size: int | None = None  # default: 2 x batch_size
     max_grad_norm: float | None = 1.0
     head_lr: float | None = None  # learning rate in frozen mode (None/0: lr)

@@ -18,8 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--intermediate", type=int, default=256, help="feed-forward size (default 256)")
     p.add_argument("--max-len", type=int, default=256, help="input size: top ranks kept per cell (default 256)")
     p.add_argument("--epochs", type=int, default=3, help="passes over the corpus (default 3)")
-    p.add_argument("--batch-size", type=int, default=16, help="cells per step (default 16)")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
+    p.add_argument("--batch-size", type=int, default=32, help="cells per step (default 32)")
+    p.add_argument("--lr", type=float, default=5e-3, help="peak learning rate (default 5e-3)")
     p.add_argument("--time-budget", type=float, default=0.0, metavar="SECONDS",
                    help="stop training after this many seconds, annealing the learning rate to fit (0 = none)")
     p.add_argument("--min-cells", type=int, default=1, help="vocabulary: genes detected in at least this many cells")
