@@ -650,7 +650,7 @@ def make_corpus(n_cells: int = 4000, seed: int = 0, geneformer_dir: str | Path |
     marker_level = {}
     for k, name in enumerate(type_names):
         logw[k, type_prog[k]] += math.log(2.0) * rng.uniform(2.0, 4.0, size=prog_size)
-        for s in all_markers:
+        for s in sorted(all_markers):  # sorted: set order varies with PYTHONHASHSEED
             if s not in genes.CELL_TYPE_MARKERS[name] and s not in levels:
                 logw[k, pos[s]] = math.log(0.03e-4) + rng.normal(0.0, 0.5)
         for s in genes.CELL_TYPE_MARKERS[name]:

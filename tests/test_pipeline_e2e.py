@@ -76,8 +76,11 @@ def test_quick_run_learns_and_finds_planted_genes(quick_run):
     st = Store(db)
     (run,) = st.list_runs(kind="pipeline")
     children = {c["name"]: c for c in st.children(run["id"])}
-    acc = {m["name"]: m["value"] for m in st.metrics(children["lowhigh/unfrozen"]["id"], split="test")}["accuracy"]
-    assert acc >= 0.75, acc
+    unfrozen = children["lowhigh/unfrozen"]["id"]
+    acc = {m["name"]: m["value"] for m in st.metrics(unfrozen, split="test")}["accuracy"]
+    (conf,) = st.confusions(unfrozen)
+    majority = conf["matrix"].sum(axis=1).max() / conf["matrix"].sum()  # always predicting the larger class
+    assert acc >= majority + 0.08, (acc, majority)
     de = st.gene_table(children["de: high vs low"]["id"], "de", order_by="score", descending=True, limit=10)
     planted = [r["symbol"] for r in de if r["symbol"] in P53_UP]
     assert len(planted) >= 8, [r["symbol"] for r in de]

@@ -105,6 +105,13 @@ def run(args) -> int:
         batch_size=args.batch_size, grad_accum=args.grad_accum, class_weights=args.class_weights, seed=args.seed,
         device=args.device, amp=args.amp, max_len=max_len,
     ).validate()
+    # Refuse a mismatched model before a run is recorded.
+    from pipeline.model import check_model_inputs, read_model_config
+
+    model_config = read_model_config(args.model)
+    parse_mode(args.mode, model_config.num_hidden_layers)
+    check_model_inputs(model_config, dicts=dicts, max_len=max_len or longest, model_dir=args.model,
+                       data_source=f"cells in {args.data}")
 
     from store import Store
 
