@@ -13,7 +13,7 @@ measurement runs in its own subprocess so that peak memory is that run's alone: 
 set size during the call (VmHWM after resetting it through /proc/self/clear_refs, else ru_maxrss) minus
 the resident size before it; on CUDA `torch.cuda.max_memory_allocated` minus the allocation before it.
 
-    python bench/bench_attention.py [--device cuda] [--threads 2] [--batch-size 8]
+    python bench/bench_attention.py [--device cuda] [--dtype bfloat16] [--threads 2] [--batch-size 8]
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def worker(args) -> dict:
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
-    from pipeline.attention import analyze_attention, naive_attention_reductions
+    from pipeline.attention import analyze_attention, naive_attention_reductions, result_differences
     from pipeline.batching import length_grouped_batches, pad_batch
 
     torch.set_num_threads(args.threads)
@@ -106,10 +106,12 @@ def worker(args) -> dict:
     data, lengths = _dataset(args.workload, cfg_dict["max_position_embeddings"], cfg_dict["vocab_size"])
     batches = length_grouped_batches(lengths, args.batch_size)
 
+    dtype = getattr(torch, args.dtype)
+
     def run():
         if args.method == "streaming":
             return analyze_attention(models[0], models[1], data, pad_id=0, batch_size=args.batch_size,
-                                     device=device)
+                                     device=device, dtype=dtype)
         if args.method == "naive":
             return naive_attention_reductions(models[0], models[1], data, pad_id=0, batch_size=args.batch_size,
                                               device=device)
@@ -137,12 +139,18 @@ def worker(args) -> dict:
         reset_ok = _reset_peak()
         base = _rss_bytes()
     t0, c0 = time.perf_counter(), time.process_time()
-    run()
+    result = run()
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _peak_bytes(reset_ok)
+    errors = None
+    if args.method == "streaming" and dtype != torch.float32:
+        reference = analyze_attention(models[0], models[1], data, pad_id=0, batch_size=args.batch_size,
+                                      device=device, dtype=torch.float32)
+        errors = result_differences(result, reference)
     return {
+        "errors": errors,
         "method": args.method, "workload": args.workload, "seconds": seconds, "cpu_seconds": cpu_seconds,
         "peak_bytes": max(0, peak - base), "cells": int(len(lengths)), "median_length": float(sorted(lengths)[len(lengths) // 2]),
         "max_length": int(max(lengths)),
@@ -154,6 +162,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="streaming analysis dtype; bfloat16 (CUDA) also reports its error against float32")
     p.add_argument("--config", default=None, help="BERT config.json (default: shared V1-6L-10M)")
     p.add_argument("--workloads", default="sciplex,2048")
     p.add_argument("--methods", default=",".join(METHODS))
@@ -173,7 +183,7 @@ def main(argv=None) -> int:
         for method in args.methods.split(","):
             cmd = [sys.executable, __file__, "--worker", "--method", method, "--workload", workload,
                    "--config-path", str(config), "--device", args.device, "--threads", str(args.threads),
-                   "--batch-size", str(args.batch_size)]
+                   "--batch-size", str(args.batch_size), "--dtype", args.dtype]
             out = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if out.returncode != 0 or line is None:
@@ -185,6 +195,9 @@ def main(argv=None) -> int:
             print(f"{workload:>8} {method:>10}: {r['seconds']:8.2f} s (CPU {r['cpu_seconds']:7.2f} s)"
                   f"  peak {r['peak_bytes'] / 2**20:9.1f} MiB"
                   f"  ({r['cells']} cells, median length {r['median_length']:.0f}, max {r['max_length']})", flush=True)
+            if r.get("errors"):
+                errs = ", ".join(f"{k} {v:.2e}" for k, v in r["errors"].items())
+                print(f"{'':>20}{args.dtype} vs float32, max relative difference: {errs}")
     print()
     print("ratios (naive / streaming: how much the baseline costs more; streaming / sdpa: the analysis'")
     print("cost over plain inference). Time as wall (CPU) seconds; on a shared machine CPU time is steadier.")

@@ -570,10 +570,7 @@ def write_pair_analysis(store, run_id: int, result, gene_df: pd.DataFrame | None
         store.put_vector(run_id, f"rank_received_lh_{s}", received_lh[m], meta=meta(model=model_names[m], axes=["layer", "head", "rank"]))
         store.put_vector(run_id, f"rank_norm_received_{s}", norm_received[m], meta=meta(model=model_names[m]))
     if result.n_models == 2:
-        a, b = received
-        with np.errstate(invalid="ignore", divide="ignore"):
-            pct = np.where(a > 0, 100.0 * (b - a) / np.where(a > 0, a, 1), np.nan)
-            log_ratio = np.where((a > 0) & (b > 0), np.log(np.where(b > 0, b, 1) / np.where(a > 0, a, 1)), np.nan)
+        pct, log_ratio = result.rank_pct_diff(), result.rank_log_ratio()
         extra = {}
         if "rank_pct_diff_lower" in stats:
             store.put_vector(run_id, "rank_pct_diff_lower", stats["rank_pct_diff_lower"], meta=meta())

@@ -139,6 +139,24 @@ class AttentionResult:
         total = self.rank_sum if per_head else self.rank_sum.sum(axis=(1, 2))
         return _safe_div(total, self.rank_count)
 
+    def rank_pct_diff(self) -> np.ndarray:
+        """100 (b - a) / a of the per-rank curves summed over layers and heads (thesis fig. 5/6)."""
+        a, b = self._pair_curves()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(a > 0, 100.0 * (b - a) / np.where(a > 0, a, 1.0), np.nan)
+
+    def rank_log_ratio(self) -> np.ndarray:
+        """ln(b / a) of the per-rank curves summed over layers and heads."""
+        a, b = self._pair_curves()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where((a > 0) & (b > 0), np.log(np.where(b > 0, b, 1.0) / np.where(a > 0, a, 1.0)), np.nan)
+
+    def _pair_curves(self):
+        if self.n_models != 2:
+            raise ValueError("a difference between models needs two models")
+        curves = self.rank_received()
+        return curves[0], curves[1]
+
     def rank_norm_received(self, per_head: bool = False) -> np.ndarray:
         total = self.rank_norm_sum if per_head else self.rank_norm_sum.sum(axis=(1, 2))
         return _safe_div(total, self.rank_count)
@@ -202,6 +220,28 @@ class AttentionResult:
         return write_pair_analysis(store, run_id, self, genes, None, stats, model_names=tuple(names))
 
 
+def result_differences(got: AttentionResult, reference: AttentionResult) -> dict[str, float]:
+    """Largest difference of each reported quantity, relative to the reference's largest magnitude.
+
+    For reporting the error of a reduced-precision run (bfloat16 on CUDA) against a float32 one.
+    """
+    pairs = {
+        "cosine": (got.cosine_grid(), reference.cosine_grid()),
+        "norm": (got.norm_grid(), reference.norm_grid()),
+        "norm_summed": (got.norm_summed_grid(), reference.norm_summed_grid()),
+        "rank_received": (got.rank_received(), reference.rank_received()),
+        "gene_total": (got.gene_total(), reference.gene_total()),
+    }
+    out = {}
+    for name, (a, b) in pairs.items():
+        if a is None or b is None:
+            continue
+        a, b = np.nan_to_num(np.asarray(a, dtype=np.float64)), np.nan_to_num(np.asarray(b, dtype=np.float64))
+        scale = float(np.abs(b).max()) if b.size else 0.0
+        out[name] = float(np.abs(a - b).max() / scale) if scale > 0 else 0.0
+    return out
+
+
 # ---------------------------------------------------------------------------------------- cells
 class _Cells:
     """Uniform access to a tokenized dataset: a `datasets.Dataset`, a dict of columns, or a list of ids."""
@@ -223,7 +263,8 @@ class _Cells:
             names = dataset.column_names
             if "input_ids" not in names:
                 raise KeyError("input_ids")
-            self._get_ids = lambda idx: list(dataset[[int(i) for i in idx]]["input_ids"])
+            tokens = dataset.select_columns(["input_ids"]) if hasattr(dataset, "select_columns") else dataset
+            self._get_ids = lambda idx: list(tokens[[int(i) for i in idx]]["input_ids"])
             self.lengths = np.asarray(
                 dataset["length"] if "length" in names else [len(s) for s in dataset["input_ids"]], dtype=np.int64
             )
@@ -512,7 +553,13 @@ def _numba_kernels():
         # reassociation lets LLVM vectorise the sums over keys; no assumption about NaN or infinities
         fast = {"reassoc", "contract", "nsz", "arcp"}
 
-        @numba.njit(cache=True, fastmath=fast)
+        def jit(function):
+            try:
+                return numba.njit(cache=True, fastmath=fast)(function)
+            except RuntimeError:  # no writable cache location: compile per process
+                return numba.njit(cache=False, fastmath=fast)(function)
+
+        @jit
         def rows(p, gram2, n_rows, n_keys, other, summed, sq, dot):  # pragma: no cover - compiled
             B, H, C, _ = p.shape
             paired = other.shape[0] > 0
@@ -556,7 +603,7 @@ def _numba_kernels():
                     if paired:
                         dot[b, h] += part_dot[b, :, h].sum()
 
-        @numba.njit(cache=True, fastmath=fast)
+        @jit
         def columns(p, n_rows, n_keys, colsum):  # pragma: no cover - compiled
             B, H, _, _ = p.shape
             for task in range(B * H):
@@ -636,8 +683,11 @@ class _StreamingEngine:
         return kernel is not None
 
     def attend(self, module, query, key, value, attention_mask, scaling):
+        """The attention output of the current model's layer; `attention_mask` is None (see run_batch)."""
         k, layer = self.current
-        if k == 1 and self.pending is not None:
+        if k == 1:
+            if self.pending is None:
+                raise RuntimeError("model B's attention ran before model A's for the same layer")
             out_b, value_b = self.pending
             self.pending = None
             if value.shape != value_b.shape or not torch.allclose(value, value_b, rtol=1e-3, atol=1e-5):
@@ -841,8 +891,8 @@ def _meta(models, dtype, device, batch_size, method):
 
 def analyze_attention(
     model_a,
-    model_b=None,
-    dataset=None,
+    model_b,
+    dataset,
     *,
     pad_id: int,
     special_ids: Iterable[int] = (),
@@ -908,8 +958,8 @@ def analyze_attention(
 # --------------------------------------------------------------------------------- naive baseline
 def naive_attention_reductions(
     model_a,
-    model_b=None,
-    dataset=None,
+    model_b,
+    dataset,
     *,
     pad_id: int,
     special_ids: Iterable[int] = (),

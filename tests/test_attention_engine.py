@@ -154,6 +154,10 @@ def test_rank_and_gene_sums_by_hand(pair):
             group_n[data["dose"][c]][tok] += 1
     np.testing.assert_allclose(got.rank_sum, rank_sum, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(got.rank_count, count)
+    curve_a, curve_b = rank_sum[0].sum((0, 1)) / count, rank_sum[1].sum((0, 1)) / count
+    np.testing.assert_allclose(got.rank_received(), [curve_a, curve_b], rtol=1e-10)
+    np.testing.assert_allclose(got.rank_pct_diff(), 100 * (curve_b - curve_a) / curve_a, rtol=1e-9)
+    np.testing.assert_allclose(got.rank_log_ratio(), np.log(curve_b / curve_a), rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(got.gene_total(), gene, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(got.cell_cosine, cos, rtol=1e-10)
     gene_ids = [t for t in range(V) if t not in SPECIAL]
