@@ -726,7 +726,7 @@ class _StreamingEngine:
                 q3=q.reshape(B * H, L, d), k3t=key.reshape(B * H, L, d).transpose(1, 2), v3=v.reshape(B * H, L, d),
                 fnorm=torch.diagonal(gram, dim1=-2, dim2=-1).clamp_min(0).sqrt().permute(0, 2, 1),
                 gram2=(gram * off).permute(0, 2, 3, 1).contiguous(),
-                out=torch.empty(B * H, L, d, dtype=v.dtype, device=device),
+                out=torch.empty(B, L, H, d, dtype=v.dtype, device=device),  # the layout HF's layer expects
                 colsum=torch.zeros(B, H, L, dtype=torch.float64, device=device),
                 sq=torch.zeros(B, H, dtype=torch.float64, device=device),
                 summed=torch.zeros(B, dtype=torch.float64, device=device),
@@ -743,7 +743,8 @@ class _StreamingEngine:
             probs = []
             for st in states:
                 p = _block_probs(st["q3"][:, i0:i1], st["k3t"], pad_cols, st["scaling"], red, B)
-                st["out"][:, i0:i1] = torch.bmm(p.view(B * H, i1 - i0, L).to(st["v3"].dtype), st["v3"])
+                o = torch.bmm(p.view(B * H, i1 - i0, L).to(st["v3"].dtype), st["v3"])
+                st["out"][:, i0:i1] = o.view(B, H, i1 - i0, d).transpose(1, 2)
                 probs.append(p)
             if use_numba:
                 real_rows = np.clip(lengths - i0, 0, i1 - i0)
@@ -763,7 +764,7 @@ class _StreamingEngine:
         for st in states:
             self.layer_out.append(dict(colsum=st["colsum"], sq=st["sq"], summed=st["summed"],
                                        fnorm=st["fnorm"].to(torch.float64), dot=st["dot"]))
-            outs.append(st["out"].view(B, H, L, d).transpose(1, 2).contiguous())
+            outs.append(st["out"])
         return outs
 
     def _finish_layer(self, layer):
