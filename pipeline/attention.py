@@ -541,7 +541,8 @@ def _numba_kernels():
     once per query row (quadratic form, square norm and the pair's dot product, vectorised over keys)
     and `columns` once per (cell, head) for the column sums. Both skip padded query rows and keys;
     products are taken in the block's dtype, and every sum across keys or rows is float64. The kernels
-    are serial on purpose: numba's OpenMP pool and torch's would compete for the same cores.
+    are serial and release the GIL: the engine runs them on slices of the batch from a few Python
+    threads, because numba's own OpenMP pool and torch's would compete for the same cores.
     """
     global _NUMBA_KERNELS
     if _NUMBA_KERNELS is None:
@@ -555,9 +556,9 @@ def _numba_kernels():
 
         def jit(function):
             try:
-                return numba.njit(cache=True, fastmath=fast)(function)
+                return numba.njit(cache=True, nogil=True, fastmath=fast)(function)
             except RuntimeError:  # no writable cache location: compile per process
-                return numba.njit(cache=False, fastmath=fast)(function)
+                return numba.njit(cache=False, nogil=True, fastmath=fast)(function)
 
         @jit
         def rows(p, gram2, n_rows, n_keys, other, summed, sq, dot):  # pragma: no cover - compiled
@@ -653,6 +654,7 @@ class _StreamingEngine:
         self.hidden: list | None = None
         self.pending = None
         self.layer_out: list[dict] = []
+        self._pool = None
 
     def run_batch(self, ids, mask, cells, groups):
         lengths = mask.sum(1)
@@ -735,9 +737,10 @@ class _StreamingEngine:
             del gram
             states.append(st)
         if use_numba:
-            rows_kernel, columns_kernel = _numba_kernels()
             views = [{name: st[name].numpy() for name in ("gram2", "colsum", "sq", "summed", "dot")} for st in states]
             no_other = np.zeros((0, 0, 0, 0), dtype=np.float32 if red == torch.float32 else np.float64)
+            parts = np.array_split(np.arange(B), min(B, max(1, torch.get_num_threads())))
+            parts = [(int(c[0]), int(c[-1]) + 1) for c in parts if len(c)]
         for i0 in range(0, L, rows):
             i1 = min(L, i0 + rows)
             probs = []
@@ -748,12 +751,8 @@ class _StreamingEngine:
                 probs.append(p)
             if use_numba:
                 real_rows = np.clip(lengths - i0, 0, i1 - i0)
-                for s, (st, p) in enumerate(zip(states, probs)):
-                    vw = views[s]
-                    other = probs[0].numpy() if s == 1 else no_other
-                    pn = p.numpy()
-                    rows_kernel(pn, vw["gram2"], real_rows, lengths, other, vw["summed"], vw["sq"], vw["dot"])
-                    columns_kernel(pn, real_rows, lengths, vw["colsum"])
+                arrays = [(p.numpy(), probs[0].numpy() if s == 1 else no_other, views[s]) for s, p in enumerate(probs)]
+                self._run_kernels(arrays, real_rows, lengths, parts)
             else:
                 m_block = m[:, i0:i1]
                 for s, (st, p) in enumerate(zip(states, probs)):
@@ -766,6 +765,32 @@ class _StreamingEngine:
                                        fnorm=st["fnorm"].to(torch.float64), dot=st["dot"]))
             outs.append(st["out"])
         return outs
+
+    def _run_kernels(self, arrays, real_rows, lengths, parts):
+        """The numba reductions of one block for every model, over slices of cells in parallel threads."""
+        rows_kernel, columns_kernel = _numba_kernels()
+
+        def work(b0, b1):
+            for pn, other, vw in arrays:
+                o = other[b0:b1] if other.shape[0] else other
+                rows_kernel(pn[b0:b1], vw["gram2"][b0:b1], real_rows[b0:b1], lengths[b0:b1], o,
+                            vw["summed"][b0:b1], vw["sq"][b0:b1], vw["dot"][b0:b1])
+                columns_kernel(pn[b0:b1], real_rows[b0:b1], lengths[b0:b1], vw["colsum"][b0:b1])
+
+        if len(parts) == 1:
+            work(*parts[0])
+            return
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=len(parts), thread_name_prefix="gfattn-reduce")
+        for future in [self._pool.submit(work, b0, b1) for b0, b1 in parts]:
+            future.result()
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def _finish_layer(self, layer):
         b = self.batch
@@ -948,6 +973,7 @@ def analyze_attention(
                     progress(done, total)
         finally:
             _ACTIVE.engine = None
+            engine.close()
     if distributed:
         acc.all_reduce()
     names = tuple(names[: len(models)])
