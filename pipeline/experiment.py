@@ -147,6 +147,7 @@ def stage_data(ctx: Context) -> None:
 
 def synthetic_data_path(ctx: Context) -> Path:
     """The embedded default's data set, generated once per configuration and cached."""
+    from pipeline.commands.synth import write_h5ad_atomic
     from pipeline.synth import make_sciplex_like
 
     d = ctx.cfg["data"]
@@ -157,18 +158,8 @@ def synthetic_data_path(ctx: Context) -> Path:
         ctx.rep.line(f"generating synthetic sci-Plex-like data (scale {d['synth_scale']}, preset {d['synth_preset']})")
         adata = make_sciplex_like(scale=d["synth_scale"], preset=d["synth_preset"],
                                   length_effect=d["synth_length_effect"], seed=ctx.seed)
-        _atomic_write_h5ad(adata, path)
+        write_h5ad_atomic(adata, path)
     return path
-
-
-def _atomic_write_h5ad(adata, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        adata.write_h5ad(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def stage_record_data(ctx: Context) -> None:

@@ -50,7 +50,8 @@ def _check(args: argparse.Namespace) -> Path:
     return out
 
 
-def _write_atomic(adata, out: Path) -> None:
+def write_h5ad_atomic(adata, out: Path) -> None:
+    """Write to a temporary file beside `out`, then rename: no half-written .h5ad on failure."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
             geneformer_dir=args.geneformer_dir, n_genes=args.n_genes,
         )
     elapsed = time.perf_counter() - t0
-    _write_atomic(adata, out)
+    write_h5ad_atomic(adata, out)
     d = synth.describe(adata)
     what = "corpus" if args.corpus else "sci-Plex-like data"
     print(f"wrote {out}: {what}, {d['n_cells']:,} cells x {d['n_genes']:,} genes "
