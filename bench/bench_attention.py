@@ -8,10 +8,13 @@ Geneformer configuration and random weights, on the same length-bucketed batches
              all layers kept, then the same reductions);
 - sdpa:      a plain inference pass of the two models with `attn_implementation="sdpa"` (no analysis).
 
-Two workloads: sci-Plex-like lengths (median ~680 tokens) and full 2048-token cells, batch 8. Each
-measurement runs in its own subprocess so that peak memory is that run's alone: on CPU the peak resident
-set size during the call (VmHWM after resetting it through /proc/self/clear_refs, else ru_maxrss) minus
-the resident size before it; on CUDA `torch.cuda.max_memory_allocated` minus the allocation before it.
+Two workloads: sci-Plex-like lengths (median ~680 tokens, 16 cells = 2 length-bucketed batches) and
+full 2048-token cells (8 cells), batch 8. Each method runs in its own subprocess so that peak memory is
+that run's alone: on CPU the peak resident set size during the timed calls (VmHWM after resetting it
+through /proc/self/clear_refs, else ru_maxrss) minus the resident size before them; on CUDA
+`torch.cuda.max_memory_allocated` minus the allocation before them. Times are the best of `--repeat`
+runs for sdpa and streaming (shared machines are noisy); the naive baseline, which takes minutes at
+2048 tokens, runs once.
 
     python bench/bench_attention.py [--device cuda] [--dtype bfloat16] [--threads 2] [--batch-size 8]
 """
@@ -138,11 +141,14 @@ def worker(args) -> dict:
     else:
         reset_ok = _reset_peak()
         base = _rss_bytes()
-    t0, c0 = time.perf_counter(), time.process_time()
-    result = run()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+    seconds = cpu_seconds = float("inf")
+    for _ in range(args.repeat if args.method != "naive" else 1):
+        t0, c0 = time.perf_counter(), time.process_time()
+        result = run()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = min(seconds, time.perf_counter() - t0)
+        cpu_seconds = min(cpu_seconds, time.process_time() - c0)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _peak_bytes(reset_ok)
     errors = None
     if args.method == "streaming" and dtype != torch.float32:
@@ -162,6 +168,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--repeat", type=int, default=2,
+                   help="timed runs of sdpa and streaming, best kept (default 2); the naive baseline runs once")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="streaming analysis dtype; bfloat16 (CUDA) also reports its error against float32")
     p.add_argument("--config", default=None, help="BERT config.json (default: shared V1-6L-10M)")
@@ -183,7 +191,7 @@ def main(argv=None) -> int:
         for method in args.methods.split(","):
             cmd = [sys.executable, __file__, "--worker", "--method", method, "--workload", workload,
                    "--config-path", str(config), "--device", args.device, "--threads", str(args.threads),
-                   "--batch-size", str(args.batch_size), "--dtype", args.dtype]
+                   "--batch-size", str(args.batch_size), "--dtype", args.dtype, "--repeat", str(args.repeat)]
             out = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if out.returncode != 0 or line is None:

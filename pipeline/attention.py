@@ -535,14 +535,14 @@ _NUMBA_KERNELS = None
 
 
 def _numba_kernels():
-    """`_reduce_block_torch` as two CPU passes over the block (numba), or None without numba.
+    """`_reduce_block_torch` as two CPU passes over the block (numba): (rows, columns), or None.
 
-    The tensor version streams each block through memory about H (H + 1) / 2 + H times; `rows` reads it
-    once per query row (quadratic form, square norm and the pair's dot product, vectorised over keys)
-    and `columns` once per (cell, head) for the column sums. Both skip padded query rows and keys;
-    products are taken in the block's dtype, and every sum across keys or rows is float64. The kernels
-    are serial and release the GIL: the engine runs them on slices of the batch from a few Python
-    threads, because numba's own OpenMP pool and torch's would compete for the same cores.
+    The tensor version streams each block through memory about H (H + 1) / 2 + H times; `rows` reads
+    each query row once for the quadratic form, the square norm and the pair's dot product (vectorised
+    over keys), `columns` once more for the column sums (one fused kernel vectorises worse). Both skip
+    padded query rows and keys; products are taken in the block's dtype, sums across keys or rows are
+    float64. They are serial and release the GIL: the engine runs them on slices of the batch from a few
+    Python threads, because numba's own OpenMP pool and torch's would compete for the same cores.
     """
     global _NUMBA_KERNELS
     if _NUMBA_KERNELS is None:
@@ -562,61 +562,49 @@ def _numba_kernels():
 
         @jit
         def rows(p, gram2, n_rows, n_keys, other, summed, sq, dot):  # pragma: no cover - compiled
-            B, H, C, _ = p.shape
+            B, H, _, _ = p.shape
             paired = other.shape[0] > 0
-            part = np.zeros((B, C))
-            part_sq = np.zeros((B, C, H))
-            part_dot = np.zeros((B, C, H))
-            for task in range(B * C):
-                b = task // C
-                i = task % C
-                if i >= n_rows[b]:
-                    continue
-                n = n_keys[b]
-                s = np.zeros(n, dtype=p.dtype)
-                y = np.empty(n, dtype=p.dtype)
-                for h in range(H):
-                    for j in range(n):
-                        y[j] = gram2[b, h, h, j] * p[b, h, i, j]
-                    for g in range(h):
-                        for j in range(n):
-                            y[j] += gram2[b, h, g, j] * p[b, g, i, j]
-                    a2 = 0.0
-                    for j in range(n):
-                        v = p[b, h, i, j]
-                        s[j] += v * y[j]
-                        a2 += v * v
-                    part_sq[b, i, h] = a2
-                    if paired:
-                        ad = 0.0
-                        for j in range(n):
-                            ad += p[b, h, i, j] * other[b, h, i, j]
-                        part_dot[b, i, h] = ad
-                acc = 0.0
-                for j in range(n):
-                    if s[j] > 0:
-                        acc += np.sqrt(s[j])
-                part[b, i] = acc
             for b in range(B):
-                summed[b] += part[b].sum()
-                for h in range(H):
-                    sq[b, h] += part_sq[b, :, h].sum()
-                    if paired:
-                        dot[b, h] += part_dot[b, :, h].sum()
+                n = n_keys[b]
+                s = np.empty(n, dtype=p.dtype)
+                y = np.empty(n, dtype=p.dtype)
+                for i in range(n_rows[b]):
+                    s[:] = 0
+                    for h in range(H):
+                        for j in range(n):
+                            y[j] = gram2[b, h, h, j] * p[b, h, i, j]
+                        for g in range(h):
+                            for j in range(n):
+                                y[j] += gram2[b, h, g, j] * p[b, g, i, j]
+                        a2 = 0.0
+                        for j in range(n):
+                            v = p[b, h, i, j]
+                            s[j] += v * y[j]
+                            a2 += v * v
+                        sq[b, h] += a2
+                        if paired:
+                            ad = 0.0
+                            for j in range(n):
+                                ad += p[b, h, i, j] * other[b, h, i, j]
+                            dot[b, h] += ad
+                    row = 0.0
+                    for j in range(n):
+                        if s[j] > 0:
+                            row += np.sqrt(s[j])
+                    summed[b] += row
 
         @jit
         def columns(p, n_rows, n_keys, colsum):  # pragma: no cover - compiled
             B, H, _, _ = p.shape
-            for task in range(B * H):
-                b = task // H
-                h = task % H
+            for b in range(B):
                 n = n_keys[b]
-                acc = np.zeros(n)
-                for i in range(n_rows[b]):
+                for h in range(H):
+                    acc = np.zeros(n)
+                    for i in range(n_rows[b]):
+                        for j in range(n):
+                            acc[j] += p[b, h, i, j]
                     for j in range(n):
-                        acc[j] += p[b, h, i, j]
-                for j in range(n):
-                    colsum[b, h, j] += acc[j]
+                        colsum[b, h, j] += acc[j]
 
         _NUMBA_KERNELS = (rows, columns)
     return _NUMBA_KERNELS or None
@@ -692,7 +680,9 @@ class _StreamingEngine:
                 raise RuntimeError("model B's attention ran before model A's for the same layer")
             out_b, value_b = self.pending
             self.pending = None
-            if value.shape != value_b.shape or not torch.allclose(value, value_b, rtol=1e-3, atol=1e-5):
+            step = max(1, value.shape[2] // 16)  # a sample of positions is enough to catch a mismatch
+            if value.shape != value_b.shape or not torch.allclose(value[:, :, ::step], value_b[:, :, ::step],
+                                                                  rtol=1e-3, atol=1e-5):
                 raise RuntimeError("model B's layer computed other value vectors than the engine projected")
             return out_b
         d = query.shape[-1]

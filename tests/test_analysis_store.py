@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline.analysis import gene_table, position_controlled_attention, write_pair_analysis
-from tests.test_attention_engine import CLS, EOS, PAD, SPECIAL, VOCAB, tiny_bert, v2_cells
+from test_attention_engine import CLS, EOS, PAD, SPECIAL, VOCAB, tiny_bert, v2_cells
 
 ID_TO_GENE = {t: f"ENSG{t:011d}" for t in range(3, VOCAB)} | {PAD: "<pad>", CLS: "<cls>", EOS: "<eos>"}
 SYMBOLS = {f"ENSG{t:011d}": f"G{t}" for t in range(3, VOCAB)}
