@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 from pipeline.paths import shared_dir  # noqa: E402
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared():
     """The shared reference folder; skips the test where it is not configured."""
     path = shared_dir()
@@ -24,7 +24,7 @@ def shared():
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def geneformer_dir(shared):
     path = shared / "geneformer"
     if not (path / "token_dictionary_gc104M.pkl").exists():
