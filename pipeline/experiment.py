@@ -294,7 +294,7 @@ def embedded_model_dir(ctx: Context) -> Path:
     """Pretrain the embedded default's model on the synthetic healthy corpus, once per configuration."""
     pcfg = dict(ctx.cfg["pretrain"])
     preset = ctx.cfg["data"]["synth_preset"]
-    key = _digest({"pretrain": pcfg, "preset": preset, "seed": ctx.seed, "v": 1})
+    key = _digest({"pretrain": pcfg, "preset": preset, "seed": ctx.seed, "v": 2})
     out = ctx.cache / "models" / f"embedded-{key}"
     if (out / "config.json").is_file():
         ctx.rep.line(f"embedded model cached at {out}")

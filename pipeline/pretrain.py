@@ -79,6 +79,8 @@ def init_output_bias(model, train_ids: list, vocab_size: int, special_ids) -> No
     with torch.no_grad():
         model.cls.predictions.bias.copy_(torch.as_tensor(log_freq - log_freq.mean(), dtype=torch.float32))
 
+PACE_FROM_STEP = 3  # steps before the pace is measured (allocation, kernel selection)
+
 
 def _masked_logits(model, input_ids, attention_mask, selected):
     hidden = model.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -225,6 +227,7 @@ def pretrain(
     steps_per_epoch = math.ceil(len(train) / batch_size)
     planned = steps_per_epoch * int(epochs)
     horizon = [planned]  # shrinks to what the time budget allows
+    pace_from = 0.0
     warmup = max(1, math.ceil(warmup_ratio * planned))
 
     def factor(step: int) -> float:
@@ -272,10 +275,17 @@ def pretrain(
             cells += len(idx)
             window.append(float(loss.detach()))
             elapsed = time.perf_counter() - t_train
-            if time_budget_s and step >= 3:
-                # Re-aim the decay at the number of steps the budget still allows.
-                per_step = elapsed / step
-                horizon[0] = int(min(planned, max(step + 1, step + (time_budget_s - elapsed) / per_step)))
+            if time_budget_s and step == PACE_FROM_STEP:
+                pace_from = elapsed
+            elif time_budget_s and step > PACE_FROM_STEP and elapsed >= 0.1 * time_budget_s:
+                # Re-aim the decay at the number of steps the budget still allows, only while the planned
+                # steps would overrun it at the pace measured after the first (slow, warming-up) steps: a
+                # budget that does not bind leaves the schedule, and so the model, independent of timing.
+                per_step = (elapsed - pace_from) / (step - PACE_FROM_STEP)
+                if elapsed + (planned - step) * per_step > time_budget_s:
+                    horizon[0] = int(min(planned, max(step + 1, step + (time_budget_s - elapsed) / max(per_step, 1e-9))))
+                else:
+                    horizon[0] = planned
             if step % log_every == 0:
                 mean = float(np.mean(window))
                 losses.append(mean)

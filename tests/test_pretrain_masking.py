@@ -99,6 +99,43 @@ def test_time_budget_stops_training(tmp_path):
     assert (tmp_path / "m" / "model.safetensors").is_file()
 
 
+def test_a_budget_that_does_not_bind_leaves_the_model_unchanged(tmp_path, monkeypatch):
+    """A slow first step (allocation, a busy machine) must not shorten the schedule when the measured pace
+    fits the budget: the same seed gives the same model with or without the budget."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import load_file
+
+    import pipeline.pretrain as pretrain_module
+
+    corpus, dicts = corpus_cells(120, n_genes=60, seed=2), toy_dictionaries(60)
+    kw = dict(layers=1, hidden=16, heads=2, intermediate=32, max_len=64, epochs=3, batch_size=8, lr=1e-3, seed=0)
+    free = pretrain(corpus, dicts, tmp_path / "free", **kw)
+
+    clock = {"t": 0.0, "calls": 0}
+    real_logits = pretrain_module._masked_logits
+
+    def timed_logits(*args, **kwargs):  # the first step takes 10 s of the 30 s budget, the rest 10 ms each
+        clock["calls"] += 1
+        clock["t"] += 10.0 if clock["calls"] == 1 else 0.01
+        return real_logits(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain_module, "_masked_logits", timed_logits)
+    monkeypatch.setattr(pretrain_module, "time", SimpleNamespace(perf_counter=lambda: clock["t"]))
+    budgeted = pretrain(corpus, dicts, tmp_path / "budget", **kw, time_budget_s=30.0)
+    assert not budgeted["stopped_by_time_budget"]
+    assert budgeted["steps"] == free["steps"]
+    a, b = load_file(tmp_path / "free" / "model.safetensors"), load_file(tmp_path / "budget" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # a budget that binds at the measured pace re-aims the schedule and stops within it
+    clock.update(t=0.0, calls=0)
+    monkeypatch.setattr(pretrain_module, "_masked_logits",
+                        lambda *a, **k: (clock.update(t=clock["t"] + 1.0), real_logits(*a, **k))[1])
+    bound = pretrain(corpus, dicts, tmp_path / "bound", **kw, time_budget_s=20.0)
+    assert bound["stopped_by_time_budget"] and 15 <= bound["steps"] <= 21 < free["steps"]
+
+
 def test_corpus_problems_are_input_errors(tmp_path):
     with pytest.raises(InputError, match="at least 10"):
         pretrain({"input_ids": [[2, 3]] * 5}, toy_dictionaries(10), tmp_path / "a")
