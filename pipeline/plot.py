@@ -94,6 +94,8 @@ def plot_run(store, run_id: int, out_dir: str | Path) -> list[Path]:
 
     for c in by_kind.get("analysis", []):
         stem = _slug(c["name"])
+        cfg = store.get_run(c["id"]).get("config") or {}
+        names = {"a": cfg.get("model_a", "model a"), "b": cfg.get("model_b", "model b")}
         grids = store.grid_names(c["id"])
         if "cosine" in grids:
             g = store.grid(c["id"], "cosine")
@@ -108,26 +110,34 @@ def plot_run(store, run_id: int, out_dir: str | Path) -> list[Path]:
             _save(fig, out, f"fig4_similarity_{stem}", written)
         norm_grids = [n for n in grids if n.startswith("norm")]
         if norm_grids:
-            fig, axes = plt.subplots(1, len(norm_grids), figsize=(3.2 * len(norm_grids), 3), squeeze=False)
+            fig, axes = plt.subplots(1, len(norm_grids), figsize=(3.4 * len(norm_grids), 3.2), squeeze=False,
+                                     constrained_layout=True)
             for ax, n in zip(axes[0], norm_grids):
-                v = store.grid(c["id"], n)["values"]
-                im = ax.imshow(v, cmap="viridis")
-                ax.set_title(n, fontsize=8)
+                v = np.asarray(store.grid(c["id"], n)["values"], dtype=float)
+                im = ax.imshow(v, cmap="viridis", aspect="auto")
+                for (i, j), x in np.ndenumerate(v):
+                    ax.text(j, i, f"{x:.3g}", ha="center", va="center", fontsize=7,
+                            color="white" if x < np.nanmean(v) else "black")
+                model = names.get(n[-1], n[-1])
+                summed = "summed" in n
+                ax.set_title(f"norm-based, {model}" + (" (heads summed)" if summed else ""), fontsize=8)
+                ax.set_xticks(range(v.shape[1]), ["all"] if summed and v.shape[1] == 1 else range(v.shape[1]))
+                ax.set_yticks(range(v.shape[0]))
                 ax.set_xlabel("head")
                 ax.set_ylabel("layer")
-                fig.colorbar(im, ax=ax)
+                fig.colorbar(im, ax=ax, shrink=0.8)
             _save(fig, out, f"fig9_norms_{stem}", written)
         vectors = store.vector_names(c["id"])
         if "rank_pct_diff" in vectors:
             fig, axes = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
             for n in ("rank_received_a", "rank_received_b"):
                 if n in vectors:
-                    axes[0].plot(store.vector(c["id"], n), label=n.replace("rank_received_", "model "), lw=1)
+                    axes[0].plot(store.vector(c["id"], n), label=names.get(n[-1], n[-1]), lw=1)
             axes[0].set_ylabel("attention received")
             axes[0].legend()
             axes[1].plot(store.vector(c["id"], "rank_pct_diff"), lw=1, color="tab:purple")
             axes[1].axhline(0, color="grey", lw=0.5)
-            axes[1].set_ylabel("% difference (b vs a)")
+            axes[1].set_ylabel(f"% difference ({names['b']} vs {names['a']})")
             axes[1].set_xlabel("rank position")
             meta = store.vector_meta(c["id"], "length_hist") if "length_hist" in vectors else {}
             median = (meta or {}).get("median")
@@ -138,23 +148,75 @@ def plot_run(store, run_id: int, out_dir: str | Path) -> list[Path]:
             _save(fig, out, f"fig5_ranks_{stem}", written)
         if "genes" in store.gene_tables(c["id"]):
             df = store.gene_table_df(c["id"], "genes")
-            cfg = c.get("config") or {}
+            de = _de_table(store, by_kind.get("de", []))
+            overlap = store.get_json(c["id"], "de_overlap") if "de_overlap" in store.json_names(c["id"]) else None
+            if de is not None:
+                _attention_vs_de(plt, df, de, overlap, cfg, out, stem, written)
             _gene_figures(plt, df, cfg, out, stem, written)
     return written
 
 
+def _de_table(store, de_runs: list[dict]):
+    """The Wilcoxon table of the run's completed DE child (columns ensembl_id, symbol, score, ...)."""
+    for c in de_runs:
+        if c["status"] == "completed" and "de" in store.gene_tables(c["id"]):
+            return store.gene_table_df(c["id"], "de")
+    return None
+
+
+def _attention_vs_de(plt, genes, de, overlap: dict | None, cfg: dict, out: Path, stem: str, written: list[Path],
+                     top: int = 20) -> None:
+    """Fig. 7: the top DE genes (Wilcoxon score, high vs low) beside the most attended genes of the second
+    model, each DE gene labelled with its attention rank and each attended gene marked when it is among
+    the top DE genes; a third panel gives the overlap of the two top-k lists against chance (k^2 / N)."""
+    column = "attn_b" if "attn_b" in genes.columns else None
+    if column is None or "score" not in de.columns:
+        return
+    label = lambda r: r["symbol"] if isinstance(r.get("symbol"), str) and r["symbol"] else r["ensembl_id"]  # noqa: E731
+    present = set(genes["ensembl_id"].astype(str))
+    de = de[de["ensembl_id"].astype(str).isin(present)].dropna(subset=["score"])
+    de = de.sort_values("score", ascending=False, kind="stable")
+    ranked = genes.dropna(subset=[column]).sort_values(column, ascending=False, kind="stable")
+    attn_rank = {g: i + 1 for i, g in enumerate(ranked["ensembl_id"].astype(str))}
+    de_rank = {g: i + 1 for i, g in enumerate(de["ensembl_id"].astype(str))}
+    top_de, top_attn = de.head(top), ranked.head(top)
+    model_b = cfg.get("model_b") or ((overlap or {}).get("models") or {}).get("b", "model b")
+    panels = 3 if overlap and overlap.get("overlap") else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 0.28 * top + 1.6))
+    names = [f"{label(r)}  (attention #{attn_rank.get(str(r['ensembl_id']), '-')})" for _, r in top_de.iterrows()]
+    axes[0].barh(names[::-1], top_de["score"].to_numpy()[::-1], color="tab:orange")
+    axes[0].set_title("top DE genes, high vs low (Wilcoxon score)", fontsize=9)
+    colours = ["tab:red" if de_rank.get(str(g), top + 1) <= top else "tab:blue" for g in top_attn["ensembl_id"]]
+    names = [f"{label(r)}  (DE #{de_rank.get(str(r['ensembl_id']), '-')})" for _, r in top_attn.iterrows()]
+    axes[1].barh(names[::-1], top_attn[column].to_numpy()[::-1], color=colours[::-1])
+    axes[1].set_title(f"most attended genes, {model_b} (red: among the top {top} DE)", fontsize=9)
+    axes[0].set_xlabel("Wilcoxon score")
+    axes[1].set_xlabel("attention received (summed over cells, layers and heads)")
+    for ax in axes[:2]:
+        ax.tick_params(axis="y", labelsize=7)
+    if panels == 3:
+        ax = axes[2]
+        for col, style in (("attn_a", "o--"), ("attn_b", "o-"), ("attn_norm_a", "s--"), ("attn_norm_b", "s-")):
+            block = (overlap.get("by_column") or {}).get(col)
+            if not block:
+                continue
+            ks = [item["k"] for item in block["overlap"]]
+            model = (overlap.get("models") or {}).get(col[-1], col[-1])
+            kind = "norm-based" if "norm" in col else "weight-based"
+            ax.plot(ks, [item["overlap"] for item in block["overlap"]], style, ms=4, label=f"{model}, {kind}")
+        items = overlap["overlap"]
+        ax.plot([i["k"] for i in items], [i["expected"] for i in items], ":", color="grey", label="chance (k²/N)")
+        ax.set_xscale("log")
+        ax.set_xlabel("k")
+        ax.set_ylabel("genes in both top-k lists")
+        ax.set_title(f"top-k overlap, attention vs DE (N = {overlap.get('background')})", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, out, f"fig7_attention_vs_de_{stem}", written)
+
+
 def _gene_figures(plt, df, cfg: dict, out: Path, stem: str, written: list[Path], top: int = 20) -> None:
     label = lambda r: r["symbol"] if isinstance(r.get("symbol"), str) and r["symbol"] else r["ensembl_id"]  # noqa: E731
-    if "attn_b" in df.columns and "de_score" in df.columns:
-        top_attn = df.sort_values("attn_b", ascending=False).head(top)
-        top_de = df.sort_values("de_score", ascending=False).head(top)
-        fig, axes = plt.subplots(1, 2, figsize=(10, 5))
-        axes[0].barh([label(r) for _, r in top_attn.iterrows()][::-1], top_attn["attn_b"].to_numpy()[::-1])
-        axes[0].set_title(f"top attended ({cfg.get('model_b', 'b')})", fontsize=9)
-        axes[1].barh([label(r) for _, r in top_de.iterrows()][::-1], top_de["de_score"].to_numpy()[::-1],
-                     color="tab:orange")
-        axes[1].set_title("top DE (Wilcoxon score, high vs low)", fontsize=9)
-        _save(fig, out, f"fig7_attention_vs_de_{stem}", written)
     cols = [c for c in ("symbol", "ensembl_id", "attn_scaled_a", "attn_scaled_b", "n_cells", "rank_std",
                         "rank_mean_low", "rank_mean_high", "de_score", "in_reference_set") if c in df.columns]
     sort_col = "attn_scaled_b" if "attn_scaled_b" in df.columns else cols[-1]
