@@ -249,6 +249,11 @@ def stage_model(ctx: Context) -> None:
     ctx.out["max_len"] = model_input_size(model_dir, dicts, cfg["model"]["max_len"])
     ctx.out["model_dir"] = model_dir
     ctx.out["dicts"] = dicts
+    from pipeline.model import weight_file
+    from pipeline.tokenize import hash_file
+
+    weights = weight_file(model_dir)
+    ctx.store.set_inputs(ctx.run_id, model_path=model_dir, model_hash=hash_file(weights) if weights else None)
     ctx.rep.line(f"model {model_dir} ({dicts.version}, {len(dicts.token_dict)} tokens, input size {ctx.out['max_len']})")
 
 
@@ -340,6 +345,7 @@ def stage_tokenize(ctx: Context) -> None:
     cfg, sel, dicts = ctx.cfg, ctx.out["selection"], ctx.out["dicts"]
     data_hash = hash_file(ctx.out["data_path"])
     ctx.out["data_hash"] = data_hash
+    ctx.store.set_inputs(ctx.run_id, data_path=ctx.out["data_path"], data_hash=data_hash)
     key = _digest({
         "data": data_hash, "cells": hashlib.sha256("\n".join(sel.cell_ids).encode()).hexdigest(),
         "tokens": _digest(sorted(dicts.token_dict.items())), "medians": _digest(sorted(dicts.gene_median.items())),

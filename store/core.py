@@ -1234,6 +1234,27 @@ class Store:
             self._require_run(conn, run_id)
             conn.execute("DELETE FROM tags WHERE run_id = ? AND tag = ?", (int(run_id), tag))
 
+    def set_inputs(
+        self,
+        run_id: int,
+        *,
+        data_path: str | os.PathLike | None = None,
+        data_hash: str | None = None,
+        model_path: str | os.PathLike | None = None,
+        model_hash: str | None = None,
+    ) -> None:
+        """Record the data and model a run resolved once it started (a generated data set, a cached
+        model, content hashes); arguments left None keep what is recorded."""
+        fields = {"data_path": None if data_path is None else os.fspath(data_path), "data_hash": data_hash,
+                  "model_path": None if model_path is None else os.fspath(model_path), "model_hash": model_hash}
+        fields = {k: v for k, v in fields.items() if v is not None}
+        if not fields:
+            return
+        with self._write() as conn:
+            self._require_run(conn, run_id)
+            conn.execute(f"UPDATE runs SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?",
+                         (*fields.values(), int(run_id)))
+
     def set_note(self, run_id: int, text: str | None) -> None:
         with self._write() as conn:
             self._require_run(conn, run_id)

@@ -87,6 +87,10 @@ def test_user_data_and_checkpoint_run_end_to_end(tmp_path, user_checkpoint, user
     assert run["status"] == "completed"
     assert run["model_path"] == str(model_dir) and run["data_path"] == str(user_h5ad)
     assert run["config"]["model"]["geneformer_dir"] == str(geneformer_dir)
+    from pipeline.tokenize import hash_file
+
+    assert run["data_hash"] == hash_file(user_h5ad)
+    assert run["model_hash"] == hash_file(model_dir / "pytorch_model.bin")
     children = {c["name"]: c for c in st.children(1)}
     assert set(children) >= {"lowhigh/frozen", "lowhigh/unfrozen", "de: high vs low", "lowhigh: frozen vs unfrozen"}
     assert all(c["status"] == "completed" for c in children.values())
@@ -155,7 +159,11 @@ def test_resume_continues_a_failed_run_from_its_first_unfinished_stage(tmp_path,
     assert "already fine-tuned (resumed)" in captured.err
     assert captured.out.startswith("run 1 ")
     st = Store(db)
-    assert st.get_run(1)["status"] == "completed"
+    run = st.get_run(1)
+    assert run["status"] == "completed"
+    # the generated data set and the cached embedded model are recorded with their content hashes
+    assert run["data_path"].endswith(".h5ad") and len(run["data_hash"]) == 64
+    assert "embedded-" in run["model_path"] and len(run["model_hash"]) == 64
     after = st.children(1)
     names = [c["name"] for c in after]
     assert sorted(names) == sorted(set(names)), "a stage was recorded twice"

@@ -75,6 +75,13 @@ def test_run_lifecycle_and_provenance(st):
     assert [r["id"] for r in st.list_runs(limit=1)] == [c]
     row = st.list_runs()[0]
     assert {"id", "name", "kind", "status", "created", "finished", "parent_id", "tags"} <= set(row)
+    # inputs resolved after the start (a generated data set, a cached model) are recorded; None keeps
+    st.set_inputs(p, model_path="/cache/models/m", model_hash="def")
+    top = st.get_run(p)
+    assert (top["data_path"], top["data_hash"]) == ("/data/x.h5ad", "abc")
+    assert (top["model_path"], top["model_hash"]) == ("/cache/models/m", "def")
+    with pytest.raises(RunNotFoundError):
+        st.set_inputs(999, data_hash="x")
 
 
 def test_results_round_trip(st):
