@@ -151,9 +151,14 @@ def plot_run(store, run_id: int, out_dir: str | Path) -> list[Path]:
             de = _de_table(store, by_kind.get("de", []))
             overlap = store.get_json(c["id"], "de_overlap") if "de_overlap" in store.json_names(c["id"]) else None
             if de is not None:
-                _attention_vs_de(plt, df, de, overlap, cfg, out, stem, written)
+                _attention_vs_de(plt, df, de, overlap, names, out, stem, written)
             _gene_figures(plt, df, cfg, out, stem, written)
     return written
+
+
+def _gene_label(row) -> str:
+    """A gene's symbol, or its Ensembl ID where it has none."""
+    return row["symbol"] if isinstance(row.get("symbol"), str) and row["symbol"] else row["ensembl_id"]
 
 
 def _de_table(store, de_runs: list[dict]):
@@ -164,7 +169,7 @@ def _de_table(store, de_runs: list[dict]):
     return None
 
 
-def _attention_vs_de(plt, genes, de, overlap: dict | None, cfg: dict, out: Path, stem: str, written: list[Path],
+def _attention_vs_de(plt, genes, de, overlap: dict | None, names: dict, out: Path, stem: str, written: list[Path],
                      top: int = 20) -> None:
     """Fig. 7: the top DE genes (Wilcoxon score, high vs low) beside the most attended genes of the second
     model, each DE gene labelled with its attention rank and each attended gene marked when it is among
@@ -172,7 +177,6 @@ def _attention_vs_de(plt, genes, de, overlap: dict | None, cfg: dict, out: Path,
     column = "attn_b" if "attn_b" in genes.columns else None
     if column is None or "score" not in de.columns:
         return
-    label = lambda r: r["symbol"] if isinstance(r.get("symbol"), str) and r["symbol"] else r["ensembl_id"]  # noqa: E731
     present = set(genes["ensembl_id"].astype(str))
     de = de[de["ensembl_id"].astype(str).isin(present)].dropna(subset=["score"])
     de = de.sort_values("score", ascending=False, kind="stable")
@@ -180,16 +184,15 @@ def _attention_vs_de(plt, genes, de, overlap: dict | None, cfg: dict, out: Path,
     attn_rank = {g: i + 1 for i, g in enumerate(ranked["ensembl_id"].astype(str))}
     de_rank = {g: i + 1 for i, g in enumerate(de["ensembl_id"].astype(str))}
     top_de, top_attn = de.head(top), ranked.head(top)
-    model_b = cfg.get("model_b") or ((overlap or {}).get("models") or {}).get("b", "model b")
     panels = 3 if overlap and overlap.get("overlap") else 2
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 0.28 * top + 1.6))
-    names = [f"{label(r)}  (attention #{attn_rank.get(str(r['ensembl_id']), '-')})" for _, r in top_de.iterrows()]
-    axes[0].barh(names[::-1], top_de["score"].to_numpy()[::-1], color="tab:orange")
+    labels = [f"{_gene_label(r)}  (attention #{attn_rank.get(str(r['ensembl_id']), '-')})" for _, r in top_de.iterrows()]
+    axes[0].barh(labels[::-1], top_de["score"].to_numpy()[::-1], color="tab:orange")
     axes[0].set_title("top DE genes, high vs low (Wilcoxon score)", fontsize=9)
     colours = ["tab:red" if de_rank.get(str(g), top + 1) <= top else "tab:blue" for g in top_attn["ensembl_id"]]
-    names = [f"{label(r)}  (DE #{de_rank.get(str(r['ensembl_id']), '-')})" for _, r in top_attn.iterrows()]
-    axes[1].barh(names[::-1], top_attn[column].to_numpy()[::-1], color=colours[::-1])
-    axes[1].set_title(f"most attended genes, {model_b} (red: among the top {top} DE)", fontsize=9)
+    labels = [f"{_gene_label(r)}  (DE #{de_rank.get(str(r['ensembl_id']), '-')})" for _, r in top_attn.iterrows()]
+    axes[1].barh(labels[::-1], top_attn[column].to_numpy()[::-1], color=colours[::-1])
+    axes[1].set_title(f"most attended genes, {names['b']} (red: among the top {top} DE)", fontsize=9)
     axes[0].set_xlabel("Wilcoxon score")
     axes[1].set_xlabel("attention received (summed over cells, layers and heads)")
     for ax in axes[:2]:
@@ -201,9 +204,8 @@ def _attention_vs_de(plt, genes, de, overlap: dict | None, cfg: dict, out: Path,
             if not block:
                 continue
             ks = [item["k"] for item in block["overlap"]]
-            model = (overlap.get("models") or {}).get(col[-1], col[-1])
             kind = "norm-based" if "norm" in col else "weight-based"
-            ax.plot(ks, [item["overlap"] for item in block["overlap"]], style, ms=4, label=f"{model}, {kind}")
+            ax.plot(ks, [item["overlap"] for item in block["overlap"]], style, ms=4, label=f"{names[col[-1]]}, {kind}")
         items = overlap["overlap"]
         ax.plot([i["k"] for i in items], [i["expected"] for i in items], ":", color="grey", label="chance (k²/N)")
         ax.set_xscale("log")
@@ -216,7 +218,6 @@ def _attention_vs_de(plt, genes, de, overlap: dict | None, cfg: dict, out: Path,
 
 
 def _gene_figures(plt, df, cfg: dict, out: Path, stem: str, written: list[Path], top: int = 20) -> None:
-    label = lambda r: r["symbol"] if isinstance(r.get("symbol"), str) and r["symbol"] else r["ensembl_id"]  # noqa: E731
     cols = [c for c in ("symbol", "ensembl_id", "attn_scaled_a", "attn_scaled_b", "n_cells", "rank_std",
                         "rank_mean_low", "rank_mean_high", "de_score", "in_reference_set") if c in df.columns]
     sort_col = "attn_scaled_b" if "attn_scaled_b" in df.columns else cols[-1]

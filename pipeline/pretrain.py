@@ -36,6 +36,7 @@ from pipeline.batching import length_grouped_batches, pad_batch
 from pipeline.errors import InputError
 
 MASK_PROBABILITY = 0.15
+PACE_FROM_STEP = 3  # steps before a time budget measures the pace (allocation, kernel selection)
 STAGE = "pretrain"
 
 
@@ -78,8 +79,6 @@ def init_output_bias(model, train_ids: list, vocab_size: int, special_ids) -> No
     log_freq = np.log((counts + 0.5) / (counts.sum() + 0.5 * vocab_size))
     with torch.no_grad():
         model.cls.predictions.bias.copy_(torch.as_tensor(log_freq - log_freq.mean(), dtype=torch.float32))
-
-PACE_FROM_STEP = 3  # steps before the pace is measured (allocation, kernel selection)
 
 
 def _masked_logits(model, input_ids, attention_mask, selected):

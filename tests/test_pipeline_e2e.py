@@ -1,21 +1,15 @@
 """`gfattn pipeline --quick` end to end on CPU, asserting on what lands in the store."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from _helpers_cli import gfattn
 
 from store import Store
 
 P53_UP = {"CDKN1A", "MDM2", "TP53I3", "SPATA18", "PHLDA3", "FDXR", "GDF15", "RRM2B", "DDB2", "SESN1", "ZMAT3",
           "TNFRSF10B", "AEN", "TIGAR", "FAS", "BTG2", "PLK3", "BAX", "XPC", "BBC3", "PMAIP1"}
-
-
-def gfattn(*args, cwd=None, timeout=600):
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,10 @@ dictionaries, random weights), and `--resume` of a failed run from its first unf
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import textwrap
 
 import pytest
+from _helpers_cli import gfattn
 
 # a model and data small enough for seconds per stage; UMAP is covered by the --quick run
 TINY = textwrap.dedent("""
@@ -31,11 +30,6 @@ TINY = textwrap.dedent("""
     [compute]
     threads = 1
 """)
-
-
-def gfattn(*args, cwd=None, timeout=600):
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=timeout)
 
 
 @pytest.fixture(scope="module")
