@@ -382,6 +382,13 @@ class Store:
         return f"Store({str(self.path)!r})"
 
     @property
+    def uid(self) -> str:
+        """This store's random identity (created with the store; a copied file keeps it)."""
+        with self._read() as conn:
+            row = conn.execute("SELECT value FROM store_meta WHERE key = 'uid'").fetchone()
+        return str(row[0])
+
+    @property
     def schema_version(self) -> int:
         with self._read() as conn:
             return schema.user_version(conn)

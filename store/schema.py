@@ -92,9 +92,19 @@ def _m002_stages_and_indexes(db: "sqlite_utils.Database") -> None:
     db["tags"].create_index(["tag"], index_name="tags_by_tag", if_not_exists=True)
 
 
+def _m003_store_identity(db: "sqlite_utils.Database") -> None:
+    """A random identity per store, so files that belong to one store (its fine-tuned models) live under a
+    folder no other store shares, even when two stores sit side by side and both number runs from 1."""
+    import uuid
+
+    db.execute("CREATE TABLE store_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    db.execute("INSERT INTO store_meta (key, value) VALUES ('uid', ?)", (uuid.uuid4().hex,))
+
+
 MIGRATIONS: list[tuple[str, Callable[["sqlite_utils.Database"], None]]] = [
     ("0001_initial", _m001_initial),
     ("0002_stages_and_indexes", _m002_stages_and_indexes),
+    ("0003_store_identity", _m003_store_identity),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -102,7 +112,7 @@ SCHEMA_VERSION = len(MIGRATIONS)
 KNOWN_TABLES = frozenset(
     {"runs", "tags", "events", "progress", "metrics", "confusions", "confusion_cells", "grids", "vectors",
      "gene_rows", "gene_columns", "labels", "splits", "cells", "cell_columns", "json_results", "stages",
-     "migrations", "sqlite_sequence", "sqlite_stat1", "sqlite_stat4"}
+     "migrations", "store_meta", "sqlite_sequence", "sqlite_stat1", "sqlite_stat4"}
 )
 
 

@@ -442,7 +442,9 @@ def test_migrates_a_store_of_the_previous_schema_version(tmp_path):
     raw.close()
     with Store(path) as st:
         assert st.schema_version == SCHEMA_VERSION
-        assert [m["name"] for m in st.migrations()] == ["0001_initial", "0002_stages_and_indexes"]
+        assert [m["name"] for m in st.migrations()] == ["0001_initial", "0002_stages_and_indexes",
+                                                       "0003_store_identity"]
+        assert len(st.uid) == 32
         run = st.get_run(1)
         assert run["name"] == "old run" and run["config"] == {"task": "dose"} and run["status"] == "completed"
         assert st.metrics(1)[0]["value"] == 0.5

@@ -1,0 +1,278 @@
+"""Files gfattn writes: atomic, safe under concurrent writers, and clear when the disk is full.
+
+One owner for three things every stage needs:
+
+- `plain` / `json_default` / `dumps`: JSON-safe copies of results (numpy scalars and arrays to Python,
+  NaN and infinities to null, paths to strings, dataclasses to dicts);
+- `atomic_write_*` and `staging_dir`: a file or directory appears complete under its final name or not
+  at all. Temporary names are unique per writer (`tempfile`), so two processes filling one cache never
+  collide; for content-addressed caches (`replace=False`) the first complete copy wins and a later one
+  is discarded, since both hold the same content;
+- `DiskFullError`: an `OSError` of ENOSPC, EDQUOT or EFBIG while writing becomes one line that names the
+  path, after the temporary files are removed.
+
+The standard library has no atomic directory publish and `tempfile` leaves its files behind on error,
+hence this small module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+class DiskFullError(OSError):
+    """The disk (or quota, or file-size limit) ran out while writing `path`; temporary files are gone."""
+
+    def __init__(self, path: os.PathLike | str, cause: OSError | None = None):
+        self.path = Path(path)
+        why = (cause.strerror if cause is not None and cause.strerror else "no space left on device")
+        super().__init__(errno.ENOSPC, f"out of disk space writing {self.path} ({why}); free space there "
+                                       f"(or move the store and its .gfattn-cache) and resume the run")
+
+    def __str__(self) -> str:
+        return self.args[1]
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for an OSError that means no room to write (also when wrapped by h5py or datasets)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, DiskFullError):
+            return True
+        if isinstance(exc, OSError) and exc.errno in _SPACE_ERRNOS:
+            return True
+        text = str(exc).lower()
+        if "no space left" in text or "disk quota exceeded" in text or "file too large" in text:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+@contextlib.contextmanager
+def disk_errors(path: os.PathLike | str) -> Iterator[None]:
+    """Turn a disk-full error raised inside the block into a `DiskFullError` naming `path`."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as exc:
+        if is_disk_full(exc):
+            raise DiskFullError(path, exc if isinstance(exc, OSError) else None) from None
+        raise
+
+
+# ------------------------------------------------------------------------------------------------ JSON
+def plain(obj: Any) -> Any:
+    """A JSON-safe copy: numpy to Python, NaN/inf to None, paths to str, sets/tuples to lists."""
+    if isinstance(obj, dict) or (hasattr(obj, "items") and not isinstance(obj, (str, bytes))):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, np.ndarray):
+        return plain(obj.tolist())
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [plain(v) for v in obj]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (np.integer, int)):
+        return int(obj)
+    if isinstance(obj, (np.floating, float)):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    if isinstance(obj, bytes):
+        return obj.decode()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return plain(dataclasses.asdict(obj))
+    return obj
+
+
+def json_default(obj: Any) -> Any:
+    """`json.dumps(default=...)`: numpy, paths, sets, dates and dataclasses; anything else is an error."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    if hasattr(obj, "isoformat"):
+        return obj.isoformat()
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def dumps(obj: Any, **kw) -> str:
+    """JSON text of `obj` with NaN/inf as null (strict JSON, readable by any tool)."""
+    return json.dumps(plain(obj), default=json_default, **kw)
+
+
+# ------------------------------------------------------------------------------------------ atomic files
+def _unique_sibling(path: Path, suffix: str = ".tmp") -> Path:
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def atomic_write_bytes(path: os.PathLike | str, data: bytes) -> Path:
+    """Write `data` to a unique temporary sibling, fsync it and rename it over `path`."""
+    path = Path(path)
+    with disk_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _unique_sibling(path)
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_write_text(path: os.PathLike | str, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: os.PathLike | str, obj: Any, *, indent: int | None = 1) -> Path:
+    return atomic_write_text(path, dumps(obj, indent=indent) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_file(path: os.PathLike | str) -> Iterator[Path]:
+    """A temporary path beside `path` for a writer that needs a file name (h5py, pickle, torch.save);
+    renamed over `path` when the block succeeds, removed when it fails."""
+    path = Path(path)
+    with disk_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _unique_sibling(path, suffix=".tmp" + path.suffix)
+        try:
+            yield tmp
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def write_h5ad_atomic(adata, out: os.PathLike | str) -> Path:
+    """`adata.write_h5ad` through a temporary file: no half-written .h5ad under `out`, ever."""
+    out = Path(out)
+    needed = _h5ad_size_estimate(adata)
+    free = _free_bytes(out.parent if out.parent.exists() else Path.cwd())
+    if needed is not None and free is not None and needed > free:
+        # h5py handles a full disk badly (it may crash the process while closing the file): refuse first
+        raise DiskFullError(out, OSError(errno.ENOSPC, f"needs about {needed >> 20} MiB, {free >> 20} MiB free"))
+    with atomic_file(out) as tmp:
+        adata.write_h5ad(tmp)
+    return out
+
+
+def _h5ad_size_estimate(adata) -> int | None:
+    try:
+        x = adata.X
+        if hasattr(x, "nnz"):
+            return int(x.nnz) * (x.data.itemsize + x.indices.itemsize) + (1 << 20)
+        return int(np.asarray(x.shape).prod()) * int(x.dtype.itemsize) + (1 << 20)
+    except Exception:
+        return None
+
+
+def _free_bytes(path: Path) -> int | None:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def staging_dir(out: os.PathLike | str, *, replace: bool = True) -> Iterator[Path]:
+    """A unique temporary sibling directory of `out`, published as `out` when the block succeeds.
+
+    `replace=True` swaps out whatever is at `out`; `replace=False` (content-addressed caches) keeps a
+    complete `out` another writer published first and drops this one. On failure the temporary directory
+    and any parent folders this call created are removed.
+    """
+    out = Path(out)
+    created: list[Path] = []
+    parent = out.parent
+    while not parent.exists():
+        created.append(parent)
+        parent = parent.parent
+    with disk_errors(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    ok = False
+    try:
+        with disk_errors(out):
+            yield tmp
+            publish_dir(tmp, out, replace=replace)
+        ok = True
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not ok:
+            for d in created:  # innermost first
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
+
+
+def publish_dir(tmp: Path, out: Path, *, replace: bool = True) -> None:
+    """Rename the complete directory `tmp` to `out` (see `staging_dir`)."""
+    if out.exists() and not replace:
+        return  # another writer finished first; its copy is equivalent
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        os.rmdir(old)
+        try:
+            os.rename(out, old)
+        except FileNotFoundError:
+            old = None
+        try:
+            os.rename(tmp, out)
+        finally:
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        return
+    try:
+        os.rename(tmp, out)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST) and out.is_dir():
+            if replace:
+                publish_dir(tmp, out, replace=True)
+            return  # lost the race to an equivalent copy
+        raise
+
+
+def remove_stale_temporaries(folder: os.PathLike | str) -> int:
+    """Remove `.NAME.*.tmp` siblings left by a killed writer (older than an hour); returns how many."""
+    import time
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    n = 0
+    cutoff = time.time() - 3600
+    for p in folder.glob(".*.tmp*"):
+        try:
+            if p.stat().st_mtime < cutoff:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+                n += 1
+        except OSError:
+            pass
+    return n
