@@ -1,9 +1,8 @@
 """Files gfattn writes: atomic, safe under concurrent writers, and clear when the disk is full.
 
-One owner for three things every stage needs:
+One owner for two things every stage needs (JSON-safe copies live one layer down, in `store.jsonsafe`,
+and are re-exported here):
 
-- `plain` / `json_default` / `dumps`: JSON-safe copies of results (numpy scalars and arrays to Python,
-  NaN and infinities to null, paths to strings, dataclasses to dicts);
 - `atomic_write_*` and `staging_dir`: a file or directory appears complete under its final name or not
   at all. Temporary names are unique per writer (`tempfile`), so two processes filling one cache never
   collide; for content-addressed caches (`replace=False`) the first complete copy wins and a later one
@@ -18,10 +17,7 @@ hence this small module.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
-import json
-import math
 import os
 import shutil
 import tempfile
@@ -29,6 +25,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+
+from store.jsonsafe import dumps, json_default, plain  # noqa: F401  (re-exported)
 
 _SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
@@ -73,53 +71,6 @@ def disk_errors(path: os.PathLike | str) -> Iterator[None]:
         if is_disk_full(exc):
             raise DiskFullError(path, exc if isinstance(exc, OSError) else None) from None
         raise
-
-
-# ------------------------------------------------------------------------------------------------ JSON
-def plain(obj: Any) -> Any:
-    """A JSON-safe copy: numpy to Python, NaN/inf to None, paths to str, sets/tuples to lists."""
-    if isinstance(obj, dict) or (hasattr(obj, "items") and not isinstance(obj, (str, bytes))):
-        return {str(k): plain(v) for k, v in obj.items()}
-    if isinstance(obj, np.ndarray):
-        return plain(obj.tolist())
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return [plain(v) for v in obj]
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (np.integer, int)):
-        return int(obj)
-    if isinstance(obj, (np.floating, float)):
-        f = float(obj)
-        return f if math.isfinite(f) else None
-    if isinstance(obj, bytes):
-        return obj.decode()
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return plain(dataclasses.asdict(obj))
-    return obj
-
-
-def json_default(obj: Any) -> Any:
-    """`json.dumps(default=...)`: numpy, paths, sets, dates and dataclasses; anything else is an error."""
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if isinstance(obj, (set, frozenset, tuple)):
-        return list(obj)
-    if hasattr(obj, "isoformat"):
-        return obj.isoformat()
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.asdict(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
-
-
-def dumps(obj: Any, **kw) -> str:
-    """JSON text of `obj` with NaN/inf as null (strict JSON, readable by any tool)."""
-    return json.dumps(plain(obj), default=json_default, **kw)
 
 
 # ------------------------------------------------------------------------------------------ atomic files
