@@ -611,3 +611,75 @@ def filter_pass_mask(obs: pd.DataFrame) -> np.ndarray | None:
     col = obs["filter_pass"]
     values = col.astype(object).to_numpy() if hasattr(col, "cat") else col.to_numpy()
     return np.array([v == 1 for v in values], dtype=bool) if values.dtype == object else (values == 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# The pipeline's reads: checks before a run is recorded, the selected cells, their UMAP and DE matrix
+# ------------------------------------------------------------------------------------------------
+def validate_counts(path: str | os.PathLike, rows, dicts: GeneDictionaries | None = None, *,
+                    layer: str | None = None, gene_id_column: str | None = None, chunk_rows: int = 4096) -> int:
+    """Check the counts of the selected `rows` before anything is recorded; returns how many have counts.
+
+    Streams the matrix in row chunks (only chunks holding a selected row): raw integer counts as the
+    tokenizer checks them (negative, NaN and non-integer values refused), at least one selected cell
+    with counts, and, with `dicts`, enough genes mapping to the vocabulary (`map_genes`).
+    """
+    rows = np.sort(np.asarray(rows, dtype=np.int64))
+    with open_counts(path, layer) as cm:
+        with_counts = 0
+        for start, stop in cm.chunks(chunk_rows):
+            lo, hi = np.searchsorted(rows, [start, stop])
+            if lo == hi:
+                continue
+            block = cm.rows(start, stop)
+            check_raw_counts(block.data, source=cm.source, where=cm.where, first_row=start, indptr=block.indptr,
+                             sample_step=61)
+            totals = np.asarray(block.sum(axis=1)).ravel()[rows[lo:hi] - start]
+            with_counts += int((totals > 0).sum())
+        if len(rows) and with_counts == 0:
+            raise InputError(
+                f"{path}: all {len(rows):,} selected cells have zero counts in {cm.where}; store raw counts in X "
+                "or name their layer with data.layer"
+            )
+        if dicts is not None:
+            map_genes(cm.var, dicts, gene_id_column, source=str(path))
+    return with_counts
+
+
+def read_selected(path: str | os.PathLike, rows):
+    """The selected cells of an .h5ad as an in-memory AnnData (one read serves tokenization, UMAP and DE)."""
+    import anndata as ad
+
+    backed = ad.read_h5ad(path, backed="r")
+    try:
+        return backed[np.asarray(rows, dtype=np.int64)].to_memory()
+    finally:
+        backed.file.close()
+
+
+def umap_coordinates(adata, seed: int) -> np.ndarray:
+    """UMAP of the cells with scanpy's standard recipe (normalise, log1p, HVG, PCA, kNN), seeded."""
+    import scanpy as sc
+
+    adata = adata.copy()
+    sc.pp.filter_genes(adata, min_cells=3)
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    n_top = min(2000, adata.n_vars)
+    sc.pp.highly_variable_genes(adata, n_top_genes=n_top, subset=True)
+    sc.pp.pca(adata, n_comps=min(30, adata.n_obs - 1, adata.n_vars - 1), random_state=seed)
+    sc.pp.neighbors(adata, n_neighbors=15, random_state=seed)
+    sc.tl.umap(adata, random_state=seed)
+    return np.asarray(adata.obsm["X_umap"], dtype=np.float64)
+
+
+def ensembl_indexed(adata, dicts: GeneDictionaries, gene_id_column: str | None = None, *, source: str = "data"):
+    """A copy with var indexed by vocabulary Ensembl IDs (unmapped genes dropped, first of duplicates kept)."""
+    import pandas as pd
+
+    mapping = map_genes(adata.var, dicts, gene_id_column, source=source)
+    ids = np.asarray([g if g is not None else "" for g in mapping.ensembl_ids], dtype=object)
+    keep = (ids != "") & ~pd.Series(ids).duplicated().to_numpy()
+    out = adata[:, keep].copy()
+    out.var_names = ids[keep].astype(str)
+    return out

@@ -1,10 +1,23 @@
-"""The thesis experiment end to end (DESIGN.md, "Data flow of one `gfattn pipeline` run").
+"""The thesis experiment end to end (docs/architecture.md, "Data flow of one pipeline run").
 
-data -> model -> tokenize -> fine-tune (task x mode) -> DE -> attention (task x model pair) -> summary.
-Every stage reports to the store; a pipeline run owns one child run per data set, fine-tuning and
-analysis. Expensive products are cached next to the store: the synthetic data and the embedded
-model by their configuration, tokenizations by data content hash + dictionaries + options, fine-tuned
-models by run, so `--resume` continues a failed or interrupted run from its first unfinished stage.
+data -> model -> tokenize -> record -> fine-tune (task x mode) -> DE -> attention (task x model pair) ->
+summary. Every stage reports to the store; a pipeline run owns one child run per data set, fine-tuning,
+DE and analysis.
+
+Same seed, same numbers: every stage draws from the run's seed alone (`pipeline.compute`), so a clean
+run, a run with warm caches and a run killed and resumed at any stage store identical results. A
+child interrupted mid-way is restarted cleanly on `--resume` (its partial records are removed).
+
+Nothing is recorded before the input is known to be usable: `preflight` opens the store and checks
+paths, the model's config and vocabulary, obs (labels, duplicated cell IDs, the split) and every count
+of the selected cells (raw integer counts, at least one cell with counts) and the gene mapping; a
+problem found later in a fresh run removes that run again.
+
+Products are cached next to the store (`.gfattn-cache/`): the synthetic data and the embedded model by
+their configuration, tokenizations by data content hash + dictionaries + options (each with a sha256
+manifest verified on reuse), and fine-tuned models under `runs/<store uid>/<run id>/`, so two stores in
+one folder never share a checkpoint; each checkpoint's weights hash is recorded on its finetune run and
+verified before it is reused (`--resume`) or analysed.
 """
 
 from __future__ import annotations
@@ -12,37 +25,46 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from pipeline.compute import fault_point
 from pipeline.errors import InputError
 from pipeline.paths import cache_dir_for_store
 from pipeline.progress import Reporter
+
+CHECKPOINT_JSON = "checkpoint"  # json result on a finetune run: {"path", "weights_sha256"}
+DETERMINISM_JSON = "determinism"  # json result on a pipeline run: `pipeline.compute.determinism_report`
 
 
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def resolve_device(requested: str) -> str:
-    import torch
+# ------------------------------------------------------------------------------------------- preflight
+@dataclass
+class Preflight:
+    """What the checks before recording learned: the device, the resolved model and the cell selection."""
 
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was requested but no CUDA GPU is visible; use --device cpu or auto")
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return requested
+    device: str
+    selection: Any = None  # pipeline.design.Selection (None for the synthetic data, made in the data stage)
+    split: np.ndarray | None = None
+    obs_rows: int = 0
 
 
-def preflight(cfg: dict) -> None:
-    """Checks that need no heavy work, done before a run is recorded: paths exist and look right."""
+def preflight(cfg: dict) -> Preflight:
+    """Checks done before a run is recorded; each problem is one `InputError` line."""
+    from pipeline.compute import resolve_device
+
     data_path = cfg["data"]["path"]
     if data_path:
         p = Path(data_path)
+        if p.is_dir():
+            raise InputError(f"--data {p} is a directory; pass the .h5ad file itself")
         if not p.is_file():
             raise InputError(f"data file {p} does not exist; pass an .h5ad with raw counts to --data")
         if p.suffix != ".h5ad":
@@ -53,32 +75,38 @@ def preflight(cfg: dict) -> None:
             f"--data {data_path} needs --model DIR (a Geneformer checkpoint): the embedded model only knows the"
             " synthetic data's genes"
         )
+    dicts = None
     if model_path:
         m = Path(model_path)
         if not m.is_dir():
             raise InputError(f"model directory {m} does not exist; pass a local Hugging Face checkpoint dir to --model")
-        if not (m / "config.json").is_file():
-            raise InputError(f"model directory {m} has no config.json; is it a Hugging Face checkpoint?")
-        if not any((m / w).is_file() for w in ("model.safetensors", "pytorch_model.bin")):
-            raise InputError(f"model directory {m} has no weights (model.safetensors or pytorch_model.bin)")
+        from pipeline.model import read_model_config
+
+        read_model_config(m)  # config.json present, valid, BERT, weights beside it
     gdir = cfg["model"]["geneformer_dir"]
     if gdir and not Path(gdir).is_dir():
         raise InputError(f"Geneformer dictionary directory {gdir} does not exist (--geneformer-dir)")
     ref = cfg["analysis"]["reference_set"]
     if ref and not Path(ref).is_file():
         raise InputError(f"reference gene set {ref} does not exist (analysis.reference_set)")
-    resolve_device(cfg["compute"]["device"])
+    device = resolve_device(cfg["compute"]["device"]).type
     if model_path:
-        model_input_size(Path(model_path), _dictionaries_for(Path(model_path), cfg), cfg["model"]["max_len"])
+        dicts = _dictionaries_for(Path(model_path), cfg)
+        model_input_size(Path(model_path), dicts, cfg["model"]["max_len"])
+    out = Preflight(device=device)
     if data_path:
-        from pipeline.design import select_cells, stratified_split
+        from pipeline.data import validate_counts
 
-        sel = select_cells(read_obs(data_path), cfg)
-        stratified_split(sel.dose_names, cfg["split"]["validation"], cfg["split"]["test"], int(cfg["run"]["seed"]))
+        obs = read_obs(data_path)
+        out.selection, out.split = select_and_split(obs, cfg)
+        out.obs_rows = len(obs)
+        validate_counts(data_path, out.selection.index, dicts, layer=cfg["data"]["layer"] or None,
+                        gene_id_column=cfg["data"]["gene_id_column"] or None)
+    return out
 
 
 def read_obs(data_path: str):
-    """The obs table of an .h5ad without loading X."""
+    """The obs table of an .h5ad without loading X; duplicated cell IDs are refused."""
     import anndata as ad
 
     try:
@@ -86,9 +114,45 @@ def read_obs(data_path: str):
     except Exception as exc:  # unreadable HDF5 or not an AnnData
         raise InputError(f"cannot read {data_path} as .h5ad ({type(exc).__name__}: {exc}); is the file complete?") from None
     try:
-        return backed.obs.copy()
+        obs = backed.obs.copy()
     finally:
         backed.file.close()
+    dup = obs.index.duplicated()
+    if dup.any():
+        first = str(obs.index[dup][0])
+        raise InputError(
+            f"{data_path}: obs index has {int(dup.sum())} duplicated cell IDs (e.g. {first!r}); make them unique "
+            "(`adata.obs_names_make_unique()`) and write the file again"
+        )
+    return obs
+
+
+def select_and_split(obs, cfg: dict):
+    from pipeline.design import select_cells, stratified_split
+
+    sel = select_cells(obs, cfg)
+    split = stratified_split(sel.dose_names, cfg["split"]["validation"], cfg["split"]["test"], int(cfg["run"]["seed"]))
+    return sel, split
+
+
+# -------------------------------------------------------------------------------------------- context
+@dataclass
+class Products:
+    """What the stages hand on to later stages (typed; filled in stage order)."""
+
+    data_path: str = ""
+    data_hash: str | None = None
+    selection: Any = None  # pipeline.design.Selection
+    split: np.ndarray | None = None
+    model_dir: Path | None = None
+    dicts: Any = None  # pipeline.dictionaries.GeneDictionaries
+    max_len: int = 0
+    dataset: Any = None  # datasets.Dataset of the selected cells, in selection order
+    tokenize_report: dict = field(default_factory=dict)
+    models: dict[tuple[str, str], Path] = field(default_factory=dict)
+    checkpoint_hashes: dict[tuple[str, str], str] = field(default_factory=dict)
+    de: Any = None  # pandas.DataFrame of the DE child
+    pretrain_metrics: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -99,11 +163,21 @@ class Context:
     rep: Reporter
     cache: Path
     device: str
-    out: dict = field(default_factory=dict)
+    out: Products = field(default_factory=Products)
+    preflight: Preflight | None = None
+    _adata: Any = None
 
     @property
     def seed(self) -> int:
         return int(self.cfg["run"]["seed"])
+
+    def selected_adata(self):
+        """The selected cells' AnnData (X in memory), read from the data file once per process."""
+        if self._adata is None:
+            from pipeline.data import read_selected
+
+            self._adata = read_selected(self.out.data_path, self.out.selection.index)
+        return self._adata
 
     def completed_child(self, name: str, kind: str) -> int | None:
         """The id of a completed child run of this name (when resuming), else None; stale ones are removed."""
@@ -122,23 +196,21 @@ class Context:
 
 # --------------------------------------------------------------------------------------------- data
 def stage_data(ctx: Context) -> None:
-    """Load (or synthesise) the data, select the cells of the design, label, split, QC, UMAP."""
+    """Load (or synthesise) the data, select the cells of the design, label, split."""
     cfg = ctx.cfg
-    data_path = cfg["data"]["path"]
-    if not data_path:
-        data_path = str(synthetic_data_path(ctx))
-    ctx.out["data_path"] = data_path
-    ctx.rep.line(f"data: {data_path}")
-    obs = read_obs(data_path)
-
-    from pipeline.design import select_cells, stratified_split
-
-    sel = select_cells(obs, cfg)
-    split = stratified_split(sel.dose_names, cfg["split"]["validation"], cfg["split"]["test"], ctx.seed)
-    ctx.out["selection"] = sel
-    ctx.out["split"] = split
+    pre = ctx.preflight
+    if cfg["data"]["path"]:
+        ctx.out.data_path = cfg["data"]["path"]
+        sel, split, n_obs = pre.selection, pre.split, pre.obs_rows
+    else:
+        ctx.out.data_path = str(synthetic_data_path(ctx))
+        obs = read_obs(ctx.out.data_path)
+        sel, split = select_and_split(obs, cfg)
+        n_obs = len(obs)
+    ctx.out.selection, ctx.out.split = sel, split
+    ctx.rep.line(f"data: {ctx.out.data_path}")
     ctx.rep.line(
-        f"{len(sel.index)} cells selected of {len(obs)}: "
+        f"{len(sel.index)} cells selected of {n_obs}: "
         + ", ".join(f"{k} {v}" for k, v in sel.counts_after.items())
         + f"; split train {int((split == 'train').sum())} / validation {int((split == 'validation').sum())}"
         f" / test {int((split == 'test').sum())}"
@@ -147,7 +219,7 @@ def stage_data(ctx: Context) -> None:
 
 def synthetic_data_path(ctx: Context) -> Path:
     """The embedded default's data set, generated once per configuration and cached."""
-    from pipeline.commands.synth import write_h5ad_atomic
+    from pipeline.io import write_h5ad_atomic
     from pipeline.synth import make_sciplex_like
 
     d = ctx.cfg["data"]
@@ -158,6 +230,7 @@ def synthetic_data_path(ctx: Context) -> Path:
         ctx.rep.line(f"generating synthetic sci-Plex-like data (scale {d['synth_scale']}, preset {d['synth_preset']})")
         adata = make_sciplex_like(scale=d["synth_scale"], preset=d["synth_preset"],
                                   length_effect=d["synth_length_effect"], seed=ctx.seed)
+        fault_point("write", "synthetic-data")
         write_h5ad_atomic(adata, path)
     return path
 
@@ -166,12 +239,12 @@ def stage_record_data(ctx: Context) -> None:
     """The data child run: what the experiment saw (cells per dose, lengths per class, UMAP)."""
     import pandas as pd
 
-    sel, split, ds = ctx.out["selection"], ctx.out["split"], ctx.out["dataset"]
+    sel, split, ds = ctx.out.selection, ctx.out.split, ctx.out.dataset
     if ctx.completed_child("data", "data") is not None:
         ctx.rep.line("data record already complete (resumed)")
         return
     child = ctx.new_child("data", "data", {"data": ctx.cfg["data"], "labels": ctx.cfg["labels"]},
-                          data_path=ctx.out["data_path"], data_hash=ctx.out.get("data_hash"))
+                          data_path=ctx.out.data_path, data_hash=ctx.out.data_hash)
     with ctx.store.track(child):
         lengths = np.asarray(ds["length"], dtype=np.int64)
         cells = pd.DataFrame({
@@ -183,8 +256,10 @@ def stage_record_data(ctx: Context) -> None:
             "split": split,
         })
         if ctx.cfg["data"]["umap"]:
+            from pipeline.data import umap_coordinates
+
             ctx.rep.line("UMAP of the selected cells (scanpy)")
-            coords = compute_umap(ctx.out["data_path"], sel, ctx.seed)
+            coords = umap_coordinates(ctx.selected_adata(), ctx.seed)
             cells["umap1"], cells["umap2"] = coords[:, 0], coords[:, 1]
         ctx.store.put_cells(child, cells)
         for task in ctx.cfg["labels"]["tasks"]:
@@ -207,7 +282,7 @@ def stage_record_data(ctx: Context) -> None:
             "cells_per_group": {g: int((sel.group == g).sum()) for g in ("low", "high")},
             "split": {s: int((split == s).sum()) for s in ("train", "validation", "test")},
             "length_per_class": per_class,
-            "tokenize": ctx.out.get("tokenize_report", {}),
+            "tokenize": ctx.out.tokenize_report,
         })
 
 
@@ -217,27 +292,12 @@ def _length_summary(lengths: np.ndarray) -> dict:
             "q25": float(np.percentile(lengths, 25)), "q75": float(np.percentile(lengths, 75))}
 
 
-def compute_umap(data_path: str, sel, seed: int) -> np.ndarray:
-    """UMAP of the selected cells with scanpy's standard recipe (normalise, log1p, HVG, PCA, kNN)."""
-    import anndata as ad
-    import scanpy as sc
-
-    adata = ad.read_h5ad(data_path)[sel.index].copy()
-    sc.pp.filter_genes(adata, min_cells=3)
-    sc.pp.normalize_total(adata, target_sum=1e4)
-    sc.pp.log1p(adata)
-    n_top = min(2000, adata.n_vars)
-    sc.pp.highly_variable_genes(adata, n_top_genes=n_top, subset=True)
-    sc.pp.pca(adata, n_comps=min(30, adata.n_obs - 1, adata.n_vars - 1), random_state=seed)
-    sc.pp.neighbors(adata, n_neighbors=15, random_state=seed)
-    sc.tl.umap(adata, random_state=seed)
-    return np.asarray(adata.obsm["X_umap"], dtype=np.float64)
-
-
 # -------------------------------------------------------------------------------------------- model
 def stage_model(ctx: Context) -> None:
     """The checkpoint and its dictionaries: the user's, or the embedded model (pretrained once, cached)."""
     from pipeline.dictionaries import GeneDictionaries
+    from pipeline.io import sha256_file
+    from pipeline.model import weight_file
 
     cfg = ctx.cfg
     if cfg["model"]["path"]:
@@ -246,27 +306,26 @@ def stage_model(ctx: Context) -> None:
     else:
         model_dir = embedded_model_dir(ctx)
         dicts = GeneDictionaries.from_model_dir(model_dir)
-    ctx.out["max_len"] = model_input_size(model_dir, dicts, cfg["model"]["max_len"])
-    ctx.out["model_dir"] = model_dir
-    ctx.out["dicts"] = dicts
-    from pipeline.model import weight_file
-    from pipeline.tokenize import hash_file
-
+    ctx.out.max_len = model_input_size(model_dir, dicts, cfg["model"]["max_len"])
+    ctx.out.model_dir = model_dir
+    ctx.out.dicts = dicts
     weights = weight_file(model_dir)
-    ctx.store.set_inputs(ctx.run_id, model_path=model_dir, model_hash=hash_file(weights) if weights else None)
-    ctx.rep.line(f"model {model_dir} ({dicts.version}, {len(dicts.token_dict)} tokens, input size {ctx.out['max_len']})")
+    ctx.store.set_inputs(ctx.run_id, model_path=model_dir, model_hash=sha256_file(weights) if weights else None)
+    ctx.rep.line(f"model {model_dir} ({dicts.version}, {len(dicts.token_dict)} tokens, input size {ctx.out.max_len})")
 
 
 def model_input_size(model_dir: Path, dicts, requested: int = 0) -> int:
     """The encoding length for a model: its input size, or fewer ranks if asked; refuses a vocabulary mismatch."""
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    vocab, n_tokens = int(config["vocab_size"]), len(dicts.token_dict)
+    from pipeline.model import read_model_config
+
+    config = read_model_config(model_dir)
+    vocab, n_tokens = int(config.vocab_size), len(dicts.token_dict)
     if vocab != n_tokens:
         raise InputError(
             f"model {model_dir} has vocab_size {vocab} but the token dictionary has {n_tokens} tokens;"
             f" use the dictionaries the model was trained with (--geneformer-dir, V1 = gc30M, V2 = gc104M)"
         )
-    size = int(config["max_position_embeddings"])
+    size = int(config.max_position_embeddings)
     if requested and requested > size:
         raise InputError(f"model.max_len {requested} exceeds the input size {size} of model {model_dir}")
     return int(requested or size)
@@ -296,12 +355,19 @@ def _guess_version(model_dir: Path) -> str:
 
 
 def embedded_model_dir(ctx: Context) -> Path:
-    """Pretrain the embedded default's model on the synthetic healthy corpus, once per configuration."""
+    """Pretrain the embedded default's model on the synthetic healthy corpus, once per configuration.
+
+    Concurrent pipelines may both pretrain it; the first complete copy is kept (`staging_dir(replace=False)`)
+    and both are identical for the same configuration unless the time budget cut one short. A cached copy
+    is verified against its manifest before reuse."""
+    from pipeline.io import staging_dir, verify_manifest, write_manifest
+
     pcfg = dict(ctx.cfg["pretrain"])
     preset = ctx.cfg["data"]["synth_preset"]
     key = _digest({"pretrain": pcfg, "preset": preset, "seed": ctx.seed, "v": 2})
     out = ctx.cache / "models" / f"embedded-{key}"
     if (out / "config.json").is_file():
+        verify_manifest(out, what="cached embedded model")
         ctx.rep.line(f"embedded model cached at {out}")
         return out
     import anndata  # noqa: F401  (fail early with a clear import error)
@@ -315,9 +381,7 @@ def embedded_model_dir(ctx: Context) -> Path:
     corpus = make_corpus(n_cells=int(pcfg["corpus_cells"]), seed=ctx.seed + 1, preset=preset)
     dicts = build_vocabulary(corpus)
     corpus_ds, _ = tokenize_anndata(corpus, dicts, max_len=int(pcfg["max_len"]))
-    tmp = out.with_name(out.name + f".{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with staging_dir(out, replace=False) as tmp:
         metrics = pretrain(
             corpus_ds, dicts, tmp,
             layers=int(pcfg["layers"]), hidden=int(pcfg["hidden"]), heads=int(pcfg["heads"]),
@@ -326,54 +390,49 @@ def embedded_model_dir(ctx: Context) -> Path:
             time_budget_s=float(pcfg["time_budget_s"]) or None, device=ctx.device,
             progress=lambda done, total, **kw: ctx.rep.update(done, total, unit="steps", **kw),
         )
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        write_manifest(tmp)
+    ctx.out.pretrain_metrics = dict(metrics)
     ctx.rep.line("embedded model: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
                                                  for k, v in metrics.items()))
+    if metrics.get("stopped_by_time_budget"):
+        ctx.rep.line("the pretraining time budget cut the embedded model short: another machine (or a loaded one) "
+                     "may pretrain a different model from the same seed; raise pretrain.time_budget_s for "
+                     "reproducible models", level="warning")
     return out
 
 
 # ----------------------------------------------------------------------------------------- tokenize
 def stage_tokenize(ctx: Context) -> None:
     """Rank-value encode the selected cells (cached by data content hash, dictionaries and options)."""
-    import datasets
-    import anndata as ad
-
     from pipeline.tokenize import hash_file, tokenize_anndata
 
-    cfg, sel, dicts = ctx.cfg, ctx.out["selection"], ctx.out["dicts"]
-    data_hash = hash_file(ctx.out["data_path"])
-    ctx.out["data_hash"] = data_hash
-    ctx.store.set_inputs(ctx.run_id, data_path=ctx.out["data_path"], data_hash=data_hash)
+    cfg, sel, dicts = ctx.cfg, ctx.out.selection, ctx.out.dicts
+    data_hash = hash_file(ctx.out.data_path)
+    ctx.out.data_hash = data_hash
+    ctx.store.set_inputs(ctx.run_id, data_path=ctx.out.data_path, data_hash=data_hash)
     key = _digest({
         "data": data_hash, "cells": hashlib.sha256("\n".join(sel.cell_ids).encode()).hexdigest(),
         "tokens": _digest(sorted(dicts.token_dict.items())), "medians": _digest(sorted(dicts.gene_median.items())),
-        "max_len": ctx.out["max_len"], "version": dicts.version,
+        "max_len": ctx.out.max_len, "version": dicts.version,
         "columns": [cfg["data"][k] for k in ("gene_id_column", "n_counts_column", "layer")], "v": 1,
     })
     path = ctx.cache / "tokenized" / key
-    report_path = path / "gfattn_tokenize_report.json"
-    if report_path.is_file():
-        ds = datasets.load_from_disk(str(path))
-        report = json.loads(report_path.read_text())
+    cached = _load_tokenized_cache(path)
+    if cached is not None:
+        ds, report = cached
         ctx.rep.line(f"tokenization cached at {path}")
     else:
-        adata = ad.read_h5ad(ctx.out["data_path"])[sel.index].copy()
         ds, rep = tokenize_anndata(
-            adata, dicts, max_len=ctx.out["max_len"],
+            ctx.selected_adata(), dicts, max_len=ctx.out.max_len,
             n_counts_column=cfg["data"]["n_counts_column"] or None,
             gene_id_column=cfg["data"]["gene_id_column"] or None,
             layer=cfg["data"]["layer"] or None,
         )
-        report = rep.to_dict() if hasattr(rep, "to_dict") else dict(vars(rep))
-        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        ds.save_to_disk(str(tmp))
-        (tmp / "gfattn_tokenize_report.json").write_text(json.dumps(report, default=str, indent=1))
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-        ds = datasets.load_from_disk(str(path))
+        if len(ds) == 0:
+            raise InputError(f"{ctx.out.data_path}: no selected cell has counts in a vocabulary gene; check the "
+                             "count matrix (data.layer) and the gene IDs (data.gene_id_column)")
+        report = rep.to_dict()
+        ds = _save_tokenized_cache(ds, report, path)
     ids = list(ds["cell_id"])
     if len(ids) != len(sel.cell_ids):
         # cells dropped by the tokenizer (zero counts, filter_pass): keep the selection in step
@@ -381,25 +440,53 @@ def stage_tokenize(ctx: Context) -> None:
         ctx.rep.line(f"{int((~keep).sum())} selected cells dropped by tokenization (see the QC report)")
         _restrict_selection(ctx, keep)
     order = {c: i for i, c in enumerate(ids)}
-    ds = ds.select([order[c] for c in ctx.out["selection"].cell_ids])
-    ctx.out["dataset"] = ds
-    ctx.out["tokenize_report"] = report
+    ds = ds.select([order[c] for c in ctx.out.selection.cell_ids])
+    ctx.out.dataset = ds
+    ctx.out.tokenize_report = report
     lengths = np.asarray(ds["length"])
     ctx.rep.line(f"tokenized {len(ds)} cells: length median {np.median(lengths):.0f}, max {lengths.max()}")
 
 
-def _restrict_selection(ctx: Context, keep: np.ndarray) -> None:
-    from dataclasses import replace
+TOKENIZE_REPORT = "gfattn_tokenize_report.json"
 
-    sel = ctx.out["selection"]
-    ctx.out["selection"] = replace(sel, index=sel.index[keep], cell_ids=sel.cell_ids[keep], dose=sel.dose[keep],
-                                   group=sel.group[keep])
-    ctx.out["split"] = ctx.out["split"][keep]
+
+def _load_tokenized_cache(path: Path):
+    """(dataset, report) of a complete tokenization cache folder verified against its manifest, else None."""
+    if not (path / TOKENIZE_REPORT).is_file():
+        return None
+    import datasets
+
+    from pipeline.io import verify_manifest
+
+    verify_manifest(path, what="cached tokenization")
+    return datasets.load_from_disk(str(path)), json.loads((path / TOKENIZE_REPORT).read_text())
+
+
+def _save_tokenized_cache(ds, report: dict, path: Path):
+    """Publish a tokenization into the cache atomically (first complete copy wins) and reopen it from disk."""
+    import datasets
+
+    from pipeline.io import atomic_write_json, staging_dir, write_manifest
+
+    with staging_dir(path, replace=False) as tmp:
+        ds.save_to_disk(str(tmp))
+        atomic_write_json(tmp / TOKENIZE_REPORT, report)
+        write_manifest(tmp)
+    return datasets.load_from_disk(str(path))
+
+
+def _restrict_selection(ctx: Context, keep: np.ndarray) -> None:
+    sel = ctx.out.selection
+    ctx.out.selection = replace(sel, index=sel.index[keep], cell_ids=sel.cell_ids[keep], dose=sel.dose[keep],
+                                group=sel.group[keep])
+    ctx.out.split = ctx.out.split[keep]
+    if ctx._adata is not None:
+        ctx._adata = ctx._adata[keep].copy()
 
 
 def task_datasets(ctx: Context, task: str):
     """train / validation / test datasets of one task, with an integer `label` column."""
-    ds, split, sel = ctx.out["dataset"], ctx.out["split"], ctx.out["selection"]
+    ds, split, sel = ctx.out.dataset, ctx.out.split, ctx.out.selection
     labels, names = sel.labels(task)
     ds = ds.remove_columns([c for c in ("label", "group_name") if c in ds.column_names])
     ds = ds.add_column("label", labels.tolist()).add_column("group_name", [str(g) for g in sel.group])
@@ -409,18 +496,25 @@ def task_datasets(ctx: Context, task: str):
 
 # ----------------------------------------------------------------------------------------- finetune
 def model_out_dir(ctx: Context, task: str, mode: str) -> Path:
-    return ctx.cache / "runs" / str(ctx.run_id) / f"{task}__{mode}"
+    """Where a fine-tuned model of this run lives: under the store's own identity, never shared."""
+    return ctx.cache / "runs" / ctx.store.uid / str(ctx.run_id) / f"{task}__{mode}"
 
 
 def stage_finetune(ctx: Context, task: str, mode: str) -> None:
     """Fine-tune one (task, mode) and record metrics, confusion and the best model (thesis 2.3, 4.1)."""
+    from pipeline.train import verify_checkpoint
+
     name = f"{task}/{mode}"
     out_dir = model_out_dir(ctx, task, mode)
     done = ctx.completed_child(name, "finetune")
-    if done is not None and (out_dir / "config.json").is_file():
-        ctx.rep.line(f"{name}: already fine-tuned (resumed)")
-        ctx.out.setdefault("models", {})[(task, mode)] = out_dir
-        return
+    if done is not None:
+        recorded = _recorded_checkpoint(ctx, done)
+        if recorded is not None and recorded.get("path") == str(out_dir):
+            ctx.out.checkpoint_hashes[(task, mode)] = verify_checkpoint(out_dir, recorded.get("weights_sha256"))
+            ctx.rep.line(f"{name}: already fine-tuned (resumed; checkpoint verified)")
+            ctx.out.models[(task, mode)] = out_dir
+            return
+        ctx.store.delete_run(done)  # completed without a usable checkpoint record: fine-tune again
     from pipeline.model import load_classifier
     from pipeline.train import TrainConfig, finetune
 
@@ -430,10 +524,10 @@ def stage_finetune(ctx: Context, task: str, mode: str) -> None:
         lr=float(t["lr"]) if not (mode == "frozen" and t["head_lr"]) else float(t["head_lr"]),
         weight_decay=float(t["weight_decay"]), warmup_ratio=float(t["warmup_ratio"]), epochs=int(t["epochs"]),
         batch_size=int(t["batch_size"]), grad_accum=int(t["grad_accum"]), class_weights=bool(t["class_weights"]),
-        seed=ctx.seed, device=ctx.device, amp=t["amp"], max_len=ctx.out["max_len"],
+        seed=ctx.seed, device=ctx.device, amp=t["amp"], max_len=ctx.out.max_len,
     )
     child = ctx.new_child(name, "finetune", {"task": task, "mode": mode, "labels": names, "train": t},
-                          model_path=str(ctx.out["model_dir"]))
+                          model_path=str(ctx.out.model_dir))
     with ctx.store.track(child):
         ctx.store.put_labels(child, task, names)
         nproc = int(ctx.cfg["compute"]["nproc"])
@@ -441,66 +535,56 @@ def stage_finetune(ctx: Context, task: str, mode: str) -> None:
             from pipeline.distributed import finetune_distributed
 
             result = finetune_distributed(
-                ctx.out["model_dir"], parts, label_names=names, mode=mode, config=tc, nproc=nproc,
-                store_path=str(ctx.store.path), run_id=child, out_dir=out_dir, dicts=ctx.out["dicts"],
+                ctx.out.model_dir, parts, label_names=names, mode=mode, config=tc, nproc=nproc,
+                store_path=str(ctx.store.path), run_id=child, out_dir=out_dir, dicts=ctx.out.dicts,
             )
         else:
-            model = load_classifier(ctx.out["model_dir"], len(names), dicts=ctx.out["dicts"],
-                                    max_len=ctx.out["max_len"])
+            model = load_classifier(ctx.out.model_dir, len(names), dicts=ctx.out.dicts, max_len=ctx.out.max_len,
+                                    seed=ctx.seed)
             result = finetune(
                 model, parts["train"], parts["validation"], parts["test"], label_names=names, mode=mode,
-                config=tc, store=ctx.store, run_id=child, out_dir=out_dir,
+                config=tc, store=ctx.store, run_id=child, out_dir=out_dir, dicts=ctx.out.dicts,
                 progress=lambda done, total, **kw: ctx.rep.update(done, total, unit="steps", **kw),
             )
+        digest = verify_checkpoint(out_dir)
+        ctx.store.put_json(child, CHECKPOINT_JSON, {"path": str(out_dir), "weights_sha256": digest})
         acc, f1 = result.test_metrics["accuracy"], result.test_metrics["macro_f1"]
         ctx.rep.line(f"{name}: test accuracy {acc:.3f}, macro-F1 {f1:.3f} (best epoch {result.best_epoch})")
-    ctx.out.setdefault("models", {})[(task, mode)] = out_dir
+    ctx.out.models[(task, mode)] = out_dir
+    ctx.out.checkpoint_hashes[(task, mode)] = digest
+
+
+def _recorded_checkpoint(ctx: Context, run_id: int) -> dict | None:
+    try:
+        return ctx.store.get_json(run_id, CHECKPOINT_JSON)
+    except Exception:
+        return None
 
 
 # --------------------------------------------------------------------------------------- DE
 def stage_de(ctx: Context) -> None:
     """scanpy's Wilcoxon between the high and low dose groups on the selected cells (thesis fig. 7)."""
-    if ctx.completed_child("de: high vs low", "de") is not None:
+    name = "de: high vs low"
+    done = ctx.completed_child(name, "de")
+    if done is not None:
         ctx.rep.line("DE already computed (resumed)")
-        done = ctx.completed_child("de: high vs low", "de")
-        ctx.out["de"] = ctx.store.gene_table_df(done, "de")
+        ctx.out.de = ctx.store.gene_table_df(done, "de")
         return
     from pipeline.analysis import de_wilcoxon
+    from pipeline.data import ensembl_indexed
 
-    sel = ctx.out["selection"]
-    adata = ensembl_indexed(ctx.out["data_path"], sel.index, ctx.out["dicts"], ctx.cfg["data"]["gene_id_column"] or None)
-    adata.obs["group"] = sel.group
-    child = ctx.new_child("de: high vs low", "de", {"groupby": "group", "group": "high", "reference": "low"})
+    adata = ensembl_indexed(ctx.selected_adata(), ctx.out.dicts, ctx.cfg["data"]["gene_id_column"] or None,
+                            source=ctx.out.data_path)
+    adata.obs["group"] = ctx.out.selection.group
+    child = ctx.new_child(name, "de", {"groupby": "group", "group": "high", "reference": "low"})
     with ctx.store.track(child):
         de = de_wilcoxon(adata, "group", "high", "low")
-        symbols = ctx.out["dicts"].id_to_symbol
+        symbols = ctx.out.dicts.id_to_symbol
         if "symbol" not in de.columns:
             de.insert(1, "symbol", [symbols.get(g, "") for g in de["ensembl_id"]])
         ctx.store.put_gene_table(child, "de", de)
-    ctx.out["de"] = de
+    ctx.out.de = de
     ctx.rep.line("top DE genes (high vs low): " + ", ".join(map(str, de["symbol"].head(10))))
-
-
-def ensembl_indexed(data_path: str, index: np.ndarray, dicts, gene_id_column: str | None):
-    """The selected cells with var indexed by vocabulary Ensembl IDs (unmapped genes dropped, first of duplicates kept)."""
-    import anndata as ad
-
-    from pipeline.data import map_genes
-
-    adata = ad.read_h5ad(data_path)[index].copy()
-    mapping = map_genes(adata.var, dicts, gene_id_column, source=data_path)
-    ids = np.asarray([g if g is not None else "" for g in mapping.ensembl_ids], dtype=object)
-    keep = ids != ""
-    keep &= ~pd_duplicated(ids)
-    adata = adata[:, keep].copy()
-    adata.var_names = ids[keep].astype(str)
-    return adata
-
-
-def pd_duplicated(values: np.ndarray) -> np.ndarray:
-    import pandas as pd
-
-    return pd.Series(values).duplicated().to_numpy()
 
 
 # --------------------------------------------------------------------------------------- attention
@@ -514,6 +598,7 @@ def stage_attention(ctx: Context, task: str, mode_a: str, mode_b: str) -> None:
 
     from pipeline.analysis import run_pair_analysis
     from pipeline.model import load_for_attention
+    from pipeline.train import verify_checkpoint
 
     a_cfg = ctx.cfg["analysis"]
     parts, names = task_datasets(ctx, task)
@@ -521,16 +606,19 @@ def stage_attention(ctx: Context, task: str, mode_a: str, mode_b: str) -> None:
     if a_cfg["max_cells"] and len(test) > a_cfg["max_cells"]:
         rng = np.random.default_rng(ctx.seed)
         test = test.select(sorted(rng.choice(len(test), int(a_cfg["max_cells"]), replace=False).tolist()))
-    models = ctx.out["models"]
+    models = ctx.out.models
+    for mode in (mode_a, mode_b):  # the checkpoints are the ones this run fine-tuned and recorded
+        verify_checkpoint(models[(task, mode)], ctx.out.checkpoint_hashes.get((task, mode)))
     child = ctx.new_child(name, "analysis", {"task": task, "model_a": mode_a, "model_b": mode_b,
                                              "analysis": a_cfg, "cells": len(test)})
+    fault_point("stage", f"attention {name}")
     with ctx.store.track(child):
         model_a = load_for_attention(models[(task, mode_a)])
         model_b = load_for_attention(models[(task, mode_b)])
         run_pair_analysis(
             ctx.store, child, model_a, model_b, test,
-            dicts=ctx.out["dicts"], names=(mode_a, mode_b), group_column="group_name",
-            de=ctx.out.get("de"), reference_set=a_cfg["reference_set"] or None, top_k=a_cfg["top_k"],
+            dicts=ctx.out.dicts, names=(mode_a, mode_b), group_column="group_name",
+            de=ctx.out.de, reference_set=a_cfg["reference_set"] or None, top_k=a_cfg["top_k"],
             n_boot=int(a_cfg["n_boot"]), batch_size=int(a_cfg["batch_size"]), device=ctx.device,
             dtype=torch.float32, seed=ctx.seed,
             progress=lambda done, total, **kw: ctx.rep.update(done, total, unit="cells", **kw),
@@ -565,43 +653,77 @@ def _stages(ctx: Context) -> None:
                 stage_attention(ctx, task, mode_a, mode_b)
 
 
-def run_pipeline(cfg: dict, store_path, *, resume_id: int | None = None, stdout=None) -> int:
+def open_store(store_path):
+    """The store a pipeline writes to, opened before anything else so a bad `--store` fails first."""
+    from store import Store
+
+    return Store(store_path)
+
+
+def run_pipeline(cfg: dict, store_path, *, resume_id: int | None = None, stdout=None, store=None) -> int:
     """Run (or resume) the experiment; returns the exit code (0 done, 1 failed, 2 bad input, 130 interrupted)."""
     import sys
 
-    from store import Store
+    from pipeline.compute import configure_determinism, determinism_report, resolve_device
+    from pipeline.io import DiskFullError, remove_stale_temporaries
 
     stdout = stdout or sys.stdout
-    preflight(cfg)
-    device = resolve_device(cfg["compute"]["device"])
+    store = store or open_store(store_path)
+    pre = preflight(cfg)
+    device = pre.device
     if cfg["compute"]["threads"]:
         import torch
 
         torch.set_num_threads(int(cfg["compute"]["threads"]))
-    store = Store(store_path)
+    configure_determinism(resolve_device(device))
+    cache = cache_dir_for_store(store_path)
+    for sub in ("data", "models", "tokenized"):
+        remove_stale_temporaries(cache / sub)
     name = cfg["run"]["name"] or f"{cfg['run']['preset']} {time.strftime('%Y-%m-%d %H:%M')}"
-    if resume_id is None:
+    fresh = resume_id is None
+    if fresh:
         run_id = store.create_run(name, "pipeline", cfg, data_path=cfg["data"]["path"] or None,
                                   model_path=cfg["model"]["path"] or None, device=device,
                                   tags=[cfg["run"]["preset"]])
     else:
         run_id = resume_id
         store.reopen_run(run_id)
+        name = store.get_run(run_id)["name"]
+    store.put_json(run_id, DETERMINISM_JSON, determinism_report(resolve_device(device)))
     rep = Reporter(store, run_id)
-    ctx = Context(cfg=cfg, store=store, run_id=run_id, rep=rep, cache=cache_dir_for_store(store_path), device=device)
+    ctx = Context(cfg=cfg, store=store, run_id=run_id, rep=rep, cache=cache, device=device, preflight=pre)
     rep.line(f"run {run_id} '{name}' in store {Path(store_path).resolve()} on {device}")
+    if device == "cuda":
+        rep.line("CUDA: deterministic algorithms requested; some kernels may still vary in the last bits "
+                 "(see the run's determinism record)", level="warning")
     t0 = time.monotonic()
     try:
         with store.track(run_id):
             _stages(ctx)
     except InputError:
+        rep.close()
+        if fresh:  # bad input found after recording: leave no half-written run behind
+            import shutil
+
+            store.delete_run(run_id)
+            shutil.rmtree(cache / "runs" / store.uid / str(run_id), ignore_errors=True)
         raise
     except KeyboardInterrupt:
         rep.close()
         print(f"run {run_id} interrupted; continue it with `gfattn pipeline --resume {run_id}`", file=sys.stderr)
         return 130
+    except DiskFullError as exc:
+        rep.close()
+        print(f"run {run_id} failed: {exc} (`gfattn pipeline --resume {run_id}`)", file=sys.stderr)
+        return 1
     except Exception as exc:
         rep.close()
+        from pipeline.io import is_disk_full
+
+        if is_disk_full(exc):
+            print(f"run {run_id} failed: out of disk space under {cache} ({exc}); free space and continue with "
+                  f"`gfattn pipeline --resume {run_id}`", file=sys.stderr)
+            return 1
         print(f"run {run_id} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         print(f"continue it with `gfattn pipeline --resume {run_id}` once fixed", file=sys.stderr)
         if os.environ.get("GFATTN_TRACEBACK"):
@@ -616,9 +738,7 @@ def run_pipeline(cfg: dict, store_path, *, resume_id: int | None = None, stdout=
 
 
 def resume_pipeline(ref: str, store_path) -> int:
-    from store import Store
-
-    store = Store(store_path)
+    store = open_store(store_path)
     try:
         run_id = store.resolve_run(ref)
     except Exception as exc:
@@ -630,4 +750,4 @@ def resume_pipeline(ref: str, store_path) -> int:
         raise InputError(f"run {ref} already completed; start a new run instead")
     if run["status"] == "running":
         raise InputError(f"run {ref} is still running (pid {run.get('pid')} on {run.get('host')})")
-    return run_pipeline(run["config"], store_path, resume_id=run_id)
+    return run_pipeline(run["config"], store_path, resume_id=run_id, store=store)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
 import tempfile
@@ -74,8 +75,13 @@ def disk_errors(path: os.PathLike | str) -> Iterator[None]:
 
 
 # ------------------------------------------------------------------------------------------ atomic files
+def _prefix(path: Path) -> str:
+    # the writer's pid in the name lets `remove_stale_temporaries` tell a dead writer's leftovers apart
+    return f".{path.name}.{os.getpid()}."
+
+
 def _unique_sibling(path: Path, suffix: str = ".tmp") -> Path:
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=_prefix(path), suffix=suffix, dir=path.parent)
     os.close(fd)
     return Path(name)
 
@@ -144,10 +150,20 @@ def _h5ad_size_estimate(adata) -> int | None:
 
 
 def _free_bytes(path: Path) -> int | None:
+    """Free bytes where `path` lives, or the process's file-size limit (RLIMIT_FSIZE) if smaller."""
     try:
-        return shutil.disk_usage(path).free
+        free = shutil.disk_usage(path).free
     except OSError:
-        return None
+        free = None
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY and limit >= 0:
+            free = limit if free is None else min(free, limit)
+    except (ImportError, OSError, ValueError):
+        pass
+    return free
 
 
 @contextlib.contextmanager
@@ -166,7 +182,7 @@ def staging_dir(out: os.PathLike | str, *, replace: bool = True) -> Iterator[Pat
         parent = parent.parent
     with disk_errors(out):
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=_prefix(out), suffix=".tmp", dir=out.parent))
     ok = False
     try:
         with disk_errors(out):
@@ -188,7 +204,7 @@ def publish_dir(tmp: Path, out: Path, *, replace: bool = True) -> None:
     if out.exists() and not replace:
         return  # another writer finished first; its copy is equivalent
     if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        old = Path(tempfile.mkdtemp(prefix=_prefix(out), suffix=".old", dir=out.parent))
         os.rmdir(old)
         try:
             os.rename(out, old)
@@ -211,19 +227,81 @@ def publish_dir(tmp: Path, out: Path, *, replace: bool = True) -> None:
 
 
 def remove_stale_temporaries(folder: os.PathLike | str) -> int:
-    """Remove `.NAME.*.tmp` siblings left by a killed writer (older than an hour); returns how many."""
-    import time
+    """Remove the temporary files and folders (`.NAME.PID.*.tmp*`) of writers on this host that are no
+    longer alive, e.g. killed mid-write or crashed on a full disk; returns how many were removed."""
+    import re
 
     folder = Path(folder)
     if not folder.is_dir():
         return 0
     n = 0
-    cutoff = time.time() - 3600
-    for p in folder.glob(".*.tmp*"):
+    pattern = re.compile(r"^\..+\.(\d+)\.[^.]+\.(tmp|old)")
+    for p in folder.glob(".*"):
+        m = pattern.match(p.name)
+        if not m or _pid_alive(int(m.group(1))):
+            continue
         try:
-            if p.stat().st_mtime < cutoff:
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-                n += 1
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+            n += 1
         except OSError:
             pass
     return n
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ------------------------------------------------------------------------------------------- manifests
+MANIFEST = "gfattn_manifest.json"
+
+
+def write_manifest(folder: os.PathLike | str) -> Path:
+    """Record the sha256 and size of every file in a cache folder (`gfattn_manifest.json`)."""
+    folder = Path(folder)
+    files = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            files[p.relative_to(folder).as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    return atomic_write_json(folder / MANIFEST, {"files": files})
+
+
+def verify_manifest(folder: os.PathLike | str, *, what: str = "cache") -> None:
+    """Check a cache folder against its manifest; a missing, changed or extra-missing file is an error
+    naming the folder (delete it to rebuild). A folder without a manifest (written by an older gfattn)
+    gets one now."""
+    from pipeline.errors import InputError
+
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        write_manifest(folder)
+        return
+    try:
+        files = json.loads(path.read_text())["files"]
+    except (ValueError, KeyError, OSError):
+        raise InputError(f"{what} {folder} has a damaged {MANIFEST}; delete the folder to rebuild it") from None
+    for rel, meta in files.items():
+        p = folder / rel
+        if not p.is_file() or p.stat().st_size != meta["bytes"] or sha256_file(p) != meta["sha256"]:
+            raise InputError(f"{what} {folder} does not match its manifest ({rel} is missing or changed); "
+                             "delete the folder to rebuild it")
+
+
+def sha256_file(path: os.PathLike | str) -> str:
+    """The sha256 hex digest of a file, read in 1 MiB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

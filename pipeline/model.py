@@ -173,11 +173,13 @@ def load_classifier(
     attn_implementation: str = "sdpa",
     max_len: int | None = None,
     data_source: str | None = None,
+    seed: int | None = None,
 ):
     """A `BertForSequenceClassification` from a local Geneformer/gfattn checkpoint, ready to fine-tune.
 
     A masked-LM checkpoint gets a new, randomly initialised head (`bert.pooler` and `classifier`) drawn
-    from torch's RNG, so seed torch first for a reproducible head. A fine-tuned classifier keeps its head
+    from torch's RNG: with `seed`, every generator is seeded right before (`pipeline.compute`), so the head
+    is the same in every process whatever ran before it; without, the caller's RNG state decides. A fine-tuned classifier keeps its head
     when its number of labels equals `num_labels`; otherwise its classifier layer is re-initialised for
     the new labels (with a warning), because continuing from a fine-tuned encoder on a new task is
     legitimate while its old head is meaningless for the new labels.
@@ -210,6 +212,10 @@ def load_classifier(
         # id2label of an old head would disagree with the new number of labels.
         kwargs["id2label"] = {i: f"LABEL_{i}" for i in range(int(num_labels))}
         kwargs["label2id"] = {f"LABEL_{i}": i for i in range(int(num_labels))}
+    if seed is not None:
+        from pipeline.compute import seed_everything
+
+        seed_everything(seed)
     with _quiet_transformers():
         model = BertForSequenceClassification.from_pretrained(
             str(model_dir),

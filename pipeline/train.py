@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,10 +36,16 @@ import numpy as np
 
 from pipeline import distributed
 from pipeline.batching import length_grouped_batches, pad_batch
+from pipeline.compute import (  # noqa: F401  (resolve_device, seed_everything: re-exported for callers)
+    DEVICE_CHOICES,
+    configure_determinism,
+    fault_point,
+    resolve_device,
+    seed_everything,
+)
 from pipeline.errors import InputError
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
 BEST_METRICS = ("macro_f1", "accuracy", "loss")
 STAGE = "finetune"
 
@@ -106,28 +111,6 @@ class FinetuneResult:
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def seed_everything(seed: int) -> None:
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
-
-
-def resolve_device(name: str = "auto", local_rank: int = 0):
-    import torch
-
-    if name not in DEVICE_CHOICES:
-        raise InputError(f"device must be one of {', '.join(DEVICE_CHOICES)}, got {name!r}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("device cuda was asked for but torch sees no CUDA GPU; use --device cpu or auto")
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
-    return torch.device("cpu")
-
-
 def autocast_dtype(amp: str, device):
     """The autocast dtype for `amp` on `device` (None: no autocast). Autocast is used on CUDA only."""
     import torch
@@ -386,7 +369,86 @@ def finetune(
     the ones next to the checkpoint it was loaded from) and `gfattn_finetune.json`. `progress` is called
     on rank 0 after every logged step as `progress(step, total_steps, throughput=steps_per_s, eta_s=...,
     message="epoch E, loss L, lr X, N cells/s")`.
+
+    The work runs in four steps: `plan_finetuning` (cells, optimiser, schedule, seeds), the frozen
+    feature cache (`encode_frozen_features`), one `run_epoch` + `validate_epoch` per epoch, and
+    `finish_finetuning` (best weights, test metrics, records, the saved checkpoint).
     """
+    plan = plan_finetuning(model, train_ds, val_ds, test_ds, label_names=label_names, mode=mode, config=config,
+                           store=store, run_id=run_id)
+    encode_frozen_features(plan)
+    state = _TrainState(plan)
+    for epoch in range(1, plan.config.epochs + 1):
+        entry = run_epoch(plan, state, epoch, progress)
+        validate_epoch(plan, state, epoch, entry)
+        record_epoch(plan, entry)
+        state.history.append(entry)
+    return finish_finetuning(plan, state, out_dir=out_dir, dicts=dicts)
+
+
+@dataclass
+class FinetunePlan:
+    """Everything one fine-tuning decides before its first step (`plan_finetuning`)."""
+
+    model: Any
+    config: TrainConfig
+    mode: str
+    kind: str
+    label_names: list[str]
+    train: _Cells
+    val: _Cells | None
+    test: _Cells | None
+    device: Any
+    rank: int
+    world: int
+    record: bool
+    store: Any
+    run_id: int | None
+    params: list
+    trainable: list
+    amp_dtype: Any
+    eval_bs: int
+    pad_id: int
+    cached: bool
+    cell_weight: np.ndarray
+    class_weight: Any  # tensor on device
+    global_bs: int
+    total_steps: int
+    optimizer: Any
+    scheduler: Any
+    scaler: Any
+    ddp: Any = None
+    features: dict = field(default_factory=dict)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def forward_model(self):
+        return self.ddp or self.model
+
+
+class _TrainState:
+    """What changes while training: the step, the loss windows, the best epoch so far, the history."""
+
+    def __init__(self, plan: FinetunePlan):
+        import torch
+
+        self.history: list[dict] = []
+        self.best = {"epoch": 0, "score": None, "state": None, "val": {}}
+        self.last_val: dict = {}
+        self.step = 0
+        self.cells_seen = 0
+        self.t0 = time.perf_counter()
+        self.last_progress = 0.0
+        self.window_loss = torch.zeros((), dtype=torch.float64, device=plan.device)
+        self.window_steps = 0
+
+
+def plan_finetuning(model, train_ds, val_ds, test_ds, *, label_names: Sequence[str], mode: str = "frozen",
+                    config: TrainConfig | None = None, store=None, run_id: int | None = None) -> FinetunePlan:
+    """Check the inputs, set the training mode, seed, and build the optimiser and schedule."""
     import torch
 
     from pipeline.model import apply_training_mode, parse_mode
@@ -404,10 +466,10 @@ def finetune(
     kind, _ = parse_mode(mode, len(model.bert.encoder.layer))
 
     device = resolve_device(config.device, distributed.env_local_rank())
+    configure_determinism(device)
     distributed.init_from_env(device)
     rank, world = distributed.rank(), distributed.world_size()
-    main = rank == 0
-    record = store is not None and run_id is not None and main
+    record = store is not None and run_id is not None and rank == 0
     seed_everything(config.seed)
 
     max_positions = int(model.config.max_position_embeddings)
@@ -428,7 +490,6 @@ def finetune(
     # Ranks may have drawn different random heads; every rank starts from rank 0's.
     distributed.broadcast_parameters(params)
     amp_dtype = autocast_dtype(config.amp, device)
-    eval_bs = config.eval_batch_size or 2 * config.batch_size
     cached = kind == "frozen" and config.cache_frozen_features
 
     # Class weights and the loss normaliser (total weight of the global batch).
@@ -437,15 +498,12 @@ def finetune(
         cw = np.where(counts > 0, len(train) / (n_labels * np.maximum(counts, 1)), 0.0)
     else:
         cw = np.ones(n_labels)
-    cell_weight = cw[train.labels]
-    cw_t = torch.as_tensor(cw, dtype=torch.float32, device=device)
 
     # One plan for every rank: global batches of batch_size x grad_accum x world cells, each split into
     # micro-batches. With cached frozen features every rank runs all micro-batches (the head is tiny),
     # so the ranks stay identical without gradient communication.
     global_bs = config.batch_size * config.grad_accum * world
-    steps_per_epoch = math.ceil(len(train) / global_bs)
-    total_steps = steps_per_epoch * config.epochs
+    total_steps = math.ceil(len(train) / global_bs) * config.epochs
     warmup = config.warmup_steps if config.warmup_steps is not None else math.ceil(config.warmup_ratio * total_steps)
     lr = config.head_lr if (kind == "frozen" and config.head_lr) else config.lr
     optimizer = torch.optim.AdamW(decay_parameter_groups(model.named_parameters(), config.weight_decay, lr),
@@ -453,187 +511,218 @@ def finetune(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay(warmup, total_steps))
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
-    if record:
-        store.log_event(run_id, f"fine-tuning {mode}: {len(train)} training cells, {total_steps} steps "
-                                f"on {world} x {device.type}", stage=STAGE)
-        store.set_progress(run_id, STAGE, 0, total_steps, unit="steps")
-
-    features = {}
-    if cached:
-        t_enc = time.perf_counter()
-        n_enc = sum(len(c) for c in (train, val, test) if c is not None)
-        done_enc = [0]
-        last = [0.0]
-
-        def on_batch(n):
-            done_enc[0] += n * world
-            now = time.perf_counter()
-            if record and now - last[0] > 1.0:
-                last[0] = now
-                rate = done_enc[0] / max(now - t_enc, 1e-9)
-                store.set_progress(run_id, STAGE, min(done_enc[0], n_enc), n_enc, unit="cells encoded",
-                                   throughput=rate, eta_s=(n_enc - done_enc[0]) / max(rate, 1e-9))
-
-        for cells in (train, val, test):
-            if cells is not None:
-                features[cells.name] = _encode_first_token(model, cells, device, amp_dtype, eval_bs, pad_id,
-                                                           config.num_workers, on_batch)
-        if record:
-            store.log_event(run_id, f"frozen encoder: {n_enc} cells encoded once in "
-                                    f"{time.perf_counter() - t_enc:.1f} s; training the head", stage=STAGE)
-
     ddp = None
     if world > 1 and not cached:
         from torch.nn.parallel import DistributedDataParallel
 
         ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    forward_model = ddp or model
+    plan = FinetunePlan(
+        model=model, config=config, mode=mode, kind=kind, label_names=label_names, train=train, val=val, test=test,
+        device=device, rank=rank, world=world, record=record, store=store, run_id=run_id, params=params,
+        trainable=trainable, amp_dtype=amp_dtype, eval_bs=config.eval_batch_size or 2 * config.batch_size,
+        pad_id=pad_id, cached=cached, cell_weight=cw[train.labels],
+        class_weight=torch.as_tensor(cw, dtype=torch.float32, device=device), global_bs=global_bs,
+        total_steps=total_steps, optimizer=optimizer, scheduler=scheduler, scaler=scaler, ddp=ddp,
+    )
+    if record:
+        store.log_event(run_id, f"fine-tuning {mode}: {len(train)} training cells, {total_steps} steps "
+                                f"on {world} x {device.type}", stage=STAGE)
+        store.set_progress(run_id, STAGE, 0, total_steps, unit="steps")
+    return plan
 
-    history: list[dict] = []
-    best = {"epoch": 0, "score": None, "state": None, "val": {}}
-    last_val: dict = {}
-    step = 0
-    cells_seen = 0
-    t0 = time.perf_counter()
-    last_progress = 0.0
-    window_loss = torch.zeros((), dtype=torch.float64, device=device)
-    window_steps = 0
 
-    for epoch in range(1, config.epochs + 1):
-        model.train()
-        epoch_loss = torch.zeros((), dtype=torch.float64, device=device)
-        t_epoch = time.perf_counter()
-        plan = length_grouped_batches(train.lengths, global_bs, shuffle=True, seed=config.seed * 1000 + epoch)
-        for gbatch in plan:
-            w_total = float(cell_weight[gbatch].sum()) or 1.0
-            parts = np.array_split(gbatch, world * config.grad_accum)
-            if cached:
-                mine = [part for part in parts if len(part)]
-            else:
-                mine = parts[rank * config.grad_accum:(rank + 1) * config.grad_accum]
-            lr_now = scheduler.get_last_lr()[0]
-            step_loss = torch.zeros((), dtype=torch.float64, device=device)
-            for a, part in enumerate(mine):
-                # DDP averages gradients over ranks; scaling by world makes the result the global sum.
-                scale = 1.0 if cached else float(world)
-                if len(part) == 0:
-                    # Every rank must take part in each gradient reduction: run one cell with zero weight.
-                    part, scale = gbatch[:1], 0.0
-                labels = torch.as_tensor(train.labels[part], device=device)
-                sync = ddp is None or a == len(mine) - 1
-                ctx = forward_model.no_sync() if (ddp is not None and not sync) else _nullcontext()
-                with ctx:
-                    with _autocast(device, amp_dtype):
-                        if cached:
-                            logits = _head_logits(model, features["training"][torch.as_tensor(part, device=device)])
-                        else:
-                            ids, mask = pad_batch([train.ids[j] for j in part], pad_token_id=pad_id)
-                            logits = forward_model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-                    ce = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
-                    part_loss = (ce * cw_t[labels]).sum() / w_total
-                    loss = part_loss * scale
-                    (scaler.scale(loss) if scaler else loss).backward()
-                step_loss += part_loss.detach().double() * (1.0 if scale else 0.0)
-            if scaler:
-                scaler.unscale_(optimizer)
-            if config.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            step += 1
-            cells_seen += len(gbatch)
-            window_loss += step_loss
-            epoch_loss += step_loss
-            window_steps += 1
-            if step % config.log_every == 0 or step == total_steps:
-                if not cached:
-                    distributed.all_reduce_sum(window_loss)
-                loss_value = float(window_loss) / window_steps
-                window_loss.zero_()
-                window_steps = 0
-                elapsed = time.perf_counter() - t0
-                rate = cells_seen / max(elapsed, 1e-9)
-                eta = (total_steps - step) * elapsed / step
-                if record:
-                    store.log_metrics(run_id, [
-                        {"name": "loss", "value": loss_value, "step": step, "epoch": epoch, "split": "train"},
-                        {"name": "lr", "value": lr_now, "step": step, "epoch": epoch, "split": "train"},
-                    ])
-                if main and progress:
-                    progress(step, total_steps, throughput=step / max(elapsed, 1e-9), eta_s=eta,
-                             message=f"epoch {epoch}, loss {loss_value:.4f}, lr {lr_now:.2e}, {rate:.0f} cells/s")
-            now = time.perf_counter()
-            if record and (now - last_progress > 1.0 or step == total_steps):
-                last_progress = now
-                elapsed = now - t0
-                store.set_progress(run_id, STAGE, step, total_steps, unit="steps",
-                                   throughput=cells_seen / max(elapsed, 1e-9),
-                                   eta_s=(total_steps - step) * elapsed / step)
+def encode_frozen_features(plan: FinetunePlan) -> None:
+    """Frozen mode: the encoder's first-position output of every cell, computed once (eval mode)."""
+    if not plan.cached:
+        return
+    store, run_id = plan.store, plan.run_id
+    t_enc = time.perf_counter()
+    n_enc = sum(len(c) for c in (plan.train, plan.val, plan.test) if c is not None)
+    done_enc = [0]
+    last = [0.0]
 
-        if not cached:
-            distributed.all_reduce_sum(epoch_loss)
-        seconds = time.perf_counter() - t_epoch
-        entry = {"epoch": epoch, "step": step, "train_loss": float(epoch_loss) / max(1, len(plan)),
-                 "lr": scheduler.get_last_lr()[0], "seconds": seconds, "cells_per_s": len(train) / max(seconds, 1e-9)}
-        if val is not None and (config.eval_every_epoch or epoch == config.epochs):
-            logits = predict_logits(model, val, device, amp_dtype, eval_bs, pad_id, config.num_workers,
-                                    features=features.get("validation"))
-            vm, _ = classification_metrics(val.labels, logits.argmax(axis=1), label_names, logits)
-            last_val = vm
-            entry.update({"val_loss": vm["loss"], "val_accuracy": vm["accuracy"], "val_macro_f1": vm["macro_f1"]})
-            if record:
-                store.log_metrics(run_id, [
-                    {"name": name, "value": vm[name], "step": step, "epoch": epoch, "split": "validation"}
-                    for name in ("accuracy", "macro_f1", "loss")
-                ])
-            score = -vm["loss"] if config.best_metric == "loss" else vm[config.best_metric]
-            if best["score"] is None or score > best["score"] or (
-                score == best["score"] and vm["loss"] < best["val"].get("loss", math.inf)
-            ):
-                best.update(epoch=epoch, score=score, val=vm)
-                if config.keep_best and epoch < config.epochs:
-                    best["state"] = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()
-                                     if p.requires_grad}
-                else:
-                    best["state"] = None  # the current weights are the best
-        if record:
-            store.log_metrics(run_id, [{"name": "cells_per_s", "value": entry["cells_per_s"], "step": step,
-                                        "epoch": epoch, "split": "train"}])
-            msg = f"epoch {epoch}/{config.epochs}: train loss {entry['train_loss']:.4f}"
-            if "val_accuracy" in entry:
-                msg += f", validation accuracy {entry['val_accuracy']:.3f}, macro-F1 {entry['val_macro_f1']:.3f}"
-            store.log_event(run_id, msg, stage=STAGE)
-        history.append(entry)
+    def on_batch(n):
+        done_enc[0] += n * plan.world
+        now = time.perf_counter()
+        if plan.record and now - last[0] > 1.0:
+            last[0] = now
+            rate = done_enc[0] / max(now - t_enc, 1e-9)
+            store.set_progress(run_id, STAGE, min(done_enc[0], n_enc), n_enc, unit="cells encoded",
+                               throughput=rate, eta_s=(n_enc - done_enc[0]) / max(rate, 1e-9))
 
+    for cells in (plan.train, plan.val, plan.test):
+        if cells is not None:
+            plan.features[cells.name] = _encode_first_token(plan.model, cells, plan.device, plan.amp_dtype,
+                                                            plan.eval_bs, plan.pad_id, plan.config.num_workers,
+                                                            on_batch)
+    if plan.record:
+        store.log_event(run_id, f"frozen encoder: {n_enc} cells encoded once in "
+                                f"{time.perf_counter() - t_enc:.1f} s; training the head", stage=STAGE)
+
+
+def run_epoch(plan: FinetunePlan, state: _TrainState, epoch: int, progress=None) -> dict:
+    """One pass over the training cells in the epoch's seeded length-grouped order; returns its history entry."""
+    import torch
+
+    config, train, device, world = plan.config, plan.train, plan.device, plan.world
+    model, ddp, optimizer, scheduler, scaler = plan.model, plan.ddp, plan.optimizer, plan.scheduler, plan.scaler
+    model.train()
+    epoch_loss = torch.zeros((), dtype=torch.float64, device=device)
+    t_epoch = time.perf_counter()
+    order = length_grouped_batches(train.lengths, plan.global_bs, shuffle=True, seed=config.seed * 1000 + epoch)
+    for gbatch in order:
+        w_total = float(plan.cell_weight[gbatch].sum()) or 1.0
+        parts = np.array_split(gbatch, world * config.grad_accum)
+        if plan.cached:
+            mine = [part for part in parts if len(part)]
+        else:
+            mine = parts[plan.rank * config.grad_accum:(plan.rank + 1) * config.grad_accum]
+        lr_now = scheduler.get_last_lr()[0]
+        step_loss = torch.zeros((), dtype=torch.float64, device=device)
+        for a, part in enumerate(mine):
+            # DDP averages gradients over ranks; scaling by world makes the result the global sum.
+            scale = 1.0 if plan.cached else float(world)
+            if len(part) == 0:
+                # Every rank must take part in each gradient reduction: run one cell with zero weight.
+                part, scale = gbatch[:1], 0.0
+            labels = torch.as_tensor(train.labels[part], device=device)
+            sync = ddp is None or a == len(mine) - 1
+            ctx = plan.forward_model.no_sync() if (ddp is not None and not sync) else _nullcontext()
+            with ctx:
+                with _autocast(device, plan.amp_dtype):
+                    if plan.cached:
+                        logits = _head_logits(model, plan.features["training"][torch.as_tensor(part, device=device)])
+                    else:
+                        ids, mask = pad_batch([train.ids[j] for j in part], pad_token_id=plan.pad_id)
+                        logits = plan.forward_model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+                ce = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
+                part_loss = (ce * plan.class_weight[labels]).sum() / w_total
+                loss = part_loss * scale
+                (scaler.scale(loss) if scaler else loss).backward()
+            step_loss += part_loss.detach().double() * (1.0 if scale else 0.0)
+        if scaler:
+            scaler.unscale_(optimizer)
+        if config.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(plan.params, config.max_grad_norm)
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        state.step += 1
+        state.cells_seen += len(gbatch)
+        state.window_loss += step_loss
+        epoch_loss += step_loss
+        state.window_steps += 1
+        _after_step(plan, state, epoch, lr_now, progress)
+        fault_point("finetune-step", f"{plan.mode}:{state.step}")
+
+    if not plan.cached:
+        distributed.all_reduce_sum(epoch_loss)
+    seconds = time.perf_counter() - t_epoch
+    return {"epoch": epoch, "step": state.step, "train_loss": float(epoch_loss) / max(1, len(order)),
+            "lr": scheduler.get_last_lr()[0], "seconds": seconds, "cells_per_s": len(train) / max(seconds, 1e-9)}
+
+
+def _after_step(plan: FinetunePlan, state: _TrainState, epoch: int, lr_now: float, progress) -> None:
+    """Train-loss and learning-rate records every `log_every` steps; store progress at most once a second."""
+    step, total = state.step, plan.total_steps
+    store, run_id = plan.store, plan.run_id
+    if step % plan.config.log_every == 0 or step == total:
+        if not plan.cached:
+            distributed.all_reduce_sum(state.window_loss)
+        loss_value = float(state.window_loss) / state.window_steps
+        state.window_loss.zero_()
+        state.window_steps = 0
+        elapsed = time.perf_counter() - state.t0
+        rate = state.cells_seen / max(elapsed, 1e-9)
+        if plan.record:
+            store.log_metrics(run_id, [
+                {"name": "loss", "value": loss_value, "step": step, "epoch": epoch, "split": "train"},
+                {"name": "lr", "value": lr_now, "step": step, "epoch": epoch, "split": "train"},
+            ])
+        if plan.main and progress:
+            progress(step, total, throughput=step / max(elapsed, 1e-9), eta_s=(total - step) * elapsed / step,
+                     message=f"epoch {epoch}, loss {loss_value:.4f}, lr {lr_now:.2e}, {rate:.0f} cells/s")
+    now = time.perf_counter()
+    if plan.record and (now - state.last_progress > 1.0 or step == total):
+        state.last_progress = now
+        elapsed = now - state.t0
+        store.set_progress(run_id, STAGE, step, total, unit="steps", throughput=state.cells_seen / max(elapsed, 1e-9),
+                           eta_s=(total - step) * elapsed / step)
+
+
+def validate_epoch(plan: FinetunePlan, state: _TrainState, epoch: int, entry: dict) -> None:
+    """Validation metrics of this epoch; keeps the best epoch's trainable weights (`config.best_metric`)."""
+    config = plan.config
+    if plan.val is None or not (config.eval_every_epoch or epoch == config.epochs):
+        return
+    logits = predict_logits(plan.model, plan.val, plan.device, plan.amp_dtype, plan.eval_bs, plan.pad_id,
+                            config.num_workers, features=plan.features.get("validation"))
+    vm, _ = classification_metrics(plan.val.labels, logits.argmax(axis=1), plan.label_names, logits)
+    state.last_val = vm
+    entry.update({"val_loss": vm["loss"], "val_accuracy": vm["accuracy"], "val_macro_f1": vm["macro_f1"]})
+    if plan.record:
+        plan.store.log_metrics(plan.run_id, [
+            {"name": name, "value": vm[name], "step": state.step, "epoch": epoch, "split": "validation"}
+            for name in ("accuracy", "macro_f1", "loss")
+        ])
+    best = state.best
+    score = -vm["loss"] if config.best_metric == "loss" else vm[config.best_metric]
+    if best["score"] is None or score > best["score"] or (
+        score == best["score"] and vm["loss"] < best["val"].get("loss", math.inf)
+    ):
+        best.update(epoch=epoch, score=score, val=vm)
+        if config.keep_best and epoch < config.epochs:
+            best["state"] = {n: p.detach().to("cpu", copy=True) for n, p in plan.model.named_parameters()
+                             if p.requires_grad}
+        else:
+            best["state"] = None  # the current weights are the best
+
+
+def record_epoch(plan: FinetunePlan, entry: dict) -> None:
+    if not plan.record:
+        return
+    plan.store.log_metrics(plan.run_id, [{"name": "cells_per_s", "value": entry["cells_per_s"], "step": entry["step"],
+                                          "epoch": entry["epoch"], "split": "train"}])
+    msg = f"epoch {entry['epoch']}/{plan.config.epochs}: train loss {entry['train_loss']:.4f}"
+    if "val_accuracy" in entry:
+        msg += f", validation accuracy {entry['val_accuracy']:.3f}, macro-F1 {entry['val_macro_f1']:.3f}"
+    plan.store.log_event(plan.run_id, msg, stage=STAGE)
+
+
+def finish_finetuning(plan: FinetunePlan, state: _TrainState, *, out_dir=None, dicts=None) -> FinetuneResult:
+    """Restore the best epoch's weights, evaluate on the test cells, record, and save the checkpoint."""
+    import torch
+
+    config, model, label_names = plan.config, plan.model, plan.label_names
     # Restore the best epoch's weights (only trainable parameters ever change).
-    best_epoch, val_metrics = config.epochs, last_val
-    if val is not None and config.keep_best and best["epoch"]:
-        best_epoch, val_metrics = best["epoch"], best["val"]
-        if best["state"] is not None:
+    best_epoch, val_metrics = config.epochs, state.last_val
+    if plan.val is not None and config.keep_best and state.best["epoch"]:
+        best_epoch, val_metrics = state.best["epoch"], state.best["val"]
+        if state.best["state"] is not None:
             with torch.no_grad():
                 named = dict(model.named_parameters())
-                for n, value in best["state"].items():
+                for n, value in state.best["state"].items():
                     named[n].copy_(value.to(named[n].device))
-    if cached and world > 1:
+    if plan.cached and plan.world > 1:
         # Every rank trained the same head on the same features; make them bit-identical.
-        distributed.broadcast_parameters(params)
+        distributed.broadcast_parameters(plan.params)
 
     test_metrics, confusion, preds, probs = {}, None, None, None
-    if test is not None and len(test):
-        logits = predict_logits(model, test, device, amp_dtype, eval_bs, pad_id, config.num_workers,
-                                features=features.get("test"))
+    if plan.test is not None and len(plan.test):
+        logits = predict_logits(model, plan.test, plan.device, plan.amp_dtype, plan.eval_bs, plan.pad_id,
+                                config.num_workers, features=plan.features.get("test"))
         preds = logits.argmax(axis=1)
         probs = softmax(logits)
-        test_metrics, confusion = classification_metrics(test.labels, preds, label_names, logits)
-        if record:
+        test_metrics, confusion = classification_metrics(plan.test.labels, preds, label_names, logits)
+        if plan.record:
+            store, run_id = plan.store, plan.run_id
             names = ["accuracy", "macro_f1", "loss"] + [f"{m}/{lab}" for lab in label_names
                                                         for m in ("precision", "recall", "f1")]
-            store.log_metrics(run_id, [{"name": n, "value": test_metrics[n], "step": step, "epoch": best_epoch,
+            store.log_metrics(run_id, [{"name": n, "value": test_metrics[n], "step": state.step, "epoch": best_epoch,
                                         "split": "test"} for n in names])
             store.put_confusion(run_id, label_names, confusion, split="test")
             store.log_event(run_id, f"test accuracy {test_metrics['accuracy']:.3f}, macro-F1 "
@@ -643,18 +732,18 @@ def finetune(
     model.config.id2label = {i: name for i, name in enumerate(label_names)}
     model.config.label2id = {name: i for i, name in enumerate(label_names)}
     if out_dir is not None:
-        if main:
+        if plan.main:
             save_finetuned(model, out_dir, dicts=dicts, summary={
-                "mode": mode, "label_names": label_names, "best_epoch": best_epoch, "val_metrics": val_metrics,
+                "mode": plan.mode, "label_names": label_names, "best_epoch": best_epoch, "val_metrics": val_metrics,
                 "test_metrics": test_metrics, "confusion": None if confusion is None else confusion.tolist(),
-                "history": history, "config": asdict(config), "trainable_parameters": len(trainable),
-                "world_size": world,
+                "history": state.history, "config": asdict(config), "trainable_parameters": len(plan.trainable),
+                "world_size": plan.world,
             })
         distributed.barrier()
     return FinetuneResult(
         model=model, best_epoch=best_epoch, val_metrics=val_metrics, test_metrics=test_metrics,
-        confusion=confusion, test_predictions=preds, history=history, test_probabilities=probs,
-        label_names=label_names, mode=mode, out_dir=None if out_dir is None else str(out_dir),
+        confusion=confusion, test_predictions=preds, history=state.history, test_probabilities=probs,
+        label_names=label_names, mode=plan.mode, out_dir=None if out_dir is None else str(out_dir),
     )
 
 
@@ -666,63 +755,53 @@ def _nullcontext():
 
 def save_finetuned(model, out_dir, *, dicts=None, summary: dict | None = None) -> Path:
     """`save_pretrained` + the gene dictionaries + `gfattn_finetune.json`, so the directory is a checkpoint
-    every later step (attention analysis, another fine-tuning) loads like any other."""
-    from pipeline.model import _quiet_transformers
+    every later step (attention analysis, another fine-tuning) loads like any other.
+
+    The directory appears complete or not at all (`pipeline.io.staging_dir`); the summary records the
+    sha256 of the weights file (`weights_sha256`), which `verify_checkpoint` checks on reuse."""
+    from pipeline.io import atomic_write_json, sha256_file, staging_dir
+    from pipeline.model import _quiet_transformers, weight_file
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with _quiet_transformers():
-        model.save_pretrained(str(out))
     if dicts is None:
         source = str(getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "") or "")
         if source and Path(source).is_dir() and Path(source).resolve() != out.resolve():
             from pipeline.model import model_dictionaries
 
             dicts = model_dictionaries(source)
-    if dicts is not None:
-        dicts.save(out)
-    if summary is not None:
-        (out / "gfattn_finetune.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+    with staging_dir(out) as tmp:
+        with _quiet_transformers():
+            model.save_pretrained(str(tmp))
+        fault_point("save", out.name)
+        if dicts is not None:
+            dicts.save(tmp)
+        if summary is not None:
+            summary = dict(summary, weights_sha256=sha256_file(weight_file(tmp)))
+            atomic_write_json(tmp / "gfattn_finetune.json", summary, indent=2)
     return out
 
 
-def _json_default(obj):
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating,)):
-        return float(obj)
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    return str(obj)
+def verify_checkpoint(out_dir, expected_sha256: str | None = None) -> str:
+    """The sha256 of a fine-tuned checkpoint's weights, checked against `expected_sha256` (or, when None,
+    against the hash its `gfattn_finetune.json` recorded); a mismatch is an `InputError`."""
+    from pipeline.io import sha256_file
+    from pipeline.model import weight_file
 
-
-def stratified_split(labels, fractions=(0.7, 0.15, 0.15), seed: int = 0) -> list[np.ndarray]:
-    """Indices of train/validation/test splits with each label's proportion kept (seeded).
-
-    Each label's cells are shuffled and cut by the fractions (rounded, at least one cell in validation
-    and test when a label has three or more cells).
-    """
-    labels = np.asarray(labels)
-    if not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
-        raise InputError(f"split fractions must sum to 1, got {fractions}")
-    rng = np.random.default_rng(seed)
-    out = [[] for _ in fractions]
-    for value in np.unique(labels):
-        idx = np.flatnonzero(labels == value)
-        idx = idx[rng.permutation(len(idx))]
-        n = len(idx)
-        sizes = [int(round(f * n)) for f in fractions[1:]]
-        if n >= len(fractions):
-            sizes = [max(1, s) for s in sizes]
-        sizes = [min(s, n) for s in sizes]
-        n_first = n - sum(sizes)
-        while n_first < 1 and any(sizes):
-            j = int(np.argmax(sizes))
-            sizes[j] -= 1
-            n_first += 1
-        bounds = np.cumsum([n_first] + sizes)
-        start = 0
-        for k, end in enumerate(bounds):
-            out[k].extend(idx[start:end].tolist())
-            start = end
-    return [np.sort(np.asarray(x, dtype=np.int64)) for x in out]
+    out = Path(out_dir)
+    weights = weight_file(out) if out.is_dir() else None
+    if weights is None:
+        raise InputError(f"fine-tuned model {out} is missing (no config.json and weights); it cannot be reused")
+    actual = sha256_file(weights)
+    if expected_sha256 is None:
+        meta = out / "gfattn_finetune.json"
+        if meta.is_file():
+            try:
+                expected_sha256 = json.loads(meta.read_text()).get("weights_sha256")
+            except ValueError:
+                raise InputError(f"{meta} is not valid JSON; the checkpoint {out} is damaged") from None
+    if expected_sha256 and actual != expected_sha256:
+        raise InputError(
+            f"fine-tuned model {out} has weights sha256 {actual[:12]}... but {expected_sha256[:12]}... was recorded;"
+            " it was overwritten or belongs to another run: do not reuse it (start a new run)"
+        )
+    return actual

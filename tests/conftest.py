@@ -30,3 +30,16 @@ def geneformer_dir(shared):
     if not (path / "token_dictionary_gc104M.pkl").exists():
         pytest.skip(f"no Geneformer dictionaries under {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def quick_run(tmp_path_factory):
+    """One `gfattn pipeline --quick` per test session, shared by every test that reads a complete run
+    (the end-to-end checks, reproducibility, checkpoint ownership): (store path, CompletedProcess)."""
+    from _helpers_cli import gfattn
+
+    root = tmp_path_factory.mktemp("quick")
+    db = root / "gfattn.db"
+    out = gfattn("pipeline", "--quick", "--store", str(db), "--name", "e2e")
+    assert out.returncode == 0, out.stderr[-3000:]
+    return db, out

@@ -12,15 +12,6 @@ P53_UP = {"CDKN1A", "MDM2", "TP53I3", "SPATA18", "PHLDA3", "FDXR", "GDF15", "RRM
           "TNFRSF10B", "AEN", "TIGAR", "FAS", "BTG2", "PLK3", "BAX", "XPC", "BBC3", "PMAIP1"}
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("quick")
-    db = root / "gfattn.db"
-    out = gfattn("pipeline", "--quick", "--store", str(db), "--name", "e2e")
-    assert out.returncode == 0, out.stderr[-3000:]
-    return db, out
-
-
 @pytest.mark.slow
 def test_quick_run_completes_every_stage(quick_run):
     db, out = quick_run

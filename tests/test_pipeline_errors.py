@@ -23,11 +23,12 @@ def assert_bad_input(out, *needles):
 
 
 def assert_no_running_runs(db: Path):
+    """Bad input is found before a run is recorded: the store holds no run at all."""
     if not db.exists():
         return
     from store import Store
 
-    assert all(r["status"] != "running" for r in Store(db).list_runs())
+    assert Store(db).list_runs() == []
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +154,88 @@ def test_print_config_round_trips(tmp_path):
 def test_data_without_model_is_refused(tmp_path, small_h5ad):
     out = gfattn("pipeline", "--data", str(small_h5ad), "--store", str(tmp_path / "s.db"))
     assert_bad_input(out, "needs --model")
+
+
+def _write_variant(src: Path, dst: Path, edit) -> Path:
+    import anndata as ad
+
+    adata = ad.read_h5ad(src)
+    edit(adata)
+    adata.write_h5ad(dst)
+    return dst
+
+
+def test_data_directory_is_called_a_directory(tmp_path):
+    db = tmp_path / "s.db"
+    out = gfattn("pipeline", "--data", str(tmp_path), "--model", str(tmp_path), "--store", str(db))
+    assert_bad_input(out, str(tmp_path), "is a directory")
+    assert_no_running_runs(db)
+
+
+def test_model_that_is_not_bert(tmp_path, small_h5ad):
+    d = tmp_path / "gpt"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    (d / "model.safetensors").write_bytes(b"\0")
+    db = tmp_path / "s.db"
+    out = gfattn("pipeline", "--data", str(small_h5ad), "--model", str(d), "--store", str(db))
+    assert_bad_input(out, "gpt2", "BERT")
+    assert "Traceback" not in out.stderr
+    assert_no_running_runs(db)
+
+
+def test_duplicated_obs_index_is_refused_before_recording(tmp_path, small_h5ad, tiny_model, geneformer_dir):
+    def dup(adata):
+        names = adata.obs_names.to_numpy().copy()
+        names[1] = names[0]
+        adata.obs_names = names
+
+    path = _write_variant(small_h5ad, tmp_path / "dup.h5ad", dup)
+    db = tmp_path / "s.db"
+    out = gfattn("pipeline", "--data", str(path), "--model", str(tiny_model), "--geneformer-dir", str(geneformer_dir),
+                 "--store", str(db))
+    assert_bad_input(out, "duplicated cell IDs", "obs_names_make_unique")
+    assert_no_running_runs(db)
+
+
+def test_all_zero_counts_are_refused_and_leave_no_cache(tmp_path, small_h5ad, tiny_model, geneformer_dir):
+    def zero(adata):
+        adata.X = adata.X * 0
+
+    path = _write_variant(small_h5ad, tmp_path / "zero.h5ad", zero)
+    db = tmp_path / "s.db"
+    out = gfattn("pipeline", "--data", str(path), "--model", str(tiny_model), "--geneformer-dir", str(geneformer_dir),
+                 "--store", str(db))
+    assert_bad_input(out, "zero counts")
+    assert "Traceback" not in out.stderr
+    assert_no_running_runs(db)
+    assert not (tmp_path / ".gfattn-cache" / "tokenized").exists()
+
+
+@pytest.mark.parametrize("value,needle", [(0.5, "non-integer"), (-1.0, "negative"), (float("nan"), "non-integer")])
+def test_bad_counts_are_refused_before_recording(tmp_path, small_h5ad, tiny_model, geneformer_dir, value, needle):
+    def spoil(adata):
+        x = adata.X.astype(np.float32).tocsr()
+        # a selected (Nutlin or vehicle) cell far into the matrix, past the first checked values
+        x.data[len(x.data) // 2] = value
+        adata.X = x
+
+    path = _write_variant(small_h5ad, tmp_path / "bad.h5ad", spoil)
+    db = tmp_path / "s.db"
+    out = gfattn("pipeline", "--data", str(path), "--model", str(tiny_model), "--geneformer-dir", str(geneformer_dir),
+                 "--store", str(db))
+    assert_bad_input(out, needle, "raw counts")
+    assert_no_running_runs(db)
+
+
+def test_unmappable_genes_are_refused_before_recording(tmp_path, small_h5ad, tiny_model, geneformer_dir):
+    def rename(adata):
+        adata.var_names = [f"gene{i}" for i in range(adata.n_vars)]
+        adata.var = adata.var[[]]
+
+    path = _write_variant(small_h5ad, tmp_path / "genes.h5ad", rename)
+    db = tmp_path / "s.db"
+    out = gfattn("pipeline", "--data", str(path), "--model", str(tiny_model), "--geneformer-dir", str(geneformer_dir),
+                 "--store", str(db))
+    assert_bad_input(out, "map to")
+    assert_no_running_runs(db)

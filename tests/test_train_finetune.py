@@ -14,7 +14,6 @@ from pipeline.train import (
     evaluate,
     finetune,
     linear_warmup_decay,
-    stratified_split,
 )
 
 from _helpers_model import FakeRecorder, class_coded_cells, save_random_geneformer, save_tiny_model, toy_dictionaries
@@ -198,17 +197,6 @@ def test_schedule_warms_up_then_decays_to_zero():
     values = [f(s) for s in range(10)]
     assert values[0] > 0 and values[0] < values[1] < values[2] == 1.0
     assert all(a > b for a, b in zip(values[2:], values[3:])) and f(10) == 0.0
-
-
-def test_stratified_split_keeps_proportions_and_is_seeded():
-    labels = np.repeat([0, 1, 2], [100, 40, 10])
-    a = stratified_split(labels, (0.7, 0.15, 0.15), seed=1)
-    b = stratified_split(labels, (0.7, 0.15, 0.15), seed=1)
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
-    assert sorted(np.concatenate(a).tolist()) == list(range(150))
-    for part, frac in zip(a, (0.7, 0.15, 0.15)):
-        counts = np.bincount(labels[part], minlength=3)
-        assert abs(counts[0] - frac * 100) <= 1 and counts[2] >= 1
 
 
 def test_toy_dictionaries_fit_the_toy_model(tmp_path):

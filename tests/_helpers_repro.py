@@ -1,0 +1,86 @@
+"""Everything a pipeline run stored, minus what legitimately differs between identical runs.
+
+`stored_results(db, run_id)` walks the run and its children (keyed by child name, never by id) and
+returns every metric value, confusion matrix, grid (with bounds), vector (bytes), gene table, label list,
+split, cell table and JSON result. Left out: ids, times, durations, throughput metrics, paths that name
+the store's folder or run, and the events log (its lines carry timings). A checkpoint is compared by the
+sha256 of its weights, so identical results mean bit-identical fine-tuned models.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+TIMING_METRICS = {"cells_per_s", "seconds", "steps_per_s"}
+
+
+def _child_key(run: dict) -> str:
+    return f"{run['kind']}:{run['name']}"
+
+
+def stored_results(db, run_id: int) -> dict:
+    from store import Store
+
+    st = Store(db)
+    try:
+        return _collect(st, st.get_run(run_id), top=True)
+    finally:
+        st.close()
+
+
+def _collect(st, run: dict, top: bool = False) -> dict:
+    rid = run["id"]
+    out: dict = {"kind": run["kind"], "status": run["status"], "data_hash": run.get("data_hash"),
+                 "model_hash": run.get("model_hash")}
+    if not top:
+        out["config"] = run.get("config")
+    out["metrics"] = sorted(
+        (m["name"], m["split"], m["step"], m["epoch"], m["value"]) for m in st.metrics(rid)
+        if m["name"] not in TIMING_METRICS
+    )
+    out["confusions"] = [(c["split"], list(c["labels"]), np.asarray(c["matrix"]).tolist()) for c in st.confusions(rid)]
+    grids = {}
+    for name in st.grid_names(rid):
+        g = st.grid(rid, name)
+        grids[name] = {k: np.asarray(v).tolist() for k, v in g.items() if k in ("values", "lower", "upper")}
+    out["grids"] = grids
+    out["vectors"] = {name: (st.vector(rid, name).tobytes(), st.vector_meta(rid, name)) for name in st.vector_names(rid)}
+    out["gene_tables"] = {t: st.gene_table_df(rid, t).to_dict(orient="list") for t in st.gene_tables(rid)}
+    out["labels"] = st.labels(rid)
+    out["split"] = st.split(rid)
+    cells = st.cells(rid)
+    out["cells"] = None if cells is None else cells.to_dict(orient="list")
+    js = {}
+    for name in st.json_names(rid):
+        value = st.get_json(rid, name)
+        if name == "checkpoint":
+            value = value.get("weights_sha256")
+        if name == "determinism":
+            continue
+        js[name] = value
+    out["json"] = js
+    out["stages"] = [(s["stage"], s["status"]) for s in st.stages(rid)]
+    out["children"] = {_child_key(c): _collect(st, c) for c in st.children(rid)}
+    return out
+
+
+def differences(a, b, path: str = "") -> list[str]:
+    """Paths where two `stored_results` differ (empty when identical)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        diffs = []
+        for k in sorted(set(a) | set(b), key=str):
+            if k not in a or k not in b:
+                diffs.append(f"{path}/{k}: only in {'first' if k in a else 'second'}")
+            else:
+                diffs.extend(differences(a[k], b[k], f"{path}/{k}"))
+        return diffs
+    if isinstance(a, float) and isinstance(b, float) and np.isnan(a) and np.isnan(b):
+        return []
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
+        diffs = []
+        for i, (x, y) in enumerate(zip(a, b)):
+            diffs.extend(differences(x, y, f"{path}[{i}]"))
+            if len(diffs) > 20:
+                break
+        return diffs
+    return [] if a == b else [f"{path}: {str(a)[:80]} != {str(b)[:80]}"]
