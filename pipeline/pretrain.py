@@ -19,14 +19,21 @@ predicting the most frequent gene at that rank position (rank-aware frequency).
 
 The output directory looks like a Geneformer checkpoint (`config.json` with `BertForMaskedLM`,
 `model.safetensors`, the token and median dictionaries) plus `gfattn_pretrain.json` with the metrics.
+
+`pretrain` is four steps: `plan_pretraining` (checks, held-out split, `PretrainPlan` with the model
+configuration, seeds, batches and `LrSchedule`), `start_run` and `run_epoch` per epoch (`PretrainRun`
+holds the model, optimiser and counters), `evaluate_heldout`, and `record_pretraining` (checkpoint,
+JSON, store). One seed decides every draw, and the caller's global RNG state is left as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -152,6 +159,380 @@ def evaluate_masked_genes(model, ids: list, *, pad_id: int, mask_id: int, specia
     return out
 
 
+# ------------------------------------------------------------------------------------------- plan
+@dataclass
+class LrSchedule:
+    """Linear warm-up, then linear decay to zero at `horizon` (a `LambdaLR` factor of the base rate).
+
+    `horizon` starts at the planned number of steps; with a time budget, `observe` re-aims it at the steps
+    the budget still allows, only while the planned steps would overrun it at the pace measured after the
+    first `PACE_FROM_STEP` (slow, warming-up) steps. A budget that does not bind leaves the schedule, and so
+    the model, independent of timing.
+    """
+
+    planned: int
+    warmup: int
+    time_budget_s: float | None = None
+    horizon: int = field(init=False)
+    pace_from: float = 0.0
+
+    def __post_init__(self):
+        self.horizon = self.planned
+
+    def factor(self, step: int) -> float:
+        w = min(self.warmup, max(1, self.horizon // 10)) if self.horizon < self.planned else self.warmup
+        if step < w:
+            return (step + 1) / (w + 1)
+        return max(0.0, (self.horizon - step) / max(1, self.horizon - w))
+
+    def observe(self, step: int, elapsed: float) -> None:
+        """Measure the pace after `step` steps taking `elapsed` seconds; re-aim the decay if the budget binds."""
+        budget = self.time_budget_s
+        if budget and step == PACE_FROM_STEP:
+            self.pace_from = elapsed
+        elif budget and step > PACE_FROM_STEP and elapsed >= 0.1 * budget:
+            per_step = (elapsed - self.pace_from) / (step - PACE_FROM_STEP)
+            if elapsed + (self.planned - step) * per_step > budget:
+                self.horizon = int(min(self.planned, max(step + 1, step + (budget - elapsed) / max(per_step, 1e-9))))
+            else:
+                self.horizon = self.planned
+
+    def should_stop(self, step: int, elapsed: float) -> bool:
+        """The budget is spent, or a re-aimed (shortened) horizon is reached."""
+        return bool((self.time_budget_s and elapsed >= self.time_budget_s)
+                    or step >= self.horizon and self.horizon < self.planned)
+
+
+@dataclass(frozen=True)
+class PretrainPlan:
+    """What a pretraining run does, fixed before its first step: the cells of each split, the model, the
+    seeds, the batches and the learning-rate schedule.
+
+    Every random draw of the run comes from `seed`: the held-out split (`numpy` generator `seed`), the
+    initial weights and then dropout (torch's global generator, seeded to `init_seed` inside the run and
+    restored afterwards, see `_seeded_torch_rng`), the masked positions and their corruption (a torch
+    generator seeded `masking_seed`), the batch order of each epoch (`batch_seed(epoch)`) and the held-out
+    masking (`eval_seed`).
+    """
+
+    train: list
+    held: list
+    vocab_size: int
+    pad_id: int
+    mask_id: int
+    special_ids: list
+    model: dict  # keyword arguments of `build_small_bert` besides the vocabulary size and the seed
+    seed: int
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    warmup_ratio: float
+    time_budget_s: float | None
+    log_every: int
+    hyperparameters: dict  # as written to gfattn_pretrain.json
+
+    @property
+    def init_seed(self) -> int:
+        return int(self.seed)
+
+    @property
+    def masking_seed(self) -> int:
+        return int(self.seed) + 1
+
+    @property
+    def eval_seed(self) -> int:
+        return self.seed + 7
+
+    def batch_seed(self, epoch: int) -> int:
+        return self.seed * 1000 + epoch
+
+    def batches(self, epoch: int) -> list:
+        """The training batches of `epoch` (1-based): length-grouped, shuffled by `batch_seed(epoch)`."""
+        lengths = np.array([len(x) for x in self.train])
+        return length_grouped_batches(lengths, self.batch_size, shuffle=True, seed=self.batch_seed(epoch))
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.train) / self.batch_size)
+
+    @property
+    def planned_steps(self) -> int:
+        return self.steps_per_epoch * int(self.epochs)
+
+    @property
+    def warmup_steps(self) -> int:
+        return max(1, math.ceil(self.warmup_ratio * self.planned_steps))
+
+    def schedule(self) -> LrSchedule:
+        return LrSchedule(self.planned_steps, self.warmup_steps, self.time_budget_s)
+
+
+def plan_pretraining(corpus_ds, dicts, *, layers: int = 2, hidden: int = 128, heads: int = 4, intermediate: int = 256,
+                     max_len: int = 256, epochs: int = 3, batch_size: int = 32, lr: float = 5e-3, seed: int = 0,
+                     time_budget_s: float | None = None, holdout_fraction: float = 0.1, warmup_ratio: float = 0.1,
+                     weight_decay: float = 0.001, dropout: float = 0.02, log_every: int = 10) -> PretrainPlan:
+    """Check the corpus against the dictionaries, split off the held-out cells and fix the run's plan."""
+    try:
+        raw = corpus_ds["input_ids"]
+    except (KeyError, ValueError):
+        raise InputError("the pretraining corpus has no input_ids column; tokenize it first") from None
+    ids = [np.asarray(x, dtype=np.int64)[: int(max_len)] for x in raw]
+    ids = [x for x in ids if len(x)]
+    if len(ids) < 10:
+        raise InputError(f"the pretraining corpus has {len(ids)} non-empty cells; give it at least 10")
+    vocab_size = len(dicts.token_dict)
+    top_id = max(int(x.max()) for x in ids)
+    if top_id >= vocab_size:
+        raise InputError(f"the corpus uses token id {top_id} but the dictionary has {vocab_size} tokens; "
+                         "tokenize the corpus with the same dictionaries")
+
+    order = np.random.default_rng(seed).permutation(len(ids))
+    n_hold = min(len(ids) - 1, max(1, int(round(holdout_fraction * len(ids)))))
+    return PretrainPlan(
+        train=[ids[i] for i in order[n_hold:]],
+        held=[ids[i] for i in order[:n_hold]],
+        vocab_size=vocab_size,
+        pad_id=int(dicts.pad_id),
+        mask_id=int(dicts.mask_id),
+        special_ids=sorted(int(s) for s in dicts.special_ids),
+        model=dict(layers=layers, hidden=hidden, heads=heads, intermediate=intermediate, max_len=max_len,
+                   dropout=dropout),
+        seed=seed,
+        epochs=int(epochs),
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup_ratio=warmup_ratio,
+        time_budget_s=time_budget_s,
+        log_every=log_every,
+        hyperparameters={"layers": layers, "hidden": hidden, "heads": heads, "intermediate": intermediate,
+                         "max_len": max_len, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
+                         "time_budget_s": time_budget_s, "holdout_fraction": holdout_fraction,
+                         "warmup_ratio": warmup_ratio, "weight_decay": weight_decay, "dropout": dropout,
+                         "mask_probability": MASK_PROBABILITY},
+    )
+
+
+@contextlib.contextmanager
+def _seeded_torch_rng(seed: int, device):
+    """Within the block, torch's global generator (CPU, and `device`'s when it is a GPU) starts at `seed`;
+    afterwards the caller's state is back. Weight initialisation and dropout draw from it, so pretraining
+    neither depends on nor disturbs the RNG state of the code around it."""
+    import torch
+
+    gpus = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpus, device_type="cuda"):
+        torch.default_generator.manual_seed(int(seed))
+        for index in gpus:
+            torch.cuda.default_generators[index].manual_seed(int(seed))
+        yield
+
+
+class _RunRecord:
+    """The store calls of a run; nothing is recorded without both a store and a run id."""
+
+    def __init__(self, store, run_id):
+        self.enabled = store is not None and run_id is not None
+        self.store, self.run_id = store, run_id
+
+    def event(self, message: str) -> None:
+        if self.enabled:
+            self.store.log_event(self.run_id, message, stage=STAGE)
+
+    def metrics(self, rows: list) -> None:
+        if self.enabled:
+            self.store.log_metrics(self.run_id, rows)
+
+    def progress(self, done: int, total: int, **kw) -> None:
+        if self.enabled:
+            self.store.set_progress(self.run_id, STAGE, done, total, unit="steps", **kw)
+
+    def json(self, name: str, obj) -> None:
+        if self.enabled:
+            self.store.put_json(self.run_id, name, obj)
+
+
+# -------------------------------------------------------------------------------------------- epochs
+@dataclass
+class PretrainRun:
+    """The model, optimiser and counters of a run in progress (see `start_run`, `run_epoch`)."""
+
+    model: object
+    optimizer: object
+    scheduler: object
+    schedule: LrSchedule
+    generator: object  # masking and corruption
+    device: object
+    amp_dtype: object
+    step: int = 0
+    cells: int = 0
+    window: list = field(default_factory=list)  # train losses since the last logged mean
+    losses: list = field(default_factory=list)  # logged means (the train loss curve)
+    stopped_early: bool = False
+    epochs_done: int = 0
+    t_train: float = 0.0
+    last_progress: float = 0.0
+
+    def flush_losses(self) -> None:
+        if self.window:
+            self.losses.append(float(np.mean(self.window)))
+            self.window = []
+
+
+def start_run(plan: PretrainPlan, device) -> PretrainRun:
+    """Build the model (initial weights from torch's global generator, see `_seeded_torch_rng`), AdamW with
+    Hugging Face's decay groups, the schedule and the masking generator; start the output bias at the
+    training cells' log gene frequencies."""
+    import torch
+
+    from pipeline.model import build_small_bert
+    from pipeline.train import decay_parameter_groups
+
+    model = build_small_bert(plan.vocab_size, pad_token_id=plan.pad_id, seed=None, **plan.model)
+    model.to(device)
+    amp_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    optimizer = torch.optim.AdamW(decay_parameter_groups(model.named_parameters(), plan.weight_decay, plan.lr),
+                                  lr=plan.lr, betas=(0.9, 0.999), eps=1e-8)
+    schedule = plan.schedule()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.factor)
+    generator = torch.Generator().manual_seed(plan.masking_seed)
+    init_output_bias(model, plan.train, plan.vocab_size, plan.special_ids)
+    return PretrainRun(model, optimizer, scheduler, schedule, generator, device, amp_dtype)
+
+
+def _train_step(run: PretrainRun, plan: PretrainPlan, batch_ids, mask) -> float | None:
+    """One masked-gene step on a padded batch; None when the batch has no position to mask."""
+    import torch
+
+    selected = select_masked_positions(batch_ids, mask, plan.special_ids, MASK_PROBABILITY, run.generator)
+    if not selected.any():
+        return None
+    corrupted = corrupt_selected(batch_ids, selected, plan.mask_id, plan.vocab_size, run.generator)
+    dev = run.device
+    ctx = torch.autocast("cuda", dtype=run.amp_dtype) if run.amp_dtype is not None else _null()
+    with ctx:
+        logits = _masked_logits(run.model, corrupted.to(dev), mask.to(dev), selected.to(dev))
+    loss = torch.nn.functional.cross_entropy(logits.float(), batch_ids[selected].to(dev))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(run.model.parameters(), 1.0)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    return float(loss.detach())
+
+
+def run_epoch(run: PretrainRun, plan: PretrainPlan, epoch: int, *, progress: Callable | None = None,
+              record: _RunRecord | None = None) -> bool:
+    """Train one epoch; returns whether the time budget stopped it. Logs the mean train loss and the
+    learning rate every `plan.log_every` steps, and reports progress at most once a second."""
+    import torch
+
+    record = record or _RunRecord(None, None)
+    run.model.train()
+    for idx in plan.batches(epoch):
+        batch_ids, mask = pad_batch([plan.train[i] for i in idx], pad_token_id=plan.pad_id)
+        lr_now = run.scheduler.get_last_lr()[0]
+        loss = _train_step(run, plan, batch_ids, mask)
+        if loss is None:
+            continue
+        run.step += 1
+        step = run.step
+        run.cells += len(idx)
+        run.window.append(loss)
+        elapsed = time.perf_counter() - run.t_train
+        run.schedule.observe(step, elapsed)
+        if step % plan.log_every == 0:
+            mean = float(np.mean(run.window))
+            run.losses.append(mean)
+            run.window = []
+            record.metrics([
+                {"name": "loss", "value": mean, "step": step, "epoch": epoch, "split": "train"},
+                {"name": "lr", "value": lr_now, "step": step, "epoch": epoch, "split": "train"},
+            ])
+        total = run.schedule.horizon
+        eta = max(0.0, (total - step) * elapsed / step)
+        now = time.perf_counter()
+        if now - run.last_progress > 1.0:
+            run.last_progress = now
+            if progress:
+                gpus = [run.device.index or 0] if run.device.type == "cuda" else []
+                with torch.random.fork_rng(devices=gpus, device_type="cuda"):  # the callback cannot move dropout
+                    progress(step, total, throughput=step / max(elapsed, 1e-9), eta_s=eta,
+                             message=f"epoch {epoch}, loss {run.window[-1] if run.window else run.losses[-1]:.3f}, "
+                                     f"{run.cells / max(elapsed, 1e-9):.0f} cells/s")
+            record.progress(step, total, throughput=run.cells / max(elapsed, 1e-9), eta_s=eta)
+        if run.schedule.should_stop(step, elapsed):
+            run.stopped_early = True
+            return True
+    return False
+
+
+# ------------------------------------------------------------------------------------------ evaluate
+def evaluate_heldout(run: PretrainRun, plan: PretrainPlan, *, baselines: tuple | None = None) -> dict:
+    """`evaluate_masked_genes` on the held-out cells (the same masked positions every time: `eval_seed`);
+    with `baselines` (`frequency_baselines` of the training cells) also the chance and rank-aware scores."""
+    top_gene, position_genes = baselines if baselines is not None else (None, None)
+    return evaluate_masked_genes(run.model, plan.held, pad_id=plan.pad_id, mask_id=plan.mask_id,
+                                 special_ids=plan.special_ids, device=run.device, seed=plan.eval_seed,
+                                 top_gene=top_gene, position_genes=position_genes)
+
+
+def pretraining_metrics(ev: dict, run: PretrainRun, plan: PretrainPlan, *, train_seconds: float,
+                        seconds: float) -> dict:
+    """The metrics `pretrain` returns, from the final held-out evaluation and the run's counters."""
+    return {
+        "heldout_accuracy": ev["masked_accuracy"],
+        "heldout_top5_accuracy": ev["masked_top5_accuracy"],
+        "heldout_loss": ev["masked_loss"],
+        "chance_accuracy": ev["chance_accuracy"],
+        "position_baseline_accuracy": ev["position_baseline_accuracy"],
+        "heldout_masked_genes": ev["n_masked"],
+        "train_loss": run.losses[-1] if run.losses else float("nan"),
+        "steps": run.step,
+        "epochs": run.epochs_done,
+        "stopped_by_time_budget": bool(run.stopped_early),
+        "train_cells": len(plan.train),
+        "heldout_cells": len(plan.held),
+        "vocab_size": plan.vocab_size,
+        "train_seconds": train_seconds,
+        "seconds": seconds,
+    }
+
+
+# -------------------------------------------------------------------------------------------- record
+def record_pretraining(model, dicts, out_dir: str | os.PathLike, plan: PretrainPlan, metrics: dict,
+                       losses: list, record: _RunRecord | None = None) -> dict:
+    """Write the Geneformer-like checkpoint (`config.json`, `model.safetensors`, the dictionaries) and
+    `gfattn_pretrain.json`; with a store, record the held-out metrics, the summary and the final event.
+    Returns the summary. Moves the model to the CPU."""
+    from pipeline.model import _quiet_transformers
+
+    record = record or _RunRecord(None, None)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.config.architectures = ["BertForMaskedLM"]
+    model.to("cpu")
+    with _quiet_transformers():
+        model.save_pretrained(str(out))
+    dicts.save(out)
+    summary = {"metrics": metrics, "hyperparameters": plan.hyperparameters, "train_loss_curve": losses}
+    (out / "gfattn_pretrain.json").write_text(json.dumps(summary, indent=2))
+    step, epochs_done = metrics["steps"], metrics["epochs"]
+    record.metrics([
+        {"name": name, "value": float(metrics[key]), "step": step, "epoch": epochs_done, "split": "heldout"}
+        for name, key in (("masked_accuracy", "heldout_accuracy"), ("masked_top5_accuracy", "heldout_top5_accuracy"),
+                          ("loss", "heldout_loss"), ("chance_accuracy", "chance_accuracy"),
+                          ("position_baseline_accuracy", "position_baseline_accuracy"))
+    ])
+    record.json("pretrain", summary)
+    record.progress(step, step)
+    record.event(f"held-out masked-gene accuracy {metrics['heldout_accuracy']:.3f} "
+                 f"(chance {metrics['chance_accuracy']:.3f}, rank-aware "
+                 f"{metrics['position_baseline_accuracy']:.3f}) after {step} steps")
+    return summary
+
+
 def pretrain(
     corpus_ds,
     dicts,
@@ -185,197 +566,47 @@ def pretrain(
     at the rank), top-5 accuracy and loss, final train loss, steps, seconds. `progress` is called as
     `progress(step, total_steps, throughput=steps_per_s, eta_s=..., message=...)`; with `store` and
     `run_id`, train loss/lr and held-out accuracy per epoch are recorded.
-    """
-    import torch
 
-    from pipeline.model import _quiet_transformers, build_small_bert
-    from pipeline.train import decay_parameter_groups, resolve_device, seed_everything
+    The same arguments give the same weights and metrics whatever ran before in the process: every draw
+    comes from `seed` (see `PretrainPlan`), and the caller's global RNG state is left as it was.
+    Steps: `plan_pretraining`, `start_run`, `run_epoch` per epoch (then `evaluate_heldout`, recorded),
+    `evaluate_heldout` with the baselines, `record_pretraining`.
+    """
+    from pipeline.train import resolve_device
 
     t_start = time.perf_counter()
-    seed_everything(seed)
-    try:
-        raw = corpus_ds["input_ids"]
-    except (KeyError, ValueError):
-        raise InputError("the pretraining corpus has no input_ids column; tokenize it first") from None
-    ids = [np.asarray(x, dtype=np.int64)[: int(max_len)] for x in raw]
-    ids = [x for x in ids if len(x)]
-    if len(ids) < 10:
-        raise InputError(f"the pretraining corpus has {len(ids)} non-empty cells; give it at least 10")
-    vocab_size = len(dicts.token_dict)
-    top_id = max(int(x.max()) for x in ids)
-    if top_id >= vocab_size:
-        raise InputError(f"the corpus uses token id {top_id} but the dictionary has {vocab_size} tokens; "
-                         "tokenize the corpus with the same dictionaries")
-    pad_id, mask_id = int(dicts.pad_id), int(dicts.mask_id)
-    special_ids = sorted(int(s) for s in dicts.special_ids)
-
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(ids))
-    n_hold = min(len(ids) - 1, max(1, int(round(holdout_fraction * len(ids)))))
-    held = [ids[i] for i in order[:n_hold]]
-    train = [ids[i] for i in order[n_hold:]]
-    train_lengths = np.array([len(x) for x in train])
-
+    plan = plan_pretraining(corpus_ds, dicts, layers=layers, hidden=hidden, heads=heads, intermediate=intermediate,
+                            max_len=max_len, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                            time_budget_s=time_budget_s, holdout_fraction=holdout_fraction,
+                            warmup_ratio=warmup_ratio, weight_decay=weight_decay, dropout=dropout,
+                            log_every=log_every)
     dev = resolve_device(device)
-    model = build_small_bert(vocab_size, layers=layers, hidden=hidden, heads=heads, intermediate=intermediate,
-                             max_len=max_len, dropout=dropout, pad_token_id=pad_id, seed=seed)
-    model.to(dev)
-    amp_dtype = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    optimizer = torch.optim.AdamW(decay_parameter_groups(model.named_parameters(), weight_decay, lr), lr=lr,
-                                  betas=(0.9, 0.999), eps=1e-8)
-    steps_per_epoch = math.ceil(len(train) / batch_size)
-    planned = steps_per_epoch * int(epochs)
-    horizon = [planned]  # shrinks to what the time budget allows
-    pace_from = 0.0
-    warmup = max(1, math.ceil(warmup_ratio * planned))
-
-    def factor(step: int) -> float:
-        w = min(warmup, max(1, horizon[0] // 10)) if horizon[0] < planned else warmup
-        if step < w:
-            return (step + 1) / (w + 1)
-        return max(0.0, (horizon[0] - step) / max(1, horizon[0] - w))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    gen = torch.Generator().manual_seed(int(seed) + 1)
-    top_gene, position_genes = frequency_baselines(train, special_ids)
-    init_output_bias(model, train, vocab_size, special_ids)
-    record = store is not None and run_id is not None
-    if record:
-        store.log_event(run_id, f"pretraining on {len(train)} cells ({n_hold} held out), vocabulary {vocab_size}, "
-                                f"{layers} layers x {hidden}", stage=STAGE)
-
-    step = 0
-    cells = 0
-    window = []
-    losses = []
-    stopped_early = False
-    epochs_done = 0
-    t_train = time.perf_counter()
-    last_progress = 0.0
-    for epoch in range(1, int(epochs) + 1):
-        model.train()
-        for idx in length_grouped_batches(train_lengths, batch_size, shuffle=True, seed=seed * 1000 + epoch):
-            batch_ids, mask = pad_batch([train[i] for i in idx], pad_token_id=pad_id)
-            selected = select_masked_positions(batch_ids, mask, special_ids, MASK_PROBABILITY, gen)
-            if not selected.any():
-                continue
-            corrupted = corrupt_selected(batch_ids, selected, mask_id, vocab_size, gen)
-            lr_now = scheduler.get_last_lr()[0]
-            ctx = torch.autocast("cuda", dtype=amp_dtype) if amp_dtype is not None else _null()
-            with ctx:
-                logits = _masked_logits(model, corrupted.to(dev), mask.to(dev), selected.to(dev))
-            loss = torch.nn.functional.cross_entropy(logits.float(), batch_ids[selected].to(dev))
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            step += 1
-            cells += len(idx)
-            window.append(float(loss.detach()))
-            elapsed = time.perf_counter() - t_train
-            if time_budget_s and step == PACE_FROM_STEP:
-                pace_from = elapsed
-            elif time_budget_s and step > PACE_FROM_STEP and elapsed >= 0.1 * time_budget_s:
-                # Re-aim the decay at the number of steps the budget still allows, only while the planned
-                # steps would overrun it at the pace measured after the first (slow, warming-up) steps: a
-                # budget that does not bind leaves the schedule, and so the model, independent of timing.
-                per_step = (elapsed - pace_from) / (step - PACE_FROM_STEP)
-                if elapsed + (planned - step) * per_step > time_budget_s:
-                    horizon[0] = int(min(planned, max(step + 1, step + (time_budget_s - elapsed) / max(per_step, 1e-9))))
-                else:
-                    horizon[0] = planned
-            if step % log_every == 0:
-                mean = float(np.mean(window))
-                losses.append(mean)
-                window = []
-                if record:
-                    store.log_metrics(run_id, [
-                        {"name": "loss", "value": mean, "step": step, "epoch": epoch, "split": "train"},
-                        {"name": "lr", "value": lr_now, "step": step, "epoch": epoch, "split": "train"},
-                    ])
-            total = horizon[0]
-            eta = max(0.0, (total - step) * elapsed / step)
-            now = time.perf_counter()
-            if now - last_progress > 1.0:
-                last_progress = now
-                if progress:
-                    progress(step, total, throughput=step / max(elapsed, 1e-9), eta_s=eta,
-                             message=f"epoch {epoch}, loss {window[-1] if window else losses[-1]:.3f}, "
-                                     f"{cells / max(elapsed, 1e-9):.0f} cells/s")
-                if record:
-                    store.set_progress(run_id, STAGE, step, total, unit="steps",
-                                       throughput=cells / max(elapsed, 1e-9), eta_s=eta)
-            if (time_budget_s and elapsed >= time_budget_s) or step >= horizon[0] and horizon[0] < planned:
-                stopped_early = True
+    record = _RunRecord(store, run_id)
+    with _seeded_torch_rng(plan.init_seed, dev):
+        run = start_run(plan, dev)
+        record.event(f"pretraining on {len(plan.train)} cells ({len(plan.held)} held out), vocabulary "
+                     f"{plan.vocab_size}, {layers} layers x {hidden}")
+        run.t_train = time.perf_counter()
+        for epoch in range(1, plan.epochs + 1):
+            stopped = run_epoch(run, plan, epoch, progress=progress, record=record)
+            run.epochs_done = epoch
+            if stopped:
                 break
-        epochs_done = epoch
-        if record and not stopped_early:
-            ev = evaluate_masked_genes(model, held, pad_id=pad_id, mask_id=mask_id, special_ids=special_ids,
-                                       device=dev, seed=seed + 7)
-            store.log_metrics(run_id, [
-                {"name": "masked_accuracy", "value": ev["masked_accuracy"], "step": step, "epoch": epoch,
-                 "split": "validation"},
-                {"name": "loss", "value": ev["masked_loss"], "step": step, "epoch": epoch, "split": "validation"},
-            ])
-        if stopped_early:
-            break
-    if window:
-        losses.append(float(np.mean(window)))
-    train_seconds = time.perf_counter() - t_train
-
-    ev = evaluate_masked_genes(model, held, pad_id=pad_id, mask_id=mask_id, special_ids=special_ids, device=dev,
-                               seed=seed + 7, top_gene=top_gene, position_genes=position_genes)
-    metrics = {
-        "heldout_accuracy": ev["masked_accuracy"],
-        "heldout_top5_accuracy": ev["masked_top5_accuracy"],
-        "heldout_loss": ev["masked_loss"],
-        "chance_accuracy": ev["chance_accuracy"],
-        "position_baseline_accuracy": ev["position_baseline_accuracy"],
-        "heldout_masked_genes": ev["n_masked"],
-        "train_loss": losses[-1] if losses else float("nan"),
-        "steps": step,
-        "epochs": epochs_done,
-        "stopped_by_time_budget": bool(stopped_early),
-        "train_cells": len(train),
-        "heldout_cells": n_hold,
-        "vocab_size": vocab_size,
-        "train_seconds": train_seconds,
-        "seconds": time.perf_counter() - t_start,
-    }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.config.architectures = ["BertForMaskedLM"]
-    model.to("cpu")
-    with _quiet_transformers():
-        model.save_pretrained(str(out))
-    dicts.save(out)
-    summary = {
-        "metrics": metrics,
-        "hyperparameters": {"layers": layers, "hidden": hidden, "heads": heads, "intermediate": intermediate,
-                            "max_len": max_len, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
-                            "time_budget_s": time_budget_s, "holdout_fraction": holdout_fraction,
-                            "warmup_ratio": warmup_ratio, "weight_decay": weight_decay, "dropout": dropout,
-                            "mask_probability": MASK_PROBABILITY},
-        "train_loss_curve": losses,
-    }
-    (out / "gfattn_pretrain.json").write_text(json.dumps(summary, indent=2))
-    if record:
-        store.log_metrics(run_id, [
-            {"name": name, "value": float(metrics[key]), "step": step, "epoch": epochs_done, "split": "heldout"}
-            for name, key in (("masked_accuracy", "heldout_accuracy"), ("masked_top5_accuracy", "heldout_top5_accuracy"),
-                              ("loss", "heldout_loss"), ("chance_accuracy", "chance_accuracy"),
-                              ("position_baseline_accuracy", "position_baseline_accuracy"))
-        ])
-        store.put_json(run_id, "pretrain", summary)
-        store.set_progress(run_id, STAGE, step, step, unit="steps")
-        store.log_event(run_id, f"held-out masked-gene accuracy {metrics['heldout_accuracy']:.3f} "
-                                f"(chance {metrics['chance_accuracy']:.3f}, rank-aware "
-                                f"{metrics['position_baseline_accuracy']:.3f}) after {step} steps", stage=STAGE)
+            if record.enabled:
+                ev = evaluate_heldout(run, plan)
+                record.metrics([
+                    {"name": "masked_accuracy", "value": ev["masked_accuracy"], "step": run.step, "epoch": epoch,
+                     "split": "validation"},
+                    {"name": "loss", "value": ev["masked_loss"], "step": run.step, "epoch": epoch,
+                     "split": "validation"},
+                ])
+        run.flush_losses()
+        train_seconds = time.perf_counter() - run.t_train
+        ev = evaluate_heldout(run, plan, baselines=frequency_baselines(plan.train, plan.special_ids))
+    metrics = pretraining_metrics(ev, run, plan, train_seconds=train_seconds, seconds=time.perf_counter() - t_start)
+    record_pretraining(run.model, dicts, out_dir, plan, metrics, run.losses, record)
     return metrics
 
 
 def _null():
-    import contextlib
-
     return contextlib.nullcontext()
