@@ -572,7 +572,7 @@ def pretrain(
     Steps: `plan_pretraining`, `start_run`, `run_epoch` per epoch (then `evaluate_heldout`, recorded),
     `evaluate_heldout` with the baselines, `record_pretraining`.
     """
-    from pipeline.train import resolve_device
+    from pipeline.compute import resolve_device
 
     t_start = time.perf_counter()
     plan = plan_pretraining(corpus_ds, dicts, layers=layers, hidden=hidden, heads=heads, intermediate=intermediate,
