@@ -4,6 +4,9 @@ The app owns the store client, the change poll and the error path. It asks the s
 `data_version()` every `poll_interval` seconds (one cheap PRAGMA on the store thread) and publishes
 `store_changed` only when another connection committed; views reload then and only then. Runs launched
 from the New run form are detached processes the app merely reaps and reports on.
+
+A store that cannot be written (read-only file, folder or mount; or `--read-only`) is opened read-only:
+the title says so, and launching, stopping, tagging, noting and deleting are refused with a notice.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from textual import actions
 from textual.app import App
 from textual.binding import Binding
 from textual.signal import Signal
@@ -22,7 +26,14 @@ from gfattn_tui.client import StoreClient
 from gfattn_tui.commands import BindingCommands
 from gfattn_tui.config import ConfigError, TuiConfig
 from gfattn_tui.launcher import LaunchedRun, RunRequest, start_pipeline
+from gfattn_tui.screens.run_actions import RunActions
 from gfattn_tui.screens.runs import RunsScreen
+
+# screen actions that write the store or act on runs, refused over a read-only store
+READ_ONLY_REFUSED = {
+    "new_run": "launching runs", "stop": "stopping runs", "tag": "tagging", "note": "notes",
+    "delete": "deleting runs",
+}
 
 
 def describe_error(error: BaseException | None) -> str:
@@ -56,12 +67,13 @@ class GfattnApp(App[None]):
         config: TuiConfig | None = None,
         clock: Callable[[], float] = time.time,
         poll: bool = True,
+        readonly: bool = False,
     ) -> None:
         super().__init__()
         self.store_path = Path(store_path)
         self.config = config or TuiConfig()
         self.clock = clock
-        self.client = StoreClient(self.store_path)
+        self.client = StoreClient(self.store_path, readonly=True if readonly else "auto")
         self.poll_enabled = poll
         self.data_version: int | None = None
         self.launched: list[LaunchedRun] = []
@@ -76,6 +88,7 @@ class GfattnApp(App[None]):
         if self.config.keymap:
             self.set_keymap(self.config.keymap)
         self.sub_title = str(self.store_path)
+        self._show_store_mode()
         # the first check sets the baseline that later checks compare with
         self.run_worker(self.check_store(), group="store-check", name="store check")
         if self.poll_enabled:
@@ -89,6 +102,32 @@ class GfattnApp(App[None]):
 
     def _known_theme(self, name: str, fallback: str) -> str:
         return name if name in self.available_themes else fallback
+
+    @property
+    def read_only(self) -> bool:
+        """Whether the store is open read-only (known once the store thread opened it)."""
+        return self.client.readonly
+
+    def _show_store_mode(self) -> None:
+        if self.read_only:
+            self.title = f"{self.TITLE} (read-only)"
+            self.sub_title = f"{self.store_path} (read-only)"
+
+    def _refuse_read_only(self, what: str) -> None:
+        reason = self.client.readonly_reason
+        self.notify(
+            f"{what} needs a writable store; {self.store_path} is open read-only" + (f" ({reason})" if reason else ""),
+            title="Read-only store", severity="warning",
+        )
+
+    async def run_action(self, action, default_namespace=None, namespaces=None) -> bool:
+        """Every key, palette entry and click goes through here: refuse writes on a read-only store."""
+        if self.read_only and isinstance(default_namespace, RunActions):
+            name = action[1] if isinstance(action, tuple) else actions.parse(action)[1]
+            if name in READ_ONLY_REFUSED:
+                self._refuse_read_only(READ_ONLY_REFUSED[name])
+                return True
+        return await super().run_action(action, default_namespace, namespaces)
 
     # the store -----------------------------------------------------------------------------------
     async def _poll(self) -> None:
@@ -114,6 +153,7 @@ class GfattnApp(App[None]):
                 self._poll_failed = False
                 if self.data_version is None:
                     self.data_version = version
+                    self._show_store_mode()
                 elif version != self.data_version:
                     self.data_version = version
                     self.store_changed.publish(version)
@@ -136,6 +176,8 @@ class GfattnApp(App[None]):
 
     # launching -----------------------------------------------------------------------------------
     def launch_run(self, request: RunRequest) -> LaunchedRun:
+        if self.read_only:
+            raise PermissionError(f"store {self.store_path} is open read-only; launching runs needs a writable store")
         launched = start_pipeline(request, self.store_path)
         self.launched.append(launched)
         self.notify(f"started pid {launched.pid}; log {launched.log_path}", title="New run")
@@ -186,6 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="settings TOML (default: $GFATTN_TUI_CONFIG or ~/.config/gfattn/tui.toml)",
     )
+    parser.add_argument(
+        "--read-only", action="store_true",
+        help="browse only: open the store read-only (automatic when it cannot be written)",
+    )
     return parser
 
 
@@ -202,10 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"gfattn-tui: error: {exc}", file=sys.stderr)
         return 2
-    app = GfattnApp(store_path, config=config)
+    app = GfattnApp(store_path, config=config, readonly=args.read_only)
     try:
-        # Open (and migrate) the store before the screen takes over, so an unusable store is a plain
-        # one-line error on the terminal rather than a notification.
+        # Open (and migrate, unless read-only) the store before the screen takes over, so an unusable
+        # store (not SQLite, a newer schema, a mistyped folder) is a plain one-line error on the terminal
+        # rather than a notification.
         app.client.call(lambda st: st.data_version())
     except Exception as exc:
         app.client.close()

@@ -5,6 +5,9 @@ to the thread that opened them, and `PRAGMA data_version` is only meaningful on 
 workers block on `call()`; the app's change poll awaits `acall()` without blocking the event loop.
 Readers never see "database is locked": the store reads in WAL mode, and a busy or locked answer while a
 pipeline checkpoints is retried with backoff here before it can reach the screen.
+
+The store is opened with `readonly="auto"` by default: writable where the file and its folder can be
+written, read-only otherwise (a shared result store), so browsing never needs write access.
 """
 
 from __future__ import annotations
@@ -30,9 +33,11 @@ def _is_busy(exc: BaseException) -> bool:
 class StoreClient:
     """Runs functions of a `Store` on the store thread, opening the store on first use."""
 
-    def __init__(self, path: str | Path, *, opener: Callable[[Path], Any] | None = None):
+    def __init__(self, path: str | Path, *, opener: Callable[[Path], Any] | None = None,
+                 readonly: bool | str = "auto"):
         self.path = Path(path)
         self._opener = opener
+        self._readonly = readonly
         self._store: Any = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gfattn-store")
         self._closed = False
@@ -45,8 +50,21 @@ class StoreClient:
             else:
                 from store import Store
 
-                self._store = Store(self.path)
+                self._store = Store(self.path, readonly=self._readonly)
         return self._store
+
+    @property
+    def opened(self) -> bool:
+        return self._store is not None
+
+    @property
+    def readonly(self) -> bool:
+        """Whether the open store is read-only (False before the first call opened it)."""
+        return bool(getattr(self._store, "readonly", False))
+
+    @property
+    def readonly_reason(self) -> str | None:
+        return getattr(self._store, "readonly_reason", None)
 
     def _run(self, fn: Callable[[Any], T]) -> T:
         for delay in (*RETRY_DELAYS_S, None):

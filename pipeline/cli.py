@@ -3,6 +3,11 @@
 Sub-commands live in `pipeline/commands/<name>.py`, each with `add_arguments(parser)` and
 `run(args) -> int`. Only the module of the command being run is imported, and those modules import
 torch, transformers and scanpy inside `run`, so `gfattn --help` answers instantly.
+
+Exit statuses: 0 done, 1 a failed run (a traceback for bugs), 2 bad input (`InputError`) or an unusable
+store (`store.StoreError` and subclasses: not SQLite, a newer schema, a directory, a missing folder, a
+read-only store for a command that writes), each as one line on stderr; 130 Ctrl-C; 141 when the reader
+of stdout went away (`gfattn runs --json | head -1`), quietly, as for a process killed by SIGPIPE.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import sys
 
 from pipeline import __version__
 from pipeline.errors import InputError
+
+BROKEN_PIPE_EXIT = 128 + 13  # what a shell reports for a writer killed by SIGPIPE
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -56,6 +63,38 @@ def build_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
     return parser, module
 
 
+def _is_store_error(exc: BaseException) -> bool:
+    # `store` imports numpy, so it is not imported here: an exception can only be a StoreError if a
+    # command has already imported the store package
+    errors = sys.modules.get("store.errors")
+    return errors is not None and isinstance(exc, errors.StoreError)
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (poll reports an error on its write end)."""
+    import select
+
+    if not hasattr(select, "poll"):  # cannot tell: a broken pipe at the top is almost always stdout
+        return True
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # stdout without a file descriptor: not a closed pipe
+        return False
+
+
+def _stdout_gone() -> int:
+    """stdout's reader closed the pipe: send further output (and the exit-time flush) to /dev/null."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout without a file descriptor (tests)
+        pass
+    return BROKEN_PIPE_EXIT
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -86,13 +125,24 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(var, "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        return int(module.run(args) or 0)
+        code = int(module.run(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not as a traceback at interpreter exit
+        return code
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise  # some other pipe broke: a real failure
+        return _stdout_gone()
     except InputError as exc:
         print(f"gfattn {name}: error: {exc}", file=sys.stderr)
         return InputError.exit_code
     except KeyboardInterrupt:
         print(f"gfattn {name}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if not _is_store_error(exc):
+            raise
+        print(f"gfattn {name}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

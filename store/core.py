@@ -3,7 +3,8 @@
 Implements DESIGN.md, "The store": WAL mode with a busy timeout, a versioned schema (`store.schema`),
 one transaction per write call, reads in short snapshot transactions that are closed before the call
 returns, `PRAGMA data_version` as the change detector for live views, and run liveness: a `running`
-run whose heartbeat is stale and whose process is gone reads as `lost`.
+run reads as `lost` once its process is provably gone (this host) or its heartbeat is very old (others).
+Stores can also be opened read-only (a shared, finished result store in a folder one cannot write).
 
 Only the pipeline's rank-0 process writes results; the TUI and the `gfattn runs/show/export/tag/note/rm`
 commands read and make small edits. SQL is parameterised everywhere; the few identifiers that are
@@ -20,6 +21,7 @@ import re
 import sqlite3
 import threading
 import time
+import urllib.parse
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -37,6 +39,7 @@ EVENT_LEVELS = ("debug", "info", "warning", "error")
 STALE_AFTER_ENV = "GFATTN_STALE_AFTER_S"
 DEFAULT_STALE_AFTER_S = 30.0
 # A run on another host cannot have its pid checked; only a much older heartbeat makes it `lost` there.
+# (A run on this host is `lost` as soon as its pid is gone or belongs to another process.)
 REMOTE_STALE_FACTOR = 20.0
 REMOTE_STALE_MIN_S = 600.0
 
@@ -197,9 +200,22 @@ class Store:
 
     `Store(path)` opens or creates the SQLite file at `path`, applies pending migrations and returns a
     handle that is safe to share between threads (calls are serialised on one connection). Keyword
-    options: `create=False` refuses a path where no store exists yet; `stale_after_s` is how old a
-    heartbeat must be before a `running` run whose process is gone reads as `lost` (default
-    $GFATTN_STALE_AFTER_S or 30 s); `busy_timeout_s` is how long a write waits for another writer.
+    options:
+
+    - `create=False` refuses a path where no store exists yet. The folder must exist either way unless
+      `create_parents=True` (so a mistyped `--store` is an error, not a new empty store).
+    - `readonly=True` opens with SQLite's `mode=ro`, falling back to `immutable=1` where the `-wal` and
+      `-shm` files cannot be created (folder not writable, read-only mount; refused when a non-empty
+      `-wal` holds changes that would then be invisible). Such a handle never migrates, never records
+      `lost` runs and never writes: every write method raises `StoreError`. A store of an older schema
+      is read as it is (no stages before schema 2, no `uid` before 3). `readonly="auto"` opens
+      writable when the file and folder can be written and read-only otherwise. `readonly` and
+      `readonly_reason` (why it could not be written, or None) tell which one was opened;
+      `immutable` whether SQLite was told the file cannot change while open.
+    - `stale_after_s`: a `running` run on another host reads as `lost` once its heartbeat is older than
+      max(20 x this, 600 s) (default $GFATTN_STALE_AFTER_S or 30 s); on this host it reads `lost` as
+      soon as its process is gone, whatever the heartbeat.
+    - `busy_timeout_s`: how long a write waits for another writer.
     """
 
     def __init__(
@@ -207,11 +223,15 @@ class Store:
         path: str | os.PathLike,
         *,
         create: bool = True,
+        create_parents: bool = False,
+        readonly: bool | str = False,
         stale_after_s: float | None = None,
         busy_timeout_s: float = 30.0,
         check_filesystem: bool = True,
     ):
         self.path = Path(path).expanduser()
+        if readonly not in (True, False, "auto"):
+            raise ValueError(f"readonly must be True, False or 'auto', got {readonly!r}")
         if stale_after_s is None:
             env = os.environ.get(STALE_AFTER_ENV)
             try:
@@ -227,31 +247,45 @@ class Store:
         self._host = system.hostname()
         self._closed = True
         self._db = None
+        self.readonly = False
+        self.readonly_reason: str | None = None
+        self.immutable = False
+        # features an older schema lacks, read around by a read-only handle (which never migrates)
+        self._gaps: frozenset[str] = frozenset()
+        self._busy_timeout_s = float(busy_timeout_s)
 
         if self.path.is_dir():
             raise StoreError(f"store path {self.path} is a directory; pass a file path such as {self.path / 'gfattn.db'}")
         exists = self.path.exists()
-        if not exists and not create:
-            raise StoreError(
-                f"no gfattn store at {self.path}; pass --store PATH (or set GFATTN_STORE) to an existing store, "
-                f"or create one by running `gfattn pipeline`"
-            )
+        if not exists:
+            self._check_folder(make=create_parents and create and readonly is not True)
+            if not create or readonly is True:
+                raise StoreError(
+                    f"no gfattn store at {self.path}; pass --store PATH (or set GFATTN_STORE) to an existing store, "
+                    f"or create one by running `gfattn pipeline`"
+                )
         if check_filesystem:
             system.check_local_filesystem(self.path)
-        if not exists:
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise StoreError(f"cannot create the folder of store {self.path}: {exc.strerror or exc}") from None
-        try:
-            conn = sqlite3.connect(
-                str(self.path), timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+        blocker = system.write_blocker(self.path)
+        if readonly is True or (readonly == "auto" and blocker and exists):
+            self.readonly, self.readonly_reason = True, blocker
+        elif blocker and not exists:
+            raise StoreError(f"cannot create store {self.path}: {blocker}; pass --store a path in a folder you can write")
+        elif blocker:
+            raise StoreError(
+                f"store {self.path} cannot be written: {blocker}; it can still be read (gfattn runs/show/export, "
+                f"gfattn-tui), or copy it to a folder you can write to change it"
             )
+        try:
+            conn = self._connect()
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open store {self.path}: {exc}") from None
         self._conn = conn
         self._closed = False
         try:
+            if self.readonly:
+                self._probe_readonly()
+            conn = self._conn
             conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
             self._open_schema()
         except sqlite3.DatabaseError as exc:
@@ -260,6 +294,51 @@ class Store:
         except BaseException:
             self.close()
             raise
+
+    def _check_folder(self, *, make: bool) -> None:
+        folder = self.path.parent
+        if folder.is_dir():
+            return
+        if folder.exists():
+            raise StoreError(f"{folder}, the folder of store {self.path}, is not a folder; fix --store")
+        if not make:
+            raise StoreError(f"folder {folder} of store {self.path} does not exist; create it or fix --store")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create the folder of store {self.path}: {exc.strerror or exc}") from None
+
+    def _connect(self, *, immutable: bool = False) -> sqlite3.Connection:
+        options = dict(timeout=self._busy_timeout_s, isolation_level=None, check_same_thread=False)
+        if not self.readonly:
+            return sqlite3.connect(str(self.path), **options)
+        uri = "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?mode=ro" + ("&immutable=1" if immutable else "")
+        return sqlite3.connect(uri, uri=True, **options)
+
+    def _probe_readonly(self) -> None:
+        """Read the schema once; where `mode=ro` cannot set up WAL's shared memory, reopen immutable."""
+        try:
+            self._conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            return
+        except sqlite3.OperationalError:
+            reason = self.readonly_reason or system.write_blocker(self.path)
+            if reason is None:
+                raise
+        wal = Path(f"{self.path}-wal")
+        try:
+            pending = wal.stat().st_size > 0
+        except OSError:
+            pending = False
+        if pending:
+            raise StoreError(
+                f"store {self.path} has changes in {wal.name} not yet merged into the file, which cannot be read "
+                f"because {reason}; open it once with write access (any gfattn command merges them) or copy the "
+                f"folder with both files somewhere writable"
+            )
+        self._conn.close()
+        self._conn = self._connect(immutable=True)
+        self.immutable, self.readonly_reason = True, reason
+        self._conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
 
     # ------------------------------------------------------------------ connection and transactions
     def _open_schema(self) -> None:
@@ -279,6 +358,16 @@ class Store:
                     f"{self.path} is an SQLite database but not a gfattn store (it has tables "
                     f"{', '.join(sorted(foreign)[:5])}); pass --store a new or existing gfattn store path"
                 )
+            if self.readonly:
+                raise StoreError(
+                    f"{self.path} holds no gfattn store yet (an empty SQLite file) and is opened read-only; "
+                    f"pass --store an existing store"
+                )
+        if self.readonly:
+            conn.execute("PRAGMA query_only = ON")
+            if version < schema.SCHEMA_VERSION:
+                self._gaps = self._schema_gaps(conn)
+            return
         mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
         if str(mode).lower() != "wal":
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
@@ -289,6 +378,23 @@ class Store:
         conn.execute("PRAGMA foreign_keys = ON")
         if version < schema.SCHEMA_VERSION:
             schema.migrate(self.db)
+
+    @staticmethod
+    def _schema_gaps(conn: sqlite3.Connection) -> frozenset[str]:
+        """What an older schema lacks that the reads use: `stages` (2), `pid_start` (2), `store_meta` (3)."""
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        run_columns = {r[1] for r in conn.execute("PRAGMA table_info(runs)")}
+        gaps = {t for t in ("stages", "store_meta") if t not in tables}
+        if "pid_start" not in run_columns:
+            gaps.add("pid_start")
+        return frozenset(gaps)
+
+    def _refuse_write(self) -> None:
+        why = f" ({self.readonly_reason})" if self.readonly_reason else ""
+        raise StoreError(
+            f"store {self.path} is open read-only{why}; runs, tags, notes and deletions need a writable store "
+            f"(copy it to a folder you can write to)"
+        )
 
     @property
     def db(self):
@@ -313,6 +419,8 @@ class Store:
         """One IMMEDIATE transaction for the whole call (nested calls join the outer one)."""
         with self._lock:
             self._check_open()
+            if self.readonly:
+                self._refuse_write()
             conn = self._conn
             if self._txn == "write":
                 yield conn
@@ -379,11 +487,16 @@ class Store:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Store({str(self.path)!r})"
+        return f"Store({str(self.path)!r}{', readonly=True' if self.readonly else ''})"
 
     @property
     def uid(self) -> str:
         """This store's random identity (created with the store; a copied file keeps it)."""
+        if "store_meta" in self._gaps:
+            raise StoreError(
+                f"store {self.path} has schema version {self.schema_version}, older than store identities; "
+                f"open it once with write access to upgrade it"
+            )
         with self._read() as conn:
             row = conn.execute("SELECT value FROM store_meta WHERE key = 'uid'").fetchone()
         return str(row[0])
@@ -402,13 +515,14 @@ class Store:
         """A number that changes whenever the store's content changed (any connection, this one included).
 
         Cheap enough to poll a few times a second: one `PRAGMA data_version` (which moves when another
-        connection commits) plus this handle's own commit count. Every few seconds it also records runs
-        that have become `lost`, so a live view polling only this number notices a crashed run.
+        connection commits) plus this handle's own commit count. Every few seconds a writable handle also
+        records runs that have become `lost`, so a live view polling only this number notices a crashed
+        run (a read-only one cannot; its reads still resolve `lost`).
         """
         with self._lock:
             self._check_open()
             now = time.monotonic()
-            if not self._reap_disabled and now - self._last_reap >= min(2.0, max(self.stale_after_s / 2, 0.05)):
+            if not self.readonly and not self._reap_disabled and now - self._last_reap >= min(2.0, max(self.stale_after_s / 2, 0.05)):
                 self._last_reap = now
                 try:
                     self.reap_lost()
@@ -418,16 +532,16 @@ class Store:
 
     # ------------------------------------------------------------------ run liveness
     def _is_lost(self, row: Mapping[str, Any], now: float | None = None) -> bool:
+        """A `running` run is lost when, on this host, its pid is gone, a zombie or another process
+        (different start time), at once; on another host, when its heartbeat is older than
+        max(REMOTE_STALE_FACTOR x stale_after_s, REMOTE_STALE_MIN_S)."""
         if row.get("status") != "running":
-            return False
-        now = time.time() if now is None else now
-        beat = row.get("heartbeat") or row.get("created") or 0.0
-        age = now - beat
-        if age <= self.stale_after_s:
             return False
         if row.get("host") == self._host:
             return not system.process_alive(row.get("pid"), row.get("pid_start"))
-        return age > max(REMOTE_STALE_FACTOR * self.stale_after_s, REMOTE_STALE_MIN_S)
+        now = time.time() if now is None else now
+        beat = row.get("heartbeat") or row.get("created") or 0.0
+        return now - beat > max(REMOTE_STALE_FACTOR * self.stale_after_s, REMOTE_STALE_MIN_S)
 
     def _resolve_status(self, row: dict, now: float | None = None) -> dict:
         if self._is_lost(row, now):
@@ -435,11 +549,14 @@ class Store:
         return row
 
     def reap_lost(self) -> list[int]:
-        """Record `lost` in the store for running runs whose heartbeat is stale and process gone.
+        """Record `lost` in the store for running runs that read as lost (see `_is_lost`).
 
         Reads already report such runs as `lost`; writing it down makes the change visible to
         `data_version()` pollers and to tools that read the table directly. Returns the run ids marked.
+        A read-only handle refuses (StoreError).
         """
+        if self.readonly:
+            self._refuse_write()
         with self._read() as conn:
             running = self._rows(
                 conn, "SELECT id, status, created, heartbeat, host, pid, pid_start FROM runs WHERE status = 'running'"
@@ -626,6 +743,8 @@ class Store:
             )
 
     def stages(self, run_id: int) -> list[dict]:
+        if "stages" in self._gaps:
+            return []
         with self._read() as conn:
             return self._rows(
                 conn,
@@ -866,7 +985,7 @@ class Store:
     # ------------------------------------------------------------------ reads: runs
     _RUN_LIST_SQL = """
         SELECT r.id, r.name, r.kind, r.status, r.created, r.finished, r.parent_id, r.heartbeat, r.host, r.pid,
-               r.pid_start, r.device, r.error, r.note,
+               {pid_start} AS pid_start, r.device, r.error, r.note,
                (SELECT COUNT(*) FROM runs c WHERE c.parent_id = r.id) AS n_children,
                p.stage AS progress_stage, p.done AS progress_done, p.total AS progress_total
         FROM runs r LEFT JOIN progress p ON p.run_id = r.id
@@ -919,7 +1038,8 @@ class Store:
             wanted = set(statuses) | ({"running"} if "lost" in statuses else set())
             clauses.append(f"r.status IN ({', '.join('?' * len(wanted))})")
             params.extend(sorted(wanted))
-        sql = self._RUN_LIST_SQL + (" WHERE " + " AND ".join(clauses) if clauses else "") + " ORDER BY r.id DESC"
+        sql = self._RUN_LIST_SQL.format(pid_start="NULL" if "pid_start" in self._gaps else "r.pid_start")
+        sql += (" WHERE " + " AND ".join(clauses) if clauses else "") + " ORDER BY r.id DESC"
         if limit is not None and statuses is None:
             sql += " LIMIT ?"
             params.append(int(limit))

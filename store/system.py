@@ -3,8 +3,9 @@
 SQLite's WAL mode keeps its index in a memory-mapped `-shm` file and relies on POSIX locks; on NFS,
 SMB/CIFS, sshfs, 9p and similar filesystems those are unreliable, and concurrent readers and writers can
 corrupt the database (https://www.sqlite.org/wal.html, "WAL does not work over a network filesystem").
-The store therefore refuses such paths. Liveness checks back the `lost` run status: a run whose
-heartbeat is stale and whose process is gone on this host cannot still be running.
+The store therefore refuses such paths. `write_blocker` says why a store could not be written (a
+read-only mount, file or folder), which decides between a writable and a read-only open. Liveness
+checks back the `lost` run status: a run on this host whose process is gone cannot still be running.
 """
 
 from __future__ import annotations
@@ -95,6 +96,28 @@ def check_local_filesystem(path: str | os.PathLike, mounts_text: str | None = No
             f"disk (shared-memory index and file locks), so put the store on a local path "
             f"(--store PATH or GFATTN_STORE)"
         )
+
+
+def write_blocker(path: str | os.PathLike) -> str | None:
+    """Why the SQLite file `path` (existing or not) cannot be written here, or None when it can.
+
+    Writing a WAL store needs the file and its folder (for the `-wal` and `-shm` files) to be writable.
+    The answer is one clause for an error message: a read-only filesystem, a read-only file, or a
+    folder that is not writable. Checked with `os.access`, so root passes permission bits (as SQLite
+    does) but not a read-only mount.
+    """
+    p = Path(os.path.abspath(os.fspath(path)))
+    folder = p.parent
+    try:
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return f"it is on a read-only filesystem ({folder})"
+    except OSError:
+        pass
+    if p.exists() and not os.access(p, os.W_OK):
+        return "the file is read-only"
+    if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+        return f"its folder {folder} is not writable"
+    return None
 
 
 def hostname() -> str:

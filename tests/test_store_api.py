@@ -316,6 +316,14 @@ def test_lost_needs_stale_heartbeat_and_dead_pid(tmp_path):
         assert st.get_run(alive)["status"] == "running"
 
 
+def test_on_this_host_a_gone_or_reused_pid_is_lost_whatever_the_heartbeat(tmp_path):
+    with Store(tmp_path / "s.db", stale_after_s=3600) as st:
+        dead, reused, mine = st.create_run("dead", "x"), st.create_run("reused", "x"), st.create_run("mine", "x")
+        st._conn.execute("UPDATE runs SET pid = ? WHERE id = ?", (_dead_pid(), dead))
+        st._conn.execute("UPDATE runs SET pid_start = 1 WHERE id = ?", (reused,))  # our pid, another start time
+        assert {r["id"]: r["status"] for r in st.list_runs()} == {dead: "lost", reused: "lost", mine: "running"}
+
+
 def test_process_liveness_checks():
     assert system.process_alive(os.getpid(), system.process_start_ticks(os.getpid()))
     assert not system.process_alive(_dead_pid())
@@ -563,9 +571,10 @@ def test_reopen_run_for_resuming(tmp_path):
         run = st.get_run(r)
         assert run["status"] == "running" and run["error"] is None and run["finished"] is None
         other = st.create_run("other", "pipeline")
-        st._conn.execute("UPDATE runs SET pid = 1, host = ? WHERE id = ?", (socket.gethostname(), other))
+        st._conn.execute("UPDATE runs SET pid = 1, pid_start = ?, host = ? WHERE id = ?",
+                         (system.process_start_ticks(1), socket.gethostname(), other))
         with pytest.raises(StoreError, match="still running"):
-            st.reopen_run(other)  # pid 1 is alive and its heartbeat is fresh
+            st.reopen_run(other)  # pid 1 is alive (with the recorded start time)
         st._conn.execute("UPDATE runs SET pid = ?, heartbeat = 1.0e9 WHERE id = ?", (_dead_pid(), other))
         st.reopen_run(other)  # lost: may be taken over
         assert st.get_run(other)["pid"] == os.getpid()

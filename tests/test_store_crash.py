@@ -6,6 +6,7 @@ BATCH metric rows named `b<k>`, a whole gene table whose rows all carry `batch =
 A batch is whole when every row of it is visible or none is.
 """
 
+import json
 import os
 import random
 import signal
@@ -194,3 +195,27 @@ def test_writer_store_refuses_a_closed_handle(tmp_path):
     st.close()
     with pytest.raises(StoreError, match="closed"):
         st.list_runs()
+
+
+def test_a_run_killed_on_this_host_reads_lost_at_once(tmp_path):
+    """The pid (and its start time) is recorded, so no heartbeat timeout is needed on the same host."""
+    path = tmp_path / "s.db"
+    Store(path).close()
+    code = "import sys, time\nfrom store import Store\nst = Store(sys.argv[1])\n" \
+           "print(st.create_run('doomed', 'test'), flush=True)\ntime.sleep(600)\n"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        run = int(proc.stdout.readline())
+        with Store(path, stale_after_s=3600) as st:
+            assert st.get_run(run)["status"] == "running"
+    finally:
+        proc.kill()
+        proc.wait()
+    with Store(path, stale_after_s=3600) as st:  # heartbeat seconds old, far within the threshold
+        assert st.get_run(run)["status"] == "lost"
+        assert [r["id"] for r in st.list_runs(status="lost")] == [run]
+        assert st.reap_lost() == [run]
+    out = subprocess.run([sys.executable, "-m", "pipeline", "runs", "--json", "--store", str(path)],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+    assert out.returncode == 0 and json.loads(out.stdout)[0]["status"] == "lost", out.stderr

@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    with open_store(args.store) as st:
+    with open_store(args.store, readonly=True) as st:
         run_id = resolve_run(st, args.run)
         paths = st.export(run_id, args.out, args.format)
     n = len(paths) - 1  # the manifest is not a table

@@ -12,17 +12,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from pathlib import Path
-
     from pipeline.errors import InputError
     from pipeline.paths import resolve_store_path
     from pipeline.plot import plot_run
     from store import Store
 
     path = resolve_store_path(args.store)
-    if not Path(path).is_file():
-        raise InputError(f"store {path} does not exist; pass --store PATH or run `gfattn pipeline` first")
-    store = Store(path)
+    store = Store(path, create=False, readonly=True)  # a StoreError is one line and exit 2 (pipeline.cli)
     try:
         run_id = store.resolve_run(args.run)
     except Exception as exc:

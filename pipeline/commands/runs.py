@@ -1,8 +1,9 @@
 """`gfattn runs`: list the runs in the experiment store (DESIGN.md, "The store").
 
-Also holds `open_store`, the way every store-reading command opens the store: an existing store only,
-and store problems the user can fix (no store there, a newer schema, a network filesystem, an unknown
-run) reported as one-line `InputError`s (exit status 2).
+Also holds `open_store`, the way every store command opens the store: an existing store only (read-only
+for the commands that only read, so a shared store in a read-only folder can be browsed), and store
+problems the user can fix (no store there, a newer schema, a network filesystem, a read-only store for
+a command that writes, an unknown run) reported as one-line `InputError`s (exit status 2).
 """
 
 from __future__ import annotations
@@ -26,13 +27,15 @@ def add_store_argument(parser: argparse.ArgumentParser) -> None:
 
 
 @contextmanager
-def open_store(store_arg: str | None, *, create: bool = False) -> Iterator["object"]:
-    """Open the store named by `--store` (or the default); StoreError becomes InputError."""
+def open_store(store_arg: str | None, *, create: bool = False, readonly: bool = False) -> Iterator["object"]:
+    """Open the store named by `--store` (or the default); StoreError becomes InputError.
+
+    `readonly=True` (runs, show, export) never migrates or writes: see `store.Store`."""
     from store import Store, StoreError
 
     path = resolve_store_path(store_arg)
     try:
-        st = Store(path, create=create)
+        st = Store(path, create=create and not readonly, readonly=readonly)
     except StoreError as exc:
         raise InputError(str(exc)) from None
     try:
@@ -132,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise InputError(f"--limit must be at least 1, got {args.limit}")
-    with open_store(args.store) as st:
+    with open_store(args.store, readonly=True) as st:
         runs = st.list_runs(status=args.status, name_glob=args.name, tag=args.tag, kind=args.kind, limit=args.limit)
     if args.json:
         json.dump(jsonable(runs), sys.stdout, indent=1, ensure_ascii=False, allow_nan=False)

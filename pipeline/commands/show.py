@@ -90,7 +90,7 @@ def format_show(doc: dict, depth: int = 0) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    with open_store(args.store) as st:
+    with open_store(args.store, readonly=True) as st:
         doc = st.show(resolve_run(st, args.run))
     if args.json:
         json.dump(doc, sys.stdout, indent=1, ensure_ascii=False, allow_nan=False)
