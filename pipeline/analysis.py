@@ -18,7 +18,6 @@ Thesis sections 4.2-4.5 on top of `pipeline.attention` (DESIGN.md, "Attention an
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -27,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import InputError
+from store.jsonsafe import plain
 
 SUFFIXES = ("a", "b")
 
@@ -492,24 +492,6 @@ def _pct_diff_ci(curve_a, curve_b, has, n_boot, seed, alpha, chunk: int = 128):
 
 
 # ------------------------------------------------------------------------------------------- store
-def _plain(obj):
-    """JSON-safe copy: numpy scalars/arrays to Python, NaN/inf to None."""
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _plain(obj.tolist())
-    if isinstance(obj, (np.floating, float)):
-        f = float(obj)
-        return f if math.isfinite(f) else None
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    return obj
-
-
 def length_histogram(lengths, bins: int = 40) -> tuple[np.ndarray, np.ndarray]:
     lengths = np.asarray(lengths)
     if lengths.size == 0:
@@ -543,7 +525,7 @@ def write_pair_analysis(store, run_id: int, result, gene_df: pd.DataFrame | None
     }
 
     def meta(**extra):
-        return _plain({**base_meta, **extra})
+        return plain({**base_meta, **extra})
 
     if result.n_models == 2 and "cosine" in stats:
         store.put_grid(run_id, "cosine", stats["cosine"], lower=stats["cosine_lower"], upper=stats["cosine_upper"])
@@ -581,14 +563,14 @@ def write_pair_analysis(store, run_id: int, result, gene_df: pd.DataFrame | None
     store.put_vector(run_id, "rank_count", result.rank_count, meta=meta())
     store.put_vector(run_id, "rank_special_count", result.rank_special_count, meta=meta())
     counts, edges = length_histogram(result.lengths)
-    store.put_vector(run_id, "length_hist", counts, meta=_plain({"edges": edges, "median": median,
+    store.put_vector(run_id, "length_hist", counts, meta=plain({"edges": edges, "median": median,
                                                                 "n_cells": int(result.n_cells)}))
     if gene_df is not None:
         store.put_gene_table(run_id, "genes", gene_df)
     if de_summary is not None:
-        store.put_json(run_id, "de_overlap", _plain(de_summary))
+        store.put_json(run_id, "de_overlap", plain(de_summary))
     stats_json = {k: v for k, v in stats.items() if not k.startswith("rank_")}
-    store.put_json(run_id, "stats", _plain(stats_json))
+    store.put_json(run_id, "stats", plain(stats_json))
     summary = pair_summary(result, gene_df, stats, model_names=model_names)
     store.put_json(run_id, "summary", summary)
     return summary
@@ -617,7 +599,7 @@ def pair_summary(result, gene_df, stats, *, model_names, top_n: int = 10) -> dic
             top = gene_df[gene_df["n_cells"] >= max(3, int(0.05 * result.n_cells))]
             top = top.sort_values(f"attn_pos_ratio_{s}", ascending=False).head(top_n)
             out[f"top_position_controlled_{s}"] = [r.symbol or r.ensembl_id for r in top.itertuples()]
-    return _plain(out)
+    return plain(out)
 
 
 # --------------------------------------------------------------------------------- orchestration
