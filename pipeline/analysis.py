@@ -534,30 +534,39 @@ def paired_sign_flip_test(x, y, n_perm: int = 10000, seed: int = 0, *, chunk: in
 
 
 def wilcoxon_signed_rank(x, y) -> np.ndarray:
-    """Wilcoxon signed-rank p-value of x - y per feature (axis 0 = cells); 1 where all differences are 0."""
-    from scipy.stats import wilcoxon
+    """Wilcoxon signed-rank p-value of x - y per feature (axis 0 = cells); 1 where all differences are 0.
+
+    `scipy.stats.wilcoxon(..., zero_method="wilcox", axis=0)`. Its default `method="auto"` picks the exact,
+    permutation or normal-approximation p-value from the whole array's zeros and ties; here it is picked
+    per feature, as for a single feature, so each p-value is the one that feature alone would get.
+    """
+    from scipy.stats import PermutationMethod, wilcoxon
 
     d = np.asarray(x, dtype=np.float64) - np.asarray(y, dtype=np.float64)
     n = d.shape[0]
     shape = d.shape[1:]
     d = d.reshape(n, -1)
     out = np.ones(d.shape[1])
-    for f in range(d.shape[1]):
-        if np.any(d[:, f] != 0):
-            out[f] = float(wilcoxon(d[:, f], zero_method="wilcox").pvalue)
+    live = np.any(d != 0, axis=0)
+    if n > 50:
+        methods = [("asymptotic", live)]
+    else:
+        a = np.sort(np.abs(d), axis=0)
+        clean = ~np.any(d == 0, axis=0) & ~np.any(a[1:] == a[:-1], axis=0)  # no zeros, no ties
+        other = PermutationMethod() if n <= 13 else "asymptotic"
+        methods = [("exact", live & clean), (other, live & ~clean)]
+    for method, cols in methods:
+        if cols.any():
+            out[cols] = wilcoxon(d[:, cols], zero_method="wilcox", method=method, axis=0).pvalue
     return out.reshape(shape)
 
 
 def benjamini_hochberg(p) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values over all entries of `p` (any shape), capped at 1."""
+    from scipy.stats import false_discovery_control
+
     p = np.asarray(p, dtype=np.float64)
-    flat = p.ravel()
-    n = flat.size
-    order = np.argsort(flat)
-    ranked = flat[order] * n / np.arange(1, n + 1)
-    adj = np.minimum.accumulate(ranked[::-1])[::-1]
-    out = np.empty(n)
-    out[order] = np.minimum(adj, 1.0)
-    return out.reshape(p.shape)
+    return false_discovery_control(p.ravel(), method="bh").reshape(p.shape)
 
 
 def attention_statistics(result, *, n_boot: int = 200, n_perm: int = 2000, seed: int = 0, alpha: float = 0.05,
