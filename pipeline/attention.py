@@ -109,7 +109,7 @@ class AttentionResult:
         "cell_cosine",
     )
 
-    def merge(self, other: "AttentionResult") -> "AttentionResult":
+    def merge(self, other: AttentionResult) -> AttentionResult:
         """The result over the union of two disjoint sets of cells of the same dataset (e.g. two shards)."""
         if (self.names, self.n_layers, self.n_heads, self.vocab_size, self.max_len) != (
             other.names, other.n_layers, other.n_heads, other.vocab_size, other.max_len

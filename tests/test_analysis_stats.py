@@ -95,6 +95,7 @@ def test_statistics_of_identical_and_different_models():
     import torch
 
     from pipeline.attention import analyze_attention
+
     from test_attention_engine import PAD, SPECIAL, tiny_bert, v2_cells
 
     model = tiny_bert(11, layers=2, heads=2, hidden=16)

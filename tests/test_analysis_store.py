@@ -14,6 +14,7 @@ from pipeline.analysis import (
     position_controlled_attention,
     write_pair_analysis,
 )
+
 from test_attention_engine import CLS, EOS, PAD, SPECIAL, VOCAB, tiny_bert, v2_cells
 
 ID_TO_GENE = {t: f"ENSG{t:011d}" for t in range(3, VOCAB)} | {PAD: "<pad>", CLS: "<cls>", EOS: "<eos>"}

@@ -7,19 +7,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from _helpers_tokenize import (
-    assert_same_ranking,
-    load_raw_dicts,
-    reference_gene_ids,
-    reference_tokenize,
-    tiny_counts_adata,
-    tiny_vocabulary,
-)
 from pipeline.dictionaries import GeneDictionaries
 from pipeline.errors import InputError
 from pipeline.tokenize import (
-    build_vocabulary,
     REPORT_FILE,
+    build_vocabulary,
     hash_file,
     load_cached_tokenization,
     load_tokenize_report,
@@ -28,6 +20,15 @@ from pipeline.tokenize import (
     tokenization_cache_key,
     tokenize_anndata,
     tokenize_to_disk,
+)
+
+from _helpers_tokenize import (
+    assert_same_ranking,
+    load_raw_dicts,
+    reference_gene_ids,
+    reference_tokenize,
+    tiny_counts_adata,
+    tiny_vocabulary,
 )
 
 

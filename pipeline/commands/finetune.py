@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", help="experiment store (default: $GFATTN_STORE or ./gfattn.db)")
 
 
-def _label_names(values) -> tuple[list[str], "object"]:
+def _label_names(values) -> tuple[list[str], object]:
     """Sorted label names (numerically when every value is a number) and each cell's label index."""
     import numpy as np
 
