@@ -2,6 +2,10 @@
 
 Thesis sections 4.2-4.5 on top of `pipeline.attention` (DESIGN.md, "Attention analyses"):
 
+- derived quantities of an `AttentionResult`'s sums over cells: `rank_received` (per-rank curves),
+  `rank_pct_diff`, `rank_log_ratio`, `rank_norm_received`, `gene_total`, `gene_norm_total`,
+  `gene_expected`, `gene_rank_mean`/`gene_rank_std`, `cosine_grid`, `norm_grid`, `norm_summed_grid`,
+  `length_median`, `special_positions`, `result_differences`;
 - `gene_table`: attention received per gene (thesis table 8) for one or two models: total, min-max scaled,
   per occurrence, norm-weighted (Kobayashi et al. 2020), position-controlled, cells expressing the gene,
   rank mean and standard deviation, mean rank per label group, differences between the models;
@@ -18,7 +22,6 @@ Thesis sections 4.2-4.5 on top of `pipeline.attention` (DESIGN.md, "Attention an
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -27,8 +30,139 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import InputError
+from store.jsonsafe import plain
 
 SUFFIXES = ("a", "b")
+
+
+# ---------------------------------------------------------------------------- derived quantities
+# `pipeline.attention` produces sums over cells (`AttentionResult`); every quantity reported is derived
+# from those sums here.
+def _safe_div(num, den):
+    num = np.asarray(num, dtype=np.float64)
+    den = np.asarray(den, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+
+
+def rank_received(result, per_head: bool = False) -> np.ndarray:
+    """Mean over the cells that have position j of the attention position j receives.
+
+    (M, P) summed over layers and heads, or (M, nl, H, P) with `per_head`; NaN where no cell has j.
+    """
+    total = result.rank_sum if per_head else result.rank_sum.sum(axis=(1, 2))
+    return _safe_div(total, result.rank_count)
+
+
+def _pair_curves(result):
+    if result.n_models != 2:
+        raise ValueError("a difference between models needs two models")
+    curves = rank_received(result)
+    return curves[0], curves[1]
+
+
+def rank_pct_diff(result) -> np.ndarray:
+    """100 (b - a) / a of the per-rank curves summed over layers and heads (thesis fig. 5/6)."""
+    a, b = _pair_curves(result)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(a > 0, 100.0 * (b - a) / np.where(a > 0, a, 1.0), np.nan)
+
+
+def rank_log_ratio(result) -> np.ndarray:
+    """ln(b / a) of the per-rank curves summed over layers and heads."""
+    a, b = _pair_curves(result)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where((a > 0) & (b > 0), np.log(np.where(b > 0, b, 1.0) / np.where(a > 0, a, 1.0)), np.nan)
+
+
+def rank_norm_received(result, per_head: bool = False) -> np.ndarray:
+    """`rank_received` with each attention weight scaled by ||f_h(x_j)|| (Kobayashi et al. 2020)."""
+    total = result.rank_norm_sum if per_head else result.rank_norm_sum.sum(axis=(1, 2))
+    return _safe_div(total, result.rank_count)
+
+
+def gene_total(result) -> np.ndarray:
+    """(M, V) attention received per token id, summed over layers, heads and cells."""
+    return result.gene_sum.sum(axis=(1, 2))
+
+
+def gene_norm_total(result) -> np.ndarray:
+    """(M, V) norm-weighted attention received per token id, summed over layers, heads and cells."""
+    return result.gene_norm_sum.sum(axis=(1, 2))
+
+
+def gene_expected(result, per_head: bool = False) -> np.ndarray:
+    """Attention each token would receive if it got the mean attention of the positions it occupies.
+
+    Sum over its occurrences of `rank_received` at the occurrence's position: (M, V), or (M, nl, H, V)
+    with `per_head`. The position control of analysis 5 is observed / expected.
+    """
+    curve = np.nan_to_num(rank_received(result, per_head=per_head))
+    token = result.gene_pos_keys // result.max_len
+    pos = result.gene_pos_keys % result.max_len
+    weights = curve[..., pos] * result.gene_pos_counts  # (..., K)
+    flat = weights.reshape(-1, weights.shape[-1])
+    out = np.stack([np.bincount(token, weights=row, minlength=result.vocab_size) for row in flat])
+    return out.reshape(*weights.shape[:-1], result.vocab_size)
+
+
+def gene_rank_mean(result) -> np.ndarray:
+    """(V,) mean expression rank of each token over its occurrences (NaN where it never occurs)."""
+    return _safe_div(result.gene_rank_sum, result.gene_occ)
+
+
+def gene_rank_std(result) -> np.ndarray:
+    """Population standard deviation of each gene's rank over its occurrences."""
+    mean = gene_rank_mean(result)
+    var = _safe_div(result.gene_rank_sq, result.gene_occ) - mean**2
+    return np.sqrt(np.clip(var, 0.0, None))
+
+
+def cosine_grid(result) -> np.ndarray | None:
+    """(nl, H) mean over cells of the cosine between the two models' attention; None for one model."""
+    return None if result.cell_cosine is None else result.cell_cosine.mean(axis=0)
+
+
+def norm_grid(result) -> np.ndarray:
+    """(M, nl, H) mean over cells of each cell's mean alpha_ij ||f_h(x_j)||."""
+    return result.cell_norm.mean(axis=1)
+
+
+def norm_summed_grid(result) -> np.ndarray:
+    """(M, nl) mean over cells of each cell's mean ||sum_h alpha^h_ij f_h(x_j)||."""
+    return result.cell_norm_summed.mean(axis=1)
+
+
+def length_median(result) -> float:
+    return float(np.median(result.lengths)) if len(result.lengths) else float("nan")
+
+
+def special_positions(result) -> list[int]:
+    """Positions held by a special token in every cell that has them (e.g. V2's <cls> at 0)."""
+    both = (result.rank_count > 0) & (result.rank_special_count == result.rank_count)
+    return [int(j) for j in np.flatnonzero(both)]
+
+
+def result_differences(got, reference) -> dict[str, float]:
+    """Largest difference of each reported quantity, relative to the reference's largest magnitude.
+
+    For reporting the error of a reduced-precision run (bfloat16 on CUDA) against a float32 one.
+    """
+    pairs = {
+        "cosine": (cosine_grid(got), cosine_grid(reference)),
+        "norm": (norm_grid(got), norm_grid(reference)),
+        "norm_summed": (norm_summed_grid(got), norm_summed_grid(reference)),
+        "rank_received": (rank_received(got), rank_received(reference)),
+        "gene_total": (gene_total(got), gene_total(reference)),
+    }
+    out = {}
+    for name, (a, b) in pairs.items():
+        if a is None or b is None:
+            continue
+        a, b = np.nan_to_num(np.asarray(a, dtype=np.float64)), np.nan_to_num(np.asarray(b, dtype=np.float64))
+        scale = float(np.abs(b).max()) if b.size else 0.0
+        out[name] = float(np.abs(a - b).max() / scale) if scale > 0 else 0.0
+    return out
 
 
 # ------------------------------------------------------------------------------------ gene tables
@@ -36,11 +170,11 @@ def position_controlled_attention(result, *, per_head: bool = False) -> np.ndarr
     """Observed / expected attention per token id: (M, V), or (M, nl, H, V) with `per_head`.
 
     Expected is the sum over the gene's occurrences of the mean attention its position receives
-    (`AttentionResult.rank_received`), so ratios compare a gene with other genes at the same ranks.
+    (`rank_received`), so ratios compare a gene with other genes at the same ranks.
     NaN where the gene never occurs.
     """
-    observed = result.gene_sum if per_head else result.gene_total()
-    expected = result.gene_expected(per_head=per_head)
+    observed = result.gene_sum if per_head else gene_total(result)
+    expected = gene_expected(result, per_head=per_head)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(expected > 0, observed / np.where(expected > 0, expected, 1.0), np.nan)
 
@@ -85,15 +219,15 @@ def gene_table(
     ens = [str(id_to_gene.get(int(t), f"token_{int(t)}")) for t in tokens]
     df = pd.DataFrame({"ensembl_id": ens, "symbol": [symbols.get(e, "") or "" for e in ens], "token_id": tokens})
     df["n_cells"] = result.gene_cells[tokens].astype(np.int64)
-    df["rank_mean"] = result.gene_rank_mean()[tokens]
-    df["rank_std"] = result.gene_rank_std()[tokens]
+    df["rank_mean"] = gene_rank_mean(result)[tokens]
+    df["rank_std"] = gene_rank_std(result)[tokens]
     for g, name in enumerate(result.group_names):
         with np.errstate(invalid="ignore", divide="ignore"):
             occ = result.gene_group_occ[g, tokens]
             df[f"rank_mean_{sql_name(name)}"] = np.where(occ > 0, result.gene_group_rank_sum[g, tokens] / np.maximum(occ, 1), np.nan)
-    total = result.gene_total()[:, tokens]
-    norm = result.gene_norm_total()[:, tokens]
-    expected = result.gene_expected()[:, tokens]
+    total = gene_total(result)[:, tokens]
+    norm = gene_norm_total(result)[:, tokens]
+    expected = gene_expected(result)[:, tokens]
     occ = result.gene_occ[tokens]
     for m in range(result.n_models):
         s = suffixes[m]
@@ -400,30 +534,39 @@ def paired_sign_flip_test(x, y, n_perm: int = 10000, seed: int = 0, *, chunk: in
 
 
 def wilcoxon_signed_rank(x, y) -> np.ndarray:
-    """Wilcoxon signed-rank p-value of x - y per feature (axis 0 = cells); 1 where all differences are 0."""
-    from scipy.stats import wilcoxon
+    """Wilcoxon signed-rank p-value of x - y per feature (axis 0 = cells); 1 where all differences are 0.
+
+    `scipy.stats.wilcoxon(..., zero_method="wilcox", axis=0)`. Its default `method="auto"` picks the exact,
+    permutation or normal-approximation p-value from the whole array's zeros and ties; here it is picked
+    per feature, as for a single feature, so each p-value is the one that feature alone would get.
+    """
+    from scipy.stats import PermutationMethod, wilcoxon
 
     d = np.asarray(x, dtype=np.float64) - np.asarray(y, dtype=np.float64)
     n = d.shape[0]
     shape = d.shape[1:]
     d = d.reshape(n, -1)
     out = np.ones(d.shape[1])
-    for f in range(d.shape[1]):
-        if np.any(d[:, f] != 0):
-            out[f] = float(wilcoxon(d[:, f], zero_method="wilcox").pvalue)
+    live = np.any(d != 0, axis=0)
+    if n > 50:
+        methods = [("asymptotic", live)]
+    else:
+        a = np.sort(np.abs(d), axis=0)
+        clean = ~np.any(d == 0, axis=0) & ~np.any(a[1:] == a[:-1], axis=0)  # no zeros, no ties
+        other = PermutationMethod() if n <= 13 else "asymptotic"
+        methods = [("exact", live & clean), (other, live & ~clean)]
+    for method, cols in methods:
+        if cols.any():
+            out[cols] = wilcoxon(d[:, cols], zero_method="wilcox", method=method, axis=0).pvalue
     return out.reshape(shape)
 
 
 def benjamini_hochberg(p) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values over all entries of `p` (any shape), capped at 1."""
+    from scipy.stats import false_discovery_control
+
     p = np.asarray(p, dtype=np.float64)
-    flat = p.ravel()
-    n = flat.size
-    order = np.argsort(flat)
-    ranked = flat[order] * n / np.arange(1, n + 1)
-    adj = np.minimum.accumulate(ranked[::-1])[::-1]
-    out = np.empty(n)
-    out[order] = np.minimum(adj, 1.0)
-    return out.reshape(p.shape)
+    return false_discovery_control(p.ravel(), method="bh").reshape(p.shape)
 
 
 def attention_statistics(result, *, n_boot: int = 200, n_perm: int = 2000, seed: int = 0, alpha: float = 0.05,
@@ -492,24 +635,6 @@ def _pct_diff_ci(curve_a, curve_b, has, n_boot, seed, alpha, chunk: int = 128):
 
 
 # ------------------------------------------------------------------------------------------- store
-def _plain(obj):
-    """JSON-safe copy: numpy scalars/arrays to Python, NaN/inf to None."""
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _plain(obj.tolist())
-    if isinstance(obj, (np.floating, float)):
-        f = float(obj)
-        return f if math.isfinite(f) else None
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    return obj
-
-
 def length_histogram(lengths, bins: int = 40) -> tuple[np.ndarray, np.ndarray]:
     lengths = np.asarray(lengths)
     if lengths.size == 0:
@@ -535,15 +660,15 @@ def write_pair_analysis(store, run_id: int, result, gene_df: pd.DataFrame | None
     names = SUFFIXES[: result.n_models]
     model_names = tuple(model_names or result.names)
     stats = stats if stats is not None else attention_statistics(result)
-    median = result.length_median()
-    specials = result.special_positions()
+    median = length_median(result)
+    specials = special_positions(result)
     base_meta = {
         "median_length": median, "special_positions": specials, "n_cells": int(result.n_cells),
         "x": "rank position (0-based token index; special tokens kept)", "models": dict(zip(names, model_names)),
     }
 
     def meta(**extra):
-        return _plain({**base_meta, **extra})
+        return plain({**base_meta, **extra})
 
     if result.n_models == 2 and "cosine" in stats:
         store.put_grid(run_id, "cosine", stats["cosine"], lower=stats["cosine_lower"], upper=stats["cosine_upper"])
@@ -557,9 +682,9 @@ def write_pair_analysis(store, run_id: int, result, gene_df: pd.DataFrame | None
         store.put_grid(run_id, f"norm_summed_{s}", col(stats[f"norm_summed_{s}"]),
                        lower=col(stats[f"norm_summed_{s}_lower"]), upper=col(stats[f"norm_summed_{s}_upper"]))
         store.put_grid(run_id, f"centre_{s}", stats[f"centre_{s}"])
-    received = result.rank_received()
-    received_lh = result.rank_received(per_head=True)
-    norm_received = result.rank_norm_received()
+    received = rank_received(result)
+    received_lh = rank_received(result, per_head=True)
+    norm_received = rank_norm_received(result)
     for m, s in enumerate(names):
         extra = {}
         if f"rank_received_{s}_lower" in stats:
@@ -570,7 +695,7 @@ def write_pair_analysis(store, run_id: int, result, gene_df: pd.DataFrame | None
         store.put_vector(run_id, f"rank_received_lh_{s}", received_lh[m], meta=meta(model=model_names[m], axes=["layer", "head", "rank"]))
         store.put_vector(run_id, f"rank_norm_received_{s}", norm_received[m], meta=meta(model=model_names[m]))
     if result.n_models == 2:
-        pct, log_ratio = result.rank_pct_diff(), result.rank_log_ratio()
+        pct, log_ratio = rank_pct_diff(result), rank_log_ratio(result)
         extra = {}
         if "rank_pct_diff_lower" in stats:
             store.put_vector(run_id, "rank_pct_diff_lower", stats["rank_pct_diff_lower"], meta=meta())
@@ -581,14 +706,14 @@ def write_pair_analysis(store, run_id: int, result, gene_df: pd.DataFrame | None
     store.put_vector(run_id, "rank_count", result.rank_count, meta=meta())
     store.put_vector(run_id, "rank_special_count", result.rank_special_count, meta=meta())
     counts, edges = length_histogram(result.lengths)
-    store.put_vector(run_id, "length_hist", counts, meta=_plain({"edges": edges, "median": median,
+    store.put_vector(run_id, "length_hist", counts, meta=plain({"edges": edges, "median": median,
                                                                 "n_cells": int(result.n_cells)}))
     if gene_df is not None:
         store.put_gene_table(run_id, "genes", gene_df)
     if de_summary is not None:
-        store.put_json(run_id, "de_overlap", _plain(de_summary))
+        store.put_json(run_id, "de_overlap", plain(de_summary))
     stats_json = {k: v for k, v in stats.items() if not k.startswith("rank_")}
-    store.put_json(run_id, "stats", _plain(stats_json))
+    store.put_json(run_id, "stats", plain(stats_json))
     summary = pair_summary(result, gene_df, stats, model_names=model_names)
     store.put_json(run_id, "summary", summary)
     return summary
@@ -598,8 +723,8 @@ def pair_summary(result, gene_df, stats, *, model_names, top_n: int = 10) -> dic
     names = SUFFIXES[: result.n_models]
     out = {
         "models": dict(zip(names, model_names)), "n_cells": int(result.n_cells),
-        "median_length": result.length_median(), "max_length": int(result.lengths.max()) if result.n_cells else 0,
-        "n_layers": result.n_layers, "n_heads": result.n_heads, "special_positions": result.special_positions(),
+        "median_length": length_median(result), "max_length": int(result.lengths.max()) if result.n_cells else 0,
+        "n_layers": result.n_layers, "n_heads": result.n_heads, "special_positions": special_positions(result),
         "groups": list(result.group_names), "meta": result.meta,
     }
     if "cosine" in stats:
@@ -617,7 +742,7 @@ def pair_summary(result, gene_df, stats, *, model_names, top_n: int = 10) -> dic
             top = gene_df[gene_df["n_cells"] >= max(3, int(0.05 * result.n_cells))]
             top = top.sort_values(f"attn_pos_ratio_{s}", ascending=False).head(top_n)
             out[f"top_position_controlled_{s}"] = [r.symbol or r.ensembl_id for r in top.itertuples()]
-    return _plain(out)
+    return plain(out)
 
 
 # --------------------------------------------------------------------------------- orchestration

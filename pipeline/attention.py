@@ -57,6 +57,9 @@ _ACTIVE = threading.local()
 class AttentionResult:
     """Sums over cells of every attention quantity, plus per-cell values for statistics.
 
+    Raw sums only: the quantities reported (per-rank means, gene totals, position control, grids) are
+    derived from them by `pipeline.analysis` (`rank_received`, `gene_total`, `gene_expected`, ...).
+
     Axes: M models (1 or 2, in `names` order), n cells (dataset order), nl layers, H heads, P rank
     positions (token index, 0-based, special tokens included), V vocabulary, G label groups.
     """
@@ -106,7 +109,7 @@ class AttentionResult:
         "cell_cosine",
     )
 
-    def merge(self, other: "AttentionResult") -> "AttentionResult":
+    def merge(self, other: AttentionResult) -> AttentionResult:
         """The result over the union of two disjoint sets of cells of the same dataset (e.g. two shards)."""
         if (self.names, self.n_layers, self.n_heads, self.vocab_size, self.max_len) != (
             other.names, other.n_layers, other.n_heads, other.vocab_size, other.max_len
@@ -122,7 +125,7 @@ class AttentionResult:
         values["meta"] = dict(self.meta)
         return AttentionResult(**values)
 
-    # ----- derived quantities
+    # ----- metadata (every derived quantity is a function of `pipeline.analysis`)
     @property
     def n_models(self) -> int:
         return len(self.names)
@@ -131,115 +134,15 @@ class AttentionResult:
     def n_cells(self) -> int:
         return len(self.cell_ids)
 
-    def rank_received(self, per_head: bool = False) -> np.ndarray:
-        """Mean over the cells that have position j of the attention position j receives.
 
-        (M, P) summed over layers and heads, or (M, nl, H, P) with `per_head`; NaN where no cell has j.
-        """
-        total = self.rank_sum if per_head else self.rank_sum.sum(axis=(1, 2))
-        return _safe_div(total, self.rank_count)
+def __getattr__(name: str):
+    # Transitional: `result_differences` moved to `pipeline.analysis` with the other derived quantities;
+    # remove once bench/bench_attention.py imports it from there.
+    if name == "result_differences":
+        from pipeline.analysis import result_differences
 
-    def rank_pct_diff(self) -> np.ndarray:
-        """100 (b - a) / a of the per-rank curves summed over layers and heads (thesis fig. 5/6)."""
-        a, b = self._pair_curves()
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(a > 0, 100.0 * (b - a) / np.where(a > 0, a, 1.0), np.nan)
-
-    def rank_log_ratio(self) -> np.ndarray:
-        """ln(b / a) of the per-rank curves summed over layers and heads."""
-        a, b = self._pair_curves()
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where((a > 0) & (b > 0), np.log(np.where(b > 0, b, 1.0) / np.where(a > 0, a, 1.0)), np.nan)
-
-    def _pair_curves(self):
-        if self.n_models != 2:
-            raise ValueError("a difference between models needs two models")
-        curves = self.rank_received()
-        return curves[0], curves[1]
-
-    def rank_norm_received(self, per_head: bool = False) -> np.ndarray:
-        total = self.rank_norm_sum if per_head else self.rank_norm_sum.sum(axis=(1, 2))
-        return _safe_div(total, self.rank_count)
-
-    def gene_total(self) -> np.ndarray:
-        """(M, V) attention received per token id, summed over layers, heads and cells."""
-        return self.gene_sum.sum(axis=(1, 2))
-
-    def gene_norm_total(self) -> np.ndarray:
-        return self.gene_norm_sum.sum(axis=(1, 2))
-
-    def gene_expected(self, per_head: bool = False) -> np.ndarray:
-        """Attention each token would receive if it got the mean attention of the positions it occupies.
-
-        Sum over its occurrences of `rank_received` at the occurrence's position: (M, V), or (M, nl, H, V)
-        with `per_head`. The position control of analysis 5 is observed / expected.
-        """
-        curve = np.nan_to_num(self.rank_received(per_head=per_head))
-        token = self.gene_pos_keys // self.max_len
-        pos = self.gene_pos_keys % self.max_len
-        weights = curve[..., pos] * self.gene_pos_counts  # (..., K)
-        flat = weights.reshape(-1, weights.shape[-1])
-        out = np.stack([np.bincount(token, weights=row, minlength=self.vocab_size) for row in flat])
-        return out.reshape(*weights.shape[:-1], self.vocab_size)
-
-    def gene_rank_mean(self) -> np.ndarray:
-        return _safe_div(self.gene_rank_sum, self.gene_occ)
-
-    def gene_rank_std(self) -> np.ndarray:
-        """Population standard deviation of each gene's rank over its occurrences."""
-        mean = self.gene_rank_mean()
-        var = _safe_div(self.gene_rank_sq, self.gene_occ) - mean**2
-        return np.sqrt(np.clip(var, 0.0, None))
-
-    def cosine_grid(self) -> np.ndarray | None:
-        return None if self.cell_cosine is None else self.cell_cosine.mean(axis=0)
-
-    def norm_grid(self) -> np.ndarray:
-        """(M, nl, H) mean over cells of each cell's mean alpha_ij ||f_h(x_j)||."""
-        return self.cell_norm.mean(axis=1)
-
-    def norm_summed_grid(self) -> np.ndarray:
-        """(M, nl) mean over cells of each cell's mean ||sum_h alpha^h_ij f_h(x_j)||."""
-        return self.cell_norm_summed.mean(axis=1)
-
-    def length_median(self) -> float:
-        return float(np.median(self.lengths)) if len(self.lengths) else float("nan")
-
-    def special_positions(self) -> list[int]:
-        """Positions held by a special token in every cell that has them (e.g. V2's <cls> at 0)."""
-        both = (self.rank_count > 0) & (self.rank_special_count == self.rank_count)
-        return [int(j) for j in np.flatnonzero(both)]
-
-    def to_store(self, store, run_id: int, *, id_to_gene: dict, symbols: dict | None = None,
-                 names: Sequence[str] = ("a", "b"), reference_set=None, n_boot: int = 200, seed: int = 0):
-        """Write grids, vectors, the gene table and statistics of this result into a run of the store."""
-        from pipeline.analysis import attention_statistics, gene_table, write_pair_analysis
-
-        genes = gene_table(self, id_to_gene, symbols, reference_set=reference_set)
-        stats = attention_statistics(self, n_boot=n_boot, seed=seed)
-        return write_pair_analysis(store, run_id, self, genes, None, stats, model_names=tuple(names))
-
-
-def result_differences(got: AttentionResult, reference: AttentionResult) -> dict[str, float]:
-    """Largest difference of each reported quantity, relative to the reference's largest magnitude.
-
-    For reporting the error of a reduced-precision run (bfloat16 on CUDA) against a float32 one.
-    """
-    pairs = {
-        "cosine": (got.cosine_grid(), reference.cosine_grid()),
-        "norm": (got.norm_grid(), reference.norm_grid()),
-        "norm_summed": (got.norm_summed_grid(), reference.norm_summed_grid()),
-        "rank_received": (got.rank_received(), reference.rank_received()),
-        "gene_total": (got.gene_total(), reference.gene_total()),
-    }
-    out = {}
-    for name, (a, b) in pairs.items():
-        if a is None or b is None:
-            continue
-        a, b = np.nan_to_num(np.asarray(a, dtype=np.float64)), np.nan_to_num(np.asarray(b, dtype=np.float64))
-        scale = float(np.abs(b).max()) if b.size else 0.0
-        out[name] = float(np.abs(a - b).max() / scale) if scale > 0 else 0.0
-    return out
+        return result_differences
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------------------------------- cells
@@ -459,13 +362,6 @@ def _merge_counts(keys: Sequence[np.ndarray], counts: Sequence[np.ndarray]) -> t
     c = np.concatenate([np.asarray(x, dtype=np.float64) for x in counts])
     uniq, inverse = np.unique(k, return_inverse=True)
     return uniq, np.bincount(inverse, weights=c, minlength=len(uniq))
-
-
-def _safe_div(num, den):
-    num = np.asarray(num, dtype=np.float64)
-    den = np.asarray(den, dtype=np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
 
 
 # ----------------------------------------------------------------------------------------- models

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.errors import InputError
+from pipeline.io import atomic_write_bytes, atomic_write_text
 
 Version = Literal["V1", "V2"]
 
@@ -358,15 +359,8 @@ class GeneDictionaries:
         if self.ensembl_mapping is not None:
             items.append(("ensembl_mapping_dict.pkl", dict(self.ensembl_mapping)))
         for name, obj in items:
-            p = d / name
-            tmp = p.with_suffix(".pkl.tmp")
-            with open(tmp, "wb") as fh:
-                pickle.dump(obj, fh, protocol=4)
-            os.replace(tmp, p)
-            out.append(p)
-        meta = d / "gfattn_dictionaries.json"
-        meta.write_text(json.dumps({"version": self.version}) + "\n")
-        out.append(meta)
+            out.append(atomic_write_bytes(d / name, pickle.dumps(obj, protocol=4)))
+        out.append(atomic_write_text(d / "gfattn_dictionaries.json", json.dumps({"version": self.version}) + "\n"))
         return out
 
 

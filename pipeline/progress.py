@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 import time
 from contextlib import contextmanager
+from typing import Callable
 
 
 class Reporter:
@@ -109,6 +110,25 @@ class Reporter:
                 parts.append(message)
             stamp = time.strftime("%H:%M:%S")
             print(f"{stamp} {self._stage or '-':<10} " + ", ".join(parts), file=self.stream, flush=True)
+
+    def callback(self, unit: str = "", *, stage: str | None = None) -> Callable[..., None]:
+        """A `progress(done, total, *, throughput=None, eta_s=None, message=None)` callable, the form the
+        training, pretraining and attention loops report through, forwarding to `update`.
+
+        `stage` labels the lines (and the store's progress row) without entering `stage()`, for a command
+        that records its stages itself; by default the current stage is used.
+        """
+
+        def progress(done, total=None, *, throughput=None, eta_s=None, message=None, **_):
+            previous = self._stage
+            if stage is not None:
+                self._stage = stage
+            try:
+                self.update(done, total, unit=unit, throughput=throughput, eta_s=eta_s, message=message)
+            finally:
+                self._stage = previous
+
+        return progress
 
     def close(self) -> None:
         if self._rich is not None:

@@ -38,6 +38,7 @@ import numpy as np
 
 from pipeline import synth_genes as genes
 from pipeline.errors import InputError
+from store.jsonsafe import plain
 
 # sci-Plex 2, Nutlin-3a arm: doses (uM) and cells per dose after QC
 DOSES_UM: tuple[float, ...] = (0.0, 0.25, 1.25, 2.5, 12.5, 25.0, 125.0, 250.0)
@@ -728,20 +729,6 @@ def make_corpus(n_cells: int = 4000, seed: int = 0, geneformer_dir: str | Path |
     return adata
 
 
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, dict) or hasattr(obj, "items"):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, np.ndarray):
-        return [_plain(v) for v in obj.tolist()]
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, bytes):
-        return obj.decode()
-    return obj
-
-
 def ground_truth(adata) -> dict:
     """`uns["gfattn_truth"]` as plain Python (lists, str, float), also after an h5ad round trip."""
     if TRUTH_KEY not in adata.uns:
@@ -749,7 +736,7 @@ def ground_truth(adata) -> dict:
     raw = adata.uns[TRUTH_KEY]
     if isinstance(raw, (str, bytes)):
         return json.loads(raw)
-    return _plain(raw)
+    return plain(raw)
 
 
 def describe(adata) -> dict:

@@ -46,6 +46,7 @@ from pipeline.data import (
     var_identifiers,
 )
 from pipeline.errors import InputError
+from pipeline.io import dumps, staging_dir
 
 if TYPE_CHECKING:  # pragma: no cover
     import datasets
@@ -56,7 +57,9 @@ if TYPE_CHECKING:  # pragma: no cover
 TARGET_SUM = 10_000
 # Bumped whenever the encoding changes, so cached tokenizations are rebuilt.
 TOKENIZER_FORMAT = 1
-REPORT_FILE = "tokenize_report.json"
+# The tokenization report beside a saved dataset (`save_tokenized`); `datasets` and Geneformer ignore it.
+REPORT_FILE = "gfattn_tokenize_report.json"
+_LEGACY_REPORT_FILE = "tokenize_report.json"  # written by earlier `gfattn tokenize`; still read
 
 _DEFAULT_CHUNK = 4096
 _FLOAT_INF_BITS = np.uint64(0x7FF0_0000_0000_0000)
@@ -599,22 +602,36 @@ def save_tokenized(
     report: TokenizeReport | None = None,
     *,
     overwrite: bool = False,
-    extra: dict | None = None,
+    cache: bool = False,
 ) -> Path:
-    """Write a tokenized dataset with `save_to_disk`, atomically: a temporary sibling is renamed into
-    place, so an error leaves nothing half-written."""
+    """Write a tokenized dataset (`save_to_disk`) and its report (`REPORT_FILE`) into `out_dir`, atomically.
+
+    Everything is written into a temporary sibling that is renamed into place, so `out_dir` is complete or
+    absent, never half-written. An existing non-empty `out_dir` is an error unless `overwrite` (replace it)
+    or `cache`: `out_dir` is then a content-addressed cache entry (named by `tokenization_cache_key`), and
+    a complete entry another process published first is kept, this copy dropped. Read it back with
+    `load_tokenized` (the dataset) and `load_tokenize_report`, or both with `load_cached_tokenization`.
+    """
     out = Path(out_dir)
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not (overwrite or cache):
         raise InputError(f"{out}: already exists; remove it or choose another --out")
-    with _staging_dir(out) as tmp:
+    keep_existing = cache and load_tokenize_report(out) is not None
+    with staging_dir(out, replace=not keep_existing) as tmp:
         ds.save_to_disk(str(tmp))
-        if report is not None or extra:
-            meta = {"format": TOKENIZER_FORMAT}
-            if report is not None:
-                meta["report"] = report.to_dict()
-            meta.update(extra or {})
-            (tmp / REPORT_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+        _write_report(tmp, report)
     return out
+
+
+def load_cached_tokenization(path: str | os.PathLike) -> tuple[datasets.Dataset, TokenizeReport] | None:
+    """The dataset and report of a cache entry written by `save_tokenized`; None when `path` holds none.
+
+    The dataset is memory-mapped from `path` (as `load_tokenized` returns it). An entry without a readable
+    report counts as absent, so the caller tokenizes again and `save_tokenized(..., cache=True)` replaces it.
+    """
+    report = load_tokenize_report(path)
+    if report is None:
+        return None
+    return load_tokenized(path), report
 
 
 def load_tokenized(path: str | os.PathLike) -> datasets.Dataset:
@@ -645,13 +662,23 @@ def load_tokenized(path: str | os.PathLike) -> datasets.Dataset:
 
 
 def load_tokenize_report(path: str | os.PathLike) -> TokenizeReport | None:
-    f = Path(path) / REPORT_FILE
-    if not f.is_file():
-        return None
-    try:
-        return TokenizeReport.from_dict(json.loads(f.read_text()).get("report", {}))
-    except (OSError, ValueError, TypeError):
-        return None
+    """The report saved beside a tokenized dataset, or None (Geneformer's datasets carry none)."""
+    for name in (REPORT_FILE, _LEGACY_REPORT_FILE):
+        f = Path(path) / name
+        if not f.is_file():
+            continue
+        try:
+            d = json.loads(f.read_text())
+            return TokenizeReport.from_dict(d.get("report", d))  # the legacy file nests it under "report"
+        except (OSError, ValueError, TypeError, AttributeError):
+            return None
+    return None
+
+
+def _write_report(directory: Path, report: TokenizeReport | None) -> None:
+    """The report's fields, flat, plus the tokenizer format (the layout the pipeline's cache has used)."""
+    meta = {"format": TOKENIZER_FORMAT, **(report.to_dict() if report is not None else {})}
+    (directory / REPORT_FILE).write_text(dumps(meta, indent=1) + "\n")
 
 
 def tokenize_to_disk(
@@ -673,11 +700,10 @@ def tokenize_to_disk(
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
         raise InputError(f"{out}: already exists; remove it or choose another --out")
     with _Tokenization(adata_or_path, dicts, **_options(kwargs)) as t:
-        with _staging_dir(out) as tmp:
+        with staging_dir(out) as tmp:
             shards = _write_shards(t.batches(), t.schema, tmp, shard_bytes)
             _write_dataset_metadata(tmp, t.schema, shards)
-            meta = {"format": TOKENIZER_FORMAT, "report": t.report.to_dict()}
-            (tmp / REPORT_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+            _write_report(tmp, t.report)
         return t.report
 
 
@@ -731,47 +757,6 @@ def _write_dataset_metadata(directory: Path, schema, shard_names: list[str]) -> 
         shutil.copyfile(probe / "dataset_info.json", directory / "dataset_info.json")
     finally:
         shutil.rmtree(probe, ignore_errors=True)
-
-
-class _staging_dir:
-    """A temporary sibling of `out` that replaces it on success and vanishes on error (with any
-    parent directories it had to create)."""
-
-    def __init__(self, out: Path):
-        self.out = out
-        self.created: list[Path] = []
-
-    def __enter__(self) -> Path:
-        parent = self.out.parent
-        while not parent.exists():
-            self.created.append(parent)
-            parent = parent.parent
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            try:
-                if self.out.is_dir():
-                    shutil.rmtree(self.out)
-                elif self.out.exists():
-                    self.out.unlink()
-                os.rename(self.tmp, self.out)
-                return False
-            except BaseException:
-                self._clean()
-                raise
-        self._clean()
-        return False
-
-    def _clean(self):
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        for d in self.created:  # innermost first
-            try:
-                d.rmdir()
-            except OSError:
-                break
 
 
 # ------------------------------------------------------------------------------------------------

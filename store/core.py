@@ -30,6 +30,7 @@ import numpy as np
 
 from store import schema, system
 from store.errors import RunNotFoundError, SchemaTooNewError, StoreError
+from store.jsonsafe import dumps
 
 RUN_STATUSES = ("running", "completed", "failed", "interrupted", "lost")
 FINISH_STATUSES = ("completed", "failed", "interrupted")
@@ -66,26 +67,9 @@ def _git_commit() -> str | None:
     return _commit_cache[0]
 
 
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, (Path, os.PathLike)):
-        return os.fspath(obj)
-    if isinstance(obj, (set, frozenset, tuple)):
-        return list(obj)
-    if hasattr(obj, "isoformat"):
-        return obj.isoformat()
-    if hasattr(obj, "__dataclass_fields__"):
-        import dataclasses
-
-        return dataclasses.asdict(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
-
-
 def to_json(obj: Any) -> str:
-    return json.dumps(obj, default=_json_default, ensure_ascii=False)
+    """Strict JSON (NaN and infinities as null) of a config, meta or result; see `store.jsonsafe`."""
+    return dumps(obj, ensure_ascii=False)
 
 
 def _from_json(text: str | None) -> Any:

@@ -59,10 +59,43 @@ def test_benjamini_hochberg():
     np.testing.assert_allclose(benjamini_hochberg(np.ones((2, 2))), 1.0)
 
 
+def test_benjamini_hochberg_matches_the_step_up_definition_over_the_whole_grid():
+    rng = np.random.default_rng(4)
+    p = rng.uniform(size=(3, 5)) ** 3
+    flat = p.ravel()
+    n = flat.size
+    ranked = np.sort(flat) * n / np.arange(1, n + 1)
+    want = np.minimum(np.minimum.accumulate(ranked[::-1])[::-1], 1.0)[np.argsort(np.argsort(flat))]
+    np.testing.assert_allclose(benjamini_hochberg(p), want.reshape(p.shape), rtol=1e-12)
+
+
+@pytest.mark.parametrize("n", [5, 12, 20, 80])
+def test_wilcoxon_signed_rank_equals_scipy_feature_by_feature(n):
+    """Zeros, ties and clean features side by side: each p-value is the one the feature alone gets."""
+    import warnings
+
+    from scipy.stats import wilcoxon
+
+    rng = np.random.default_rng(n)
+    d = rng.normal(size=(n, 6))
+    d[:, 0] = 0.0  # no difference at all
+    d[: n // 2, 1] = 0.0  # zeros
+    d[:, 2] = np.round(d[:, 2] * 2) / 2  # ties (and zeros)
+    d[1:, 3] = 0.0  # a single nonzero difference
+    x = rng.normal(size=d.shape)
+    got = wilcoxon_signed_rank(x + d, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        diff = (x + d) - x
+        want = [1.0 if not np.any(diff[:, f]) else wilcoxon(diff[:, f], zero_method="wilcox").pvalue for f in range(6)]
+    np.testing.assert_array_equal(got, want)
+
+
 def test_statistics_of_identical_and_different_models():
     import torch
 
     from pipeline.attention import analyze_attention
+
     from test_attention_engine import PAD, SPECIAL, tiny_bert, v2_cells
 
     model = tiny_bert(11, layers=2, heads=2, hidden=16)

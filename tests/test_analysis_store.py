@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.analysis import gene_table, position_controlled_attention, write_pair_analysis
+from pipeline.analysis import (
+    gene_expected,
+    gene_table,
+    gene_total,
+    length_median,
+    position_controlled_attention,
+    write_pair_analysis,
+)
+
 from test_attention_engine import CLS, EOS, PAD, SPECIAL, VOCAB, tiny_bert, v2_cells
 
 ID_TO_GENE = {t: f"ENSG{t:011d}" for t in range(3, VOCAB)} | {PAD: "<pad>", CLS: "<cls>", EOS: "<eos>"}
@@ -33,8 +41,8 @@ def test_gene_table_columns_and_values(result):
     assert df["attn_b"].is_monotonic_decreasing
     assert df["attn_scaled_a"].max() == pytest.approx(1.0) and df["attn_scaled_a"].min() == pytest.approx(0.0)
     t = df["token_id"].to_numpy()
-    np.testing.assert_allclose(df["attn_a"], result.gene_total()[0, t])
-    np.testing.assert_allclose(df["attn_per_cell_b"], result.gene_total()[1, t] / result.gene_occ[t])
+    np.testing.assert_allclose(df["attn_a"], gene_total(result)[0, t])
+    np.testing.assert_allclose(df["attn_per_cell_b"], gene_total(result)[1, t] / result.gene_occ[t])
     np.testing.assert_allclose(df["attn_pos_ratio_a"], position_controlled_attention(result)[0, t])
     np.testing.assert_allclose(df["attn_diff"], df["attn_b"] - df["attn_a"])
     assert df.loc[df["symbol"] == "G5", "in_reference_set"].tolist() in ([1], [])
@@ -47,12 +55,12 @@ def test_gene_table_columns_and_values(result):
 def test_position_control_is_one_when_attention_follows_position_only(result):
     """A gene that always sits at one position and gets that position's mean attention has ratio 1."""
     ratio = position_controlled_attention(result)
-    expected = result.gene_expected()
+    expected = gene_expected(result)
     assert ratio.shape == (2, VOCAB)
     seen = result.gene_occ > 0
     assert np.all(np.isfinite(ratio[:, seen])) and np.all(np.isnan(ratio[:, ~seen]))
     # summed over all tokens, observed and expected attention are the same total
-    np.testing.assert_allclose(expected.sum(1), result.gene_total().sum(1), rtol=1e-10)
+    np.testing.assert_allclose(expected.sum(1), gene_total(result).sum(1), rtol=1e-10)
     np.testing.assert_allclose(position_controlled_attention(result, per_head=True).shape, (2, 3, 4, VOCAB))
 
 
@@ -77,7 +85,7 @@ def test_write_pair_analysis_into_a_store(result, tmp_path):
     assert st.vector(run, "rank_received_a").shape == (result.max_len,)
     assert st.vector(run, "rank_received_lh_b").shape == (3, 4, result.max_len)
     meta = st.vector_meta(run, "rank_pct_diff")
-    assert meta["median_length"] == pytest.approx(result.length_median()) and meta["special_positions"][0] == 0
+    assert meta["median_length"] == pytest.approx(length_median(result)) and meta["special_positions"][0] == 0
     assert st.vector(run, "length_hist").sum() == result.n_cells
     table = st.gene_table_df(run, "genes")
     assert len(table) == len(genes) and "attn_a" in table.columns

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from pipeline.attention import analyze_attention
+
 from test_attention_engine import ADDITIVE, PAD, SPECIAL, assert_results_close, tiny_bert, v2_cells
 
 

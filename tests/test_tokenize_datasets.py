@@ -7,6 +7,21 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline.dictionaries import GeneDictionaries
+from pipeline.errors import InputError
+from pipeline.tokenize import (
+    REPORT_FILE,
+    build_vocabulary,
+    hash_file,
+    load_cached_tokenization,
+    load_tokenize_report,
+    load_tokenized,
+    save_tokenized,
+    tokenization_cache_key,
+    tokenize_anndata,
+    tokenize_to_disk,
+)
+
 from _helpers_tokenize import (
     assert_same_ranking,
     load_raw_dicts,
@@ -14,18 +29,6 @@ from _helpers_tokenize import (
     reference_tokenize,
     tiny_counts_adata,
     tiny_vocabulary,
-)
-from pipeline.dictionaries import GeneDictionaries
-from pipeline.errors import InputError
-from pipeline.tokenize import (
-    build_vocabulary,
-    hash_file,
-    load_tokenize_report,
-    load_tokenized,
-    save_tokenized,
-    tokenization_cache_key,
-    tokenize_anndata,
-    tokenize_to_disk,
 )
 
 
@@ -106,6 +109,43 @@ def test_save_is_atomic(tiny, tmp_path, monkeypatch):
     with pytest.raises(InputError, match="already exists"):
         save_tokenized(ds, out, report)
     assert sorted(p.name for p in out.parent.iterdir()) == ["tok"]
+
+
+def test_tokenization_cache_entries(tiny, tmp_path):
+    """save_tokenized(..., cache=True) / load_cached_tokenization: what the pipeline caches tokenizations with."""
+    raw, dicts = tiny
+    ds, report = tokenize_anndata(tiny_counts_adata(raw, n_cells=10), dicts)
+    entry = tmp_path / "cache" / "tokenized" / tokenization_cache_key("0" * 64, dicts, {"max_len": 2048})
+    assert load_cached_tokenization(entry) is None
+    assert save_tokenized(ds, entry, report, cache=True) == entry
+    got, got_report = load_cached_tokenization(entry)
+    assert got.to_dict() == ds.to_dict() and got_report == report
+    # the report is the pipeline's flat layout under the pipeline's name, with the tokenizer format
+    on_disk = json.loads((entry / REPORT_FILE).read_text())
+    assert REPORT_FILE == "gfattn_tokenize_report.json" and on_disk["cells_out"] == 10 and on_disk["format"] == 1
+    # a second writer of the same entry neither fails nor replaces the complete copy
+    before = {p.name: p.stat().st_mtime_ns for p in entry.iterdir()}
+    save_tokenized(ds.select(range(3)), entry, report, cache=True)
+    assert {p.name: p.stat().st_mtime_ns for p in entry.iterdir()} == before and len(load_tokenized(entry)) == 10
+    assert sorted(p.name for p in entry.parent.iterdir()) == [entry.name]
+    # an entry without a report is incomplete: not served, replaced by the next save
+    (entry / REPORT_FILE).unlink()
+    assert load_cached_tokenization(entry) is None
+    save_tokenized(ds.select(range(3)), entry, report, cache=True)
+    assert len(load_cached_tokenization(entry)[0]) == 3
+
+
+def test_reads_reports_of_earlier_layouts(tiny, tmp_path):
+    raw, dicts = tiny
+    ds, report = tokenize_anndata(tiny_counts_adata(raw, n_cells=4), dicts)
+    ds.save_to_disk(str(tmp_path / "old"))
+    (tmp_path / "old" / "tokenize_report.json").write_text(json.dumps({"format": 1, "report": report.to_dict()}))
+    assert load_tokenize_report(tmp_path / "old") == report
+    ds.save_to_disk(str(tmp_path / "pipeline"))  # the pipeline's cache wrote the bare report
+    (tmp_path / "pipeline" / REPORT_FILE).write_text(json.dumps(report.to_dict()))
+    assert load_cached_tokenization(tmp_path / "pipeline")[1] == report
+    ds.save_to_disk(str(tmp_path / "none"))
+    assert load_tokenize_report(tmp_path / "none") is None
 
 
 def test_accepts_a_dataset_tokenized_by_geneformer(tmp_path):

@@ -7,9 +7,10 @@ import shutil
 import numpy as np
 import pytest
 
-from _helpers_tokenize import tiny_vocabulary, write_vocabulary
 from pipeline.dictionaries import GeneDictionaries, load_pickle_restricted
 from pipeline.errors import InputError
+
+from _helpers_tokenize import tiny_vocabulary, write_vocabulary
 
 
 class _Payload:

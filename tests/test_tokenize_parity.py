@@ -5,6 +5,10 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
+from pipeline.dictionaries import GeneDictionaries
+from pipeline.paths import shared_dir
+from pipeline.tokenize import normalise_counts, rank_rows, tokenize_anndata
+
 from _helpers_tokenize import (
     assert_same_ranking,
     load_raw_dicts,
@@ -15,9 +19,6 @@ from _helpers_tokenize import (
     tiny_counts_adata,
     tiny_vocabulary,
 )
-from pipeline.dictionaries import GeneDictionaries
-from pipeline.paths import shared_dir
-from pipeline.tokenize import normalise_counts, rank_rows, tokenize_anndata
 
 
 def _geneformer_dir():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.distributed import finetune_distributed, torchrun_command
+from pipeline.launch import WORKER_MODULE, finetune_distributed, torchrun_command
 from pipeline.model import load_classifier
 from pipeline.train import TrainConfig, finetune, seed_everything
 
@@ -17,6 +17,20 @@ def test_torchrun_command_reexecutes_gfattn():
     cmd = torchrun_command(["finetune", "--data", "d"], 2)
     assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
     assert cmd[5:] == ["-m", "pipeline", "finetune", "--data", "d"]
+
+
+def test_workers_run_the_launcher_module_and_primitives_stay_below_training():
+    import json
+    import subprocess
+    import sys
+
+    assert WORKER_MODULE == "pipeline.launch"
+    probe = "import json, sys, pipeline.distributed; print(json.dumps(sorted(m for m in sys.modules if m.startswith('pipeline.'))))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    loaded = set(json.loads(out.stdout))
+    assert "pipeline.train" not in loaded and "pipeline.launch" not in loaded
+    out = subprocess.run([sys.executable, "-m", WORKER_MODULE, "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--job" in out.stdout
 
 
 @pytest.mark.slow

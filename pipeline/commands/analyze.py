@@ -44,7 +44,7 @@ def _check_dir(path, what: str):
 
 
 def run(args) -> int:
-    import sys
+    import contextlib
 
     from pipeline.errors import InputError
     from pipeline.paths import resolve_store_path
@@ -113,18 +113,10 @@ def run(args) -> int:
                "reference": args.de_reference} if args.adata else None,
     }
     run_id = store.create_run(name, "analysis", config, data_path=str(data), model_path=str(model_a), device=device)
-    last = [0.0]
+    from pipeline.progress import Reporter
 
-    def progress(done, total, **_):
-        import time
-
-        store.set_progress(run_id, "attention", done, total, unit="cells")
-        now = time.monotonic()
-        if now - last[0] >= 5.0 or done >= total:
-            last[0] = now
-            print(f"attention {done}/{total} cells", file=sys.stderr, flush=True)
-
-    with store.track(run_id):
+    rep = Reporter(store, run_id)
+    with store.track(run_id), contextlib.closing(rep):
         de = None
         if args.adata:
             import anndata as ad
@@ -144,7 +136,8 @@ def run(args) -> int:
         summary = run_pair_analysis(
             store, run_id, m_a, m_b, ds, dicts=dicts, names=names if model_b is not None else names[:1],
             group_column=args.group_column, de=de, reference_set=reference, top_k=top_k, n_boot=args.n_boot,
-            batch_size=args.batch_size, device=device, dtype=torch.float32, seed=args.seed, progress=progress,
+            batch_size=args.batch_size, device=device, dtype=torch.float32, seed=args.seed,
+            progress=rep.callback("cells", stage="attention"),
         )
         store.set_stage(run_id, "attention", "completed")
     print(f"{name}: {summary['n_cells']} cells, median length {summary['median_length']:.0f}")

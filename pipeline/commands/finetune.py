@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", help="experiment store (default: $GFATTN_STORE or ./gfattn.db)")
 
 
-def _label_names(values) -> tuple[list[str], "object"]:
+def _label_names(values) -> tuple[list[str], object]:
     """Sorted label names (numerically when every value is a number) and each cell's label index."""
     import numpy as np
 
@@ -67,7 +67,7 @@ def _dictionaries(model_dir, geneformer_dir):
 
 
 def run(args) -> int:
-    import sys
+    import contextlib
     from pathlib import Path
 
     from pipeline.errors import InputError
@@ -122,24 +122,16 @@ def run(args) -> int:
         "train": {k: v for k, v in vars(config).items()}, "nproc": args.nproc,
         "split": {"validation": args.validation, "test": args.test},
     }, data_path=str(args.data), model_path=str(args.model), device=args.device)
-    last = [0.0]
+    from pipeline.progress import Reporter
 
-    def progress(done, total, *, throughput=None, eta_s=None, message=None):
-        import time
-
-        now = time.monotonic()
-        if now - last[0] >= 5.0 or done >= total:
-            last[0] = now
-            print(f"finetune {done}/{total} steps" + (f", ETA {eta_s:.0f} s" if eta_s is not None else "")
-                  + (f", {message}" if message else ""), file=sys.stderr, flush=True)
-
-    with store.track(run_id):
+    rep = Reporter()  # the terminal only: `finetune` records its progress in the store itself
+    with store.track(run_id), contextlib.closing(rep):
         store.put_labels(run_id, args.label_column, names)
         split_names = np.empty(len(ds), dtype=object)
         split_names[train_idx], split_names[val_idx], split_names[test_idx] = "train", "validation", "test"
         store.put_split(run_id, [str(c) for c in ds["cell_id"]], split_names.tolist())
         if args.nproc > 1:
-            from pipeline.distributed import finetune_distributed
+            from pipeline.launch import finetune_distributed
 
             result = finetune_distributed(args.model, parts, label_names=names, mode=args.mode, config=config,
                                           nproc=args.nproc, store_path=str(store.path), run_id=run_id,
@@ -152,7 +144,7 @@ def run(args) -> int:
                                     data_source=f"cells in {args.data}")
             result = finetune(model, parts["train"], parts["validation"], parts["test"], label_names=names,
                               mode=args.mode, config=config, store=store, run_id=run_id, out_dir=args.out,
-                              progress=progress, dicts=dicts)
+                              progress=rep.callback("steps", stage="finetune"), dicts=dicts)
     m = result.test_metrics
     print(f"{name}: test accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f} "
           f"(best epoch {result.best_epoch}); model saved to {Path(args.out)}")

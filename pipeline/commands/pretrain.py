@@ -38,8 +38,7 @@ def _open_store(path):
 
 
 def run(args) -> int:
-    import sys
-    from contextlib import nullcontext
+    from contextlib import closing, nullcontext
     from pathlib import Path
 
     from pipeline.errors import InputError
@@ -63,19 +62,10 @@ def run(args) -> int:
         run_id = store.create_run(args.name or f"pretrain:{out.name}", "pretrain", {"corpus": str(corpus_path), **hyper},
                                   data_path=str(corpus_path), model_path=str(out), device=args.device)
     tracking = store.track(run_id) if store is not None else nullcontext()
-    last = [0.0]
+    from pipeline.progress import Reporter
 
-    def progress(done, total, *, throughput=None, eta_s=None, message=None):
-        import time
-
-        now = time.monotonic()
-        if now - last[0] >= 5.0 or done >= total:
-            last[0] = now
-            eta = f", ETA {eta_s:.0f} s" if eta_s is not None else ""
-            print(f"pretrain {done}/{total} steps{eta}" + (f", {message}" if message else ""), file=sys.stderr,
-                  flush=True)
-
-    with tracking:
+    rep = Reporter()  # the terminal only: `pretrain` records its progress in the store itself
+    with tracking, closing(rep):
         if store is not None:
             store.set_stage(run_id, "vocabulary", "running")
         dicts = build_vocabulary(str(corpus_path), min_cells=args.min_cells)
@@ -86,8 +76,8 @@ def run(args) -> int:
         metrics = pretrain(
             corpus_ds, dicts, out, layers=args.layers, hidden=args.hidden, heads=args.heads,
             intermediate=args.intermediate, max_len=args.max_len, epochs=args.epochs, batch_size=args.batch_size,
-            lr=args.lr, seed=args.seed, time_budget_s=args.time_budget or None, progress=progress,
-            device=args.device, store=store, run_id=run_id,
+            lr=args.lr, seed=args.seed, time_budget_s=args.time_budget or None,
+            progress=rep.callback("steps", stage="pretrain"), device=args.device, store=store, run_id=run_id,
         )
         if store is not None:
             store.set_stage(run_id, "pretrain", "completed")

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import time
 from pathlib import Path
 
 from pipeline.errors import InputError
+from pipeline.io import write_h5ad_atomic  # also imported from here by pipeline.experiment, for now
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,18 +48,6 @@ def _check(args: argparse.Namespace) -> Path:
     if args.n_cells is not None and args.n_cells < 1:
         raise InputError(f"--n-cells {args.n_cells}: must be >= 1")
     return out
-
-
-def write_h5ad_atomic(adata, out: Path) -> None:
-    """Write to a temporary file beside `out`, then rename: no half-written .h5ad on failure."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        adata.write_h5ad(tmp)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def run(args: argparse.Namespace) -> int:
