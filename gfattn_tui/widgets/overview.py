@@ -15,8 +15,8 @@ from textual.widgets import DataTable, Label, ProgressBar, RichLog, Static
 
 from gfattn_tui.format import STATUS_MARKS, as_epoch, fmt_duration, fmt_num, fmt_time, run_duration
 from gfattn_tui.messages import Loaded
-from gfattn_tui.results import flatten_config
 from gfattn_tui.widgets.store_view import RunView
+from store.results import flatten_config
 
 
 def _kv_table(rows: list[tuple[str, object]]) -> Table:
