@@ -17,7 +17,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Input, Label, Static
 
 from gfattn_tui.format import STATUSES, as_epoch, run_duration
-from gfattn_tui.messages import Loaded
+from gfattn_tui.messages import Loaded, OpenRun
 from gfattn_tui.results import headline
 from gfattn_tui.screens.run_actions import RunActions
 from gfattn_tui.widgets.runs_table import RunsTable
@@ -230,9 +230,7 @@ class RunsScreen(RunActions, Screen):
         run = self.current_run()
         if run is None:
             return
-        from gfattn_tui.screens.run import RunScreen
-
-        self.app.push_screen(RunScreen(int(run["id"])))
+        self.post_message(OpenRun(int(run["id"])))
 
     def action_new_run(self) -> None:
         from gfattn_tui.screens.new_run import NewRunScreen
