@@ -43,7 +43,7 @@ class ConfusionView(RunView, VerticalScroll):
                 labels, matrix = ordered_confusion(ft.confusion.labels, ft.confusion.matrix)
                 out.append({
                     "run_id": ft.run_id, "task": ft.task, "mode": ft.mode, "split": ft.confusion.split,
-                    "labels": labels, "matrix": matrix, "accuracy": ft.accuracy, "macro_f1": ft.macro_f1,
+                    "labels": labels, "matrix": matrix, R.METRIC_ACCURACY: ft.accuracy, R.METRIC_MACRO_F1: ft.macro_f1,
                 })
             return out
 
@@ -64,7 +64,7 @@ class ConfusionView(RunView, VerticalScroll):
                 row = Horizontal(
                     *[
                         ConfusionMatrix(_title(m), m["labels"], m["matrix"],
-                                        m["accuracy"], m["macro_f1"], classes="confusion")
+                                        m[R.METRIC_ACCURACY], m[R.METRIC_MACRO_F1], classes="confusion")
                         for m in items
                     ],
                     classes="conf-row conf-task",
