@@ -26,6 +26,7 @@ from gfattn_tui.client import StoreClient
 from gfattn_tui.commands import BindingCommands
 from gfattn_tui.config import ConfigError, TuiConfig
 from gfattn_tui.launcher import LaunchedRun, RunRequest, start_pipeline
+from gfattn_tui.messages import OpenRun
 from gfattn_tui.screens.run_actions import RunActions
 from gfattn_tui.screens.runs import RunsScreen
 
@@ -200,6 +201,13 @@ class GfattnApp(App[None]):
                     timeout=20,
                 )
             self.notify_store_changed()
+
+    # navigation ----------------------------------------------------------------------------------
+    def on_open_run(self, message: OpenRun) -> None:
+        """Views ask for a run by message, so no widget imports the screen that shows it."""
+        from gfattn_tui.screens.run import RunScreen
+
+        self.push_screen(RunScreen(message.run_id, tab=message.tab))
 
     # actions -------------------------------------------------------------------------------------
     def action_toggle_theme(self) -> None:

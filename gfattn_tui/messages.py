@@ -1,4 +1,5 @@
-"""Messages that workers post back to the widgets that started them."""
+"""Messages that workers post back to the widgets that started them, and the requests widgets post to
+the app (so a widget never imports the screen it leads to)."""
 
 from __future__ import annotations
 
@@ -22,3 +23,12 @@ class StoreWritten(Message, bubble=False):
     def __init__(self, summary: str) -> None:
         super().__init__()
         self.summary = summary
+
+
+class OpenRun(Message):
+    """A view asks to open run `run_id` (at `tab`); it bubbles to the app, which pushes the run screen."""
+
+    def __init__(self, run_id: int, tab: str = "overview") -> None:
+        super().__init__()
+        self.run_id = int(run_id)
+        self.tab = tab

@@ -655,8 +655,10 @@ def write_pair_analysis(store, run_id: int, result, gene_df: pd.DataFrame | None
     arrays' names), `rank_received_lh_<s>` (layer, head, rank), `rank_norm_received_<s>`, `rank_pct_diff`
     (+ `_lower`/`_upper`), `rank_log_ratio`, `rank_count`, `rank_special_count`, `length_hist`. Every
     per-rank vector's meta: median length, special-token positions, cells, model name. Gene table
-    `genes`; JSON `de_overlap`, `stats`, `summary`. Returns the summary.
+    `genes`; JSON `de_overlap`, `stats`, `summary` (names: `store.results`). Returns the summary.
     """
+    from store import results as R
+
     names = SUFFIXES[: result.n_models]
     model_names = tuple(model_names or result.names)
     stats = stats if stats is not None else attention_statistics(result)
@@ -671,51 +673,51 @@ def write_pair_analysis(store, run_id: int, result, gene_df: pd.DataFrame | None
         return plain({**base_meta, **extra})
 
     if result.n_models == 2 and "cosine" in stats:
-        store.put_grid(run_id, "cosine", stats["cosine"], lower=stats["cosine_lower"], upper=stats["cosine_upper"])
-        store.put_grid(run_id, "cosine_std", stats["cosine_std"])
-        store.put_grid(run_id, "p_value", stats["p_value"])
-        store.put_grid(run_id, "p_value_adj", stats["p_value_adj"])
-        store.put_grid(run_id, "p_value_norm", stats["p_value_norm"])
+        store.put_grid(run_id, R.GRID_COSINE, stats["cosine"], lower=stats["cosine_lower"], upper=stats["cosine_upper"])
+        store.put_grid(run_id, R.GRID_COSINE_STD, stats["cosine_std"])
+        store.put_grid(run_id, R.GRID_P_VALUE, stats["p_value"])
+        store.put_grid(run_id, R.GRID_P_VALUE_ADJ, stats["p_value_adj"])
+        store.put_grid(run_id, R.GRID_P_VALUE_NORM, stats["p_value_norm"])
     for m, s in enumerate(names):
-        store.put_grid(run_id, f"norm_{s}", stats[f"norm_{s}"], lower=stats[f"norm_{s}_lower"], upper=stats[f"norm_{s}_upper"])
+        store.put_grid(run_id, R.grid_norm(s), stats[f"norm_{s}"], lower=stats[f"norm_{s}_lower"], upper=stats[f"norm_{s}_upper"])
         col = lambda v: np.asarray(v).reshape(-1, 1)  # noqa: E731 - one column: the heads are summed
-        store.put_grid(run_id, f"norm_summed_{s}", col(stats[f"norm_summed_{s}"]),
+        store.put_grid(run_id, R.grid_norm_summed(s), col(stats[f"norm_summed_{s}"]),
                        lower=col(stats[f"norm_summed_{s}_lower"]), upper=col(stats[f"norm_summed_{s}_upper"]))
-        store.put_grid(run_id, f"centre_{s}", stats[f"centre_{s}"])
+        store.put_grid(run_id, R.grid_centre(s), stats[f"centre_{s}"])
     received = rank_received(result)
     received_lh = rank_received(result, per_head=True)
     norm_received = rank_norm_received(result)
     for m, s in enumerate(names):
         extra = {}
         if f"rank_received_{s}_lower" in stats:
-            store.put_vector(run_id, f"rank_received_{s}_lower", stats[f"rank_received_{s}_lower"], meta=meta(model=model_names[m]))
-            store.put_vector(run_id, f"rank_received_{s}_upper", stats[f"rank_received_{s}_upper"], meta=meta(model=model_names[m]))
-            extra = {"lower": f"rank_received_{s}_lower", "upper": f"rank_received_{s}_upper"}
-        store.put_vector(run_id, f"rank_received_{s}", received[m], meta=meta(model=model_names[m], **extra))
-        store.put_vector(run_id, f"rank_received_lh_{s}", received_lh[m], meta=meta(model=model_names[m], axes=["layer", "head", "rank"]))
-        store.put_vector(run_id, f"rank_norm_received_{s}", norm_received[m], meta=meta(model=model_names[m]))
+            store.put_vector(run_id, R.vec_rank_received_lower(s), stats[f"rank_received_{s}_lower"], meta=meta(model=model_names[m]))
+            store.put_vector(run_id, R.vec_rank_received_upper(s), stats[f"rank_received_{s}_upper"], meta=meta(model=model_names[m]))
+            extra = {R.META_LOWER: R.vec_rank_received_lower(s), R.META_UPPER: R.vec_rank_received_upper(s)}
+        store.put_vector(run_id, R.vec_rank_received(s), received[m], meta=meta(model=model_names[m], **extra))
+        store.put_vector(run_id, R.vec_rank_received_lh(s), received_lh[m], meta=meta(model=model_names[m], axes=["layer", "head", "rank"]))
+        store.put_vector(run_id, R.vec_rank_norm_received(s), norm_received[m], meta=meta(model=model_names[m]))
     if result.n_models == 2:
         pct, log_ratio = rank_pct_diff(result), rank_log_ratio(result)
         extra = {}
         if "rank_pct_diff_lower" in stats:
-            store.put_vector(run_id, "rank_pct_diff_lower", stats["rank_pct_diff_lower"], meta=meta())
-            store.put_vector(run_id, "rank_pct_diff_upper", stats["rank_pct_diff_upper"], meta=meta())
-            extra = {"lower": "rank_pct_diff_lower", "upper": "rank_pct_diff_upper"}
-        store.put_vector(run_id, "rank_pct_diff", pct, meta=meta(definition="100 (b - a) / a", **extra))
-        store.put_vector(run_id, "rank_log_ratio", log_ratio, meta=meta(definition="ln(b / a)"))
-    store.put_vector(run_id, "rank_count", result.rank_count, meta=meta())
-    store.put_vector(run_id, "rank_special_count", result.rank_special_count, meta=meta())
+            store.put_vector(run_id, R.VEC_RANK_PCT_DIFF_LOWER, stats["rank_pct_diff_lower"], meta=meta())
+            store.put_vector(run_id, R.VEC_RANK_PCT_DIFF_UPPER, stats["rank_pct_diff_upper"], meta=meta())
+            extra = {R.META_LOWER: R.VEC_RANK_PCT_DIFF_LOWER, R.META_UPPER: R.VEC_RANK_PCT_DIFF_UPPER}
+        store.put_vector(run_id, R.VEC_RANK_PCT_DIFF, pct, meta=meta(definition="100 (b - a) / a", **extra))
+        store.put_vector(run_id, R.VEC_RANK_LOG_RATIO, log_ratio, meta=meta(definition="ln(b / a)"))
+    store.put_vector(run_id, R.VEC_RANK_COUNT, result.rank_count, meta=meta())
+    store.put_vector(run_id, R.VEC_RANK_SPECIAL_COUNT, result.rank_special_count, meta=meta())
     counts, edges = length_histogram(result.lengths)
-    store.put_vector(run_id, "length_hist", counts, meta=plain({"edges": edges, "median": median,
-                                                                "n_cells": int(result.n_cells)}))
+    store.put_vector(run_id, R.VEC_LENGTH_HIST, counts, meta=plain({"edges": edges, "median": median,
+                                                                   "n_cells": int(result.n_cells)}))
     if gene_df is not None:
-        store.put_gene_table(run_id, "genes", gene_df)
+        store.put_gene_table(run_id, R.TABLE_GENES, gene_df)
     if de_summary is not None:
-        store.put_json(run_id, "de_overlap", plain(de_summary))
+        store.put_json(run_id, R.JSON_DE_OVERLAP, plain(de_summary))
     stats_json = {k: v for k, v in stats.items() if not k.startswith("rank_")}
-    store.put_json(run_id, "stats", plain(stats_json))
+    store.put_json(run_id, R.JSON_STATS, plain(stats_json))
     summary = pair_summary(result, gene_df, stats, model_names=model_names)
-    store.put_json(run_id, "summary", summary)
+    store.put_json(run_id, R.JSON_SUMMARY, summary)
     return summary
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from store import results as R
+
 
 def _plt():
     import matplotlib
@@ -39,25 +41,23 @@ def plot_run(store, run_id: int, out_dir: str | Path) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    children = store.children(run_id)
-    by_kind: dict[str, list[dict]] = {}
-    for c in children:
-        by_kind.setdefault(c["kind"], []).append(c)
+    scope = R.collect_scope(store, run_id, depth=1)
 
-    for c in by_kind.get("data", []):
-        cells = store.cells(c["id"])
-        if {"umap1", "umap2"} <= set(cells.columns):
+    for c in scope.data_runs:
+        cells = R.read_data_record(store, c).cells
+        if {R.CELL_UMAP1, R.CELL_UMAP2} <= set(cells.columns):
             fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-            doses = sorted(cells["dose"].unique())
+            doses = sorted(cells[R.CELL_DOSE].unique())
             cmap = plt.get_cmap("viridis", len(doses))
             for i, d in enumerate(doses):
-                m = cells["dose"] == d
-                axes[0].scatter(cells.loc[m, "umap1"], cells.loc[m, "umap2"], s=4, color=cmap(i), label=f"{d:g} uM")
+                m = cells[R.CELL_DOSE] == d
+                axes[0].scatter(cells.loc[m, R.CELL_UMAP1], cells.loc[m, R.CELL_UMAP2], s=4, color=cmap(i),
+                                label=f"{d:g} uM")
             axes[0].set_title("cells by dose")
             axes[0].legend(markerscale=3, fontsize=7)
-            for g, colour in (("low", "tab:blue"), ("high", "tab:red")):
-                m = cells["group"] == g
-                axes[1].scatter(cells.loc[m, "umap1"], cells.loc[m, "umap2"], s=4, color=colour, label=g)
+            for g, colour in ((R.GROUP_LOW, "tab:blue"), (R.GROUP_HIGH, "tab:red")):
+                m = cells[R.CELL_GROUP] == g
+                axes[1].scatter(cells.loc[m, R.CELL_UMAP1], cells.loc[m, R.CELL_UMAP2], s=4, color=colour, label=g)
             axes[1].set_title("cells by group")
             axes[1].legend(markerscale=3, fontsize=7)
             for ax in axes:
@@ -65,61 +65,59 @@ def plot_run(store, run_id: int, out_dir: str | Path) -> list[Path]:
                 ax.set_ylabel("UMAP2")
             _save(fig, out, "fig1_umap", written)
 
-    finetunes = by_kind.get("finetune", [])
-    tasks = sorted({c["name"].split("/")[0] for c in finetunes})
+    finetunes = [R.read_finetune(store, c) for c in scope.of_kind(R.KIND_FINETUNE)]
+    tasks = sorted({ft.task for ft in finetunes})
     for task in tasks:
-        runs = [c for c in finetunes if c["name"].split("/")[0] == task]
-        mats = [(c, store.confusions(c["id"])) for c in runs]
-        mats = [(c, m[0]) for c, m in mats if m]
+        mats = [ft for ft in finetunes if ft.task == task and ft.confusion is not None]
         if not mats:
             continue
         fig, axes = plt.subplots(1, len(mats), figsize=(4.2 * len(mats), 4), squeeze=False)
-        for ax, (c, conf) in zip(axes[0], mats):
-            matrix = np.asarray(conf["matrix"], dtype=float)
+        for ax, ft in zip(axes[0], mats):
+            matrix = np.asarray(ft.confusion.matrix, dtype=float)
             frac = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
             ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
             for i in range(matrix.shape[0]):
                 for j in range(matrix.shape[1]):
                     ax.text(j, i, f"{int(matrix[i, j])}", ha="center", va="center",
                             color="white" if frac[i, j] > 0.5 else "black", fontsize=8)
-            labels = conf["labels"]
+            labels = ft.confusion.labels
             ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=7)
             ax.set_yticks(range(len(labels)), labels, fontsize=7)
-            metrics = {m["name"]: m["value"] for m in store.metrics(c["id"], split="test")}
-            ax.set_title(f"{c['name'].split('/')[1]}\nacc {metrics.get('accuracy', float('nan')):.2f}"
-                         f"  F1 {metrics.get('macro_f1', float('nan')):.2f}", fontsize=9)
+            acc, f1 = (float("nan") if v is None else v for v in (ft.accuracy, ft.macro_f1))
+            ax.set_title(f"{ft.mode}\nacc {acc:.2f}  F1 {f1:.2f}", fontsize=9)
             ax.set_xlabel("predicted")
             ax.set_ylabel("true")
         _save(fig, out, f"fig3_confusion_{_slug(task)}", written)
 
-    for c in by_kind.get("analysis", []):
-        stem = _slug(c["name"])
-        cfg = store.get_run(c["id"]).get("config") or {}
-        names = {"a": cfg.get("model_a", "model a"), "b": cfg.get("model_b", "model b")}
-        grids = store.grid_names(c["id"])
-        if "cosine" in grids:
-            g = store.grid(c["id"], "cosine")
-            fig, ax = plt.subplots(figsize=(1.2 + 0.6 * g["values"].shape[1], 1 + 0.5 * g["values"].shape[0]))
-            im = ax.imshow(g["values"], cmap="magma", vmin=min(0.0, float(np.nanmin(g["values"]))), vmax=1)
-            for (i, j), v in np.ndenumerate(g["values"]):
+    de = R.completed_de(store, scope.de_runs)
+    for c in scope.analyses:
+        an = R.read_pair_analysis(store, c, genes=True)
+        stem = _slug(an.name)
+        names = an.model_names
+        if R.GRID_COSINE in an.grids:
+            g = an.grids[R.GRID_COSINE]
+            fig, ax = plt.subplots(figsize=(1.2 + 0.6 * g.values.shape[1], 1 + 0.5 * g.values.shape[0]))
+            im = ax.imshow(g.values, cmap="magma", vmin=min(0.0, float(np.nanmin(g.values))), vmax=1)
+            for (i, j), v in np.ndenumerate(g.values):
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < 0.6 else "black")
             ax.set_xlabel("head")
             ax.set_ylabel("layer")
-            ax.set_title(f"attention cosine similarity\n{c['name']}", fontsize=9)
+            ax.set_title(f"attention cosine similarity\n{an.name}", fontsize=9)
             fig.colorbar(im, ax=ax)
             _save(fig, out, f"fig4_similarity_{stem}", written)
-        norm_grids = [n for n in grids if n.startswith("norm")]
+        norm_grids = an.norm_grids()
         if norm_grids:
             fig, axes = plt.subplots(1, len(norm_grids), figsize=(3.4 * len(norm_grids), 3.2), squeeze=False,
                                      constrained_layout=True)
-            for ax, n in zip(axes[0], norm_grids):
-                v = np.asarray(store.grid(c["id"], n)["values"], dtype=float)
+            for ax, grid in zip(axes[0], norm_grids):
+                n = grid.name
+                v = np.asarray(grid.values, dtype=float)
                 im = ax.imshow(v, cmap="viridis", aspect="auto")
                 for (i, j), x in np.ndenumerate(v):
                     ax.text(j, i, f"{x:.3g}", ha="center", va="center", fontsize=7,
                             color="white" if x < np.nanmean(v) else "black")
                 model = names.get(n[-1], n[-1])
-                summed = "summed" in n
+                summed = n.startswith(R.grid_norm_summed(""))
                 ax.set_title(f"norm-based, {model}" + (" (heads summed)" if summed else ""), fontsize=8)
                 ax.set_xticks(range(v.shape[1]), ["all"] if summed and v.shape[1] == 1 else range(v.shape[1]))
                 ax.set_yticks(range(v.shape[0]))
@@ -127,46 +125,28 @@ def plot_run(store, run_id: int, out_dir: str | Path) -> list[Path]:
                 ax.set_ylabel("layer")
                 fig.colorbar(im, ax=ax, shrink=0.8)
             _save(fig, out, f"fig9_norms_{stem}", written)
-        vectors = store.vector_names(c["id"])
-        if "rank_pct_diff" in vectors:
+        ranks = an.ranks
+        if ranks.pct_diff is not None:
             fig, axes = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
-            for n in ("rank_received_a", "rank_received_b"):
-                if n in vectors:
-                    axes[0].plot(store.vector(c["id"], n), label=names.get(n[-1], n[-1]), lw=1)
+            for s, values in ranks.received.items():
+                axes[0].plot(values, label=names.get(s, s), lw=1)
             axes[0].set_ylabel("attention received")
             axes[0].legend()
-            axes[1].plot(store.vector(c["id"], "rank_pct_diff"), lw=1, color="tab:purple")
+            axes[1].plot(ranks.pct_diff, lw=1, color="tab:purple")
             axes[1].axhline(0, color="grey", lw=0.5)
             axes[1].set_ylabel(f"% difference ({names['b']} vs {names['a']})")
             axes[1].set_xlabel("rank position")
-            meta = store.vector_meta(c["id"], "length_hist") if "length_hist" in vectors else {}
-            median = (meta or {}).get("median")
+            median = ranks.length_hist.median if ranks.length_hist is not None else None
             if median is not None:
                 for ax in axes:
                     ax.axvline(median, color="tab:red", ls="--", lw=1, label="median length")
-            axes[0].set_title(f"attention received per rank: {c['name']}", fontsize=9)
+            axes[0].set_title(f"attention received per rank: {an.name}", fontsize=9)
             _save(fig, out, f"fig5_ranks_{stem}", written)
-        if "genes" in store.gene_tables(c["id"]):
-            df = store.gene_table_df(c["id"], "genes")
-            de = _de_table(store, by_kind.get("de", []))
-            overlap = store.get_json(c["id"], "de_overlap") if "de_overlap" in store.json_names(c["id"]) else None
-            if de is not None:
-                _attention_vs_de(plt, df, de, overlap, names, out, stem, written)
-            _gene_figures(plt, df, cfg, out, stem, written)
+        if an.genes is not None:
+            if de is not None and de.table is not None:
+                _attention_vs_de(plt, an.genes, de.table, an.de_overlap, names, out, stem, written)
+            _gene_figures(plt, an.genes, out, stem, written)
     return written
-
-
-def _gene_label(row) -> str:
-    """A gene's symbol, or its Ensembl ID where it has none."""
-    return row["symbol"] if isinstance(row.get("symbol"), str) and row["symbol"] else row["ensembl_id"]
-
-
-def _de_table(store, de_runs: list[dict]):
-    """The Wilcoxon table of the run's completed DE child (columns ensembl_id, symbol, score, ...)."""
-    for c in de_runs:
-        if c["status"] == "completed" and "de" in store.gene_tables(c["id"]):
-            return store.gene_table_df(c["id"], "de")
-    return None
 
 
 def _attention_vs_de(plt, genes, de, overlap: dict | None, names: dict, out: Path, stem: str, written: list[Path],
@@ -174,23 +154,25 @@ def _attention_vs_de(plt, genes, de, overlap: dict | None, names: dict, out: Pat
     """Fig. 7: the top DE genes (Wilcoxon score, high vs low) beside the most attended genes of the second
     model, each DE gene labelled with its attention rank and each attended gene marked when it is among
     the top DE genes; a third panel gives the overlap of the two top-k lists against chance (k^2 / N)."""
-    column = "attn_b" if "attn_b" in genes.columns else None
-    if column is None or "score" not in de.columns:
+    a, b = R.MODEL_SUFFIXES
+    column = R.col_attn(b) if R.col_attn(b) in genes.columns else None
+    if column is None or R.COL_SCORE not in de.columns:
         return
-    present = set(genes["ensembl_id"].astype(str))
-    de = de[de["ensembl_id"].astype(str).isin(present)].dropna(subset=["score"])
-    de = de.sort_values("score", ascending=False, kind="stable")
+    present = set(genes[R.COL_ENSEMBL_ID].astype(str))
+    de = de[de[R.COL_ENSEMBL_ID].astype(str).isin(present)].dropna(subset=[R.COL_SCORE])
+    de = de.sort_values(R.COL_SCORE, ascending=False, kind="stable")
     ranked = genes.dropna(subset=[column]).sort_values(column, ascending=False, kind="stable")
-    attn_rank = {g: i + 1 for i, g in enumerate(ranked["ensembl_id"].astype(str))}
-    de_rank = {g: i + 1 for i, g in enumerate(de["ensembl_id"].astype(str))}
+    attn_rank = {g: i + 1 for i, g in enumerate(ranked[R.COL_ENSEMBL_ID].astype(str))}
+    de_rank = {g: i + 1 for i, g in enumerate(de[R.COL_ENSEMBL_ID].astype(str))}
     top_de, top_attn = de.head(top), ranked.head(top)
     panels = 3 if overlap and overlap.get("overlap") else 2
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 0.28 * top + 1.6))
-    labels = [f"{_gene_label(r)}  (attention #{attn_rank.get(str(r['ensembl_id']), '-')})" for _, r in top_de.iterrows()]
-    axes[0].barh(labels[::-1], top_de["score"].to_numpy()[::-1], color="tab:orange")
+    labels = [f"{R.gene_label(r)}  (attention #{attn_rank.get(str(r[R.COL_ENSEMBL_ID]), '-')})"
+              for _, r in top_de.iterrows()]
+    axes[0].barh(labels[::-1], top_de[R.COL_SCORE].to_numpy()[::-1], color="tab:orange")
     axes[0].set_title("top DE genes, high vs low (Wilcoxon score)", fontsize=9)
-    colours = ["tab:red" if de_rank.get(str(g), top + 1) <= top else "tab:blue" for g in top_attn["ensembl_id"]]
-    labels = [f"{_gene_label(r)}  (DE #{de_rank.get(str(r['ensembl_id']), '-')})" for _, r in top_attn.iterrows()]
+    colours = ["tab:red" if de_rank.get(str(g), top + 1) <= top else "tab:blue" for g in top_attn[R.COL_ENSEMBL_ID]]
+    labels = [f"{R.gene_label(r)}  (DE #{de_rank.get(str(r[R.COL_ENSEMBL_ID]), '-')})" for _, r in top_attn.iterrows()]
     axes[1].barh(labels[::-1], top_attn[column].to_numpy()[::-1], color=colours[::-1])
     axes[1].set_title(f"most attended genes, {names['b']} (red: among the top {top} DE)", fontsize=9)
     axes[0].set_xlabel("Wilcoxon score")
@@ -199,7 +181,8 @@ def _attention_vs_de(plt, genes, de, overlap: dict | None, names: dict, out: Pat
         ax.tick_params(axis="y", labelsize=7)
     if panels == 3:
         ax = axes[2]
-        for col, style in (("attn_a", "o--"), ("attn_b", "o-"), ("attn_norm_a", "s--"), ("attn_norm_b", "s-")):
+        for col, style in ((R.col_attn(a), "o--"), (R.col_attn(b), "o-"), (R.col_attn_norm(a), "s--"),
+                           (R.col_attn_norm(b), "s-")):
             block = (overlap.get("by_column") or {}).get(col)
             if not block:
                 continue
@@ -217,10 +200,13 @@ def _attention_vs_de(plt, genes, de, overlap: dict | None, names: dict, out: Pat
     _save(fig, out, f"fig7_attention_vs_de_{stem}", written)
 
 
-def _gene_figures(plt, df, cfg: dict, out: Path, stem: str, written: list[Path], top: int = 20) -> None:
-    cols = [c for c in ("symbol", "ensembl_id", "attn_scaled_a", "attn_scaled_b", "n_cells", "rank_std",
-                        "rank_mean_low", "rank_mean_high", "de_score", "in_reference_set") if c in df.columns]
-    sort_col = "attn_scaled_b" if "attn_scaled_b" in df.columns else cols[-1]
+def _gene_figures(plt, df, out: Path, stem: str, written: list[Path], top: int = 20) -> None:
+    a, b = R.MODEL_SUFFIXES
+    wanted = (R.COL_SYMBOL, R.COL_ENSEMBL_ID, R.col_attn_scaled(a), R.col_attn_scaled(b), R.COL_N_CELLS, R.COL_RANK_STD,
+              R.col_rank_mean_group(R.GROUP_LOW), R.col_rank_mean_group(R.GROUP_HIGH), R.COL_DE_SCORE,
+              R.COL_IN_REFERENCE_SET)
+    cols = [c for c in wanted if c in df.columns]
+    sort_col = R.col_attn_scaled(b) if R.col_attn_scaled(b) in df.columns else cols[-1]
     table = df.sort_values(sort_col, ascending=False).head(top)[cols]
     fig, ax = plt.subplots(figsize=(min(16, 1.6 * len(cols)), 0.35 * (len(table) + 2)))
     ax.axis("off")

@@ -13,15 +13,8 @@ from gfattn_tui.config import ConfigError, TuiConfig
 from gfattn_tui.format import as_epoch, dose_order, fmt_duration, fmt_time, run_duration
 from gfattn_tui.gene_filter import FilterError, parse_gene_filter
 from gfattn_tui.launcher import FALLBACK_PRESETS, RunRequest, available_presets
-from gfattn_tui.results import (
-    config_differences,
-    flatten_config,
-    histogram_axis,
-    ordered_confusion,
-    reduce_rank_vector,
-    scores_from_confusion,
-    task_and_mode,
-)
+from gfattn_tui.results import histogram_axis, ordered_confusion
+from store.results import config_differences, flatten_config, reduce_rank_vector, scores_from_confusion, task_and_mode
 
 
 def test_durations_read_like_a_terminal_clock():

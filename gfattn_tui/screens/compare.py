@@ -18,38 +18,28 @@ from textual_plotext import PlotextPlot
 
 from gfattn_tui.format import STATUS_MARKS, fmt_num
 from gfattn_tui.messages import Loaded
-from gfattn_tui.results import (
-    collect_scope,
-    config_differences,
-    pick_confusion,
-    run_config,
-    task_and_mode,
-    test_scores,
-    training_curves,
-)
 from gfattn_tui.widgets.head_grid import HeadGrid
 from gfattn_tui.widgets.store_view import StoreBacked
+from store import results as R
 
 TABS = [("cmp-metrics", "Metrics"), ("cmp-config", "Config"), ("cmp-grids", "Grids"), ("cmp-curves", "Curves")]
 
 
 def read_side(st, run_id: int) -> dict:
-    scope = collect_scope(st, run_id)
+    scope = R.collect_scope(st, run_id)
     metrics, curves, grids = {}, {}, {}
-    for ft in scope.finetunes:
-        task, mode = task_and_mode(ft)
-        key = f"{task}/{mode}"
-        metrics[key] = test_scores(st, ft["id"], pick_confusion(st.confusions(ft["id"])))
-        curves[key] = training_curves(st, ft)
+    for ft in R.read_finetunes(st, scope, curves=True):
+        metrics[ft.key] = {R.METRIC_ACCURACY: ft.accuracy, R.METRIC_MACRO_F1: ft.macro_f1}
+        curves[ft.key] = ft.curves
     for an in scope.analyses:
-        for name in st.grid_names(an["id"]):
-            grids[f"{an.get('name')} · {name}"] = st.grid(an["id"], name)["values"]
+        for name, grid in R.read_grids(st, an["id"]).items():
+            grids[f"{an.get('name')} · {name}"] = grid.values
     return {"run": scope.run, "metrics": metrics, "curves": curves, "grids": grids}
 
 
 def read_compare(st, a: int, b: int) -> dict:
     side_a, side_b = read_side(st, a), read_side(st, b)
-    diff = config_differences(run_config(side_a["run"]), run_config(side_b["run"]))
+    diff = R.config_differences(R.run_config(side_a["run"]), R.run_config(side_b["run"]))
     return {"a": side_a, "b": side_b, "config_diff": diff}
 
 
@@ -139,7 +129,7 @@ class CompareScreen(StoreBacked, Screen):
         table.add_column(Text("B − A", justify="right"), key="d")
         keys = list(dict.fromkeys([*data["a"]["metrics"], *data["b"]["metrics"]]))
         for key in keys:
-            for metric in ("accuracy", "macro_f1"):
+            for metric in (R.METRIC_ACCURACY, R.METRIC_MACRO_F1):
                 va = data["a"]["metrics"].get(key, {}).get(metric)
                 vb = data["b"]["metrics"].get(key, {}).get(metric)
                 table.add_row(
@@ -171,7 +161,7 @@ class CompareScreen(StoreBacked, Screen):
             options.add_options([Option(k, id=k) for k in keys] or [Option("no grid in both runs", disabled=True)])
         if keys:
             if self.grid_key not in keys:
-                self.grid_key = next((k for k in keys if k.endswith("cosine")), keys[0])
+                self.grid_key = next((k for k in keys if k.endswith(R.GRID_COSINE)), keys[0])
             with options.prevent(OptionList.OptionHighlighted):
                 options.highlighted = keys.index(self.grid_key)
             self._show_grid()
@@ -221,7 +211,7 @@ class CompareScreen(StoreBacked, Screen):
     def _show_curves(self) -> None:
         if not self.data or not self.curve_key:
             return
-        plots = (("#cmp-curve-acc", "accuracy", "validation accuracy"), ("#cmp-curve-loss", "loss", "loss"))
+        plots = (("#cmp-curve-acc", R.METRIC_ACCURACY, "validation accuracy"), ("#cmp-curve-loss", R.METRIC_LOSS, "loss"))
         for plot_id, kind, title in plots:
             plot = self.query_one(plot_id, PlotextPlot)
             plt = plot.plt
@@ -229,7 +219,7 @@ class CompareScreen(StoreBacked, Screen):
             plt.title(f"{self.curve_key}: {title}, A and B overlaid")
             for side in ("a", "b"):
                 for curve in self.data[side]["curves"].get(self.curve_key, {}).get(kind, []):
-                    if kind == "accuracy" and "F1" in curve.label:
+                    if kind == R.METRIC_ACCURACY and "F1" in curve.label:
                         continue
                     draw = plt.scatter if len(curve.x) == 1 else plt.plot
                     marker = "braille" if len(curve.x) > 1 else "dot"

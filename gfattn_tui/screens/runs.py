@@ -17,10 +17,11 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Input, Label, Static
 
 from gfattn_tui.format import STATUSES, as_epoch, run_duration
-from gfattn_tui.messages import Loaded
-from gfattn_tui.results import config_value, headline, run_config, run_preset
+from gfattn_tui.messages import Loaded, OpenRun
+from gfattn_tui.results import headline
 from gfattn_tui.screens.run_actions import RunActions
 from gfattn_tui.widgets.runs_table import RunsTable
+from store import results as R
 
 SORTS = ("started", "name", "status", "duration", "id")
 DETAILS_CHUNK = 25
@@ -229,9 +230,7 @@ class RunsScreen(RunActions, Screen):
         run = self.current_run()
         if run is None:
             return
-        from gfattn_tui.screens.run import RunScreen
-
-        self.app.push_screen(RunScreen(int(run["id"])))
+        self.post_message(OpenRun(int(run["id"])))
 
     def action_new_run(self) -> None:
         from gfattn_tui.screens.new_run import NewRunScreen
@@ -342,9 +341,9 @@ def _details(st, runs: list[dict]) -> dict[int, dict]:
         try:
             full = st.get_run(rid)
             out[rid] = {
-                "preset": run_preset(full),
-                "data_path": full.get("data_path") or config_value(run_config(full), "data.path") or "",
-                "model_path": full.get("model_path") or config_value(run_config(full), "model.path") or "",
+                "preset": R.run_preset(full),
+                "data_path": full.get("data_path") or R.config_value(R.run_config(full), "data.path") or "",
+                "model_path": full.get("model_path") or R.config_value(R.run_config(full), "model.path") or "",
                 "headline": headline(st, run),
             }
         except Exception:  # a run deleted meanwhile, or results still being written

@@ -12,20 +12,18 @@ from textual.widgets import DataTable, OptionList, Select, Static
 from textual.widgets.option_list import Option
 
 from gfattn_tui.messages import Loaded
-from gfattn_tui.results import collect_scope
+from gfattn_tui.results import run_choices
 from gfattn_tui.widgets.analysis_picker import AnalysisPicker
 from gfattn_tui.widgets.head_grid import HeadGrid
 from gfattn_tui.widgets.store_view import RunView
+from store import results as R
 
 
 def read_analysis_grids(st, run_id: int, analysis_id: int | None, grid_name: str | None) -> dict:
-    analyses = [{"id": a["id"], "name": a.get("name")} for a in collect_scope(st, run_id).analyses]
-    ids = [a["id"] for a in analyses]
-    chosen = analysis_id if analysis_id in ids else (ids[0] if ids else None)
+    analyses, chosen = run_choices(R.collect_scope(st, run_id).analyses, analysis_id)
     names = st.grid_names(chosen) if chosen is not None else []
-    if grid_name not in names:
-        grid_name = "cosine" if "cosine" in names else (names[0] if names else None)
-    grid = st.grid(chosen, grid_name) if grid_name else None
+    grid_name = R.default_grid(names, grid_name)
+    grid = R.read_grid(st, chosen, grid_name) if grid_name else None
     return {"analyses": analyses, "chosen": chosen, "names": names, "grid_name": grid_name, "grid": grid}
 
 
@@ -87,8 +85,8 @@ class AttentionView(RunView, Vertical):
             self.query_one("#attn-summary", Static).update("")
             return
         g = data["grid"]
-        grid.show(self.grid_name, g["values"], g.get("lower"), g.get("upper"))
-        values = np.asarray(g["values"], dtype=float)
+        grid.show(self.grid_name, g.values, g.lower, g.upper)
+        values = np.asarray(g.values, dtype=float)
         finite = values[np.isfinite(values)]
         if finite.size:
             self.query_one("#attn-summary", Static).update(

@@ -9,9 +9,10 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import Label, Static
 
 from gfattn_tui.messages import Loaded
-from gfattn_tui.results import collect_scope, ordered_confusion, pick_confusion, task_and_mode, test_scores
+from gfattn_tui.results import ordered_confusion
 from gfattn_tui.widgets.confusion_matrix import ConfusionMatrix
 from gfattn_tui.widgets.store_view import RunView
+from store import results as R
 
 
 class ConfusionView(RunView, VerticalScroll):
@@ -36,16 +37,13 @@ class ConfusionView(RunView, VerticalScroll):
 
         def read(st) -> list[dict]:
             out = []
-            for run in collect_scope(st, run_id).finetunes:
-                confusion = pick_confusion(st.confusions(run["id"]))
-                if confusion is None:
+            for ft in R.read_finetunes(st, R.collect_scope(st, run_id)):
+                if ft.confusion is None:
                     continue
-                labels, matrix = ordered_confusion(confusion["labels"], confusion["matrix"])
-                task, mode = task_and_mode(run)
-                scores = test_scores(st, run["id"], confusion)
+                labels, matrix = ordered_confusion(ft.confusion.labels, ft.confusion.matrix)
                 out.append({
-                    "run_id": run["id"], "task": task, "mode": mode, "split": confusion.get("split"),
-                    "labels": labels, "matrix": matrix, **scores,
+                    "run_id": ft.run_id, "task": ft.task, "mode": ft.mode, "split": ft.confusion.split,
+                    "labels": labels, "matrix": matrix, R.METRIC_ACCURACY: ft.accuracy, R.METRIC_MACRO_F1: ft.macro_f1,
                 })
             return out
 
@@ -66,7 +64,7 @@ class ConfusionView(RunView, VerticalScroll):
                 row = Horizontal(
                     *[
                         ConfusionMatrix(_title(m), m["labels"], m["matrix"],
-                                        m["accuracy"], m["macro_f1"], classes="confusion")
+                                        m[R.METRIC_ACCURACY], m[R.METRIC_MACRO_F1], classes="confusion")
                         for m in items
                     ],
                     classes="conf-row conf-task",

@@ -15,8 +15,9 @@ from textual_plotext import PlotextPlot
 from gfattn_tui.format import label_sort_key
 from gfattn_tui.json_render import render_json
 from gfattn_tui.messages import Loaded
-from gfattn_tui.results import collect_scope, histogram_axis
+from gfattn_tui.results import histogram_axis
 from gfattn_tui.widgets.store_view import RunView
+from store import results as R
 
 MAX_POINTS = 5000
 
@@ -30,25 +31,22 @@ def _fmt_label(value) -> str:
 
 
 def read_data(st, run_id: int) -> dict:
-    scope = collect_scope(st, run_id)
-    runs = scope.data_runs
+    runs = R.collect_scope(st, run_id).data_runs
     out: dict = {"run": None, "cells": None, "labels": {}, "qc": None, "hist": None, "hist_meta": {}}
     if not runs:
         return out
-    data_run = runs[0]
-    rid = data_run["id"]
-    out["run"] = {"id": rid, "name": data_run.get("name")}
-    cells = st.cells(rid)
+    record = R.read_data_record(st, runs[0])
+    out["run"] = {"id": record.run_id, "name": runs[0].get("name")}
+    cells = record.cells
     if len(cells):
         if len(cells) > MAX_POINTS:  # a scatter of more points than the terminal has cells shows nothing more
             cells = cells.sample(MAX_POINTS, random_state=0)
-        out["cells"] = {c: cells[c].tolist() for c in cells.columns if c != "cell_id"}
-    out["labels"] = st.labels(rid)
-    if "qc_report" in st.json_names(rid):
-        out["qc"] = st.get_json(rid, "qc_report")
-    if "length_hist" in st.vector_names(rid):
-        out["hist"] = np.asarray(st.vector(rid, "length_hist"), dtype=float).ravel().tolist()
-        out["hist_meta"] = st.vector_meta(rid, "length_hist")
+        out["cells"] = {c: cells[c].tolist() for c in cells.columns if c != R.CELL_ID}
+    out["labels"] = record.labels
+    out["qc"] = record.qc
+    if record.length_hist is not None:
+        out["hist"] = record.length_hist.counts.tolist()
+        out["hist_meta"] = record.length_hist.meta
     return out
 
 
@@ -59,7 +57,7 @@ class DataView(RunView, VerticalScroll):
         super().__init__(**kwargs)
         self.run_id = run_id
         self.stale = True
-        self.colour_by = "dose"
+        self.colour_by = R.CELL_DOSE
         self.data: dict | None = None
 
     def compose(self) -> ComposeResult:
@@ -111,10 +109,10 @@ class DataView(RunView, VerticalScroll):
         plt = plot.plt
         plt.clear_figure()
         cells = (self.data or {}).get("cells") or {}
-        key = self.colour_by if self.colour_by in cells else ("dose" if "dose" in cells else "group")
-        plt.title(f"UMAP by {key}  (c: by {'group' if key == 'dose' else 'dose'})")
-        if "umap1" in cells and "umap2" in cells:
-            x, y = cells["umap1"], cells["umap2"]
+        key = self.colour_by if self.colour_by in cells else (R.CELL_DOSE if R.CELL_DOSE in cells else R.CELL_GROUP)
+        plt.title(f"UMAP by {key}  (c: by {R.CELL_GROUP if key == R.CELL_DOSE else R.CELL_DOSE})")
+        if R.CELL_UMAP1 in cells and R.CELL_UMAP2 in cells:
+            x, y = cells[R.CELL_UMAP1], cells[R.CELL_UMAP2]
             for label, idx in self._groups(key).items():
                 plt.scatter([x[i] for i in idx], [y[i] for i in idx], label=f"{key} {label}", marker="dot")
         else:
@@ -126,7 +124,7 @@ class DataView(RunView, VerticalScroll):
         plt = plot.plt
         plt.clear_figure()
         cells = (self.data or {}).get("cells") or {}
-        key = "dose" if "dose" in cells else ("class" if "class" in cells else None)
+        key = R.CELL_DOSE if R.CELL_DOSE in cells else (R.CELL_CLASS if R.CELL_CLASS in cells else None)
         plt.title("cells per dose class")
         if key:
             groups = self._groups(key)
@@ -144,8 +142,8 @@ class DataView(RunView, VerticalScroll):
         if data.get("hist"):
             hist = data["hist"]
             plt.bar(histogram_axis(meta, len(hist)), hist, width=0.9)
-        elif "length" in cells:
-            lengths = [float(v) for v in cells["length"] if v is not None]
+        elif R.CELL_LENGTH in cells:
+            lengths = [float(v) for v in cells[R.CELL_LENGTH] if v is not None]
             plt.hist(lengths, bins=20)
             median = float(np.median(lengths)) if lengths else None
         if median is not None:
@@ -154,5 +152,5 @@ class DataView(RunView, VerticalScroll):
         plot.refresh()
 
     def action_colour_by(self) -> None:
-        self.colour_by = "group" if self.colour_by == "dose" else "dose"
+        self.colour_by = R.CELL_GROUP if self.colour_by == R.CELL_DOSE else R.CELL_DOSE
         self._draw_umap()

@@ -14,11 +14,12 @@ from textual_plotext import PlotextPlot
 
 from gfattn_tui.json_render import is_records, render_json
 from gfattn_tui.messages import Loaded
-from gfattn_tui.results import collect_scope
+from gfattn_tui.results import run_choices
 from gfattn_tui.widgets.analysis_picker import AnalysisPicker
 from gfattn_tui.widgets.store_view import RunView
+from store import results as R
 
-PRIMARY = ("de_overlap", "de", "de_vs_attention")
+PRIMARY = R.JSON_DE_NAMES
 
 
 def find_overlap_records(obj: Any) -> list[dict] | None:
@@ -34,14 +35,12 @@ def find_overlap_records(obj: Any) -> list[dict] | None:
 
 
 def read_de(st, run_id: int, analysis_id: int | None) -> dict:
-    analyses = [{"id": a["id"], "name": a.get("name")} for a in collect_scope(st, run_id).analyses]
-    ids = [a["id"] for a in analyses]
-    chosen = analysis_id if analysis_id in ids else (ids[0] if ids else None)
+    analyses, chosen = run_choices(R.collect_scope(st, run_id).analyses, analysis_id)
     results: dict[str, Any] = {}
     if chosen is not None:
-        names = st.json_names(chosen)
-        for name in sorted(names, key=lambda n: (n not in PRIMARY, n)):
-            results[name] = st.get_json(chosen, name)
+        docs = R.read_json(st, chosen)
+        for name in sorted(docs, key=lambda n: (n not in PRIMARY, n)):
+            results[name] = docs[name]
     return {"analyses": analyses, "chosen": chosen, "results": results}
 
 

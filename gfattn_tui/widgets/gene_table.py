@@ -7,7 +7,9 @@ import math
 from rich.text import Text
 from textual.widgets import DataTable
 
-FLAG_COLUMNS = ("in_reference_set",)
+from store.results import COL_IN_REFERENCE_SET
+
+FLAG_COLUMNS = (COL_IN_REFERENCE_SET,)
 
 
 def gene_cell(column: str, value) -> Text | str:

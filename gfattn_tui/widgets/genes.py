@@ -16,18 +16,20 @@ from textual.widgets import DataTable, Input, Label, Select, Static
 
 from gfattn_tui.gene_filter import FilterError, parse_gene_filter
 from gfattn_tui.messages import Loaded
-from gfattn_tui.results import collect_scope
 from gfattn_tui.widgets.analysis_picker import AnalysisPicker
 from gfattn_tui.widgets.gene_table import GeneTable
 from gfattn_tui.widgets.store_view import RunView
+from store import results as R
 
-DEFAULT_SORT = ("attn_scaled_b", "attn_b", "attn_scaled_a", "attn_a", "de_score")
+_A, _B = R.MODEL_SUFFIXES
+DEFAULT_SORT = (R.col_attn_scaled(_B), R.col_attn(_B), R.col_attn_scaled(_A), R.col_attn(_A), R.COL_DE_SCORE)
+ASCENDING_FIRST = (R.COL_SYMBOL, R.COL_ENSEMBL_ID, R.COL_RANK_MEAN)  # columns whose first sort is ascending
 
 
 def read_gene_page(st, run_id: int, q: dict) -> dict:
-    scope = collect_scope(st, run_id)
+    scope = R.collect_scope(st, run_id)
     # attention key-gene tables first, then the differential-expression tables they are compared with
-    analyses = [{"id": r["id"], "name": r.get("name")} for r in [*scope.analyses, *scope.of_kind("de")]]
+    analyses = [{"id": r["id"], "name": r.get("name")} for r in [*scope.analyses, *scope.de_runs]]
     with_tables = []
     for a in analyses:
         tables = st.gene_tables(a["id"])
@@ -40,7 +42,7 @@ def read_gene_page(st, run_id: int, q: dict) -> dict:
     if chosen is None:
         return out
     tables = next(a["tables"] for a in with_tables if a["id"] == chosen)
-    table = q["table"] if q["table"] in tables else ("genes" if "genes" in tables else tables[0])
+    table = q["table"] if q["table"] in tables else (R.TABLE_GENES if R.TABLE_GENES in tables else tables[0])
     columns = st.gene_table_columns(chosen, table)
     order_by = q["order_by"] if q["order_by"] in columns else next((c for c in DEFAULT_SORT if c in columns), None)
     where = q["where"] or None
@@ -213,7 +215,7 @@ class GenesView(RunView, Vertical):
         if column == self.order_by:
             self.descending = not self.descending
         else:
-            self.order_by, self.descending = column, column not in ("symbol", "ensembl_id", "rank_mean")
+            self.order_by, self.descending = column, column not in ASCENDING_FIRST
         self.row_offset = 0
         self.load()
 

@@ -14,9 +14,9 @@ from textual.containers import VerticalScroll
 from textual.widgets import DataTable, Label, ProgressBar, RichLog, Static
 
 from gfattn_tui.format import STATUS_MARKS, as_epoch, fmt_duration, fmt_num, fmt_time, run_duration
-from gfattn_tui.messages import Loaded
-from gfattn_tui.results import flatten_config
+from gfattn_tui.messages import Loaded, OpenRun
 from gfattn_tui.widgets.store_view import RunView
+from store.results import flatten_config
 
 
 def _kv_table(rows: list[tuple[str, object]]) -> Table:
@@ -213,9 +213,7 @@ class OverviewView(RunView, VerticalScroll):
     @on(DataTable.RowSelected, "#ov-children")
     def _open_child(self, event: DataTable.RowSelected) -> None:
         event.stop()
-        from gfattn_tui.screens.run import RunScreen
-
-        self.app.push_screen(RunScreen(int(event.row_key.value)))
+        self.post_message(OpenRun(int(event.row_key.value)))
 
 
 def _path_and_hash(path, digest) -> str:

@@ -11,45 +11,35 @@ from textual.widgets import Select, Static
 from textual_plotext import PlotextPlot
 
 from gfattn_tui.messages import Loaded
-from gfattn_tui.results import collect_scope, compared_models, histogram_axis, reduce_rank_vector
+from gfattn_tui.results import histogram_axis, run_choices
 from gfattn_tui.widgets.analysis_picker import AnalysisPicker
 from gfattn_tui.widgets.store_view import RunView
+from store import results as R
 
 
 def read_ranks(st, run_id: int, analysis_id: int | None) -> dict:
-    scope = collect_scope(st, run_id)
-    analyses = [{"id": a["id"], "name": a.get("name")} for a in scope.analyses]
-    ids = [a["id"] for a in analyses]
-    chosen = analysis_id if analysis_id in ids else (ids[0] if ids else None)
+    scope = R.collect_scope(st, run_id)
+    analyses, chosen = run_choices(scope.analyses, analysis_id)
     out: dict = {"analyses": analyses, "chosen": chosen, "a": None, "b": None, "diff": None, "diff_name": "",
                  "hist": None, "hist_meta": {}, "median": None, "names": ("model a", "model b")}
     if chosen is None:
         return out
-    out["names"] = compared_models(st.get_run(chosen))
-    names = set(st.vector_names(chosen))
-    if "rank_received_a" in names:
-        out["a"] = reduce_rank_vector(st.vector(chosen, "rank_received_a"))
-        out["median"] = st.vector_meta(chosen, "rank_received_a").get("median_length")
-    if "rank_received_b" in names:
-        out["b"] = reduce_rank_vector(st.vector(chosen, "rank_received_b"))
-    for diff_name in ("rank_pct_diff", "rank_log_ratio"):
-        if diff_name in names:
-            out["diff"] = reduce_rank_vector(st.vector(chosen, diff_name))
-            out["diff_name"] = diff_name
+    out["names"] = R.compared_models(st.get_run(chosen))
+    ranks = R.read_rank_curves(st, chosen, hist_sources=[d["id"] for d in scope.data_runs])
+    out["a"], out["b"], out["median"] = ranks.a, ranks.b, ranks.median_length
+    for diff_name, diff in ((R.VEC_RANK_PCT_DIFF, ranks.pct_diff), (R.VEC_RANK_LOG_RATIO, ranks.log_ratio)):
+        if diff is not None:
+            out["diff"], out["diff_name"] = diff, diff_name
             break
     else:
         if out["a"] is not None and out["b"] is not None:
             with np.errstate(divide="ignore", invalid="ignore"):
                 out["diff"] = 100 * (out["b"] - out["a"]) / out["a"]
             out["diff_name"] = "percent difference (computed)"
-    sources = [chosen] + [d["id"] for d in scope.data_runs]
-    for source in sources:
-        if "length_hist" in set(st.vector_names(source)):
-            out["hist"] = np.asarray(st.vector(source, "length_hist"), dtype=float).ravel()
-            out["hist_meta"] = st.vector_meta(source, "length_hist")
-            break
-    if out["hist_meta"].get("median") is not None:
-        out["median"] = out["hist_meta"]["median"]
+    if ranks.length_hist is not None:
+        out["hist"], out["hist_meta"] = ranks.length_hist.counts, ranks.length_hist.meta
+    if out["hist_meta"].get(R.META_MEDIAN) is not None:
+        out["median"] = out["hist_meta"][R.META_MEDIAN]
     return out
 
 

@@ -8,6 +8,7 @@ from rich.text import Text
 from textual.widgets import DataTable
 
 from gfattn_tui.format import STATUS_MARKS, fmt_duration, fmt_time, run_duration, short_path
+from store.results import KIND_PIPELINE
 
 # Ordered by what a glance needs; at 80 columns everything up to the test metrics is visible.
 COLUMNS: list[tuple[str, str, int | None]] = [
@@ -41,7 +42,7 @@ def detail_cells(run: dict, info: dict | None) -> tuple[str, str, str, str]:
     """Preset, data, model and headline cells; blank until the details worker has read them."""
     if info is None:
         return ("…", "", "", "")
-    pipeline = run.get("kind") == "pipeline"
+    pipeline = run.get("kind") == KIND_PIPELINE
     preset = info.get("preset") or ("" if pipeline else str(run.get("kind") or ""))
     data = short_path(info.get("data_path"), 14) if info.get("data_path") else ("synthetic" if pipeline else "")
     model = short_path(info.get("model_path"), 14) if info.get("model_path") else ("embedded" if pipeline else "")

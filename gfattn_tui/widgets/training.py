@@ -12,8 +12,8 @@ from textual.widgets import Static
 from textual_plotext import PlotextPlot
 
 from gfattn_tui.messages import Loaded
-from gfattn_tui.results import collect_scope, task_and_mode, training_curves
 from gfattn_tui.widgets.store_view import RunView
+from store import results as R
 
 
 def safe_id(text: str) -> str:
@@ -38,11 +38,10 @@ class TrainingView(RunView, VerticalScroll):
         run_id = self.run_id
 
         def read(st) -> list[dict]:
-            scope = collect_scope(st, run_id)
             out = []
-            for run in scope.finetunes:
-                task, mode = task_and_mode(run)
-                curves = training_curves(st, run)
+            for run in R.collect_scope(st, run_id).finetunes:
+                task, mode = R.task_and_mode(run)
+                curves = R.training_curves(st, run)
                 out.append({"task": task, "mode": mode, "status": run.get("status"), "curves": curves})
             return out
 
@@ -73,8 +72,8 @@ class TrainingView(RunView, VerticalScroll):
 
     def _draw(self, loss: PlotextPlot, acc: PlotextPlot, task: str, items: list[dict]) -> None:
         for widget, kind, title, xlabel in (
-            (loss, "loss", f"{task}: loss", "step"),
-            (acc, "accuracy", f"{task}: validation accuracy", "epoch"),
+            (loss, R.METRIC_LOSS, f"{task}: loss", "step"),
+            (acc, R.METRIC_ACCURACY, f"{task}: validation accuracy", "epoch"),
         ):
             plt = widget.plt
             plt.clear_figure()
@@ -83,14 +82,14 @@ class TrainingView(RunView, VerticalScroll):
             drawn = False
             for item in items:
                 for curve in item["curves"].get(kind, []):
-                    if curve.label.startswith("val") and kind == "loss":
+                    if curve.label.startswith("val") and kind == R.METRIC_LOSS:
                         continue
-                    if kind == "accuracy" and "F1" in curve.label:
+                    if kind == R.METRIC_ACCURACY and "F1" in curve.label:
                         continue
                     label = item["mode"] + ("" if item["status"] != "running" else " (running)")
                     draw = plt.scatter if len(curve.x) == 1 else plt.plot  # one epoch is a point, not a line
                     draw(curve.x, curve.y, label=label, marker="braille" if len(curve.x) > 1 else "dot")
                     drawn = True
-            if kind == "accuracy" and drawn:
+            if kind == R.METRIC_ACCURACY and drawn:
                 plt.ylim(0, 1)
             widget.refresh()

@@ -1,0 +1,714 @@
+"""The read model of a run's results: every stored name in one place, and typed readers.
+
+The pipeline writes its results into the store under fixed names (grids, per-rank vectors, gene tables,
+JSON documents, metrics, run kinds; contract, "How the pipeline uses runs"). The writers
+(`pipeline.analysis.write_pair_analysis`, the experiment's stages, fine-tuning) and every reader
+(`gfattn plot`, the end-of-run summary, the TUI) name them through the constants here, and the readers
+get them back as dataclasses instead of querying the store themselves.
+
+A `gfattn pipeline` run owns child runs: one "data" run, one "finetune" run per task x mode
+("dose/frozen"), one "de" run and one "analysis" run per compared pair ("lowhigh: frozen vs unfrozen").
+`collect_scope` gathers a run and its descendants, so the same readers serve a pipeline run and a
+single child.
+
+Headless: imports the standard library, numpy and (lazily) pandas only; never textual, torch or
+`pipeline`. Readers take a `store.Store` and do all their reading before they return, so they can run on
+the TUI's store thread.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+# ------------------------------------------------------------------------------------------ run kinds
+KIND_PIPELINE = "pipeline"
+KIND_DATA = "data"
+KIND_FINETUNE = "finetune"
+KIND_DE = "de"
+KIND_ANALYSIS = "analysis"
+KIND_PRETRAIN = "pretrain"
+RUN_KINDS = (KIND_PIPELINE, KIND_DATA, KIND_FINETUNE, KIND_DE, KIND_ANALYSIS, KIND_PRETRAIN)
+
+# ---------------------------------------------------------------------------- tasks and training modes
+TASK_DOSE = "dose"
+TASK_LOWHIGH = "lowhigh"
+TASK_ORDER = {TASK_DOSE: 0, TASK_LOWHIGH: 1}
+MODE_FROZEN = "frozen"
+MODE_UNFROZEN = "unfrozen"
+MODE_ORDER = {MODE_FROZEN: 0, MODE_UNFROZEN: 1}
+GROUP_LOW = "low"
+GROUP_HIGH = "high"
+
+# -------------------------------------------------------------------------------- metrics and splits
+METRIC_LOSS = "loss"
+METRIC_ACCURACY = "accuracy"
+METRIC_MACRO_F1 = "macro_f1"
+METRIC_LR = "lr"
+METRIC_CELLS_PER_S = "cells_per_s"
+METRIC_MASKED_ACCURACY = "masked_accuracy"
+SPLIT_TRAIN = "train"
+SPLIT_VALIDATION = "validation"
+SPLIT_TEST = "test"
+SPLITS = (SPLIT_TRAIN, SPLIT_VALIDATION, SPLIT_TEST)
+# what readers accept besides the names the pipeline writes (older runs, other trainers)
+LOSS_NAMES = (METRIC_LOSS, "train_loss", "train/loss")
+ACCURACY_NAMES = (METRIC_ACCURACY, "acc", "val_accuracy", "eval_accuracy")
+F1_NAMES = (METRIC_MACRO_F1, "f1_macro", "f1")
+VAL_SPLITS = ("val", SPLIT_VALIDATION, "eval", "valid")
+
+
+def per_label_metric(metric: str, label: str) -> str:
+    """"precision/high", "recall/high", "f1/high": the per-class test metrics of a fine-tuning run."""
+    return f"{metric}/{label}"
+
+
+# ---------------------------------------------------------------------------- the compared models
+# An analysis run compares model a with model b; names of per-model results end in "_a" / "_b".
+MODEL_SUFFIXES = ("a", "b")
+
+
+def _suffixed(stem: str, suffix: str) -> str:
+    return f"{stem}_{suffix}"
+
+
+# ------------------------------------------------------------------------ grids (layer x head)
+GRID_COSINE = "cosine"  # lower / upper: the bootstrap CI
+GRID_COSINE_STD = "cosine_std"
+GRID_P_VALUE = "p_value"
+GRID_P_VALUE_ADJ = "p_value_adj"
+GRID_P_VALUE_NORM = "p_value_norm"
+GRID_NORM_PREFIX = "norm_"  # norm_<s> and norm_summed_<s>
+
+
+def grid_norm(suffix: str) -> str:
+    """`norm_a`: norm-based attention per layer and head (Kobayashi et al. 2020), with its CI."""
+    return _suffixed("norm", suffix)
+
+
+def grid_norm_summed(suffix: str) -> str:
+    """`norm_summed_a`: norm-based attention per layer, heads summed (layer x 1), with its CI."""
+    return _suffixed("norm_summed", suffix)
+
+
+def grid_centre(suffix: str) -> str:
+    return _suffixed("centre", suffix)
+
+
+# ----------------------------------------------------------------------------- per-rank vectors
+VEC_RANK_PCT_DIFF = "rank_pct_diff"
+VEC_RANK_PCT_DIFF_LOWER = "rank_pct_diff_lower"
+VEC_RANK_PCT_DIFF_UPPER = "rank_pct_diff_upper"
+VEC_RANK_LOG_RATIO = "rank_log_ratio"
+VEC_RANK_COUNT = "rank_count"
+VEC_RANK_SPECIAL_COUNT = "rank_special_count"
+VEC_LENGTH_HIST = "length_hist"  # on analysis runs and on the data run
+
+
+def vec_rank_received(suffix: str) -> str:
+    return _suffixed("rank_received", suffix)
+
+
+def vec_rank_received_lower(suffix: str) -> str:
+    return f"{vec_rank_received(suffix)}_lower"
+
+
+def vec_rank_received_upper(suffix: str) -> str:
+    return f"{vec_rank_received(suffix)}_upper"
+
+
+def vec_rank_received_lh(suffix: str) -> str:
+    """(layer, head, rank) attention received per rank position."""
+    return _suffixed("rank_received_lh", suffix)
+
+
+def vec_rank_norm_received(suffix: str) -> str:
+    return _suffixed("rank_norm_received", suffix)
+
+
+# vector meta keys
+META_MEDIAN_LENGTH = "median_length"  # per-rank vectors
+META_MEDIAN = "median"  # length_hist
+META_EDGES = "edges"  # length_hist
+META_LOWER = "lower"  # name of the vector holding the lower CI bound
+META_UPPER = "upper"
+META_MODELS = "models"
+
+# ------------------------------------------------------------------------------------- gene tables
+TABLE_GENES = "genes"  # an analysis run's key-gene table (thesis table 8)
+TABLE_DE = "de"  # a DE run's Wilcoxon table
+
+COL_ENSEMBL_ID = "ensembl_id"
+COL_SYMBOL = "symbol"
+COL_TOKEN_ID = "token_id"
+COL_N_CELLS = "n_cells"
+COL_RANK_MEAN = "rank_mean"
+COL_RANK_STD = "rank_std"
+COL_IN_REFERENCE_SET = "in_reference_set"
+COL_DE_SCORE = "de_score"
+COL_ATTN_DIFF = "attn_diff"
+COL_ATTN_LOG2_RATIO = "attn_log2_ratio"
+COL_ATTN_SCALED_DIFF = "attn_scaled_diff"
+COL_POS_RATIO_DIFF = "pos_ratio_diff"
+COL_SCORE = "score"  # the DE table's Wilcoxon score
+TEXT_COLUMNS = (COL_SYMBOL, COL_ENSEMBL_ID)
+
+
+def col_attn(suffix: str) -> str:
+    """Attention received, summed over layers, heads, query rows and cells."""
+    return _suffixed("attn", suffix)
+
+
+def col_attn_scaled(suffix: str) -> str:
+    return _suffixed("attn_scaled", suffix)
+
+
+def col_attn_per_cell(suffix: str) -> str:
+    return _suffixed("attn_per_cell", suffix)
+
+
+def col_attn_norm(suffix: str) -> str:
+    return _suffixed("attn_norm", suffix)
+
+
+def col_attn_expected(suffix: str) -> str:
+    return _suffixed("attn_expected", suffix)
+
+
+def col_attn_pos_ratio(suffix: str) -> str:
+    return _suffixed("attn_pos_ratio", suffix)
+
+
+def col_rank_mean_group(group: str) -> str:
+    return _suffixed(COL_RANK_MEAN, group)
+
+
+# ------------------------------------------------------------------------------------ JSON documents
+JSON_DE_OVERLAP = "de_overlap"
+JSON_STATS = "stats"
+JSON_SUMMARY = "summary"
+JSON_QC_REPORT = "qc_report"  # on the data run
+JSON_PRETRAIN = "pretrain"  # on a pretraining run
+JSON_DE_NAMES = (JSON_DE_OVERLAP, "de", "de_vs_attention")  # where a DE comparison may sit, first first
+
+# ------------------------------------------------------------------------- the data run's cells table
+CELL_ID = "cell_id"
+CELL_DOSE = "dose"
+CELL_DOSE_CLASS = "dose_class"
+CELL_CLASS = "class"
+CELL_GROUP = "group"
+CELL_LENGTH = "length"
+CELL_SPLIT = "split"
+CELL_UMAP1 = "umap1"
+CELL_UMAP2 = "umap2"
+
+
+# ======================================================================================= run config
+def run_config(run: dict) -> dict:
+    cfg = run.get("config")
+    if isinstance(cfg, str):
+        try:
+            cfg = json.loads(cfg)
+        except ValueError:
+            cfg = {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def config_value(cfg: dict, dotted: str, default: Any = None) -> Any:
+    """`config_value(cfg, "data.path")` without failing on missing or non-table sections."""
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def flatten_config(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """{"train": {"epochs": 5}} -> {"train.epochs": 5}; lists stay values."""
+    out: dict[str, Any] = {}
+    if isinstance(cfg, dict):
+        for key, value in cfg.items():
+            path = f"{prefix}.{key}" if prefix else str(key)
+            if isinstance(value, dict) and value:
+                out.update(flatten_config(value, path))
+            else:
+                out[path] = value
+    elif prefix:
+        out[prefix] = cfg
+    return out
+
+
+def config_differences(a: dict, b: dict) -> list[tuple[str, Any, Any]]:
+    fa, fb = flatten_config(a), flatten_config(b)
+    missing = object()
+    rows = []
+    for key in sorted(set(fa) | set(fb)):
+        va, vb = fa.get(key, missing), fb.get(key, missing)
+        if va != vb:
+            rows.append((key, None if va is missing else va, None if vb is missing else vb))
+    return rows
+
+
+def run_preset(run: dict) -> str:
+    cfg = run_config(run)
+    return str(config_value(cfg, "run.preset") or cfg.get("preset") or "")
+
+
+def task_and_mode(run: dict) -> tuple[str, str]:
+    """A finetune run's task and training mode, from its config or its name ("dose/frozen")."""
+    cfg = run_config(run)
+    task, mode = cfg.get("task"), cfg.get("mode")
+    name = str(run.get("name") or "")
+    if (not task or not mode) and "/" in name:
+        t, m = name.rsplit("/", 1)
+        task, mode = task or t.strip(), mode or m.strip()
+    return str(task or name or "?"), str(mode or "?")
+
+
+def mode_sort_key(mode: str) -> tuple[int, str]:
+    return (MODE_ORDER.get(mode, 2), mode)
+
+
+def finetune_sort_key(run: dict) -> tuple:
+    task, mode = task_and_mode(run)
+    return (TASK_ORDER.get(task, 2), task, mode_sort_key(mode), run.get("id", 0))
+
+
+def compared_models(run: dict) -> tuple[str, str]:
+    """The two training modes an analysis run compares: from its config, else its name ("x: a vs b")."""
+    cfg = run_config(run)
+    a = cfg.get("a") or cfg.get("model_a") or cfg.get("mode_a")
+    b = cfg.get("b") or cfg.get("model_b") or cfg.get("mode_b")
+    if not (a and b):
+        match = re.search(r"(\S+)\s+vs\.?\s+(\S+)\s*$", str(run.get("name") or ""))
+        if match:
+            a, b = a or match.group(1), b or match.group(2)
+    return str(a or "model a"), str(b or "model b")
+
+
+# ============================================================================================ scope
+@dataclass
+class Scope:
+    """A run and every run below it (children, grandchildren), in creation order."""
+
+    run: dict
+    runs: list[dict] = field(default_factory=list)
+
+    def of_kind(self, kind: str) -> list[dict]:
+        return [r for r in self.runs if r.get("kind") == kind]
+
+    @property
+    def finetunes(self) -> list[dict]:
+        return sorted(self.of_kind(KIND_FINETUNE), key=finetune_sort_key)
+
+    @property
+    def analyses(self) -> list[dict]:
+        return self.of_kind(KIND_ANALYSIS)
+
+    @property
+    def data_runs(self) -> list[dict]:
+        return self.of_kind(KIND_DATA)
+
+    @property
+    def de_runs(self) -> list[dict]:
+        return self.of_kind(KIND_DE)
+
+
+def full_run(st, run: dict | int) -> dict:
+    """The run with its config: rows of `children` and `list_runs` carry none, `get_run` does."""
+    if isinstance(run, dict) and "config" in run:
+        return run
+    return st.get_run(run["id"] if isinstance(run, dict) else run)
+
+
+def collect_scope(st, run_id: int, *, depth: int = 3) -> Scope:
+    run = st.get_run(run_id)
+    runs = [run]
+    frontier = [run_id]
+    for _ in range(depth):
+        nxt = []
+        for rid in frontier:
+            for child in st.children(rid):
+                runs.append(child)
+                nxt.append(child["id"])
+        if not nxt:
+            break
+        frontier = nxt
+    return Scope(run=run, runs=runs)
+
+
+# ========================================================================================= finetune
+@dataclass
+class Confusion:
+    labels: list[str]
+    matrix: np.ndarray
+    split: str | None = SPLIT_TEST
+
+
+@dataclass
+class Curve:
+    label: str
+    x: list[float]
+    y: list[float]
+
+
+@dataclass
+class FinetuneResult:
+    """One fine-tuning run (task x mode): test scores, the confusion matrix, optionally the curves."""
+
+    run_id: int
+    name: str
+    task: str
+    mode: str
+    status: str | None
+    accuracy: float | None
+    macro_f1: float | None
+    confusion: Confusion | None
+    curves: dict[str, list[Curve]] | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.task}/{self.mode}"
+
+
+def last_metric(rows: Iterable[dict], names: Iterable[str], splits: Iterable[str | None]) -> float | None:
+    names, splits = tuple(names), tuple(splits)
+    best = None
+    for row in rows:
+        if row.get("name") in names and row.get("split") in splits:
+            best = row
+    if best is None:
+        return None
+    try:
+        return float(best["value"])
+    except (TypeError, ValueError):
+        return None
+
+
+def scores_from_confusion(matrix: np.ndarray) -> tuple[float | None, float | None]:
+    m = np.asarray(matrix, dtype=float)
+    total = m.sum()
+    if total <= 0:
+        return None, None
+    acc = float(np.trace(m) / total)
+    f1s = []
+    for i in range(m.shape[0]):
+        tp = m[i, i]
+        precision = tp / m[:, i].sum() if m[:, i].sum() else 0.0
+        recall = tp / m[i, :].sum() if m[i, :].sum() else 0.0
+        f1s.append(0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall))
+    return acc, float(np.mean(f1s))
+
+
+def test_scores(st, run_id: int, confusion: dict | Confusion | None = None) -> dict[str, float | None]:
+    """Test accuracy and macro-F1 as logged, else computed from the test confusion matrix."""
+    rows = st.metrics(run_id, split=SPLIT_TEST)
+    acc = last_metric(rows, ACCURACY_NAMES, (SPLIT_TEST,))
+    f1 = last_metric(rows, F1_NAMES, (SPLIT_TEST,))
+    if (acc is None or f1 is None) and confusion is not None:
+        matrix = confusion.matrix if isinstance(confusion, Confusion) else confusion["matrix"]
+        c_acc, c_f1 = scores_from_confusion(np.asarray(matrix))
+        acc = c_acc if acc is None else acc
+        f1 = c_f1 if f1 is None else f1
+    return {METRIC_ACCURACY: acc, METRIC_MACRO_F1: f1}
+
+
+def test_accuracy(st, run_id: int) -> float | None:
+    """The logged test accuracy only (no confusion fallback): one query."""
+    return last_metric(st.metrics(run_id, split=SPLIT_TEST), ACCURACY_NAMES, (SPLIT_TEST,))
+
+
+def pick_confusion(confusions: list[dict], split: str = SPLIT_TEST) -> dict | None:
+    for c in confusions:
+        if c.get("split") == split:
+            return c
+    return confusions[0] if confusions else None
+
+
+def read_confusion(st, run_id: int, split: str = SPLIT_TEST) -> Confusion | None:
+    """The run's confusion matrix of `split` (else its first one)."""
+    c = pick_confusion(st.confusions(run_id), split)
+    if c is None:
+        return None
+    return Confusion([str(x) for x in c["labels"]], np.asarray(c["matrix"]), c.get("split"))
+
+
+def training_curves(st, run: dict) -> dict[str, list[Curve]]:
+    """Loss by step (train) and validation accuracy/loss by epoch of one finetune run."""
+    rows = st.metrics(run["id"])
+    out: dict[str, list[Curve]] = {METRIC_LOSS: [], METRIC_ACCURACY: []}
+
+    def series(names, splits, axis) -> tuple[list[float], list[float]]:
+        pts = []
+        for r in rows:
+            if r.get("name") in names and r.get("split") in splits and r.get(axis) is not None:
+                try:
+                    pts.append((float(r[axis]), float(r["value"])))
+                except (TypeError, ValueError):
+                    continue
+        pts.sort()
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    x, y = series(LOSS_NAMES, (None, SPLIT_TRAIN), "step")
+    if not x:
+        x, y = series(LOSS_NAMES, (None, SPLIT_TRAIN), "epoch")
+    if x:
+        out[METRIC_LOSS].append(Curve("train", x, y))
+    x, y = series(LOSS_NAMES, VAL_SPLITS, "epoch")
+    if x:
+        out[METRIC_LOSS].append(Curve("val", x, y))
+    x, y = series(ACCURACY_NAMES, VAL_SPLITS, "epoch")
+    if not x:
+        x, y = series(ACCURACY_NAMES, VAL_SPLITS, "step")
+    if x:
+        out[METRIC_ACCURACY].append(Curve("val acc", x, y))
+    x, y = series(F1_NAMES, VAL_SPLITS, "epoch")
+    if x:
+        out[METRIC_ACCURACY].append(Curve("val F1", x, y))
+    return out
+
+
+def read_finetune(st, run: dict, *, curves: bool = False) -> FinetuneResult:
+    """A finetune run's results: scores as logged (else from its confusion matrix), the matrix, curves."""
+    confusion = read_confusion(st, run["id"])
+    scores = test_scores(st, run["id"], confusion)
+    task, mode = task_and_mode(run)
+    return FinetuneResult(
+        run_id=int(run["id"]), name=str(run.get("name") or ""), task=task, mode=mode, status=run.get("status"),
+        accuracy=scores[METRIC_ACCURACY], macro_f1=scores[METRIC_MACRO_F1], confusion=confusion,
+        curves=training_curves(st, run) if curves else None,
+    )
+
+
+def read_finetunes(st, scope: Scope, *, curves: bool = False) -> list[FinetuneResult]:
+    """Every fine-tuning run of the scope, task by task, frozen before unfrozen."""
+    return [read_finetune(st, run, curves=curves) for run in scope.finetunes]
+
+
+# ========================================================================================= analysis
+@dataclass
+class Grid:
+    """A layer x head grid with its stored interval (if any)."""
+
+    name: str
+    values: np.ndarray
+    lower: np.ndarray | None = None
+    upper: np.ndarray | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.values.shape)
+
+
+@dataclass
+class Histogram:
+    counts: np.ndarray
+    meta: dict
+
+    @property
+    def median(self) -> float | None:
+        return self.meta.get(META_MEDIAN)
+
+
+@dataclass
+class RankCurves:
+    """Attention received per rank position (layers and heads summed) of the compared models."""
+
+    received: dict[str, np.ndarray] = field(default_factory=dict)  # by model suffix
+    lower: dict[str, np.ndarray] = field(default_factory=dict)
+    upper: dict[str, np.ndarray] = field(default_factory=dict)
+    pct_diff: np.ndarray | None = None
+    log_ratio: np.ndarray | None = None
+    median_length: float | None = None  # from the first model's vector meta
+    length_hist: Histogram | None = None
+
+    @property
+    def a(self) -> np.ndarray | None:
+        return self.received.get(MODEL_SUFFIXES[0])
+
+    @property
+    def b(self) -> np.ndarray | None:
+        return self.received.get(MODEL_SUFFIXES[1])
+
+
+@dataclass
+class PairAnalysis:
+    """An analysis run: two models' attention compared (thesis 4.2-4.5)."""
+
+    run_id: int
+    name: str
+    status: str | None
+    models: tuple[str, str]
+    grids: dict[str, Grid] = field(default_factory=dict)
+    ranks: RankCurves = field(default_factory=RankCurves)
+    gene_table_names: list[str] = field(default_factory=list)
+    genes: "pd.DataFrame | None" = None
+    de_overlap: dict | None = None
+    stats: dict | None = None
+    summary: dict | None = None
+    json: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model_names(self) -> dict[str, str]:
+        """{"a": "frozen", "b": "unfrozen"}"""
+        return dict(zip(MODEL_SUFFIXES, self.models))
+
+    @property
+    def grid_names(self) -> list[str]:
+        return list(self.grids)
+
+    def norm_grids(self) -> list[Grid]:
+        return [g for g in self.grids.values() if g.name.startswith(GRID_NORM_PREFIX)]
+
+
+def reduce_rank_vector(values: np.ndarray) -> np.ndarray:
+    """Per-rank vectors may carry (layer, head, rank) axes: sum the heads and layers away."""
+    v = np.asarray(values, dtype=float)
+    while v.ndim > 1:
+        v = v.sum(axis=0)
+    return v
+
+
+def default_grid(names: Sequence[str], wanted: str | None = None) -> str | None:
+    """`wanted` if stored, else the cosine similarity, else the first grid."""
+    if wanted in names:
+        return wanted
+    return GRID_COSINE if GRID_COSINE in names else (names[0] if names else None)
+
+
+def read_grid(st, run_id: int, name: str) -> Grid:
+    g = st.grid(run_id, name)
+    arr = lambda v: None if v is None else np.asarray(v)  # noqa: E731
+    return Grid(name, np.asarray(g["values"]), arr(g.get("lower")), arr(g.get("upper")))
+
+
+def read_grids(st, run_id: int, names: Iterable[str] | None = None) -> dict[str, Grid]:
+    stored = st.grid_names(run_id)
+    wanted = stored if names is None else [n for n in names if n in stored]
+    return {n: read_grid(st, run_id, n) for n in wanted}
+
+
+def read_histogram(st, run_id: int, name: str = VEC_LENGTH_HIST) -> Histogram | None:
+    if name not in set(st.vector_names(run_id)):
+        return None
+    return Histogram(np.asarray(st.vector(run_id, name), dtype=float).ravel(), st.vector_meta(run_id, name) or {})
+
+
+def read_rank_curves(st, run_id: int, *, hist_sources: Iterable[int] = ()) -> RankCurves:
+    """The per-rank vectors of an analysis run; the length histogram from the run, else `hist_sources`."""
+    names = set(st.vector_names(run_id))
+    out = RankCurves()
+    for s in MODEL_SUFFIXES:
+        if vec_rank_received(s) in names:
+            out.received[s] = reduce_rank_vector(st.vector(run_id, vec_rank_received(s)))
+            if s == MODEL_SUFFIXES[0]:
+                out.median_length = st.vector_meta(run_id, vec_rank_received(s)).get(META_MEDIAN_LENGTH)
+        for bound, target in ((vec_rank_received_lower(s), out.lower), (vec_rank_received_upper(s), out.upper)):
+            if bound in names:
+                target[s] = reduce_rank_vector(st.vector(run_id, bound))
+    if VEC_RANK_PCT_DIFF in names:
+        out.pct_diff = reduce_rank_vector(st.vector(run_id, VEC_RANK_PCT_DIFF))
+    if VEC_RANK_LOG_RATIO in names:
+        out.log_ratio = reduce_rank_vector(st.vector(run_id, VEC_RANK_LOG_RATIO))
+    for source in (run_id, *hist_sources):
+        out.length_hist = read_histogram(st, source)
+        if out.length_hist is not None:
+            break
+    return out
+
+
+def read_json(st, run_id: int, names: Iterable[str] | None = None) -> dict[str, Any]:
+    stored = st.json_names(run_id)
+    wanted = stored if names is None else [n for n in names if n in stored]
+    return {n: st.get_json(run_id, n) for n in wanted}
+
+
+def read_pair_analysis(st, run: dict | int, *, genes: bool = False, hist_sources: Iterable[int] = ()) -> PairAnalysis:
+    """Everything an analysis run holds; the gene table (up to ~20,000 rows) only with `genes`.
+    `run`: an id or a run row (one from `children` is completed with `get_run`)."""
+    run = full_run(st, run)
+    rid = int(run["id"])
+    docs = read_json(st, rid)
+    tables = st.gene_tables(rid)
+    return PairAnalysis(
+        run_id=rid, name=str(run.get("name") or ""), status=run.get("status"), models=compared_models(run),
+        grids=read_grids(st, rid), ranks=read_rank_curves(st, rid, hist_sources=hist_sources),
+        gene_table_names=list(tables),
+        genes=st.gene_table_df(rid, TABLE_GENES) if genes and TABLE_GENES in tables else None,
+        de_overlap=docs.get(JSON_DE_OVERLAP), stats=docs.get(JSON_STATS), summary=docs.get(JSON_SUMMARY), json=docs,
+    )
+
+
+def gene_label(row: dict) -> str:
+    """A gene's symbol, or its Ensembl ID where it has none."""
+    symbol = row.get(COL_SYMBOL)
+    return symbol if isinstance(symbol, str) and symbol else str(row[COL_ENSEMBL_ID])
+
+
+def top_genes(st, run_id: int, column: str, n: int = 10, *, table: str = TABLE_GENES) -> list[str]:
+    """The labels of the `n` genes with the highest `column` (one SQL page); [] when the column is absent."""
+    if table not in st.gene_tables(run_id) or column not in st.gene_table_columns(run_id, table):
+        return []
+    rows = st.gene_table(run_id, table, order_by=column, descending=True, limit=n)
+    return [gene_label(r) for r in rows]
+
+
+# =============================================================================================== DE
+@dataclass
+class DEResult:
+    """A DE run: scanpy's Wilcoxon between two label groups (thesis fig. 7)."""
+
+    run_id: int
+    name: str
+    status: str | None
+    groupby: str | None
+    group: str | None
+    reference: str | None
+    table: "pd.DataFrame | None"
+
+
+def read_de(st, run: dict) -> DEResult:
+    run = full_run(st, run)
+    cfg = run_config(run)
+    rid = int(run["id"])
+    table = st.gene_table_df(rid, TABLE_DE) if TABLE_DE in st.gene_tables(rid) else None
+    return DEResult(rid, str(run.get("name") or ""), run.get("status"), cfg.get("groupby"), cfg.get("group"),
+                    cfg.get("reference"), table)
+
+
+def completed_de(st, de_runs: Iterable[dict]) -> DEResult | None:
+    """The first completed DE run that holds its table."""
+    for run in de_runs:
+        if run.get("status") == "completed" and TABLE_DE in st.gene_tables(run["id"]):
+            return read_de(st, run)
+    return None
+
+
+# ============================================================================================= data
+@dataclass
+class DataRecord:
+    """The data run: the selected cells (dose, group, length, split, UMAP), labels, QC and lengths."""
+
+    run_id: int
+    name: str
+    cells: "pd.DataFrame"
+    labels: dict[str, list[str]]
+    qc: dict | None
+    length_hist: Histogram | None
+
+    def has_umap(self) -> bool:
+        return {CELL_UMAP1, CELL_UMAP2} <= set(self.cells.columns)
+
+
+def read_data_record(st, run: dict) -> DataRecord:
+    rid = int(run["id"])
+    qc = st.get_json(rid, JSON_QC_REPORT) if JSON_QC_REPORT in st.json_names(rid) else None
+    return DataRecord(rid, str(run.get("name") or ""), st.cells(rid), st.labels(rid), qc, read_histogram(st, rid))
