@@ -94,7 +94,8 @@ def worker(args) -> dict:
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
-    from pipeline.attention import analyze_attention, naive_attention_reductions, result_differences
+    from pipeline.analysis import result_differences
+    from pipeline.attention import analyze_attention, naive_attention_reductions
     from pipeline.batching import length_grouped_batches, pad_batch
 
     torch.set_num_threads(args.threads)

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from pipeline.batching import length_grouped_batches, pad_batch
+from pipeline.cells import Cells
 
 STREAMING_ATTENTION = "gfattn_streaming"
 DEFAULT_BLOCK_ELEMENTS = 1 << 22  # attention entries per query block: 16 MiB in float32
@@ -133,80 +134,6 @@ class AttentionResult:
     @property
     def n_cells(self) -> int:
         return len(self.cell_ids)
-
-
-def __getattr__(name: str):
-    # Transitional: `result_differences` moved to `pipeline.analysis` with the other derived quantities;
-    # remove once bench/bench_attention.py imports it from there.
-    if name == "result_differences":
-        from pipeline.analysis import result_differences
-
-        return result_differences
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-# ---------------------------------------------------------------------------------------- cells
-class _Cells:
-    """Uniform access to a tokenized dataset: a `datasets.Dataset`, a dict of columns, or a list of ids."""
-
-    def __init__(self, dataset, group_column: str | None):
-        if isinstance(dataset, dict):
-            columns = dataset
-            self._get_ids = lambda idx: [list(columns["input_ids"][i]) for i in idx]
-            ids_all = columns["input_ids"]
-            given = columns.get("length")
-            self.lengths = np.asarray([len(s) for s in ids_all] if given is None else given, dtype=np.int64)
-            self.cell_ids = np.asarray(
-                [str(c) for c in columns["cell_id"]] if "cell_id" in columns else [str(i) for i in range(len(ids_all))]
-            )
-            group_values = columns.get(group_column) if group_column else None
-            if group_column and group_values is None:
-                raise KeyError(group_column)
-        elif hasattr(dataset, "column_names"):
-            names = dataset.column_names
-            if "input_ids" not in names:
-                raise KeyError("input_ids")
-            tokens = dataset.select_columns(["input_ids"]) if hasattr(dataset, "select_columns") else dataset
-            self._get_ids = lambda idx: list(tokens[[int(i) for i in idx]]["input_ids"])
-            self.lengths = np.asarray(
-                dataset["length"] if "length" in names else [len(s) for s in dataset["input_ids"]], dtype=np.int64
-            )
-            self.cell_ids = np.asarray(
-                [str(c) for c in dataset["cell_id"]] if "cell_id" in names else [str(i) for i in range(len(dataset))]
-            )
-            if group_column and group_column not in names:
-                raise KeyError(group_column)
-            group_values = dataset[group_column] if group_column else None
-        else:
-            seqs = list(dataset)
-            self._get_ids = lambda idx: [list(seqs[i]) for i in idx]
-            self.lengths = np.asarray([len(s) for s in seqs], dtype=np.int64)
-            self.cell_ids = np.asarray([str(i) for i in range(len(seqs))])
-            group_values = None
-            if group_column:
-                raise KeyError(group_column)
-        if group_values is not None:
-            values = np.asarray(list(group_values), dtype=object)
-            uniq = sorted(set(values.tolist()), key=_natural_key)
-            lookup = {v: i for i, v in enumerate(uniq)}
-            self.groups = np.asarray([lookup[v] for v in values], dtype=np.int64)
-            self.group_names = tuple(str(v) for v in uniq)
-        else:
-            self.groups = np.full(len(self.lengths), -1, dtype=np.int64)
-            self.group_names = ()
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def input_ids(self, idx) -> list[list[int]]:
-        return self._get_ids(idx)
-
-
-def _natural_key(v):
-    try:
-        return (0, float(v), "")
-    except (TypeError, ValueError):
-        return (1, 0.0, str(v))
 
 
 # ----------------------------------------------------------------------------------- accumulators
@@ -327,7 +254,7 @@ class _Accumulators:
             "cell_cosine",
         )
 
-    def result(self, *, names, special_ids, cells: _Cells, meta) -> AttentionResult:
+    def result(self, *, names, special_ids, cells: Cells, meta) -> AttentionResult:
         def np_(t):
             return None if t is None else t.detach().cpu().numpy()
 
@@ -768,7 +695,7 @@ def _prepare(model_a, model_b, dataset, *, group_column, device, dtype, special_
                 f"({len(a.layers)}/{a.n_heads}/{a.head_dim * a.n_heads}/{a.vocab_size} vs "
                 f"{len(b.layers)}/{b.n_heads}/{b.head_dim * b.n_heads}/{b.vocab_size}); they must share a tokenization"
             )
-    cells = _Cells(dataset, group_column)
+    cells = Cells(dataset, group_column)
     if len(cells) == 0:
         raise ValueError("the dataset has no cells")
     max_len = int(cells.lengths.max())
@@ -789,7 +716,7 @@ def _shard():
     return 0, 1
 
 
-def _batches(cells: _Cells, batch_size: int, shard):
+def _batches(cells: Cells, batch_size: int, shard):
     rank, world = shard
     return length_grouped_batches(cells.lengths, batch_size)[rank::world]
 

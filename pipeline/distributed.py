@@ -122,13 +122,3 @@ def broadcast_object(obj, src: int = 0):
         dist.broadcast_object_list(box, src=src)
         return box[0]
     return obj
-
-
-def __getattr__(name: str):
-    # Transitional: `finetune_distributed` moved to `pipeline.launch`; remove once every caller imports it
-    # from there (the import is lazy, so importing this module never loads the training code).
-    if name == "finetune_distributed":
-        from pipeline.launch import finetune_distributed
-
-        return finetune_distributed
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -404,22 +404,26 @@ def embedded_model_dir(ctx: Context) -> Path:
 # ----------------------------------------------------------------------------------------- tokenize
 def stage_tokenize(ctx: Context) -> None:
     """Rank-value encode the selected cells (cached by data content hash, dictionaries and options)."""
-    from pipeline.tokenize import hash_file, tokenize_anndata
+    from pipeline.tokenize import (
+        hash_file,
+        load_cached_tokenization,
+        save_tokenized,
+        tokenization_cache_key,
+        tokenize_anndata,
+    )
 
     cfg, sel, dicts = ctx.cfg, ctx.out.selection, ctx.out.dicts
     data_hash = hash_file(ctx.out.data_path)
     ctx.out.data_hash = data_hash
     ctx.store.set_inputs(ctx.run_id, data_path=ctx.out.data_path, data_hash=data_hash)
-    key = _digest({
-        "data": data_hash, "cells": hashlib.sha256("\n".join(sel.cell_ids).encode()).hexdigest(),
-        "tokens": _digest(sorted(dicts.token_dict.items())), "medians": _digest(sorted(dicts.gene_median.items())),
-        "max_len": ctx.out.max_len, "version": dicts.version,
-        "columns": [cfg["data"][k] for k in ("gene_id_column", "n_counts_column", "layer")], "v": 1,
-    })
+    key = tokenization_cache_key(data_hash, dicts, {
+        "cells": hashlib.sha256("\n".join(sel.cell_ids).encode()).hexdigest(), "max_len": ctx.out.max_len,
+        "columns": {k: cfg["data"][k] for k in ("gene_id_column", "n_counts_column", "layer")},
+    })[:16]
     path = ctx.cache / "tokenized" / key
-    cached = _load_tokenized_cache(path)
+    cached = load_cached_tokenization(path)
     if cached is not None:
-        ds, report = cached
+        ds, report = cached[0], cached[1].to_dict()
         ctx.rep.line(f"tokenization cached at {path}")
     else:
         ds, rep = tokenize_anndata(
@@ -431,8 +435,9 @@ def stage_tokenize(ctx: Context) -> None:
         if len(ds) == 0:
             raise InputError(f"{ctx.out.data_path}: no selected cell has counts in a vocabulary gene; check the "
                              "count matrix (data.layer) and the gene IDs (data.gene_id_column)")
-        report = rep.to_dict()
-        ds = _save_tokenized_cache(ds, report, path)
+        save_tokenized(ds, path, rep, cache=True)
+        ds, report = load_cached_tokenization(path)
+        report = report.to_dict()
     ids = list(ds["cell_id"])
     if len(ids) != len(sel.cell_ids):
         # cells dropped by the tokenizer (zero counts, filter_pass): keep the selection in step
@@ -445,34 +450,6 @@ def stage_tokenize(ctx: Context) -> None:
     ctx.out.tokenize_report = report
     lengths = np.asarray(ds["length"])
     ctx.rep.line(f"tokenized {len(ds)} cells: length median {np.median(lengths):.0f}, max {lengths.max()}")
-
-
-TOKENIZE_REPORT = "gfattn_tokenize_report.json"
-
-
-def _load_tokenized_cache(path: Path):
-    """(dataset, report) of a complete tokenization cache folder verified against its manifest, else None."""
-    if not (path / TOKENIZE_REPORT).is_file():
-        return None
-    import datasets
-
-    from pipeline.io import verify_manifest
-
-    verify_manifest(path, what="cached tokenization")
-    return datasets.load_from_disk(str(path)), json.loads((path / TOKENIZE_REPORT).read_text())
-
-
-def _save_tokenized_cache(ds, report: dict, path: Path):
-    """Publish a tokenization into the cache atomically (first complete copy wins) and reopen it from disk."""
-    import datasets
-
-    from pipeline.io import atomic_write_json, staging_dir, write_manifest
-
-    with staging_dir(path, replace=False) as tmp:
-        ds.save_to_disk(str(tmp))
-        atomic_write_json(tmp / TOKENIZE_REPORT, report)
-        write_manifest(tmp)
-    return datasets.load_from_disk(str(path))
 
 
 def _restrict_selection(ctx: Context, keep: np.ndarray) -> None:
@@ -532,7 +509,7 @@ def stage_finetune(ctx: Context, task: str, mode: str) -> None:
         ctx.store.put_labels(child, task, names)
         nproc = int(ctx.cfg["compute"]["nproc"])
         if nproc > 1:
-            from pipeline.distributed import finetune_distributed
+            from pipeline.launch import finetune_distributed
 
             result = finetune_distributed(
                 ctx.out.model_dir, parts, label_names=names, mode=mode, config=tc, nproc=nproc,

@@ -179,7 +179,8 @@ def _run_job(job_path: str) -> int:
         import datasets
 
         from pipeline.model import load_classifier
-        from pipeline.train import TrainConfig, finetune, resolve_device, seed_everything
+        from pipeline.compute import resolve_device
+        from pipeline.train import TrainConfig, finetune
 
         config = TrainConfig(**job["config"])
         device = resolve_device(config.device, env_local_rank())
@@ -189,8 +190,7 @@ def _run_job(job_path: str) -> int:
             from pipeline.dictionaries import GeneDictionaries
 
             dicts = GeneDictionaries.from_model_dir(job["dicts_dir"])
-        seed_everything(config.seed)
-        model = load_classifier(job["model_dir"], len(job["label_names"]), dicts=dicts)
+        model = load_classifier(job["model_dir"], len(job["label_names"]), dicts=dicts, seed=config.seed)
         splits = {k: datasets.load_from_disk(v) for k, v in job["splits"].items()}
         store = None
         if main and job["store_path"] and job["run_id"] is not None:

@@ -46,7 +46,7 @@ from pipeline.data import (
     var_identifiers,
 )
 from pipeline.errors import InputError
-from pipeline.io import dumps, staging_dir
+from pipeline.io import MANIFEST, dumps, sha256_file, staging_dir, verify_manifest, write_manifest
 
 if TYPE_CHECKING:  # pragma: no cover
     import datasets
@@ -619,6 +619,8 @@ def save_tokenized(
     with staging_dir(out, replace=not keep_existing) as tmp:
         ds.save_to_disk(str(tmp))
         _write_report(tmp, report)
+        if cache:
+            write_manifest(tmp)  # verified by `load_cached_tokenization` before reuse
     return out
 
 
@@ -631,6 +633,8 @@ def load_cached_tokenization(path: str | os.PathLike) -> tuple[datasets.Dataset,
     report = load_tokenize_report(path)
     if report is None:
         return None
+    if (Path(path) / MANIFEST).is_file():
+        verify_manifest(path, what="cached tokenization")
     return load_tokenized(path), report
 
 
@@ -898,19 +902,12 @@ def _median_by_group(values: np.ndarray, groups: np.ndarray, lo: int, hi: int) -
 # ------------------------------------------------------------------------------------------------
 # Caching
 # ------------------------------------------------------------------------------------------------
-def hash_file(path: str | os.PathLike, *, block_size: int = 1 << 20) -> str:
-    """sha256 of a file's bytes (hex)."""
+def hash_file(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes (hex); a missing file is an `InputError`."""
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{p}: no such file")
-    h = hashlib.sha256()
-    with open(p, "rb") as fh:
-        while True:
-            chunk = fh.read(block_size)
-            if not chunk:
-                break
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(p)
 
 
 def tokenization_cache_key(data_hash: str, dicts: GeneDictionaries, options: dict | None = None) -> str:

@@ -36,13 +36,8 @@ import numpy as np
 
 from pipeline import distributed
 from pipeline.batching import length_grouped_batches, pad_batch
-from pipeline.compute import (  # noqa: F401  (resolve_device, seed_everything: re-exported for callers)
-    DEVICE_CHOICES,
-    configure_determinism,
-    fault_point,
-    resolve_device,
-    seed_everything,
-)
+from pipeline.cells import Cells
+from pipeline.compute import DEVICE_CHOICES, configure_determinism, fault_point, resolve_device, seed_everything
 from pipeline.errors import InputError
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
@@ -206,53 +201,36 @@ def softmax(logits) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- data
-@dataclass
-class _Cells:
-    ids: list  # np.int64 arrays
-    lengths: np.ndarray
-    labels: np.ndarray | None
-    name: str
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-
-def _column(ds, name: str, split: str):
+def prepare_cells(ds, split: str, *, num_labels: int | None, max_len: int | None, max_positions: int) -> Cells:
+    """Token arrays, lengths and labels of a dataset with `input_ids` (and `label`), checked for training."""
     try:
-        return ds[name]
-    except (KeyError, ValueError):
+        cells = Cells(ds, label_column="label" if num_labels is not None else None, name=split)
+    except KeyError as exc:
         cols = getattr(ds, "column_names", None) or (list(ds.keys()) if hasattr(ds, "keys") else [])
-        raise InputError(f"{split} data has no column {name!r} (columns: {', '.join(map(str, cols))})") from None
-
-
-def prepare_cells(ds, split: str, *, num_labels: int | None, max_len: int | None, max_positions: int) -> _Cells:
-    """Token arrays, lengths and labels of a dataset with `input_ids` (and `label`)."""
-    ids = [np.asarray(x, dtype=np.int64) for x in _column(ds, "input_ids", split)]
-    if max_len is not None:
-        ids = [x[: int(max_len)] for x in ids]
-    lengths = np.array([len(x) for x in ids], dtype=np.int64)
-    if len(ids) and lengths.min() < 1:
+        raise InputError(f"{split} data has no column {exc.args[0]!r} (columns: {', '.join(map(str, cols))})") from None
+    cells.truncate(max_len)
+    cells.lengths = np.array([len(x) for x in cells.ids], dtype=np.int64)
+    lengths = cells.lengths
+    if len(lengths) and lengths.min() < 1:
         raise InputError(f"{split} data has a cell with no tokens; drop empty cells before fine-tuning")
-    if len(ids) and lengths.max() > max_positions:
+    if len(lengths) and lengths.max() > max_positions:
         raise InputError(
             f"{split} data has cells of up to {int(lengths.max())} tokens but the model takes at most "
             f"{max_positions} (max_position_embeddings); set max_len to {max_positions} or re-tokenize"
         )
-    labels = None
-    if num_labels is not None:
-        labels = np.asarray(list(_column(ds, "label", split)), dtype=np.int64)
-        if len(labels) and (labels.min() < 0 or labels.max() >= num_labels):
-            raise InputError(
-                f"{split} data has label values outside 0..{num_labels - 1} "
-                f"(found {int(labels.min())}..{int(labels.max())}); labels must index label_names"
-            )
-    return _Cells(ids, lengths, labels, split)
+    labels = cells.labels
+    if labels is not None and len(labels) and (labels.min() < 0 or labels.max() >= num_labels):
+        raise InputError(
+            f"{split} data has label values outside 0..{num_labels - 1} "
+            f"(found {int(labels.min())}..{int(labels.max())}); labels must index label_names"
+        )
+    return cells
 
 
 class _PaddedBatches:
     """Index batches -> (indices, input_ids, attention_mask); a Dataset so DataLoader workers can pad."""
 
-    def __init__(self, cells: _Cells, batches: Sequence[np.ndarray], pad_id: int):
+    def __init__(self, cells: Cells, batches: Sequence[np.ndarray], pad_id: int):
         self.cells, self.batches, self.pad_id = cells, list(batches), pad_id
 
     def __len__(self) -> int:
@@ -264,7 +242,7 @@ class _PaddedBatches:
         return idx, ids, mask
 
 
-def _iterate(cells: _Cells, batches, pad_id: int, num_workers: int):
+def _iterate(cells: Cells, batches, pad_id: int, num_workers: int):
     data = _PaddedBatches(cells, batches, pad_id)
     if num_workers and num_workers > 0 and len(data):
         from torch.utils.data import DataLoader
@@ -276,7 +254,7 @@ def _iterate(cells: _Cells, batches, pad_id: int, num_workers: int):
 
 
 # ---------------------------------------------------------------------------------------- evaluation
-def _encode_first_token(model, cells: _Cells, device, amp_dtype, batch_size: int, pad_id: int, num_workers: int,
+def _encode_first_token(model, cells: Cells, device, amp_dtype, batch_size: int, pad_id: int, num_workers: int,
                         on_batch=None):
     """Encoder output at the first position for every cell (eval mode), sharded over ranks and summed."""
     import torch
@@ -304,7 +282,7 @@ def _head_logits(model, features):
     return model.classifier(model.dropout(model.bert.pooler.activation(model.bert.pooler.dense(features))))
 
 
-def predict_logits(model, cells: _Cells, device, amp_dtype, batch_size: int, pad_id: int, num_workers: int = 0,
+def predict_logits(model, cells: Cells, device, amp_dtype, batch_size: int, pad_id: int, num_workers: int = 0,
                    features=None) -> np.ndarray:
     """Logits for every cell (eval mode), sharded over ranks; every rank gets all of them."""
     import torch
@@ -395,9 +373,9 @@ class FinetunePlan:
     mode: str
     kind: str
     label_names: list[str]
-    train: _Cells
-    val: _Cells | None
-    test: _Cells | None
+    train: Cells
+    val: Cells | None
+    test: Cells | None
     device: Any
     rank: int
     world: int

@@ -149,16 +149,7 @@ def _describe(found: list[list[str]]) -> str:
     return "; ".join(" -> ".join(c) for c in found)
 
 
-_PIPELINE_CYCLES = cycles_touching("pipeline")
-_PIPELINE_MARK = pytest.mark.xfail(
-    strict=False,
-    reason="pipeline import cycles still being removed elsewhere: " + _describe(_PIPELINE_CYCLES),
-) if _PIPELINE_CYCLES else ()
-
-
-@pytest.mark.parametrize(
-    "package", ["store", "gfattn_tui", pytest.param("pipeline", marks=_PIPELINE_MARK)]
-)
+@pytest.mark.parametrize("package", ["store", "gfattn_tui", "pipeline"])
 def test_no_import_cycle(package):
     found = cycles_touching(package)
     assert not found, f"import cycles through {package}: {_describe(found)}"

@@ -6,7 +6,8 @@ import torch
 
 from pipeline.launch import WORKER_MODULE, finetune_distributed, torchrun_command
 from pipeline.model import load_classifier
-from pipeline.train import TrainConfig, finetune, seed_everything
+from pipeline.compute import seed_everything
+from pipeline.train import TrainConfig, finetune
 
 from _helpers_model import class_coded_cells, save_tiny_model
 

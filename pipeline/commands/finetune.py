@@ -84,7 +84,8 @@ def run(args) -> int:
     import numpy as np
 
     from pipeline.tokenize import load_tokenized
-    from pipeline.train import TrainConfig, finetune, seed_everything, stratified_split
+    from pipeline.design import stratified_split
+    from pipeline.train import TrainConfig, finetune
 
     ds = load_tokenized(args.data)
     if args.label_column not in ds.column_names:
@@ -94,7 +95,8 @@ def run(args) -> int:
     if len(names) < 2:
         raise InputError(f"{args.data}: column {args.label_column!r} has a single value {names}; need two or more classes")
     ds = ds.remove_columns([c for c in ("label",) if c in ds.column_names]).add_column("label", labels.tolist())
-    train_idx, val_idx, test_idx = stratified_split(labels, fractions, seed=args.seed)
+    split = stratified_split(labels, args.validation, args.test, args.seed)
+    train_idx, val_idx, test_idx = (np.flatnonzero(split == s) for s in ("train", "validation", "test"))
     parts = {"train": ds.select(train_idx.tolist()), "validation": ds.select(val_idx.tolist()),
              "test": ds.select(test_idx.tolist())}
     dicts = _dictionaries(args.model, args.geneformer_dir)
@@ -139,9 +141,8 @@ def run(args) -> int:
         else:
             from pipeline.model import load_classifier
 
-            seed_everything(args.seed)
             model = load_classifier(args.model, len(names), dicts=dicts, max_len=max_len or longest,
-                                    data_source=f"cells in {args.data}")
+                                    data_source=f"cells in {args.data}", seed=args.seed)
             result = finetune(model, parts["train"], parts["validation"], parts["test"], label_names=names,
                               mode=args.mode, config=config, store=store, run_id=run_id, out_dir=args.out,
                               progress=rep.callback("steps", stage="finetune"), dicts=dicts)
