@@ -1,6 +1,6 @@
 """Benchmark: streaming attention analysis vs the `output_attentions=True` baseline and plain SDPA inference.
 
-Both analyses compute quantities 1-4 of DESIGN.md ("Attention analyses") for two models with the V1-6L
+Both analyses compute analyses 1-4 of docs/architecture.md ("Attention analyses") for two models with the V1-6L
 Geneformer configuration and random weights, on the same length-bucketed batches:
 
 - streaming: `pipeline.attention.analyze_attention` (one block of attention rows alive at a time);

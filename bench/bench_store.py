@@ -1,4 +1,4 @@
-"""Benchmark of the experiment store's live-view reads (DESIGN.md, "The store").
+"""Benchmark of the experiment store's live-view reads (docs/architecture.md, "The store").
 
 1. A page (100 rows) of a 20,000-gene table sorted by a result column, as the TUI's gene browser asks
    for it, with the per-column index the store creates versus the same query after dropping that index

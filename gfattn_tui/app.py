@@ -1,4 +1,4 @@
-"""`gfattn-tui`: the terminal face of the experiment store (DESIGN.md, "gfattn_tui/").
+"""`gfattn-tui`: the terminal face of the experiment store (docs/architecture.md, "The TUI").
 
 The app owns the store client, the change poll and the error path. It asks the store for
 `data_version()` every `poll_interval` seconds (one cheap PRAGMA on the store thread) and publishes

@@ -1,6 +1,6 @@
 """From attention sums to findings: gene tables, position control, DE agreement, statistics, the store.
 
-Thesis sections 4.2-4.5 on top of `pipeline.attention` (DESIGN.md, "Attention analyses"):
+Thesis sections 4.2-4.5 on top of `pipeline.attention` (docs/architecture.md, "Attention analyses"):
 
 - derived quantities of an `AttentionResult`'s sums over cells: `rank_received` (per-rank curves),
   `rank_pct_diff`, `rank_log_ratio`, `rank_norm_received`, `gene_total`, `gene_norm_total`,

@@ -1,6 +1,6 @@
 """Streaming attention analysis of one or two BERT models (thesis sections 3.3, 3.4, 4.2-4.5).
 
-Implements the quantities of DESIGN.md, "Attention analyses", exactly and without ever holding more than
+Implements the quantities of docs/architecture.md, "Attention analyses", exactly and without ever holding more than
 one layer's attention of a model:
 
 1. cosine similarity between two models' attention on the same cell, per (layer, head) (thesis fig. 4);

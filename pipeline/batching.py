@@ -1,7 +1,7 @@
 """Length-grouped batching shared by training and attention analysis.
 
 Cells differ a lot in length (detected genes), so batches are formed from cells of similar length and
-padded only to their own longest cell (DESIGN.md, "Batches are length-bucketed"). For training, the
+padded only to their own longest cell (docs/architecture.md, "Batching: length-bucketed, padded per batch"). For training, the
 grouping follows Hugging Face's `LengthGroupedSampler` idea (random mega-batches, sorted inside),
 which keeps batches random across epochs while padding little.
 """

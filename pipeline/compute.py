@@ -6,8 +6,8 @@
   gfattn calls it at the start of each unit of work (building a classifier head, a fine-tuning, a
   pretraining), so a unit's result never depends on what ran before it in the process: a child run
   restarted by `--resume` in a fresh process draws exactly what the uninterrupted run drew.
-- `derived_seed(seed, *names)`: a stable 63-bit seed for a named part of the work (sha256, not
-  Python's salted `hash`).
+- `pin_threads(n)`: torch's CPU thread count, set again before every pipeline stage because CPU
+  results depend on it and other libraries (scanpy's UMAP) reset the OpenMP pool torch shares.
 - `configure_determinism(device)` / `determinism_report(device)`: on CUDA, deterministic cuDNN and
   cuBLAS settings and `torch.use_deterministic_algorithms(True, warn_only=True)`; the report says what
   holds (CPU kernels are deterministic for a fixed thread count; fused CUDA attention backward and
@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 
@@ -53,10 +52,19 @@ def seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def derived_seed(seed: int, *names: object) -> int:
-    """A seed for one named part of the work, stable across processes and Python versions."""
-    text = "\x1f".join([str(int(seed))] + [str(n) for n in names])
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+def pin_threads(threads: int | None = None) -> int:
+    """Set torch's CPU thread count (`None`: keep the current one) and return it.
+
+    CPU kernels reduce in an order that depends on the thread count, so a count that changes between two
+    runs changes the last bits of their results. Other libraries reset the OpenMP pool torch shares
+    (scanpy's UMAP, through numba and threadpoolctl, leaves it at the number of cores), so the pipeline
+    pins the count again at the start of every stage.
+    """
+    import torch
+
+    n = int(threads) if threads else torch.get_num_threads()
+    torch.set_num_threads(n)
+    return n
 
 
 def configure_determinism(device) -> None:

@@ -1,7 +1,7 @@
 """Geneformer's gene dictionaries: token ids, gene medians, symbol and Ensembl-alias maps.
 
-The rank-value encoding of Theodoris et al. (2023), used throughout the thesis (section 2.2, "Input
-representation"), needs four pickled dictionaries that ship with Geneformer:
+The rank-value encoding of Theodoris et al. (2023), used throughout the thesis (section 3.1, "The
+underlying architecture of the Geneformer model"), needs four pickled dictionaries that ship with Geneformer:
 
 - `token_dictionary*.pkl`: Ensembl ID -> token id, plus `<pad>`, `<mask>` (and `<cls>`, `<eos>` in V2);
 - `gene_median_dictionary*.pkl`: Ensembl ID -> nonzero median of the normalised expression;

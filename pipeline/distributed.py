@@ -1,5 +1,5 @@
-"""Process-group primitives for data-parallel work (torch.distributed; DESIGN.md "Only the pipeline's
-rank-0 process writes").
+"""Process-group primitives for data-parallel work (torch.distributed; docs/architecture.md,
+"Data-parallel processes").
 
 Each process reads RANK / WORLD_SIZE / LOCAL_RANK from the environment, joins a process group (NCCL on
 GPUs, gloo on CPUs) and uses the helpers here to sum, broadcast and synchronise; outside a launch they

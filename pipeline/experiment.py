@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.compute import fault_point
+from pipeline.compute import fault_point, pin_threads
 from pipeline.errors import InputError
 from pipeline.paths import cache_dir_for_store
 from pipeline.progress import Reporter
@@ -165,6 +165,7 @@ class Context:
     device: str
     out: Products = field(default_factory=Products)
     preflight: Preflight | None = None
+    threads: int = 1  # torch CPU threads of every stage (`compute.pin_threads`)
     _adata: Any = None
 
     @property
@@ -606,27 +607,34 @@ def stage_attention(ctx: Context, task: str, mode_a: str, mode_b: str) -> None:
 
 # ----------------------------------------------------------------------------------------- driver
 def _stages(ctx: Context) -> None:
-    cfg, rep = ctx.cfg, ctx.rep
-    with rep.stage("data"):
+    cfg = ctx.cfg
+
+    def stage(name: str):
+        # Libraries reset the OpenMP pool torch shares (scanpy's UMAP leaves it at the core count), and
+        # CPU results depend on the thread count: every stage starts from the run's own count.
+        pin_threads(ctx.threads)
+        return ctx.rep.stage(name)
+
+    with stage("data"):
         stage_data(ctx)
-    with rep.stage("model"):
+    with stage("model"):
         stage_model(ctx)
-    with rep.stage("tokenize"):
+    with stage("tokenize"):
         stage_tokenize(ctx)
-    with rep.stage("record"):
+    with stage("record"):
         stage_record_data(ctx)
     for task in cfg["labels"]["tasks"]:
         for mode in cfg["train"]["modes"]:
-            with rep.stage(f"finetune {task}/{mode}"):
+            with stage(f"finetune {task}/{mode}"):
                 stage_finetune(ctx, task, mode)
     if cfg["analysis"]["de"] and "lowhigh" in cfg["labels"]["tasks"]:
-        with rep.stage("de"):
+        with stage("de"):
             stage_de(ctx)
     else:
-        rep.skip("de", "analysis.de is off or the lowhigh task is not run")
+        ctx.rep.skip("de", "analysis.de is off or the lowhigh task is not run")
     for task in cfg["analysis"]["tasks"]:
         for mode_a, mode_b in cfg["analysis"]["pairs"]:
-            with rep.stage(f"attention {task}: {mode_a} vs {mode_b}"):
+            with stage(f"attention {task}: {mode_a} vs {mode_b}"):
                 stage_attention(ctx, task, mode_a, mode_b)
 
 
@@ -641,17 +649,14 @@ def run_pipeline(cfg: dict, store_path, *, resume_id: int | None = None, stdout=
     """Run (or resume) the experiment; returns the exit code (0 done, 1 failed, 2 bad input, 130 interrupted)."""
     import sys
 
-    from pipeline.compute import configure_determinism, determinism_report, resolve_device
+    from pipeline.compute import configure_determinism, determinism_report, pin_threads, resolve_device
     from pipeline.io import DiskFullError, remove_stale_temporaries
 
     stdout = stdout or sys.stdout
     store = store or open_store(store_path)
     pre = preflight(cfg)
     device = pre.device
-    if cfg["compute"]["threads"]:
-        import torch
-
-        torch.set_num_threads(int(cfg["compute"]["threads"]))
+    threads = pin_threads(int(cfg["compute"]["threads"]) or None)
     configure_determinism(resolve_device(device))
     cache = cache_dir_for_store(store_path)
     for sub in ("data", "models", "tokenized"):
@@ -666,9 +671,10 @@ def run_pipeline(cfg: dict, store_path, *, resume_id: int | None = None, stdout=
         run_id = resume_id
         store.reopen_run(run_id)
         name = store.get_run(run_id)["name"]
-    store.put_json(run_id, DETERMINISM_JSON, determinism_report(resolve_device(device)))
+    store.put_json(run_id, DETERMINISM_JSON, determinism_report(resolve_device(device), threads))
     rep = Reporter(store, run_id)
-    ctx = Context(cfg=cfg, store=store, run_id=run_id, rep=rep, cache=cache, device=device, preflight=pre)
+    ctx = Context(cfg=cfg, store=store, run_id=run_id, rep=rep, cache=cache, device=device, preflight=pre,
+                  threads=threads)
     rep.line(f"run {run_id} '{name}' in store {Path(store_path).resolve()} on {device}")
     if device == "cuda":
         rep.line("CUDA: deterministic algorithms requested; some kernels may still vary in the last bits "

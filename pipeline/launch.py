@@ -1,5 +1,5 @@
-"""Starting data-parallel fine-tuning in several processes under torchrun (DESIGN.md "Only the pipeline's
-rank-0 process writes").
+"""Starting data-parallel fine-tuning in several processes under torchrun (docs/architecture.md,
+"Data-parallel processes").
 
 gfattn starts the processes itself: asked for `--nproc N > 1` outside a torchrun launch, a command
 re-executes itself under `python -m torch.distributed.run --standalone --nproc-per-node N`

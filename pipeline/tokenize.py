@@ -1,4 +1,4 @@
-"""Rank-value encoding of cells, exactly as Geneformer's `TranscriptomeTokenizer` (thesis section 2.2).
+"""Rank-value encoding of cells, exactly as Geneformer's `TranscriptomeTokenizer` (thesis section 3.1).
 
 For each cell, counts of vocabulary genes (IDs mapped through the Ensembl mapping dictionary,
 duplicate IDs summed) are divided by the cell's `n_counts`, multiplied by 10,000 and divided by the

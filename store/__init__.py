@@ -1,6 +1,6 @@
 """gfattn's experiment store: a SQLite file (WAL, versioned schema) holding every run and result.
 
-DESIGN.md, "The store". `from store import Store, StoreError, SchemaTooNewError`; see `store.core.Store`
+docs/architecture.md, "The store". `from store import Store, StoreError, SchemaTooNewError`; see `store.core.Store`
 for the API. This package never imports torch, transformers or textual.
 """
 

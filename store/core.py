@@ -1,6 +1,6 @@
 """The experiment store: one SQLite file that every gfattn run writes to and every view reads from.
 
-Implements DESIGN.md, "The store": WAL mode with a busy timeout, a versioned schema (`store.schema`),
+Implements docs/architecture.md, "The store": WAL mode with a busy timeout, a versioned schema (`store.schema`),
 one transaction per write call, reads in short snapshot transactions that are closed before the call
 returns, `PRAGMA data_version` as the change detector for live views, and run liveness: a `running`
 run reads as `lost` once its process is provably gone (this host) or its heartbeat is very old (others).
@@ -180,7 +180,7 @@ def _typed_values(values: Any) -> tuple[str, list]:
 
 
 class Store:
-    """An open gfattn experiment store (see the module docstring and CONTRACT.md, "Store API").
+    """An open gfattn experiment store (see the module docstring and docs/architecture.md, "The store").
 
     `Store(path)` opens or creates the SQLite file at `path`, applies pending migrations and returns a
     handle that is safe to share between threads (calls are serialised on one connection). Keyword

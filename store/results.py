@@ -1,7 +1,7 @@
 """The read model of a run's results: every stored name in one place, and typed readers.
 
 The pipeline writes its results into the store under fixed names (grids, per-rank vectors, gene tables,
-JSON documents, metrics, run kinds; contract, "How the pipeline uses runs"). The writers
+JSON documents, metrics, run kinds; docs/architecture.md, "How the pipeline uses runs"). The writers
 (`pipeline.analysis.write_pair_analysis`, the experiment's stages, fine-tuning) and every reader
 (`gfattn plot`, the end-of-run summary, the TUI) name them through the constants here, and the readers
 get them back as dataclasses instead of querying the store themselves.

@@ -1,4 +1,4 @@
-"""The store's schema as an ordered list of named migrations (DESIGN.md, "The store").
+"""The store's schema as an ordered list of named migrations (docs/architecture.md, "The store", "Tables").
 
 `PRAGMA user_version` holds the number of migrations applied and the `migrations` table records their
 names and times. Opening an older store applies the missing migrations, each in its own transaction;

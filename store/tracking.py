@@ -1,6 +1,6 @@
 """Run lifecycle around a block of code: heartbeat thread, SIGTERM/Ctrl-C handling, final status.
 
-DESIGN.md, "The store": a killed run never stays `running`. While the block runs, a daemon thread
+docs/architecture.md, "The store": a killed run never stays `running`. While the block runs, a daemon thread
 refreshes the run's heartbeat; when the block ends the run is marked `completed`, `failed` (with the
 exception's message) or `interrupted` (Ctrl-C, or SIGTERM turned into `RunInterrupted`). A `kill -9`
 cannot be caught: then the heartbeat goes stale and readers report the run as `lost`.

@@ -1,6 +1,6 @@
 """A fixture experiment store for the TUI tests, built only through the `store.Store` API.
 
-It holds what one `gfattn pipeline` run records (contract, "How the pipeline uses runs"): a completed
+It holds what one `gfattn pipeline` run records (docs/architecture.md, "How the pipeline uses runs"): a completed
 pipeline run with a data run, six fine-tuning runs (tasks `dose` and `lowhigh` x modes frozen, unfrozen,
 last-1) and two analysis runs ("frozen vs unfrozen") with grids, per-rank vectors, gene tables (20,000
 genes for `lowhigh`) and DE overlap; plus a running run (this process), a failed run, a lost run (a

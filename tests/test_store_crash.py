@@ -1,4 +1,4 @@
-"""Live reading and crash safety of the store with a real writing process (DESIGN.md, "The store").
+"""Live reading and crash safety of the store with a real writing process (docs/architecture.md, "The store").
 
 Writers are forked from one helper process that has imported `store` once, so twenty kill trials cost
 twenty forks rather than twenty interpreter start-ups. Each writer loops forever writing batches:

@@ -1,5 +1,5 @@
 """Confusion tab: the test-split confusion matrices of every task x training mode, side by side per
-task (thesis figures 2 and 3)."""
+task (thesis figure 3)."""
 
 from __future__ import annotations
 

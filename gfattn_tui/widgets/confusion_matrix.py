@@ -1,5 +1,5 @@
 """One confusion matrix: counts, cells shaded by their fraction of the true-class row, labels in dose
-order, accuracy and macro-F1 above (thesis figures 2 and 3)."""
+order, accuracy and macro-F1 above (thesis figure 3)."""
 
 from __future__ import annotations
 

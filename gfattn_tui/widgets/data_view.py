@@ -1,4 +1,4 @@
-"""Data tab: the selected cells (thesis section 3.1): UMAP coloured by dose or by low/high group, cells
+"""Data tab: the selected cells (thesis section 2.2, fig. 1): UMAP coloured by dose or by low/high group, cells
 per class, the distribution of cell lengths (genes per cell, the confound of thesis section 4.4) and
 the QC report of the selection."""
 

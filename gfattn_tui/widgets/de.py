@@ -1,6 +1,6 @@
 """DE vs attention tab: how the genes the model attends to compare with differentially expressed genes
 (Wilcoxon, scanpy `rank_genes_groups`): overlap at k with its hypergeometric p-value, Spearman
-correlation, reference-set enrichment (DESIGN.md, "Attention analyses", last item)."""
+correlation, reference-set enrichment (docs/architecture.md, "Analysis 6: DE vs attention")."""
 
 from __future__ import annotations
 

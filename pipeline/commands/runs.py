@@ -1,4 +1,4 @@
-"""`gfattn runs`: list the runs in the experiment store (DESIGN.md, "The store").
+"""`gfattn runs`: list the runs in the experiment store (docs/architecture.md, "The store").
 
 Also holds `open_store`, the way every store command opens the store: an existing store only (read-only
 for the commands that only read, so a shared store in a read-only folder can be browsed), and store
