@@ -114,11 +114,13 @@ def worker(args) -> dict:
 
     def run():
         if args.method == "streaming":
-            return analyze_attention(models[0], models[1], data, pad_id=0, batch_size=args.batch_size,
-                                     device=device, dtype=dtype)
+            return analyze_attention(
+                models[0], models[1], data, pad_id=0, batch_size=args.batch_size, device=device, dtype=dtype
+            )
         if args.method == "naive":
-            return naive_attention_reductions(models[0], models[1], data, pad_id=0, batch_size=args.batch_size,
-                                              device=device)
+            return naive_attention_reductions(
+                models[0], models[1], data, pad_id=0, batch_size=args.batch_size, device=device
+            )
         with torch.inference_mode():
             for idx in batches:
                 ids, mask = pad_batch([data["input_ids"][i] for i in idx], pad_token_id=0)
@@ -131,8 +133,15 @@ def worker(args) -> dict:
     short = {"input_ids": [s[:32] for s in data["input_ids"][:2]]}
     if args.method == "streaming":
         # also compiles (or loads from numba's cache) the CPU reduction kernels that long cells use
-        analyze_attention(models[0], models[1], short, pad_id=0, batch_size=2, device=device,
-                          kernel="numba" if device.type == "cpu" else "auto")
+        analyze_attention(
+            models[0],
+            models[1],
+            short,
+            pad_id=0,
+            batch_size=2,
+            device=device,
+            kernel="numba" if device.type == "cpu" else "auto",
+        )
     elif args.method == "naive":
         naive_attention_reductions(models[0], models[1], short, pad_id=0, batch_size=2, device=device)
     if device.type == "cuda":
@@ -153,13 +162,19 @@ def worker(args) -> dict:
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _peak_bytes(reset_ok)
     errors = None
     if args.method == "streaming" and dtype != torch.float32:
-        reference = analyze_attention(models[0], models[1], data, pad_id=0, batch_size=args.batch_size,
-                                      device=device, dtype=torch.float32)
+        reference = analyze_attention(
+            models[0], models[1], data, pad_id=0, batch_size=args.batch_size, device=device, dtype=torch.float32
+        )
         errors = result_differences(result, reference)
     return {
         "errors": errors,
-        "method": args.method, "workload": args.workload, "seconds": seconds, "cpu_seconds": cpu_seconds,
-        "peak_bytes": max(0, peak - base), "cells": int(len(lengths)), "median_length": float(sorted(lengths)[len(lengths) // 2]),
+        "method": args.method,
+        "workload": args.workload,
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "peak_bytes": max(0, peak - base),
+        "cells": int(len(lengths)),
+        "median_length": float(sorted(lengths)[len(lengths) // 2]),
         "max_length": int(max(lengths)),
     }
 
@@ -169,10 +184,18 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--repeat", type=int, default=2,
-                   help="timed runs of sdpa and streaming, best kept (default 2); the naive baseline runs once")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="streaming analysis dtype; bfloat16 (CUDA) also reports its error against float32")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=2,
+        help="timed runs of sdpa and streaming, best kept (default 2); the naive baseline runs once",
+    )
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="streaming analysis dtype; bfloat16 (CUDA) also reports its error against float32",
+    )
     p.add_argument("--config", default=None, help="BERT config.json (default: shared V1-6L-10M)")
     p.add_argument("--workloads", default="sciplex,2048")
     p.add_argument("--methods", default=",".join(METHODS))
@@ -190,20 +213,41 @@ def main(argv=None) -> int:
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     for workload in args.workloads.split(","):
         for method in args.methods.split(","):
-            cmd = [sys.executable, __file__, "--worker", "--method", method, "--workload", workload,
-                   "--config-path", str(config), "--device", args.device, "--threads", str(args.threads),
-                   "--batch-size", str(args.batch_size), "--dtype", args.dtype, "--repeat", str(args.repeat)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                "--method",
+                method,
+                "--workload",
+                workload,
+                "--config-path",
+                str(config),
+                "--device",
+                args.device,
+                "--threads",
+                str(args.threads),
+                "--batch-size",
+                str(args.batch_size),
+                "--dtype",
+                args.dtype,
+                "--repeat",
+                str(args.repeat),
+            ]
             out = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if out.returncode != 0 or line is None:
                 tail = (out.stderr or out.stdout).strip().splitlines()[-3:]
                 print(f"{workload:>8} {method:>10}: failed (exit {out.returncode}): {' | '.join(tail)}")
                 continue
-            r = json.loads(line[len("RESULT "):])
+            r = json.loads(line[len("RESULT ") :])
             results[(workload, method)] = r
-            print(f"{workload:>8} {method:>10}: {r['seconds']:8.2f} s (CPU {r['cpu_seconds']:7.2f} s)"
-                  f"  peak {r['peak_bytes'] / 2**20:9.1f} MiB"
-                  f"  ({r['cells']} cells, median length {r['median_length']:.0f}, max {r['max_length']})", flush=True)
+            print(
+                f"{workload:>8} {method:>10}: {r['seconds']:8.2f} s (CPU {r['cpu_seconds']:7.2f} s)"
+                f"  peak {r['peak_bytes'] / 2**20:9.1f} MiB"
+                f"  ({r['cells']} cells, median length {r['median_length']:.0f}, max {r['max_length']})",
+                flush=True,
+            )
             if r.get("errors"):
                 errs = ", ".join(f"{k} {v:.2e}" for k, v in r["errors"].items())
                 print(f"{'':>20}{args.dtype} vs float32, max relative difference: {errs}")
@@ -215,12 +259,16 @@ def main(argv=None) -> int:
         parts = []
         if s and n:
             mem = n["peak_bytes"] / max(s["peak_bytes"], 1)
-            parts.append(f"naive/streaming time {n['seconds'] / s['seconds']:.2f}x "
-                         f"({n['cpu_seconds'] / s['cpu_seconds']:.2f}x), peak memory {mem:.1f}x")
+            parts.append(
+                f"naive/streaming time {n['seconds'] / s['seconds']:.2f}x "
+                f"({n['cpu_seconds'] / s['cpu_seconds']:.2f}x), peak memory {mem:.1f}x"
+            )
         if s and d:
-            parts.append(f"streaming/sdpa time {s['seconds'] / d['seconds']:.2f}x "
-                         f"({s['cpu_seconds'] / d['cpu_seconds']:.2f}x), "
-                         f"peak memory {s['peak_bytes'] / max(d['peak_bytes'], 1):.1f}x")
+            parts.append(
+                f"streaming/sdpa time {s['seconds'] / d['seconds']:.2f}x "
+                f"({s['cpu_seconds'] / d['cpu_seconds']:.2f}x), "
+                f"peak memory {s['peak_bytes'] / max(d['peak_bytes'], 1):.1f}x"
+            )
         print(f"{workload:>8}: " + "; ".join(parts))
     return 0
 

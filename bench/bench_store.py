@@ -40,16 +40,18 @@ def timed(fn, repeat: int) -> float:
 
 def gene_frame(n: int, seed: int) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
-    return pd.DataFrame({
-        "ensembl_id": [f"ENSG{i:011d}" for i in range(n)],
-        "symbol": [f"GENE{i}" for i in range(n)],
-        "total": rng.random(n),
-        "mean": rng.random(n),
-        "scaled": rng.random(n),
-        "n_cells": rng.integers(0, 500, n),
-        "rank_std": rng.random(n) * 100,
-        "p53_target": rng.random(n) < 0.01,
-    })
+    return pd.DataFrame(
+        {
+            "ensembl_id": [f"ENSG{i:011d}" for i in range(n)],
+            "symbol": [f"GENE{i}" for i in range(n)],
+            "total": rng.random(n),
+            "mean": rng.random(n),
+            "scaled": rng.random(n),
+            "n_cells": rng.integers(0, 500, n),
+            "rank_std": rng.random(n) * 100,
+            "p53_target": rng.random(n) < 0.01,
+        }
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,24 +89,33 @@ def main(argv: list[str] | None = None) -> int:
         without_index = [timed(f, args.repeat) for f in (first_page, deep_page, searched)]
         assert [first_page(), deep_page()] == reference  # same answer, only slower
 
-        print(f"store benchmark: {args.tables} gene tables x {args.genes} genes in one store, "
-              f"put_gene_table {put_s:.2f} s per table (8 columns, indexes included)")
+        print(
+            f"store benchmark: {args.tables} gene tables x {args.genes} genes in one store, "
+            f"put_gene_table {put_s:.2f} s per table (8 columns, indexes included)"
+        )
         print(f"{'gene-table page sorted by a column':<44} {'indexed ms':>11} {'no index ms':>12} {'speed-up':>9}")
-        for label, a, b in zip(("first page (top 100)", f"page at offset {args.genes // 2}", "search 'GENE12' + sort"),
-                               with_index, without_index):
+        for label, a, b in zip(
+            ("first page (top 100)", f"page at offset {args.genes // 2}", "search 'GENE12' + sort"),
+            with_index,
+            without_index,
+        ):
             print(f"  {label:<42} {a:>11.2f} {b:>12.2f} {b / a:>8.1f}x")
 
         for i in range(args.runs - len(run_ids)):
             parent = run_ids[0] if i % 4 else None
-            rid = st.create_run(f"run {i}", "finetune", {"i": i}, parent_id=parent, tags=["bench"] if i % 3 == 0 else ())
+            rid = st.create_run(
+                f"run {i}", "finetune", {"i": i}, parent_id=parent, tags=["bench"] if i % 3 == 0 else ()
+            )
             st.set_progress(rid, "train", i, 100)
             st.finish_run(rid, "completed" if i % 5 else "failed", None if i % 5 else "boom")
         n_runs = len(st.list_runs())
         ms_list = timed(lambda: st.list_runs(), args.repeat)
         ms_raw = timed(lambda: st._conn.execute("SELECT * FROM runs").fetchall(), args.repeat)
         ms_version = timed(lambda: st.data_version(), args.repeat * 10)
-        print(f"list_runs() over {n_runs} runs: {ms_list:.2f} ms vs bare SELECT * FROM runs {ms_raw:.2f} ms "
-              f"(ratio {ms_list / ms_raw:.1f}x); data_version() {ms_version * 1000:.0f} us")
+        print(
+            f"list_runs() over {n_runs} runs: {ms_list:.2f} ms vs bare SELECT * FROM runs {ms_raw:.2f} ms "
+            f"(ratio {ms_list / ms_raw:.1f}x); data_version() {ms_version * 1000:.0f} us"
+        )
         st.close()
     return 0
 

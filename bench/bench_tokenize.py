@@ -28,11 +28,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from _helpers_tokenize import assert_same_ranking, load_raw_dicts, reference_gene_ids, reference_tokenize  # noqa: E402
-
 from pipeline.dictionaries import GeneDictionaries  # noqa: E402
 from pipeline.paths import shared_dir  # noqa: E402
 from pipeline.tokenize import load_tokenized, tokenize_to_disk  # noqa: E402
+
+from _helpers_tokenize import assert_same_ranking, load_raw_dicts, reference_gene_ids, reference_tokenize  # noqa: E402
 
 
 def synthetic_raw_dicts(n_genes: int, seed: int) -> dict:
@@ -60,7 +60,7 @@ def sciplex_like_h5ad(path: Path, raw: dict, n_cells: int, n_genes: int, detecte
     np.cumsum(lengths, out=indptr[1:])
     indices = np.empty(indptr[-1], dtype=np.int32)
     for i, k in enumerate(lengths):
-        indices[indptr[i]:indptr[i + 1]] = np.sort(rng.choice(n_genes, size=k, replace=False, p=p))
+        indices[indptr[i] : indptr[i + 1]] = np.sort(rng.choice(n_genes, size=k, replace=False, p=p))
     data = (rng.negative_binomial(1, 0.35, size=indices.size) + 1).astype(np.float32)
     X = sp.csr_matrix((data, indices, indptr), shape=(n_cells, n_genes))
     totals = np.asarray(X.sum(axis=1)).ravel()
@@ -145,20 +145,31 @@ def main() -> int:
         import anndata as ad
 
         adata = ad.read_h5ad(h5ad)
-        ref = reference_tokenize(adata.X, list(adata.obs_names), adata.obs["n_counts"].to_numpy(),
-                                 reference_gene_ids(list(adata.var_names), raw), raw)
+        ref = reference_tokenize(
+            adata.X,
+            list(adata.obs_names),
+            adata.obs["n_counts"].to_numpy(),
+            reference_gene_ids(list(adata.var_names), raw),
+            raw,
+        )
         assert len(ours) == ref_cells == cells
         got = ours["input_ids"]
         for k in range(0, len(ref), max(1, len(ref) // 200)):
             assert_same_ranking(got[k], ref[k][1], ref[k][2], ref[k][3], "V2")
 
         load = os.getloadavg()[0]
-        print(f"gfattn tokenize:   {cells / best:10,.0f} cells/s (best of {args.repeats}: {best:.3f} s wall, "
-              f"median {cells / med:,.0f} cells/s; {cells / cpu:,.0f} cells/s of CPU time)")
-        print(f"per-cell baseline: {ref_cells / ref_time:10,.0f} cells/s ({ref_time:.3f} s wall; "
-              f"{ref_cells / ref_cpu:,.0f} cells/s of CPU time)")
-        print(f"ratio vs per-cell baseline: {ref_time / best:.1f}x wall, {ref_cpu / cpu:.1f}x CPU time  "
-              f"(target: >= 20,000 cells/s end to end; load average {load:.1f} on {os.cpu_count()} CPUs)")
+        print(
+            f"gfattn tokenize:   {cells / best:10,.0f} cells/s (best of {args.repeats}: {best:.3f} s wall, "
+            f"median {cells / med:,.0f} cells/s; {cells / cpu:,.0f} cells/s of CPU time)"
+        )
+        print(
+            f"per-cell baseline: {ref_cells / ref_time:10,.0f} cells/s ({ref_time:.3f} s wall; "
+            f"{ref_cells / ref_cpu:,.0f} cells/s of CPU time)"
+        )
+        print(
+            f"ratio vs per-cell baseline: {ref_time / best:.1f}x wall, {ref_cpu / cpu:.1f}x CPU time  "
+            f"(target: >= 20,000 cells/s end to end; load average {load:.1f} on {os.cpu_count()} CPUs)"
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

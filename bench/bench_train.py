@@ -27,10 +27,22 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-V1_6L = dict(vocab_size=25426, hidden_size=256, num_hidden_layers=6, num_attention_heads=4, intermediate_size=512,
-             max_position_embeddings=2048)
-SMALL = dict(vocab_size=25426, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
-             max_position_embeddings=2048)
+V1_6L = dict(
+    vocab_size=25426,
+    hidden_size=256,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    intermediate_size=512,
+    max_position_embeddings=2048,
+)
+SMALL = dict(
+    vocab_size=25426,
+    hidden_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=256,
+    max_position_embeddings=2048,
+)
 
 
 def sciplex_like_lengths(n: int, seed: int = 0, median: int = 680, longest: int = 1400) -> np.ndarray:
@@ -45,8 +57,14 @@ def build_model(spec: dict, device, seed: int = 0):
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
-    config = BertConfig(hidden_act="relu", hidden_dropout_prob=0.02, attention_probs_dropout_prob=0.02,
-                        pad_token_id=0, num_labels=2, **spec)
+    config = BertConfig(
+        hidden_act="relu",
+        hidden_dropout_prob=0.02,
+        attention_probs_dropout_prob=0.02,
+        pad_token_id=0,
+        num_labels=2,
+        **spec,
+    )
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     return BertForSequenceClassification(config).to(device)
@@ -91,7 +109,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=3, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps before them (default 1)")
-    p.add_argument("--cells", type=int, default=0, help="pool of cells the timed ones are drawn from (default: 50 x batch size)")
+    p.add_argument(
+        "--cells", type=int, default=0, help="pool of cells the timed ones are drawn from (default: 50 x batch size)"
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--amp", choices=["auto", "off"], default="auto", help="bf16 autocast on CUDA")
     p.add_argument("--seed", type=int, default=0)
@@ -119,22 +139,28 @@ def main(argv=None) -> int:
     # compare batching alone; warm-up batches come from other cells and are not timed.
     perm = rng.permutation(n_cells)
     bs = args.batch_size
-    warm = [perm[i * bs:(i + 1) * bs] for i in range(args.warmup)]
-    subset = perm[args.warmup * bs:take * bs]
+    warm = [perm[i * bs : (i + 1) * bs] for i in range(args.warmup)]
+    subset = perm[args.warmup * bs : take * bs]
     grouped = warm + [subset[b] for b in length_grouped_batches(lengths[subset], bs)]
-    random_batches = warm + [subset[i:i + bs] for i in range(0, len(subset), bs)]
+    random_batches = warm + [subset[i : i + bs] for i in range(0, len(subset), bs)]
     size = spec["max_position_embeddings"]
 
-    print(f"device {device}{' (bf16 autocast)' if amp_dtype else ''}, model "
-          f"{'small (2 x 128)' if args.small else 'V1-6L (6 x 256)'}, batch {args.batch_size}, "
-          f"{args.steps} timed steps per variant; cell lengths median {int(np.median(lengths))}, "
-          f"max {int(lengths.max())}", flush=True)
+    print(
+        f"device {device}{' (bf16 autocast)' if amp_dtype else ''}, model "
+        f"{'small (2 x 128)' if args.small else 'V1-6L (6 x 256)'}, batch {args.batch_size}, "
+        f"{args.steps} timed steps per variant; cell lengths median {int(np.median(lengths))}, "
+        f"max {int(lengths.max())}",
+        flush=True,
+    )
     results = {}
-    for name, batches, pad_to in (("gfattn: length-grouped, padded to own longest", grouped, None),
-                                  (f"baseline: random, padded to input size {size}", random_batches, size),
-                                  ("reference: random, padded to own longest", random_batches, None)):
-        rate, width = time_variant(model, cells, labels, batches, pad_to=pad_to, device=device, amp_dtype=amp_dtype,
-                                   warmup=args.warmup)
+    for name, batches, pad_to in (
+        ("gfattn: length-grouped, padded to own longest", grouped, None),
+        (f"baseline: random, padded to input size {size}", random_batches, size),
+        ("reference: random, padded to own longest", random_batches, None),
+    ):
+        rate, width = time_variant(
+            model, cells, labels, batches, pad_to=pad_to, device=device, amp_dtype=amp_dtype, warmup=args.warmup
+        )
         results[name] = rate
         print(f"  {name:<48} {rate:8.2f} cells/s   (mean padded width {width:.0f})", flush=True)
     names = list(results)

@@ -32,7 +32,10 @@ from gfattn_tui.screens.runs import RunsScreen
 
 # screen actions that write the store or act on runs, refused over a read-only store
 READ_ONLY_REFUSED = {
-    "new_run": "launching runs", "stop": "stopping runs", "tag": "tagging", "note": "notes",
+    "new_run": "launching runs",
+    "stop": "stopping runs",
+    "tag": "tagging",
+    "note": "notes",
     "delete": "deleting runs",
 }
 
@@ -118,7 +121,8 @@ class GfattnApp(App[None]):
         reason = self.client.readonly_reason
         self.notify(
             f"{what} needs a writable store; {self.store_path} is open read-only" + (f" ({reason})" if reason else ""),
-            title="Read-only store", severity="warning",
+            title="Read-only store",
+            severity="warning",
         )
 
     async def run_action(self, action, default_namespace=None, namespaces=None) -> bool:
@@ -237,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="settings TOML (default: $GFATTN_TUI_CONFIG or ~/.config/gfattn/tui.toml)",
     )
     parser.add_argument(
-        "--read-only", action="store_true",
+        "--read-only",
+        action="store_true",
         help="browse only: open the store read-only (automatic when it cannot be written)",
     )
     return parser

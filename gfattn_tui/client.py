@@ -33,8 +33,7 @@ def _is_busy(exc: BaseException) -> bool:
 class StoreClient:
     """Runs functions of a `Store` on the store thread, opening the store on first use."""
 
-    def __init__(self, path: str | Path, *, opener: Callable[[Path], Any] | None = None,
-                 readonly: bool | str = "auto"):
+    def __init__(self, path: str | Path, *, opener: Callable[[Path], Any] | None = None, readonly: bool | str = "auto"):
         self.path = Path(path)
         self._opener = opener
         self._readonly = readonly

@@ -20,7 +20,7 @@ class BindingCommands(Provider):
     def _commands(self) -> list[tuple[str, str, object]]:
         seen: set[tuple[int, str]] = set()
         commands = []
-        for key, active in self.screen.active_bindings.items():
+        for active in self.screen.active_bindings.values():
             binding = active.binding
             if binding.action in _SKIP_ACTIONS or binding.system or not binding.description or not active.enabled:
                 continue

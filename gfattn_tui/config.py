@@ -50,7 +50,7 @@ class TuiConfig:
     source: str = ""
 
     @classmethod
-    def load(cls, path: str | os.PathLike | None = None, environ: Mapping[str, str] | None = None) -> "TuiConfig":
+    def load(cls, path: str | os.PathLike | None = None, environ: Mapping[str, str] | None = None) -> TuiConfig:
         environ = os.environ if environ is None else environ
         cfg = cls()
         file = Path(path) if path else default_config_path(environ)

@@ -224,7 +224,9 @@ def gene_table(
     for g, name in enumerate(result.group_names):
         with np.errstate(invalid="ignore", divide="ignore"):
             occ = result.gene_group_occ[g, tokens]
-            df[f"rank_mean_{sql_name(name)}"] = np.where(occ > 0, result.gene_group_rank_sum[g, tokens] / np.maximum(occ, 1), np.nan)
+            df[f"rank_mean_{sql_name(name)}"] = np.where(
+                occ > 0, result.gene_group_rank_sum[g, tokens] / np.maximum(occ, 1), np.nan
+            )
     total = gene_total(result)[:, tokens]
     norm = gene_norm_total(result)[:, tokens]
     expected = gene_expected(result)[:, tokens]
@@ -238,7 +240,9 @@ def gene_table(
         df[f"attn_norm_scaled_{s}"] = _minmax(norm[m])
         df[f"attn_expected_{s}"] = expected[m]
         with np.errstate(invalid="ignore", divide="ignore"):
-            df[f"attn_pos_ratio_{s}"] = np.where(expected[m] > 0, total[m] / np.where(expected[m] > 0, expected[m], 1), np.nan)
+            df[f"attn_pos_ratio_{s}"] = np.where(
+                expected[m] > 0, total[m] / np.where(expected[m] > 0, expected[m], 1), np.nan
+            )
     if result.n_models == 2:
         a, b = suffixes[0], suffixes[1]
         df["attn_diff"] = df[f"attn_{b}"] - df[f"attn_{a}"]
@@ -257,7 +261,9 @@ def mark_reference_set(df: pd.DataFrame, reference_set: Iterable[str]) -> pd.Dat
     ref = {str(x) for x in reference_set}
     ref_upper = {x.upper() for x in ref}
     sym = df["symbol"].astype(str).str.upper() if "symbol" in df else pd.Series("", index=df.index)
-    df["in_reference_set"] = (df["ensembl_id"].astype(str).isin(ref) | (sym.isin(ref_upper) & (sym != ""))).astype(np.int64)
+    df["in_reference_set"] = (df["ensembl_id"].astype(str).isin(ref) | (sym.isin(ref_upper) & (sym != ""))).astype(
+        np.int64
+    )
     return df
 
 
@@ -269,7 +275,9 @@ def load_reference_set(path, *, symbol_to_id: dict | None = None) -> set[str]:
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise InputError(f"reference gene set {path} does not exist; give a TSV with an ensembl_id column or one gene per line")
+        raise InputError(
+            f"reference gene set {path} does not exist; give a TSV with an ensembl_id column or one gene per line"
+        )
     lines = [ln.strip() for ln in path.read_text().splitlines()]
     lines = [ln for ln in lines if ln and not ln.startswith("#")]
     if not lines:
@@ -303,7 +311,9 @@ def _de_gene_ids(adata, dicts=None, gene_id_column: str | None = None) -> tuple[
     var = adata.var
     if gene_id_column:
         if gene_id_column not in var.columns:
-            raise InputError(f"var has no column {gene_id_column!r} (gene IDs); columns: {', '.join(map(str, var.columns))}")
+            raise InputError(
+                f"var has no column {gene_id_column!r} (gene IDs); columns: {', '.join(map(str, var.columns))}"
+            )
         ids = var[gene_id_column].astype(str).tolist()
     elif "ensembl_id" in var.columns:
         ids = var["ensembl_id"].astype(str).tolist()
@@ -333,8 +343,9 @@ def _de_gene_ids(adata, dicts=None, gene_id_column: str | None = None) -> tuple[
     return ids, symbols
 
 
-def de_wilcoxon(adata, groupby: str, group, reference, *, dicts=None, gene_id_column: str | None = None,
-                layer: str | None = None) -> pd.DataFrame:
+def de_wilcoxon(
+    adata, groupby: str, group, reference, *, dicts=None, gene_id_column: str | None = None, layer: str | None = None
+) -> pd.DataFrame:
     """Differential expression of `group` against `reference` with scanpy's Wilcoxon rank-sum test.
 
     Raw counts (X, or `layer`) are normalised to 10,000 per cell and log1p-transformed on a copy of the
@@ -348,33 +359,41 @@ def de_wilcoxon(adata, groupby: str, group, reference, *, dicts=None, gene_id_co
     import scipy.sparse as sp
 
     if groupby not in adata.obs.columns:
-        raise InputError(f"obs has no column {groupby!r} to group cells for DE; columns: {', '.join(map(str, adata.obs.columns))}")
+        raise InputError(
+            f"obs has no column {groupby!r} to group cells for DE; columns: {', '.join(map(str, adata.obs.columns))}"
+        )
     labels = adata.obs[groupby].astype(str)
     group, reference = str(group), str(reference)
     for g in (group, reference):
         if not (labels == g).any():
-            raise InputError(f"obs[{groupby!r}] has no cells labelled {g!r}; labels: {', '.join(sorted(labels.unique())[:10])}")
+            raise InputError(
+                f"obs[{groupby!r}] has no cells labelled {g!r}; labels: {', '.join(sorted(labels.unique())[:10])}"
+            )
     keep = (labels == group) | (labels == reference)
     X = adata.layers[layer] if layer else adata.X
     X = X[np.flatnonzero(keep.to_numpy())]
     X = X.astype(np.float32) if sp.issparse(X) else np.asarray(X, dtype=np.float32)
     ids, symbols = _de_gene_ids(adata, dicts, gene_id_column)
-    sub = ad.AnnData(X=X, obs=pd.DataFrame({"_group": pd.Categorical(labels[keep].to_numpy())},
-                                           index=adata.obs_names[keep.to_numpy()]))
+    sub = ad.AnnData(
+        X=X,
+        obs=pd.DataFrame({"_group": pd.Categorical(labels[keep].to_numpy())}, index=adata.obs_names[keep.to_numpy()]),
+    )
     sub.var_names = [f"g{i}" for i in range(adata.n_vars)]
     sc.pp.normalize_total(sub, target_sum=1e4)
     sc.pp.log1p(sub)
     sc.tl.rank_genes_groups(sub, "_group", groups=[group], reference=reference, method="wilcoxon", use_raw=False)
     res = sc.get.rank_genes_groups_df(sub, group=group)
     idx = res["names"].str.slice(1).astype(int).to_numpy()
-    df = pd.DataFrame({
-        "ensembl_id": [ids[i] for i in idx],
-        "symbol": [symbols[i] for i in idx],
-        "score": res["scores"].to_numpy(dtype=np.float64),
-        "logfoldchange": res["logfoldchanges"].to_numpy(dtype=np.float64),
-        "pval": res["pvals"].to_numpy(dtype=np.float64),
-        "pval_adj": res["pvals_adj"].to_numpy(dtype=np.float64),
-    })
+    df = pd.DataFrame(
+        {
+            "ensembl_id": [ids[i] for i in idx],
+            "symbol": [symbols[i] for i in idx],
+            "score": res["scores"].to_numpy(dtype=np.float64),
+            "logfoldchange": res["logfoldchanges"].to_numpy(dtype=np.float64),
+            "pval": res["pvals"].to_numpy(dtype=np.float64),
+            "pval_adj": res["pvals_adj"].to_numpy(dtype=np.float64),
+        }
+    )
     df = df.sort_values("score", ascending=False, kind="stable")
     return df.drop_duplicates("ensembl_id", keep="first").reset_index(drop=True)
 
@@ -438,15 +457,21 @@ def compare_de_attention(
         ref = {g for g in bg if g in ref_raw or symbol.get(g, "").upper() in ref_upper}
         mark_reference_set(attention_df, ref_raw)
     out: dict = {
-        "attention_column": attention_column, "de_column": de_column, "background": N,
-        "n_de": len(de_ids), "n_attention": len(at_ids), "overlap": [],
+        "attention_column": attention_column,
+        "de_column": de_column,
+        "background": N,
+        "n_de": len(de_ids),
+        "n_attention": len(at_ids),
+        "overlap": [],
     }
     for k in ks:
         k = int(k)
         top_de, top_at = de_ids[:k], at_ids[:k]
         shared = sorted(set(top_de) & set(top_at), key=top_at.index)
         item = {
-            "k": k, "overlap": len(shared), "expected": (len(top_de) * len(top_at) / N) if N else 0.0,
+            "k": k,
+            "overlap": len(shared),
+            "expected": (len(top_de) * len(top_at) / N) if N else 0.0,
             "p_value": _hypergeom_sf(len(shared), N, len(top_de), len(top_at)),
             "genes": [symbol.get(g) or g for g in shared],
         }
@@ -477,8 +502,9 @@ def _resample_counts(n: int, n_boot: int, rng) -> np.ndarray:
     return rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)
 
 
-def bootstrap_ci(per_cell_values, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05, *,
-                 weights=None, chunk: int = 256):
+def bootstrap_ci(
+    per_cell_values, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05, *, weights=None, chunk: int = 256
+):
     """Percentile bootstrap over cells (axis 0) of the mean: returns (mean, lower, upper).
 
     With `weights` (same shape), the statistic is the weighted mean sum(w x) / sum(w) (e.g. per-rank
@@ -507,8 +533,14 @@ def bootstrap_ci(per_cell_values, n_boot: int = 1000, seed: int = 0, alpha: floa
             with np.errstate(invalid="ignore", divide="ignore"):
                 stats[start : start + len(counts)] = (counts @ (w * flat)) / (counts @ w)
     with np.errstate(invalid="ignore"):
-        lower = np.nanquantile(stats, alpha / 2, axis=0) if np.isnan(stats).any() else np.quantile(stats, alpha / 2, axis=0)
-        upper = np.nanquantile(stats, 1 - alpha / 2, axis=0) if np.isnan(stats).any() else np.quantile(stats, 1 - alpha / 2, axis=0)
+        lower = (
+            np.nanquantile(stats, alpha / 2, axis=0) if np.isnan(stats).any() else np.quantile(stats, alpha / 2, axis=0)
+        )
+        upper = (
+            np.nanquantile(stats, 1 - alpha / 2, axis=0)
+            if np.isnan(stats).any()
+            else np.quantile(stats, 1 - alpha / 2, axis=0)
+        )
     return mean.reshape(shape), lower.reshape(shape), upper.reshape(shape)
 
 
@@ -569,8 +601,9 @@ def benjamini_hochberg(p) -> np.ndarray:
     return false_discovery_control(p.ravel(), method="bh").reshape(p.shape)
 
 
-def attention_statistics(result, *, n_boot: int = 200, n_perm: int = 2000, seed: int = 0, alpha: float = 0.05,
-                         test: str = "sign-flip") -> dict:
+def attention_statistics(
+    result, *, n_boot: int = 200, n_perm: int = 2000, seed: int = 0, alpha: float = 0.05, test: str = "sign-flip"
+) -> dict:
     """Confidence intervals over cells for analyses 1-3 and paired per-(layer, head) tests.
 
     Returns numpy arrays: `cosine` / `cosine_lower` / `cosine_upper` / `cosine_std` (nl, H); per model
@@ -580,8 +613,13 @@ def attention_statistics(result, *, n_boot: int = 200, n_perm: int = 2000, seed:
     (whether the Kobayashi norm differs), `p_value_adj` (Benjamini-Hochberg over the grid).
     `test`: "sign-flip" (paired permutation) or "wilcoxon" (signed-rank).
     """
-    out: dict = {"n_cells": int(result.n_cells), "n_boot": int(n_boot), "alpha": float(alpha), "test": test,
-                 "n_perm": int(n_perm) if test == "sign-flip" else None}
+    out: dict = {
+        "n_cells": int(result.n_cells),
+        "n_boot": int(n_boot),
+        "alpha": float(alpha),
+        "test": test,
+        "n_perm": int(n_perm) if test == "sign-flip" else None,
+    }
     names = SUFFIXES[: result.n_models]
     for m, s in enumerate(names):
         mean, lo, hi = bootstrap_ci(result.cell_norm[m], n_boot, seed, alpha)
@@ -596,7 +634,8 @@ def attention_statistics(result, *, n_boot: int = 200, n_perm: int = 2000, seed:
             out[f"rank_received_{s}"], out[f"rank_received_{s}_lower"], out[f"rank_received_{s}_upper"] = mean, lo, hi
         if result.n_models == 2:
             out["rank_pct_diff"], out["rank_pct_diff_lower"], out["rank_pct_diff_upper"] = _pct_diff_ci(
-                result.cell_curve[0], result.cell_curve[1], has, n_boot, seed, alpha)
+                result.cell_curve[0], result.cell_curve[1], has, n_boot, seed, alpha
+            )
     if result.n_models == 2 and result.cell_cosine is not None:
         mean, lo, hi = bootstrap_ci(result.cell_cosine, n_boot, seed, alpha)
         out["cosine"], out["cosine_lower"], out["cosine_upper"] = mean, lo, hi
@@ -645,8 +684,16 @@ def length_histogram(lengths, bins: int = 40) -> tuple[np.ndarray, np.ndarray]:
     return counts.astype(np.float64), edges
 
 
-def write_pair_analysis(store, run_id: int, result, gene_df: pd.DataFrame | None, de_summary: dict | None,
-                        stats: dict | None, *, model_names: Sequence[str] | None = None) -> dict:
+def write_pair_analysis(
+    store,
+    run_id: int,
+    result,
+    gene_df: pd.DataFrame | None,
+    de_summary: dict | None,
+    stats: dict | None,
+    *,
+    model_names: Sequence[str] | None = None,
+) -> dict:
     """Write an analysis run's results (grids, per-rank vectors, the gene table, JSON) into the store.
 
     Grids (layer x head): `cosine` (bootstrap CI as lower/upper), `cosine_std`, `norm_<s>` (CI),
@@ -665,8 +712,11 @@ def write_pair_analysis(store, run_id: int, result, gene_df: pd.DataFrame | None
     median = length_median(result)
     specials = special_positions(result)
     base_meta = {
-        "median_length": median, "special_positions": specials, "n_cells": int(result.n_cells),
-        "x": "rank position (0-based token index; special tokens kept)", "models": dict(zip(names, model_names)),
+        "median_length": median,
+        "special_positions": specials,
+        "n_cells": int(result.n_cells),
+        "x": "rank position (0-based token index; special tokens kept)",
+        "models": dict(zip(names, model_names)),
     }
 
     def meta(**extra):
@@ -678,11 +728,18 @@ def write_pair_analysis(store, run_id: int, result, gene_df: pd.DataFrame | None
         store.put_grid(run_id, R.GRID_P_VALUE, stats["p_value"])
         store.put_grid(run_id, R.GRID_P_VALUE_ADJ, stats["p_value_adj"])
         store.put_grid(run_id, R.GRID_P_VALUE_NORM, stats["p_value_norm"])
-    for m, s in enumerate(names):
-        store.put_grid(run_id, R.grid_norm(s), stats[f"norm_{s}"], lower=stats[f"norm_{s}_lower"], upper=stats[f"norm_{s}_upper"])
+    for s in names:
+        store.put_grid(
+            run_id, R.grid_norm(s), stats[f"norm_{s}"], lower=stats[f"norm_{s}_lower"], upper=stats[f"norm_{s}_upper"]
+        )
         col = lambda v: np.asarray(v).reshape(-1, 1)  # noqa: E731 - one column: the heads are summed
-        store.put_grid(run_id, R.grid_norm_summed(s), col(stats[f"norm_summed_{s}"]),
-                       lower=col(stats[f"norm_summed_{s}_lower"]), upper=col(stats[f"norm_summed_{s}_upper"]))
+        store.put_grid(
+            run_id,
+            R.grid_norm_summed(s),
+            col(stats[f"norm_summed_{s}"]),
+            lower=col(stats[f"norm_summed_{s}_lower"]),
+            upper=col(stats[f"norm_summed_{s}_upper"]),
+        )
         store.put_grid(run_id, R.grid_centre(s), stats[f"centre_{s}"])
     received = rank_received(result)
     received_lh = rank_received(result, per_head=True)
@@ -690,11 +747,20 @@ def write_pair_analysis(store, run_id: int, result, gene_df: pd.DataFrame | None
     for m, s in enumerate(names):
         extra = {}
         if f"rank_received_{s}_lower" in stats:
-            store.put_vector(run_id, R.vec_rank_received_lower(s), stats[f"rank_received_{s}_lower"], meta=meta(model=model_names[m]))
-            store.put_vector(run_id, R.vec_rank_received_upper(s), stats[f"rank_received_{s}_upper"], meta=meta(model=model_names[m]))
+            store.put_vector(
+                run_id, R.vec_rank_received_lower(s), stats[f"rank_received_{s}_lower"], meta=meta(model=model_names[m])
+            )
+            store.put_vector(
+                run_id, R.vec_rank_received_upper(s), stats[f"rank_received_{s}_upper"], meta=meta(model=model_names[m])
+            )
             extra = {R.META_LOWER: R.vec_rank_received_lower(s), R.META_UPPER: R.vec_rank_received_upper(s)}
         store.put_vector(run_id, R.vec_rank_received(s), received[m], meta=meta(model=model_names[m], **extra))
-        store.put_vector(run_id, R.vec_rank_received_lh(s), received_lh[m], meta=meta(model=model_names[m], axes=["layer", "head", "rank"]))
+        store.put_vector(
+            run_id,
+            R.vec_rank_received_lh(s),
+            received_lh[m],
+            meta=meta(model=model_names[m], axes=["layer", "head", "rank"]),
+        )
         store.put_vector(run_id, R.vec_rank_norm_received(s), norm_received[m], meta=meta(model=model_names[m]))
     if result.n_models == 2:
         pct, log_ratio = rank_pct_diff(result), rank_log_ratio(result)
@@ -708,8 +774,12 @@ def write_pair_analysis(store, run_id: int, result, gene_df: pd.DataFrame | None
     store.put_vector(run_id, R.VEC_RANK_COUNT, result.rank_count, meta=meta())
     store.put_vector(run_id, R.VEC_RANK_SPECIAL_COUNT, result.rank_special_count, meta=meta())
     counts, edges = length_histogram(result.lengths)
-    store.put_vector(run_id, R.VEC_LENGTH_HIST, counts, meta=plain({"edges": edges, "median": median,
-                                                                   "n_cells": int(result.n_cells)}))
+    store.put_vector(
+        run_id,
+        R.VEC_LENGTH_HIST,
+        counts,
+        meta=plain({"edges": edges, "median": median, "n_cells": int(result.n_cells)}),
+    )
     if gene_df is not None:
         store.put_gene_table(run_id, R.TABLE_GENES, gene_df)
     if de_summary is not None:
@@ -724,16 +794,23 @@ def write_pair_analysis(store, run_id: int, result, gene_df: pd.DataFrame | None
 def pair_summary(result, gene_df, stats, *, model_names, top_n: int = 10) -> dict:
     names = SUFFIXES[: result.n_models]
     out = {
-        "models": dict(zip(names, model_names)), "n_cells": int(result.n_cells),
-        "median_length": length_median(result), "max_length": int(result.lengths.max()) if result.n_cells else 0,
-        "n_layers": result.n_layers, "n_heads": result.n_heads, "special_positions": special_positions(result),
-        "groups": list(result.group_names), "meta": result.meta,
+        "models": dict(zip(names, model_names)),
+        "n_cells": int(result.n_cells),
+        "median_length": length_median(result),
+        "max_length": int(result.lengths.max()) if result.n_cells else 0,
+        "n_layers": result.n_layers,
+        "n_heads": result.n_heads,
+        "special_positions": special_positions(result),
+        "groups": list(result.group_names),
+        "meta": result.meta,
     }
     if "cosine" in stats:
         out["cosine_mean"] = float(np.mean(stats["cosine"]))
         out["cosine_per_layer"] = np.mean(stats["cosine"], axis=1)
-        out["cosine_min"] = {"value": float(np.min(stats["cosine"])),
-                             "layer_head": [int(i) for i in np.unravel_index(np.argmin(stats["cosine"]), stats["cosine"].shape)]}
+        out["cosine_min"] = {
+            "value": float(np.min(stats["cosine"])),
+            "layer_head": [int(i) for i in np.unravel_index(np.argmin(stats["cosine"]), stats["cosine"].shape)],
+        }
         out["heads_differing"] = int((stats["p_value_adj"] < stats.get("alpha", 0.05)).sum())
     for s in names:
         out[f"norm_summed_{s}"] = stats[f"norm_summed_{s}"]
@@ -784,8 +861,16 @@ def run_pair_analysis(
     if isinstance(reference_set, (str, Path)):
         reference_set = load_reference_set(reference_set, symbol_to_id=getattr(dicts, "name_to_id", None))
     result = analyze_attention(
-        model_a, model_b, dataset, pad_id=dicts.pad_id, special_ids=dicts.special_ids, group_column=group_column,
-        batch_size=batch_size, device=device, dtype=dtype or torch.float32, progress=progress,
+        model_a,
+        model_b,
+        dataset,
+        pad_id=dicts.pad_id,
+        special_ids=dicts.special_ids,
+        group_column=group_column,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype or torch.float32,
+        progress=progress,
     )
     if store is not None:
         store.log_event(run_id, f"attention reduced over {result.n_cells} cells", stage="attention")
@@ -794,13 +879,20 @@ def run_pair_analysis(
     de_summary = None
     if de is not None and len(de):
         background = genes["ensembl_id"].tolist()
-        de_summary = compare_de_attention(de, genes, background, ks=top_k, reference_set=reference_set,
-                                          attention_column=f"attn_{SUFFIXES[result.n_models - 1]}")
+        de_summary = compare_de_attention(
+            de,
+            genes,
+            background,
+            ks=top_k,
+            reference_set=reference_set,
+            attention_column=f"attn_{SUFFIXES[result.n_models - 1]}",
+        )
         de_summary["by_column"] = {}
         for m in range(result.n_models):
             for col in (f"attn_{SUFFIXES[m]}", f"attn_pos_ratio_{SUFFIXES[m]}", f"attn_norm_{SUFFIXES[m]}"):
-                de_summary["by_column"][col] = compare_de_attention(de, genes, background, ks=top_k,
-                                                                    reference_set=reference_set, attention_column=col)
+                de_summary["by_column"][col] = compare_de_attention(
+                    de, genes, background, ks=top_k, reference_set=reference_set, attention_column=col
+                )
         de_summary["models"] = dict(zip(SUFFIXES, names))
     elif reference_set is not None:
         mark_reference_set(genes, reference_set)

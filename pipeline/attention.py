@@ -104,16 +104,35 @@ class AttentionResult:
 
     # ----- sums across processes / shards
     _ADDITIVE = (
-        "rank_count", "rank_special_count", "rank_sum", "rank_norm_sum", "gene_sum", "gene_norm_sum",
-        "gene_group_sum", "gene_cells", "gene_occ", "gene_rank_sum", "gene_rank_sq", "gene_group_rank_sum",
-        "gene_group_occ", "lengths", "cell_curve", "cell_norm", "cell_norm_summed", "cell_centre",
+        "rank_count",
+        "rank_special_count",
+        "rank_sum",
+        "rank_norm_sum",
+        "gene_sum",
+        "gene_norm_sum",
+        "gene_group_sum",
+        "gene_cells",
+        "gene_occ",
+        "gene_rank_sum",
+        "gene_rank_sq",
+        "gene_group_rank_sum",
+        "gene_group_occ",
+        "lengths",
+        "cell_curve",
+        "cell_norm",
+        "cell_norm_summed",
+        "cell_centre",
         "cell_cosine",
     )
 
     def merge(self, other: AttentionResult) -> AttentionResult:
         """The result over the union of two disjoint sets of cells of the same dataset (e.g. two shards)."""
         if (self.names, self.n_layers, self.n_heads, self.vocab_size, self.max_len) != (
-            other.names, other.n_layers, other.n_heads, other.vocab_size, other.max_len
+            other.names,
+            other.n_layers,
+            other.n_heads,
+            other.vocab_size,
+            other.max_len,
         ):
             raise ValueError("cannot merge attention results of different models or datasets")
         values = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -140,8 +159,9 @@ class AttentionResult:
 class _Accumulators:
     """Float64 sums on the device; per-batch reductions from either engine land here."""
 
-    def __init__(self, *, n_models, n_layers, n_heads, vocab_size, max_len, n_cells, n_groups, device,
-                 special_ids, cell_curves):
+    def __init__(
+        self, *, n_models, n_layers, n_heads, vocab_size, max_len, n_cells, n_groups, device, special_ids, cell_curves
+    ):
         f64 = dict(dtype=torch.float64, device=device)
         M, nl, H, V, P, n, G = n_models, n_layers, n_heads, vocab_size, max_len, n_cells, max(n_groups, 1)
         self.M, self.nl, self.H, self.V, self.P, self.G = M, nl, H, V, P, n_groups
@@ -225,7 +245,9 @@ class _Accumulators:
         pairs = (n * n).unsqueeze(1)
         self.cell_norm[k, cells, layer] = weighted.sum(-1) / pairs
         self.cell_norm_summed[k, cells, layer] = norm_summed_num / pairs[:, 0]
-        relpos = torch.arange(L, dtype=torch.float64, device=colsum.device).unsqueeze(0) / (n - 1).clamp_min(1).unsqueeze(1)
+        relpos = torch.arange(L, dtype=torch.float64, device=colsum.device).unsqueeze(0) / (n - 1).clamp_min(
+            1
+        ).unsqueeze(1)
         self.cell_centre[k, cells, layer] = (colsum * relpos.unsqueeze(1)).sum(-1) / colsum.sum(-1)
 
     def set_cosine(self, layer: int, cells, cosine: torch.Tensor):
@@ -248,9 +270,24 @@ class _Accumulators:
     @staticmethod
     def _tensor_names():
         return (
-            "rank_count", "rank_special_count", "rank_sum", "rank_norm_sum", "gene_sum", "gene_norm_sum",
-            "gene_group_sum", "gene_cells", "gene_occ", "gene_rank_sum", "gene_rank_sq", "gene_group_rank_sum",
-            "gene_group_occ", "lengths", "cell_curve", "cell_norm", "cell_norm_summed", "cell_centre",
+            "rank_count",
+            "rank_special_count",
+            "rank_sum",
+            "rank_norm_sum",
+            "gene_sum",
+            "gene_norm_sum",
+            "gene_group_sum",
+            "gene_cells",
+            "gene_occ",
+            "gene_rank_sum",
+            "gene_rank_sq",
+            "gene_group_rank_sum",
+            "gene_group_occ",
+            "lengths",
+            "cell_curve",
+            "cell_norm",
+            "cell_norm_summed",
+            "cell_centre",
             "cell_cosine",
         )
 
@@ -266,19 +303,37 @@ class _Accumulators:
         if not self.G:
             group_sum, g_rank, g_occ = group_sum[:, :0], g_rank[:0], g_occ[:0]
         return AttentionResult(
-            names=tuple(names), n_layers=self.nl, n_heads=self.H, vocab_size=self.V, max_len=self.P,
-            special_ids=tuple(sorted(int(s) for s in special_ids)), cell_ids=cells.cell_ids,
-            lengths=np_(self.lengths).astype(np.int64), groups=cells.groups, group_names=cells.group_names,
-            rank_count=np_(self.rank_count), rank_special_count=np_(self.rank_special_count),
-            rank_sum=np_(self.rank_sum), rank_norm_sum=np_(self.rank_norm_sum),
+            names=tuple(names),
+            n_layers=self.nl,
+            n_heads=self.H,
+            vocab_size=self.V,
+            max_len=self.P,
+            special_ids=tuple(sorted(int(s) for s in special_ids)),
+            cell_ids=cells.cell_ids,
+            lengths=np_(self.lengths).astype(np.int64),
+            groups=cells.groups,
+            group_names=cells.group_names,
+            rank_count=np_(self.rank_count),
+            rank_special_count=np_(self.rank_special_count),
+            rank_sum=np_(self.rank_sum),
+            rank_norm_sum=np_(self.rank_norm_sum),
             gene_sum=np_(self.gene_sum).transpose(0, 1, 3, 2).copy(),
             gene_norm_sum=np_(self.gene_norm_sum).transpose(0, 1, 3, 2).copy(),
-            gene_group_sum=group_sum, gene_cells=np_(self.gene_cells), gene_occ=np_(self.gene_occ),
-            gene_rank_sum=np_(self.gene_rank_sum), gene_rank_sq=np_(self.gene_rank_sq),
-            gene_group_rank_sum=g_rank, gene_group_occ=g_occ, gene_pos_keys=keys, gene_pos_counts=counts,
-            cell_curve=np_(self.cell_curve), cell_norm=np_(self.cell_norm),
-            cell_norm_summed=np_(self.cell_norm_summed), cell_centre=np_(self.cell_centre),
-            cell_cosine=np_(self.cell_cosine), meta=meta,
+            gene_group_sum=group_sum,
+            gene_cells=np_(self.gene_cells),
+            gene_occ=np_(self.gene_occ),
+            gene_rank_sum=np_(self.gene_rank_sum),
+            gene_rank_sq=np_(self.gene_rank_sq),
+            gene_group_rank_sum=g_rank,
+            gene_group_occ=g_occ,
+            gene_pos_keys=keys,
+            gene_pos_counts=counts,
+            cell_curve=np_(self.cell_curve),
+            cell_norm=np_(self.cell_norm),
+            cell_norm_summed=np_(self.cell_norm_summed),
+            cell_centre=np_(self.cell_centre),
+            cell_cosine=np_(self.cell_cosine),
+            meta=meta,
         )
 
 
@@ -469,8 +524,9 @@ class _StreamingEngine:
 
     def run_batch(self, ids, mask, cells, groups):
         lengths = mask.sum(1)
-        self.batch = dict(ids=ids, mask=mask, cells=cells, groups=groups,
-                          lengths=lengths.cpu().numpy().astype(np.int64))
+        self.batch = dict(
+            ids=ids, mask=mask, cells=cells, groups=groups, lengths=lengths.cpu().numpy().astype(np.int64)
+        )
         self.acc.add_tokens(ids, mask, cells, groups)
         self.hidden = [m.embed(ids) for m in self.models]
         for layer in range(len(self.models[0].layers)):
@@ -504,8 +560,9 @@ class _StreamingEngine:
             out_b, value_b = self.pending
             self.pending = None
             step = max(1, value.shape[2] // 16)  # a sample of positions is enough to catch a mismatch
-            if value.shape != value_b.shape or not torch.allclose(value[:, :, ::step], value_b[:, :, ::step],
-                                                                  rtol=1e-3, atol=1e-5):
+            if value.shape != value_b.shape or not torch.allclose(
+                value[:, :, ::step], value_b[:, :, ::step], rtol=1e-3, atol=1e-5
+            ):
                 raise RuntimeError("model B's layer computed other value vectors than the engine projected")
             return out_b
         d = query.shape[-1]
@@ -536,9 +593,12 @@ class _StreamingEngine:
         for k, q, key, v, scaling in sides:
             gram = _value_gram(v.to(red), self.models[k].w_out[layer].to(red), self.block_elements)
             st = dict(
-                k=k, scaling=scaling,
+                k=k,
+                scaling=scaling,
                 # (B*H, L, d) contiguous once per layer, so that every block's GEMM reads them without a copy
-                q3=q.reshape(B * H, L, d), k3t=key.reshape(B * H, L, d).transpose(1, 2), v3=v.reshape(B * H, L, d),
+                q3=q.reshape(B * H, L, d),
+                k3t=key.reshape(B * H, L, d).transpose(1, 2),
+                v3=v.reshape(B * H, L, d),
                 fnorm=torch.diagonal(gram, dim1=-2, dim2=-1).clamp_min(0).sqrt().permute(0, 2, 1),
                 gram2=(gram * off).permute(0, 2, 3, 1).contiguous(),
                 out=torch.empty(B, L, H, d, dtype=v.dtype, device=device),  # the layout HF's layer expects
@@ -569,13 +629,28 @@ class _StreamingEngine:
             else:
                 m_block = m[:, i0:i1]
                 for s, (st, p) in enumerate(zip(states, probs)):
-                    _reduce_block_torch(p, st["gram2"], m_block, st["colsum"], st["sq"], st["summed"],
-                                        other=probs[0] if s == 1 else None, dot=st["dot"])
+                    _reduce_block_torch(
+                        p,
+                        st["gram2"],
+                        m_block,
+                        st["colsum"],
+                        st["sq"],
+                        st["summed"],
+                        other=probs[0] if s == 1 else None,
+                        dot=st["dot"],
+                    )
             del probs, p
         outs = []
         for st in states:
-            self.layer_out.append(dict(colsum=st["colsum"], sq=st["sq"], summed=st["summed"],
-                                       fnorm=st["fnorm"].to(torch.float64), dot=st["dot"]))
+            self.layer_out.append(
+                dict(
+                    colsum=st["colsum"],
+                    sq=st["sq"],
+                    summed=st["summed"],
+                    fnorm=st["fnorm"].to(torch.float64),
+                    dot=st["dot"],
+                )
+            )
             outs.append(st["out"])
         return outs
 
@@ -586,8 +661,16 @@ class _StreamingEngine:
         def work(b0, b1):
             for pn, other, vw in arrays:
                 o = other[b0:b1] if other.shape[0] else other
-                rows_kernel(pn[b0:b1], vw["gram2"][b0:b1], real_rows[b0:b1], lengths[b0:b1], o,
-                            vw["summed"][b0:b1], vw["sq"][b0:b1], vw["dot"][b0:b1])
+                rows_kernel(
+                    pn[b0:b1],
+                    vw["gram2"][b0:b1],
+                    real_rows[b0:b1],
+                    lengths[b0:b1],
+                    o,
+                    vw["summed"][b0:b1],
+                    vw["sq"][b0:b1],
+                    vw["dot"][b0:b1],
+                )
                 columns_kernel(pn[b0:b1], real_rows[b0:b1], lengths[b0:b1], vw["colsum"][b0:b1])
 
         if len(parts) == 1:
@@ -608,8 +691,17 @@ class _StreamingEngine:
     def _finish_layer(self, layer):
         b = self.batch
         for k, o in enumerate(self.layer_out):
-            self.acc.add_layer(k, layer, ids=b["ids"], mask=b["mask"], cells=b["cells"], groups=b["groups"],
-                               colsum=o["colsum"], fnorm=o["fnorm"], norm_summed_num=o["summed"])
+            self.acc.add_layer(
+                k,
+                layer,
+                ids=b["ids"],
+                mask=b["mask"],
+                cells=b["cells"],
+                groups=b["groups"],
+                colsum=o["colsum"],
+                fnorm=o["fnorm"],
+                norm_summed_num=o["summed"],
+            )
         if len(self.layer_out) == 2:
             sq_a, sq_b, dot = self.layer_out[0]["sq"], self.layer_out[1]["sq"], self.layer_out[1]["dot"]
             self.acc.set_cosine(layer, b["cells"], dot / torch.sqrt(sq_a * sq_b))
@@ -641,8 +733,9 @@ def _streaming_attention_forward(module, query, key, value, attention_mask, scal
         # Outside an analysis the function is plain eager attention.
         from transformers.models.bert.modeling_bert import eager_attention_forward
 
-        return eager_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
-                                       dropout=dropout, **kwargs)
+        return eager_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     return engine.attend(module, query, key, value, attention_mask, scaling), None
 
 
@@ -703,9 +796,15 @@ def _prepare(model_a, model_b, dataset, *, group_column, device, dtype, special_
     if max_len > limit:
         raise ValueError(f"cells have up to {max_len} tokens but the model has {limit} positions")
     acc_kwargs = dict(
-        n_models=len(models), n_layers=len(models[0].layers), n_heads=models[0].n_heads,
-        vocab_size=models[0].vocab_size, max_len=max_len, n_cells=len(cells), n_groups=len(cells.group_names),
-        device=device, special_ids=special_ids,
+        n_models=len(models),
+        n_layers=len(models[0].layers),
+        n_heads=models[0].n_heads,
+        vocab_size=models[0].vocab_size,
+        max_len=max_len,
+        n_cells=len(cells),
+        n_groups=len(cells.group_names),
+        device=device,
+        special_ids=special_ids,
     )
     return device, models, cells, acc_kwargs
 
@@ -723,8 +822,12 @@ def _batches(cells: Cells, batch_size: int, shard):
 
 def _meta(models, dtype, device, batch_size, method):
     return {
-        "dtype": str(dtype).replace("torch.", ""), "device": str(device), "batch_size": int(batch_size),
-        "method": method, "n_layers": len(models[0].layers), "n_heads": models[0].n_heads,
+        "dtype": str(dtype).replace("torch.", ""),
+        "device": str(device),
+        "batch_size": int(batch_size),
+        "method": method,
+        "n_layers": len(models[0].layers),
+        "n_heads": models[0].n_heads,
     }
 
 
@@ -761,8 +864,9 @@ def analyze_attention(
     full result. Results of shards add up with `AttentionResult.merge`.
     """
     special = set(int(s) for s in special_ids) | {int(pad_id)}
-    device, models, cells, acc_kwargs = _prepare(model_a, model_b, dataset, group_column=group_column,
-                                                 device=device, dtype=dtype, special_ids=special)
+    device, models, cells, acc_kwargs = _prepare(
+        model_a, model_b, dataset, group_column=group_column, device=device, dtype=dtype, special_ids=special
+    )
     acc = _Accumulators(**acc_kwargs, cell_curves=cell_curves)
     distributed = shard is None and _shard()[1] > 1
     batches = _batches(cells, batch_size, shard or _shard())
@@ -777,8 +881,9 @@ def analyze_attention(
             for idx in batches:
                 ids, mask = pad_batch(cells.input_ids(idx), pad_token_id=int(pad_id))
                 if int(ids.max()) >= models[0].vocab_size:
-                    raise ValueError(f"token id {int(ids.max())} is outside the model's vocabulary "
-                                     f"({models[0].vocab_size})")
+                    raise ValueError(
+                        f"token id {int(ids.max())} is outside the model's vocabulary ({models[0].vocab_size})"
+                    )
                 cell_t = torch.as_tensor(idx, device=device)
                 engine.run_batch(ids.to(device), mask.to(device), cell_t, groups_t[cell_t])
                 done += len(idx)
@@ -819,8 +924,9 @@ def naive_attention_reductions(
     each quantity is computed the direct way (full masked matrices, einsum over all heads).
     """
     special = set(int(s) for s in special_ids) | {int(pad_id)}
-    device, models, cells, acc_kwargs = _prepare(model_a, model_b, dataset, group_column=group_column,
-                                                 device=device, dtype=dtype, special_ids=special)
+    device, models, cells, acc_kwargs = _prepare(
+        model_a, model_b, dataset, group_column=group_column, device=device, dtype=dtype, special_ids=special
+    )
     acc = _Accumulators(**acc_kwargs, cell_curves=cell_curves)
     batches = _batches(cells, batch_size, shard or (0, 1))
     groups_t = torch.as_tensor(np.maximum(cells.groups, 0), device=device)
@@ -841,8 +947,9 @@ def naive_attention_reductions(
             if progress is not None:
                 progress(done, total)
     names = tuple(names[: len(models)])
-    return acc.result(names=names, special_ids=special, cells=cells,
-                      meta=_meta(models, dtype, device, batch_size, "naive"))
+    return acc.result(
+        names=names, special_ids=special, cells=cells, meta=_meta(models, dtype, device, batch_size, "naive")
+    )
 
 
 def _naive_reduce(models, outputs, acc, ids, mask, cells, groups):
@@ -864,8 +971,17 @@ def _naive_reduce(models, outputs, acc, ids, mask, cells, groups):
             colsum = am.sum(2).to(torch.float64)
             s = (torch.einsum("bhij,bjhg->bgij", am, gram) * am).sum(1)  # (B, L, L)
             summed = (s.clamp_min(0).sqrt() * real_pairs).sum((1, 2)).to(torch.float64)
-            acc.add_layer(k, layer, ids=ids, mask=mask, cells=cells, groups=groups, colsum=colsum,
-                          fnorm=fnorm.to(torch.float64), norm_summed_num=summed)
+            acc.add_layer(
+                k,
+                layer,
+                ids=ids,
+                mask=mask,
+                cells=cells,
+                groups=groups,
+                colsum=colsum,
+                fnorm=fnorm.to(torch.float64),
+                norm_summed_num=summed,
+            )
             probs.append(attn)
         if len(probs) == 2:
             B, H = probs[0].shape[:2]

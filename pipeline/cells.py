@@ -18,8 +18,9 @@ class Cells:
     cell's tokens as int64 arrays, read once). A missing column raises `KeyError(name)`.
     """
 
-    def __init__(self, dataset, group_column: str | None = None, *, label_column: str | None = None,
-                 name: str = "cells"):
+    def __init__(
+        self, dataset, group_column: str | None = None, *, label_column: str | None = None, name: str = "cells"
+    ):
         self.name = name
         self._ids = None
         if isinstance(dataset, dict):
@@ -92,7 +93,7 @@ class Cells:
             self._ids = [np.asarray(x, dtype=np.int64) for x in self._get_ids(range(len(self)))]
         return self._ids
 
-    def truncate(self, max_len: int | None) -> "Cells":
+    def truncate(self, max_len: int | None) -> Cells:
         """Keep each cell's first `max_len` tokens (its top ranks); lengths follow."""
         if max_len is not None:
             self._ids = [x[: int(max_len)] for x in self.ids]

@@ -24,11 +24,17 @@ BROKEN_PIPE_EXIT = 128 + 13  # what a shell reports for a writer killed by SIGPI
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "pipeline": ("pipeline.commands.pipeline", "run the thesis experiment end to end (default: embedded synthetic demo)"),
+    "pipeline": (
+        "pipeline.commands.pipeline",
+        "run the thesis experiment end to end (default: embedded synthetic demo)",
+    ),
     "synth": ("pipeline.commands.synth", "write a synthetic sci-Plex-like .h5ad (or a pretraining corpus)"),
     "tokenize": ("pipeline.commands.tokenize", "rank-value encode an .h5ad exactly as Geneformer does"),
     "pretrain": ("pipeline.commands.pretrain", "masked-gene pretraining of a small Geneformer-style BERT"),
-    "finetune": ("pipeline.commands.finetune", "fine-tune a checkpoint on a tokenized dataset (frozen/unfrozen/last-k)"),
+    "finetune": (
+        "pipeline.commands.finetune",
+        "fine-tune a checkpoint on a tokenized dataset (frozen/unfrozen/last-k)",
+    ),
     "analyze": ("pipeline.commands.analyze", "attention analysis comparing two fine-tuned models"),
     "plot": ("pipeline.commands.plot", "write the thesis figures of a run as PNG and SVG"),
     "runs": ("pipeline.commands.runs", "list runs in the store"),

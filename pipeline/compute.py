@@ -88,15 +88,25 @@ def determinism_report(device, threads: int | None = None) -> dict:
         "device": kind,
         "torch": torch.__version__,
         "threads": int(threads or torch.get_num_threads()),
-        "seeded": ["data split", "cell subsampling", "classifier head", "dropout", "batch order", "pretraining",
-                   "bootstrap", "UMAP"],
+        "seeded": [
+            "data split",
+            "cell subsampling",
+            "classifier head",
+            "dropout",
+            "batch order",
+            "pretraining",
+            "bootstrap",
+            "UMAP",
+        ],
     }
     if kind == "cuda":
         report["deterministic"] = bool(torch.are_deterministic_algorithms_enabled())
         report["cudnn_deterministic"] = bool(torch.backends.cudnn.deterministic)
-        report["note"] = ("CUDA: deterministic algorithms requested with warn_only; kernels without a deterministic "
-                          "implementation (some fused attention backward passes, atomics-based scatter) may "
-                          "still vary in the last bits between runs")
+        report["note"] = (
+            "CUDA: deterministic algorithms requested with warn_only; kernels without a deterministic "
+            "implementation (some fused attention backward passes, atomics-based scatter) may "
+            "still vary in the last bits between runs"
+        )
     else:
         report["deterministic"] = True
         report["note"] = "CPU: bit-identical for the same seed, software and thread count"
@@ -110,8 +120,11 @@ def fault_point(name: str, value: object) -> None:
     if not spec:
         return
     want, _, rest = spec.partition(":")
-    target, _, action = rest.rpartition(":") if rest.count(":") and rest.rsplit(":", 1)[1] in (
-        "kill", "int", "enospc") else (rest, "", "kill")
+    target, _, action = (
+        rest.rpartition(":")
+        if rest.count(":") and rest.rsplit(":", 1)[1] in ("kill", "int", "enospc")
+        else (rest, "", "kill")
+    )
     if want != name or target != str(value):
         return
     if action == "enospc":

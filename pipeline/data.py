@@ -37,8 +37,19 @@ N_COUNTS_COLUMNS = ("n_counts", "ncounts", "n.umi", "total_counts")
 
 # var columns that commonly hold gene identifiers, tried when none is named.
 GENE_ID_COLUMNS = (
-    "ensembl_id", "ensembl_ids", "gene_id", "gene_ids", "ensembl", "feature_id",
-    "gene_symbols", "gene_symbol", "symbol", "gene_name", "gene_names", "feature_name", "features",
+    "ensembl_id",
+    "ensembl_ids",
+    "gene_id",
+    "gene_ids",
+    "ensembl",
+    "feature_id",
+    "gene_symbols",
+    "gene_symbol",
+    "symbol",
+    "gene_name",
+    "gene_names",
+    "feature_name",
+    "features",
 )
 
 MIN_MAPPED_FRACTION = 0.5
@@ -113,8 +124,9 @@ def read_h5_elem(elem):
         import pandas as pd
 
         categories = read_h5_elem(elem["categories"])
-        return pd.Categorical.from_codes(elem["codes"][...], categories=categories,
-                                         ordered=bool(elem.attrs.get("ordered", False)))
+        return pd.Categorical.from_codes(
+            elem["codes"][...], categories=categories, ordered=bool(elem.attrs.get("ordered", False))
+        )
     elif enc in ("nullable-integer", "nullable-boolean"):
         import pandas as pd
 
@@ -146,7 +158,7 @@ class _H5CSRRows:
         if hi > lo:
             self._data.read_direct(data, np.s_[lo:hi])
             self._indices.read_direct(indices, np.s_[lo:hi])
-        return sp.csr_matrix((data, indices, self._indptr[a:b + 1] - lo), shape=(b - a, self.shape[1]))
+        return sp.csr_matrix((data, indices, self._indptr[a : b + 1] - lo), shape=(b - a, self.shape[1]))
 
 
 class CountMatrix:
@@ -322,8 +334,9 @@ def _open_h5ad_lazily(path: Path, f, layer: str | None) -> CountMatrix:
 # ------------------------------------------------------------------------------------------------
 # Raw-count validation
 # ------------------------------------------------------------------------------------------------
-def check_raw_counts(values: np.ndarray, *, source: str, where: str, first_row: int = 0, indptr=None,
-                     sample_step: int = 1) -> None:
+def check_raw_counts(
+    values: np.ndarray, *, source: str, where: str, first_row: int = 0, indptr=None, sample_step: int = 1
+) -> None:
     """Refuse negative or non-integer values (log-normalised or scaled data).
 
     Negative values are looked for everywhere; integrality on the first values and then on every
@@ -393,7 +406,9 @@ def resolve_n_counts(obs: pd.DataFrame, column: str | None = None, *, source: st
         try:
             col = pd.to_numeric(col)
         except (TypeError, ValueError):
-            raise InputError(f"{source}: obs column {chosen!r} is not numeric; pass --n-counts-column with cell totals") from None
+            raise InputError(
+                f"{source}: obs column {chosen!r} is not numeric; pass --n-counts-column with cell totals"
+            ) from None
     if col.isna().any():
         raise InputError(f"{source}: obs column {chosen!r} has missing values; fill them or drop the column")
     # Keep the stored precision: Geneformer divides by the column as it is (float32 stays float32).
@@ -554,8 +569,14 @@ def _build_mapping(var, column, dicts) -> GeneMapping:
     )
 
 
-def map_genes(var: pd.DataFrame, dicts: GeneDictionaries, gene_id_column: str | None = None, *,
-              source: str = "data", min_fraction: float = MIN_MAPPED_FRACTION) -> GeneMapping:
+def map_genes(
+    var: pd.DataFrame,
+    dicts: GeneDictionaries,
+    gene_id_column: str | None = None,
+    *,
+    source: str = "data",
+    min_fraction: float = MIN_MAPPED_FRACTION,
+) -> GeneMapping:
     """Resolve `var` gene identifiers to vocabulary genes; refuse when too few map.
 
     With no column named, the var index is used when it maps well, otherwise the common identifier
@@ -616,8 +637,15 @@ def filter_pass_mask(obs: pd.DataFrame) -> np.ndarray | None:
 # ------------------------------------------------------------------------------------------------
 # The pipeline's reads: checks before a run is recorded, the selected cells, their UMAP and DE matrix
 # ------------------------------------------------------------------------------------------------
-def validate_counts(path: str | os.PathLike, rows, dicts: GeneDictionaries | None = None, *,
-                    layer: str | None = None, gene_id_column: str | None = None, chunk_rows: int = 4096) -> int:
+def validate_counts(
+    path: str | os.PathLike,
+    rows,
+    dicts: GeneDictionaries | None = None,
+    *,
+    layer: str | None = None,
+    gene_id_column: str | None = None,
+    chunk_rows: int = 4096,
+) -> int:
     """Check the counts of the selected `rows` before anything is recorded; returns how many have counts.
 
     Streams the matrix in row chunks (only chunks holding a selected row): raw integer counts as the
@@ -632,8 +660,9 @@ def validate_counts(path: str | os.PathLike, rows, dicts: GeneDictionaries | Non
             if lo == hi:
                 continue
             block = cm.rows(start, stop)
-            check_raw_counts(block.data, source=cm.source, where=cm.where, first_row=start, indptr=block.indptr,
-                             sample_step=61)
+            check_raw_counts(
+                block.data, source=cm.source, where=cm.where, first_row=start, indptr=block.indptr, sample_step=61
+            )
             totals = np.asarray(block.sum(axis=1)).ravel()[rows[lo:hi] - start]
             with_counts += int((totals > 0).sum())
         if len(rows) and with_counts == 0:

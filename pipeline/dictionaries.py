@@ -42,8 +42,18 @@ _KINDS = ("token_dictionary", "gene_median_dictionary", "gene_name_id_dict", "en
 MODEL_INPUT_SIZE = {"V1": 2048, "V2": 4096}
 
 _BUILTINS_ALLOWED = {
-    "dict", "list", "tuple", "set", "frozenset", "str", "bytes", "bytearray",
-    "int", "float", "bool", "complex",
+    "dict",
+    "list",
+    "tuple",
+    "set",
+    "frozenset",
+    "str",
+    "bytes",
+    "bytearray",
+    "int",
+    "float",
+    "bool",
+    "complex",
 }
 # numpy pickles scalars as `scalar(dtype, raw_bytes)`; the module moved between numpy 1 and 2.
 _NUMPY_ALLOWED = {
@@ -138,7 +148,9 @@ def _as_token_dict(raw: dict, path: Path) -> dict[str, int]:
         try:
             out[str(k)] = int(v)
         except (TypeError, ValueError):
-            raise InputError(f"{path}: token id of {k!r} is {v!r}, not an integer; is this a token dictionary?") from None
+            raise InputError(
+                f"{path}: token id of {k!r} is {v!r}, not an integer; is this a token dictionary?"
+            ) from None
     if "<pad>" not in out or "<mask>" not in out:
         raise InputError(f"{path}: token dictionary lacks <pad> or <mask>; is this a Geneformer token dictionary?")
     ids = list(out.values())
@@ -153,7 +165,9 @@ def _as_float_dict(raw: dict, path: Path) -> dict[str, float]:
         try:
             out[str(k)] = float(v)
         except (TypeError, ValueError):
-            raise InputError(f"{path}: median of {k!r} is {v!r}, not a number; is this a gene median dictionary?") from None
+            raise InputError(
+                f"{path}: median of {k!r} is {v!r}, not a number; is this a gene median dictionary?"
+            ) from None
     return out
 
 

@@ -100,8 +100,13 @@ def preflight(cfg: dict) -> Preflight:
         obs = read_obs(data_path)
         out.selection, out.split = select_and_split(obs, cfg)
         out.obs_rows = len(obs)
-        validate_counts(data_path, out.selection.index, dicts, layer=cfg["data"]["layer"] or None,
-                        gene_id_column=cfg["data"]["gene_id_column"] or None)
+        validate_counts(
+            data_path,
+            out.selection.index,
+            dicts,
+            layer=cfg["data"]["layer"] or None,
+            gene_id_column=cfg["data"]["gene_id_column"] or None,
+        )
     return out
 
 
@@ -112,7 +117,9 @@ def read_obs(data_path: str):
     try:
         backed = ad.read_h5ad(data_path, backed="r")
     except Exception as exc:  # unreadable HDF5 or not an AnnData
-        raise InputError(f"cannot read {data_path} as .h5ad ({type(exc).__name__}: {exc}); is the file complete?") from None
+        raise InputError(
+            f"cannot read {data_path} as .h5ad ({type(exc).__name__}: {exc}); is the file complete?"
+        ) from None
     try:
         obs = backed.obs.copy()
     finally:
@@ -224,13 +231,19 @@ def synthetic_data_path(ctx: Context) -> Path:
     from pipeline.synth import make_sciplex_like
 
     d = ctx.cfg["data"]
-    params = {"scale": d["synth_scale"], "preset": d["synth_preset"], "length_effect": d["synth_length_effect"],
-              "seed": ctx.seed, "v": 1}
+    params = {
+        "scale": d["synth_scale"],
+        "preset": d["synth_preset"],
+        "length_effect": d["synth_length_effect"],
+        "seed": ctx.seed,
+        "v": 1,
+    }
     path = ctx.cache / "data" / f"sciplex-like-{_digest(params)}.h5ad"
     if not path.is_file():
         ctx.rep.line(f"generating synthetic sci-Plex-like data (scale {d['synth_scale']}, preset {d['synth_preset']})")
-        adata = make_sciplex_like(scale=d["synth_scale"], preset=d["synth_preset"],
-                                  length_effect=d["synth_length_effect"], seed=ctx.seed)
+        adata = make_sciplex_like(
+            scale=d["synth_scale"], preset=d["synth_preset"], length_effect=d["synth_length_effect"], seed=ctx.seed
+        )
         fault_point("write", "synthetic-data")
         write_h5ad_atomic(adata, path)
     return path
@@ -244,18 +257,25 @@ def stage_record_data(ctx: Context) -> None:
     if ctx.completed_child("data", "data") is not None:
         ctx.rep.line("data record already complete (resumed)")
         return
-    child = ctx.new_child("data", "data", {"data": ctx.cfg["data"], "labels": ctx.cfg["labels"]},
-                          data_path=ctx.out.data_path, data_hash=ctx.out.data_hash)
+    child = ctx.new_child(
+        "data",
+        "data",
+        {"data": ctx.cfg["data"], "labels": ctx.cfg["labels"]},
+        data_path=ctx.out.data_path,
+        data_hash=ctx.out.data_hash,
+    )
     with ctx.store.track(child):
         lengths = np.asarray(ds["length"], dtype=np.int64)
-        cells = pd.DataFrame({
-            "cell_id": sel.cell_ids,
-            "dose": sel.dose,
-            "dose_class": sel.dose_names,
-            "group": sel.group,
-            "length": lengths,
-            "split": split,
-        })
+        cells = pd.DataFrame(
+            {
+                "cell_id": sel.cell_ids,
+                "dose": sel.dose,
+                "dose_class": sel.dose_names,
+                "group": sel.group,
+                "length": lengths,
+                "split": split,
+            }
+        )
         if ctx.cfg["data"]["umap"]:
             from pipeline.data import umap_coordinates
 
@@ -275,22 +295,36 @@ def stage_record_data(ctx: Context) -> None:
             if len(ln):
                 per_class[g] = _length_summary(ln)
         hist, edges = np.histogram(lengths, bins=min(50, max(5, int(lengths.max() - lengths.min() + 1))))
-        ctx.store.put_vector(child, "length_hist", hist.astype(np.float32),
-                             meta={"edges": edges.tolist(), "median": float(np.median(lengths))})
-        ctx.store.put_json(child, "qc_report", {
-            "cells_per_dose_before": sel.counts_before,
-            "cells_per_dose_after": sel.counts_after,
-            "cells_per_group": {g: int((sel.group == g).sum()) for g in ("low", "high")},
-            "split": {s: int((split == s).sum()) for s in ("train", "validation", "test")},
-            "length_per_class": per_class,
-            "tokenize": ctx.out.tokenize_report,
-        })
+        ctx.store.put_vector(
+            child,
+            "length_hist",
+            hist.astype(np.float32),
+            meta={"edges": edges.tolist(), "median": float(np.median(lengths))},
+        )
+        ctx.store.put_json(
+            child,
+            "qc_report",
+            {
+                "cells_per_dose_before": sel.counts_before,
+                "cells_per_dose_after": sel.counts_after,
+                "cells_per_group": {g: int((sel.group == g).sum()) for g in ("low", "high")},
+                "split": {s: int((split == s).sum()) for s in ("train", "validation", "test")},
+                "length_per_class": per_class,
+                "tokenize": ctx.out.tokenize_report,
+            },
+        )
 
 
 def _length_summary(lengths: np.ndarray) -> dict:
-    return {"n": int(len(lengths)), "median": float(np.median(lengths)), "mean": float(np.mean(lengths)),
-            "min": int(lengths.min()), "max": int(lengths.max()),
-            "q25": float(np.percentile(lengths, 25)), "q75": float(np.percentile(lengths, 75))}
+    return {
+        "n": int(len(lengths)),
+        "median": float(np.median(lengths)),
+        "mean": float(np.mean(lengths)),
+        "min": int(lengths.min()),
+        "max": int(lengths.max()),
+        "q25": float(np.percentile(lengths, 25)),
+        "q75": float(np.percentile(lengths, 75)),
+    }
 
 
 # -------------------------------------------------------------------------------------------- model
@@ -384,21 +418,35 @@ def embedded_model_dir(ctx: Context) -> Path:
     corpus_ds, _ = tokenize_anndata(corpus, dicts, max_len=int(pcfg["max_len"]))
     with staging_dir(out, replace=False) as tmp:
         metrics = pretrain(
-            corpus_ds, dicts, tmp,
-            layers=int(pcfg["layers"]), hidden=int(pcfg["hidden"]), heads=int(pcfg["heads"]),
-            intermediate=int(pcfg["intermediate"]), max_len=int(pcfg["max_len"]), epochs=int(pcfg["epochs"]),
-            batch_size=int(pcfg["batch_size"]), lr=float(pcfg["lr"]), seed=ctx.seed,
-            time_budget_s=float(pcfg["time_budget_s"]) or None, device=ctx.device,
+            corpus_ds,
+            dicts,
+            tmp,
+            layers=int(pcfg["layers"]),
+            hidden=int(pcfg["hidden"]),
+            heads=int(pcfg["heads"]),
+            intermediate=int(pcfg["intermediate"]),
+            max_len=int(pcfg["max_len"]),
+            epochs=int(pcfg["epochs"]),
+            batch_size=int(pcfg["batch_size"]),
+            lr=float(pcfg["lr"]),
+            seed=ctx.seed,
+            time_budget_s=float(pcfg["time_budget_s"]) or None,
+            device=ctx.device,
             progress=lambda done, total, **kw: ctx.rep.update(done, total, unit="steps", **kw),
         )
         write_manifest(tmp)
     ctx.out.pretrain_metrics = dict(metrics)
-    ctx.rep.line("embedded model: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
-                                                 for k, v in metrics.items()))
+    ctx.rep.line(
+        "embedded model: "
+        + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+    )
     if metrics.get("stopped_by_time_budget"):
-        ctx.rep.line("the pretraining time budget cut the embedded model short: another machine (or a loaded one) "
-                     "may pretrain a different model from the same seed; raise pretrain.time_budget_s for "
-                     "reproducible models", level="warning")
+        ctx.rep.line(
+            "the pretraining time budget cut the embedded model short: another machine (or a loaded one) "
+            "may pretrain a different model from the same seed; raise pretrain.time_budget_s for "
+            "reproducible models",
+            level="warning",
+        )
     return out
 
 
@@ -417,10 +465,15 @@ def stage_tokenize(ctx: Context) -> None:
     data_hash = hash_file(ctx.out.data_path)
     ctx.out.data_hash = data_hash
     ctx.store.set_inputs(ctx.run_id, data_path=ctx.out.data_path, data_hash=data_hash)
-    key = tokenization_cache_key(data_hash, dicts, {
-        "cells": hashlib.sha256("\n".join(sel.cell_ids).encode()).hexdigest(), "max_len": ctx.out.max_len,
-        "columns": {k: cfg["data"][k] for k in ("gene_id_column", "n_counts_column", "layer")},
-    })[:16]
+    key = tokenization_cache_key(
+        data_hash,
+        dicts,
+        {
+            "cells": hashlib.sha256("\n".join(sel.cell_ids).encode()).hexdigest(),
+            "max_len": ctx.out.max_len,
+            "columns": {k: cfg["data"][k] for k in ("gene_id_column", "n_counts_column", "layer")},
+        },
+    )[:16]
     path = ctx.cache / "tokenized" / key
     cached = load_cached_tokenization(path)
     if cached is not None:
@@ -428,14 +481,18 @@ def stage_tokenize(ctx: Context) -> None:
         ctx.rep.line(f"tokenization cached at {path}")
     else:
         ds, rep = tokenize_anndata(
-            ctx.selected_adata(), dicts, max_len=ctx.out.max_len,
+            ctx.selected_adata(),
+            dicts,
+            max_len=ctx.out.max_len,
             n_counts_column=cfg["data"]["n_counts_column"] or None,
             gene_id_column=cfg["data"]["gene_id_column"] or None,
             layer=cfg["data"]["layer"] or None,
         )
         if len(ds) == 0:
-            raise InputError(f"{ctx.out.data_path}: no selected cell has counts in a vocabulary gene; check the "
-                             "count matrix (data.layer) and the gene IDs (data.gene_id_column)")
+            raise InputError(
+                f"{ctx.out.data_path}: no selected cell has counts in a vocabulary gene; check the "
+                "count matrix (data.layer) and the gene IDs (data.gene_id_column)"
+            )
         save_tokenized(ds, path, rep, cache=True)
         ds, report = load_cached_tokenization(path)
         report = report.to_dict()
@@ -455,8 +512,9 @@ def stage_tokenize(ctx: Context) -> None:
 
 def _restrict_selection(ctx: Context, keep: np.ndarray) -> None:
     sel = ctx.out.selection
-    ctx.out.selection = replace(sel, index=sel.index[keep], cell_ids=sel.cell_ids[keep], dose=sel.dose[keep],
-                                group=sel.group[keep])
+    ctx.out.selection = replace(
+        sel, index=sel.index[keep], cell_ids=sel.cell_ids[keep], dose=sel.dose[keep], group=sel.group[keep]
+    )
     ctx.out.split = ctx.out.split[keep]
     if ctx._adata is not None:
         ctx._adata = ctx._adata[keep].copy()
@@ -500,12 +558,20 @@ def stage_finetune(ctx: Context, task: str, mode: str) -> None:
     t = ctx.cfg["train"]
     tc = TrainConfig(
         lr=float(t["lr"]) if not (mode == "frozen" and t["head_lr"]) else float(t["head_lr"]),
-        weight_decay=float(t["weight_decay"]), warmup_ratio=float(t["warmup_ratio"]), epochs=int(t["epochs"]),
-        batch_size=int(t["batch_size"]), grad_accum=int(t["grad_accum"]), class_weights=bool(t["class_weights"]),
-        seed=ctx.seed, device=ctx.device, amp=t["amp"], max_len=ctx.out.max_len,
+        weight_decay=float(t["weight_decay"]),
+        warmup_ratio=float(t["warmup_ratio"]),
+        epochs=int(t["epochs"]),
+        batch_size=int(t["batch_size"]),
+        grad_accum=int(t["grad_accum"]),
+        class_weights=bool(t["class_weights"]),
+        seed=ctx.seed,
+        device=ctx.device,
+        amp=t["amp"],
+        max_len=ctx.out.max_len,
     )
-    child = ctx.new_child(name, "finetune", {"task": task, "mode": mode, "labels": names, "train": t},
-                          model_path=str(ctx.out.model_dir))
+    child = ctx.new_child(
+        name, "finetune", {"task": task, "mode": mode, "labels": names, "train": t}, model_path=str(ctx.out.model_dir)
+    )
     with ctx.store.track(child):
         ctx.store.put_labels(child, task, names)
         nproc = int(ctx.cfg["compute"]["nproc"])
@@ -513,15 +579,33 @@ def stage_finetune(ctx: Context, task: str, mode: str) -> None:
             from pipeline.launch import finetune_distributed
 
             result = finetune_distributed(
-                ctx.out.model_dir, parts, label_names=names, mode=mode, config=tc, nproc=nproc,
-                store_path=str(ctx.store.path), run_id=child, out_dir=out_dir, dicts=ctx.out.dicts,
+                ctx.out.model_dir,
+                parts,
+                label_names=names,
+                mode=mode,
+                config=tc,
+                nproc=nproc,
+                store_path=str(ctx.store.path),
+                run_id=child,
+                out_dir=out_dir,
+                dicts=ctx.out.dicts,
             )
         else:
-            model = load_classifier(ctx.out.model_dir, len(names), dicts=ctx.out.dicts, max_len=ctx.out.max_len,
-                                    seed=ctx.seed)
+            model = load_classifier(
+                ctx.out.model_dir, len(names), dicts=ctx.out.dicts, max_len=ctx.out.max_len, seed=ctx.seed
+            )
             result = finetune(
-                model, parts["train"], parts["validation"], parts["test"], label_names=names, mode=mode,
-                config=tc, store=ctx.store, run_id=child, out_dir=out_dir, dicts=ctx.out.dicts,
+                model,
+                parts["train"],
+                parts["validation"],
+                parts["test"],
+                label_names=names,
+                mode=mode,
+                config=tc,
+                store=ctx.store,
+                run_id=child,
+                out_dir=out_dir,
+                dicts=ctx.out.dicts,
                 progress=lambda done, total, **kw: ctx.rep.update(done, total, unit="steps", **kw),
             )
         digest = verify_checkpoint(out_dir)
@@ -551,8 +635,9 @@ def stage_de(ctx: Context) -> None:
     from pipeline.analysis import de_wilcoxon
     from pipeline.data import ensembl_indexed
 
-    adata = ensembl_indexed(ctx.selected_adata(), ctx.out.dicts, ctx.cfg["data"]["gene_id_column"] or None,
-                            source=ctx.out.data_path)
+    adata = ensembl_indexed(
+        ctx.selected_adata(), ctx.out.dicts, ctx.cfg["data"]["gene_id_column"] or None, source=ctx.out.data_path
+    )
     adata.obs["group"] = ctx.out.selection.group
     child = ctx.new_child(name, "de", {"groupby": "group", "group": "high", "reference": "low"})
     with ctx.store.track(child):
@@ -587,18 +672,30 @@ def stage_attention(ctx: Context, task: str, mode_a: str, mode_b: str) -> None:
     models = ctx.out.models
     for mode in (mode_a, mode_b):  # the checkpoints are the ones this run fine-tuned and recorded
         verify_checkpoint(models[(task, mode)], ctx.out.checkpoint_hashes.get((task, mode)))
-    child = ctx.new_child(name, "analysis", {"task": task, "model_a": mode_a, "model_b": mode_b,
-                                             "analysis": a_cfg, "cells": len(test)})
+    child = ctx.new_child(
+        name, "analysis", {"task": task, "model_a": mode_a, "model_b": mode_b, "analysis": a_cfg, "cells": len(test)}
+    )
     fault_point("stage", f"attention {name}")
     with ctx.store.track(child):
         model_a = load_for_attention(models[(task, mode_a)])
         model_b = load_for_attention(models[(task, mode_b)])
         run_pair_analysis(
-            ctx.store, child, model_a, model_b, test,
-            dicts=ctx.out.dicts, names=(mode_a, mode_b), group_column="group_name",
-            de=ctx.out.de, reference_set=a_cfg["reference_set"] or None, top_k=a_cfg["top_k"],
-            n_boot=int(a_cfg["n_boot"]), batch_size=int(a_cfg["batch_size"]), device=ctx.device,
-            dtype=torch.float32, seed=ctx.seed,
+            ctx.store,
+            child,
+            model_a,
+            model_b,
+            test,
+            dicts=ctx.out.dicts,
+            names=(mode_a, mode_b),
+            group_column="group_name",
+            de=ctx.out.de,
+            reference_set=a_cfg["reference_set"] or None,
+            top_k=a_cfg["top_k"],
+            n_boot=int(a_cfg["n_boot"]),
+            batch_size=int(a_cfg["batch_size"]),
+            device=ctx.device,
+            dtype=torch.float32,
+            seed=ctx.seed,
             progress=lambda done, total, **kw: ctx.rep.update(done, total, unit="cells", **kw),
         )
         del model_a, model_b
@@ -664,21 +761,31 @@ def run_pipeline(cfg: dict, store_path, *, resume_id: int | None = None, stdout=
     name = cfg["run"]["name"] or f"{cfg['run']['preset']} {time.strftime('%Y-%m-%d %H:%M')}"
     fresh = resume_id is None
     if fresh:
-        run_id = store.create_run(name, "pipeline", cfg, data_path=cfg["data"]["path"] or None,
-                                  model_path=cfg["model"]["path"] or None, device=device,
-                                  tags=[cfg["run"]["preset"]])
+        run_id = store.create_run(
+            name,
+            "pipeline",
+            cfg,
+            data_path=cfg["data"]["path"] or None,
+            model_path=cfg["model"]["path"] or None,
+            device=device,
+            tags=[cfg["run"]["preset"]],
+        )
     else:
         run_id = resume_id
         store.reopen_run(run_id)
         name = store.get_run(run_id)["name"]
     store.put_json(run_id, DETERMINISM_JSON, determinism_report(resolve_device(device), threads))
     rep = Reporter(store, run_id)
-    ctx = Context(cfg=cfg, store=store, run_id=run_id, rep=rep, cache=cache, device=device, preflight=pre,
-                  threads=threads)
+    ctx = Context(
+        cfg=cfg, store=store, run_id=run_id, rep=rep, cache=cache, device=device, preflight=pre, threads=threads
+    )
     rep.line(f"run {run_id} '{name}' in store {Path(store_path).resolve()} on {device}")
     if device == "cuda":
-        rep.line("CUDA: deterministic algorithms requested; some kernels may still vary in the last bits "
-                 "(see the run's determinism record)", level="warning")
+        rep.line(
+            "CUDA: deterministic algorithms requested; some kernels may still vary in the last bits "
+            "(see the run's determinism record)",
+            level="warning",
+        )
     t0 = time.monotonic()
     try:
         with store.track(run_id):
@@ -704,8 +811,11 @@ def run_pipeline(cfg: dict, store_path, *, resume_id: int | None = None, stdout=
         from pipeline.io import is_disk_full
 
         if is_disk_full(exc):
-            print(f"run {run_id} failed: out of disk space under {cache} ({exc}); free space and continue with "
-                  f"`gfattn pipeline --resume {run_id}`", file=sys.stderr)
+            print(
+                f"run {run_id} failed: out of disk space under {cache} ({exc}); free space and continue with "
+                f"`gfattn pipeline --resume {run_id}`",
+                file=sys.stderr,
+            )
             return 1
         print(f"run {run_id} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         print(f"continue it with `gfattn pipeline --resume {run_id}` once fixed", file=sys.stderr)

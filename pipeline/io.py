@@ -37,9 +37,12 @@ class DiskFullError(OSError):
 
     def __init__(self, path: os.PathLike | str, cause: OSError | None = None):
         self.path = Path(path)
-        why = (cause.strerror if cause is not None and cause.strerror else "no space left on device")
-        super().__init__(errno.ENOSPC, f"out of disk space writing {self.path} ({why}); free space there "
-                                       f"(or move the store and its .gfattn-cache) and resume the run")
+        why = cause.strerror if cause is not None and cause.strerror else "no space left on device"
+        super().__init__(
+            errno.ENOSPC,
+            f"out of disk space writing {self.path} ({why}); free space there "
+            f"(or move the store and its .gfattn-cache) and resume the run",
+        )
 
     def __str__(self) -> str:
         return self.args[1]
@@ -292,8 +295,10 @@ def verify_manifest(folder: os.PathLike | str, *, what: str = "cache") -> None:
     for rel, meta in files.items():
         p = folder / rel
         if not p.is_file() or p.stat().st_size != meta["bytes"] or sha256_file(p) != meta["sha256"]:
-            raise InputError(f"{what} {folder} does not match its manifest ({rel} is missing or changed); "
-                             "delete the folder to rebuild it")
+            raise InputError(
+                f"{what} {folder} does not match its manifest ({rel} is missing or changed); "
+                "delete the folder to rebuild it"
+            )
 
 
 def sha256_file(path: os.PathLike | str) -> str:

@@ -130,9 +130,15 @@ def finetune_distributed(
             dicts.save(dicts_dir)
         model_out = Path(out_dir) if out_dir is not None else work / "model"
         job = {
-            "model_dir": str(model_dir), "splits": splits, "label_names": [str(x) for x in label_names],
-            "mode": mode, "config": asdict(config), "store_path": None if store_path is None else str(store_path),
-            "run_id": run_id, "out_dir": str(model_out), "dicts_dir": None if dicts_dir is None else str(dicts_dir),
+            "model_dir": str(model_dir),
+            "splits": splits,
+            "label_names": [str(x) for x in label_names],
+            "mode": mode,
+            "config": asdict(config),
+            "store_path": None if store_path is None else str(store_path),
+            "run_id": run_id,
+            "out_dir": str(model_out),
+            "dicts_dir": None if dicts_dir is None else str(dicts_dir),
             "result": str(work / "result.json"),
         }
         (work / "job.json").write_text(_dump(job))
@@ -142,8 +148,10 @@ def finetune_distributed(
         if outcome.get("input_error"):
             raise InputError(outcome["input_error"])
         if rc != 0 or "test_metrics" not in outcome:
-            raise RuntimeError(f"distributed fine-tuning in {nproc} processes failed (exit status {rc}); "
-                               "the workers' errors are printed above")
+            raise RuntimeError(
+                f"distributed fine-tuning in {nproc} processes failed (exit status {rc}); "
+                "the workers' errors are printed above"
+            )
         from pipeline.model import load_classifier
 
         model = load_classifier(model_out, len(label_names))
@@ -153,11 +161,17 @@ def finetune_distributed(
             return None if outcome.get(key) is None else np.asarray(outcome[key], dtype=dtype)
 
         return FinetuneResult(
-            model=model, best_epoch=outcome["best_epoch"], val_metrics=outcome["val_metrics"],
-            test_metrics=outcome["test_metrics"], confusion=arr("confusion", np.int64),
-            test_predictions=arr("test_predictions", np.int64), history=outcome["history"],
-            test_probabilities=arr("test_probabilities", np.float32), label_names=list(job["label_names"]),
-            mode=mode, out_dir=None if out_dir is None else str(out_dir),
+            model=model,
+            best_epoch=outcome["best_epoch"],
+            val_metrics=outcome["val_metrics"],
+            test_metrics=outcome["test_metrics"],
+            confusion=arr("confusion", np.int64),
+            test_predictions=arr("test_predictions", np.int64),
+            history=outcome["history"],
+            test_probabilities=arr("test_probabilities", np.float32),
+            label_names=list(job["label_names"]),
+            mode=mode,
+            out_dir=None if out_dir is None else str(out_dir),
         )
     finally:
         if own_work:
@@ -178,8 +192,8 @@ def _run_job(job_path: str) -> int:
     try:
         import datasets
 
-        from pipeline.model import load_classifier
         from pipeline.compute import resolve_device
+        from pipeline.model import load_classifier
         from pipeline.train import TrainConfig, finetune
 
         config = TrainConfig(**job["config"])
@@ -198,14 +212,29 @@ def _run_job(job_path: str) -> int:
 
             store = Store(job["store_path"])
         result = finetune(
-            model, splits["train"], splits.get("validation"), splits.get("test"), label_names=job["label_names"],
-            mode=job["mode"], config=config, store=store, run_id=job["run_id"], out_dir=job["out_dir"], dicts=dicts,
+            model,
+            splits["train"],
+            splits.get("validation"),
+            splits.get("test"),
+            label_names=job["label_names"],
+            mode=job["mode"],
+            config=config,
+            store=store,
+            run_id=job["run_id"],
+            out_dir=job["out_dir"],
+            dicts=dicts,
         )
-        write({
-            "best_epoch": result.best_epoch, "val_metrics": result.val_metrics, "test_metrics": result.test_metrics,
-            "confusion": result.confusion, "test_predictions": result.test_predictions,
-            "test_probabilities": result.test_probabilities, "history": result.history,
-        })
+        write(
+            {
+                "best_epoch": result.best_epoch,
+                "val_metrics": result.val_metrics,
+                "test_metrics": result.test_metrics,
+                "confusion": result.confusion,
+                "test_predictions": result.test_predictions,
+                "test_probabilities": result.test_probabilities,
+                "history": result.history,
+            }
+        )
         if store is not None:
             store.close()
         return 0

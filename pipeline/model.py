@@ -95,7 +95,9 @@ def read_model_config(model_dir: str | os.PathLike):
     except (OSError, ValueError) as exc:
         raise InputError(f"{config_path} is not valid JSON: {exc}") from None
     if raw.get("model_type", "bert") != "bert":
-        raise InputError(f"{config_path}: model_type is {raw.get('model_type')!r}; gfattn needs a BERT (Geneformer) model")
+        raise InputError(
+            f"{config_path}: model_type is {raw.get('model_type')!r}; gfattn needs a BERT (Geneformer) model"
+        )
     if weight_file(model_dir) is None:
         raise InputError(
             f"{model_dir} has {CONFIG_FILE} but no weights ({', '.join(WEIGHT_FILES[::2])}); "
@@ -291,8 +293,14 @@ def build_small_bert(
 
     if hidden % heads:
         raise InputError(f"hidden size {hidden} is not divisible by the number of heads {heads}")
-    for name, value in (("vocab_size", vocab_size), ("layers", layers), ("hidden", hidden), ("heads", heads),
-                        ("intermediate", intermediate), ("max_len", max_len)):
+    for name, value in (
+        ("vocab_size", vocab_size),
+        ("layers", layers),
+        ("hidden", hidden),
+        ("heads", heads),
+        ("intermediate", intermediate),
+        ("max_len", max_len),
+    ):
         if int(value) < 1:
             raise InputError(f"{name} must be at least 1, got {value}")
     config = BertConfig(
@@ -326,7 +334,7 @@ def parse_mode(mode: str, num_layers: int | None = None) -> tuple[str, int]:
         kind = mode
     else:
         for prefix in ("last-", "freeze-"):
-            rest = mode[len(prefix):] if isinstance(mode, str) and mode.startswith(prefix) else ""
+            rest = mode[len(prefix) :] if isinstance(mode, str) and mode.startswith(prefix) else ""
             if rest.isdigit() and int(rest) >= 1:
                 kind, k = prefix[:-1], int(rest)
     if kind is None:

@@ -51,8 +51,9 @@ def plot_run(store, run_id: int, out_dir: str | Path) -> list[Path]:
             cmap = plt.get_cmap("viridis", len(doses))
             for i, d in enumerate(doses):
                 m = cells[R.CELL_DOSE] == d
-                axes[0].scatter(cells.loc[m, R.CELL_UMAP1], cells.loc[m, R.CELL_UMAP2], s=4, color=cmap(i),
-                                label=f"{d:g} uM")
+                axes[0].scatter(
+                    cells.loc[m, R.CELL_UMAP1], cells.loc[m, R.CELL_UMAP2], s=4, color=cmap(i), label=f"{d:g} uM"
+                )
             axes[0].set_title("cells by dose")
             axes[0].legend(markerscale=3, fontsize=7)
             for g, colour in ((R.GROUP_LOW, "tab:blue"), (R.GROUP_HIGH, "tab:red")):
@@ -78,8 +79,15 @@ def plot_run(store, run_id: int, out_dir: str | Path) -> list[Path]:
             ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
             for i in range(matrix.shape[0]):
                 for j in range(matrix.shape[1]):
-                    ax.text(j, i, f"{int(matrix[i, j])}", ha="center", va="center",
-                            color="white" if frac[i, j] > 0.5 else "black", fontsize=8)
+                    ax.text(
+                        j,
+                        i,
+                        f"{int(matrix[i, j])}",
+                        ha="center",
+                        va="center",
+                        color="white" if frac[i, j] > 0.5 else "black",
+                        fontsize=8,
+                    )
             labels = ft.confusion.labels
             ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=7)
             ax.set_yticks(range(len(labels)), labels, fontsize=7)
@@ -107,15 +115,23 @@ def plot_run(store, run_id: int, out_dir: str | Path) -> list[Path]:
             _save(fig, out, f"fig4_similarity_{stem}", written)
         norm_grids = an.norm_grids()
         if norm_grids:
-            fig, axes = plt.subplots(1, len(norm_grids), figsize=(3.4 * len(norm_grids), 3.2), squeeze=False,
-                                     constrained_layout=True)
+            fig, axes = plt.subplots(
+                1, len(norm_grids), figsize=(3.4 * len(norm_grids), 3.2), squeeze=False, constrained_layout=True
+            )
             for ax, grid in zip(axes[0], norm_grids):
                 n = grid.name
                 v = np.asarray(grid.values, dtype=float)
                 im = ax.imshow(v, cmap="viridis", aspect="auto")
                 for (i, j), x in np.ndenumerate(v):
-                    ax.text(j, i, f"{x:.3g}", ha="center", va="center", fontsize=7,
-                            color="white" if x < np.nanmean(v) else "black")
+                    ax.text(
+                        j,
+                        i,
+                        f"{x:.3g}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if x < np.nanmean(v) else "black",
+                    )
                 model = names.get(n[-1], n[-1])
                 summed = n.startswith(R.grid_norm_summed(""))
                 ax.set_title(f"norm-based, {model}" + (" (heads summed)" if summed else ""), fontsize=8)
@@ -149,8 +165,9 @@ def plot_run(store, run_id: int, out_dir: str | Path) -> list[Path]:
     return written
 
 
-def _attention_vs_de(plt, genes, de, overlap: dict | None, names: dict, out: Path, stem: str, written: list[Path],
-                     top: int = 20) -> None:
+def _attention_vs_de(
+    plt, genes, de, overlap: dict | None, names: dict, out: Path, stem: str, written: list[Path], top: int = 20
+) -> None:
     """Fig. 7: the top DE genes (Wilcoxon score, high vs low) beside the most attended genes of the second
     model, each DE gene labelled with its attention rank and each attended gene marked when it is among
     the top DE genes; a third panel gives the overlap of the two top-k lists against chance (k^2 / N)."""
@@ -167,8 +184,9 @@ def _attention_vs_de(plt, genes, de, overlap: dict | None, names: dict, out: Pat
     top_de, top_attn = de.head(top), ranked.head(top)
     panels = 3 if overlap and overlap.get("overlap") else 2
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 0.28 * top + 1.6))
-    labels = [f"{R.gene_label(r)}  (attention #{attn_rank.get(str(r[R.COL_ENSEMBL_ID]), '-')})"
-              for _, r in top_de.iterrows()]
+    labels = [
+        f"{R.gene_label(r)}  (attention #{attn_rank.get(str(r[R.COL_ENSEMBL_ID]), '-')})" for _, r in top_de.iterrows()
+    ]
     axes[0].barh(labels[::-1], top_de[R.COL_SCORE].to_numpy()[::-1], color="tab:orange")
     axes[0].set_title("top DE genes, high vs low (Wilcoxon score)", fontsize=9)
     colours = ["tab:red" if de_rank.get(str(g), top + 1) <= top else "tab:blue" for g in top_attn[R.COL_ENSEMBL_ID]]
@@ -181,8 +199,12 @@ def _attention_vs_de(plt, genes, de, overlap: dict | None, names: dict, out: Pat
         ax.tick_params(axis="y", labelsize=7)
     if panels == 3:
         ax = axes[2]
-        for col, style in ((R.col_attn(a), "o--"), (R.col_attn(b), "o-"), (R.col_attn_norm(a), "s--"),
-                           (R.col_attn_norm(b), "s-")):
+        for col, style in (
+            (R.col_attn(a), "o--"),
+            (R.col_attn(b), "o-"),
+            (R.col_attn_norm(a), "s--"),
+            (R.col_attn_norm(b), "s-"),
+        ):
             block = (overlap.get("by_column") or {}).get(col)
             if not block:
                 continue
@@ -202,9 +224,18 @@ def _attention_vs_de(plt, genes, de, overlap: dict | None, names: dict, out: Pat
 
 def _gene_figures(plt, df, out: Path, stem: str, written: list[Path], top: int = 20) -> None:
     a, b = R.MODEL_SUFFIXES
-    wanted = (R.COL_SYMBOL, R.COL_ENSEMBL_ID, R.col_attn_scaled(a), R.col_attn_scaled(b), R.COL_N_CELLS, R.COL_RANK_STD,
-              R.col_rank_mean_group(R.GROUP_LOW), R.col_rank_mean_group(R.GROUP_HIGH), R.COL_DE_SCORE,
-              R.COL_IN_REFERENCE_SET)
+    wanted = (
+        R.COL_SYMBOL,
+        R.COL_ENSEMBL_ID,
+        R.col_attn_scaled(a),
+        R.col_attn_scaled(b),
+        R.COL_N_CELLS,
+        R.COL_RANK_STD,
+        R.col_rank_mean_group(R.GROUP_LOW),
+        R.col_rank_mean_group(R.GROUP_HIGH),
+        R.COL_DE_SCORE,
+        R.COL_IN_REFERENCE_SET,
+    )
     cols = [c for c in wanted if c in df.columns]
     sort_col = R.col_attn_scaled(b) if R.col_attn_scaled(b) in df.columns else cols[-1]
     table = df.sort_values(sort_col, ascending=False).head(top)[cols]

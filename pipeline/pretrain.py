@@ -111,9 +111,19 @@ def frequency_baselines(train_ids: list, special_ids) -> tuple[int, dict[int, in
     return top, per_pos
 
 
-def evaluate_masked_genes(model, ids: list, *, pad_id: int, mask_id: int, special_ids, device, seed: int,
-                          batch_size: int = 64, top_gene: int | None = None,
-                          position_genes: dict[int, int] | None = None) -> dict:
+def evaluate_masked_genes(
+    model,
+    ids: list,
+    *,
+    pad_id: int,
+    mask_id: int,
+    special_ids,
+    device,
+    seed: int,
+    batch_size: int = 64,
+    top_gene: int | None = None,
+    position_genes: dict[int, int] | None = None,
+) -> dict:
     """Top-1/top-5 accuracy and loss on 15% of each cell's genes replaced by <mask> (deterministic)."""
     import torch
 
@@ -199,8 +209,11 @@ class LrSchedule:
 
     def should_stop(self, step: int, elapsed: float) -> bool:
         """The budget is spent, or a re-aimed (shortened) horizon is reached."""
-        return bool((self.time_budget_s and elapsed >= self.time_budget_s)
-                    or step >= self.horizon and self.horizon < self.planned)
+        return bool(
+            (self.time_budget_s and elapsed >= self.time_budget_s)
+            or step >= self.horizon
+            and self.horizon < self.planned
+        )
 
 
 @dataclass(frozen=True)
@@ -268,10 +281,26 @@ class PretrainPlan:
         return LrSchedule(self.planned_steps, self.warmup_steps, self.time_budget_s)
 
 
-def plan_pretraining(corpus_ds, dicts, *, layers: int = 2, hidden: int = 128, heads: int = 4, intermediate: int = 256,
-                     max_len: int = 256, epochs: int = 3, batch_size: int = 32, lr: float = 5e-3, seed: int = 0,
-                     time_budget_s: float | None = None, holdout_fraction: float = 0.1, warmup_ratio: float = 0.1,
-                     weight_decay: float = 0.001, dropout: float = 0.02, log_every: int = 10) -> PretrainPlan:
+def plan_pretraining(
+    corpus_ds,
+    dicts,
+    *,
+    layers: int = 2,
+    hidden: int = 128,
+    heads: int = 4,
+    intermediate: int = 256,
+    max_len: int = 256,
+    epochs: int = 3,
+    batch_size: int = 32,
+    lr: float = 5e-3,
+    seed: int = 0,
+    time_budget_s: float | None = None,
+    holdout_fraction: float = 0.1,
+    warmup_ratio: float = 0.1,
+    weight_decay: float = 0.001,
+    dropout: float = 0.02,
+    log_every: int = 10,
+) -> PretrainPlan:
     """Check the corpus against the dictionaries, split off the held-out cells and fix the run's plan."""
     try:
         raw = corpus_ds["input_ids"]
@@ -284,8 +313,10 @@ def plan_pretraining(corpus_ds, dicts, *, layers: int = 2, hidden: int = 128, he
     vocab_size = len(dicts.token_dict)
     top_id = max(int(x.max()) for x in ids)
     if top_id >= vocab_size:
-        raise InputError(f"the corpus uses token id {top_id} but the dictionary has {vocab_size} tokens; "
-                         "tokenize the corpus with the same dictionaries")
+        raise InputError(
+            f"the corpus uses token id {top_id} but the dictionary has {vocab_size} tokens; "
+            "tokenize the corpus with the same dictionaries"
+        )
 
     order = np.random.default_rng(seed).permutation(len(ids))
     n_hold = min(len(ids) - 1, max(1, int(round(holdout_fraction * len(ids)))))
@@ -296,8 +327,9 @@ def plan_pretraining(corpus_ds, dicts, *, layers: int = 2, hidden: int = 128, he
         pad_id=int(dicts.pad_id),
         mask_id=int(dicts.mask_id),
         special_ids=sorted(int(s) for s in dicts.special_ids),
-        model=dict(layers=layers, hidden=hidden, heads=heads, intermediate=intermediate, max_len=max_len,
-                   dropout=dropout),
+        model=dict(
+            layers=layers, hidden=hidden, heads=heads, intermediate=intermediate, max_len=max_len, dropout=dropout
+        ),
         seed=seed,
         epochs=int(epochs),
         batch_size=batch_size,
@@ -306,11 +338,23 @@ def plan_pretraining(corpus_ds, dicts, *, layers: int = 2, hidden: int = 128, he
         warmup_ratio=warmup_ratio,
         time_budget_s=time_budget_s,
         log_every=log_every,
-        hyperparameters={"layers": layers, "hidden": hidden, "heads": heads, "intermediate": intermediate,
-                         "max_len": max_len, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
-                         "time_budget_s": time_budget_s, "holdout_fraction": holdout_fraction,
-                         "warmup_ratio": warmup_ratio, "weight_decay": weight_decay, "dropout": dropout,
-                         "mask_probability": MASK_PROBABILITY},
+        hyperparameters={
+            "layers": layers,
+            "hidden": hidden,
+            "heads": heads,
+            "intermediate": intermediate,
+            "max_len": max_len,
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "seed": seed,
+            "time_budget_s": time_budget_s,
+            "holdout_fraction": holdout_fraction,
+            "warmup_ratio": warmup_ratio,
+            "weight_decay": weight_decay,
+            "dropout": dropout,
+            "mask_probability": MASK_PROBABILITY,
+        },
     )
 
 
@@ -392,8 +436,12 @@ def start_run(plan: PretrainPlan, device) -> PretrainRun:
     model = build_small_bert(plan.vocab_size, pad_token_id=plan.pad_id, seed=None, **plan.model)
     model.to(device)
     amp_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    optimizer = torch.optim.AdamW(decay_parameter_groups(model.named_parameters(), plan.weight_decay, plan.lr),
-                                  lr=plan.lr, betas=(0.9, 0.999), eps=1e-8)
+    optimizer = torch.optim.AdamW(
+        decay_parameter_groups(model.named_parameters(), plan.weight_decay, plan.lr),
+        lr=plan.lr,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+    )
     schedule = plan.schedule()
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.factor)
     generator = torch.Generator().manual_seed(plan.masking_seed)
@@ -422,8 +470,14 @@ def _train_step(run: PretrainRun, plan: PretrainPlan, batch_ids, mask) -> float 
     return float(loss.detach())
 
 
-def run_epoch(run: PretrainRun, plan: PretrainPlan, epoch: int, *, progress: Callable | None = None,
-              record: _RunRecord | None = None) -> bool:
+def run_epoch(
+    run: PretrainRun,
+    plan: PretrainPlan,
+    epoch: int,
+    *,
+    progress: Callable | None = None,
+    record: _RunRecord | None = None,
+) -> bool:
     """Train one epoch; returns whether the time budget stopped it. Logs the mean train loss and the
     learning rate every `plan.log_every` steps, and reports progress at most once a second."""
     import torch
@@ -446,10 +500,12 @@ def run_epoch(run: PretrainRun, plan: PretrainPlan, epoch: int, *, progress: Cal
             mean = float(np.mean(run.window))
             run.losses.append(mean)
             run.window = []
-            record.metrics([
-                {"name": "loss", "value": mean, "step": step, "epoch": epoch, "split": "train"},
-                {"name": "lr", "value": lr_now, "step": step, "epoch": epoch, "split": "train"},
-            ])
+            record.metrics(
+                [
+                    {"name": "loss", "value": mean, "step": step, "epoch": epoch, "split": "train"},
+                    {"name": "lr", "value": lr_now, "step": step, "epoch": epoch, "split": "train"},
+                ]
+            )
         total = run.schedule.horizon
         eta = max(0.0, (total - step) * elapsed / step)
         now = time.perf_counter()
@@ -458,9 +514,14 @@ def run_epoch(run: PretrainRun, plan: PretrainPlan, epoch: int, *, progress: Cal
             if progress:
                 gpus = [run.device.index or 0] if run.device.type == "cuda" else []
                 with torch.random.fork_rng(devices=gpus, device_type="cuda"):  # the callback cannot move dropout
-                    progress(step, total, throughput=step / max(elapsed, 1e-9), eta_s=eta,
-                             message=f"epoch {epoch}, loss {run.window[-1] if run.window else run.losses[-1]:.3f}, "
-                                     f"{run.cells / max(elapsed, 1e-9):.0f} cells/s")
+                    progress(
+                        step,
+                        total,
+                        throughput=step / max(elapsed, 1e-9),
+                        eta_s=eta,
+                        message=f"epoch {epoch}, loss {run.window[-1] if run.window else run.losses[-1]:.3f}, "
+                        f"{run.cells / max(elapsed, 1e-9):.0f} cells/s",
+                    )
             record.progress(step, total, throughput=run.cells / max(elapsed, 1e-9), eta_s=eta)
         if run.schedule.should_stop(step, elapsed):
             run.stopped_early = True
@@ -473,13 +534,22 @@ def evaluate_heldout(run: PretrainRun, plan: PretrainPlan, *, baselines: tuple |
     """`evaluate_masked_genes` on the held-out cells (the same masked positions every time: `eval_seed`);
     with `baselines` (`frequency_baselines` of the training cells) also the chance and rank-aware scores."""
     top_gene, position_genes = baselines if baselines is not None else (None, None)
-    return evaluate_masked_genes(run.model, plan.held, pad_id=plan.pad_id, mask_id=plan.mask_id,
-                                 special_ids=plan.special_ids, device=run.device, seed=plan.eval_seed,
-                                 top_gene=top_gene, position_genes=position_genes)
+    return evaluate_masked_genes(
+        run.model,
+        plan.held,
+        pad_id=plan.pad_id,
+        mask_id=plan.mask_id,
+        special_ids=plan.special_ids,
+        device=run.device,
+        seed=plan.eval_seed,
+        top_gene=top_gene,
+        position_genes=position_genes,
+    )
 
 
-def pretraining_metrics(ev: dict, run: PretrainRun, plan: PretrainPlan, *, train_seconds: float,
-                        seconds: float) -> dict:
+def pretraining_metrics(
+    ev: dict, run: PretrainRun, plan: PretrainPlan, *, train_seconds: float, seconds: float
+) -> dict:
     """The metrics `pretrain` returns, from the final held-out evaluation and the run's counters."""
     return {
         "heldout_accuracy": ev["masked_accuracy"],
@@ -501,8 +571,15 @@ def pretraining_metrics(ev: dict, run: PretrainRun, plan: PretrainPlan, *, train
 
 
 # -------------------------------------------------------------------------------------------- record
-def record_pretraining(model, dicts, out_dir: str | os.PathLike, plan: PretrainPlan, metrics: dict,
-                       losses: list, record: _RunRecord | None = None) -> dict:
+def record_pretraining(
+    model,
+    dicts,
+    out_dir: str | os.PathLike,
+    plan: PretrainPlan,
+    metrics: dict,
+    losses: list,
+    record: _RunRecord | None = None,
+) -> dict:
     """Write the Geneformer-like checkpoint (`config.json`, `model.safetensors`, the dictionaries) and
     `gfattn_pretrain.json`; with a store, record the held-out metrics, the summary and the final event.
     Returns the summary. Moves the model to the CPU."""
@@ -519,17 +596,25 @@ def record_pretraining(model, dicts, out_dir: str | os.PathLike, plan: PretrainP
     summary = {"metrics": metrics, "hyperparameters": plan.hyperparameters, "train_loss_curve": losses}
     (out / "gfattn_pretrain.json").write_text(json.dumps(summary, indent=2))
     step, epochs_done = metrics["steps"], metrics["epochs"]
-    record.metrics([
-        {"name": name, "value": float(metrics[key]), "step": step, "epoch": epochs_done, "split": "heldout"}
-        for name, key in (("masked_accuracy", "heldout_accuracy"), ("masked_top5_accuracy", "heldout_top5_accuracy"),
-                          ("loss", "heldout_loss"), ("chance_accuracy", "chance_accuracy"),
-                          ("position_baseline_accuracy", "position_baseline_accuracy"))
-    ])
+    record.metrics(
+        [
+            {"name": name, "value": float(metrics[key]), "step": step, "epoch": epochs_done, "split": "heldout"}
+            for name, key in (
+                ("masked_accuracy", "heldout_accuracy"),
+                ("masked_top5_accuracy", "heldout_top5_accuracy"),
+                ("loss", "heldout_loss"),
+                ("chance_accuracy", "chance_accuracy"),
+                ("position_baseline_accuracy", "position_baseline_accuracy"),
+            )
+        ]
+    )
     record.json("pretrain", summary)
     record.progress(step, step)
-    record.event(f"held-out masked-gene accuracy {metrics['heldout_accuracy']:.3f} "
-                 f"(chance {metrics['chance_accuracy']:.3f}, rank-aware "
-                 f"{metrics['position_baseline_accuracy']:.3f}) after {step} steps")
+    record.event(
+        f"held-out masked-gene accuracy {metrics['heldout_accuracy']:.3f} "
+        f"(chance {metrics['chance_accuracy']:.3f}, rank-aware "
+        f"{metrics['position_baseline_accuracy']:.3f}) after {step} steps"
+    )
     return summary
 
 
@@ -575,17 +660,33 @@ def pretrain(
     from pipeline.compute import resolve_device
 
     t_start = time.perf_counter()
-    plan = plan_pretraining(corpus_ds, dicts, layers=layers, hidden=hidden, heads=heads, intermediate=intermediate,
-                            max_len=max_len, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                            time_budget_s=time_budget_s, holdout_fraction=holdout_fraction,
-                            warmup_ratio=warmup_ratio, weight_decay=weight_decay, dropout=dropout,
-                            log_every=log_every)
+    plan = plan_pretraining(
+        corpus_ds,
+        dicts,
+        layers=layers,
+        hidden=hidden,
+        heads=heads,
+        intermediate=intermediate,
+        max_len=max_len,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        time_budget_s=time_budget_s,
+        holdout_fraction=holdout_fraction,
+        warmup_ratio=warmup_ratio,
+        weight_decay=weight_decay,
+        dropout=dropout,
+        log_every=log_every,
+    )
     dev = resolve_device(device)
     record = _RunRecord(store, run_id)
     with _seeded_torch_rng(plan.init_seed, dev):
         run = start_run(plan, dev)
-        record.event(f"pretraining on {len(plan.train)} cells ({len(plan.held)} held out), vocabulary "
-                     f"{plan.vocab_size}, {layers} layers x {hidden}")
+        record.event(
+            f"pretraining on {len(plan.train)} cells ({len(plan.held)} held out), vocabulary "
+            f"{plan.vocab_size}, {layers} layers x {hidden}"
+        )
         run.t_train = time.perf_counter()
         for epoch in range(1, plan.epochs + 1):
             stopped = run_epoch(run, plan, epoch, progress=progress, record=record)
@@ -594,12 +695,24 @@ def pretrain(
                 break
             if record.enabled:
                 ev = evaluate_heldout(run, plan)
-                record.metrics([
-                    {"name": "masked_accuracy", "value": ev["masked_accuracy"], "step": run.step, "epoch": epoch,
-                     "split": "validation"},
-                    {"name": "loss", "value": ev["masked_loss"], "step": run.step, "epoch": epoch,
-                     "split": "validation"},
-                ])
+                record.metrics(
+                    [
+                        {
+                            "name": "masked_accuracy",
+                            "value": ev["masked_accuracy"],
+                            "step": run.step,
+                            "epoch": epoch,
+                            "split": "validation",
+                        },
+                        {
+                            "name": "loss",
+                            "value": ev["masked_loss"],
+                            "step": run.step,
+                            "epoch": epoch,
+                            "split": "validation",
+                        },
+                    ]
+                )
         run.flush_losses()
         train_seconds = time.perf_counter() - run.t_train
         ev = evaluate_heldout(run, plan, baselines=frequency_baselines(plan.train, plan.special_ids))

@@ -81,23 +81,35 @@ class Reporter:
         self.line(f"skipped: {why}")
         self._stage = previous
 
-    def update(self, done: float, total: float | None = None, *, unit: str = "", throughput: float | None = None,
-               eta_s: float | None = None, message: str | None = None) -> None:
+    def update(
+        self,
+        done: float,
+        total: float | None = None,
+        *,
+        unit: str = "",
+        throughput: float | None = None,
+        eta_s: float | None = None,
+        message: str | None = None,
+    ) -> None:
         """Progress within the current stage; throttled for the terminal, always cheap for the store."""
         now = time.monotonic()
         if eta_s is None and total and done and self._started:
             rate = done / max(now - self._started, 1e-9)
             eta_s = (total - done) / rate if rate > 0 else None
-        if self.store is not None and self.run_id is not None and (
-            now - self._last_line >= self.min_interval_s or (total and done >= total)
+        if (
+            self.store is not None
+            and self.run_id is not None
+            and (now - self._last_line >= self.min_interval_s or (total and done >= total))
         ):
-            self.store.set_progress(self.run_id, self._stage or "", done, total, unit=unit,
-                                    throughput=throughput, eta_s=eta_s)
+            self.store.set_progress(
+                self.run_id, self._stage or "", done, total, unit=unit, throughput=throughput, eta_s=eta_s
+            )
         if self._rich is not None:
             if self._task is None:
                 self._task = self._rich.add_task(self._stage or "", total=total)
-            self._rich.update(self._task, completed=done, total=total,
-                              description=f"{self._stage} {message or ''}".strip())
+            self._rich.update(
+                self._task, completed=done, total=total, description=f"{self._stage} {message or ''}".strip()
+            )
             return
         if now - self._last_line >= max(self.min_interval_s, 5.0) or (total and done >= total):
             self._last_line = now

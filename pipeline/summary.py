@@ -18,9 +18,11 @@ def _grid_text(values: np.ndarray) -> list[str]:
 def format_summary(store, run_id: int, elapsed_s: float | None = None, top_n: int = 10) -> str:
     scope = R.collect_scope(store, run_id, depth=1)
     run = scope.run
-    lines = [f"run {run_id} '{run['name']}' {run['status']}"
-             + (f" in {elapsed_s:.0f} s" if elapsed_s is not None else "")
-             + f"; store {store.path}"]
+    lines = [
+        f"run {run_id} '{run['name']}' {run['status']}"
+        + (f" in {elapsed_s:.0f} s" if elapsed_s is not None else "")
+        + f"; store {store.path}"
+    ]
     finetunes = [R.read_finetune(store, c) for c in scope.of_kind(R.KIND_FINETUNE)]
     if finetunes:
         lines.append("")

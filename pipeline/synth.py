@@ -150,8 +150,7 @@ def _read_vocabulary(token_files: list[Path], name_files: list[Path]) -> tuple[l
     return sorted(vocab or ()), symbols
 
 
-def gene_universe(preset: str = "raw", geneformer_dir: str | Path | None = None,
-                  n_genes: int | None = None):
+def gene_universe(preset: str = "raw", geneformer_dir: str | Path | None = None, n_genes: int | None = None):
     """The genes (var) of `make_sciplex_like` and `make_corpus`: index Ensembl ID, `ensembl_id`, `gene_symbol`.
 
     All named genes (p53 targets, cell-cycle, housekeeping, markers) with their real IDs, then background
@@ -225,13 +224,20 @@ def _expected_detected_grid(w: np.ndarray, r: np.ndarray) -> np.ndarray:
     lib = np.exp(_LOG_L_GRID)
     for k, wk in enumerate(w2):
         for i in range(0, lib.size, 32):
-            mu = lib[i:i + 32, None] * wk[None, :]
-            out[k, i:i + 32] = _p_detected(mu, r[None, :]).sum(axis=1)
+            mu = lib[i : i + 32, None] * wk[None, :]
+            out[k, i : i + 32] = _p_detected(mu, r[None, :]).sum(axis=1)
     return out
 
 
-def _calibrate_background(fixed_w: np.ndarray, fixed_r: np.ndarray, bg_z: np.ndarray, bg_r: np.ndarray,
-                          fixed_mass: float, umis: float, n_detected: float) -> float:
+def _calibrate_background(
+    fixed_w: np.ndarray,
+    fixed_r: np.ndarray,
+    bg_z: np.ndarray,
+    bg_r: np.ndarray,
+    fixed_mass: float,
+    umis: float,
+    n_detected: float,
+) -> float:
     """Log-normal spread of the background genes such that a cell of `umis` UMIs detects `n_detected` genes.
 
     A wider spread concentrates the background's UMIs on fewer genes, so detection falls monotonically
@@ -256,8 +262,9 @@ def _calibrate_background(fixed_w: np.ndarray, fixed_r: np.ndarray, bg_z: np.nda
     return 0.5 * (lo + hi)
 
 
-def _solve_library(target: np.ndarray, group: np.ndarray, w: np.ndarray, r: np.ndarray,
-                   v_idx: np.ndarray, f: np.ndarray) -> np.ndarray:
+def _solve_library(
+    target: np.ndarray, group: np.ndarray, w: np.ndarray, r: np.ndarray, v_idx: np.ndarray, f: np.ndarray
+) -> np.ndarray:
     """Library sizes L such that each cell's expected number of detected genes equals `target`.
 
     Genes outside `v_idx` share one composition per group (a precomputed curve, inverted by
@@ -286,8 +293,9 @@ def _solve_library(target: np.ndarray, group: np.ndarray, w: np.ndarray, r: np.n
     return np.exp(log_l)
 
 
-def _nonzero_counts(mu: np.ndarray, r: np.ndarray, p0: np.ndarray, u: np.ndarray,
-                    rng: np.random.Generator) -> np.ndarray:
+def _nonzero_counts(
+    mu: np.ndarray, r: np.ndarray, p0: np.ndarray, u: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
     """NB counts of entries known to be > 0: entry i has mean mu, size r, P(0) = p0 and uniform u > p0.
 
     Small means: inverse CDF with the same uniform that decided "nonzero" (exact; most entries stop
@@ -321,8 +329,15 @@ def _nonzero_counts(mu: np.ndarray, r: np.ndarray, p0: np.ndarray, u: np.ndarray
     return out
 
 
-def _sample_counts(lib: np.ndarray, group: np.ndarray, w: np.ndarray, r: np.ndarray, v_idx: np.ndarray,
-                   f: np.ndarray, rng: np.random.Generator):
+def _sample_counts(
+    lib: np.ndarray,
+    group: np.ndarray,
+    w: np.ndarray,
+    r: np.ndarray,
+    v_idx: np.ndarray,
+    f: np.ndarray,
+    rng: np.random.Generator,
+):
     """CSR int32 counts: cell c, gene g ~ NB(lib_c * w[group_c, g] * f_cg, r_g), f = 1 outside v_idx.
 
     Chunks of cells are drawn densely only up to the zero / nonzero decision (one uniform per entry);
@@ -388,8 +403,12 @@ def _qc_obs(x, var) -> dict[str, np.ndarray]:
     with np.errstate(invalid="ignore", divide="ignore"):
         pm = 100.0 * np.asarray(x[:, mito].sum(axis=1)).ravel() / n_counts
         pr = 100.0 * np.asarray(x[:, ribo].sum(axis=1)).ravel() / n_counts
-    return {"n_counts": n_counts, "ngenes": ngenes, "percent_mito": np.nan_to_num(pm),
-            "percent_ribo": np.nan_to_num(pr)}
+    return {
+        "n_counts": n_counts,
+        "ngenes": ngenes,
+        "percent_mito": np.nan_to_num(pm),
+        "percent_ribo": np.nan_to_num(pr),
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -459,8 +478,14 @@ def _dose_gene_factors(length_effect: float, counts: np.ndarray) -> np.ndarray:
 # public API
 
 
-def make_sciplex_like(scale: float = 1.0, preset: str = "raw", length_effect: float = 1.0, seed: int = 0,
-                      geneformer_dir: str | Path | None = None, n_genes: int | None = None):
+def make_sciplex_like(
+    scale: float = 1.0,
+    preset: str = "raw",
+    length_effect: float = 1.0,
+    seed: int = 0,
+    geneformer_dir: str | Path | None = None,
+    n_genes: int | None = None,
+):
     """A sci-Plex 2 Nutlin-3a-like AnnData of raw counts (A549, 8 doses), with its ground truth.
 
     scale: cells relative to sci-Plex 2 (1002/849/792/892/829/1096/410/86 cells per dose at 1).
@@ -497,8 +522,10 @@ def make_sciplex_like(scale: float = 1.0, preset: str = "raw", length_effect: fl
 
     # planted response: p53 targets up, cell-cycle genes down, fold changes at saturation
     resp_sym = list(genes.P53_TARGETS_UP) + list(genes.CELL_CYCLE_DOWN)
-    lfc = np.array([rng.uniform(lo, hi) for lo, hi, _ in genes.P53_TARGETS_UP.values()]
-                   + list(rng.uniform(*genes.CELL_CYCLE_LOG2FC, size=len(genes.CELL_CYCLE_DOWN))))
+    lfc = np.array(
+        [rng.uniform(lo, hi) for lo, hi, _ in genes.P53_TARGETS_UP.values()]
+        + list(rng.uniform(*genes.CELL_CYCLE_LOG2FC, size=len(genes.CELL_CYCLE_DOWN)))
+    )
     resp_idx = np.array([pos[s] for s in resp_sym])
 
     # dose-independent heterogeneity: gene modules of background genes with per-cell activity
@@ -522,26 +549,27 @@ def make_sciplex_like(scale: float = 1.0, preset: str = "raw", length_effect: fl
     # per-cell factors on the genes that vary within the population
     v_idx = np.concatenate([resp_idx, mod_genes.ravel()])
     log2f = np.zeros((n_cells, v_idx.size))
-    log2f[:, :resp_idx.size] = response[:, None] * lfc[None, :]
+    log2f[:, : resp_idx.size] = response[:, None] * lfc[None, :]
     for j, s in enumerate(resp_sym):
         if s in genes.CELL_CYCLE_DOWN:
             ph = genes.CELL_CYCLE_DOWN[s][0]
             up = _PHASE_LOG2_UP[ph]
             p_in = _PHASE_P[_PHASES.index(ph)]
             # in-phase cells higher; normalised so the population mean stays at the gene's level
-            norm = math.log2(p_in * 2.0 ** up + (1.0 - p_in))
+            norm = math.log2(p_in * 2.0**up + (1.0 - p_in))
             log2f[:, j] += np.where(phase == _PHASES.index(ph), up, 0.0) - norm
     ln2 = math.log(2.0)
     act = (mod_act[:, :, None] * mod_load[None, :, :]).reshape(n_cells, -1)
-    log2f[:, resp_idx.size:] = act - (ln2 * (mod_sd * mod_load.ravel()) ** 2 / 2.0)[None, :]
+    log2f[:, resp_idx.size :] = act - (ln2 * (mod_sd * mod_load.ravel()) ** 2 / 2.0)[None, :]
     f = np.exp2(log2f)
 
     # detected-genes targets: log-normal, times the dose's viability factor, median pinned to the preset
     gf = _dose_gene_factors(length_effect, counts)
     z_hi = 2.5
     if p.max_genes is not None:
-        z_hi = float(np.clip((math.log(0.975 * p.max_genes / p.median_genes) - math.log(gf.max())) / p.genes_log_sd,
-                             1.0, 4.0))
+        z_hi = float(
+            np.clip((math.log(0.975 * p.max_genes / p.median_genes) - math.log(gf.max())) / p.genes_log_sd, 1.0, 4.0)
+        )
     z = _truncated_normal(rng, n_cells, -3.0, z_hi)
     target = p.median_genes * np.exp(p.genes_log_sd * z) * gf[dose_of]
     target *= p.median_genes / np.median(target)
@@ -557,8 +585,10 @@ def make_sciplex_like(scale: float = 1.0, preset: str = "raw", length_effect: fl
     for k, v in _qc_obs(x, var).items():
         obs[k] = v
 
-    mean_resp = [float(response[dose_of == i].mean()) if np.any(dose_of == i) else float(hill_response(d))
-                 for i, d in enumerate(DOSES_UM)]
+    mean_resp = [
+        float(response[dose_of == i].mean()) if np.any(dose_of == i) else float(hill_response(d))
+        for i, d in enumerate(DOSES_UM)
+    ]
     truth = {
         "kind": "sciplex_like",
         "preset": preset,
@@ -587,20 +617,31 @@ def make_sciplex_like(scale: float = 1.0, preset: str = "raw", length_effect: fl
         "housekeeping": {
             "gene_symbol": list(genes.MITO_CP10K) + list(genes.RIBOSOMAL) + list(genes.HOUSEKEEPING_CP10K),
         },
-        "targets": {"median_umis": p.median_umis, "median_genes": p.median_genes,
-                    **({"max_genes": float(p.max_genes)} if p.max_genes is not None else {})},
+        "targets": {
+            "median_umis": p.median_umis,
+            "median_genes": p.median_genes,
+            **({"max_genes": float(p.max_genes)} if p.max_genes is not None else {}),
+        },
         # per cell, keyed by obs name (uns is not subset with the AnnData)
-        "cells": {"cell_id": [str(c) for c in obs.index],
-                  "response": [float(v) for v in response],
-                  "phase": [_PHASES[i] for i in phase]},
+        "cells": {
+            "cell_id": [str(c) for c in obs.index],
+            "response": [float(v) for v in response],
+            "phase": [_PHASES[i] for i in phase],
+        },
     }
     adata = ad.AnnData(X=x, obs=obs, var=var.copy())
     adata.uns[TRUTH_KEY] = truth
     return adata
 
 
-def make_corpus(n_cells: int = 4000, seed: int = 0, geneformer_dir: str | Path | None = None,
-                preset: str = "raw", n_genes: int | None = None, n_types: int = 8):
+def make_corpus(
+    n_cells: int = 4000,
+    seed: int = 0,
+    geneformer_dir: str | Path | None = None,
+    preset: str = "raw",
+    n_genes: int | None = None,
+    n_types: int = 8,
+):
     """A healthy pretraining corpus over the same genes as `make_sciplex_like(preset, geneformer_dir, n_genes)`.
 
     `n_types` cell types (epithelial, fibroblast, endothelial, T cell, B cell, monocyte, hepatocyte,
@@ -674,8 +715,14 @@ def make_corpus(n_cells: int = 4000, seed: int = 0, geneformer_dir: str | Path |
     v_sym = list(dict.fromkeys(s for syms in genes.STATE_PROGRAMS.values() for s in syms))
     v_col = {s: j for j, s in enumerate(v_sym)}
     v_idx = np.array([pos[s] for s in v_sym])
-    frac = {"p53_response": 0.12, "interferon": 0.12, "heat_shock": 0.10, "immediate_early": 0.15,
-            "hypoxia": 0.10, "oxidative_stress": 0.10}
+    frac = {
+        "p53_response": 0.12,
+        "interferon": 0.12,
+        "heat_shock": 0.10,
+        "immediate_early": 0.15,
+        "hypoxia": 0.10,
+        "oxidative_stress": 0.10,
+    }
 
     props = rng.dirichlet(np.full(n_t, 6.0))
     cell_type = rng.choice(n_t, size=n_cells, p=props)
@@ -716,11 +763,15 @@ def make_corpus(n_cells: int = 4000, seed: int = 0, geneformer_dir: str | Path |
         "seed": seed,
         "n_genes": int(n_g),
         "vocabulary": "geneformer" if geneformer_dir is not None else "synthetic",
-        "cell_types": {"name": type_names, "proportion": [float(v) for v in props],
-                       "cycling_fraction": [float(v) for v in cycling_frac]},
+        "cell_types": {
+            "name": type_names,
+            "proportion": [float(v) for v in props],
+            "cycling_fraction": [float(v) for v in cycling_frac],
+        },
         "markers": {name: list(genes.CELL_TYPE_MARKERS[name]) for name in type_names},
-        "type_programs": {name: [str(var["ensembl_id"].iat[i]) for i in type_prog[k]]
-                          for k, name in enumerate(type_names)},
+        "type_programs": {
+            name: [str(var["ensembl_id"].iat[i]) for i in type_prog[k]] for k, name in enumerate(type_names)
+        },
         "state_programs": {name: list(syms) for name, syms in genes.STATE_PROGRAMS.items()},
         "state_fraction": {name: float(np.mean(activity[name] > 0)) for name in prog_names},
     }
@@ -754,8 +805,11 @@ def describe(adata) -> dict:
     if "dose_value" in obs:
         groups = obs.groupby("dose_value", observed=True)
         out["per_dose"] = {
-            float(d): {"cells": int(len(g)), "median_umis": float(np.median(g["n_counts"])),
-                       "median_genes": float(np.median(g["ngenes"]))}
+            float(d): {
+                "cells": int(len(g)),
+                "median_umis": float(np.median(g["n_counts"])),
+                "median_genes": float(np.median(g["ngenes"])),
+            }
             for d, g in groups
         }
     if "cell_type" in obs:

@@ -111,8 +111,11 @@ class TokenizeReport:
             f"genes: {self.genes_mapped:,} of {self.genes_total:,} mapped to the {self.model_version} vocabulary "
             f"({self.gene_ids})"
             + (f"; {self.duplicates_summed:,} duplicate IDs summed" if self.duplicates_summed else "")
-            + (f"; unmapped e.g. {', '.join(self.unmapped_examples[:3])}"
-               if self.unmapped_examples and self.genes_mapped < self.genes_total else ""),
+            + (
+                f"; unmapped e.g. {', '.join(self.unmapped_examples[:3])}"
+                if self.unmapped_examples and self.genes_mapped < self.genes_total
+                else ""
+            ),
             f"n_counts: {self.n_counts_source}",
             f"length: median {self.length_median:g}, max {self.length_max:,} (limit {self.max_len:,}"
             + (f", {self.truncated_cells:,} cells truncated)" if self.truncated_cells else ")"),
@@ -158,8 +161,9 @@ def _bits_for(n: int) -> int:
     return max(1, int(n - 1).bit_length())
 
 
-def rank_rows(values: np.ndarray, indptr: np.ndarray, keep: np.ndarray, *, check: bool = True
-              ) -> tuple[np.ndarray, np.ndarray]:
+def rank_rows(
+    values: np.ndarray, indptr: np.ndarray, keep: np.ndarray, *, check: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """Per row of a CSR layout, the positions of the `keep[r]` largest values, in descending order.
 
     Returns (out_indptr, positions): positions index `values`; row r's ranking is
@@ -180,7 +184,7 @@ def rank_rows(values: np.ndarray, indptr: np.ndarray, keep: np.ndarray, *, check
     nnz = int(indptr[-1] - indptr[0])
     if nnz == 0:
         return out_indptr, np.zeros(0, dtype=np.int64)
-    values = values[indptr[0]:indptr[-1]]
+    values = values[indptr[0] : indptr[-1]]
     if indptr[0] != 0:
         indptr = indptr - indptr[0]
     if values.dtype != np.float64:
@@ -189,8 +193,10 @@ def rank_rows(values: np.ndarray, indptr: np.ndarray, keep: np.ndarray, *, check
         raise ValueError("rank_rows needs positive finite values")
     if nnz > _MAX_RANK_ENTRIES and lengths.size > 1:  # keep enough value bits beside the index
         cut = _row_groups(indptr, _MAX_RANK_ENTRIES)
-        parts = [indptr[a] + rank_rows(values, indptr[a:b + 1], keep[a:b], check=False)[1]
-                 for a, b in zip(cut[:-1], cut[1:])]
+        parts = [
+            indptr[a] + rank_rows(values, indptr[a : b + 1], keep[a:b], check=False)[1]
+            for a, b in zip(cut[:-1], cut[1:])
+        ]
         return out_indptr, np.concatenate(parts)
     low = np.uint64((1 << _bits_for(nnz)) - 1)
 
@@ -233,8 +239,9 @@ def _row_groups(indptr: np.ndarray, max_entries: int) -> list[int]:
     return cuts
 
 
-def _encode(data, idx, indptr, n_counts, token_of, median_of, recip_median_of, *, max_genes, cls_id, eos_id,
-            sparse_arithmetic):
+def _encode(
+    data, idx, indptr, n_counts, token_of, median_of, recip_median_of, *, max_genes, cls_id, eos_id, sparse_arithmetic
+):
     """Rank-value encode CSR entries (`idx` indexes the per-gene tables); no empty rows."""
     vals = normalise_counts(
         data, idx, indptr, n_counts, median_of, sparse_arithmetic=sparse_arithmetic, recip_median=recip_median_of
@@ -276,9 +283,17 @@ def rank_value_encode(
     `<cls>`/`<eos>` around its `max_genes` highest-ranked genes when those ids are given.
     """
     return _encode(
-        counts.data, counts.indices.astype(np.int64), counts.indptr.astype(np.int64), n_counts,
-        np.asarray(gene_tokens), np.asarray(gene_median, dtype=np.float64), None,
-        max_genes=max_genes, cls_id=cls_id, eos_id=eos_id, sparse_arithmetic=sparse_arithmetic,
+        counts.data,
+        counts.indices.astype(np.int64),
+        counts.indptr.astype(np.int64),
+        n_counts,
+        np.asarray(gene_tokens),
+        np.asarray(gene_median, dtype=np.float64),
+        None,
+        max_genes=max_genes,
+        cls_id=cls_id,
+        eos_id=eos_id,
+        sparse_arithmetic=sparse_arithmetic,
     )
 
 
@@ -403,8 +418,19 @@ class _BatchSink:
 class _Tokenization:
     """One pass over a count matrix: validation and the report up front, then Arrow record batches."""
 
-    def __init__(self, adata_or_path, dicts, *, max_len, obs_columns, n_counts_column, gene_id_column, layer,
-                 chunk_size, progress):
+    def __init__(
+        self,
+        adata_or_path,
+        dicts,
+        *,
+        max_len,
+        obs_columns,
+        n_counts_column,
+        gene_id_column,
+        layer,
+        chunk_size,
+        progress,
+    ):
         self.dicts = dicts
         self.max_len = int(max_len) if max_len is not None else dicts.model_input_size
         self.special = dicts.uses_special_tokens
@@ -448,8 +474,11 @@ class _Tokenization:
         self.cell_ids = pa.array(cm.obs.index.astype(str).tolist(), type=pa.string())
         self.obs_arrays = {c: _obs_arrow_column(cm.obs[c]) for c in self.obs_columns}
         self.schema = pa.schema(
-            [("input_ids", pa.list_(pa.from_numpy_dtype(self.tables.token.dtype))), ("length", pa.int64()),
-             ("cell_id", pa.string())]
+            [
+                ("input_ids", pa.list_(pa.from_numpy_dtype(self.tables.token.dtype))),
+                ("length", pa.int64()),
+                ("cell_id", pa.string()),
+            ]
             + [(c, a.type) for c, a in self.obs_arrays.items()]
         )
         self._lengths = []
@@ -473,8 +502,9 @@ class _Tokenization:
         for start, stop in cm.chunks(self.chunk_size):
             block = cm.rows(start, stop)
             # Negatives are looked for everywhere, non-integers on a sample of each chunk.
-            check_raw_counts(block.data, source=cm.source, where=cm.where, first_row=start, indptr=block.indptr,
-                             sample_step=61)
+            check_raw_counts(
+                block.data, source=cm.source, where=cm.where, first_row=start, indptr=block.indptr, sample_step=61
+            )
             n_counts = _row_totals(block) if nc.values is None else nc.values[start:stop]
             data, idx, indptr = tables.entries(block)
             del block
@@ -491,8 +521,17 @@ class _Tokenization:
                 if cells.size < sel.size:
                     data, idx, indptr = _select_rows(data, idx, indptr, cells)
                 offsets, tokens = _encode(
-                    data, idx, indptr, n_counts[cells], tables.token, tables.median, tables.recip_median,
-                    max_genes=self.max_genes, cls_id=cls_id, eos_id=eos_id, sparse_arithmetic=cm.is_sparse,
+                    data,
+                    idx,
+                    indptr,
+                    n_counts[cells],
+                    tables.token,
+                    tables.median,
+                    tables.recip_median,
+                    max_genes=self.max_genes,
+                    cls_id=cls_id,
+                    eos_id=eos_id,
+                    sparse_arithmetic=cm.is_sparse,
                 )
                 lengths = np.diff(offsets)
                 report.truncated_cells += int((n_genes[cells] > self.max_genes).sum())
@@ -515,8 +554,15 @@ class _Tokenization:
 
 
 def _options(kwargs: dict) -> dict:
-    opts = dict(max_len=None, obs_columns=(), n_counts_column=None, gene_id_column=None, layer=None,
-                chunk_size=_DEFAULT_CHUNK, progress=None)
+    opts = dict(
+        max_len=None,
+        obs_columns=(),
+        n_counts_column=None,
+        gene_id_column=None,
+        layer=None,
+        chunk_size=_DEFAULT_CHUNK,
+        progress=None,
+    )
     unknown = set(kwargs) - set(opts)
     if unknown:
         raise TypeError(f"unexpected arguments: {', '.join(sorted(unknown))}")
@@ -546,10 +592,21 @@ def tokenize_anndata(
     file in `spill_dir` (default: the system temporary directory); `tokenize_to_disk` streams
     straight into a dataset directory instead.
     """
-    with _Tokenization(adata_or_path, dicts, **_options(dict(
-        max_len=max_len, obs_columns=obs_columns, n_counts_column=n_counts_column, gene_id_column=gene_id_column,
-        layer=layer, chunk_size=chunk_size, progress=progress,
-    ))) as t:
+    with _Tokenization(
+        adata_or_path,
+        dicts,
+        **_options(
+            dict(
+                max_len=max_len,
+                obs_columns=obs_columns,
+                n_counts_column=n_counts_column,
+                gene_id_column=gene_id_column,
+                layer=layer,
+                chunk_size=chunk_size,
+                progress=progress,
+            )
+        ),
+    ) as t:
         sink = _BatchSink(spill_dir, spill_tokens)
         try:
             for batch in t.batches():
@@ -579,7 +636,9 @@ def _fold_columns(block: sp.csr_matrix, col_slot: np.ndarray, n_slots: int) -> s
     keep = (slots >= 0) & (block.data != 0)
     kept_before = np.zeros(keep.size + 1, dtype=np.int64)
     np.cumsum(keep, out=kept_before[1:])
-    m = sp.csr_matrix((block.data[keep], slots[keep], kept_before[block.indptr]), shape=(block.shape[0], max(1, n_slots)))
+    m = sp.csr_matrix(
+        (block.data[keep], slots[keep], kept_before[block.indptr]), shape=(block.shape[0], max(1, n_slots))
+    )
     m.sum_duplicates()
     return m
 
@@ -819,8 +878,14 @@ def build_vocabulary(
         sym_col = symbol_column
         if sym_col is None:
             lowered = {str(c).lower(): c for c in var.columns}
-            sym_col = next((lowered[c] for c in ("gene_symbol", "gene_symbols", "symbol", "gene_name",
-                                                  "feature_name") if c in lowered), None)
+            sym_col = next(
+                (
+                    lowered[c]
+                    for c in ("gene_symbol", "gene_symbols", "symbol", "gene_name", "feature_name")
+                    if c in lowered
+                ),
+                None,
+            )
         if sym_col is not None:
             for s, g in zip(var[sym_col].astype(str), gene_of_col):
                 if g is not None:

@@ -71,7 +71,7 @@ class TrainConfig:
     cache_frozen_features: bool = True  # frozen mode: encode each cell once, train the head on the cache
     log_every: int = 10  # optimisation steps between train-loss records
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         if self.device not in DEVICE_CHOICES:
             raise InputError(f"device must be one of {', '.join(DEVICE_CHOICES)}, got {self.device!r}")
         if self.amp not in AMP_CHOICES:
@@ -254,8 +254,9 @@ def _iterate(cells: Cells, batches, pad_id: int, num_workers: int):
 
 
 # ---------------------------------------------------------------------------------------- evaluation
-def _encode_first_token(model, cells: Cells, device, amp_dtype, batch_size: int, pad_id: int, num_workers: int,
-                        on_batch=None):
+def _encode_first_token(
+    model, cells: Cells, device, amp_dtype, batch_size: int, pad_id: int, num_workers: int, on_batch=None
+):
     """Encoder output at the first position for every cell (eval mode), sharded over ranks and summed."""
     import torch
 
@@ -282,8 +283,9 @@ def _head_logits(model, features):
     return model.classifier(model.dropout(model.bert.pooler.activation(model.bert.pooler.dense(features))))
 
 
-def predict_logits(model, cells: Cells, device, amp_dtype, batch_size: int, pad_id: int, num_workers: int = 0,
-                   features=None) -> np.ndarray:
+def predict_logits(
+    model, cells: Cells, device, amp_dtype, batch_size: int, pad_id: int, num_workers: int = 0, features=None
+) -> np.ndarray:
     """Logits for every cell (eval mode), sharded over ranks; every rank gets all of them."""
     import torch
 
@@ -292,9 +294,11 @@ def predict_logits(model, cells: Cells, device, amp_dtype, batch_size: int, pad_
     model.eval()
     with torch.no_grad():
         if features is not None:
-            out = torch.cat([_head_logits(model, features[i:i + 4096]).float()
-                             for i in range(0, len(features), 4096)]) if len(features) else \
-                torch.zeros(0, n_labels, device=device)
+            out = (
+                torch.cat([_head_logits(model, features[i : i + 4096]).float() for i in range(0, len(features), 4096)])
+                if len(features)
+                else torch.zeros(0, n_labels, device=device)
+            )
         else:
             rank, world = distributed.rank(), distributed.world_size()
             out = torch.zeros(len(cells), n_labels, dtype=torch.float32, device=device)
@@ -308,15 +312,28 @@ def predict_logits(model, cells: Cells, device, amp_dtype, batch_size: int, pad_
     return out.cpu().numpy()
 
 
-def evaluate(model, ds, label_names: Sequence[str], *, config: TrainConfig | None = None, batch_size: int | None = None):
+def evaluate(
+    model, ds, label_names: Sequence[str], *, config: TrainConfig | None = None, batch_size: int | None = None
+):
     """Metrics, confusion matrix, predictions and probabilities of `model` on a labelled dataset."""
     config = (config or TrainConfig()).validate()
     device = next(model.parameters()).device
-    cells = prepare_cells(ds, "evaluation", num_labels=len(label_names), max_len=config.max_len,
-                          max_positions=int(model.config.max_position_embeddings))
-    logits = predict_logits(model, cells, device, autocast_dtype(config.amp, device),
-                            batch_size or config.eval_batch_size or 2 * config.batch_size,
-                            int(model.config.pad_token_id or 0), config.num_workers)
+    cells = prepare_cells(
+        ds,
+        "evaluation",
+        num_labels=len(label_names),
+        max_len=config.max_len,
+        max_positions=int(model.config.max_position_embeddings),
+    )
+    logits = predict_logits(
+        model,
+        cells,
+        device,
+        autocast_dtype(config.amp, device),
+        batch_size or config.eval_batch_size or 2 * config.batch_size,
+        int(model.config.pad_token_id or 0),
+        config.num_workers,
+    )
     preds = logits.argmax(axis=1) if len(logits) else np.zeros(0, dtype=np.int64)
     metrics, confusion = classification_metrics(cells.labels, preds, label_names, logits)
     return metrics, confusion, preds, softmax(logits) if len(logits) else logits
@@ -352,8 +369,9 @@ def finetune(
     feature cache (`encode_frozen_features`), one `run_epoch` + `validate_epoch` per epoch, and
     `finish_finetuning` (best weights, test metrics, records, the saved checkpoint).
     """
-    plan = plan_finetuning(model, train_ds, val_ds, test_ds, label_names=label_names, mode=mode, config=config,
-                           store=store, run_id=run_id)
+    plan = plan_finetuning(
+        model, train_ds, val_ds, test_ds, label_names=label_names, mode=mode, config=config, store=store, run_id=run_id
+    )
     encode_frozen_features(plan)
     state = _TrainState(plan)
     for epoch in range(1, plan.config.epochs + 1):
@@ -424,8 +442,18 @@ class _TrainState:
         self.window_steps = 0
 
 
-def plan_finetuning(model, train_ds, val_ds, test_ds, *, label_names: Sequence[str], mode: str = "frozen",
-                    config: TrainConfig | None = None, store=None, run_id: int | None = None) -> FinetunePlan:
+def plan_finetuning(
+    model,
+    train_ds,
+    val_ds,
+    test_ds,
+    *,
+    label_names: Sequence[str],
+    mode: str = "frozen",
+    config: TrainConfig | None = None,
+    store=None,
+    run_id: int | None = None,
+) -> FinetunePlan:
     """Check the inputs, set the training mode, seed, and build the optimiser and schedule."""
     import torch
 
@@ -452,13 +480,23 @@ def plan_finetuning(model, train_ds, val_ds, test_ds, *, label_names: Sequence[s
 
     max_positions = int(model.config.max_position_embeddings)
     pad_id = int(model.config.pad_token_id or 0)
-    train = prepare_cells(train_ds, "training", num_labels=n_labels, max_len=config.max_len, max_positions=max_positions)
+    train = prepare_cells(
+        train_ds, "training", num_labels=n_labels, max_len=config.max_len, max_positions=max_positions
+    )
     if len(train) == 0:
         raise InputError("the training split is empty")
-    val = None if val_ds is None else prepare_cells(val_ds, "validation", num_labels=n_labels, max_len=config.max_len,
-                                                    max_positions=max_positions)
-    test = None if test_ds is None else prepare_cells(test_ds, "test", num_labels=n_labels, max_len=config.max_len,
-                                                      max_positions=max_positions)
+    val = (
+        None
+        if val_ds is None
+        else prepare_cells(
+            val_ds, "validation", num_labels=n_labels, max_len=config.max_len, max_positions=max_positions
+        )
+    )
+    test = (
+        None
+        if test_ds is None
+        else prepare_cells(test_ds, "test", num_labels=n_labels, max_len=config.max_len, max_positions=max_positions)
+    )
     if val is not None and len(val) == 0:
         val = None
 
@@ -484,8 +522,9 @@ def plan_finetuning(model, train_ds, val_ds, test_ds, *, label_names: Sequence[s
     total_steps = math.ceil(len(train) / global_bs) * config.epochs
     warmup = config.warmup_steps if config.warmup_steps is not None else math.ceil(config.warmup_ratio * total_steps)
     lr = config.head_lr if (kind == "frozen" and config.head_lr) else config.lr
-    optimizer = torch.optim.AdamW(decay_parameter_groups(model.named_parameters(), config.weight_decay, lr),
-                                  lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    optimizer = torch.optim.AdamW(
+        decay_parameter_groups(model.named_parameters(), config.weight_decay, lr), lr=lr, betas=(0.9, 0.999), eps=1e-8
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay(warmup, total_steps))
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
@@ -495,16 +534,41 @@ def plan_finetuning(model, train_ds, val_ds, test_ds, *, label_names: Sequence[s
 
         ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     plan = FinetunePlan(
-        model=model, config=config, mode=mode, kind=kind, label_names=label_names, train=train, val=val, test=test,
-        device=device, rank=rank, world=world, record=record, store=store, run_id=run_id, params=params,
-        trainable=trainable, amp_dtype=amp_dtype, eval_bs=config.eval_batch_size or 2 * config.batch_size,
-        pad_id=pad_id, cached=cached, cell_weight=cw[train.labels],
-        class_weight=torch.as_tensor(cw, dtype=torch.float32, device=device), global_bs=global_bs,
-        total_steps=total_steps, optimizer=optimizer, scheduler=scheduler, scaler=scaler, ddp=ddp,
+        model=model,
+        config=config,
+        mode=mode,
+        kind=kind,
+        label_names=label_names,
+        train=train,
+        val=val,
+        test=test,
+        device=device,
+        rank=rank,
+        world=world,
+        record=record,
+        store=store,
+        run_id=run_id,
+        params=params,
+        trainable=trainable,
+        amp_dtype=amp_dtype,
+        eval_bs=config.eval_batch_size or 2 * config.batch_size,
+        pad_id=pad_id,
+        cached=cached,
+        cell_weight=cw[train.labels],
+        class_weight=torch.as_tensor(cw, dtype=torch.float32, device=device),
+        global_bs=global_bs,
+        total_steps=total_steps,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        ddp=ddp,
     )
     if record:
-        store.log_event(run_id, f"fine-tuning {mode}: {len(train)} training cells, {total_steps} steps "
-                                f"on {world} x {device.type}", stage=STAGE)
+        store.log_event(
+            run_id,
+            f"fine-tuning {mode}: {len(train)} training cells, {total_steps} steps on {world} x {device.type}",
+            stage=STAGE,
+        )
         store.set_progress(run_id, STAGE, 0, total_steps, unit="steps")
     return plan
 
@@ -525,17 +589,34 @@ def encode_frozen_features(plan: FinetunePlan) -> None:
         if plan.record and now - last[0] > 1.0:
             last[0] = now
             rate = done_enc[0] / max(now - t_enc, 1e-9)
-            store.set_progress(run_id, STAGE, min(done_enc[0], n_enc), n_enc, unit="cells encoded",
-                               throughput=rate, eta_s=(n_enc - done_enc[0]) / max(rate, 1e-9))
+            store.set_progress(
+                run_id,
+                STAGE,
+                min(done_enc[0], n_enc),
+                n_enc,
+                unit="cells encoded",
+                throughput=rate,
+                eta_s=(n_enc - done_enc[0]) / max(rate, 1e-9),
+            )
 
     for cells in (plan.train, plan.val, plan.test):
         if cells is not None:
-            plan.features[cells.name] = _encode_first_token(plan.model, cells, plan.device, plan.amp_dtype,
-                                                            plan.eval_bs, plan.pad_id, plan.config.num_workers,
-                                                            on_batch)
+            plan.features[cells.name] = _encode_first_token(
+                plan.model,
+                cells,
+                plan.device,
+                plan.amp_dtype,
+                plan.eval_bs,
+                plan.pad_id,
+                plan.config.num_workers,
+                on_batch,
+            )
     if plan.record:
-        store.log_event(run_id, f"frozen encoder: {n_enc} cells encoded once in "
-                                f"{time.perf_counter() - t_enc:.1f} s; training the head", stage=STAGE)
+        store.log_event(
+            run_id,
+            f"frozen encoder: {n_enc} cells encoded once in {time.perf_counter() - t_enc:.1f} s; training the head",
+            stage=STAGE,
+        )
 
 
 def run_epoch(plan: FinetunePlan, state: _TrainState, epoch: int, progress=None) -> dict:
@@ -554,7 +635,7 @@ def run_epoch(plan: FinetunePlan, state: _TrainState, epoch: int, progress=None)
         if plan.cached:
             mine = [part for part in parts if len(part)]
         else:
-            mine = parts[plan.rank * config.grad_accum:(plan.rank + 1) * config.grad_accum]
+            mine = parts[plan.rank * config.grad_accum : (plan.rank + 1) * config.grad_accum]
         lr_now = scheduler.get_last_lr()[0]
         step_loss = torch.zeros((), dtype=torch.float64, device=device)
         for a, part in enumerate(mine):
@@ -600,8 +681,14 @@ def run_epoch(plan: FinetunePlan, state: _TrainState, epoch: int, progress=None)
     if not plan.cached:
         distributed.all_reduce_sum(epoch_loss)
     seconds = time.perf_counter() - t_epoch
-    return {"epoch": epoch, "step": state.step, "train_loss": float(epoch_loss) / max(1, len(order)),
-            "lr": scheduler.get_last_lr()[0], "seconds": seconds, "cells_per_s": len(train) / max(seconds, 1e-9)}
+    return {
+        "epoch": epoch,
+        "step": state.step,
+        "train_loss": float(epoch_loss) / max(1, len(order)),
+        "lr": scheduler.get_last_lr()[0],
+        "seconds": seconds,
+        "cells_per_s": len(train) / max(seconds, 1e-9),
+    }
 
 
 def _after_step(plan: FinetunePlan, state: _TrainState, epoch: int, lr_now: float, progress) -> None:
@@ -617,19 +704,34 @@ def _after_step(plan: FinetunePlan, state: _TrainState, epoch: int, lr_now: floa
         elapsed = time.perf_counter() - state.t0
         rate = state.cells_seen / max(elapsed, 1e-9)
         if plan.record:
-            store.log_metrics(run_id, [
-                {"name": "loss", "value": loss_value, "step": step, "epoch": epoch, "split": "train"},
-                {"name": "lr", "value": lr_now, "step": step, "epoch": epoch, "split": "train"},
-            ])
+            store.log_metrics(
+                run_id,
+                [
+                    {"name": "loss", "value": loss_value, "step": step, "epoch": epoch, "split": "train"},
+                    {"name": "lr", "value": lr_now, "step": step, "epoch": epoch, "split": "train"},
+                ],
+            )
         if plan.main and progress:
-            progress(step, total, throughput=step / max(elapsed, 1e-9), eta_s=(total - step) * elapsed / step,
-                     message=f"epoch {epoch}, loss {loss_value:.4f}, lr {lr_now:.2e}, {rate:.0f} cells/s")
+            progress(
+                step,
+                total,
+                throughput=step / max(elapsed, 1e-9),
+                eta_s=(total - step) * elapsed / step,
+                message=f"epoch {epoch}, loss {loss_value:.4f}, lr {lr_now:.2e}, {rate:.0f} cells/s",
+            )
     now = time.perf_counter()
     if plan.record and (now - state.last_progress > 1.0 or step == total):
         state.last_progress = now
         elapsed = now - state.t0
-        store.set_progress(run_id, STAGE, step, total, unit="steps", throughput=state.cells_seen / max(elapsed, 1e-9),
-                           eta_s=(total - step) * elapsed / step)
+        store.set_progress(
+            run_id,
+            STAGE,
+            step,
+            total,
+            unit="steps",
+            throughput=state.cells_seen / max(elapsed, 1e-9),
+            eta_s=(total - step) * elapsed / step,
+        )
 
 
 def validate_epoch(plan: FinetunePlan, state: _TrainState, epoch: int, entry: dict) -> None:
@@ -637,25 +739,39 @@ def validate_epoch(plan: FinetunePlan, state: _TrainState, epoch: int, entry: di
     config = plan.config
     if plan.val is None or not (config.eval_every_epoch or epoch == config.epochs):
         return
-    logits = predict_logits(plan.model, plan.val, plan.device, plan.amp_dtype, plan.eval_bs, plan.pad_id,
-                            config.num_workers, features=plan.features.get("validation"))
+    logits = predict_logits(
+        plan.model,
+        plan.val,
+        plan.device,
+        plan.amp_dtype,
+        plan.eval_bs,
+        plan.pad_id,
+        config.num_workers,
+        features=plan.features.get("validation"),
+    )
     vm, _ = classification_metrics(plan.val.labels, logits.argmax(axis=1), plan.label_names, logits)
     state.last_val = vm
     entry.update({"val_loss": vm["loss"], "val_accuracy": vm["accuracy"], "val_macro_f1": vm["macro_f1"]})
     if plan.record:
-        plan.store.log_metrics(plan.run_id, [
-            {"name": name, "value": vm[name], "step": state.step, "epoch": epoch, "split": "validation"}
-            for name in ("accuracy", "macro_f1", "loss")
-        ])
+        plan.store.log_metrics(
+            plan.run_id,
+            [
+                {"name": name, "value": vm[name], "step": state.step, "epoch": epoch, "split": "validation"}
+                for name in ("accuracy", "macro_f1", "loss")
+            ],
+        )
     best = state.best
     score = -vm["loss"] if config.best_metric == "loss" else vm[config.best_metric]
-    if best["score"] is None or score > best["score"] or (
-        score == best["score"] and vm["loss"] < best["val"].get("loss", math.inf)
+    if (
+        best["score"] is None
+        or score > best["score"]
+        or (score == best["score"] and vm["loss"] < best["val"].get("loss", math.inf))
     ):
         best.update(epoch=epoch, score=score, val=vm)
         if config.keep_best and epoch < config.epochs:
-            best["state"] = {n: p.detach().to("cpu", copy=True) for n, p in plan.model.named_parameters()
-                             if p.requires_grad}
+            best["state"] = {
+                n: p.detach().to("cpu", copy=True) for n, p in plan.model.named_parameters() if p.requires_grad
+            }
         else:
             best["state"] = None  # the current weights are the best
 
@@ -663,8 +779,18 @@ def validate_epoch(plan: FinetunePlan, state: _TrainState, epoch: int, entry: di
 def record_epoch(plan: FinetunePlan, entry: dict) -> None:
     if not plan.record:
         return
-    plan.store.log_metrics(plan.run_id, [{"name": "cells_per_s", "value": entry["cells_per_s"], "step": entry["step"],
-                                          "epoch": entry["epoch"], "split": "train"}])
+    plan.store.log_metrics(
+        plan.run_id,
+        [
+            {
+                "name": "cells_per_s",
+                "value": entry["cells_per_s"],
+                "step": entry["step"],
+                "epoch": entry["epoch"],
+                "split": "train",
+            }
+        ],
+    )
     msg = f"epoch {entry['epoch']}/{plan.config.epochs}: train loss {entry['train_loss']:.4f}"
     if "val_accuracy" in entry:
         msg += f", validation accuracy {entry['val_accuracy']:.3f}, macro-F1 {entry['val_macro_f1']:.3f}"
@@ -691,37 +817,74 @@ def finish_finetuning(plan: FinetunePlan, state: _TrainState, *, out_dir=None, d
 
     test_metrics, confusion, preds, probs = {}, None, None, None
     if plan.test is not None and len(plan.test):
-        logits = predict_logits(model, plan.test, plan.device, plan.amp_dtype, plan.eval_bs, plan.pad_id,
-                                config.num_workers, features=plan.features.get("test"))
+        logits = predict_logits(
+            model,
+            plan.test,
+            plan.device,
+            plan.amp_dtype,
+            plan.eval_bs,
+            plan.pad_id,
+            config.num_workers,
+            features=plan.features.get("test"),
+        )
         preds = logits.argmax(axis=1)
         probs = softmax(logits)
         test_metrics, confusion = classification_metrics(plan.test.labels, preds, label_names, logits)
         if plan.record:
             store, run_id = plan.store, plan.run_id
-            names = ["accuracy", "macro_f1", "loss"] + [f"{m}/{lab}" for lab in label_names
-                                                        for m in ("precision", "recall", "f1")]
-            store.log_metrics(run_id, [{"name": n, "value": test_metrics[n], "step": state.step, "epoch": best_epoch,
-                                        "split": "test"} for n in names])
+            names = ["accuracy", "macro_f1", "loss"] + [
+                f"{m}/{lab}" for lab in label_names for m in ("precision", "recall", "f1")
+            ]
+            store.log_metrics(
+                run_id,
+                [
+                    {"name": n, "value": test_metrics[n], "step": state.step, "epoch": best_epoch, "split": "test"}
+                    for n in names
+                ],
+            )
             store.put_confusion(run_id, label_names, confusion, split="test")
-            store.log_event(run_id, f"test accuracy {test_metrics['accuracy']:.3f}, macro-F1 "
-                                    f"{test_metrics['macro_f1']:.3f} (epoch {best_epoch} weights)", stage=STAGE)
+            store.log_event(
+                run_id,
+                f"test accuracy {test_metrics['accuracy']:.3f}, macro-F1 "
+                f"{test_metrics['macro_f1']:.3f} (epoch {best_epoch} weights)",
+                stage=STAGE,
+            )
 
     model.eval()
     model.config.id2label = {i: name for i, name in enumerate(label_names)}
     model.config.label2id = {name: i for i, name in enumerate(label_names)}
     if out_dir is not None:
         if plan.main:
-            save_finetuned(model, out_dir, dicts=dicts, summary={
-                "mode": plan.mode, "label_names": label_names, "best_epoch": best_epoch, "val_metrics": val_metrics,
-                "test_metrics": test_metrics, "confusion": None if confusion is None else confusion.tolist(),
-                "history": state.history, "config": asdict(config), "trainable_parameters": len(plan.trainable),
-                "world_size": plan.world,
-            })
+            save_finetuned(
+                model,
+                out_dir,
+                dicts=dicts,
+                summary={
+                    "mode": plan.mode,
+                    "label_names": label_names,
+                    "best_epoch": best_epoch,
+                    "val_metrics": val_metrics,
+                    "test_metrics": test_metrics,
+                    "confusion": None if confusion is None else confusion.tolist(),
+                    "history": state.history,
+                    "config": asdict(config),
+                    "trainable_parameters": len(plan.trainable),
+                    "world_size": plan.world,
+                },
+            )
         distributed.barrier()
     return FinetuneResult(
-        model=model, best_epoch=best_epoch, val_metrics=val_metrics, test_metrics=test_metrics,
-        confusion=confusion, test_predictions=preds, history=state.history, test_probabilities=probs,
-        label_names=label_names, mode=plan.mode, out_dir=None if out_dir is None else str(out_dir),
+        model=model,
+        best_epoch=best_epoch,
+        val_metrics=val_metrics,
+        test_metrics=test_metrics,
+        confusion=confusion,
+        test_predictions=preds,
+        history=state.history,
+        test_probabilities=probs,
+        label_names=label_names,
+        mode=plan.mode,
+        out_dir=None if out_dir is None else str(out_dir),
     )
 
 

@@ -47,8 +47,20 @@ REMOTE_STALE_MIN_S = 600.0
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _GENE_RESERVED = {"run_id", "gtable", "rowid", "oid", "_rowid_"}
 _CELL_RESERVED = {"run_id", "rowid", "oid", "_rowid_"}
-_WHERE_OPS = {"=": "=", "==": "=", "!=": "!=", "<>": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">=",
-              "like": "LIKE", "in": "IN", "is": "IS", "is not": "IS NOT"}
+_WHERE_OPS = {
+    "=": "=",
+    "==": "=",
+    "!=": "!=",
+    "<>": "!=",
+    "<": "<",
+    "<=": "<=",
+    ">": ">",
+    ">=": ">=",
+    "like": "LIKE",
+    "in": "IN",
+    "is": "IS",
+    "is not": "IS NOT",
+}
 
 _versions_cache: dict[str, str | None] | None = None
 _commit_cache: list[str | None] = []
@@ -138,7 +150,9 @@ def _columns_of(rows: Any) -> tuple[dict[str, Any], int]:
     iterable of mappings (a key missing from some rows reads as None there)."""
     if hasattr(rows, "columns") and hasattr(rows, "to_dict"):
         if rows.columns.has_duplicates:
-            raise StoreError(f"table has duplicate column names: {sorted(set(rows.columns[rows.columns.duplicated()]))}")
+            raise StoreError(
+                f"table has duplicate column names: {sorted(set(rows.columns[rows.columns.duplicated()]))}"
+            )
         for name in rows.columns:
             if not isinstance(name, str):
                 raise StoreError(f"column name {name!r} is not a string")
@@ -239,7 +253,9 @@ class Store:
         self._busy_timeout_s = float(busy_timeout_s)
 
         if self.path.is_dir():
-            raise StoreError(f"store path {self.path} is a directory; pass a file path such as {self.path / 'gfattn.db'}")
+            raise StoreError(
+                f"store path {self.path} is a directory; pass a file path such as {self.path / 'gfattn.db'}"
+            )
         exists = self.path.exists()
         if not exists:
             self._check_folder(make=create_parents and create and readonly is not True)
@@ -254,7 +270,9 @@ class Store:
         if readonly is True or (readonly == "auto" and blocker and exists):
             self.readonly, self.readonly_reason = True, blocker
         elif blocker and not exists:
-            raise StoreError(f"cannot create store {self.path}: {blocker}; pass --store a path in a folder you can write")
+            raise StoreError(
+                f"cannot create store {self.path}: {blocker}; pass --store a path in a folder you can write"
+            )
         elif blocker:
             raise StoreError(
                 f"store {self.path} cannot be written: {blocker}; it can still be read (gfattn runs/show/export, "
@@ -296,7 +314,12 @@ class Store:
         options = dict(timeout=self._busy_timeout_s, isolation_level=None, check_same_thread=False)
         if not self.readonly:
             return sqlite3.connect(str(self.path), **options)
-        uri = "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?mode=ro" + ("&immutable=1" if immutable else "")
+        uri = (
+            "file:"
+            + urllib.parse.quote(os.path.abspath(self.path))
+            + "?mode=ro"
+            + ("&immutable=1" if immutable else "")
+        )
         return sqlite3.connect(uri, uri=True, **options)
 
     def _probe_readonly(self) -> None:
@@ -464,7 +487,7 @@ class Store:
                 self._closed = True
                 self._conn.close()
 
-    def __enter__(self) -> "Store":
+    def __enter__(self) -> Store:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -506,7 +529,11 @@ class Store:
         with self._lock:
             self._check_open()
             now = time.monotonic()
-            if not self.readonly and not self._reap_disabled and now - self._last_reap >= min(2.0, max(self.stale_after_s / 2, 0.05)):
+            if (
+                not self.readonly
+                and not self._reap_disabled
+                and now - self._last_reap >= min(2.0, max(self.stale_after_s / 2, 0.05))
+            ):
                 self._last_reap = now
                 try:
                     self.reap_lost()
@@ -580,11 +607,22 @@ class Store:
         now = time.time()
         pid = os.getpid()
         values = (
-            name, kind, "running", now, None if parent_id is None else int(parent_id),
+            name,
+            kind,
+            "running",
+            now,
+            None if parent_id is None else int(parent_id),
             to_json(config if config is not None else {}),
-            None if data_path is None else os.fspath(data_path), data_hash,
-            None if model_path is None else os.fspath(model_path), model_hash,
-            to_json(_package_versions()), _git_commit(), self._host, pid, system.process_start_ticks(pid), now,
+            None if data_path is None else os.fspath(data_path),
+            data_hash,
+            None if model_path is None else os.fspath(model_path),
+            model_hash,
+            to_json(_package_versions()),
+            _git_commit(),
+            self._host,
+            pid,
+            system.process_start_ticks(pid),
+            now,
             device,
         )
         with self._write() as conn:
@@ -597,9 +635,7 @@ class Store:
                 values,
             )
             run_id = int(cur.lastrowid)
-            conn.executemany(
-                "INSERT OR IGNORE INTO tags (run_id, tag) VALUES (?, ?)", [(run_id, t) for t in tags]
-            )
+            conn.executemany("INSERT OR IGNORE INTO tags (run_id, tag) VALUES (?, ?)", [(run_id, t) for t in tags])
         return run_id
 
     def _require_run(self, conn: sqlite3.Connection, run_id: int) -> None:
@@ -689,8 +725,16 @@ class Store:
                    ON CONFLICT (run_id) DO UPDATE SET stage = excluded.stage, done = excluded.done,
                    total = excluded.total, unit = excluded.unit, throughput = excluded.throughput,
                    eta_s = excluded.eta_s, updated = excluded.updated""",
-                (int(run_id), stage, _finite_or_none(done), _finite_or_none(total), unit or "",
-                 _finite_or_none(throughput), _finite_or_none(eta_s), now),
+                (
+                    int(run_id),
+                    stage,
+                    _finite_or_none(done),
+                    _finite_or_none(total),
+                    unit or "",
+                    _finite_or_none(throughput),
+                    _finite_or_none(eta_s),
+                    now,
+                ),
             )
             conn.execute("UPDATE runs SET heartbeat = ? WHERE id = ? AND status = 'running'", (now, int(run_id)))
 
@@ -764,8 +808,16 @@ class Store:
             )
         return len(batch)
 
-    def log_metric(self, run_id: int, name: str, value: float, *, step: int | None = None,
-                   epoch: float | None = None, split: str | None = None) -> None:
+    def log_metric(
+        self,
+        run_id: int,
+        name: str,
+        value: float,
+        *,
+        step: int | None = None,
+        epoch: float | None = None,
+        split: str | None = None,
+    ) -> None:
         self.log_metrics(run_id, [dict(name=name, value=value, step=step, epoch=epoch, split=split)])
 
     def put_confusion(self, run_id: int, labels: Sequence[str], matrix: Any, *, split: str = "test") -> None:
@@ -799,9 +851,17 @@ class Store:
             if arr is not None and arr.shape != v.shape:
                 raise StoreError(f"grid {name!r}: {what} bound shape {arr.shape} differs from values {v.shape}")
         rows = [
-            (int(run_id), name, i, j, _finite_or_none(v[i, j]),
-             None if lo is None else _finite_or_none(lo[i, j]), None if hi is None else _finite_or_none(hi[i, j]))
-            for i in range(v.shape[0]) for j in range(v.shape[1])
+            (
+                int(run_id),
+                name,
+                i,
+                j,
+                _finite_or_none(v[i, j]),
+                None if lo is None else _finite_or_none(lo[i, j]),
+                None if hi is None else _finite_or_none(hi[i, j]),
+            )
+            for i in range(v.shape[0])
+            for j in range(v.shape[1])
         ]
         with self._write() as conn:
             self._require_run(conn, run_id)
@@ -818,12 +878,20 @@ class Store:
             self._require_run(conn, run_id)
             conn.execute(
                 "INSERT OR REPLACE INTO vectors (run_id, name, dtype, shape, data, meta) VALUES (?, ?, ?, ?, ?, ?)",
-                (int(run_id), name, "<f4", to_json(list(a.shape)), sqlite3.Binary(a.tobytes()),
-                 to_json(meta if meta is not None else {})),
+                (
+                    int(run_id),
+                    name,
+                    "<f4",
+                    to_json(list(a.shape)),
+                    sqlite3.Binary(a.tobytes()),
+                    to_json(meta if meta is not None else {}),
+                ),
             )
 
     # -------- dynamic per-gene / per-cell tables
-    def _ensure_columns(self, conn: sqlite3.Connection, table: str, names: Iterable[str], index_prefix: tuple[str, ...]) -> None:
+    def _ensure_columns(
+        self, conn: sqlite3.Connection, table: str, names: Iterable[str], index_prefix: tuple[str, ...]
+    ) -> None:
         existing = {row[1].lower() for row in conn.execute(f"PRAGMA table_info({_quote(table)})")}
         for name in names:
             if name.lower() in existing:
@@ -837,7 +905,9 @@ class Store:
             existing.add(name.lower())
 
     @staticmethod
-    def _result_columns(cols: dict[str, Any], fixed: Sequence[str], reserved: set[str], what: str) -> list[tuple[str, str, list]]:
+    def _result_columns(
+        cols: dict[str, Any], fixed: Sequence[str], reserved: set[str], what: str
+    ) -> list[tuple[str, str, list]]:
         """Validated (name, kind, values) of the columns other than `fixed`."""
         out: list[tuple[str, str, list]] = []
         seen: dict[str, str] = {f.lower(): f for f in fixed}
@@ -857,8 +927,10 @@ class Store:
 
     def _insert_dynamic(self, conn: sqlite3.Connection, table: str, head: dict[str, list], columns: list) -> None:
         names = list(head) + [n for n, _, _ in columns]
-        sql = (f"INSERT INTO {_quote(table)} ({', '.join(_quote(n) for n in names)}) "
-               f"VALUES ({', '.join('?' * len(names))})")
+        sql = (
+            f"INSERT INTO {_quote(table)} ({', '.join(_quote(n) for n in names)}) "
+            f"VALUES ({', '.join('?' * len(names))})"
+        )
         # plain executemany: one prepared statement for the whole table is what makes 20,000 rows cheap
         conn.executemany(sql, zip(*head.values(), *(v for _, _, v in columns)))
 
@@ -870,7 +942,11 @@ class Store:
         (letters, digits, underscores) holding numbers or text.
         """
         _check_text(table, "gene table name")
-        if hasattr(rows, "columns") and "ensembl_id" not in rows.columns and getattr(rows.index, "name", None) == "ensembl_id":
+        if (
+            hasattr(rows, "columns")
+            and "ensembl_id" not in rows.columns
+            and getattr(rows.index, "name", None) == "ensembl_id"
+        ):
             rows = rows.reset_index()
         cols, n = _columns_of(rows)
         if n and "ensembl_id" not in cols:
@@ -1048,9 +1124,17 @@ class Store:
             if not rows:
                 raise RunNotFoundError(f"no run with id {run_id} in store {self.path}; see `gfattn runs`")
             run = rows[0]
-            run["tags"] = [r[0] for r in conn.execute("SELECT tag FROM tags WHERE run_id = ? ORDER BY tag", (int(run_id),))]
-            prog = self._rows(conn, "SELECT stage, done, total, unit, throughput, eta_s, updated FROM progress WHERE run_id = ?", (int(run_id),))
-            run["children"] = [r[0] for r in conn.execute("SELECT id FROM runs WHERE parent_id = ? ORDER BY id", (int(run_id),))]
+            run["tags"] = [
+                r[0] for r in conn.execute("SELECT tag FROM tags WHERE run_id = ? ORDER BY tag", (int(run_id),))
+            ]
+            prog = self._rows(
+                conn,
+                "SELECT stage, done, total, unit, throughput, eta_s, updated FROM progress WHERE run_id = ?",
+                (int(run_id),),
+            )
+            run["children"] = [
+                r[0] for r in conn.execute("SELECT id FROM runs WHERE parent_id = ? ORDER BY id", (int(run_id),))
+            ]
         run["config"] = _from_json(run.get("config")) or {}
         run["versions"] = _from_json(run.get("versions")) or {}
         run["progress"] = prog[0] if prog else None
@@ -1083,7 +1167,8 @@ class Store:
     def progress(self, run_id: int) -> dict | None:
         with self._read() as conn:
             rows = self._rows(
-                conn, "SELECT stage, done, total, unit, throughput, eta_s, updated FROM progress WHERE run_id = ?",
+                conn,
+                "SELECT stage, done, total, unit, throughput, eta_s, updated FROM progress WHERE run_id = ?",
                 (int(run_id),),
             )
         return rows[0] if rows else None
@@ -1113,7 +1198,9 @@ class Store:
 
     def confusions(self, run_id: int) -> list[dict]:
         with self._read() as conn:
-            heads = self._rows(conn, "SELECT split, labels FROM confusions WHERE run_id = ? ORDER BY split", (int(run_id),))
+            heads = self._rows(
+                conn, "SELECT split, labels FROM confusions WHERE run_id = ? ORDER BY split", (int(run_id),)
+            )
             cells = conn.execute(
                 "SELECT split, true_index, pred_index, count FROM confusion_cells WHERE run_id = ?", (int(run_id),)
             ).fetchall()
@@ -1129,7 +1216,10 @@ class Store:
 
     def grid_names(self, run_id: int) -> list[str]:
         with self._read() as conn:
-            return [r[0] for r in conn.execute("SELECT DISTINCT name FROM grids WHERE run_id = ? ORDER BY name", (int(run_id),))]
+            return [
+                r[0]
+                for r in conn.execute("SELECT DISTINCT name FROM grids WHERE run_id = ? ORDER BY name", (int(run_id),))
+            ]
 
     def grid(self, run_id: int, name: str) -> dict:
         """dict(values, lower, upper) as (layers x heads) float arrays; lower/upper None when absent."""
@@ -1151,12 +1241,17 @@ class Store:
             if hi is not None:
                 out["upper"][layer, head] = hi
                 has["upper"] = True
-        return {"values": out["values"], "lower": out["lower"] if has["lower"] else None,
-                "upper": out["upper"] if has["upper"] else None}
+        return {
+            "values": out["values"],
+            "lower": out["lower"] if has["lower"] else None,
+            "upper": out["upper"] if has["upper"] else None,
+        }
 
     def vector_names(self, run_id: int) -> list[str]:
         with self._read() as conn:
-            return [r[0] for r in conn.execute("SELECT name FROM vectors WHERE run_id = ? ORDER BY name", (int(run_id),))]
+            return [
+                r[0] for r in conn.execute("SELECT name FROM vectors WHERE run_id = ? ORDER BY name", (int(run_id),))
+            ]
 
     def _vector_row(self, run_id: int, name: str) -> tuple:
         with self._read() as conn:
@@ -1181,18 +1276,27 @@ class Store:
 
     def gene_tables(self, run_id: int) -> list[str]:
         with self._read() as conn:
-            return [r[0] for r in conn.execute(
-                """SELECT gtable FROM (SELECT DISTINCT gtable FROM gene_columns WHERE run_id = ?
+            return [
+                r[0]
+                for r in conn.execute(
+                    """SELECT gtable FROM (SELECT DISTINCT gtable FROM gene_columns WHERE run_id = ?
                    UNION SELECT DISTINCT gtable FROM gene_rows WHERE run_id = ?) ORDER BY gtable""",
-                (int(run_id), int(run_id)))]
+                    (int(run_id), int(run_id)),
+                )
+            ]
 
     def _gene_columns(self, conn: sqlite3.Connection, run_id: int, table: str) -> list[tuple[str, str]]:
         cols = conn.execute(
-            "SELECT name, type FROM gene_columns WHERE run_id = ? AND gtable = ? ORDER BY position", (int(run_id), table)
+            "SELECT name, type FROM gene_columns WHERE run_id = ? AND gtable = ? ORDER BY position",
+            (int(run_id), table),
         ).fetchall()
-        if not cols and conn.execute(
-            "SELECT 1 FROM gene_rows WHERE run_id = ? AND gtable = ? LIMIT 1", (int(run_id), table)
-        ).fetchone() is None:
+        if (
+            not cols
+            and conn.execute(
+                "SELECT 1 FROM gene_rows WHERE run_id = ? AND gtable = ? LIMIT 1", (int(run_id), table)
+            ).fetchone()
+            is None
+        ):
             raise StoreError(f"run {run_id} has no gene table {table!r}")
         return [(n, t) for n, t in cols]
 
@@ -1206,8 +1310,9 @@ class Store:
         with self._read() as conn:
             return dict(self._gene_columns(conn, run_id, table))
 
-    def _gene_filter(self, run_id: int, table: str, cols: list[str], search: str | None,
-                     where: Mapping[str, Any] | None) -> tuple[str, list[Any]]:
+    def _gene_filter(
+        self, run_id: int, table: str, cols: list[str], search: str | None, where: Mapping[str, Any] | None
+    ) -> tuple[str, list[Any]]:
         sql = "run_id = ? AND gtable = ?"
         params: list[Any] = [int(run_id), table]
         if search:
@@ -1216,7 +1321,12 @@ class Store:
             params += [pattern, pattern]
         for col, cond in (where or {}).items():
             name = self._match_column(col, cols, table)
-            if isinstance(cond, tuple) and len(cond) == 2 and isinstance(cond[0], str) and cond[0].lower() in _WHERE_OPS:
+            if (
+                isinstance(cond, tuple)
+                and len(cond) == 2
+                and isinstance(cond[0], str)
+                and cond[0].lower() in _WHERE_OPS
+            ):
                 op, value = _WHERE_OPS[cond[0].lower()], cond[1]
             else:
                 op, value = ("IS" if cond is None else "="), cond
@@ -1276,8 +1386,9 @@ class Store:
                 params.append(int(offset))
             return self._rows(conn, sql, params)
 
-    def gene_table_count(self, run_id: int, table: str, *, search: str | None = None,
-                         where: Mapping[str, Any] | None = None) -> int:
+    def gene_table_count(
+        self, run_id: int, table: str, *, search: str | None = None, where: Mapping[str, Any] | None = None
+    ) -> int:
         with self._read() as conn:
             cols = ["ensembl_id", "symbol"] + [n for n, _ in self._gene_columns(conn, run_id, table)]
             cond, params = self._gene_filter(run_id, table, cols, search, where)
@@ -1307,28 +1418,42 @@ class Store:
 
     def split(self, run_id: int) -> dict[str, str]:
         with self._read() as conn:
-            return dict(conn.execute("SELECT cell_id, split FROM splits WHERE run_id = ? ORDER BY rowid", (int(run_id),)).fetchall())
+            return dict(
+                conn.execute(
+                    "SELECT cell_id, split FROM splits WHERE run_id = ? ORDER BY rowid", (int(run_id),)
+                ).fetchall()
+            )
 
     def cells(self, run_id: int):
         """The run's per-cell table as a pandas DataFrame (`cell_id` first; empty when none was written)."""
         import pandas as pd
 
         with self._read() as conn:
-            names = [r[0] for r in conn.execute(
-                "SELECT name FROM cell_columns WHERE run_id = ? ORDER BY position", (int(run_id),))]
+            names = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT name FROM cell_columns WHERE run_id = ? ORDER BY position", (int(run_id),)
+                )
+            ]
             cols = ["cell_id"] + names
             rows = conn.execute(
-                f"SELECT {', '.join(_quote(c) for c in cols)} FROM cells WHERE run_id = ? ORDER BY rowid", (int(run_id),)
+                f"SELECT {', '.join(_quote(c) for c in cols)} FROM cells WHERE run_id = ? ORDER BY rowid",
+                (int(run_id),),
             ).fetchall()
         return pd.DataFrame.from_records(rows, columns=cols)
 
     def json_names(self, run_id: int) -> list[str]:
         with self._read() as conn:
-            return [r[0] for r in conn.execute("SELECT name FROM json_results WHERE run_id = ? ORDER BY name", (int(run_id),))]
+            return [
+                r[0]
+                for r in conn.execute("SELECT name FROM json_results WHERE run_id = ? ORDER BY name", (int(run_id),))
+            ]
 
     def get_json(self, run_id: int, name: str) -> Any:
         with self._read() as conn:
-            row = conn.execute("SELECT value FROM json_results WHERE run_id = ? AND name = ?", (int(run_id), name)).fetchone()
+            row = conn.execute(
+                "SELECT value FROM json_results WHERE run_id = ? AND name = ?", (int(run_id), name)
+            ).fetchone()
         if row is None:
             raise StoreError(f"run {run_id} has no JSON result {name!r}")
         return json.loads(row[0])
@@ -1356,15 +1481,20 @@ class Store:
     ) -> None:
         """Record the data and model a run resolved once it started (a generated data set, a cached
         model, content hashes); arguments left None keep what is recorded."""
-        fields = {"data_path": None if data_path is None else os.fspath(data_path), "data_hash": data_hash,
-                  "model_path": None if model_path is None else os.fspath(model_path), "model_hash": model_hash}
+        fields = {
+            "data_path": None if data_path is None else os.fspath(data_path),
+            "data_hash": data_hash,
+            "model_path": None if model_path is None else os.fspath(model_path),
+            "model_hash": model_hash,
+        }
         fields = {k: v for k, v in fields.items() if v is not None}
         if not fields:
             return
         with self._write() as conn:
             self._require_run(conn, run_id)
-            conn.execute(f"UPDATE runs SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?",
-                         (*fields.values(), int(run_id)))
+            conn.execute(
+                f"UPDATE runs SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?", (*fields.values(), int(run_id))
+            )
 
     def set_note(self, run_id: int, text: str | None) -> None:
         with self._write() as conn:
@@ -1375,10 +1505,14 @@ class Store:
         """Delete a run, its child runs (recursively) and everything they own. Returns the deleted ids."""
         with self._write() as conn:
             self._require_run(conn, run_id)
-            ids = [int(run_id)] + [r[0] for r in conn.execute(
-                """WITH RECURSIVE d(id) AS (SELECT id FROM runs WHERE parent_id = ?
+            ids = [int(run_id)] + [
+                r[0]
+                for r in conn.execute(
+                    """WITH RECURSIVE d(id) AS (SELECT id FROM runs WHERE parent_id = ?
                    UNION SELECT r.id FROM runs r JOIN d ON r.parent_id = d.id) SELECT id FROM d""",
-                (int(run_id),))]
+                    (int(run_id),),
+                )
+            ]
             # children first, so nothing depends on what is being deleted; ON DELETE CASCADE removes rows
             for rid in reversed(ids):
                 conn.execute("DELETE FROM runs WHERE id = ?", (rid,))

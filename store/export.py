@@ -24,9 +24,28 @@ if TYPE_CHECKING:  # pragma: no cover
 SHOW_FORMAT = "gfattn.show/1"
 EXPORT_FORMATS = ("csv", "parquet", "json")
 RUN_EXPORT_FIELDS = (
-    "id", "name", "kind", "status", "stored_status", "created", "finished", "parent_id", "config", "versions",
-    "git_commit", "host", "pid", "heartbeat", "device", "data_path", "data_hash", "model_path", "model_hash",
-    "error", "note", "tags",
+    "id",
+    "name",
+    "kind",
+    "status",
+    "stored_status",
+    "created",
+    "finished",
+    "parent_id",
+    "config",
+    "versions",
+    "git_commit",
+    "host",
+    "pid",
+    "heartbeat",
+    "device",
+    "data_path",
+    "data_hash",
+    "model_path",
+    "model_hash",
+    "error",
+    "note",
+    "tags",
 )
 
 
@@ -54,8 +73,16 @@ def metric_summaries(rows: list[dict]) -> list[dict]:
         key = (r["name"], r["split"])
         g = groups.get(key)
         if g is None:
-            g = groups[key] = {"name": r["name"], "split": r["split"], "count": 0, "last": None,
-                               "last_step": None, "last_epoch": None, "min": None, "max": None}
+            g = groups[key] = {
+                "name": r["name"],
+                "split": r["split"],
+                "count": 0,
+                "last": None,
+                "last_step": None,
+                "last_epoch": None,
+                "min": None,
+                "max": None,
+            }
         g["count"] += 1
         g["last"], g["last_step"], g["last_epoch"] = r["value"], r["step"], r["epoch"]
         v = r["value"]
@@ -78,7 +105,7 @@ def _grid_summary(name: str, g: dict) -> dict:
     }
 
 
-def show_document(store: "Store", run_id: int, _depth: int = 0) -> dict:
+def show_document(store: Store, run_id: int, _depth: int = 0) -> dict:
     run = store.get_run(run_id)
     events = store.events(run_id)
     split = store.split(run_id)
@@ -97,7 +124,8 @@ def show_document(store: "Store", run_id: int, _depth: int = 0) -> dict:
         "events": {"count": len(events), "last": events[-20:]},
         "metrics": metric_summaries(store.metrics(run_id)),
         "confusions": [
-            {"split": c["split"], "labels": c["labels"], "matrix": c["matrix"].tolist()} for c in store.confusions(run_id)
+            {"split": c["split"], "labels": c["labels"], "matrix": c["matrix"].tolist()}
+            for c in store.confusions(run_id)
         ],
         "grids": [_grid_summary(n, store.grid(run_id, n)) for n in store.grid_names(run_id)],
         "vectors": vectors,
@@ -134,7 +162,7 @@ def _write_frame(df, base: Path, fmt: str) -> Path:
     return path
 
 
-def export_tables(store: "Store", run_id: int) -> dict[str, tuple[Any, dict]]:
+def export_tables(store: Store, run_id: int) -> dict[str, tuple[Any, dict]]:
     """Every table of the run and its descendants: file stem -> (DataFrame, manifest entry)."""
     import pandas as pd
 
@@ -164,33 +192,62 @@ def export_tables(store: "Store", run_id: int) -> dict[str, tuple[Any, dict]]:
         for c in store.confusions(rid):
             for i, t in enumerate(c["labels"]):
                 for j, p_ in enumerate(c["labels"]):
-                    confusions.append({"run_id": rid, "split": c["split"], "true_label": t,
-                                       "predicted_label": p_, "count": float(c["matrix"][i, j])})
+                    confusions.append(
+                        {
+                            "run_id": rid,
+                            "split": c["split"],
+                            "true_label": t,
+                            "predicted_label": p_,
+                            "count": float(c["matrix"][i, j]),
+                        }
+                    )
         for name in store.grid_names(rid):
             g = store.grid(rid, name)
             for layer in range(g["values"].shape[0]):
                 for head in range(g["values"].shape[1]):
-                    grids.append({
-                        "run_id": rid, "name": name, "layer": layer, "head": head,
-                        "value": g["values"][layer, head],
-                        "lower": None if g["lower"] is None else g["lower"][layer, head],
-                        "upper": None if g["upper"] is None else g["upper"][layer, head],
-                    })
+                    grids.append(
+                        {
+                            "run_id": rid,
+                            "name": name,
+                            "layer": layer,
+                            "head": head,
+                            "value": g["values"][layer, head],
+                            "lower": None if g["lower"] is None else g["lower"][layer, head],
+                            "upper": None if g["upper"] is None else g["upper"][layer, head],
+                        }
+                    )
         for name in store.vector_names(rid):
             meta = store.vector_meta(rid, name)
             flat = store.vector(rid, name).reshape(-1)
-            vector_meta.append({"run_id": rid, "name": name, "dtype": meta.pop("dtype"),
-                                "shape": json.dumps(meta.pop("shape")), "meta": json.dumps(jsonable(meta))})
+            vector_meta.append(
+                {
+                    "run_id": rid,
+                    "name": name,
+                    "dtype": meta.pop("dtype"),
+                    "shape": json.dumps(meta.pop("shape")),
+                    "meta": json.dumps(jsonable(meta)),
+                }
+            )
             vectors += [{"run_id": rid, "name": name, "index": i, "value": float(v)} for i, v in enumerate(flat)]
         for task, names in store.labels(rid).items():
             labels += [{"run_id": rid, "task": task, "position": i, "label": n} for i, n in enumerate(names)]
         splits += [{"run_id": rid, "cell_id": c, "split": s} for c, s in store.split(rid).items()]
         for name in store.json_names(rid):
-            json_rows.append({"run_id": rid, "name": name,
-                              "value": json.dumps(jsonable(store.get_json(rid, name)), ensure_ascii=False)})
+            json_rows.append(
+                {
+                    "run_id": rid,
+                    "name": name,
+                    "value": json.dumps(jsonable(store.get_json(rid, name)), ensure_ascii=False),
+                }
+            )
         for t in store.gene_tables(rid):
-            per_run.append((f"genes__run{rid}__{_safe(t)}", store.gene_table_df(rid, t),
-                            {"table": "gene_table", "run_id": rid, "name": t}))
+            per_run.append(
+                (
+                    f"genes__run{rid}__{_safe(t)}",
+                    store.gene_table_df(rid, t),
+                    {"table": "gene_table", "run_id": rid, "name": t},
+                )
+            )
         cells = store.cells(rid)
         if len(cells):
             per_run.append((f"cells__run{rid}", cells, {"table": "cells", "run_id": rid}))
@@ -212,7 +269,7 @@ def export_tables(store: "Store", run_id: int) -> dict[str, tuple[Any, dict]]:
     return out
 
 
-def export_run(store: "Store", run_id: int, out_dir: str | os.PathLike, fmt: str = "csv") -> list[Path]:
+def export_run(store: Store, run_id: int, out_dir: str | os.PathLike, fmt: str = "csv") -> list[Path]:
     if fmt not in EXPORT_FORMATS:
         raise StoreError(f"export format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
     out_dir = Path(out_dir).expanduser()

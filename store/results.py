@@ -66,7 +66,7 @@ VAL_SPLITS = ("val", SPLIT_VALIDATION, "eval", "valid")
 
 
 def per_label_metric(metric: str, label: str) -> str:
-    """"precision/high", "recall/high", "f1/high": the per-class test metrics of a fine-tuning run."""
+    """ "precision/high", "recall/high", "f1/high": the per-class test metrics of a fine-tuning run."""
     return f"{metric}/{label}"
 
 
@@ -482,8 +482,14 @@ def read_finetune(st, run: dict, *, curves: bool = False) -> FinetuneResult:
     scores = test_scores(st, run["id"], confusion)
     task, mode = task_and_mode(run)
     return FinetuneResult(
-        run_id=int(run["id"]), name=str(run.get("name") or ""), task=task, mode=mode, status=run.get("status"),
-        accuracy=scores[METRIC_ACCURACY], macro_f1=scores[METRIC_MACRO_F1], confusion=confusion,
+        run_id=int(run["id"]),
+        name=str(run.get("name") or ""),
+        task=task,
+        mode=mode,
+        status=run.get("status"),
+        accuracy=scores[METRIC_ACCURACY],
+        macro_f1=scores[METRIC_MACRO_F1],
+        confusion=confusion,
         curves=training_curves(st, run) if curves else None,
     )
 
@@ -550,7 +556,7 @@ class PairAnalysis:
     grids: dict[str, Grid] = field(default_factory=dict)
     ranks: RankCurves = field(default_factory=RankCurves)
     gene_table_names: list[str] = field(default_factory=list)
-    genes: "pd.DataFrame | None" = None
+    genes: pd.DataFrame | None = None
     de_overlap: dict | None = None
     stats: dict | None = None
     summary: dict | None = None
@@ -639,11 +645,18 @@ def read_pair_analysis(st, run: dict | int, *, genes: bool = False, hist_sources
     docs = read_json(st, rid)
     tables = st.gene_tables(rid)
     return PairAnalysis(
-        run_id=rid, name=str(run.get("name") or ""), status=run.get("status"), models=compared_models(run),
-        grids=read_grids(st, rid), ranks=read_rank_curves(st, rid, hist_sources=hist_sources),
+        run_id=rid,
+        name=str(run.get("name") or ""),
+        status=run.get("status"),
+        models=compared_models(run),
+        grids=read_grids(st, rid),
+        ranks=read_rank_curves(st, rid, hist_sources=hist_sources),
         gene_table_names=list(tables),
         genes=st.gene_table_df(rid, TABLE_GENES) if genes and TABLE_GENES in tables else None,
-        de_overlap=docs.get(JSON_DE_OVERLAP), stats=docs.get(JSON_STATS), summary=docs.get(JSON_SUMMARY), json=docs,
+        de_overlap=docs.get(JSON_DE_OVERLAP),
+        stats=docs.get(JSON_STATS),
+        summary=docs.get(JSON_SUMMARY),
+        json=docs,
     )
 
 
@@ -672,7 +685,7 @@ class DEResult:
     groupby: str | None
     group: str | None
     reference: str | None
-    table: "pd.DataFrame | None"
+    table: pd.DataFrame | None
 
 
 def read_de(st, run: dict) -> DEResult:
@@ -680,8 +693,15 @@ def read_de(st, run: dict) -> DEResult:
     cfg = run_config(run)
     rid = int(run["id"])
     table = st.gene_table_df(rid, TABLE_DE) if TABLE_DE in st.gene_tables(rid) else None
-    return DEResult(rid, str(run.get("name") or ""), run.get("status"), cfg.get("groupby"), cfg.get("group"),
-                    cfg.get("reference"), table)
+    return DEResult(
+        rid,
+        str(run.get("name") or ""),
+        run.get("status"),
+        cfg.get("groupby"),
+        cfg.get("group"),
+        cfg.get("reference"),
+        table,
+    )
 
 
 def completed_de(st, de_runs: Iterable[dict]) -> DEResult | None:
@@ -699,7 +719,7 @@ class DataRecord:
 
     run_id: int
     name: str
-    cells: "pd.DataFrame"
+    cells: pd.DataFrame
     labels: dict[str, list[str]]
     qc: dict | None
     length_hist: Histogram | None

@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import sqlite_utils
 
 
-def _m001_initial(db: "sqlite_utils.Database") -> None:
+def _m001_initial(db: sqlite_utils.Database) -> None:
     db.execute(
         """
         CREATE TABLE runs (
@@ -74,7 +74,7 @@ def _m001_initial(db: "sqlite_utils.Database") -> None:
         db.execute(sql)
 
 
-def _m002_stages_and_indexes(db: "sqlite_utils.Database") -> None:
+def _m002_stages_and_indexes(db: sqlite_utils.Database) -> None:
     """Per-run stage lists, the process start time that tells a reused pid apart, and read indexes."""
     db.execute(
         """CREATE TABLE stages (run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
@@ -86,13 +86,14 @@ def _m002_stages_and_indexes(db: "sqlite_utils.Database") -> None:
     db["runs"].create_index(["status"], index_name="runs_by_status", if_not_exists=True)
     db["runs"].create_index(["parent_id"], index_name="runs_by_parent", if_not_exists=True)
     db["runs"].create_index(["name"], index_name="runs_by_name", if_not_exists=True)
-    db["metrics"].create_index(["run_id", "name", "split", "step"], index_name="metrics_by_run_name",
-                               if_not_exists=True)
+    db["metrics"].create_index(
+        ["run_id", "name", "split", "step"], index_name="metrics_by_run_name", if_not_exists=True
+    )
     db["events"].create_index(["run_id", "id"], index_name="events_by_run", if_not_exists=True)
     db["tags"].create_index(["tag"], index_name="tags_by_tag", if_not_exists=True)
 
 
-def _m003_store_identity(db: "sqlite_utils.Database") -> None:
+def _m003_store_identity(db: sqlite_utils.Database) -> None:
     """A random identity per store, so files that belong to one store (its fine-tuned models) live under a
     folder no other store shares, even when two stores sit side by side and both number runs from 1."""
     import uuid
@@ -101,7 +102,7 @@ def _m003_store_identity(db: "sqlite_utils.Database") -> None:
     db.execute("INSERT INTO store_meta (key, value) VALUES ('uid', ?)", (uuid.uuid4().hex,))
 
 
-MIGRATIONS: list[tuple[str, Callable[["sqlite_utils.Database"], None]]] = [
+MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("0001_initial", _m001_initial),
     ("0002_stages_and_indexes", _m002_stages_and_indexes),
     ("0003_store_identity", _m003_store_identity),
@@ -110,13 +111,34 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 # Tables a gfattn store may hold (used to refuse an unrelated SQLite file at user_version 0).
 KNOWN_TABLES = frozenset(
-    {"runs", "tags", "events", "progress", "metrics", "confusions", "confusion_cells", "grids", "vectors",
-     "gene_rows", "gene_columns", "labels", "splits", "cells", "cell_columns", "json_results", "stages",
-     "migrations", "store_meta", "sqlite_sequence", "sqlite_stat1", "sqlite_stat4"}
+    {
+        "runs",
+        "tags",
+        "events",
+        "progress",
+        "metrics",
+        "confusions",
+        "confusion_cells",
+        "grids",
+        "vectors",
+        "gene_rows",
+        "gene_columns",
+        "labels",
+        "splits",
+        "cells",
+        "cell_columns",
+        "json_results",
+        "stages",
+        "migrations",
+        "store_meta",
+        "sqlite_sequence",
+        "sqlite_stat1",
+        "sqlite_stat4",
+    }
 )
 
 
-def ensure_migrations_table(db: "sqlite_utils.Database") -> None:
+def ensure_migrations_table(db: sqlite_utils.Database) -> None:
     db.execute(
         "CREATE TABLE IF NOT EXISTS migrations (id INTEGER PRIMARY KEY, name TEXT NOT NULL, applied REAL NOT NULL)"
     )
@@ -126,7 +148,7 @@ def user_version(conn) -> int:
     return int(conn.execute("PRAGMA user_version").fetchone()[0])
 
 
-def migrate(db: "sqlite_utils.Database", target: int | None = None) -> list[str]:
+def migrate(db: sqlite_utils.Database, target: int | None = None) -> list[str]:
     """Apply the migrations between the store's version and `target` (default: all); return their names.
 
     Each migration runs in one IMMEDIATE transaction that re-reads `user_version`, so two processes

@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from store.core import Store
 
 
-def _beat(store: "Store", run_id: int, every_s: float, stop: threading.Event) -> None:
+def _beat(store: Store, run_id: int, every_s: float, stop: threading.Event) -> None:
     while not stop.wait(every_s):
         try:
             store.heartbeat(run_id)
@@ -33,13 +33,15 @@ def _beat(store: "Store", run_id: int, every_s: float, stop: threading.Event) ->
 
 
 @contextmanager
-def track(store: "Store", run_id: int, *, heartbeat_s: float = 2.0) -> Iterator[int]:
+def track(store: Store, run_id: int, *, heartbeat_s: float = 2.0) -> Iterator[int]:
     """See `Store.track`. Yields the run id."""
     store.heartbeat(run_id)
     stop = threading.Event()
     beater = threading.Thread(
-        target=_beat, args=(store, run_id, max(float(heartbeat_s), 0.01), stop),
-        name=f"gfattn-heartbeat-{run_id}", daemon=True,
+        target=_beat,
+        args=(store, run_id, max(float(heartbeat_s), 0.01), stop),
+        name=f"gfattn-heartbeat-{run_id}",
+        daemon=True,
     )
     beater.start()
 

@@ -7,5 +7,6 @@ import sys
 
 
 def gfattn(*args, cwd=None, timeout=600):
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout
+    )

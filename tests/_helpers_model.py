@@ -15,8 +15,16 @@ def toy_dictionaries(n_genes: int = 200):
     return GeneDictionaries(tokens, medians, version="V1", source="toy token dictionary")
 
 
-def class_coded_cells(n: int, *, vocab_size: int = 202, n_classes: int = 2, length=(12, 40), seed: int = 0,
-                      marker_genes: int = 4, first_token: int = 2):
+def class_coded_cells(
+    n: int,
+    *,
+    vocab_size: int = 202,
+    n_classes: int = 2,
+    length=(12, 40),
+    seed: int = 0,
+    marker_genes: int = 4,
+    first_token: int = 2,
+):
     """Rank-value-like cells whose class decides which genes sit at the top ranks.
 
     Each class owns `marker_genes` genes; a cell puts three of its class's markers first, then random
@@ -24,8 +32,8 @@ def class_coded_cells(n: int, *, vocab_size: int = 202, n_classes: int = 2, leng
     """
     rng = np.random.default_rng(seed)
     genes = np.arange(first_token, vocab_size)
-    markers = [genes[c * marker_genes:(c + 1) * marker_genes] for c in range(n_classes)]
-    background = genes[n_classes * marker_genes:]
+    markers = [genes[c * marker_genes : (c + 1) * marker_genes] for c in range(n_classes)]
+    background = genes[n_classes * marker_genes :]
     ids, labels, lengths = [], [], []
     for _ in range(n):
         y = int(rng.integers(n_classes))
@@ -39,8 +47,9 @@ def class_coded_cells(n: int, *, vocab_size: int = 202, n_classes: int = 2, leng
     return {"input_ids": ids, "length": lengths, "label": labels, "cell_id": [f"c{i}" for i in range(n)]}
 
 
-def corpus_cells(n: int, *, n_genes: int = 120, n_types: int = 4, length=(24, 48), seed: int = 0, offset: int = 2,
-                 noise: float = 0.7):
+def corpus_cells(
+    n: int, *, n_genes: int = 120, n_types: int = 4, length=(24, 48), seed: int = 0, offset: int = 2, noise: float = 0.7
+):
     """A pretraining corpus with structure to learn: each cell type over-expresses its own program of genes,
     so a cell's other genes tell which program its masked genes come from."""
     rng = np.random.default_rng(seed)
@@ -56,12 +65,30 @@ def corpus_cells(n: int, *, n_genes: int = 120, n_types: int = 4, length=(24, 48
     return {"input_ids": out, "length": [len(x) for x in out]}
 
 
-def save_tiny_model(path, vocab_size: int = 202, *, layers: int = 2, hidden: int = 32, heads: int = 2,
-                    intermediate: int = 64, max_len: int = 64, dropout: float = 0.02, seed: int = 0):
+def save_tiny_model(
+    path,
+    vocab_size: int = 202,
+    *,
+    layers: int = 2,
+    hidden: int = 32,
+    heads: int = 2,
+    intermediate: int = 64,
+    max_len: int = 64,
+    dropout: float = 0.02,
+    seed: int = 0,
+):
     from pipeline.model import build_small_bert
 
-    model = build_small_bert(vocab_size, layers=layers, hidden=hidden, heads=heads, intermediate=intermediate,
-                             max_len=max_len, dropout=dropout, seed=seed)
+    model = build_small_bert(
+        vocab_size,
+        layers=layers,
+        hidden=hidden,
+        heads=heads,
+        intermediate=intermediate,
+        max_len=max_len,
+        dropout=dropout,
+        seed=seed,
+    )
     model.save_pretrained(str(path))
     return path
 
@@ -85,8 +112,9 @@ class FakeRecorder:
         self.progress, self.metrics, self.confusions, self.events, self.json = [], [], [], [], {}
 
     def set_progress(self, run_id, stage, done, total=None, *, unit="", throughput=None, eta_s=None):
-        self.progress.append(dict(run_id=run_id, stage=stage, done=done, total=total, unit=unit,
-                                  throughput=throughput, eta_s=eta_s))
+        self.progress.append(
+            dict(run_id=run_id, stage=stage, done=done, total=total, unit=unit, throughput=throughput, eta_s=eta_s)
+        )
 
     def log_metrics(self, run_id, rows):
         self.metrics.extend(dict(r, run_id=run_id) for r in rows)

@@ -30,12 +30,17 @@ def stored_results(db, run_id: int) -> dict:
 
 def _collect(st, run: dict, top: bool = False) -> dict:
     rid = run["id"]
-    out: dict = {"kind": run["kind"], "status": run["status"], "data_hash": run.get("data_hash"),
-                 "model_hash": run.get("model_hash")}
+    out: dict = {
+        "kind": run["kind"],
+        "status": run["status"],
+        "data_hash": run.get("data_hash"),
+        "model_hash": run.get("model_hash"),
+    }
     if not top:
         out["config"] = run.get("config")
     out["metrics"] = sorted(
-        (m["name"], m["split"], m["step"], m["epoch"], m["value"]) for m in st.metrics(rid)
+        (m["name"], m["split"], m["step"], m["epoch"], m["value"])
+        for m in st.metrics(rid)
         if m["name"] not in TIMING_METRICS
     )
     out["confusions"] = [(c["split"], list(c["labels"]), np.asarray(c["matrix"]).tolist()) for c in st.confusions(rid)]
@@ -44,7 +49,9 @@ def _collect(st, run: dict, top: bool = False) -> dict:
         g = st.grid(rid, name)
         grids[name] = {k: np.asarray(v).tolist() for k, v in g.items() if k in ("values", "lower", "upper")}
     out["grids"] = grids
-    out["vectors"] = {name: (st.vector(rid, name).tobytes(), st.vector_meta(rid, name)) for name in st.vector_names(rid)}
+    out["vectors"] = {
+        name: (st.vector(rid, name).tobytes(), st.vector_meta(rid, name)) for name in st.vector_names(rid)
+    }
     out["gene_tables"] = {t: st.gene_table_df(rid, t).to_dict(orient="list") for t in st.gene_tables(rid)}
     out["labels"] = st.labels(rid)
     out["split"] = st.split(rid)

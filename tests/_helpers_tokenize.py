@@ -114,7 +114,7 @@ def assert_same_ranking(got, ref_ids, full, ref_values, version, rel=1e-9):
         b = a + 1
         while b < n and abs(ref_values[b] - ref_values[a]) <= rel * abs(ref_values[a]):
             b += 1
-        g = Counter(got[a:min(b, len(got))])
+        g = Counter(got[a : min(b, len(got))])
         r = Counter(full[a:b])
         if b <= len(got):
             assert g == r, f"ranks {a}..{b}: {sorted(g)} != {sorted(r)}"
@@ -123,9 +123,21 @@ def assert_same_ranking(got, ref_ids, full, ref_values, version, rel=1e-9):
         a = b
 
 
-def make_counts_adata(raw: dict, *, n_cells=48, n_vocab_genes=5000, n_dups=25, n_unmapped=150,
-                      n_versioned=400, long_cells=(2200, 3100, 4300, 4990), zero_cells=1, seed=0,
-                      filter_pass=True, dtype=np.float32, ties=False):
+def make_counts_adata(
+    raw: dict,
+    *,
+    n_cells=48,
+    n_vocab_genes=5000,
+    n_dups=25,
+    n_unmapped=150,
+    n_versioned=400,
+    long_cells=(2200, 3100, 4300, 4990),
+    zero_cells=1,
+    seed=0,
+    filter_pass=True,
+    dtype=np.float32,
+    ties=False,
+):
     """Sparse raw counts over vocabulary genes with versioned IDs, duplicates, unmapped IDs,
     cells longer than 2048/4096 genes, a zero-count cell and a `filter_pass` column."""
     import anndata as ad
@@ -186,8 +198,13 @@ def reference_for_adata(adata, raw, *, max_len=None, n_counts_column="n_counts",
     gene_ids = reference_gene_ids(list(ids), raw)
     fp = adata.obs["filter_pass"].to_numpy() if "filter_pass" in adata.obs else None
     return reference_tokenize(
-        adata.X, list(adata.obs_names), adata.obs[n_counts_column].to_numpy(), gene_ids, raw,
-        max_len=max_len, filter_pass=fp,
+        adata.X,
+        list(adata.obs_names),
+        adata.obs[n_counts_column].to_numpy(),
+        gene_ids,
+        raw,
+        max_len=max_len,
+        filter_pass=fp,
     )
 
 
@@ -209,8 +226,12 @@ def write_vocabulary(raw: dict, directory) -> dict:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for kind, key in (("token_dictionary", "token"), ("gene_median_dictionary", "median"),
-                      ("gene_name_id_dict", "names"), ("ensembl_mapping_dict", "mapping")):
+    for kind, key in (
+        ("token_dictionary", "token"),
+        ("gene_median_dictionary", "median"),
+        ("gene_name_id_dict", "names"),
+        ("ensembl_mapping_dict", "mapping"),
+    ):
         p = directory / f"{kind}.pkl"
         with open(p, "wb") as fh:
             pickle.dump(raw[key], fh)

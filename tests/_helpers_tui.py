@@ -81,8 +81,13 @@ def _confusion(rng: np.random.Generator, n_classes: int, accuracy: float, per_cl
 
 def _finetune(st, parent: int, task: str, mode: str, rng, clock: FrozenClock, *, epochs: int = 3) -> int:
     labels = DOSES if task == "dose" else LOWHIGH
-    rid = st.create_run(f"{task}/{mode}", "finetune", {"task": task, "mode": mode, "epochs": epochs, "lr": 5e-5},
-                        parent_id=parent, device="cpu")
+    rid = st.create_run(
+        f"{task}/{mode}",
+        "finetune",
+        {"task": task, "mode": mode, "epochs": epochs, "lr": 5e-5},
+        parent_id=parent,
+        device="cpu",
+    )
     st.put_labels(rid, task, labels)
     skill = {"frozen": 0.45, "unfrozen": 0.8, "last-1": 0.65}[mode] + (0.12 if task == "lowhigh" else 0.0)
     rows, step = [], 0
@@ -101,8 +106,10 @@ def _finetune(st, parent: int, task: str, mode: str, rng, clock: FrozenClock, *,
     order = sorted(range(len(labels)), key=lambda i: labels[i])
     st.put_confusion(rid, [labels[i] for i in order], m[np.ix_(order, order)], split="test")
     acc = float(np.trace(m) / m.sum())
-    test = [{"name": "accuracy", "value": acc, "split": "test"},
-            {"name": "macro_f1", "value": acc - 0.02, "split": "test"}]
+    test = [
+        {"name": "accuracy", "value": acc, "split": "test"},
+        {"name": "macro_f1", "value": acc - 0.02, "split": "test"},
+    ]
     for i, label in enumerate(labels):
         test.append({"name": f"precision/{label}", "value": float(m[i, i] / max(m[:, i].sum(), 1)), "split": "test"})
         test.append({"name": f"recall/{label}", "value": float(m[i, i] / max(m[i, :].sum(), 1)), "split": "test"})
@@ -122,27 +129,34 @@ def _gene_table(rng: np.random.Generator, n_genes: int):
     attn_b = attn_a * rng.lognormal(0, 0.3, n_genes)
     n_cells = rng.integers(1, 400, n_genes)
     in_ref = np.isin(symbols, REFERENCE_GENES).astype(int)
-    return pd.DataFrame({
-        "ensembl_id": [f"ENSG{i:011d}" for i in range(n_genes)],
-        "symbol": symbols,
-        "attn_a": attn_a,
-        "attn_b": attn_b,
-        "attn_scaled_a": attn_a / attn_a.max(),
-        "attn_scaled_b": attn_b / attn_b.max(),
-        "per_occurrence_a": attn_a / n_cells,
-        "per_occurrence_b": attn_b / n_cells,
-        "pos_ctrl_a": attn_a * rng.uniform(0.8, 1.2, n_genes),
-        "n_cells": n_cells,
-        "rank_mean": rng.uniform(1, 600, n_genes),
-        "rank_std": rng.uniform(0, 120, n_genes),
-        "de_score": rng.normal(0, 2, n_genes) + 6 * in_ref,
-        "in_reference_set": in_ref,
-    })
+    return pd.DataFrame(
+        {
+            "ensembl_id": [f"ENSG{i:011d}" for i in range(n_genes)],
+            "symbol": symbols,
+            "attn_a": attn_a,
+            "attn_b": attn_b,
+            "attn_scaled_a": attn_a / attn_a.max(),
+            "attn_scaled_b": attn_b / attn_b.max(),
+            "per_occurrence_a": attn_a / n_cells,
+            "per_occurrence_b": attn_b / n_cells,
+            "pos_ctrl_a": attn_a * rng.uniform(0.8, 1.2, n_genes),
+            "n_cells": n_cells,
+            "rank_mean": rng.uniform(1, 600, n_genes),
+            "rank_std": rng.uniform(0, 120, n_genes),
+            "de_score": rng.normal(0, 2, n_genes) + 6 * in_ref,
+            "in_reference_set": in_ref,
+        }
+    )
 
 
 def _analysis(st, parent: int, task: str, rng, clock: FrozenClock, n_genes: int, median_len: int) -> int:
-    rid = st.create_run(f"{task}: frozen vs unfrozen", "analysis", {"task": task, "a": "frozen", "b": "unfrozen"},
-                        parent_id=parent, device="cpu")
+    rid = st.create_run(
+        f"{task}: frozen vs unfrozen",
+        "analysis",
+        {"task": task, "a": "frozen", "b": "unfrozen"},
+        parent_id=parent,
+        device="cpu",
+    )
     layers, heads = 6, 4
     cosine = np.clip(0.95 - 0.08 * np.arange(layers)[:, None] - 0.02 * rng.random((layers, heads)), 0, 1)
     spread = 0.01 + 0.02 * rng.random((layers, heads))
@@ -161,16 +175,20 @@ def _analysis(st, parent: int, task: str, rng, clock: FrozenClock, n_genes: int,
     meta = {"edges": list(range(0, 257, 16)), "median": median_len}
     st.put_vector(rid, "length_hist", counts.astype(float), meta=meta)
     st.put_gene_table(rid, "genes", _gene_table(rng, n_genes))
-    st.put_json(rid, "de_overlap", {
-        "groups": ["high", "low"],
-        "genes_tested": n_genes,
-        "overlap": [
-            {"k": k, "overlap": int(k * 0.3), "expected": round(k * k / n_genes, 3), "p_value": 10.0 ** (-k / 10)}
-            for k in (10, 20, 50, 100)
-        ],
-        "spearman": {"rho": 0.41, "p_value": 1.2e-8},
-        "reference_set": {"name": "fischer2017_p53_targets", "in_top_100": 6, "p_value": 3.4e-5},
-    })
+    st.put_json(
+        rid,
+        "de_overlap",
+        {
+            "groups": ["high", "low"],
+            "genes_tested": n_genes,
+            "overlap": [
+                {"k": k, "overlap": int(k * 0.3), "expected": round(k * k / n_genes, 3), "p_value": 10.0 ** (-k / 10)}
+                for k in (10, 20, 50, 100)
+            ],
+            "spearman": {"rho": 0.41, "p_value": 1.2e-8},
+            "reference_set": {"name": "fischer2017_p53_targets", "in_top_100": 6, "p_value": 3.4e-5},
+        },
+    )
     st.put_json(rid, "stats", {"cosine_mean": float(cosine.mean()), "n_test_cells": 120})
     clock.advance(40)
     st.finish_run(rid, "completed")
@@ -187,16 +205,18 @@ def _data_run(st, parent: int, rng, clock: FrozenClock, n_cells: int) -> tuple[i
     # genes per cell after truncation to the model's 256 input positions; higher doses detect fewer genes
     length = (210 - 2.5 * dose + rng.normal(0, 30, n_cells)).astype(int).clip(40, 256)
     split = rng.choice(["train", "validation", "test"], n_cells, p=[0.7, 0.15, 0.15])
-    cells = pd.DataFrame({
-        "cell_id": [f"cell{i:05d}" for i in range(n_cells)],
-        "dose": dose,
-        "class": klass,
-        "group": group,
-        "length": length,
-        "umap1": rng.normal(0, 1, n_cells) + klass * 0.8,
-        "umap2": rng.normal(0, 1, n_cells) + (group == "high") * 2.0,
-        "split": split,
-    })
+    cells = pd.DataFrame(
+        {
+            "cell_id": [f"cell{i:05d}" for i in range(n_cells)],
+            "dose": dose,
+            "class": klass,
+            "group": group,
+            "length": length,
+            "umap1": rng.normal(0, 1, n_cells) + klass * 0.8,
+            "umap2": rng.normal(0, 1, n_cells) + (group == "high") * 2.0,
+            "split": split,
+        }
+    )
     st.put_cells(rid, cells)
     st.put_labels(rid, "dose", DOSES)
     st.put_labels(rid, "lowhigh", LOWHIGH)
@@ -204,10 +224,17 @@ def _data_run(st, parent: int, rng, clock: FrozenClock, n_cells: int) -> tuple[i
     counts, edges = np.histogram(length, bins=20)
     median = int(np.median(length))
     st.put_vector(rid, "length_hist", counts.astype(float), meta={"edges": edges.tolist(), "median": median})
-    st.put_json(rid, "qc_report", {
-        "cells_in": n_cells + 37, "cells_kept": n_cells, "dropped": {"dose 0.25": 20, "dose 50": 17},
-        "median_genes": median, "n_counts_source": "obs['n_counts']",
-    })
+    st.put_json(
+        rid,
+        "qc_report",
+        {
+            "cells_in": n_cells + 37,
+            "cells_kept": n_cells,
+            "dropped": {"dose 0.25": 20, "dose 50": 17},
+            "median_genes": median,
+            "n_counts_source": "obs['n_counts']",
+        },
+    )
     clock.advance(30)
     st.finish_run(rid, "completed")
     return rid, median
@@ -277,22 +304,33 @@ def build_fixture_store(
         st.finish_run(ids.pipeline, "completed")
 
         clock.advance(3600)
-        ids.failed = st.create_run("bad-data", "pipeline", {"run": {"preset": "sciplex2-nutlin"}},
-                                   data_path="/data/sciplex2.h5ad", device="cpu")
+        ids.failed = st.create_run(
+            "bad-data",
+            "pipeline",
+            {"run": {"preset": "sciplex2-nutlin"}},
+            data_path="/data/sciplex2.h5ad",
+            device="cpu",
+        )
         st.set_stage(ids.failed, "data", "running")
         st.log_event(ids.failed, "reading /data/sciplex2.h5ad", stage="data")
         st.log_event(ids.failed, "obs column 'dose_value' is missing", stage="data", level="error")
         clock.advance(12)
-        st.finish_run(ids.failed, "failed", error=(
-            "InputError: obs column 'dose_value' is missing in /data/sciplex2.h5ad\n"
-            "columns present: perturbation, dose, cell_line, n_counts\n"
-            "set data.dose_column in your --config file (e.g. dose_column = \"dose\")"
-        ))
+        st.finish_run(
+            ids.failed,
+            "failed",
+            error=(
+                "InputError: obs column 'dose_value' is missing in /data/sciplex2.h5ad\n"
+                "columns present: perturbation, dose, cell_line, n_counts\n"
+                'set data.dose_column in your --config file (e.g. dose_column = "dose")'
+            ),
+        )
 
         clock.advance(600)
         code = subprocess.run(
             [sys.executable, "-c", _LOST_SCRIPT.format(t=clock.t), str(path)],
-            env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            capture_output=True,
+            text=True,
         )
         if code.returncode != 0:
             raise RuntimeError(f"could not create the lost run: {code.stderr}")

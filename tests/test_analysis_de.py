@@ -47,8 +47,12 @@ def test_de_maps_symbols_through_the_dictionaries():
     adata.var_names = [f"GENE{i}" for i in range(adata.n_vars)]
     del adata.var["gene_symbol"]
     tokens = {"<pad>": 0, "<mask>": 1, **{f"ENSG{i:011d}": i + 2 for i in range(adata.n_vars)}}
-    dicts = GeneDictionaries(tokens, {k: 1.0 for k in tokens if not k.startswith("<")},
-                             name_to_id={f"GENE{i}": f"ENSG{i:011d}" for i in range(adata.n_vars)}, version="V1")
+    dicts = GeneDictionaries(
+        tokens,
+        {k: 1.0 for k in tokens if not k.startswith("<")},
+        name_to_id={f"GENE{i}": f"ENSG{i:011d}" for i in range(adata.n_vars)},
+        version="V1",
+    )
     de = de_wilcoxon(adata, "dose", "high", "low", dicts=dicts)
     assert set(de["ensembl_id"].head(5)) == {f"ENSG{i:011d}" for i in PLANTED}
     assert set(de["symbol"].head(5)) == {f"GENE{i}" for i in PLANTED}
@@ -85,8 +89,14 @@ def test_compare_de_attention_on_a_hand_made_case():
     de = pd.DataFrame({"ensembl_id": genes, "score": np.arange(100, 0, -1.0)})  # G00 most up
     # attention: G00, G01, G02 on top, then from the bottom of the DE ranking upwards
     order = ["G00", "G01", "G02"] + genes[:2:-1]
-    att = pd.DataFrame({"ensembl_id": order, "symbol": [g.lower() for g in order],
-                        "attn_b": np.linspace(10, 1, 100), "attn_a": np.ones(100)})
+    att = pd.DataFrame(
+        {
+            "ensembl_id": order,
+            "symbol": [g.lower() for g in order],
+            "attn_b": np.linspace(10, 1, 100),
+            "attn_a": np.ones(100),
+        }
+    )
     ref = {"G00", "G01", "g98", "G07"}
     out = compare_de_attention(de, att, background=genes, ks=(5, 10), reference_set=ref)
     assert out["attention_column"] == "attn_b" and out["background"] == 100

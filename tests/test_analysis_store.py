@@ -26,17 +26,42 @@ def result():
     from pipeline.attention import analyze_attention
 
     data = v2_cells(14, seed=12)
-    return analyze_attention(tiny_bert(1), tiny_bert(2), data, pad_id=PAD, special_ids=SPECIAL, group_column="dose",
-                             batch_size=4, dtype=torch.float64)
+    return analyze_attention(
+        tiny_bert(1),
+        tiny_bert(2),
+        data,
+        pad_id=PAD,
+        special_ids=SPECIAL,
+        group_column="dose",
+        batch_size=4,
+        dtype=torch.float64,
+    )
 
 
 def test_gene_table_columns_and_values(result):
     df = gene_table(result, ID_TO_GENE, SYMBOLS, reference_set={"G5", "ENSG00000000007"})
     assert not set(df["token_id"]) & {PAD, CLS, EOS}  # special tokens never appear as genes
     assert set(df["token_id"]) == {t for t in range(3, VOCAB) if result.gene_occ[t] > 0}
-    for col in ("ensembl_id", "symbol", "n_cells", "rank_mean", "rank_std", "rank_mean_high", "rank_mean_low",
-                "attn_a", "attn_b", "attn_scaled_a", "attn_per_cell_b", "attn_norm_a", "attn_expected_b",
-                "attn_pos_ratio_a", "attn_diff", "attn_log2_ratio", "pos_ratio_diff", "in_reference_set"):
+    for col in (
+        "ensembl_id",
+        "symbol",
+        "n_cells",
+        "rank_mean",
+        "rank_std",
+        "rank_mean_high",
+        "rank_mean_low",
+        "attn_a",
+        "attn_b",
+        "attn_scaled_a",
+        "attn_per_cell_b",
+        "attn_norm_a",
+        "attn_expected_b",
+        "attn_pos_ratio_a",
+        "attn_diff",
+        "attn_log2_ratio",
+        "pos_ratio_diff",
+        "in_reference_set",
+    ):
         assert col in df.columns, col
     assert df["attn_b"].is_monotonic_decreasing
     assert df["attn_scaled_a"].max() == pytest.approx(1.0) and df["attn_scaled_a"].min() == pytest.approx(0.0)
@@ -72,16 +97,30 @@ def test_write_pair_analysis_into_a_store(result, tmp_path):
     run = st.create_run("lowhigh: frozen vs unfrozen", "analysis")
     genes = gene_table(result, ID_TO_GENE, SYMBOLS)
     stats = attention_statistics(result, n_boot=50, n_perm=100)
-    summary = write_pair_analysis(st, run, result, genes, {"overlap": [{"k": 10, "overlap": 2, "p_value": 0.1}]},
-                                  stats, model_names=("frozen", "unfrozen"))
+    summary = write_pair_analysis(
+        st,
+        run,
+        result,
+        genes,
+        {"overlap": [{"k": 10, "overlap": 2, "p_value": 0.1}]},
+        stats,
+        model_names=("frozen", "unfrozen"),
+    )
     grids = set(st.grid_names(run))
     assert {"cosine", "cosine_std", "norm_a", "norm_b", "norm_summed_a", "norm_summed_b", "p_value"} <= grids
     cos = st.grid(run, "cosine")
     assert cos["values"].shape == (3, 4) and cos["lower"] is not None and np.all(cos["lower"] <= cos["upper"])
     assert st.grid(run, "norm_summed_a")["values"].shape == (3, 1)
     vectors = set(st.vector_names(run))
-    assert {"rank_received_a", "rank_received_b", "rank_pct_diff", "rank_log_ratio", "rank_count", "length_hist",
-            "rank_received_lh_a"} <= vectors
+    assert {
+        "rank_received_a",
+        "rank_received_b",
+        "rank_pct_diff",
+        "rank_log_ratio",
+        "rank_count",
+        "length_hist",
+        "rank_received_lh_a",
+    } <= vectors
     assert st.vector(run, "rank_received_a").shape == (result.max_len,)
     assert st.vector(run, "rank_received_lh_b").shape == (3, 4, result.max_len)
     meta = st.vector_meta(run, "rank_pct_diff")
@@ -98,8 +137,16 @@ def test_write_pair_analysis_into_a_store(result, tmp_path):
 def _save_model(path, seed, dicts):
     from transformers import BertConfig, BertForSequenceClassification
 
-    cfg = BertConfig(vocab_size=dicts.vocab_size, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=32, max_position_embeddings=64, num_labels=2, initializer_range=0.3)
+    cfg = BertConfig(
+        vocab_size=dicts.vocab_size,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        num_labels=2,
+        initializer_range=0.3,
+    )
     torch.manual_seed(seed)
     BertForSequenceClassification(cfg).save_pretrained(str(path))
     dicts.save(path)
@@ -113,22 +160,50 @@ def test_gfattn_analyze_records_an_analysis_run(tmp_path, capsys):
     from store import Store
 
     tokens = {"<pad>": 0, "<mask>": 1, **{f"ENSG{i:011d}": i + 2 for i in range(60)}}
-    dicts = GeneDictionaries(tokens, {k: 1.0 for k in tokens if not k.startswith("<")},
-                             name_to_id={f"G{i}": f"ENSG{i:011d}" for i in range(60)}, version="V1")
+    dicts = GeneDictionaries(
+        tokens,
+        {k: 1.0 for k in tokens if not k.startswith("<")},
+        name_to_id={f"G{i}": f"ENSG{i:011d}" for i in range(60)},
+        version="V1",
+    )
     _save_model(tmp_path / "frozen", 1, dicts)
     _save_model(tmp_path / "unfrozen", 2, dicts)
     rng = np.random.default_rng(0)
     seqs = [rng.choice(np.arange(2, 62), int(rng.integers(5, 30)), replace=False).tolist() for _ in range(12)]
-    datasets.Dataset.from_dict({
-        "input_ids": seqs, "length": [len(s) for s in seqs], "cell_id": [f"c{i}" for i in range(12)],
-        "group": ["high" if i % 2 else "low" for i in range(12)],
-    }).save_to_disk(str(tmp_path / "tok"))
+    datasets.Dataset.from_dict(
+        {
+            "input_ids": seqs,
+            "length": [len(s) for s in seqs],
+            "cell_id": [f"c{i}" for i in range(12)],
+            "group": ["high" if i % 2 else "low" for i in range(12)],
+        }
+    ).save_to_disk(str(tmp_path / "tok"))
     ref = tmp_path / "ref.txt"
     ref.write_text("G3\nG4\nENSG00000000010\n")
     store_path = tmp_path / "s.db"
-    rc = main(["analyze", "--model-a", str(tmp_path / "frozen"), "--model-b", str(tmp_path / "unfrozen"),
-               "--data", str(tmp_path / "tok"), "--group-column", "group", "--reference-set", str(ref),
-               "--batch-size", "4", "--n-boot", "20", "--device", "cpu", "--store", str(store_path)])
+    rc = main(
+        [
+            "analyze",
+            "--model-a",
+            str(tmp_path / "frozen"),
+            "--model-b",
+            str(tmp_path / "unfrozen"),
+            "--data",
+            str(tmp_path / "tok"),
+            "--group-column",
+            "group",
+            "--reference-set",
+            str(ref),
+            "--batch-size",
+            "4",
+            "--n-boot",
+            "20",
+            "--device",
+            "cpu",
+            "--store",
+            str(store_path),
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "frozen vs unfrozen: 12 cells" in out and "cosine similarity per layer" in out
@@ -140,6 +215,7 @@ def test_gfattn_analyze_records_an_analysis_run(tmp_path, capsys):
         genes = st.gene_table_df(run, "genes")
         assert {"rank_mean_high", "rank_mean_low", "in_reference_set"} <= set(genes.columns)
         assert genes["in_reference_set"].sum() == len({"G3", "G4", "G10"} & set(genes["symbol"]))
-    rc = main(["analyze", "--model-a", str(tmp_path / "frozen"), "--data", str(tmp_path / "nope"),
-               "--store", str(store_path)])
+    rc = main(
+        ["analyze", "--model-a", str(tmp_path / "frozen"), "--data", str(tmp_path / "nope"), "--store", str(store_path)]
+    )
     assert rc == 2 and "is not a directory" in capsys.readouterr().err

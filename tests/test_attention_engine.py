@@ -31,9 +31,16 @@ ADDITIVE = AttentionResult._ADDITIVE + ("gene_pos_keys", "gene_pos_counts")
 def tiny_bert(seed: int, *, cls="classifier", layers=3, heads=4, hidden=24, init=0.4, attn="eager"):
     from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel
 
-    cfg = BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                     intermediate_size=2 * hidden, max_position_embeddings=64, initializer_range=init,
-                     attn_implementation=attn)
+    cfg = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=64,
+        initializer_range=init,
+        attn_implementation=attn,
+    )
     torch.manual_seed(seed)
     model = {"classifier": BertForSequenceClassification, "mlm": BertForMaskedLM, "base": BertModel}[cls](cfg)
     return model.eval()
@@ -113,12 +120,14 @@ def test_norms_equal_kobayashi_materialised():
         x = out.hidden_states[layer]
         sa, so = model.bert.encoder.layer[layer].attention.self, model.bert.encoder.layer[layer].attention.output
         v = x @ sa.value.weight.T + sa.value.bias  # (B, L, H*d)
-        f = torch.stack([v[..., h * d:(h + 1) * d] @ so.dense.weight[:, h * d:(h + 1) * d].T for h in range(H)], 1)
+        f = torch.stack([v[..., h * d : (h + 1) * d] @ so.dense.weight[:, h * d : (h + 1) * d].T for h in range(H)], 1)
         vectors = alpha[..., None] * f[:, :, None, :, :]  # (B, H, L_i, L_j, D): alpha_ij f_h(x_j)
         per_head = vectors.norm(dim=-1)
         summed = vectors.sum(1).norm(dim=-1)
         for b, n in enumerate([5, 3]):
-            np.testing.assert_allclose(got.cell_norm[0, b, layer], per_head[b, :, :n, :n].mean((1, 2)).detach().numpy(), rtol=1e-10)
+            np.testing.assert_allclose(
+                got.cell_norm[0, b, layer], per_head[b, :, :n, :n].mean((1, 2)).detach().numpy(), rtol=1e-10
+            )
             np.testing.assert_allclose(got.cell_norm_summed[0, b, layer], summed[b, :n, :n].mean().item(), rtol=1e-10)
         # attention received by position j weighted by ||f_h(x_j)||, summed over cells
         recv = (per_head * mask[:, None, :, None]).sum(2).sum(0)  # (H, L)
@@ -130,8 +139,17 @@ def test_rank_and_gene_sums_by_hand(pair):
     """Per-rank and per-gene quantities recomputed cell by cell from `output_attentions=True`."""
     model_a, model_b = pair
     data = v2_cells(6, seed=8)
-    got = analyze_attention(model_a, model_b, data, pad_id=PAD, special_ids=SPECIAL, group_column="dose",
-                            batch_size=4, dtype=torch.float64, block_elements=100)
+    got = analyze_attention(
+        model_a,
+        model_b,
+        data,
+        pad_id=PAD,
+        special_ids=SPECIAL,
+        group_column="dose",
+        batch_size=4,
+        dtype=torch.float64,
+        block_elements=100,
+    )
     P, V = got.max_len, VOCAB
     rank_sum = np.zeros((2, 3, 4, P))
     count = np.zeros(P)
@@ -259,4 +277,6 @@ def test_the_engine_never_imports_the_analysis():
     assert json.loads(out.stdout) is False
     import pipeline.attention as attention
 
-    assert not hasattr(attention.AttentionResult, "to_store") and not hasattr(attention.AttentionResult, "rank_received")
+    assert not hasattr(attention.AttentionResult, "to_store") and not hasattr(
+        attention.AttentionResult, "rank_received"
+    )

@@ -21,8 +21,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def gfattn(*args, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], capture_output=True, text=True,
-                          env=_env(), cwd=ROOT, stdin=subprocess.DEVNULL, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        timeout=timeout,
+    )
 
 
 def assert_one_line(out: subprocess.CompletedProcess, command: str, text: str) -> None:
@@ -71,7 +78,9 @@ def test_pipeline_on_a_store_in_a_readonly_folder(tmp_path):
 def test_pipeline_with_a_mistyped_store_folder_creates_nothing(tmp_path):
     store = tmp_path / "resluts" / "gfattn.db"
     out = gfattn("pipeline", "--quick", "--store", store)
-    assert_one_line(out, "pipeline", f"folder {tmp_path / 'resluts'} of store {store} does not exist; create it or fix --store")
+    assert_one_line(
+        out, "pipeline", f"folder {tmp_path / 'resluts'} of store {store} does not exist; create it or fix --store"
+    )
     assert not (tmp_path / "resluts").exists()
 
 
@@ -81,8 +90,13 @@ def test_a_directory_as_store_is_one_line_for_every_command(tmp_path, capsys):
 
     Store(tmp_path / "gfattn.db").close()
     commands = [
-        ["runs"], ["show", "1"], ["export", "1", "--out", str(tmp_path / "x")], ["plot", "1", "--out", str(tmp_path / "f")],
-        ["tag", "1", "t"], ["note", "1", "n"], ["rm", "1", "--yes"],
+        ["runs"],
+        ["show", "1"],
+        ["export", "1", "--out", str(tmp_path / "x")],
+        ["plot", "1", "--out", str(tmp_path / "f")],
+        ["tag", "1", "t"],
+        ["note", "1", "n"],
+        ["rm", "1", "--yes"],
     ]
     for argv in commands:
         assert main([*argv, "--store", str(tmp_path)]) == 2, argv
@@ -108,8 +122,9 @@ def test_plot_on_a_store_of_a_newer_gfattn(tmp_path):
     path = tmp_path / "new.db"
     _newer_store(path)
     assert_one_line(gfattn("plot", "1", "--out", tmp_path / "fig", "--store", path), "plot", "newer gfattn")
-    assert_one_line(gfattn("plot", "1", "--out", tmp_path / "fig", "--store", tmp_path / "none.db"), "plot",
-                    "no gfattn store at")
+    assert_one_line(
+        gfattn("plot", "1", "--out", tmp_path / "fig", "--store", tmp_path / "none.db"), "plot", "no gfattn store at"
+    )
     assert not (tmp_path / "none.db").exists()
 
 
@@ -128,8 +143,13 @@ def big_store(tmp_path_factory):
 
 @pytest.mark.parametrize("args", [("runs", "--json"), ("show", "1", "--json"), ("runs",)])
 def test_output_into_a_pipe_closed_early_exits_quietly(big_store, args):
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args, "--store", str(big_store)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *args, "--store", str(big_store)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_env(),
+        cwd=ROOT,
+    )
     first = proc.stdout.readline()  # like `| head -1`: read one line, then go away
     proc.stdout.close()
     err = proc.stderr.read().decode()

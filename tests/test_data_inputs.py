@@ -6,7 +6,6 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from _helpers_tokenize import tiny_counts_adata, tiny_vocabulary
 from pipeline.data import (
     check_raw_counts,
     filter_pass_mask,
@@ -18,6 +17,8 @@ from pipeline.data import (
 from pipeline.dictionaries import GeneDictionaries
 from pipeline.errors import InputError
 from pipeline.tokenize import tokenize_anndata
+
+from _helpers_tokenize import tiny_counts_adata, tiny_vocabulary
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +46,9 @@ def test_map_genes_ensembl_index_with_versions_and_duplicates(vocab):
 
 def test_map_genes_finds_symbol_column_when_index_is_numbers(vocab):
     _, dicts = vocab
-    var = pd.DataFrame({"gene_symbols": [f"GENE{i}" for i in range(40)], "n_cells": np.arange(40)},
-                       index=[str(i) for i in range(40)])
+    var = pd.DataFrame(
+        {"gene_symbols": [f"GENE{i}" for i in range(40)], "n_cells": np.arange(40)}, index=[str(i) for i in range(40)]
+    )
     gm = map_genes(var, dicts)
     assert gm.column == "gene_symbols" and gm.kind == "gene symbols" and gm.n_mapped == 40
     gm2 = map_genes(var, dicts, gene_id_column="gene_symbols")
@@ -118,8 +120,13 @@ def test_on_disk_layouts_read_the_same_rows(tmp_path, vocab):
     csc = ad.AnnData(X=sp.csc_matrix(adata.layers["counts"]), obs=adata.obs, var=adata.var)
     csc.write_h5ad(tmp_path / "csc.h5ad")
     expected = adata.layers["counts"].toarray()
-    for src, layer in ((p, "counts"), (tmp_path / "dense.h5ad", None), (tmp_path / "csc.h5ad", None),
-                       (adata, "counts"), (dense, None)):
+    for src, layer in (
+        (p, "counts"),
+        (tmp_path / "dense.h5ad", None),
+        (tmp_path / "csc.h5ad", None),
+        (adata, "counts"),
+        (dense, None),
+    ):
         with open_counts(src, layer) as cm:
             assert cm.shape == (25, 40)
             got = np.vstack([cm.rows(a, min(25, a + 10)).toarray() for a in range(0, 25, 10)])

@@ -112,8 +112,13 @@ def test_pipeline_on_a_full_disk_fails_cleanly_and_records_it(tmp_path):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
 
-    out = subprocess.run([sys.executable, "-m", "pipeline", "pipeline", "--quick", "--store", str(db)],
-                         capture_output=True, text=True, preexec_fn=limit, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline", "pipeline", "--quick", "--store", str(db)],
+        capture_output=True,
+        text=True,
+        preexec_fn=limit,
+        timeout=600,
+    )
     assert out.returncode == 1, (out.returncode, out.stderr[-2000:])
     last = out.stderr.strip().splitlines()[-1]
     assert "out of disk space" in last and "sciplex-like" in last and "--resume" in last, last

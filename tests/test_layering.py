@@ -23,8 +23,8 @@ def _loaded(modules):
 
 
 def _package_modules(package):
-    import pkgutil
     import importlib
+    import pkgutil
 
     pkg = importlib.import_module(package)
     return [package] + [f"{package}.{m.name}" for m in pkgutil.walk_packages(pkg.__path__) if m.name != "__main__"]

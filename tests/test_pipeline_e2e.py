@@ -4,12 +4,34 @@ import json
 
 import numpy as np
 import pytest
-from _helpers_cli import gfattn
 
 from store import Store
 
-P53_UP = {"CDKN1A", "MDM2", "TP53I3", "SPATA18", "PHLDA3", "FDXR", "GDF15", "RRM2B", "DDB2", "SESN1", "ZMAT3",
-          "TNFRSF10B", "AEN", "TIGAR", "FAS", "BTG2", "PLK3", "BAX", "XPC", "BBC3", "PMAIP1"}
+from _helpers_cli import gfattn
+
+P53_UP = {
+    "CDKN1A",
+    "MDM2",
+    "TP53I3",
+    "SPATA18",
+    "PHLDA3",
+    "FDXR",
+    "GDF15",
+    "RRM2B",
+    "DDB2",
+    "SESN1",
+    "ZMAT3",
+    "TNFRSF10B",
+    "AEN",
+    "TIGAR",
+    "FAS",
+    "BTG2",
+    "PLK3",
+    "BAX",
+    "XPC",
+    "BBC3",
+    "PMAIP1",
+}
 
 
 @pytest.mark.slow
@@ -26,7 +48,11 @@ def test_quick_run_completes_every_stage(quick_run):
     kinds = {c["kind"] for c in children}
     assert {"data", "finetune", "de", "analysis"} <= kinds
     assert all(c["status"] == "completed" for c in children)
-    assert {c["name"] for c in children if c["kind"] == "finetune"} == {"lowhigh/frozen", "lowhigh/unfrozen", "lowhigh/last-1"}
+    assert {c["name"] for c in children if c["kind"] == "finetune"} == {
+        "lowhigh/frozen",
+        "lowhigh/unfrozen",
+        "lowhigh/last-1",
+    }
 
 
 @pytest.mark.slow

@@ -10,8 +10,9 @@ import pytest
 
 
 def gfattn(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
 
 
 def assert_bad_input(out, *needles):
@@ -80,8 +81,19 @@ def test_vocabulary_mismatch(tmp_path, small_h5ad, tiny_model, geneformer_dir):
     cfg = tmp_path / "c.toml"
     cfg.write_text('[model]\nversion = "V2"\n')
     db = tmp_path / "s.db"
-    out = gfattn("pipeline", "--data", str(small_h5ad), "--model", str(tiny_model), "--geneformer-dir",
-                 str(geneformer_dir), "--config", str(cfg), "--store", str(db))
+    out = gfattn(
+        "pipeline",
+        "--data",
+        str(small_h5ad),
+        "--model",
+        str(tiny_model),
+        "--geneformer-dir",
+        str(geneformer_dir),
+        "--config",
+        str(cfg),
+        "--store",
+        str(db),
+    )
     assert_bad_input(out, "25426", "20275")
     assert_no_running_runs(db)
 
@@ -90,8 +102,19 @@ def test_perturbation_selecting_no_cells_lists_values(tmp_path, small_h5ad, tiny
     cfg = tmp_path / "c.toml"
     cfg.write_text('[data]\nperturbation = "Imatinib"\n')
     db = tmp_path / "s.db"
-    out = gfattn("pipeline", "--data", str(small_h5ad), "--model", str(tiny_model), "--geneformer-dir",
-                 str(geneformer_dir), "--config", str(cfg), "--store", str(db))
+    out = gfattn(
+        "pipeline",
+        "--data",
+        str(small_h5ad),
+        "--model",
+        str(tiny_model),
+        "--geneformer-dir",
+        str(geneformer_dir),
+        "--config",
+        str(cfg),
+        "--store",
+        str(db),
+    )
     assert_bad_input(out, "Imatinib", "Nutlin")
     assert_no_running_runs(db)
 
@@ -100,8 +123,19 @@ def test_dose_selecting_no_cells_lists_doses(tmp_path, small_h5ad, tiny_model, g
     cfg = tmp_path / "c.toml"
     cfg.write_text("[data]\ndoses = [0.0, 7.0]\n[labels]\nlow_doses = [0.0]\nhigh_doses = [7.0]\n")
     db = tmp_path / "s.db"
-    out = gfattn("pipeline", "--data", str(small_h5ad), "--model", str(tiny_model), "--geneformer-dir",
-                 str(geneformer_dir), "--config", str(cfg), "--store", str(db))
+    out = gfattn(
+        "pipeline",
+        "--data",
+        str(small_h5ad),
+        "--model",
+        str(tiny_model),
+        "--geneformer-dir",
+        str(geneformer_dir),
+        "--config",
+        str(cfg),
+        "--store",
+        str(db),
+    )
     assert_bad_input(out, "7 uM", "doses present")
     assert_no_running_runs(db)
 
@@ -115,8 +149,17 @@ def test_class_too_small_for_the_split(tmp_path, small_h5ad, tiny_model, genefor
     path = tmp_path / "few.h5ad"
     adata[sorted(keep)].copy().write_h5ad(path)
     db = tmp_path / "s.db"
-    out = gfattn("pipeline", "--data", str(path), "--model", str(tiny_model), "--geneformer-dir", str(geneformer_dir),
-                 "--store", str(db))
+    out = gfattn(
+        "pipeline",
+        "--data",
+        str(path),
+        "--model",
+        str(tiny_model),
+        "--geneformer-dir",
+        str(geneformer_dir),
+        "--store",
+        str(db),
+    )
     assert_bad_input(out, "25 uM", "2 cells")
     assert_no_running_runs(db)
 
@@ -192,8 +235,17 @@ def test_duplicated_obs_index_is_refused_before_recording(tmp_path, small_h5ad, 
 
     path = _write_variant(small_h5ad, tmp_path / "dup.h5ad", dup)
     db = tmp_path / "s.db"
-    out = gfattn("pipeline", "--data", str(path), "--model", str(tiny_model), "--geneformer-dir", str(geneformer_dir),
-                 "--store", str(db))
+    out = gfattn(
+        "pipeline",
+        "--data",
+        str(path),
+        "--model",
+        str(tiny_model),
+        "--geneformer-dir",
+        str(geneformer_dir),
+        "--store",
+        str(db),
+    )
     assert_bad_input(out, "duplicated cell IDs", "obs_names_make_unique")
     assert_no_running_runs(db)
 
@@ -204,8 +256,17 @@ def test_all_zero_counts_are_refused_and_leave_no_cache(tmp_path, small_h5ad, ti
 
     path = _write_variant(small_h5ad, tmp_path / "zero.h5ad", zero)
     db = tmp_path / "s.db"
-    out = gfattn("pipeline", "--data", str(path), "--model", str(tiny_model), "--geneformer-dir", str(geneformer_dir),
-                 "--store", str(db))
+    out = gfattn(
+        "pipeline",
+        "--data",
+        str(path),
+        "--model",
+        str(tiny_model),
+        "--geneformer-dir",
+        str(geneformer_dir),
+        "--store",
+        str(db),
+    )
     assert_bad_input(out, "zero counts")
     assert "Traceback" not in out.stderr
     assert_no_running_runs(db)
@@ -222,8 +283,17 @@ def test_bad_counts_are_refused_before_recording(tmp_path, small_h5ad, tiny_mode
 
     path = _write_variant(small_h5ad, tmp_path / "bad.h5ad", spoil)
     db = tmp_path / "s.db"
-    out = gfattn("pipeline", "--data", str(path), "--model", str(tiny_model), "--geneformer-dir", str(geneformer_dir),
-                 "--store", str(db))
+    out = gfattn(
+        "pipeline",
+        "--data",
+        str(path),
+        "--model",
+        str(tiny_model),
+        "--geneformer-dir",
+        str(geneformer_dir),
+        "--store",
+        str(db),
+    )
     assert_bad_input(out, needle, "raw counts")
     assert_no_running_runs(db)
 
@@ -235,7 +305,16 @@ def test_unmappable_genes_are_refused_before_recording(tmp_path, small_h5ad, tin
 
     path = _write_variant(small_h5ad, tmp_path / "genes.h5ad", rename)
     db = tmp_path / "s.db"
-    out = gfattn("pipeline", "--data", str(path), "--model", str(tiny_model), "--geneformer-dir", str(geneformer_dir),
-                 "--store", str(db))
+    out = gfattn(
+        "pipeline",
+        "--data",
+        str(path),
+        "--model",
+        str(tiny_model),
+        "--geneformer-dir",
+        str(geneformer_dir),
+        "--store",
+        str(db),
+    )
     assert_bad_input(out, "map to")
     assert_no_running_runs(db)

@@ -9,10 +9,11 @@ import os
 import shutil
 
 import pytest
-from _helpers_cli import gfattn
-from _helpers_repro import differences, stored_results
 
 from store import Store
+
+from _helpers_cli import gfattn
+from _helpers_repro import differences, stored_results
 
 pytestmark = pytest.mark.slow
 
@@ -22,8 +23,9 @@ def _gfattn_env(*args, env=None, cwd=None):
     import sys
 
     full = dict(os.environ, **(env or {}))
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, cwd=cwd,
-                          env=full, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, cwd=cwd, env=full, timeout=900
+    )
 
 
 def _pipeline_id(db) -> int:
@@ -67,8 +69,9 @@ def test_two_stores_in_one_folder_keep_their_own_checkpoints(quick_run, warm_rer
 def test_killed_then_disk_full_then_resumed_gives_identical_results(quick_run, tmp_path):
     db = tmp_path / "gfattn.db"
     # 1. SIGKILL in the middle of the unfrozen model's fine-tuning (a cold cache: nothing shared)
-    out = _gfattn_env("pipeline", "--quick", "--store", str(db), "--name", "e2e",
-                      env={"GFATTN_FAULT": "finetune-step:unfrozen:40"})
+    out = _gfattn_env(
+        "pipeline", "--quick", "--store", str(db), "--name", "e2e", env={"GFATTN_FAULT": "finetune-step:unfrozen:40"}
+    )
     assert out.returncode == -9, (out.returncode, out.stderr[-2000:])
     st = Store(db)
     run_id = _pipeline_id(db)
@@ -76,8 +79,9 @@ def test_killed_then_disk_full_then_resumed_gives_identical_results(quick_run, t
     st.close()
 
     # 2. resumed, the disk fills up while the last model is saved: one line, run failed, no temporaries
-    out = _gfattn_env("pipeline", "--resume", str(run_id), "--store", str(db),
-                      env={"GFATTN_FAULT": "save:lowhigh__last-1:enospc"})
+    out = _gfattn_env(
+        "pipeline", "--resume", str(run_id), "--store", str(db), env={"GFATTN_FAULT": "save:lowhigh__last-1:enospc"}
+    )
     assert out.returncode == 1, out.stderr[-2000:]
     last = out.stderr.strip().splitlines()[-1]
     assert "out of disk space" in last and "lowhigh__last-1" in last and "--resume" in last, last

@@ -7,6 +7,7 @@ import json
 import textwrap
 
 import pytest
+
 from _helpers_cli import gfattn
 
 # a model and data small enough for seconds per stage; UMAP is covered by the --quick run
@@ -70,8 +71,21 @@ def test_user_data_and_checkpoint_run_end_to_end(tmp_path, user_checkpoint, user
     cfg = tmp_path / "tiny.toml"
     cfg.write_text(TINY)
     db = tmp_path / "gfattn.db"
-    out = gfattn("pipeline", "--data", str(user_h5ad), "--model", str(model_dir), "--geneformer-dir",
-                 str(geneformer_dir), "--config", str(cfg), "--store", str(db), "--name", "user")
+    out = gfattn(
+        "pipeline",
+        "--data",
+        str(user_h5ad),
+        "--model",
+        str(model_dir),
+        "--geneformer-dir",
+        str(geneformer_dir),
+        "--config",
+        str(cfg),
+        "--store",
+        str(db),
+        "--name",
+        "user",
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.startswith("run 1 'user' completed"), out.stdout[:500]
     assert "lowhigh/unfrozen" in out.stdout and "top attended vs top DE genes" in out.stdout
@@ -111,7 +125,9 @@ def _tiny_embedded_config(tmp_path):
     from pipeline import config as config_mod
 
     path = tmp_path / "tiny.toml"
-    path.write_text(TINY.replace("umap = false", "umap = false\nsynth_scale = 0.08") + textwrap.dedent("""
+    path.write_text(
+        TINY.replace("umap = false", "umap = false\nsynth_scale = 0.08")
+        + textwrap.dedent("""
         [pretrain]
         corpus_cells = 300
         layers = 1
@@ -121,7 +137,8 @@ def _tiny_embedded_config(tmp_path):
         max_len = 64
         epochs = 1
         time_budget_s = 5.0
-    """))
+    """)
+    )
     return config_mod.resolve("default", path)
 
 

@@ -22,9 +22,31 @@ def test_pretrain_and_finetune_commands(tmp_path, capsys):
     make_corpus(n_cells=120, seed=0, preset="thesis").write_h5ad(corpus)
     db = tmp_path / "gfattn.db"
     model = tmp_path / "model"
-    rc = main(["pretrain", "--corpus", str(corpus), "--out", str(model), "--layers", "1", "--hidden", "32",
-               "--heads", "2", "--intermediate", "64", "--max-len", "64", "--epochs", "1", "--batch-size", "16",
-               "--store", str(db)])
+    rc = main(
+        [
+            "pretrain",
+            "--corpus",
+            str(corpus),
+            "--out",
+            str(model),
+            "--layers",
+            "1",
+            "--hidden",
+            "32",
+            "--heads",
+            "2",
+            "--intermediate",
+            "64",
+            "--max-len",
+            "64",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--store",
+            str(db),
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "held-out masked-gene accuracy" in out and f"model written to {model}" in out
@@ -34,9 +56,31 @@ def test_pretrain_and_finetune_commands(tmp_path, capsys):
     cells = make_sciplex_like(scale=0.04, preset="thesis", seed=1)
     ds, report = tokenize_anndata(cells, dicts, max_len=64, obs_columns=["dose_value"])
     save_tokenized(ds, tmp_path / "tok", report)
-    rc = main(["finetune", "--data", str(tmp_path / "tok"), "--model", str(model), "--label-column", "dose_value",
-               "--mode", "last-1", "--out", str(tmp_path / "ft"), "--epochs", "1", "--batch-size", "16",
-               "--lr", "1e-3", "--store", str(db), "--seed", "3"])
+    rc = main(
+        [
+            "finetune",
+            "--data",
+            str(tmp_path / "tok"),
+            "--model",
+            str(model),
+            "--label-column",
+            "dose_value",
+            "--mode",
+            "last-1",
+            "--out",
+            str(tmp_path / "ft"),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--lr",
+            "1e-3",
+            "--store",
+            str(db),
+            "--seed",
+            "3",
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "dose_value/last-1: test accuracy" in out
@@ -61,17 +105,45 @@ def test_pretrain_and_finetune_commands(tmp_path, capsys):
 
 
 def test_finetune_command_refuses_a_missing_label_column(tmp_path, capsys):
-    from pipeline.tokenize import save_tokenized
-
     import datasets
+
+    from pipeline.tokenize import save_tokenized
 
     ds = datasets.Dataset.from_dict({"input_ids": [[2, 3, 4]] * 6, "length": [3] * 6, "cell_id": list("abcdef")})
     save_tokenized(ds, tmp_path / "tok")
-    rc = main(["finetune", "--data", str(tmp_path / "tok"), "--model", str(tmp_path), "--label-column", "dose",
-               "--out", str(tmp_path / "ft"), "--store", str(tmp_path / "db")])
+    rc = main(
+        [
+            "finetune",
+            "--data",
+            str(tmp_path / "tok"),
+            "--model",
+            str(tmp_path),
+            "--label-column",
+            "dose",
+            "--out",
+            str(tmp_path / "ft"),
+            "--store",
+            str(tmp_path / "db"),
+        ]
+    )
     assert rc == 2
     assert "no column 'dose'" in capsys.readouterr().err
-    rc = main(["finetune", "--data", str(tmp_path / "tok"), "--model", str(tmp_path), "--label-column", "dose",
-               "--mode", "half", "--out", str(tmp_path / "ft"), "--store", str(tmp_path / "db")])
+    rc = main(
+        [
+            "finetune",
+            "--data",
+            str(tmp_path / "tok"),
+            "--model",
+            str(tmp_path),
+            "--label-column",
+            "dose",
+            "--mode",
+            "half",
+            "--out",
+            str(tmp_path / "ft"),
+            "--store",
+            str(tmp_path / "db"),
+        ]
+    )
     assert rc == 2
     assert "unknown training mode" in capsys.readouterr().err

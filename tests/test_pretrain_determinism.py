@@ -11,8 +11,9 @@ from _helpers_model import corpus_cells, toy_dictionaries
 
 torch.set_num_threads(1)  # 2 threads crawl when other processes share the 2 cores
 
-KW = dict(layers=1, hidden=16, heads=2, intermediate=32, max_len=48, epochs=2, batch_size=8, lr=2e-3, seed=4,
-          dropout=0.1)
+KW = dict(
+    layers=1, hidden=16, heads=2, intermediate=32, max_len=48, epochs=2, batch_size=8, lr=2e-3, seed=4, dropout=0.1
+)
 
 
 def _weights(path):
@@ -52,8 +53,7 @@ def test_pretraining_leaves_the_callers_rng_state_alone(tmp_path):
     torch.manual_seed(2024)
     expected = torch.rand(5)
     torch.manual_seed(2024)
-    pretrain(corpus_cells(40, n_genes=30, seed=6), toy_dictionaries(30), tmp_path / "m",
-             **{**KW, "epochs": 1})
+    pretrain(corpus_cells(40, n_genes=30, seed=6), toy_dictionaries(30), tmp_path / "m", **{**KW, "epochs": 1})
     assert torch.equal(torch.rand(5), expected)
 
 

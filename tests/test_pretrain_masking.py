@@ -51,9 +51,23 @@ def pretrained(tmp_path_factory):
     out = tmp_path_factory.mktemp("pretrain") / "model"
     dicts = toy_dictionaries(120)
     rec = FakeRecorder()
-    metrics = pretrain(corpus_cells(600, n_genes=120, seed=0, noise=0.5), dicts, out, layers=2, hidden=64,
-                       heads=4, intermediate=128, max_len=64, epochs=8, batch_size=16, lr=6e-3, seed=0,
-                       holdout_fraction=0.2, store=rec, run_id=3)
+    metrics = pretrain(
+        corpus_cells(600, n_genes=120, seed=0, noise=0.5),
+        dicts,
+        out,
+        layers=2,
+        hidden=64,
+        heads=4,
+        intermediate=128,
+        max_len=64,
+        epochs=8,
+        batch_size=16,
+        lr=6e-3,
+        seed=0,
+        holdout_fraction=0.2,
+        store=rec,
+        run_id=3,
+    )
     return out, dicts, metrics, rec
 
 
@@ -68,8 +82,13 @@ def test_pretraining_learns_beyond_chance(pretrained):
 def test_pretraining_writes_a_geneformer_like_checkpoint(pretrained):
     out, dicts, m, _ = pretrained
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "model.safetensors", "token_dictionary.pkl", "gene_median_dictionary.pkl",
-            "gfattn_pretrain.json"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "token_dictionary.pkl",
+        "gene_median_dictionary.pkl",
+        "gfattn_pretrain.json",
+    } <= names
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["BertForMaskedLM"]
     assert (config["vocab_size"], config["max_position_embeddings"], config["hidden_act"]) == (122, 64, "relu")
@@ -93,8 +112,20 @@ def test_pretraining_records_its_metrics(pretrained):
 
 
 def test_time_budget_stops_training(tmp_path):
-    m = pretrain(corpus_cells(200, n_genes=60, seed=1), toy_dictionaries(60), tmp_path / "m", layers=1, hidden=32,
-                 heads=2, intermediate=64, max_len=64, epochs=50, batch_size=8, lr=1e-3, time_budget_s=0.5)
+    m = pretrain(
+        corpus_cells(200, n_genes=60, seed=1),
+        toy_dictionaries(60),
+        tmp_path / "m",
+        layers=1,
+        hidden=32,
+        heads=2,
+        intermediate=64,
+        max_len=64,
+        epochs=50,
+        batch_size=8,
+        lr=1e-3,
+        time_budget_s=0.5,
+    )
     assert m["stopped_by_time_budget"] and m["epochs"] < 50
     assert (tmp_path / "m" / "model.safetensors").is_file()
 
@@ -130,8 +161,9 @@ def test_a_budget_that_does_not_bind_leaves_the_model_unchanged(tmp_path, monkey
 
     # a budget that binds at the measured pace re-aims the schedule and stops within it
     clock.update(t=0.0, calls=0)
-    monkeypatch.setattr(pretrain_module, "_masked_logits",
-                        lambda *a, **k: (clock.update(t=clock["t"] + 1.0), real_logits(*a, **k))[1])
+    monkeypatch.setattr(
+        pretrain_module, "_masked_logits", lambda *a, **k: (clock.update(t=clock["t"] + 1.0), real_logits(*a, **k))[1]
+    )
     bound = pretrain(corpus, dicts, tmp_path / "bound", **kw, time_budget_s=20.0)
     assert bound["stopped_by_time_budget"] and 15 <= bound["steps"] <= 21 < free["steps"]
 

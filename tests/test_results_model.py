@@ -10,9 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from _helpers_tui import copy_store, template_store
 from store import Store
 from store import results as R
+
+from _helpers_tui import copy_store, template_store
 
 N_GENES = 500
 
@@ -52,8 +53,12 @@ def test_scope_holds_the_pipeline_and_its_children_in_order(fixture):
     assert [r["id"] for r in scope.data_runs] == [ids.data]
     assert [r["id"] for r in scope.analyses] == [ids.analyses["dose"], ids.analyses["lowhigh"]]
     assert [R.task_and_mode(r) for r in scope.finetunes] == [
-        ("dose", "frozen"), ("dose", "unfrozen"), ("dose", "last-1"),
-        ("lowhigh", "frozen"), ("lowhigh", "unfrozen"), ("lowhigh", "last-1"),
+        ("dose", "frozen"),
+        ("dose", "unfrozen"),
+        ("dose", "last-1"),
+        ("lowhigh", "frozen"),
+        ("lowhigh", "unfrozen"),
+        ("lowhigh", "last-1"),
     ]
     assert {r["kind"] for r in scope.runs} <= set(R.RUN_KINDS)
     assert R.collect_scope(st, ids.data).runs == [st.get_run(ids.data)]

@@ -24,8 +24,9 @@ from store import (
     SchemaTooNewError,
     Store,
     StoreError,
+    schema,
+    system,
 )
-from store import schema, system
 
 
 @pytest.fixture
@@ -50,8 +51,15 @@ def test_open_sets_wal_and_records_named_migrations(st):
 
 
 def test_run_lifecycle_and_provenance(st):
-    p = st.create_run("demo", "pipeline", {"preset": "thesis", "seed": np.int64(3)}, tags=["a", "b"],
-                      device="cpu", data_path="/data/x.h5ad", data_hash="abc")
+    p = st.create_run(
+        "demo",
+        "pipeline",
+        {"preset": "thesis", "seed": np.int64(3)},
+        tags=["a", "b"],
+        device="cpu",
+        data_path="/data/x.h5ad",
+        data_hash="abc",
+    )
     c = st.create_run("dose/frozen", "finetune", {"task": "dose", "mode": "frozen"}, parent_id=p)
     run = st.get_run(c)
     assert run["status"] == "running" and run["parent_id"] == p and run["config"]["mode"] == "frozen"
@@ -128,8 +136,10 @@ def test_results_round_trip(st):
     st.put_split(r, ["c4"], "test")
     assert st.split(r) == {"c1": "train", "c2": "validation", "c3": "test", "c4": "test"}
 
-    cells = pd.DataFrame({"dose": [0.1, 1.0], "group": ["low", "high"], "length": [100, 2048],
-                          "umap1": [0.5, np.nan]}, index=pd.Index(["c1", "c2"], name="cell"))
+    cells = pd.DataFrame(
+        {"dose": [0.1, 1.0], "group": ["low", "high"], "length": [100, 2048], "umap1": [0.5, np.nan]},
+        index=pd.Index(["c1", "c2"], name="cell"),
+    )
     st.put_cells(r, cells)
     back = st.cells(r)
     assert list(back.columns) == ["cell_id", "dose", "group", "length", "umap1"]
@@ -142,14 +152,16 @@ def test_results_round_trip(st):
 
 
 def _genes(n, batch=0):
-    return pd.DataFrame({
-        "ensembl_id": [f"ENSG{i:011d}" for i in range(n)],
-        "symbol": [f"GENE{i}" for i in range(n)],
-        "total": np.arange(n, dtype=float)[::-1] / n,
-        "n_cells": np.arange(n) % 7,
-        "label_group": ["high" if i % 2 else "low" for i in range(n)],
-        "batch": batch,
-    })
+    return pd.DataFrame(
+        {
+            "ensembl_id": [f"ENSG{i:011d}" for i in range(n)],
+            "symbol": [f"GENE{i}" for i in range(n)],
+            "total": np.arange(n, dtype=float)[::-1] / n,
+            "n_cells": np.arange(n) % 7,
+            "label_group": ["high" if i % 2 else "low" for i in range(n)],
+            "batch": batch,
+        }
+    )
 
 
 def test_gene_table_pages_sorting_search_and_where(st):
@@ -174,7 +186,8 @@ def test_gene_table_pages_sorting_search_and_where(st):
     assert st.gene_table_count(r, "genes", search="ensg0000000004") == 10
     assert st.gene_table_count(r, "genes", where={"label_group": "high"}) == 25
     assert st.gene_table_count(r, "genes", where={"n_cells": (">=", 5), "label_group": "low"}) == sum(
-        1 for i in range(50) if i % 7 >= 5 and i % 2 == 0)
+        1 for i in range(50) if i % 7 >= 5 and i % 2 == 0
+    )
     assert st.gene_table_count(r, "genes", where={"n_cells": ("in", [0, 1])}) == sum(1 for i in range(50) if i % 7 < 2)
     assert st.gene_table_count(r, "genes", where={"total": None}) == 1
     full = st.gene_table_df(r, "genes")
@@ -224,13 +237,24 @@ def test_stages_progress_and_events(st):
     st.set_stage(r, "data", "completed")
     st.set_stage(r, "finetune", "running")
     stages = st.stages(r)
-    assert [(s["stage"], s["status"]) for s in stages] == [("data", "completed"), ("finetune", "running"), ("analysis", "pending")]
+    assert [(s["stage"], s["status"]) for s in stages] == [
+        ("data", "completed"),
+        ("finetune", "running"),
+        ("analysis", "pending"),
+    ]
     assert stages[0]["started"] is not None and stages[0]["finished"] >= stages[0]["started"]
     with pytest.raises(StoreError):
         st.set_stage(r, "data", "done")
     st.set_progress(r, "finetune", 30, 100, unit="steps", throughput=12.5, eta_s=5.6)
-    assert st.progress(r) == {**st.progress(r), "stage": "finetune", "done": 30, "total": 100, "unit": "steps",
-                              "throughput": 12.5, "eta_s": 5.6}
+    assert st.progress(r) == {
+        **st.progress(r),
+        "stage": "finetune",
+        "done": 30,
+        "total": 100,
+        "unit": "steps",
+        "throughput": 12.5,
+        "eta_s": 5.6,
+    }
     assert st.get_run(r)["progress"]["done"] == 30
     first = st.log_event(r, "started", stage="data")
     st.log_event(r, "careful", stage="finetune", level="warning")
@@ -264,8 +288,9 @@ def test_tags_note_resolve_and_delete_cascade(st):
     assert sorted(st.delete_run(p)) == [p, c, g]
     assert [r["id"] for r in st.list_runs()] == [again]
     for table in ("metrics", "gene_rows", "tags", "runs"):
-        n = st._conn.execute(f"SELECT COUNT(*) FROM {table} WHERE {'id' if table == 'runs' else 'run_id'} IN (?, ?, ?)",
-                             (p, c, g)).fetchone()[0]
+        n = st._conn.execute(
+            f"SELECT COUNT(*) FROM {table} WHERE {'id' if table == 'runs' else 'run_id'} IN (?, ?, ?)", (p, c, g)
+        ).fetchone()[0]
         assert n == 0, table
     with pytest.raises(RunNotFoundError):
         st.get_run(p)
@@ -301,7 +326,9 @@ def test_lost_needs_stale_heartbeat_and_dead_pid(tmp_path):
         st._conn.execute("UPDATE runs SET pid = ?, pid_start = NULL, heartbeat = ? WHERE id = ?", (_dead_pid(), old, r))
         st._conn.execute("UPDATE runs SET heartbeat = ? WHERE id = ?", (old, alive))  # our own pid: alive
         st._conn.execute("UPDATE runs SET host = 'elsewhere', heartbeat = ? WHERE id IN (?, ?)", (old, remote, remote))
-        st._conn.execute("UPDATE runs SET host = 'elsewhere', heartbeat = ? WHERE id = ?", (time.time() - 7200, remote_old))
+        st._conn.execute(
+            "UPDATE runs SET host = 'elsewhere', heartbeat = ? WHERE id = ?", (time.time() - 7200, remote_old)
+        )
         status = {x["id"]: x["status"] for x in st.list_runs()}
         assert status == {r: "lost", alive: "running", remote: "running", remote_old: "lost"}
         assert st.get_run(r)["status"] == "lost" and st.get_run(r)["stored_status"] == "running"
@@ -435,9 +462,11 @@ def _build_v1_store(path):
            VALUES ('old run', 'finetune', 'completed', 1.0e9, 1.0e9 + 60, '{"task": "dose"}', '{}', 'h', 1, 1.0e9)"""
     )
     conn.execute("INSERT INTO metrics (run_id, name, value, step, time) VALUES (1, 'loss', 0.5, 3, 1.0e9)")
-    conn.execute("""INSERT INTO runs (name, kind, status, created, config, versions, host, pid, heartbeat)
+    conn.execute(
+        """INSERT INTO runs (name, kind, status, created, config, versions, host, pid, heartbeat)
                     VALUES ('old crash', 'finetune', 'running', 1.0e9, '{}', '{}', ?, ?, 1.0e9)""",
-                 (socket.gethostname(), _dead_pid()))
+        (socket.gethostname(), _dead_pid()),
+    )
     conn.close()
 
 
@@ -450,8 +479,11 @@ def test_migrates_a_store_of_the_previous_schema_version(tmp_path):
     raw.close()
     with Store(path) as st:
         assert st.schema_version == SCHEMA_VERSION
-        assert [m["name"] for m in st.migrations()] == ["0001_initial", "0002_stages_and_indexes",
-                                                       "0003_store_identity"]
+        assert [m["name"] for m in st.migrations()] == [
+            "0001_initial",
+            "0002_stages_and_indexes",
+            "0003_store_identity",
+        ]
         assert len(st.uid) == 32
         run = st.get_run(1)
         assert run["name"] == "old run" and run["config"] == {"task": "dose"} and run["status"] == "completed"
@@ -571,8 +603,10 @@ def test_reopen_run_for_resuming(tmp_path):
         run = st.get_run(r)
         assert run["status"] == "running" and run["error"] is None and run["finished"] is None
         other = st.create_run("other", "pipeline")
-        st._conn.execute("UPDATE runs SET pid = 1, pid_start = ?, host = ? WHERE id = ?",
-                         (system.process_start_ticks(1), socket.gethostname(), other))
+        st._conn.execute(
+            "UPDATE runs SET pid = 1, pid_start = ?, host = ? WHERE id = ?",
+            (system.process_start_ticks(1), socket.gethostname(), other),
+        )
         with pytest.raises(StoreError, match="still running"):
             st.reopen_run(other)  # pid 1 is alive (with the recorded start time)
         st._conn.execute("UPDATE runs SET pid = ?, heartbeat = 1.0e9 WHERE id = ?", (_dead_pid(), other))

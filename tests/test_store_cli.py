@@ -43,9 +43,16 @@ def build_fixture_store(path: Path) -> dict:
             st.set_stage(p, s, "completed")
         d = ids["data"] = st.create_run("data", "data", {"drug": "nutlin"}, parent_id=p)
         st.put_json(d, "qc_report", {"cells": 120, "dropped": {"low_counts": 3}})
-        cells = pd.DataFrame({"cell_id": [f"cell{i}" for i in range(12)], "dose": rng.choice([0.1, 1.0, 10.0], 12),
-                              "group": ["low", "high"] * 6, "length": rng.integers(50, 2048, 12),
-                              "umap1": rng.normal(size=12), "umap2": rng.normal(size=12)})
+        cells = pd.DataFrame(
+            {
+                "cell_id": [f"cell{i}" for i in range(12)],
+                "dose": rng.choice([0.1, 1.0, 10.0], 12),
+                "group": ["low", "high"] * 6,
+                "length": rng.integers(50, 2048, 12),
+                "umap1": rng.normal(size=12),
+                "umap2": rng.normal(size=12),
+            }
+        )
         st.put_cells(d, cells)
         st.put_labels(d, "dose", ["0.1", "1.0", "10.0"])
         st.put_split(d, cells["cell_id"], ["train"] * 8 + ["validation"] * 2 + ["test"] * 2)
@@ -54,22 +61,44 @@ def build_fixture_store(path: Path) -> dict:
         st.finish_run(d, "completed")
         for mode in ("frozen", "unfrozen"):
             f = ids[mode] = st.create_run(f"dose/{mode}", "finetune", {"task": "dose", "mode": mode}, parent_id=p)
-            st.log_metrics(f, [dict(name="train/loss", value=2.0 / (i + 1), step=i * 10, epoch=i / 5) for i in range(15)])
+            st.log_metrics(
+                f, [dict(name="train/loss", value=2.0 / (i + 1), step=i * 10, epoch=i / 5) for i in range(15)]
+            )
             for e in range(3):
-                st.log_metrics(f, [dict(name="accuracy", value=0.5 + 0.1 * e, epoch=e, split="validation"),
-                                   dict(name="loss", value=1.0 - 0.2 * e, epoch=e, split="validation")])
-            st.log_metrics(f, [dict(name="accuracy", value=0.71, split="test"), dict(name="macro_f1", value=0.69, split="test"),
-                               dict(name="precision/high", value=0.8, split="test")])
+                st.log_metrics(
+                    f,
+                    [
+                        dict(name="accuracy", value=0.5 + 0.1 * e, epoch=e, split="validation"),
+                        dict(name="loss", value=1.0 - 0.2 * e, epoch=e, split="validation"),
+                    ],
+                )
+            st.log_metrics(
+                f,
+                [
+                    dict(name="accuracy", value=0.71, split="test"),
+                    dict(name="macro_f1", value=0.69, split="test"),
+                    dict(name="precision/high", value=0.8, split="test"),
+                ],
+            )
             st.put_confusion(f, ["0.1", "1.0", "10.0"], rng.integers(0, 20, (3, 3)))
             st.put_labels(f, "dose", ["0.1", "1.0", "10.0"])
             st.finish_run(f, "completed")
-        a = ids["analysis"] = st.create_run("dose: frozen vs unfrozen", "analysis", {"pair": ["frozen", "unfrozen"]}, parent_id=p)
+        a = ids["analysis"] = st.create_run(
+            "dose: frozen vs unfrozen", "analysis", {"pair": ["frozen", "unfrozen"]}, parent_id=p
+        )
         v = rng.random((6, 4))
         st.put_grid(a, "cosine", v, lower=v - 0.05, upper=v + 0.05)
         st.put_grid(a, "norm_a", rng.random((6, 4)))
         st.put_vector(a, "rank_pct_diff", rng.normal(size=256))
-        genes = pd.DataFrame({"ensembl_id": [f"ENSG{i:011d}" for i in range(40)], "symbol": [f"G{i}" for i in range(40)],
-                              "total": rng.random(40), "n_cells": rng.integers(0, 12, 40), "p53_target": [i % 5 == 0 for i in range(40)]})
+        genes = pd.DataFrame(
+            {
+                "ensembl_id": [f"ENSG{i:011d}" for i in range(40)],
+                "symbol": [f"G{i}" for i in range(40)],
+                "total": rng.random(40),
+                "n_cells": rng.integers(0, 12, 40),
+                "p53_target": [i % 5 == 0 for i in range(40)],
+            }
+        )
         st.put_gene_table(a, "genes", genes)
         st.put_gene_table(a, "de", genes[["ensembl_id", "symbol"]].assign(logfc=rng.normal(size=40)))
         st.put_json(a, "stats", {"wilcoxon_p": 0.012, "overlap_at_50": 7})
@@ -78,7 +107,9 @@ def build_fixture_store(path: Path) -> dict:
         bad = ids["failed"] = st.create_run("lowhigh/frozen", "finetune", {"task": "lowhigh"})
         st.finish_run(bad, "failed", "ValueError: only one class in the training split")
         crashed = ids["crashed"] = st.create_run("crashed", "finetune")
-        st._conn.execute("UPDATE runs SET pid = ?, pid_start = NULL, heartbeat = 1.0e9 WHERE id = ?", (_dead_pid(), crashed))
+        st._conn.execute(
+            "UPDATE runs SET pid = ?, pid_start = NULL, heartbeat = 1.0e9 WHERE id = ?", (_dead_pid(), crashed)
+        )
     return ids
 
 
@@ -113,7 +144,7 @@ def load_export(out_dir: Path) -> tuple[dict, dict]:
 
 
 def _table(tables, stem):
-    for name, (info, rows) in tables.items():
+    for name, (_info, rows) in tables.items():
         if Path(name).stem == stem:
             return rows
     return []
@@ -124,8 +155,21 @@ def assert_export_matches_show(doc: dict, tables: dict) -> int:
     run = doc["run"]
     rid = run["id"]
     (row,) = [r for r in _table(tables, "runs") if r["id"] == rid]
-    for key in ("name", "kind", "status", "created", "finished", "parent_id", "error", "note", "host", "pid",
-                "heartbeat", "git_commit", "device"):
+    for key in (
+        "name",
+        "kind",
+        "status",
+        "created",
+        "finished",
+        "parent_id",
+        "error",
+        "note",
+        "host",
+        "pid",
+        "heartbeat",
+        "git_commit",
+        "device",
+    ):
         assert row[key] == run[key], key
     assert json.loads(row["config"]) == run["config"] and json.loads(row["tags"]) == run["tags"]
     assert json.loads(row["versions"]) == run["versions"]
@@ -133,7 +177,11 @@ def assert_export_matches_show(doc: dict, tables: dict) -> int:
     metrics = sorted((r for r in _table(tables, "metrics") if r["run_id"] == rid), key=lambda r: r["id"])
     assert metric_summaries(metrics) == doc["metrics"]
 
-    stages = [{k: r[k] for k in ("stage", "status", "started", "finished")} for r in _table(tables, "stages") if r["run_id"] == rid]
+    stages = [
+        {k: r[k] for k in ("stage", "status", "started", "finished")}
+        for r in _table(tables, "stages")
+        if r["run_id"] == rid
+    ]
     assert stages == doc["stages"]
     assert sum(r["run_id"] == rid for r in _table(tables, "events")) == doc["events"]["count"]
 
@@ -151,15 +199,26 @@ def assert_export_matches_show(doc: dict, tables: dict) -> int:
         assert any(r["lower"] is not None for r in rows) == g["has_bounds"]
     for v in doc["vectors"]:
         (meta,) = [r for r in _table(tables, "vector_meta") if r["run_id"] == rid and r["name"] == v["name"]]
-        assert json.loads(meta["shape"]) == v["shape"] and meta["dtype"] == v["dtype"] and json.loads(meta["meta"]) == v["meta"]
-        assert sum(r["run_id"] == rid and r["name"] == v["name"] for r in _table(tables, "vectors")) == int(np.prod(v["shape"]))
+        assert (
+            json.loads(meta["shape"]) == v["shape"]
+            and meta["dtype"] == v["dtype"]
+            and json.loads(meta["meta"]) == v["meta"]
+        )
+        assert sum(r["run_id"] == rid and r["name"] == v["name"] for r in _table(tables, "vectors")) == int(
+            np.prod(v["shape"])
+        )
     for t in doc["gene_tables"]:
-        (found,) = [(info, rows) for info, rows in tables.values()
-                    if info["table"] == "gene_table" and info["run_id"] == rid and info["name"] == t["name"]]
+        (found,) = [
+            (info, rows)
+            for info, rows in tables.values()
+            if info["table"] == "gene_table" and info["run_id"] == rid and info["name"] == t["name"]
+        ]
         assert found[0]["rows"] == len(found[1]) == t["rows"]
         assert list(found[1][0]) == t["columns"]
     labels: dict = {}
-    for r in sorted((r for r in _table(tables, "labels") if r["run_id"] == rid), key=lambda r: (r["task"], r["position"])):
+    for r in sorted(
+        (r for r in _table(tables, "labels") if r["run_id"] == rid), key=lambda r: (r["task"], r["position"])
+    ):
         labels.setdefault(r["task"], []).append(str(r["label"]))
     assert labels == doc["labels"]
     counts: dict = {}
@@ -171,7 +230,9 @@ def assert_export_matches_show(doc: dict, tables: dict) -> int:
     assert len(cells) == doc["cells"]["rows"]
     if cells:
         assert list(cells[0]) == doc["cells"]["columns"]
-    assert {r["name"]: json.loads(r["value"]) for r in _table(tables, "json_results") if r["run_id"] == rid} == doc["json"]
+    assert {r["name"]: json.loads(r["value"]) for r in _table(tables, "json_results") if r["run_id"] == rid} == doc[
+        "json"
+    ]
     return 1 + sum(assert_export_matches_show(child, tables) for child in doc["children"])
 
 
@@ -202,7 +263,9 @@ def test_runs_json_lists_every_run_with_resolved_status(fixture_store):
     for r in runs:
         assert {"id", "name", "status", "created"} <= set(r)
     status = {r["id"]: r["status"] for r in runs}
-    assert status[ids["crashed"]] == "lost" and status[ids["failed"]] == "failed" and status[ids["frozen"]] == "completed"
+    assert (
+        status[ids["crashed"]] == "lost" and status[ids["failed"]] == "failed" and status[ids["frozen"]] == "completed"
+    )
 
     out = gfattn("runs", "--json", "--status", "completed", "--name", "dose/*", store=path)
     assert sorted(r["name"] for r in json.loads(out.stdout)) == ["dose/frozen", "dose/unfrozen"]
@@ -240,7 +303,9 @@ def test_bad_run_and_bad_store_exit_2_with_one_line(fixture_store, tmp_path):
     for args, store, message in cases:
         out = gfattn(*args, store=store)
         assert out.returncode == 2, (args, out.stderr)
-        assert out.stderr.count("\n") == 1 and message in out.stderr and out.stderr.startswith(f"gfattn {args[0]}: error:")
+        assert (
+            out.stderr.count("\n") == 1 and message in out.stderr and out.stderr.startswith(f"gfattn {args[0]}: error:")
+        )
     assert not (tmp_path / "missing.db").exists()
 
 
@@ -275,7 +340,7 @@ def test_tag_note_rm_and_errors_in_process(fixture_store, tmp_path, capsys, monk
         p = st.create_run("demo", "pipeline")
         c = st.create_run("child", "finetune", parent_id=p)
     s = ["--store", str(path)]
-    evil = "it's \"fine\"; DROP TABLE runs; --"
+    evil = 'it\'s "fine"; DROP TABLE runs; --'
     assert main(["tag", "demo", "best", *s]) == 0
     assert main(["tag", "demo", "other", *s]) == 0
     assert main(["tag", "demo", "other", "--remove", *s]) == 0

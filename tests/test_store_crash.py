@@ -76,7 +76,11 @@ class Zygote:
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.proc = subprocess.Popen(
             [sys.executable, "-c", ZYGOTE.format(batch=BATCH, genes=GENES)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=ROOT,
         )
 
     def _send(self, line: str) -> None:
@@ -152,8 +156,10 @@ def test_reader_polls_while_a_process_writes(tmp_path, zygote):
     finally:
         os.kill(pid, signal.SIGTERM)
         status = zygote.reap(pid)
-    print(f"\n[store live read] polls={polls} lock_errors={locked} distinct_states_seen={len(states)} "
-          f"data_versions_seen={len(versions)}")
+    print(
+        f"\n[store live read] polls={polls} lock_errors={locked} distinct_states_seen={len(states)} "
+        f"data_versions_seen={len(versions)}"
+    )
     assert locked == 0
     assert len(states) > 10, "the writer barely wrote while the reader polled"
     # SIGTERM in the writing process: the run reads as interrupted and the process exits cleanly
@@ -186,8 +192,10 @@ def test_kill_9_mid_write_leaves_whole_batches_and_a_lost_run(tmp_path, zygote):
         assert len(st.list_runs(status="lost")) == trials
         r = st.create_run("after", "test")
         st.log_metric(r, "ok", 1.0)
-    print(f"\n[store kill -9] trials={trials} integrity_ok={trials} partial_batches=0 lost={trials} "
-          f"batches_written_per_trial min={min(written)} median={sorted(written)[trials // 2]} max={max(written)}")
+    print(
+        f"\n[store kill -9] trials={trials} integrity_ok={trials} partial_batches=0 lost={trials} "
+        f"batches_written_per_trial min={min(written)} median={sorted(written)[trials // 2]} max={max(written)}"
+    )
 
 
 def test_writer_store_refuses_a_closed_handle(tmp_path):
@@ -201,8 +209,10 @@ def test_a_run_killed_on_this_host_reads_lost_at_once(tmp_path):
     """The pid (and its start time) is recorded, so no heartbeat timeout is needed on the same host."""
     path = tmp_path / "s.db"
     Store(path).close()
-    code = "import sys, time\nfrom store import Store\nst = Store(sys.argv[1])\n" \
-           "print(st.create_run('doomed', 'test'), flush=True)\ntime.sleep(600)\n"
+    code = (
+        "import sys, time\nfrom store import Store\nst = Store(sys.argv[1])\n"
+        "print(st.create_run('doomed', 'test'), flush=True)\ntime.sleep(600)\n"
+    )
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True, env=env)
     try:
@@ -216,6 +226,12 @@ def test_a_run_killed_on_this_host_reads_lost_at_once(tmp_path):
         assert st.get_run(run)["status"] == "lost"
         assert [r["id"] for r in st.list_runs(status="lost")] == [run]
         assert st.reap_lost() == [run]
-    out = subprocess.run([sys.executable, "-m", "pipeline", "runs", "--json", "--store", str(path)],
-                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline", "runs", "--json", "--store", str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert out.returncode == 0 and json.loads(out.stdout)[0]["status"] == "lost", out.stderr

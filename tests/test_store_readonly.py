@@ -41,8 +41,11 @@ def _can_mount_readonly() -> bool:
         return False
     folder = tempfile.mkdtemp(prefix="gfattn-ro-probe-")
     try:
-        out = subprocess.run(["unshare", "-m", "sh", "-c", _MOUNT_RO, "sh", folder, "sh", "-c", f"! touch {folder}/x"],
-                             capture_output=True, timeout=30)
+        out = subprocess.run(
+            ["unshare", "-m", "sh", "-c", _MOUNT_RO, "sh", folder, "sh", "-c", f"! touch {folder}/x"],
+            capture_output=True,
+            timeout=30,
+        )
         return out.returncode == 0 and not os.path.exists(os.path.join(folder, "x"))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -56,7 +59,7 @@ class ReadOnlyFolder:
         self.as_root = os.geteuid() == 0
         self._modes: dict[Path, int] = {}
 
-    def __enter__(self) -> "ReadOnlyFolder":
+    def __enter__(self) -> ReadOnlyFolder:
         if self.as_root:
             if not _can_mount_readonly():
                 pytest.skip("running as root without `unshare -m` + bind mounts: cannot make a folder read-only")
@@ -129,10 +132,14 @@ def test_readonly_handle_reads_but_never_writes(tmp_path):
         doc = st.show(ids["done"])
         assert doc["stages"][0]["stage"] == "data" and doc["json"] == {"report": {"cells": 12}}
         writes = [
-            lambda: st.create_run("new", "x"), lambda: st.add_tag(ids["done"], "t"),
-            lambda: st.set_note(ids["done"], "n"), lambda: st.delete_run(ids["done"]),
-            lambda: st.heartbeat(ids["crashed"]), lambda: st.reap_lost(),
-            lambda: st.log_metric(ids["done"], "x", 1.0), lambda: st.finish_run(ids["crashed"], "failed"),
+            lambda: st.create_run("new", "x"),
+            lambda: st.add_tag(ids["done"], "t"),
+            lambda: st.set_note(ids["done"], "n"),
+            lambda: st.delete_run(ids["done"]),
+            lambda: st.heartbeat(ids["crashed"]),
+            lambda: st.reap_lost(),
+            lambda: st.log_metric(ids["done"], "x", 1.0),
+            lambda: st.finish_run(ids["crashed"], "failed"),
         ]
         for write in writes:
             with pytest.raises(StoreError, match=r"store .*s\.db is open read-only") as info:
@@ -166,9 +173,11 @@ def _build_v1_store(path: Path) -> None:
                     VALUES ('old run', 'finetune', 'completed', 1.0e9, 1.0e9 + 60, '{"task": "dose"}', '{}', 'h', 1,
                     1.0e9)""")
     conn.execute("INSERT INTO metrics (run_id, name, value, step, time) VALUES (1, 'loss', 0.5, 3, 1.0e9)")
-    conn.execute("""INSERT INTO runs (name, kind, status, created, config, versions, host, pid, heartbeat)
+    conn.execute(
+        """INSERT INTO runs (name, kind, status, created, config, versions, host, pid, heartbeat)
                     VALUES ('old crash', 'finetune', 'running', 1.0e9, '{}', '{}', ?, ?, 1.0e9)""",
-                 (socket.gethostname(), _dead_pid()))
+        (socket.gethostname(), _dead_pid()),
+    )
     conn.close()
 
 
@@ -183,11 +192,17 @@ def test_readonly_reads_an_older_schema_without_migrating(tmp_path):
         doc = st.show(1)
         assert doc["stages"] == [] and doc["metrics"][0]["last"] == 0.5
         with pytest.raises(StoreError, match="older than store identities; open it once with write access"):
-            st.uid
+            _ = st.uid
     assert _raw(path, "PRAGMA user_version") == [(1,)]
     assert "stages" not in {r[0] for r in _raw(path, "SELECT name FROM sqlite_master")}
-    out = subprocess.run([sys.executable, "-m", "pipeline", "show", "1", "--json", "--store", str(path)],
-                         capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline", "show", "1", "--json", "--store", str(path)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=ROOT,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["run"]["name"] == "old run"
     assert _raw(path, "PRAGMA user_version") == [(1,)]  # `gfattn show` did not migrate it either
@@ -284,11 +299,11 @@ def test_unmerged_wal_in_a_readonly_folder_is_refused_not_misread(tmp_path):
 # ------------------------------------------------------------------------------------ the TUI
 @pytest.mark.asyncio
 async def test_tui_over_a_readonly_store_says_so_and_refuses_writes(tmp_path):
-    from _helpers_tui import settle
-
     from gfattn_tui.app import GfattnApp
     from gfattn_tui.config import TuiConfig
     from gfattn_tui.screens.runs import RunsScreen
+
+    from _helpers_tui import settle
 
     path = tmp_path / "gfattn.db"
     with Store(path) as st:
@@ -313,10 +328,10 @@ async def test_tui_over_a_readonly_store_says_so_and_refuses_writes(tmp_path):
 
 @pytest.mark.asyncio
 async def test_tui_over_a_writable_store_is_not_read_only(tmp_path):
-    from _helpers_tui import settle
-
     from gfattn_tui.app import GfattnApp
     from gfattn_tui.config import TuiConfig
+
+    from _helpers_tui import settle
 
     path = tmp_path / "gfattn.db"
     Store(path).close()

@@ -14,8 +14,9 @@ def test_cli_writes_sciplex_like(tmp_path, capsys):
     from pipeline import synth
 
     out = tmp_path / "sub" / "data.h5ad"
-    rc = main(["synth", "--out", str(out), "--scale", "0.03", "--preset", "thesis", "--length-effect", "0.5",
-               "--seed", "7"])
+    rc = main(
+        ["synth", "--out", str(out), "--scale", "0.03", "--preset", "thesis", "--length-effect", "0.5", "--seed", "7"]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "data.h5ad" in text and "median genes" in text and "12.5" in text
@@ -30,8 +31,9 @@ def test_cli_writes_corpus(tmp_path, capsys):
     import anndata as ad
 
     out = tmp_path / "corpus.h5ad"
-    assert main(["synth", "--out", str(out), "--corpus", "--n-cells", "120", "--n-types", "4",
-                 "--preset", "thesis"]) == 0
+    assert (
+        main(["synth", "--out", str(out), "--corpus", "--n-cells", "120", "--n-types", "4", "--preset", "thesis"]) == 0
+    )
     assert "cell types" in capsys.readouterr().out
     c = ad.read_h5ad(out)
     assert c.n_obs == 120 and c.obs["cell_type"].nunique() == 4
@@ -48,8 +50,10 @@ def test_cli_input_errors(tmp_path, capsys):
 
 
 def test_cli_help_does_not_import_heavy_modules():
-    code = ("import sys; from pipeline.cli import build_parser; build_parser('synth');"
-            "heavy = [m for m in ('anndata', 'scipy', 'scanpy', 'torch', 'pandas') if m in sys.modules];"
-            "print(heavy); sys.exit(1 if heavy else 0)")
+    code = (
+        "import sys; from pipeline.cli import build_parser; build_parser('synth');"
+        "heavy = [m for m in ('anndata', 'scipy', 'scanpy', 'torch', 'pandas') if m in sys.modules];"
+        "print(heavy); sys.exit(1 if heavy else 0)"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr

@@ -37,8 +37,16 @@ def _within(value, target, rel=0.10):
 
 def test_layout_matches_scperturb_columns(thesis):
     a = thesis
-    assert list(a.obs.columns) == ["perturbation", "dose_value", "dose_unit", "cell_line", "n_counts", "ngenes",
-                                   "percent_mito", "percent_ribo"]
+    assert list(a.obs.columns) == [
+        "perturbation",
+        "dose_value",
+        "dose_unit",
+        "cell_line",
+        "n_counts",
+        "ngenes",
+        "percent_mito",
+        "percent_ribo",
+    ]
     assert list(a.var.columns) == ["ensembl_id", "gene_symbol"]
     assert (a.var.index == a.var["ensembl_id"]).all() and a.var.index.is_unique
     assert all(len(g) == 15 and g.startswith("ENSG") for g in a.var.index)
@@ -178,8 +186,11 @@ def test_ground_truth_survives_h5ad(tmp_path, thesis):
     assert json.dumps(before, sort_keys=True) == json.dumps(after, sort_keys=True)
     json.dumps(after, allow_nan=False)  # strict JSON: the store can keep it as is
     assert after["seed"] == 0 and after["preset"] == "thesis" and after["length_effect"] == 1.0
-    assert after["hill"] == {"ec50_um": synth.EC50_UM, "hill_coefficient": synth.HILL_COEFFICIENT,
-                             "ec50_log_sd": synth.EC50_LOG_SD}
+    assert after["hill"] == {
+        "ec50_um": synth.EC50_UM,
+        "hill_coefficient": synth.HILL_COEFFICIENT,
+        "ec50_log_sd": synth.EC50_LOG_SD,
+    }
     resp = after["responding"]
     assert len(resp["ensembl_id"]) == len(resp["log2fc"]) == len(resp["direction"]) == 39
     assert resp["gene_symbol"][:3] == ["CDKN1A", "TP53I3", "SPATA18"]

@@ -14,8 +14,13 @@ print(hashlib.sha256(a.X.data.tobytes() + b.X.data.tobytes()).hexdigest())
 
 def test_same_seed_same_counts_in_another_process():
     digests = {
-        subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True, check=True,
-                       env={**__import__("os").environ, "PYTHONHASHSEED": str(seed)}).stdout.strip()
+        subprocess.run(
+            [sys.executable, "-c", CODE],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**__import__("os").environ, "PYTHONHASHSEED": str(seed)},
+        ).stdout.strip()
         for seed in (1, 2)
     }
     assert len(digests) == 1

@@ -13,8 +13,13 @@ from pipeline.dictionaries import load_pickle_restricted
 def test_named_gene_tables_are_consistent():
     ids = synth_genes.GENE_IDS
     assert len(set(ids.values())) == len(ids)
-    tables = [synth_genes.P53_TARGETS_UP, synth_genes.CELL_CYCLE_DOWN, synth_genes.MITO_CP10K,
-              synth_genes.HOUSEKEEPING_CP10K, synth_genes.A549_CP10K]
+    tables = [
+        synth_genes.P53_TARGETS_UP,
+        synth_genes.CELL_CYCLE_DOWN,
+        synth_genes.MITO_CP10K,
+        synth_genes.HOUSEKEEPING_CP10K,
+        synth_genes.A549_CP10K,
+    ]
     for table in tables:
         assert set(table) <= set(ids)
     for syms in list(synth_genes.CELL_TYPE_MARKERS.values()) + list(synth_genes.STATE_PROGRAMS.values()):

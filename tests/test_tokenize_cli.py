@@ -20,8 +20,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def gfattn(*args, cwd=None):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "pipeline", "tokenize", *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd or ROOT, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", "tokenize", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd or ROOT,
+        env=env,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +41,16 @@ def setup(tmp_path_factory):
 
 
 def dict_args(paths):
-    return ["--token-dictionary", paths["token_dictionary"], "--gene-median", paths["gene_median_dictionary"],
-            "--gene-mapping", paths["ensembl_mapping_dict"], "--gene-name-id", paths["gene_name_id_dict"]]
+    return [
+        "--token-dictionary",
+        paths["token_dictionary"],
+        "--gene-median",
+        paths["gene_median_dictionary"],
+        "--gene-mapping",
+        paths["ensembl_mapping_dict"],
+        "--gene-name-id",
+        paths["gene_name_id_dict"],
+    ]
 
 
 def test_cli_tokenizes_and_reports(setup, tmp_path):
@@ -83,8 +96,9 @@ def _bad_inputs(base, raw, adata, good):
     cases.append(("negative counts", _write(neg, base / "neg.h5ad"), [], "negative values"))
     noid = ad.AnnData(X=adata.X, obs=adata.obs, var=pd.DataFrame(index=[str(i) for i in range(adata.n_vars)]))
     cases.append(("no gene-ID column", _write(noid, base / "noid.h5ad"), [], "no gene-ID column"))
-    mouse = ad.AnnData(X=adata.X, obs=adata.obs,
-                       var=pd.DataFrame(index=[f"Gm{i}" for i in range(30)] + list(adata.var_names[30:])))
+    mouse = ad.AnnData(
+        X=adata.X, obs=adata.obs, var=pd.DataFrame(index=[f"Gm{i}" for i in range(30)] + list(adata.var_names[30:]))
+    )
     cases.append(("few genes map", _write(mouse, base / "mouse.h5ad"), [], "only 10 of 40 genes (25.0%)"))
     cases.append(("missing obs column", good, ["--obs-columns", "label,cell_type"], "no obs column 'cell_type'"))
     cases.append(("missing n_counts column", good, ["--n-counts-column", "umi"], "no obs column 'umi'"))
@@ -98,10 +112,31 @@ def test_cli_bad_inputs_exit_2_and_write_nothing(setup, tmp_path):
     procs = []
     for k, (name, data, extra, fragment) in enumerate(_bad_inputs(base, raw, adata, good)):
         out = tmp_path / f"run{k}" / "out"
-        procs.append((name, fragment, out, subprocess.Popen(
-            [sys.executable, "-m", "pipeline", "tokenize", str(data), "--out", str(out), *map(str, dict_args(paths)),
-             *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-            env=dict(os.environ, PYTHONPATH=str(ROOT)))))
+        procs.append(
+            (
+                name,
+                fragment,
+                out,
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "pipeline",
+                        "tokenize",
+                        str(data),
+                        "--out",
+                        str(out),
+                        *map(str, dict_args(paths)),
+                        *extra,
+                    ],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    cwd=ROOT,
+                    env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                ),
+            )
+        )
     for name, fragment, out, p in procs:
         _, stderr = p.communicate(timeout=300)
         assert p.returncode == 2, (name, stderr)
@@ -143,10 +178,12 @@ def test_cli_real_geneformer_dir(geneformer_dir, tmp_path):
         genes = [g for g in pickle.load(fh) if not g.startswith("<")][:300]
     rng = np.random.default_rng(0)
     X = sp.csr_matrix(rng.poisson(0.5, size=(15, 300)).astype(np.float32))
-    adata = ad.AnnData(X=X, obs=pd.DataFrame(index=[f"c{i}" for i in range(15)]),
-                       var=pd.DataFrame(index=[f"{g}.7" for g in genes]))
+    adata = ad.AnnData(
+        X=X, obs=pd.DataFrame(index=[f"c{i}" for i in range(15)]), var=pd.DataFrame(index=[f"{g}.7" for g in genes])
+    )
     adata.write_h5ad(tmp_path / "v.h5ad")
-    r = gfattn(tmp_path / "v.h5ad", "--out", tmp_path / "tok", "--geneformer-dir", geneformer_dir,
-               "--model-version", "V1")
+    r = gfattn(
+        tmp_path / "v.h5ad", "--out", tmp_path / "tok", "--geneformer-dir", geneformer_dir, "--model-version", "V1"
+    )
     assert r.returncode == 0, r.stderr
     assert "300 of 300 mapped to the V1 vocabulary" in r.stdout and "computed from X" in r.stdout

@@ -81,8 +81,13 @@ def test_datlingerbock2021_ingests_and_tokenizes(geneformer_dir, datlinger, tmp_
     assert report.cells_out + report.skipped_no_genes == 7500 and report.cells_out >= 7490
     assert set(ds["perturbation_2"]) == {"stimulated", "unstimulated"}
     assert 5 < report.length_median < 40
-    ref = reference_tokenize(adata.X, list(adata.obs_names), adata.obs["ncounts"].to_numpy(),
-                             reference_gene_ids(list(adata.var_names), raw), raw)
+    ref = reference_tokenize(
+        adata.X,
+        list(adata.obs_names),
+        adata.obs["ncounts"].to_numpy(),
+        reference_gene_ids(list(adata.var_names), raw),
+        raw,
+    )
     assert ds["cell_id"] == [r[0] for r in ref]
     for got, (_cid, ids, full, values) in zip(ds["input_ids"], ref):
         assert_same_ranking(got, ids, full, values, version)
@@ -172,14 +177,16 @@ def test_large_outputs_spill_or_stream_to_disk(tiny, tmp_path):
     raw, dicts = tiny
     adata = tiny_counts_adata(raw, n_cells=60, seed=3)
     ref, _ = tokenize_anndata(adata, dicts, obs_columns=["label"])
-    spilled, _ = tokenize_anndata(adata, dicts, obs_columns=["label"], chunk_size=16, spill_dir=tmp_path / "spill",
-                                  spill_tokens=100)
+    spilled, _ = tokenize_anndata(
+        adata, dicts, obs_columns=["label"], chunk_size=16, spill_dir=tmp_path / "spill", spill_tokens=100
+    )
     assert list((tmp_path / "spill").glob("*.arrow")), "expected an Arrow spill file"
     assert spilled.to_dict() == ref.to_dict()
     adata.write_h5ad(tmp_path / "x.h5ad")
     # streamed to disk in several shards
-    tokenize_to_disk(tmp_path / "x.h5ad", dicts, tmp_path / "out" / "tok", chunk_size=16, shard_bytes=500,
-                     obs_columns=["label"])
+    tokenize_to_disk(
+        tmp_path / "x.h5ad", dicts, tmp_path / "out" / "tok", chunk_size=16, shard_bytes=500, obs_columns=["label"]
+    )
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["tok"]
     assert len(list((tmp_path / "out" / "tok").glob("data-*-of-00004.arrow"))) == 4
     assert load_tokenized(tmp_path / "out" / "tok").to_dict() == ref.to_dict()
@@ -248,7 +255,8 @@ def test_cache_keys(tiny, tmp_path):
     assert k == tokenization_cache_key(h, dicts, dict(reversed(list(opts.items()))))
     assert k != tokenization_cache_key(h, dicts, {**opts, "max_len": 1024})
     assert k != tokenization_cache_key("0" * 64, dicts, opts)
-    other = GeneDictionaries(raw["token"], {g: m * 2 for g, m in raw["median"].items()}, raw["names"], raw["mapping"],
-                             "V2")
+    other = GeneDictionaries(
+        raw["token"], {g: m * 2 for g, m in raw["median"].items()}, raw["names"], raw["mapping"], "V2"
+    )
     assert k != tokenization_cache_key(h, other, opts)
     json.dumps(k)

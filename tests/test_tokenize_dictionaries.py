@@ -121,4 +121,7 @@ def test_fingerprint_tracks_content():
     med[next(iter(med))] *= 2
     b = GeneDictionaries(raw["token"], med, None, raw["mapping"], "V1")
     assert a.fingerprint() != b.fingerprint()
-    assert a.fingerprint() == GeneDictionaries(dict(raw["token"]), dict(raw["median"]), None, raw["mapping"], "V1").fingerprint()
+    assert (
+        a.fingerprint()
+        == GeneDictionaries(dict(raw["token"]), dict(raw["median"]), None, raw["mapping"], "V1").fingerprint()
+    )

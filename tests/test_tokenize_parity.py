@@ -87,8 +87,14 @@ def test_parity_symbols_in_a_var_column(real):
     adata.var_names = [f"row{i}" for i in range(adata.n_vars)]
     ds, report = tokenize_anndata(adata, dicts, gene_id_column="symbol")
     gene_ids = reference_gene_ids(symbols, raw)
-    ref = reference_tokenize(adata.X, list(adata.obs_names), adata.obs["n_counts"].to_numpy(), gene_ids, raw,
-                             filter_pass=adata.obs["filter_pass"].to_numpy())
+    ref = reference_tokenize(
+        adata.X,
+        list(adata.obs_names),
+        adata.obs["n_counts"].to_numpy(),
+        gene_ids,
+        raw,
+        filter_pass=adata.obs["filter_pass"].to_numpy(),
+    )
     _check(ds, ref, version)
     assert report.gene_ids.startswith("gene symbols in var['symbol']")
     # without naming the column, auto-detection finds it too
@@ -120,13 +126,16 @@ def test_near_ties_break_exactly_as_geneformer(n_counts_dtype):
         raw["median"][g] = base * (1 + j % 7) * (1 + 1e-15 * (j % 3))
     dicts = GeneDictionaries(raw["token"], raw["median"], None, raw["mapping"], "V1")
     rng = np.random.default_rng(0)
-    X = sp.csr_matrix(rng.integers(0, 8, size=(40, len(genes))).astype(np.float32) * (rng.random((40, len(genes))) < 0.6))
+    X = sp.csr_matrix(
+        rng.integers(0, 8, size=(40, len(genes))).astype(np.float32) * (rng.random((40, len(genes))) < 0.6)
+    )
     import anndata as ad
     import pandas as pd
 
     n_counts = (np.asarray(X.sum(axis=1)).ravel() * 1.7 + 3).astype(n_counts_dtype)
-    adata = ad.AnnData(X=X, obs=pd.DataFrame({"n_counts": n_counts}, index=[f"c{i}" for i in range(40)]),
-                       var=pd.DataFrame(index=genes))
+    adata = ad.AnnData(
+        X=X, obs=pd.DataFrame({"n_counts": n_counts}, index=[f"c{i}" for i in range(40)]), var=pd.DataFrame(index=genes)
+    )
     ds, _ = tokenize_anndata(adata, dicts)
     literal = _geneformer_literal(adata, dicts, adata.obs["n_counts"].to_numpy())
     ties_seen = 0
@@ -171,7 +180,7 @@ def test_rank_rows_exact_for_adversarial_values():
     out_indptr, pos = rank_rows(values, indptr, keep)
     for r in range(lengths.size):
         a, b = indptr[r], indptr[r + 1]
-        got = pos[out_indptr[r]:out_indptr[r + 1]]
+        got = pos[out_indptr[r] : out_indptr[r + 1]]
         assert got.size == min(keep[r], lengths[r])
         assert ((got >= a) & (got < b)).all() and np.unique(got).size == got.size
         expected = np.sort(values[a:b])[::-1][: got.size]
@@ -197,7 +206,7 @@ def test_rank_rows_in_row_groups(monkeypatch):
     out_indptr, pos = rank_rows(values, indptr, keep)
     for r in range(lengths.size):
         a, b = indptr[r], indptr[r + 1]
-        got = pos[out_indptr[r]:out_indptr[r + 1]]
+        got = pos[out_indptr[r] : out_indptr[r + 1]]
         assert ((got >= a) & (got < b)).all()
         assert np.array_equal(values[got], np.sort(values[a:b])[::-1][: got.size])
 
@@ -210,7 +219,8 @@ def test_tiny_vocabulary_parity_without_shared_data():
         adata = tiny_counts_adata(raw, n_cells=40, seed=9)
         ds, report = tokenize_anndata(adata, dicts, max_len=12, chunk_size=16)
         gene_ids = reference_gene_ids(list(adata.var_names), raw)
-        ref = reference_tokenize(adata.X, list(adata.obs_names), adata.obs["n_counts"].to_numpy(), gene_ids, raw,
-                                 max_len=12)
+        ref = reference_tokenize(
+            adata.X, list(adata.obs_names), adata.obs["n_counts"].to_numpy(), gene_ids, raw, max_len=12
+        )
         _check(ds, ref, version)
         assert report.length_max == 12

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.compute import seed_everything
 from pipeline.launch import WORKER_MODULE, finetune_distributed, torchrun_command
 from pipeline.model import load_classifier
-from pipeline.compute import seed_everything
 from pipeline.train import TrainConfig, finetune
 
 from _helpers_model import class_coded_cells, save_tiny_model
@@ -39,20 +39,38 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     from store import Store
 
     src = save_tiny_model(tmp_path / "m", dropout=0.0)
-    parts = {"train": class_coded_cells(64, seed=1), "validation": class_coded_cells(16, seed=2),
-             "test": class_coded_cells(24, seed=3)}
+    parts = {
+        "train": class_coded_cells(64, seed=1),
+        "validation": class_coded_cells(16, seed=2),
+        "test": class_coded_cells(24, seed=3),
+    }
     names = ["low", "high"]
     common = dict(lr=2e-3, epochs=2, seed=5, device="cpu", log_every=2)
 
     seed_everything(5)  # the workers seed with config.seed before drawing the new head
-    single = finetune(load_classifier(src, 2), parts["train"], parts["validation"], parts["test"], label_names=names,
-                      mode="unfrozen", config=TrainConfig(batch_size=8, **common))
+    single = finetune(
+        load_classifier(src, 2),
+        parts["train"],
+        parts["validation"],
+        parts["test"],
+        label_names=names,
+        mode="unfrozen",
+        config=TrainConfig(batch_size=8, **common),
+    )
 
     st = Store(tmp_path / "gfattn.db")
     run = st.create_run("lowhigh/unfrozen", "finetune", {"mode": "unfrozen"})
-    double = finetune_distributed(src, parts, label_names=names, mode="unfrozen",
-                                  config=TrainConfig(batch_size=4, **common), nproc=2,
-                                  store_path=st.path, run_id=run, out_dir=tmp_path / "ddp")
+    double = finetune_distributed(
+        src,
+        parts,
+        label_names=names,
+        mode="unfrozen",
+        config=TrainConfig(batch_size=4, **common),
+        nproc=2,
+        store_path=st.path,
+        run_id=run,
+        out_dir=tmp_path / "ddp",
+    )
 
     assert np.array_equal(double.confusion, single.confusion)
     assert np.array_equal(double.test_predictions, single.test_predictions)

@@ -22,8 +22,11 @@ torch.set_num_threads(1)  # 2 threads crawl when other processes share the 2 cor
 
 
 def _splits(n_train=160, n_val=40, n_test=40, **kw):
-    return (class_coded_cells(n_train, seed=1, **kw), class_coded_cells(n_val, seed=2, **kw),
-            class_coded_cells(n_test, seed=3, **kw))
+    return (
+        class_coded_cells(n_train, seed=1, **kw),
+        class_coded_cells(n_val, seed=2, **kw),
+        class_coded_cells(n_test, seed=3, **kw),
+    )
 
 
 def test_v1_6l_finetune_save_load_gives_identical_predictions(shared, tmp_path):
@@ -39,12 +42,26 @@ def test_v1_6l_finetune_save_load_gives_identical_predictions(shared, tmp_path):
     cells["label"] = [i % 3 for i in range(24)]
     torch.manual_seed(0)
     model = load_classifier(tmp_path / "v1", 3, dicts=dicts, max_len=max(cells["length"]))
-    result = finetune(model, cells, cells, cells, label_names=["0", "1.25", "25"], mode="unfrozen",
-                      config=TrainConfig(epochs=1, batch_size=8), out_dir=tmp_path / "ft", dicts=dicts)
+    result = finetune(
+        model,
+        cells,
+        cells,
+        cells,
+        label_names=["0", "1.25", "25"],
+        mode="unfrozen",
+        config=TrainConfig(epochs=1, batch_size=8),
+        out_dir=tmp_path / "ft",
+        dicts=dicts,
+    )
     assert len(result.history) == 1 and result.test_predictions.shape == (24,)
     out = tmp_path / "ft"
-    assert {"config.json", "model.safetensors", "token_dictionary.pkl", "gene_median_dictionary.pkl",
-            "gfattn_finetune.json"} <= {p.name for p in out.iterdir()}
+    assert {
+        "config.json",
+        "model.safetensors",
+        "token_dictionary.pkl",
+        "gene_median_dictionary.pkl",
+        "gfattn_finetune.json",
+    } <= {p.name for p in out.iterdir()}
     saved = json.loads((out / "config.json").read_text())
     assert saved["architectures"] == ["BertForSequenceClassification"]
     assert saved["id2label"] == {"0": "0", "1": "1.25", "2": "25"}
@@ -63,8 +80,15 @@ def test_learnable_task_reaches_well_above_chance(tmp_path):
     train, val, test = _splits()
     torch.manual_seed(0)
     model = load_classifier(save_tiny_model(tmp_path / "m", hidden=64, intermediate=128, heads=4), 2)
-    result = finetune(model, train, val, test, label_names=["low", "high"], mode="unfrozen",
-                      config=TrainConfig(lr=1e-3, epochs=4, batch_size=16))
+    result = finetune(
+        model,
+        train,
+        val,
+        test,
+        label_names=["low", "high"],
+        mode="unfrozen",
+        config=TrainConfig(lr=1e-3, epochs=4, batch_size=16),
+    )
     assert result.test_metrics["accuracy"] >= 0.9
     assert result.test_metrics["macro_f1"] >= 0.9
     assert result.confusion.sum() == len(test["label"])
@@ -77,8 +101,17 @@ def test_frozen_feature_cache_equals_plain_training_without_dropout(tmp_path):
     for cache in (True, False):
         torch.manual_seed(0)
         model = load_classifier(src, 2)
-        results.append(finetune(model, train, val, test, label_names=["a", "b"], mode="frozen",
-                                config=TrainConfig(lr=1e-2, epochs=2, batch_size=16, cache_frozen_features=cache)))
+        results.append(
+            finetune(
+                model,
+                train,
+                val,
+                test,
+                label_names=["a", "b"],
+                mode="frozen",
+                config=TrainConfig(lr=1e-2, epochs=2, batch_size=16, cache_frozen_features=cache),
+            )
+        )
     cached, plain = results
     for name in ("classifier.weight", "classifier.bias", "bert.pooler.dense.weight"):
         a = dict(cached.model.named_parameters())[name]
@@ -95,8 +128,15 @@ def test_gradient_accumulation_matches_one_large_batch(tmp_path):
     for batch, accum in ((16, 1), (8, 2)):
         torch.manual_seed(0)
         model = load_classifier(src, 2)
-        r = finetune(model, train, None, test, label_names=["a", "b"], mode="unfrozen",
-                     config=TrainConfig(lr=1e-3, epochs=1, batch_size=batch, grad_accum=accum, class_weights=True))
+        r = finetune(
+            model,
+            train,
+            None,
+            test,
+            label_names=["a", "b"],
+            mode="unfrozen",
+            config=TrainConfig(lr=1e-3, epochs=1, batch_size=batch, grad_accum=accum, class_weights=True),
+        )
         weights.append({n: p.detach().clone() for n, p in r.model.named_parameters()})
     for name, w in weights[0].items():
         assert torch.allclose(w, weights[1][name], atol=1e-5), name
@@ -108,9 +148,18 @@ def test_progress_metrics_and_confusion_are_recorded(tmp_path):
     calls = []
     torch.manual_seed(0)
     model = load_classifier(save_tiny_model(tmp_path / "m"), 2)
-    result = finetune(model, train, val, test, label_names=["low", "high"], mode="last-1", store=rec, run_id=7,
-                      config=TrainConfig(lr=1e-3, epochs=2, batch_size=8, log_every=3),
-                      progress=lambda done, total, **kw: calls.append((done, total, kw)))
+    result = finetune(
+        model,
+        train,
+        val,
+        test,
+        label_names=["low", "high"],
+        mode="last-1",
+        store=rec,
+        run_id=7,
+        config=TrainConfig(lr=1e-3, epochs=2, batch_size=8, log_every=3),
+        progress=lambda done, total, **kw: calls.append((done, total, kw)),
+    )
     steps = 2 * 8
     assert rec.progress[-1]["done"] == steps and rec.progress[-1]["total"] == steps
     assert rec.progress[-1]["stage"] == "finetune" and rec.progress[-1]["unit"] == "steps"
@@ -132,8 +181,15 @@ def test_best_epoch_weights_are_restored(tmp_path):
     train, val, test = _splits(64, 24, 16)
     torch.manual_seed(0)
     model = load_classifier(save_tiny_model(tmp_path / "m"), 2)
-    result = finetune(model, train, val, test, label_names=["a", "b"], mode="unfrozen",
-                      config=TrainConfig(lr=3e-3, epochs=3, batch_size=16, best_metric="loss"))
+    result = finetune(
+        model,
+        train,
+        val,
+        test,
+        label_names=["a", "b"],
+        mode="unfrozen",
+        config=TrainConfig(lr=3e-3, epochs=3, batch_size=16, best_metric="loss"),
+    )
     losses = [h["val_loss"] for h in result.history]
     assert result.best_epoch == int(np.argmin(losses)) + 1
     metrics, _, _, _ = evaluate(result.model, val, ["a", "b"])
@@ -148,8 +204,17 @@ def test_real_store_receives_the_run(tmp_path):
     run = st.create_run("lowhigh/frozen", "finetune", {"task": "lowhigh", "mode": "frozen"})
     torch.manual_seed(0)
     model = load_classifier(save_tiny_model(tmp_path / "m"), 2)
-    finetune(model, train, val, test, label_names=["low", "high"], mode="frozen", store=st, run_id=run,
-             config=TrainConfig(lr=1e-2, epochs=2, batch_size=8))
+    finetune(
+        model,
+        train,
+        val,
+        test,
+        label_names=["low", "high"],
+        mode="frozen",
+        store=st,
+        run_id=run,
+        config=TrainConfig(lr=1e-2, epochs=2, batch_size=8),
+    )
     assert st.progress(run)["done"] == st.progress(run)["total"] == 12
     assert {m["epoch"] for m in st.metrics(run, name="accuracy", split="validation")} == {1, 2}
     assert len(st.metrics(run, name="recall/high", split="test")) == 1
@@ -167,8 +232,9 @@ def test_inputs_are_checked(tmp_path):
     with pytest.raises(InputError, match="outside 0..1"):
         finetune(model, dict(train, label=[5] * 16), None, None, label_names=["a", "b"], mode="frozen", config=short)
     with pytest.raises(InputError, match="no column 'label'"):
-        finetune(model, {"input_ids": train["input_ids"]}, None, None, label_names=["a", "b"], mode="frozen",
-                 config=short)
+        finetune(
+            model, {"input_ids": train["input_ids"]}, None, None, label_names=["a", "b"], mode="frozen", config=short
+        )
     with pytest.raises(InputError, match=r"up to \d+ tokens but the model takes at most 32"):
         finetune(model, train, None, None, label_names=["a", "b"], mode="frozen")
     with pytest.raises(InputError, match="6 encoder layers|2 encoder layers"):

@@ -11,13 +11,14 @@ import time
 from pathlib import Path
 
 import pytest
-from _helpers_tui import make_app, settle
 
 from gfattn_tui.config import TuiConfig
 from gfattn_tui.launcher import RunRequest, log_dir_for_store
 from gfattn_tui.screens.new_run import NewRunScreen
 from gfattn_tui.screens.runs import RunsScreen
 from gfattn_tui.widgets.runs_table import RunsTable
+
+from _helpers_tui import make_app, settle
 
 SIZE = (100, 30)
 

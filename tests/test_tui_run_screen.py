@@ -7,7 +7,6 @@ import io
 
 import pytest
 from rich.console import Console
-from _helpers_tui import make_app, settle, tui_store  # noqa: F401  (fixture)
 from textual.widgets import DataTable, Input, OptionList, RichLog, Static
 
 from gfattn_tui.screens.compare import CompareScreen
@@ -22,6 +21,8 @@ from gfattn_tui.widgets.head_grid import HeadGrid
 from gfattn_tui.widgets.overview import OverviewView
 from gfattn_tui.widgets.ranks import RanksView
 from gfattn_tui.widgets.training import TrainingView
+
+from _helpers_tui import make_app, settle, tui_store  # noqa: F401  (fixture)
 
 SIZE = (100, 30)
 

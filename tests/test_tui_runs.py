@@ -4,13 +4,14 @@ themes, the command palette, remapped keys and a store with 200 runs."""
 from __future__ import annotations
 
 import pytest
-from _helpers_tui import copy_store, make_app, settle, tui_store  # noqa: F401  (fixture)
 
 from gfattn_tui.config import TuiConfig
 from gfattn_tui.screens.confirm import ConfirmScreen
 from gfattn_tui.screens.prompt import PromptScreen
 from gfattn_tui.screens.runs import RunsScreen
 from gfattn_tui.widgets.runs_table import RunsTable
+
+from _helpers_tui import copy_store, make_app, settle, tui_store  # noqa: F401  (fixture)
 
 SIZE = (100, 30)
 

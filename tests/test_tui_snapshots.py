@@ -8,10 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from _helpers_tui import copy_store, make_app, settle
 
 from gfattn_tui.screens.run import RunScreen
 from gfattn_tui.widgets.genes import GenesView
+
+from _helpers_tui import copy_store, make_app, settle
 
 SIZE = (100, 30)
 

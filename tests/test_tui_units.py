@@ -106,13 +106,15 @@ def test_gene_filter_line_parses_into_store_where():
 
 def test_settings_from_toml_then_environment(tmp_path):
     path = tmp_path / "tui.toml"
-    path.write_text(textwrap.dedent("""
+    path.write_text(
+        textwrap.dedent("""
         theme = "textual-light"
         poll_interval = 2
         page_size = 50
         [keymap]
         "runs.delete" = "x"
-    """))
+    """)
+    )
     cfg = TuiConfig.load(path, environ={"GFATTN_TUI_PAGE_SIZE": "200", "GFATTN_TUI_UTC": "yes"})
     assert cfg.theme == "textual-light"
     assert cfg.poll_interval == 2.0
@@ -124,7 +126,7 @@ def test_settings_from_toml_then_environment(tmp_path):
 
 def test_settings_file_from_environment_variable(tmp_path):
     path = tmp_path / "elsewhere.toml"
-    path.write_text('page_size = 30\n')
+    path.write_text("page_size = 30\n")
     assert TuiConfig.load(environ={"GFATTN_TUI_CONFIG": str(path)}).page_size == 30
     with pytest.raises(ConfigError, match="no such settings file"):
         TuiConfig.load(environ={"GFATTN_TUI_CONFIG": str(tmp_path / "missing.toml")})
@@ -132,7 +134,7 @@ def test_settings_file_from_environment_variable(tmp_path):
 
 def test_settings_errors_name_the_key(tmp_path):
     path = tmp_path / "tui.toml"
-    path.write_text('pol_interval = 1\n')
+    path.write_text("pol_interval = 1\n")
     with pytest.raises(ConfigError, match="did you mean 'poll_interval'"):
         TuiConfig.load(path, environ={})
     with pytest.raises(ConfigError, match="page_size"):
@@ -146,8 +148,20 @@ def test_pipeline_command_line_from_the_form(tmp_path):
     assert request.validate() == []
     argv = request.argv(tmp_path / "gfattn.db")
     assert argv[:6] == [sys.executable, "-m", "pipeline", "pipeline", "--store", str(tmp_path / "gfattn.db")]
-    assert argv[6:] == ["--preset", "quick", "--data", str(data), "--name", "my run", "--device", "cpu",
-                        "--nproc", "1", "--epochs", "2"]
+    assert argv[6:] == [
+        "--preset",
+        "quick",
+        "--data",
+        str(data),
+        "--name",
+        "my run",
+        "--device",
+        "cpu",
+        "--nproc",
+        "1",
+        "--epochs",
+        "2",
+    ]
     assert "--device" not in RunRequest().argv("s.db")  # auto is the command's default
 
 
@@ -179,6 +193,9 @@ def test_cli_help_and_bad_config(tmp_path):
     assert out.returncode == 0 and "--store" in out.stdout
     bad = tmp_path / "tui.toml"
     bad.write_text("theme = [\n")
-    out = subprocess.run([sys.executable, "-m", "gfattn_tui", "--config", str(bad), "--store", str(tmp_path / "s.db")],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "gfattn_tui", "--config", str(bad), "--store", str(tmp_path / "s.db")],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2 and "not valid TOML" in out.stderr

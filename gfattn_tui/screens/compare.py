@@ -211,7 +211,10 @@ class CompareScreen(StoreBacked, Screen):
     def _show_curves(self) -> None:
         if not self.data or not self.curve_key:
             return
-        plots = (("#cmp-curve-acc", R.METRIC_ACCURACY, "validation accuracy"), ("#cmp-curve-loss", R.METRIC_LOSS, "loss"))
+        plots = (
+            ("#cmp-curve-acc", R.METRIC_ACCURACY, "validation accuracy"),
+            ("#cmp-curve-loss", R.METRIC_LOSS, "loss"),
+        )
         for plot_id, kind, title in plots:
             plot = self.query_one(plot_id, PlotextPlot)
             plt = plot.plt

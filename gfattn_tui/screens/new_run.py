@@ -46,8 +46,13 @@ class NewRunScreen(Screen[int | None]):
             yield Label("New pipeline run", classes="section")
             with Horizontal(classes="form-row"):
                 yield Label("preset", classes="form-label")
-                yield Select([(name, name) for name in self.presets], value=self.initial_preset, allow_blank=False,
-                             id="nr-preset", compact=True)
+                yield Select(
+                    [(name, name) for name in self.presets],
+                    value=self.initial_preset,
+                    allow_blank=False,
+                    id="nr-preset",
+                    compact=True,
+                )
             yield Static(self.presets.get(self.initial_preset, ""), id="nr-preset-help", classes="hint")
             for key, label, placeholder in FIELDS:
                 with Horizontal(classes="form-row"):
@@ -81,9 +86,14 @@ class NewRunScreen(Screen[int | None]):
         device = self.query_one("#nr-device", Select).value
         return RunRequest(
             preset=str(preset) if isinstance(preset, str) else self.initial_preset,
-            data=text("data"), model=text("model"), geneformer_dir=text("geneformer_dir"), config=text("config"),
-            name=text("name"), device=str(device) if isinstance(device, str) else "auto",
-            epochs=number("epochs"), nproc=number("nproc"),
+            data=text("data"),
+            model=text("model"),
+            geneformer_dir=text("geneformer_dir"),
+            config=text("config"),
+            name=text("name"),
+            device=str(device) if isinstance(device, str) else "auto",
+            epochs=number("epochs"),
+            nproc=number("nproc"),
         )
 
     def _refresh_command(self) -> None:

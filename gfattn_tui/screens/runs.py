@@ -90,7 +90,7 @@ class RunsScreen(RunActions, Screen):
     def load_details(self, runs: list[dict]) -> None:
         for start in range(0, len(runs), DETAILS_CHUNK):
             chunk = runs[start : start + DETAILS_CHUNK]
-            self.post_message(Loaded("details", self.client.call(lambda st: _details(st, chunk))))
+            self.post_message(Loaded("details", self.client.call(lambda st, chunk=chunk: _details(st, chunk))))
 
     def on_loaded(self, message: Loaded) -> None:
         if message.key == "runs":
@@ -324,7 +324,6 @@ class RunsScreen(RunActions, Screen):
     def action_reload(self) -> None:
         self._final_details.clear()
         self.load_runs()
-
 
     def _haystack(self, run: dict) -> str:
         info = self.details.get(int(run["id"]), {})

@@ -41,10 +41,18 @@ class ConfusionView(RunView, VerticalScroll):
                 if ft.confusion is None:
                     continue
                 labels, matrix = ordered_confusion(ft.confusion.labels, ft.confusion.matrix)
-                out.append({
-                    "run_id": ft.run_id, "task": ft.task, "mode": ft.mode, "split": ft.confusion.split,
-                    "labels": labels, "matrix": matrix, R.METRIC_ACCURACY: ft.accuracy, R.METRIC_MACRO_F1: ft.macro_f1,
-                })
+                out.append(
+                    {
+                        "run_id": ft.run_id,
+                        "task": ft.task,
+                        "mode": ft.mode,
+                        "split": ft.confusion.split,
+                        "labels": labels,
+                        "matrix": matrix,
+                        R.METRIC_ACCURACY: ft.accuracy,
+                        R.METRIC_MACRO_F1: ft.macro_f1,
+                    }
+                )
             return out
 
         self.post_message(Loaded("confusion", self.client.call(read)))
@@ -63,8 +71,14 @@ class ConfusionView(RunView, VerticalScroll):
             for task, items in tasks.items():
                 row = Horizontal(
                     *[
-                        ConfusionMatrix(_title(m), m["labels"], m["matrix"],
-                                        m[R.METRIC_ACCURACY], m[R.METRIC_MACRO_F1], classes="confusion")
+                        ConfusionMatrix(
+                            _title(m),
+                            m["labels"],
+                            m["matrix"],
+                            m[R.METRIC_ACCURACY],
+                            m[R.METRIC_MACRO_F1],
+                            classes="confusion",
+                        )
                         for m in items
                     ],
                     classes="conf-row conf-task",

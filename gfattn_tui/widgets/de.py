@@ -80,9 +80,7 @@ class DEView(RunView, Vertical):
         self.query_one("#de-body").display = bool(results)
         if not results:
             return
-        self.query_one("#de-results", Static).update(
-            render_json({name: value for name, value in results.items()})
-        )
+        self.query_one("#de-results", Static).update(render_json({name: value for name, value in results.items()}))
         records = None
         for name in PRIMARY:
             if name in results:

@@ -37,8 +37,18 @@ def read_gene_page(st, run_id: int, q: dict) -> dict:
             with_tables.append({**a, "tables": tables})
     ids = [a["id"] for a in with_tables]
     chosen = q["analysis_id"] if q["analysis_id"] in ids else (ids[0] if ids else None)
-    out = {"analyses": with_tables, "chosen": chosen, "table": None, "tables": [], "columns": [], "rows": [],
-           "count": 0, "order_by": q["order_by"], "descending": q["descending"], "offset": q["offset"]}
+    out = {
+        "analyses": with_tables,
+        "chosen": chosen,
+        "table": None,
+        "tables": [],
+        "columns": [],
+        "rows": [],
+        "count": 0,
+        "order_by": q["order_by"],
+        "descending": q["descending"],
+        "offset": q["offset"],
+    }
     if chosen is None:
         return out
     tables = next(a["tables"] for a in with_tables if a["id"] == chosen)
@@ -48,8 +58,16 @@ def read_gene_page(st, run_id: int, q: dict) -> dict:
     where = q["where"] or None
     count = st.gene_table_count(chosen, table, search=q["search"] or None, where=where)
     offset = min(q["offset"], max(0, (count - 1) // q["limit"] * q["limit"]))
-    rows = st.gene_table(chosen, table, order_by=order_by, descending=q["descending"], limit=q["limit"],
-                         offset=offset, search=q["search"] or None, where=where)
+    rows = st.gene_table(
+        chosen,
+        table,
+        order_by=order_by,
+        descending=q["descending"],
+        limit=q["limit"],
+        offset=offset,
+        search=q["search"] or None,
+        where=where,
+    )
     out.update(table=table, tables=tables, columns=columns, rows=rows, count=count, order_by=order_by, offset=offset)
     return out
 
@@ -108,9 +126,14 @@ class GenesView(RunView, Vertical):
 
     def query_state(self) -> dict:
         return {
-            "analysis_id": self.analysis_id, "table": self.table, "order_by": self.order_by,
-            "descending": self.descending, "offset": self.row_offset, "limit": self.page_size,
-            "search": self.search, "where": dict(self.where),
+            "analysis_id": self.analysis_id,
+            "table": self.table,
+            "order_by": self.order_by,
+            "descending": self.descending,
+            "offset": self.row_offset,
+            "limit": self.page_size,
+            "search": self.search,
+            "where": dict(self.where),
         }
 
     def load(self) -> None:

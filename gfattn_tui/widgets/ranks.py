@@ -20,8 +20,18 @@ from store import results as R
 def read_ranks(st, run_id: int, analysis_id: int | None) -> dict:
     scope = R.collect_scope(st, run_id)
     analyses, chosen = run_choices(scope.analyses, analysis_id)
-    out: dict = {"analyses": analyses, "chosen": chosen, "a": None, "b": None, "diff": None, "diff_name": "",
-                 "hist": None, "hist_meta": {}, "median": None, "names": ("model a", "model b")}
+    out: dict = {
+        "analyses": analyses,
+        "chosen": chosen,
+        "a": None,
+        "b": None,
+        "diff": None,
+        "diff_name": "",
+        "hist": None,
+        "hist_meta": {},
+        "median": None,
+        "names": ("model a", "model b"),
+    }
     if chosen is None:
         return out
     out["names"] = R.compared_models(st.get_run(chosen))

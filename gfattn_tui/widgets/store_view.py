@@ -19,10 +19,10 @@ if TYPE_CHECKING:
 class StoreBacked:
     """Mixin for widgets and screens that read the store in workers."""
 
-    app: "GfattnApp"
+    app: GfattnApp
 
     @property
-    def client(self) -> "StoreClient":
+    def client(self) -> StoreClient:
         return self.app.client
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:

@@ -15,15 +15,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-b", metavar="DIR", help="second model on the same tokenization (e.g. unfrozen)")
     p.add_argument("--data", required=True, metavar="TOKENIZED_DIR", help="tokenized cells (`gfattn tokenize`)")
     p.add_argument("--group-column", metavar="COL", help="dataset column with label groups (mean rank per group)")
-    p.add_argument("--reference-set", metavar="FILE",
-                   help="reference genes: TSV with an ensembl_id column, or one Ensembl ID or symbol per line")
+    p.add_argument(
+        "--reference-set",
+        metavar="FILE",
+        help="reference genes: TSV with an ensembl_id column, or one Ensembl ID or symbol per line",
+    )
     p.add_argument("--adata", metavar="H5AD", help="raw counts for differential expression (needs --de-groupby)")
     p.add_argument("--de-groupby", metavar="COL", help="obs column for DE groups")
     p.add_argument("--de-group", metavar="LABEL", help="DE group (e.g. high)")
     p.add_argument("--de-reference", metavar="LABEL", help="DE reference group (e.g. low)")
     p.add_argument("--gene-id-column", metavar="COL", help="var column with gene IDs for DE (default: var index)")
     p.add_argument("--top-k", default="10,20,50,100", help="k for the DE vs attention overlap (default 10,20,50,100)")
-    p.add_argument("--max-cells", type=int, default=0, help="analyse a seeded random subset of this many cells (0 = all)")
+    p.add_argument(
+        "--max-cells", type=int, default=0, help="analyse a seeded random subset of this many cells (0 = all)"
+    )
     p.add_argument("--batch-size", type=int, default=8, help="cells per batch (default 8)")
     p.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples for confidence intervals (default 200)")
     p.add_argument("--seed", type=int, default=0, help="seed for subsampling, bootstrap and permutations (default 0)")
@@ -82,8 +87,10 @@ def run(args) -> int:
     if model_b is not None:
         dicts_b = model_dictionaries(model_b)
         if dicts_b is None or dicts_b.fingerprint() != dicts.fingerprint():
-            raise InputError(f"{model_a} and {model_b} do not share a tokenization (different dictionaries); "
-                             "compare models fine-tuned from the same checkpoint")
+            raise InputError(
+                f"{model_a} and {model_b} do not share a tokenization (different dictionaries); "
+                "compare models fine-tuned from the same checkpoint"
+            )
     ds = load_tokenized(data)
     if "input_ids" not in ds.column_names:
         raise InputError(f"{data}: no input_ids column; tokenize with `gfattn tokenize`")
@@ -106,11 +113,19 @@ def run(args) -> int:
     names = (model_a.name, model_b.name if model_b is not None else "")
     name = args.name or (f"{names[0]} vs {names[1]}" if model_b is not None else f"attention: {names[0]}")
     config = {
-        "model_a": str(model_a), "model_b": str(model_b) if model_b is not None else None, "data": str(data),
-        "group_column": args.group_column, "reference_set": args.reference_set, "top_k": top_k,
-        "batch_size": args.batch_size, "n_boot": args.n_boot, "seed": args.seed, "cells": len(ds),
-        "de": {"adata": args.adata, "groupby": args.de_groupby, "group": args.de_group,
-               "reference": args.de_reference} if args.adata else None,
+        "model_a": str(model_a),
+        "model_b": str(model_b) if model_b is not None else None,
+        "data": str(data),
+        "group_column": args.group_column,
+        "reference_set": args.reference_set,
+        "top_k": top_k,
+        "batch_size": args.batch_size,
+        "n_boot": args.n_boot,
+        "seed": args.seed,
+        "cells": len(ds),
+        "de": {"adata": args.adata, "groupby": args.de_groupby, "group": args.de_group, "reference": args.de_reference}
+        if args.adata
+        else None,
     }
     run_id = store.create_run(name, "analysis", config, data_path=str(data), model_path=str(model_a), device=device)
     from pipeline.progress import Reporter
@@ -123,20 +138,40 @@ def run(args) -> int:
 
             store.set_stage(run_id, "de", "running")
             adata = ad.read_h5ad(args.adata)
-            de = de_wilcoxon(adata, args.de_groupby, args.de_group, args.de_reference, dicts=dicts,
-                             gene_id_column=args.gene_id_column)
+            de = de_wilcoxon(
+                adata,
+                args.de_groupby,
+                args.de_group,
+                args.de_reference,
+                dicts=dicts,
+                gene_id_column=args.gene_id_column,
+            )
             store.put_gene_table(run_id, "de", de)
             store.set_stage(run_id, "de", "completed")
-        reference = (load_reference_set(args.reference_set, symbol_to_id=dicts.name_to_id)
-                     if args.reference_set else None)
+        reference = (
+            load_reference_set(args.reference_set, symbol_to_id=dicts.name_to_id) if args.reference_set else None
+        )
         store.set_stage(run_id, "attention", "running")
         source = f"cells in {data}"
         m_a = load_for_attention(model_a, dicts=dicts, max_len=longest, data_source=source)
         m_b = load_for_attention(model_b, dicts=dicts, max_len=longest, data_source=source) if model_b else None
         summary = run_pair_analysis(
-            store, run_id, m_a, m_b, ds, dicts=dicts, names=names if model_b is not None else names[:1],
-            group_column=args.group_column, de=de, reference_set=reference, top_k=top_k, n_boot=args.n_boot,
-            batch_size=args.batch_size, device=device, dtype=torch.float32, seed=args.seed,
+            store,
+            run_id,
+            m_a,
+            m_b,
+            ds,
+            dicts=dicts,
+            names=names if model_b is not None else names[:1],
+            group_column=args.group_column,
+            de=de,
+            reference_set=reference,
+            top_k=top_k,
+            n_boot=args.n_boot,
+            batch_size=args.batch_size,
+            device=device,
+            dtype=torch.float32,
+            seed=args.seed,
             progress=rep.callback("cells", stage="attention"),
         )
         store.set_stage(run_id, "attention", "completed")

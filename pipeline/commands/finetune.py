@@ -13,8 +13,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, metavar="TOKENIZED_DIR", help="tokenized dataset (`gfattn tokenize`)")
     p.add_argument("--model", required=True, metavar="DIR", help="Geneformer or gfattn checkpoint directory")
     p.add_argument("--label-column", required=True, metavar="COL", help="dataset column holding the class labels")
-    p.add_argument("--mode", default="frozen",
-                   help="frozen (linear probe), unfrozen, last-K (e.g. last-1) or freeze-N (default frozen)")
+    p.add_argument(
+        "--mode",
+        default="frozen",
+        help="frozen (linear probe), unfrozen, last-K (e.g. last-1) or freeze-N (default frozen)",
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="where the fine-tuned model is saved")
     p.add_argument("--epochs", type=int, default=5, help="epochs (default 5, as in the thesis)")
     p.add_argument("--batch-size", type=int, default=12, help="cells per step and process (default 12)")
@@ -26,8 +29,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-len", type=int, default=0, help="keep each cell's top N tokens (0 = all)")
     p.add_argument("--validation", type=float, default=0.15, help="validation fraction (default 0.15)")
     p.add_argument("--test", type=float, default=0.15, help="test fraction (default 0.15)")
-    p.add_argument("--geneformer-dir", metavar="DIR",
-                   help="Geneformer dictionaries, when the model directory carries none (checks the vocabulary)")
+    p.add_argument(
+        "--geneformer-dir",
+        metavar="DIR",
+        help="Geneformer dictionaries, when the model directory carries none (checks the vocabulary)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for the split, the head and training (default 0)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="compute device")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto", help="autocast on CUDA")
@@ -83,47 +89,74 @@ def run(args) -> int:
 
     import numpy as np
 
-    from pipeline.tokenize import load_tokenized
     from pipeline.design import stratified_split
+    from pipeline.tokenize import load_tokenized
     from pipeline.train import TrainConfig, finetune
 
     ds = load_tokenized(args.data)
     if args.label_column not in ds.column_names:
-        raise InputError(f"{args.data}: no column {args.label_column!r} (columns: {', '.join(ds.column_names)}); "
-                         "tokenize with --obs-columns including the label column")
+        raise InputError(
+            f"{args.data}: no column {args.label_column!r} (columns: {', '.join(ds.column_names)}); "
+            "tokenize with --obs-columns including the label column"
+        )
     names, labels = _label_names(ds[args.label_column])
     if len(names) < 2:
-        raise InputError(f"{args.data}: column {args.label_column!r} has a single value {names}; need two or more classes")
+        raise InputError(
+            f"{args.data}: column {args.label_column!r} has a single value {names}; need two or more classes"
+        )
     ds = ds.remove_columns([c for c in ("label",) if c in ds.column_names]).add_column("label", labels.tolist())
     split = stratified_split(labels, args.validation, args.test, args.seed)
     train_idx, val_idx, test_idx = (np.flatnonzero(split == s) for s in ("train", "validation", "test"))
-    parts = {"train": ds.select(train_idx.tolist()), "validation": ds.select(val_idx.tolist()),
-             "test": ds.select(test_idx.tolist())}
+    parts = {
+        "train": ds.select(train_idx.tolist()),
+        "validation": ds.select(val_idx.tolist()),
+        "test": ds.select(test_idx.tolist()),
+    }
     dicts = _dictionaries(args.model, args.geneformer_dir)
     longest = int(np.max(ds["length"])) if len(ds) else 0
     max_len = args.max_len or None
     config = TrainConfig(
-        lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, epochs=args.epochs,
-        batch_size=args.batch_size, grad_accum=args.grad_accum, class_weights=args.class_weights, seed=args.seed,
-        device=args.device, amp=args.amp, max_len=max_len,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_ratio=args.warmup_ratio,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        class_weights=args.class_weights,
+        seed=args.seed,
+        device=args.device,
+        amp=args.amp,
+        max_len=max_len,
     ).validate()
     # Refuse a mismatched model before a run is recorded.
     from pipeline.model import check_model_inputs, read_model_config
 
     model_config = read_model_config(args.model)
     parse_mode(args.mode, model_config.num_hidden_layers)
-    check_model_inputs(model_config, dicts=dicts, max_len=max_len or longest, model_dir=args.model,
-                       data_source=f"cells in {args.data}")
+    check_model_inputs(
+        model_config, dicts=dicts, max_len=max_len or longest, model_dir=args.model, data_source=f"cells in {args.data}"
+    )
 
     from store import Store
 
     store = Store(resolve_store_path(args.store))
     name = args.name or f"{args.label_column}/{args.mode}"
-    run_id = store.create_run(name, "finetune", {
-        "task": args.label_column, "mode": args.mode, "labels": names, "data": str(args.data),
-        "train": {k: v for k, v in vars(config).items()}, "nproc": args.nproc,
-        "split": {"validation": args.validation, "test": args.test},
-    }, data_path=str(args.data), model_path=str(args.model), device=args.device)
+    run_id = store.create_run(
+        name,
+        "finetune",
+        {
+            "task": args.label_column,
+            "mode": args.mode,
+            "labels": names,
+            "data": str(args.data),
+            "train": {k: v for k, v in vars(config).items()},
+            "nproc": args.nproc,
+            "split": {"validation": args.validation, "test": args.test},
+        },
+        data_path=str(args.data),
+        model_path=str(args.model),
+        device=args.device,
+    )
     from pipeline.progress import Reporter
 
     rep = Reporter()  # the terminal only: `finetune` records its progress in the store itself
@@ -135,20 +168,48 @@ def run(args) -> int:
         if args.nproc > 1:
             from pipeline.launch import finetune_distributed
 
-            result = finetune_distributed(args.model, parts, label_names=names, mode=args.mode, config=config,
-                                          nproc=args.nproc, store_path=str(store.path), run_id=run_id,
-                                          out_dir=args.out, dicts=dicts)
+            result = finetune_distributed(
+                args.model,
+                parts,
+                label_names=names,
+                mode=args.mode,
+                config=config,
+                nproc=args.nproc,
+                store_path=str(store.path),
+                run_id=run_id,
+                out_dir=args.out,
+                dicts=dicts,
+            )
         else:
             from pipeline.model import load_classifier
 
-            model = load_classifier(args.model, len(names), dicts=dicts, max_len=max_len or longest,
-                                    data_source=f"cells in {args.data}", seed=args.seed)
-            result = finetune(model, parts["train"], parts["validation"], parts["test"], label_names=names,
-                              mode=args.mode, config=config, store=store, run_id=run_id, out_dir=args.out,
-                              progress=rep.callback("steps", stage="finetune"), dicts=dicts)
+            model = load_classifier(
+                args.model,
+                len(names),
+                dicts=dicts,
+                max_len=max_len or longest,
+                data_source=f"cells in {args.data}",
+                seed=args.seed,
+            )
+            result = finetune(
+                model,
+                parts["train"],
+                parts["validation"],
+                parts["test"],
+                label_names=names,
+                mode=args.mode,
+                config=config,
+                store=store,
+                run_id=run_id,
+                out_dir=args.out,
+                progress=rep.callback("steps", stage="finetune"),
+                dicts=dicts,
+            )
     m = result.test_metrics
-    print(f"{name}: test accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f} "
-          f"(best epoch {result.best_epoch}); model saved to {Path(args.out)}")
+    print(
+        f"{name}: test accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f} "
+        f"(best epoch {result.best_epoch}); model saved to {Path(args.out)}"
+    )
     width = max(5, max(len(n) for n in names))
     print(" " * (width + 2) + " ".join(f"{n:>{width}}" for n in names) + "   (rows: true, columns: predicted)")
     for n, row in zip(names, result.confusion):

@@ -9,8 +9,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from pipeline.config import PRESETS
 
     p.add_argument("--store", help="experiment store (default: $GFATTN_STORE or ./gfattn.db)")
-    p.add_argument("--preset", default=None, choices=list(PRESETS),
-                   help="; ".join(f"{k}: {v}" for k, v in PRESETS.items()))
+    p.add_argument(
+        "--preset", default=None, choices=list(PRESETS), help="; ".join(f"{k}: {v}" for k, v in PRESETS.items())
+    )
     p.add_argument("--quick", action="store_true", help="alias of --preset quick: a tiny run for smoke tests")
     p.add_argument("--config", metavar="FILE.toml", help="TOML config (see --print-config for every key)")
     p.add_argument("--data", metavar="FILE.h5ad", help="raw-count AnnData (default: synthetic sci-Plex-like data)")
@@ -21,8 +22,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="seed for everything")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="compute device")
     p.add_argument("--nproc", type=int, help="processes for data-parallel fine-tuning (torchrun)")
-    p.add_argument("--reference-set", metavar="FILE", help="reference gene set (e.g. p53 targets) marked in gene tables")
-    p.add_argument("--resume", metavar="RUN", help="continue a failed or interrupted run from its first unfinished stage")
+    p.add_argument(
+        "--reference-set", metavar="FILE", help="reference gene set (e.g. p53 targets) marked in gene tables"
+    )
+    p.add_argument(
+        "--resume", metavar="RUN", help="continue a failed or interrupted run from its first unfinished stage"
+    )
     p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
 
 

@@ -20,8 +20,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=3, help="passes over the corpus (default 3)")
     p.add_argument("--batch-size", type=int, default=32, help="cells per step (default 32)")
     p.add_argument("--lr", type=float, default=5e-3, help="peak learning rate (default 5e-3)")
-    p.add_argument("--time-budget", type=float, default=0.0, metavar="SECONDS",
-                   help="stop training after this many seconds, annealing the learning rate to fit (0 = none)")
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="stop training after this many seconds, annealing the learning rate to fit (0 = none)",
+    )
     p.add_argument("--min-cells", type=int, default=1, help="vocabulary: genes detected in at least this many cells")
     p.add_argument("--seed", type=int, default=0, help="seed for everything (default 0)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="compute device")
@@ -56,11 +61,31 @@ def run(args) -> int:
 
     store = _open_store(resolve_store_path(args.store))
     run_id = None
-    hyper = {k: getattr(args, k) for k in ("layers", "hidden", "heads", "intermediate", "max_len", "epochs",
-                                           "batch_size", "lr", "time_budget", "min_cells", "seed")}
+    hyper = {
+        k: getattr(args, k)
+        for k in (
+            "layers",
+            "hidden",
+            "heads",
+            "intermediate",
+            "max_len",
+            "epochs",
+            "batch_size",
+            "lr",
+            "time_budget",
+            "min_cells",
+            "seed",
+        )
+    }
     if store is not None:
-        run_id = store.create_run(args.name or f"pretrain:{out.name}", "pretrain", {"corpus": str(corpus_path), **hyper},
-                                  data_path=str(corpus_path), model_path=str(out), device=args.device)
+        run_id = store.create_run(
+            args.name or f"pretrain:{out.name}",
+            "pretrain",
+            {"corpus": str(corpus_path), **hyper},
+            data_path=str(corpus_path),
+            model_path=str(out),
+            device=args.device,
+        )
     tracking = store.track(run_id) if store is not None else nullcontext()
     from pipeline.progress import Reporter
 
@@ -74,17 +99,32 @@ def run(args) -> int:
             store.set_stage(run_id, "vocabulary", "completed")
             store.set_stage(run_id, "pretrain", "running")
         metrics = pretrain(
-            corpus_ds, dicts, out, layers=args.layers, hidden=args.hidden, heads=args.heads,
-            intermediate=args.intermediate, max_len=args.max_len, epochs=args.epochs, batch_size=args.batch_size,
-            lr=args.lr, seed=args.seed, time_budget_s=args.time_budget or None,
-            progress=rep.callback("steps", stage="pretrain"), device=args.device, store=store, run_id=run_id,
+            corpus_ds,
+            dicts,
+            out,
+            layers=args.layers,
+            hidden=args.hidden,
+            heads=args.heads,
+            intermediate=args.intermediate,
+            max_len=args.max_len,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            time_budget_s=args.time_budget or None,
+            progress=rep.callback("steps", stage="pretrain"),
+            device=args.device,
+            store=store,
+            run_id=run_id,
         )
         if store is not None:
             store.set_stage(run_id, "pretrain", "completed")
     print(f"model written to {out}")
-    print(f"held-out masked-gene accuracy {metrics['heldout_accuracy']:.4f} (top-5 {metrics['heldout_top5_accuracy']:.4f}); "
-          f"chance (most frequent gene) {metrics['chance_accuracy']:.4f}, rank-aware frequency "
-          f"{metrics['position_baseline_accuracy']:.4f}; {metrics['steps']} steps in {metrics['train_seconds']:.0f} s")
+    print(
+        f"held-out masked-gene accuracy {metrics['heldout_accuracy']:.4f} (top-5 {metrics['heldout_top5_accuracy']:.4f}); "
+        f"chance (most frequent gene) {metrics['chance_accuracy']:.4f}, rank-aware frequency "
+        f"{metrics['position_baseline_accuracy']:.4f}; {metrics['steps']} steps in {metrics['train_seconds']:.0f} s"
+    )
     if run_id is not None:
         print(f"run {run_id}")
     return 0

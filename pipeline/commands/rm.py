@@ -20,7 +20,9 @@ def run(args: argparse.Namespace) -> int:
         run_id = resolve_run(st, args.run)
         info = st.get_run(run_id)
         n_desc = len(st.descendants(run_id))
-        what = f"run {run_id} ({info['name']!r}, {info['status']})" + (f" and its {n_desc} child runs" if n_desc else "")
+        what = f"run {run_id} ({info['name']!r}, {info['status']})" + (
+            f" and its {n_desc} child runs" if n_desc else ""
+        )
         if info["status"] == "running":
             what += "; it is still running"
         if not args.yes:

@@ -21,13 +21,15 @@ from pipeline.paths import resolve_store_path
 
 def add_store_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--store", metavar="PATH", default=None,
+        "--store",
+        metavar="PATH",
+        default=None,
         help="the experiment store (default: $GFATTN_STORE or ./gfattn.db)",
     )
 
 
 @contextmanager
-def open_store(store_arg: str | None, *, create: bool = False, readonly: bool = False) -> Iterator["object"]:
+def open_store(store_arg: str | None, *, create: bool = False, readonly: bool = False) -> Iterator[object]:
     """Open the store named by `--store` (or the default); StoreError becomes InputError.
 
     `readonly=True` (runs, show, export) never migrates or writes: see `store.Store`."""
@@ -110,19 +112,29 @@ def format_table(runs: list[dict], *, tree: bool = True) -> str:
         name = ("  " * (depth - 1) + "└ " if depth else "") + r["name"]
         if len(name) > 48:
             name = name[:47] + "…"
-        table.append((
-            str(r["id"]), name, r["kind"], r["status"], format_time(r["created"]),
-            format_duration(run_duration(r, now)), ",".join(r["tags"]),
-        ))
+        table.append(
+            (
+                str(r["id"]),
+                name,
+                r["kind"],
+                r["status"],
+                format_time(r["created"]),
+                format_duration(run_duration(r, now)),
+                ",".join(r["tags"]),
+            )
+        )
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
     return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--status", choices=["running", "completed", "failed", "interrupted", "lost"],
-                        help="only runs with this status")
-    parser.add_argument("--name", metavar="GLOB", help="only runs whose name matches this shell pattern (e.g. 'dose/*')")
+    parser.add_argument(
+        "--status", choices=["running", "completed", "failed", "interrupted", "lost"], help="only runs with this status"
+    )
+    parser.add_argument(
+        "--name", metavar="GLOB", help="only runs whose name matches this shell pattern (e.g. 'dose/*')"
+    )
     parser.add_argument("--tag", help="only runs carrying this tag")
     parser.add_argument("--kind", help="only runs of this kind (pipeline, data, finetune, analysis, ...)")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="at most N runs (newest first)")

@@ -9,7 +9,14 @@ import argparse
 import json
 import sys
 
-from pipeline.commands.runs import add_store_argument, format_duration, format_time, open_store, resolve_run, run_duration
+from pipeline.commands.runs import (
+    add_store_argument,
+    format_duration,
+    format_time,
+    open_store,
+    resolve_run,
+    run_duration,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,9 +74,13 @@ def format_show(doc: dict, depth: int = 0) -> str:
         for label, row in zip(c["labels"], c["matrix"]):
             lines.append(f"{pad}    {label:<{width}} " + " ".join(f"{_num(v):>{width}}" for v in row))
     if doc["grids"]:
-        lines.append(f"{pad}  grids     " + ", ".join(f"{g['name']} {g['shape'][0]}x{g['shape'][1]}" for g in doc["grids"]))
+        lines.append(
+            f"{pad}  grids     " + ", ".join(f"{g['name']} {g['shape'][0]}x{g['shape'][1]}" for g in doc["grids"])
+        )
     if doc["vectors"]:
-        lines.append(f"{pad}  vectors   " + ", ".join(f"{v['name']} {'x'.join(map(str, v['shape']))}" for v in doc["vectors"]))
+        lines.append(
+            f"{pad}  vectors   " + ", ".join(f"{v['name']} {'x'.join(map(str, v['shape']))}" for v in doc["vectors"])
+        )
     if doc["gene_tables"]:
         lines.append(f"{pad}  genes     " + ", ".join(f"{t['name']} ({t['rows']} rows)" for t in doc["gene_tables"]))
     if doc["labels"]:

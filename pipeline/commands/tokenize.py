@@ -21,27 +21,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="output dataset directory (must not exist)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     parser.add_argument(
-        "--model-version", choices=("V1", "V2"), default=None,
+        "--model-version",
+        choices=("V1", "V2"),
+        default=None,
         help="model series: V1 (2048 tokens, gc30M dictionaries) or V2 (4096 with <cls>/<eos>, gc104M); "
         "default V2 with --geneformer-dir, else inferred from the token dictionary",
     )
     src = parser.add_argument_group("dictionaries (one of)")
-    src.add_argument("--geneformer-dir", metavar="DIR",
-                     help="a Geneformer checkout (or its geneformer/ package folder); dictionaries are found in it")
+    src.add_argument(
+        "--geneformer-dir",
+        metavar="DIR",
+        help="a Geneformer checkout (or its geneformer/ package folder); dictionaries are found in it",
+    )
     src.add_argument("--token-dictionary", metavar="F", help="token_dictionary*.pkl")
     src.add_argument("--gene-median", metavar="F", help="gene_median_dictionary*.pkl")
     src.add_argument("--gene-mapping", metavar="F", help="ensembl_mapping_dict*.pkl (optional)")
     src.add_argument("--gene-name-id", metavar="F", help="gene_name_id_dict*.pkl, needed for gene symbols (optional)")
     parser.add_argument("--obs-columns", default="", metavar="A,B", help="obs columns to carry into the dataset")
-    parser.add_argument("--n-counts-column", metavar="NAME",
-                        help="obs column with each cell's total count (default: n_counts, ncounts, n.umi or "
-                        "total_counts; computed from X when none exists)")
-    parser.add_argument("--gene-id-column", metavar="NAME",
-                        help="var column with Ensembl IDs or gene symbols (default: the var index, or a column "
-                        "that maps better)")
+    parser.add_argument(
+        "--n-counts-column",
+        metavar="NAME",
+        help="obs column with each cell's total count (default: n_counts, ncounts, n.umi or "
+        "total_counts; computed from X when none exists)",
+    )
+    parser.add_argument(
+        "--gene-id-column",
+        metavar="NAME",
+        help="var column with Ensembl IDs or gene symbols (default: the var index, or a column that maps better)",
+    )
     parser.add_argument("--layer", metavar="NAME", help="layer holding the raw counts (default: X)")
-    parser.add_argument("--max-len", type=int, metavar="N",
-                        help="model input size incl. special tokens (default: 2048 for V1, 4096 for V2)")
+    parser.add_argument(
+        "--max-len",
+        type=int,
+        metavar="N",
+        help="model input size incl. special tokens (default: 2048 for V1, 4096 for V2)",
+    )
 
 
 def load_dictionaries(args):
@@ -57,8 +71,11 @@ def load_dictionaries(args):
         if not (args.token_dictionary and args.gene_median):
             raise InputError("--token-dictionary and --gene-median go together; give both")
         return GeneDictionaries.from_files(
-            args.token_dictionary, args.gene_median, gene_mapping=args.gene_mapping,
-            gene_name_id=args.gene_name_id, version=args.model_version,
+            args.token_dictionary,
+            args.gene_median,
+            gene_mapping=args.gene_mapping,
+            gene_name_id=args.gene_name_id,
+            version=args.model_version,
         )
     raise InputError(
         "no gene dictionaries: pass --geneformer-dir DIR (a Geneformer checkout) or "
