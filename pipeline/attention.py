@@ -269,27 +269,7 @@ class _Accumulators:
 
     @staticmethod
     def _tensor_names():
-        return (
-            "rank_count",
-            "rank_special_count",
-            "rank_sum",
-            "rank_norm_sum",
-            "gene_sum",
-            "gene_norm_sum",
-            "gene_group_sum",
-            "gene_cells",
-            "gene_occ",
-            "gene_rank_sum",
-            "gene_rank_sq",
-            "gene_group_rank_sum",
-            "gene_group_occ",
-            "lengths",
-            "cell_curve",
-            "cell_norm",
-            "cell_norm_summed",
-            "cell_centre",
-            "cell_cosine",
-        )
+        return AttentionResult._ADDITIVE
 
     def result(self, *, names, special_ids, cells: Cells, meta) -> AttentionResult:
         def np_(t):

@@ -547,7 +547,7 @@ def stage_finetune(ctx: Context, task: str, mode: str) -> None:
         recorded = _recorded_checkpoint(ctx, done)
         if recorded is not None and recorded.get("path") == str(out_dir):
             ctx.out.checkpoint_hashes[(task, mode)] = verify_checkpoint(out_dir, recorded.get("weights_sha256"))
-            ctx.rep.line(f"{name}: already fine-tuned (resumed; checkpoint verified)")
+            ctx.rep.line(f"{name}: already fine-tuned (resumed), checkpoint verified")
             ctx.out.models[(task, mode)] = out_dir
             return
         ctx.store.delete_run(done)  # completed without a usable checkpoint record: fine-tune again

@@ -148,8 +148,10 @@ def _save_model(path, seed, dicts):
         initializer_range=0.3,
     )
     torch.manual_seed(seed)
-    BertForSequenceClassification(cfg).save_pretrained(str(path))
-    dicts.save(path)
+    from pipeline.train import save_finetuned
+
+    # as `gfattn finetune` saves it: weights, dictionaries and gfattn_finetune.json with the weights' sha256
+    save_finetuned(BertForSequenceClassification(cfg), path, dicts=dicts, summary={"mode": "test"})
 
 
 def test_gfattn_analyze_records_an_analysis_run(tmp_path, capsys):
@@ -219,3 +221,14 @@ def test_gfattn_analyze_records_an_analysis_run(tmp_path, capsys):
         ["analyze", "--model-a", str(tmp_path / "frozen"), "--data", str(tmp_path / "nope"), "--store", str(store_path)]
     )
     assert rc == 2 and "is not a directory" in capsys.readouterr().err
+    # a fine-tuned model whose weights changed after it was saved is refused, never analysed
+    weights = tmp_path / "unfrozen" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    rc = main(["analyze", "--model-a", str(tmp_path / "frozen"), "--model-b", str(tmp_path / "unfrozen"),
+               "--data", str(tmp_path / "tok"), "--store", str(store_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "sha256" in err and "unfrozen" in err, err
+    with Store(store_path) as st:
+        assert len(st.list_runs(kind="analysis")) == 1  # nothing recorded for the refused run

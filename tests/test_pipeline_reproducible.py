@@ -108,5 +108,5 @@ def test_killed_then_disk_full_then_resumed_gives_identical_results(quick_run, t
     # 4. space freed: the resume completes, and every stored number equals the clean run's
     out = gfattn("pipeline", "--resume", str(run_id), "--store", str(db))
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "lowhigh/frozen: already fine-tuned (resumed; checkpoint verified)" in out.stderr
+    assert "lowhigh/frozen: already fine-tuned (resumed), checkpoint verified" in out.stderr
     _same(quick_run[0], db)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -106,7 +107,8 @@ def test_user_data_and_checkpoint_run_end_to_end(tmp_path, user_checkpoint, user
     # the fine-tuned models keep the checkpoint's vocabulary (real V1 dictionary, 25,426 tokens)
     from pipeline.model import read_model_config
 
-    ft_dir = db.parent / ".gfattn-cache" / "runs" / "1" / "lowhigh__unfrozen"
+    ft_dir = Path(st.get_json(children["lowhigh/unfrozen"]["id"], "checkpoint")["path"])
+    assert ft_dir == db.parent / ".gfattn-cache" / "runs" / st.uid / "1" / "lowhigh__unfrozen"
     assert read_model_config(ft_dir).vocab_size == vocab_size
 
     # DE and attention genes are real Ensembl IDs with symbols from the real dictionaries
@@ -210,5 +212,5 @@ def test_pipeline_fine_tunes_with_two_processes(tmp_path, capsys):
         test_accuracy = st.metrics(child["id"], name="accuracy", split="test")
         assert len(test_accuracy) == 1 and 0.0 <= test_accuracy[0]["value"] <= 1.0
         assert any(c["split"] == "test" and c["matrix"].sum() > 0 for c in st.confusions(child["id"]))
-        assert (db.parent / ".gfattn-cache" / "runs" / "1" / f"lowhigh__{mode}" / "config.json").is_file()
+        assert (db.parent / ".gfattn-cache" / "runs" / st.uid / "1" / f"lowhigh__{mode}" / "config.json").is_file()
     assert children["lowhigh: frozen vs unfrozen"]["status"] == "completed"

@@ -120,6 +120,7 @@ async def test_every_tab_of_a_pipeline_run(tui_store):
         assert len(data.data["cells"]["umap1"]) == 600
         assert data.data["qc"]["cells_kept"] == 600
         await pilot.press("c")
+        await settle(pilot)
         assert data.colour_by == "group"
 
         await pilot.press("escape")

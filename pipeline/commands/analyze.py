@@ -91,6 +91,10 @@ def run(args) -> int:
                 f"{model_a} and {model_b} do not share a tokenization (different dictionaries); "
                 "compare models fine-tuned from the same checkpoint"
             )
+    from pipeline.train import verify_checkpoint
+
+    # a gfattn fine-tuned model carries the sha256 of its weights: a changed file is refused, not analysed
+    hashes = {str(m): verify_checkpoint(m) for m in (model_a, model_b) if m is not None}
     ds = load_tokenized(data)
     if "input_ids" not in ds.column_names:
         raise InputError(f"{data}: no input_ids column; tokenize with `gfattn tokenize`")
@@ -115,6 +119,7 @@ def run(args) -> int:
     config = {
         "model_a": str(model_a),
         "model_b": str(model_b) if model_b is not None else None,
+        "weights_sha256": hashes,
         "data": str(data),
         "group_column": args.group_column,
         "reference_set": args.reference_set,
