@@ -226,8 +226,19 @@ def test_gfattn_analyze_records_an_analysis_run(tmp_path, capsys):
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
-    rc = main(["analyze", "--model-a", str(tmp_path / "frozen"), "--model-b", str(tmp_path / "unfrozen"),
-               "--data", str(tmp_path / "tok"), "--store", str(store_path)])
+    rc = main(
+        [
+            "analyze",
+            "--model-a",
+            str(tmp_path / "frozen"),
+            "--model-b",
+            str(tmp_path / "unfrozen"),
+            "--data",
+            str(tmp_path / "tok"),
+            "--store",
+            str(store_path),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "sha256" in err and "unfrozen" in err, err
     with Store(store_path) as st:
