@@ -346,7 +346,8 @@ def _de_gene_ids(adata, dicts=None, gene_id_column: str | None = None) -> tuple[
 def de_wilcoxon(
     adata, groupby: str, group, reference, *, dicts=None, gene_id_column: str | None = None, layer: str | None = None
 ) -> pd.DataFrame:
-    """Differential expression of `group` against `reference` with scanpy's Wilcoxon rank-sum test.
+    """Differential expression of `group` against `reference` (a label, or `rest`: every other cell) with
+    scanpy's Wilcoxon rank-sum test.
 
     Raw counts (X, or `layer`) are normalised to 10,000 per cell and log1p-transformed on a copy of the
     two groups' cells; then `scanpy.tl.rank_genes_groups(method="wilcoxon")`. Returns one row per gene,
@@ -364,6 +365,8 @@ def de_wilcoxon(
         )
     labels = adata.obs[groupby].astype(str)
     group, reference = str(group), str(reference)
+    if reference == "rest":  # one-vs-rest, as scanpy's reference="rest": every other cell is the reference
+        labels = labels.where(labels == group, "rest")
     for g in (group, reference):
         if not (labels == g).any():
             raise InputError(

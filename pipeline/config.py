@@ -33,28 +33,18 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "synth_scale": (0.33, "synthetic data: cells relative to sci-Plex 2's Nutlin-3a arm"),
         "synth_preset": ("thesis", "synthetic data: `thesis` (~680 genes/cell) or `raw` (~2,300)"),
         "synth_length_effect": (1.0, "synthetic data: strength of the dose -> detected genes confound (0 = off)"),
-        "perturbation_column": ("perturbation", "obs column naming the perturbation"),
-        "perturbation": ("Nutlin", "value of perturbation_column selecting the drug (case-insensitive prefix)"),
-        "control_values": (
-            ["control", "vehicle", "DMSO", "Vehicle"],
-            "perturbation values that are vehicle cells (dose 0)",
+        "filter": (
+            {"perturbation": ["Nutlin*", "control", "vehicle", "Vehicle", "DMSO"]},
+            "cells kept: obs column -> accepted values (`*` wildcards; several columns combine with AND; {} = all)",
         ),
-        "dose_column": ("dose_value", "obs column with the dose (numeric, or text such as `2.5uM`)"),
-        "dose_multiplier": (1.0, "multiply stored doses by this (scPerturb/pertpy sci-Plex 2 copies: 2.5)"),
-        "doses": ([0.0, 1.25, 2.5, 12.5, 25.0], "doses kept, in uM after the multiplier; others are dropped"),
         "gene_id_column": ("", "var column with Ensembl IDs or symbols (empty: var index, auto-detected)"),
         "n_counts_column": (
             "",
             "obs column with total counts (empty: n_counts/ncounts/n.umi/total_counts, else computed)",
         ),
         "layer": ("", "layer with raw counts (empty: X)"),
-        "max_cells": (0, "subsample to at most this many cells, stratified by dose (0 = all)"),
+        "max_cells": (0, "subsample to at most this many cells, stratified by the tasks' classes (0 = all)"),
         "umap": (True, "compute a UMAP of the selected cells (scanpy) for the Data view"),
-    },
-    "labels": {
-        "tasks": (["dose", "lowhigh"], "tasks: `dose` (one class per dose) and `lowhigh` (low vs high dose)"),
-        "low_doses": ([0.0, 1.25, 2.5], "doses of the `low` group"),
-        "high_doses": ([12.5, 25.0], "doses of the `high` group"),
     },
     "split": {
         "validation": (0.15, "fraction of cells for validation (model selection)"),
@@ -79,6 +69,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "time_budget_s": (75.0, "embedded model: stop pretraining after this many seconds (0 = no limit)"),
     },
     "train": {
+        "tasks": ([], "tasks to fine-tune ([] = every task in [[tasks]])"),
         "modes": (["frozen", "unfrozen", "last-1"], "training modes: frozen, unfrozen, last-K, freeze-N"),
         "epochs": (5, "fine-tuning epochs (the thesis used 5)"),
         "batch_size": (16, "cells per optimisation step"),
@@ -92,19 +83,44 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
     },
     "analysis": {
         "pairs": ([["frozen", "unfrozen"], ["frozen", "last-1"]], "model pairs whose attention is compared"),
-        "tasks": (["lowhigh"], "tasks whose fine-tuned models are analysed"),
+        "tasks": (["lowhigh"], "tasks whose fine-tuned models are analysed ([] = every fine-tuned task)"),
         "batch_size": (8, "cells per attention batch"),
         "max_cells": (0, "analyse at most this many test cells (0 = all)"),
         "n_boot": (200, "bootstrap resamples for confidence intervals"),
         "reference_set": ("", "reference gene set file (TSV with ensembl_id, or one ID/symbol per line)"),
         "top_k": ([10, 20, 50, 100], "k for the DE vs attention overlap"),
-        "de": (True, "run scanpy's Wilcoxon DE between the low and high groups"),
+        "de": (True, "scanpy's Wilcoxon DE for each analysed task (see [de]), compared with attention"),
+    },
+    "de": {
+        "groupby": ("", "task whose classes DE compares (empty: each analysed task)"),
+        "groups": ([], "classes tested ([] = binary tasks: the second class; more classes: each one)"),
+        "reference": ("", "`rest` or a class (empty: binary tasks: the first class; more classes: rest)"),
     },
     "compute": {
         "device": ("auto", "auto, cpu or cuda"),
         "nproc": (1, "processes for data-parallel fine-tuning (torchrun)"),
         "threads": (0, "torch CPU threads (0 = torch's default)"),
     },
+}
+
+# The thesis design (sections 2.2-2.3), the tasks of every sci-Plex preset: [[tasks]] in a config file,
+# or --label-column, replace them (and then data.filter defaults to {} unless set too).
+SCIPLEX_TASKS: list[dict[str, Any]] = [
+    {"name": "dose", "column": "dose_value", "unit": "uM", "classes": [0.0, 1.25, 2.5, 12.5, 25.0]},
+    {
+        "name": "lowhigh",
+        "column": "dose_value",
+        "unit": "uM",
+        "groups": {"low": [0.0, 1.25, 2.5], "high": [12.5, 25.0]},
+    },
+]
+TASK_KEYS: dict[str, str] = {
+    "name": "the task's name (in run names, tables and figures)",
+    "column": "obs column holding the labels",
+    "classes": "values kept as classes, in this order (default: every value)",
+    "groups": 'new class -> list of values, e.g. {KO = ["ZAP70_1", "LCK_1"], ctrl = ["control"]}',
+    "unit": 'unit of a numeric column, shown in class names ("12.5 uM")',
+    "scale": "multiply a numeric column first (scPerturb copies of sci-Plex 2: 2.5)",
 }
 
 PRESETS: dict[str, str] = {
@@ -115,8 +131,42 @@ PRESETS: dict[str, str] = {
 }
 
 
-def defaults() -> dict[str, dict[str, Any]]:
-    return {section: {k: copy.deepcopy(v[0]) for k, v in keys.items()} for section, keys in SCHEMA.items()}
+def defaults() -> dict[str, Any]:
+    out: dict[str, Any] = {
+        section: {k: copy.deepcopy(v[0]) for k, v in keys.items()} for section, keys in SCHEMA.items()
+    }
+    out["tasks"] = copy.deepcopy(SCIPLEX_TASKS)
+    return out
+
+
+def check_tasks(tasks: Any, source: str) -> list[dict]:
+    """A `[[tasks]]` array: tables with a name and an obs column, known keys only, unique names."""
+    if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
+        raise InputError(f"{source}: tasks must be an array of tables ([[tasks]] with name and column)")
+    seen = set()
+    out = []
+    for i, t in enumerate(tasks):
+        for key in t:
+            if key not in TASK_KEYS:
+                raise InputError(f"{source}: unknown key tasks[{i}].{key}{_nearest(key, TASK_KEYS)}")
+        for key in ("name", "column"):
+            if not isinstance(t.get(key), str) or not t[key]:
+                raise InputError(f"{source}: tasks[{i}] needs a `{key}` (text)")
+        if t["name"] in seen:
+            raise InputError(f"{source}: two tasks are named {t['name']!r}")
+        seen.add(t["name"])
+        if "classes" in t and "groups" in t:
+            raise InputError(f"{source}: task {t['name']!r} has both classes and groups; give one")
+        if "classes" in t and (not isinstance(t["classes"], list) or len(t["classes"]) < 2):
+            raise InputError(f"{source}: task {t['name']!r}: classes must list at least two values")
+        if "groups" in t:
+            g = t["groups"]
+            if not isinstance(g, dict) or len(g) < 2 or not all(isinstance(v, list) and v for v in g.values()):
+                raise InputError(
+                    f"{source}: task {t['name']!r}: groups must map at least two classes to lists of values"
+                )
+        out.append(dict(t))
+    return out
 
 
 def _nearest(name: str, options) -> str:
@@ -137,6 +187,8 @@ def _check_type(where: str, default: Any, value: Any) -> Any:
         return value
     if isinstance(default, list) and isinstance(value, list):
         return value
+    if isinstance(default, dict) and isinstance(value, dict):
+        return value
     raise InputError(f"{where} must be {type(default).__name__}, got {value!r}")
 
 
@@ -144,6 +196,9 @@ def merge(base: dict, overrides: dict, source: str) -> dict:
     """Merge `overrides` (a parsed TOML document) into `base`, refusing unknown keys and wrong types."""
     out = copy.deepcopy(base)
     for section, values in overrides.items():
+        if section == "tasks":
+            out["tasks"] = check_tasks(values, source)
+            continue
         if section not in SCHEMA:
             raise InputError(f"{source}: unknown section [{section}]{_nearest(section, SCHEMA)}")
         if not isinstance(values, dict):
@@ -177,15 +232,31 @@ def preset_overrides(name: str) -> dict:
 def resolve(preset: str = "default", config_file: str | Path | None = None, flags: dict | None = None) -> dict:
     """Defaults -> preset -> config file -> flags (a dict of "section.key" -> value; None values skipped)."""
     cfg = merge(defaults(), preset_overrides(preset), f"preset {preset}")
+    user_sets: set[str] = set()  # what the user's file and flags set: own tasks drop the sci-Plex filter
     if config_file:
-        cfg = merge(cfg, load_toml(config_file), str(config_file))
-    nested: dict[str, dict] = {}
+        doc = load_toml(config_file)
+        cfg = merge(cfg, doc, str(config_file))
+        user_sets |= {"tasks"} if "tasks" in doc else set()
+        user_sets |= {"data.filter"} if "filter" in doc.get("data", {}) else set()
+    nested: dict[str, Any] = {}
     for dotted, value in (flags or {}).items():
         if value is None:
             continue
+        if dotted == "tasks":
+            nested["tasks"] = value
+            user_sets.add("tasks")
+            continue
         section, key = dotted.split(".", 1)
         nested.setdefault(section, {})[key] = value
+        user_sets.add(dotted)
     cfg = merge(cfg, nested, "command line")
+    if "tasks" in user_sets:
+        if "data.filter" not in user_sets:
+            cfg["data"]["filter"] = {}
+        names = [t["name"] for t in cfg["tasks"]]
+        for section in ("train", "analysis"):
+            if f"{section}.tasks" not in user_sets and not set(cfg[section]["tasks"]) <= set(names):
+                cfg[section]["tasks"] = []
     cfg["run"]["preset"] = preset
     validate(cfg)
     return cfg
@@ -198,12 +269,18 @@ def validate(cfg: dict) -> None:
         raise InputError("split.validation and split.test must be in (0, 1) and leave at least 10% for training")
     for mode in cfg["train"]["modes"]:
         parse_mode(mode)
-    for task in cfg["labels"]["tasks"]:
-        if task not in ("dose", "lowhigh"):
-            raise InputError(f"labels.tasks: unknown task {task!r}; use `dose` and/or `lowhigh`")
+    names = [t["name"] for t in check_tasks(cfg["tasks"], "config")]
+    if not names:
+        raise InputError("no task: add a [[tasks]] table (name, column) or pass --label-column")
+    for task in cfg["train"]["tasks"]:
+        if task not in names:
+            raise InputError(f"train.tasks: {task!r} is not a task; tasks: {', '.join(names)}")
+    trained = trained_tasks(cfg)
     for task in cfg["analysis"]["tasks"]:
-        if task not in cfg["labels"]["tasks"]:
-            raise InputError(f"analysis.tasks: {task!r} is not among labels.tasks {cfg['labels']['tasks']}")
+        if task not in trained:
+            raise InputError(f"analysis.tasks: {task!r} is not fine-tuned; fine-tuned tasks: {', '.join(trained)}")
+    if cfg["de"]["groupby"] and cfg["de"]["groupby"] not in names:
+        raise InputError(f"de.groupby: {cfg['de']['groupby']!r} is not a task; tasks: {', '.join(names)}")
     modes = set(cfg["train"]["modes"])
     for pair in cfg["analysis"]["pairs"]:
         if not (isinstance(pair, list) and len(pair) == 2):
@@ -217,9 +294,16 @@ def validate(cfg: dict) -> None:
         raise InputError("compute.nproc must be at least 1")
     if cfg["train"]["epochs"] < 1:
         raise InputError("train.epochs must be at least 1")
-    low, high = set(cfg["labels"]["low_doses"]), set(cfg["labels"]["high_doses"])
-    if low & high:
-        raise InputError(f"labels.low_doses and labels.high_doses overlap: {sorted(low & high)}")
+
+
+def trained_tasks(cfg: dict) -> list[str]:
+    """Names of the tasks fine-tuned (`train.tasks`, default every task)."""
+    return list(cfg["train"]["tasks"]) or [t["name"] for t in cfg["tasks"]]
+
+
+def analysed_tasks(cfg: dict) -> list[str]:
+    """Names of the tasks whose models are analysed (`analysis.tasks`, default every fine-tuned task)."""
+    return list(cfg["analysis"]["tasks"]) or trained_tasks(cfg)
 
 
 def parse_mode(mode: str) -> tuple[str, int]:
@@ -242,7 +326,12 @@ def to_toml(cfg: dict) -> str:
             return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
         if isinstance(value, list):
             return "[" + ", ".join(fmt(v) for v in value) + "]"
+        if isinstance(value, dict):
+            return "{" + ", ".join(f"{_key(k)} = {fmt(v)}" for k, v in value.items()) + "}"
         return repr(value)
+
+    def _key(k: str) -> str:
+        return k if k.replace("_", "").replace("-", "").isalnum() else fmt(k)
 
     lines = []
     for section, keys in SCHEMA.items():
@@ -250,5 +339,12 @@ def to_toml(cfg: dict) -> str:
         for key, (_, doc) in keys.items():
             lines.append(f"# {doc}")
             lines.append(f"{key} = {fmt(cfg[section][key])}")
+        lines.append("")
+    lines.append(
+        "# one [[tasks]] table per classification task; keys: " + "; ".join(f"{k}: {v}" for k, v in TASK_KEYS.items())
+    )
+    for t in cfg["tasks"]:
+        lines.append("[[tasks]]")
+        lines.extend(f"{k} = {fmt(v)}" for k, v in t.items())
         lines.append("")
     return "\n".join(lines)

@@ -702,6 +702,24 @@ def umap_coordinates(adata, seed: int) -> np.ndarray:
     return np.asarray(adata.obsm["X_umap"], dtype=np.float64)
 
 
+SYMBOL_COLUMNS = ("gene_symbol", "gene_symbols", "symbol", "gene_name", "gene_names", "feature_name", "gene")
+
+
+def gene_symbols_of(adata, dicts: GeneDictionaries, gene_id_column: str | None = None) -> dict[str, str]:
+    """Ensembl ID -> the data's own gene symbol (a var symbol column, or var identifiers that are symbols),
+    for genes whose dictionaries name no symbol."""
+    var = adata.var
+    mapping = map_genes(var, dicts, gene_id_column, min_fraction=0.0)
+    lowered = {str(c).lower(): c for c in var.columns}
+    column = next((lowered[c] for c in SYMBOL_COLUMNS if c in lowered), None)
+    names = var_identifiers(var, column) if column is not None else var_identifiers(var, gene_id_column)
+    out: dict[str, str] = {}
+    for gid, name in zip(mapping.ensembl_ids, names):
+        if gid is not None and name and not looks_like_ensembl([name])[0] and gid not in out:
+            out[gid] = name
+    return out
+
+
 def ensembl_indexed(adata, dicts: GeneDictionaries, gene_id_column: str | None = None, *, source: str = "data"):
     """A copy with var indexed by vocabulary Ensembl IDs (unmapped genes dropped, first of duplicates kept)."""
     import pandas as pd

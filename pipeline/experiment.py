@@ -26,13 +26,14 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pipeline.compute import fault_point, pin_threads
+from pipeline.config import analysed_tasks, trained_tasks
 from pipeline.errors import InputError
 from pipeline.paths import cache_dir_for_store
 from pipeline.progress import Reporter
@@ -138,7 +139,8 @@ def select_and_split(obs, cfg: dict):
     from pipeline.design import select_cells, stratified_split
 
     sel = select_cells(obs, cfg)
-    split = stratified_split(sel.dose_names, cfg["split"]["validation"], cfg["split"]["test"], int(cfg["run"]["seed"]))
+    split = stratified_split(sel.strata, cfg["split"]["validation"], cfg["split"]["test"], int(cfg["run"]["seed"]))
+    de_comparisons(cfg, sel)  # refuses DE groups that name no class, before anything is recorded
     return sel, split
 
 
@@ -158,7 +160,7 @@ class Products:
     tokenize_report: dict = field(default_factory=dict)
     models: dict[tuple[str, str], Path] = field(default_factory=dict)
     checkpoint_hashes: dict[tuple[str, str], str] = field(default_factory=dict)
-    de: Any = None  # pandas.DataFrame of the DE child
+    de: dict[tuple[str, str, str], Any] = field(default_factory=dict)  # (task, group, reference) -> DE table
     pretrain_metrics: dict = field(default_factory=dict)
 
 
@@ -250,7 +252,7 @@ def synthetic_data_path(ctx: Context) -> Path:
 
 
 def stage_record_data(ctx: Context) -> None:
-    """The data child run: what the experiment saw (cells per dose, lengths per class, UMAP)."""
+    """The data child run: what the experiment saw (cells per class of each task, lengths per class, UMAP)."""
     import pandas as pd
 
     sel, split, ds = ctx.out.selection, ctx.out.split, ctx.out.dataset
@@ -260,22 +262,15 @@ def stage_record_data(ctx: Context) -> None:
     child = ctx.new_child(
         "data",
         "data",
-        {"data": ctx.cfg["data"], "labels": ctx.cfg["labels"]},
+        {"data": ctx.cfg["data"], "tasks": ctx.cfg["tasks"]},
         data_path=ctx.out.data_path,
         data_hash=ctx.out.data_hash,
     )
     with ctx.store.track(child):
         lengths = np.asarray(ds["length"], dtype=np.int64)
-        cells = pd.DataFrame(
-            {
-                "cell_id": sel.cell_ids,
-                "dose": sel.dose,
-                "dose_class": sel.dose_names,
-                "group": sel.group,
-                "length": lengths,
-                "split": split,
-            }
-        )
+        # one column per task holding each cell's class name, in the user's words
+        cells = pd.DataFrame({"cell_id": sel.cell_ids, **{t.name: sel.class_names(t.name) for t in sel.tasks}})
+        cells["length"], cells["split"] = lengths, split
         if ctx.cfg["data"]["umap"]:
             from pipeline.data import umap_coordinates
 
@@ -283,17 +278,13 @@ def stage_record_data(ctx: Context) -> None:
             coords = umap_coordinates(ctx.selected_adata(), ctx.seed)
             cells["umap1"], cells["umap2"] = coords[:, 0], coords[:, 1]
         ctx.store.put_cells(child, cells)
-        for task in ctx.cfg["labels"]["tasks"]:
-            ctx.store.put_labels(child, task, sel.labels(task)[1])
+        for t in sel.tasks:
+            ctx.store.put_labels(child, t.name, sel.labels(t.name)[1])
         ctx.store.put_split(child, list(sel.cell_ids), list(split))
-        per_class = {}
-        for name in sel.labels("dose")[1]:
-            ln = lengths[cells["dose_class"].to_numpy() == name]
-            per_class[name] = _length_summary(ln)
-        for g in ("low", "high"):
-            ln = lengths[sel.group == g]
-            if len(ln):
-                per_class[g] = _length_summary(ln)
+        per_class = {
+            t.name: {c: _length_summary(lengths[cells[t.name].to_numpy() == c]) for c in sel.names[t.name]}
+            for t in sel.tasks
+        }
         hist, edges = np.histogram(lengths, bins=min(50, max(5, int(lengths.max() - lengths.min() + 1))))
         ctx.store.put_vector(
             child,
@@ -305,9 +296,17 @@ def stage_record_data(ctx: Context) -> None:
             child,
             "qc_report",
             {
-                "cells_per_dose_before": sel.counts_before,
-                "cells_per_dose_after": sel.counts_after,
-                "cells_per_group": {g: int((sel.group == g).sum()) for g in ("low", "high")},
+                "first_task": sel.tasks[0].name,
+                "cells_per_class_before": sel.counts_before,  # of the first task, after data.filter only
+                "cells_per_class_after": sel.counts_after,
+                "cells_per_task": {
+                    t.name: dict(
+                        zip(
+                            sel.names[t.name], np.bincount(sel.codes[t.name], minlength=len(sel.names[t.name])).tolist()
+                        )
+                    )
+                    for t in sel.tasks
+                },
                 "split": {s: int((split == s).sum()) for s in ("train", "validation", "test")},
                 "length_per_class": per_class,
                 "tokenize": ctx.out.tokenize_report,
@@ -511,10 +510,7 @@ def stage_tokenize(ctx: Context) -> None:
 
 
 def _restrict_selection(ctx: Context, keep: np.ndarray) -> None:
-    sel = ctx.out.selection
-    ctx.out.selection = replace(
-        sel, index=sel.index[keep], cell_ids=sel.cell_ids[keep], dose=sel.dose[keep], group=sel.group[keep]
-    )
+    ctx.out.selection = ctx.out.selection.subset(keep)
     ctx.out.split = ctx.out.split[keep]
     if ctx._adata is not None:
         ctx._adata = ctx._adata[keep].copy()
@@ -525,7 +521,8 @@ def task_datasets(ctx: Context, task: str):
     ds, split, sel = ctx.out.dataset, ctx.out.split, ctx.out.selection
     labels, names = sel.labels(task)
     ds = ds.remove_columns([c for c in ("label", "group_name") if c in ds.column_names])
-    ds = ds.add_column("label", labels.tolist()).add_column("group_name", [str(g) for g in sel.group])
+    # the analysis groups cells by the task's own classes (per-class rank means)
+    ds = ds.add_column("label", labels.tolist()).add_column("group_name", sel.class_names(task).tolist())
     parts = {s: ds.select(np.flatnonzero(split == s).tolist()) for s in ("train", "validation", "test")}
     return parts, names
 
@@ -616,6 +613,13 @@ def stage_finetune(ctx: Context, task: str, mode: str) -> None:
     ctx.out.checkpoint_hashes[(task, mode)] = digest
 
 
+def _de_for(ctx: Context, task: str):
+    """The DE table an analysis of `task` compares attention with: the task's one comparison (binary
+    tasks), else None (several one-vs-rest tables; each is in its own DE run)."""
+    tables = [de for (t, _, _), de in ctx.out.de.items() if t == task]
+    return tables[0] if len(tables) == 1 else None
+
+
 def _recorded_checkpoint(ctx: Context, run_id: int) -> dict | None:
     try:
         return ctx.store.get_json(run_id, CHECKPOINT_JSON)
@@ -624,13 +628,46 @@ def _recorded_checkpoint(ctx: Context, run_id: int) -> dict | None:
 
 
 # --------------------------------------------------------------------------------------- DE
-def stage_de(ctx: Context) -> None:
-    """scanpy's Wilcoxon between the high and low dose groups on the selected cells (thesis fig. 7)."""
-    name = "de: high vs low"
+def de_comparisons(cfg: dict, sel) -> list[tuple[str, str, str]]:
+    """(task, group, reference) of every DE comparison, as scanpy's `rank_genes_groups` would be asked.
+
+    `de.groupby` (a task; default: each analysed task), `de.groups` and `de.reference` (a class or
+    `rest`); by default a binary task compares its second class with its first, a task with more
+    classes each class with the rest.
+    """
+    from pipeline.config import analysed_tasks
+
+    if not cfg["analysis"]["de"]:
+        return []
+    d = cfg["de"]
+    out = []
+    for task in [d["groupby"]] if d["groupby"] else analysed_tasks(cfg):
+        names = sel.names[task]
+        binary = len(names) == 2
+        groups = [str(g) for g in d["groups"]] or ([names[1]] if binary else list(names))
+        reference = str(d["reference"]) or (names[0] if binary else "rest")
+        for g in [*groups, reference]:
+            if g not in names and g != "rest":
+                raise InputError(f"de: {g!r} is not a class of task {task!r}; classes: {', '.join(names)}")
+        out.extend((task, g, reference) for g in groups if g != reference)
+    return out
+
+
+def de_child_name(cfg: dict, task: str, group: str, reference: str) -> str:
+    """`de: high vs low`; the task is named too when DE runs for several tasks."""
+    from pipeline.config import analysed_tasks
+
+    several = not cfg["de"]["groupby"] and len(analysed_tasks(cfg)) > 1
+    return f"de {task}: {group} vs {reference}" if several else f"de: {group} vs {reference}"
+
+
+def stage_de(ctx: Context, task: str, group: str, reference: str) -> None:
+    """scanpy's Wilcoxon of one class against another (or the rest) on the selected cells (thesis fig. 7)."""
+    name = de_child_name(ctx.cfg, task, group, reference)
     done = ctx.completed_child(name, "de")
     if done is not None:
-        ctx.rep.line("DE already computed (resumed)")
-        ctx.out.de = ctx.store.gene_table_df(done, "de")
+        ctx.rep.line(f"{name}: already computed (resumed)")
+        ctx.out.de[(task, group, reference)] = ctx.store.gene_table_df(done, "de")
         return
     from pipeline.analysis import de_wilcoxon
     from pipeline.data import ensembl_indexed
@@ -638,16 +675,28 @@ def stage_de(ctx: Context) -> None:
     adata = ensembl_indexed(
         ctx.selected_adata(), ctx.out.dicts, ctx.cfg["data"]["gene_id_column"] or None, source=ctx.out.data_path
     )
-    adata.obs["group"] = ctx.out.selection.group
-    child = ctx.new_child(name, "de", {"groupby": "group", "group": "high", "reference": "low"})
+    adata.obs["_class"] = ctx.out.selection.class_names(task)
+    child = ctx.new_child(name, "de", {"task": task, "groupby": task, "group": group, "reference": reference})
     with ctx.store.track(child):
-        de = de_wilcoxon(adata, "group", "high", "low")
-        symbols = ctx.out.dicts.id_to_symbol
+        de = de_wilcoxon(adata, "_class", group, reference)
         if "symbol" not in de.columns:
-            de.insert(1, "symbol", [symbols.get(g, "") for g in de["ensembl_id"]])
+            de.insert(1, "symbol", [""] * len(de))
+        de["symbol"] = _fill_symbols(de, ctx.out.dicts, ctx.selected_adata(), ctx.cfg["data"]["gene_id_column"] or None)
         ctx.store.put_gene_table(child, "de", de)
-    ctx.out.de = de
-    ctx.rep.line("top DE genes (high vs low): " + ", ".join(map(str, de["symbol"].head(10))))
+    ctx.out.de[(task, group, reference)] = de
+    ctx.rep.line(f"top DE genes ({group} vs {reference}): " + ", ".join(map(str, de["symbol"].head(10))))
+
+
+def _fill_symbols(de, dicts, adata, gene_id_column) -> list[str]:
+    """Gene symbols for a DE table: the dictionaries' where they name the gene, else the data's own var."""
+    from pipeline.data import gene_symbols_of
+
+    from_data = gene_symbols_of(adata, dicts, gene_id_column)
+    out = []
+    for gid, sym in zip(de["ensembl_id"], de["symbol"]):
+        sym = sym if isinstance(sym, str) and sym else dicts.id_to_symbol.get(gid, "") or from_data.get(gid, "")
+        out.append(sym)
+    return out
 
 
 # --------------------------------------------------------------------------------------- attention
@@ -688,7 +737,7 @@ def stage_attention(ctx: Context, task: str, mode_a: str, mode_b: str) -> None:
             dicts=ctx.out.dicts,
             names=(mode_a, mode_b),
             group_column="group_name",
-            de=ctx.out.de,
+            de=_de_for(ctx, task),
             reference_set=a_cfg["reference_set"] or None,
             top_k=a_cfg["top_k"],
             n_boot=int(a_cfg["n_boot"]),
@@ -720,16 +769,18 @@ def _stages(ctx: Context) -> None:
         stage_tokenize(ctx)
     with stage("record"):
         stage_record_data(ctx)
-    for task in cfg["labels"]["tasks"]:
+    for task in trained_tasks(cfg):
         for mode in cfg["train"]["modes"]:
             with stage(f"finetune {task}/{mode}"):
                 stage_finetune(ctx, task, mode)
-    if cfg["analysis"]["de"] and "lowhigh" in cfg["labels"]["tasks"]:
-        with stage("de"):
-            stage_de(ctx)
-    else:
-        ctx.rep.skip("de", "analysis.de is off or the lowhigh task is not run")
-    for task in cfg["analysis"]["tasks"]:
+    comparisons = de_comparisons(cfg, ctx.out.selection)
+    if not comparisons:
+        ctx.rep.skip("de", "analysis.de is off")
+    for task, group, reference in comparisons:
+        label = "de" if len(comparisons) == 1 else f"de {task}: {group} vs {reference}"
+        with stage(label):
+            stage_de(ctx, task, group, reference)
+    for task in analysed_tasks(cfg):
         for mode_a, mode_b in cfg["analysis"]["pairs"]:
             with stage(f"attention {task}: {mode_a} vs {mode_b}"):
                 stage_attention(ctx, task, mode_a, mode_b)

@@ -44,24 +44,20 @@ def plot_run(store, run_id: int, out_dir: str | Path) -> list[Path]:
     scope = R.collect_scope(store, run_id, depth=1)
 
     for c in scope.data_runs:
-        cells = R.read_data_record(store, c).cells
-        if {R.CELL_UMAP1, R.CELL_UMAP2} <= set(cells.columns):
-            fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-            doses = sorted(cells[R.CELL_DOSE].unique())
-            cmap = plt.get_cmap("viridis", len(doses))
-            for i, d in enumerate(doses):
-                m = cells[R.CELL_DOSE] == d
-                axes[0].scatter(
-                    cells.loc[m, R.CELL_UMAP1], cells.loc[m, R.CELL_UMAP2], s=4, color=cmap(i), label=f"{d:g} uM"
-                )
-            axes[0].set_title("cells by dose")
-            axes[0].legend(markerscale=3, fontsize=7)
-            for g, colour in ((R.GROUP_LOW, "tab:blue"), (R.GROUP_HIGH, "tab:red")):
-                m = cells[R.CELL_GROUP] == g
-                axes[1].scatter(cells.loc[m, R.CELL_UMAP1], cells.loc[m, R.CELL_UMAP2], s=4, color=colour, label=g)
-            axes[1].set_title("cells by group")
-            axes[1].legend(markerscale=3, fontsize=7)
-            for ax in axes:
+        record = R.read_data_record(store, c)
+        cells = record.cells
+        columns = record.task_columns()[:3]
+        if record.has_umap() and columns:
+            fig, axes = plt.subplots(1, len(columns), figsize=(5.5 * len(columns), 4.5), squeeze=False)
+            for ax, column in zip(axes[0], columns):
+                classes = record.class_order(column)
+                cmap = plt.get_cmap("viridis", len(classes)) if len(classes) > 2 else None
+                for i, name in enumerate(classes):
+                    m = cells[column].astype(str) == name
+                    colour = cmap(i) if cmap is not None else ("tab:blue", "tab:red")[i]
+                    ax.scatter(cells.loc[m, R.CELL_UMAP1], cells.loc[m, R.CELL_UMAP2], s=4, color=colour, label=name)
+                ax.set_title(f"cells by {column}")
+                ax.legend(markerscale=3, fontsize=7)
                 ax.set_xlabel("UMAP1")
                 ax.set_ylabel("UMAP2")
             _save(fig, out, "fig1_umap", written)
@@ -231,12 +227,12 @@ def _gene_figures(plt, df, out: Path, stem: str, written: list[Path], top: int =
         R.col_attn_scaled(b),
         R.COL_N_CELLS,
         R.COL_RANK_STD,
-        R.col_rank_mean_group(R.GROUP_LOW),
-        R.col_rank_mean_group(R.GROUP_HIGH),
+        # the mean rank per class of the analysed task, in the user's class names
+        *[c for c in df.columns if c.startswith(R.COL_RANK_MEAN + "_") and c != R.COL_RANK_STD],
         R.COL_DE_SCORE,
         R.COL_IN_REFERENCE_SET,
     )
-    cols = [c for c in wanted if c in df.columns]
+    cols = [c for c in dict.fromkeys(wanted) if c in df.columns]
     sort_col = R.col_attn_scaled(b) if R.col_attn_scaled(b) in df.columns else cols[-1]
     table = df.sort_values(sort_col, ascending=False).head(top)[cols]
     fig, ax = plt.subplots(figsize=(min(16, 1.6 * len(cols)), 0.35 * (len(table) + 2)))

@@ -199,8 +199,10 @@ JSON_PRETRAIN = "pretrain"  # on a pretraining run
 JSON_DE_NAMES = (JSON_DE_OVERLAP, "de", "de_vs_attention")  # where a DE comparison may sit, first first
 
 # ------------------------------------------------------------------------- the data run's cells table
+# Besides these, one column per task (named after the task) holds each cell's class name; the data run's
+# labels (`Store.labels`) give each task's classes in order (`DataRecord.task_columns`).
 CELL_ID = "cell_id"
-CELL_DOSE = "dose"
+CELL_DOSE = "dose"  # stores written before tasks were general: numeric dose, and the low/high group
 CELL_DOSE_CLASS = "dose_class"
 CELL_CLASS = "class"
 CELL_GROUP = "group"
@@ -715,7 +717,7 @@ def completed_de(st, de_runs: Iterable[dict]) -> DEResult | None:
 # ============================================================================================= data
 @dataclass
 class DataRecord:
-    """The data run: the selected cells (dose, group, length, split, UMAP), labels, QC and lengths."""
+    """The data run: the selected cells (a class column per task, length, split, UMAP), labels, QC, lengths."""
 
     run_id: int
     name: str
@@ -726,6 +728,17 @@ class DataRecord:
 
     def has_umap(self) -> bool:
         return {CELL_UMAP1, CELL_UMAP2} <= set(self.cells.columns)
+
+    def task_columns(self) -> list[str]:
+        """The cells-table columns holding a task's class names, in task order (older stores: dose, group)."""
+        cols = [t for t in self.labels if t in self.cells.columns]
+        return cols or [c for c in (CELL_DOSE_CLASS, CELL_GROUP) if c in self.cells.columns]
+
+    def class_order(self, column: str) -> list[str]:
+        """A task column's classes in the task's order (else the values present, sorted)."""
+        if column in self.labels:
+            return list(self.labels[column])
+        return sorted(map(str, self.cells[column].unique()))
 
 
 def read_data_record(st, run: dict) -> DataRecord:

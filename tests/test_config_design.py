@@ -1,11 +1,12 @@
-"""The experiment configuration (defaults, presets, typos) and the thesis design (selection, labels, splits)."""
+"""The experiment configuration (defaults, presets, typos) and the design (tasks on any obs column, the
+filter, labels, splits), checked against the thesis design computed directly."""
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from pipeline import config
-from pipeline.design import parse_doses, select_cells, stratified_split
+from pipeline.design import parse_numbers, select_cells, stratified_split
 from pipeline.errors import InputError
 
 
@@ -13,7 +14,7 @@ def test_every_preset_resolves_and_validates():
     for name in config.PRESETS:
         cfg = config.resolve(name)
         assert cfg["run"]["preset"] == name
-        assert set(cfg) == set(config.SCHEMA)
+        assert set(cfg) == set(config.SCHEMA) | {"tasks"}
 
 
 def test_layers_override_in_order(tmp_path):
@@ -34,7 +35,10 @@ def test_layers_override_in_order(tmp_path):
         ("[train]\nmodes = ['frozen', 'half']\n[analysis]\npairs = []\n", "unknown training mode 'half'"),
         ("[split]\ntest = 0.6\nvalidation = 0.4\n", "leave at least 10%"),
         ("[analysis]\npairs = [['frozen', 'last-2']]\n", "not among train.modes"),
-        ("[labels]\nlow_doses = [0.0, 12.5]\n", "overlap"),
+        ("[[tasks]]\nname = 'x'\n", "needs a `column`"),
+        ("[[tasks]]\nname = 'x'\ncolumn = 'c'\nlabel = 'y'\n", "unknown key tasks[0].label"),
+        ("[[tasks]]\nname = 'x'\ncolumn = 'c'\nclasses = ['a']\n", "at least two"),
+        ("[train]\ntasks = ['nope']\n", "train.tasks: 'nope' is not a task"),
     ],
 )
 def test_bad_config_is_a_one_line_input_error(tmp_path, toml, needle):
@@ -64,34 +68,109 @@ def _obs():
     return pd.DataFrame({"perturbation": pert, "dose_value": dose}, index=[f"c{i}" for i in range(len(pert))])
 
 
+def _thesis_selection(obs, seed=0):
+    """The thesis design computed directly: Nutlin (prefix) and vehicle cells at 0/1.25/2.5/12.5/25 uM, one
+    class per dose and low (<= 2.5) vs high, the split stratified by dose (the first version's own code)."""
+    pert = obs["perturbation"].astype(str).str.lower()
+    dose = np.round(obs["dose_value"].to_numpy(dtype=float), 6)
+    keep = (pert.str.startswith("nutlin") | pert.isin(["control", "vehicle", "dmso"])).to_numpy()
+    keep &= np.isin(dose, [0.0, 1.25, 2.5, 12.5, 25.0])
+    idx = np.flatnonzero(keep)
+    names = np.array([f"{d:g} uM" for d in dose[idx]])
+    return idx, names, (dose[idx] >= 12.5).astype(int), stratified_split(names, 0.15, 0.15, seed)
+
+
+def test_sciplex_tasks_in_the_general_form_reproduce_the_thesis_design():
+    from pipeline.synth import make_sciplex_like
+
+    obs = make_sciplex_like(scale=0.15, preset="thesis", seed=0).obs
+    for preset in ("default", "quick"):
+        cfg = config.resolve(preset)
+        sel = select_cells(obs, cfg)
+        idx, dose_names, high, split = _thesis_selection(obs)
+        assert np.array_equal(sel.index, idx)
+        codes, names = sel.labels("dose")
+        assert names == ["0 uM", "1.25 uM", "2.5 uM", "12.5 uM", "25 uM"]
+        assert list(np.asarray(names)[codes]) == list(dose_names)
+        codes, names = sel.labels("lowhigh")
+        assert names == ["low", "high"] and np.array_equal(codes, high)
+        assert np.array_equal(stratified_split(sel.strata, 0.15, 0.15, 0), split)
+
+
 def test_selection_keeps_the_thesis_doses_and_vehicle():
     cfg = config.resolve("default")
     sel = select_cells(_obs(), cfg)
-    assert sorted(set(sel.dose)) == [0.0, 1.25, 2.5, 12.5, 25.0]
+    assert set(sel.class_names("dose")) == {"0 uM", "1.25 uM", "2.5 uM", "12.5 uM", "25 uM"}
     assert "c0" not in sel.cell_ids and "c9" not in sel.cell_ids and "c16" not in sel.cell_ids
-    assert sel.counts_before["0.25 uM"] == 1 and sel.counts_before["250 uM"] == 1
     y, names = sel.labels("dose")
     assert names == ["0 uM", "1.25 uM", "2.5 uM", "12.5 uM", "25 uM"]
-    assert [names[i] for i in y] == list(sel.dose_names)
     y2, names2 = sel.labels("lowhigh")
     assert names2 == ["low", "high"]
-    assert np.array_equal(y2, (sel.dose >= 12.5).astype(int))
+    assert np.array_equal(y2, (y >= 3).astype(int))
 
 
-def test_dose_multiplier_and_text_doses():
+def test_scale_and_text_values():
     obs = _obs()
     obs["dose_value"] = [f"{d / 2.5:g}uM" for d in obs["dose_value"]]
-    cfg = config.resolve("default", flags={"data.dose_multiplier": 2.5})
+    cfg = config.resolve("default")
+    for t in cfg["tasks"]:
+        t["scale"] = 2.5
     sel = select_cells(obs, cfg)
-    assert sorted(set(sel.dose)) == [0.0, 1.25, 2.5, 12.5, 25.0]
-    assert parse_doses(pd.Series(["10 µM", "x"]), "d")[0] == 10.0
+    assert set(sel.class_names("dose")) == {"0 uM", "1.25 uM", "2.5 uM", "12.5 uM", "25 uM"}
+    assert parse_numbers(pd.Series(["10 µM", "2.5uM"]))[0] == 10.0
+    assert parse_numbers(pd.Series(["ZAP70_1", "LCK_1"])) is None
+
+
+def test_any_column_classes_groups_and_filter():
+    obs = pd.DataFrame(
+        {
+            "ko": ["ZAP70_1", "ZAP70_2", "LCK_1", "control", "control", "CD3E_1"] * 4,
+            "stim": ["stimulated", "unstimulated"] * 12,
+        },
+        index=[f"c{i}" for i in range(24)],
+    )
+    cfg = config.resolve(
+        "default",
+        flags={
+            "tasks": [
+                {"name": "ko", "column": "ko", "groups": {"KO": ["ZAP70_1", "ZAP70_2", "LCK_1"], "ctrl": ["control"]}}
+            ],
+            "data.filter": {"stim": ["stim*"]},
+        },
+    )
+    sel = select_cells(obs, cfg)
+    assert sel.names["ko"] == ["KO", "ctrl"]
+    # the filter keeps stimulated cells only (ZAP70_2 and CD3E_1 are all unstimulated; CD3E_1 is in no group)
+    assert set(obs.loc[sel.cell_ids, "stim"]) == {"stimulated"}
+    assert set(obs.loc[sel.cell_ids, "ko"]) == {"ZAP70_1", "LCK_1", "control"}
+    cfg = config.resolve("default", flags={"tasks": [{"name": "stim", "column": "stim"}]})
+    assert cfg["data"]["filter"] == {}  # own tasks drop the sci-Plex filter
+    assert select_cells(obs, cfg).names["stim"] == ["stimulated", "unstimulated"]
+
+
+@pytest.mark.parametrize(
+    "task, filt, needle",
+    [
+        ({"name": "t", "column": "nope"}, {}, "obs column 'nope' does not exist"),
+        (
+            {"name": "t", "column": "ko", "groups": {"a": ["ZAP70_1"], "b": ["PTEN_9"]}},
+            {},
+            "'PTEN_9', which does not occur",
+        ),
+        ({"name": "t", "column": "ko", "classes": ["ZAP70_1", "XX"]}, {}, "class 'XX' does not occur"),
+        ({"name": "t", "column": "ko"}, {"stim": ["never"]}, "keeps no cell"),
+    ],
+)
+def test_bad_labels_are_one_line_errors(task, filt, needle):
+    obs = pd.DataFrame({"ko": ["ZAP70_1", "LCK_1", "control"] * 4, "stim": ["a", "b"] * 6})
+    cfg = config.resolve("default", flags={"tasks": [task], "data.filter": filt or None})
+    with pytest.raises(InputError) as err:
+        select_cells(obs, cfg)
+    assert needle in str(err.value) and "\n" not in str(err.value)
 
 
 def test_selection_errors_name_the_column_or_value():
-    cfg = config.resolve("default", flags={"data.dose_column": "dose"})
-    with pytest.raises(InputError, match="'dose'"):
-        select_cells(_obs(), cfg)
-    cfg = config.resolve("default", flags={"data.perturbation": "Trametinib"})
+    cfg = config.resolve("default", flags={"data.filter": {"perturbation": ["Trametinib*"]}})
     with pytest.raises(InputError, match="Imatinib"):
         select_cells(_obs(), cfg)
 

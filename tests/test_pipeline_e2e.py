@@ -63,9 +63,12 @@ def test_quick_run_fills_every_table(quick_run):
     children = {c["name"]: c for c in st.children(run["id"])}
     data = children["data"]["id"]
     cells = st.cells(data)
-    assert {"umap1", "umap2", "dose", "group", "length", "split"} <= set(cells.columns)
+    # a class column per task, in the user's words: the sci-Plex presets' dose classes carry their unit
+    assert {"umap1", "umap2", "dose", "lowhigh", "length", "split"} <= set(cells.columns)
     assert np.isfinite(cells[["umap1", "umap2"]].to_numpy()).all()
     assert st.labels(data)["lowhigh"] == ["low", "high"]
+    assert st.labels(data)["dose"] == ["0 uM", "1.25 uM", "2.5 uM", "12.5 uM", "25 uM"]
+    assert set(cells["dose"]) == set(st.labels(data)["dose"])
     assert "qc_report" in st.json_names(data)
     for c in children.values():
         if c["kind"] == "finetune":

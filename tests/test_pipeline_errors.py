@@ -100,7 +100,7 @@ def test_vocabulary_mismatch(tmp_path, small_h5ad, tiny_model, geneformer_dir):
 
 def test_perturbation_selecting_no_cells_lists_values(tmp_path, small_h5ad, tiny_model, geneformer_dir):
     cfg = tmp_path / "c.toml"
-    cfg.write_text('[data]\nperturbation = "Imatinib"\n')
+    cfg.write_text('[data]\nfilter = {perturbation = ["Imatinib*"]}\n')
     db = tmp_path / "s.db"
     out = gfattn(
         "pipeline",
@@ -121,7 +121,10 @@ def test_perturbation_selecting_no_cells_lists_values(tmp_path, small_h5ad, tiny
 
 def test_dose_selecting_no_cells_lists_doses(tmp_path, small_h5ad, tiny_model, geneformer_dir):
     cfg = tmp_path / "c.toml"
-    cfg.write_text("[data]\ndoses = [0.0, 7.0]\n[labels]\nlow_doses = [0.0]\nhigh_doses = [7.0]\n")
+    cfg.write_text(
+        '[[tasks]]\nname = "dose"\ncolumn = "dose_value"\nunit = "uM"\nclasses = [0.0, 7.0]\n'
+        '[data]\nfilter = {perturbation = ["Nutlin*", "control"]}\n'
+    )
     db = tmp_path / "s.db"
     out = gfattn(
         "pipeline",
@@ -136,7 +139,7 @@ def test_dose_selecting_no_cells_lists_doses(tmp_path, small_h5ad, tiny_model, g
         "--store",
         str(db),
     )
-    assert_bad_input(out, "7 uM", "doses present")
+    assert_bad_input(out, "class 7.0 does not occur", "0.25 uM")
     assert_no_running_runs(db)
 
 

@@ -17,9 +17,8 @@ TINY = textwrap.dedent("""
     umap = false
     [model]
     max_len = 64
-    [labels]
-    tasks = ["lowhigh"]
     [train]
+    tasks = ["lowhigh"]
     modes = ["frozen", "unfrozen"]
     epochs = 2
     batch_size = 16

@@ -17,6 +17,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", metavar="FILE.h5ad", help="raw-count AnnData (default: synthetic sci-Plex-like data)")
     p.add_argument("--model", metavar="DIR", help="Geneformer checkpoint dir (default: gfattn's embedded model)")
     p.add_argument("--geneformer-dir", metavar="DIR", help="Geneformer dictionaries when the model dir has none")
+    p.add_argument(
+        "--label-column",
+        metavar="COL",
+        help="classify cells by this obs column (one task named after it; replaces the preset's tasks)",
+    )
+    p.add_argument("--classes", metavar="A,B", help="with --label-column: the values kept as classes, in order")
+    p.add_argument(
+        "--filter",
+        action="append",
+        default=[],
+        metavar="COL=V1,V2",
+        help="keep only cells whose COL is one of the values (`*` wildcards); repeat for AND",
+    )
     p.add_argument("--name", help="run name")
     p.add_argument("--epochs", type=int, help="fine-tuning epochs")
     p.add_argument("--seed", type=int, help="seed for everything")
@@ -47,6 +60,7 @@ def run(args) -> int:
         "compute.nproc": args.nproc,
         "analysis.reference_set": args.reference_set,
     }
+    flags.update(_task_flags(args))
     store_path = resolve_store_path(args.store)
     if args.resume:
         from pipeline.experiment import resume_pipeline
@@ -59,3 +73,29 @@ def run(args) -> int:
     from pipeline.experiment import run_pipeline
 
     return run_pipeline(cfg, store_path)
+
+
+def _task_flags(args) -> dict:
+    """`--label-column`, `--classes` and `--filter` as config overrides (a task named after its column)."""
+    from pipeline.errors import InputError
+
+    out: dict = {}
+    if args.classes and not args.label_column:
+        raise InputError("--classes needs --label-column (the obs column whose values they are)")
+    if args.label_column:
+        task = {"name": args.label_column, "column": args.label_column}
+        if args.classes:
+            classes = [c.strip() for c in args.classes.split(",") if c.strip()]
+            if len(classes) < 2:
+                raise InputError(f"--classes {args.classes!r}: name at least two classes, separated by commas")
+            task["classes"] = classes
+        out["tasks"] = [task]
+    if args.filter:
+        filters: dict = {}
+        for item in args.filter:
+            column, sep, values = item.partition("=")
+            if not sep or not column.strip() or not values.strip():
+                raise InputError(f"--filter {item!r}: write COLUMN=VALUE1,VALUE2")
+            filters.setdefault(column.strip(), []).extend(v.strip() for v in values.split(",") if v.strip())
+        out["data.filter"] = filters
+    return out
