@@ -263,3 +263,21 @@ def tiny_counts_adata(raw: dict, *, n_cells=30, seed=0, detected=(3, 30), dtype=
     if n_counts:
         obs["n_counts"] = np.asarray(X.sum(axis=1)).ravel() + rng.integers(0, 100, size=n_cells)
     return ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=genes))
+
+
+def datlinger_anndata(shared):
+    """The DatlingerBock2021 subset as AnnData: MatrixMarket genes x cells, transposed."""
+    import anndata as ad
+    import pandas as pd
+    import pytest
+    import scipy.io
+    import scipy.sparse as sp
+
+    base = shared / "data" / "datlingerbock2021"
+    if not (base / "matrix.mtx").exists():
+        pytest.skip(f"no DatlingerBock2021 subset under {base}")
+    X = sp.csr_matrix(scipy.io.mmread(base / "matrix.mtx").T)
+    genes = pd.read_csv(base / "genes.csv")["x"].astype(str).tolist()
+    barcodes = pd.read_csv(base / "barcodes.csv")["x"].astype(str).tolist()
+    meta = pd.read_csv(base / "seurat_metadata.csv", index_col=0).loc[barcodes]
+    return ad.AnnData(X=X.astype(np.float32), obs=meta, var=pd.DataFrame(index=genes))

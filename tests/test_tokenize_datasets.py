@@ -4,7 +4,6 @@ and cache keys."""
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from pipeline.dictionaries import GeneDictionaries
@@ -24,6 +23,7 @@ from pipeline.tokenize import (
 
 from _helpers_tokenize import (
     assert_same_ranking,
+    datlinger_anndata,
     load_raw_dicts,
     reference_gene_ids,
     reference_tokenize,
@@ -36,22 +36,6 @@ from _helpers_tokenize import (
 def tiny():
     raw = tiny_vocabulary(n_genes=40, version="V2", seed=1)
     return raw, GeneDictionaries(raw["token"], raw["median"], raw["names"], raw["mapping"], "V2")
-
-
-def datlinger_anndata(shared):
-    """The DatlingerBock2021 subset as AnnData: MatrixMarket genes x cells, transposed."""
-    import anndata as ad
-    import scipy.io
-    import scipy.sparse as sp
-
-    base = shared / "data" / "datlingerbock2021"
-    if not (base / "matrix.mtx").exists():
-        pytest.skip(f"no DatlingerBock2021 subset under {base}")
-    X = sp.csr_matrix(scipy.io.mmread(base / "matrix.mtx").T)
-    genes = pd.read_csv(base / "genes.csv")["x"].astype(str).tolist()
-    barcodes = pd.read_csv(base / "barcodes.csv")["x"].astype(str).tolist()
-    meta = pd.read_csv(base / "seurat_metadata.csv", index_col=0).loc[barcodes]
-    return ad.AnnData(X=X.astype(np.float32), obs=meta, var=pd.DataFrame(index=genes))
 
 
 @pytest.fixture(scope="module")
