@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "pipeline.commands.pipeline",
         "run the thesis experiment end to end (default: embedded synthetic demo)",
     ),
+    "inspect": ("pipeline.commands.inspect", "describe a data set before anything is trained: obs, genes, a command"),
     "synth": ("pipeline.commands.synth", "write a synthetic sci-Plex-like .h5ad (or a pretraining corpus)"),
     "tokenize": ("pipeline.commands.tokenize", "rank-value encode an .h5ad exactly as Geneformer does"),
     "pretrain": ("pipeline.commands.pretrain", "masked-gene pretraining of a small Geneformer-style BERT"),
