@@ -607,6 +607,9 @@ def stage_finetune(ctx: Context, task: str, mode: str) -> None:
             )
         digest = verify_checkpoint(out_dir)
         ctx.store.put_json(child, CHECKPOINT_JSON, {"path": str(out_dir), "weights_sha256": digest})
+        from pipeline.train import save_split
+
+        save_split(out_dir, ctx.out.selection.cell_ids, ctx.out.split, data=ctx.out.data_path)
         acc, f1 = result.test_metrics["accuracy"], result.test_metrics["macro_f1"]
         ctx.rep.line(f"{name}: test accuracy {acc:.3f}, macro-F1 {f1:.3f} (best epoch {result.best_epoch})")
     ctx.out.models[(task, mode)] = out_dir

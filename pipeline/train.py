@@ -922,6 +922,29 @@ def save_finetuned(model, out_dir, *, dicts=None, summary: dict | None = None) -
     return out
 
 
+SPLIT_FILE = "gfattn_split.json"
+
+
+def save_split(out_dir, cell_ids, split, *, data: str | None = None) -> Path:
+    """Which cells trained, selected and tested a fine-tuned model (`gfattn_split.json` beside it), so
+    `gfattn analyze` can analyse exactly the held-out test cells."""
+    from pipeline.io import atomic_write_json
+
+    doc = {"data": data, "cells": {str(c): str(s) for c, s in zip(cell_ids, split)}}
+    return atomic_write_json(Path(out_dir) / SPLIT_FILE, doc)
+
+
+def load_split(model_dir) -> dict[str, str] | None:
+    """cell id -> train / validation / test of a fine-tuned model, or None when it carries no split."""
+    path = Path(model_dir) / SPLIT_FILE
+    if not path.is_file():
+        return None
+    try:
+        return dict(json.loads(path.read_text())["cells"])
+    except (ValueError, KeyError):
+        raise InputError(f"{path} is damaged; fine-tune again or pass --cells all") from None
+
+
 def verify_checkpoint(out_dir, expected_sha256: str | None = None) -> str:
     """The sha256 of a fine-tuned checkpoint's weights, checked against `expected_sha256` (or, when None,
     against the hash its `gfattn_finetune.json` recorded); a mismatch is an `InputError`."""

@@ -208,6 +208,7 @@ def test_gfattn_analyze_records_an_analysis_run(tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert rc == 0, out
+    assert "carries no split" in out  # not fine-tuned by gfattn: every cell
     assert "frozen vs unfrozen: 12 cells" in out and "cosine similarity per layer" in out
     with Store(store_path) as st:
         runs = st.list_runs(kind="analysis")
@@ -221,6 +222,33 @@ def test_gfattn_analyze_records_an_analysis_run(tmp_path, capsys):
         ["analyze", "--model-a", str(tmp_path / "frozen"), "--data", str(tmp_path / "nope"), "--store", str(store_path)]
     )
     assert rc == 2 and "is not a directory" in capsys.readouterr().err
+    # a model fine-tuned by gfattn carries its split: by default only its held-out test cells are analysed
+    from pipeline.train import save_split
+
+    split = ["test" if i % 4 == 0 else "train" for i in range(12)]
+    save_split(tmp_path / "frozen", [f"c{i}" for i in range(12)], split)
+    args = [
+        "analyze",
+        "--model-a",
+        str(tmp_path / "frozen"),
+        "--model-b",
+        str(tmp_path / "unfrozen"),
+        "--data",
+        str(tmp_path / "tok"),
+        "--n-boot",
+        "5",
+        "--device",
+        "cpu",
+        "--store",
+        str(store_path),
+    ]
+    assert main(args) == 0
+    assert "frozen vs unfrozen: 3 cells" in capsys.readouterr().out
+    (tmp_path / "ids.txt").write_text("c1\nc2\n")
+    assert main([*args, "--cells", str(tmp_path / "ids.txt")]) == 0
+    assert "frozen vs unfrozen: 2 cells" in capsys.readouterr().out
+    assert main([*args, "--cells", "all"]) == 0
+    assert "frozen vs unfrozen: 12 cells" in capsys.readouterr().out
     # a fine-tuned model whose weights changed after it was saved is refused, never analysed
     weights = tmp_path / "unfrozen" / "model.safetensors"
     data = bytearray(weights.read_bytes())
@@ -242,4 +270,4 @@ def test_gfattn_analyze_records_an_analysis_run(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "sha256" in err and "unfrozen" in err, err
     with Store(store_path) as st:
-        assert len(st.list_runs(kind="analysis")) == 1  # nothing recorded for the refused run
+        assert len(st.list_runs(kind="analysis")) == 4  # nothing recorded for the refused run

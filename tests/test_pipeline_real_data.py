@@ -8,10 +8,11 @@ import json
 import textwrap
 
 import pytest
-from _helpers_cli import gfattn
-from _helpers_tokenize import datlinger_anndata
 
 from store import Store
+
+from _helpers_cli import gfattn
+from _helpers_tokenize import datlinger_anndata
 
 pytestmark = pytest.mark.slow
 

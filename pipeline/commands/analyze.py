@@ -8,6 +8,9 @@ Records an "analysis" run in the store (`pipeline.analysis.run_pair_analysis`).
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from pipeline.errors import InputError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,8 +30,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gene-id-column", metavar="COL", help="var column with gene IDs for DE (default: var index)")
     p.add_argument("--top-k", default="10,20,50,100", help="k for the DE vs attention overlap (default 10,20,50,100)")
     p.add_argument(
-        "--max-cells", type=int, default=0, help="analyse a seeded random subset of this many cells (0 = all)"
+        "--cells",
+        default="test",
+        metavar="test|all|FILE",
+        help="cells analysed: the held-out test cells of --model-a's fine-tuning (default; all cells when the "
+        "model carries no split), all cells, or a file with one cell id per line",
     )
+    p.add_argument("--max-cells", type=int, default=0, help="then a seeded random subset of this many cells (0 = all)")
     p.add_argument("--batch-size", type=int, default=8, help="cells per batch (default 8)")
     p.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples for confidence intervals (default 200)")
     p.add_argument("--seed", type=int, default=0, help="seed for subsampling, bootstrap and permutations (default 0)")
@@ -100,6 +108,7 @@ def run(args) -> int:
         raise InputError(f"{data}: no input_ids column; tokenize with `gfattn tokenize`")
     if args.group_column and args.group_column not in ds.column_names:
         raise InputError(f"{data}: no column {args.group_column!r} (columns: {', '.join(ds.column_names)})")
+    ds = _select_cells(ds, args.cells, model_a, data)
     if args.max_cells and len(ds) > args.max_cells:
         rng = np.random.default_rng(args.seed)
         ds = ds.select(sorted(rng.choice(len(ds), int(args.max_cells), replace=False).tolist()))
@@ -193,3 +202,29 @@ def run(args) -> int:
         print("top attended vs top DE genes: " + "; ".join(parts))
     print(f"run {run_id}")
     return 0
+
+
+def _select_cells(ds, which: str, model_dir: Path, data: Path):
+    """The dataset rows to analyse: the model's test split, all, or the cell ids listed in a file."""
+    from pipeline.train import load_split
+
+    ids = [str(c) for c in ds["cell_id"]]
+    if which == "all":
+        return ds
+    if which == "test":
+        split = load_split(model_dir)
+        if split is None:
+            print(f"note: {model_dir} carries no split (gfattn_split.json); analysing all cells of {data}")
+            return ds
+        wanted = {c for c, s in split.items() if s == "test"}
+        what = f"the test cells of {model_dir}"
+    else:
+        path = Path(which)
+        if not path.is_file():
+            raise InputError(f"--cells {which}: use test, all, or a file with one cell id per line")
+        wanted = {line.strip() for line in path.read_text().splitlines() if line.strip()}
+        what = f"the cells listed in {path}"
+    rows = [i for i, c in enumerate(ids) if c in wanted]
+    if not rows:
+        raise InputError(f"none of {what} is in {data}; is it the dataset the model was fine-tuned on?")
+    return ds.select(rows)

@@ -205,6 +205,9 @@ def run(args) -> int:
                 progress=rep.callback("steps", stage="finetune"),
                 dicts=dicts,
             )
+    from pipeline.train import save_split
+
+    save_split(args.out, ds["cell_id"], split, data=str(args.data))
     m = result.test_metrics
     print(
         f"{name}: test accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f} "
