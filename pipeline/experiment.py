@@ -399,7 +399,7 @@ def embedded_model_dir(ctx: Context) -> Path:
 
     pcfg = dict(ctx.cfg["pretrain"])
     preset = ctx.cfg["data"]["synth_preset"]
-    key = _digest({"pretrain": pcfg, "preset": preset, "seed": ctx.seed, "v": 3})
+    key = _digest({"pretrain": pcfg, "preset": preset, "seed": ctx.seed, "v": 2})
     out = ctx.cache / "models" / f"embedded-{key}"
     if (out / "config.json").is_file():
         verify_manifest(out, what="cached embedded model")
