@@ -20,11 +20,10 @@ medians and maxima of detected genes exactly and how `length_effect=0` stays fre
 information. The background genes' expression spread is calibrated per preset so that the median
 UMI count is hit as well.
 
-`make_corpus` builds the stand-in for Genecorpus-30M (Theodoris et al. 2023, Nature 618:616): cell types
-made of co-expressed gene programs plus cell states shared across types (p53-activating stress at graded
-strengths with the arrest it causes, proliferation, interferon, ...) over the same gene universe, so that
-pretraining has gene-gene structure and cell states to learn, as a real atlas of stressed, arrested and
-proliferating cells has, and its vocabulary covers the sci-Plex-like data. It carries no dose label.
+`make_corpus` builds the stand-in for Genecorpus-30M (Theodoris et al. 2023, Nature 618:616): healthy
+cell types made of co-expressed gene programs plus cell states shared across types (cycling, p53
+response, interferon, ...) over the same gene universe, so that masked-gene pretraining has gene-gene
+structure to learn and its vocabulary covers the sci-Plex-like data.
 """
 
 from __future__ import annotations
@@ -69,10 +68,6 @@ _PHASE_LOG2_UP = {"S": 1.0, "G2M": 1.5}
 _CHUNK_ENTRIES = 4_000_000  # cells x genes per sampling chunk (~16 MB per float32 matrix)
 _SMALL_MEAN = 4.0  # below: inverse-CDF sampling of nonzero counts; above: rejection
 _LOG_L_GRID = np.linspace(math.log(5.0), math.log(5e6), 224)
-
-# Pretraining corpus: fraction of cells under p53-activating stress, spread of log detected genes
-P53_STRESSED_FRACTION = 0.3
-CORPUS_GENES_LOG_SD = 0.35
 
 
 @dataclass(frozen=True)
@@ -647,18 +642,13 @@ def make_corpus(
     n_genes: int | None = None,
     n_types: int = 8,
 ):
-    """A pretraining corpus over the same genes as `make_sciplex_like(preset, geneformer_dir, n_genes)`.
+    """A healthy pretraining corpus over the same genes as `make_sciplex_like(preset, geneformer_dir, n_genes)`.
 
-    Like a real atlas it spans cell types and the cell states the sci-Plex-like data varies, with no dose
-    and no label of the task: `n_types` cell types (epithelial, fibroblast, endothelial, T cell, B cell,
-    monocyte, hepatocyte, neuron), each a profile with its marker genes and a co-expressed program of
-    background genes, plus cell states shared across types switched on in a fraction of cells:
-    p53-activating stress in `P53_STRESSED_FRACTION` of the cells at a strength between 0.1 and 1 of the
-    Nutlin-3a response (p53 arrest makes a cell cycle less often and represses its E2F and G2/M genes),
-    proliferation (cycling S / G2-M, a fraction per type), interferon, heat shock, immediate-early,
-    hypoxia, oxidative stress; library sizes spread widely within each type (`CORPUS_GENES_LOG_SD`).
-    obs: `cell_type`, `n_counts`, `ngenes`, `percent_mito`, `percent_ribo`; `uns["gfattn_truth"]` lists
-    types and programs and, per cell, each state's activity (`cells`).
+    `n_types` cell types (epithelial, fibroblast, endothelial, T cell, B cell, monocyte, hepatocyte,
+    neuron), each a profile with its marker genes and a co-expressed program of background genes,
+    plus cell states shared across types (cycling S / G2-M, p53 response, interferon, heat shock,
+    immediate-early, hypoxia, oxidative stress) switched on in a fraction of cells. obs: `cell_type`,
+    `n_counts`, `ngenes`, `percent_mito`, `percent_ribo`; `uns["gfattn_truth"]` lists types and programs.
     """
     import anndata as ad
     import pandas as pd
@@ -712,13 +702,12 @@ def make_corpus(
     w = np.exp(logw)
     w /= w.sum(axis=1, keepdims=True)
 
-    # cell states: programs over named genes switched on per cell, at graded strengths
+    # cell states: programs over named genes switched on per cell; p53 targets at their Nutlin fold changes
     prog_names = list(genes.STATE_PROGRAMS)
     prog_load: dict[str, np.ndarray] = {}
     for name, syms in genes.STATE_PROGRAMS.items():
         if name == "p53_response":
-            # each target's fold change drawn in its range at full activation, as in the Nutlin response
-            prog_load[name] = np.array([rng.uniform(lo, hi) for lo, hi, _ in genes.P53_TARGETS_UP.values()])
+            prog_load[name] = np.array([0.5 * (lo + hi) for lo, hi, _ in genes.P53_TARGETS_UP.values()])
         elif name.startswith("cycling"):
             prog_load[name] = np.full(len(syms), 2.5)
         else:
@@ -727,7 +716,7 @@ def make_corpus(
     v_col = {s: j for j, s in enumerate(v_sym)}
     v_idx = np.array([pos[s] for s in v_sym])
     frac = {
-        "p53_response": P53_STRESSED_FRACTION,
+        "p53_response": 0.12,
         "interferon": 0.12,
         "heat_shock": 0.10,
         "immediate_early": 0.15,
@@ -740,23 +729,14 @@ def make_corpus(
     if n_cells >= n_t:
         cell_type[:n_t] = np.arange(n_t)  # every type present
         cell_type = cell_type[rng.permutation(n_cells)]
-    cycling_frac = rng.uniform(0.15, 0.5, size=n_t)
+    cycling_frac = rng.uniform(0.05, 0.4, size=n_t)
     log2f = np.zeros((n_cells, len(v_sym)))
     activity = {}
-    # p53 activity: stressed cells (DNA damage, MDM2 inhibition, ...) at a strength between a weak and a
-    # saturated response; active p53 arrests the cell cycle, so a stressed cell cycles less often and
-    # represses its E2F and G2/M genes in proportion to its p53 activity
-    stressed = rng.random(n_cells) < frac["p53_response"]
-    p53 = stressed * rng.uniform(0.1, 1.0, size=n_cells)
-    p_cycle = cycling_frac[cell_type] * (1.0 - p53)
     u_cyc = rng.random(n_cells)
-    in_s = u_cyc < p_cycle * 0.55
-    in_g2m = (u_cyc >= p_cycle * 0.55) & (u_cyc < p_cycle)
-    arrest_load = rng.uniform(*genes.CELL_CYCLE_LOG2FC, size=len(genes.CELL_CYCLE_DOWN))
+    in_s = u_cyc < cycling_frac[cell_type] * 0.55
+    in_g2m = (u_cyc >= cycling_frac[cell_type] * 0.55) & (u_cyc < cycling_frac[cell_type])
     for name in prog_names:
-        if name == "p53_response":
-            a = p53
-        elif name == "cycling_S":
+        if name == "cycling_S":
             a = in_s * rng.uniform(0.6, 1.0, size=n_cells)
         elif name == "cycling_G2M":
             a = in_g2m * rng.uniform(0.6, 1.0, size=n_cells)
@@ -765,14 +745,11 @@ def make_corpus(
         activity[name] = a
         cols = np.array([v_col[s] for s in genes.STATE_PROGRAMS[name]])
         np.add.at(log2f, (slice(None), cols), a[:, None] * prog_load[name][None, :])
-    arrest_cols = np.array([v_col[s] for s in genes.CELL_CYCLE_DOWN])
-    log2f[:, arrest_cols] += p53[:, None] * arrest_load[None, :]
     f = np.exp2(log2f)
 
-    # library sizes: per-type depth and a wide spread within types (shallow, damaged cells included)
     type_depth = rng.uniform(0.75, 1.3, size=n_t)
     z = _truncated_normal(rng, n_cells, -3.0, 2.5)
-    target = p.median_genes * type_depth[cell_type] * np.exp(CORPUS_GENES_LOG_SD * z)
+    target = p.median_genes * type_depth[cell_type] * np.exp(0.25 * z)
     lib = _solve_library(target, cell_type, w, prof.r, v_idx, f)
     x = _sample_counts(lib, cell_type, w, prof.r, v_idx, f, rng)
 
@@ -797,12 +774,6 @@ def make_corpus(
         },
         "state_programs": {name: list(syms) for name, syms in genes.STATE_PROGRAMS.items()},
         "state_fraction": {name: float(np.mean(activity[name] > 0)) for name in prog_names},
-        "arrest_log2fc": {s: float(v) for s, v in zip(genes.CELL_CYCLE_DOWN, arrest_load)},
-        # per cell, keyed by obs name: the states a real atlas would carry (no dose, no label of the task)
-        "cells": {
-            "cell_id": [str(c) for c in obs.index],
-            **{name: [float(v) for v in activity[name]] for name in prog_names},
-        },
     }
     adata = ad.AnnData(X=x, obs=obs, var=var.copy())
     adata.uns[TRUTH_KEY] = truth

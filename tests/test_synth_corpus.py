@@ -56,37 +56,6 @@ def test_state_programs_are_co_expressed(corpus):
         assert within > 0.25 and within > abs(control) + 0.15, (program, within, control)
 
 
-def test_corpus_spans_the_states_of_the_task_without_its_labels(corpus):
-    """Like an atlas: p53-stressed cells at graded strengths, whose p53 targets are up and whose cell-cycle
-    genes are down (arrest), proliferating cells, a wide spread of depths; no dose anywhere."""
-    truth = synth.ground_truth(corpus)
-    cells = truth["cells"]
-    assert cells["cell_id"] == list(corpus.obs_names)
-    p53 = np.asarray(cells["p53_response"])
-    stressed = p53 > 0
-    assert abs(stressed.mean() - synth.P53_STRESSED_FRACTION) < 0.06
-    assert p53[stressed].min() < 0.3 and p53[stressed].max() > 0.9  # weak to saturated responses
-    cycling = (np.asarray(cells["cycling_S"]) > 0) | (np.asarray(cells["cycling_G2M"]) > 0)
-    assert 0.1 < cycling.mean() < 0.5
-    assert cycling[p53 > 0.7].mean() < 0.5 * cycling[~stressed].mean()  # p53 arrests
-
-    x, libs = corpus.X, np.asarray(corpus.X.sum(axis=1)).ravel()
-
-    def cp10k(syms, rows):
-        cols = corpus.var.index.get_indexer([synth_genes.GENE_IDS[s] for s in syms])
-        return np.asarray(x[rows][:, cols].sum(axis=1)).ravel().sum() / libs[rows].sum() * 1e4
-
-    targets = list(synth_genes.P53_TARGETS_UP)
-    assert cp10k(targets, p53 > 0.7) > 3 * cp10k(targets, ~stressed)
-    noncycling = ~cycling
-    g2m = [s for s, (ph, _) in synth_genes.CELL_CYCLE_DOWN.items() if ph == "G2M"]
-    assert cp10k(g2m, noncycling & (p53 > 0.7)) < 0.7 * cp10k(g2m, noncycling & ~stressed)
-    ngenes = corpus.obs["ngenes"].to_numpy()
-    assert np.quantile(ngenes, 0.95) > 2.0 * np.quantile(ngenes, 0.05)
-    assert not any("dose" in str(c).lower() for c in corpus.obs.columns)
-    assert not any("dose" in key for key in truth)
-
-
 def test_corpus_truth_and_determinism(corpus):
     truth = synth.ground_truth(corpus)
     assert truth["kind"] == "corpus" and truth["seed"] == 0
