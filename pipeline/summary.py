@@ -6,12 +6,69 @@ import numpy as np
 
 from store import results as R
 
+# The thesis's test accuracies (section 4.1): lowhigh 0.85 frozen (linear probing) and 0.91 unfrozen,
+# dose (5 classes) 0.5 for both; it trained no last-1 model.
+THESIS_ACCURACY: dict[str, dict[str, float]] = {
+    R.TASK_LOWHIGH: {R.MODE_FROZEN: 0.85, R.MODE_UNFROZEN: 0.91},
+    R.TASK_DOSE: {R.MODE_FROZEN: 0.5, R.MODE_UNFROZEN: 0.5},
+}
+# The thesis's design: Nutlin-3a doses kept, and the low / high groups of the lowhigh task (section 2.3)
+THESIS_DOSES = (0.0, 1.25, 2.5, 12.5, 25.0)
+THESIS_LOW, THESIS_HIGH = (0.0, 1.25, 2.5), (12.5, 25.0)
+COMPARED_MODES = (R.MODE_FROZEN, R.MODE_UNFROZEN, "last-1")
+
 
 def _grid_text(values: np.ndarray) -> list[str]:
     layers, heads = values.shape
     lines = ["        " + " ".join(f"h{h:<5d}" for h in range(heads))]
     for layer in range(layers):
         lines.append(f"  L{layer:<4d} " + " ".join(f"{v:6.3f}" for v in values[layer]))
+    return lines
+
+
+def _floats(value) -> tuple[float, ...] | None:
+    try:
+        return tuple(sorted(float(v) for v in value))
+    except (TypeError, ValueError):
+        return None
+
+
+def is_thesis_design(cfg: dict) -> bool:
+    """Whether a pipeline run's labels are the thesis's: its doses and its low / high groups (the sci-Plex
+    presets, on synthetic or real data), so that its accuracies can stand beside the thesis's."""
+    return (
+        _floats(R.config_value(cfg, "data.doses")) == THESIS_DOSES
+        and _floats(R.config_value(cfg, "labels.low_doses")) == THESIS_LOW
+        and _floats(R.config_value(cfg, "labels.high_doses")) == THESIS_HIGH
+    )
+
+
+def comparison_lines(finetunes: list, thesis: bool) -> list[str]:
+    """One line per task: test accuracy of frozen vs unfrozen vs last-1 and what fine-tuning the encoder
+    added over the frozen probe; with `thesis`, the thesis's numbers beside them."""
+    by_task: dict[str, dict[str, float]] = {}
+    for ft in finetunes:
+        if ft.accuracy is not None:
+            by_task.setdefault(ft.task, {})[ft.mode] = float(ft.accuracy)
+    lines = []
+    for task in sorted(by_task, key=lambda t: (R.TASK_ORDER.get(t, 2), t)):
+        acc = by_task[task]
+        modes = [m for m in COMPARED_MODES if m in acc]
+        if len(modes) < 2:
+            continue
+        ref = THESIS_ACCURACY.get(task, {}) if thesis else {}
+        parts = []
+        for mode in modes:
+            text = f"{mode} {acc[mode]:.3f}"
+            if thesis:
+                text += f" (thesis {ref[mode]:.2f})" if mode in ref else " (thesis -)"
+            parts.append(text)
+        line = f"  {task:<8} " + ", ".join(parts)
+        if R.MODE_FROZEN in acc and R.MODE_UNFROZEN in acc:
+            line += f"; fine-tuning adds {acc[R.MODE_UNFROZEN] - acc[R.MODE_FROZEN]:+.3f}"
+            if thesis and R.MODE_FROZEN in ref and R.MODE_UNFROZEN in ref:
+                line += f" (thesis {ref[R.MODE_UNFROZEN] - ref[R.MODE_FROZEN]:+.2f})"
+        lines.append(line)
     return lines
 
 
@@ -31,6 +88,14 @@ def format_summary(store, run_id: int, elapsed_s: float | None = None, top_n: in
             if ft.accuracy is not None:
                 f1 = f"{ft.macro_f1:6.3f}" if ft.macro_f1 is not None else f"{'-':>6}"
                 lines.append(f"  {ft.name:<24} {ft.accuracy:6.3f}  {f1}")
+        thesis = is_thesis_design(R.run_config(run))
+        comparison = comparison_lines(finetunes, thesis)
+        if comparison:
+            lines.append("")
+            lines.append(
+                "frozen encoder vs fine-tuned, test accuracy" + (" (the thesis's beside them):" if thesis else ":")
+            )
+            lines += comparison
     for c in scope.analyses:
         an = R.read_pair_analysis(store, c)
         lines.append("")
