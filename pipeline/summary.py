@@ -12,9 +12,6 @@ THESIS_ACCURACY: dict[str, dict[str, float]] = {
     R.TASK_LOWHIGH: {R.MODE_FROZEN: 0.85, R.MODE_UNFROZEN: 0.91},
     R.TASK_DOSE: {R.MODE_FROZEN: 0.5, R.MODE_UNFROZEN: 0.5},
 }
-# The thesis's design: Nutlin-3a doses kept, and the low / high groups of the lowhigh task (section 2.3)
-THESIS_DOSES = (0.0, 1.25, 2.5, 12.5, 25.0)
-THESIS_LOW, THESIS_HIGH = (0.0, 1.25, 2.5), (12.5, 25.0)
 COMPARED_MODES = (R.MODE_FROZEN, R.MODE_UNFROZEN, "last-1")
 
 
@@ -26,21 +23,13 @@ def _grid_text(values: np.ndarray) -> list[str]:
     return lines
 
 
-def _floats(value) -> tuple[float, ...] | None:
-    try:
-        return tuple(sorted(float(v) for v in value))
-    except (TypeError, ValueError):
-        return None
-
-
 def is_thesis_design(cfg: dict) -> bool:
-    """Whether a pipeline run's labels are the thesis's: its doses and its low / high groups (the sci-Plex
-    presets, on synthetic or real data), so that its accuracies can stand beside the thesis's."""
-    return (
-        _floats(R.config_value(cfg, "data.doses")) == THESIS_DOSES
-        and _floats(R.config_value(cfg, "labels.low_doses")) == THESIS_LOW
-        and _floats(R.config_value(cfg, "labels.high_doses")) == THESIS_HIGH
-    )
+    """Whether a pipeline run asked the thesis's questions (the sci-Plex presets' tasks: the five doses and
+    low vs high, on synthetic or real data), so that its accuracies can stand beside the thesis's."""
+    from pipeline.config import SCIPLEX_TASKS
+
+    tasks = [{k: v for k, v in t.items() if k != "scale"} for t in (cfg.get("tasks") or [])]
+    return tasks == SCIPLEX_TASKS
 
 
 def comparison_lines(finetunes: list, thesis: bool) -> list[str]:
