@@ -51,7 +51,11 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "test": (0.15, "fraction of cells for the independent test split (metrics and attention)"),
     },
     "model": {
-        "path": ("", "Geneformer checkpoint directory (empty: the embedded model gfattn pretrains and caches)"),
+        "path": (
+            "",
+            "Geneformer checkpoint directory; empty or `embedded`: gfattn's small model, pretrained on the synthetic "
+            "corpus (no --data) or on your data's training cells, and cached",
+        ),
         "geneformer_dir": ("", "Geneformer dictionaries (checkout dir) when the model dir does not carry them"),
         "version": ("auto", "`V1`, `V2` or `auto` (from the model's vocabulary)"),
         "max_len": (0, "truncate encodings to the top N ranks (0 = the model's input size)"),

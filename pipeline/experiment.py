@@ -38,6 +38,7 @@ from pipeline.errors import InputError
 from pipeline.paths import cache_dir_for_store
 from pipeline.progress import Reporter
 
+EMBEDDED = "embedded"  # --model embedded: gfattn's small model, pretrained here (the default without --model)
 CHECKPOINT_JSON = "checkpoint"  # json result on a finetune run: {"path", "weights_sha256"}
 DETERMINISM_JSON = "determinism"  # json result on a pipeline run: `pipeline.compute.determinism_report`
 
@@ -71,11 +72,8 @@ def preflight(cfg: dict) -> Preflight:
         if p.suffix != ".h5ad":
             raise InputError(f"data file {p} is not an .h5ad file; convert it with anndata (`adata.write_h5ad`)")
     model_path = cfg["model"]["path"]
-    if data_path and not model_path:
-        raise InputError(
-            f"--data {data_path} needs --model DIR (a Geneformer checkpoint): the embedded model only knows the"
-            " synthetic data's genes"
-        )
+    if model_path == EMBEDDED:
+        model_path = cfg["model"]["path"] = ""
     dicts = None
     if model_path:
         m = Path(model_path)
@@ -101,6 +99,8 @@ def preflight(cfg: dict) -> Preflight:
         obs = read_obs(data_path)
         out.selection, out.split = select_and_split(obs, cfg)
         out.obs_rows = len(obs)
+        if not model_path:
+            _check_embedded_genes(data_path, cfg)
         validate_counts(
             data_path,
             out.selection.index,
@@ -337,6 +337,9 @@ def stage_model(ctx: Context) -> None:
     if cfg["model"]["path"]:
         model_dir = Path(cfg["model"]["path"])
         dicts = _dictionaries_for(model_dir, cfg)
+    elif cfg["data"]["path"]:
+        model_dir = self_pretrained_model_dir(ctx)
+        dicts = GeneDictionaries.from_model_dir(model_dir)
     else:
         model_dir = embedded_model_dir(ctx)
         dicts = GeneDictionaries.from_model_dir(model_dir)
@@ -449,6 +452,99 @@ def embedded_model_dir(ctx: Context) -> Path:
     return out
 
 
+def _check_embedded_genes(data_path: str, cfg: dict) -> None:
+    """Without a checkpoint, the model's vocabulary is the data's own genes as Ensembl IDs: symbols need
+    Geneformer's name dictionary (--geneformer-dir) to become IDs."""
+    from pipeline.data import looks_like_ensembl, open_counts, var_identifiers
+
+    if cfg["model"]["geneformer_dir"]:
+        return
+    with open_counts(data_path, cfg["data"]["layer"] or None) as cm:
+        ids = var_identifiers(cm.var, cfg["data"]["gene_id_column"] or None)
+    if looks_like_ensembl(ids).mean() < 0.5:
+        raise InputError(
+            f"{data_path}: genes are named by symbol (e.g. {', '.join(map(repr, ids[:3]))}); without --model, gfattn "
+            "pretrains its small model on your cells over Ensembl IDs: pass --geneformer-dir (its gene name "
+            "dictionary maps symbols to IDs), a var column of Ensembl IDs (data.gene_id_column), or --model DIR"
+        )
+
+
+def self_pretrained_model_dir(ctx: Context) -> Path:
+    """No checkpoint given: gfattn's small model pretrained by masked genes on the user's own training cells
+    (test cells stay unseen), over the genes they express; cached by data, cells and pretraining config."""
+    from pipeline.io import staging_dir, verify_manifest, write_manifest
+    from pipeline.tokenize import build_vocabulary, hash_file, tokenize_anndata
+
+    cfg, pcfg = ctx.cfg, dict(ctx.cfg["pretrain"])
+    ctx.out.data_hash = ctx.out.data_hash or hash_file(ctx.out.data_path)
+    train = ctx.out.split == "train"
+    train_ids = ctx.out.selection.cell_ids[train]
+    columns = {k: cfg["data"][k] for k in ("gene_id_column", "n_counts_column", "layer")}
+    key = _digest(
+        {
+            "pretrain": pcfg,
+            "data": ctx.out.data_hash,
+            "cells": hashlib.sha256("\n".join(train_ids).encode()).hexdigest(),
+            "columns": columns,
+            "geneformer_dir": bool(cfg["model"]["geneformer_dir"]),
+            "seed": ctx.seed,
+            "v": 1,
+        }
+    )
+    out = ctx.cache / "models" / f"self-{key}"
+    if (out / "config.json").is_file():
+        verify_manifest(out, what="cached self-pretrained model")
+        ctx.rep.line(f"model pretrained on this data's training cells, cached at {out}")
+        return out
+    from pipeline.pretrain import pretrain
+
+    name_to_id = None
+    if cfg["model"]["geneformer_dir"]:
+        from pipeline.dictionaries import GeneDictionaries
+
+        version = cfg["model"]["version"] if cfg["model"]["version"] != "auto" else "V2"
+        name_to_id = GeneDictionaries.from_geneformer_dir(cfg["model"]["geneformer_dir"], version).name_to_id
+    cells = ctx.selected_adata()[np.flatnonzero(train)].copy()
+    ctx.rep.line(
+        f"no --model: pretraining gfattn's small model ({pcfg['layers']} layers x {pcfg['hidden']}) by masked genes "
+        f"on the {len(train_ids):,} training cells of this data; it is small and self-pretrained, not Geneformer"
+    )
+    opts = {
+        "gene_id_column": columns["gene_id_column"] or None,
+        "n_counts_column": columns["n_counts_column"] or None,
+        "layer": columns["layer"] or None,
+    }
+    dicts = build_vocabulary(cells, name_to_id=name_to_id, **opts)
+    corpus, _ = tokenize_anndata(cells, dicts, max_len=int(pcfg["max_len"]), **opts)
+    with staging_dir(out, replace=False) as tmp:
+        metrics = pretrain(
+            corpus,
+            dicts,
+            tmp,
+            layers=int(pcfg["layers"]),
+            hidden=int(pcfg["hidden"]),
+            heads=int(pcfg["heads"]),
+            intermediate=int(pcfg["intermediate"]),
+            max_len=int(pcfg["max_len"]),
+            epochs=int(pcfg["epochs"]),
+            batch_size=int(pcfg["batch_size"]),
+            lr=float(pcfg["lr"]),
+            seed=ctx.seed,
+            time_budget_s=float(pcfg["time_budget_s"]) or None,
+            device=ctx.device,
+            progress=lambda done, total, **kw: ctx.rep.update(done, total, unit="steps", **kw),
+        )
+        write_manifest(tmp)
+    ctx.out.pretrain_metrics = dict(metrics)
+    if metrics.get("stopped_by_time_budget"):
+        ctx.rep.line(
+            "the pretraining time budget cut the model short: raise pretrain.time_budget_s for a model "
+            "that does not depend on the machine's speed",
+            level="warning",
+        )
+    return out
+
+
 # ----------------------------------------------------------------------------------------- tokenize
 def stage_tokenize(ctx: Context) -> None:
     """Rank-value encode the selected cells (cached by data content hash, dictionaries and options)."""
@@ -461,7 +557,7 @@ def stage_tokenize(ctx: Context) -> None:
     )
 
     cfg, sel, dicts = ctx.cfg, ctx.out.selection, ctx.out.dicts
-    data_hash = hash_file(ctx.out.data_path)
+    data_hash = ctx.out.data_hash or hash_file(ctx.out.data_path)
     ctx.out.data_hash = data_hash
     ctx.store.set_inputs(ctx.run_id, data_path=ctx.out.data_path, data_hash=data_hash)
     key = tokenization_cache_key(

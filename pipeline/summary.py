@@ -69,6 +69,11 @@ def format_summary(store, run_id: int, elapsed_s: float | None = None, top_n: in
         + (f" in {elapsed_s:.0f} s" if elapsed_s is not None else "")
         + f"; store {store.path}"
     ]
+    cfg = R.run_config(run)
+    if (cfg.get("data") or {}).get("path") and not (cfg.get("model") or {}).get("path"):
+        lines.append(
+            "model: gfattn's small model, pretrained by masked genes on this data's training cells (not Geneformer)"
+        )
     finetunes = [R.read_finetune(store, c) for c in scope.of_kind(R.KIND_FINETUNE)]
     if finetunes:
         lines.append("")

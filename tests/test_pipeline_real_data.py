@@ -147,6 +147,40 @@ def test_grouped_knockouts_with_a_filter(tcells, v1_6l, geneformer_dir, tmp_path
     assert qc["cells_per_class_after"] == expected
 
 
+def test_no_checkpoint_pretrains_on_the_users_cells(tcells, geneformer_dir, tmp_path):
+    """Only an .h5ad: gfattn's small model is pretrained on the data's training cells (never its test cells)."""
+    db = tmp_path / "gfattn.db"
+    out = gfattn(
+        "pipeline",
+        "--quick",
+        "--data",
+        str(tcells),
+        "--geneformer-dir",
+        str(geneformer_dir),
+        "--label-column",
+        "perturbation_2",
+        "--store",
+        str(db),
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "pretraining gfattn's small model" in out.stderr and "not Geneformer" in out.stdout
+    st, children = _assert_users_words(db, out, "perturbation_2", ["stimulated", "unstimulated"])
+    (run,) = st.list_runs(kind="pipeline")
+    model_dir = st.get_run(run["id"])["model_path"]
+    assert "/models/self-" in model_dir
+    from pipeline.dictionaries import GeneDictionaries
+
+    vocab = GeneDictionaries.from_model_dir(model_dir).token_dict
+    assert 1000 < len(vocab) <= 2002  # the T cells' own genes (2,000 measured) plus <pad> and <mask>
+
+
+def test_no_checkpoint_with_symbols_needs_the_name_dictionary(tcells, tmp_path):
+    db = tmp_path / "gfattn.db"
+    out = gfattn("pipeline", "--quick", "--data", str(tcells), "--label-column", "perturbation_2", "--store", str(db))
+    assert out.returncode == 2 and "--geneformer-dir" in out.stderr.strip().splitlines()[-1]
+    assert Store(db).list_runs() == []
+
+
 @pytest.mark.parametrize(
     "args, needle",
     [

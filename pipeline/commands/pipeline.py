@@ -15,7 +15,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="alias of --preset quick: a tiny run for smoke tests")
     p.add_argument("--config", metavar="FILE.toml", help="TOML config (see --print-config for every key)")
     p.add_argument("--data", metavar="FILE.h5ad", help="raw-count AnnData (default: synthetic sci-Plex-like data)")
-    p.add_argument("--model", metavar="DIR", help="Geneformer checkpoint dir (default: gfattn's embedded model)")
+    p.add_argument(
+        "--model",
+        metavar="DIR",
+        help="Geneformer checkpoint dir (default `embedded`: gfattn's small model, pretrained on your data)",
+    )
     p.add_argument("--geneformer-dir", metavar="DIR", help="Geneformer dictionaries when the model dir has none")
     p.add_argument(
         "--label-column",
@@ -48,7 +52,13 @@ def run(args) -> int:
     from pipeline import config
     from pipeline.paths import resolve_store_path
 
-    preset = "quick" if args.quick else (args.preset or ("sciplex2-nutlin" if args.data and args.model else "default"))
+    preset = (
+        "quick"
+        if args.quick
+        else (
+            args.preset or ("sciplex2-nutlin" if args.data and args.model and args.model != "embedded" else "default")
+        )
+    )
     flags = {
         "data.path": args.data,
         "model.path": args.model,
