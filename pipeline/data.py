@@ -675,6 +675,36 @@ def validate_counts(
     return with_counts
 
 
+def loom_as_h5ad(path: str | os.PathLike, folder: str | os.PathLike) -> Path:
+    """A .loom file as an .h5ad, converted once (anndata's `read_loom`, with loompy) and cached by content:
+    every later read is the same lazy, backed .h5ad read as for any other input."""
+    from pipeline.io import sha256_file, write_h5ad_atomic
+
+    path = Path(path)
+    out = Path(folder) / f"loom-{sha256_file(path)[:16]}.h5ad"
+    if out.is_file():
+        return out
+    try:
+        import anndata as ad
+
+        read_loom = getattr(ad, "read_loom", None) or ad.io.read_loom
+        adata = read_loom(path, sparse=True, cleanup=False)
+    except ImportError:
+        raise InputError(f"{path}: reading .loom files needs loompy (`pip install loompy`)") from None
+    except Exception as exc:
+        raise InputError(f"{path}: cannot read as .loom ({type(exc).__name__}: {exc})") from None
+    # loom names rows and columns by attributes: CellID / Gene (loompy, velocyto) or obs_names / var_names
+    for frame, keys in (
+        (adata.obs, ("CellID", "obs_names", "cell_id")),
+        (adata.var, ("Gene", "var_names", "gene_ids")),
+    ):
+        key = next((k for k in keys if k in frame.columns), None)
+        if key is not None:
+            frame.index = frame.pop(key).astype(str).to_numpy()
+    write_h5ad_atomic(adata, out)
+    return out
+
+
 def read_selected(path: str | os.PathLike, rows):
     """The selected cells of an .h5ad as an in-memory AnnData (one read serves tokenization, UMAP and DE)."""
     import anndata as ad

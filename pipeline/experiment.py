@@ -56,21 +56,27 @@ class Preflight:
     selection: Any = None  # pipeline.design.Selection (None for the synthetic data, made in the data stage)
     split: np.ndarray | None = None
     obs_rows: int = 0
+    read_path: str = ""  # the .h5ad the stages read: --data itself, or its .loom converted once into the cache
 
 
-def preflight(cfg: dict) -> Preflight:
+def preflight(cfg: dict, cache: Path | None = None) -> Preflight:
     """Checks done before a run is recorded; each problem is one `InputError` line."""
     from pipeline.compute import resolve_device
 
     data_path = cfg["data"]["path"]
+    read_path = data_path
     if data_path:
         p = Path(data_path)
         if p.is_dir():
-            raise InputError(f"--data {p} is a directory; pass the .h5ad file itself")
+            raise InputError(f"--data {p} is a directory; pass the .h5ad (or .loom) file itself")
         if not p.is_file():
-            raise InputError(f"data file {p} does not exist; pass an .h5ad with raw counts to --data")
-        if p.suffix != ".h5ad":
-            raise InputError(f"data file {p} is not an .h5ad file; convert it with anndata (`adata.write_h5ad`)")
+            raise InputError(f"data file {p} does not exist; pass an .h5ad (or .loom) with raw counts to --data")
+        if p.suffix not in (".h5ad", ".loom"):
+            raise InputError(f"data file {p} is neither .h5ad nor .loom; convert it with anndata (`adata.write_h5ad`)")
+        if p.suffix == ".loom":
+            from pipeline.data import loom_as_h5ad
+
+            read_path = str(loom_as_h5ad(p, (cache or p.parent / ".gfattn-cache") / "data"))
     model_path = cfg["model"]["path"]
     if model_path == EMBEDDED:
         model_path = cfg["model"]["path"] = ""
@@ -93,16 +99,17 @@ def preflight(cfg: dict) -> Preflight:
         dicts = _dictionaries_for(Path(model_path), cfg)
         model_input_size(Path(model_path), dicts, cfg["model"]["max_len"])
     out = Preflight(device=device)
+    out.read_path = read_path
     if data_path:
         from pipeline.data import validate_counts
 
-        obs = read_obs(data_path)
+        obs = read_obs(read_path)
         out.selection, out.split = select_and_split(obs, cfg)
         out.obs_rows = len(obs)
         if not model_path:
-            _check_embedded_genes(data_path, cfg)
+            _check_embedded_genes(read_path, cfg)
         validate_counts(
-            data_path,
+            read_path,
             out.selection.index,
             dicts,
             layer=cfg["data"]["layer"] or None,
@@ -210,7 +217,7 @@ def stage_data(ctx: Context) -> None:
     cfg = ctx.cfg
     pre = ctx.preflight
     if cfg["data"]["path"]:
-        ctx.out.data_path = cfg["data"]["path"]
+        ctx.out.data_path = pre.read_path
         sel, split, n_obs = pre.selection, pre.split, pre.obs_rows
     else:
         ctx.out.data_path = str(synthetic_data_path(ctx))
@@ -559,7 +566,7 @@ def stage_tokenize(ctx: Context) -> None:
     cfg, sel, dicts = ctx.cfg, ctx.out.selection, ctx.out.dicts
     data_hash = ctx.out.data_hash or hash_file(ctx.out.data_path)
     ctx.out.data_hash = data_hash
-    ctx.store.set_inputs(ctx.run_id, data_path=ctx.out.data_path, data_hash=data_hash)
+    ctx.store.set_inputs(ctx.run_id, data_path=cfg["data"]["path"] or ctx.out.data_path, data_hash=data_hash)
     key = tokenization_cache_key(
         data_hash,
         dicts,
@@ -901,7 +908,7 @@ def run_pipeline(cfg: dict, store_path, *, resume_id: int | None = None, stdout=
 
     stdout = stdout or sys.stdout
     store = store or open_store(store_path)
-    pre = preflight(cfg)
+    pre = preflight(cfg, cache_dir_for_store(store_path))
     device = pre.device
     threads = pin_threads(int(cfg["compute"]["threads"]) or None)
     configure_determinism(resolve_device(device))

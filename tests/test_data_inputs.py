@@ -203,3 +203,24 @@ def test_chunks_bound_rows_and_entries(vocab):
     dense = ad.AnnData(X=adata.X.toarray(), obs=adata.obs, var=adata.var)
     with open_counts(dense) as cm:
         assert all(b - a <= 2 for a, b in cm.chunks(max_rows=16, max_entries=100))  # 40 genes a row
+
+
+def test_a_loom_file_reads_as_the_same_counts(tmp_path):
+    """`.loom` input: converted once into the cache, then read exactly as an .h5ad (anndata + loompy)."""
+    pytest.importorskip("loompy")
+    import anndata as ad
+    import scipy.sparse as sp
+
+    from pipeline.data import loom_as_h5ad
+    from pipeline.synth import make_sciplex_like
+
+    adata = make_sciplex_like(scale=0.02, preset="thesis", seed=5)
+    adata.uns.clear()
+    loom = tmp_path / "cells.loom"
+    adata.write_loom(loom)
+    out = loom_as_h5ad(loom, tmp_path / "cache")
+    assert out == loom_as_h5ad(loom, tmp_path / "cache")  # cached by content
+    back = ad.read_h5ad(out)
+    assert list(back.obs_names) == list(adata.obs_names) and list(back.var_names) == list(adata.var_names)
+    assert (sp.csr_matrix(back.X) != sp.csr_matrix(adata.X)).nnz == 0
+    assert list(back.obs["dose_value"]) == list(adata.obs["dose_value"])
