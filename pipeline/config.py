@@ -30,6 +30,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
     },
     "data": {
         "path": ("", ".h5ad with raw counts; empty = the synthetic sci-Plex-like data set (`gfattn synth`)"),
+        "tokenized": ("", "a dataset tokenized by Geneformer (or `gfattn tokenize`) instead of counts: no UMAP, no DE"),
         "synth_scale": (0.33, "synthetic data: cells relative to sci-Plex 2's Nutlin-3a arm"),
         "synth_preset": ("thesis", "synthetic data: `thesis` (~680 genes/cell) or `raw` (~2,300)"),
         "synth_length_effect": (1.0, "synthetic data: strength of the dose -> detected genes confound (0 = off)"),

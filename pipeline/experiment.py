@@ -65,6 +65,9 @@ def preflight(cfg: dict, cache: Path | None = None) -> Preflight:
 
     data_path = cfg["data"]["path"]
     read_path = data_path
+    tokenized = cfg["data"]["tokenized"]
+    if tokenized and data_path:
+        raise InputError("--data and --tokenized both given; pass one: counts (.h5ad) or a tokenized dataset")
     if data_path:
         p = Path(data_path)
         if p.is_dir():
@@ -100,6 +103,14 @@ def preflight(cfg: dict, cache: Path | None = None) -> Preflight:
         model_input_size(Path(model_path), dicts, cfg["model"]["max_len"])
     out = Preflight(device=device)
     out.read_path = read_path
+    if tokenized:
+        if not model_path:
+            raise InputError(
+                f"--tokenized {tokenized} needs --model DIR: the checkpoint whose dictionaries tokenized it"
+            )
+        obs = tokenized_obs(tokenized)
+        out.selection, out.split = select_and_split(obs, cfg)
+        out.obs_rows = len(obs)
     if data_path:
         from pipeline.data import validate_counts
 
@@ -116,6 +127,20 @@ def preflight(cfg: dict, cache: Path | None = None) -> Preflight:
             gene_id_column=cfg["data"]["gene_id_column"] or None,
         )
     return out
+
+
+def tokenized_obs(path: str):
+    """A tokenized dataset's cell columns (everything but the tokens) as an obs table indexed by cell id."""
+    import pandas as pd
+
+    from pipeline.tokenize import load_tokenized
+
+    ds = load_tokenized(path)
+    columns = [c for c in ds.column_names if c not in ("input_ids", "length", "cell_id")]
+    obs = pd.DataFrame({c: ds[c] for c in columns}, index=pd.Index([str(c) for c in ds["cell_id"]]))
+    if obs.index.duplicated().any():
+        raise InputError(f"{path}: duplicated cell_id values; give every cell a unique id")
+    return obs
 
 
 def read_obs(data_path: str):
@@ -188,6 +213,11 @@ class Context:
     def seed(self) -> int:
         return int(self.cfg["run"]["seed"])
 
+    @property
+    def has_counts(self) -> bool:
+        """False for a tokenized dataset: no UMAP, no DE (both need the counts)."""
+        return not self.cfg["data"]["tokenized"]
+
     def selected_adata(self):
         """The selected cells' AnnData (X in memory), read from the data file once per process."""
         if self._adata is None:
@@ -216,7 +246,10 @@ def stage_data(ctx: Context) -> None:
     """Load (or synthesise) the data, select the cells of the design, label, split."""
     cfg = ctx.cfg
     pre = ctx.preflight
-    if cfg["data"]["path"]:
+    if cfg["data"]["tokenized"]:
+        ctx.out.data_path = cfg["data"]["tokenized"]
+        sel, split, n_obs = pre.selection, pre.split, pre.obs_rows
+    elif cfg["data"]["path"]:
         ctx.out.data_path = pre.read_path
         sel, split, n_obs = pre.selection, pre.split, pre.obs_rows
     else:
@@ -278,7 +311,7 @@ def stage_record_data(ctx: Context) -> None:
         # one column per task holding each cell's class name, in the user's words
         cells = pd.DataFrame({"cell_id": sel.cell_ids, **{t.name: sel.class_names(t.name) for t in sel.tasks}})
         cells["length"], cells["split"] = lengths, split
-        if ctx.cfg["data"]["umap"]:
+        if ctx.cfg["data"]["umap"] and ctx.has_counts:
             from pipeline.data import umap_coordinates
 
             ctx.rep.line("UMAP of the selected cells (scanpy)")
@@ -564,6 +597,9 @@ def stage_tokenize(ctx: Context) -> None:
     )
 
     cfg, sel, dicts = ctx.cfg, ctx.out.selection, ctx.out.dicts
+    if cfg["data"]["tokenized"]:
+        _use_tokenized(ctx)
+        return
     data_hash = ctx.out.data_hash or hash_file(ctx.out.data_path)
     ctx.out.data_hash = data_hash
     ctx.store.set_inputs(ctx.run_id, data_path=cfg["data"]["path"] or ctx.out.data_path, data_hash=data_hash)
@@ -610,6 +646,39 @@ def stage_tokenize(ctx: Context) -> None:
     ctx.out.tokenize_report = report
     lengths = np.asarray(ds["length"])
     ctx.rep.line(f"tokenized {len(ds)} cells: length median {np.median(lengths):.0f}, max {lengths.max()}")
+
+
+def _use_tokenized(ctx: Context) -> None:
+    """A dataset tokenized by Geneformer (or `gfattn tokenize`): its selected cells, checked against the
+    model's vocabulary and input size, its top ranks kept up to model.max_len."""
+    from pipeline.io import sha256_file
+    from pipeline.tokenize import load_tokenized
+
+    path = Path(ctx.out.data_path)
+    ds = load_tokenized(path)
+    digest = hashlib.sha256()
+    for f in sorted(path.rglob("*")):
+        if f.is_file():
+            digest.update(f.relative_to(path).as_posix().encode() + sha256_file(f).encode())
+    ctx.out.data_hash = digest.hexdigest()
+    ctx.store.set_inputs(ctx.run_id, data_path=str(path), data_hash=ctx.out.data_hash)
+    order = {str(c): i for i, c in enumerate(ds["cell_id"])}
+    ds = ds.select([order[c] for c in ctx.out.selection.cell_ids])
+    vocab = len(ctx.out.dicts.token_dict)
+    top = max((max(x) for x in ds["input_ids"] if len(x)), default=0)
+    if top >= vocab:
+        raise InputError(
+            f"{path}: token id {top} is outside the model's vocabulary of {vocab} tokens; tokenize "
+            "with the model's own dictionaries (--geneformer-dir, V1 = gc30M, V2 = gc104M)"
+        )
+    n = ctx.out.max_len
+    ds = ds.map(
+        lambda b: {"input_ids": [x[:n] for x in b["input_ids"]], "length": [min(len(x), n) for x in b["input_ids"]]},
+        batched=True,
+    )
+    ctx.out.dataset = ds
+    ctx.out.tokenize_report = {"source": str(path), "tokenized_by": "given", "cells_out": len(ds)}
+    ctx.rep.line(f"tokenized dataset {path}: {len(ds)} cells (no counts: UMAP and DE are skipped)")
 
 
 def _restrict_selection(ctx: Context, keep: np.ndarray) -> None:
@@ -743,7 +812,7 @@ def de_comparisons(cfg: dict, sel) -> list[tuple[str, str, str]]:
     """
     from pipeline.config import analysed_tasks
 
-    if not cfg["analysis"]["de"]:
+    if not cfg["analysis"]["de"] or cfg["data"]["tokenized"]:
         return []
     d = cfg["de"]
     out = []
@@ -881,7 +950,7 @@ def _stages(ctx: Context) -> None:
                 stage_finetune(ctx, task, mode)
     comparisons = de_comparisons(cfg, ctx.out.selection)
     if not comparisons:
-        ctx.rep.skip("de", "analysis.de is off")
+        ctx.rep.skip("de", "analysis.de is off" if ctx.has_counts else "a tokenized dataset has no counts to test")
     for task, group, reference in comparisons:
         label = "de" if len(comparisons) == 1 else f"de {task}: {group} vs {reference}"
         with stage(label):

@@ -174,6 +174,47 @@ def test_no_checkpoint_pretrains_on_the_users_cells(tcells, geneformer_dir, tmp_
     assert 1000 < len(vocab) <= 2002  # the T cells' own genes (2,000 measured) plus <pad> and <mask>
 
 
+def test_a_dataset_tokenized_beforehand(tcells, v1_6l, geneformer_dir, tmp_path):
+    """`--tokenized DIR`: cells a user already rank-value encoded, with their cell columns as labels."""
+    tok = tmp_path / "tokenized"
+    out = gfattn(
+        "tokenize",
+        str(tcells),
+        "--out",
+        str(tok),
+        "--geneformer-dir",
+        str(geneformer_dir),
+        "--model-version",
+        "V1",
+        "--obs-columns",
+        "perturbation_2",
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    db = tmp_path / "gfattn.db"
+    out = gfattn(
+        "pipeline",
+        "--quick",
+        "--tokenized",
+        str(tok),
+        "--model",
+        str(v1_6l),
+        "--geneformer-dir",
+        str(geneformer_dir),
+        "--label-column",
+        "perturbation_2",
+        "--store",
+        str(db),
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    st = Store(db)
+    (run,) = st.list_runs(kind="pipeline")
+    children = {c["name"]: c for c in st.children(run["id"])}
+    assert not [c for c in children.values() if c["kind"] == "de"]  # no counts, no DE
+    (conf,) = st.confusions(children["perturbation_2/unfrozen"]["id"])
+    assert conf["labels"] == ["stimulated", "unstimulated"] and conf["matrix"].sum() > 0
+    assert children["perturbation_2: frozen vs unfrozen"]["status"] == "completed"
+
+
 def test_no_checkpoint_with_symbols_needs_the_name_dictionary(tcells, tmp_path):
     db = tmp_path / "gfattn.db"
     out = gfattn("pipeline", "--quick", "--data", str(tcells), "--label-column", "perturbation_2", "--store", str(db))

@@ -14,7 +14,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--quick", action="store_true", help="alias of --preset quick: a tiny run for smoke tests")
     p.add_argument("--config", metavar="FILE.toml", help="TOML config (see --print-config for every key)")
-    p.add_argument("--data", metavar="FILE.h5ad", help="raw-count AnnData (default: synthetic sci-Plex-like data)")
+    p.add_argument(
+        "--data", metavar="FILE.h5ad", help="raw-count AnnData, .h5ad or .loom (default: synthetic sci-Plex-like data)"
+    )
+    p.add_argument(
+        "--tokenized", metavar="DIR", help="a dataset tokenized by Geneformer, with its cell columns, instead of --data"
+    )
     p.add_argument(
         "--model",
         metavar="DIR",
@@ -61,6 +66,7 @@ def run(args) -> int:
     )
     flags = {
         "data.path": args.data,
+        "data.tokenized": args.tokenized,
         "model.path": args.model,
         "model.geneformer_dir": args.geneformer_dir,
         "run.name": args.name,
