@@ -19,7 +19,7 @@ def screen_keys(screen: Screen) -> list[tuple[str, str, str]]:
     """(key, description, binding id) of every described binding active on `screen`."""
     rows: list[tuple[str, str, str]] = []
     seen: set[tuple[str, str]] = set()
-    for key, active in screen.active_bindings.items():
+    for active in screen.active_bindings.values():
         binding = active.binding
         if binding.action in _SKIP or not binding.description or binding.system:
             continue
