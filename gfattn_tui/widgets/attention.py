@@ -34,7 +34,6 @@ class AttentionView(RunView, Vertical):
         super().__init__(**kwargs)
         self.run_id = run_id
         self.stale = True
-        self.analysis_id: int | None = None
         self.grid_name: str | None = None
         self.grid_names: list[str] = []
 
@@ -66,7 +65,7 @@ class AttentionView(RunView, Vertical):
         self.query_one("#attn-empty").display = not has
         self.query_one("#attn-body").display = has
         self.query_one(AnalysisPicker).set_analyses(data["analyses"], data["chosen"])
-        self.analysis_id = data["chosen"]
+        self.analysis_id = self.shown_analysis = data["chosen"]
         names = data["names"]
         options = self.query_one("#attn-grids", OptionList)
         if names != self.grid_names:

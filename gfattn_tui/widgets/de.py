@@ -51,7 +51,6 @@ class DEView(RunView, Vertical):
         super().__init__(**kwargs)
         self.run_id = run_id
         self.stale = True
-        self.analysis_id: int | None = None
 
     def compose(self) -> ComposeResult:
         yield AnalysisPicker(id="de-analysis")
@@ -74,7 +73,7 @@ class DEView(RunView, Vertical):
     def on_loaded(self, message: Loaded) -> None:
         data = message.data
         self.query_one(AnalysisPicker).set_analyses(data["analyses"], data["chosen"])
-        self.analysis_id = data["chosen"]
+        self.analysis_id = self.shown_analysis = data["chosen"]
         results = data["results"]
         self.query_one("#de-empty").display = not results
         self.query_one("#de-body").display = bool(results)

@@ -90,7 +90,6 @@ class GenesView(RunView, Vertical):
         super().__init__(**kwargs)
         self.run_id = run_id
         self.stale = True
-        self.analysis_id: int | None = None
         self.table: str | None = None
         self.order_by: str | None = None
         self.descending = True
@@ -155,7 +154,7 @@ class GenesView(RunView, Vertical):
         self.query_one(GeneTable).display = has
         self.query_one("#genes-inputs").display = has
         self.query_one(AnalysisPicker).set_analyses(data["analyses"], data["chosen"])
-        self.analysis_id = data["chosen"]
+        self.analysis_id = self.shown_analysis = data["chosen"]
         if not has:
             self.query_one("#genes-status", Label).update("")
             return

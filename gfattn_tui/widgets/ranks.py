@@ -60,7 +60,6 @@ class RanksView(RunView, Vertical):
         super().__init__(**kwargs)
         self.run_id = run_id
         self.stale = True
-        self.analysis_id: int | None = None
         self.data: dict | None = None
 
     def compose(self) -> ComposeResult:
@@ -86,7 +85,7 @@ class RanksView(RunView, Vertical):
     def on_loaded(self, message: Loaded) -> None:
         data = self.data = message.data
         self.query_one(AnalysisPicker).set_analyses(data["analyses"], data["chosen"])
-        self.analysis_id = data["chosen"]
+        self.analysis_id = self.shown_analysis = data["chosen"]
         has = data["a"] is not None or data["b"] is not None
         self.query_one("#ranks-empty").display = not has
         self.query_one("#ranks-body").display = has
