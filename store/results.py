@@ -836,9 +836,11 @@ def read_results_summary(st, run_id: int, scope: Scope | None = None) -> Results
     return out
 
 
-def gene_ranks(st, run_id: int, column: str, ensembl_ids: Iterable[str], *, table: str = TABLE_GENES) -> dict:
-    """{ensembl_id: rank} of the given genes when the table is sorted by `column` descending (1 = top);
-    one counting query per gene, so meant for a page of rows."""
+def gene_ranks(
+    st, run_id: int, column: str, ensembl_ids: Iterable[str], *, table: str = TABLE_GENES, descending: bool = True
+) -> dict:
+    """{ensembl_id: rank} of the given genes in the whole table sorted by `column` (1 = first); one
+    counting query per gene, so meant for a page of rows."""
     if table not in st.gene_tables(run_id) or column not in st.gene_table_columns(run_id, table):
         return {}
     out = {}
@@ -847,7 +849,7 @@ def gene_ranks(st, run_id: int, column: str, ensembl_ids: Iterable[str], *, tabl
         value = rows[0].get(column) if rows else None
         if value is None:
             continue
-        out[gid] = st.gene_table_count(run_id, table, where={column: (">", value)}) + 1
+        out[gid] = st.gene_table_count(run_id, table, where={column: (">" if descending else "<", value)}) + 1
     return out
 
 
