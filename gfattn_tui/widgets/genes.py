@@ -129,6 +129,7 @@ def read_gene_page(st, run_id: int, q: dict) -> dict:
 
 class GenesView(RunView, Vertical):
     focus_selector = "GeneTable"
+    uses_analysis = True
 
     BINDINGS = [
         Binding("slash", "focus_search", "Search", id="genes.search"),
