@@ -220,8 +220,7 @@ def _de_run(st, parent: int, rng, clock: FrozenClock, n_genes: int) -> int:
         }
     )
     st.put_gene_table(rid, "de", table)
-    clock.advance(5)
-    st.finish_run(rid, "completed")
+    st.finish_run(rid, "completed")  # no time passes: the pipeline's timings are the same with or without it
     return rid
 
 

@@ -21,7 +21,12 @@ SIZES = {"80x24": (80, 24), "160x48": (160, 48)}
 
 @pytest.fixture
 def snap_store(tmp_path, monkeypatch):
+    import sqlite3
+
     ids = copy_store(tmp_path, with_de=True)
+    # the host and pid of the process that built the store are shown on the Overview: fix them
+    with sqlite3.connect(ids.path) as conn:
+        conn.execute("UPDATE runs SET host = 'lab-host', pid = 4242 WHERE status != 'running'")
     monkeypatch.chdir(tmp_path)
     return ids
 
@@ -34,6 +39,8 @@ def open_tab(ids, tab: str, after=None):
     async def run_before(pilot) -> None:
         await settle(pilot)
         await pilot.app.push_screen(RunScreen(ids.pipeline, tab=tab))
+        await settle(pilot)
+        await pilot.pause(0.2)  # the log lays out its lines once it has its size
         await settle(pilot)
         if after is not None:
             await after(pilot)
