@@ -24,9 +24,13 @@ def snap_store(tmp_path, monkeypatch):
     import sqlite3
 
     ids = copy_store(tmp_path, with_de=True)
-    # the host and pid of the process that built the store are shown on the Overview: fix them
+    # the Overview shows the host, pid, git commit and package versions of the process that built the
+    # store: fix them
     with sqlite3.connect(ids.path) as conn:
-        conn.execute("UPDATE runs SET host = 'lab-host', pid = 4242 WHERE status != 'running'")
+        conn.execute(
+            "UPDATE runs SET host = 'lab-host', pid = 4242, git_commit = '0123abcd', versions = NULL "
+            "WHERE status != 'running'"
+        )
     monkeypatch.chdir(tmp_path)
     return ids
 
