@@ -25,7 +25,7 @@ from textual.signal import Signal
 from gfattn_tui.client import StoreClient
 from gfattn_tui.commands import BindingCommands
 from gfattn_tui.config import ConfigError, TuiConfig
-from gfattn_tui.launcher import LaunchedRun, RunRequest, start_pipeline
+from gfattn_tui.launcher import LaunchedRun, RunRequest, start_export, start_pipeline, start_plot, start_resume
 from gfattn_tui.messages import OpenRun
 from gfattn_tui.screens.run_actions import RunActions
 from gfattn_tui.screens.runs import RunsScreen
@@ -37,7 +37,10 @@ READ_ONLY_REFUSED = {
     "tag": "tagging",
     "note": "notes",
     "delete": "deleting runs",
+    "resume": "resuming runs",
 }
+# exit statuses of a process stopped by SIGTERM/SIGINT (the pipeline exits 130 on an interrupt)
+STOPPED_CODES = (130, 143, -2, -15)
 
 
 def describe_error(error: BaseException | None) -> str:
@@ -61,7 +64,7 @@ class GfattnApp(App[None]):
     COMMANDS = App.COMMANDS | {BindingCommands}
     BINDINGS = [
         Binding("ctrl+t", "toggle_theme", "Theme", id="app.toggle_theme", tooltip="Switch dark / light theme"),
-        Binding("f1", "toggle_help", "Keys", id="app.help", tooltip="Show or hide the key panel"),
+        Binding("f1", "toggle_help", "Key panel", id="app.help", tooltip="Show or hide the key panel"),
     ]
 
     def __init__(
@@ -81,6 +84,7 @@ class GfattnApp(App[None]):
         self.poll_enabled = poll
         self.data_version: int | None = None
         self.launched: list[LaunchedRun] = []
+        self.stopped_pids: set[int] = set()  # processes the user stopped (k): their end is no failure
         self.store_changed: Signal[int] = Signal(self, "store-changed")
         self._polling = False
         self._check_again = False
@@ -188,19 +192,53 @@ class GfattnApp(App[None]):
         self.notify(f"started pid {launched.pid}; log {launched.log_path}", title="New run")
         return launched
 
+    def start_resume(self, run_id: int) -> LaunchedRun | None:
+        return self._start_task(lambda: start_resume(run_id, self.store_path), "Resume")
+
+    def start_export(self, run_id: int, fmt: str, out_dir) -> LaunchedRun | None:
+        return self._start_task(lambda: start_export(run_id, self.store_path, fmt, out_dir), "Export")
+
+    def start_plot(self, run_id: int, out_dir) -> LaunchedRun | None:
+        return self._start_task(lambda: start_plot(run_id, self.store_path, out_dir), "Figures")
+
+    def _start_task(self, start: Callable[[], LaunchedRun], title: str) -> LaunchedRun | None:
+        try:
+            launched = start()
+        except (OSError, ValueError) as exc:
+            self.report_error(exc, where=title.lower())
+            return None
+        self.launched.append(launched)
+        self.notify(f"{launched.what}: pid {launched.pid}; log {launched.log_path}", title=title)
+        return launched
+
     def _reap_launched(self) -> None:
         for launched in list(self.launched):
             code = launched.poll()
             if code is None:
                 continue
             self.launched.remove(launched)
+            stopped = launched.pid in self.stopped_pids or code in STOPPED_CODES
+            self.stopped_pids.discard(launched.pid)
             if code == 0:
-                self.notify(f"pid {launched.pid} finished", title="Run finished")
+                where = f"; files in {launched.out_dir}" if launched.out_dir else ""
+                self.notify(f"{launched.what} finished (pid {launched.pid}){where}", title="Finished")
+            elif stopped and launched.what != "run" and not launched.what.startswith("resume"):
+                self.notify(f"{launched.what} stopped (pid {launched.pid})", title="Stopped", severity="warning")
+            elif stopped:
+                self.notify(
+                    f"{launched.what} stopped (pid {launched.pid}): the run reads as interrupted; "
+                    "press R on it to resume",
+                    title="Run stopped",
+                    severity="warning",
+                    timeout=10,
+                )
             else:
                 tail = launched.log_tail(6)
+                if "--resume" in tail:
+                    tail += "\n(press R on the run to resume it from here)"
                 self.notify(
-                    f"pid {launched.pid} exited with status {code}\n{tail}\nlog: {launched.log_path}",
-                    title="Run failed",
+                    f"{launched.what}: pid {launched.pid} exited with status {code}\n{tail}\nlog: {launched.log_path}",
+                    title="Failed",
                     severity="error",
                     timeout=20,
                 )
@@ -218,6 +256,15 @@ class GfattnApp(App[None]):
         dark = self._known_theme(self.config.dark_theme, "textual-dark")
         light = self._known_theme(self.config.light_theme, "textual-light")
         self.theme = light if self.current_theme.dark else dark
+
+    def action_keys(self) -> None:
+        """`?`: the keys of the current screen, in a dialog (as lazygit and k9s do)."""
+        from gfattn_tui.screens.keys import KeysScreen
+
+        if isinstance(self.screen, KeysScreen):
+            self.screen.dismiss()
+            return
+        self.push_screen(KeysScreen(self.screen))
 
     def action_toggle_help(self) -> None:
         if self.screen.query("HelpPanel"):

@@ -14,6 +14,7 @@ STATUS_MARKS: dict[str, tuple[str, str]] = {
     "completed": ("✔", "green"),
     "failed": ("✘", "bold red"),
     "interrupted": ("■", "magenta"),
+    "stopped": ("■", "magenta"),
     "lost": ("?", "bold red"),
     "pending": ("·", "dim"),
     "skipped": ("–", "dim"),
@@ -109,6 +110,29 @@ def fmt_num(value: Any, digits: int = 3) -> str:
     except ImportError:  # pragma: no cover
         pass
     return str(value)
+
+
+def significance_stars(p: Any) -> str:
+    """`***` p < 0.001, `**` p < 0.01, `*` p < 0.05, else empty."""
+    try:
+        p = float(p)
+    except (TypeError, ValueError):
+        return ""
+    if not math.isfinite(p):
+        return ""
+    return "***" if p < 0.001 else "**" if p < 0.01 else "*" if p < 0.05 else ""
+
+
+def fmt_p(p: Any, *, stars: bool = True) -> str:
+    """A p-value in scientific notation ("5.0e-04"), with its significance stars."""
+    try:
+        value = float(p)
+    except (TypeError, ValueError):
+        return "—"
+    if not math.isfinite(value):
+        return "—"
+    text = "1" if value >= 0.9995 else f"{value:.1e}" if value < 0.01 else f"{value:.3f}"
+    return text + (significance_stars(value) if stars else "")
 
 
 def fmt_bytes(n: float | None) -> str:

@@ -101,6 +101,8 @@ class LaunchedRun:
     argv: list[str]
     log_path: Path
     started: float
+    what: str = "run"  # "run", "resume of run 7", "export of run 7", ...
+    out_dir: Path | None = None
 
     @property
     def pid(self) -> int:
@@ -125,6 +127,70 @@ def log_dir_for_store(store_path: str | Path) -> Path:
 def start_pipeline(request: RunRequest, store_path: str | Path, *, cwd: str | Path | None = None) -> LaunchedRun:
     """Start the run in its own session with output to a log file; returns at once."""
     store_path = Path(store_path).expanduser().resolve()
+    return _start(request.argv(store_path), store_path, cwd=cwd, what="run")
+
+
+def resume_argv(run_id: int, store_path: str | Path) -> list[str]:
+    """`gfattn pipeline --resume RUN --store PATH`."""
+    return [sys.executable, "-m", "pipeline", "pipeline", "--resume", str(int(run_id)), "--store", str(store_path)]
+
+
+def export_argv(run_id: int, store_path: str | Path, fmt: str, out_dir: str | Path) -> list[str]:
+    """`gfattn export RUN --format csv|parquet|json --out DIR --store PATH`."""
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"export format must be one of {', '.join(EXPORT_FORMATS)}")
+    return [
+        *(sys.executable, "-m", "pipeline", "export", str(int(run_id))),
+        *("--format", fmt, "--out", str(out_dir), "--store", str(store_path)),
+    ]
+
+
+def plot_argv(run_id: int, store_path: str | Path, out_dir: str | Path) -> list[str]:
+    """`gfattn plot RUN --out DIR --store PATH`."""
+    return [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "plot",
+        str(int(run_id)),
+        "--out",
+        str(out_dir),
+        "--store",
+        str(store_path),
+    ]
+
+
+EXPORT_FORMATS = ("csv", "parquet", "json")
+
+
+def default_out_dir(store_path: str | Path, run_id: int, what: str) -> Path:
+    """`<store folder>/gfattn-<what>/run-<id>`: beside the store, where a researcher looks for it."""
+    return Path(store_path).expanduser().resolve().parent / f"gfattn-{what}" / f"run-{int(run_id)}"
+
+
+def start_resume(run_id: int, store_path: str | Path) -> LaunchedRun:
+    store_path = Path(store_path).expanduser().resolve()
+    return _start(resume_argv(run_id, store_path), store_path, what=f"resume of run {run_id}")
+
+
+def start_export(run_id: int, store_path: str | Path, fmt: str, out_dir: str | Path) -> LaunchedRun:
+    store_path = Path(store_path).expanduser().resolve()
+    out = Path(out_dir).expanduser()
+    launched = _start(export_argv(run_id, store_path, fmt, out), store_path, what=f"export of run {run_id}")
+    launched.out_dir = out
+    return launched
+
+
+def start_plot(run_id: int, store_path: str | Path, out_dir: str | Path) -> LaunchedRun:
+    store_path = Path(store_path).expanduser().resolve()
+    out = Path(out_dir).expanduser()
+    launched = _start(plot_argv(run_id, store_path, out), store_path, what=f"figures of run {run_id}")
+    launched.out_dir = out
+    return launched
+
+
+def _start(argv: list[str], store_path: Path, *, cwd: str | Path | None = None, what: str) -> LaunchedRun:
+    """Start `argv` detached (own session), output to a log file next to the store; returns at once."""
     logs = log_dir_for_store(store_path)
     logs.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -133,7 +199,6 @@ def start_pipeline(request: RunRequest, store_path: str | Path, *, cwd: str | Pa
     while log_path.exists():
         n += 1
         log_path = logs / f"{stamp}-{os.getpid()}-{n}.log"
-    argv = request.argv(store_path)
     env = dict(os.environ)
     # The launched run must find this checkout's packages even when started from another directory.
     root = str(Path(__file__).resolve().parent.parent)
@@ -151,4 +216,4 @@ def start_pipeline(request: RunRequest, store_path: str | Path, *, cwd: str | Pa
             start_new_session=True,
             close_fds=True,
         )
-    return LaunchedRun(process=process, argv=argv, log_path=log_path, started=time.time())
+    return LaunchedRun(process=process, argv=argv, log_path=log_path, started=time.time(), what=what)

@@ -26,9 +26,10 @@ class StoreWritten(Message, bubble=False):
 
 
 class OpenRun(Message):
-    """A view asks to open run `run_id` (at `tab`); it bubbles to the app, which pushes the run screen."""
+    """A view asks to open run `run_id` (at `tab`, else the first tab of its kind); it bubbles to the app,
+    which pushes the run screen."""
 
-    def __init__(self, run_id: int, tab: str = "overview") -> None:
+    def __init__(self, run_id: int, tab: str | None = None) -> None:
         super().__init__()
         self.run_id = int(run_id)
         self.tab = tab

@@ -30,13 +30,19 @@ def run_choices(runs: Iterable[dict], wanted: int | None) -> tuple[list[dict], i
 
 def headline(st, run: dict) -> str:
     """The runs list's one-line summary: best test accuracy per task (pipeline) or acc/F1 (finetune)."""
+    return headline_and_value(st, run)[0]
+
+
+def headline_and_value(st, run: dict) -> tuple[str, float | None]:
+    """The headline text and the number the list sorts by (the first task's best test accuracy, a
+    finetune's test accuracy, an analysis's mean cosine)."""
     kind = run.get("kind")
     if kind == R.KIND_FINETUNE:
         scores = R.test_scores(st, run["id"], R.read_confusion(st, run["id"]))
         acc, f1 = scores[R.METRIC_ACCURACY], scores[R.METRIC_MACRO_F1]
         if acc is None:
-            return ""
-        return f"acc {acc:.3f}" + (f" F1 {f1:.3f}" if f1 is not None else "")
+            return "", None
+        return f"acc {acc:.3f}" + (f" F1 {f1:.3f}" if f1 is not None else ""), acc
     if kind == R.KIND_PIPELINE:
         best: dict[str, float] = {}
         for child in st.children(run["id"]):
@@ -49,14 +55,29 @@ def headline(st, run: dict) -> str:
             best[task] = max(best.get(task, -1.0), acc)
         short = {R.TASK_LOWHIGH: "l/h"}
         ordered = sorted(best.items(), key=lambda kv: label_sort_key(kv[0]))
-        return " ".join(f"{short.get(t, t)} {v:.2f}" for t, v in ordered)
+        text = " ".join(f"{short.get(t, t)} {v:.2f}" for t, v in ordered)
+        return text, (ordered[0][1] if ordered else None)
     if kind == R.KIND_ANALYSIS:
         grids = R.read_grids(st, run["id"], [R.GRID_COSINE])
         if R.GRID_COSINE in grids:
             values = np.asarray(grids[R.GRID_COSINE].values, dtype=float)
             if values.size and np.isfinite(values).any():
-                return f"cos {np.nanmean(values):.3f}"
-    return ""
+                mean = float(np.nanmean(values))
+                return f"cos {mean:.3f}", mean
+    return "", None
+
+
+def pipeline_progress_text(st, run: dict) -> str:
+    """A running pipeline's progress over its stages: "stage 4/10 · ETA 32s" (the running stage's ETA)."""
+    from gfattn_tui.format import fmt_duration
+
+    progress = R.stage_progress(st.stages(run["id"]), st.progress(run["id"]))
+    if not progress.total:
+        return ""
+    text = f"stage {min(progress.done + 1, progress.total)}/{progress.total}"
+    if progress.progress and progress.progress.get("eta_s") is not None:
+        text += f" · ETA {fmt_duration(progress.progress['eta_s'])}"
+    return text
 
 
 def histogram_axis(meta: dict | None, n: int) -> list[float]:

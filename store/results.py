@@ -676,6 +676,230 @@ def top_genes(st, run_id: int, column: str, n: int = 10, *, table: str = TABLE_G
     return [gene_label(r) for r in rows]
 
 
+# ================================================================================ view summaries
+# What the views show first: a pipeline's task x mode table, each analysis's headline, a pipeline's
+# progress over its stages, and the ranks of genes in a key-gene table.
+
+COL_LOGFC = "logfoldchange"  # the DE table's log fold change
+COL_PVAL = "pval"
+COL_PVAL_ADJ = "pval_adj"
+JSON_HEADLINE_PREFIXES = ("deletion", "attribution")  # further analyses' documents shown on the Overview
+STAGE_DONE = ("completed", "skipped")
+SIGNIFICANCE = 0.05
+
+
+def best_epoch(st, run_id: int) -> int | None:
+    """The epoch with the highest validation accuracy (the one a fine-tuning keeps), else None."""
+    best, epoch = None, None
+    for row in st.metrics(run_id):
+        if row.get("name") in ACCURACY_NAMES and row.get("split") in VAL_SPLITS and row.get("epoch") is not None:
+            try:
+                value = float(row["value"])
+            except (TypeError, ValueError):
+                continue
+            if best is None or value > best:
+                best, epoch = value, int(row["epoch"])
+    return epoch
+
+
+@dataclass
+class StageProgress:
+    """A pipeline's progress over its stages: how many are done, which runs, and that stage's progress."""
+
+    done: int
+    total: int
+    current: str | None
+    progress: dict | None  # the run's progress row, only when it belongs to the running stage
+
+    @property
+    def fraction(self) -> float:
+        return self.done / self.total if self.total else 0.0
+
+
+def stage_progress(stages: list[dict], progress: dict | None) -> StageProgress:
+    """Stages done of total; a progress row of a stage that is no longer running is left out (stale)."""
+    running = [s["stage"] for s in stages if s.get("status") == "running"]
+    current = running[-1] if running else None
+    live = progress if progress and current is not None and progress.get("stage") == current else None
+    done = sum(1 for s in stages if s.get("status") in STAGE_DONE)
+    return StageProgress(done, len(stages), current, live)
+
+
+@dataclass
+class AnalysisHeadline:
+    """An analysis run's headline numbers (thesis 4.2-4.5): mean cosine per layer, key genes, DE overlap."""
+
+    run_id: int
+    name: str
+    status: str | None
+    models: tuple[str, str]
+    cosine_mean: float | None = None
+    cosine_per_layer: list[float] = field(default_factory=list)
+    heads_differing: int | None = None
+    n_heads_total: int | None = None
+    top_genes: dict[str, list[str]] = field(default_factory=dict)  # by model suffix
+    de_overlap: list[dict] = field(default_factory=list)  # k, overlap, expected, p_value
+    spearman: dict | None = None
+
+
+def _floats(values: Any) -> list[float]:
+    out = []
+    for v in values or ():
+        try:
+            out.append(float(v))
+        except (TypeError, ValueError):
+            out.append(float("nan"))
+    return out
+
+
+def read_analysis_headline(st, run: dict | int) -> AnalysisHeadline:
+    """From the run's `summary` and `de_overlap` documents, else from its cosine grid and gene table."""
+    run = full_run(st, run)
+    rid = int(run["id"])
+    head = AnalysisHeadline(rid, str(run.get("name") or ""), run.get("status"), compared_models(run))
+    docs = read_json(st, rid, (JSON_SUMMARY, JSON_DE_OVERLAP))
+    summary = docs.get(JSON_SUMMARY) or {}
+    if isinstance(summary, dict):
+        head.cosine_mean = summary.get("cosine_mean")
+        head.cosine_per_layer = _floats(summary.get("cosine_per_layer"))
+        head.heads_differing = summary.get("heads_differing")
+        for s in MODEL_SUFFIXES:
+            if summary.get(f"top_genes_{s}"):
+                head.top_genes[s] = [str(g) for g in summary[f"top_genes_{s}"]]
+    if GRID_COSINE in st.grid_names(rid):
+        values = np.asarray(read_grid(st, rid, GRID_COSINE).values, dtype=float)
+        head.n_heads_total = int(values.size)
+        if (head.cosine_mean is None or not head.cosine_per_layer) and values.size and np.isfinite(values).any():
+            head.cosine_mean = float(np.nanmean(values))
+            head.cosine_per_layer = [float(np.nanmean(r)) if np.isfinite(r).any() else float("nan") for r in values]
+    if not head.top_genes:
+        for s in MODEL_SUFFIXES:
+            genes = top_genes(st, rid, col_attn(s), 10)
+            if genes:
+                head.top_genes[s] = genes
+    overlap = docs.get(JSON_DE_OVERLAP)
+    if isinstance(overlap, dict):
+        records = overlap.get("overlap")
+        if isinstance(records, list):
+            head.de_overlap = [r for r in records if isinstance(r, dict) and "k" in r]
+        if isinstance(overlap.get("spearman"), dict):
+            head.spearman = overlap["spearman"]
+    return head
+
+
+@dataclass
+class FinetuneRow:
+    """One row of the task x mode table."""
+
+    run_id: int
+    task: str
+    mode: str
+    status: str | None
+    accuracy: float | None
+    macro_f1: float | None
+    best_epoch: int | None
+
+    @property
+    def key(self) -> str:
+        return task_key(self.task, self.mode)
+
+
+def task_key(task: str, mode: str) -> str:
+    return f"{task}/{mode}"
+
+
+@dataclass
+class ResultsSummary:
+    """What a run's Overview leads with: the task x mode table, analysis headlines, other headlines."""
+
+    finetunes: list[FinetuneRow] = field(default_factory=list)
+    analyses: list[AnalysisHeadline] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # deletion / attribution documents by name
+
+    @property
+    def empty(self) -> bool:
+        return not (self.finetunes or self.analyses or self.extra)
+
+
+def read_results_summary(st, run_id: int, scope: Scope | None = None) -> ResultsSummary:
+    scope = scope or collect_scope(st, run_id)
+    out = ResultsSummary()
+    for ft in read_finetunes(st, scope):
+        out.finetunes.append(
+            FinetuneRow(ft.run_id, ft.task, ft.mode, ft.status, ft.accuracy, ft.macro_f1, best_epoch(st, ft.run_id))
+        )
+    for an in scope.analyses:
+        out.analyses.append(read_analysis_headline(st, an))
+    for run in scope.runs:
+        for name in st.json_names(run["id"]):
+            if name.startswith(JSON_HEADLINE_PREFIXES):
+                label = name if run["id"] == scope.run["id"] else f"{run.get('name')} · {name}"
+                out.extra[label] = st.get_json(run["id"], name)
+    return out
+
+
+def gene_ranks(
+    st, run_id: int, column: str, ensembl_ids: Iterable[str], *, table: str = TABLE_GENES, descending: bool = True
+) -> dict:
+    """{ensembl_id: rank} of the given genes in the whole table sorted by `column` (1 = first); one
+    counting query per gene, so meant for a page of rows."""
+    if table not in st.gene_tables(run_id) or column not in st.gene_table_columns(run_id, table):
+        return {}
+    out = {}
+    for gid in ensembl_ids:
+        rows = st.gene_table(run_id, table, limit=1, where={COL_ENSEMBL_ID: ("=", gid)})
+        value = rows[0].get(column) if rows else None
+        if value is None:
+            continue
+        out[gid] = st.gene_table_count(run_id, table, where={column: (">" if descending else "<", value)}) + 1
+    return out
+
+
+def rank_order(values: Sequence[Any]) -> list[int | None]:
+    """Rank of each value, descending (1 = largest); missing or NaN values get None."""
+    idx = []
+    for i, v in enumerate(values):
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            continue
+        if np.isfinite(f):
+            idx.append((f, i))
+    idx.sort(key=lambda t: -t[0])
+    ranks: list[int | None] = [None] * len(values)
+    for r, (_, i) in enumerate(idx, start=1):
+        ranks[i] = r
+    return ranks
+
+
+def read_de_table(st, de_run_id: int, analyses: Iterable[dict] = ()) -> dict:
+    """A DE run's Wilcoxon table with, per analysis and model, each gene's attention rank (1 = the most
+    attended gene): {"columns": [...], "rows": [dict], "rank_columns": {column: label}}."""
+    analyses = list(analyses)
+    rows = st.gene_table(de_run_id, TABLE_DE, limit=None) if TABLE_DE in st.gene_tables(de_run_id) else []
+    columns = list(st.gene_table_columns(de_run_id, TABLE_DE)) if rows else []
+    rank_columns: dict[str, str] = {}
+    for an in analyses:
+        rid = int(an["id"])
+        if TABLE_GENES not in st.gene_tables(rid):
+            continue
+        models = compared_models(full_run(st, an))
+        cols = st.gene_table_columns(rid, TABLE_GENES)
+        genes = None
+        for s, model in zip(MODEL_SUFFIXES, models):
+            if col_attn(s) not in cols:
+                continue
+            if genes is None:
+                genes = st.gene_table(rid, TABLE_GENES, limit=None)
+            ranks = rank_order([g.get(col_attn(s)) for g in genes])
+            by_id = {g[COL_ENSEMBL_ID]: r for g, r in zip(genes, ranks)}
+            column = f"rank_{rid}_{s}"
+            rank_columns[column] = f"rank {model}" + (f" (#{rid})" if len(analyses) > 1 else "")
+            for row in rows:
+                row[column] = by_id.get(row.get(COL_ENSEMBL_ID))
+    return {"columns": columns + list(rank_columns), "rows": rows, "rank_columns": rank_columns}
+
+
 # =============================================================================================== DE
 @dataclass
 class DEResult:

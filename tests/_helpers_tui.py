@@ -1,7 +1,7 @@
 """A fixture experiment store for the TUI tests, built only through the `store.Store` API.
 
 It holds what one `gfattn pipeline` run records (docs/architecture.md, "How the pipeline uses runs"): a completed
-pipeline run with a data run, six fine-tuning runs (tasks `dose` and `lowhigh` x modes frozen, unfrozen,
+pipeline run with a data run, six fine-tuning runs, a DE run (tasks `dose` and `lowhigh` x modes frozen, unfrozen,
 last-1) and two analysis runs ("frozen vs unfrozen") with grids, per-rank vectors, gene tables (20,000
 genes for `lowhigh`) and DE overlap; plus a running run (this process), a failed run, a lost run (a
 finished process that never ended its run) and, on request, many more completed runs. Time is frozen
@@ -62,6 +62,7 @@ class FixtureIds:
     data: int = 0
     finetunes: dict[str, int] = field(default_factory=dict)
     analyses: dict[str, int] = field(default_factory=dict)
+    de: int = 0
     running: int = 0
     failed: int = 0
     lost: int = 0
@@ -195,6 +196,34 @@ def _analysis(st, parent: int, task: str, rng, clock: FrozenClock, n_genes: int,
     return rid
 
 
+def _de_run(st, parent: int, rng, clock: FrozenClock, n_genes: int) -> int:
+    """The DE child: scanpy's Wilcoxon table (high vs low) over the genes of the key-gene tables."""
+    import pandas as pd
+
+    rid = st.create_run(
+        "de: high vs low", "de", {"groupby": "group", "group": "high", "reference": "low"}, parent_id=parent
+    )
+    symbols = [f"GENE{i:05d}" for i in range(n_genes)]
+    for i, sym in enumerate(REFERENCE_GENES):
+        symbols[i * 7 + 3] = sym
+    in_ref = np.isin(symbols, REFERENCE_GENES)
+    score = rng.normal(0, 2, n_genes) + 8 * in_ref
+    pval = np.exp(-np.abs(score) * 3)
+    table = pd.DataFrame(
+        {
+            "ensembl_id": [f"ENSG{i:011d}" for i in range(n_genes)],
+            "symbol": symbols,
+            "score": score,
+            "logfoldchange": score / 4,
+            "pval": pval,
+            "pval_adj": np.minimum(1.0, pval * n_genes / 10),
+        }
+    )
+    st.put_gene_table(rid, "de", table)
+    st.finish_run(rid, "completed")  # no time passes: the pipeline's timings are the same with or without it
+    return rid
+
+
 def _data_run(st, parent: int, rng, clock: FrozenClock, n_cells: int) -> tuple[int, int]:
     import pandas as pd
 
@@ -263,8 +292,9 @@ _LOST_SCRIPT = textwrap.dedent(
 
 
 def build_fixture_store(
-    path: str | Path, *, n_genes: int = 20_000, n_cells: int = 600, extra_runs: int = 0
+    path: str | Path, *, n_genes: int = 20_000, n_cells: int = 600, extra_runs: int = 0, with_de: bool = False
 ) -> FixtureIds:
+    """`with_de`: also a DE child run (the TUI tests' store; the read-model tests add their own)."""
     from store import Store
 
     path = Path(path)
@@ -294,6 +324,8 @@ def build_fixture_store(
         for task in ("dose", "lowhigh"):
             for mode in MODES:
                 ids.finetunes[f"{task}/{mode}"] = _finetune(st, ids.pipeline, task, mode, rng, clock)
+        if with_de:
+            ids.de = _de_run(st, ids.pipeline, rng, clock, min(n_genes, 2_000))
         for task in ("dose", "lowhigh"):
             # the full-size key-gene table on the thesis's main comparison; a small one beside it
             genes = n_genes if task == "lowhigh" else min(n_genes, 2_000)
@@ -377,7 +409,7 @@ def copy_store(dest_dir: Path, **kwargs) -> FixtureIds:
 
 @pytest.fixture
 def tui_store(tmp_path) -> FixtureIds:
-    return copy_store(tmp_path)
+    return copy_store(tmp_path, with_de=True)
 
 
 def frozen_clock() -> float:

@@ -60,7 +60,7 @@ async def test_every_tab_of_a_pipeline_run(tui_store):
 
         overview = screen.query_one(OverviewView)
         assert overview.run["id"] == tui_store.pipeline
-        assert screen.query_one("#ov-children", DataTable).row_count == 9
+        assert screen.query_one("#ov-children", DataTable).row_count == 10
         assert len(screen.query_one("#ov-log", RichLog).lines) == 14
         assert not screen.query_one("#ov-error").display
 
@@ -111,7 +111,7 @@ async def test_every_tab_of_a_pipeline_run(tui_store):
         await show_tab(pilot, "de")
         de = screen.query_one(DEView)
         text = static_text(screen.query_one("#de-results", Static))
-        assert "spearman" in text and "reference_set" in text
+        assert "Spearman" in text and "(p 1.0e-05***)" in text  # p-values in scientific notation, starred
         assert screen.query_one("#de-plot").display
         assert de.analysis_id == tui_store.analyses["dose"]
 
@@ -158,7 +158,8 @@ async def test_gene_table_of_20000_genes_sorts_searches_filters_and_pages(tui_st
         assert genes.row_offset == 0
 
         # sort by the column under the cursor: symbol (column 2 after the row number and ensembl_id)
-        table.move_cursor(row=0, column=2)
+        assert genes.columns[0] == "symbol"  # pinned at the left, after the rank
+        table.move_cursor(row=0, column=1)
         await pilot.press("o")
         await settle(pilot)
         assert genes.order_by == "symbol" and genes.descending is False
@@ -249,9 +250,10 @@ async def test_compare_two_runs(tui_store):
         await app.push_screen(screen)
         await settle(pilot)
         metrics = screen.query_one("#cmp-metrics-table", DataTable)
-        assert metrics.row_count == 12  # 6 task/mode x (accuracy, macro-F1)
-        row = metrics.get_row_at(0)
-        assert str(row[0]) == "dose/frozen" and str(row[4]) == "+0.000"
+        rows = [[str(c) for c in metrics.get_row_at(i)] for i in range(metrics.row_count)]
+        # the finetune is matched with the pipeline's fine-tuning of the same task/mode
+        assert rows[0][:2] == ["dose/frozen", "accuracy"] and rows[0][4] == "+0.000"
+        assert sum(1 for r in rows if r[1] in ("accuracy", "macro-F1")) == 12
         config = screen.query_one("#cmp-config-table", DataTable)
         keys = {str(config.get_row_at(i)[0]) for i in range(config.row_count)}
         assert {"task", "mode", "run.preset", "train.epochs"} <= keys

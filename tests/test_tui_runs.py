@@ -44,8 +44,8 @@ async def test_runs_list_shows_every_status_and_details(tui_store):
         assert demo["preset"] == "quick"
         assert demo["headline"].startswith("dose 0.84")
         table = app.screen.query_one(RunsTable)
-        row = table.get_row(str(tui_store.pipeline))
-        assert "demo" in str(row[2]) and "quick" in str(row[3]) and "13m50s" in str(row[5])
+        cell = lambda key: str(table.get_cell(str(tui_store.pipeline), key))  # noqa: E731
+        assert "demo" in cell("name") and "quick" in cell("preset") and "13m50s" in cell("duration")
         assert screen.details[tui_store.failed]["data_path"] == "/data/sciplex2.h5ad"
 
 

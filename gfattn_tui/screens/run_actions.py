@@ -1,8 +1,10 @@
-"""Tagging, notes, deletion and stopping, shared by the runs list and the run screen.
+"""Tagging, notes, deletion, stopping, resuming, exporting and drawing figures, shared by the runs list
+and the run screen.
 
 Each asks in a modal first; the write itself runs in a worker on the store thread and posts
 `StoreWritten`. The TUI's own commits do not move its connection's `data_version`, so a successful
-write tells the app to refresh every view.
+write tells the app to refresh every view. Resume (`gfattn pipeline --resume`), export (`gfattn
+export`) and figures (`gfattn plot`) are started detached by `launcher`, like a new run.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Callable
 
 from textual import work
 
+from gfattn_tui.launcher import EXPORT_FORMATS, default_out_dir
 from gfattn_tui.messages import StoreWritten
 from gfattn_tui.screens.confirm import ConfirmScreen
 from gfattn_tui.screens.prompt import PromptScreen
@@ -112,9 +115,61 @@ class RunActions(StoreBacked):
             except PermissionError as exc:
                 self.app.report_error(exc, where=f"stop run {run['id']}")
             else:
-                self.app.notify(f"sent SIGTERM to pid {pid}", title="Stopping")
+                self.app.stopped_pids.add(int(pid))
+                self.app.notify(f"sent SIGTERM to pid {pid}; the run will read as interrupted", title="Stopping")
 
         self.app.push_screen(
             ConfirmScreen(f"Stop run {run['id']} {run.get('name', '')}?", f"Sends SIGTERM to pid {pid}.", yes="Stop"),
             done,
         )
+
+    def ask_resume(self, run: dict) -> None:
+        """`gfattn pipeline --resume RUN`: a failed, interrupted or lost pipeline run continues."""
+        rid = int(run["id"])
+        if run.get("kind") not in (None, "pipeline"):
+            parent = run.get("parent_id")
+            where = f"; resume its pipeline run {parent}" if parent is not None else ""
+            self.app.notify(f"run {rid} is a {run.get('kind')} run{where}", severity="warning")
+            return
+        if run.get("status") not in RESUMABLE:
+            self.app.notify(f"run {rid} is {run.get('status')}; only failed, interrupted or lost runs resume")
+            return
+
+        def done(yes: bool | None) -> None:
+            if yes:
+                self.app.start_resume(rid)
+
+        detail = "Runs `gfattn pipeline --resume` detached: finished stages are reused, the rest are redone."
+        self.app.push_screen(ConfirmScreen(f"Resume run {rid} {run.get('name', '')}?", detail, yes="Resume"), done)
+
+    def ask_export(self, run: dict) -> None:
+        """`gfattn export RUN --format F --out DIR`, asked as one line "FORMAT DIR"."""
+        rid = int(run["id"])
+        out = default_out_dir(self.app.store_path, rid, "export")
+
+        def done(text: str | None) -> None:
+            if not text or not text.strip():
+                return
+            fmt, _, folder = text.strip().partition(" ")
+            if fmt not in EXPORT_FORMATS:
+                self.app.notify(f"format must be one of {', '.join(EXPORT_FORMATS)}", severity="warning")
+                return
+            self.app.start_export(rid, fmt, folder.strip() or out)
+
+        hint = f"FORMAT [FOLDER]; formats {', '.join(EXPORT_FORMATS)}; every table of the run and its children"
+        self.app.push_screen(PromptScreen(f"Export run {rid}", value=f"csv {out}", hint=hint), done)
+
+    def ask_plot(self, run: dict) -> None:
+        """`gfattn plot RUN --out DIR`, asked for the folder."""
+        rid = int(run["id"])
+        out = default_out_dir(self.app.store_path, rid, "figures")
+
+        def done(text: str | None) -> None:
+            if text is not None:
+                self.app.start_plot(rid, text.strip() or out)
+
+        hint = "the thesis's figures of this run, drawn by `gfattn plot`"
+        self.app.push_screen(PromptScreen(f"Figures of run {rid} into", value=str(out), hint=hint), done)
+
+
+RESUMABLE = ("failed", "interrupted", "lost")

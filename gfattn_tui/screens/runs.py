@@ -18,33 +18,39 @@ from textual.widgets import DataTable, Footer, Header, Input, Label, Static
 
 from gfattn_tui.format import STATUSES, as_epoch, run_duration
 from gfattn_tui.messages import Loaded, OpenRun
-from gfattn_tui.results import headline
+from gfattn_tui.results import headline_and_value, pipeline_progress_text
 from gfattn_tui.screens.run_actions import RunActions
 from gfattn_tui.widgets.runs_table import RunsTable
 from store import results as R
 
-SORTS = ("started", "name", "status", "duration", "id")
+SORTS = ("started", "name", "status", "duration", "metric", "id")
+DESCENDING_FIRST = ("started", "duration", "metric")
 DETAILS_CHUNK = 25
 
 
 class RunsScreen(RunActions, Screen):
     BINDINGS = [
+        # shown in the footer in this order (the most important first, for 80 columns)
         Binding("enter", "open", "Open", id="runs.open"),
-        Binding("N", "new_run", "New run", id="runs.new"),
+        Binding("question_mark", "app.keys", "Keys", id="app.keys"),
+        Binding("N", "new_run", "New", id="runs.new"),
         Binding("space", "mark", "Mark", id="runs.mark"),
         Binding("c", "compare", "Compare", id="runs.compare"),
-        Binding("slash", "search", "Search", id="runs.search"),
-        Binding("f", "cycle_status", "Status filter", id="runs.filter_status"),
-        Binding("g", "tag_filter", "Tag filter", id="runs.filter_tag"),
+        Binding("k", "stop", "Stop", id="runs.stop"),
         Binding("s", "cycle_sort", "Sort", id="runs.sort"),
-        Binding("S", "reverse_sort", "Reverse", show=False, id="runs.sort_reverse"),
-        Binding("a", "toggle_children", "Child runs", show=False, id="runs.children"),
-        Binding("t", "tag", "Tag", id="runs.tag"),
-        Binding("n", "note", "Note", id="runs.note"),
-        Binding("d", "delete", "Delete", id="runs.delete"),
-        Binding("k", "stop", "Stop", show=False, id="runs.stop"),
-        Binding("r", "reload", "Reload", show=False, id="runs.reload"),
+        Binding("slash", "search", "Search", id="runs.search"),
         Binding("q", "app.quit", "Quit", id="app.quit"),
+        Binding("R", "resume", "Resume", show=False, id="runs.resume"),
+        Binding("e", "export", "Export", show=False, id="runs.export"),
+        Binding("p", "plot", "Figures", show=False, id="runs.plot"),
+        Binding("f", "cycle_status", "Status filter", show=False, id="runs.filter_status"),
+        Binding("g", "tag_filter", "Tag filter", show=False, id="runs.filter_tag"),
+        Binding("S", "reverse_sort", "Reverse sort", show=False, id="runs.sort_reverse"),
+        Binding("a", "toggle_children", "Child runs", show=False, id="runs.children"),
+        Binding("t", "tag", "Tag", show=False, id="runs.tag"),
+        Binding("n", "note", "Note", show=False, id="runs.note"),
+        Binding("d", "delete", "Delete", show=False, id="runs.delete"),
+        Binding("r", "reload", "Reload", show=False, id="runs.reload"),
     ]
 
     def __init__(self) -> None:
@@ -135,14 +141,27 @@ class RunsScreen(RunActions, Screen):
                 return run_duration(r, now) or 0.0
             if self.sort_key == "id":
                 return int(r["id"])
+            if self.sort_key == "metric":
+                value = self.details.get(int(r["id"]), {}).get("metric")
+                # runs without the metric sort last in both directions
+                missing = value is None
+                return (not missing if self.sort_reverse else missing, value if value is not None else 0.0)
             return (as_epoch(r.get("created")) or 0.0, int(r["id"]))
 
-        return sorted(runs, key=key, reverse=self.sort_reverse)
+        ordered = sorted(runs, key=key, reverse=self.sort_reverse)
+        return tree_order(ordered) if self.show_children else ordered
 
     def render_runs(self) -> None:
         self.shown = self.filtered_runs()
         table = self.query_one(RunsTable)
-        table.show(self.shown, details=self.details, now=self.app.now(), utc=self.app.config.utc, marked=self.marked)
+        table.show(
+            self.shown,
+            details=self.details,
+            now=self.app.now(),
+            utc=self.app.config.utc,
+            marked=self.marked,
+            indents=tree_indents(self.shown) if self.show_children else None,
+        )
         empty = self.query_one("#runs-empty", Static)
         if not self.runs:
             empty.update(
@@ -156,14 +175,14 @@ class RunsScreen(RunActions, Screen):
     def _update_filter_label(self) -> None:
         arrow = "↓" if self.sort_reverse else "↑"
         parts = [
-            f"status {self.status_filter or 'all'}",
-            f"tag {self.tag_filter or 'any'}",
-            f"sort {self.sort_key}{arrow}",
-            f"{len(self.shown)}/{len(self.runs)} runs" + (" +children" if self.show_children else ""),
+            f"f:{self.status_filter or 'all'}",
+            f"g:{self.tag_filter or 'any tag'}",
+            f"s:{self.sort_key}{arrow}",
+            f"{len(self.shown)}/{len(self.runs)}" + (" +children" if self.show_children else ""),
         ]
         if self.marked:
             parts.append(f"{len(self.marked)} marked")
-        self.query_one("#runs-filters", Label).update("  ·  ".join(parts))
+        self.query_one("#runs-filters", Label).update(" · ".join(parts))
 
     def _tick_durations(self) -> None:
         running = [r for r in self.shown if r.get("status") == "running"]
@@ -203,11 +222,10 @@ class RunsScreen(RunActions, Screen):
 
     @on(DataTable.HeaderSelected, "#runs-table")
     def _header_selected(self, event: DataTable.HeaderSelected) -> None:
-        key = {"started": "started", "name": "name", "status": "status", "duration": "duration", "id": "id"}.get(
-            str(event.column_key.value)
-        )
+        columns = {"started": "started", "name": "name", "status": "status", "duration": "duration", "id": "id"}
+        key = {**columns, "headline": "metric"}.get(str(event.column_key.value))
         if key:
-            self.sort_reverse = not self.sort_reverse if key == self.sort_key else key in ("started", "duration")
+            self.sort_reverse = not self.sort_reverse if key == self.sort_key else key in DESCENDING_FIRST
             self.sort_key = key
             self.render_runs()
 
@@ -294,7 +312,7 @@ class RunsScreen(RunActions, Screen):
 
     def action_cycle_sort(self) -> None:
         self.sort_key = SORTS[(SORTS.index(self.sort_key) + 1) % len(SORTS)]
-        self.sort_reverse = self.sort_key in ("started", "duration")
+        self.sort_reverse = self.sort_key in DESCENDING_FIRST
         self.render_runs()
 
     def action_reverse_sort(self) -> None:
@@ -321,6 +339,21 @@ class RunsScreen(RunActions, Screen):
         if run is not None:
             self.ask_stop(run)
 
+    def action_resume(self) -> None:
+        run = self.current_run()
+        if run is not None:
+            self.ask_resume(run)
+
+    def action_export(self) -> None:
+        run = self.current_run()
+        if run is not None:
+            self.ask_export(run)
+
+    def action_plot(self) -> None:
+        run = self.current_run()
+        if run is not None:
+            self.ask_plot(run)
+
     def action_reload(self) -> None:
         self._final_details.clear()
         self.load_runs()
@@ -339,12 +372,60 @@ def _details(st, runs: list[dict]) -> dict[int, dict]:
         rid = int(run["id"])
         try:
             full = st.get_run(rid)
+            text, value = headline_and_value(st, run)
             out[rid] = {
                 "preset": R.run_preset(full),
                 "data_path": full.get("data_path") or R.config_value(R.run_config(full), "data.path") or "",
                 "model_path": full.get("model_path") or R.config_value(R.run_config(full), "model.path") or "",
-                "headline": headline(st, run),
+                "headline": text,
+                "metric": value,
+                "progress": pipeline_progress_text(st, run) if run.get("status") == "running" else "",
             }
         except Exception:  # a run deleted meanwhile, or results still being written
             out[rid] = {}
+    return out
+
+
+def tree_order(runs: list[dict]) -> list[dict]:
+    """Runs as a tree: each run followed by its children (oldest first), roots in the given order.
+    A run whose parent is not in the list is a root."""
+    ids = {int(r["id"]) for r in runs}
+    children: dict[int, list[dict]] = {}
+    roots = []
+    for r in runs:
+        parent = r.get("parent_id")
+        if parent is not None and int(parent) in ids:
+            children.setdefault(int(parent), []).append(r)
+        else:
+            roots.append(r)
+    out: list[dict] = []
+
+    def visit(run: dict) -> None:
+        out.append(run)
+        for child in sorted(children.get(int(run["id"]), []), key=lambda c: int(c["id"])):
+            visit(child)
+
+    for root in roots:
+        visit(root)
+    return out
+
+
+def tree_indents(runs: list[dict]) -> dict[int, str]:
+    """The name prefix of each run in `tree_order`: "├ " / "└ " under its parent, nested deeper."""
+    by_id = {int(r["id"]): r for r in runs}
+    last_child: dict[int, int] = {}
+    for r in runs:
+        parent = r.get("parent_id")
+        if parent is not None and int(parent) in by_id:
+            last_child[int(parent)] = int(r["id"])
+    out = {}
+    for r in runs:
+        depth, node = 0, r
+        while node.get("parent_id") is not None and int(node["parent_id"]) in by_id and depth < 5:
+            depth += 1
+            node = by_id[int(node["parent_id"])]
+        if depth:
+            parent = int(r["parent_id"])
+            mark = "└ " if last_child.get(parent) == int(r["id"]) else "├ "
+            out[int(r["id"])] = "  " * (depth - 1) + mark
     return out

@@ -1,4 +1,7 @@
-"""Choosing which analysis run ("lowhigh: frozen vs unfrozen") a results tab shows."""
+"""Choosing which analysis run ("lowhigh: frozen vs unfrozen") a results tab shows.
+
+The choice belongs to the run screen (`RunScreen.analysis_id`): every results tab shows the same one.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,8 @@ from textual.widgets import Select
 
 
 class AnalysisPicker(Select[int]):
-    """A compact select of analysis runs; keeps the choice across refreshes."""
+    """A compact select of analysis runs; keeps the choice across refreshes. It offers a blank entry
+    ("no analysis runs") only while there is nothing to choose."""
 
     def __init__(self, **kwargs) -> None:
         super().__init__([], allow_blank=True, compact=True, prompt="no analysis runs", **kwargs)
@@ -17,6 +21,7 @@ class AnalysisPicker(Select[int]):
         if ids != self._ids:
             self._ids = ids
             with self.prevent(Select.Changed):
+                self._allow_blank = not ids  # Select offers the blank prompt as an option otherwise
                 self.set_options([(f"{a.get('name')}  (run {a['id']})", int(a["id"])) for a in analyses])
         if chosen is not None and chosen in ids and self.value != chosen:
             with self.prevent(Select.Changed):

@@ -18,23 +18,88 @@ from gfattn_tui.widgets.head_grid import HeadGrid
 from gfattn_tui.widgets.store_view import RunView
 from store import results as R
 
+P_GRIDS = (R.GRID_P_VALUE, R.GRID_P_VALUE_ADJ, R.GRID_P_VALUE_NORM)
+
+
+def grid_title(name: str, models: tuple[str, str]) -> str:
+    """A readable name of a stored grid: `norm_summed_b` -> "norm, heads summed: unfrozen"."""
+    names = dict(zip(R.MODEL_SUFFIXES, models))
+    fixed = {
+        R.GRID_COSINE: "cosine similarity",
+        R.GRID_COSINE_STD: "cosine std",
+        R.GRID_P_VALUE: "p centre",
+        R.GRID_P_VALUE_ADJ: "p centre (BH adj.)",
+        R.GRID_P_VALUE_NORM: "p norm",
+    }
+    if name in fixed:
+        return fixed[name]
+    for stem, label in (("norm_summed", "norm Σheads"), ("norm", "norm"), ("centre", "centre")):
+        for s in R.MODEL_SUFFIXES:
+            if name == f"{stem}_{s}":
+                return f"{label} {names[s]}"
+    return name
+
+
+GRID_ORDER = ("cosine", "cosine_std", "norm_", "norm_summed_", "centre_", "p_value")
+
+
+def grid_sort_key(name: str) -> tuple[int, str]:
+    """Cosine first, then norms, centres and the p-values; unknown grids last."""
+    best = len(GRID_ORDER)
+    for i, prefix in enumerate(GRID_ORDER):
+        if name == prefix or (prefix.endswith("_") and name.startswith(prefix)) or name.startswith(prefix):
+            best = i
+    return (best, name)
+
+
+GRID_LEGEND = {
+    R.GRID_COSINE: "cosine similarity of the two models' attention per layer and head (1 = identical); "
+    "interval: bootstrap CI",
+    R.GRID_COSINE_STD: "spread of the per-cell cosine similarity",
+    R.GRID_P_VALUE: "paired test: does the centre of attention (mean attended rank) differ between the models?",
+    R.GRID_P_VALUE_ADJ: "the centre-of-attention p-values, Benjamini-Hochberg adjusted over the grid",
+    R.GRID_P_VALUE_NORM: "paired test: does the norm-based attention (Kobayashi et al.) differ?",
+    "norm": "norm-based attention |alpha f(x)| per layer and head (Kobayashi et al. 2020); interval: CI",
+    "norm_summed": "norm-based attention per layer, heads summed; interval: CI",
+    "centre": "centre of attention: the mean rank position attended to, per layer and head",
+}
+
+
+def grid_legend(name: str) -> str:
+    if name in GRID_LEGEND:
+        text = GRID_LEGEND[name]
+    else:
+        stem = name.rsplit("_", 1)[0]
+        text = GRID_LEGEND.get(stem, "")
+    if name in P_GRIDS:
+        text += f"  · * p < {R.SIGNIFICANCE}, ** < 0.01, *** < 0.001"
+    return text
+
 
 def read_analysis_grids(st, run_id: int, analysis_id: int | None, grid_name: str | None) -> dict:
     analyses, chosen = run_choices(R.collect_scope(st, run_id).analyses, analysis_id)
-    names = st.grid_names(chosen) if chosen is not None else []
+    names = sorted(st.grid_names(chosen), key=grid_sort_key) if chosen is not None else []
     grid_name = R.default_grid(names, grid_name)
     grid = R.read_grid(st, chosen, grid_name) if grid_name else None
-    return {"analyses": analyses, "chosen": chosen, "names": names, "grid_name": grid_name, "grid": grid}
+    models = R.compared_models(R.full_run(st, chosen)) if chosen is not None else ("model a", "model b")
+    return {
+        "analyses": analyses,
+        "chosen": chosen,
+        "names": names,
+        "grid_name": grid_name,
+        "grid": grid,
+        "models": models,
+    }
 
 
 class AttentionView(RunView, Vertical):
     focus_selector = "HeadGrid"
+    uses_analysis = True
 
     def __init__(self, run_id: int, **kwargs) -> None:
         super().__init__(**kwargs)
         self.run_id = run_id
         self.stale = True
-        self.analysis_id: int | None = None
         self.grid_name: str | None = None
         self.grid_names: list[str] = []
 
@@ -66,14 +131,14 @@ class AttentionView(RunView, Vertical):
         self.query_one("#attn-empty").display = not has
         self.query_one("#attn-body").display = has
         self.query_one(AnalysisPicker).set_analyses(data["analyses"], data["chosen"])
-        self.analysis_id = data["chosen"]
+        self.analysis_id = self.shown_analysis = data["chosen"]
         names = data["names"]
         options = self.query_one("#attn-grids", OptionList)
         if names != self.grid_names:
             self.grid_names = names
             with options.prevent(OptionList.OptionHighlighted):
                 options.clear_options()
-                options.add_options([Option(n, id=n) for n in names])
+                options.add_options([Option(grid_title(n, data["models"]), id=n) for n in names])
         self.grid_name = data["grid_name"]
         if self.grid_name in names:
             with options.prevent(OptionList.OptionHighlighted):
@@ -85,14 +150,23 @@ class AttentionView(RunView, Vertical):
             self.query_one("#attn-summary", Static).update("")
             return
         g = data["grid"]
-        grid.show(self.grid_name, g.values, g.lower, g.upper)
+        p_grid = self.grid_name in P_GRIDS
+        title = grid_title(self.grid_name, data["models"])
+        grid.show(title, g.values, g.lower, g.upper, p_values=p_grid)
         values = np.asarray(g.values, dtype=float)
         finite = values[np.isfinite(values)]
-        if finite.size:
-            self.query_one("#attn-summary", Static).update(
+        legend = grid_legend(self.grid_name)
+        if finite.size and p_grid:
+            n_sig = int((finite < R.SIGNIFICANCE).sum())
+            summary = f"{n_sig} of {finite.size} heads with p < {R.SIGNIFICANCE}   min p {finite.min():.1e}"
+        elif finite.size:
+            summary = (
                 f"{values.shape[0]} layers x {values.shape[1]} heads   mean {finite.mean():.4f}   "
                 f"min {finite.min():.4f}   max {finite.max():.4f}"
             )
+        else:
+            summary = ""
+        self.query_one("#attn-summary", Static).update(f"{summary}\n{legend}" if legend else summary)
         self._describe_cursor()
 
     def _describe_cursor(self) -> None:

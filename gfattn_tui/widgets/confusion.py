@@ -1,8 +1,9 @@
 """Confusion tab: the test-split confusion matrices of every task x training mode, side by side per
-task (thesis figure 3)."""
+task (thesis figure 3), wrapped onto more rows where the terminal is narrow."""
 
 from __future__ import annotations
 
+from rich.cells import cell_len
 from textual import work
 from textual.app import ComposeResult
 from textual.containers import Horizontal, VerticalScroll
@@ -10,7 +11,7 @@ from textual.widgets import Label, Static
 
 from gfattn_tui.messages import Loaded
 from gfattn_tui.results import ordered_confusion
-from gfattn_tui.widgets.confusion_matrix import ConfusionMatrix
+from gfattn_tui.widgets.confusion_matrix import ConfusionMatrix, render_confusion
 from gfattn_tui.widgets.store_view import RunView
 from store import results as R
 
@@ -21,6 +22,7 @@ class ConfusionView(RunView, VerticalScroll):
         self.run_id = run_id
         self.stale = True
         self.matrices: list[dict] = []
+        self._width = 0
 
     def compose(self) -> ComposeResult:
         yield Static("loading…", id="conf-empty", classes="empty")
@@ -59,6 +61,17 @@ class ConfusionView(RunView, VerticalScroll):
 
     def on_loaded(self, message: Loaded) -> None:
         self.matrices = message.data
+        self._layout()
+
+    def on_resize(self, event) -> None:
+        if event.size.width != self._width and self.matrices:
+            self._layout()
+
+    def _layout(self) -> None:
+        """One row of matrices per task, wrapped onto further rows where the terminal is too narrow,
+        so every matrix is on screen (and the tab scrolls vertically, by keyboard too)."""
+        self._width = self.size.width
+        room = max(20, self.size.width - 4)
         with self.app.batch_update():
             for old in list(self.query(".conf-task")):
                 old.remove()
@@ -69,8 +82,18 @@ class ConfusionView(RunView, VerticalScroll):
             for m in self.matrices:
                 tasks.setdefault(m["task"], []).append(m)
             for task, items in tasks.items():
-                row = Horizontal(
-                    *[
+                self.mount(Label(f"task {task}", classes="section conf-task"))
+                row: list[ConfusionMatrix] = []
+                used = 0
+                for m in items:
+                    text = render_confusion(
+                        _title(m), m["labels"], m["matrix"], m[R.METRIC_ACCURACY], m[R.METRIC_MACRO_F1]
+                    )
+                    width = max(cell_len(line) for line in text.plain.splitlines()) + 2
+                    if row and used + width > room:
+                        self.mount(Horizontal(*row, classes="conf-row conf-task"))
+                        row, used = [], 0
+                    row.append(
                         ConfusionMatrix(
                             _title(m),
                             m["labels"],
@@ -79,12 +102,10 @@ class ConfusionView(RunView, VerticalScroll):
                             m[R.METRIC_MACRO_F1],
                             classes="confusion",
                         )
-                        for m in items
-                    ],
-                    classes="conf-row conf-task",
-                )
-                self.mount(Label(f"task {task}", classes="section conf-task"))
-                self.mount(row)
+                    )
+                    used += width
+                if row:
+                    self.mount(Horizontal(*row, classes="conf-row conf-task"))
 
 
 def _title(m: dict) -> str:

@@ -25,7 +25,10 @@ def render_confusion(
         scores.append(f"acc {accuracy:.3f}")
     if f1 is not None:
         scores.append(f"macro-F1 {f1:.3f}")
-    text.append(("  ".join(scores) or "no test scores") + "\n", style="italic")
+    # one score per line where the matrix is narrower than both on one line
+    matrix_w = label_w + 1 + width * len(labels)
+    joiner = "  " if len("  ".join(scores)) <= max(matrix_w, len(title)) else "\n"
+    text.append((joiner.join(scores) or "no test scores") + "\n", style="italic")
     text.append(" " * (label_w + 1))
     text.append("".join(f"{lbl:>{width}}" for lbl in labels) + "\n", style="bold")
     for i, label in enumerate(labels):

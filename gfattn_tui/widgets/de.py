@@ -1,25 +1,34 @@
-"""DE vs attention tab: how the genes the model attends to compare with differentially expressed genes
-(Wilcoxon, scanpy `rank_genes_groups`): overlap at k with its hypergeometric p-value, Spearman
-correlation, reference-set enrichment (docs/architecture.md, "Analysis 6: DE vs attention")."""
+"""DE tab: the differential-expression table (scanpy's Wilcoxon, high vs low; thesis fig. 7) with each
+gene's attention rank in every analysis, sortable and searchable, beside the overlap of the top-k DE and
+top-k attended genes with its hypergeometric p-value and the Spearman correlation
+(docs/architecture.md, "Analysis 6: DE vs attention")."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
-from textual.containers import Vertical, VerticalScroll
-from textual.widgets import Select, Static
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.widgets import DataTable, Input, Label, Select, Static
 from textual_plotext import PlotextPlot
 
-from gfattn_tui.json_render import is_records, render_json
+from gfattn_tui.format import fmt_p
+from gfattn_tui.json_render import is_records
 from gfattn_tui.messages import Loaded
 from gfattn_tui.results import run_choices
 from gfattn_tui.widgets.analysis_picker import AnalysisPicker
+from gfattn_tui.widgets.gene_table import gene_cell
 from gfattn_tui.widgets.store_view import RunView
 from store import results as R
 
 PRIMARY = R.JSON_DE_NAMES
+PAGE = 100
+SHOWN = (R.COL_SYMBOL, R.COL_SCORE, R.COL_LOGFC, R.COL_PVAL_ADJ)  # then the rank columns, then the ID
+ASCENDING_FIRST = (R.COL_SYMBOL, R.COL_ENSEMBL_ID, R.COL_PVAL, R.COL_PVAL_ADJ)
+LABELS = {R.COL_LOGFC: "logFC", R.COL_PVAL_ADJ: "adj. p", R.COL_PVAL: "p", R.COL_SCORE: "score"}
 
 
 def find_overlap_records(obj: Any) -> list[dict] | None:
@@ -35,30 +44,63 @@ def find_overlap_records(obj: Any) -> list[dict] | None:
 
 
 def read_de(st, run_id: int, analysis_id: int | None) -> dict:
-    analyses, chosen = run_choices(R.collect_scope(st, run_id).analyses, analysis_id)
-    results: dict[str, Any] = {}
+    scope = R.collect_scope(st, run_id)
+    analyses, de_runs = scope.analyses, scope.de_runs
+    if (not de_runs or not analyses) and scope.run.get("parent_id") is not None:
+        # a single DE or analysis run: its siblings under the pipeline hold the other half
+        parent = R.collect_scope(st, scope.run["parent_id"])
+        de_runs = de_runs or parent.de_runs
+        analyses = analyses or parent.analyses
+    choices, chosen = run_choices(analyses, analysis_id)
+    overlap: dict[str, Any] = {}
     if chosen is not None:
-        docs = R.read_json(st, chosen)
-        for name in sorted(docs, key=lambda n: (n not in PRIMARY, n)):
-            results[name] = docs[name]
-    return {"analyses": analyses, "chosen": chosen, "results": results}
+        docs = R.read_json(st, chosen, PRIMARY)
+        overlap = next((docs[n] for n in PRIMARY if n in docs), {}) or {}
+    de_run = next((r for r in de_runs if R.TABLE_DE in st.gene_tables(r["id"])), None)
+    table = R.read_de_table(st, de_run["id"], analyses) if de_run else {"columns": [], "rows": [], "rank_columns": {}}
+    return {
+        "analyses": choices,
+        "chosen": chosen,
+        "overlap": overlap,
+        "de_run": {"id": de_run["id"], "name": de_run.get("name")} if de_run else None,
+        **table,
+    }
 
 
 class DEView(RunView, Vertical):
-    focus_selector = "#de-body"
+    focus_selector = "#de-table"
+    uses_analysis = True
+
+    BINDINGS = [
+        Binding("slash", "focus_search", "Search", id="de.search"),
+        Binding("o", "sort_column", "Sort by column", id="de.sort"),
+        Binding("right_square_bracket", "page(1)", "Next page", id="de.next_page"),
+        Binding("left_square_bracket", "page(-1)", "Prev page", id="de.prev_page"),
+    ]
 
     def __init__(self, run_id: int, **kwargs) -> None:
         super().__init__(**kwargs)
         self.run_id = run_id
         self.stale = True
-        self.analysis_id: int | None = None
+        self.data: dict | None = None
+        self.order_by: str | None = R.COL_SCORE
+        self.descending = True
+        self.search = ""
+        self.row_offset = 0
+        self.columns: list[str] = []
+        self.rows: list[dict] = []  # sorted and searched
 
     def compose(self) -> ComposeResult:
         yield AnalysisPicker(id="de-analysis")
-        with VerticalScroll(id="de-body"):
-            yield PlotextPlot(id="de-plot", classes="plot")
-            yield Static("", id="de-results")
-        yield Static("No DE comparison (yet) under this run.", id="de-empty", classes="empty")
+        with Horizontal(id="de-body"):
+            with Vertical(id="de-left"):
+                yield Input(placeholder="/ symbol or Ensembl ID", id="de-search", compact=True)
+                yield Label("", id="de-status")
+                yield DataTable(id="de-table", cursor_type="cell", zebra_stripes=True, fixed_columns=1)
+            with Vertical(id="de-right"):
+                yield PlotextPlot(id="de-plot", classes="plot")
+                yield Static("", id="de-results")
+        yield Static("No DE table (yet) under this run.", id="de-empty", classes="empty")
 
     def on_mount(self) -> None:
         self.query_one("#de-empty").display = False
@@ -72,37 +114,138 @@ class DEView(RunView, Vertical):
         self.post_message(Loaded("de", self.client.call(lambda st: read_de(st, run_id, analysis_id))))
 
     def on_loaded(self, message: Loaded) -> None:
-        data = message.data
+        data = self.data = message.data
         self.query_one(AnalysisPicker).set_analyses(data["analyses"], data["chosen"])
-        self.analysis_id = data["chosen"]
-        results = data["results"]
-        self.query_one("#de-empty").display = not results
-        self.query_one("#de-body").display = bool(results)
-        if not results:
+        self.query_one(AnalysisPicker).display = bool(data["analyses"])
+        self.analysis_id = self.shown_analysis = data["chosen"]
+        has = bool(data["rows"]) or bool(data["overlap"])
+        self.query_one("#de-empty").display = not has
+        self.query_one("#de-body").display = has
+        if not has:
             return
-        self.query_one("#de-results", Static).update(render_json({name: value for name, value in results.items()}))
-        records = None
-        for name in PRIMARY:
-            if name in results:
-                records = find_overlap_records(results[name])
-                if records:
-                    break
+        cols = data["columns"]
+        self.columns = [c for c in SHOWN if c in cols] + list(data["rank_columns"])
+        self.columns += [c for c in cols if c not in self.columns]
+        self.query_one("#de-left").display = bool(data["rows"])
+        self._apply()
+        self._draw_overlap(data["overlap"])
+
+    # the table -----------------------------------------------------------------------------------
+    def _apply(self) -> None:
+        rows = (self.data or {}).get("rows") or []
+        if self.search:
+            needle = self.search.lower()
+            rows = [
+                r
+                for r in rows
+                if needle in str(r.get(R.COL_SYMBOL) or "").lower() or needle in str(r.get(R.COL_ENSEMBL_ID)).lower()
+            ]
+        key = self.order_by
+        if key in self.columns:
+            present = [r for r in rows if r.get(key) is not None]
+            missing = [r for r in rows if r.get(key) is None]
+            present.sort(key=lambda r: r[key] if key in R.TEXT_COLUMNS else float(r[key]), reverse=self.descending)
+            rows = present + missing
+        self.rows = rows
+        self.row_offset = min(self.row_offset, max(0, (len(rows) - 1) // PAGE * PAGE))
+        self._show_page()
+
+    def _show_page(self) -> None:
+        table = self.query_one("#de-table", DataTable)
+        labels = {**LABELS, **((self.data or {}).get("rank_columns") or {})}
+        table.clear(columns=True)
+        for col in self.columns:
+            mark = (" ↓" if self.descending else " ↑") if col == self.order_by else ""
+            table.add_column(Text(labels.get(col, col) + mark, style="bold" if mark else ""), key=col)
+        for row in self.rows[self.row_offset : self.row_offset + PAGE]:
+            cells = []
+            for col in self.columns:
+                value = row.get(col)
+                if col in (R.COL_PVAL, R.COL_PVAL_ADJ):
+                    cells.append(Text(fmt_p(value), justify="right"))
+                else:
+                    cells.append(gene_cell(col, value))
+            table.add_row(*cells)
+        total = len(self.rows)
+        de = (self.data or {}).get("de_run") or {}
+        arrow = "↓" if self.descending else "↑"
+        self.query_one("#de-status", Label).update(
+            f"{de.get('name', 'DE')} (run {de.get('id')}): {min(self.row_offset + 1, total)}–"
+            f"{min(self.row_offset + PAGE, total)} of {total:,} · sorted by {labels.get(self.order_by, self.order_by)} "
+            f"{arrow} · o sort  [ ] page"
+        )
+
+    def _draw_overlap(self, overlap: dict) -> None:
         plot = self.query_one("#de-plot", PlotextPlot)
+        records = find_overlap_records(overlap) if overlap else None
         plot.display = bool(records)
+        lines = []
         if records:
             ks = [float(r["k"]) for r in records]
             plt = plot.plt
             plt.clear_figure()
-            plt.title("top-k attended genes that are also top-k DE genes")
+            plt.title("top-k DE genes among the top-k attended")
             overlap_key = next(k for k in records[0] if "overlap" in k)
             plt.plot(ks, [float(r.get(overlap_key) or 0) for r in records], label="observed", marker="braille")
             if all("expected" in r for r in records):
-                plt.plot(ks, [float(r["expected"] or 0) for r in records], label="expected by chance", marker="braille")
+                plt.plot(ks, [float(r["expected"] or 0) for r in records], label="by chance", marker="braille")
             plt.xlabel("k")
             plot.refresh()
+            for r in records:
+                genes = ", ".join(map(str, (r.get("genes") or [])[:8]))
+                lines.append(f"k={r['k']}: {r.get(overlap_key)} shared (p {fmt_p(r.get('p_value'))})  {genes}")
+        spearman = (overlap or {}).get("spearman") or {}
+        if spearman.get("rho") is not None:
+            lines.append(
+                f"Spearman DE score vs attention: rho {spearman['rho']:+.3f} (p {fmt_p(spearman.get('p_value'))})"
+            )
+        if (overlap or {}).get("attention_column"):
+            lines.append(f"attention column: {overlap['attention_column']}  · * p < {R.SIGNIFICANCE}")
+        self.query_one("#de-results", Static).update("\n".join(lines))
+
+    # input ---------------------------------------------------------------------------------------
+    @on(Input.Changed, "#de-search")
+    def _search_changed(self, event: Input.Changed) -> None:
+        self.search = event.value.strip()
+        self.row_offset = 0
+        self._apply()
+
+    @on(Input.Submitted, "#de-search")
+    def _search_submitted(self, event: Input.Submitted) -> None:
+        self.query_one("#de-table", DataTable).focus()
+
+    @on(DataTable.HeaderSelected, "#de-table")
+    def _header_selected(self, event: DataTable.HeaderSelected) -> None:
+        self.sort_by(str(event.column_key.value))
 
     @on(Select.Changed, "#de-analysis")
     def _analysis_changed(self, event: Select.Changed) -> None:
         if isinstance(event.value, int) and event.value != self.analysis_id:
             self.analysis_id = event.value
             self.load()
+
+    def sort_by(self, column: str) -> None:
+        if column not in self.columns:
+            return
+        if column == self.order_by:
+            self.descending = not self.descending
+        else:
+            rank = column in ((self.data or {}).get("rank_columns") or {})
+            self.order_by, self.descending = column, not (column in ASCENDING_FIRST or rank)
+        self.row_offset = 0
+        self._apply()
+
+    def action_sort_column(self) -> None:
+        table = self.query_one("#de-table", DataTable)
+        column = table.cursor_coordinate.column
+        if 0 <= column < len(self.columns):
+            self.sort_by(self.columns[column])
+
+    def action_page(self, delta: int) -> None:
+        new = self.row_offset + delta * PAGE
+        if 0 <= new < max(len(self.rows), 1):
+            self.row_offset = new
+            self._show_page()
+
+    def action_focus_search(self) -> None:
+        self.query_one("#de-search", Input).focus()

@@ -1,4 +1,5 @@
-"""One page of a per-gene table; the header marks the column the rows are sorted by."""
+"""One page of a per-gene table; the header marks the column the rows are sorted by. The rank and the
+symbol stay pinned at the left while the other columns scroll."""
 
 from __future__ import annotations
 
@@ -32,18 +33,29 @@ def gene_cell(column: str, value) -> Text | str:
 
 class GeneTable(DataTable):
     def __init__(self, **kwargs) -> None:
-        super().__init__(cursor_type="cell", zebra_stripes=True, **kwargs)
+        super().__init__(cursor_type="cell", zebra_stripes=True, fixed_columns=2, **kwargs)
         self.columns_shown: list[str] = []
         self.rows_shown: list[dict] = []
         self._sort_marks: tuple = (None, True)
 
-    def show(self, columns: list[str], rows: list[dict], order_by: str | None, descending: bool, offset: int) -> None:
+    def show(
+        self,
+        columns: list[str],
+        rows: list[dict],
+        order_by: str | None,
+        descending: bool,
+        offset: int,
+        *,
+        ranks: dict | None = None,
+    ) -> None:
+        """`ranks`: {ensembl_id: place in the whole sorted table} when the rows are a search's or filter's
+        (their row number on the page is not their rank); else the rank is offset + row."""
         keep = self.cursor_coordinate
         if columns != self.columns_shown or self._sort_marks != (order_by, descending):
             self.clear(columns=True)
             self.columns_shown = list(columns)
             self._sort_marks = (order_by, descending)
-            self.add_column(Text("#", style="dim"), key="_n")
+            self.add_column(Text("rank", style="dim"), key="_n")
             for col in columns:
                 mark = (" ↓" if descending else " ↑") if col == order_by else ""
                 self.add_column(Text(col + mark, style="bold" if mark else ""), key=col)
@@ -51,8 +63,9 @@ class GeneTable(DataTable):
             self.clear(columns=False)
         self.rows_shown = rows
         for i, row in enumerate(rows):
+            rank = (ranks or {}).get(row.get("ensembl_id")) if ranks else offset + i + 1
             self.add_row(
-                Text(str(offset + i + 1), style="dim", justify="right"),
+                Text("—" if rank is None else str(rank), style="dim", justify="right"),
                 *[gene_cell(col, row.get(col)) for col in columns],
                 key=f"{offset + i}:{row.get('ensembl_id')}",
             )

@@ -22,8 +22,57 @@ from gfattn_tui.widgets.store_view import RunView
 from store import results as R
 
 _A, _B = R.MODEL_SUFFIXES
-DEFAULT_SORT = (R.col_attn_scaled(_B), R.col_attn(_B), R.col_attn_scaled(_A), R.col_attn(_A), R.COL_DE_SCORE)
-ASCENDING_FIRST = (R.COL_SYMBOL, R.COL_ENSEMBL_ID, R.COL_RANK_MEAN)  # columns whose first sort is ascending
+DEFAULT_SORT = (
+    R.col_attn_scaled(_B),
+    R.col_attn(_B),
+    R.col_attn_scaled(_A),
+    R.col_attn(_A),
+    R.COL_DE_SCORE,
+    R.COL_SCORE,
+)
+ASCENDING_FIRST = (R.COL_SYMBOL, R.COL_ENSEMBL_ID, R.COL_RANK_MEAN, R.COL_PVAL, R.COL_PVAL_ADJ)  # first sort ascending
+# the columns a researcher reads first, right after the pinned symbol; the rest follow, IDs last
+PREFERRED = (
+    R.col_attn_scaled(_A),
+    R.col_attn_scaled(_B),
+    R.COL_ATTN_SCALED_DIFF,
+    R.col_attn(_A),
+    R.col_attn(_B),
+    R.COL_ATTN_DIFF,
+    R.COL_ATTN_LOG2_RATIO,
+    R.col_attn_pos_ratio(_A),
+    R.col_attn_pos_ratio(_B),
+    R.COL_POS_RATIO_DIFF,
+    R.COL_DE_SCORE,
+    R.COL_SCORE,
+    R.COL_LOGFC,
+    R.COL_PVAL_ADJ,
+    R.COL_IN_REFERENCE_SET,
+    R.COL_N_CELLS,
+    R.COL_RANK_MEAN,
+)
+LAST = (R.COL_ENSEMBL_ID, R.COL_TOKEN_ID)
+
+
+def display_columns(columns: list[str]) -> list[str]:
+    """Symbol first (pinned), the preferred result columns, the others, the IDs last."""
+    first = [c for c in (R.COL_SYMBOL, *PREFERRED) if c in columns]
+    last = [c for c in LAST if c in columns]
+    return first + [c for c in columns if c not in first and c not in last] + last
+
+
+def filter_example(columns: list[str]) -> str:
+    """A filter line that works on these columns (the placeholder of the filter input)."""
+    parts = []
+    numeric = [c for c in display_columns(columns) if c not in R.TEXT_COLUMNS and c not in LAST]
+    if numeric:
+        parts.append(f"{numeric[0]} > 0.5")
+    if R.COL_IN_REFERENCE_SET in columns:
+        parts.append(f"{R.COL_IN_REFERENCE_SET} = 1")
+    elif R.COL_N_CELLS in columns:
+        parts.append(f"{R.COL_N_CELLS} >= 10")
+    parts.append(f"{R.COL_SYMBOL} like MDM%")
+    return "f filter: " + " and ".join(parts[:2])
 
 
 def read_gene_page(st, run_id: int, q: dict) -> dict:
@@ -38,6 +87,7 @@ def read_gene_page(st, run_id: int, q: dict) -> dict:
     ids = [a["id"] for a in with_tables]
     chosen = q["analysis_id"] if q["analysis_id"] in ids else (ids[0] if ids else None)
     out = {
+        "ranks": {},
         "analyses": with_tables,
         "chosen": chosen,
         "table": None,
@@ -68,12 +118,18 @@ def read_gene_page(st, run_id: int, q: dict) -> dict:
         search=q["search"] or None,
         where=where,
     )
+    if (q["search"] or where) and order_by and order_by not in R.TEXT_COLUMNS:
+        # a search or filter shows rows of the whole ranking: number them by their place in it
+        ids = [r[R.COL_ENSEMBL_ID] for r in rows]
+        out["ranks"] = R.gene_ranks(st, chosen, order_by, ids, table=table, descending=q["descending"])
+    columns = display_columns(columns)
     out.update(table=table, tables=tables, columns=columns, rows=rows, count=count, order_by=order_by, offset=offset)
     return out
 
 
 class GenesView(RunView, Vertical):
     focus_selector = "GeneTable"
+    uses_analysis = True
 
     BINDINGS = [
         Binding("slash", "focus_search", "Search", id="genes.search"),
@@ -90,7 +146,6 @@ class GenesView(RunView, Vertical):
         super().__init__(**kwargs)
         self.run_id = run_id
         self.stale = True
-        self.analysis_id: int | None = None
         self.table: str | None = None
         self.order_by: str | None = None
         self.descending = True
@@ -112,7 +167,7 @@ class GenesView(RunView, Vertical):
             yield Select([], id="genes-table-name", compact=True, allow_blank=True, prompt="table")
         with Horizontal(classes="bar", id="genes-inputs"):
             yield Input(placeholder="/ symbol or Ensembl ID", id="genes-search", compact=True)
-            yield Input(placeholder="f filter: in_reference_set = 1 and attn_a > 0.5", id="genes-filter", compact=True)
+            yield Input(placeholder="f filter: COLUMN > VALUE and ...", id="genes-filter", compact=True)
         yield Label("", id="genes-status")
         yield GeneTable(id="genes-grid")
         yield Static("No gene tables (yet) under this run.", id="genes-empty", classes="empty")
@@ -155,7 +210,7 @@ class GenesView(RunView, Vertical):
         self.query_one(GeneTable).display = has
         self.query_one("#genes-inputs").display = has
         self.query_one(AnalysisPicker).set_analyses(data["analyses"], data["chosen"])
-        self.analysis_id = data["chosen"]
+        self.analysis_id = self.shown_analysis = data["chosen"]
         if not has:
             self.query_one("#genes-status", Label).update("")
             return
@@ -167,7 +222,9 @@ class GenesView(RunView, Vertical):
         picker.display = len(data["tables"]) > 1
         self.table, self.columns = data["table"], data["columns"]
         self.order_by, self.row_offset, self.count = data["order_by"], data["offset"], data["count"]
-        self.query_one(GeneTable).show(data["columns"], data["rows"], self.order_by, self.descending, self.row_offset)
+        self.query_one("#genes-filter", Input).placeholder = filter_example(data["columns"])
+        table = self.query_one(GeneTable)
+        table.show(data["columns"], data["rows"], self.order_by, self.descending, self.row_offset, ranks=data["ranks"])
         self._update_status()
 
     def _update_status(self) -> None:

@@ -9,7 +9,7 @@ import numpy as np
 from rich.text import Text
 from textual.widgets import DataTable
 
-from gfattn_tui.format import diverging_style, sequential_style
+from gfattn_tui.format import diverging_style, fmt_p, sequential_style
 
 
 class HeadGrid(DataTable):
@@ -22,8 +22,11 @@ class HeadGrid(DataTable):
         self.upper: np.ndarray | None = None
         self.grid_name = ""
 
-    def show(self, name: str, values, lower=None, upper=None, *, digits: int = 3) -> None:
+    def show(self, name: str, values, lower=None, upper=None, *, digits: int = 3, p_values: bool = False) -> None:
+        """`p_values`: the values are p-values: scientific notation, significant heads starred and
+        coloured by -log10 p."""
         self.grid_name = name
+        self.p_values = p_values
         v = np.asarray(values, dtype=float)
         self.values = v
         self.lower = None if lower is None else np.asarray(lower, dtype=float)
@@ -33,6 +36,10 @@ class HeadGrid(DataTable):
         if v.ndim != 2 or not v.size:
             return
         finite = v[np.isfinite(v)]
+        if p_values:
+            with np.errstate(divide="ignore"):
+                scaled = -np.log10(np.clip(finite, 1e-300, 1.0))
+            top = float(max(scaled.max(), 2.0)) if finite.size else 2.0
         lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
         diverging = lo < 0 < hi
         vmax = max(abs(lo), abs(hi))
@@ -45,6 +52,11 @@ class HeadGrid(DataTable):
                 value = v[layer, h]
                 if not math.isfinite(value):
                     cells.append(Text("—", style="dim", justify="right"))
+                    continue
+                if p_values:
+                    style = sequential_style(-math.log10(min(max(value, 1e-300), 1.0)) / top)
+                    text = fmt_p(value)
+                    cells.append(Text(f" {text:<10}", style=style, justify="right"))
                     continue
                 if diverging:
                     style = diverging_style(value, vmax)
@@ -65,11 +77,12 @@ class HeadGrid(DataTable):
 
     def describe(self, layer: int, head: int) -> str:
         value = self.values[layer, head]
-        text = f"{self.grid_name}  layer {layer}  head {head}:  {value:.4f}"
+        shown = fmt_p(value) if getattr(self, "p_values", False) else f"{value:.4f}"
+        text = f"{self.grid_name}  layer {layer}  head {head}:  {shown}"
         if self.lower is not None and self.upper is not None:
             lo, hi = self.lower[layer, head], self.upper[layer, head]
             if math.isfinite(lo) and math.isfinite(hi):
                 text += f"   interval [{lo:.4f}, {hi:.4f}]  (± {(hi - lo) / 2:.4f})"
-        else:
+        elif not getattr(self, "p_values", False):
             text += "   (no interval stored for this grid)"
         return text

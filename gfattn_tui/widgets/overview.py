@@ -1,5 +1,7 @@
-"""Overview tab: provenance, the error in full, stages with progress and ETA, child runs, the log tail,
-the resolved configuration and package versions."""
+"""Overview tab: the results first (a pipeline's task x mode table of test accuracy, macro-F1 and best
+epoch, each analysis's headline: mean cosine per layer, key genes, DE overlap with its p-value; deletion
+and attribution headlines when stored; a finetune's own metrics), then provenance, the error in full,
+stages with progress and ETA, child runs, the log tail, the resolved configuration and package versions."""
 
 from __future__ import annotations
 
@@ -13,9 +15,11 @@ from textual.app import ComposeResult
 from textual.containers import VerticalScroll
 from textual.widgets import DataTable, Label, ProgressBar, RichLog, Static
 
-from gfattn_tui.format import STATUS_MARKS, as_epoch, fmt_duration, fmt_num, fmt_time, run_duration
+from gfattn_tui.format import STATUS_MARKS, as_epoch, fmt_duration, fmt_num, fmt_p, fmt_time, run_duration
+from gfattn_tui.json_render import render_json
 from gfattn_tui.messages import Loaded, OpenRun
 from gfattn_tui.widgets.store_view import RunView
+from store import results as R
 from store.results import flatten_config
 
 
@@ -39,6 +43,9 @@ class OverviewView(RunView, VerticalScroll):
         self.run: dict | None = None
 
     def compose(self) -> ComposeResult:
+        yield Label("Results", classes="section", id="ov-results-title")
+        yield Static("", id="ov-results")
+        yield Label("Run", classes="section")
         yield Static("", id="ov-summary")
         yield Static("", id="ov-error", classes="error-box")
         yield Label("", id="ov-progress-label")
@@ -61,6 +68,8 @@ class OverviewView(RunView, VerticalScroll):
         self.query_one("#ov-error").display = False
         self.query_one("#ov-progress").display = False
         self.query_one("#ov-progress-label").display = False
+        self.query_one("#ov-results").display = False
+        self.query_one("#ov-results-title").display = False
 
     def reload(self) -> None:
         self.load()
@@ -75,6 +84,7 @@ class OverviewView(RunView, VerticalScroll):
                 "stages": st.stages(run_id),
                 "children": st.children(run_id),
                 "events": st.events(run_id, since_id=since),
+                "results": R.read_results_summary(st, run_id),
             }
 
         self.post_message(Loaded("overview", self.client.call(read)))
@@ -84,10 +94,11 @@ class OverviewView(RunView, VerticalScroll):
         run = self.run = data["run"]
         utc = self.app.config.utc
         now = self.app.now()
+        self._show_results(data["results"])
         self._show_summary(run, utc, now)
         self._show_error(run, data["children"])
-        self._show_progress(run)
-        self._show_stages(data["stages"], utc, now)
+        self._show_progress(run, data["stages"])
+        self._show_stages(data["stages"], utc, now, run)
         self._show_children(data["children"], now)
         self._append_events(data["events"], utc)
         self._show_config(run)
@@ -132,17 +143,30 @@ class OverviewView(RunView, VerticalScroll):
         if parts:
             box.update(Group(Text("Error", style="bold red"), *parts))
 
-    def _show_progress(self, run: dict) -> None:
-        progress = run.get("progress")
+    def _show_results(self, results: R.ResultsSummary) -> None:
+        box = self.query_one("#ov-results", Static)
+        box.display = self.query_one("#ov-results-title").display = not results.empty
+        if not results.empty:
+            box.update(render_results(results))
+
+    def _show_progress(self, run: dict, stages: list[dict]) -> None:
         bar = self.query_one("#ov-progress", ProgressBar)
         label = self.query_one("#ov-progress-label", Label)
-        show = bool(progress) and run.get("status") == "running"
+        overall = R.stage_progress(stages, run.get("progress"))
+        # the progress row of a stage that has ended is stale: show it only while its stage runs
+        progress = overall.progress if stages else run.get("progress")
+        show = run.get("status") == "running" and (bool(progress) or bool(overall.total))
         bar.display = label.display = show
         if not show:
             return
+        prefix = f"stage {min(overall.done + 1, overall.total)}/{overall.total}" if overall.total else ""
+        if not progress:
+            label.update(f"{prefix}: {overall.current or 'between stages'}")
+            bar.update(total=overall.total or None, progress=overall.done)
+            return
         done, total = progress.get("done") or 0, progress.get("total")
         unit = progress.get("unit") or ""
-        text = f"{progress.get('stage')}: {fmt_num(done, 0)}"
+        text = (f"{prefix} · " if prefix else "") + f"{progress.get('stage')}: {fmt_num(done, 0)}"
         text += (f" / {fmt_num(total, 0)}" if total else "") + f" {unit}"
         if progress.get("throughput"):
             text += f"  ·  {fmt_num(progress['throughput'], 1)} {unit}/s"
@@ -151,12 +175,14 @@ class OverviewView(RunView, VerticalScroll):
         label.update(text)
         bar.update(total=total if total else None, progress=done)
 
-    def _show_stages(self, stages: list[dict], utc: bool, now: float) -> None:
+    def _show_stages(self, stages: list[dict], utc: bool, now: float, run: dict) -> None:
         table = Table.grid(padding=(0, 2))
         for _ in range(4):
             table.add_column()
         for s in stages:
             status = str(s.get("status"))
+            if status == "failed" and run.get("status") == "interrupted":
+                status = "interrupted"  # a stopped run's stage ended by the stop, not by an error
             mark, style = STATUS_MARKS.get(status, ("·", ""))
             start, end = as_epoch(s.get("started")), as_epoch(s.get("finished"))
             took = fmt_duration((end or now) - start) if start is not None and (end or status == "running") else ""
@@ -228,3 +254,56 @@ def _value_text(value) -> str:
     if isinstance(value, str):
         return value or '""'
     return str(value)
+
+
+def render_results(results: R.ResultsSummary):
+    """The task x mode table, then one block per analysis, then further headlines."""
+    parts: list = []
+    if results.finetunes:
+        table = Table(box=None, padding=(0, 1), header_style="bold", pad_edge=False)
+        for col, justify in (("task", "left"), ("mode", "left"), ("accuracy", "right"), ("macro-F1", "right")):
+            table.add_column(col, justify=justify, no_wrap=True)
+        table.add_column("best epoch", justify="right", no_wrap=True)
+        best: dict[str, float] = {}
+        for row in results.finetunes:
+            if row.accuracy is not None:
+                best[row.task] = max(best.get(row.task, -1.0), row.accuracy)
+        for row in results.finetunes:
+            acc = Text(fmt_num(row.accuracy), style="bold green" if best.get(row.task) == row.accuracy else "")
+            if row.status == "running":
+                acc.append(" (running)", style="yellow")
+            table.add_row(
+                row.task, row.mode, acc, fmt_num(row.macro_f1), "—" if row.best_epoch is None else str(row.best_epoch)
+            )
+        parts.append(table)
+    for head in results.analyses:
+        parts.append(_analysis_block(head))
+    for name, doc in results.extra.items():
+        parts.append(render_json(doc, name))
+    return Group(*parts)
+
+
+def _analysis_block(head: R.AnalysisHeadline) -> Group:
+    a, b = head.models
+    lines = [Text(head.name or f"analysis {head.run_id}", style="bold underline")]
+    if head.cosine_mean is not None:
+        line = Text(f"cosine {a} vs {b}: mean {head.cosine_mean:.3f}")
+        if head.cosine_per_layer:
+            line.append("  per layer " + " ".join(f"{v:.2f}" for v in head.cosine_per_layer), style="cyan")
+        if head.heads_differing is not None:
+            total = f"/{head.n_heads_total}" if head.n_heads_total else ""
+            line.append(f"  ·  {head.heads_differing}{total} heads differ (adj. p < {R.SIGNIFICANCE})")
+        lines.append(line)
+    for suffix, model in zip(R.MODEL_SUFFIXES, head.models):
+        genes = head.top_genes.get(suffix)
+        if genes:
+            lines.append(Text(f"key genes {model}: ", style="bold").append(", ".join(genes[:10]), style=""))
+    if head.de_overlap:
+        line = Text("DE overlap (top k): ", style="bold")
+        for r in head.de_overlap:
+            line.append(f"k={r.get('k')} {r.get('overlap')} (p {fmt_p(r.get('p_value'))})  ")
+        lines.append(line)
+    if head.spearman and head.spearman.get("rho") is not None:
+        rho, p = head.spearman.get("rho"), head.spearman.get("p_value")
+        lines.append(Text(f"Spearman DE score vs attention: rho {rho:+.3f} (p {fmt_p(p)})"))
+    return Group(Text(""), *lines)

@@ -53,14 +53,29 @@ def read_ranks(st, run_id: int, analysis_id: int | None) -> dict:
     return out
 
 
+MAX_BARS = 24
+
+
+def rebin(x: list[float], counts: list[float], n: int) -> tuple[list[float], list[float]]:
+    """At most `n` bars: neighbouring bins merged (centre = mean of the merged centres)."""
+    if len(counts) <= n:
+        return list(x), list(counts)
+    step = -(-len(counts) // n)
+    xs, cs = [], []
+    for i in range(0, len(counts), step):
+        xs.append(float(np.mean(x[i : i + step])))
+        cs.append(float(sum(counts[i : i + step])))
+    return xs, cs
+
+
 class RanksView(RunView, Vertical):
     focus_selector = "#ranks-body"
+    uses_analysis = True
 
     def __init__(self, run_id: int, **kwargs) -> None:
         super().__init__(**kwargs)
         self.run_id = run_id
         self.stale = True
-        self.analysis_id: int | None = None
         self.data: dict | None = None
 
     def compose(self) -> ComposeResult:
@@ -86,7 +101,7 @@ class RanksView(RunView, Vertical):
     def on_loaded(self, message: Loaded) -> None:
         data = self.data = message.data
         self.query_one(AnalysisPicker).set_analyses(data["analyses"], data["chosen"])
-        self.analysis_id = data["chosen"]
+        self.analysis_id = self.shown_analysis = data["chosen"]
         has = data["a"] is not None or data["b"] is not None
         self.query_one("#ranks-empty").display = not has
         self.query_one("#ranks-body").display = has
@@ -136,9 +151,17 @@ class RanksView(RunView, Vertical):
         hist = data["hist"]
         if hist is not None and len(hist):
             x = histogram_axis(data["hist_meta"], len(hist))
-            plt.bar(x, [float(v) for v in hist], width=0.9)
-            if median is not None:
-                plt.vline(float(median), "red")
+            counts = [float(v) for v in hist]
+            filled = [i for i, c in enumerate(counts) if c > 0]
+            if len(filled) <= 1:
+                # every cell has the same length (truncated to the model's input size): no distribution
+                where = x[filled[0]] if filled else 0
+                plt.title(f"cell lengths: all {sum(counts):.0f} cells have {where:.0f} genes (the input size)")
+            else:
+                x, counts = rebin(x[filled[0] : filled[-1] + 1], counts[filled[0] : filled[-1] + 1], MAX_BARS)
+                plt.bar(x, counts, width=0.8)
+                if median is not None:
+                    plt.vline(float(median), "red")
         lengths.refresh()
 
     @on(Select.Changed, "#ranks-analysis")

@@ -45,6 +45,30 @@ class RunView(StoreBacked):
             self.reload()
 
     focus_selector: str | None = None
+    # tabs that show one analysis run of the scope share the screen's choice (`RunScreen.analysis_id`)
+    uses_analysis: bool = False
+    shown_analysis: int | None = None
+    _own_analysis: int | None = None
+
+    def _shared(self):
+        try:
+            screen = self.screen  # type: ignore[attr-defined]
+        except Exception:  # not mounted yet
+            return None
+        return screen if hasattr(screen, "analysis_id") else None
+
+    @property
+    def analysis_id(self) -> int | None:
+        screen = self._shared()
+        return screen.analysis_id if screen is not None else self._own_analysis
+
+    @analysis_id.setter
+    def analysis_id(self, value: int | None) -> None:
+        screen = self._shared()
+        if screen is not None:
+            screen.analysis_id = value
+        else:
+            self._own_analysis = value
 
     def focus_main(self) -> None:
         """Focus the widget the tab's own keys act on (its table, or the tab itself)."""
