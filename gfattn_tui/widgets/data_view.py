@@ -51,13 +51,13 @@ def read_data(st, run_id: int) -> dict:
 
 
 class DataView(RunView, VerticalScroll):
-    BINDINGS = [Binding("c", "colour_by", "Colour by dose/group", id="data.colour_by")]
+    BINDINGS = [Binding("c", "colour_by", "Colour by the next task", id="data.colour_by")]
 
     def __init__(self, run_id: int, **kwargs) -> None:
         super().__init__(**kwargs)
         self.run_id = run_id
         self.stale = True
-        self.colour_by = R.CELL_DOSE
+        self.colour_by = ""  # a task column; the first one until `c` cycles
         self.data: dict | None = None
 
     def compose(self) -> ComposeResult:
@@ -109,8 +109,10 @@ class DataView(RunView, VerticalScroll):
         plt = plot.plt
         plt.clear_figure()
         cells = (self.data or {}).get("cells") or {}
-        key = self.colour_by if self.colour_by in cells else (R.CELL_DOSE if R.CELL_DOSE in cells else R.CELL_GROUP)
-        plt.title(f"UMAP by {key}  (c: by {R.CELL_GROUP if key == R.CELL_DOSE else R.CELL_DOSE})")
+        columns = self._task_columns()
+        key = self.colour_by if self.colour_by in columns else (columns[0] if columns else "")
+        others = [c for c in columns if c != key]
+        plt.title(f"UMAP by {key}" + (f"  (c: by {others[0]})" if others else ""))
         if R.CELL_UMAP1 in cells and R.CELL_UMAP2 in cells:
             x, y = cells[R.CELL_UMAP1], cells[R.CELL_UMAP2]
             for label, idx in self._groups(key).items():
@@ -124,11 +126,14 @@ class DataView(RunView, VerticalScroll):
         plt = plot.plt
         plt.clear_figure()
         cells = (self.data or {}).get("cells") or {}
-        key = R.CELL_DOSE if R.CELL_DOSE in cells else (R.CELL_CLASS if R.CELL_CLASS in cells else None)
-        plt.title("cells per dose class")
+        columns = self._task_columns()
+        key = columns[0] if columns else (R.CELL_CLASS if R.CELL_CLASS in cells else None)
+        plt.title(f"cells per class of {key}" if key else "cells per class")
         if key:
             groups = self._groups(key)
-            plt.bar(list(groups), [len(v) for v in groups.values()], width=0.5)
+            order = [str(c) for c in ((self.data or {}).get("labels") or {}).get(key, [])]
+            names = [n for n in order if n in groups] + [n for n in groups if n not in order]
+            plt.bar(names, [len(groups[n]) for n in names], width=0.5)
         plot.refresh()
 
     def _draw_lengths(self) -> None:
@@ -151,6 +156,16 @@ class DataView(RunView, VerticalScroll):
         plt.title("genes per cell" + (f"  (median {float(median):.0f})" if median is not None else ""))
         plot.refresh()
 
+    def _task_columns(self) -> list[str]:
+        """The cells columns holding a task's classes, in task order (stores of the first version: dose, group)."""
+        cells = (self.data or {}).get("cells") or {}
+        labels = (self.data or {}).get("labels") or {}
+        columns = [t for t in labels if t in cells]
+        return columns + [c for c in (R.CELL_DOSE, R.CELL_GROUP) if c in cells and c not in columns]
+
     def action_colour_by(self) -> None:
-        self.colour_by = R.CELL_GROUP if self.colour_by == R.CELL_DOSE else R.CELL_DOSE
+        columns = self._task_columns()
+        if columns:
+            current = self.colour_by if self.colour_by in columns else columns[0]
+            self.colour_by = columns[(columns.index(current) + 1) % len(columns)]
         self._draw_umap()
