@@ -636,7 +636,15 @@ def integrated_gradients(
             colsum = per_token.unsqueeze(1)  # (B, 1, L): one "head"
             fn, ns = _zeros_fnorm(colsum)
             acc.add_layer(
-                0, 0, ids=ids, mask=mask, cells=cell_t, groups=_groups(cell_t), colsum=colsum, fnorm=fn, norm_summed_num=ns
+                0,
+                0,
+                ids=ids,
+                mask=mask,
+                cells=cell_t,
+                groups=_groups(cell_t),
+                colsum=colsum,
+                fnorm=fn,
+                norm_summed_num=ns,
             )
             cell_total[cell_t] = attr.sum(dim=(1, 2)).to(torch.float64)
             delta[cell_t] = fx - fb
@@ -762,7 +770,15 @@ def attention_rollout(
             colsum = score.unsqueeze(1)
             fn, ns = _zeros_fnorm(colsum)
             acc.add_layer(
-                0, 0, ids=ids, mask=mask, cells=cell_t, groups=_groups(cell_t), colsum=colsum, fnorm=fn, norm_summed_num=ns
+                0,
+                0,
+                ids=ids,
+                mask=mask,
+                cells=cell_t,
+                groups=_groups(cell_t),
+                colsum=colsum,
+                fnorm=fn,
+                norm_summed_num=ns,
             )
             cell_total[cell_t] = score.sum(1)
             done += len(idx)
@@ -837,7 +853,13 @@ def run_attribution(
             r = hao_attribution(model, cells, labels, steps=hao_steps, progress=prog, **common)
         elif method == "ig":
             r = integrated_gradients(
-                model, cells, labels, steps=ig_steps, internal_batch_size=ig_internal_batch_size, progress=prog, **common
+                model,
+                cells,
+                labels,
+                steps=ig_steps,
+                internal_batch_size=ig_internal_batch_size,
+                progress=prog,
+                **common,
             )
         else:
             r = attention_rollout(model, cells, labels, cls_id=cls_id, progress=prog, **common)
@@ -886,7 +908,13 @@ def attribution_gene_table(result: AttributionResult, id_to_gene: dict, symbols:
 
 
 def score_agreement(
-    df, columns: Sequence[str], *, ks: Sequence[int] = (10, 20, 50, 100), min_cells: int = 1, other=None, other_columns=()
+    df,
+    columns: Sequence[str],
+    *,
+    ks: Sequence[int] = (10, 20, 50, 100),
+    min_cells: int = 1,
+    other=None,
+    other_columns=(),
 ) -> dict:
     """Spearman's rho and top-k overlap between every pair of per-gene score columns.
 
@@ -964,7 +992,9 @@ def write_attribution(
             run_id,
             R.vec_attr_rank(m, key),
             result.rank_mean(m),
-            meta=plain({**base_meta, "method": m, "definition": "mean over cells having position j of the score j receives"}),
+            meta=plain(
+                {**base_meta, "method": m, "definition": "mean over cells having position j of the score j receives"}
+            ),
         )
     if "hao" in result.methods:
         lh = _safe_div(result.rank_sum["hao"], result.rank_count)
@@ -1005,7 +1035,10 @@ def write_attribution(
             m: compare_de_attention(de, table, background, ks=ks, attention_column=f"{m}_mean") for m in result.methods
         }
     doc["top_genes"] = {
-        m: [r.symbol or r.ensembl_id for r in table[table["n_cells"] >= min_cells].nlargest(10, f"{m}_mean").itertuples()]
+        m: [
+            r.symbol or r.ensembl_id
+            for r in table[table["n_cells"] >= min_cells].nlargest(10, f"{m}_mean").itertuples()
+        ]
         for m in result.methods
     }
     doc = plain(doc)
