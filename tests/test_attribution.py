@@ -55,7 +55,7 @@ def _manual_forward(model, ids, scale_layer=None, alpha=1.0):
         sa = layer.attention.self
         H, d = sa.num_attention_heads, sa.attention_head_size
 
-        def heads(t):
+        def heads(t, H=H, d=d):
             return t.view(1, L, H, d).transpose(1, 2)
 
         q, k, v = heads(sa.query(x)), heads(sa.key(x)), heads(sa.value(x))
