@@ -755,6 +755,26 @@ def _attention_implementation(models: Iterable[_Model], name: str):
             config._attn_implementation = previous
 
 
+@contextmanager
+def routed_attention(models: Iterable, engine):
+    """Route the self-attention of `models` (HF BERTs, or anything with `.config`) through `engine`.
+
+    Inside the block every self-attention call returns `engine.attend(module, query, key, value,
+    attention_mask, scaling)` (queries, keys, values (B, H, L, d); the output in HF's (B, L, H, d) layout).
+    The hook other analyses (`pipeline.attribution`) use to run their own attention through the same
+    registered function as the streaming engine; the previous engine and attention implementation come back
+    afterwards.
+    """
+    _register_attention()
+    previous = getattr(_ACTIVE, "engine", None)
+    with _attention_implementation(models, STREAMING_ATTENTION):
+        _ACTIVE.engine = engine
+        try:
+            yield
+        finally:
+            _ACTIVE.engine = previous
+
+
 # ------------------------------------------------------------------------------------ public API
 def _prepare(model_a, model_b, dataset, *, group_column, device, dtype, special_ids):
     device = torch.device(device)

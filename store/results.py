@@ -969,3 +969,95 @@ def read_data_record(st, run: dict) -> DataRecord:
     rid = int(run["id"])
     qc = st.get_json(rid, JSON_QC_REPORT) if JSON_QC_REPORT in st.json_names(rid) else None
     return DataRecord(rid, str(run.get("name") or ""), st.cells(rid), st.labels(rid), qc, read_histogram(st, rid))
+
+
+# ====================================================================== attribution (pipeline.attribution)
+# Per analysed model: Hao et al.'s self-attention attribution, integrated gradients and attention rollout,
+# written by `pipeline.attribution.write_attribution` into the run it is given. `<model>` is
+# `attr_model_key(model name)`; `<method>` one of ATTR_METHODS.
+ATTR_METHODS = ("hao", "ig", "rollout")
+ATTR_TABLE_PREFIX = "attribution_"
+ATTR_JSON_PREFIX = "attribution_"
+
+
+def attr_model_key(model: str) -> str:
+    """A model name as it appears in attribution result names: letters, digits, underscores ("last-1" -> "last_1")."""
+    return re.sub(r"[^0-9A-Za-z]+", "_", str(model)).strip("_") or "model"
+
+
+def table_attribution(model: str) -> str:
+    """Gene table `attribution_<model>`: per method `<m>_total`, `<m>_mean`, `<m>_expected`, `<m>_pos_ratio`,
+    `<m>_pos_excess`; shared `n_cells`, `n_occurrences`, `rank_mean`."""
+    return f"{ATTR_TABLE_PREFIX}{attr_model_key(model)}"
+
+
+def vec_attr_rank(method: str, model: str) -> str:
+    """`attr_rank_<method>_<model>`: mean score received per rank position (layers and heads summed)."""
+    return f"attr_rank_{method}_{attr_model_key(model)}"
+
+
+def vec_attr_rank_lh_hao(model: str) -> str:
+    """`attr_rank_lh_hao_<model>`: Hao attribution received per (layer, head, rank position)."""
+    return f"attr_rank_lh_hao_{attr_model_key(model)}"
+
+
+def grid_attr_head_importance(model: str) -> str:
+    """`attr_head_importance_<model>`: Hao et al.'s head importance E[max Attr_h(A)], layer x head."""
+    return f"attr_head_importance_{attr_model_key(model)}"
+
+
+def json_attribution(model: str) -> str:
+    """JSON `attribution_<model>`: parameters, completeness, rollout read position, memory, agreement."""
+    return f"{ATTR_JSON_PREFIX}{attr_model_key(model)}"
+
+
+def col_attr(method: str, what: str = "mean") -> str:
+    """A column of the attribution gene table: `hao_mean`, `ig_total`, `rollout_pos_excess`, ..."""
+    return f"{method}_{what}"
+
+
+@dataclass
+class Attribution:
+    """One model's attribution scores in a run."""
+
+    run_id: int
+    model: str  # the key (attr_model_key)
+    info: dict  # the JSON document
+    rank: dict[str, np.ndarray] = field(default_factory=dict)  # by method
+    rank_lh_hao: np.ndarray | None = None  # (layer, head, rank)
+    head_importance: Grid | None = None
+    genes: pd.DataFrame | None = None
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.info.get("methods", []))
+
+
+def attribution_models(st, run_id: int) -> list[str]:
+    """The model keys of the attributions a run holds."""
+    names = set(st.gene_tables(run_id))
+    return sorted(
+        n[len(ATTR_JSON_PREFIX) :]
+        for n in st.json_names(run_id)
+        if n.startswith(ATTR_JSON_PREFIX) and table_attribution(n[len(ATTR_JSON_PREFIX) :]) in names
+    )
+
+
+def read_attribution(st, run_id: int, model: str, *, genes: bool = False) -> Attribution | None:
+    """One model's attribution in a run (None when it has none); the gene table only with `genes`."""
+    key = attr_model_key(model)
+    if json_attribution(key) not in st.json_names(run_id):
+        return None
+    info = st.get_json(run_id, json_attribution(key)) or {}
+    vectors = set(st.vector_names(run_id))
+    out = Attribution(run_id=int(run_id), model=key, info=info)
+    for m in ATTR_METHODS:
+        if vec_attr_rank(m, key) in vectors:
+            out.rank[m] = np.asarray(st.vector(run_id, vec_attr_rank(m, key)), dtype=float)
+    if vec_attr_rank_lh_hao(key) in vectors:
+        out.rank_lh_hao = np.asarray(st.vector(run_id, vec_attr_rank_lh_hao(key)), dtype=float)
+    if grid_attr_head_importance(key) in st.grid_names(run_id):
+        out.head_importance = read_grid(st, run_id, grid_attr_head_importance(key))
+    if genes and table_attribution(key) in st.gene_tables(run_id):
+        out.genes = st.gene_table_df(run_id, table_attribution(key))
+    return out
