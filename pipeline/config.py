@@ -45,6 +45,14 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         ),
         "layer": ("", "layer with raw counts (empty: X)"),
         "max_cells": (0, "subsample to at most this many cells, stratified by the tasks' classes (0 = all)"),
+        "fixed_length": (
+            0,
+            "every cell keeps exactly this many genes, cells with fewer are dropped (0 = off; thesis 5.1)",
+        ),
+        "fixed_length_mode": (
+            "top",
+            "fixed length: `top` (its N top-ranked genes) or `subsample` (N drawn, rank order kept)",
+        ),
         "umap": (True, "compute a UMAP of the selected cells (scanpy) for the Data view"),
     },
     "split": {
@@ -95,6 +103,13 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "reference_set": ("", "reference gene set file (TSV with ensembl_id, or one ID/symbol per line)"),
         "top_k": ([10, 20, 50, 100], "k for the DE vs attention overlap"),
         "de": (True, "scanpy's Wilcoxon DE for each analysed task (see [de]), compared with attention"),
+        "attribution": (
+            ["hao", "ig", "rollout"],
+            "attribution scores per analysed model: `hao` (self-attention attribution), `ig` (integrated gradients),"
+            " `rollout` (attention rollout); [] = none",
+        ),
+        "hao_steps": (20, "Riemann steps of Hao et al.'s self-attention attribution"),
+        "ig_steps": (50, "steps of integrated gradients (Gauss-Legendre, Captum)"),
     },
     "de": {
         "groupby": ("", "task whose classes DE compares (empty: each analysed task)"),
@@ -284,6 +299,13 @@ def validate(cfg: dict) -> None:
     for task in cfg["analysis"]["tasks"]:
         if task not in trained:
             raise InputError(f"analysis.tasks: {task!r} is not fine-tuned; fine-tuned tasks: {', '.join(trained)}")
+    for method in cfg["analysis"]["attribution"]:
+        if method not in ("hao", "ig", "rollout"):
+            raise InputError(f"analysis.attribution: unknown method {method!r}; use hao, ig and/or rollout")
+    if cfg["data"]["fixed_length_mode"] not in ("top", "subsample"):
+        raise InputError(f"data.fixed_length_mode must be top or subsample, got {cfg['data']['fixed_length_mode']!r}")
+    if cfg["data"]["fixed_length"] < 0:
+        raise InputError("data.fixed_length must be 0 (off) or a number of genes")
     if cfg["de"]["groupby"] and cfg["de"]["groupby"] not in names:
         raise InputError(f"de.groupby: {cfg['de']['groupby']!r} is not a task; tasks: {', '.join(names)}")
     modes = set(cfg["train"]["modes"])

@@ -634,6 +634,7 @@ def stage_tokenize(ctx: Context) -> None:
         save_tokenized(ds, path, rep, cache=True)
         ds, report = load_cached_tokenization(path)
         report = report.to_dict()
+    ds, report = _fixed_length(ctx, ds, report)
     ids = list(ds["cell_id"])
     if len(ids) != len(sel.cell_ids):
         # cells dropped by the tokenizer (zero counts, filter_pass): keep the selection in step
@@ -676,9 +677,30 @@ def _use_tokenized(ctx: Context) -> None:
         lambda b: {"input_ids": [x[:n] for x in b["input_ids"]], "length": [min(len(x), n) for x in b["input_ids"]]},
         batched=True,
     )
+    ds, report = _fixed_length(ctx, ds, {"source": str(path), "tokenized_by": "given", "cells_out": len(ds)})
+    if len(ds) != len(ctx.out.selection.cell_ids):
+        _restrict_selection(ctx, np.isin(ctx.out.selection.cell_ids, list(ds["cell_id"])))
     ctx.out.dataset = ds
-    ctx.out.tokenize_report = {"source": str(path), "tokenized_by": "given", "cells_out": len(ds)}
+    ctx.out.tokenize_report = report
     ctx.rep.line(f"tokenized dataset {path}: {len(ds)} cells (no counts: UMAP and DE are skipped)")
+
+
+def _fixed_length(ctx: Context, ds, report: dict):
+    """The thesis's fixed-length experiment (5.1): every cell keeps exactly N genes (`data.fixed_length`)."""
+    n = int(ctx.cfg["data"]["fixed_length"])
+    if not n:
+        return ds, report
+    from pipeline.fixed_length import fix_length
+
+    ds, fixed = fix_length(
+        ds, n, mode=ctx.cfg["data"]["fixed_length_mode"], seed=ctx.seed, special_ids=ctx.out.dicts.special_ids
+    )
+    if len(ds) == 0:
+        raise InputError(f"data.fixed_length {n}: no selected cell has {n} genes; choose a smaller length")
+    ctx.rep.line(
+        f"fixed length {n} ({fixed.mode}): {fixed.cells_out} cells kept, {fixed.cells_dropped} with fewer genes dropped"
+    )
+    return ds, {**report, "fixed_length": fixed.to_dict()}
 
 
 def _restrict_selection(ctx: Context, keep: np.ndarray) -> None:
@@ -923,7 +945,54 @@ def stage_attention(ctx: Context, task: str, mode_a: str, mode_b: str) -> None:
             progress=lambda done, total, **kw: ctx.rep.update(done, total, unit="cells", **kw),
         )
         del model_a, model_b
+        _attribution(ctx, child, task, test, (mode_a, mode_b))
     ctx.rep.line(f"{name}: analysed {len(test)} test cells")
+
+
+def _attribution(ctx: Context, child: int, task: str, test, modes: tuple[str, str]) -> None:
+    """Attribution (Hao et al., integrated gradients, rollout) of both models on the analysis's test cells,
+    written beside the attention results with their agreement with attention and DE."""
+    methods = tuple(ctx.cfg["analysis"]["attribution"])
+    if not methods:
+        return
+    from pipeline.attribution import run_attribution, write_attribution
+    from pipeline.cells import Cells
+    from pipeline.model import load_for_attention
+    from store import results as R
+
+    a_cfg = ctx.cfg["analysis"]
+    genes = ctx.store.gene_table_df(child, R.TABLE_GENES) if R.TABLE_GENES in ctx.store.gene_tables(child) else None
+    labels = np.asarray(test["label"], dtype=np.int64)
+    for mode, suffix in zip(modes, R.MODEL_SUFFIXES):
+        model = load_for_attention(ctx.out.models[(task, mode)])
+        result = run_attribution(
+            model,
+            Cells(test),
+            labels,
+            methods=methods,
+            dicts=ctx.out.dicts,
+            hao_steps=int(a_cfg["hao_steps"]),
+            ig_steps=int(a_cfg["ig_steps"]),
+            batch_size=int(a_cfg["batch_size"]),
+            device=ctx.device,
+            seed=ctx.seed,
+            progress=lambda done, total, **kw: ctx.rep.update(done, total, unit="cells", **kw),
+        )
+        doc = write_attribution(
+            ctx.store,
+            child,
+            result,
+            dicts=ctx.out.dicts,
+            model_name=mode,
+            de=_de_for(ctx, task),
+            attention_genes=genes,
+            attention_columns=(R.col_attn(suffix),),
+        )
+        gap = (doc.get("completeness") or {}).get("relative_gap_total")
+        ctx.rep.line(
+            f"{task}: attribution of {mode} ({', '.join(methods)}) on {len(labels)} cells"
+            + (f"; integrated gradients' completeness gap {gap:.2%}" if gap is not None else "")
+        )
 
 
 # ----------------------------------------------------------------------------------------- driver

@@ -106,4 +106,35 @@ def format_summary(store, run_id: int, elapsed_s: float | None = None, top_n: in
             parts.append(f"k={item['k']}: {item['overlap']} (p={item['p_value']:.2g})")
         if parts:
             lines.append("  top attended vs top DE genes: " + "; ".join(parts))
+        for suffix, model in zip(R.MODEL_SUFFIXES, an.models):
+            lines += attribution_lines(store, an.run_id, model, R.col_attn(suffix))
     return "\n".join(lines)
+
+
+def attribution_lines(store, run_id: int, model: str, attention_column: str, top_n: int = 8) -> list[str]:
+    """A model's attribution in a few lines: top genes per method, agreement with attention, DE overlap."""
+    attr = R.read_attribution(store, run_id, model)
+    if attr is None:
+        return []
+    info = attr.info
+    lines = [f"  attribution, {model}:"]
+    for method, genes in (info.get("top_genes") or {}).items():
+        lines.append(f"    top genes by {method}: {', '.join(map(str, genes[:top_n]))}")
+    rhos = [
+        f"{p['a'].removesuffix('_mean')} {p['spearman']:.2f}"
+        for p in (info.get("agreement") or {}).get("pairs", [])
+        if p.get("b") == attention_column and p.get("spearman") is not None
+    ]
+    if rhos:
+        lines.append(f"    Spearman with attention received: {', '.join(rhos)}")
+    de_parts = []
+    for method, cmp in (info.get("de") or {}).items():
+        hit = next((o for o in cmp.get("overlap", []) if o.get("k") == 20), None)
+        if hit is not None:
+            de_parts.append(f"{method} {hit['overlap']} (p={hit['p_value']:.2g})")
+    if de_parts:
+        lines.append(f"    top-20 overlap with DE: {', '.join(de_parts)}")
+    gap = (info.get("completeness") or {}).get("relative_gap_total")
+    if gap is not None:
+        lines.append(f"    integrated gradients' completeness gap {gap:.2%}")
+    return lines

@@ -39,6 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="COL=V1,V2",
         help="keep only cells whose COL is one of the values (`*` wildcards); repeat for AND",
     )
+    p.add_argument("--fixed-length", type=int, metavar="N", help="every cell keeps exactly N genes (thesis 5.1)")
     p.add_argument("--name", help="run name")
     p.add_argument("--epochs", type=int, help="fine-tuning epochs")
     p.add_argument("--seed", type=int, help="seed for everything")
@@ -67,6 +68,7 @@ def run(args) -> int:
     flags = {
         "data.path": args.data,
         "data.tokenized": args.tokenized,
+        "data.fixed_length": args.fixed_length,
         "model.path": args.model,
         "model.geneformer_dir": args.geneformer_dir,
         "run.name": args.name,
