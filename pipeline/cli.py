@@ -37,6 +37,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "fine-tune a checkpoint on a tokenized dataset (frozen/unfrozen/last-k)",
     ),
     "analyze": ("pipeline.commands.analyze", "attention analysis comparing two fine-tuned models"),
+    "compare": ("pipeline.commands.compare", "two pipeline runs side by side (e.g. variable vs fixed length)"),
     "plot": ("pipeline.commands.plot", "write the thesis figures of a run as PNG and SVG"),
     "runs": ("pipeline.commands.runs", "list runs in the store"),
     "show": ("pipeline.commands.show", "everything about one run"),

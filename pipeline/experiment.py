@@ -194,6 +194,7 @@ class Products:
     checkpoint_hashes: dict[tuple[str, str], str] = field(default_factory=dict)
     de: dict[tuple[str, str, str], Any] = field(default_factory=dict)  # (task, group, reference) -> DE table
     pretrain_metrics: dict = field(default_factory=dict)
+    attributions: dict[tuple[str, str], Any] = field(default_factory=dict)  # (task, mode) -> AttributionResult
 
 
 @dataclass
@@ -964,20 +965,24 @@ def _attribution(ctx: Context, child: int, task: str, test, modes: tuple[str, st
     genes = ctx.store.gene_table_df(child, R.TABLE_GENES) if R.TABLE_GENES in ctx.store.gene_tables(child) else None
     labels = np.asarray(test["label"], dtype=np.int64)
     for mode, suffix in zip(modes, R.MODEL_SUFFIXES):
-        model = load_for_attention(ctx.out.models[(task, mode)])
-        result = run_attribution(
-            model,
-            Cells(test),
-            labels,
-            methods=methods,
-            dicts=ctx.out.dicts,
-            hao_steps=int(a_cfg["hao_steps"]),
-            ig_steps=int(a_cfg["ig_steps"]),
-            batch_size=int(a_cfg["batch_size"]),
-            device=ctx.device,
-            seed=ctx.seed,
-            progress=lambda done, total, **kw: ctx.rep.update(done, total, unit="cells", **kw),
-        )
+        # a model in several pairs (frozen) is attributed once: same model, same test cells, same result
+        result = ctx.out.attributions.get((task, mode))
+        if result is None:
+            model = load_for_attention(ctx.out.models[(task, mode)])
+            result = run_attribution(
+                model,
+                Cells(test),
+                labels,
+                methods=methods,
+                dicts=ctx.out.dicts,
+                hao_steps=int(a_cfg["hao_steps"]),
+                ig_steps=int(a_cfg["ig_steps"]),
+                batch_size=int(a_cfg["batch_size"]),
+                device=ctx.device,
+                seed=ctx.seed,
+                progress=lambda done, total, **kw: ctx.rep.update(done, total, unit="cells", **kw),
+            )
+            ctx.out.attributions[(task, mode)] = result
         doc = write_attribution(
             ctx.store,
             child,

@@ -2,8 +2,8 @@
 
 `stored_results(db, run_id)` walks the run and its children (keyed by child name, never by id) and
 returns every metric value, confusion matrix, grid (with bounds), vector (bytes), gene table, label list,
-split, cell table and JSON result. Left out: ids, times, durations, throughput metrics, paths that name
-the store's folder or run, and the events log (its lines carry timings). A checkpoint is compared by the
+split, cell table and JSON result. Left out: ids, times, durations, throughput metrics, measured seconds and memory inside JSON
+results, paths that name the store's folder or run, and the events log (its lines carry timings). A checkpoint is compared by the
 sha256 of its weights, so identical results mean bit-identical fine-tuned models.
 """
 
@@ -12,6 +12,15 @@ from __future__ import annotations
 import numpy as np
 
 TIMING_METRICS = {"cells_per_s", "seconds", "steps_per_s"}
+MEASURED_KEYS = {"seconds", "peak_rss_bytes", "peak_memory_source", "train_seconds"}  # timings and memory, not results
+
+
+def _without_measurements(obj):
+    if isinstance(obj, dict):
+        return {k: _without_measurements(v) for k, v in obj.items() if k not in MEASURED_KEYS}
+    if isinstance(obj, list):
+        return [_without_measurements(v) for v in obj]
+    return obj
 
 
 def _child_key(run: dict) -> str:
@@ -64,7 +73,7 @@ def _collect(st, run: dict, top: bool = False) -> dict:
             value = value.get("weights_sha256")
         if name == "determinism":
             continue
-        js[name] = value
+        js[name] = _without_measurements(value)
     out["json"] = js
     out["stages"] = [(s["stage"], s["status"]) for s in st.stages(rid)]
     out["children"] = {_child_key(c): _collect(st, c) for c in st.children(rid)}

@@ -117,3 +117,15 @@ def test_show_json_and_plot_of_the_run(quick_run, tmp_path):
     assert any(n.startswith("table8_key_genes_") for n in names)
     assert any(n.startswith("fig7_attention_vs_de_") and n.endswith(".png") for n in names)
     assert any(n.startswith("fig9_norms_") for n in names)
+
+
+@pytest.mark.slow
+def test_compare_two_runs(quick_run, tmp_path):
+    """`gfattn compare`: a run against itself differs by nothing, and the figure is written."""
+    db, _ = quick_run
+    out = gfattn("compare", "1", "1", "--store", str(db), "--out", str(tmp_path / "cmp"))
+    assert out.returncode == 0, out.stderr
+    rows = [ln for ln in out.stdout.splitlines() if ln.startswith("  lowhigh/")]
+    assert len(rows) == 3 and all("+0.000" in ln for ln in rows)
+    assert "top attended vs top DE genes" in out.stdout
+    assert {p.suffix for p in (tmp_path / "cmp").iterdir()} == {".png", ".svg"}

@@ -40,6 +40,21 @@ def v1_6l(geneformer_dir, tmp_path_factory):
     return d
 
 
+# two epochs, and analyses and attribution on 60 test cells, keep a 6-layer model within the quick budget
+SMALL = textwrap.dedent("""
+    [analysis]
+    max_cells = 60
+    n_boot = 20
+""")
+SMALL_TRAIN = "[train]\nepochs = 2\n"
+
+
+def _small_config(tmp_path, extra: str = "") -> str:
+    path = tmp_path / "small.toml"
+    path.write_text(SMALL + textwrap.dedent(extra))
+    return str(path)
+
+
 def _words_of(out) -> str:
     return out.stdout + out.stderr
 
@@ -84,6 +99,8 @@ def test_stimulated_vs_unstimulated_in_the_quick_budget(tcells, v1_6l, geneforme
         str(geneformer_dir),
         "--label-column",
         "perturbation_2",
+        "--config",
+        _small_config(tmp_path, SMALL_TRAIN),
         "--store",
         str(db),
     )
@@ -202,6 +219,8 @@ def test_a_dataset_tokenized_beforehand(tcells, v1_6l, geneformer_dir, tmp_path)
         str(geneformer_dir),
         "--label-column",
         "perturbation_2",
+        "--config",
+        _small_config(tmp_path, 'pairs = [["frozen", "unfrozen"]]\n[train]\nmodes = ["frozen", "unfrozen"]\n'),
         "--store",
         str(db),
     )
