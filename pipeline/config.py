@@ -144,8 +144,8 @@ TASK_KEYS: dict[str, str] = {
 }
 
 PRESETS: dict[str, str] = {
-    "default": "embedded demo: synthetic data (~1,500 cells), a small pretrained model, top 256 ranks",
-    "quick": "a tiny end-to-end run (~400 cells, 64 ranks, 1 epoch) for smoke tests, under a minute",
+    "default": "embedded demo: synthetic data (~1,500 cells), a small pretrained model, top 96 ranks, both tasks",
+    "quick": "a tiny end-to-end run (~700 cells or at most 1,000 of yours, 96 ranks, one task) for smoke tests",
     "thesis-synthetic": "the thesis's scale on synthetic data (~4,600 cells, ~680 genes per cell)",
     "sciplex2-nutlin": "the thesis design on real sci-Plex 2 data and a real Geneformer checkpoint",
 }
