@@ -158,6 +158,7 @@ def plot_run(store, run_id: int, out_dir: str | Path) -> list[Path]:
             if de is not None and de.table is not None:
                 _attention_vs_de(plt, an.genes, de.table, an.de_overlap, names, out, stem, written)
             _gene_figures(plt, an.genes, out, stem, written)
+        _attribution_figure(plt, store, an, out, stem, written)
     return written
 
 
@@ -244,3 +245,44 @@ def _gene_figures(plt, df, out: Path, stem: str, written: list[Path], top: int =
     _save(fig, out, f"table8_key_genes_{stem}", written)
     table.to_csv(out / f"table8_key_genes_{stem}.csv", index=False)
     written.append(out / f"table8_key_genes_{stem}.csv")
+
+
+def _attribution_figure(plt, store, an, out: Path, stem: str, written: list[Path]) -> None:
+    """Fig. 10: what the prediction uses against what is attended, for the second model of the pair:
+    attribution per rank position for each method (scaled to its maximum), each gene's attention received
+    against its Hao attribution, and each score's top-k overlap with DE."""
+    a, b = R.MODEL_SUFFIXES
+    model = an.model_names.get(b, b)
+    attr = R.read_attribution(store, an.run_id, model, genes=True)
+    if attr is None:
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for method, curve in attr.rank.items():
+        curve = np.asarray(curve, dtype=float)
+        scale = np.nanmax(np.abs(curve)) or 1.0
+        axes[0].plot(curve / scale, lw=1, label=method)
+    axes[0].set_xlabel("rank position")
+    axes[0].set_ylabel("attribution per rank (scaled)")
+    axes[0].set_title(f"attribution per rank, {model}", fontsize=9)
+    axes[0].legend(fontsize=7)
+    genes = attr.genes
+    column = R.col_attr("hao")
+    if genes is not None and an.genes is not None and column in genes.columns and R.col_attn(b) in an.genes.columns:
+        merged = genes[[R.COL_ENSEMBL_ID, column]].merge(
+            an.genes[[R.COL_ENSEMBL_ID, R.col_attn(b)]], on=R.COL_ENSEMBL_ID
+        )
+        axes[1].scatter(merged[R.col_attn(b)], merged[column], s=4, alpha=0.6)
+        axes[1].set_xscale("symlog")
+        axes[1].set_xlabel(f"attention received ({model})")
+        axes[1].set_ylabel("Hao attribution per occurrence")
+        axes[1].set_title("attended vs used", fontsize=9)
+    for method, cmp in (attr.info.get("de") or {}).items():
+        points = [(o["k"], o["overlap"]) for o in cmp.get("overlap", [])]
+        if points:
+            axes[2].plot(*zip(*points), "o-", label=method)
+    axes[2].set_xlabel("k")
+    axes[2].set_ylabel("top-k genes among the top-k DE genes")
+    axes[2].set_title("overlap with DE", fontsize=9)
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, out, f"fig10_attribution_{stem}", written)

@@ -117,6 +117,7 @@ def test_show_json_and_plot_of_the_run(quick_run, tmp_path):
     assert any(n.startswith("table8_key_genes_") for n in names)
     assert any(n.startswith("fig7_attention_vs_de_") and n.endswith(".png") for n in names)
     assert any(n.startswith("fig9_norms_") for n in names)
+    assert any(n.startswith("fig10_attribution_") and n.endswith(".png") for n in names)
 
 
 @pytest.mark.slow
