@@ -24,57 +24,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import config_path, peak_bytes, reset_peak, rss_bytes  # noqa: E402
+
 WORKLOADS = {
     # name: (number of cells, how lengths are drawn)
     "sciplex": (16, "sciplex"),
     "2048": (8, "full"),
 }
 METHODS = ("sdpa", "streaming", "naive")
-
-
-def _config_path(arg: str | None) -> Path:
-    if arg:
-        return Path(arg)
-    shared = os.environ.get("GFATTN_SHARED")
-    candidates = [Path(shared) / "geneformer/configs/V1-6L-10M/config.json"] if shared else []
-    candidates.append(ROOT.parent / "shared/geneformer/configs/V1-6L-10M/config.json")
-    for c in candidates:
-        if c.exists():
-            return c
-    raise SystemExit("V1-6L config not found: pass --config or set GFATTN_SHARED")
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_bytes(reset_ok: bool) -> int:
-    if reset_ok:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _dataset(workload: str, max_pos: int, vocab: int, seed: int = 0):
@@ -149,8 +113,8 @@ def worker(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        reset_ok = _reset_peak()
-        base = _rss_bytes()
+        reset_ok = reset_peak()
+        base = rss_bytes()
     seconds = cpu_seconds = float("inf")
     for _ in range(args.repeat if args.method != "naive" else 1):
         t0, c0 = time.perf_counter(), time.process_time()
@@ -159,7 +123,7 @@ def worker(args) -> dict:
             torch.cuda.synchronize()
         seconds = min(seconds, time.perf_counter() - t0)
         cpu_seconds = min(cpu_seconds, time.process_time() - c0)
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _peak_bytes(reset_ok)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_bytes(reset_ok)
     errors = None
     if args.method == "streaming" and dtype != torch.float32:
         reference = analyze_attention(
@@ -207,7 +171,7 @@ def main(argv=None) -> int:
     if args.worker:
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return 0
-    config = _config_path(args.config)
+    config = config_path(args.config)
     print(f"config {config}; device {args.device}; threads {args.threads}; batch {args.batch_size}")
     results: dict[tuple[str, str], dict] = {}
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}

@@ -438,7 +438,7 @@ def embedded_model_dir(ctx: Context) -> Path:
     Concurrent pipelines may both pretrain it; the first complete copy is kept (`staging_dir(replace=False)`)
     and both are identical for the same configuration unless the time budget cut one short. A cached copy
     is verified against its manifest before reuse."""
-    from pipeline.io import staging_dir, verify_manifest, write_manifest
+    from pipeline.io import verify_manifest
 
     pcfg = dict(ctx.cfg["pretrain"])
     preset = ctx.cfg["data"]["synth_preset"]
@@ -450,7 +450,6 @@ def embedded_model_dir(ctx: Context) -> Path:
         return out
     import anndata  # noqa: F401  (fail early with a clear import error)
 
-    from pipeline.pretrain import pretrain
     from pipeline.synth import make_corpus
     from pipeline.tokenize import build_vocabulary, tokenize_anndata
 
@@ -459,6 +458,29 @@ def embedded_model_dir(ctx: Context) -> Path:
     corpus = make_corpus(n_cells=int(pcfg["corpus_cells"]), seed=ctx.seed + 1, preset=preset)
     dicts = build_vocabulary(corpus)
     corpus_ds, _ = tokenize_anndata(corpus, dicts, max_len=int(pcfg["max_len"]))
+    metrics = _pretrain_small_model(ctx, corpus_ds, dicts, out)
+    ctx.out.pretrain_metrics = dict(metrics)
+    ctx.rep.line(
+        "embedded model: "
+        + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+    )
+    if metrics.get("stopped_by_time_budget"):
+        ctx.rep.line(
+            "the pretraining time budget cut the embedded model short: another machine (or a loaded one) "
+            "may pretrain a different model from the same seed; raise pretrain.time_budget_s for "
+            "reproducible models",
+            level="warning",
+        )
+    return out
+
+
+def _pretrain_small_model(ctx: Context, corpus_ds, dicts, out: Path) -> dict:
+    """gfattn's small BERT pretrained by masked genes (the `pretrain` config) into the cache folder `out`,
+    published whole with a manifest; the first complete copy wins when two pipelines race."""
+    from pipeline.io import staging_dir, write_manifest
+    from pipeline.pretrain import pretrain
+
+    pcfg = ctx.cfg["pretrain"]
     with staging_dir(out, replace=False) as tmp:
         metrics = pretrain(
             corpus_ds,
@@ -478,19 +500,7 @@ def embedded_model_dir(ctx: Context) -> Path:
             progress=lambda done, total, **kw: ctx.rep.update(done, total, unit="steps", **kw),
         )
         write_manifest(tmp)
-    ctx.out.pretrain_metrics = dict(metrics)
-    ctx.rep.line(
-        "embedded model: "
-        + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
-    )
-    if metrics.get("stopped_by_time_budget"):
-        ctx.rep.line(
-            "the pretraining time budget cut the embedded model short: another machine (or a loaded one) "
-            "may pretrain a different model from the same seed; raise pretrain.time_budget_s for "
-            "reproducible models",
-            level="warning",
-        )
-    return out
+    return metrics
 
 
 def _check_embedded_genes(data_path: str, cfg: dict) -> None:
@@ -513,7 +523,7 @@ def _check_embedded_genes(data_path: str, cfg: dict) -> None:
 def self_pretrained_model_dir(ctx: Context) -> Path:
     """No checkpoint given: gfattn's small model pretrained by masked genes on the user's own training cells
     (test cells stay unseen), over the genes they express; cached by data, cells and pretraining config."""
-    from pipeline.io import staging_dir, verify_manifest, write_manifest
+    from pipeline.io import verify_manifest
     from pipeline.tokenize import build_vocabulary, hash_file, tokenize_anndata
 
     cfg, pcfg = ctx.cfg, dict(ctx.cfg["pretrain"])
@@ -537,7 +547,6 @@ def self_pretrained_model_dir(ctx: Context) -> Path:
         verify_manifest(out, what="cached self-pretrained model")
         ctx.rep.line(f"model pretrained on this data's training cells, cached at {out}")
         return out
-    from pipeline.pretrain import pretrain
 
     name_to_id = None
     if cfg["model"]["geneformer_dir"]:
@@ -557,25 +566,7 @@ def self_pretrained_model_dir(ctx: Context) -> Path:
     }
     dicts = build_vocabulary(cells, name_to_id=name_to_id, **opts)
     corpus, _ = tokenize_anndata(cells, dicts, max_len=int(pcfg["max_len"]), **opts)
-    with staging_dir(out, replace=False) as tmp:
-        metrics = pretrain(
-            corpus,
-            dicts,
-            tmp,
-            layers=int(pcfg["layers"]),
-            hidden=int(pcfg["hidden"]),
-            heads=int(pcfg["heads"]),
-            intermediate=int(pcfg["intermediate"]),
-            max_len=int(pcfg["max_len"]),
-            epochs=int(pcfg["epochs"]),
-            batch_size=int(pcfg["batch_size"]),
-            lr=float(pcfg["lr"]),
-            seed=ctx.seed,
-            time_budget_s=float(pcfg["time_budget_s"]) or None,
-            device=ctx.device,
-            progress=lambda done, total, **kw: ctx.rep.update(done, total, unit="steps", **kw),
-        )
-        write_manifest(tmp)
+    metrics = _pretrain_small_model(ctx, corpus, dicts, out)
     ctx.out.pretrain_metrics = dict(metrics)
     if metrics.get("stopped_by_time_budget"):
         ctx.rep.line(
