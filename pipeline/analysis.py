@@ -193,6 +193,20 @@ def sql_name(text: str) -> str:
     return out or "group"
 
 
+def gene_rows(result, id_to_gene: dict, symbols: dict | None = None) -> tuple[np.ndarray, pd.DataFrame]:
+    """The genes seen in the analysed cells (special tokens left out): their token ids, and a table of
+    ensembl_id, symbol, token_id and n_cells that per-gene scores are added to."""
+    V = result.vocab_size
+    present = result.gene_occ > 0
+    present[[s for s in result.special_ids if 0 <= s < V]] = False
+    tokens = np.flatnonzero(present)
+    symbols = symbols or {}
+    ens = [str(id_to_gene.get(int(t), f"token_{int(t)}")) for t in tokens]
+    df = pd.DataFrame({"ensembl_id": ens, "symbol": [symbols.get(e, "") or "" for e in ens], "token_id": tokens})
+    df["n_cells"] = result.gene_cells[tokens].astype(np.int64)
+    return tokens, df
+
+
 def gene_table(
     result,
     id_to_gene: dict,
@@ -211,14 +225,7 @@ def gene_table(
     (b - a), `attn_log2_ratio`, `attn_scaled_diff`, `pos_ratio_diff`. `in_reference_set` (0/1) when a
     reference set is given. Rows are sorted by the last model's attention, descending.
     """
-    V = result.vocab_size
-    present = result.gene_occ > 0
-    present[[s for s in result.special_ids if 0 <= s < V]] = False
-    tokens = np.flatnonzero(present)
-    symbols = symbols or {}
-    ens = [str(id_to_gene.get(int(t), f"token_{int(t)}")) for t in tokens]
-    df = pd.DataFrame({"ensembl_id": ens, "symbol": [symbols.get(e, "") or "" for e in ens], "token_id": tokens})
-    df["n_cells"] = result.gene_cells[tokens].astype(np.int64)
+    tokens, df = gene_rows(result, id_to_gene, symbols)
     df["rank_mean"] = gene_rank_mean(result)[tokens]
     df["rank_std"] = gene_rank_std(result)[tokens]
     for g, name in enumerate(result.group_names):

@@ -880,19 +880,11 @@ def attribution_gene_table(result: AttributionResult, id_to_gene: dict, symbols:
     `<m>_pos_excess`), `<m>_pos_excess` ((total - expected) per occurrence). Sorted by the first method's
     mean, descending.
     """
-    import pandas as pd
 
-    from pipeline.analysis import gene_expected, gene_rank_mean
+    from pipeline.analysis import gene_expected, gene_rank_mean, gene_rows
 
-    V = result.vocab_size
-    present = result.gene_occ > 0
-    present[[s for s in result.special_ids if 0 <= s < V]] = False
-    tokens = np.flatnonzero(present)
-    symbols = symbols or {}
-    ens = [str(id_to_gene.get(int(t), f"token_{int(t)}")) for t in tokens]
+    tokens, df = gene_rows(result, id_to_gene, symbols)
     occ = result.gene_occ[tokens]
-    df = pd.DataFrame({"ensembl_id": ens, "symbol": [symbols.get(e, "") or "" for e in ens], "token_id": tokens})
-    df["n_cells"] = result.gene_cells[tokens].astype(np.int64)
     df["n_occurrences"] = occ.astype(np.int64)
     df["rank_mean"] = gene_rank_mean(result.as_attention_result(result.methods[0]))[tokens]
     for m in result.methods:
