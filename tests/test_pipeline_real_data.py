@@ -49,6 +49,23 @@ SMALL = textwrap.dedent("""
 SMALL_TRAIN = "[train]\nepochs = 2\n"
 
 
+@pytest.fixture(scope="module")
+def v1_small(geneformer_dir, tmp_path_factory):
+    """The real V1 config made small (2 layers, 64 wide): the same vocabulary and loading path, seconds to train."""
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    config = json.loads((geneformer_dir / "configs" / "V1-6L-10M" / "config.json").read_text())
+    config.update(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128)
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(**config))
+    d = tmp_path_factory.mktemp("model") / "gf-small-random"
+    d.mkdir()
+    model.config.to_json_file(d / "config.json")
+    torch.save(model.state_dict(), d / "pytorch_model.bin")
+    return d
+
+
 def _small_config(tmp_path, extra: str = "") -> str:
     path = tmp_path / "small.toml"
     path.write_text(SMALL + textwrap.dedent(extra))
@@ -113,7 +130,7 @@ def test_stimulated_vs_unstimulated_in_the_quick_budget(tcells, v1_6l, geneforme
     assert all(abs(after[c] - 1000 * before[c] / 7500) <= 1 for c in before)
 
 
-def test_grouped_knockouts_with_a_filter(tcells, v1_6l, geneformer_dir, tmp_path):
+def test_grouped_knockouts_with_a_filter(tcells, v1_small, geneformer_dir, tmp_path):
     cfg = tmp_path / "ko.toml"
     cfg.write_text(
         textwrap.dedent("""
@@ -141,7 +158,7 @@ def test_grouped_knockouts_with_a_filter(tcells, v1_6l, geneformer_dir, tmp_path
         "--data",
         str(tcells),
         "--model",
-        str(v1_6l),
+        str(v1_small),
         "--geneformer-dir",
         str(geneformer_dir),
         "--store",
@@ -191,7 +208,7 @@ def test_no_checkpoint_pretrains_on_the_users_cells(tcells, geneformer_dir, tmp_
     assert 1000 < len(vocab) <= 2002  # the T cells' own genes (2,000 measured) plus <pad> and <mask>
 
 
-def test_a_dataset_tokenized_beforehand(tcells, v1_6l, geneformer_dir, tmp_path):
+def test_a_dataset_tokenized_beforehand(tcells, v1_small, geneformer_dir, tmp_path):
     """`--tokenized DIR`: cells a user already rank-value encoded, with their cell columns as labels."""
     tok = tmp_path / "tokenized"
     out = gfattn(
@@ -214,7 +231,7 @@ def test_a_dataset_tokenized_beforehand(tcells, v1_6l, geneformer_dir, tmp_path)
         "--tokenized",
         str(tok),
         "--model",
-        str(v1_6l),
+        str(v1_small),
         "--geneformer-dir",
         str(geneformer_dir),
         "--label-column",
