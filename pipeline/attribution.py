@@ -327,6 +327,13 @@ def _groups(cell_t):
     return torch.zeros_like(cell_t)
 
 
+def _add_scores(acc, ids, mask, cells, groups, colsum) -> None:
+    """One per-token score per cell (integrated gradients, rollout) into the accumulators as layer 0,
+    head 0, with the norm sums the accumulators expect left at zero."""
+    fn, ns = _zeros_fnorm(colsum)
+    acc.add_layer(0, 0, ids=ids, mask=mask, cells=cells, groups=groups, colsum=colsum, fnorm=fn, norm_summed_num=ns)
+
+
 def _zeros_fnorm(colsum):
     return torch.zeros_like(colsum), torch.zeros(colsum.shape[0], dtype=torch.float64, device=colsum.device)
 
@@ -634,18 +641,7 @@ def integrated_gradients(
                 fx = forward(ids, mask).gather(1, y.unsqueeze(1)).squeeze(1).to(torch.float64)
                 fb = forward(baseline, mask).gather(1, y.unsqueeze(1)).squeeze(1).to(torch.float64)
             colsum = per_token.unsqueeze(1)  # (B, 1, L): one "head"
-            fn, ns = _zeros_fnorm(colsum)
-            acc.add_layer(
-                0,
-                0,
-                ids=ids,
-                mask=mask,
-                cells=cell_t,
-                groups=_groups(cell_t),
-                colsum=colsum,
-                fnorm=fn,
-                norm_summed_num=ns,
-            )
+            _add_scores(acc, ids, mask, cell_t, _groups(cell_t), colsum)
             cell_total[cell_t] = attr.sum(dim=(1, 2)).to(torch.float64)
             delta[cell_t] = fx - fb
             logit[cell_t] = fx
@@ -768,18 +764,7 @@ def attention_rollout(
             score = engine.rollout[:, read_position, :].to(torch.float64) * mask.to(torch.float64)  # (B, L)
             engine.rollout = None
             colsum = score.unsqueeze(1)
-            fn, ns = _zeros_fnorm(colsum)
-            acc.add_layer(
-                0,
-                0,
-                ids=ids,
-                mask=mask,
-                cells=cell_t,
-                groups=_groups(cell_t),
-                colsum=colsum,
-                fnorm=fn,
-                norm_summed_num=ns,
-            )
+            _add_scores(acc, ids, mask, cell_t, _groups(cell_t), colsum)
             cell_total[cell_t] = score.sum(1)
             done += len(idx)
             if progress is not None:
