@@ -270,6 +270,8 @@ def resolve(preset: str = "default", config_file: str | Path | None = None, flag
         nested.setdefault(section, {})[key] = value
         user_sets.add(dotted)
     cfg = merge(cfg, nested, "command line")
+    if cfg["model"]["path"] == "embedded":  # the explicit name of the default: gfattn's own small model
+        cfg["model"]["path"] = ""
     if "tasks" in user_sets:
         if "data.filter" not in user_sets:
             cfg["data"]["filter"] = {}

@@ -25,7 +25,7 @@ import pandas as pd
 
 from pipeline.errors import InputError
 
-_NUMBER = re.compile(r"[-+]?\d*\.?\d+(?:[eE][-+]?\d+)?")
+_NUMBER_WITH_UNIT = re.compile(r"\s*([-+]?\d*\.?\d+(?:[eE][-+]?\d+)?)\s*[a-zA-Zµμ/%]*\s*")  # "2.5", "2.5uM"
 
 
 @dataclass(frozen=True)
@@ -65,9 +65,9 @@ def parse_numbers(values: pd.Series) -> np.ndarray | None:
     text = values.astype(str).to_numpy()
     out = np.full(len(text), np.nan)
     for i, v in enumerate(text):
-        m = _NUMBER.fullmatch(v.strip()) or re.fullmatch(r"\s*([-+]?\d*\.?\d+(?:[eE][-+]?\d+)?)\s*[a-zA-Zµμ/%]*\s*", v)
+        m = _NUMBER_WITH_UNIT.fullmatch(v)
         if m:
-            out[i] = float(m.group(1) if m.lastindex else m.group())
+            out[i] = float(m.group(1))
     missing = pd.isna(values).to_numpy()
     if np.isnan(out[~missing]).any() or missing.all():
         return None

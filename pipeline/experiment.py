@@ -38,7 +38,6 @@ from pipeline.errors import InputError
 from pipeline.paths import cache_dir_for_store
 from pipeline.progress import Reporter
 
-EMBEDDED = "embedded"  # --model embedded: gfattn's small model, pretrained here (the default without --model)
 CHECKPOINT_JSON = "checkpoint"  # json result on a finetune run: {"path", "weights_sha256"}
 DETERMINISM_JSON = "determinism"  # json result on a pipeline run: `pipeline.compute.determinism_report`
 
@@ -81,8 +80,6 @@ def preflight(cfg: dict, cache: Path | None = None) -> Preflight:
 
             read_path = str(loom_as_h5ad(p, (cache or p.parent / ".gfattn-cache") / "data"))
     model_path = cfg["model"]["path"]
-    if model_path == EMBEDDED:
-        model_path = cfg["model"]["path"] = ""
     dicts = None
     if model_path:
         m = Path(model_path)
@@ -644,16 +641,12 @@ def stage_tokenize(ctx: Context) -> None:
 def _use_tokenized(ctx: Context) -> None:
     """A dataset tokenized by Geneformer (or `gfattn tokenize`): its selected cells, checked against the
     model's vocabulary and input size, its top ranks kept up to model.max_len."""
-    from pipeline.io import sha256_file
+    from pipeline.io import folder_hash
     from pipeline.tokenize import load_tokenized
 
     path = Path(ctx.out.data_path)
     ds = load_tokenized(path)
-    digest = hashlib.sha256()
-    for f in sorted(path.rglob("*")):
-        if f.is_file():
-            digest.update(f.relative_to(path).as_posix().encode() + sha256_file(f).encode())
-    ctx.out.data_hash = digest.hexdigest()
+    ctx.out.data_hash = folder_hash(path)
     ctx.store.set_inputs(ctx.run_id, data_path=str(path), data_hash=ctx.out.data_hash)
     order = {str(c): i for i, c in enumerate(ds["cell_id"])}
     ds = ds.select([order[c] for c in ctx.out.selection.cell_ids])
@@ -721,7 +714,7 @@ def model_out_dir(ctx: Context, task: str, mode: str) -> Path:
 
 def stage_finetune(ctx: Context, task: str, mode: str) -> None:
     """Fine-tune one (task, mode) and record metrics, confusion and the best model (thesis 2.3, 4.1)."""
-    from pipeline.train import verify_checkpoint
+    from pipeline.train import recorded_weights_hash, verify_checkpoint
 
     name = f"{task}/{mode}"
     out_dir = model_out_dir(ctx, task, mode)
@@ -791,7 +784,7 @@ def stage_finetune(ctx: Context, task: str, mode: str) -> None:
                 dicts=ctx.out.dicts,
                 progress=lambda done, total, **kw: ctx.rep.update(done, total, unit="steps", **kw),
             )
-        digest = verify_checkpoint(out_dir)
+        digest = recorded_weights_hash(out_dir)
         ctx.store.put_json(child, CHECKPOINT_JSON, {"path": str(out_dir), "weights_sha256": digest})
         from pipeline.train import save_split
 

@@ -267,14 +267,26 @@ def _pid_alive(pid: int) -> bool:
 MANIFEST = "gfattn_manifest.json"
 
 
+def folder_files(folder: os.PathLike | str) -> dict[str, dict]:
+    """Relative path -> sha256 and size of every file below `folder` (the manifest itself left out)."""
+    folder = Path(folder)
+    return {
+        p.relative_to(folder).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
+def folder_hash(folder: os.PathLike | str) -> str:
+    """One sha256 over a folder's file names and contents (the data hash of a dataset directory)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(folder_files(folder), sort_keys=True).encode()).hexdigest()
+
+
 def write_manifest(folder: os.PathLike | str) -> Path:
     """Record the sha256 and size of every file in a cache folder (`gfattn_manifest.json`)."""
-    folder = Path(folder)
-    files = {}
-    for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
-            files[p.relative_to(folder).as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-    return atomic_write_json(folder / MANIFEST, {"files": files})
+    return atomic_write_json(Path(folder) / MANIFEST, {"files": folder_files(folder)})
 
 
 def verify_manifest(folder: os.PathLike | str, *, what: str = "cache") -> None:

@@ -945,6 +945,17 @@ def load_split(model_dir) -> dict[str, str] | None:
         raise InputError(f"{path} is damaged; fine-tune again or pass --cells all") from None
 
 
+def recorded_weights_hash(out_dir) -> str:
+    """The weights sha256 `save_finetuned` wrote into `gfattn_finetune.json` (no second read of the weights)."""
+    meta = Path(out_dir) / "gfattn_finetune.json"
+    try:
+        return json.loads(meta.read_text())["weights_sha256"]
+    except (OSError, ValueError, KeyError):
+        raise InputError(
+            f"{meta} is missing or damaged; the fine-tuned model in {out_dir} cannot be recorded"
+        ) from None
+
+
 def verify_checkpoint(out_dir, expected_sha256: str | None = None) -> str:
     """The sha256 of a fine-tuned checkpoint's weights, checked against `expected_sha256` (or, when None,
     against the hash its `gfattn_finetune.json` recorded); a mismatch is an `InputError`."""
