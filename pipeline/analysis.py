@@ -30,6 +30,17 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import InputError
+from pipeline.keygenes import (
+    add_key_scores,
+    frequency_correlations,
+    frequency_rank_bins,
+    frequency_warnings,
+    key_score_column,
+    matched_overlap_p,
+    min_cells_for,
+    score_columns,
+    shrunk_log_ratio,
+)
 from store.jsonsafe import plain
 
 SUFFIXES = ("a", "b")
@@ -219,11 +230,13 @@ def gene_table(
 
     Per model (column suffix `_a`, `_b`): `attn` (attention received, summed over layers, heads, query
     rows and cells), `attn_scaled` (min-max over the table, thesis table 8), `attn_per_cell` (per
-    occurrence), `attn_norm` (weighted by ||f_h(x_j)||), `attn_expected` and `attn_pos_ratio` (analysis 5).
-    Shared: `token_id`, `n_cells`, `rank_mean`, `rank_std` (population, over occurrences; rank 1 = most
+    occurrence), `attn_norm` (weighted by ||f_h(x_j)||), `attn_expected` and `attn_pos_ratio` (analysis 5),
+    `key_score` (the controlled key-gene score of `pipeline.keygenes`: empirical-Bayes shrunk log2 position
+    ratio; NaN for genes in fewer than 5% of the cells). Shared: `token_id`, `n_cells`, `rank_mean`, `rank_std` (population, over occurrences; rank 1 = most
     expressed gene of the cell), `rank_mean_<group>` per label group. For two models: `attn_diff`
     (b - a), `attn_log2_ratio`, `attn_scaled_diff`, `pos_ratio_diff`. `in_reference_set` (0/1) when a
-    reference set is given. Rows are sorted by the last model's attention, descending.
+    reference set is given. Rows are sorted by the last model's key score (the default key-gene ranking),
+    descending; genes without one follow, by attention.
     """
     tokens, df = gene_rows(result, id_to_gene, symbols)
     df["rank_mean"] = gene_rank_mean(result)[tokens]
@@ -259,8 +272,10 @@ def gene_table(
         df["pos_ratio_diff"] = df[f"attn_pos_ratio_{b}"] - df[f"attn_pos_ratio_{a}"]
     if reference_set is not None:
         mark_reference_set(df, reference_set)
-    order = f"attn_{suffixes[result.n_models - 1]}"
-    return df.sort_values(order, ascending=False, kind="stable").reset_index(drop=True)
+    add_key_scores(df, suffixes[: result.n_models], result.n_cells)
+    last = suffixes[result.n_models - 1]
+    order = [key_score_column(last), f"attn_{last}"]
+    return df.sort_values(order, ascending=False, kind="stable", na_position="last").reset_index(drop=True)
 
 
 def mark_reference_set(df: pd.DataFrame, reference_set: Iterable[str]) -> pd.DataFrame:
@@ -426,6 +441,9 @@ def compare_de_attention(
     *,
     attention_column: str | None = None,
     de_column: str = "score",
+    null_bins: Sequence[int] = (5, 5),
+    null_permutations: int = 0,
+    seed: int = 0,
 ) -> dict:
     """Agreement between the top DE genes and the top attended genes (thesis fig. 7).
 
@@ -436,6 +454,11 @@ def compare_de_attention(
     P(overlap >= observed) with N = |background|; Spearman correlation of DE score and attention over
     the shared genes; with a reference set, its members among the top k attended (and top k DE) genes
     and their hypergeometric enrichment p-values. Also marks `in_reference_set` on `attention_df`.
+
+    Beside each raw hypergeometric p, `p_matched` (and `reference_p_matched`): the same overlap against
+    the matched null of `pipeline.keygenes` (the attended genes' top k redrawn within bins of detection
+    frequency x mean rank, `null_bins`; exact, or `null_permutations` draws), with `expected_matched`.
+    Needs `n_cells` and `rank_mean` in `attention_df`.
     """
     from scipy.stats import spearmanr
 
@@ -460,6 +483,10 @@ def compare_de_attention(
             for e, s in zip(df["ensembl_id"].astype(str), df["symbol"].astype(str)):
                 if s and s != "nan":
                     symbol.setdefault(e, s)
+    bins = None
+    if {"n_cells", "rank_mean"} <= set(at.columns) and len(at):
+        codes = frequency_rank_bins(at["n_cells"], at["rank_mean"], *null_bins)
+        bins = dict(zip(at_ids, codes.tolist()))
     ref = None
     if reference_set is not None:
         ref_raw = {str(x) for x in reference_set}
@@ -485,6 +512,9 @@ def compare_de_attention(
             "p_value": _hypergeom_sf(len(shared), N, len(top_de), len(top_at)),
             "genes": [symbol.get(g) or g for g in shared],
         }
+        if bins is not None:
+            null = matched_overlap_p(top_at, top_de, bins, permutations=null_permutations, seed=seed + k)
+            item["expected_matched"], item["p_matched"] = null["expected"], null["p_value"]
         if ref is not None:
             hits_at = [g for g in top_at if g in ref]
             hits_de = [g for g in top_de if g in ref]
@@ -493,6 +523,9 @@ def compare_de_attention(
             item["reference_in_top_de"] = len(hits_de)
             item["reference_de_p_value"] = _hypergeom_sf(len(hits_de), N, len(ref), len(top_de))
             item["reference_genes"] = [symbol.get(g) or g for g in hits_at]
+            if bins is not None:
+                null = matched_overlap_p(top_at, ref, bins, permutations=null_permutations, seed=seed + k)
+                item["reference_expected_matched"], item["reference_p_matched"] = null["expected"], null["p_value"]
         out["overlap"].append(item)
     merged = de[["ensembl_id", de_column]].merge(at[["ensembl_id", attention_column]], on="ensembl_id")
     if len(merged) >= 3:
@@ -502,6 +535,12 @@ def compare_de_attention(
         out["spearman"] = {"rho": None, "p_value": None, "n": int(len(merged))}
     if ref is not None:
         out["reference_set"] = {"size": len(ref_raw), "in_background": len(ref)}
+    if bins is not None:
+        out["matched_null"] = {
+            "bins": [int(b) for b in null_bins],
+            "method": "exact" if not null_permutations else f"{int(null_permutations)} permutations",
+            "population": len(bins),
+        }
     out["top_de"] = [symbol.get(g) or g for g in de_ids[: max(ks, default=0)]]
     out["top_attention"] = [symbol.get(g) or g for g in at_ids[: max(ks, default=0)]]
     return out
@@ -703,6 +742,7 @@ def write_pair_analysis(
     stats: dict | None,
     *,
     model_names: Sequence[str] | None = None,
+    key_genes: dict | None = None,
 ) -> dict:
     """Write an analysis run's results (grids, per-rank vectors, the gene table, JSON) into the store.
 
@@ -794,14 +834,16 @@ def write_pair_analysis(
         store.put_gene_table(run_id, R.TABLE_GENES, gene_df)
     if de_summary is not None:
         store.put_json(run_id, R.JSON_DE_OVERLAP, plain(de_summary))
+    if key_genes is not None:
+        store.put_json(run_id, R.JSON_KEY_GENES, plain(key_genes))
     stats_json = {k: v for k, v in stats.items() if not k.startswith("rank_")}
     store.put_json(run_id, R.JSON_STATS, plain(stats_json))
-    summary = pair_summary(result, gene_df, stats, model_names=model_names)
+    summary = pair_summary(result, gene_df, stats, model_names=model_names, key_genes=key_genes)
     store.put_json(run_id, R.JSON_SUMMARY, summary)
     return summary
 
 
-def pair_summary(result, gene_df, stats, *, model_names, top_n: int = 10) -> dict:
+def pair_summary(result, gene_df, stats, *, model_names, top_n: int = 10, key_genes: dict | None = None) -> dict:
     names = SUFFIXES[: result.n_models]
     out = {
         "models": dict(zip(names, model_names)),
@@ -828,9 +870,15 @@ def pair_summary(result, gene_df, stats, *, model_names, top_n: int = 10) -> dic
         for s in names:
             top = gene_df.sort_values(f"attn_{s}", ascending=False).head(top_n)
             out[f"top_genes_{s}"] = [r.symbol or r.ensembl_id for r in top.itertuples()]
-            top = gene_df[gene_df["n_cells"] >= max(3, int(0.05 * result.n_cells))]
+            top = gene_df[gene_df["n_cells"] >= min_cells_for(result.n_cells)]
             top = top.sort_values(f"attn_pos_ratio_{s}", ascending=False).head(top_n)
             out[f"top_position_controlled_{s}"] = [r.symbol or r.ensembl_id for r in top.itertuples()]
+            if key_score_column(s) in gene_df.columns:
+                top = gene_df.dropna(subset=[key_score_column(s)]).nlargest(top_n, key_score_column(s))
+                out[f"top_key_genes_{s}"] = [r.symbol or r.ensembl_id for r in top.itertuples()]
+    if key_genes is not None:
+        out["key_score"] = key_genes.get("default_score")
+        out["frequency_warnings"] = list(key_genes.get("warnings", []))
     return plain(out)
 
 
@@ -850,6 +898,8 @@ def run_pair_analysis(
     top_k: Sequence[int] = (10, 20, 50, 100),
     n_boot: int = 200,
     n_perm: int = 2000,
+    null_bins: Sequence[int] = (5, 5),
+    null_permutations: int = 0,
     batch_size: int = 8,
     device="cpu",
     dtype=None,
@@ -886,26 +936,65 @@ def run_pair_analysis(
         store.log_event(run_id, f"attention reduced over {result.n_cells} cells", stage="attention")
     genes = gene_table(result, dicts.id_to_gene, dicts.id_to_symbol, reference_set=reference_set)
     stats = attention_statistics(result, n_boot=n_boot, n_perm=n_perm, seed=seed)
+    key_genes = key_gene_report(genes, result.n_cells, names=names)
     de_summary = None
     if de is not None and len(de):
         background = genes["ensembl_id"].tolist()
+        null = {"null_bins": tuple(null_bins), "null_permutations": int(null_permutations), "seed": seed}
         de_summary = compare_de_attention(
             de,
             genes,
             background,
             ks=top_k,
             reference_set=reference_set,
-            attention_column=f"attn_{SUFFIXES[result.n_models - 1]}",
+            attention_column=key_score_column(SUFFIXES[result.n_models - 1]),
+            **null,
         )
         de_summary["by_column"] = {}
         for m in range(result.n_models):
-            for col in (f"attn_{SUFFIXES[m]}", f"attn_pos_ratio_{SUFFIXES[m]}", f"attn_norm_{SUFFIXES[m]}"):
+            s = SUFFIXES[m]
+            for col in (key_score_column(s), f"attn_{s}", f"attn_pos_ratio_{s}", f"attn_norm_{s}"):
                 de_summary["by_column"][col] = compare_de_attention(
-                    de, genes, background, ks=top_k, reference_set=reference_set, attention_column=col
+                    de, genes, background, ks=top_k, reference_set=reference_set, attention_column=col, **null
                 )
         de_summary["models"] = dict(zip(SUFFIXES, names))
     elif reference_set is not None:
         mark_reference_set(genes, reference_set)
     if store is None:
-        return {"result": result, "genes": genes, "stats": stats, "de_overlap": de_summary}
-    return write_pair_analysis(store, run_id, result, genes, de_summary, stats, model_names=tuple(names))
+        return {"result": result, "genes": genes, "stats": stats, "de_overlap": de_summary, "key_genes": key_genes}
+    for line in key_genes["warnings"]:
+        store.log_event(run_id, line, stage="attention", level="warning")
+    return write_pair_analysis(
+        store, run_id, result, genes, de_summary, stats, model_names=tuple(names), key_genes=key_genes
+    )
+
+
+def key_gene_report(genes: pd.DataFrame, n_cells: int, *, names: Sequence[str]) -> dict:
+    """The key-gene ranking's definition, its empirical-Bayes fit per model, and every score column's
+    Spearman correlation with detection frequency, with a warning line for each above 0.8."""
+    n_models = sum(1 for s in SUFFIXES if key_score_column(s) in genes.columns)
+    suffixes = SUFFIXES[:n_models]
+    min_cells = min_cells_for(n_cells)
+    fits = {}
+    for s in suffixes:  # the fit is recomputed here only to report it; the column is the gene table's
+        _, fits[s] = shrunk_log_ratio(
+            genes[f"attn_{s}"], genes[f"attn_expected_{s}"], genes["n_cells"], min_cells=min_cells
+        )
+    rhos = frequency_correlations(genes, score_columns(genes))
+    models = dict(zip(SUFFIXES, names))
+    warnings = []
+    for s in suffixes:
+        own = {c: r for c, r in rhos.items() if c.endswith(f"_{s}")}
+        warnings += frequency_warnings(own, where=str(models.get(s, s)))
+    return plain(
+        {
+            "default_score": key_score_column(suffixes[-1]) if suffixes else None,
+            "definition": "empirical-Bayes shrunk log2(attention received / attention its rank positions receive),"
+            f" genes in at least {min_cells} cells (5% of {int(n_cells)})",
+            "min_cells": min_cells,
+            "models": models,
+            "fit": fits,
+            "frequency_spearman": rhos,
+            "warnings": warnings,
+        }
+    )

@@ -186,6 +186,11 @@ def col_attn_pos_ratio(suffix: str) -> str:
     return _suffixed("attn_pos_ratio", suffix)
 
 
+def col_key_score(suffix: str) -> str:
+    """The controlled key-gene score (`pipeline.keygenes`), the default ranking of key genes."""
+    return _suffixed("key_score", suffix)
+
+
 def col_rank_mean_group(group: str) -> str:
     return _suffixed(COL_RANK_MEAN, group)
 
@@ -194,6 +199,7 @@ def col_rank_mean_group(group: str) -> str:
 JSON_DE_OVERLAP = "de_overlap"
 JSON_STATS = "stats"
 JSON_SUMMARY = "summary"
+JSON_KEY_GENES = "key_genes"  # the key-gene score's definition, fit and frequency correlations
 JSON_QC_REPORT = "qc_report"  # on the data run
 JSON_PRETRAIN = "pretrain"  # on a pretraining run
 JSON_DE_NAMES = (JSON_DE_OVERLAP, "de", "de_vs_attention")  # where a DE comparison may sit, first first

@@ -63,7 +63,11 @@ def test_gene_table_columns_and_values(result):
         "in_reference_set",
     ):
         assert col in df.columns, col
-    assert df["attn_b"].is_monotonic_decreasing
+    # the default ranking: the last model's key score, then genes without one by attention
+    scored = df["key_score_b"].notna().to_numpy()
+    assert scored[: scored.sum()].all()
+    assert df["key_score_b"][scored].is_monotonic_decreasing
+    assert df["attn_b"][~scored].is_monotonic_decreasing
     assert df["attn_scaled_a"].max() == pytest.approx(1.0) and df["attn_scaled_a"].min() == pytest.approx(0.0)
     t = df["token_id"].to_numpy()
     np.testing.assert_allclose(df["attn_a"], gene_total(result)[0, t])

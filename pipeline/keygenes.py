@@ -1,0 +1,212 @@
+"""Key genes a researcher can trust: a frequency- and position-controlled score, a matched null for
+overlaps, and a warning when a ranking only restates how often genes are detected.
+
+Summed attention per gene grows with the number of cells that express the gene, and attention depends
+on rank position; so the most attended genes are, first of all, the most often detected ones, and the
+overlap of any frequency-driven ranking with DE genes (themselves mostly frequently detected) looks
+significant against a hypergeometric null that treats all genes as exchangeable.
+
+**Key score** (`key_score_<s>`, the default ranking of "key genes" in the gene table, the summary, the
+TUI and the figures). Per gene g and model: x_g = log2(observed_g / expected_g), the position-controlled
+ratio of analysis 5 (attention received over the attention its rank positions receive on average, summed
+over the n_g cells that express it, so a per-occurrence quantity), shrunk by empirical Bayes toward the
+mean over genes. Model: x_g = theta_g + e_g with Var(e_g) = s^2 / n_g and theta_g ~ N(mu, tau^2); mu is
+the precision-weighted mean, (tau^2, s^2) the non-negative least-squares fit of (x_g - mu)^2 on
+(1, 1 / n_g) over the genes (method of moments, as the engine keeps sums, not per-cell values), and the
+score is the posterior mean mu + B_g (x_g - mu) with B_g = tau^2 / (tau^2 + s^2 / n_g). A gene seen in few
+cells is pulled toward the mean; genes in fewer than `min_cells` cells (default 5% of the analysed cells,
+at least 3) get no score at all, so a gene seen once cannot top the table.
+
+**Matched null.** The genes are binned by detection frequency (cells expressing) x mean rank (quantile
+bins, `frequency_rank_bins`). Permuting a score's values among the genes of each bin keeps how many of
+its top k fall in each bin (c_b) and draws them uniformly within the bin; the overlap with a fixed set
+D (the top k DE genes, or a reference set) is then a sum over bins of independent hypergeometric
+counts, Hyp(n_b, |D within b|, c_b). Its exact distribution (the convolution of those hypergeometrics: what
+infinitely many within-bin permutations estimate) gives `p_matched` = P(overlap >= observed); with
+`permutations` > 0 that many permutations are drawn instead (Monte Carlo). A ranking driven by
+frequency and position alone has a matched p near uniform however large its raw hypergeometric
+significance.
+
+**Frequency warning.** Any ranking whose Spearman correlation with detection frequency exceeds 0.8 is
+reported as one line: its top genes are largely the most often detected genes.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+KEY_SCORE = "key_score"
+FREQUENCY_WARNING_RHO = 0.8
+MIN_CELLS_FRACTION = 0.05
+MIN_CELLS_FLOOR = 3
+
+
+def key_score_column(suffix: str) -> str:
+    return f"{KEY_SCORE}_{suffix}"
+
+
+def min_cells_for(n_cells: int, fraction: float = MIN_CELLS_FRACTION, floor: int = MIN_CELLS_FLOOR) -> int:
+    """The fewest cells a gene must be expressed in to be scored: `fraction` of the cells, at least `floor`."""
+    return max(int(floor), int(float(fraction) * int(n_cells)))
+
+
+def shrunk_log_ratio(observed, expected, n, *, min_cells: int) -> tuple[np.ndarray, dict]:
+    """Empirical-Bayes posterior mean of log2(observed / expected) per gene (NaN below `min_cells`).
+
+    Returns the scores and the fit: mu, tau2, s2, the genes scored and the smallest and median shrinkage
+    factor B_g (1 = unchanged).
+    """
+    observed = np.asarray(observed, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    n = np.asarray(n, dtype=np.float64)
+    ok = (n >= min_cells) & (observed > 0) & (expected > 0) & np.isfinite(observed) & np.isfinite(expected)
+    out = np.full(observed.shape, np.nan)
+    fit = {"min_cells": int(min_cells), "n_scored": int(ok.sum()), "mu": None, "tau2": None, "s2": None}
+    if not ok.any():
+        return out, fit
+    x = np.log2(observed[ok] / expected[ok])
+    w = n[ok]
+    mu = float(np.sum(w * x) / np.sum(w))
+    if ok.sum() >= 3 and np.ptp(1.0 / w) > 0:
+        from scipy.optimize import nnls
+
+        design = np.column_stack([np.ones_like(w), 1.0 / w])
+        (tau2, s2), _ = nnls(design, (x - mu) ** 2)
+    else:
+        tau2, s2 = float(np.var(x)), 0.0
+    for _ in range(2):  # mu weighted by each gene's precision under the fitted model
+        prec = 1.0 / np.maximum(tau2 + s2 / w, 1e-300)
+        mu = float(np.sum(prec * x) / np.sum(prec))
+    shrink = tau2 / (tau2 + s2 / w) if tau2 + s2 > 0 else np.ones_like(w)
+    out[ok] = mu + shrink * (x - mu)
+    fit.update(
+        mu=mu,
+        tau2=float(tau2),
+        s2=float(s2),
+        shrinkage_min=float(np.min(shrink)),
+        shrinkage_median=float(np.median(shrink)),
+    )
+    return out, fit
+
+
+def add_key_scores(
+    df: pd.DataFrame, suffixes: Sequence[str], n_cells: int, *, min_cells_fraction: float = MIN_CELLS_FRACTION
+) -> dict:
+    """Add (in place) `key_score_<s>` for each model suffix from `attn_<s>`, `attn_expected_<s>` and
+    `n_cells`; returns the fits per suffix."""
+    m = min_cells_for(n_cells, min_cells_fraction)
+    fits = {}
+    for s in suffixes:
+        score, fit = shrunk_log_ratio(df[f"attn_{s}"], df[f"attn_expected_{s}"], df["n_cells"], min_cells=m)
+        df[key_score_column(s)] = score
+        fits[s] = fit
+    return fits
+
+
+def frequency_rank_bins(n_cells, rank_mean, n_freq_bins: int = 5, n_rank_bins: int = 5) -> np.ndarray:
+    """A bin id per gene: quantile bins of detection frequency (cells expressing) x mean rank.
+
+    Quantiles are taken over the genes given; ties share a bin (edges are unique values, so fewer bins
+    may result when many genes share a frequency). Deterministic: no random tie-breaking.
+    """
+    n_cells = np.asarray(n_cells, dtype=np.float64)
+    rank_mean = np.asarray(rank_mean, dtype=np.float64)
+
+    def codes(x, k):
+        if len(x) == 0 or k <= 1:
+            return np.zeros(len(x), dtype=np.int64)
+        edges = np.unique(np.quantile(x, np.linspace(0, 1, int(k) + 1)[1:-1]))
+        return np.searchsorted(edges, x, side="right").astype(np.int64)
+
+    f = codes(n_cells, n_freq_bins)
+    r = codes(np.nan_to_num(rank_mean, nan=np.nanmax(rank_mean) if np.isfinite(rank_mean).any() else 0.0), n_rank_bins)
+    return f * int(max(n_rank_bins, 1)) + r
+
+
+def _hypergeom_pmf(pop: int, succ: int, draws: int) -> np.ndarray:
+    from scipy.stats import hypergeom
+
+    kmax = min(succ, draws)
+    return hypergeom.pmf(np.arange(kmax + 1), pop, succ, draws) if kmax > 0 else np.ones(1)
+
+
+def matched_overlap_p(
+    top: Iterable[str],
+    target: Iterable[str],
+    bins: dict[str, int],
+    *,
+    permutations: int = 0,
+    seed: int = 0,
+) -> dict:
+    """P(overlap >= observed) when `top` is replaced by as many genes per bin drawn at random in the bin.
+
+    `bins` maps every gene of the population (the ranked genes) to its bin; genes of `top` or `target`
+    outside it are ignored. Exact (convolution of per-bin hypergeometrics) with `permutations` = 0, else
+    that many draws. Returns observed, expected and p.
+    """
+    top = [g for g in top if g in bins]
+    target = {g for g in target if g in bins}
+    observed = len(set(top) & target)
+    by_bin: dict[int, list[int]] = {}
+    for g, b in bins.items():
+        rec = by_bin.setdefault(int(b), [0, 0, 0])  # genes, target genes, top genes
+        rec[0] += 1
+        rec[1] += g in target
+    for g in top:
+        by_bin[int(bins[g])][2] += 1
+    parts = [(n_b, d_b, c_b) for n_b, d_b, c_b in by_bin.values() if c_b > 0 and d_b > 0]
+    expected = float(sum(c_b * d_b / n_b for n_b, d_b, c_b in parts))
+    if permutations and permutations > 0:
+        rng = np.random.default_rng(seed)
+        draws = np.zeros(int(permutations), dtype=np.int64)
+        for n_b, d_b, c_b in parts:
+            draws += rng.hypergeometric(d_b, n_b - d_b, c_b, size=int(permutations))
+        p = float((1 + np.sum(draws >= observed)) / (1 + int(permutations)))
+        return {"observed": observed, "expected": expected, "p_value": p, "method": f"{permutations} permutations"}
+    dist = np.ones(1)
+    for n_b, d_b, c_b in parts:
+        dist = np.convolve(dist, _hypergeom_pmf(n_b, d_b, c_b))
+    p = float(np.clip(dist[observed:].sum(), 0.0, 1.0)) if observed < len(dist) else 0.0
+    return {"observed": observed, "expected": expected, "p_value": p, "method": "exact"}
+
+
+def frequency_correlations(df: pd.DataFrame, columns: Iterable[str], frequency: str = "n_cells") -> dict[str, float]:
+    """Spearman correlation of each score column with detection frequency over the genes it scores."""
+    from scipy.stats import spearmanr
+
+    out = {}
+    for col in columns:
+        if col not in df.columns:
+            continue
+        sub = df[[col, frequency]].replace([np.inf, -np.inf], np.nan).dropna()
+        if len(sub) >= 3 and sub[col].nunique() > 1 and sub[frequency].nunique() > 1:
+            out[col] = float(spearmanr(sub[col], sub[frequency])[0])
+    return out
+
+
+def frequency_warnings(
+    rhos: dict[str, float], *, threshold: float = FREQUENCY_WARNING_RHO, where: str = ""
+) -> list[str]:
+    """One line per ranking correlated with detection frequency above `threshold`."""
+    prefix = f"{where}: " if where else ""
+    return [
+        f"{prefix}ranking by {col} follows detection frequency (Spearman {rho:.2f} with cells expressing); "
+        f"its top genes are mostly the most often detected: rank key genes by the controlled score"
+        for col, rho in rhos.items()
+        if rho > threshold and not col.startswith(KEY_SCORE)
+    ] + [
+        f"{prefix}the controlled score {col} follows detection frequency (Spearman {rho:.2f} with cells expressing)"
+        for col, rho in rhos.items()
+        if rho > threshold and col.startswith(KEY_SCORE)
+    ]
+
+
+def score_columns(df: pd.DataFrame) -> list[str]:
+    """The per-gene ranking columns of a gene table: weight, norm, controlled and attribution scores."""
+    import re
+
+    pats = (r"attn_[a-z]", r"attn_norm_[a-z]", r"attn_pos_ratio_[a-z]", rf"{KEY_SCORE}_[a-z]", r"attr_.+")
+    return [c for c in df.columns if any(re.fullmatch(p, c) for p in pats)]
