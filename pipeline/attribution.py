@@ -982,7 +982,9 @@ def write_attribution(
             meta=plain({**base_meta, "method": "hao", "axes": ["layer", "head", "rank"]}),
         )
         store.put_grid(run_id, R.grid_attr_head_importance(key), result.head_importance())
-    min_cells = max(3, int(0.05 * result.n_cells)) if min_cells is None else int(min_cells)
+    from pipeline.keygenes import frequency_correlations, frequency_warnings, min_cells_for
+
+    min_cells = min_cells_for(result.n_cells) if min_cells is None else int(min_cells)
     doc: dict = {
         "model": model_name,
         "methods": list(result.methods),
@@ -999,6 +1001,9 @@ def write_attribution(
             other_columns=attention_columns,
         ),
     }
+    rhos = frequency_correlations(table[table["n_cells"] >= min_cells], [f"{m}_mean" for m in result.methods])
+    doc["frequency_spearman"] = rhos
+    doc["warnings"] = frequency_warnings(rhos, where=f"{model_name} attribution")
     if "rollout" in result.methods:
         ro = result.meta.get("rollout", {})
         doc["rollout"] = {k: ro.get(k) for k in ("read_position", "has_cls", "reads")}

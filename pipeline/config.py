@@ -110,6 +110,20 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         ),
         "hao_steps": (20, "Riemann steps of Hao et al.'s self-attention attribution"),
         "ig_steps": (50, "steps of integrated gradients (Gauss-Legendre, Captum)"),
+        "null_bins": (
+            [5, 5],
+            "matched null of the DE and reference-set overlaps: quantile bins of detection frequency x mean rank",
+        ),
+        "null_permutations": (0, "within-bin permutations of the matched null (0 = its exact distribution)"),
+        "deletion": (
+            True,
+            "in-silico deletion of each score's top genes (and matched random sets) from the test cells",
+        ),
+        "deletion_k": ([1, 5, 10, 20, 50], "sizes of the deleted top-k sets"),
+        "deletion_random_sets": (20, "random gene sets per top-k set, matched on detection frequency and rank"),
+        "deletion_top_genes": (50, "single-gene deletion of each score's top N genes (0 = none)"),
+        "sanity": (True, "cascading randomisation of each analysed model (Adebayo et al. 2018)"),
+        "label_permutation": (False, "also fine-tune once on permuted labels and compare its key-gene scores"),
     },
     "de": {
         "groupby": ("", "task whose classes DE compares (empty: each analysed task)"),
@@ -304,6 +318,14 @@ def validate(cfg: dict) -> None:
     for method in cfg["analysis"]["attribution"]:
         if method not in ("hao", "ig", "rollout"):
             raise InputError(f"analysis.attribution: unknown method {method!r}; use hao, ig and/or rollout")
+    a = cfg["analysis"]
+    if not (len(a["null_bins"]) == 2 and all(isinstance(b, int) and b >= 1 for b in a["null_bins"])):
+        raise InputError(f"analysis.null_bins must be two positive integers, got {a['null_bins']!r}")
+    if not all(isinstance(k, int) and k >= 1 for k in a["deletion_k"]):
+        raise InputError(f"analysis.deletion_k must list positive integers, got {a['deletion_k']!r}")
+    for key in ("null_permutations", "deletion_random_sets", "deletion_top_genes"):
+        if a[key] < 0:
+            raise InputError(f"analysis.{key} must be 0 or more, got {a[key]!r}")
     if cfg["data"]["fixed_length_mode"] not in ("top", "subsample"):
         raise InputError(f"data.fixed_length_mode must be top or subsample, got {cfg['data']['fixed_length_mode']!r}")
     if cfg["data"]["fixed_length"] < 0:

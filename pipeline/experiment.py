@@ -192,6 +192,8 @@ class Products:
     de: dict[tuple[str, str, str], Any] = field(default_factory=dict)  # (task, group, reference) -> DE table
     pretrain_metrics: dict = field(default_factory=dict)
     attributions: dict[tuple[str, str], Any] = field(default_factory=dict)  # (task, mode) -> AttributionResult
+    deletions: dict[tuple[str, str], Any] = field(default_factory=dict)  # (task, mode) -> deletion results
+    sanity: dict[tuple[str, str], dict] = field(default_factory=dict)  # (task, mode) -> randomisation cascade
 
 
 @dataclass
@@ -922,6 +924,8 @@ def stage_attention(ctx: Context, task: str, mode_a: str, mode_b: str) -> None:
             de=_de_for(ctx, task),
             reference_set=a_cfg["reference_set"] or None,
             top_k=a_cfg["top_k"],
+            null_bins=tuple(a_cfg["null_bins"]),
+            null_permutations=int(a_cfg["null_permutations"]),
             n_boot=int(a_cfg["n_boot"]),
             batch_size=int(a_cfg["batch_size"]),
             device=ctx.device,
@@ -931,6 +935,7 @@ def stage_attention(ctx: Context, task: str, mode_a: str, mode_b: str) -> None:
         )
         del model_a, model_b
         _attribution(ctx, child, task, test, (mode_a, mode_b))
+        _sanity(ctx, child, task, test, (mode_a, mode_b))
     ctx.rep.line(f"{name}: analysed {len(test)} test cells")
 
 
@@ -982,6 +987,53 @@ def _attribution(ctx: Context, child: int, task: str, test, modes: tuple[str, st
             f"{task}: attribution of {mode} ({', '.join(methods)}) on {len(labels)} cells"
             + (f"; integrated gradients' completeness gap {gap:.2%}" if gap is not None else "")
         )
+
+
+def _sanity(ctx: Context, child: int, task: str, test, modes: tuple[str, str]) -> None:
+    """Cascading randomisation of each model of the pair (Adebayo et al. 2018): how its key-gene scores
+    change as the head, then the layers top down, then the embeddings are re-initialised."""
+    if not ctx.cfg["analysis"]["sanity"]:
+        return
+    from pipeline.attribution import attribution_gene_table
+    from pipeline.keygenes import min_cells_for
+    from pipeline.model import load_for_attention
+    from pipeline.sanity import ATTENTION_SCORES, randomisation_cascade
+    from store import results as R
+
+    a_cfg = ctx.cfg["analysis"]
+    genes = ctx.store.gene_table_df(child, R.TABLE_GENES)
+    labels = np.asarray(test["label"], dtype=np.int64)
+    methods = tuple(a_cfg["attribution"])
+    for mode, suffix in zip(modes, R.MODEL_SUFFIXES):
+        doc = ctx.out.sanity.get((task, mode))
+        if doc is None:
+            trained = genes.set_index("ensembl_id")[["symbol", "n_cells", *[f"{c}_{suffix}" for c in ATTENTION_SCORES]]]
+            trained = trained.rename(columns={f"{c}_{suffix}": c for c in ATTENTION_SCORES})
+            attr = ctx.out.attributions.get((task, mode))
+            if attr is not None:
+                table = attribution_gene_table(attr, ctx.out.dicts.id_to_gene).set_index("ensembl_id")
+                trained = trained.join(table[[f"{m}_mean" for m in methods]], how="left")
+            model = load_for_attention(ctx.out.models[(task, mode)])
+            doc = randomisation_cascade(
+                model,
+                test,
+                labels,
+                dicts=ctx.out.dicts,
+                methods=methods if attr is not None else (),
+                min_cells=min_cells_for(len(labels)),
+                trained_scores=trained,
+                hao_steps=int(a_cfg["hao_steps"]),
+                ig_steps=int(a_cfg["ig_steps"]),
+                batch_size=int(a_cfg["batch_size"]),
+                device=ctx.device,
+                seed=ctx.seed,
+                progress=lambda done, total, **kw: ctx.rep.update(done, total, unit="randomisation steps", **kw),
+            )
+            doc["model"] = mode
+            ctx.out.sanity[(task, mode)] = doc
+        ctx.store.put_json(child, R.json_sanity(mode), doc)
+        flagged = ", ".join(doc["flagged"]) or "none"
+        ctx.rep.line(f"{task}: randomisation cascade of {mode}: scores that survive randomisation: {flagged}")
 
 
 # ----------------------------------------------------------------------------------------- driver

@@ -190,17 +190,19 @@ def frequency_correlations(df: pd.DataFrame, columns: Iterable[str], frequency: 
 def frequency_warnings(
     rhos: dict[str, float], *, threshold: float = FREQUENCY_WARNING_RHO, where: str = ""
 ) -> list[str]:
-    """One line per ranking correlated with detection frequency above `threshold`."""
+    """One line naming every ranking correlated with detection frequency above `threshold` (none: [])."""
+    high = {col: rho for col, rho in rhos.items() if rho > threshold}
+    if not high:
+        return []
     prefix = f"{where}: " if where else ""
+    listed = ", ".join(f"{col} {rho:.2f}" for col, rho in high.items())
+    advice = (
+        "even the controlled score does"
+        if any(col.startswith(KEY_SCORE) for col in high)
+        else "their top genes are mostly the most often detected; rank key genes by the controlled score"
+    )
     return [
-        f"{prefix}ranking by {col} follows detection frequency (Spearman {rho:.2f} with cells expressing); "
-        f"its top genes are mostly the most often detected: rank key genes by the controlled score"
-        for col, rho in rhos.items()
-        if rho > threshold and not col.startswith(KEY_SCORE)
-    ] + [
-        f"{prefix}the controlled score {col} follows detection frequency (Spearman {rho:.2f} with cells expressing)"
-        for col, rho in rhos.items()
-        if rho > threshold and col.startswith(KEY_SCORE)
+        f"{prefix}rankings that follow detection frequency (Spearman with cells expressing > {threshold}): {listed}; {advice}"
     ]
 
 

@@ -97,18 +97,47 @@ def format_summary(store, run_id: int, elapsed_s: float | None = None, top_n: in
         if R.GRID_COSINE in an.grids:
             lines.append("  attention cosine similarity per layer (rows) and head (columns):")
             lines += ["  " + ln for ln in _grid_text(an.grids[R.GRID_COSINE].values)]
+        docs = R.read_json(store, an.run_id, (R.JSON_KEY_GENES,))
+        key_genes = docs.get(R.JSON_KEY_GENES) or {}
         for suffix, model in zip(R.MODEL_SUFFIXES, an.models):
+            genes = R.top_genes(store, an.run_id, R.col_key_score(suffix), top_n)
+            if genes:
+                lines.append(f"  key genes (controlled score), {model}: {', '.join(genes)}")
             genes = R.top_genes(store, an.run_id, R.col_attn(suffix), top_n)
             if genes:
-                lines.append(f"  top attended genes, {model}: {', '.join(genes)}")
+                lines.append(f"  most attended genes (summed attention), {model}: {', '.join(genes)}")
         parts = []
         for item in (an.de_overlap or {}).get("overlap", []):
-            parts.append(f"k={item['k']}: {item['overlap']} (p={item['p_value']:.2g})")
+            matched = f", matched p={item['p_matched']:.2g}" if item.get("p_matched") is not None else ""
+            parts.append(f"k={item['k']}: {item['overlap']} (p={item['p_value']:.2g}{matched})")
         if parts:
-            lines.append("  top attended vs top DE genes: " + "; ".join(parts))
+            column = (an.de_overlap or {}).get("attention_column", "")
+            what = "key genes" if column.startswith("key_score") else "top attended"
+            lines.append(f"  {what} vs top DE genes: " + "; ".join(parts))
+        lines += [f"  warning: {w}" for w in key_genes.get("warnings", [])]
         for suffix, model in zip(R.MODEL_SUFFIXES, an.models):
             lines += attribution_lines(store, an.run_id, model, R.col_attn(suffix))
+        for model in an.models:
+            lines += sanity_lines(store, an.run_id, model)
     return "\n".join(lines)
+
+
+def sanity_lines(store, run_id: int, model: str) -> list[str]:
+    """The randomisation cascade of a model in two lines: each score's Spearman with the trained model's once
+    everything is re-initialised, and the scores flagged as not model-dependent."""
+    doc = R.read_json(store, run_id, (R.json_sanity(model),)).get(R.json_sanity(model))
+    if not doc:
+        return []
+    last = [
+        f"{col} {v['spearman'][-1]:.2f}"
+        for col, v in doc.get("scores", {}).items()
+        if v.get("spearman") and v["spearman"][-1] is not None
+    ]
+    flagged = ", ".join(doc.get("flagged", [])) or "none"
+    return [
+        f"  randomisation cascade, {model}: Spearman with the trained scores, all re-initialised: {', '.join(last)}",
+        f"    not model-dependent (rho >= 0.8): {flagged}",
+    ]
 
 
 def attribution_lines(store, run_id: int, model: str, attention_column: str, top_n: int = 8) -> list[str]:
@@ -131,10 +160,12 @@ def attribution_lines(store, run_id: int, model: str, attention_column: str, top
     for method, cmp in (info.get("de") or {}).items():
         hit = next((o for o in cmp.get("overlap", []) if o.get("k") == 20), None)
         if hit is not None:
-            de_parts.append(f"{method} {hit['overlap']} (p={hit['p_value']:.2g})")
+            matched = f", matched p={hit['p_matched']:.2g}" if hit.get("p_matched") is not None else ""
+            de_parts.append(f"{method} {hit['overlap']} (p={hit['p_value']:.2g}{matched})")
     if de_parts:
         lines.append(f"    top-20 overlap with DE: {', '.join(de_parts)}")
     gap = (info.get("completeness") or {}).get("relative_gap_total")
     if gap is not None:
         lines.append(f"    integrated gradients' completeness gap {gap:.2%}")
+    lines += [f"    warning: {w}" for w in info.get("warnings", [])]
     return lines

@@ -986,6 +986,11 @@ ATTR_TABLE_PREFIX = "attribution_"
 ATTR_JSON_PREFIX = "attribution_"
 
 
+def json_sanity(model: str) -> str:
+    """JSON `sanity_<model>`: the randomisation cascade of one model (`pipeline.sanity`)."""
+    return f"sanity_{attr_model_key(model)}"
+
+
 def attr_model_key(model: str) -> str:
     """A model name as it appears in attribution result names: letters, digits, underscores ("last-1" -> "last_1")."""
     return re.sub(r"[^0-9A-Za-z]+", "_", str(model)).strip("_") or "model"
