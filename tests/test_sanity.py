@@ -8,8 +8,9 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from _helpers_model import class_coded_cells, toy_dictionaries
 from pipeline.sanity import cascade_steps, compare_scores, randomisation_cascade, reinitialise
+
+from _helpers_model import class_coded_cells, toy_dictionaries
 
 
 def _classifier(layers=2, seed=0):

@@ -1,0 +1,83 @@
+"""Key genes on the synthetic data against its planted truth, read from the session's quick pipeline run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.synth_genes import P53_TARGETS_UP
+from store import Store
+
+P53_TARGETS = set(P53_TARGETS_UP)
+
+
+def _children(db):
+    st = Store(db)
+    (run,) = st.list_runs(kind="pipeline")
+    return st, {c["name"]: c for c in st.children(run["id"])}
+
+
+def _test_cells(db, checkpoint: Path):
+    from datasets import load_from_disk
+
+    from pipeline.train import load_split
+
+    (tokenized,) = [p for p in (Path(db).parent / ".gfattn-cache" / "tokenized").iterdir() if p.is_dir()]
+    ds = load_from_disk(str(tokenized))
+    split = load_split(checkpoint)
+    rows = [i for i, c in enumerate(ds["cell_id"]) if split.get(str(c)) == "test"]
+    return ds.select(rows)
+
+
+@pytest.mark.slow
+def test_controlled_overlap_of_a_random_weight_model_is_not_significant(quick_run):
+    """A model with random weights attends to no biology: the matched null must call its key genes' overlap
+    with DE non-significant, though its summed attention follows detection frequency."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from pipeline.analysis import run_pair_analysis
+    from pipeline.model import model_dictionaries
+
+    db, _ = quick_run
+    st, children = _children(db)
+    checkpoint = Path(st.get_json(children["lowhigh/unfrozen"]["id"], "checkpoint")["path"])
+    de = st.gene_table_df(children["de: high vs low"]["id"], "de")
+    torch.manual_seed(0)
+    config = json.loads((checkpoint / "config.json").read_text())
+    model = BertForSequenceClassification(BertConfig(**config)).eval()
+    out = run_pair_analysis(
+        None,
+        0,
+        model,
+        None,
+        _test_cells(db, checkpoint),
+        dicts=model_dictionaries(checkpoint),
+        de=de,
+        top_k=(10, 20, 50),
+    )
+    ov = out["de_overlap"]
+    assert ov["attention_column"] == "key_score_a"
+    assert all(item["p_matched"] > 0.05 for item in ov["overlap"]), ov["overlap"]
+    assert out["key_genes"]["frequency_spearman"]["attn_a"] > 0.8
+    assert any("attn_a" in w for w in out["key_genes"]["warnings"])
+    raw = ov["by_column"]["attn_a"]["overlap"]
+    assert min(item["p_value"] for item in raw) < min(item["p_matched"] for item in raw)
+
+
+@pytest.mark.slow
+def test_planted_targets_lead_the_controlled_key_genes_of_the_unfrozen_model(quick_run):
+    db, _ = quick_run
+    st, children = _children(db)
+    child = children["lowhigh: frozen vs unfrozen"]["id"]
+    genes = st.gene_table_df(child, "genes")
+    top = genes.dropna(subset=["key_score_b"]).nlargest(20, "key_score_b")
+    assert len(set(top["symbol"]) & P53_TARGETS) >= 2, top["symbol"].tolist()
+    doc = st.get_json(child, "key_genes")
+    rho = doc["frequency_spearman"]
+    assert abs(rho["key_score_b"]) < 0.5 < rho["attn_b"]
+    assert doc["default_score"] == "key_score_b"
+    assert np.all(genes.loc[genes["key_score_b"].notna(), "n_cells"] >= doc["min_cells"])
