@@ -935,6 +935,7 @@ def stage_attention(ctx: Context, task: str, mode_a: str, mode_b: str) -> None:
         )
         del model_a, model_b
         _attribution(ctx, child, task, test, (mode_a, mode_b))
+        _deletion(ctx, child, task, test, (mode_a, mode_b))
         _sanity(ctx, child, task, test, (mode_a, mode_b))
     ctx.rep.line(f"{name}: analysed {len(test)} test cells")
 
@@ -987,6 +988,44 @@ def _attribution(ctx: Context, child: int, task: str, test, modes: tuple[str, st
             f"{task}: attribution of {mode} ({', '.join(methods)}) on {len(labels)} cells"
             + (f"; integrated gradients' completeness gap {gap:.2%}" if gap is not None else "")
         )
+
+
+def _deletion(ctx: Context, child: int, task: str, test, modes: tuple[str, str]) -> None:
+    """In-silico deletion of each model's top genes by every score (and of matched random sets) from the
+    test cells, and single-gene deletion of each score's top genes (`pipeline.deletion`)."""
+    a_cfg = ctx.cfg["analysis"]
+    if not a_cfg["deletion"]:
+        return
+    from pipeline.deletion_report import run_deletion, write_deletion
+    from pipeline.model import load_for_attention
+    from store import results as R
+
+    genes = ctx.store.gene_table_df(child, R.TABLE_GENES)
+    labels = np.asarray(test["label"], dtype=np.int64)
+    for mode, suffix in zip(modes, R.MODEL_SUFFIXES):
+        result = ctx.out.deletions.get((task, mode))
+        if result is None:
+            result = run_deletion(
+                load_for_attention(ctx.out.models[(task, mode)]),
+                test,
+                labels,
+                genes=genes,
+                suffix=suffix,
+                attribution=ctx.out.attributions.get((task, mode)),
+                de=_de_for(ctx, task),
+                dicts=ctx.out.dicts,
+                ks=tuple(int(k) for k in a_cfg["deletion_k"]),
+                n_random=int(a_cfg["deletion_random_sets"]),
+                top_genes=int(a_cfg["deletion_top_genes"]),
+                null_bins=tuple(a_cfg["null_bins"]),
+                n_boot=int(a_cfg["n_boot"]),
+                device=ctx.device,
+                seed=ctx.seed,
+            )
+            ctx.out.deletions[(task, mode)] = result
+        doc = write_deletion(ctx.store, child, result, model_name=mode, suffix=suffix, genes=genes)
+        ctx.rep.line(f"{task}: deletion from {mode}: " + doc["headline"])
+    ctx.store.put_gene_table(child, R.TABLE_GENES, genes)
 
 
 def _sanity(ctx: Context, child: int, task: str, test, modes: tuple[str, str]) -> None:

@@ -986,6 +986,25 @@ ATTR_TABLE_PREFIX = "attribution_"
 ATTR_JSON_PREFIX = "attribution_"
 
 
+def json_deletion(model: str) -> str:
+    """JSON `deletion_<model>`: set deletion of each score's top k genes beside matched random sets."""
+    return f"deletion_{attr_model_key(model)}"
+
+
+def table_deletion(model: str) -> str:
+    """Gene table `deletion_<model>`: single-gene deletion effects on the true-class logit."""
+    return f"deletion_{attr_model_key(model)}"
+
+
+def col_deletion_logit(suffix: str) -> str:
+    """Analysis gene table: mean change of the true-class logit when the gene alone is deleted."""
+    return _suffixed("deletion_logit", suffix)
+
+
+def col_deletion_prob(suffix: str) -> str:
+    return _suffixed("deletion_prob", suffix)
+
+
 def json_sanity(model: str) -> str:
     """JSON `sanity_<model>`: the randomisation cascade of one model (`pipeline.sanity`)."""
     return f"sanity_{attr_model_key(model)}"

@@ -1,0 +1,227 @@
+"""In-silico deletion as an analysis of the pipeline: which gene sets to delete, and what is stored.
+
+`pipeline.deletion` is the engine (deleting token sets from cells and measuring the classifier's
+prediction); this module decides what the key-gene question needs from it and writes the answer:
+
+- **Rankings** of one model's genes by every score the analysis has (`score_rankings`): the controlled
+  key score, summed weight attention, norm attention, each attribution method's per-occurrence score
+  (genes in at least `min_cells` cells, as the attribution's own top genes), and Wilcoxon DE (up in the
+  tested group first).
+- **Set deletion** of each ranking's top k genes from every test cell, beside `n_random` random gene sets
+  matched to each top-k set on detection frequency x mean rank (the bins of `pipeline.keygenes`), with
+  bootstrap CIs over cells and the empirical p that the score's set hurts at least as much as its
+  matched random sets (`pipeline.deletion.set_deletion`).
+- **Single-gene deletion** of each ranking's top N genes (`pipeline.deletion.single_gene_effects`): the
+  mean change of the true-class logit over the cells expressing the gene, with its CI.
+
+Stored (names in `store.results`): JSON `deletion_<model>` (the top-k rows with their matched-random
+mean, 2.5-97.5% band and p, every random set's mean, and the Spearman correlations with detection
+frequency of the key score and of the deletion effects); gene table `deletion_<model>` (single-gene
+effects, with the scores whose top N hold the gene); and the analysis gene table's
+`deletion_logit_<s>`, `deletion_logit_low_<s>`, `deletion_logit_high_<s>`, `deletion_prob_<s>` columns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+HEADLINE_K = 20
+
+
+@dataclass
+class DeletionResult:
+    sets: pd.DataFrame  # pipeline.deletion.SET_COLUMNS, one row per (score, k, set)
+    single: pd.DataFrame  # pipeline.deletion.SINGLE_COLUMNS plus `top_of`
+    rankings: dict[str, np.ndarray]
+    n_cells: int
+    ks: tuple[int, ...]
+    n_random: int
+    meta: dict = field(default_factory=dict)
+
+
+def score_rankings(
+    genes: pd.DataFrame, suffix: str, *, attribution=None, de: pd.DataFrame | None = None, dicts=None, min_cells: int
+) -> dict[str, np.ndarray]:
+    """Token ids of the analysed genes ranked best first, per score (see the module docstring)."""
+    out: dict[str, np.ndarray] = {}
+    for name, col in (
+        ("key_score", f"key_score_{suffix}"),
+        ("attn", f"attn_{suffix}"),
+        ("attn_norm", f"attn_norm_{suffix}"),
+    ):
+        if col in genes.columns:
+            ranked = genes.dropna(subset=[col]).sort_values(col, ascending=False, kind="stable")
+            out[name] = ranked["token_id"].to_numpy(dtype=np.int64)
+    if attribution is not None:
+        from pipeline.attribution import attribution_gene_table
+
+        table = attribution_gene_table(attribution, dicts.id_to_gene)
+        table = table[table["n_cells"] >= int(min_cells)]
+        for m in attribution.methods:
+            ranked = table.dropna(subset=[f"{m}_mean"]).sort_values(f"{m}_mean", ascending=False, kind="stable")
+            out[m] = ranked["token_id"].to_numpy(dtype=np.int64)
+    if de is not None and len(de) and "score" in de.columns:
+        token = dict(zip(genes["ensembl_id"].astype(str), genes["token_id"].astype(np.int64)))
+        ranked = de.dropna(subset=["score"]).sort_values("score", ascending=False, kind="stable")
+        out["de"] = np.asarray([token[e] for e in ranked["ensembl_id"].astype(str) if e in token], dtype=np.int64)
+    return out
+
+
+def run_deletion(
+    model,
+    cells,
+    labels,
+    *,
+    genes: pd.DataFrame,
+    suffix: str,
+    dicts,
+    attribution=None,
+    de: pd.DataFrame | None = None,
+    ks: Sequence[int] = (1, 5, 10, 20, 50),
+    n_random: int = 20,
+    top_genes: int = 50,
+    null_bins: Sequence[int] = (5, 5),
+    n_boot: int = 200,
+    batch_size: int = 64,
+    device="cpu",
+    seed: int = 0,
+) -> DeletionResult:
+    """Set and single-gene deletion of one model on `cells` (its analysis gene table: `genes`)."""
+    from pipeline.deletion import DeletionEngine, set_deletion, single_gene_effects
+    from pipeline.keygenes import frequency_rank_bins, min_cells_for
+
+    n = len(labels)
+    rankings = score_rankings(genes, suffix, attribution=attribution, de=de, dicts=dicts, min_cells=min_cells_for(n))
+    engine = DeletionEngine(
+        model,
+        cells,
+        labels,
+        pad_id=dicts.pad_id,
+        special_ids=dicts.special_ids,
+        batch_size=batch_size,
+        device=device,
+    )
+    candidates = genes["token_id"].to_numpy(dtype=np.int64)
+    bins = frequency_rank_bins(genes["n_cells"].to_numpy(), genes["rank_mean"].to_numpy(), *null_bins)
+    ks = tuple(int(k) for k in ks if int(k) <= len(candidates) // 2)
+    sets = set_deletion(
+        engine,
+        rankings,
+        ks,
+        candidates=candidates,
+        bins=bins,
+        n_random=n_random,
+        n_boot=n_boot,
+        seed=seed,
+        n_rank_bins=int(null_bins[1]),
+    )
+    chosen: dict[int, list[str]] = {}
+    for name, ranked in rankings.items():
+        for t in ranked[: int(top_genes)].tolist():
+            chosen.setdefault(int(t), []).append(name)
+    tokens = np.asarray(list(chosen), dtype=np.int64)
+    single = single_gene_effects(engine, tokens, n_boot=n_boot, seed=seed) if len(tokens) else pd.DataFrame()
+    if len(single):
+        single["top_of"] = [",".join(chosen[int(t)]) for t in single["token_id"]]
+    return DeletionResult(
+        sets=sets,
+        single=single,
+        rankings=rankings,
+        n_cells=int(n),
+        ks=ks,
+        n_random=int(n_random),
+        meta={"top_genes": int(top_genes), "null_bins": [int(b) for b in null_bins], "seed": int(seed)},
+    )
+
+
+def _frequency_spearman(genes: pd.DataFrame, single: pd.DataFrame, suffix: str) -> dict:
+    """Spearman with detection frequency: the key score over every scored gene and over the genes deleted
+    one at a time, and the deletion effect (minus the logit change: larger = the model uses it more)."""
+    from scipy.stats import spearmanr
+
+    def rho(x, y):
+        ok = np.isfinite(x) & np.isfinite(y)
+        return float(spearmanr(x[ok], y[ok])[0]) if ok.sum() >= 3 and np.ptp(x[ok]) > 0 else None
+
+    key = f"key_score_{suffix}"
+    out = {"key_score": rho(genes[key].to_numpy(float), genes["n_cells"].to_numpy(float))}
+    if len(single):
+        merged = single.merge(genes[["token_id", "n_cells", key]], on="token_id")
+        freq = merged["n_cells"].to_numpy(float)
+        out["deletion_effect"] = rho(-merged["delta_logit_mean"].to_numpy(float), freq)
+        out["key_score_same_genes"] = rho(merged[key].to_numpy(float), freq)
+        out["n_genes_deleted"] = int(len(merged))
+    return out
+
+
+def write_deletion(
+    store, run_id: int, result: DeletionResult, *, model_name: str, suffix: str, genes: pd.DataFrame
+) -> dict:
+    """Store one model's deletion results (see the module docstring); adds the single-gene columns to
+    `genes` in place (the caller writes the gene table back). Returns the JSON document."""
+    from store import results as R
+    from store.jsonsafe import plain
+
+    sets = result.sets
+    top = sets[sets["set"] == "top"]
+    random = sets[sets["set"] != "top"]
+    rows, random_means = [], {}
+    for r in top.itertuples(index=False):
+        values = random[(random["score"] == r.score) & (random["k"] == r.k)]["delta_prob_mean"].to_numpy(float)
+        random_means.setdefault(r.score, {})[str(r.k)] = values.tolist()
+        row = r._asdict()
+        row.pop("set", None)
+        row["random_delta_prob_low"] = float(np.percentile(values, 2.5)) if len(values) else None
+        row["random_delta_prob_high"] = float(np.percentile(values, 97.5)) if len(values) else None
+        rows.append(row)
+    single = result.single
+    if len(single):
+        ids = dict(zip(genes["token_id"].astype(np.int64), genes["ensembl_id"].astype(str)))
+        symbols = dict(zip(genes["token_id"].astype(np.int64), genes["symbol"].astype(str)))
+        table = single.copy()
+        table.insert(0, "symbol", [symbols.get(int(t), "") for t in table["token_id"]])
+        table.insert(0, "ensembl_id", [ids.get(int(t), f"token_{int(t)}") for t in table["token_id"]])
+        store.put_gene_table(run_id, R.table_deletion(model_name), table)
+        by_token = single.set_index("token_id")
+        t = genes["token_id"].astype(np.int64)
+        genes[R.col_deletion_logit(suffix)] = t.map(by_token["delta_logit_mean"]).astype(float)
+        genes[R.col_deletion_logit(suffix) + "_low"] = t.map(by_token["delta_logit_ci_low"]).astype(float)
+        genes[R.col_deletion_logit(suffix) + "_high"] = t.map(by_token["delta_logit_ci_high"]).astype(float)
+        genes[R.col_deletion_prob(suffix)] = t.map(by_token["delta_prob_mean"]).astype(float)
+    k = HEADLINE_K if HEADLINE_K in result.ks else (max(result.ks) if result.ks else None)
+    parts = []
+    for row in rows:
+        if row["k"] == k and row["score"] in ("key_score", "attn", "de"):
+            p = row.get("p_empirical")
+            p_text = f", p={p:.2g}" if p is not None and np.isfinite(p) else ""
+            parts.append(
+                f"{row['score']} {row['delta_prob_mean']:+.3f} vs matched random "
+                f"{row['random_delta_prob_mean']:+.3f}{p_text}"
+            )
+    headline = (
+        f"change of the true-class probability when the top {k} genes are deleted: " + "; ".join(parts)
+        if parts
+        else "no gene set deleted"
+    )
+    doc = plain(
+        {
+            "model": model_name,
+            "n_cells": result.n_cells,
+            "ks": list(result.ks),
+            "n_random": result.n_random,
+            "scores": list(result.rankings),
+            "accuracy_before": float(top["accuracy_before"].iloc[0]) if len(top) else None,
+            "sets": rows,
+            "random_delta_prob": random_means,
+            "single_genes": int(len(single)),
+            "frequency_spearman": _frequency_spearman(genes, single, suffix),
+            "headline": headline,
+            **result.meta,
+        }
+    )
+    store.put_json(run_id, R.json_deletion(model_name), doc)
+    return doc
