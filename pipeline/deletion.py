@@ -24,10 +24,11 @@ classifier's prediction; it is not importable here (it needs the Geneformer pack
 layout). No library batches deletions across gene sets: a loop over sets and cells runs one short forward
 pass each and mostly recomputes unaffected cells.
 
-Cost: one forward pass per (set, affected cell) pair plus one baseline pass per cell, nothing for
-unaffected cells. `DeletionEngine.effects` builds an inverted index token -> (cell, position) once, pools
+Cost: one forward pass per distinct deleted sequence of a (set, affected cell) pair plus one baseline
+pass per cell, nothing for unaffected cells. `DeletionEngine.effects` builds an inverted index token -> (cell, position) once, pools
 every (set, affected cell) deleted sequence of a call, sorts the pool by length and runs it in batches of
-`batch_size` padded to their own longest sequence, so many small sets share full batches. Only one batch
+`batch_size` padded to their own longest sequence, so many small sets share full batches; a deleted
+sequence that several sets produce (the same genes of the cell removed) runs once. Only one batch
 of padded tensors exists at a time; the pool itself is integer arrays (set, cell, deleted positions).
 Results are float64 numpy arrays on any device.
 """
@@ -35,7 +36,7 @@ Results are float64 numpy arrays on any device.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
@@ -215,6 +216,16 @@ class _Pool:
     length: np.ndarray  # (E,) tokens left
     deleted: np.ndarray  # flat indices (into the engine's concatenated cells) of the removed tokens
     offsets: np.ndarray  # (E + 1,) entry e's removed tokens are deleted[offsets[e]:offsets[e + 1]]
+    source: np.ndarray = field(init=False)  # (E,) the first entry with the same deleted sequence (itself if first)
+
+    def __post_init__(self):
+        # Two sets that remove the same tokens from a cell (nested top-k sets, shared genes) give the same
+        # sequence: it runs once. The flat indices name both the cell and the positions.
+        first: dict[bytes, int] = {}
+        d, off = self.deleted, self.offsets.tolist()
+        self.source = np.asarray(
+            [first.setdefault(d[off[e] : off[e + 1]].tobytes(), e) for e in range(len(self.cell))], dtype=np.int64
+        )
 
 
 def _softmax64(z: np.ndarray) -> np.ndarray:
@@ -375,8 +386,8 @@ class DeletionEngine:
         )
 
     def _entry_batches(self, pool: _Pool) -> list[np.ndarray]:
-        """Pool entries with tokens left, longest first, cut into batches of `batch_size`."""
-        live = np.flatnonzero(pool.length > 0)
+        """Distinct pool entries with tokens left, longest first, cut into batches of `batch_size`."""
+        live = np.flatnonzero((pool.length > 0) & (pool.source == np.arange(len(pool.source))))
         order = live[np.argsort(-pool.length[live], kind="stable")]
         return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
 
@@ -392,7 +403,8 @@ class DeletionEngine:
 
     def deleted_batches(self, token_sets: Sequence[np.ndarray]) -> Iterator[tuple[np.ndarray, ...]]:
         """The batches `effects` runs, as numpy arrays: (set index, cell index, input_ids, attention_mask)
-        per batch, built one at a time. Pairs whose deletion leaves no token are not included."""
+        per batch, built one at a time. Pairs whose deletion leaves no token are not included, and a
+        deleted sequence another set already produced runs once (under the first such set)."""
         pool = self._pool(token_sets)
         for entries in self._entry_batches(pool):
             ids, mask = self._padded(self._sequences(pool, entries))
@@ -411,7 +423,7 @@ class DeletionEngine:
                 rows.append(entries)
             if chunks:
                 logits[np.concatenate(rows)] = torch.cat(chunks).to("cpu", torch.float64).numpy()
-        return pool, logits
+        return pool, logits[pool.source]
 
     def _entry_deltas(self, pool: _Pool, logits: np.ndarray):
         """Per pool entry: delta logit, delta prob (true class) and whether the prediction is still right."""
@@ -575,6 +587,42 @@ def set_rng(seed: int, score: str, k: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(k), zlib.crc32(str(score).encode("utf-8"))])
 
 
+def deletion_sets(
+    rankings: Mapping[str, np.ndarray],
+    ks: Sequence[int] = DEFAULT_KS,
+    *,
+    candidates: np.ndarray,
+    bins: np.ndarray,
+    n_random: int = 20,
+    seed: int = 0,
+    n_rank_bins: int = 5,
+) -> list[tuple[str, int, str, np.ndarray]]:
+    """The gene sets `set_deletion` evaluates, in its row order: (score, k, "top" or "random_<r>", token ids).
+
+    Per score (in the mapping's order) and k (in `ks` order): the top-k set, then its `n_random` matched
+    random sets; see `set_deletion` for how rankings are restricted to `candidates` and matched on `bins`.
+    """
+    candidates = np.asarray(candidates, dtype=np.int64)
+    bins = np.asarray(bins, dtype=np.int64)
+    if candidates.shape != bins.shape:
+        raise ValueError(f"{len(candidates)} candidates but {len(bins)} bins")
+    index = {int(t): i for i, t in enumerate(candidates.tolist())}
+    specs = []
+    for score, ranking in rankings.items():
+        ranked, seen = [], set()
+        for t in np.asarray(ranking, dtype=np.int64).ravel().tolist():
+            if t in index and t not in seen:
+                seen.add(t)
+                ranked.append(index[t])
+        for k in ks:
+            top = np.asarray(ranked[: int(k)], dtype=np.int64)
+            specs.append((str(score), int(k), "top", candidates[top]))
+            rng = set_rng(seed, score, k)
+            for r, random_set in enumerate(matched_random_sets(top, bins, n_random, rng, n_rank_bins=n_rank_bins)):
+                specs.append((str(score), int(k), f"random_{r}", candidates[random_set]))
+    return specs
+
+
 def set_deletion(
     engine: DeletionEngine,
     rankings: Mapping[str, np.ndarray],
@@ -608,25 +656,9 @@ def set_deletion(
 
     from pipeline.analysis import bootstrap_ci
 
-    candidates = np.asarray(candidates, dtype=np.int64)
-    bins = np.asarray(bins, dtype=np.int64)
-    if candidates.shape != bins.shape:
-        raise ValueError(f"{len(candidates)} candidates but {len(bins)} bins")
-    index = {int(t): i for i, t in enumerate(candidates.tolist())}
-    specs = []  # (score, k, set name, candidate indices)
-    for score, ranking in rankings.items():
-        ranked, seen = [], set()
-        for t in np.asarray(ranking, dtype=np.int64).ravel().tolist():
-            if t in index and t not in seen:
-                seen.add(t)
-                ranked.append(index[t])
-        for k in ks:
-            top = np.asarray(ranked[: int(k)], dtype=np.int64)
-            specs.append((str(score), int(k), "top", top))
-            rng = set_rng(seed, score, k)
-            for r, random_set in enumerate(matched_random_sets(top, bins, n_random, rng, n_rank_bins=n_rank_bins)):
-                specs.append((str(score), int(k), f"random_{r}", random_set))
-
+    specs = deletion_sets(
+        rankings, ks, candidates=candidates, bins=bins, n_random=n_random, seed=seed, n_rank_bins=n_rank_bins
+    )
     n = len(engine.cells)
     base_correct = engine.baseline.argmax(1) == engine.labels
     accuracy_before = float(base_correct.mean()) if n else np.nan
@@ -634,7 +666,7 @@ def set_deletion(
     rows = []
     for start in range(0, len(specs), per_chunk):
         chunk = specs[start : start + per_chunk]
-        effects = engine.effects([candidates[idx] for _, _, _, idx in chunk])
+        effects = engine.effects([tokens for _, _, _, tokens in chunk])
         logit = np.stack([e.delta_logit for e in effects], axis=1)
         prob = np.stack([e.delta_prob for e in effects], axis=1)
         ok = ~np.isnan(logit)
@@ -645,13 +677,13 @@ def set_deletion(
             else:
                 m = lo = hi = np.full(len(chunk), np.nan)
             stats[name] = (np.atleast_1d(m), np.atleast_1d(lo), np.atleast_1d(hi))
-        for j, ((score, k, name, idx), effect) in enumerate(zip(chunk, effects)):
+        for j, ((score, k, name, tokens), effect) in enumerate(zip(chunk, effects)):
             rows.append(
                 dict(
                     score=score,
                     k=k,
                     set=name,
-                    n_genes=int(len(idx)),
+                    n_genes=int(len(tokens)),
                     n_cells_affected=int(effect.affected.sum()),
                     delta_prob_mean=float(stats["delta_prob"][0][j]),
                     delta_prob_ci_low=float(stats["delta_prob"][1][j]),

@@ -144,8 +144,16 @@ def test_pool_runs_only_affected_pairs_longest_first():
     engine = DeletionEngine(model, data, data["label"], pad_id=PAD, special_ids=(CLS, EOS), batch_size=3)
     batches = list(engine.deleted_batches(SETS))
     effects = engine.effects(SETS)
-    pairs = sorted((int(s), int(c)) for b in batches for s, c in zip(b[0], b[1]))
-    assert pairs == sorted((s, c) for s, e in enumerate(effects) for c in np.flatnonzero(e.affected))
+    pairs = {(int(s), int(c)) for b in batches for s, c in zip(b[0], b[1])}
+    affected = {(s, int(c)) for s, e in enumerate(effects) for c in np.flatnonzero(e.affected)}
+
+    def removed(s, c):
+        return set(SETS[s].tolist()) & set(data["input_ids"][c]) - {CLS, EOS}
+
+    assert pairs <= affected and sum(len(b[0]) for b in batches) == len(pairs)
+    for s, c in affected:  # each affected pair's sequence runs once, under the first set producing it
+        first = min(t for t, d in affected if d == c and removed(t, c) == removed(s, c))
+        assert (first, c) in pairs
     widths = [b[2].shape[1] for b in batches]
     assert widths == sorted(widths, reverse=True) and all(len(b[0]) <= 3 for b in batches)
     assert len({int(s) for b in batches[:2] for s in b[0]}) > 1  # sets share batches
@@ -355,3 +363,19 @@ def test_set_deletion_uses_matched_sets(planted):
     for row, effect in zip(engine_rows.itertuples(), want):
         assert row.n_cells_affected == effect.affected.sum()
         np.testing.assert_allclose(row.delta_prob_mean, effect.delta_prob.mean(), atol=1e-6)
+
+
+def test_same_deleted_sequence_runs_once():
+    model = classifier(seed=11)
+    data = {"input_ids": [[3, 4, 5, 6], [7, 8, 9], [3, 9, 10]], "label": [0, 1, 2]}
+    engine = DeletionEngine(model, data, None, pad_id=PAD, batch_size=2)
+    sets = [np.array([3]), np.array([3, 50]), np.array([3, 7]), np.array([3, 4])]
+    pairs = [(int(s), int(c)) for b in engine.deleted_batches(sets) for s, c in zip(b[0], b[1])]
+    # cell 0: sets 0, 1, 2 remove just 3; cell 2: sets 0-3 remove just 3; cell 1: set 2 removes 7
+    assert sorted(pairs) == [(0, 0), (0, 2), (2, 1), (3, 0)]
+    got = engine.effects(sets)
+    want = naive_set_effects(model, data, None, sets, pad_id=PAD)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g.affected, w.affected)
+        np.testing.assert_allclose(g.delta_logit, w.delta_logit, atol=1e-5)
+    np.testing.assert_array_equal(got[0].delta_logit[[0, 2]], got[1].delta_logit[[0, 2]])
