@@ -62,8 +62,10 @@ def test_bins_are_quantiles_of_frequency_and_rank():
     f, r = bins // 4, bins % 4
     for a in range(4):  # every gene of a higher frequency bin is at least as frequent
         assert n_cells[f == a].max() <= n_cells[f == a + 1].min()
-    for a in range(3):
-        assert rank[r == a].max() <= rank[r == a + 1].min()
+    for a in range(5):  # within a frequency bin, rank bins are quantiles of the mean rank
+        for b in range(3):
+            assert rank[(f == a) & (r == b)].max() <= rank[(f == a) & (r == b + 1)].min()
+        assert abs(np.sum(f == a) - 100) <= 1
     np.testing.assert_array_equal(bins, frequency_rank_bins(n_cells, rank, 5, 4))
 
 
