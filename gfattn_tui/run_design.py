@@ -126,9 +126,9 @@ def class_sizes(obs, design: Design, *, min_cells: int = MIN_CELLS, cache: dict 
             out.problems.append(f"filter {col}={','.join(values)} keeps no cell")
     if filters and not empty_part and not keep.any():
         out.problems.append("the filter keeps no cell: each part keeps some, all together none")
-    nothing_kept = bool(filters) and not keep.any()
     if empty_part:
         keep[:] = False
+    nothing_kept = bool(filters) and not keep.any()
     if not column:
         out.cells = int(weights[keep].sum())
         return out
