@@ -168,7 +168,9 @@ def class_sizes(obs, design: Design, *, min_cells: int = MIN_CELLS, cache: dict 
         if n == 0:
             out.problems.append(f"class {name} has no cell" + (" after the filter" if filters else ""))
         elif n < min_cells:
-            out.problems.append(f"class {name} has {n} cell{'s' if n > 1 else ''}; the split needs at least {min_cells}")
+            out.problems.append(
+                f"class {name} has {n} cell{'s' if n > 1 else ''}; the split needs at least {min_cells}"
+            )
     out.cells = int(weights[keep & (labels.codes >= 0)].sum())
     return out
 

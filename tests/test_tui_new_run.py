@@ -5,12 +5,12 @@ completion of the data field."""
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import tomllib
 
 from gfattn_tui.launcher import RunRequest
 from gfattn_tui.run_design import Design, class_sizes, parse_assignments, suggest_path
@@ -171,7 +171,11 @@ async def test_groups_are_written_as_a_task_of_a_generated_config(tmp_path, cell
         assert "--label-column" not in _text(form, "#nr-command")  # flags would replace the config's task
         doc = tomllib.loads(request.config_text)
         assert doc["tasks"] == [
-            {"name": "perturbation", "column": "perturbation", "groups": {"KO": ["ZAP70_1", "LCK_1"], "ctrl": ["control"]}}
+            {
+                "name": "perturbation",
+                "column": "perturbation",
+                "groups": {"KO": ["ZAP70_1", "LCK_1"], "ctrl": ["control"]},
+            }
         ]
 
         form.query_one("#nr-groups").value = "KO=ZAP70_1,LCK_9; ctrl=control"

@@ -147,7 +147,9 @@ class NewRunScreen(Screen[int | None]):
             yield table
             with Horizontal(classes="form-row"):
                 yield Label("groups", classes="form-label")
-                yield Input(placeholder="instead of classes: KO=ZAP70_1,LCK_1; ctrl=control", id="nr-groups", compact=True)
+                yield Input(
+                    placeholder="instead of classes: KO=ZAP70_1,LCK_1; ctrl=control", id="nr-groups", compact=True
+                )
             with Horizontal(classes="form-row"):
                 yield Label("filter", classes="form-label")
                 yield Input(placeholder="keep cells: COL=V1,V2; COL2=V3 (* wildcards)", id="nr-filter", compact=True)
