@@ -107,11 +107,12 @@ async def test_classes_picked_in_order_give_the_sizes_and_the_command(tmp_path, 
 
         await _choose_column(form, pilot, "stim")
         table = form.query_one("#nr-values")
-        shown = {str(k.value): table.get_row(k)[2] for k in table.rows}
+        shown = {str(k.value): str(table.get_row(k)[2]) for k in table.rows}
         assert shown == {v: f"{n:,}" for v, n in expected.items()}
 
         await _pick(form, pilot, "ctrl", "IFNB")  # ctrl first: the picked order is the class order
         assert form.picked == ["ctrl", "IFNB"]
+        assert {str(k.value): str(table.get_row(k)[0]) for k in table.rows} == {"ctrl": "1", "IFNB": "2"}
         assert form.sizes.classes == {"ctrl": int(expected["ctrl"]), "IFNB": int(expected["IFNB"])}
         assert f"ctrl {expected['ctrl']} · IFNB {expected['IFNB']}" in _text(form, "#nr-sizes")
         assert "--label-column stim --classes ctrl,IFNB" in _text(form, "#nr-command")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
+from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -341,7 +342,7 @@ class NewRunScreen(Screen[int | None]):
             f"{len(obs):,} cells, {len(columns)} obs columns: choose the label column, then pick its classes"
         )
         self.query_one("#nr-label-column", Select).set_options(
-            [(f"{c['name']} ({c['n_values']:,} values)", c["name"]) for c in columns]
+            [(Text(f"{c['name']} ({c['n_values']:,} values)"), c["name"]) for c in columns]
         )
         self._refresh_design()
 
@@ -353,7 +354,7 @@ class NewRunScreen(Screen[int | None]):
         if not column:
             return
         for value, n in column.get("values", {}).items():
-            table.add_row("", value, f"{n:,}", key=value)
+            table.add_row(Text(""), Text(value), Text(f"{n:,}", justify="right"), key=value)
 
     def toggle_class(self, value: str) -> None:
         """Pick `value` as the next class, or drop it (the later ones move up)."""
@@ -365,7 +366,7 @@ class NewRunScreen(Screen[int | None]):
         for row_key in table.rows:
             key = str(row_key.value)
             mark = str(self.picked.index(key) + 1) if key in self.picked else ""
-            table.update_cell(row_key, "pick", mark)
+            table.update_cell(row_key, "pick", Text(mark))
         self._refresh_design()
 
     # events ----------------------------------------------------------------------------------------
