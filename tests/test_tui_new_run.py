@@ -259,3 +259,33 @@ async def test_tab_accepts_the_path_completion(tmp_path, cells):
         await settle(pilot)
         assert field.value == str(cells)
         assert form.obs is not None  # the completed path was read
+
+
+def test_loom_obs_is_read_like_its_converted_h5ad(tmp_path, cells):
+    """A .loom's column attributes give the obs that `gfattn pipeline` reads after converting it."""
+    pytest.importorskip("loompy")
+    import anndata as ad
+
+    from pipeline.commands.inspect import obs_columns, read_obs_table
+    from pipeline.data import loom_as_h5ad
+
+    loom = tmp_path / "cells.loom"
+    ad.read_h5ad(cells).write_loom(loom)
+    direct = read_obs_table(loom)
+    converted = read_obs_table(loom_as_h5ad(loom, tmp_path / "cache"))
+    assert list(direct.index) == list(converted.index) == list(_obs(cells).index)
+    assert obs_columns(direct) == obs_columns(converted)
+
+
+@pytest.mark.asyncio
+async def test_an_unreadable_data_file_is_a_problem(tmp_path):
+    broken = tmp_path / "broken.h5ad"
+    broken.write_bytes(b"not hdf5")
+    app = make_app(EmptyStore(tmp_path / "gfattn.db"), poll=False)
+    async with app.run_test(size=SIZE) as pilot:
+        form = await _open_form(app, pilot)
+        form.query_one("#nr-data").value = str(broken)
+        await settle(pilot)
+        assert form.obs is None
+        assert f"cannot read the obs of {broken}" in _text(form, "#nr-design-problems")
+        assert not form.query_one("#nr-label-column")._options[1:]  # only the blank prompt
