@@ -295,3 +295,21 @@ async def test_an_unreadable_data_file_is_a_problem(tmp_path):
         assert form.obs is None
         assert f"cannot read the obs of {broken}" in _text(form, "#nr-design-problems")
         assert not form.query_one("#nr-label-column")._options[1:]  # only the blank prompt
+
+
+def test_request_accepts_loom_and_a_tokenized_folder(tmp_path):
+    loom = tmp_path / "cells.loom"
+    loom.write_bytes(b"")
+    (tmp_path / "tok").mkdir()
+    assert RunRequest(data=str(loom)).validate() == []
+    text = tmp_path / "cells.csv"
+    text.write_text("")
+    assert RunRequest(data=str(text)).validate() == [f"data file {text} is neither .h5ad nor .loom"]
+    request = RunRequest(tokenized=str(tmp_path / "tok"), model=str(tmp_path), filters=["stim=a,b", "dose=0"])
+    assert request.validate() == []
+    argv = request.argv(tmp_path / "gfattn.db")
+    assert argv[argv.index("--tokenized") + 1] == str(tmp_path / "tok")
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "--filter"] == ["stim=a,b", "dose=0"]
+    both = RunRequest(data=str(loom), tokenized=str(tmp_path / "tok")).validate()
+    assert "data file and tokenized dataset both given; pass one" in both
+    assert any("needs the model dir" in p for p in both)
