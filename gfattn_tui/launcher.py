@@ -42,6 +42,7 @@ class RunRequest:
 
     preset: str = "default"
     data: str = ""
+    tokenized: str = ""
     model: str = ""
     geneformer_dir: str = ""
     config: str = ""
@@ -49,6 +50,10 @@ class RunRequest:
     device: str = "auto"
     nproc: int | None = None
     epochs: int | None = None
+    label_column: str = ""
+    classes: list[str] = field(default_factory=list)
+    filters: list[str] = field(default_factory=list)  # `COL=V1,V2`, one per `--filter`
+    config_text: str = ""  # a config the form generated: written to `config` when the run starts
     extra: list[str] = field(default_factory=list)
 
     def validate(self) -> list[str]:
@@ -58,13 +63,20 @@ class RunRequest:
             p = Path(self.data).expanduser()
             if not p.is_file():
                 problems.append(f"data file {p} does not exist")
-            elif p.suffix != ".h5ad":
-                problems.append(f"data file {p} is not an .h5ad file")
+            elif p.suffix not in (".h5ad", ".loom"):
+                problems.append(f"data file {p} is neither .h5ad nor .loom")
+        if self.tokenized:
+            if not Path(self.tokenized).expanduser().is_dir():
+                problems.append(f"tokenized dataset {self.tokenized} does not exist")
+            if self.data:
+                problems.append("data file and tokenized dataset both given; pass one")
+            if not self.model:
+                problems.append("a tokenized dataset needs the model dir whose dictionaries tokenized it")
         if self.model and not Path(self.model).expanduser().is_dir():
             problems.append(f"model directory {self.model} does not exist")
         if self.geneformer_dir and not Path(self.geneformer_dir).expanduser().is_dir():
             problems.append(f"Geneformer directory {self.geneformer_dir} does not exist")
-        if self.config and not Path(self.config).expanduser().is_file():
+        if self.config and not self.config_text and not Path(self.config).expanduser().is_file():
             problems.append(f"config file {self.config} does not exist")
         if self.device not in DEVICES:
             problems.append(f"device must be one of {', '.join(DEVICES)}")
@@ -72,6 +84,10 @@ class RunRequest:
             problems.append("processes must be at least 1")
         if self.epochs is not None and self.epochs < 1:
             problems.append("epochs must be at least 1")
+        if self.classes and not self.label_column:
+            problems.append("classes need a label column")
+        if self.classes and len(self.classes) < 2:
+            problems.append("pick at least two classes")
         return problems
 
     def argv(self, store_path: str | Path) -> list[str]:
@@ -79,6 +95,7 @@ class RunRequest:
         args += ["--preset", self.preset]
         for flag, value in (
             ("--data", self.data),
+            ("--tokenized", self.tokenized),
             ("--model", self.model),
             ("--geneformer-dir", self.geneformer_dir),
             ("--config", self.config),
@@ -86,6 +103,12 @@ class RunRequest:
         ):
             if value:
                 args += [flag, str(Path(value).expanduser()) if flag != "--name" else value]
+        if self.label_column:
+            args += ["--label-column", self.label_column]
+        if self.classes:
+            args += ["--classes", ",".join(self.classes)]
+        for item in self.filters:
+            args += ["--filter", item]
         if self.device and self.device != "auto":
             args += ["--device", self.device]
         if self.nproc is not None:
@@ -125,8 +148,13 @@ def log_dir_for_store(store_path: str | Path) -> Path:
 
 
 def start_pipeline(request: RunRequest, store_path: str | Path, *, cwd: str | Path | None = None) -> LaunchedRun:
-    """Start the run in its own session with output to a log file; returns at once."""
+    """Start the run in its own session with output to a log file (first writing the config the form
+    generated, when there is one); returns at once."""
     store_path = Path(store_path).expanduser().resolve()
+    if request.config_text and request.config:
+        config = Path(request.config).expanduser()
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(request.config_text, encoding="utf-8")
     return _start(request.argv(store_path), store_path, cwd=cwd, what="run")
 
 

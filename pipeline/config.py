@@ -367,23 +367,48 @@ def parse_mode(mode: str) -> tuple[str, int]:
     raise InputError(f"unknown training mode {mode!r}; use frozen, unfrozen, last-K (e.g. last-1) or freeze-N")
 
 
+def toml_value(value: Any) -> str:
+    """One TOML value: booleans, numbers, strings, lists and inline tables of them."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + "".join(_toml_char(c) for c in value) + '"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{toml_key(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+def _toml_char(c: str) -> str:
+    if c in '\\"':
+        return "\\" + c
+    return f"\\u{ord(c):04x}" if ord(c) < 0x20 or c == "\x7f" else c
+
+
+def toml_key(k: str) -> str:
+    return k if k and k.replace("_", "").replace("-", "").isalnum() and k.isascii() else toml_value(k)
+
+
+def dumps_toml(doc: dict) -> str:
+    """A config document (sections of keys, and `tasks`) as TOML that `load_toml` reads back unchanged."""
+    lines = []
+    for section, keys in doc.items():
+        if section == "tasks":
+            continue
+        lines.append(f"[{toml_key(section)}]")
+        lines.extend(f"{toml_key(k)} = {toml_value(v)}" for k, v in keys.items())
+        lines.append("")
+    for t in doc.get("tasks", []):
+        lines.append("[[tasks]]")
+        lines.extend(f"{toml_key(k)} = {toml_value(v)}" for k, v in t.items())
+        lines.append("")
+    return "\n".join(lines)
+
+
 def to_toml(cfg: dict) -> str:
     """A commented TOML rendering of a configuration (`gfattn pipeline --print-config`)."""
-
-    def fmt(value: Any) -> str:
-        if isinstance(value, bool):
-            return "true" if value else "false"
-        if isinstance(value, str):
-            return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-        if isinstance(value, list):
-            return "[" + ", ".join(fmt(v) for v in value) + "]"
-        if isinstance(value, dict):
-            return "{" + ", ".join(f"{_key(k)} = {fmt(v)}" for k, v in value.items()) + "}"
-        return repr(value)
-
-    def _key(k: str) -> str:
-        return k if k.replace("_", "").replace("-", "").isalnum() else fmt(k)
-
+    fmt = toml_value
     lines = []
     for section, keys in SCHEMA.items():
         lines.append(f"[{section}]")

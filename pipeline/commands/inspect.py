@@ -2,8 +2,8 @@
 
 Obs columns with their value counts (read in backed mode: X is never loaded), where the gene IDs are
 and how many map to the V1 and V2 vocabularies, detected genes per cell (from the sparse row pointers,
-streamed), and a suggested `gfattn pipeline` command line. `--json` prints the same as one document (the
-TUI's New run form reads it).
+streamed), and a suggested `gfattn pipeline` command line. `--json` prints the same as one document.
+The TUI's New run form lists obs columns with the same readers (`read_obs_table`, `obs_columns`).
 """
 
 from __future__ import annotations
@@ -28,14 +28,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON document")
 
 
-def describe(path: Path, *, geneformer_dir=None, model=None, layer=None, gene_id_column=None) -> dict:
+def read_obs_table(path: str | Path):
+    """The obs table of an .h5ad (backed: X is never loaded) or of a .loom (its column attributes only)."""
+    path = Path(path)
+    if path.suffix == ".loom":
+        return _loom_obs(path)
+    from pipeline.experiment import read_obs
+
+    return read_obs(str(path))
+
+
+def _loom_obs(path: Path):
+    """A .loom's 1-D column attributes as obs, indexed like `pipeline.data.loom_as_h5ad` indexes them."""
+    import h5py
+    import pandas as pd
+
+    try:
+        with h5py.File(path, "r") as fh:
+            attrs = fh["col_attrs"]
+            data = {}
+            for name in attrs:
+                values = attrs[name][()]
+                if values.ndim != 1:
+                    continue
+                if values.dtype.kind in "SO":
+                    values = [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in values]
+                data[name] = values
+    except (OSError, KeyError) as exc:
+        raise InputError(f"cannot read {path} as .loom ({type(exc).__name__}: {exc})") from None
+    obs = pd.DataFrame(data)
+    key = next((k for k in ("CellID", "obs_names", "cell_id") if k in obs.columns), None)
+    if key is not None:
+        obs.index = obs.pop(key).astype(str).to_numpy()
+    return obs
+
+
+def obs_columns(obs, max_values: int = MAX_CLASSES) -> list[dict]:
+    """Every obs column: missing values, number of distinct values, and the value counts (at most
+    `max_values`, most frequent first) or, for a numeric column with more than MAX_CLASSES values, its range."""
     import numpy as np
     import pandas as pd
 
-    from pipeline.data import map_genes, open_counts
-    from pipeline.experiment import read_obs
-
-    obs = read_obs(str(path))
     columns = []
     for name in obs.columns:
         col = obs[name]
@@ -53,9 +86,19 @@ def describe(path: Path, *, geneformer_dir=None, model=None, layer=None, gene_id
         else:
             entry.update(
                 kind="number" if pd.api.types.is_numeric_dtype(col) else "text",
-                values={str(k): int(v) for k, v in counts.head(MAX_CLASSES).items()},
+                values={str(k): int(v) for k, v in counts.head(max_values).items()},
             )
         columns.append(entry)
+    return columns
+
+
+def describe(path: Path, *, geneformer_dir=None, model=None, layer=None, gene_id_column=None) -> dict:
+    import numpy as np
+
+    from pipeline.data import map_genes, open_counts
+    from pipeline.experiment import read_obs
+
+    columns = obs_columns(read_obs(str(path)))
     with open_counts(path, layer) as cm:
         n_cells, n_genes = cm.shape
         detected = []
