@@ -81,3 +81,40 @@ def test_planted_targets_lead_the_controlled_key_genes_of_the_unfrozen_model(qui
     assert abs(rho["key_score_b"]) < 0.5 < rho["attn_b"]
     assert doc["default_score"] == "key_score_b"
     assert np.all(genes.loc[genes["key_score_b"].notna(), "n_cells"] >= doc["min_cells"])
+
+
+@pytest.mark.slow
+def test_deleting_planted_targets_hurts_high_dose_predictions_more_than_matched_random_sets(quick_run):
+    """The unfrozen lowhigh model uses the planted p53 targets: deleting them from the high-dose test cells
+    lowers the high-dose probability more than deleting random genes matched on frequency and rank."""
+    from pipeline.deletion import DeletionEngine, matched_random_sets
+    from pipeline.keygenes import frequency_rank_bins
+    from pipeline.model import load_for_attention, model_dictionaries
+
+    db, _ = quick_run
+    st, children = _children(db)
+    checkpoint = Path(st.get_json(children["lowhigh/unfrozen"]["id"], "checkpoint")["path"])
+    test = _test_cells(db, checkpoint)
+    data = children["data"]["id"]
+    cells = st.cells(data).set_index("cell_id")
+    classes = st.labels(data)["lowhigh"]
+    label = np.array([classes.index(cells.loc[str(c), "lowhigh"]) for c in test["cell_id"]])
+    high = test.select(np.flatnonzero(label == classes.index("high")).tolist())
+    genes = st.gene_table_df(children["lowhigh: frozen vs unfrozen"]["id"], "genes")
+    candidates = genes["token_id"].to_numpy()
+    bins = frequency_rank_bins(genes["n_cells"].to_numpy(), genes["rank_mean"].to_numpy(), 5, 5)
+    planted = np.flatnonzero(genes["symbol"].isin(P53_TARGETS).to_numpy())
+    assert len(planted) >= 5
+    randoms = matched_random_sets(planted, bins, 39, np.random.default_rng(0))
+    dicts = model_dictionaries(checkpoint)
+    engine = DeletionEngine(
+        load_for_attention(checkpoint),
+        high,
+        np.full(len(high), classes.index("high")),
+        pad_id=dicts.pad_id,
+        special_ids=dicts.special_ids,
+    )
+    effects = engine.effects([candidates[planted]] + [candidates[r] for r in randoms])
+    drop = [float(np.mean(e.delta_prob)) for e in effects]
+    p = (1 + sum(d <= drop[0] for d in drop[1:])) / len(drop)
+    assert drop[0] < 0 and p < 0.05, (drop[0], sorted(drop[1:])[:5], p)
