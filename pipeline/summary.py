@@ -118,8 +118,69 @@ def format_summary(store, run_id: int, elapsed_s: float | None = None, top_n: in
         for suffix, model in zip(R.MODEL_SUFFIXES, an.models):
             lines += attribution_lines(store, an.run_id, model, R.col_attn(suffix))
         for model in an.models:
+            lines += deletion_lines(store, an.run_id, model)
+        for model in an.models:
             lines += sanity_lines(store, an.run_id, model)
     return "\n".join(lines)
+
+
+def deletion_lines(store, run_id: int, model: str) -> list[str]:
+    """A model's set deletion in a few lines: per score, the change of the true-class probability when its
+    top k genes are deleted beside matched random sets (and the empirical p); the frequency Spearmans."""
+    doc = R.read_json(store, run_id, (R.json_deletion(model),)).get(R.json_deletion(model))
+    if not doc or not doc.get("sets"):
+        return []
+    lines = [
+        f"  deletion from {model}: change of the true-class probability, top k genes vs matched random sets "
+        f"({doc.get('n_random')} per set; {doc.get('n_cells')} cells, accuracy {doc.get('accuracy_before', 0):.3f}):"
+    ]
+    by_score: dict[str, list[str]] = {}
+    for row in doc["sets"]:
+        p = row.get("p_empirical")
+        p_text = f" p={p:.2g}" if isinstance(p, (int, float)) else ""
+        rnd = row.get("random_delta_prob_mean")
+        rnd_text = f"/{rnd:+.3f}" if isinstance(rnd, (int, float)) else ""
+        by_score.setdefault(row["score"], []).append(f"k={row['k']} {row['delta_prob_mean']:+.3f}{rnd_text}{p_text}")
+    width = max(len(s) for s in by_score)
+    lines += [f"    {score:<{width}}  " + "  ".join(parts) for score, parts in by_score.items()]
+    rho = doc.get("frequency_spearman") or {}
+    if rho.get("deletion_effect") is not None and rho.get("key_score_same_genes") is not None:
+        lines.append(
+            f"    Spearman with detection frequency over the {rho.get('n_genes_deleted')} genes deleted one at a "
+            f"time: deletion effect {rho['deletion_effect']:.2f}, key score {rho['key_score_same_genes']:.2f}"
+        )
+    return lines
+
+
+def key_gene_table_lines(store, run_id: int, top_n: int = 10) -> list[str]:
+    """Top genes of each model by every score, each with its single-gene deletion effect (change of the
+    true-class logit over the cells expressing it), for `gfattn show`."""
+    an = R.read_pair_analysis(store, run_id)
+    lines = []
+    for model in an.models:
+        table = R.table_deletion(model)
+        if table not in store.gene_tables(run_id):
+            continue
+        single = store.gene_table_df(run_id, table)
+        if not len(single):
+            continue
+        effect = dict(zip(single["token_id"].astype(int), single["delta_logit_mean"].astype(float)))
+        label = {
+            int(t): (sym if isinstance(sym, str) and sym else ens)
+            for t, sym, ens in zip(single["token_id"], single["symbol"], single["ensembl_id"])
+        }
+        lines.append(f"  top genes of {model} by score (single-gene deletion: change of the true-class logit)")
+        doc = R.read_json(store, run_id, (R.json_deletion(model),)).get(R.json_deletion(model)) or {}
+        scores: dict[str, list[int]] = {score: [] for score in doc.get("scores", [])}
+        for t, top_of in zip(single["token_id"].astype(int), single["top_of"].astype(str)):
+            for score in top_of.split(","):
+                scores.setdefault(score, []).append(t)
+        scores = {k: v for k, v in scores.items() if v}
+        width = max(len(s) for s in scores)
+        for score, tokens in scores.items():
+            parts = [f"{label[t]} {effect[t]:+.2f}" if np.isfinite(effect[t]) else label[t] for t in tokens[:top_n]]
+            lines.append(f"    {score:<{width}}  " + ", ".join(parts))
+    return lines
 
 
 def sanity_lines(store, run_id: int, model: str) -> list[str]:

@@ -33,8 +33,10 @@ def _num(v) -> str:
     return str(v)
 
 
-def format_show(doc: dict, depth: int = 0) -> str:
+def format_show(doc: dict, depth: int = 0, extra: dict | None = None) -> str:
+    """The readable summary; `extra` maps run ids to further lines shown under that run (key genes)."""
     pad = "    " * depth
+    extra = extra or {}
     r = doc["run"]
     lines = [f"{pad}run {r['id']}  {r['name']}  [{r['kind']}]  {r['status']}"]
     info = [
@@ -94,18 +96,35 @@ def format_show(doc: dict, depth: int = 0) -> str:
     if doc["events"]["count"]:
         last = doc["events"]["last"][-1]
         lines.append(f"{pad}  events    {doc['events']['count']} (last: {last['message'].splitlines()[0][:80]})")
+    lines += [pad + line for line in extra.get(r["id"], [])]
     for child in doc["children"]:
         lines.append("")
-        lines.append(format_show(child, depth + 1))
+        lines.append(format_show(child, depth + 1, extra))
     return "\n".join(lines)
+
+
+def _runs(doc: dict):
+    yield doc["run"]
+    for child in doc["children"]:
+        yield from _runs(child)
 
 
 def run(args: argparse.Namespace) -> int:
     with open_store(args.store, readonly=True) as st:
         doc = st.show(resolve_run(st, args.run))
-    if args.json:
-        json.dump(doc, sys.stdout, indent=1, ensure_ascii=False, allow_nan=False)
-        sys.stdout.write("\n")
-    else:
-        print(format_show(doc))
+        if args.json:
+            json.dump(doc, sys.stdout, indent=1, ensure_ascii=False, allow_nan=False)
+            sys.stdout.write("\n")
+            return 0
+        from pipeline.summary import deletion_lines, key_gene_table_lines
+
+        extra = {}
+        for r in _runs(doc):
+            if r["kind"] == "analysis":
+                models = [m for m in st.json_names(r["id"]) if m.startswith("deletion_")]
+                lines = key_gene_table_lines(st, r["id"])
+                for name in models:
+                    lines += deletion_lines(st, r["id"], st.get_json(r["id"], name).get("model", ""))
+                extra[r["id"]] = lines
+    print(format_show(doc, extra=extra))
     return 0
