@@ -218,6 +218,7 @@ def write_deletion(
             "sets": rows,
             "random_delta_prob": random_means,
             "single_genes": int(len(single)),
+            "top_tokens": {k: v[: int(result.meta.get("top_genes", 0))].tolist() for k, v in result.rankings.items()},
             "frequency_spearman": _frequency_spearman(genes, single, suffix),
             "headline": headline,
             **result.meta,

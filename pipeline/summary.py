@@ -171,11 +171,10 @@ def key_gene_table_lines(store, run_id: int, top_n: int = 10) -> list[str]:
         }
         lines.append(f"  top genes of {model} by score (single-gene deletion: change of the true-class logit)")
         doc = R.read_json(store, run_id, (R.json_deletion(model),)).get(R.json_deletion(model)) or {}
-        scores: dict[str, list[int]] = {score: [] for score in doc.get("scores", [])}
-        for t, top_of in zip(single["token_id"].astype(int), single["top_of"].astype(str)):
-            for score in top_of.split(","):
-                scores.setdefault(score, []).append(t)
+        scores = {k: [int(t) for t in v if int(t) in label] for k, v in (doc.get("top_tokens") or {}).items()}
         scores = {k: v for k, v in scores.items() if v}
+        if not scores:
+            continue
         width = max(len(s) for s in scores)
         for score, tokens in scores.items():
             parts = [f"{label[t]} {effect[t]:+.2f}" if np.isfinite(effect[t]) else label[t] for t in tokens[:top_n]]
