@@ -2,7 +2,8 @@
 
 fig. 1 UMAP of the cells by dose and group; fig. 3 confusion matrices; fig. 4 layer x head attention
 similarity; fig. 5/6 attention received per rank and its difference, median length marked; fig. 7 top
-attended versus top DE genes; table 8 the key-gene table; fig. 9 the norm-based heatmaps.
+attended versus top DE genes; table 8 the key-gene table; fig. 9 the norm-based heatmaps; fig. 10
+attribution; fig. 11 in-silico deletion beside matched random sets; fig. 12 the randomisation cascade.
 Everything is read from the store, so a figure can be redrawn for any finished run without recomputation.
 """
 
@@ -159,7 +160,79 @@ def plot_run(store, run_id: int, out_dir: str | Path) -> list[Path]:
                 _attention_vs_de(plt, an.genes, de.table, an.de_overlap, names, out, stem, written)
             _gene_figures(plt, an.genes, out, stem, written)
         _attribution_figure(plt, store, an, out, stem, written)
+        _deletion_figure(plt, store, an, out, stem, written)
+        _sanity_figure(plt, store, an, out, stem, written)
     return written
+
+
+def _deletion_figure(plt, store, an, out: Path, stem: str, written: list[Path]) -> None:
+    """Fig. 11: in-silico deletion. Per model of the pair, the change of the true-class probability when
+    each score's top k genes are deleted (lines) beside the 2.5-97.5% band of its matched random sets;
+    and, for the second model, each gene's key score against its single-gene deletion effect."""
+    docs = [(m, R.read_json(store, an.run_id, (R.json_deletion(m),)).get(R.json_deletion(m))) for m in an.models]
+    docs = [(m, d) for m, d in docs if d and d.get("sets")]
+    if not docs:
+        return
+    fig, axes = plt.subplots(1, len(docs) + 1, figsize=(5.5 * (len(docs) + 1), 4.5), squeeze=False)
+    colours = plt.get_cmap("tab10")
+    for ax, (model, doc) in zip(axes[0], docs):
+        for i, score in enumerate(doc.get("scores", [])):
+            rows = sorted((r for r in doc["sets"] if r["score"] == score), key=lambda r: r["k"])
+            if not rows:
+                continue
+            k = [r["k"] for r in rows]
+            ax.plot(k, [r["delta_prob_mean"] for r in rows], "o-", color=colours(i), lw=1, ms=3, label=score)
+            low = [r.get("random_delta_prob_low") for r in rows]
+            high = [r.get("random_delta_prob_high") for r in rows]
+            if all(v is not None for v in low + high):
+                ax.fill_between(k, low, high, color=colours(i), alpha=0.12, lw=0)
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set_xscale("log")
+        ax.set_xlabel("top k genes deleted")
+        ax.set_ylabel("change of the true-class probability")
+        ax.set_title(f"deletion, {model} (bands: matched random sets)", fontsize=9)
+        ax.legend(fontsize=7)
+    ax = axes[0][-1]
+    b = R.MODEL_SUFFIXES[len(an.models) - 1]
+    genes = an.genes
+    if genes is not None and R.col_deletion_logit(b) in genes.columns:
+        sub = genes.dropna(subset=[R.col_deletion_logit(b), R.col_key_score(b)])
+        ax.scatter(sub[R.col_key_score(b)], sub[R.col_deletion_logit(b)], s=8, alpha=0.7)
+        for r in sub.nsmallest(8, R.col_deletion_logit(b)).itertuples():
+            ax.annotate(
+                r.symbol or r.ensembl_id,
+                (getattr(r, R.col_key_score(b)), getattr(r, R.col_deletion_logit(b))),
+                fontsize=6,
+            )
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set_xlabel(f"key score ({an.model_names.get(b, b)})")
+        ax.set_ylabel("single-gene deletion: change of the true-class logit")
+        ax.set_title("attended (controlled) vs used", fontsize=9)
+    fig.tight_layout()
+    _save(fig, out, f"fig11_deletion_{stem}", written)
+
+
+def _sanity_figure(plt, store, an, out: Path, stem: str, written: list[Path]) -> None:
+    """Fig. 12: cascading randomisation. Per model, each score's Spearman with the trained model's as the
+    head, the layers from the top and the embeddings are re-initialised in turn."""
+    docs = [(m, R.read_json(store, an.run_id, (R.json_sanity(m),)).get(R.json_sanity(m))) for m in an.models]
+    docs = [(m, d) for m, d in docs if d and d.get("steps")]
+    if not docs:
+        return
+    fig, axes = plt.subplots(1, len(docs), figsize=(6 * len(docs), 4.5), squeeze=False)
+    for ax, (model, doc) in zip(axes[0], docs):
+        steps = ["trained", *doc["steps"]]
+        for score, values in doc["scores"].items():
+            y = [1.0] + [np.nan if v is None else v for v in values["spearman"]]
+            ax.plot(range(len(steps)), y, "o-", lw=1, ms=3, label=score)
+        ax.axhline(0.8, color="tab:red", ls="--", lw=0.8)
+        ax.set_xticks(range(len(steps)), steps, rotation=30, fontsize=7)
+        ax.set_ylim(-1.05, 1.05)
+        ax.set_ylabel("Spearman with the trained model's score")
+        ax.set_title(f"randomisation cascade, {model}", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, out, f"fig12_randomisation_{stem}", written)
 
 
 def _attention_vs_de(

@@ -118,6 +118,11 @@ def test_show_json_and_plot_of_the_run(quick_run, tmp_path):
     assert any(n.startswith("fig7_attention_vs_de_") and n.endswith(".png") for n in names)
     assert any(n.startswith("fig9_norms_") for n in names)
     assert any(n.startswith("fig10_attribution_") and n.endswith(".png") for n in names)
+    assert any(n.startswith("fig11_deletion_") and n.endswith(".png") for n in names)
+    assert any(n.startswith("fig12_randomisation_") and n.endswith(".png") for n in names)
+    text = gfattn("show", "1", "--store", str(db))
+    assert "top genes of unfrozen by score (single-gene deletion" in text.stdout
+    assert "deletion from unfrozen: change of the true-class probability" in text.stdout
 
 
 @pytest.mark.slow
