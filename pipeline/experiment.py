@@ -714,12 +714,29 @@ def model_out_dir(ctx: Context, task: str, mode: str) -> Path:
     return ctx.cache / "runs" / ctx.store.uid / str(ctx.run_id) / f"{task}__{mode}"
 
 
-def stage_finetune(ctx: Context, task: str, mode: str) -> None:
-    """Fine-tune one (task, mode) and record metrics, confusion and the best model (thesis 2.3, 4.1)."""
+PERMUTED = " (permuted labels)"
+
+
+def permuted_parts(parts: dict, seed: int) -> dict:
+    """The training and validation cells with their labels permuted (seeded; test cells keep theirs): the
+    label-permutation control of the sanity checks, same cells, classes and class sizes."""
+    out = dict(parts)
+    for i, split in enumerate(("train", "validation")):
+        labels = np.asarray(parts[split]["label"])
+        shuffled = np.random.default_rng([int(seed), 104, i]).permutation(labels)
+        out[split] = parts[split].remove_columns("label").add_column("label", shuffled.tolist())
+    return out
+
+
+def stage_finetune(ctx: Context, task: str, mode: str, *, permuted: bool = False) -> None:
+    """Fine-tune one (task, mode) and record metrics, confusion and the best model (thesis 2.3, 4.1).
+    With `permuted`, on permuted training labels (`permuted_parts`), as the mode "<mode> (permuted labels)"."""
     from pipeline.train import recorded_weights_hash, verify_checkpoint
 
-    name = f"{task}/{mode}"
-    out_dir = model_out_dir(ctx, task, mode)
+    key = mode + (PERMUTED if permuted else "")
+    name = f"{task}/{key}"
+    out_dir = model_out_dir(ctx, task, mode + ("__permuted" if permuted else ""))
+    mode, train_mode = key, mode
     done = ctx.completed_child(name, "finetune")
     if done is not None:
         recorded = _recorded_checkpoint(ctx, done)
@@ -733,9 +750,11 @@ def stage_finetune(ctx: Context, task: str, mode: str) -> None:
     from pipeline.train import TrainConfig, finetune
 
     parts, names = task_datasets(ctx, task)
+    if permuted:
+        parts = permuted_parts(parts, ctx.seed)
     t = ctx.cfg["train"]
     tc = TrainConfig(
-        lr=float(t["lr"]) if not (mode == "frozen" and t["head_lr"]) else float(t["head_lr"]),
+        lr=float(t["lr"]) if not (train_mode == "frozen" and t["head_lr"]) else float(t["head_lr"]),
         weight_decay=float(t["weight_decay"]),
         warmup_ratio=float(t["warmup_ratio"]),
         epochs=int(t["epochs"]),
@@ -760,7 +779,7 @@ def stage_finetune(ctx: Context, task: str, mode: str) -> None:
                 ctx.out.model_dir,
                 parts,
                 label_names=names,
-                mode=mode,
+                mode=train_mode,
                 config=tc,
                 nproc=nproc,
                 store_path=str(ctx.store.path),
@@ -778,7 +797,7 @@ def stage_finetune(ctx: Context, task: str, mode: str) -> None:
                 parts["validation"],
                 parts["test"],
                 label_names=names,
-                mode=mode,
+                mode=train_mode,
                 config=tc,
                 store=ctx.store,
                 run_id=child,
@@ -1036,7 +1055,8 @@ def _sanity(ctx: Context, child: int, task: str, test, modes: tuple[str, str]) -
     from pipeline.attribution import attribution_gene_table
     from pipeline.keygenes import min_cells_for
     from pipeline.model import load_for_attention
-    from pipeline.sanity import ATTENTION_SCORES, randomisation_cascade
+    from pipeline.sanity import ATTENTION_SCORES, FLAG_RHO, randomisation_cascade
+    from pipeline.train import verify_checkpoint
     from store import results as R
 
     a_cfg = ctx.cfg["analysis"]
@@ -1069,6 +1089,27 @@ def _sanity(ctx: Context, child: int, task: str, test, modes: tuple[str, str]) -
                 progress=lambda done, total, **kw: ctx.rep.update(done, total, unit="randomisation steps", **kw),
             )
             doc["model"] = mode
+            permuted = ctx.out.models.get((task, mode + PERMUTED))
+            if permuted is not None:
+                from pipeline.sanity import compare_scores, key_gene_scores
+
+                verify_checkpoint(permuted, ctx.out.checkpoint_hashes.get((task, mode + PERMUTED)))
+                scores = key_gene_scores(
+                    load_for_attention(permuted),
+                    test,
+                    labels,
+                    dicts=ctx.out.dicts,
+                    methods=methods if attr is not None else (),
+                    hao_steps=int(a_cfg["hao_steps"]),
+                    ig_steps=int(a_cfg["ig_steps"]),
+                    batch_size=int(a_cfg["batch_size"]),
+                    device=ctx.device,
+                    seed=ctx.seed,
+                )
+                doc["label_permutation"] = compare_scores(trained, scores, min_cells=min_cells_for(len(labels)))
+                doc["label_permutation_flagged"] = [
+                    c for c, v in doc["label_permutation"].items() if (v.get("spearman") or 0.0) >= FLAG_RHO
+                ]
             ctx.out.sanity[(task, mode)] = doc
         ctx.store.put_json(child, R.json_sanity(mode), doc)
         flagged = ", ".join(doc["flagged"]) or "none"
@@ -1097,6 +1138,11 @@ def _stages(ctx: Context) -> None:
         for mode in cfg["train"]["modes"]:
             with stage(f"finetune {task}/{mode}"):
                 stage_finetune(ctx, task, mode)
+    if cfg["analysis"]["label_permutation"]:
+        for task in analysed_tasks(cfg):
+            for mode in dict.fromkeys(m for pair in cfg["analysis"]["pairs"] for m in pair):
+                with stage(f"finetune {task}/{mode}{PERMUTED}"):
+                    stage_finetune(ctx, task, mode, permuted=True)
     comparisons = de_comparisons(cfg, ctx.out.selection)
     if not comparisons:
         ctx.rep.skip("de", "analysis.de is off" if ctx.has_counts else "a tokenized dataset has no counts to test")

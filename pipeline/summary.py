@@ -78,10 +78,11 @@ def format_summary(store, run_id: int, elapsed_s: float | None = None, top_n: in
     if finetunes:
         lines.append("")
         lines.append("test accuracy / macro-F1 per task and mode:")
+        width = max([24] + [len(ft.name) for ft in finetunes])
         for ft in finetunes:
             if ft.accuracy is not None:
                 f1 = f"{ft.macro_f1:6.3f}" if ft.macro_f1 is not None else f"{'-':>6}"
-                lines.append(f"  {ft.name:<24} {ft.accuracy:6.3f}  {f1}")
+                lines.append(f"  {ft.name:<{width}} {ft.accuracy:6.3f}  {f1}")
         thesis = is_thesis_design(R.run_config(run))
         comparison = comparison_lines(finetunes, thesis)
         if comparison:
@@ -194,10 +195,16 @@ def sanity_lines(store, run_id: int, model: str) -> list[str]:
         if v.get("spearman") and v["spearman"][-1] is not None
     ]
     flagged = ", ".join(doc.get("flagged", [])) or "none"
-    return [
+    lines = [
         f"  randomisation cascade, {model}: Spearman with the trained scores, all re-initialised: {', '.join(last)}",
         f"    not model-dependent (rho >= 0.8): {flagged}",
     ]
+    perm = doc.get("label_permutation")
+    if perm:
+        rhos = [f"{col} {v['spearman']:.2f}" for col, v in perm.items() if v.get("spearman") is not None]
+        same = ", ".join(doc.get("label_permutation_flagged", [])) or "none"
+        lines.append(f"    fine-tuned on permuted labels instead: Spearman {', '.join(rhos)}; rho >= 0.8: {same}")
+    return lines
 
 
 def attribution_lines(store, run_id: int, model: str, attention_column: str, top_n: int = 8) -> list[str]:

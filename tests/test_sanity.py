@@ -81,3 +81,26 @@ def test_cascade_leaves_attention_untouched_by_the_head_and_is_reproducible():
     # once the encoder is random, the position-controlled scores no longer agree with the trained model's
     assert out["scores"]["attn_pos_ratio"]["spearman"][-1] < 0.8
     assert out == runs[1]
+
+
+def test_permuted_labels_keep_cells_classes_and_sizes_and_leave_test_cells_alone():
+    from datasets import Dataset
+
+    from pipeline.experiment import permuted_parts
+
+    rng = np.random.default_rng(0)
+    parts = {
+        split: Dataset.from_dict(
+            {"cell_id": [f"{split}{i}" for i in range(n)], "label": rng.integers(0, 3, n).tolist()}
+        )
+        for split, n in (("train", 200), ("validation", 50), ("test", 40))
+    }
+    out = permuted_parts(parts, seed=5)
+    for split in ("train", "validation"):
+        before, after = np.asarray(parts[split]["label"]), np.asarray(out[split]["label"])
+        assert np.array_equal(np.bincount(before, minlength=3), np.bincount(after, minlength=3))
+        assert out[split]["cell_id"] == parts[split]["cell_id"]
+        assert np.mean(before == after) < 0.6  # really shuffled
+    assert out["test"]["label"] == parts["test"]["label"]
+    assert out["train"]["label"] == permuted_parts(parts, seed=5)["train"]["label"]
+    assert out["train"]["label"] != permuted_parts(parts, seed=6)["train"]["label"]
