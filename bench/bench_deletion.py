@@ -96,11 +96,11 @@ def main(argv=None) -> int:
     from pipeline.deletion import (
         DeletionEngine,
         deletion_sets,
-        frequency_rank_bins,
         gene_frequency_rank,
         naive_set_effects,
         set_deletion,
     )
+    from pipeline.keygenes import frequency_rank_bins
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -88,43 +88,6 @@ def gene_frequency_rank(cells, tokens: np.ndarray, special_ids=()) -> tuple[np.n
     return n_cells, rank_mean
 
 
-def _quantile_bin(values: np.ndarray, n_bins: int) -> np.ndarray:
-    """floor(n_bins * #{values strictly smaller} / n): equal-count bins; tied values share the lower bin."""
-    n = len(values)
-    if n == 0:
-        return np.zeros(0, dtype=np.int64)
-    smaller = np.searchsorted(np.sort(values), values, side="left")
-    return np.minimum(smaller * n_bins // n, n_bins - 1).astype(np.int64)
-
-
-def frequency_rank_bins(n_cells: np.ndarray, rank_mean: np.ndarray, n_freq_bins: int = 5, n_rank_bins: int = 5):
-    """Bin id per gene: quantile bin of detection frequency x quantile bin of mean rank within it.
-
-    Frequency bin f in 0..n_freq_bins-1 (0: expressed in fewest cells) is
-    floor(n_freq_bins * #{genes with a smaller n_cells} / n_genes); the rank bin r in 0..n_rank_bins-1
-    (0: closest to the top ranks) is the same rule on `rank_mean` among the genes of frequency bin f
-    (conditional quantiles: frequency and mean rank are strongly correlated, so marginal rank bins would
-    leave most of the grid empty). The bin id is f * n_rank_bins + r.
-
-    Ties: genes with equal values always share a bin (the bin of their lowest sorted position), so with
-    many ties a bin can hold more than its share and another none. A NaN mean rank (a gene no cell
-    expresses) counts as larger than every finite one. Deterministic: no randomness, no order dependence.
-    """
-    n_cells = np.asarray(n_cells, dtype=np.float64)
-    rank_mean = np.asarray(rank_mean, dtype=np.float64)
-    if n_cells.shape != rank_mean.shape or n_cells.ndim != 1:
-        raise ValueError("n_cells and rank_mean must be 1-d arrays of the same length")
-    if n_freq_bins < 1 or n_rank_bins < 1:
-        raise ValueError("n_freq_bins and n_rank_bins must be at least 1")
-    rank = np.where(np.isnan(rank_mean), np.inf, rank_mean)
-    freq_bin = _quantile_bin(n_cells, n_freq_bins)
-    rank_bin = np.zeros(len(rank), dtype=np.int64)
-    for f in np.unique(freq_bin):
-        members = np.flatnonzero(freq_bin == f)
-        rank_bin[members] = _quantile_bin(rank[members], n_rank_bins)
-    return freq_bin * n_rank_bins + rank_bin
-
-
 def _fallback_order(b: int, present: np.ndarray, n_rank_bins: int) -> list[int]:
     """The bins of `present` other than `b`, nearest first: by |frequency bin difference|, then |rank bin
     difference|, then the lower frequency bin, then the lower rank bin."""

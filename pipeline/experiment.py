@@ -953,6 +953,7 @@ def stage_attention(ctx: Context, task: str, mode_a: str, mode_b: str) -> None:
             progress=lambda done, total, **kw: ctx.rep.update(done, total, unit="cells", **kw),
         )
         del model_a, model_b
+        _one_vs_rest_overlaps(ctx, child, task)
         _attribution(ctx, child, task, test, (mode_a, mode_b))
         _deletion(ctx, child, task, test, (mode_a, mode_b))
         _sanity(ctx, child, task, test, (mode_a, mode_b))
@@ -1007,6 +1008,36 @@ def _attribution(ctx: Context, child: int, task: str, test, modes: tuple[str, st
             f"{task}: attribution of {mode} ({', '.join(methods)}) on {len(labels)} cells"
             + (f"; integrated gradients' completeness gap {gap:.2%}" if gap is not None else "")
         )
+
+
+def _one_vs_rest_overlaps(ctx: Context, child: int, task: str) -> None:
+    """A task with several DE comparisons (one-vs-rest per class): the key genes' overlap with each, as
+    `by_group` of the `de_overlap` document (its top level: the first comparison)."""
+    tables = {(g, ref): de for (t, g, ref), de in ctx.out.de.items() if t == task}
+    if len(tables) < 2:
+        return
+    from pipeline.analysis import compare_de_attention
+    from pipeline.keygenes import key_score_column
+    from store import results as R
+    from store.jsonsafe import plain
+
+    a_cfg = ctx.cfg["analysis"]
+    genes = ctx.store.gene_table_df(child, R.TABLE_GENES)
+    column = key_score_column(R.MODEL_SUFFIXES[1] if key_score_column("b") in genes.columns else "a")
+    by_group = {}
+    for (group, reference), de in tables.items():
+        by_group[f"{group} vs {reference}"] = compare_de_attention(
+            de,
+            genes,
+            genes["ensembl_id"].tolist(),
+            ks=a_cfg["top_k"],
+            attention_column=column,
+            null_bins=tuple(a_cfg["null_bins"]),
+            null_permutations=int(a_cfg["null_permutations"]),
+            seed=ctx.seed,
+        )
+    first = next(iter(by_group))
+    ctx.store.put_json(child, R.JSON_DE_OVERLAP, plain({**by_group[first], "group": first, "by_group": by_group}))
 
 
 def _deletion(ctx: Context, child: int, task: str, test, modes: tuple[str, str]) -> None:

@@ -107,14 +107,17 @@ def format_summary(store, run_id: int, elapsed_s: float | None = None, top_n: in
             genes = R.top_genes(store, an.run_id, R.col_attn(suffix), top_n)
             if genes:
                 lines.append(f"  most attended genes (summed attention), {model}: {', '.join(genes)}")
-        parts = []
-        for item in (an.de_overlap or {}).get("overlap", []):
-            matched = f", matched p={item['p_matched']:.2g}" if item.get("p_matched") is not None else ""
-            parts.append(f"k={item['k']}: {item['overlap']} (p={item['p_value']:.2g}{matched})")
-        if parts:
-            column = (an.de_overlap or {}).get("attention_column", "")
-            what = "key genes" if column.startswith("key_score") else "top attended"
-            lines.append(f"  {what} vs top DE genes: " + "; ".join(parts))
+        overlaps = (an.de_overlap or {}).get("by_group") or {"": an.de_overlap or {}}
+        for group, overlap in overlaps.items():
+            parts = []
+            for item in overlap.get("overlap", []):
+                matched = f", matched p={item['p_matched']:.2g}" if item.get("p_matched") is not None else ""
+                parts.append(f"k={item['k']}: {item['overlap']} (p={item['p_value']:.2g}{matched})")
+            if parts:
+                column = overlap.get("attention_column", "")
+                what = "key genes" if column.startswith("key_score") else "top attended"
+                de = f"top DE genes ({group})" if group else "top DE genes"
+                lines.append(f"  {what} vs {de}: " + "; ".join(parts))
         lines += [f"  warning: {w}" for w in key_genes.get("warnings", [])]
         for suffix, model in zip(R.MODEL_SUFFIXES, an.models):
             lines += attribution_lines(store, an.run_id, model, R.col_attn(suffix))

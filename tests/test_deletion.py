@@ -22,13 +22,13 @@ from pipeline.deletion import (
     SINGLE_COLUMNS,
     DeletionEngine,
     delete_tokens,
-    frequency_rank_bins,
     gene_frequency_rank,
     matched_random_sets,
     naive_set_effects,
     set_deletion,
     single_gene_effects,
 )
+from pipeline.keygenes import frequency_rank_bins
 from pipeline.model import build_small_bert
 
 PAD, CLS, EOS = 0, 1, 2
