@@ -9,13 +9,16 @@ significant against a hypergeometric null that treats all genes as exchangeable.
 **Key score** (`key_score_<s>`, the default ranking of "key genes" in the gene table, the summary, the
 TUI and the figures). Per gene g and model: x_g = log2(observed_g / expected_g), the position-controlled
 ratio of analysis 5 (attention received over the attention its rank positions receive on average, summed
-over the n_g cells that express it, so a per-occurrence quantity), shrunk by empirical Bayes toward the
-mean over genes. Model: x_g = theta_g + e_g with Var(e_g) = s^2 / n_g and theta_g ~ N(mu, tau^2); mu is
-the precision-weighted mean, (tau^2, s^2) the non-negative least-squares fit of (x_g - mu)^2 on
-(1, 1 / n_g) over the genes (method of moments, as the engine keeps sums, not per-cell values), and the
-score is the posterior mean mu + B_g (x_g - mu) with B_g = tau^2 / (tau^2 + s^2 / n_g). A gene seen in few
-cells is pulled toward the mean; genes in fewer than `min_cells` cells (default 5% of the analysed cells,
-at least 3) get no score at all, so a gene seen once cannot top the table.
+over the n_g cells that express it, so a per-occurrence quantity), relative to genes detected in a
+similar number of cells, shrunk by empirical Bayes. With mu_f the mean of x over the genes of g's
+detection-frequency quantile bin (5 bins), r_g = x_g - mu_f is modelled as theta_g + e_g with
+Var(e_g) = s^2 / n_g and theta_g ~ N(0, tau^2); (tau^2, s^2) is the non-negative least-squares fit of
+r_g^2 on (1, 1 / n_g) over the genes (method of moments, as the engine keeps sums, not per-cell values),
+and the score is the posterior mean B_g r_g with B_g = tau^2 / (tau^2 + s^2 / n_g): 0 is what genes of its
+frequency and rank positions receive, > 0 more. A gene seen in few cells is pulled toward 0; genes in
+fewer than `min_cells` cells (default 5% of the analysed cells, at least 3) get no score at all, so a
+gene seen once cannot top the table. Centring within frequency bins keeps a trend of attention with
+detection frequency out of the ranking, which shrinkage toward one global mean would turn into one.
 
 **Matched null.** The genes are binned by detection frequency (cells expressing) x mean rank (quantile
 bins, `frequency_rank_bins`). Permuting a score's values among the genes of each bin keeps how many of
@@ -53,11 +56,12 @@ def min_cells_for(n_cells: int, fraction: float = MIN_CELLS_FRACTION, floor: int
     return max(int(floor), int(float(fraction) * int(n_cells)))
 
 
-def shrunk_log_ratio(observed, expected, n, *, min_cells: int) -> tuple[np.ndarray, dict]:
-    """Empirical-Bayes posterior mean of log2(observed / expected) per gene (NaN below `min_cells`).
+def shrunk_log_ratio(observed, expected, n, *, min_cells: int, frequency_bins: int = 5) -> tuple[np.ndarray, dict]:
+    """Empirical-Bayes posterior mean of each gene's log2(observed / expected) relative to genes detected in
+    a similar number of cells (NaN below `min_cells`); see the module docstring.
 
-    Returns the scores and the fit: mu, tau2, s2, the genes scored and the smallest and median shrinkage
-    factor B_g (1 = unchanged).
+    Returns the scores and the fit: the mean per frequency bin, tau2, s2, the genes scored and the smallest
+    and median shrinkage factor B_g (1 = unchanged).
     """
     observed = np.asarray(observed, dtype=np.float64)
     expected = np.asarray(expected, dtype=np.float64)
@@ -69,21 +73,22 @@ def shrunk_log_ratio(observed, expected, n, *, min_cells: int) -> tuple[np.ndarr
         return out, fit
     x = np.log2(observed[ok] / expected[ok])
     w = n[ok]
-    mu = float(np.sum(w * x) / np.sum(w))
+    bins = _quantile_bin(w, max(1, min(int(frequency_bins), len(w) // 3)))
+    mu = np.zeros_like(x)
+    for b in np.unique(bins):
+        mu[bins == b] = x[bins == b].mean()
+    r = x - mu
     if ok.sum() >= 3 and np.ptp(1.0 / w) > 0:
         from scipy.optimize import nnls
 
         design = np.column_stack([np.ones_like(w), 1.0 / w])
-        (tau2, s2), _ = nnls(design, (x - mu) ** 2)
+        (tau2, s2), _ = nnls(design, r**2)
     else:
-        tau2, s2 = float(np.var(x)), 0.0
-    for _ in range(2):  # mu weighted by each gene's precision under the fitted model
-        prec = 1.0 / np.maximum(tau2 + s2 / w, 1e-300)
-        mu = float(np.sum(prec * x) / np.sum(prec))
+        tau2, s2 = float(np.var(r)), 0.0
     shrink = tau2 / (tau2 + s2 / w) if tau2 + s2 > 0 else np.ones_like(w)
-    out[ok] = mu + shrink * (x - mu)
+    out[ok] = shrink * r
     fit.update(
-        mu=mu,
+        mu=[float(mu[bins == b][0]) for b in np.unique(bins)],
         tau2=float(tau2),
         s2=float(s2),
         shrinkage_min=float(np.min(shrink)),

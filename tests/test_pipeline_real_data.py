@@ -198,6 +198,17 @@ def test_no_checkpoint_pretrains_on_the_users_cells(tcells, geneformer_dir, tmp_
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "pretraining gfattn's small model" in out.stderr and "not Geneformer" in out.stdout
+    # key genes on real counts: summed attention follows detection frequency (and is flagged), the
+    # controlled key score does not, beyond what the model's own single-gene deletion effects do
+    st = Store(db)
+    (analysis,) = [r for r in st.list_runs(kind="analysis") if r["name"].endswith("frozen vs unfrozen")]
+    key_genes = st.get_json(analysis["id"], "key_genes")
+    rho = key_genes["frequency_spearman"]
+    assert rho["attn_b"] > 0.8 and any("attn_b" in w for w in key_genes["warnings"])
+    deletion = st.get_json(analysis["id"], "deletion_unfrozen")["frequency_spearman"]
+    assert abs(rho["key_score_b"]) < 0.3
+    assert abs(rho["key_score_b"]) <= abs(deletion["deletion_effect"]) + 0.2, (rho, deletion)
+    assert "rankings that follow detection frequency" in out.stdout
     st, children = _assert_users_words(db, out, "perturbation_2", ["stimulated", "unstimulated"])
     (run,) = st.list_runs(kind="pipeline")
     model_dir = st.get_run(run["id"])["model_path"]
