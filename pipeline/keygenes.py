@@ -224,7 +224,7 @@ def frequency_warnings(
         else "their top genes are mostly the most often detected; rank key genes by the controlled score"
     )
     return [
-        f"{prefix}rankings that follow detection frequency (Spearman with cells expressing > {threshold}): {listed}; {advice}"
+        f"{prefix}rankings that track detection frequency (Spearman with cells expressing > {threshold}): {listed}; {advice}"
     ]
 
 

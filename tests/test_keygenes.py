@@ -141,7 +141,7 @@ def test_frequency_warning_names_the_ranking():
     rhos = frequency_correlations(df, ["attn_b", "key_score_b", "attn_norm_b"])
     assert rhos["attn_b"] == pytest.approx(1.0) and rhos["attn_norm_b"] == pytest.approx(-1.0)
     lines = frequency_warnings(rhos, where="unfrozen")
-    assert len(lines) == 1 and lines[0].startswith("unfrozen: rankings that follow detection frequency")
+    assert len(lines) == 1 and lines[0].startswith("unfrozen: rankings that track detection frequency")
     assert "attn_b 1.00" in lines[0] and "key_score" not in lines[0] and "attn_norm" not in lines[0]
     assert frequency_warnings({"key_score_b": 0.1}) == []
     assert "even the controlled score" in frequency_warnings({"key_score_b": 0.9})[0]

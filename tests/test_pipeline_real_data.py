@@ -208,7 +208,7 @@ def test_no_checkpoint_pretrains_on_the_users_cells(tcells, geneformer_dir, tmp_
     deletion = st.get_json(analysis["id"], "deletion_unfrozen")["frequency_spearman"]
     assert abs(rho["key_score_b"]) < 0.3
     assert abs(rho["key_score_b"]) <= abs(deletion["deletion_effect"]) + 0.2, (rho, deletion)
-    assert "rankings that follow detection frequency" in out.stdout
+    assert "rankings that track detection frequency" in out.stdout
     st, children = _assert_users_words(db, out, "perturbation_2", ["stimulated", "unstimulated"])
     (run,) = st.list_runs(kind="pipeline")
     model_dir = st.get_run(run["id"])["model_path"]
