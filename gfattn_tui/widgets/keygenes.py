@@ -263,7 +263,6 @@ def _densify(x: list[float], y: list[float], n: int = BAND_POINTS) -> tuple[list
 
 
 class KeyGenesView(RunView, Vertical):
-    focus_selector = "#kg-sets"
     uses_analysis = True
 
     BINDINGS = [Binding("m", "next_model", "Model", id="keygenes.model")]
@@ -301,6 +300,13 @@ class KeyGenesView(RunView, Vertical):
 
     def on_mount(self) -> None:
         self.query_one("#kg-empty").display = False
+
+    def focus_main(self) -> None:
+        """The set deletion table where the model has one, else the model switcher."""
+        if self.query_one("#kg-body").display and self.query_one("#kg-del").display:
+            self.query_one("#kg-sets").focus()
+        elif self.query_one("#kg-model").display:
+            self.query_one("#kg-model").focus()
 
     def reload(self) -> None:
         self.load()
