@@ -90,9 +90,11 @@ def fmt_delta(value: Any) -> str:
 
 
 def fmt_interval(low: Any, high: Any) -> str:
-    if _finite(low) is None and _finite(high) is None:
+    """ "[-0.0381, -0.0121]": fixed width (bounds to 4 decimals), so a column of intervals stays narrow."""
+    lo, hi = _finite(low), _finite(high)
+    if lo is None and hi is None:
         return "—"
-    return f"[{fmt_delta(low)}, {fmt_delta(high)}]"
+    return "[" + ", ".join("—" if v is None else f"{v:+.4f}" for v in (lo, hi)) + "]"
 
 
 def sort_rows(rows: list[dict], key: str, descending: bool) -> list[dict]:
@@ -140,7 +142,7 @@ SET_COLUMNS = [
         ascending_first=True,
     ),
     Column(R.DEL_P, "p", _num(fmt_p, R.DEL_P), ascending_first=True),
-    Column(R.DEL_ACCURACY_AFTER, "acc. after", _num(lambda v: fmt_num(_finite(v)), R.DEL_ACCURACY_AFTER)),
+    Column(R.DEL_ACCURACY_AFTER, "acc after", _num(lambda v: fmt_num(_finite(v)), R.DEL_ACCURACY_AFTER)),
 ]
 
 SINGLE_COLUMNS = [
@@ -303,10 +305,11 @@ class KeyGenesView(RunView, Vertical):
 
     def focus_main(self) -> None:
         """The set deletion table where the model has one, else the model switcher."""
+        # the tab stays scrolled to its top: the warnings and the Spearman line are read first
         if self.query_one("#kg-body").display and self.query_one("#kg-del").display:
-            self.query_one("#kg-sets").focus()
+            self.query_one("#kg-sets").focus(scroll_visible=False)
         elif self.query_one("#kg-model").display:
-            self.query_one("#kg-model").focus()
+            self.query_one("#kg-model").focus(scroll_visible=False)
 
     def reload(self) -> None:
         self.load()
