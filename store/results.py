@@ -743,8 +743,11 @@ class AnalysisHeadline:
     cosine_per_layer: list[float] = field(default_factory=list)
     heads_differing: int | None = None
     n_heads_total: int | None = None
-    top_genes: dict[str, list[str]] = field(default_factory=dict)  # by model suffix
-    de_overlap: list[dict] = field(default_factory=list)  # k, overlap, expected, p_value
+    top_genes: dict[str, list[str]] = field(default_factory=dict)  # by model suffix: summed attention
+    key_genes: dict[str, list[str]] = field(default_factory=dict)  # by model suffix: top by the key score
+    key_warnings: list[str] = field(default_factory=list)  # rankings that follow detection frequency
+    de_overlap: list[dict] = field(default_factory=list)  # k, overlap, expected, p_value (, p_matched)
+    de_attention_column: str | None = None  # the gene-table column the DE overlap ranks genes by
     spearman: dict | None = None
 
 
@@ -759,11 +762,12 @@ def _floats(values: Any) -> list[float]:
 
 
 def read_analysis_headline(st, run: dict | int) -> AnalysisHeadline:
-    """From the run's `summary` and `de_overlap` documents, else from its cosine grid and gene table."""
+    """From the run's `summary`, `key_genes` and `de_overlap` documents, else from its cosine grid and
+    gene table. Key genes are the top genes by the key score (`col_key_score`) where the run has it."""
     run = full_run(st, run)
     rid = int(run["id"])
     head = AnalysisHeadline(rid, str(run.get("name") or ""), run.get("status"), compared_models(run))
-    docs = read_json(st, rid, (JSON_SUMMARY, JSON_DE_OVERLAP))
+    docs = read_json(st, rid, (JSON_SUMMARY, JSON_DE_OVERLAP, JSON_KEY_GENES))
     summary = docs.get(JSON_SUMMARY) or {}
     if isinstance(summary, dict):
         head.cosine_mean = summary.get("cosine_mean")
@@ -772,6 +776,16 @@ def read_analysis_headline(st, run: dict | int) -> AnalysisHeadline:
         for s in MODEL_SUFFIXES:
             if summary.get(f"top_genes_{s}"):
                 head.top_genes[s] = [str(g) for g in summary[f"top_genes_{s}"]]
+            if summary.get(f"top_key_genes_{s}"):
+                head.key_genes[s] = [str(g) for g in summary[f"top_key_genes_{s}"]]
+    if not head.key_genes:
+        for s in MODEL_SUFFIXES:
+            genes = top_genes(st, rid, col_key_score(s), 10)
+            if genes:
+                head.key_genes[s] = genes
+    key_doc = docs.get(JSON_KEY_GENES)
+    if isinstance(key_doc, dict):
+        head.key_warnings = [str(w) for w in key_doc.get("warnings") or ()]
     if GRID_COSINE in st.grid_names(rid):
         values = np.asarray(read_grid(st, rid, GRID_COSINE).values, dtype=float)
         head.n_heads_total = int(values.size)
@@ -790,6 +804,8 @@ def read_analysis_headline(st, run: dict | int) -> AnalysisHeadline:
             head.de_overlap = [r for r in records if isinstance(r, dict) and "k" in r]
         if isinstance(overlap.get("spearman"), dict):
             head.spearman = overlap["spearman"]
+        if overlap.get("attention_column"):
+            head.de_attention_column = str(overlap["attention_column"])
     return head
 
 
@@ -1091,3 +1107,79 @@ def read_attribution(st, run_id: int, model: str, *, genes: bool = False) -> Att
     if genes and table_attribution(key) in st.gene_tables(run_id):
         out.genes = st.gene_table_df(run_id, table_attribution(key))
     return out
+
+
+# ===================================================== key genes, deletion and the randomisation cascade
+# Per analysed model: set and single-gene deletion (`pipeline.deletion`) and the randomisation cascade
+# (`pipeline.sanity`), keyed by `attr_model_key(model name)`; per analysis run: the key-gene score's
+# definition, fit and frequency correlations (JSON_KEY_GENES).
+DEL_SCORE = "score"
+DEL_K = "k"
+DEL_DELTA_PROB = "delta_prob_mean"
+DEL_DELTA_PROB_LOW = "delta_prob_ci_low"
+DEL_DELTA_PROB_HIGH = "delta_prob_ci_high"
+DEL_RANDOM_MEAN = "random_delta_prob_mean"
+DEL_RANDOM_LOW = "random_delta_prob_low"
+DEL_RANDOM_HIGH = "random_delta_prob_high"
+DEL_P = "p_empirical"
+DEL_ACCURACY_AFTER = "accuracy_after"
+DEL_N_CELLS_EXPRESSING = "n_cells_expressing"
+DEL_LOGIT = "delta_logit_mean"
+DEL_LOGIT_LOW = "delta_logit_ci_low"
+DEL_LOGIT_HIGH = "delta_logit_ci_high"
+DEL_TOP_OF = "top_of"
+SANITY_FLAG_RHO = 0.8  # a score whose Spearman with the trained one stays at or above this is flagged
+
+
+@dataclass
+class Deletion:
+    """One model's deletion results in a run: the JSON document (`info`), its set rows (one per score and
+    k) and the single-gene table (None where the run has none)."""
+
+    run_id: int
+    model: str  # the key (attr_model_key)
+    info: dict
+    sets: pd.DataFrame
+    single: pd.DataFrame | None = None
+
+    @property
+    def scores(self) -> list[str]:
+        """The scores in the document's order (else in the order of the set rows)."""
+        listed = [str(s) for s in self.info.get("scores") or ()]
+        present = [str(s) for s in dict.fromkeys(self.sets[DEL_SCORE])] if DEL_SCORE in self.sets else []
+        return [s for s in listed if s in present] + [s for s in present if s not in listed]
+
+    def curve(self, score: str) -> pd.DataFrame:
+        """One score's set rows, by k."""
+        return self.sets[self.sets[DEL_SCORE] == score].sort_values(DEL_K)
+
+
+def read_deletion(st, run_id: int, model: str) -> Deletion | None:
+    """A model's set deletion and single-gene deletion (None when the run has no deletion document)."""
+    import pandas as pd
+
+    key = attr_model_key(model)
+    if json_deletion(key) not in st.json_names(run_id):
+        return None
+    info = st.get_json(run_id, json_deletion(key)) or {}
+    rows = [r for r in info.get("sets") or () if isinstance(r, dict)]
+    sets = pd.DataFrame(rows)
+    single = st.gene_table_df(run_id, table_deletion(key)) if table_deletion(key) in st.gene_tables(run_id) else None
+    return Deletion(run_id=int(run_id), model=key, info=info, sets=sets, single=single)
+
+
+def read_sanity(st, run_id: int, model: str) -> dict | None:
+    """A model's randomisation cascade: {steps, scores: {column: {spearman, jaccard}}, flagged, ...}."""
+    name = json_sanity(model)
+    if name not in st.json_names(run_id):
+        return None
+    doc = st.get_json(run_id, name)
+    return doc if isinstance(doc, dict) else None
+
+
+def read_key_genes(st, run_id: int) -> dict | None:
+    """The key-gene score's definition, fit, frequency Spearmans and warnings (None when not stored)."""
+    if JSON_KEY_GENES not in st.json_names(run_id):
+        return None
+    doc = st.get_json(run_id, JSON_KEY_GENES)
+    return doc if isinstance(doc, dict) else None

@@ -10,7 +10,7 @@ from textual.widgets import DataTable, OptionList, Select, Static, TabbedContent
 
 from gfattn_tui.screens.compare import CompareScreen
 from gfattn_tui.screens.keys import KeysScreen
-from gfattn_tui.screens.run import RunScreen
+from gfattn_tui.screens.run import ALL_TABS, RunScreen
 from gfattn_tui.screens.runs import RunsScreen, tree_order
 from gfattn_tui.widgets.analysis_picker import AnalysisPicker
 from gfattn_tui.widgets.confusion_matrix import ConfusionMatrix
@@ -89,7 +89,7 @@ async def test_finetune_and_de_runs_show_their_own_tabs_and_q_quits(tui_store):
         tabs = screen.query_one(TabbedContent)
         assert screen.tab_keys == ("overview", "training", "confusion")
         assert "acc" in static_text(screen.query_one("#ov-results", Static))
-        await pilot.press("4")  # attention: not a tab of a finetune
+        await pilot.press(str(ALL_TABS.index("attention") + 1))  # not a tab of a finetune
         await settle(pilot)
         assert tabs.active == "overview"
         await pilot.press("escape")

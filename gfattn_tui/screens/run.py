@@ -1,8 +1,8 @@
-"""One run in tabs: Overview, Training, Confusion, Attention, Ranks, Genes, DE, Data.
+"""One run in tabs: Overview, Key genes, Training, Confusion, Attention, Ranks, Genes, DE, Data.
 
 The tabs depend on the run's kind (`KIND_TABS`): a pipeline has all of them, a finetune its metrics,
 curves and confusion matrix, an analysis its attention results, a DE run opens on its gene table. The
-number keys keep their tab across kinds (3 is always Confusion). The analysis run the results tabs show
+number keys keep their tab across kinds (4 is always Confusion). The analysis run the results tabs show
 is chosen once for the screen (`RunScreen.analysis_id`), so every tab shows the same one.
 
 A tab's widgets are built and its data loaded when it is first shown, so opening a run costs one tab.
@@ -27,6 +27,7 @@ from gfattn_tui.widgets.confusion import ConfusionView
 from gfattn_tui.widgets.data_view import DataView
 from gfattn_tui.widgets.de import DEView
 from gfattn_tui.widgets.genes import GenesView
+from gfattn_tui.widgets.keygenes import KeyGenesView
 from gfattn_tui.widgets.overview import OverviewView
 from gfattn_tui.widgets.ranks import RanksView
 from gfattn_tui.widgets.training import TrainingView
@@ -34,6 +35,7 @@ from store import results as R
 
 TABS: list[tuple[str, str, type]] = [
     ("overview", "Overview", OverviewView),
+    ("keygenes", "Key genes", KeyGenesView),
     ("training", "Training", TrainingView),
     ("confusion", "Confusion", ConfusionView),
     ("attention", "Attention", AttentionView),
@@ -46,7 +48,7 @@ ALL_TABS = tuple(key for key, _, _ in TABS)
 # the tabs of each run kind, the first one opening; kinds not listed get every tab
 KIND_TABS: dict[str, tuple[str, ...]] = {
     R.KIND_FINETUNE: ("overview", "training", "confusion"),
-    R.KIND_ANALYSIS: ("overview", "attention", "ranks", "genes", "de"),
+    R.KIND_ANALYSIS: ("overview", "keygenes", "attention", "ranks", "genes", "de"),
     R.KIND_DE: ("de", "overview"),
     R.KIND_DATA: ("overview", "data"),
     R.KIND_PRETRAIN: ("overview",),

@@ -1,6 +1,7 @@
 """Genes tab: the key-gene table of an analysis run (thesis table 8: attention, scaled, per occurrence,
 position-controlled, rank statistics, DE score, reference-set mark), or the DE table it is compared
-with, paged from SQL.
+with, paged from SQL. Where the run has the key score, the table opens sorted by the last model's
+(`key_score_b`), with both models' key scores and the last model's single-gene deletion effect first.
 
 Only one page of rows is ever read (`Store.gene_table(limit, offset, order_by, search, where)`), so
 sorting, searching and filtering 20,000 genes cost one indexed query each and stay instant.
@@ -23,6 +24,8 @@ from store import results as R
 
 _A, _B = R.MODEL_SUFFIXES
 DEFAULT_SORT = (
+    R.col_key_score(_B),  # the controlled key-gene score of the last model, where the run has it
+    R.col_key_score(_A),
     R.col_attn_scaled(_B),
     R.col_attn(_B),
     R.col_attn_scaled(_A),
@@ -33,6 +36,9 @@ DEFAULT_SORT = (
 ASCENDING_FIRST = (R.COL_SYMBOL, R.COL_ENSEMBL_ID, R.COL_RANK_MEAN, R.COL_PVAL, R.COL_PVAL_ADJ)  # first sort ascending
 # the columns a researcher reads first, right after the pinned symbol; the rest follow, IDs last
 PREFERRED = (
+    R.col_key_score(_A),
+    R.col_key_score(_B),
+    R.col_deletion_logit(_B),
     R.col_attn_scaled(_A),
     R.col_attn_scaled(_B),
     R.COL_ATTN_SCALED_DIFF,

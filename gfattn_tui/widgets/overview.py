@@ -1,7 +1,8 @@
 """Overview tab: the results first (a pipeline's task x mode table of test accuracy, macro-F1 and best
-epoch, each analysis's headline: mean cosine per layer, key genes, DE overlap with its p-value; deletion
-and attribution headlines when stored; a finetune's own metrics), then provenance, the error in full,
-stages with progress and ETA, child runs, the log tail, the resolved configuration and package versions."""
+epoch, each analysis's headline: mean cosine per layer, key genes (by the key score where stored), DE
+overlap with its p-value and matched p, the detection-frequency warnings; deletion and attribution
+headlines when stored; a finetune's own metrics), then provenance, the error in full, stages with
+progress and ETA, child runs, the log tail, the resolved configuration and package versions."""
 
 from __future__ import annotations
 
@@ -279,7 +280,11 @@ def render_results(results: R.ResultsSummary):
     for head in results.analyses:
         parts.append(_analysis_block(head))
     for name, doc in results.extra.items():
-        parts.append(render_json(doc, name))
+        if isinstance(doc, dict) and isinstance(doc.get("headline"), str):
+            # a document with its own one-line headline (deletion: in full on the Key genes tab)
+            parts.append(Group(Text(""), Text(name, style="bold underline"), Text(doc["headline"])))
+        else:
+            parts.append(render_json(doc, name))
     return Group(*parts)
 
 
@@ -294,16 +299,23 @@ def _analysis_block(head: R.AnalysisHeadline) -> Group:
             total = f"/{head.n_heads_total}" if head.n_heads_total else ""
             line.append(f"  ·  {head.heads_differing}{total} heads differ (adj. p < {R.SIGNIFICANCE})")
         lines.append(line)
+    # the key score where the run has it (the summed attention follows detection frequency), else attention
+    genes_by_model = head.key_genes or head.top_genes
     for suffix, model in zip(R.MODEL_SUFFIXES, head.models):
-        genes = head.top_genes.get(suffix)
+        genes = genes_by_model.get(suffix)
         if genes:
             lines.append(Text(f"key genes {model}: ", style="bold").append(", ".join(genes[:10]), style=""))
     if head.de_overlap:
-        line = Text("DE overlap (top k): ", style="bold")
+        by = f" by {head.de_attention_column}" if head.de_attention_column else ""
+        line = Text(f"DE overlap (top k{by}): ", style="bold")
         for r in head.de_overlap:
-            line.append(f"k={r.get('k')} {r.get('overlap')} (p {fmt_p(r.get('p_value'))})  ")
+            matched = f", matched p {fmt_p(r.get('p_matched'))}" if r.get("p_matched") is not None else ""
+            line.append(f"k={r.get('k')} {r.get('overlap')} (p {fmt_p(r.get('p_value'))}{matched})  ")
         lines.append(line)
+    for warning in head.key_warnings:
+        lines.append(Text(f"warning: {warning}", style="yellow"))
     if head.spearman and head.spearman.get("rho") is not None:
         rho, p = head.spearman.get("rho"), head.spearman.get("p_value")
-        lines.append(Text(f"Spearman DE score vs attention: rho {rho:+.3f} (p {fmt_p(p)})"))
+        against = head.de_attention_column or "attention"
+        lines.append(Text(f"Spearman DE score vs {against}: rho {rho:+.3f} (p {fmt_p(p)})"))
     return Group(Text(""), *lines)
