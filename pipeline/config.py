@@ -123,6 +123,10 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "deletion_random_sets": (20, "random gene sets per top-k set, matched on detection frequency and rank"),
         "deletion_top_genes": (50, "single-gene deletion of each score's top N genes (0 = none)"),
         "sanity": (True, "cascading randomisation of each analysed model (Adebayo et al. 2018)"),
+        "sanity_attribution": (
+            True,
+            "the cascade recomputes the attribution scores too (false: attention scores only)",
+        ),
         "label_permutation": (
             False,
             "also fine-tune each analysed mode on permuted labels and compare its key-gene scores (with `sanity`)",

@@ -1093,7 +1093,7 @@ def _sanity(ctx: Context, child: int, task: str, test, modes: tuple[str, str]) -
     a_cfg = ctx.cfg["analysis"]
     genes = ctx.store.gene_table_df(child, R.TABLE_GENES)
     labels = np.asarray(test["label"], dtype=np.int64)
-    methods = tuple(a_cfg["attribution"])
+    methods = tuple(a_cfg["attribution"]) if a_cfg["sanity_attribution"] else ()
     for mode, suffix in zip(modes, R.MODEL_SUFFIXES):
         doc = ctx.out.sanity.get((task, mode))
         if doc is None:

@@ -745,7 +745,7 @@ class AnalysisHeadline:
     n_heads_total: int | None = None
     top_genes: dict[str, list[str]] = field(default_factory=dict)  # by model suffix: summed attention
     key_genes: dict[str, list[str]] = field(default_factory=dict)  # by model suffix: top by the key score
-    key_warnings: list[str] = field(default_factory=list)  # rankings that follow detection frequency
+    key_warnings: list[str] = field(default_factory=list)  # rankings that track detection frequency
     de_overlap: list[dict] = field(default_factory=list)  # k, overlap, expected, p_value (, p_matched)
     de_attention_column: str | None = None  # the gene-table column the DE overlap ranks genes by
     spearman: dict | None = None

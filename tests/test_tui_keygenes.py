@@ -117,8 +117,8 @@ def build_keygenes_store(path: Path) -> dict:
                 "min_cells": 5,
                 "frequency_spearman": {"attn_b": 0.93, "key_score_b": 0.05},
                 "warnings": [
-                    "frozen: rankings that follow detection frequency: attn_a 0.97",
-                    "unfrozen: rankings that follow detection frequency: attn_b 0.93",
+                    "frozen: rankings that track detection frequency: attn_a 0.97",
+                    "unfrozen: rankings that track detection frequency: attn_b 0.93",
                 ],
             },
         )
@@ -259,7 +259,7 @@ async def test_key_genes_tab_shows_the_last_models_deletion_and_cascade(kg_store
         head = static_text(view.query_one("#kg-head", Static))
         assert "deletion from unfrozen: 64 cells" in head
         assert "deletion effect +0.31" in head and "key score +0.05" in head
-        assert "unfrozen: rankings that follow detection frequency: attn_b 0.93" in head
+        assert "unfrozen: rankings that track detection frequency: attn_b 0.93" in head
 
         sets = view.query_one("#kg-sets", SortableTable)
         expected = kg_store["sets"]["unfrozen"]
@@ -366,7 +366,7 @@ async def test_genes_tab_opens_on_the_key_score_and_overview_leads_with_key_gene
         top_b = kg_store["genes"].dropna(subset=["key_score_b"]).nlargest(3, "key_score_b")["symbol"]
         assert "key genes unfrozen: " + ", ".join(top_b) in text
         assert "DE overlap (top k by key_score_b): k=10 2 (p 1.2e-03**, matched p 3.6e-03**)" in text
-        assert "warning: unfrozen: rankings that follow detection frequency" in text
+        assert "warning: unfrozen: rankings that track detection frequency" in text
 
         await show_tab(pilot, "genes")
         genes = screen.query_one(GenesView)
