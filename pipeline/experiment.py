@@ -192,8 +192,6 @@ class Products:
     de: dict[tuple[str, str, str], Any] = field(default_factory=dict)  # (task, group, reference) -> DE table
     pretrain_metrics: dict = field(default_factory=dict)
     attributions: dict[tuple[str, str], Any] = field(default_factory=dict)  # (task, mode) -> AttributionResult
-    deletions: dict[tuple[str, str], Any] = field(default_factory=dict)  # (task, mode) -> deletion results
-    sanity: dict[tuple[str, str], dict] = field(default_factory=dict)  # (task, mode) -> randomisation cascade
 
 
 @dataclass
@@ -931,7 +929,7 @@ def stage_attention(ctx: Context, task: str, mode_a: str, mode_b: str) -> None:
     with ctx.store.track(child):
         model_a = load_for_attention(models[(task, mode_a)])
         model_b = load_for_attention(models[(task, mode_b)])
-        run_pair_analysis(
+        summary = run_pair_analysis(
             ctx.store,
             child,
             model_a,
@@ -953,6 +951,8 @@ def stage_attention(ctx: Context, task: str, mode_a: str, mode_b: str) -> None:
             progress=lambda done, total, **kw: ctx.rep.update(done, total, unit="cells", **kw),
         )
         del model_a, model_b
+        for line in summary.get("frequency_warnings", []):
+            ctx.rep.line(f"warning: {line}")
         _one_vs_rest_overlaps(ctx, child, task)
         _attribution(ctx, child, task, test, (mode_a, mode_b))
         _deletion(ctx, child, task, test, (mode_a, mode_b))
@@ -1052,27 +1052,26 @@ def _deletion(ctx: Context, child: int, task: str, test, modes: tuple[str, str])
 
     genes = ctx.store.gene_table_df(child, R.TABLE_GENES)
     labels = np.asarray(test["label"], dtype=np.int64)
+    # computed per pair, never reused from another pair: the rankings come from this pair's gene table, and
+    # a run resumed between two pairs must store what an uninterrupted one does
     for mode, suffix in zip(modes, R.MODEL_SUFFIXES):
-        result = ctx.out.deletions.get((task, mode))
-        if result is None:
-            result = run_deletion(
-                load_for_attention(ctx.out.models[(task, mode)]),
-                test,
-                labels,
-                genes=genes,
-                suffix=suffix,
-                attribution=ctx.out.attributions.get((task, mode)),
-                de=_de_for(ctx, task),
-                dicts=ctx.out.dicts,
-                ks=tuple(int(k) for k in a_cfg["deletion_k"]),
-                n_random=int(a_cfg["deletion_random_sets"]),
-                top_genes=int(a_cfg["deletion_top_genes"]),
-                null_bins=tuple(a_cfg["null_bins"]),
-                n_boot=int(a_cfg["n_boot"]),
-                device=ctx.device,
-                seed=ctx.seed,
-            )
-            ctx.out.deletions[(task, mode)] = result
+        result = run_deletion(
+            load_for_attention(ctx.out.models[(task, mode)]),
+            test,
+            labels,
+            genes=genes,
+            suffix=suffix,
+            attribution=ctx.out.attributions.get((task, mode)),
+            de=_de_for(ctx, task),
+            dicts=ctx.out.dicts,
+            ks=tuple(int(k) for k in a_cfg["deletion_k"]),
+            n_random=int(a_cfg["deletion_random_sets"]),
+            top_genes=int(a_cfg["deletion_top_genes"]),
+            null_bins=tuple(a_cfg["null_bins"]),
+            n_boot=int(a_cfg["n_boot"]),
+            device=ctx.device,
+            seed=ctx.seed,
+        )
         doc = write_deletion(ctx.store, child, result, model_name=mode, suffix=suffix, genes=genes)
         ctx.rep.line(f"{task}: deletion from {mode}: " + doc["headline"])
     ctx.store.put_gene_table(child, R.TABLE_GENES, genes)
@@ -1094,54 +1093,51 @@ def _sanity(ctx: Context, child: int, task: str, test, modes: tuple[str, str]) -
     genes = ctx.store.gene_table_df(child, R.TABLE_GENES)
     labels = np.asarray(test["label"], dtype=np.int64)
     methods = tuple(a_cfg["attribution"]) if a_cfg["sanity_attribution"] else ()
-    for mode, suffix in zip(modes, R.MODEL_SUFFIXES):
-        doc = ctx.out.sanity.get((task, mode))
-        if doc is None:
-            trained = genes.set_index("ensembl_id")[["symbol", "n_cells", *[f"{c}_{suffix}" for c in ATTENTION_SCORES]]]
-            trained = trained.rename(columns={f"{c}_{suffix}": c for c in ATTENTION_SCORES})
-            attr = ctx.out.attributions.get((task, mode))
-            if attr is not None:
-                table = attribution_gene_table(attr, ctx.out.dicts.id_to_gene).set_index("ensembl_id")
-                trained = trained.join(table[[f"{m}_mean" for m in methods]], how="left")
-            model = load_for_attention(ctx.out.models[(task, mode)])
-            doc = randomisation_cascade(
-                model,
+    for mode, suffix in zip(modes, R.MODEL_SUFFIXES):  # per pair, like the deletion (its reference scores)
+        trained = genes.set_index("ensembl_id")[["symbol", "n_cells", *[f"{c}_{suffix}" for c in ATTENTION_SCORES]]]
+        trained = trained.rename(columns={f"{c}_{suffix}": c for c in ATTENTION_SCORES})
+        attr = ctx.out.attributions.get((task, mode))
+        if attr is not None:
+            table = attribution_gene_table(attr, ctx.out.dicts.id_to_gene).set_index("ensembl_id")
+            trained = trained.join(table[[f"{m}_mean" for m in methods]], how="left")
+        model = load_for_attention(ctx.out.models[(task, mode)])
+        doc = randomisation_cascade(
+            model,
+            test,
+            labels,
+            dicts=ctx.out.dicts,
+            methods=methods if attr is not None else (),
+            min_cells=min_cells_for(len(labels)),
+            trained_scores=trained,
+            hao_steps=int(a_cfg["hao_steps"]),
+            ig_steps=int(a_cfg["ig_steps"]),
+            batch_size=int(a_cfg["batch_size"]),
+            device=ctx.device,
+            seed=ctx.seed,
+            progress=lambda done, total, **kw: ctx.rep.update(done, total, unit="randomisation steps", **kw),
+        )
+        doc["model"] = mode
+        permuted = ctx.out.models.get((task, mode + PERMUTED))
+        if permuted is not None:
+            from pipeline.sanity import compare_scores, key_gene_scores
+
+            verify_checkpoint(permuted, ctx.out.checkpoint_hashes.get((task, mode + PERMUTED)))
+            scores = key_gene_scores(
+                load_for_attention(permuted),
                 test,
                 labels,
                 dicts=ctx.out.dicts,
                 methods=methods if attr is not None else (),
-                min_cells=min_cells_for(len(labels)),
-                trained_scores=trained,
                 hao_steps=int(a_cfg["hao_steps"]),
                 ig_steps=int(a_cfg["ig_steps"]),
                 batch_size=int(a_cfg["batch_size"]),
                 device=ctx.device,
                 seed=ctx.seed,
-                progress=lambda done, total, **kw: ctx.rep.update(done, total, unit="randomisation steps", **kw),
             )
-            doc["model"] = mode
-            permuted = ctx.out.models.get((task, mode + PERMUTED))
-            if permuted is not None:
-                from pipeline.sanity import compare_scores, key_gene_scores
-
-                verify_checkpoint(permuted, ctx.out.checkpoint_hashes.get((task, mode + PERMUTED)))
-                scores = key_gene_scores(
-                    load_for_attention(permuted),
-                    test,
-                    labels,
-                    dicts=ctx.out.dicts,
-                    methods=methods if attr is not None else (),
-                    hao_steps=int(a_cfg["hao_steps"]),
-                    ig_steps=int(a_cfg["ig_steps"]),
-                    batch_size=int(a_cfg["batch_size"]),
-                    device=ctx.device,
-                    seed=ctx.seed,
-                )
-                doc["label_permutation"] = compare_scores(trained, scores, min_cells=min_cells_for(len(labels)))
-                doc["label_permutation_flagged"] = [
-                    c for c, v in doc["label_permutation"].items() if (v.get("spearman") or 0.0) >= FLAG_RHO
-                ]
-            ctx.out.sanity[(task, mode)] = doc
+            doc["label_permutation"] = compare_scores(trained, scores, min_cells=min_cells_for(len(labels)))
+            doc["label_permutation_flagged"] = [
+                c for c, v in doc["label_permutation"].items() if (v.get("spearman") or 0.0) >= FLAG_RHO
+            ]
         ctx.store.put_json(child, R.json_sanity(mode), doc)
         flagged = ", ".join(doc["flagged"]) or "none"
         ctx.rep.line(f"{task}: randomisation cascade of {mode}: scores that survive randomisation: {flagged}")
