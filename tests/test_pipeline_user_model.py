@@ -88,7 +88,7 @@ def test_user_data_and_checkpoint_run_end_to_end(tmp_path, user_checkpoint, user
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.startswith("run 1 'user' completed"), out.stdout[:500]
-    assert "lowhigh/unfrozen" in out.stdout and "top attended vs top DE genes" in out.stdout
+    assert "lowhigh/unfrozen" in out.stdout and "key genes vs top DE genes" in out.stdout
 
     st = Store(db)
     run = st.get_run(1)
