@@ -133,5 +133,5 @@ def test_compare_two_runs(quick_run, tmp_path):
     assert out.returncode == 0, out.stderr
     rows = [ln for ln in out.stdout.splitlines() if ln.startswith("  lowhigh/")]
     assert len(rows) == 3 and all("+0.000" in ln for ln in rows)
-    assert "top attended vs top DE genes" in out.stdout
+    assert "key genes vs top DE genes" in out.stdout and "matched p=" in out.stdout
     assert {p.suffix for p in (tmp_path / "cmp").iterdir()} == {".png", ".svg"}

@@ -23,6 +23,11 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
+def _p(item: dict) -> str:
+    matched = item.get("p_matched")
+    return f"p={item['p_value']:.2g}" + (f", matched p={matched:.2g}" if matched is not None else "")
+
+
 def compare_text(st, a: int, b: int) -> str:
     from store import results as R
 
@@ -47,19 +52,22 @@ def compare_text(st, a: int, b: int) -> str:
         lines.append(f"{ha.name}:")
         lines.append(f"  mean attention cosine: A {_fmt(ha.cosine_mean)}, B {_fmt(hb.cosine_mean if hb else None)}")
         for suffix, model in zip(R.MODEL_SUFFIXES, ha.models):
-            lines.append(f"  key genes, {model}: A {', '.join(ha.top_genes.get(suffix, [])[:8])}")
+            genes_a = ha.key_genes.get(suffix) or ha.top_genes.get(suffix, [])
+            lines.append(f"  key genes, {model}: A {', '.join(genes_a[:8])}")
             if hb:
-                lines.append(f"  {'':>{len(model) + 12}}B {', '.join(hb.top_genes.get(suffix, [])[:8])}")
+                genes_b = hb.key_genes.get(suffix) or hb.top_genes.get(suffix, [])
+                lines.append(f"  {'':>{len(model) + 12}}B {', '.join(genes_b[:8])}")
         ov_b = {o.get("k"): o for o in (hb.de_overlap if hb else [])}
         parts = []
         for o in ha.de_overlap:
             ob = ov_b.get(o.get("k"))
-            part = f"k={o['k']}: A {o['overlap']} (p={o['p_value']:.2g})"
+            part = f"k={o['k']}: A {o['overlap']} ({_p(o)})"
             if ob:
-                part += f", B {ob['overlap']} (p={ob['p_value']:.2g})"
+                part += f", B {ob['overlap']} ({_p(ob)})"
             parts.append(part)
         if parts:
-            lines.append("  top attended vs top DE genes: " + "; ".join(parts))
+            what = "key genes" if str(ha.de_attention_column or "").startswith("key_score") else "top attended"
+            lines.append(f"  {what} vs top DE genes: " + "; ".join(parts))
     return "\n".join(lines)
 
 
