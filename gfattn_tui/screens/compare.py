@@ -72,11 +72,18 @@ def read_side(st, run_id: int) -> dict:
 
 
 def _key_genes(st, pa: dict | None, pb: dict | None) -> list[dict]:
-    """Top genes of A and of B by the last model's attention, each with its rank in both tables."""
+    """Top genes of A and of B by the last model's key score (summed attention in stores without one), each
+    with its rank in both tables."""
     if pa is None or pb is None:
         return []
     ra, rb = pa["pair"].run_id, pb["pair"].run_id
-    column = R.col_attn(R.MODEL_SUFFIXES[1])
+    column = R.col_key_score(R.MODEL_SUFFIXES[1])
+    if any(
+        column not in st.gene_table_columns(rid, R.TABLE_GENES)
+        for rid in (ra, rb)
+        if R.TABLE_GENES in st.gene_tables(rid)
+    ):
+        column = R.col_attn(R.MODEL_SUFFIXES[1])
     out = []
     tops = []
     for rid in (ra, rb):
@@ -489,4 +496,5 @@ def _at(values, i: int):
 def _overlap(r: dict) -> str:
     if not r:
         return "—"
-    return f"{r.get('overlap')} (p {fmt_p(r.get('p_value'))})"
+    matched = f", matched {fmt_p(r['p_matched'])}" if r.get("p_matched") is not None else ""
+    return f"{r.get('overlap')} (p {fmt_p(r.get('p_value'))}{matched})"
