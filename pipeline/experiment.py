@@ -493,6 +493,7 @@ def _pretrain_small_model(ctx: Context, corpus_ds, dicts, out: Path) -> dict:
             lr=float(pcfg["lr"]),
             seed=ctx.seed,
             time_budget_s=float(pcfg["time_budget_s"]) or None,
+            cell_loss_weight=float(pcfg.get("cell_loss_weight", 0.0)),
             device=ctx.device,
             progress=lambda done, total, **kw: ctx.rep.update(done, total, unit="steps", **kw),
         )

@@ -7,6 +7,11 @@ the vocabulary and 10% stay as they are; the model predicts the original gene at
 (which gives the same loss as scoring every position and ignoring the rest, at a fraction of the cost),
 with length-grouped batches padded to their own longest cell, AdamW, linear warm-up and linear decay.
 
+An optional cell-level objective (`cell_loss_weight`, off by default) trains the first position, which
+masked-gene prediction never scores unless it is masked but which the frozen mode reads: the
+gene-prediction head applied to it must predict the cell's own genes, weighted by inverse document
+frequency (`cell_gene_loss`). It uses tokens only, never a label.
+
 One departure from Geneformer's initialisation: the gene-prediction bias starts at each gene's log
 frequency in the training cells (`init_output_bias`), so a short run starts from the unigram baseline
 instead of spending its steps learning it.

@@ -23,7 +23,10 @@ UMI count is hit as well.
 `make_corpus` builds the stand-in for Genecorpus-30M (Theodoris et al. 2023, Nature 618:616): healthy
 cell types made of co-expressed gene programs plus cell states shared across types (cycling, p53
 response, interferon, ...) over the same gene universe, so that masked-gene pretraining has gene-gene
-structure to learn and its vocabulary covers the sci-Plex-like data.
+structure to learn and its vocabulary covers the sci-Plex-like data. Like a real atlas, which holds
+stressed, arrested and proliferating cells, it spans the states the sci-Plex-like data varies, without
+any dose: a p53 response of graded strength on the planted targets that also arrests the cycle,
+cycling and resting cells, and a wide spread of library sizes.
 """
 
 from __future__ import annotations
@@ -652,8 +655,13 @@ def make_corpus(
     `n_types` cell types (epithelial, fibroblast, endothelial, T cell, B cell, monocyte, hepatocyte,
     neuron), each a profile with its marker genes and a co-expressed program of background genes,
     plus cell states shared across types (cycling S / G2-M, p53 response, interferon, heat shock,
-    immediate-early, hypoxia, oxidative stress) switched on in a fraction of cells. obs: `cell_type`,
-    `n_counts`, `ngenes`, `percent_mito`, `percent_ribo`; `uns["gfattn_truth"]` lists types and programs.
+    immediate-early, hypoxia, oxidative stress) switched on in a fraction of cells. The p53 response is
+    active in `P53_FRACTION` of the cells at a strength uniform on 0-1 (fold changes at saturation drawn
+    from the Nutlin ranges of the planted targets); it represses the cell-cycle genes and takes cycling
+    cells out of S and G2/M in proportion. Detected genes per cell spread log-normally
+    (`CORPUS_GENES_LOG_SD`) around a per-type depth. obs: `cell_type`, `n_counts`, `ngenes`,
+    `percent_mito`, `percent_ribo`; `uns["gfattn_truth"]` lists types and programs, and per cell the p53
+    strength and the cycle phase.
     """
     import anndata as ad
     import pandas as pd
