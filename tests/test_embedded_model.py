@@ -53,7 +53,7 @@ def test_cell_gene_loss_is_the_cross_entropy_against_the_cells_weighted_genes():
 @pytest.fixture(scope="module")
 def small_embedded(tmp_path_factory):
     """A small embedded-style model: the atlas-like corpus, masked genes plus the cell-level objective."""
-    corpus = synth.make_corpus(n_cells=800, seed=1, preset="thesis")
+    corpus = synth.make_corpus(n_cells=800, seed=1, preset="thesis", atlas=True)
     dicts = build_vocabulary(corpus)
     ds, _ = tokenize_anndata(corpus, dicts, max_len=96)
     out = tmp_path_factory.mktemp("embedded") / "model"

@@ -74,9 +74,10 @@ def test_corpus_bad_arguments():
         synth.make_corpus(n_cells=0)
 
 
-def test_p53_response_is_graded_and_arrests_the_cycle(corpus):
+def test_atlas_p53_response_is_graded_and_arrests_the_cycle():
     """Like an atlas's stressed cells: p53 targets rise with the response's strength, cycling genes fall,
     and strongly responding cells leave S and G2/M; the strength is recorded per cell."""
+    corpus = synth.make_corpus(n_cells=1200, seed=0, preset="thesis", atlas=True)
     truth = synth.ground_truth(corpus)
     cells = truth["cells"]
     assert cells["cell_id"] == list(corpus.obs_names)
@@ -99,3 +100,9 @@ def test_p53_response_is_graded_and_arrests_the_cycle(corpus):
     assert cycling[strong].mean() < 0.5 * cycling[none].mean()
     cc = program(synth_genes.CELL_CYCLE_DOWN)
     assert cc[strong & ~cycling].mean() < cc[none & ~cycling].mean()
+
+
+def test_healthy_corpus_records_its_p53_cells(corpus):
+    cells = synth.ground_truth(corpus)["cells"]
+    act = np.asarray(cells["p53_activity"])
+    assert len(act) == corpus.n_obs and 0.05 < (act > 0).mean() < 0.2 and act[act > 0].min() >= 0.5
