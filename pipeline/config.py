@@ -80,6 +80,16 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "batch_size": (32, "embedded model: pretraining batch size"),
         "lr": (1e-3, "embedded model: peak learning rate"),
         "time_budget_s": (75.0, "embedded model: stop pretraining after this many seconds (0 = no limit)"),
+        "corpus": (
+            "healthy",
+            "embedded model: the synthetic corpus, `healthy` or `atlas` (adds a graded p53 response that "
+            "arrests the cycle and wider library sizes)",
+        ),
+        "cell_loss_weight": (
+            0.0,
+            "embedded model: weight of the cell-level objective (the first position predicts its cell's genes; "
+            "0 = masked genes only)",
+        ),
     },
     "train": {
         "tasks": ([], "tasks to fine-tune ([] = every task in [[tasks]])"),

@@ -439,7 +439,7 @@ def embedded_model_dir(ctx: Context) -> Path:
 
     pcfg = dict(ctx.cfg["pretrain"])
     preset = ctx.cfg["data"]["synth_preset"]
-    key = _digest({"pretrain": pcfg, "preset": preset, "seed": ctx.seed, "v": 2})
+    key = _digest({"pretrain": pcfg, "preset": preset, "seed": ctx.seed, "v": 3})  # v3: the atlas-like corpus
     out = ctx.cache / "models" / f"embedded-{key}"
     if (out / "config.json").is_file():
         verify_manifest(out, what="cached embedded model")
@@ -452,7 +452,10 @@ def embedded_model_dir(ctx: Context) -> Path:
 
     ctx.rep.line(f"pretraining the embedded model on a synthetic corpus of {pcfg['corpus_cells']} cells")
     # the corpus shares the synthetic data's gene universe, so the vocabulary covers the data
-    corpus = make_corpus(n_cells=int(pcfg["corpus_cells"]), seed=ctx.seed + 1, preset=preset)
+    kind = str(pcfg.get("corpus", "healthy"))
+    if kind not in ("healthy", "atlas"):
+        raise InputError(f"pretrain.corpus {kind!r}: use 'healthy' or 'atlas'")
+    corpus = make_corpus(n_cells=int(pcfg["corpus_cells"]), seed=ctx.seed + 1, preset=preset, atlas=kind == "atlas")
     dicts = build_vocabulary(corpus)
     corpus_ds, _ = tokenize_anndata(corpus, dicts, max_len=int(pcfg["max_len"]))
     metrics = _pretrain_small_model(ctx, corpus_ds, dicts, out)
@@ -493,6 +496,7 @@ def _pretrain_small_model(ctx: Context, corpus_ds, dicts, out: Path) -> dict:
             lr=float(pcfg["lr"]),
             seed=ctx.seed,
             time_budget_s=float(pcfg["time_budget_s"]) or None,
+            cell_loss_weight=float(pcfg.get("cell_loss_weight", 0.0)),
             device=ctx.device,
             progress=lambda done, total, **kw: ctx.rep.update(done, total, unit="steps", **kw),
         )

@@ -7,6 +7,11 @@ the vocabulary and 10% stay as they are; the model predicts the original gene at
 (which gives the same loss as scoring every position and ignoring the rest, at a fraction of the cost),
 with length-grouped batches padded to their own longest cell, AdamW, linear warm-up and linear decay.
 
+An optional cell-level objective (`cell_loss_weight`, off by default) trains the first position, which
+masked-gene prediction never scores unless it is masked but which the frozen mode reads: the
+gene-prediction head applied to it must predict the cell's own genes, weighted by inverse document
+frequency (`cell_gene_loss`). It uses tokens only, never a label.
+
 One departure from Geneformer's initialisation: the gene-prediction bias starts at each gene's log
 frequency in the training cells (`init_output_bias`), so a short run starts from the unigram baseline
 instead of spending its steps learning it.
@@ -88,9 +93,41 @@ def init_output_bias(model, train_ids: list, vocab_size: int, special_ids) -> No
         model.cls.predictions.bias.copy_(torch.as_tensor(log_freq - log_freq.mean(), dtype=torch.float32))
 
 
-def _masked_logits(model, input_ids, attention_mask, selected):
+def _masked_logits(model, input_ids, attention_mask, selected, *, with_hidden: bool = False):
+    """Gene logits at the selected positions (and, `with_hidden`, the encoder output of every position)."""
     hidden = model.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    return model.cls(hidden[selected])
+    logits = model.cls(hidden[selected])
+    return (logits, hidden) if with_hidden else logits
+
+
+def gene_idf(train_ids: list, vocab_size: int) -> np.ndarray:
+    """Inverse document frequency of every token over the training cells: log(1 + cells / cells with it)."""
+    df = np.zeros(vocab_size, dtype=np.float64)
+    for seq in train_ids:
+        df[np.unique(seq)] += 1.0
+    return np.log1p(len(train_ids) / np.maximum(df, 1.0)).astype(np.float32)
+
+
+def cell_gene_loss(model, hidden, batch_ids, attention_mask, special_ids, idf=None):
+    """The cell-level objective: the first position's output predicts the genes of its cell.
+
+    The gene-prediction head, applied to the first position, scores every gene of the vocabulary; the loss
+    is the cross-entropy against the cell's own genes, each weighted by its inverse document frequency
+    `idf` (uniform without it), so the first position has to summarise the whole cell, whatever gene sits
+    there, and the genes that tell cells apart (states, types) weigh more than those every cell ranks
+    high. Self-supervised like the masked genes: it sees tokens only, never a label.
+    """
+    import torch
+
+    real = attention_mask.bool().clone()
+    for sid in special_ids:
+        real &= batch_ids != int(sid)
+    weight = real.float() if idf is None else real.float() * idf[batch_ids]
+    target = torch.zeros(batch_ids.shape[0], model.config.vocab_size, device=hidden.device)
+    target.scatter_add_(1, batch_ids, weight)
+    target = target / target.sum(dim=1, keepdim=True).clamp_min(1.0)
+    logp = torch.nn.functional.log_softmax(model.cls(hidden[:, 0]).float(), dim=-1)
+    return -(target * logp).sum(dim=1).mean()
 
 
 def frequency_baselines(train_ids: list, special_ids) -> tuple[int, dict[int, int]]:
@@ -243,7 +280,8 @@ class PretrainPlan:
     warmup_ratio: float
     time_budget_s: float | None
     log_every: int
-    hyperparameters: dict  # as written to gfattn_pretrain.json
+    hyperparameters: dict
+    cell_loss_weight: float = 0.0  # weight of `cell_gene_loss` beside the masked genes (0: masked genes only)  # as written to gfattn_pretrain.json
 
     @property
     def init_seed(self) -> int:
@@ -300,6 +338,7 @@ def plan_pretraining(
     weight_decay: float = 0.001,
     dropout: float = 0.02,
     log_every: int = 10,
+    cell_loss_weight: float = 0.0,
 ) -> PretrainPlan:
     """Check the corpus against the dictionaries, split off the held-out cells and fix the run's plan."""
     try:
@@ -338,6 +377,7 @@ def plan_pretraining(
         warmup_ratio=warmup_ratio,
         time_budget_s=time_budget_s,
         log_every=log_every,
+        cell_loss_weight=float(cell_loss_weight),
         hyperparameters={
             "layers": layers,
             "hidden": hidden,
@@ -354,6 +394,7 @@ def plan_pretraining(
             "weight_decay": weight_decay,
             "dropout": dropout,
             "mask_probability": MASK_PROBABILITY,
+            "cell_loss_weight": float(cell_loss_weight),
         },
     )
 
@@ -417,6 +458,7 @@ class PretrainRun:
     epochs_done: int = 0
     t_train: float = 0.0
     last_progress: float = 0.0
+    idf: object = None  # `gene_idf` of the training cells on the device, for the cell-level objective
 
     def flush_losses(self) -> None:
         if self.window:
@@ -446,7 +488,10 @@ def start_run(plan: PretrainPlan, device) -> PretrainRun:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.factor)
     generator = torch.Generator().manual_seed(plan.masking_seed)
     init_output_bias(model, plan.train, plan.vocab_size, plan.special_ids)
-    return PretrainRun(model, optimizer, scheduler, schedule, generator, device, amp_dtype)
+    run = PretrainRun(model, optimizer, scheduler, schedule, generator, device, amp_dtype)
+    if plan.cell_loss_weight:
+        run.idf = torch.as_tensor(gene_idf(plan.train, plan.vocab_size), device=device)
+    return run
 
 
 def _train_step(run: PretrainRun, plan: PretrainPlan, batch_ids, mask) -> float | None:
@@ -460,8 +505,13 @@ def _train_step(run: PretrainRun, plan: PretrainPlan, batch_ids, mask) -> float 
     dev = run.device
     ctx = torch.autocast("cuda", dtype=run.amp_dtype) if run.amp_dtype is not None else _null()
     with ctx:
-        logits = _masked_logits(run.model, corrupted.to(dev), mask.to(dev), selected.to(dev))
+        logits, hidden = _masked_logits(run.model, corrupted.to(dev), mask.to(dev), selected.to(dev), with_hidden=True)
     loss = torch.nn.functional.cross_entropy(logits.float(), batch_ids[selected].to(dev))
+    if plan.cell_loss_weight:
+        with ctx:
+            loss = loss + plan.cell_loss_weight * cell_gene_loss(
+                run.model, hidden, batch_ids.to(dev), mask.to(dev), plan.special_ids, run.idf
+            )
     loss.backward()
     torch.nn.utils.clip_grad_norm_(run.model.parameters(), 1.0)
     run.optimizer.step()
@@ -642,6 +692,7 @@ def pretrain(
     store=None,
     run_id: int | None = None,
     log_every: int = 10,
+    cell_loss_weight: float = 0.0,
 ) -> dict:
     """Pretrain a small BERT on rank-value encoded cells (`input_ids`) by masked-gene prediction.
 
@@ -678,6 +729,7 @@ def pretrain(
         weight_decay=weight_decay,
         dropout=dropout,
         log_every=log_every,
+        cell_loss_weight=cell_loss_weight,
     )
     dev = resolve_device(device)
     record = _RunRecord(store, run_id)

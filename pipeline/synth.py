@@ -23,7 +23,10 @@ UMI count is hit as well.
 `make_corpus` builds the stand-in for Genecorpus-30M (Theodoris et al. 2023, Nature 618:616): healthy
 cell types made of co-expressed gene programs plus cell states shared across types (cycling, p53
 response, interferon, ...) over the same gene universe, so that masked-gene pretraining has gene-gene
-structure to learn and its vocabulary covers the sci-Plex-like data.
+structure to learn and its vocabulary covers the sci-Plex-like data. Like a real atlas, which holds
+stressed, arrested and proliferating cells, it spans the states the sci-Plex-like data varies, without
+any dose: a p53 response of graded strength on the planted targets that also arrests the cycle,
+cycling and resting cells, and a wide spread of library sizes.
 """
 
 from __future__ import annotations
@@ -64,6 +67,11 @@ _SYNTHETIC_ID_PREFIX = "ENSG9"  # real human gene IDs are ENSG0..., so these can
 _PHASES = ("G1", "S", "G2M")
 _PHASE_P = (0.5, 0.28, 0.22)
 _PHASE_LOG2_UP = {"S": 1.0, "G2M": 1.5}
+
+# The atlas-like corpus (`make_corpus(atlas=True)`): fraction of cells with an active p53 response (its
+# strength uniform on 0-1) and the spread of log detected genes per cell
+ATLAS_P53_FRACTION = 0.25
+ATLAS_GENES_LOG_SD = 0.35
 
 _CHUNK_ENTRIES = 4_000_000  # cells x genes per sampling chunk (~16 MB per float32 matrix)
 _SMALL_MEAN = 4.0  # below: inverse-CDF sampling of nonzero counts; above: rejection
@@ -641,14 +649,24 @@ def make_corpus(
     preset: str = "raw",
     n_genes: int | None = None,
     n_types: int = 8,
+    atlas: bool = False,
 ):
     """A healthy pretraining corpus over the same genes as `make_sciplex_like(preset, geneformer_dir, n_genes)`.
 
     `n_types` cell types (epithelial, fibroblast, endothelial, T cell, B cell, monocyte, hepatocyte,
     neuron), each a profile with its marker genes and a co-expressed program of background genes,
     plus cell states shared across types (cycling S / G2-M, p53 response, interferon, heat shock,
-    immediate-early, hypoxia, oxidative stress) switched on in a fraction of cells. obs: `cell_type`,
-    `n_counts`, `ngenes`, `percent_mito`, `percent_ribo`; `uns["gfattn_truth"]` lists types and programs.
+    immediate-early, hypoxia, oxidative stress) switched on in a fraction of cells; the p53 response at
+    the midpoints of the planted targets' Nutlin fold changes in 12% of the cells.
+
+    `atlas=True` makes it span the states the sci-Plex-like data varies, as a real atlas holds stressed,
+    arrested and proliferating cells: the p53 response is active in `ATLAS_P53_FRACTION` of the cells at
+    a strength uniform on 0-1 (fold changes at saturation drawn from the Nutlin ranges), represses the
+    cell-cycle genes and takes cycling cells out of S and G2/M in proportion, and detected genes per cell
+    spread wider (`ATLAS_GENES_LOG_SD`). Without it the corpus is the one earlier versions made, draw for
+    draw. obs: `cell_type`, `n_counts`, `ngenes`,
+    `percent_mito`, `percent_ribo`; `uns["gfattn_truth"]` lists types and programs, and per cell the p53
+    strength and the cycle phase.
     """
     import anndata as ad
     import pandas as pd
@@ -702,21 +720,28 @@ def make_corpus(
     w = np.exp(logw)
     w /= w.sum(axis=1, keepdims=True)
 
-    # cell states: programs over named genes switched on per cell; p53 targets at their Nutlin fold changes
+    # cell states: programs over named genes switched on per cell. Healthy: the p53 targets at their Nutlin
+    # fold changes (range midpoints) in a few cells. Atlas: the p53 response graded like an atlas's stressed
+    # cells (strength 0-1 on fold changes drawn from Nutlin's ranges) and arresting the cycle: it represses
+    # the cell-cycle genes and moves cycling cells out of S and G2/M.
     prog_names = list(genes.STATE_PROGRAMS)
     prog_load: dict[str, np.ndarray] = {}
     for name, syms in genes.STATE_PROGRAMS.items():
-        if name == "p53_response":
+        if name == "p53_response" and atlas:
+            prog_load[name] = np.array([rng.uniform(lo, hi) for lo, hi, _ in genes.P53_TARGETS_UP.values()])
+        elif name == "p53_response":
             prog_load[name] = np.array([0.5 * (lo + hi) for lo, hi, _ in genes.P53_TARGETS_UP.values()])
         elif name.startswith("cycling"):
             prog_load[name] = np.full(len(syms), 2.5)
         else:
             prog_load[name] = rng.uniform(2.0, 4.0, size=len(syms))
+    if atlas:
+        arrest_load = rng.uniform(*genes.CELL_CYCLE_LOG2FC, size=len(genes.CELL_CYCLE_DOWN))
     v_sym = list(dict.fromkeys(s for syms in genes.STATE_PROGRAMS.values() for s in syms))
     v_col = {s: j for j, s in enumerate(v_sym)}
     v_idx = np.array([pos[s] for s in v_sym])
     frac = {
-        "p53_response": 0.12,
+        "p53_response": ATLAS_P53_FRACTION if atlas else 0.12,
         "interferon": 0.12,
         "heat_shock": 0.10,
         "immediate_early": 0.15,
@@ -729,10 +754,13 @@ def make_corpus(
     if n_cells >= n_t:
         cell_type[:n_t] = np.arange(n_t)  # every type present
         cell_type = cell_type[rng.permutation(n_cells)]
-    cycling_frac = rng.uniform(0.05, 0.4, size=n_t)
+    cycling_frac = rng.uniform(0.05, 0.5 if atlas else 0.4, size=n_t)
+    p53 = (rng.random(n_cells) < frac["p53_response"]) * rng.random(n_cells) if atlas else None
     log2f = np.zeros((n_cells, len(v_sym)))
     activity = {}
     u_cyc = rng.random(n_cells)
+    if atlas:
+        u_cyc = u_cyc / np.maximum(1.0 - p53, 1e-3)  # arrested cells leave the cycle
     in_s = u_cyc < cycling_frac[cell_type] * 0.55
     in_g2m = (u_cyc >= cycling_frac[cell_type] * 0.55) & (u_cyc < cycling_frac[cell_type])
     for name in prog_names:
@@ -740,16 +768,22 @@ def make_corpus(
             a = in_s * rng.uniform(0.6, 1.0, size=n_cells)
         elif name == "cycling_G2M":
             a = in_g2m * rng.uniform(0.6, 1.0, size=n_cells)
+        elif name == "p53_response" and atlas:
+            a = p53
         else:
             a = (rng.random(n_cells) < frac[name]) * rng.uniform(0.5, 1.0, size=n_cells)
         activity[name] = a
         cols = np.array([v_col[s] for s in genes.STATE_PROGRAMS[name]])
         np.add.at(log2f, (slice(None), cols), a[:, None] * prog_load[name][None, :])
+    if atlas:
+        cc_cols = np.array([v_col[s] for s in genes.CELL_CYCLE_DOWN])
+        log2f[:, cc_cols] += p53[:, None] * arrest_load[None, :]
     f = np.exp2(log2f)
 
-    type_depth = rng.uniform(0.75, 1.3, size=n_t)
+    # library sizes: a type's depth times a per-cell spread (atlas: wider, shallow and deep cells of every state)
+    type_depth = rng.uniform(0.7, 1.3, size=n_t) if atlas else rng.uniform(0.75, 1.3, size=n_t)
     z = _truncated_normal(rng, n_cells, -3.0, 2.5)
-    target = p.median_genes * type_depth[cell_type] * np.exp(0.25 * z)
+    target = p.median_genes * type_depth[cell_type] * np.exp((ATLAS_GENES_LOG_SD if atlas else 0.25) * z)
     lib = _solve_library(target, cell_type, w, prof.r, v_idx, f)
     x = _sample_counts(lib, cell_type, w, prof.r, v_idx, f, rng)
 
@@ -774,6 +808,12 @@ def make_corpus(
         },
         "state_programs": {name: list(syms) for name, syms in genes.STATE_PROGRAMS.items()},
         "state_fraction": {name: float(np.mean(activity[name] > 0)) for name in prog_names},
+        # per cell, keyed by obs name: the p53 response's strength (0: inactive) and the cycle phase
+        "cells": {
+            "cell_id": [str(c) for c in obs.index],
+            "p53_activity": [float(v) for v in activity["p53_response"]],
+            "phase": [("S" if s_ else "G2M" if g_ else "G1") for s_, g_ in zip(in_s, in_g2m)],
+        },
     }
     adata = ad.AnnData(X=x, obs=obs, var=var.copy())
     adata.uns[TRUTH_KEY] = truth

@@ -72,3 +72,37 @@ def test_corpus_bad_arguments():
         synth.make_corpus(n_cells=10, n_types=20)
     with pytest.raises(InputError, match="n_cells"):
         synth.make_corpus(n_cells=0)
+
+
+def test_atlas_p53_response_is_graded_and_arrests_the_cycle():
+    """Like an atlas's stressed cells: p53 targets rise with the response's strength, cycling genes fall,
+    and strongly responding cells leave S and G2/M; the strength is recorded per cell."""
+    corpus = synth.make_corpus(n_cells=1200, seed=0, preset="thesis", atlas=True)
+    truth = synth.ground_truth(corpus)
+    cells = truth["cells"]
+    assert cells["cell_id"] == list(corpus.obs_names)
+    act = np.asarray(cells["p53_activity"])
+    active = act > 0
+    assert 0.15 < active.mean() < 0.35 and 0.0 <= act.min() and act.max() <= 1.0
+    # graded: active cells span weak to strong responses
+    assert np.quantile(act[active], 0.25) < 0.4 < 0.6 < np.quantile(act[active], 0.75)
+    x = corpus.X
+    libs = np.asarray(x.sum(axis=1)).ravel()
+
+    def program(syms):
+        cols = corpus.var.index.get_indexer([synth_genes.GENE_IDS[s] for s in syms])
+        return np.log1p(1e4 * np.asarray(x[:, cols].sum(axis=1)).ravel() / libs)
+
+    p53 = program(synth_genes.P53_TARGETS_UP)
+    assert np.corrcoef(act, p53)[0, 1] > 0.5
+    strong, none = act > 0.7, ~active
+    cycling = np.isin(np.asarray(cells["phase"]), ["S", "G2M"])
+    assert cycling[strong].mean() < 0.5 * cycling[none].mean()
+    cc = program(synth_genes.CELL_CYCLE_DOWN)
+    assert cc[strong & ~cycling].mean() < cc[none & ~cycling].mean()
+
+
+def test_healthy_corpus_records_its_p53_cells(corpus):
+    cells = synth.ground_truth(corpus)["cells"]
+    act = np.asarray(cells["p53_activity"])
+    assert len(act) == corpus.n_obs and 0.05 < (act > 0).mean() < 0.2 and act[act > 0].min() >= 0.5

@@ -27,6 +27,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="stop training after this many seconds, annealing the learning rate to fit (0 = none)",
     )
+    p.add_argument(
+        "--cell-loss-weight",
+        type=float,
+        default=0.0,
+        metavar="W",
+        help="weight of the cell-level objective: the first position predicts its cell's genes (default 0: off)",
+    )
     p.add_argument("--min-cells", type=int, default=1, help="vocabulary: genes detected in at least this many cells")
     p.add_argument("--seed", type=int, default=0, help="seed for everything (default 0)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="compute device")
@@ -112,6 +119,7 @@ def run(args) -> int:
             lr=args.lr,
             seed=args.seed,
             time_budget_s=args.time_budget or None,
+            cell_loss_weight=args.cell_loss_weight,
             progress=rep.callback("steps", stage="pretrain"),
             device=args.device,
             store=store,

@@ -50,14 +50,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--n-cells", type=int, help="cells of the corpus (default 4000; with --corpus only)")
     parser.add_argument("--n-types", type=int, help="cell types of the corpus, 1-8 (default 8; with --corpus only)")
+    parser.add_argument(
+        "--atlas",
+        action="store_true",
+        help="with --corpus: span the states the dosed data varies (graded p53 response that arrests the cycle, "
+        "wider library sizes)",
+    )
 
 
 def _check(args: argparse.Namespace) -> Path:
     out = Path(args.out).expanduser()
     if out.exists() and out.is_dir():
         raise InputError(f"--out {out}: is a directory; give a file name such as {out / 'synthetic.h5ad'}")
-    if not args.corpus and (args.n_cells is not None or args.n_types is not None):
-        raise InputError("--n-cells and --n-types apply to --corpus only; use --scale for the sci-Plex-like data")
+    if not args.corpus and (args.n_cells is not None or args.n_types is not None or args.atlas):
+        raise InputError(
+            "--n-cells, --n-types and --atlas apply to --corpus only; use --scale for the sci-Plex-like data"
+        )
     if not (math.isfinite(args.scale) and args.scale > 0):
         raise InputError(f"--scale {args.scale}: must be a positive number (1 = ~6,000 cells)")
     if not (math.isfinite(args.length_effect) and args.length_effect >= 0):
@@ -80,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
             preset=args.preset,
             n_genes=args.n_genes,
             n_types=8 if args.n_types is None else args.n_types,
+            atlas=args.atlas,
         )
     else:
         adata = synth.make_sciplex_like(

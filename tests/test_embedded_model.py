@@ -1,0 +1,120 @@
+"""The embedded model: what its pretraining puts into the first position, the frozen mode's features.
+
+The thesis's first finding is that the pretrained representation already separates high from low
+Nutlin-3a dose (a frozen encoder with a trained head). These tests pretrain a small model the way the
+embedded default does (synthetic atlas-like corpus, masked genes plus the cell-level objective) and read
+its first-position features as the frozen mode does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline import synth
+from pipeline.pretrain import cell_gene_loss, gene_idf, pretrain
+from pipeline.tokenize import build_vocabulary, tokenize_anndata
+
+
+def test_gene_idf_weighs_rare_genes_more():
+    ids = [np.array([2, 3, 4]), np.array([2, 3]), np.array([2, 5])]
+    idf = gene_idf(ids, 7)
+    assert idf.shape == (7,) and idf.dtype == np.float32
+    assert idf[2] < idf[3] < idf[4] == idf[5]
+    assert np.isclose(idf[2], np.log(2.0)) and np.isclose(idf[4], np.log(4.0))
+
+
+def test_cell_gene_loss_is_the_cross_entropy_against_the_cells_weighted_genes():
+    import torch
+
+    from pipeline.model import build_small_bert
+
+    torch.manual_seed(0)
+    model = build_small_bert(12, layers=1, hidden=8, heads=2, intermediate=16, max_len=8).eval()
+    ids = torch.tensor([[2, 3, 4, 0], [5, 6, 0, 0]])
+    mask = (ids != 0).long()
+    idf = torch.arange(12, dtype=torch.float32) + 1.0
+    with torch.no_grad():
+        hidden = model.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = cell_gene_loss(model, hidden, ids, mask, [0, 1], idf)
+        logp = torch.log_softmax(model.cls(hidden[:, 0]), dim=-1)
+    want = []
+    for row, genes in enumerate(([2, 3, 4], [5, 6])):
+        w = idf[genes] / idf[genes].sum()
+        want.append(-(w * logp[row, genes]).sum())
+    assert torch.isclose(got, torch.stack(want).mean(), atol=1e-6)
+    # the first position's output carries the objective's gradient
+    model.train()
+    hidden = model.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+    cell_gene_loss(model, hidden, ids, mask, [0, 1], idf).backward()
+    assert model.bert.embeddings.word_embeddings.weight.grad[[2, 3, 4, 5, 6]].abs().sum() > 0
+
+
+@pytest.fixture(scope="module")
+def small_embedded(tmp_path_factory):
+    """A small embedded-style model: the atlas-like corpus, masked genes plus the cell-level objective."""
+    corpus = synth.make_corpus(n_cells=800, seed=1, preset="thesis", atlas=True)
+    dicts = build_vocabulary(corpus)
+    ds, _ = tokenize_anndata(corpus, dicts, max_len=96)
+    out = tmp_path_factory.mktemp("embedded") / "model"
+    pretrain(
+        ds,
+        dicts,
+        out,
+        layers=2,
+        hidden=32,
+        heads=2,
+        intermediate=64,
+        max_len=96,
+        epochs=6,
+        batch_size=32,
+        lr=1e-2,
+        seed=0,
+        cell_loss_weight=3.0,
+        device="cpu",
+    )
+    return out, dicts
+
+
+def _first_position_features(model_dir, ds):
+    import torch
+    from transformers import BertForMaskedLM
+
+    from pipeline.batching import pad_batch
+
+    model = BertForMaskedLM.from_pretrained(str(model_dir)).eval()
+    ids = [np.asarray(x, dtype=np.int64) for x in ds["input_ids"]]
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(ids), 64):
+            batch, mask = pad_batch(ids[i : i + 64], pad_token_id=0)
+            out.append(model.bert(input_ids=batch, attention_mask=mask).last_hidden_state[:, 0].numpy())
+    return np.concatenate(out)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open: the small embedded model's frozen first-position features do not yet separate low from "
+    "high dose well above the majority class (README, 'The embedded model')",
+)
+def test_frozen_features_separate_low_from_high_dose(small_embedded):
+    """A logistic regression on the frozen first-position features of held-out synthetic cells beats the
+    majority class by a wide margin (the thesis: frozen 0.85 where the majority class is ~0.6)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    model_dir, dicts = small_embedded
+    data = synth.make_sciplex_like(scale=0.2, preset="thesis", seed=3)
+    dose = data.obs["dose_value"].to_numpy()
+    keep = (dose <= 2.5) | ((dose >= 12.5) & (dose <= 25.0))
+    cells = data[keep].copy()
+    y = (cells.obs["dose_value"].to_numpy() >= 12.5).astype(int)
+    ds, _ = tokenize_anndata(cells, dicts, max_len=96)
+    x = _first_position_features(model_dir, ds)
+    order = np.random.default_rng(0).permutation(len(y))
+    train, test = order[: int(0.7 * len(y))], order[int(0.7 * len(y)) :]
+    scaler = StandardScaler().fit(x[train])
+    clf = LogisticRegression(max_iter=2000).fit(scaler.transform(x[train]), y[train])
+    accuracy = float((clf.predict(scaler.transform(x[test])) == y[test]).mean())
+    majority = float(max(y[test].mean(), 1.0 - y[test].mean()))
+    assert accuracy >= majority + 0.1, (accuracy, majority)
