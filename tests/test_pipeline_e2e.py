@@ -76,7 +76,7 @@ def test_quick_run_fills_every_table(quick_run):
             assert st.metrics(c["id"], split="train"), c["name"]
             assert st.metrics(c["id"], split="validation"), c["name"]
     analyses = [c for c in children.values() if c["kind"] == "analysis"]
-    assert len(analyses) == 2
+    assert [c["name"] for c in analyses] == ["lowhigh: frozen vs unfrozen"]
     for c in analyses:
         assert {"cosine"} <= set(st.grid_names(c["id"]))
         assert {"rank_received_a", "rank_received_b", "rank_pct_diff"} <= set(st.vector_names(c["id"]))

@@ -28,6 +28,10 @@ TINY = textwrap.dedent("""
     pairs = [["frozen", "unfrozen"]]
     n_boot = 20
     top_k = [10, 20]
+    deletion_k = [5]
+    deletion_random_sets = 3
+    deletion_top_genes = 5
+    sanity_attribution = false
     [compute]
     threads = 1
 """)
