@@ -20,8 +20,8 @@ top-k for k in 1, 5, 10, 20, 50 and 20 random sets matched on frequency x mean-r
             nothing else: the floor for the batched path.
 
 Defaults: the `default` preset's analysis (228 test cells of 60-96 tokens, the embedded 2-layer BERT of
-hidden size 32), batches of 64, one thread. Measured on 2 shared CPU cores: naive / batched 18.2x,
-batched / plain 1.21x. A larger model is compute-bound on CPU, where batching gains little: with
+hidden size 32), batches of 64, one thread. Measured on a quiet 2-core machine: naive / batched 21.8x,
+batched / plain 1.08x. A larger model is compute-bound on CPU, where batching gains little: with
 `--cells 200 --min-len 100 --max-len 256 --layers 4 --hidden 64 --heads 4` the ratio was 3.8x (CPU time;
 1.05x over plain), all of it from skipping unaffected cells, running shared sequences once and batching.
 

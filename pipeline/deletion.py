@@ -31,7 +31,7 @@ every (set, affected cell) deleted sequence of a call, sorts the pool by length 
 sequence that several sets produce (the same genes of the cell removed) runs once. Only one batch
 of padded tensors exists at a time; the pool itself is integer arrays (set, cell, deleted positions).
 Results are float64 numpy arrays on any device. `bench/bench_deletion.py` (525 sets, one CPU thread):
-18x a loop of single forwards for the `default` preset's model and cells, within 1.21x of the bare
+22x a loop of single forwards for the `default` preset's model and cells, within 1.08x of the bare
 forward passes it needs; for a 4-layer, 64-wide model on 100-256 tokens, whose forward pass is
 compute-bound on CPU, 3.8x (the bare forwards are 95% of the batched time there).
 """
