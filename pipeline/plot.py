@@ -157,7 +157,8 @@ def plot_run(store, run_id: int, out_dir: str | Path) -> list[Path]:
             _save(fig, out, f"fig5_ranks_{stem}", written)
         if an.genes is not None:
             if de is not None and de.table is not None:
-                _attention_vs_de(plt, an.genes, de.table, an.de_overlap, names, out, stem, written)
+                compared = f"{de.group} vs {de.reference}" if de.group and de.reference else "DE"
+                _attention_vs_de(plt, an.genes, de.table, an.de_overlap, names, out, stem, written, compared=compared)
             _gene_figures(plt, an.genes, out, stem, written)
         _attribution_figure(plt, store, an, out, stem, written)
         _deletion_figure(plt, store, an, out, stem, written)
@@ -236,13 +237,24 @@ def _sanity_figure(plt, store, an, out: Path, stem: str, written: list[Path]) ->
 
 
 def _attention_vs_de(
-    plt, genes, de, overlap: dict | None, names: dict, out: Path, stem: str, written: list[Path], top: int = 20
+    plt,
+    genes,
+    de,
+    overlap: dict | None,
+    names: dict,
+    out: Path,
+    stem: str,
+    written: list[Path],
+    top: int = 20,
+    compared: str = "DE",
 ) -> None:
-    """Fig. 7: the top DE genes (Wilcoxon score, high vs low) beside the most attended genes of the second
-    model, each DE gene labelled with its attention rank and each attended gene marked when it is among
+    """Fig. 7: the top DE genes (Wilcoxon score, the DE run's group vs reference) beside the key genes (the
+    most attended genes in runs without a key score) of the second model, each DE gene labelled with its attention rank and each attended gene marked when it is among
     the top DE genes; a third panel gives the overlap of the two top-k lists against chance (k^2 / N)."""
     a, b = R.MODEL_SUFFIXES
-    column = R.col_attn(b) if R.col_attn(b) in genes.columns else None
+    # the key genes (the controlled key score) where the run has them, else summed attention (older runs)
+    keyed = R.col_key_score(b) in genes.columns
+    column = R.col_key_score(b) if keyed else R.col_attn(b) if R.col_attn(b) in genes.columns else None
     if column is None or R.COL_SCORE not in de.columns:
         return
     present = set(genes[R.COL_ENSEMBL_ID].astype(str))
@@ -254,22 +266,30 @@ def _attention_vs_de(
     top_de, top_attn = de.head(top), ranked.head(top)
     panels = 3 if overlap and overlap.get("overlap") else 2
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 0.28 * top + 1.6))
+    what = "key gene" if keyed else "attention"
     labels = [
-        f"{R.gene_label(r)}  (attention #{attn_rank.get(str(r[R.COL_ENSEMBL_ID]), '-')})" for _, r in top_de.iterrows()
+        f"{R.gene_label(r)}  ({what} #{attn_rank.get(str(r[R.COL_ENSEMBL_ID]), '-')})" for _, r in top_de.iterrows()
     ]
     axes[0].barh(labels[::-1], top_de[R.COL_SCORE].to_numpy()[::-1], color="tab:orange")
-    axes[0].set_title("top DE genes, high vs low (Wilcoxon score)", fontsize=9)
+    axes[0].set_title(f"top DE genes, {compared} (Wilcoxon score)", fontsize=9)
     colours = ["tab:red" if de_rank.get(str(g), top + 1) <= top else "tab:blue" for g in top_attn[R.COL_ENSEMBL_ID]]
     labels = [f"{R.gene_label(r)}  (DE #{de_rank.get(str(r[R.COL_ENSEMBL_ID]), '-')})" for _, r in top_attn.iterrows()]
     axes[1].barh(labels[::-1], top_attn[column].to_numpy()[::-1], color=colours[::-1])
-    axes[1].set_title(f"most attended genes, {names['b']} (red: among the top {top} DE)", fontsize=9)
+    title = "key genes" if keyed else "most attended genes"
+    axes[1].set_title(f"{title}, {names['b']} (red: among the top {top} DE)", fontsize=9)
     axes[0].set_xlabel("Wilcoxon score")
-    axes[1].set_xlabel("attention received (summed over cells, layers and heads)")
+    axes[1].set_xlabel(
+        "key score (log2 attention over its positions' and frequency's, shrunk)"
+        if keyed
+        else "attention received (summed over cells, layers and heads)"
+    )
     for ax in axes[:2]:
         ax.tick_params(axis="y", labelsize=7)
     if panels == 3:
         ax = axes[2]
         for col, style in (
+            (R.col_key_score(a), "^--"),
+            (R.col_key_score(b), "^-"),
             (R.col_attn(a), "o--"),
             (R.col_attn(b), "o-"),
             (R.col_attn_norm(a), "s--"),
@@ -279,7 +299,7 @@ def _attention_vs_de(
             if not block:
                 continue
             ks = [item["k"] for item in block["overlap"]]
-            kind = "norm-based" if "norm" in col else "weight-based"
+            kind = "key score" if col.startswith("key_score") else "norm-based" if "norm" in col else "weight-based"
             ax.plot(ks, [item["overlap"] for item in block["overlap"]], style, ms=4, label=f"{names[col[-1]]}, {kind}")
         items = overlap["overlap"]
         ax.plot([i["k"] for i in items], [i["expected"] for i in items], ":", color="grey", label="chance (k²/N)")
@@ -297,6 +317,9 @@ def _gene_figures(plt, df, out: Path, stem: str, written: list[Path], top: int =
     wanted = (
         R.COL_SYMBOL,
         R.COL_ENSEMBL_ID,
+        R.col_key_score(a),
+        R.col_key_score(b),
+        R.col_deletion_logit(b),
         R.col_attn_scaled(a),
         R.col_attn_scaled(b),
         R.COL_N_CELLS,
@@ -307,8 +330,8 @@ def _gene_figures(plt, df, out: Path, stem: str, written: list[Path], top: int =
         R.COL_IN_REFERENCE_SET,
     )
     cols = [c for c in dict.fromkeys(wanted) if c in df.columns]
-    sort_col = R.col_attn_scaled(b) if R.col_attn_scaled(b) in df.columns else cols[-1]
-    table = df.sort_values(sort_col, ascending=False).head(top)[cols]
+    order = [c for c in (R.col_key_score(b), R.col_attn_scaled(b)) if c in df.columns] or [cols[-1]]
+    table = df.sort_values(order[0], ascending=False, na_position="last").head(top)[cols]
     fig, ax = plt.subplots(figsize=(min(16, 1.6 * len(cols)), 0.35 * (len(table) + 2)))
     ax.axis("off")
     cells = [[f"{v:.3g}" if isinstance(v, float) else str(v) for v in row] for row in table.itertuples(index=False)]
