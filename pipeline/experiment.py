@@ -889,7 +889,11 @@ def stage_de(ctx: Context, task: str, group: str, reference: str) -> None:
         de["symbol"] = _fill_symbols(de, ctx.out.dicts, ctx.selected_adata(), ctx.cfg["data"]["gene_id_column"] or None)
         ctx.store.put_gene_table(child, "de", de)
     ctx.out.de[(task, group, reference)] = de
-    ctx.rep.line(f"top DE genes ({group} vs {reference}): " + ", ".join(map(str, de["symbol"].head(10))))
+    top = de.head(10)
+    labels = [
+        str(sym) if isinstance(sym, str) and sym else str(ens) for sym, ens in zip(top["symbol"], top["ensembl_id"])
+    ]
+    ctx.rep.line(f"top DE genes ({group} vs {reference}): " + ", ".join(labels))
 
 
 def _fill_symbols(de, dicts, adata, gene_id_column) -> list[str]:
