@@ -39,7 +39,6 @@ from pipeline.keygenes import (
     matched_overlap_p,
     min_cells_for,
     score_columns,
-    shrunk_log_ratio,
 )
 from store.jsonsafe import plain
 
@@ -272,10 +271,12 @@ def gene_table(
         df["pos_ratio_diff"] = df[f"attn_pos_ratio_{b}"] - df[f"attn_pos_ratio_{a}"]
     if reference_set is not None:
         mark_reference_set(df, reference_set)
-    add_key_scores(df, suffixes[: result.n_models], result.n_cells)
+    fits = add_key_scores(df, suffixes[: result.n_models], result.n_cells)
     last = suffixes[result.n_models - 1]
     order = [key_score_column(last), f"attn_{last}"]
-    return df.sort_values(order, ascending=False, kind="stable", na_position="last").reset_index(drop=True)
+    df = df.sort_values(order, ascending=False, kind="stable", na_position="last").reset_index(drop=True)
+    df.attrs["key_score_fits"] = fits  # the empirical-Bayes fit behind each key_score column (key_gene_report)
+    return df
 
 
 def mark_reference_set(df: pd.DataFrame, reference_set: Iterable[str]) -> pd.DataFrame:
@@ -975,11 +976,7 @@ def key_gene_report(genes: pd.DataFrame, n_cells: int, *, names: Sequence[str]) 
     n_models = sum(1 for s in SUFFIXES if key_score_column(s) in genes.columns)
     suffixes = SUFFIXES[:n_models]
     min_cells = min_cells_for(n_cells)
-    fits = {}
-    for s in suffixes:  # the fit is recomputed here only to report it; the column is the gene table's
-        _, fits[s] = shrunk_log_ratio(
-            genes[f"attn_{s}"], genes[f"attn_expected_{s}"], genes["n_cells"], min_cells=min_cells
-        )
+    fits = {s: genes.attrs.get("key_score_fits", {}).get(s) for s in suffixes}
     rhos = frequency_correlations(genes, score_columns(genes))
     models = dict(zip(SUFFIXES, names))
     warnings = []

@@ -920,6 +920,7 @@ def stage_attention(ctx: Context, task: str, mode_a: str, mode_b: str) -> None:
     from pipeline.analysis import run_pair_analysis
     from pipeline.model import load_for_attention
     from pipeline.train import verify_checkpoint
+    from store import results as R
 
     a_cfg = ctx.cfg["analysis"]
     parts, names = task_datasets(ctx, task)
@@ -961,10 +962,11 @@ def stage_attention(ctx: Context, task: str, mode_a: str, mode_b: str) -> None:
         del model_a, model_b
         for line in summary.get("frequency_warnings", []):
             ctx.rep.line(f"warning: {line}")
-        _one_vs_rest_overlaps(ctx, child, task)
+        genes = ctx.store.gene_table_df(child, R.TABLE_GENES)  # read once; deletion adds its columns
+        _one_vs_rest_overlaps(ctx, child, task, genes)
         _attribution(ctx, child, task, test, (mode_a, mode_b))
-        _deletion(ctx, child, task, test, (mode_a, mode_b))
-        _sanity(ctx, child, task, test, (mode_a, mode_b))
+        _deletion(ctx, child, task, test, (mode_a, mode_b), genes)
+        _sanity(ctx, child, task, test, (mode_a, mode_b), genes)
     ctx.rep.line(f"{name}: analysed {len(test)} test cells")
 
 
@@ -1018,7 +1020,7 @@ def _attribution(ctx: Context, child: int, task: str, test, modes: tuple[str, st
         )
 
 
-def _one_vs_rest_overlaps(ctx: Context, child: int, task: str) -> None:
+def _one_vs_rest_overlaps(ctx: Context, child: int, task: str, genes) -> None:
     """A task with several DE comparisons (one-vs-rest per class): the key genes' overlap with each, as
     `by_group` of the `de_overlap` document (its top level: the first comparison)."""
     tables = {(g, ref): de for (t, g, ref), de in ctx.out.de.items() if t == task}
@@ -1030,8 +1032,7 @@ def _one_vs_rest_overlaps(ctx: Context, child: int, task: str) -> None:
     from store.jsonsafe import plain
 
     a_cfg = ctx.cfg["analysis"]
-    genes = ctx.store.gene_table_df(child, R.TABLE_GENES)
-    column = key_score_column(R.MODEL_SUFFIXES[1] if key_score_column("b") in genes.columns else "a")
+    column = key_score_column("b" if key_score_column("b") in genes.columns else "a")
     by_group = {}
     for (group, reference), de in tables.items():
         by_group[f"{group} vs {reference}"] = compare_de_attention(
@@ -1048,7 +1049,7 @@ def _one_vs_rest_overlaps(ctx: Context, child: int, task: str) -> None:
     ctx.store.put_json(child, R.JSON_DE_OVERLAP, plain({**by_group[first], "group": first, "by_group": by_group}))
 
 
-def _deletion(ctx: Context, child: int, task: str, test, modes: tuple[str, str]) -> None:
+def _deletion(ctx: Context, child: int, task: str, test, modes: tuple[str, str], genes) -> None:
     """In-silico deletion of each model's top genes by every score (and of matched random sets) from the
     test cells, and single-gene deletion of each score's top genes (`pipeline.deletion`)."""
     a_cfg = ctx.cfg["analysis"]
@@ -1058,7 +1059,6 @@ def _deletion(ctx: Context, child: int, task: str, test, modes: tuple[str, str])
     from pipeline.model import load_for_attention
     from store import results as R
 
-    genes = ctx.store.gene_table_df(child, R.TABLE_GENES)
     labels = np.asarray(test["label"], dtype=np.int64)
     # computed per pair, never reused from another pair: the rankings come from this pair's gene table, and
     # a run resumed between two pairs must store what an uninterrupted one does
@@ -1085,7 +1085,7 @@ def _deletion(ctx: Context, child: int, task: str, test, modes: tuple[str, str])
     ctx.store.put_gene_table(child, R.TABLE_GENES, genes)
 
 
-def _sanity(ctx: Context, child: int, task: str, test, modes: tuple[str, str]) -> None:
+def _sanity(ctx: Context, child: int, task: str, test, modes: tuple[str, str], genes) -> None:
     """Cascading randomisation of each model of the pair (Adebayo et al. 2018): how its key-gene scores
     change as the head, then the layers top down, then the embeddings are re-initialised."""
     if not ctx.cfg["analysis"]["sanity"]:
@@ -1098,7 +1098,6 @@ def _sanity(ctx: Context, child: int, task: str, test, modes: tuple[str, str]) -
     from store import results as R
 
     a_cfg = ctx.cfg["analysis"]
-    genes = ctx.store.gene_table_df(child, R.TABLE_GENES)
     labels = np.asarray(test["label"], dtype=np.int64)
     methods = tuple(a_cfg["attribution"]) if a_cfg["sanity_attribution"] else ()
     for mode, suffix in zip(modes, R.MODEL_SUFFIXES):  # per pair, like the deletion (its reference scores)
@@ -1108,21 +1107,23 @@ def _sanity(ctx: Context, child: int, task: str, test, modes: tuple[str, str]) -
         if attr is not None:
             table = attribution_gene_table(attr, ctx.out.dicts.id_to_gene).set_index("ensembl_id")
             trained = trained.join(table[[f"{m}_mean" for m in methods]], how="left")
-        model = load_for_attention(ctx.out.models[(task, mode)])
-        doc = randomisation_cascade(
-            model,
-            test,
-            labels,
+        scoring = dict(
             dicts=ctx.out.dicts,
             methods=methods if attr is not None else (),
-            min_cells=min_cells_for(len(labels)),
-            trained_scores=trained,
             hao_steps=int(a_cfg["hao_steps"]),
             ig_steps=int(a_cfg["ig_steps"]),
             batch_size=int(a_cfg["batch_size"]),
             device=ctx.device,
             seed=ctx.seed,
+        )
+        doc = randomisation_cascade(
+            load_for_attention(ctx.out.models[(task, mode)]),
+            test,
+            labels,
+            min_cells=min_cells_for(len(labels)),
+            trained_scores=trained,
             progress=lambda done, total, **kw: ctx.rep.update(done, total, unit="randomisation steps", **kw),
+            **scoring,
         )
         doc["model"] = mode
         permuted = ctx.out.models.get((task, mode + PERMUTED))
@@ -1130,18 +1131,7 @@ def _sanity(ctx: Context, child: int, task: str, test, modes: tuple[str, str]) -
             from pipeline.sanity import compare_scores, key_gene_scores
 
             verify_checkpoint(permuted, ctx.out.checkpoint_hashes.get((task, mode + PERMUTED)))
-            scores = key_gene_scores(
-                load_for_attention(permuted),
-                test,
-                labels,
-                dicts=ctx.out.dicts,
-                methods=methods if attr is not None else (),
-                hao_steps=int(a_cfg["hao_steps"]),
-                ig_steps=int(a_cfg["ig_steps"]),
-                batch_size=int(a_cfg["batch_size"]),
-                device=ctx.device,
-                seed=ctx.seed,
-            )
+            scores = key_gene_scores(load_for_attention(permuted), test, labels, **scoring)
             doc["label_permutation"] = compare_scores(trained, scores, min_cells=min_cells_for(len(labels)))
             doc["label_permutation_flagged"] = [
                 c for c, v in doc["label_permutation"].items() if (v.get("spearman") or 0.0) >= FLAG_RHO

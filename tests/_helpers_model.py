@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 
@@ -103,6 +105,24 @@ def save_random_geneformer(config_dir, path, seed: int = 0):
     model = BertForMaskedLM(config)
     model.save_pretrained(str(path))
     return model
+
+
+def save_geneformer_checkpoint(config_file, path, *, seed: int = 0, **overrides) -> dict:
+    """A checkpoint directory as Geneformer ships one: a real config (with `overrides`, e.g. fewer layers),
+    random masked-LM weights as `pytorch_model.bin`, no dictionaries. Returns the config."""
+    import json
+
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    config = json.loads(Path(config_file).read_text())
+    config.update(overrides)
+    torch.manual_seed(seed)
+    model = BertForMaskedLM(BertConfig(**config))
+    Path(path).mkdir(parents=True)
+    model.config.to_json_file(Path(path) / "config.json")
+    torch.save(model.state_dict(), Path(path) / "pytorch_model.bin")
+    return config
 
 
 class FakeRecorder:

@@ -4,7 +4,6 @@ dictionaries. Asked in the user's words, answered in them: no dose, no uM, no lo
 
 from __future__ import annotations
 
-import json
 import textwrap
 
 import pytest
@@ -12,6 +11,7 @@ import pytest
 from store import Store
 
 from _helpers_cli import gfattn
+from _helpers_model import save_geneformer_checkpoint
 from _helpers_tokenize import datlinger_anndata
 
 pytestmark = pytest.mark.slow
@@ -27,16 +27,8 @@ def tcells(shared, tmp_path_factory):
 @pytest.fixture(scope="module")
 def v1_6l(geneformer_dir, tmp_path_factory):
     """Geneformer V1-6L as its config describes it (6 layers, 256 wide), random weights, no dictionaries."""
-    import torch
-    from transformers import BertConfig, BertForMaskedLM
-
-    config = json.loads((geneformer_dir / "configs" / "V1-6L-10M" / "config.json").read_text())
-    torch.manual_seed(0)
-    model = BertForMaskedLM(BertConfig(**config))
     d = tmp_path_factory.mktemp("model") / "gf-6L-random"
-    d.mkdir()
-    model.config.to_json_file(d / "config.json")
-    torch.save(model.state_dict(), d / "pytorch_model.bin")
+    save_geneformer_checkpoint(geneformer_dir / "configs" / "V1-6L-10M" / "config.json", d)
     return d
 
 
@@ -52,17 +44,15 @@ SMALL_TRAIN = "[train]\nepochs = 2\n"
 @pytest.fixture(scope="module")
 def v1_small(geneformer_dir, tmp_path_factory):
     """The real V1 config made small (2 layers, 64 wide): the same vocabulary and loading path, seconds to train."""
-    import torch
-    from transformers import BertConfig, BertForMaskedLM
-
-    config = json.loads((geneformer_dir / "configs" / "V1-6L-10M" / "config.json").read_text())
-    config.update(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128)
-    torch.manual_seed(0)
-    model = BertForMaskedLM(BertConfig(**config))
     d = tmp_path_factory.mktemp("model") / "gf-small-random"
-    d.mkdir()
-    model.config.to_json_file(d / "config.json")
-    torch.save(model.state_dict(), d / "pytorch_model.bin")
+    save_geneformer_checkpoint(
+        geneformer_dir / "configs" / "V1-6L-10M" / "config.json",
+        d,
+        num_hidden_layers=2,
+        hidden_size=64,
+        num_attention_heads=2,
+        intermediate_size=128,
+    )
     return d
 
 

@@ -3,7 +3,6 @@ dictionaries, random weights), and `--resume` of a failed run from its first unf
 
 from __future__ import annotations
 
-import json
 import textwrap
 from pathlib import Path
 
@@ -41,17 +40,17 @@ TINY = textwrap.dedent("""
 def user_checkpoint(tmp_path_factory, geneformer_dir):
     """A checkpoint directory as Geneformer ships one: the V1 config (made small), `pytorch_model.bin`,
     no dictionaries of its own (they come from --geneformer-dir)."""
-    import torch
-    from transformers import BertConfig, BertForMaskedLM
+    from _helpers_model import save_geneformer_checkpoint
 
-    config = json.loads((geneformer_dir / "configs" / "V1-6L-10M" / "config.json").read_text())
-    config.update(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64)
-    torch.manual_seed(0)
-    model = BertForMaskedLM(BertConfig(**config))
     d = tmp_path_factory.mktemp("checkpoint") / "geneformer-small"
-    d.mkdir()
-    model.config.to_json_file(d / "config.json")
-    torch.save(model.state_dict(), d / "pytorch_model.bin")
+    config = save_geneformer_checkpoint(
+        geneformer_dir / "configs" / "V1-6L-10M" / "config.json",
+        d,
+        num_hidden_layers=2,
+        hidden_size=32,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
     return d, config["vocab_size"]
 
 
