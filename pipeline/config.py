@@ -90,6 +90,27 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
             "embedded model: weight of the cell-level objective (the first position predicts its cell's genes; "
             "0 = masked genes only)",
         ),
+        "cell_objective": (
+            "genes",
+            "gfattn's small model: the cell-level objective, `genes` (the first position predicts its cell's genes) "
+            "or `components` (it regresses the cell's scores on the corpus's top principal components)",
+        ),
+        "cell_components": (32, "gfattn's small model: principal components of the `components` cell objective"),
+        "lineage_cells": (
+            0,
+            "embedded model: cells of a dosed sci-Plex-like cell line (its own draw, doses dropped) added to the "
+            "synthetic corpus, as an atlas holds stressed cell lines",
+        ),
+        "seed": (
+            -1,
+            "embedded model: seed of its corpus and pretraining (-1: the run's seed); a fixed seed keeps one model "
+            "across runs of different seeds, as a checkpoint would",
+        ),
+        "cls_token": (
+            False,
+            "gfattn's small model: wrap every cell in <cls> ... <eos> as Geneformer V2 does, so that the first "
+            "position, which the frozen mode reads, is a cell token",
+        ),
     },
     "train": {
         "tasks": ([], "tasks to fine-tune ([] = every task in [[tasks]])"),
@@ -343,6 +364,8 @@ def validate(cfg: dict) -> None:
     for key in ("null_permutations", "deletion_random_sets", "deletion_top_genes"):
         if a[key] < 0:
             raise InputError(f"analysis.{key} must be 0 or more, got {a[key]!r}")
+    if cfg["pretrain"]["lineage_cells"] < 0:
+        raise InputError(f"pretrain.lineage_cells must be 0 or more, got {cfg['pretrain']['lineage_cells']!r}")
     if cfg["data"]["fixed_length_mode"] not in ("top", "subsample"):
         raise InputError(f"data.fixed_length_mode must be top or subsample, got {cfg['data']['fixed_length_mode']!r}")
     if cfg["data"]["fixed_length"] < 0:

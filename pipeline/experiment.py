@@ -430,16 +430,23 @@ def _guess_version(model_dir: Path) -> str:
 
 
 def embedded_model_dir(ctx: Context) -> Path:
-    """Pretrain the embedded default's model on the synthetic healthy corpus, once per configuration.
+    """The embedded default's model (`pipeline.embedded`): the one shipped with gfattn when the run's recipe
+    is the shipped one's, else pretrained on the synthetic corpus once per recipe and cached.
 
     Concurrent pipelines may both pretrain it; the first complete copy is kept (`staging_dir(replace=False)`)
-    and both are identical for the same configuration unless the time budget cut one short. A cached copy
-    is verified against its manifest before reuse."""
+    and both are identical for the same recipe unless the time budget cut one short. A shipped or cached
+    copy is verified against its manifest before use."""
+    from pipeline import embedded
     from pipeline.io import verify_manifest
 
     pcfg = dict(ctx.cfg["pretrain"])
     preset = ctx.cfg["data"]["synth_preset"]
-    key = _digest({"pretrain": pcfg, "preset": preset, "seed": ctx.seed, "v": 3})  # v3: the atlas-like corpus
+    seed = embedded.model_seed(pcfg, ctx.seed)
+    key = embedded.recipe_key(embedded.recipe(pcfg, preset, seed))
+    shipped = embedded.shipped_model(key)
+    if shipped is not None:
+        ctx.rep.line(f"embedded model shipped with gfattn ({shipped}; rebuilt by `gfattn pretrain --embedded`)")
+        return shipped
     out = ctx.cache / "models" / f"embedded-{key}"
     if (out / "config.json").is_file():
         verify_manifest(out, what="cached embedded model")
@@ -447,18 +454,9 @@ def embedded_model_dir(ctx: Context) -> Path:
         return out
     import anndata  # noqa: F401  (fail early with a clear import error)
 
-    from pipeline.synth import make_corpus
-    from pipeline.tokenize import build_vocabulary, tokenize_anndata
-
     ctx.rep.line(f"pretraining the embedded model on a synthetic corpus of {pcfg['corpus_cells']} cells")
-    # the corpus shares the synthetic data's gene universe, so the vocabulary covers the data
-    kind = str(pcfg.get("corpus", "healthy"))
-    if kind not in ("healthy", "atlas"):
-        raise InputError(f"pretrain.corpus {kind!r}: use 'healthy' or 'atlas'")
-    corpus = make_corpus(n_cells=int(pcfg["corpus_cells"]), seed=ctx.seed + 1, preset=preset, atlas=kind == "atlas")
-    dicts = build_vocabulary(corpus)
-    corpus_ds, _ = tokenize_anndata(corpus, dicts, max_len=int(pcfg["max_len"]))
-    metrics = _pretrain_small_model(ctx, corpus_ds, dicts, out)
+    _, dicts, corpus_ds = embedded.corpus_for(pcfg, preset, seed)
+    metrics = _pretrain_small_model(ctx, corpus_ds, dicts, out, seed=seed)
     ctx.out.pretrain_metrics = dict(metrics)
     ctx.rep.line(
         "embedded model: "
@@ -474,34 +472,19 @@ def embedded_model_dir(ctx: Context) -> Path:
     return out
 
 
-def _pretrain_small_model(ctx: Context, corpus_ds, dicts, out: Path) -> dict:
-    """gfattn's small BERT pretrained by masked genes (the `pretrain` config) into the cache folder `out`,
-    published whole with a manifest; the first complete copy wins when two pipelines race."""
-    from pipeline.io import staging_dir, write_manifest
-    from pipeline.pretrain import pretrain
+def _pretrain_small_model(ctx: Context, corpus_ds, dicts, out: Path, *, seed: int) -> dict:
+    """`pipeline.embedded.pretrain_small_model` with the run's config, device and progress line."""
+    from pipeline.embedded import pretrain_small_model
 
-    pcfg = ctx.cfg["pretrain"]
-    with staging_dir(out, replace=False) as tmp:
-        metrics = pretrain(
-            corpus_ds,
-            dicts,
-            tmp,
-            layers=int(pcfg["layers"]),
-            hidden=int(pcfg["hidden"]),
-            heads=int(pcfg["heads"]),
-            intermediate=int(pcfg["intermediate"]),
-            max_len=int(pcfg["max_len"]),
-            epochs=int(pcfg["epochs"]),
-            batch_size=int(pcfg["batch_size"]),
-            lr=float(pcfg["lr"]),
-            seed=ctx.seed,
-            time_budget_s=float(pcfg["time_budget_s"]) or None,
-            cell_loss_weight=float(pcfg.get("cell_loss_weight", 0.0)),
-            device=ctx.device,
-            progress=lambda done, total, **kw: ctx.rep.update(done, total, unit="steps", **kw),
-        )
-        write_manifest(tmp)
-    return metrics
+    return pretrain_small_model(
+        ctx.cfg["pretrain"],
+        corpus_ds,
+        dicts,
+        out,
+        seed=seed,
+        device=ctx.device,
+        progress=lambda done, total, **kw: ctx.rep.update(done, total, unit="steps", **kw),
+    )
 
 
 def _check_embedded_genes(data_path: str, cfg: dict) -> None:
@@ -565,9 +548,9 @@ def self_pretrained_model_dir(ctx: Context) -> Path:
         "n_counts_column": columns["n_counts_column"] or None,
         "layer": columns["layer"] or None,
     }
-    dicts = build_vocabulary(cells, name_to_id=name_to_id, **opts)
+    dicts = build_vocabulary(cells, name_to_id=name_to_id, special_tokens=bool(pcfg.get("cls_token", False)), **opts)
     corpus, _ = tokenize_anndata(cells, dicts, max_len=int(pcfg["max_len"]), **opts)
-    metrics = _pretrain_small_model(ctx, corpus, dicts, out)
+    metrics = _pretrain_small_model(ctx, corpus, dicts, out, seed=ctx.seed)
     ctx.out.pretrain_metrics = dict(metrics)
     if metrics.get("stopped_by_time_budget"):
         ctx.rep.line(

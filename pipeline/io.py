@@ -289,9 +289,11 @@ def write_manifest(folder: os.PathLike | str) -> Path:
     return atomic_write_json(Path(folder) / MANIFEST, {"files": folder_files(folder)})
 
 
-def verify_manifest(folder: os.PathLike | str, *, what: str = "cache") -> None:
+def verify_manifest(
+    folder: os.PathLike | str, *, what: str = "cache", fix: str = "delete the folder to rebuild it"
+) -> None:
     """Check a cache folder against its manifest; a missing, changed or extra-missing file is an error
-    naming the folder (delete it to rebuild). A folder without a manifest (written by an older gfattn)
+    naming the folder and what to do (`fix`). A folder without a manifest (written by an older gfattn)
     gets one now."""
     from pipeline.errors import InputError
 
@@ -303,14 +305,11 @@ def verify_manifest(folder: os.PathLike | str, *, what: str = "cache") -> None:
     try:
         files = json.loads(path.read_text())["files"]
     except (ValueError, KeyError, OSError):
-        raise InputError(f"{what} {folder} has a damaged {MANIFEST}; delete the folder to rebuild it") from None
+        raise InputError(f"{what} {folder} has a damaged {MANIFEST}; {fix}") from None
     for rel, meta in files.items():
         p = folder / rel
         if not p.is_file() or p.stat().st_size != meta["bytes"] or sha256_file(p) != meta["sha256"]:
-            raise InputError(
-                f"{what} {folder} does not match its manifest ({rel} is missing or changed); "
-                "delete the folder to rebuild it"
-            )
+            raise InputError(f"{what} {folder} does not match its manifest ({rel} is missing or changed); {fix}")
 
 
 def sha256_file(path: os.PathLike | str) -> str:

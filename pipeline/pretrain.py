@@ -12,6 +12,13 @@ masked-gene prediction never scores unless it is masked but which the frozen mod
 gene-prediction head applied to it must predict the cell's own genes, weighted by inverse document
 frequency (`cell_gene_loss`). It uses tokens only, never a label.
 
+`cell_objective = "components"` trains the first position on a different cell-level target: a linear head
+on it regresses the cell's scores on the top `cell_components` principal components of the training
+cells' gene sets (which genes each cell's encoding holds; scikit-learn's PCA, ARPACK on the sparse
+matrix, each score scaled to unit variance; `cell_component_targets`). The principal components are
+the corpus's main axes of variation, types and states alike, so the first position learns to report
+where a cell sits on them. The head is dropped afterwards, like a contrastive projection head.
+
 One departure from Geneformer's initialisation: the gene-prediction bias starts at each gene's log
 frequency in the training cells (`init_output_bias`), so a short run starts from the unigram baseline
 instead of spending its steps learning it.
@@ -48,6 +55,7 @@ from pipeline.batching import length_grouped_batches, pad_batch
 from pipeline.errors import InputError
 
 MASK_PROBABILITY = 0.15
+CELL_OBJECTIVES = ("genes", "components")
 PACE_FROM_STEP = 3  # steps before a time budget measures the pace (allocation, kernel selection)
 STAGE = "pretrain"
 
@@ -128,6 +136,34 @@ def cell_gene_loss(model, hidden, batch_ids, attention_mask, special_ids, idf=No
     target = target / target.sum(dim=1, keepdim=True).clamp_min(1.0)
     logp = torch.nn.functional.log_softmax(model.cls(hidden[:, 0]).float(), dim=-1)
     return -(target * logp).sum(dim=1).mean()
+
+
+def cell_component_targets(train_ids: list, vocab_size: int, special_ids, k: int, seed: int) -> np.ndarray:
+    """Each training cell's scores on the top `k` principal components of the cells' gene sets (a cell x
+    gene indicator of the genes in its encoding, special tokens left out), scaled to unit variance.
+
+    PCA by ARPACK on the sparse matrix (centred implicitly), with `seed` for its start vector and
+    scikit-learn's sign convention, so the targets are a function of the cells and the seed."""
+    from scipy import sparse
+    from sklearn.decomposition import PCA
+
+    rows = np.repeat(np.arange(len(train_ids)), [len(x) for x in train_ids])
+    cols = np.concatenate([np.asarray(x, dtype=np.int64) for x in train_ids])
+    keep = ~np.isin(cols, np.asarray(sorted(int(s) for s in special_ids), dtype=np.int64))
+    x = sparse.csr_matrix((np.ones(int(keep.sum())), (rows[keep], cols[keep])), shape=(len(train_ids), int(vocab_size)))
+    x.data[:] = 1.0  # a gene is in a cell's encoding once
+    k = max(1, min(int(k), min(x.shape) - 1))
+    z = PCA(n_components=k, svd_solver="arpack", random_state=int(seed)).fit_transform(x)
+    z /= np.maximum(z.std(axis=0, keepdims=True), 1e-8)
+    return z.astype(np.float32)
+
+
+def cell_component_loss(head, hidden, targets):
+    """The `components` cell-level objective: mean squared error of `head(first position)` against the
+    cell's principal-component scores."""
+    import torch
+
+    return torch.nn.functional.mse_loss(head(hidden[:, 0]).float(), targets)
 
 
 def frequency_baselines(train_ids: list, special_ids) -> tuple[int, dict[int, int]]:
@@ -281,7 +317,9 @@ class PretrainPlan:
     time_budget_s: float | None
     log_every: int
     hyperparameters: dict
-    cell_loss_weight: float = 0.0  # weight of `cell_gene_loss` beside the masked genes (0: masked genes only)  # as written to gfattn_pretrain.json
+    cell_loss_weight: float = 0.0  # weight of the cell-level objective beside the masked genes (0: masked genes only)
+    cell_objective: str = "genes"  # `genes` (`cell_gene_loss`) or `components` (`cell_component_loss`)
+    cell_components: int = 32  # principal components the `components` objective regresses
 
     @property
     def init_seed(self) -> int:
@@ -339,6 +377,8 @@ def plan_pretraining(
     dropout: float = 0.02,
     log_every: int = 10,
     cell_loss_weight: float = 0.0,
+    cell_objective: str = "genes",
+    cell_components: int = 32,
 ) -> PretrainPlan:
     """Check the corpus against the dictionaries, split off the held-out cells and fix the run's plan."""
     try:
@@ -357,6 +397,10 @@ def plan_pretraining(
             "tokenize the corpus with the same dictionaries"
         )
 
+    if cell_objective not in CELL_OBJECTIVES:
+        raise InputError(f"cell objective {cell_objective!r}: use one of {', '.join(CELL_OBJECTIVES)}")
+    if int(cell_components) < 1:
+        raise InputError(f"cell_components {cell_components} must be at least 1")
     order = np.random.default_rng(seed).permutation(len(ids))
     n_hold = min(len(ids) - 1, max(1, int(round(holdout_fraction * len(ids)))))
     return PretrainPlan(
@@ -378,6 +422,8 @@ def plan_pretraining(
         time_budget_s=time_budget_s,
         log_every=log_every,
         cell_loss_weight=float(cell_loss_weight),
+        cell_objective=str(cell_objective),
+        cell_components=int(cell_components),
         hyperparameters={
             "layers": layers,
             "hidden": hidden,
@@ -395,6 +441,8 @@ def plan_pretraining(
             "dropout": dropout,
             "mask_probability": MASK_PROBABILITY,
             "cell_loss_weight": float(cell_loss_weight),
+            "cell_objective": str(cell_objective),
+            "cell_components": int(cell_components),
         },
     )
 
@@ -459,6 +507,8 @@ class PretrainRun:
     t_train: float = 0.0
     last_progress: float = 0.0
     idf: object = None  # `gene_idf` of the training cells on the device, for the cell-level objective
+    component_head: object = None  # `components` objective: the linear head on the first position
+    component_targets: object = None  # `components` objective: `cell_component_targets`, one row per training cell
 
     def flush_losses(self) -> None:
         if self.window:
@@ -477,9 +527,14 @@ def start_run(plan: PretrainPlan, device) -> PretrainRun:
 
     model = build_small_bert(plan.vocab_size, pad_token_id=plan.pad_id, seed=None, **plan.model)
     model.to(device)
+    components = plan.cell_loss_weight and plan.cell_objective == "components"
+    head, named = None, list(model.named_parameters())
+    if components:
+        head = torch.nn.Linear(int(plan.model["hidden"]), plan.cell_components).to(device)
+        named += [(f"component_head.{n}", p) for n, p in head.named_parameters()]
     amp_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
     optimizer = torch.optim.AdamW(
-        decay_parameter_groups(model.named_parameters(), plan.weight_decay, plan.lr),
+        decay_parameter_groups(named, plan.weight_decay, plan.lr),
         lr=plan.lr,
         betas=(0.9, 0.999),
         eps=1e-8,
@@ -489,13 +544,18 @@ def start_run(plan: PretrainPlan, device) -> PretrainRun:
     generator = torch.Generator().manual_seed(plan.masking_seed)
     init_output_bias(model, plan.train, plan.vocab_size, plan.special_ids)
     run = PretrainRun(model, optimizer, scheduler, schedule, generator, device, amp_dtype)
-    if plan.cell_loss_weight:
+    if components:
+        run.component_head = head
+        targets = cell_component_targets(plan.train, plan.vocab_size, plan.special_ids, plan.cell_components, plan.seed)
+        run.component_targets = torch.as_tensor(targets, device=device)
+    elif plan.cell_loss_weight:
         run.idf = torch.as_tensor(gene_idf(plan.train, plan.vocab_size), device=device)
     return run
 
 
-def _train_step(run: PretrainRun, plan: PretrainPlan, batch_ids, mask) -> float | None:
-    """One masked-gene step on a padded batch; None when the batch has no position to mask."""
+def _train_step(run: PretrainRun, plan: PretrainPlan, batch_ids, mask, cells=None) -> float | None:
+    """One masked-gene step on a padded batch (`cells`: the batch's rows of `plan.train`); None when the
+    batch has no position to mask."""
     import torch
 
     selected = select_masked_positions(batch_ids, mask, plan.special_ids, MASK_PROBABILITY, run.generator)
@@ -507,13 +567,20 @@ def _train_step(run: PretrainRun, plan: PretrainPlan, batch_ids, mask) -> float 
     with ctx:
         logits, hidden = _masked_logits(run.model, corrupted.to(dev), mask.to(dev), selected.to(dev), with_hidden=True)
     loss = torch.nn.functional.cross_entropy(logits.float(), batch_ids[selected].to(dev))
-    if plan.cell_loss_weight:
+    if run.component_head is not None:
+        with ctx:
+            targets = run.component_targets[torch.as_tensor(np.asarray(cells), device=dev)]
+            loss = loss + plan.cell_loss_weight * cell_component_loss(run.component_head, hidden, targets)
+    elif plan.cell_loss_weight:
         with ctx:
             loss = loss + plan.cell_loss_weight * cell_gene_loss(
                 run.model, hidden, batch_ids.to(dev), mask.to(dev), plan.special_ids, run.idf
             )
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(run.model.parameters(), 1.0)
+    params = list(run.model.parameters())
+    if run.component_head is not None:
+        params += list(run.component_head.parameters())
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.scheduler.step()
@@ -537,7 +604,7 @@ def run_epoch(
     for idx in plan.batches(epoch):
         batch_ids, mask = pad_batch([plan.train[i] for i in idx], pad_token_id=plan.pad_id)
         lr_now = run.scheduler.get_last_lr()[0]
-        loss = _train_step(run, plan, batch_ids, mask)
+        loss = _train_step(run, plan, batch_ids, mask, idx)
         if loss is None:
             continue
         run.step += 1
@@ -693,6 +760,8 @@ def pretrain(
     run_id: int | None = None,
     log_every: int = 10,
     cell_loss_weight: float = 0.0,
+    cell_objective: str = "genes",
+    cell_components: int = 32,
 ) -> dict:
     """Pretrain a small BERT on rank-value encoded cells (`input_ids`) by masked-gene prediction.
 
@@ -730,6 +799,8 @@ def pretrain(
         dropout=dropout,
         log_every=log_every,
         cell_loss_weight=cell_loss_weight,
+        cell_objective=cell_objective,
+        cell_components=cell_components,
     )
     dev = resolve_device(device)
     record = _RunRecord(store, run_id)

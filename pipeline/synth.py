@@ -72,6 +72,9 @@ _PHASE_LOG2_UP = {"S": 1.0, "G2M": 1.5}
 # strength uniform on 0-1) and the spread of log detected genes per cell
 ATLAS_P53_FRACTION = 0.25
 ATLAS_GENES_LOG_SD = 0.35
+# `make_corpus(lineage_cells=N)`: the dosed cell line's seed is the corpus's plus this offset, and its type name
+LINEAGE_SEED_OFFSET = 7919
+LINEAGE_TYPE = "cell line"
 
 _CHUNK_ENTRIES = 4_000_000  # cells x genes per sampling chunk (~16 MB per float32 matrix)
 _SMALL_MEAN = 4.0  # below: inverse-CDF sampling of nonzero counts; above: rejection
@@ -650,6 +653,7 @@ def make_corpus(
     n_genes: int | None = None,
     n_types: int = 8,
     atlas: bool = False,
+    lineage_cells: int = 0,
 ):
     """A healthy pretraining corpus over the same genes as `make_sciplex_like(preset, geneformer_dir, n_genes)`.
 
@@ -664,7 +668,11 @@ def make_corpus(
     a strength uniform on 0-1 (fold changes at saturation drawn from the Nutlin ranges), represses the
     cell-cycle genes and takes cycling cells out of S and G2/M in proportion, and detected genes per cell
     spread wider (`ATLAS_GENES_LOG_SD`). Without it the corpus is the one earlier versions made, draw for
-    draw. obs: `cell_type`, `n_counts`, `ngenes`,
+    draw. `lineage_cells` > 0 adds that many cells of a sci-Plex-like cell line in a Nutlin-3a-like
+    stress series (`make_sciplex_like` with its own seed, so its own draw of the A549-like profile and of
+    the fold changes; doses in the experiment's proportions, the doses themselves dropped), as an atlas
+    holds cell lines stressed in other experiments; their `cell_type` is "cell line" and their p53 strength
+    the Hill response. obs: `cell_type`, `n_counts`, `ngenes`,
     `percent_mito`, `percent_ribo`; `uns["gfattn_truth"]` lists types and programs, and per cell the p53
     strength and the cycle phase.
     """
@@ -678,6 +686,8 @@ def make_corpus(
         raise InputError(f"n_cells {n_cells} must be >= 1")
     if not 1 <= int(n_types) <= len(type_names):
         raise InputError(f"n_types {n_types} must be between 1 and {len(type_names)}")
+    if int(lineage_cells) < 0:
+        raise InputError(f"lineage_cells {lineage_cells} must be >= 0")
     type_names = type_names[: int(n_types)]
     n_t = len(type_names)
     seed = int(seed)
@@ -816,8 +826,44 @@ def make_corpus(
         },
     }
     adata = ad.AnnData(X=x, obs=obs, var=var.copy())
+    if lineage_cells:
+        adata = _with_lineage(adata, truth, int(lineage_cells), seed, preset, geneformer_dir, n_genes)
     adata.uns[TRUTH_KEY] = truth
     return adata
+
+
+def _with_lineage(adata, truth: dict, n: int, seed: int, preset: str, geneformer_dir, n_genes):
+    """`adata` followed by `n` cells of a dosed sci-Plex-like cell line (its own seed), doses dropped."""
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    scale = 1.02 * n / sum(CELLS_PER_DOSE)  # a little over n cells; the first n are a random subset
+    line = make_sciplex_like(
+        scale=scale, preset=preset, seed=seed + LINEAGE_SEED_OFFSET, geneformer_dir=geneformer_dir, n_genes=n_genes
+    )
+    while line.n_obs < n:  # rounding per dose can fall short on tiny n
+        scale *= 1.2
+        line = make_sciplex_like(
+            scale=scale, preset=preset, seed=seed + LINEAGE_SEED_OFFSET, geneformer_dir=geneformer_dir, n_genes=n_genes
+        )
+    line_truth = line.uns[TRUTH_KEY]["cells"]
+    line = line[:n]
+    types = list(adata.obs["cell_type"].cat.categories) + [LINEAGE_TYPE]
+    obs = pd.DataFrame(index=pd.Index([f"corpus_line_{i:06d}" for i in range(n)], dtype=object))
+    obs["cell_type"] = pd.Categorical([LINEAGE_TYPE] * n, categories=types)
+    for k in adata.obs.columns:
+        if k != "cell_type":
+            obs[k] = line.obs[k].to_numpy()
+    first = adata.obs.copy()
+    first["cell_type"] = pd.Categorical(first["cell_type"].astype(str), categories=types)
+    x = sp.vstack([adata.X, sp.csr_matrix(line.X)], format="csr")
+    cells = truth["cells"]
+    cells["cell_id"] += [str(c) for c in obs.index]
+    cells["p53_activity"] += [float(v) for v in line_truth["response"][:n]]
+    cells["phase"] += list(line_truth["phase"][:n])
+    truth["lineage"] = {"cells": n, "seed": seed + LINEAGE_SEED_OFFSET, "name": LINEAGE_TYPE}
+    return ad.AnnData(X=x, obs=pd.concat([first, obs]), var=adata.var.copy())
 
 
 def ground_truth(adata) -> dict:

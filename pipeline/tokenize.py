@@ -836,6 +836,7 @@ def build_vocabulary(
     min_cells: int = 1,
     chunk_size: int = _DEFAULT_CHUNK,
     max_values_in_memory: int = 100_000_000,
+    special_tokens: bool = False,
 ) -> GeneDictionaries:
     """Token dictionary and gene medians of a corpus, for models pretrained by gfattn.
 
@@ -843,7 +844,10 @@ def build_vocabulary(
     `min_cells` cells. Medians: the exact median over cells of each gene's nonzero normalised
     expression x / n_counts * 10,000, as Geneformer's gene medians are defined. Memory is bounded by
     `max_values_in_memory`: beyond it genes are processed in blocks, one pass over the data per block.
-    The result is V1-style (no `<cls>`/`<eos>`); `save()` writes it in Geneformer's pickle layout.
+    The result is V1-style (no `<cls>`/`<eos>`), or with `special_tokens` V2-style: `<cls>`=2 and
+    `<eos>`=3 before the genes, as in Geneformer's gc104M dictionary, so that every cell is wrapped in
+    `<cls>` ... `<eos>` and the first position is a cell token. `save()` writes it in Geneformer's pickle
+    layout.
     """
     from pipeline.dictionaries import GeneDictionaries
 
@@ -932,17 +936,21 @@ def build_vocabulary(
             )
 
     token_dict: dict[str, int] = {"<pad>": 0, "<mask>": 1}
+    if special_tokens:
+        token_dict.update({"<cls>": 2, "<eos>": 3})
+    n_special = len(token_dict)
     gene_median: dict[str, float] = {}
     cells_per_gene = nnz_per_gene
     for g, gid in enumerate(genes_sorted):
         if cells_per_gene[g] >= max(1, min_cells) and np.isfinite(medians[g]):
             token_dict[gid] = len(token_dict)
             gene_median[gid] = float(medians[g])
-    if len(token_dict) == 2:
+    if len(token_dict) == n_special:
         raise InputError(f"{src}: no gene is detected in at least {min_cells} cells; cannot build a vocabulary")
     names = {symbols[g]: g for g in gene_median if g in symbols}
     mapping = {g: g for g in gene_median}
-    return GeneDictionaries(token_dict, gene_median, names or None, mapping, "V1", source=f"vocabulary of {src}")
+    version = "V2" if special_tokens else "V1"
+    return GeneDictionaries(token_dict, gene_median, names or None, mapping, version, source=f"vocabulary of {src}")
 
 
 def _median_by_group(values: np.ndarray, groups: np.ndarray, lo: int, hi: int) -> np.ndarray:

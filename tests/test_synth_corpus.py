@@ -106,3 +106,27 @@ def test_healthy_corpus_records_its_p53_cells(corpus):
     cells = synth.ground_truth(corpus)["cells"]
     act = np.asarray(cells["p53_activity"])
     assert len(act) == corpus.n_obs and 0.05 < (act > 0).mean() < 0.2 and act[act > 0].min() >= 0.5
+
+
+def test_lineage_cells_join_the_corpus_as_a_dosed_cell_line_without_doses():
+    """`lineage_cells`: the corpus ends with cells of a sci-Plex-like line drawn with its own seed (so not
+    the data it is compared with), in a graded stress series whose strength is recorded, no dose column."""
+    base = synth.make_corpus(n_cells=300, seed=2, preset="thesis", atlas=True)
+    corpus = synth.make_corpus(n_cells=300, seed=2, preset="thesis", atlas=True, lineage_cells=120)
+    assert corpus.n_obs == 420 and list(corpus.obs.columns) == list(base.obs.columns)
+    assert (corpus.X[:300] != base.X).nnz == 0  # the corpus itself is unchanged, draw for draw
+    line = corpus.obs["cell_type"].to_numpy()[300:]
+    assert set(line) == {synth.LINEAGE_TYPE} and synth.LINEAGE_TYPE not in set(base.obs["cell_type"])
+    truth = synth.ground_truth(corpus)
+    cells = truth["cells"]
+    assert cells["cell_id"] == list(corpus.obs_names) and len(cells["phase"]) == 420
+    response = np.asarray(cells["p53_activity"][300:])
+    # the line's cells span the dose series: vehicle-like and saturated responses both present
+    assert response.min() < 0.05 and response.max() > 0.9
+    assert truth["lineage"]["seed"] == 2 + synth.LINEAGE_SEED_OFFSET
+    x = corpus.X[300:]
+    cols = corpus.var.index.get_indexer([synth_genes.GENE_IDS[s] for s in synth_genes.P53_TARGETS_UP])
+    p53 = np.log1p(1e4 * np.asarray(x[:, cols].sum(axis=1)).ravel() / np.asarray(x.sum(axis=1)).ravel())
+    assert np.corrcoef(response, p53)[0, 1] > 0.5  # the p53 targets follow the recorded strength
+    with pytest.raises(InputError, match="lineage_cells"):
+        synth.make_corpus(n_cells=10, seed=0, preset="thesis", lineage_cells=-1)

@@ -125,3 +125,28 @@ def test_fingerprint_tracks_content():
         a.fingerprint()
         == GeneDictionaries(dict(raw["token"]), dict(raw["median"]), None, raw["mapping"], "V1").fingerprint()
     )
+
+
+def test_built_vocabulary_with_cell_tokens_is_v2_style(tmp_path):
+    """`build_vocabulary(special_tokens=True)`: <cls>=2 and <eos>=3 before the same genes (their order and
+    medians unchanged), V2, and every tokenized cell wrapped in <cls> ... <eos> within max_len; the
+    dictionaries saved with a model load back as V2."""
+    from pipeline import synth
+    from pipeline.tokenize import build_vocabulary, tokenize_anndata
+
+    corpus = synth.make_corpus(n_cells=60, seed=0, preset="thesis")
+    plain = build_vocabulary(corpus)
+    cells = build_vocabulary(corpus, special_tokens=True)
+    assert plain.version == "V1" and cells.version == "V2"
+    assert (cells.token_dict["<cls>"], cells.token_dict["<eos>"]) == (2, 3) == (cells.cls_id, cells.eos_id)
+    genes = [g for g in plain.token_dict if not g.startswith("<")]
+    assert all(cells.token_dict[g] == plain.token_dict[g] + 2 for g in genes)
+    assert cells.gene_median == plain.gene_median
+    ds, _ = tokenize_anndata(corpus, cells, max_len=32)
+    ref, _ = tokenize_anndata(corpus, plain, max_len=30)
+    for got, want in zip(ds["input_ids"], ref["input_ids"]):
+        got = list(got)
+        assert got[0] == 2 and got[-1] == 3 and len(got) <= 32
+        assert got[1:-1] == [t + 2 for t in want]  # the same top genes in the same order
+    cells.save(tmp_path)
+    assert GeneDictionaries.from_model_dir(tmp_path).version == "V2"

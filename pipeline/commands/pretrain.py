@@ -2,6 +2,10 @@
 
 Builds the corpus vocabulary (token ids and gene medians), rank-value encodes the cells and pretrains
 (`pipeline.pretrain`), writing a directory that looks like a Geneformer checkpoint.
+
+`gfattn pretrain --embedded --out DIR` builds a preset's embedded model instead (`pipeline.embedded`:
+its synthetic corpus, vocabulary and pretraining, with the preset's CPU threads) and says whether it
+equals the model shipped with gfattn bit for bit (`--check`: exit 1 when it does not).
 """
 
 from __future__ import annotations
@@ -10,7 +14,16 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--corpus", required=True, metavar="FILE.h5ad", help="raw-count AnnData to pretrain on")
+    p.add_argument("--corpus", metavar="FILE.h5ad", help="raw-count AnnData to pretrain on")
+    p.add_argument(
+        "--embedded",
+        action="store_true",
+        help="build a preset's embedded model (its [pretrain] recipe on the synthetic corpus) instead of --corpus",
+    )
+    p.add_argument("--preset", default="default", help="with --embedded: whose recipe (default: default)")
+    p.add_argument(
+        "--check", action="store_true", help="with --embedded: exit 1 unless the model equals the shipped one"
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="output model directory")
     p.add_argument("--layers", type=int, default=2, help="encoder layers (default 2)")
     p.add_argument("--hidden", type=int, default=128, help="hidden size (default 128)")
@@ -35,7 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="weight of the cell-level objective: the first position predicts its cell's genes (default 0: off)",
     )
     p.add_argument("--min-cells", type=int, default=1, help="vocabulary: genes detected in at least this many cells")
-    p.add_argument("--seed", type=int, default=0, help="seed for everything (default 0)")
+    p.add_argument(
+        "--seed", type=int, default=None, help="seed for everything (default 0; --embedded: the preset's model seed)"
+    )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="compute device")
     p.add_argument("--name", help="run name (default: pretrain:<out dir name>)")
     p.add_argument("--store", help="experiment store (default: $GFATTN_STORE or ./gfattn.db)")
@@ -56,6 +71,12 @@ def run(args) -> int:
     from pipeline.errors import InputError
     from pipeline.paths import resolve_store_path
 
+    if args.embedded:
+        return _embedded(args)
+    if not args.corpus:
+        raise InputError("pass --corpus FILE.h5ad (a raw-count corpus), or --embedded for a preset's embedded model")
+    if args.seed is None:
+        args.seed = 0
     corpus_path = Path(args.corpus)
     if not corpus_path.is_file():
         raise InputError(f"corpus {corpus_path} does not exist; pass a raw-count .h5ad to --corpus")
@@ -135,4 +156,54 @@ def run(args) -> int:
     )
     if run_id is not None:
         print(f"run {run_id}")
+    return 0
+
+
+def _embedded(args) -> int:
+    """Build a preset's embedded model into --out and compare it with the shipped one."""
+    from contextlib import closing
+    from pathlib import Path
+
+    from pipeline import config, embedded
+    from pipeline.errors import InputError
+    from pipeline.io import sha256_file
+    from pipeline.progress import Reporter
+
+    if args.preset not in config.PRESETS:
+        raise InputError(f"--preset {args.preset!r}: use one of {', '.join(config.PRESETS)}")
+    out = Path(args.out)
+    if out.exists():
+        raise InputError(f"{out} already exists; choose a new --out directory")
+    cfg = config.resolve(args.preset)
+    pcfg = dict(cfg["pretrain"])
+    seed = embedded.model_seed(pcfg, 0) if args.seed is None else int(args.seed)
+    preset = cfg["data"]["synth_preset"]
+    threads = int(cfg["compute"]["threads"] or 1)
+    rep = Reporter()
+    with closing(rep):
+        metrics = embedded.build_embedded(
+            pcfg,
+            preset,
+            seed,
+            out,
+            device="cpu" if args.device == "auto" else args.device,
+            threads=threads,
+            progress=rep.callback("steps", stage="pretrain"),
+        )
+    key = embedded.recipe_key(embedded.recipe(pcfg, preset, seed))
+    print(
+        f"embedded model of preset {args.preset!r} (recipe {key}, seed {seed}, {threads} CPU thread(s)) written to {out}"
+    )
+    print(
+        f"held-out masked-gene accuracy {metrics['heldout_accuracy']:.4f}; {metrics['steps']} steps in "
+        f"{metrics['train_seconds']:.0f} s; weights sha256 {sha256_file(out / 'model.safetensors')}"
+    )
+    if embedded.shipped_model(key) is None:
+        print("gfattn ships no model of this recipe")
+        return 1 if args.check else 0
+    diff = embedded.rebuilt_differences(out)
+    if diff:
+        print(f"differs from the shipped model ({embedded.SHIPPED_DIR}) in {', '.join(diff)}")
+        return 1 if args.check else 0
+    print(f"identical, bit for bit, to the shipped model ({embedded.SHIPPED_DIR})")
     return 0
