@@ -62,15 +62,16 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
     "model": {
         "path": (
             "",
-            "Geneformer checkpoint directory; empty or `embedded`: gfattn's small model, pretrained on the synthetic "
-            "corpus (no --data) or on your data's training cells, and cached",
+            "Geneformer checkpoint directory; empty or `embedded`: gfattn's small model, the one it ships (the default "
+            "preset's recipe) or one pretrained on the synthetic corpus (no --data) or on your data's training cells, "
+            "and cached",
         ),
         "geneformer_dir": ("", "Geneformer dictionaries (checkout dir) when the model dir does not carry them"),
         "version": ("auto", "`V1`, `V2` or `auto` (from the model's vocabulary)"),
         "max_len": (0, "truncate encodings to the top N ranks (0 = the model's input size)"),
     },
     "pretrain": {
-        "corpus_cells": (3000, "embedded model: cells of the synthetic healthy corpus"),
+        "corpus_cells": (3000, "embedded model: cells of the synthetic corpus"),
         "layers": (2, "embedded model: encoder layers"),
         "hidden": (128, "embedded model: hidden size"),
         "heads": (4, "embedded model: attention heads"),

@@ -27,8 +27,7 @@ from pipeline.errors import InputError
 SHIPPED_DIR = Path(__file__).resolve().parent / "embedded_model"
 RECIPE_FILE = "gfattn_recipe.json"
 RECIPE_VERSION = 4  # 4: <cls> tokens, the dosed cell line in the corpus, the model seed
-# files that are a function of the recipe (the metrics JSON also holds timings, so it is left out)
-REBUILT_FILES = ("config.json", "model.safetensors", "token_dictionary.pkl", "gene_median_dictionary.pkl")
+METRICS_FILE = "gfattn_pretrain.json"  # the pretraining metrics: they include timings, so a rebuild differs there
 
 
 def model_seed(pcfg: dict, run_seed: int) -> int:
@@ -130,8 +129,10 @@ def build_embedded(
     device: str = "cpu",
     threads: int = 1,
     progress: Callable | None = None,
+    config_preset: str = "default",
 ) -> dict:
-    """Pretrain the embedded model of a recipe into `out` (with `gfattn_recipe.json` and a manifest)."""
+    """Pretrain the embedded model of a recipe into `out` (with `gfattn_recipe.json` and a manifest);
+    `config_preset` names the pipeline preset whose recipe it is, for the rebuild command it records."""
     from pipeline.compute import pin_threads
     from pipeline.io import atomic_write_json, write_manifest
 
@@ -145,7 +146,7 @@ def build_embedded(
             "key": recipe_key(rec),
             "recipe": rec,
             "threads": int(threads),
-            "command": f"gfattn pretrain --embedded --preset {preset} --seed {seed} --out DIR",
+            "command": f"gfattn pretrain --embedded --preset {config_preset} --seed {seed} --out DIR",
         },
     )
     write_manifest(out)
@@ -153,12 +154,11 @@ def build_embedded(
 
 
 def rebuilt_differences(built: Path, reference: Path = SHIPPED_DIR) -> list[str]:
-    """The files of `REBUILT_FILES` whose sha256 differs between two model folders (empty: identical)."""
-    from pipeline.io import sha256_file
+    """The files whose sha256 differs between two model folders, or that only one holds (empty: identical):
+    weights, config, dictionaries and recipe; the metrics JSON and the manifest are left out."""
+    from pipeline.io import MANIFEST, folder_files
 
-    diff = []
-    for name in REBUILT_FILES:
-        a, b = Path(built) / name, Path(reference) / name
-        if not (a.is_file() and b.is_file() and sha256_file(a) == sha256_file(b)):
-            diff.append(name)
-    return diff
+    skip = {METRICS_FILE, MANIFEST}
+    a = {k: v["sha256"] for k, v in folder_files(built).items() if k not in skip}
+    b = {k: v["sha256"] for k, v in folder_files(reference).items() if k not in skip}
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))

@@ -1,4 +1,4 @@
-"""Synthetic sci-Plex 2-like data with planted biology, and a healthy corpus for pretraining.
+"""Synthetic sci-Plex 2-like data with planted biology, and a pretraining corpus (healthy, or atlas-like).
 
 Implements the data of the thesis (section 2.1-2.2): sci-Plex 2 (Srivatsan et al. 2020, Science
 367:45), A549 lung adenocarcinoma cells 24 h after Nutlin-3a at 0, 0.25, 1.25, 2.5, 12.5, 25, 125 and

@@ -147,3 +147,15 @@ def test_finetune_command_refuses_a_missing_label_column(tmp_path, capsys):
     )
     assert rc == 2
     assert "unknown training mode" in capsys.readouterr().err
+
+
+def test_pretrain_command_needs_a_corpus_or_embedded_and_a_new_out(tmp_path, capsys):
+    assert main(["pretrain", "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "--corpus" in err and "--embedded" in err and "Traceback" not in err
+    (tmp_path / "taken").mkdir()
+    assert main(["pretrain", "--embedded", "--out", str(tmp_path / "taken")]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["pretrain", "--embedded", "--preset", "nope", "--out", str(tmp_path / "m")]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()

@@ -189,6 +189,7 @@ def _embedded(args) -> int:
             device="cpu" if args.device == "auto" else args.device,
             threads=threads,
             progress=rep.callback("steps", stage="pretrain"),
+            config_preset=args.preset,
         )
     key = embedded.recipe_key(embedded.recipe(pcfg, preset, seed))
     print(
