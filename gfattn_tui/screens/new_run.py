@@ -43,7 +43,7 @@ from gfattn_tui.run_design import (
 FIELDS: list[tuple[str, str, str]] = [
     ("data", "data (.h5ad/.loom)", "empty: the embedded synthetic sci-Plex-like data (tab completes a path)"),
     ("tokenized", "tokenized dir", "or a dataset tokenized by Geneformer, instead of a data file"),
-    ("model", "model dir", "empty: the embedded small model (pretrained and cached)"),
+    ("model", "model dir", "empty: gfattn's small model (the shipped one, or one pretrained on your cells)"),
     ("geneformer_dir", "Geneformer dir", "dictionaries, when the model dir has none"),
     ("config", "config TOML", "overrides on top of the preset"),
     ("name", "run name", "default: preset and time"),
