@@ -17,7 +17,6 @@ budget): the same weights bit for bit (`tests/test_embedded_model.py`, marked sl
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Callable
@@ -42,7 +41,10 @@ def recipe(pcfg: dict, preset: str, seed: int) -> dict:
 
 
 def recipe_key(rec: dict) -> str:
-    return hashlib.sha256(json.dumps(rec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """The cache key of a recipe (`pipeline.io.digest`, like every cache key)."""
+    from pipeline.io import digest
+
+    return digest(rec)
 
 
 def shipped_model(key: str, shipped_dir: Path = SHIPPED_DIR) -> Path | None:
@@ -100,7 +102,7 @@ def pretrain_small_model(
 
 
 def corpus_for(pcfg: dict, preset: str, seed: int):
-    """The embedded model's synthetic corpus, its vocabulary and its tokenization."""
+    """The embedded model's vocabulary and tokenized synthetic corpus."""
     from pipeline.synth import make_corpus
     from pipeline.tokenize import build_vocabulary, tokenize_anndata
 
@@ -117,7 +119,7 @@ def corpus_for(pcfg: dict, preset: str, seed: int):
     )
     dicts = build_vocabulary(corpus, special_tokens=bool(pcfg.get("cls_token", False)))
     corpus_ds, _ = tokenize_anndata(corpus, dicts, max_len=int(pcfg["max_len"]))
-    return corpus, dicts, corpus_ds
+    return dicts, corpus_ds
 
 
 def build_embedded(
@@ -137,7 +139,7 @@ def build_embedded(
     from pipeline.io import atomic_write_json, write_manifest
 
     pin_threads(threads)
-    _, dicts, corpus_ds = corpus_for(pcfg, preset, seed)
+    dicts, corpus_ds = corpus_for(pcfg, preset, seed)
     metrics = pretrain_small_model(pcfg, corpus_ds, dicts, out, seed=seed, device=device, progress=progress)
     rec = recipe(pcfg, preset, seed)
     atomic_write_json(

@@ -35,15 +35,12 @@ import numpy as np
 from pipeline.compute import fault_point, pin_threads
 from pipeline.config import analysed_tasks, trained_tasks
 from pipeline.errors import InputError
+from pipeline.io import digest as _digest
 from pipeline.paths import cache_dir_for_store
 from pipeline.progress import Reporter
 
 CHECKPOINT_JSON = "checkpoint"  # json result on a finetune run: {"path", "weights_sha256"}
 DETERMINISM_JSON = "determinism"  # json result on a pipeline run: `pipeline.compute.determinism_report`
-
-
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------------- preflight
@@ -455,7 +452,7 @@ def embedded_model_dir(ctx: Context) -> Path:
     import anndata  # noqa: F401  (fail early with a clear import error)
 
     ctx.rep.line(f"pretraining the embedded model on a synthetic corpus of {pcfg['corpus_cells']} cells")
-    _, dicts, corpus_ds = embedded.corpus_for(pcfg, preset, seed)
+    dicts, corpus_ds = embedded.corpus_for(pcfg, preset, seed)
     metrics = _pretrain_small_model(ctx, corpus_ds, dicts, out, seed=seed)
     ctx.out.pretrain_metrics = dict(metrics)
     ctx.rep.line(

@@ -277,6 +277,13 @@ def folder_files(folder: os.PathLike | str) -> dict[str, dict]:
     }
 
 
+def digest(obj: Any) -> str:
+    """A cache key: the first 16 hex digits of the sha256 of `obj`'s sorted JSON."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def folder_hash(folder: os.PathLike | str) -> str:
     """One sha256 over a folder's file names and contents (the data hash of a dataset directory)."""
     import hashlib
