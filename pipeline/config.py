@@ -365,8 +365,15 @@ def validate(cfg: dict) -> None:
     for key in ("null_permutations", "deletion_random_sets", "deletion_top_genes"):
         if a[key] < 0:
             raise InputError(f"analysis.{key} must be 0 or more, got {a[key]!r}")
-    if cfg["pretrain"]["lineage_cells"] < 0:
-        raise InputError(f"pretrain.lineage_cells must be 0 or more, got {cfg['pretrain']['lineage_cells']!r}")
+    pre = cfg["pretrain"]
+    if pre["lineage_cells"] < 0:
+        raise InputError(f"pretrain.lineage_cells must be 0 or more, got {pre['lineage_cells']!r}")
+    if pre["corpus"] not in ("healthy", "atlas"):
+        raise InputError(f"pretrain.corpus must be healthy or atlas, got {pre['corpus']!r}")
+    if pre["cell_objective"] not in ("genes", "components"):
+        raise InputError(f"pretrain.cell_objective must be genes or components, got {pre['cell_objective']!r}")
+    if pre["cell_components"] < 1:
+        raise InputError(f"pretrain.cell_components must be at least 1, got {pre['cell_components']!r}")
     if cfg["data"]["fixed_length_mode"] not in ("top", "subsample"):
         raise InputError(f"data.fixed_length_mode must be top or subsample, got {cfg['data']['fixed_length_mode']!r}")
     if cfg["data"]["fixed_length"] < 0:

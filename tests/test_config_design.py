@@ -39,6 +39,10 @@ def test_layers_override_in_order(tmp_path):
         ("[[tasks]]\nname = 'x'\ncolumn = 'c'\nlabel = 'y'\n", "unknown key tasks[0].label"),
         ("[[tasks]]\nname = 'x'\ncolumn = 'c'\nclasses = ['a']\n", "at least two"),
         ("[train]\ntasks = ['nope']\n", "train.tasks: 'nope' is not a task"),
+        ("[pretrain]\ncorpus = 'tissue'\n", "pretrain.corpus must be healthy or atlas"),
+        ("[pretrain]\ncell_objective = 'pixels'\n", "pretrain.cell_objective must be genes or components"),
+        ("[pretrain]\ncell_components = 0\n", "pretrain.cell_components must be at least 1"),
+        ("[pretrain]\nlineage_cells = -5\n", "pretrain.lineage_cells must be 0 or more"),
     ],
 )
 def test_bad_config_is_a_one_line_input_error(tmp_path, toml, needle):
