@@ -235,6 +235,18 @@ class Context:
     def new_child(self, name: str, kind: str, config: dict | None = None, **kw) -> int:
         return self.store.create_run(name, kind, config or {}, parent_id=self.run_id, device=self.device, **kw)
 
+    def warn(self, kind: str, message: str, **detail) -> None:
+        """A warning the researcher must see where the result is shown: printed now, logged as an event, and
+        kept on the pipeline run (`results.JSON_WARNINGS`, read by `results.run_warnings`) for the summary,
+        `gfattn show` and the TUI. `kind` groups them ("checkpoint", "gate", "integrated_gradients", ...)."""
+        from store import results as R
+
+        self.rep.line(f"warning: {message}", level="warning")
+        found = R.run_warnings(self.store, self.run_id)
+        entry = {"kind": kind, "message": message, **detail}
+        if entry not in found:  # a resumed stage says the same thing once
+            self.store.put_json(self.run_id, R.JSON_WARNINGS, [*found, entry])
+
 
 # --------------------------------------------------------------------------------------------- data
 def stage_data(ctx: Context) -> None:

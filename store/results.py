@@ -202,6 +202,7 @@ JSON_SUMMARY = "summary"
 JSON_KEY_GENES = "key_genes"  # the key-gene score's definition, fit and frequency correlations
 JSON_QC_REPORT = "qc_report"  # on the data run
 JSON_PRETRAIN = "pretrain"  # on a pretraining run
+JSON_WARNINGS = "warnings"  # on a pipeline run: [{"kind", "message", ...}], what the researcher must see
 JSON_DE_NAMES = (JSON_DE_OVERLAP, "de", "de_vs_attention")  # where a DE comparison may sit, first first
 
 # ------------------------------------------------------------------------- the data run's cells table
@@ -1183,3 +1184,11 @@ def read_key_genes(st, run_id: int) -> dict | None:
         return None
     doc = st.get_json(run_id, JSON_KEY_GENES)
     return doc if isinstance(doc, dict) else None
+
+
+# ------------------------------------------------------------------------------------------ warnings
+def run_warnings(st, run_id: int) -> list[dict]:
+    """The warnings a pipeline run recorded (`JSON_WARNINGS`): dicts with "kind" and "message", in order."""
+    if JSON_WARNINGS not in st.json_names(run_id):
+        return []
+    return [w for w in (st.get_json(run_id, JSON_WARNINGS) or []) if isinstance(w, dict) and w.get("message")]
