@@ -35,7 +35,8 @@ KIND_FINETUNE = "finetune"
 KIND_DE = "de"
 KIND_ANALYSIS = "analysis"
 KIND_PRETRAIN = "pretrain"
-RUN_KINDS = (KIND_PIPELINE, KIND_DATA, KIND_FINETUNE, KIND_DE, KIND_ANALYSIS, KIND_PRETRAIN)
+KIND_MODEL = "model"  # one model's analysis in a pipeline run ("lowhigh: frozen"), read by every pair using it
+RUN_KINDS = (KIND_PIPELINE, KIND_DATA, KIND_FINETUNE, KIND_DE, KIND_ANALYSIS, KIND_PRETRAIN, KIND_MODEL)
 
 # ---------------------------------------------------------------------------- tasks and training modes
 TASK_DOSE = "dose"
@@ -1020,6 +1021,14 @@ def col_deletion_logit(suffix: str) -> str:
 
 def col_deletion_prob(suffix: str) -> str:
     return _suffixed("deletion_prob", suffix)
+
+
+JSON_MODEL_ANALYSIS = "model_analysis"  # on a "model" run: {"task", "model", "pairs"}, the pairs that read it
+
+
+def model_analysis_name(task: str, model: str) -> str:
+    """The name of a pipeline's "model" run: one model's attention, attribution, deletion and cascade."""
+    return f"{task}: {model}"
 
 
 def json_sanity(model: str) -> str:

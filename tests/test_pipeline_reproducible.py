@@ -110,3 +110,45 @@ def test_killed_then_disk_full_then_resumed_gives_identical_results(quick_run, t
     assert out.returncode == 0, out.stderr[-3000:]
     assert "lowhigh/frozen: already fine-tuned (resumed), checkpoint verified" in out.stderr
     _same(quick_run[0], db)
+
+
+def test_each_model_analysed_once_and_a_run_killed_between_pairs_resumes_identically(tmp_path):
+    """Two pairs sharing a model (unfrozen: model b of one, model a of the other): each model is analysed
+    once per run, the pairs read its results, and a run killed between the pairs and resumed stores what
+    an uninterrupted run stores."""
+    config = tmp_path / "pairs.toml"
+    config.write_text('[analysis]\npairs = [["frozen", "unfrozen"], ["unfrozen", "last-1"]]\n')
+    clean = tmp_path / "clean.db"
+    out = gfattn("pipeline", "--quick", "--config", str(config), "--store", str(clean), "--name", "pairs")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "lowhigh: unfrozen: analysed once, used by 2 pairs" in out.stderr
+    st = Store(clean)
+    models = [c["name"] for c in st.children(_pipeline_id(clean)) if c["kind"] == "model"]
+    assert models == ["lowhigh: frozen", "lowhigh: unfrozen", "lowhigh: last-1"]
+    pairs = {c["name"]: c["id"] for c in st.children(_pipeline_id(clean)) if c["kind"] == "analysis"}
+    first, second = pairs["lowhigh: frozen vs unfrozen"], pairs["lowhigh: unfrozen vs last-1"]
+    assert st.get_json(first, "deletion_unfrozen") == st.get_json(second, "deletion_unfrozen")
+    assert st.get_json(first, "sanity_unfrozen") == st.get_json(second, "sanity_unfrozen")
+    a, b = st.gene_table_df(first, "genes"), st.gene_table_df(second, "genes")
+    merged = a.merge(b, on="ensembl_id")
+    for stem in ("attn", "key_score", "deletion_logit", "deletion_prob"):  # unfrozen is b, then a
+        assert merged[f"{stem}_b_x"].fillna(-1e300).tolist() == merged[f"{stem}_a_y"].fillna(-1e300).tolist(), stem
+    st.close()
+
+    db = tmp_path / "killed.db"  # beside the clean store: warm caches, checkpoints of its own
+    out = _gfattn_env(
+        "pipeline",
+        "--quick",
+        "--config",
+        str(config),
+        "--store",
+        str(db),
+        "--name",
+        "pairs",
+        env={"GFATTN_FAULT": "stage:attention lowhigh: unfrozen vs last-1"},
+    )
+    assert out.returncode == -9, (out.returncode, out.stderr[-2000:])
+    out = gfattn("pipeline", "--resume", str(_pipeline_id(db)), "--store", str(db))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "lowhigh: unfrozen: already analysed (resumed), used by 2 pairs" in out.stderr
+    _same(clean, db)
