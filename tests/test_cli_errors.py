@@ -17,10 +17,17 @@ from test_store_readonly import ReadOnlyFolder, _env
 
 from store import SCHEMA_VERSION, Store
 
+from _helpers_cli import cli
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def gfattn(*args, timeout=300) -> subprocess.CompletedProcess:
+    """The command in this process (`pipeline.cli.main`): these errors come before any work."""
+    return cli(*args, cwd=ROOT)
+
+
+def gfattn_process(*args, timeout=300) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "pipeline", *map(str, args)],
         capture_output=True,

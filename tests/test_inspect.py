@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from _helpers_cli import gfattn
+from _helpers_cli import cli as gfattn
 from _helpers_tokenize import datlinger_anndata
 
 

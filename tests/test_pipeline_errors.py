@@ -8,8 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from _helpers_cli import cli
+
 
 def gfattn(*args, cwd=None):
+    """`gfattn ARGS` in this process: bad input is refused before any work, so no process of its own."""
+    return cli(*args, cwd=cwd)
+
+
+def gfattn_process(*args, cwd=None):
     return subprocess.run(
         [sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, cwd=cwd, timeout=300
     )

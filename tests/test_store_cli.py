@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 import sqlite3
 import subprocess
 import sys
@@ -15,16 +14,14 @@ import pytest
 from store import SCHEMA_VERSION, Store
 from store.export import metric_summaries
 
+from _helpers_cli import cli
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def gfattn(*args, store=None, stdin=subprocess.DEVNULL):
-    cmd = [sys.executable, "-m", "pipeline", *map(str, args)]
-    if store is not None:
-        cmd += ["--store", str(store)]
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("GFATTN_STORE", None)
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, stdin=stdin, timeout=60)
+def gfattn(*args, store=None):
+    """The command in this process (`pipeline.cli.main`), without $GFATTN_STORE."""
+    return cli(*args, *(["--store", store] if store is not None else []), cwd=ROOT, env={"GFATTN_STORE": None})
 
 
 def _dead_pid() -> int:

@@ -3,8 +3,6 @@ leaves nothing behind."""
 
 import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import anndata as ad
@@ -13,20 +11,15 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+from _helpers_cli import cli
 from _helpers_tokenize import tiny_counts_adata, tiny_vocabulary, write_vocabulary
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def gfattn(*args, cwd=None):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline", "tokenize", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd or ROOT,
-        env=env,
-    )
+    """`gfattn tokenize ARGS` in this process (`pipeline.cli.main`)."""
+    return cli("tokenize", *args, cwd=cwd or ROOT)
 
 
 @pytest.fixture(scope="module")
@@ -109,39 +102,12 @@ def _bad_inputs(base, raw, adata, good):
 
 def test_cli_bad_inputs_exit_2_and_write_nothing(setup, tmp_path):
     base, raw, paths, adata, good = setup
-    procs = []
     for k, (name, data, extra, fragment) in enumerate(_bad_inputs(base, raw, adata, good)):
         out = tmp_path / f"run{k}" / "out"
-        procs.append(
-            (
-                name,
-                fragment,
-                out,
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "pipeline",
-                        "tokenize",
-                        str(data),
-                        "--out",
-                        str(out),
-                        *map(str, dict_args(paths)),
-                        *extra,
-                    ],
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                    cwd=ROOT,
-                    env=dict(os.environ, PYTHONPATH=str(ROOT)),
-                ),
-            )
-        )
-    for name, fragment, out, p in procs:
-        _, stderr = p.communicate(timeout=300)
-        assert p.returncode == 2, (name, stderr)
-        lines = stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("gfattn tokenize: error: "), (name, stderr)
+        r = gfattn(data, "--out", out, *dict_args(paths), *extra)
+        assert r.returncode == 2, (name, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("gfattn tokenize: error: "), (name, r.stderr)
         assert fragment in lines[0], (name, lines[0])
         assert not out.parent.exists(), (name, list(out.parent.iterdir()))
 
