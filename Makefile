@@ -1,4 +1,5 @@
-# Two entry points for a fresh clone: `make demo` and `make test`.
+# Two entry points for a fresh clone: `make demo` and `make test` (`make test-fast`: the edit loop's
+# tier, every test but the end-to-end ones marked `slow`).
 # Both bootstrap .venv on first use (torch first, so the CPU build on this
 # machine satisfies the range and no CUDA wheels are pulled) and reuse it.
 PYTHON ?= python3
@@ -7,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.gfattn-installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test lint venv bench clean
+.PHONY: demo test test-fast lint venv bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +24,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

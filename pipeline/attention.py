@@ -848,6 +848,7 @@ def analyze_attention(
     cell_curves: bool = True,
     shard: tuple[int, int] | None = None,
     kernel: str = "auto",
+    method: str = "streaming",
 ) -> AttentionResult:
     """Analyses 1-4 of one model (or two that share a tokenization) over every cell of `dataset`.
 
@@ -861,13 +862,21 @@ def analyze_attention(
     dtype, cached on disk) and everything else with tensor operations; "torch" or "numba" force one.
     `shard=(rank, world)` processes every world-th batch only; without it, an initialised
     `torch.distributed` group shards the batches and the sums are all-reduced, so every rank returns the
-    full result. Results of shards add up with `AttentionResult.merge`.
+    full result. Results of shards add up with `AttentionResult.merge`. `method="naive"`: the reference
+    computation (`naive_attention_reductions`).
     """
     special = set(int(s) for s in special_ids) | {int(pad_id)}
     device, models, cells, acc_kwargs = _prepare(
         model_a, model_b, dataset, group_column=group_column, device=device, dtype=dtype, special_ids=special
     )
     acc = _Accumulators(**acc_kwargs, cell_curves=cell_curves)
+    if method == "naive":
+        batches = _batches(cells, batch_size, shard or (0, 1))
+        _naive_pass(models, cells, acc, batches, pad_id=pad_id, device=device, progress=progress)
+        meta = _meta(models, dtype, device, batch_size, "naive")
+        return acc.result(names=tuple(names[: len(models)]), special_ids=special, cells=cells, meta=meta)
+    if method != "streaming":
+        raise ValueError(f"method must be streaming or naive, not {method!r}")
     distributed = shard is None and _shard()[1] > 1
     batches = _batches(cells, batch_size, shard or _shard())
     _register_attention()
@@ -901,34 +910,19 @@ def analyze_attention(
 
 
 # --------------------------------------------------------------------------------- naive baseline
-def naive_attention_reductions(
-    model_a,
-    model_b,
-    dataset,
-    *,
-    pad_id: int,
-    special_ids: Iterable[int] = (),
-    group_column: str | None = None,
-    batch_size: int = 8,
-    device="cpu",
-    dtype: torch.dtype = torch.float32,
-    progress: Callable | None = None,
-    names: Sequence[str] = ("a", "b"),
-    cell_curves: bool = True,
-    shard: tuple[int, int] | None = None,
-) -> AttentionResult:
+def naive_attention_reductions(model_a, model_b, dataset, **options) -> AttentionResult:
     """The same result from `output_attentions=True`: every layer's attention of both models at once.
 
-    The reference the streaming engine is tested against, and the baseline its benchmark compares with.
-    Attention comes from HF's eager implementation, value vectors from the returned hidden states, and
-    each quantity is computed the direct way (full masked matrices, einsum over all heads).
+    The reference the streaming engine is tested against, and the baseline its benchmark compares with;
+    it takes `analyze_attention`'s arguments (`block_elements` and `kernel` do not apply; a `shard` is
+    never taken from `torch.distributed`). Attention comes from HF's eager implementation, value vectors
+    from the returned hidden states, and each quantity is computed the direct way (full masked
+    matrices, einsum over all heads).
     """
-    special = set(int(s) for s in special_ids) | {int(pad_id)}
-    device, models, cells, acc_kwargs = _prepare(
-        model_a, model_b, dataset, group_column=group_column, device=device, dtype=dtype, special_ids=special
-    )
-    acc = _Accumulators(**acc_kwargs, cell_curves=cell_curves)
-    batches = _batches(cells, batch_size, shard or (0, 1))
+    return analyze_attention(model_a, model_b, dataset, method="naive", **options)
+
+
+def _naive_pass(models, cells, acc, batches, *, pad_id: int, device, progress) -> None:
     groups_t = torch.as_tensor(np.maximum(cells.groups, 0), device=device)
     total, done = int(sum(len(b) for b in batches)), 0
     with torch.inference_mode(), _attention_implementation(models, "eager"):
@@ -946,10 +940,6 @@ def naive_attention_reductions(
             done += len(idx)
             if progress is not None:
                 progress(done, total)
-    names = tuple(names[: len(models)])
-    return acc.result(
-        names=names, special_ids=special, cells=cells, meta=_meta(models, dtype, device, batch_size, "naive")
-    )
 
 
 def _naive_reduce(models, outputs, acc, ids, mask, cells, groups):

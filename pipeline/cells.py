@@ -106,3 +106,13 @@ def _natural_key(v):
         return (0, float(v), "")
     except (TypeError, ValueError):
         return (1, 0.0, str(v))
+
+
+def subsample(dataset, max_cells: int, seed: int):
+    """At most `max_cells` cells of a `datasets.Dataset`, drawn without replacement with `seed` and kept in
+    their order (every cell when `max_cells` is 0 or not smaller): the analysed test cells of the
+    pipeline (`analysis.max_cells`) and of `gfattn analyze --max-cells`."""
+    if not max_cells or len(dataset) <= int(max_cells):
+        return dataset
+    rng = np.random.default_rng(int(seed))
+    return dataset.select(sorted(rng.choice(len(dataset), int(max_cells), replace=False).tolist()))

@@ -411,3 +411,16 @@ def find_geneformer_files(directory: str | os.PathLike, version: Version) -> dic
         f"gene_median_dictionary_{suffix}.pkl here and under geneformer/); point --geneformer-dir at a "
         "Geneformer checkout or give --token-dictionary and --gene-median"
     )
+
+
+def resolve_version(requested: str = "auto", model_dir: str | os.PathLike | None = None) -> str:
+    """The Geneformer dictionary series of `model.version`: V1 or V2 as given; for `auto`, a checkpoint's
+    input size decides (V1 models take 2048 tokens over the gc30M vocabulary, V2 4096 over gc104M; a
+    config without `max_position_embeddings` has BERT's default, 512, so V1); without a checkpoint
+    (gfattn's own model, the dictionaries only map symbols to IDs) the current series, V2."""
+    if requested in MODEL_INPUT_SIZE:
+        return requested
+    if model_dir is None:
+        return "V2"
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return "V1" if int(config.get("max_position_embeddings", 512)) <= MODEL_INPUT_SIZE["V1"] else "V2"

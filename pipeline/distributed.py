@@ -51,10 +51,6 @@ def world_size() -> int:
     return env_world_size()
 
 
-def is_main_process() -> bool:
-    return rank() == 0
-
-
 def backend_for(device) -> str:
     return "nccl" if getattr(device, "type", str(device)).startswith("cuda") else "gloo"
 
@@ -112,13 +108,3 @@ def broadcast_parameters(parameters, src: int = 0) -> None:
 
         for p in parameters:
             dist.broadcast(p.data, src=src)
-
-
-def broadcast_object(obj, src: int = 0):
-    if is_initialized() and world_size() > 1:
-        import torch.distributed as dist
-
-        box = [obj]
-        dist.broadcast_object_list(box, src=src)
-        return box[0]
-    return obj

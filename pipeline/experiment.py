@@ -23,7 +23,6 @@ verified before it is reused (`--resume`) or analysed.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -331,12 +330,15 @@ def stage_record_data(ctx: Context) -> None:
             t.name: {c: _length_summary(lengths[cells[t.name].to_numpy() == c]) for c in sel.names[t.name]}
             for t in sel.tasks
         }
-        hist, edges = np.histogram(lengths, bins=min(50, max(5, int(lengths.max() - lengths.min() + 1))))
+        from pipeline.analysis import length_histogram
+        from store import results as R
+
+        hist, edges = length_histogram(lengths, bins=50)  # the analysis runs' histogram, over every cell
         ctx.store.put_vector(
             child,
-            "length_hist",
-            hist.astype(np.float32),
-            meta={"edges": edges.tolist(), "median": float(np.median(lengths))},
+            R.VEC_LENGTH_HIST,
+            hist,
+            meta={R.META_EDGES: edges.tolist(), R.META_MEDIAN: float(np.median(lengths))},
         )
         ctx.store.put_json(
             child,
@@ -415,7 +417,7 @@ def model_input_size(model_dir: Path, dicts, requested: int = 0) -> int:
 
 
 def _dictionaries_for(model_dir: Path, cfg: dict):
-    from pipeline.dictionaries import GeneDictionaries
+    from pipeline.dictionaries import GeneDictionaries, resolve_version
 
     version = cfg["model"]["version"]
     if any(model_dir.glob("token_dictionary*.pkl")):
@@ -426,15 +428,7 @@ def _dictionaries_for(model_dir: Path, cfg: dict):
             f"model directory {model_dir} carries no gene dictionaries; pass --geneformer-dir with a Geneformer"
             " checkout's dictionaries (token_dictionary_gc104M.pkl, gene_dictionaries_30m/)"
         )
-    if version == "auto":
-        version = _guess_version(model_dir)
-    return GeneDictionaries.from_geneformer_dir(gdir, version)
-
-
-def _guess_version(model_dir: Path) -> str:
-    """V1 models take 2048 tokens over the gc30M vocabulary; V2 take 4096 over gc104M."""
-    config = json.loads((model_dir / "config.json").read_text())
-    return "V1" if int(config.get("max_position_embeddings", 2048)) <= 2048 else "V2"
+    return GeneDictionaries.from_geneformer_dir(gdir, resolve_version(version, model_dir))
 
 
 def embedded_model_dir(ctx: Context) -> Path:
@@ -542,9 +536,9 @@ def self_pretrained_model_dir(ctx: Context) -> Path:
 
     name_to_id = None
     if cfg["model"]["geneformer_dir"]:
-        from pipeline.dictionaries import GeneDictionaries
+        from pipeline.dictionaries import GeneDictionaries, resolve_version
 
-        version = cfg["model"]["version"] if cfg["model"]["version"] != "auto" else "V2"
+        version = resolve_version(cfg["model"]["version"])
         name_to_id = GeneDictionaries.from_geneformer_dir(cfg["model"]["geneformer_dir"], version).name_to_id
     cells = ctx.selected_adata()[np.flatnonzero(train)].copy()
     ctx.rep.line(
@@ -902,13 +896,10 @@ def _fill_symbols(de, dicts, adata, gene_id_column) -> list[str]:
 def analysis_cells(ctx: Context, task: str):
     """The test cells every analysis of `task` reads (each model's and each pair's): the task's test split,
     at most `analysis.max_cells` of them drawn with the run's seed."""
-    a_cfg = ctx.cfg["analysis"]
+    from pipeline.cells import subsample
+
     parts, _ = task_datasets(ctx, task)
-    test = parts["test"]
-    if a_cfg["max_cells"] and len(test) > a_cfg["max_cells"]:
-        rng = np.random.default_rng(ctx.seed)
-        test = test.select(sorted(rng.choice(len(test), int(a_cfg["max_cells"]), replace=False).tolist()))
-    return test
+    return subsample(parts["test"], int(ctx.cfg["analysis"]["max_cells"]), ctx.seed)
 
 
 def analysed_models(cfg: dict) -> dict[str, list[str]]:
@@ -1300,9 +1291,9 @@ def _stages(ctx: Context) -> None:
 
 def open_store(store_path):
     """The store a pipeline writes to, opened before anything else so a bad `--store` fails first."""
-    from store import Store
+    from pipeline import paths
 
-    return Store(store_path)
+    return paths.open_store(store_path)
 
 
 def run_pipeline(cfg: dict, store_path, *, resume_id: int | None = None, stdout=None, store=None) -> int:

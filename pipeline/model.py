@@ -42,7 +42,6 @@ WEIGHT_FILES = (
 )
 CLASSIFIER_ARCHITECTURES = ("BertForSequenceClassification",)
 MASKED_LM_ARCHITECTURES = ("BertForMaskedLM", "BertForPreTraining")
-HEAD_PREFIXES = ("bert.pooler.", "classifier.")
 MODES_HELP = "frozen, unfrozen, last-K (e.g. last-1) or freeze-N (e.g. freeze-2)"
 
 
@@ -344,11 +343,6 @@ def parse_mode(mode: str, num_layers: int | None = None) -> tuple[str, int]:
     return kind, k
 
 
-def is_head_parameter(name: str) -> bool:
-    """Whether a parameter name of a `BertForSequenceClassification` belongs to the classification head."""
-    return name.startswith(HEAD_PREFIXES)
-
-
 def apply_training_mode(model, mode: str) -> list[str]:
     """Set `requires_grad` for a training mode (see the module docstring); returns the trainable names."""
     num_layers = len(model.bert.encoder.layer)
@@ -365,8 +359,4 @@ def apply_training_mode(model, mode: str) -> list[str]:
     for module in frozen_modules:
         for p in module.parameters():
             p.requires_grad_(False)
-    return [n for n, p in model.named_parameters() if p.requires_grad]
-
-
-def trainable_parameter_names(model) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]

@@ -20,6 +20,23 @@ def resolve_store_path(arg: str | os.PathLike | None) -> Path:
     return Path(arg).expanduser() if arg else default_store_path()
 
 
+def open_store(arg: str | os.PathLike | None = None, **options):
+    """The store named by `--store` (or the default, `default_store_path`), as a `store.Store`: the one way
+    gfattn opens its store (`options`: `Store`'s `create`, `readonly`). A `StoreError` says what is wrong
+    in one line (`pipeline.cli` prints it; the reading commands turn it into an `InputError`)."""
+    from store import Store
+
+    return Store(resolve_store_path(arg), **options)
+
+
+STORE_HELP = "experiment store (default: $GFATTN_STORE or ./gfattn.db)"
+
+
+def add_store_argument(parser) -> None:
+    """`--store PATH`, declared once for every command that reads or writes the store."""
+    parser.add_argument("--store", metavar="PATH", default=None, help=STORE_HELP)
+
+
 def cache_dir_for_store(store_path: str | os.PathLike) -> Path:
     """Caches (tokenized data, the embedded default's model) live next to the store they serve."""
     store_path = Path(store_path).resolve()

@@ -740,28 +740,11 @@ def pretrain(
     dicts,
     out_dir: str | os.PathLike,
     *,
-    layers: int = 2,
-    hidden: int = 128,
-    heads: int = 4,
-    intermediate: int = 256,
-    max_len: int = 256,
-    epochs: int = 3,
-    batch_size: int = 32,
-    lr: float = 5e-3,
-    seed: int = 0,
-    time_budget_s: float | None = None,
     progress: Callable | None = None,
-    holdout_fraction: float = 0.1,
-    warmup_ratio: float = 0.1,
-    weight_decay: float = 0.001,
-    dropout: float = 0.02,
     device: str = "auto",
     store=None,
     run_id: int | None = None,
-    log_every: int = 10,
-    cell_loss_weight: float = 0.0,
-    cell_objective: str = "genes",
-    cell_components: int = 32,
+    **recipe,
 ) -> dict:
     """Pretrain a small BERT on rank-value encoded cells (`input_ids`) by masked-gene prediction.
 
@@ -770,7 +753,8 @@ def pretrain(
     masked genes), `chance_accuracy` (most frequent gene), `position_baseline_accuracy` (most frequent gene
     at the rank), top-5 accuracy and loss, final train loss, steps, seconds. `progress` is called as
     `progress(step, total_steps, throughput=steps_per_s, eta_s=..., message=...)`; with `store` and
-    `run_id`, train loss/lr and held-out accuracy per epoch are recorded.
+    `run_id`, train loss/lr and held-out accuracy per epoch are recorded. `recipe`: the keywords of
+    `plan_pretraining` (model size, epochs, batch size, learning rate, seed, time budget, objectives).
 
     The same arguments give the same weights and metrics whatever ran before in the process: every draw
     comes from `seed` (see `PretrainPlan`), and the caller's global RNG state is left as it was.
@@ -780,35 +764,14 @@ def pretrain(
     from pipeline.compute import resolve_device
 
     t_start = time.perf_counter()
-    plan = plan_pretraining(
-        corpus_ds,
-        dicts,
-        layers=layers,
-        hidden=hidden,
-        heads=heads,
-        intermediate=intermediate,
-        max_len=max_len,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        time_budget_s=time_budget_s,
-        holdout_fraction=holdout_fraction,
-        warmup_ratio=warmup_ratio,
-        weight_decay=weight_decay,
-        dropout=dropout,
-        log_every=log_every,
-        cell_loss_weight=cell_loss_weight,
-        cell_objective=cell_objective,
-        cell_components=cell_components,
-    )
+    plan = plan_pretraining(corpus_ds, dicts, **recipe)
     dev = resolve_device(device)
     record = _RunRecord(store, run_id)
     with _seeded_torch_rng(plan.init_seed, dev):
         run = start_run(plan, dev)
         record.event(
             f"pretraining on {len(plan.train)} cells ({len(plan.held)} held out), vocabulary "
-            f"{plan.vocab_size}, {layers} layers x {hidden}"
+            f"{plan.vocab_size}, {plan.model['layers']} layers x {plan.model['hidden']}"
         )
         run.t_train = time.perf_counter()
         for epoch in range(1, plan.epochs + 1):

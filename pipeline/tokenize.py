@@ -266,37 +266,6 @@ def _encode(
     return offsets, tokens
 
 
-def rank_value_encode(
-    counts: sp.csr_matrix,
-    n_counts: np.ndarray,
-    gene_median: np.ndarray,
-    gene_tokens: np.ndarray,
-    *,
-    max_genes: int,
-    cls_id: int | None = None,
-    eos_id: int | None = None,
-    sparse_arithmetic: bool = True,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Token sequences of cells x vocabulary-genes counts (duplicates already summed, no empty rows).
-
-    Returns (offsets, tokens) in Arrow list layout: cell i is tokens[offsets[i]:offsets[i+1]], with
-    `<cls>`/`<eos>` around its `max_genes` highest-ranked genes when those ids are given.
-    """
-    return _encode(
-        counts.data,
-        counts.indices.astype(np.int64),
-        counts.indptr.astype(np.int64),
-        n_counts,
-        np.asarray(gene_tokens),
-        np.asarray(gene_median, dtype=np.float64),
-        None,
-        max_genes=max_genes,
-        cls_id=cls_id,
-        eos_id=eos_id,
-        sparse_arithmetic=sparse_arithmetic,
-    )
-
-
 class _GeneTables:
     """Where each stored count goes: per var column (no duplicate IDs) or per unique gene (slots).
 

@@ -10,7 +10,7 @@ import pytest
 
 from store import Store
 
-from _helpers_cli import gfattn
+from _helpers_cli import cli, gfattn
 from _helpers_model import save_geneformer_checkpoint
 from _helpers_tokenize import datlinger_anndata
 
@@ -254,7 +254,7 @@ def test_a_dataset_tokenized_beforehand(tcells, v1_small, geneformer_dir, tmp_pa
 
 def test_no_checkpoint_with_symbols_needs_the_name_dictionary(tcells, tmp_path):
     db = tmp_path / "gfattn.db"
-    out = gfattn("pipeline", "--quick", "--data", str(tcells), "--label-column", "perturbation_2", "--store", str(db))
+    out = cli("pipeline", "--quick", "--data", str(tcells), "--label-column", "perturbation_2", "--store", str(db))
     assert out.returncode == 2 and "--geneformer-dir" in out.stderr.strip().splitlines()[-1]
     assert Store(db).list_runs() == []
 
@@ -280,7 +280,7 @@ def test_no_checkpoint_with_symbols_needs_the_name_dictionary(tcells, tmp_path):
 )
 def test_bad_labels_are_refused_before_a_run_is_recorded(tcells, v1_6l, geneformer_dir, tmp_path, args, needle):
     db = tmp_path / "gfattn.db"
-    out = gfattn(
+    out = cli(  # refused before any work: in this process
         "pipeline",
         "--quick",
         "--data",

@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 from pipeline.errors import InputError
+from pipeline.paths import add_store_argument
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for subsampling, bootstrap and permutations (default 0)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="compute device")
     p.add_argument("--name", help="run name (default: 'A vs B' from the model directory names)")
-    p.add_argument("--store", help="experiment store (default: $GFATTN_STORE or ./gfattn.db)")
+    add_store_argument(p)
 
 
 def _check_dir(path, what: str):
@@ -60,7 +61,6 @@ def run(args) -> int:
     import contextlib
 
     from pipeline.errors import InputError
-    from pipeline.paths import resolve_store_path
 
     model_a = _check_dir(args.model_a, "--model-a")
     model_b = _check_dir(args.model_b, "--model-b") if args.model_b else None
@@ -82,7 +82,6 @@ def run(args) -> int:
         if not Path(args.reference_set).expanduser().is_file():
             raise InputError(f"--reference-set {args.reference_set} does not exist")
 
-    import numpy as np
     import torch
 
     from pipeline.analysis import de_wilcoxon, load_reference_set, run_pair_analysis
@@ -109,20 +108,18 @@ def run(args) -> int:
     if args.group_column and args.group_column not in ds.column_names:
         raise InputError(f"{data}: no column {args.group_column!r} (columns: {', '.join(ds.column_names)})")
     ds = _select_cells(ds, args.cells, model_a, data)
-    if args.max_cells and len(ds) > args.max_cells:
-        rng = np.random.default_rng(args.seed)
-        ds = ds.select(sorted(rng.choice(len(ds), int(args.max_cells), replace=False).tolist()))
+    from pipeline.cells import subsample
+
+    ds = subsample(ds, args.max_cells, args.seed)
     lengths = ds["length"] if "length" in ds.column_names else [len(x) for x in ds["input_ids"]]
     longest = int(max(lengths)) if len(lengths) else 0
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA device is available; use --device cpu")
+    from pipeline.compute import resolve_device
 
-    from store import Store
+    device = resolve_device(args.device).type
 
-    store = Store(resolve_store_path(args.store))
+    from pipeline.paths import open_store
+
+    store = open_store(args.store)
     names = (model_a.name, model_b.name if model_b is not None else "")
     name = args.name or (f"{names[0]} vs {names[1]}" if model_b is not None else f"attention: {names[0]}")
     config = {

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from pipeline.paths import add_store_argument
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, metavar="TOKENIZED_DIR", help="tokenized dataset (`gfattn tokenize`)")
@@ -39,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto", help="autocast on CUDA")
     p.add_argument("--nproc", type=int, default=1, help="processes for data-parallel training (torchrun)")
     p.add_argument("--name", help="run name (default: <label column>/<mode>)")
-    p.add_argument("--store", help="experiment store (default: $GFATTN_STORE or ./gfattn.db)")
+    add_store_argument(p)
 
 
 def _label_names(values) -> tuple[list[str], object]:
@@ -57,18 +59,14 @@ def _label_names(values) -> tuple[list[str], object]:
 
 
 def _dictionaries(model_dir, geneformer_dir):
-    import json
-    from pathlib import Path
 
     from pipeline.model import model_dictionaries
 
     dicts = model_dictionaries(model_dir)
     if dicts is None and geneformer_dir:
-        from pipeline.dictionaries import GeneDictionaries
+        from pipeline.dictionaries import GeneDictionaries, resolve_version
 
-        cfg = json.loads((Path(model_dir) / "config.json").read_text())
-        version = "V1" if int(cfg.get("max_position_embeddings", 2048)) <= 2048 else "V2"
-        dicts = GeneDictionaries.from_geneformer_dir(geneformer_dir, version)
+        dicts = GeneDictionaries.from_geneformer_dir(geneformer_dir, resolve_version("auto", model_dir))
     return dicts
 
 
@@ -78,7 +76,6 @@ def run(args) -> int:
 
     from pipeline.errors import InputError
     from pipeline.model import parse_mode
-    from pipeline.paths import resolve_store_path
 
     parse_mode(args.mode)
     if args.nproc < 1:
@@ -137,9 +134,9 @@ def run(args) -> int:
         model_config, dicts=dicts, max_len=max_len or longest, model_dir=args.model, data_source=f"cells in {args.data}"
     )
 
-    from store import Store
+    from pipeline.paths import open_store
 
-    store = Store(resolve_store_path(args.store))
+    store = open_store(args.store)
     name = args.name or f"{args.label_column}/{args.mode}"
     run_id = store.create_run(
         name,

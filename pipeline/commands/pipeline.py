@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+from pipeline.paths import add_store_argument
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from pipeline.config import PRESETS
 
-    p.add_argument("--store", help="experiment store (default: $GFATTN_STORE or ./gfattn.db)")
+    add_store_argument(p)
     p.add_argument(
         "--preset", default=None, choices=list(PRESETS), help="; ".join(f"{k}: {v}" for k, v in PRESETS.items())
     )

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+from pipeline.paths import add_store_argument
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", metavar="RUN", help="pipeline run id or name")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the figures")
-    p.add_argument("--store", help="experiment store (default: $GFATTN_STORE or ./gfattn.db)")
+    add_store_argument(p)
 
 
 def run(args) -> int:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 
+from pipeline.paths import add_store_argument
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corpus", metavar="FILE.h5ad", help="raw-count AnnData to pretrain on")
@@ -53,15 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="compute device")
     p.add_argument("--name", help="run name (default: pretrain:<out dir name>)")
-    p.add_argument("--store", help="experiment store (default: $GFATTN_STORE or ./gfattn.db)")
-
-
-def _open_store(path):
-    try:
-        from store import Store
-    except ImportError:  # pragma: no cover - the store package ships with gfattn
-        return None
-    return Store(path)
+    add_store_argument(p)
 
 
 def run(args) -> int:
@@ -69,7 +63,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from pipeline.errors import InputError
-    from pipeline.paths import resolve_store_path
+    from pipeline.paths import open_store
 
     if args.embedded:
         return _embedded(args)
@@ -87,7 +81,7 @@ def run(args) -> int:
     from pipeline.pretrain import pretrain
     from pipeline.tokenize import build_vocabulary, tokenize_anndata
 
-    store = _open_store(resolve_store_path(args.store))
+    store = open_store(args.store)
     run_id = None
     hyper = {
         k: getattr(args, k)

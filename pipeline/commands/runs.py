@@ -16,16 +16,9 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from pipeline.errors import InputError
-from pipeline.paths import resolve_store_path
+from pipeline.paths import add_store_argument
 
-
-def add_store_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--store",
-        metavar="PATH",
-        default=None,
-        help="the experiment store (default: $GFATTN_STORE or ./gfattn.db)",
-    )
+__all__ = ["add_store_argument", "open_store", "resolve_run"]
 
 
 @contextmanager
@@ -33,11 +26,11 @@ def open_store(store_arg: str | None, *, create: bool = False, readonly: bool = 
     """Open the store named by `--store` (or the default); StoreError becomes InputError.
 
     `readonly=True` (runs, show, export) never migrates or writes: see `store.Store`."""
-    from store import Store, StoreError
+    from pipeline import paths
+    from store import StoreError
 
-    path = resolve_store_path(store_arg)
     try:
-        st = Store(path, create=create and not readonly, readonly=readonly)
+        st = paths.open_store(store_arg, create=create and not readonly, readonly=readonly)
     except StoreError as exc:
         raise InputError(str(exc)) from None
     try:
