@@ -1,0 +1,170 @@
+"""The reliability battery's cheap cases, in-process through `pipeline.cli.main(argv)`: every bad input is
+one line on stderr naming what is wrong, exit 2, no traceback, and no run recorded.
+
+Config values reach `gfattn pipeline` through `--config FILE.toml`; corrupt files, damaged stores and
+closed pipes through the commands that read them. Nothing here trains a model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from pipeline import config
+from pipeline.cli import main
+from pipeline.errors import InputError
+
+FIXTURES = Path(__file__).with_name("fixtures")
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line(code: int, err: str, *needles: str) -> None:
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def no_run_recorded(store: Path) -> bool:
+    if not store.exists():
+        return True
+    import sqlite3
+
+    with sqlite3.connect(store) as conn:
+        return conn.execute("SELECT count(*) FROM runs").fetchone()[0] == 0
+
+
+# ------------------------------------------------------------------------------- config values
+BAD_VALUES = [
+    ("[train]\nbatch_size = 0\n", "train.batch_size = 0; allowed: an integer >= 1"),
+    ("[train]\ngrad_accum = 0\n", "train.grad_accum = 0; allowed: an integer >= 1"),
+    ("[train]\nlr = nan\n", "train.lr = nan; allowed: a number > 0"),
+    ("[train]\nlr = -1e-3\n", "train.lr = -0.001"),
+    ("[train]\nlr = inf\n", "train.lr = inf"),
+    ("[train]\nepochs = 'ten'\n", 'train.epochs = "ten"; allowed: an integer >= 1'),
+    ("[train]\nepochs = 2.5\n", "train.epochs = 2.5"),
+    ("[train]\nwarmup_ratio = 1.0\n", "train.warmup_ratio = 1.0; allowed: a number >= 0 and < 1"),
+    ("[train]\namp = 'fp8'\n", "allowed: one of auto, bf16, fp16, off"),
+    ("[train]\nmodes = [1]\n", "train.modes = [1]; allowed: a list of modes"),
+    ("[train]\nmodes = 'frozen'\n", 'train.modes = "frozen"'),
+    ("[train]\nmodes = ['last-x']\n[analysis]\npairs = []\n", "train.modes: unknown training mode 'last-x'"),
+    ("[train]\nmodes = []\n[analysis]\npairs = []\n", "train.modes = []"),
+    ("[run]\nseed = -1\n", "run.seed = -1; allowed: an integer from 0 to 4294967295"),
+    ("[run]\nseed = 4294967296\n", "run.seed = 4294967296"),
+    ("[run]\nseed = true\n", "run.seed = true"),
+    ("[pretrain]\nseed = -2\n", "pretrain.seed = -2"),
+    ("[analysis]\nbatch_size = 0\n", "analysis.batch_size = 0"),
+    ("[analysis]\nn_boot = -1\n", "analysis.n_boot = -1"),
+    ("[analysis]\ntop_k = [10, 0]\n", "analysis.top_k = [10, 0]; allowed: a list of integers >= 1"),
+    ("[analysis]\nattribution = ['hao', 'shap']\n", "allowed: a list of values from hao, ig, rollout"),
+    ("[analysis]\nnull_bins = [5]\n", "analysis.null_bins = [5]; allowed: two integers >= 1"),
+    ("[analysis]\nde = 'yes'\n", 'analysis.de = "yes"; allowed: true or false'),
+    ("[data]\nmax_cells = -5\n", "data.max_cells = -5"),
+    ("[data]\nsynth_scale = 0\n", "data.synth_scale = 0"),
+    ("[data]\nfilter = ['Nutlin']\n", "data.filter"),
+    ("[data]\nfixed_length_mode = 3\n", "data.fixed_length_mode = 3; allowed: one of top, subsample"),
+    ("[split]\ntest = 0\n", "split.test = 0"),
+    ("[model]\nversion = 'V3'\n", "allowed: one of auto, V1, V2"),
+    ("[compute]\nnproc = 0\n", "compute.nproc = 0"),
+    ("[compute]\nthreads = -1\n", "compute.threads = -1"),
+    ("[compute]\ndevice = 'tpu'\n", "allowed: one of auto, cpu, cuda"),
+    ("[[tasks]]\nname = 'x'\ncolumn = 'c'\nscale = nan\n", "scale = nan"),
+    ("[[tasks]]\nname = 'x'\ncolumn = 'c'\nclasses = ['a', {b = 1}]\n", "classes = "),
+]
+
+
+# values that are wrong only together (checked once every layer is merged, so no file is named)
+BAD_COMBINATIONS = [
+    ("[pretrain]\nhidden = 30\nheads = 4\n", "pretrain.hidden = 30 with pretrain.heads = 4"),
+    ("[split]\ntest = 0.5\nvalidation = 0.45\n", "allowed: at least 10%"),
+    ("[analysis]\npairs = [['frozen', 'last-2']]\n", "not among train.modes"),
+]
+
+
+@pytest.mark.parametrize("toml, needle", BAD_VALUES + BAD_COMBINATIONS)
+def test_a_bad_config_value_is_one_line_and_records_nothing(tmp_path, capsys, toml, needle):
+    path = tmp_path / "c.toml"
+    path.write_text(toml)
+    store = tmp_path / "s.db"
+    code, _, err = run_cli(capsys, "pipeline", "--config", path, "--store", store)
+    assert_one_line(code, err, needle, *([str(path)] if (toml, needle) in BAD_VALUES else []))
+    assert no_run_recorded(store)
+
+
+@pytest.mark.parametrize(
+    "flag, value, needle",
+    [("--seed", "-3", "command line: run.seed = -3"), ("--epochs", "0", "command line: train.epochs = 0")],
+)
+def test_a_bad_flag_value_is_one_line(tmp_path, capsys, flag, value, needle):
+    store = tmp_path / "s.db"
+    code, _, err = run_cli(capsys, "pipeline", flag, value, "--store", store)
+    assert_one_line(code, err, needle)
+    assert no_run_recorded(store)
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes('[run]\nname = "Zustand µ"\n'.encode("latin-1"))
+    code, _, err = run_cli(capsys, "pipeline", "--config", path, "--store", tmp_path / "s.db")
+    assert_one_line(code, err, str(path), "is not UTF-8", "0xb5")
+
+
+def test_every_default_passes_its_own_rules():
+    cfg = config.defaults()
+    for section, keys in config.KEYS.items():
+        for name in keys:
+            assert config.check_value(section, name, cfg[section][name]) == cfg[section][name]
+
+
+def test_an_integer_for_a_number_becomes_a_float(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[train]\nlr = 1\n")
+    lr = config.resolve("default", path)["train"]["lr"]
+    assert lr == 1.0 and isinstance(lr, float)
+
+
+def test_the_schema_and_train_config_share_their_defaults():
+    from pipeline.train import TrainConfig
+
+    tc, train = TrainConfig(), config.defaults()["train"]
+    for name in ("lr", "weight_decay", "warmup_ratio", "epochs", "batch_size", "grad_accum", "class_weights", "amp"):
+        assert getattr(tc, name) == train[name], name
+
+
+def test_presets_resolve_as_before_the_typed_schema():
+    """Every preset resolves to exactly the values (and JSON types) it had before the schema was typed."""
+    before = json.loads((FIXTURES / "config_presets_resolved.json").read_text())
+    assert set(before) == set(config.PRESETS)
+    for name in config.PRESETS:
+        assert json.dumps(config.resolve(name), sort_keys=True) == json.dumps(before[name], sort_keys=True), name
+
+
+def test_print_config_documents_each_key_and_reads_back(tmp_path):
+    cfg = config.resolve("quick")
+    text = config.to_toml(cfg)
+    assert "# cells per attention batch [an integer >= 1]" in text
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    again = config.resolve("quick", path)
+    assert json.dumps(again, sort_keys=True) == json.dumps(cfg, sort_keys=True)
+
+
+def test_the_writer_orders_keys_as_the_schema_does():
+    text = config.dumps_toml({"train": {"lr": 1e-3, "epochs": 2}, "run": {"seed": 3}})
+    assert text.index("[run]") < text.index("[train]") < text.index("epochs") < text.index("lr")
+
+
+def test_check_value_names_key_value_and_what_is_allowed():
+    with pytest.raises(InputError) as err:
+        config.check_value("train", "lr", math.nan, "x.toml")
+    assert str(err.value) == "x.toml: train.lr = nan; allowed: a number > 0"
