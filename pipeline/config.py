@@ -312,6 +312,9 @@ TASK_KEYS: dict[str, str] = {
     "scale": "multiply a numeric column first (scPerturb copies of sci-Plex 2: 2.5)",
 }
 
+# the data run's cells table has one column per task named after it, beside these (and the store's own)
+CELL_COLUMNS = ("cell_id", "length", "split", "umap1", "umap2", "run_id", "rowid", "oid", "_rowid_")
+
 PRESETS: dict[str, str] = {
     "default": "embedded demo: synthetic data (~1,500 cells), a small pretrained model, top 96 ranks, both tasks",
     "quick": "a tiny end-to-end run (~700 cells or at most 1,000 of yours, 96 ranks, one task) for smoke tests",
@@ -343,6 +346,11 @@ def check_tasks(tasks: Any, source: str) -> list[dict]:
                 raise InputError(f"{source}: tasks[{i}] needs a `{key_}` (text)")
         if t["name"] in seen:
             raise InputError(f"{source}: two tasks are named {t['name']!r}")
+        if t["name"].strip().lower() in CELL_COLUMNS:
+            raise InputError(
+                f"{source}: task name {t['name']!r} is a column of gfattn's own cells table "
+                f"({', '.join(CELL_COLUMNS)}); give the task another name ([[tasks]] name = ...)"
+            )
         seen.add(t["name"])
         if "classes" in t and "groups" in t:
             raise InputError(f"{source}: task {t['name']!r} has both classes and groups; give one")

@@ -705,7 +705,9 @@ def task_datasets(ctx: Context, task: str):
 # ----------------------------------------------------------------------------------------- finetune
 def model_out_dir(ctx: Context, task: str, mode: str) -> Path:
     """Where a fine-tuned model of this run lives: under the store's own identity, never shared."""
-    return ctx.cache / "runs" / ctx.store.uid / str(ctx.run_id) / f"{task}__{mode}"
+    from pipeline.paths import file_name
+
+    return ctx.cache / "runs" / ctx.store.uid / str(ctx.run_id) / f"{file_name(task)}__{mode}"
 
 
 PERMUTED = " (permuted labels)"

@@ -17,7 +17,6 @@ import collections
 import json
 import math
 import os
-import re
 import sqlite3
 import threading
 import time
@@ -44,7 +43,7 @@ DEFAULT_STALE_AFTER_S = 30.0
 REMOTE_STALE_FACTOR = 20.0
 REMOTE_STALE_MIN_S = 600.0
 
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+MAX_COLUMN_NAME = 1000  # characters of a result column's name (a user's task or class name may be in it)
 _GENE_RESERVED = {"run_id", "gtable", "rowid", "oid", "_rowid_"}
 _CELL_RESERVED = {"run_id", "rowid", "oid", "_rowid_"}
 _WHERE_OPS = {
@@ -119,17 +118,34 @@ def _scalar(v: Any) -> Any:
 
 
 def check_identifier(name: str, what: str) -> str:
-    if not isinstance(name, str) or not _IDENTIFIER.match(name):
+    """A result column's name: any text (a user's task or class names: non-ASCII, spaces, punctuation), kept
+    exactly as given; `_quote` makes it a safe SQL identifier. Only NUL, surrounding spaces, emptiness and
+    absurd lengths are refused."""
+    if (
+        not isinstance(name, str)
+        or not name.strip()
+        or name != name.strip()
+        or "\x00" in name
+        or len(name) > MAX_COLUMN_NAME
+    ):
         raise StoreError(
-            f"{what} name {name!r} is not a valid column name; use letters, digits and underscores, "
-            f"starting with a letter or underscore (at most 63 characters)"
+            f"{what} name {name!r} is not a valid column name; use non-empty text without surrounding spaces "
+            f"(at most {MAX_COLUMN_NAME} characters)"
         )
     return name
 
 
 def _quote(identifier: str) -> str:
-    # identifiers reaching here passed check_identifier (or are fixed names), so they hold no quotes
-    return '"' + identifier + '"'
+    """An SQL identifier of any text: double-quoted, inner quotes doubled (SQLite's quoting rule)."""
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+def _fold(name: str) -> str:
+    """A column name as SQLite compares identifiers: case-insensitive for ASCII letters only."""
+    return name.translate(_ASCII_LOWER)
+
+
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
 def _check_text(value: Any, what: str, *, allow_empty: bool = False) -> str:
@@ -892,17 +908,15 @@ class Store:
     def _ensure_columns(
         self, conn: sqlite3.Connection, table: str, names: Iterable[str], index_prefix: tuple[str, ...]
     ) -> None:
-        existing = {row[1].lower() for row in conn.execute(f"PRAGMA table_info({_quote(table)})")}
+        existing = {_fold(row[1]) for row in conn.execute(f"PRAGMA table_info({_quote(table)})")}
         for name in names:
-            if name.lower() in existing:
+            if _fold(name) in existing:
                 continue
             # no declared type: each value keeps its storage class, so sorting stays numeric
             conn.execute(f"ALTER TABLE {_quote(table)} ADD COLUMN {_quote(name)}")
             cols = ", ".join([*index_prefix, _quote(name)])
-            conn.execute(
-                f"CREATE INDEX IF NOT EXISTS {_quote(table + '__' + name.lower())} ON {_quote(table)} ({cols})"
-            )
-            existing.add(name.lower())
+            conn.execute(f"CREATE INDEX IF NOT EXISTS {_quote(table + '__' + _fold(name))} ON {_quote(table)} ({cols})")
+            existing.add(_fold(name))
 
     @staticmethod
     def _result_columns(
@@ -910,12 +924,12 @@ class Store:
     ) -> list[tuple[str, str, list]]:
         """Validated (name, kind, values) of the columns other than `fixed`."""
         out: list[tuple[str, str, list]] = []
-        seen: dict[str, str] = {f.lower(): f for f in fixed}
+        seen: dict[str, str] = {_fold(f): f for f in fixed}
         for name, values in cols.items():
             if name in fixed:
                 continue
             check_identifier(name, f"{what} column")
-            low = name.lower()
+            low = _fold(name)
             if low in reserved:
                 raise StoreError(f"{what} column {name!r} is reserved; rename it")
             if low in seen:
@@ -1345,7 +1359,7 @@ class Store:
     @staticmethod
     def _match_column(col: str, cols: list[str], table: str) -> str:
         for c in cols:
-            if c.lower() == str(col).lower():
+            if _fold(c) == _fold(str(col)):
                 return c
         raise StoreError(f"gene table {table!r} has no column {col!r}; columns: {', '.join(cols)}")
 

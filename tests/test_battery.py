@@ -168,3 +168,50 @@ def test_check_value_names_key_value_and_what_is_allowed():
     with pytest.raises(InputError) as err:
         config.check_value("train", "lr", math.nan, "x.toml")
     assert str(err.value) == "x.toml: train.lr = nan; allowed: a number > 0"
+
+
+# ------------------------------------------------------------------ names from the user's data
+USER_NAMES = ["Zustand µ ü", 'say "hi"', "x" * 300, "12.5 uM", "a.b-c d"]
+
+
+def test_any_task_or_class_name_is_a_column_of_the_store(tmp_path):
+    import pandas as pd
+
+    from store import Store
+
+    store = Store(tmp_path / "s.db")
+    run = store.create_run("data", "data")
+    cells = pd.DataFrame({"cell_id": ["c1", "c2"], **{n: [f"{n}-1", f"{n}-2"] for n in USER_NAMES}})
+    store.put_cells(run, cells)
+    back = store.cells(run)
+    assert list(back.columns)[-len(USER_NAMES) :] == USER_NAMES
+    assert back["Zustand µ ü"].tolist() == ["Zustand µ ü-1", "Zustand µ ü-2"]
+    genes = pd.DataFrame({"ensembl_id": ["E1", "E2"], **{f"rank_mean_{n}": [1.0, 2.0] for n in USER_NAMES}})
+    store.put_gene_table(run, "genes", genes)
+    assert store.gene_table_columns(run, "genes")[-len(USER_NAMES) :] == [f"rank_mean_{n}" for n in USER_NAMES]
+    rows = store.gene_table(run, "genes", order_by="rank_mean_Zustand µ ü", where={'rank_mean_say "hi"': 2.0})
+    assert [r["ensembl_id"] for r in rows] == ["E2"]
+    store.close()
+
+
+def test_class_names_reach_gene_columns_unchanged():
+    from pipeline.analysis import sql_name
+
+    assert [sql_name(n) for n in USER_NAMES] == USER_NAMES
+
+
+def test_a_task_name_becomes_a_safe_reversible_folder_name():
+    from urllib.parse import unquote
+
+    from pipeline.paths import file_name
+
+    for name in ["lowhigh", "Zustand µ ü", "a/b", "..", ".x", "50%"]:
+        assert "/" not in file_name(name) and not file_name(name).startswith(".")
+        assert unquote(file_name(name)) == name
+    long = file_name("y" * 400)
+    assert len(long.encode()) <= 120 and long != file_name("y" * 401)
+
+
+def test_a_task_named_like_a_cells_column_is_one_line(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "pipeline", "--label-column", "split", "--store", tmp_path / "s.db")
+    assert_one_line(code, err, "task name 'split' is a column of gfattn's own cells table")
