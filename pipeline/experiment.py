@@ -82,9 +82,10 @@ def preflight(cfg: dict, cache: Path | None = None) -> Preflight:
         m = Path(model_path)
         if not m.is_dir():
             raise InputError(f"model directory {m} does not exist; pass a local Hugging Face checkpoint dir to --model")
-        from pipeline.model import read_model_config
+        from pipeline.model import check_checkpoint, read_model_config
 
-        read_model_config(m)  # config.json present, valid, BERT, weights beside it
+        # config.json present, valid, BERT, weights beside it, opened and matching it (and its manifest)
+        check_checkpoint(m, read_model_config(m))
     gdir = cfg["model"]["geneformer_dir"]
     if gdir and not Path(gdir).is_dir():
         raise InputError(f"Geneformer dictionary directory {gdir} does not exist (--geneformer-dir)")

@@ -215,3 +215,97 @@ def test_a_task_name_becomes_a_safe_reversible_folder_name():
 def test_a_task_named_like_a_cells_column_is_one_line(tmp_path, capsys):
     code, _, err = run_cli(capsys, "pipeline", "--label-column", "split", "--store", tmp_path / "s.db")
     assert_one_line(code, err, "task name 'split' is a column of gfattn's own cells table")
+
+
+# ------------------------------------------------------------------------ checkpoints at preflight
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    from _helpers_model import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("ckpt") / "model", layers=2)
+
+
+def _copy_checkpoint(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _huge_header(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(b"\xff" * 8 + data[8:])
+
+
+def _as_torch_bin(model: Path, damage) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    state = load_file(str(model / "model.safetensors"))
+    (model / "model.safetensors").unlink()
+    torch.save(state, model / "pytorch_model.bin")
+    damage(model / "pytorch_model.bin")
+
+
+def _not_weights_only(path: Path) -> None:
+    import argparse
+
+    import torch
+
+    torch.save({"bert.embeddings.word_embeddings.weight": argparse.Namespace(x=1)}, path)
+
+
+def _manifest_of_other_weights(model: Path) -> None:
+    (model / "gfattn_manifest.json").write_text(
+        json.dumps({"files": {"model.safetensors": {"sha256": "0" * 64, "bytes": 1}}})
+    )
+
+
+def _three_layers_in_config(model: Path) -> None:
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["num_hidden_layers"] = 3
+    (model / "config.json").write_text(json.dumps(cfg))
+
+
+CHECKPOINT_DAMAGE = {
+    "truncated safetensors": (lambda m: _truncate(m / "model.safetensors"), "model.safetensors cannot be read"),
+    "header too large": (lambda m: _huge_header(m / "model.safetensors"), "header too large"),
+    "truncated torch bin": (
+        lambda m: _as_torch_bin(m, _truncate),
+        "pytorch_model.bin cannot be loaded with weights_only=True",
+    ),
+    "not weights only": (
+        lambda m: _as_torch_bin(m, _not_weights_only),
+        "pytorch_model.bin cannot be loaded with weights_only=True",
+    ),
+    "manifest names other weights": (_manifest_of_other_weights, "does not match its manifest"),
+    "weights of another model": (_three_layers_in_config, "num_hidden_layers = 3"),
+}
+
+
+@pytest.mark.parametrize("case", list(CHECKPOINT_DAMAGE))
+def test_a_damaged_checkpoint_is_one_line_before_a_run(tmp_path, capsys, tiny_checkpoint, case):
+    damage, needle = CHECKPOINT_DAMAGE[case]
+    model = _copy_checkpoint(tiny_checkpoint, tmp_path / "model")
+    damage(model)
+    store = tmp_path / "s.db"
+    code, _, err = run_cli(capsys, "pipeline", "--model", model, "--store", store)
+    assert_one_line(code, err, needle, str(model))
+    assert no_run_recorded(store)
+
+
+def test_an_intact_checkpoint_passes_the_check(tmp_path, tiny_checkpoint):
+    from pipeline.io import write_manifest
+    from pipeline.model import check_checkpoint
+
+    model = _copy_checkpoint(tiny_checkpoint, tmp_path / "model")
+    write_manifest(model)
+    check_checkpoint(model)
+    _as_torch_bin(model, lambda p: None)
+    (model / "gfattn_manifest.json").unlink()
+    check_checkpoint(model)
