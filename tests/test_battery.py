@@ -309,3 +309,61 @@ def test_an_intact_checkpoint_passes_the_check(tmp_path, tiny_checkpoint):
     _as_torch_bin(model, lambda p: None)
     (model / "gfattn_manifest.json").unlink()
     check_checkpoint(model)
+
+
+# ------------------------------------------------------------------------- the synthetic data cache
+def _synth_ctx(cache: Path):
+    from types import SimpleNamespace
+
+    cfg = config.resolve("quick")
+    cfg["data"]["synth_scale"] = 0.02
+    return SimpleNamespace(cfg=cfg, cache=cache, seed=0, rep=SimpleNamespace(line=lambda *_: None))
+
+
+def test_the_cached_synthetic_data_carry_a_manifest_checked_on_reuse(tmp_path):
+    import anndata as ad
+    import numpy as np
+
+    from pipeline.experiment import synthetic_data_path
+    from pipeline.io import MANIFEST, sha256_file
+
+    ctx = _synth_ctx(tmp_path)
+    path = synthetic_data_path(ctx)
+    assert (path.parent / MANIFEST).is_file()
+    first = sha256_file(path)
+    assert synthetic_data_path(ctx) == path and sha256_file(path) == first  # reused as it is
+    ad.AnnData(np.ones((3, 2), dtype=np.float32)).write_h5ad(path)  # another valid .h5ad in its place
+    with pytest.raises(InputError, match="cached synthetic data .* does not match its manifest"):
+        synthetic_data_path(ctx)
+    (path.parent / MANIFEST).unlink()
+    with pytest.raises(InputError, match=f"has no {MANIFEST}"):
+        synthetic_data_path(ctx)
+
+
+def test_a_synthetic_data_set_that_does_not_fit_is_refused_up_front(tmp_path, monkeypatch):
+    """h5py may crash the process when the disk fills mid-write: the estimate (every matrix, obs, var)
+    must refuse first, naming the cache entry, with no temporaries left."""
+    from pipeline import io
+    from pipeline.experiment import synthetic_data_path
+
+    ctx = _synth_ctx(tmp_path)
+    monkeypatch.setattr(io, "_free_bytes", lambda path: 5 << 20)
+    with pytest.raises(io.DiskFullError) as err:
+        synthetic_data_path(ctx)
+    assert "sciplex-like-" in str(err.value) and ".tmp" not in str(err.value) and "resume" in str(err.value)
+    assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
+
+
+def test_the_h5ad_estimate_covers_obs_and_var():
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+
+    from pipeline.io import _h5ad_size_estimate
+
+    n, g = 50, 4000
+    a = ad.AnnData(
+        np.zeros((n, g), dtype=np.float32),
+        var=pd.DataFrame({"symbol": [f"GENE-{i:08d}-long-name" for i in range(g)]}, index=[f"g{i}" for i in range(g)]),
+    )
+    assert _h5ad_size_estimate(a) > n * g * 4 + a.var.memory_usage(deep=True).sum()
