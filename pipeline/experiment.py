@@ -1204,6 +1204,7 @@ def run_pipeline(cfg: dict, store_path, *, resume_id: int | None = None, stdout=
 
     from pipeline.compute import configure_determinism, determinism_report, pin_threads, resolve_device
     from pipeline.io import DiskFullError, remove_stale_temporaries
+    from store import StoreFullError
 
     stdout = stdout or sys.stdout
     store = store or open_store(store_path)
@@ -1258,7 +1259,7 @@ def run_pipeline(cfg: dict, store_path, *, resume_id: int | None = None, stdout=
         rep.close()
         print(f"run {run_id} interrupted; continue it with `gfattn pipeline --resume {run_id}`", file=sys.stderr)
         return 130
-    except DiskFullError as exc:
+    except (DiskFullError, StoreFullError) as exc:
         rep.close()
         print(f"run {run_id} failed: {exc} (`gfattn pipeline --resume {run_id}`)", file=sys.stderr)
         return 1
@@ -1266,6 +1267,14 @@ def run_pipeline(cfg: dict, store_path, *, resume_id: int | None = None, stdout=
         rep.close()
         from pipeline.io import is_disk_full
 
+        if _run_deleted(store, run_id):  # `gfattn rm` or the TUI deleted it: there is nothing to resume
+            import shutil
+
+            shutil.rmtree(cache / "runs" / store.uid / str(run_id), ignore_errors=True)
+            print(
+                f"run {run_id} was deleted from the store while it ran; it stopped (nothing to resume)", file=sys.stderr
+            )
+            return 1
         if is_disk_full(exc):
             print(
                 f"run {run_id} failed: out of disk space under {cache} ({exc}); free space and continue with "
@@ -1284,6 +1293,18 @@ def run_pipeline(cfg: dict, store_path, *, resume_id: int | None = None, stdout=
 
     print(format_summary(store, run_id, elapsed_s=time.monotonic() - t0), file=stdout)
     return 0
+
+
+def _run_deleted(store, run_id: int) -> bool:
+    from store import RunNotFoundError
+
+    try:
+        store.get_run(run_id)
+    except RunNotFoundError:
+        return True
+    except Exception:  # the store itself failing says nothing about the run
+        return False
+    return False
 
 
 def resume_pipeline(ref: str, store_path) -> int:

@@ -14,6 +14,7 @@ spliced into SQL (result column names of gene and cell tables) are validated fir
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import math
 import os
@@ -28,7 +29,14 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from store import schema, system
-from store.errors import RunNotFoundError, SchemaTooNewError, StoreError
+from store.errors import (
+    RunNotFoundError,
+    SchemaTooNewError,
+    StoreDamagedError,
+    StoreError,
+    StoreFullError,
+    is_store_full,
+)
 from store.jsonsafe import dumps
 
 RUN_STATUSES = ("running", "completed", "failed", "interrupted", "lost")
@@ -464,6 +472,15 @@ class Store:
                 if "FOREIGN KEY" in str(exc):
                     raise RunNotFoundError(f"no such run in store {self.path} (it may have been deleted)") from None
                 raise
+            except sqlite3.DatabaseError as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                if is_store_full(exc):
+                    raise StoreFullError(self.path) from None
+                if type(exc) is not sqlite3.DatabaseError:  # busy, a bug in a statement, ...: as it is
+                    raise
+                raise StoreDamagedError(self.path, str(exc)) from None
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")

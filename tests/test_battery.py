@@ -367,3 +367,191 @@ def test_the_h5ad_estimate_covers_obs_and_var():
         var=pd.DataFrame({"symbol": [f"GENE-{i:08d}-long-name" for i in range(g)]}, index=[f"g{i}" for i in range(g)]),
     )
     assert _h5ad_size_estimate(a) > n * g * 4 + a.var.memory_usage(deep=True).sum()
+
+
+# ------------------------------------------------------------------------------ closed pipes
+class _ClosedPipe:
+    """stdout whose reader has gone: every write and flush is a BrokenPipeError."""
+
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def fileno(self):
+        raise OSError("no file descriptor")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["runs", "--help"], ["pipeline", "--help"]])
+def test_help_into_a_closed_pipe_exits_quietly(monkeypatch, capsys, argv):
+    import sys
+
+    from pipeline import cli
+
+    monkeypatch.setattr(cli, "_stdout_closed", lambda: True)
+    monkeypatch.setattr(sys, "stdout", _ClosedPipe())
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # pragma: no cover - what the old code did
+        code = exc.code
+    assert code == cli.BROKEN_PIPE_EXIT
+    assert capsys.readouterr().err == ""
+
+
+def test_top_level_help_piped_to_head(tmp_path):
+    """`gfattn --help | head -1` as a shell runs it: the first line, exit 141 quietly, no traceback."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        f"{sys.executable} -m pipeline --help | head -c 1 >/dev/null; echo ${{PIPESTATUS[0]}}",
+        shell=True,
+        executable="/bin/bash",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr, out.stderr
+    assert out.stdout.strip() in ("0", "141")  # 0: help fit in the pipe buffer before head closed it
+
+
+# --------------------------------------------------------------------------------- damaged stores
+@pytest.fixture(scope="module")
+def damaged_store(tmp_path_factory):
+    """A store whose gene-table pages are overwritten: `runs` still lists, reading the table fails."""
+    import sqlite3
+
+    import numpy as np
+    import pandas as pd
+
+    from store import Store
+
+    path = tmp_path_factory.mktemp("damaged") / "s.db"
+    st = Store(path)
+    run = st.create_run("p", "pipeline")
+    child = st.create_run("a", "analysis", parent_id=run)
+    n = 3000
+    genes = pd.DataFrame({"ensembl_id": [f"E{i}" for i in range(n)], "score": np.arange(n, dtype=float)})
+    genes["note"] = "x" * 50
+    st.put_gene_table(child, "genes", genes)
+    st.finish_run(child, "completed")
+    st.finish_run(run, "completed")
+    st.close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    with open(path, "r+b") as fh:
+        for page in range(60, 150):
+            fh.seek(page * 4096)
+            fh.write(b"\xde\xad" * 2048)
+    return path
+
+
+@pytest.mark.parametrize(
+    "argv", [["export", "1", "--out", "{tmp}/out"], ["rm", "1", "--yes"], ["rm", "2", "--yes"], ["show", "1"]]
+)
+def test_a_damaged_store_is_one_line(tmp_path, capsys, damaged_store, argv):
+    import shutil
+
+    store = tmp_path / "s.db"
+    shutil.copy(damaged_store, store)
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    code, _, err = run_cli(capsys, *argv, "--store", store)
+    assert_one_line(code, err, f"store {store} is damaged", "malformed")
+    code, out, _ = run_cli(capsys, "runs", "--store", store)
+    assert code == 0 and "pipeline" in out
+
+
+def test_a_full_disk_during_a_store_write_says_so_as_the_other_paths_do(tmp_path, monkeypatch):
+    import sqlite3
+
+    from store import Store, StoreFullError
+
+    st = Store(tmp_path / "s.db")
+    run = st.create_run("p", "pipeline")
+    real = st._conn
+
+    class Full:
+        in_transaction = False
+
+        def execute(self, sql, *args):
+            if sql.startswith("INSERT"):
+                raise sqlite3.OperationalError("database or disk is full")
+            return real.execute(sql, *args)
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    monkeypatch.setattr(st, "_conn", Full())
+    with pytest.raises(StoreFullError) as err:
+        st.log_event(run, "hello")
+    assert str(err.value).startswith(f"out of disk space writing {st.path} (database or disk is full)")
+    assert "resume the run" in str(err.value)
+    monkeypatch.undo()
+    assert st.get_run(run)["status"] == "running"  # rolled back, the store still usable
+    st.close()
+
+
+# --------------------------------------------------------------------------------------- gfattn rm
+def _pipeline_with_checkpoint(store_path: Path):
+    from pipeline.experiment import CHECKPOINT_JSON
+    from pipeline.paths import cache_dir_for_store
+    from store import Store
+
+    st = Store(store_path)
+    run = st.create_run("p", "pipeline")
+    child = st.create_run("lowhigh/frozen", "finetune", parent_id=run)
+    folder = cache_dir_for_store(store_path) / "runs" / st.uid / str(run) / "lowhigh__frozen"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"weights")
+    st.put_json(child, CHECKPOINT_JSON, {"path": str(folder), "weights_sha256": "0"})
+    return st, run, child, folder
+
+
+def test_rm_removes_the_checkpoints_the_run_owns(tmp_path, capsys):
+    st, run, child, folder = _pipeline_with_checkpoint(tmp_path / "s.db")
+    st.finish_run(child, "completed")
+    st.finish_run(run, "completed")
+    other = folder.parents[1] / "999"  # another run's folder stays
+    other.mkdir()
+    st.close()
+    code, out, err = run_cli(capsys, "rm", str(run), "--yes", "--store", tmp_path / "s.db")
+    assert code == 0, err
+    assert "removed 1 checkpoint folder" in out
+    assert not folder.parent.exists() and other.is_dir()
+
+
+def test_rm_of_a_child_removes_its_own_checkpoint_only(tmp_path, capsys):
+    st, run, child, folder = _pipeline_with_checkpoint(tmp_path / "s.db")
+    st.finish_run(child, "completed")
+    st.finish_run(run, "completed")
+    (folder.parent / "lowhigh__unfrozen").mkdir()
+    st.close()
+    code, out, err = run_cli(capsys, "rm", str(child), "--yes", "--store", tmp_path / "s.db")
+    assert code == 0, err
+    assert not folder.exists() and (folder.parent / "lowhigh__unfrozen").is_dir()
+
+
+def test_rm_refuses_a_running_run(tmp_path, capsys):
+    st, run, child, folder = _pipeline_with_checkpoint(tmp_path / "s.db")  # running in this (live) process
+    st.close()
+    code, _, err = run_cli(capsys, "rm", str(run), "--yes", "--store", tmp_path / "s.db")
+    assert_one_line(code, err, f"run {run} ('p') is still running", "stop it first")
+    assert folder.is_dir()
+
+
+def test_a_pipeline_whose_run_is_deleted_under_it_ends_with_one_line(tmp_path, capsys, monkeypatch):
+    from pipeline import experiment
+
+    def stages(ctx):
+        (ctx.cache / "runs" / ctx.store.uid / str(ctx.run_id)).mkdir(parents=True)
+        ctx.store.delete_run(ctx.run_id)  # what `gfattn rm` or the TUI did from another process
+        ctx.store.log_event(ctx.run_id, "the next write")
+
+    monkeypatch.setattr(experiment, "_stages", stages)
+    store = tmp_path / "s.db"
+    code, _, err = run_cli(capsys, "pipeline", "--quick", "--store", store)
+    assert code == 1
+    last = err.strip().splitlines()[-1]
+    assert "was deleted from the store while it ran" in last and "--resume" not in err, err
+    assert not list((tmp_path / ".gfattn-cache" / "runs").rglob("1"))  # its checkpoint folder went with it
