@@ -140,18 +140,23 @@ def tokenized_obs(path: str):
 
 def read_obs(data_path: str):
     """The obs table of an .h5ad without loading X; duplicated cell IDs are refused."""
+    import warnings
+
     import anndata as ad
 
-    try:
-        backed = ad.read_h5ad(data_path, backed="r")
-    except Exception as exc:  # unreadable HDF5 or not an AnnData
-        raise InputError(
-            f"cannot read {data_path} as .h5ad ({type(exc).__name__}: {exc}); is the file complete?"
-        ) from None
-    try:
-        obs = backed.obs.copy()
-    finally:
-        backed.file.close()
+    # duplicated cell IDs are refused below in one line; anndata's own warning about them would only repeat it
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*names are not unique", category=UserWarning)
+        try:
+            backed = ad.read_h5ad(data_path, backed="r")
+        except Exception as exc:  # unreadable HDF5 or not an AnnData
+            raise InputError(
+                f"cannot read {data_path} as .h5ad ({type(exc).__name__}: {exc}); is the file complete?"
+            ) from None
+        try:
+            obs = backed.obs.copy()
+        finally:
+            backed.file.close()
     dup = obs.index.duplicated()
     if dup.any():
         first = str(obs.index[dup][0])

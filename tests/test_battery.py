@@ -555,3 +555,26 @@ def test_a_pipeline_whose_run_is_deleted_under_it_ends_with_one_line(tmp_path, c
     last = err.strip().splitlines()[-1]
     assert "was deleted from the store while it ran" in last and "--resume" not in err, err
     assert not list((tmp_path / ".gfattn-cache" / "runs").rglob("1"))  # its checkpoint folder went with it
+
+
+# --------------------------------------------------------------------------------- duplicated cells
+def test_duplicated_cell_ids_are_one_line_without_anndata_warnings(tmp_path, capsys):
+    import warnings
+
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+
+    path = tmp_path / "dup.h5ad"
+    obs = pd.DataFrame({"state": ["a", "b"] * 10}, index=[f"c{i % 15}" for i in range(20)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ad.AnnData(np.ones((20, 5), dtype=np.float32), obs=obs).write_h5ad(path)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        code, _, err = run_cli(
+            capsys, "pipeline", "--data", path, "--label-column", "state", "--store", tmp_path / "s.db"
+        )
+    assert_one_line(code, err, "5 duplicated cell IDs", "obs_names_make_unique")
+    assert not [w for w in seen if "not unique" in str(w.message)], [str(w.message) for w in seen]
+    assert no_run_recorded(tmp_path / "s.db")
