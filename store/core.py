@@ -148,6 +148,25 @@ def _quote(identifier: str) -> str:
     return '"' + identifier.replace('"', '""') + '"'
 
 
+def _no_room(path: Path) -> bool:
+    """Whether a failed write to the store at `path` met a full disk or the file-size limit (SQLite reports
+    a write past RLIMIT_FSIZE, EFBIG, as a plain I/O error)."""
+    import shutil
+
+    try:
+        if shutil.disk_usage(path.parent).free < (1 << 20):
+            return True
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit == resource.RLIM_INFINITY:
+            return False
+        sizes = [p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists()]
+        return any(size + (1 << 16) >= limit for size in sizes)
+    except (ImportError, OSError, ValueError):
+        return False
+
+
 def _fold(name: str) -> str:
     """A column name as SQLite compares identifiers: case-insensitive for ASCII letters only."""
     return name.translate(_ASCII_LOWER)
@@ -478,6 +497,8 @@ class Store:
                         conn.execute("ROLLBACK")
                 if is_store_full(exc):
                     raise StoreFullError(self.path) from None
+                if "disk i/o error" in str(exc).lower() and _no_room(self.path):
+                    raise StoreFullError(self.path, f"{exc}; no room left there") from None
                 if type(exc) is not sqlite3.DatabaseError:  # busy, a bug in a statement, ...: as it is
                     raise
                 raise StoreDamagedError(self.path, str(exc)) from None

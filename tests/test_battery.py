@@ -578,3 +578,33 @@ def test_duplicated_cell_ids_are_one_line_without_anndata_warnings(tmp_path, cap
     assert_one_line(code, err, "5 duplicated cell IDs", "obs_names_make_unique")
     assert not [w for w in seen if "not unique" in str(w.message)], [str(w.message) for w in seen]
     assert no_run_recorded(tmp_path / "s.db")
+
+
+def test_a_store_write_past_the_file_size_limit_is_the_disk_full_line(tmp_path):
+    """SQLite reports a write past RLIMIT_FSIZE as a plain I/O error: still the disk-full words, the
+    transaction rolled back and the store usable once there is room."""
+    import subprocess
+    import sys
+
+    code = """
+import resource, sys
+from store import Store, StoreFullError
+st = Store(sys.argv[1])
+run = st.create_run("p", "pipeline")
+resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, resource.RLIM_INFINITY))
+try:
+    for i in range(100_000):
+        st.log_event(run, "x" * 500)
+except StoreFullError as exc:
+    print(exc)
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+st.log_event(run, "after")
+print(st.get_run(run)["status"])
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "s.db")], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    first, status = out.stdout.strip().splitlines()
+    assert first.startswith(f"out of disk space writing {tmp_path / 's.db'}") and "resume the run" in first
+    assert status == "running"
