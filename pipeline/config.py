@@ -313,6 +313,7 @@ TASK_KEYS: dict[str, str] = {
 }
 
 # the data run's cells table has one column per task named after it, beside these (and the store's own)
+MAX_TASK_NAME = 200  # characters; a task's name is a column of the store and part of folder names
 CELL_COLUMNS = ("cell_id", "length", "split", "umap1", "umap2", "run_id", "rowid", "oid", "_rowid_")
 
 PRESETS: dict[str, str] = {
@@ -346,6 +347,11 @@ def check_tasks(tasks: Any, source: str) -> list[dict]:
                 raise InputError(f"{source}: tasks[{i}] needs a `{key_}` (text)")
         if t["name"] in seen:
             raise InputError(f"{source}: two tasks are named {t['name']!r}")
+        if len(t["name"]) > MAX_TASK_NAME:
+            raise InputError(
+                f"{source}: task name {_show(t['name'])} has {len(t['name'])} characters; allowed: at most "
+                f"{MAX_TASK_NAME} (name the task in a [[tasks]] table when its column's name is longer)"
+            )
         if t["name"].strip().lower() in CELL_COLUMNS:
             raise InputError(
                 f"{source}: task name {t['name']!r} is a column of gfattn's own cells table "

@@ -212,6 +212,16 @@ def test_a_task_name_becomes_a_safe_reversible_folder_name():
     assert len(long.encode()) <= 120 and long != file_name("y" * 401)
 
 
+def test_a_task_name_too_long_is_one_line_not_an_sql_error(tmp_path, capsys):
+    path = tmp_path / "c.toml"
+    path.write_text(f"[[tasks]]\nname = '{'t' * 201}'\ncolumn = 'c'\n")
+    code, _, err = run_cli(capsys, "pipeline", "--config", path, "--store", tmp_path / "s.db")
+    assert_one_line(code, err, "has 201 characters; allowed: at most 200")
+    long_but_fine = "Zustand µ ü " * 16  # 192 characters
+    cfg = config.resolve("default", flags={"tasks": [{"name": long_but_fine, "column": "c"}]})
+    assert cfg["tasks"][0]["name"] == long_but_fine
+
+
 def test_a_task_named_like_a_cells_column_is_one_line(tmp_path, capsys):
     code, _, err = run_cli(capsys, "pipeline", "--label-column", "split", "--store", tmp_path / "s.db")
     assert_one_line(code, err, "task name 'split' is a column of gfattn's own cells table")
