@@ -198,9 +198,9 @@ def _minmax(x: np.ndarray) -> np.ndarray:
 
 
 def sql_name(text: str) -> str:
-    """A column-name-safe version of a label (letters, digits, underscores)."""
-    out = re.sub(r"[^0-9A-Za-z]+", "_", str(text)).strip("_")
-    return out or "group"
+    """A label as part of a result column's name: the label itself, so `rank_mean_<class>` names the user's
+    class exactly and reads back to it (the store takes any text as a column name)."""
+    return str(text).strip() or "group"
 
 
 def gene_rows(result, id_to_gene: dict, symbols: dict | None = None) -> tuple[np.ndarray, pd.DataFrame]:

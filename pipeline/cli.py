@@ -6,8 +6,9 @@ torch, transformers and scanpy inside `run`, so `gfattn --help` answers instantl
 
 Exit statuses: 0 done, 1 a failed run (a traceback for bugs), 2 bad input (`InputError`) or an unusable
 store (`store.StoreError` and subclasses: not SQLite, a newer schema, a directory, a missing folder, a
-read-only store for a command that writes), each as one line on stderr; 130 Ctrl-C; 141 when the reader
-of stdout went away (`gfattn runs --json | head -1`), quietly, as for a process killed by SIGPIPE.
+read-only store for a command that writes, a full disk; `sqlite3.DatabaseError`: damaged pages), each as
+one line on stderr; 130 Ctrl-C; 141 when the reader of stdout went away (`gfattn runs --json | head -1`,
+`gfattn --help | head -1`), quietly, as for a process killed by SIGPIPE.
 """
 
 from __future__ import annotations
@@ -104,12 +105,36 @@ def _stdout_gone() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # the top-level help, a command's --help or usage: the reader went away
+        if not _stdout_closed():
+            raise
+        return _stdout_gone()
+
+
+def _damaged_store(name: str, args, exc: BaseException) -> int:
+    """A store SQLite cannot read (malformed pages, not a database) as one line naming it."""
+    from pipeline.paths import resolve_store_path
+
+    path = resolve_store_path(getattr(args, "store", None))
+    print(
+        f"gfattn {name}: error: store {path} is damaged ({exc}); `gfattn runs` and `gfattn show` may still read "
+        f"what is intact; restore it from a copy, or recover it with `sqlite3 {path} .recover`",
+        file=sys.stderr,
+    )
+    return 2
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_top_help())
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
         return 0 if argv else 2
     if argv[0] == "--version":
         print(f"gfattn {__version__}")
+        sys.stdout.flush()
         return 0
     name = argv[0]
     if name not in COMMANDS:
@@ -120,7 +145,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gfattn: error: unknown command {name!r}{hint}", file=sys.stderr)
         return 2
     parser, module = build_parser(name)
-    args = parser.parse_args(argv[1:])
+    try:
+        args = parser.parse_args(argv[1:])
+    except SystemExit:
+        sys.stdout.flush()  # `--help` into a closed pipe: BrokenPipeError here, answered by `main`
+        raise
     # gfattn reports its own progress; library progress bars would interleave with it, and a run
     # never reaches for a model hub (users bring local checkpoints)
     for var in (
@@ -147,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gfattn {name}: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
+        import sqlite3
+
+        if type(exc) is sqlite3.DatabaseError:  # "database disk image is malformed", "file is not a database"
+            return _damaged_store(name, args, exc)
         if not _is_store_error(exc):
             raise
         print(f"gfattn {name}: error: {exc}", file=sys.stderr)

@@ -3,13 +3,27 @@
 A run's configuration is resolved in layers: the built-in defaults below, then a preset
 (`pipeline/presets/<name>.toml`), then the user's `--config FILE.toml`, then command-line flags. Unknown
 keys are errors that name the nearest valid key. The resolved configuration is stored with the run.
+
+One typed schema: each section is a standard-library dataclass whose fields are its keys (type from
+the annotation, default, documentation and allowed range from `key(...)`). The defaults (`defaults`),
+the checks of every value (`merge`: type, range and choices, one line naming the key, the value and
+what is allowed), `--print-config` (`to_toml`) and the TOML writer (`dumps_toml`) all read it, so a new
+key is one line in its section's class. Dataclasses rather than pydantic: this module stays
+standard-library only (the CLI's `--help` and the TUI import it without loading anything heavy), the
+rules are few (bounds, choices, element types), and the resolved configuration stays the plain nested
+dict (`cfg["train"]["lr"]`) that is stored with the run and read by every stage.
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
+import functools
+import math
 import sys
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,159 +36,261 @@ else:  # pragma: no cover
 
 PRESET_DIR = Path(__file__).with_name("presets")
 
-# section -> key -> (default, documentation)
-SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
-    "run": {
-        "name": ("", "run name shown in `gfattn runs` and the TUI (default: preset and time)"),
-        "seed": (0, "seed for selection, splits, training and bootstrap"),
-    },
-    "data": {
-        "path": ("", ".h5ad with raw counts; empty = the synthetic sci-Plex-like data set (`gfattn synth`)"),
-        "tokenized": ("", "a dataset tokenized by Geneformer (or `gfattn tokenize`) instead of counts: no UMAP, no DE"),
-        "synth_scale": (0.33, "synthetic data: cells relative to sci-Plex 2's Nutlin-3a arm"),
-        "synth_preset": ("thesis", "synthetic data: `thesis` (~680 genes/cell) or `raw` (~2,300)"),
-        "synth_length_effect": (1.0, "synthetic data: strength of the dose -> detected genes confound (0 = off)"),
-        "filter": (
-            {"perturbation": ["Nutlin*", "control", "vehicle", "Vehicle", "DMSO"]},
-            "cells kept: obs column -> accepted values (`*` wildcards; several columns combine with AND; {} = all)",
-        ),
-        "gene_id_column": ("", "var column with Ensembl IDs or symbols (empty: var index, auto-detected)"),
-        "n_counts_column": (
-            "",
-            "obs column with total counts (empty: n_counts/ncounts/n.umi/total_counts, else computed)",
-        ),
-        "layer": ("", "layer with raw counts (empty: X)"),
-        "max_cells": (0, "subsample to at most this many cells, stratified by the tasks' classes (0 = all)"),
-        "fixed_length": (
-            0,
-            "every cell keeps exactly this many genes, cells with fewer are dropped (0 = off; thesis 5.1)",
-        ),
-        "fixed_length_mode": (
-            "top",
-            "fixed length: `top` (its N top-ranked genes) or `subsample` (N drawn, rank order kept)",
-        ),
-        "umap": (True, "compute a UMAP of the selected cells (scanpy) for the Data view"),
-    },
-    "split": {
-        "validation": (0.15, "fraction of cells for validation (model selection)"),
-        "test": (0.15, "fraction of cells for the independent test split (metrics and attention)"),
-    },
-    "model": {
-        "path": (
-            "",
-            "Geneformer checkpoint directory; empty or `embedded`: gfattn's small model, the one it ships (the default "
-            "preset's recipe) or one pretrained on the synthetic corpus (no --data) or on your data's training cells, "
-            "and cached",
-        ),
-        "geneformer_dir": ("", "Geneformer dictionaries (checkout dir) when the model dir does not carry them"),
-        "version": ("auto", "`V1`, `V2` or `auto` (from the model's vocabulary)"),
-        "max_len": (0, "truncate encodings to the top N ranks (0 = the model's input size)"),
-    },
-    "pretrain": {
-        "corpus_cells": (3000, "embedded model: cells of the synthetic corpus"),
-        "layers": (2, "embedded model: encoder layers"),
-        "hidden": (128, "embedded model: hidden size"),
-        "heads": (4, "embedded model: attention heads"),
-        "intermediate": (256, "embedded model: feed-forward size"),
-        "max_len": (256, "embedded model: input size (top ranks kept)"),
-        "epochs": (3, "embedded model: pretraining epochs"),
-        "batch_size": (32, "embedded model: pretraining batch size"),
-        "lr": (1e-3, "embedded model: peak learning rate"),
-        "time_budget_s": (75.0, "embedded model: stop pretraining after this many seconds (0 = no limit)"),
-        "corpus": (
-            "healthy",
-            "embedded model: the synthetic corpus, `healthy` or `atlas` (adds a graded p53 response that "
-            "arrests the cycle and wider library sizes)",
-        ),
-        "cell_loss_weight": (
-            0.0,
-            "embedded model: weight of the cell-level objective (the first position predicts its cell's genes; "
-            "0 = masked genes only)",
-        ),
-        "cell_objective": (
-            "genes",
-            "gfattn's small model: the cell-level objective, `genes` (the first position predicts its cell's genes) "
-            "or `components` (it regresses the cell's scores on the corpus's top principal components)",
-        ),
-        "cell_components": (32, "gfattn's small model: principal components of the `components` cell objective"),
-        "lineage_cells": (
-            0,
-            "embedded model: cells of a dosed sci-Plex-like cell line (its own draw, doses dropped) added to the "
-            "synthetic corpus, as an atlas holds stressed cell lines",
-        ),
-        "seed": (
-            -1,
-            "embedded model: seed of its corpus and pretraining (-1: the run's seed); a fixed seed keeps one model "
-            "across runs of different seeds, as a checkpoint would",
-        ),
-        "cls_token": (
-            False,
-            "gfattn's small model: wrap every cell in <cls> ... <eos> as Geneformer V2 does, so that the first "
-            "position, which the frozen mode reads, is a cell token",
-        ),
-    },
-    "train": {
-        "tasks": ([], "tasks to fine-tune ([] = every task in [[tasks]])"),
-        "modes": (["frozen", "unfrozen", "last-1"], "training modes: frozen, unfrozen, last-K, freeze-N"),
-        "epochs": (5, "fine-tuning epochs (the thesis used 5)"),
-        "batch_size": (16, "cells per optimisation step"),
-        "grad_accum": (1, "gradient accumulation steps"),
-        "lr": (5e-5, "peak learning rate (Geneformer's 6-layer default)"),
-        "head_lr": (0.0, "learning rate of the frozen mode's head (0 = same as lr)"),
-        "weight_decay": (0.001, "AdamW weight decay"),
-        "warmup_ratio": (0.1, "fraction of steps of linear warm-up"),
-        "class_weights": (False, "weight the loss by inverse class frequency"),
-        "amp": ("auto", "autocast on CUDA: auto, bf16, fp16 or off"),
-    },
-    "analysis": {
-        "pairs": ([["frozen", "unfrozen"], ["frozen", "last-1"]], "model pairs whose attention is compared"),
-        "tasks": (["lowhigh"], "tasks whose fine-tuned models are analysed ([] = every fine-tuned task)"),
-        "batch_size": (8, "cells per attention batch"),
-        "max_cells": (0, "analyse at most this many test cells (0 = all)"),
-        "n_boot": (200, "bootstrap resamples for confidence intervals"),
-        "reference_set": ("", "reference gene set file (TSV with ensembl_id, or one ID/symbol per line)"),
-        "top_k": ([10, 20, 50, 100], "k for the DE vs attention overlap"),
-        "de": (True, "scanpy's Wilcoxon DE for each analysed task (see [de]), compared with attention"),
-        "attribution": (
-            ["hao", "ig", "rollout"],
-            "attribution scores per analysed model: `hao` (self-attention attribution), `ig` (integrated gradients),"
-            " `rollout` (attention rollout); [] = none",
-        ),
-        "hao_steps": (20, "Riemann steps of Hao et al.'s self-attention attribution"),
-        "ig_steps": (50, "steps of integrated gradients (Gauss-Legendre, Captum)"),
-        "null_bins": (
-            [5, 5],
-            "matched null of the DE and reference-set overlaps: quantile bins of detection frequency x mean rank",
-        ),
-        "null_permutations": (0, "within-bin permutations of the matched null (0 = its exact distribution)"),
-        "deletion": (
-            True,
-            "in-silico deletion of each score's top genes (and matched random sets) from the test cells",
-        ),
-        "deletion_k": ([1, 5, 10, 20, 50], "sizes of the deleted top-k sets"),
-        "deletion_random_sets": (20, "random gene sets per top-k set, matched on detection frequency and rank"),
-        "deletion_top_genes": (50, "single-gene deletion of each score's top N genes (0 = none)"),
-        "sanity": (True, "cascading randomisation of each analysed model (Adebayo et al. 2018)"),
-        "sanity_attribution": (
-            True,
-            "the cascade recomputes the attribution scores too (false: attention scores only)",
-        ),
-        "label_permutation": (
-            False,
-            "also fine-tune each analysed mode on permuted labels and compare its key-gene scores (with `sanity`)",
-        ),
-    },
-    "de": {
-        "groupby": ("", "task whose classes DE compares (empty: each analysed task)"),
-        "groups": ([], "classes tested ([] = binary tasks: the second class; more classes: each one)"),
-        "reference": ("", "`rest` or a class (empty: binary tasks: the first class; more classes: rest)"),
-    },
-    "compute": {
-        "device": ("auto", "auto, cpu or cuda"),
-        "nproc": (1, "processes for data-parallel fine-tuning (torchrun)"),
-        "threads": (0, "torch CPU threads (0 = torch's default)"),
-    },
+SEED_MAX = 2**32 - 1  # numpy's and torch's seeds: 0 .. 2**32 - 1
+
+
+def key(default: Any, doc: str, **rules: Any) -> Any:
+    """One configuration key: its default, its documentation and the rules its value must pass.
+
+    Rules: `ge`, `gt`, `le`, `lt` (bounds of a number, or of each number of a list) and `choices`
+    (allowed values of a text, or of each text of a list), `min_items` and `max_items` (of a list), `each` (a function
+    that raises `InputError` for a bad item of a list) and `allowed` (the words of `--print-config` and
+    of errors, where the type's own would not say enough). The type is the field's annotation.
+    """
+    meta = {"doc": doc, **rules}
+    if isinstance(default, list | dict):
+        return field(default_factory=functools.partial(copy.deepcopy, default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Run:
+    name: str = key("", "run name shown in `gfattn runs` and the TUI (default: preset and time)")
+    seed: int = key(0, "seed for selection, splits, training and bootstrap", ge=0, le=SEED_MAX)
+
+
+@dataclass
+class Data:
+    path: str = key("", ".h5ad with raw counts; empty = the synthetic sci-Plex-like data set (`gfattn synth`)")
+    tokenized: str = key(
+        "", "a dataset tokenized by Geneformer (or `gfattn tokenize`) instead of counts: no UMAP, no DE"
+    )
+    synth_scale: float = key(0.33, "synthetic data: cells relative to sci-Plex 2's Nutlin-3a arm", gt=0)
+    synth_preset: str = key(
+        "thesis", "synthetic data: `thesis` (~680 genes/cell) or `raw` (~2,300)", choices=("thesis", "raw")
+    )
+    synth_length_effect: float = key(
+        1.0, "synthetic data: strength of the dose -> detected genes confound (0 = off)", ge=0
+    )
+    filter: dict[str, list[str | int | float] | str | int | float] = key(
+        {"perturbation": ["Nutlin*", "control", "vehicle", "Vehicle", "DMSO"]},
+        "cells kept: obs column -> accepted values (`*` wildcards; several columns combine with AND; {} = all)",
+        allowed="a table of obs column = list of values (text or numbers)",
+    )
+    gene_id_column: str = key("", "var column with Ensembl IDs or symbols (empty: var index, auto-detected)")
+    n_counts_column: str = key(
+        "", "obs column with total counts (empty: n_counts/ncounts/n.umi/total_counts, else computed)"
+    )
+    layer: str = key("", "layer with raw counts (empty: X)")
+    max_cells: int = key(0, "subsample to at most this many cells, stratified by the tasks' classes (0 = all)", ge=0)
+    fixed_length: int = key(
+        0, "every cell keeps exactly this many genes, cells with fewer are dropped (0 = off; thesis 5.1)", ge=0
+    )
+    fixed_length_mode: str = key(
+        "top",
+        "fixed length: `top` (its N top-ranked genes) or `subsample` (N drawn, rank order kept)",
+        choices=("top", "subsample"),
+    )
+    umap: bool = key(True, "compute a UMAP of the selected cells (scanpy) for the Data view")
+
+
+@dataclass
+class Split:
+    validation: float = key(0.15, "fraction of cells for validation (model selection)", gt=0, lt=1)
+    test: float = key(0.15, "fraction of cells for the independent test split (metrics and attention)", gt=0, lt=1)
+
+
+@dataclass
+class Model:
+    path: str = key(
+        "",
+        "Geneformer checkpoint directory; empty or `embedded`: gfattn's small model, the one it ships (the default "
+        "preset's recipe) or one pretrained on the synthetic corpus (no --data) or on your data's training cells, "
+        "and cached",
+    )
+    geneformer_dir: str = key("", "Geneformer dictionaries (checkout dir) when the model dir does not carry them")
+    version: str = key("auto", "`V1`, `V2` or `auto` (from the model's vocabulary)", choices=("auto", "V1", "V2"))
+    max_len: int = key(0, "truncate encodings to the top N ranks (0 = the model's input size)", ge=0)
+
+
+@dataclass
+class Pretrain:
+    corpus_cells: int = key(3000, "embedded model: cells of the synthetic corpus", ge=1)
+    layers: int = key(2, "embedded model: encoder layers", ge=1)
+    hidden: int = key(128, "embedded model: hidden size", ge=1)
+    heads: int = key(4, "embedded model: attention heads", ge=1)
+    intermediate: int = key(256, "embedded model: feed-forward size", ge=1)
+    max_len: int = key(256, "embedded model: input size (top ranks kept)", ge=2)
+    epochs: int = key(3, "embedded model: pretraining epochs", ge=1)
+    batch_size: int = key(32, "embedded model: pretraining batch size", ge=1)
+    lr: float = key(1e-3, "embedded model: peak learning rate", gt=0)
+    time_budget_s: float = key(75.0, "embedded model: stop pretraining after this many seconds (0 = no limit)", ge=0)
+    corpus: str = key(
+        "healthy",
+        "embedded model: the synthetic corpus, `healthy` or `atlas` (adds a graded p53 response that "
+        "arrests the cycle and wider library sizes)",
+        choices=("healthy", "atlas"),
+    )
+    cell_loss_weight: float = key(
+        0.0,
+        "embedded model: weight of the cell-level objective (the first position predicts its cell's genes; "
+        "0 = masked genes only)",
+        ge=0,
+    )
+    cell_objective: str = key(
+        "genes",
+        "gfattn's small model: the cell-level objective, `genes` (the first position predicts its cell's genes) "
+        "or `components` (it regresses the cell's scores on the corpus's top principal components)",
+        choices=("genes", "components"),
+    )
+    cell_components: int = key(
+        32, "gfattn's small model: principal components of the `components` cell objective", ge=1
+    )
+    lineage_cells: int = key(
+        0,
+        "embedded model: cells of a dosed sci-Plex-like cell line (its own draw, doses dropped) added to the "
+        "synthetic corpus, as an atlas holds stressed cell lines",
+        ge=0,
+    )
+    seed: int = key(
+        -1,
+        "embedded model: seed of its corpus and pretraining (-1: the run's seed); a fixed seed keeps one model "
+        "across runs of different seeds, as a checkpoint would",
+        ge=-1,
+        le=SEED_MAX,
+    )
+    cls_token: bool = key(
+        False,
+        "gfattn's small model: wrap every cell in <cls> ... <eos> as Geneformer V2 does, so that the first "
+        "position, which the frozen mode reads, is a cell token",
+    )
+
+
+@dataclass
+class Train:
+    tasks: list[str] = key([], "tasks to fine-tune ([] = every task in [[tasks]])")
+    modes: list[str] = key(
+        ["frozen", "unfrozen", "last-1"],
+        "training modes: frozen, unfrozen, last-K, freeze-N",
+        allowed="a list of modes: frozen, unfrozen, last-K or freeze-N",
+        min_items=1,
+        each=lambda mode: parse_mode(mode),
+    )
+    epochs: int = key(5, "fine-tuning epochs (the thesis used 5)", ge=1)
+    batch_size: int = key(12, "cells per optimisation step (Geneformer: 12)", ge=1)
+    grad_accum: int = key(1, "gradient accumulation steps", ge=1)
+    lr: float = key(5e-5, "peak learning rate (Geneformer's 6-layer default)", gt=0)
+    head_lr: float = key(0.0, "learning rate of the frozen mode's head (0 = same as lr)", ge=0)
+    weight_decay: float = key(0.001, "AdamW weight decay", ge=0)
+    warmup_ratio: float = key(0.1, "fraction of steps of linear warm-up", ge=0, lt=1)
+    class_weights: bool = key(False, "weight the loss by inverse class frequency")
+    amp: str = key("auto", "autocast on CUDA: auto, bf16, fp16 or off", choices=("auto", "bf16", "fp16", "off"))
+
+
+@dataclass
+class Analysis:
+    pairs: list[list[str]] = key(
+        [["frozen", "unfrozen"], ["frozen", "last-1"]], "model pairs whose attention is compared"
+    )
+    tasks: list[str] = key(["lowhigh"], "tasks whose fine-tuned models are analysed ([] = every fine-tuned task)")
+    batch_size: int = key(8, "cells per attention batch", ge=1)
+    max_cells: int = key(0, "analyse at most this many test cells (0 = all)", ge=0)
+    n_boot: int = key(200, "bootstrap resamples for confidence intervals", ge=1)
+    reference_set: str = key("", "reference gene set file (TSV with ensembl_id, or one ID/symbol per line)")
+    top_k: list[int] = key([10, 20, 50, 100], "k for the DE vs attention overlap", ge=1)
+    de: bool = key(True, "scanpy's Wilcoxon DE for each analysed task (see [de]), compared with attention")
+    attribution: list[str] = key(
+        ["hao", "ig", "rollout"],
+        "attribution scores per analysed model: `hao` (self-attention attribution), `ig` (integrated gradients),"
+        " `rollout` (attention rollout); [] = none",
+        choices=("hao", "ig", "rollout"),
+    )
+    hao_steps: int = key(20, "Riemann steps of Hao et al.'s self-attention attribution", ge=1)
+    ig_steps: int = key(50, "steps of integrated gradients (Gauss-Legendre, Captum)", ge=1)
+    null_bins: list[int] = key(
+        [5, 5],
+        "matched null of the DE and reference-set overlaps: quantile bins of detection frequency x mean rank",
+        ge=1,
+        min_items=2,
+        max_items=2,
+        allowed="two integers >= 1",
+    )
+    null_permutations: int = key(0, "within-bin permutations of the matched null (0 = its exact distribution)", ge=0)
+    deletion: bool = key(
+        True, "in-silico deletion of each score's top genes (and matched random sets) from the test cells"
+    )
+    deletion_k: list[int] = key([1, 5, 10, 20, 50], "sizes of the deleted top-k sets", ge=1)
+    deletion_random_sets: int = key(20, "random gene sets per top-k set, matched on detection frequency and rank", ge=0)
+    deletion_top_genes: int = key(50, "single-gene deletion of each score's top N genes (0 = none)", ge=0)
+    sanity: bool = key(True, "cascading randomisation of each analysed model (Adebayo et al. 2018)")
+    sanity_attribution: bool = key(
+        True, "the cascade recomputes the attribution scores too (false: attention scores only)"
+    )
+    label_permutation: bool = key(
+        False,
+        "also fine-tune each analysed mode on permuted labels and compare its key-gene scores (with `sanity`)",
+    )
+
+
+@dataclass
+class De:
+    groupby: str = key("", "task whose classes DE compares (empty: each analysed task)")
+    groups: list[str | int | float] = key(
+        [], "classes tested ([] = binary tasks: the second class; more classes: each one)"
+    )
+    reference: str = key("", "`rest` or a class (empty: binary tasks: the first class; more classes: rest)")
+
+
+@dataclass
+class Compute:
+    device: str = key("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
+    nproc: int = key(1, "processes for data-parallel fine-tuning (torchrun)", ge=1)
+    threads: int = key(0, "torch CPU threads (0 = torch's default)", ge=0)
+
+
+# section name -> its dataclass: the whole schema. A new key is one line in its section's class.
+SECTIONS: dict[str, type] = {
+    "run": Run,
+    "data": Data,
+    "split": Split,
+    "model": Model,
+    "pretrain": Pretrain,
+    "train": Train,
+    "analysis": Analysis,
+    "de": De,
+    "compute": Compute,
 }
+
+
+@dataclass(frozen=True)
+class Key:
+    """A key of the schema as the checks use it: its section, name, type, default, documentation, rules."""
+
+    section: str
+    name: str
+    type: Any
+    default: Any
+    doc: str
+    rules: dict
+
+
+def _keys(cls: type, section: str) -> dict[str, Key]:
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in fields(cls):
+        default = f.default_factory() if f.default is MISSING else f.default
+        rules = {k: v for k, v in f.metadata.items() if k != "doc"}
+        out[f.name] = Key(section, f.name, hints[f.name], default, f.metadata["doc"], rules)
+    return out
+
+
+KEYS: dict[str, dict[str, Key]] = {section: _keys(cls, section) for section, cls in SECTIONS.items()}
+
+# section -> key -> (default, documentation): the schema as a plain table (read-only view of KEYS)
+SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
+    section: {name: (k.default, k.doc) for name, k in keys.items()} for section, keys in KEYS.items()
+}
+
 
 # The thesis design (sections 2.2-2.3), the tasks of every sci-Plex preset: [[tasks]] in a config file,
 # or --label-column, replace them (and then data.filter defaults to {} unless set too).
@@ -196,6 +312,10 @@ TASK_KEYS: dict[str, str] = {
     "scale": "multiply a numeric column first (scPerturb copies of sci-Plex 2: 2.5)",
 }
 
+# the data run's cells table has one column per task named after it, beside these (and the store's own)
+MAX_TASK_NAME = 200  # characters; a task's name is a column of the store and part of folder names
+CELL_COLUMNS = ("cell_id", "length", "split", "umap1", "umap2", "run_id", "rowid", "oid", "_rowid_")
+
 PRESETS: dict[str, str] = {
     "default": "embedded demo: synthetic data (~1,500 cells), a small pretrained model, top 96 ranks, both tasks",
     "quick": "a tiny end-to-end run (~700 cells or at most 1,000 of yours, 96 ranks, one task) for smoke tests",
@@ -206,7 +326,7 @@ PRESETS: dict[str, str] = {
 
 def defaults() -> dict[str, Any]:
     out: dict[str, Any] = {
-        section: {k: copy.deepcopy(v[0]) for k, v in keys.items()} for section, keys in SCHEMA.items()
+        section: {name: copy.deepcopy(k.default) for name, k in keys.items()} for section, keys in KEYS.items()
     }
     out["tasks"] = copy.deepcopy(SCIPLEX_TASKS)
     return out
@@ -219,27 +339,58 @@ def check_tasks(tasks: Any, source: str) -> list[dict]:
     seen = set()
     out = []
     for i, t in enumerate(tasks):
-        for key in t:
-            if key not in TASK_KEYS:
-                raise InputError(f"{source}: unknown key tasks[{i}].{key}{_nearest(key, TASK_KEYS)}")
-        for key in ("name", "column"):
-            if not isinstance(t.get(key), str) or not t[key]:
-                raise InputError(f"{source}: tasks[{i}] needs a `{key}` (text)")
+        for key_ in t:
+            if key_ not in TASK_KEYS:
+                raise InputError(f"{source}: unknown key tasks[{i}].{key_}{_nearest(key_, TASK_KEYS)}")
+        for key_ in ("name", "column"):
+            if not isinstance(t.get(key_), str) or not t[key_].strip():
+                raise InputError(f"{source}: tasks[{i}] needs a `{key_}` (text)")
         if t["name"] in seen:
             raise InputError(f"{source}: two tasks are named {t['name']!r}")
+        if len(t["name"]) > MAX_TASK_NAME:
+            raise InputError(
+                f"{source}: task name {_show(t['name'])} has {len(t['name'])} characters; allowed: at most "
+                f"{MAX_TASK_NAME} (name the task in a [[tasks]] table when its column's name is longer)"
+            )
+        if t["name"].strip().lower() in CELL_COLUMNS:
+            raise InputError(
+                f"{source}: task name {t['name']!r} is a column of gfattn's own cells table "
+                f"({', '.join(CELL_COLUMNS)}); give the task another name ([[tasks]] name = ...)"
+            )
         seen.add(t["name"])
         if "classes" in t and "groups" in t:
             raise InputError(f"{source}: task {t['name']!r} has both classes and groups; give one")
-        if "classes" in t and (not isinstance(t["classes"], list) or len(t["classes"]) < 2):
-            raise InputError(f"{source}: task {t['name']!r}: classes must list at least two values")
+        if "classes" in t and (
+            not isinstance(t["classes"], list) or len(t["classes"]) < 2 or not all(_is_label(c) for c in t["classes"])
+        ):
+            raise InputError(
+                f"{source}: task {t['name']!r}: classes = {_show(t['classes'])}; allowed: a list of at least two "
+                "values (text or numbers)"
+            )
         if "groups" in t:
             g = t["groups"]
-            if not isinstance(g, dict) or len(g) < 2 or not all(isinstance(v, list) and v for v in g.values()):
+            if (
+                not isinstance(g, dict)
+                or len(g) < 2
+                or not all(isinstance(v, list) and v and all(_is_label(x) for x in v) for v in g.values())
+            ):
                 raise InputError(
                     f"{source}: task {t['name']!r}: groups must map at least two classes to lists of values"
                 )
+        if "unit" in t and not isinstance(t["unit"], str):
+            raise InputError(f"{source}: task {t['name']!r}: unit = {_show(t['unit'])}; allowed: text")
+        if "scale" in t and not (_is_number(t["scale"]) and math.isfinite(t["scale"]) and t["scale"] > 0):
+            raise InputError(f"{source}: task {t['name']!r}: scale = {_show(t['scale'])}; allowed: a number > 0")
         out.append(dict(t))
     return out
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _is_label(v: Any) -> bool:
+    return isinstance(v, str) or (_is_number(v) and math.isfinite(v))
 
 
 def _nearest(name: str, options) -> str:
@@ -247,41 +398,138 @@ def _nearest(name: str, options) -> str:
     return f"; did you mean `{close[0]}`?" if close else f"; valid: {', '.join(sorted(options))}"
 
 
-def _check_type(where: str, default: Any, value: Any) -> Any:
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise InputError(f"{where} must be true or false, got {value!r}")
-        return value
-    if isinstance(default, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(default, int) and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(default, str) and isinstance(value, str):
-        return value
-    if isinstance(default, list) and isinstance(value, list):
-        return value
-    if isinstance(default, dict) and isinstance(value, dict):
-        return value
-    raise InputError(f"{where} must be {type(default).__name__}, got {value!r}")
+def _show(value: Any) -> str:
+    """A value as the user wrote it (TOML), shortened to fit one line."""
+    try:
+        text = toml_value(value)
+    except Exception:  # pragma: no cover - values parsed from TOML or flags always render
+        text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
+
+
+def _bounds(rules: dict) -> str:
+    lo = [f">= {rules['ge']}"] if "ge" in rules else [f"> {rules['gt']}"] if "gt" in rules else []
+    hi = [f"<= {rules['le']}"] if "le" in rules else [f"< {rules['lt']}"] if "lt" in rules else []
+    if "ge" in rules and "le" in rules:
+        return f"from {rules['ge']} to {rules['le']}"
+    return " and ".join(lo + hi)
+
+
+def _allowed(tp: Any, rules: dict) -> str:
+    """What a key of type `tp` with `rules` accepts, in words (`allowed`: a key's own words)."""
+    if "allowed" in rules:
+        return rules["allowed"]
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return f"a list of {_plural(_allowed(typing.get_args(tp)[0], rules))}"
+    if origin is dict:
+        return f"a table of {_plural(_allowed(typing.get_args(tp)[1], rules))}"
+    if origin in (typing.Union, types.UnionType):
+        if set(typing.get_args(tp)) == {str, int, float}:
+            return "text or a number"
+        return " or ".join(_allowed(a, {}) for a in typing.get_args(tp))
+    if "choices" in rules:
+        return "one of " + ", ".join(map(str, rules["choices"]))
+    bounds = _bounds(rules)
+    return _TYPE_WORDS.get(tp, getattr(tp, "__name__", str(tp))) + (f" {bounds}" if bounds else "")
+
+
+def _plural(words: str) -> str:
+    for one, many in (("an integer", "integers"), ("a number", "numbers"), ("a list", "lists"), ("a table", "tables")):
+        words = words.replace(one, many)
+    return words.replace("one of", "values from")
+
+
+def _fits(tp: Any, rules: dict, value: Any) -> tuple[bool, Any]:
+    """(whether `value` is of type `tp` and within `rules`, the value converted: ints to floats for floats)."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        if not isinstance(value, list):
+            return False, value
+        out = []
+        for v in value:
+            ok, v = _fits(typing.get_args(tp)[0], rules, v)
+            if not ok:
+                return False, value
+            out.append(v)
+        return True, out
+    if origin is dict:
+        if not isinstance(value, dict):
+            return False, value
+        out_d = {}
+        for k, v in value.items():
+            ok, v = _fits(typing.get_args(tp)[1], rules, v)
+            if not (ok and isinstance(k, str)):
+                return False, value
+            out_d[k] = v
+        return True, out_d
+    if origin in (typing.Union, types.UnionType):
+        for a in typing.get_args(tp):
+            ok, v = _fits(a, {}, value)
+            if ok:
+                return True, v
+        return False, value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            return False, value
+    elif tp is float:
+        if not _is_number(value) or not math.isfinite(value):
+            return False, value
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            return False, value
+        return ("choices" not in rules or value in rules["choices"]), value
+    else:  # pragma: no cover - the schema uses only the types above
+        return isinstance(value, tp), value
+    ok = (
+        ("ge" not in rules or value >= rules["ge"])
+        and ("gt" not in rules or value > rules["gt"])
+        and ("le" not in rules or value <= rules["le"])
+        and ("lt" not in rules or value < rules["lt"])
+    )
+    return ok, value
+
+
+def check_value(section: str, name: str, value: Any, source: str = "config") -> Any:
+    """`value` for `section.name` checked against the schema (type, range, choices), converted (an integer
+    for a number becomes a float); an `InputError` naming the key, the value and what is allowed if not."""
+    k = KEYS[section][name]
+    ok, converted = _fits(k.type, k.rules, value)
+    if ok and isinstance(converted, list):
+        ok = k.rules.get("min_items", 0) <= len(converted) <= k.rules.get("max_items", len(converted))
+    if not ok:
+        raise InputError(f"{source}: {section}.{name} = {_show(value)}; allowed: {_allowed(k.type, k.rules)}")
+    for item in converted if "each" in k.rules else ():
+        try:
+            k.rules["each"](item)
+        except InputError as exc:
+            raise InputError(f"{source}: {section}.{name}: {exc}") from None
+    return converted
 
 
 def merge(base: dict, overrides: dict, source: str) -> dict:
-    """Merge `overrides` (a parsed TOML document) into `base`, refusing unknown keys and wrong types."""
+    """Merge `overrides` (a parsed TOML document) into `base`, refusing unknown keys and wrong values."""
     out = copy.deepcopy(base)
     for section, values in overrides.items():
         if section == "tasks":
             out["tasks"] = check_tasks(values, source)
             continue
-        if section not in SCHEMA:
-            raise InputError(f"{source}: unknown section [{section}]{_nearest(section, SCHEMA)}")
+        if section not in KEYS:
+            raise InputError(f"{source}: unknown section [{section}]{_nearest(section, KEYS)}")
         if not isinstance(values, dict):
             raise InputError(f"{source}: [{section}] must be a table of keys")
-        for key, value in values.items():
-            if key not in SCHEMA[section]:
-                everything = [f"{s}.{k}" for s in SCHEMA for k in SCHEMA[s]]
-                hint = _nearest(f"{section}.{key}", everything)
-                raise InputError(f"{source}: unknown key {section}.{key}{hint}")
-            out[section][key] = _check_type(f"{source}: {section}.{key}", SCHEMA[section][key][0], value)
+        for name, value in values.items():
+            if name not in KEYS[section]:
+                everything = [f"{s}.{k}" for s in KEYS for k in KEYS[s]]
+                hint = _nearest(f"{section}.{name}", everything)
+                raise InputError(f"{source}: unknown key {section}.{name}{hint}")
+            out[section][name] = check_value(section, name, value, source)
     return out
 
 
@@ -290,8 +538,16 @@ def load_toml(path: str | Path) -> dict:
     if not path.is_file():
         raise InputError(f"config file {path} does not exist; pass an existing TOML file to --config")
     try:
-        with path.open("rb") as fh:
-            return tomllib.load(fh)
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"config file {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+            "save it as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise InputError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise InputError(f"config file {path} is not valid TOML: {exc}") from None
 
@@ -338,12 +594,17 @@ def resolve(preset: str = "default", config_file: str | Path | None = None, flag
 
 
 def validate(cfg: dict) -> None:
-    """Checks that do not need the data: values in range and consistent with each other."""
+    """Every value against the schema (type, range, choices), then the checks that relate keys to each
+    other; none needs the data."""
+    for section, keys in KEYS.items():
+        for name in keys:
+            cfg[section][name] = check_value(section, name, cfg[section][name])
     split = cfg["split"]
-    if not (0 < split["validation"] < 1 and 0 < split["test"] < 1 and split["validation"] + split["test"] < 0.9):
-        raise InputError("split.validation and split.test must be in (0, 1) and leave at least 10% for training")
-    for mode in cfg["train"]["modes"]:
-        parse_mode(mode)
+    if split["validation"] + split["test"] >= 0.9:
+        raise InputError(
+            f"split.validation = {split['validation']} and split.test = {split['test']} leave "
+            f"{1 - split['validation'] - split['test']:.0%} for training; allowed: at least 10%"
+        )
     names = [t["name"] for t in check_tasks(cfg["tasks"], "config")]
     if not names:
         raise InputError("no task: add a [[tasks]] table (name, column) or pass --label-column")
@@ -354,45 +615,21 @@ def validate(cfg: dict) -> None:
     for task in cfg["analysis"]["tasks"]:
         if task not in trained:
             raise InputError(f"analysis.tasks: {task!r} is not fine-tuned; fine-tuned tasks: {', '.join(trained)}")
-    for method in cfg["analysis"]["attribution"]:
-        if method not in ("hao", "ig", "rollout"):
-            raise InputError(f"analysis.attribution: unknown method {method!r}; use hao, ig and/or rollout")
-    a = cfg["analysis"]
-    if not (len(a["null_bins"]) == 2 and all(isinstance(b, int) and b >= 1 for b in a["null_bins"])):
-        raise InputError(f"analysis.null_bins must be two positive integers, got {a['null_bins']!r}")
-    if not all(isinstance(k, int) and k >= 1 for k in a["deletion_k"]):
-        raise InputError(f"analysis.deletion_k must list positive integers, got {a['deletion_k']!r}")
-    for key in ("null_permutations", "deletion_random_sets", "deletion_top_genes"):
-        if a[key] < 0:
-            raise InputError(f"analysis.{key} must be 0 or more, got {a[key]!r}")
     pre = cfg["pretrain"]
-    if pre["lineage_cells"] < 0:
-        raise InputError(f"pretrain.lineage_cells must be 0 or more, got {pre['lineage_cells']!r}")
-    if pre["corpus"] not in ("healthy", "atlas"):
-        raise InputError(f"pretrain.corpus must be healthy or atlas, got {pre['corpus']!r}")
-    if pre["cell_objective"] not in ("genes", "components"):
-        raise InputError(f"pretrain.cell_objective must be genes or components, got {pre['cell_objective']!r}")
-    if pre["cell_components"] < 1:
-        raise InputError(f"pretrain.cell_components must be at least 1, got {pre['cell_components']!r}")
-    if cfg["data"]["fixed_length_mode"] not in ("top", "subsample"):
-        raise InputError(f"data.fixed_length_mode must be top or subsample, got {cfg['data']['fixed_length_mode']!r}")
-    if cfg["data"]["fixed_length"] < 0:
-        raise InputError("data.fixed_length must be 0 (off) or a number of genes")
+    if pre["hidden"] % pre["heads"]:
+        raise InputError(
+            f"pretrain.hidden = {pre['hidden']} with pretrain.heads = {pre['heads']}; allowed: a hidden size that "
+            "the number of heads divides"
+        )
     if cfg["de"]["groupby"] and cfg["de"]["groupby"] not in names:
         raise InputError(f"de.groupby: {cfg['de']['groupby']!r} is not a task; tasks: {', '.join(names)}")
     modes = set(cfg["train"]["modes"])
     for pair in cfg["analysis"]["pairs"]:
-        if not (isinstance(pair, list) and len(pair) == 2):
-            raise InputError(f"analysis.pairs: each pair is two modes, got {pair!r}")
+        if len(pair) != 2:
+            raise InputError(f"analysis.pairs: each pair is two modes, got {_show(pair)}")
         for mode in pair:
             if mode not in modes:
                 raise InputError(f"analysis.pairs: mode {mode!r} is not among train.modes {sorted(modes)}")
-    if cfg["compute"]["device"] not in ("auto", "cpu", "cuda"):
-        raise InputError(f"compute.device must be auto, cpu or cuda, got {cfg['compute']['device']!r}")
-    if cfg["compute"]["nproc"] < 1:
-        raise InputError("compute.nproc must be at least 1")
-    if cfg["train"]["epochs"] < 1:
-        raise InputError("train.epochs must be at least 1")
 
 
 def trained_tasks(cfg: dict) -> list[str]:
@@ -407,6 +644,8 @@ def analysed_tasks(cfg: dict) -> list[str]:
 
 def parse_mode(mode: str) -> tuple[str, int]:
     """`frozen`, `unfrozen`, `last-K` or `freeze-N` -> (kind, k)."""
+    if not isinstance(mode, str):
+        raise InputError(f"training mode {_show(mode)}; use frozen, unfrozen, last-K (e.g. last-1) or freeze-N")
     if mode in ("frozen", "unfrozen"):
         return mode, 0
     for prefix in ("last-", "freeze-"):
@@ -438,12 +677,21 @@ def toml_key(k: str) -> str:
     return k if k and k.replace("_", "").replace("-", "").isalnum() and k.isascii() else toml_value(k)
 
 
+def _ordered(doc: dict) -> list[tuple[str, dict]]:
+    """The sections of a config document with their keys in the schema's order (unknown ones last)."""
+    out = []
+    for section in [*(s for s in KEYS if s in doc), *(s for s in doc if s not in KEYS and s != "tasks")]:
+        keys = doc[section]
+        order = [k for k in KEYS.get(section, {}) if k in keys] + [k for k in keys if k not in KEYS.get(section, {})]
+        out.append((section, {k: keys[k] for k in order}))
+    return out
+
+
 def dumps_toml(doc: dict) -> str:
-    """A config document (sections of keys, and `tasks`) as TOML that `load_toml` reads back unchanged."""
+    """A config document (sections of keys, and `tasks`) as TOML that `load_toml` reads back unchanged,
+    sections and keys in the schema's order."""
     lines = []
-    for section, keys in doc.items():
-        if section == "tasks":
-            continue
+    for section, keys in _ordered(doc):
         lines.append(f"[{toml_key(section)}]")
         lines.extend(f"{toml_key(k)} = {toml_value(v)}" for k, v in keys.items())
         lines.append("")
@@ -455,20 +703,20 @@ def dumps_toml(doc: dict) -> str:
 
 
 def to_toml(cfg: dict) -> str:
-    """A commented TOML rendering of a configuration (`gfattn pipeline --print-config`)."""
-    fmt = toml_value
+    """A commented TOML rendering of a configuration (`gfattn pipeline --print-config`): every key of the
+    schema with its documentation and what it accepts."""
     lines = []
-    for section, keys in SCHEMA.items():
+    for section, keys in KEYS.items():
         lines.append(f"[{section}]")
-        for key, (_, doc) in keys.items():
-            lines.append(f"# {doc}")
-            lines.append(f"{key} = {fmt(cfg[section][key])}")
+        for name, k in keys.items():
+            lines.append(f"# {k.doc} [{_allowed(k.type, k.rules)}]")
+            lines.append(f"{name} = {toml_value(cfg[section][name])}")
         lines.append("")
     lines.append(
         "# one [[tasks]] table per classification task; keys: " + "; ".join(f"{k}: {v}" for k, v in TASK_KEYS.items())
     )
     for t in cfg["tasks"]:
         lines.append("[[tasks]]")
-        lines.extend(f"{k} = {fmt(v)}" for k, v in t.items())
+        lines.extend(f"{toml_key(k)} = {toml_value(v)}" for k, v in t.items())
         lines.append("")
     return "\n".join(lines)

@@ -81,9 +81,10 @@ def preflight(cfg: dict, cache: Path | None = None) -> Preflight:
         m = Path(model_path)
         if not m.is_dir():
             raise InputError(f"model directory {m} does not exist; pass a local Hugging Face checkpoint dir to --model")
-        from pipeline.model import read_model_config
+        from pipeline.model import check_checkpoint, read_model_config
 
-        read_model_config(m)  # config.json present, valid, BERT, weights beside it
+        # config.json present, valid, BERT, weights beside it, opened and matching it (and its manifest)
+        check_checkpoint(m, read_model_config(m))
     gdir = cfg["model"]["geneformer_dir"]
     if gdir and not Path(gdir).is_dir():
         raise InputError(f"Geneformer dictionary directory {gdir} does not exist (--geneformer-dir)")
@@ -138,18 +139,23 @@ def tokenized_obs(path: str):
 
 def read_obs(data_path: str):
     """The obs table of an .h5ad without loading X; duplicated cell IDs are refused."""
+    import warnings
+
     import anndata as ad
 
-    try:
-        backed = ad.read_h5ad(data_path, backed="r")
-    except Exception as exc:  # unreadable HDF5 or not an AnnData
-        raise InputError(
-            f"cannot read {data_path} as .h5ad ({type(exc).__name__}: {exc}); is the file complete?"
-        ) from None
-    try:
-        obs = backed.obs.copy()
-    finally:
-        backed.file.close()
+    # duplicated cell IDs are refused below in one line; anndata's own warning about them would only repeat it
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*names are not unique", category=UserWarning)
+        try:
+            backed = ad.read_h5ad(data_path, backed="r")
+        except Exception as exc:  # unreadable HDF5 or not an AnnData
+            raise InputError(
+                f"cannot read {data_path} as .h5ad ({type(exc).__name__}: {exc}); is the file complete?"
+            ) from None
+        try:
+            obs = backed.obs.copy()
+        finally:
+            backed.file.close()
     dup = obs.index.duplicated()
     if dup.any():
         first = str(obs.index[dup][0])
@@ -273,8 +279,11 @@ def stage_data(ctx: Context) -> None:
 
 
 def synthetic_data_path(ctx: Context) -> Path:
-    """The embedded default's data set, generated once per configuration and cached."""
-    from pipeline.io import write_h5ad_atomic
+    """The embedded default's data set, generated once per configuration and cached in a folder with its
+    manifest (sha256), verified on reuse: a replaced or damaged file is an error, never a quiet reuse."""
+    import errno
+
+    from pipeline.io import MANIFEST, DiskFullError, staging_dir, verify_manifest, write_h5ad_atomic, write_manifest
     from pipeline.synth import make_sciplex_like
 
     d = ctx.cfg["data"]
@@ -285,14 +294,26 @@ def synthetic_data_path(ctx: Context) -> Path:
         "seed": ctx.seed,
         "v": 1,
     }
-    path = ctx.cache / "data" / f"sciplex-like-{_digest(params)}.h5ad"
-    if not path.is_file():
-        ctx.rep.line(f"generating synthetic sci-Plex-like data (scale {d['synth_scale']}, preset {d['synth_preset']})")
-        adata = make_sciplex_like(
-            scale=d["synth_scale"], preset=d["synth_preset"], length_effect=d["synth_length_effect"], seed=ctx.seed
-        )
-        fault_point("write", "synthetic-data")
-        write_h5ad_atomic(adata, path)
+    name = f"sciplex-like-{_digest(params)}"
+    folder = ctx.cache / "data" / name
+    path = folder / f"{name}.h5ad"
+    fix = "delete the folder to generate the data again"
+    if folder.is_dir():
+        if not (folder / MANIFEST).is_file():
+            raise InputError(f"cached synthetic data {folder} has no {MANIFEST}; {fix}")
+        verify_manifest(folder, what="cached synthetic data", fix=fix)
+        return path
+    ctx.rep.line(f"generating synthetic sci-Plex-like data (scale {d['synth_scale']}, preset {d['synth_preset']})")
+    adata = make_sciplex_like(
+        scale=d["synth_scale"], preset=d["synth_preset"], length_effect=d["synth_length_effect"], seed=ctx.seed
+    )
+    fault_point("write", "synthetic-data")
+    try:
+        with staging_dir(folder, replace=False) as tmp:
+            write_h5ad_atomic(adata, tmp / path.name)
+            write_manifest(tmp)
+    except DiskFullError as exc:  # name the cache entry, not its temporary folder (already removed)
+        raise DiskFullError(path, OSError(errno.ENOSPC, exc.why)) from None
     return path
 
 
@@ -698,7 +719,9 @@ def task_datasets(ctx: Context, task: str):
 # ----------------------------------------------------------------------------------------- finetune
 def model_out_dir(ctx: Context, task: str, mode: str) -> Path:
     """Where a fine-tuned model of this run lives: under the store's own identity, never shared."""
-    return ctx.cache / "runs" / ctx.store.uid / str(ctx.run_id) / f"{task}__{mode}"
+    from pipeline.paths import file_name
+
+    return ctx.cache / "runs" / ctx.store.uid / str(ctx.run_id) / f"{file_name(task)}__{mode}"
 
 
 PERMUTED = " (permuted labels)"
@@ -1302,6 +1325,7 @@ def run_pipeline(cfg: dict, store_path, *, resume_id: int | None = None, stdout=
 
     from pipeline.compute import configure_determinism, determinism_report, pin_threads, resolve_device
     from pipeline.io import DiskFullError, remove_stale_temporaries
+    from store import StoreFullError
 
     stdout = stdout or sys.stdout
     store = store or open_store(store_path)
@@ -1356,7 +1380,7 @@ def run_pipeline(cfg: dict, store_path, *, resume_id: int | None = None, stdout=
         rep.close()
         print(f"run {run_id} interrupted; continue it with `gfattn pipeline --resume {run_id}`", file=sys.stderr)
         return 130
-    except DiskFullError as exc:
+    except (DiskFullError, StoreFullError) as exc:
         rep.close()
         print(f"run {run_id} failed: {exc} (`gfattn pipeline --resume {run_id}`)", file=sys.stderr)
         return 1
@@ -1364,6 +1388,14 @@ def run_pipeline(cfg: dict, store_path, *, resume_id: int | None = None, stdout=
         rep.close()
         from pipeline.io import is_disk_full
 
+        if _run_deleted(store, run_id):  # `gfattn rm` or the TUI deleted it: there is nothing to resume
+            import shutil
+
+            shutil.rmtree(cache / "runs" / store.uid / str(run_id), ignore_errors=True)
+            print(
+                f"run {run_id} was deleted from the store while it ran; it stopped (nothing to resume)", file=sys.stderr
+            )
+            return 1
         if is_disk_full(exc):
             print(
                 f"run {run_id} failed: out of disk space under {cache} ({exc}); free space and continue with "
@@ -1382,6 +1414,18 @@ def run_pipeline(cfg: dict, store_path, *, resume_id: int | None = None, stdout=
 
     print(format_summary(store, run_id, elapsed_s=time.monotonic() - t0), file=stdout)
     return 0
+
+
+def _run_deleted(store, run_id: int) -> bool:
+    from store import RunNotFoundError
+
+    try:
+        store.get_run(run_id)
+    except RunNotFoundError:
+        return True
+    except Exception:  # the store itself failing says nothing about the run
+        return False
+    return False
 
 
 def resume_pipeline(ref: str, store_path) -> int:

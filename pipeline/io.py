@@ -38,6 +38,7 @@ class DiskFullError(OSError):
     def __init__(self, path: os.PathLike | str, cause: OSError | None = None):
         self.path = Path(path)
         why = cause.strerror if cause is not None and cause.strerror else "no space left on device"
+        self.why = why
         super().__init__(
             errno.ENOSPC,
             f"out of disk space writing {self.path} ({why}); free space there "
@@ -143,11 +144,23 @@ def write_h5ad_atomic(adata, out: os.PathLike | str) -> Path:
 
 
 def _h5ad_size_estimate(adata) -> int | None:
-    try:
-        x = adata.X
+    """An upper estimate of an .h5ad's size: every matrix (X, layers, obsm, varm, obsp), obs and var as
+    pandas holds them, a quarter more for HDF5's own structures, and 4 MiB."""
+
+    def matrix(x) -> int:
         if hasattr(x, "nnz"):
-            return int(x.nnz) * (x.data.itemsize + x.indices.itemsize) + (1 << 20)
-        return int(np.asarray(x.shape).prod()) * int(x.dtype.itemsize) + (1 << 20)
+            return int(x.nnz) * (x.data.itemsize + x.indices.itemsize) + int(x.shape[0] + 1) * x.indptr.itemsize
+        if hasattr(x, "memory_usage"):  # a DataFrame in obsm
+            return int(x.memory_usage(deep=True).sum())
+        return int(np.asarray(x.shape).prod()) * int(np.asarray(x).dtype.itemsize)
+
+    try:
+        total = matrix(adata.X) if adata.X is not None else 0
+        for mapping in (adata.layers, adata.obsm, adata.varm, adata.obsp, adata.varp):
+            total += sum(matrix(v) for v in mapping.values())
+        total += int(adata.obs.memory_usage(deep=True).sum()) + int(adata.var.memory_usage(deep=True).sum())
+        total += len(json.dumps(plain(dict(adata.uns)), default=str)) if len(adata.uns) else 0
+        return int(total * 1.25) + (4 << 20)
     except Exception:
         return None
 

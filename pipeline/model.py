@@ -105,6 +105,86 @@ def read_model_config(model_dir: str | os.PathLike):
     return BertConfig.from_pretrained(str(model_dir), local_files_only=True)
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
+
+
+def _weight_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor name -> shape of one weights file, opened the cheap way: a safetensors header is parsed (no
+    tensor is read); a torch pickle is loaded with `weights_only=True`, memory-mapped where it can be."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as fh:
+                return {k: list(fh.get_slice(k).get_shape()) for k in fh.keys()}
+        except Exception as exc:  # SafetensorError, OSError: a damaged or truncated file
+            raise InputError(f"weights file {path} cannot be read: {_first_line(exc)}") from None
+    import torch
+
+    try:
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):  # only the legacy (non-zip) format cannot be memory-mapped
+                raise
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError (not weights only), RuntimeError (truncated), EOFError, ...
+        raise InputError(
+            f"weights file {path} cannot be loaded with weights_only=True: {_first_line(exc)}; "
+            "save the model again (model.save_pretrained) or convert it to safetensors"
+        ) from None
+    if not isinstance(state, dict):
+        raise InputError(f"weights file {path} holds no state dict (a {type(state).__name__})")
+    return {k: list(v.shape) for k, v in state.items() if hasattr(v, "shape")}
+
+
+def check_checkpoint(model_dir: str | os.PathLike, config=None) -> None:
+    """Open a checkpoint's weights before anything is recorded: the folder's own `gfattn_manifest.json`
+    verified where it has one, every weights file opened (`_weight_shapes`), and its tensors listed
+    against `config.json` (the word embeddings' vocabulary and hidden size, one encoder layer per
+    `num_hidden_layers`). A damaged, truncated, foreign or mismatched file is one line naming it."""
+    import re
+
+    from pipeline.io import MANIFEST, verify_manifest
+
+    model_dir = Path(model_dir).expanduser()
+    config = config if config is not None else read_model_config(model_dir)
+    if (model_dir / MANIFEST).is_file():
+        verify_manifest(model_dir, what="model folder", fix="its weights are not the ones its manifest names")
+    first = weight_file(model_dir)
+    files = [first]
+    if first is not None and first.name.endswith(".index.json"):
+        try:
+            shards = sorted(set(json.loads(first.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError):
+            raise InputError(f"weights index {first} is not a valid index (weight_map)") from None
+        files = [model_dir / shard for shard in shards]
+        for f in files:
+            if not f.is_file():
+                raise InputError(f"weights index {first} names {f.name}, which is missing")
+    shapes: dict[str, list[int]] = {}
+    for f in files:
+        shapes.update(_weight_shapes(f))
+    where = files[0] if len(files) == 1 else first
+    words = [k for k in shapes if k.endswith("embeddings.word_embeddings.weight")]
+    if not words:
+        raise InputError(f"weights file {where} has no BERT word embeddings; is it a Geneformer (BERT) checkpoint?")
+    expected = [int(config.vocab_size), int(config.hidden_size)]
+    if shapes[words[0]] != expected:
+        raise InputError(
+            f"weights file {where}: word embeddings of shape {shapes[words[0]]}, but {model_dir / CONFIG_FILE} "
+            f"says vocab_size x hidden_size = {expected}; the weights belong to another model"
+        )
+    layers = {int(m.group(1)) for k in shapes if (m := re.search(r"encoder\.layer\.(\d+)\.", k))}
+    if layers != set(range(int(config.num_hidden_layers))):
+        raise InputError(
+            f"weights file {where} holds {len(layers)} encoder layers but {model_dir / CONFIG_FILE} says "
+            f"num_hidden_layers = {config.num_hidden_layers}; the weights belong to another model"
+        )
+
+
 def is_classifier_config(config) -> bool:
     return any(a in CLASSIFIER_ARCHITECTURES for a in (getattr(config, "architectures", None) or []))
 

@@ -50,3 +50,30 @@ def shared_dir() -> Path | None:
         return None
     p = Path(env).expanduser()
     return p if p.is_dir() else None
+
+
+_UNSAFE_IN_FILE_NAMES = set('/\\%:*?"<>|')
+
+
+def file_name(text: str, limit: int = 120) -> str:
+    """A name from the user's data (a task, a class) as one file or folder name: the text itself where a
+    file system takes it (non-ASCII and spaces included), `%XX` for each UTF-8 byte of a character it
+    refuses or reads specially (`/`, `\\`, `%`, `:`, wildcards, control characters, a leading dot or
+    space), so the mapping is reversible (`urllib.parse.unquote`). A name longer than `limit` bytes is cut
+    and ends with `~` and a digest of the whole text, so distinct names stay distinct."""
+    import hashlib
+
+    text = str(text)
+    out = "".join(
+        "".join(f"%{b:02X}" for b in c.encode("utf-8"))
+        if c in _UNSAFE_IN_FILE_NAMES or ord(c) < 0x20 or c == "\x7f" or (i == 0 and c in ". ")
+        else c
+        for i, c in enumerate(text)
+    )
+    if not out:
+        return "%00"
+    if len(out.encode("utf-8")) > limit:
+        digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+        head = out.encode("utf-8")[: limit - 17].decode("utf-8", "ignore")
+        out = f"{head}~{digest}"
+    return out

@@ -34,7 +34,9 @@ def _save(fig, out: Path, stem: str, written: list[Path]) -> None:
 
 
 def _slug(text: str) -> str:
-    return "".join(ch if ch.isalnum() else "_" for ch in text).strip("_").lower()
+    from pipeline.paths import file_name
+
+    return file_name("".join(ch if ch.isalnum() else "_" for ch in text).strip("_").lower())
 
 
 def plot_run(store, run_id: int, out_dir: str | Path) -> list[Path]:

@@ -38,6 +38,7 @@ from pipeline import distributed
 from pipeline.batching import length_grouped_batches, pad_batch
 from pipeline.cells import Cells
 from pipeline.compute import DEVICE_CHOICES, configure_determinism, fault_point, resolve_device, seed_everything
+from pipeline.config import Train as _TrainSchema
 from pipeline.errors import InputError
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
@@ -49,17 +50,18 @@ STAGE = "finetune"
 class TrainConfig:
     """Fine-tuning hyperparameters; defaults are Geneformer's for 6-layer models where it has them."""
 
-    lr: float = 5e-5
-    weight_decay: float = 0.001
-    warmup_ratio: float = 0.1  # fraction of optimisation steps of linear warm-up
+    # the keys shared with the config's [train] section take its defaults (pipeline/config.py)
+    lr: float = _TrainSchema.lr
+    weight_decay: float = _TrainSchema.weight_decay
+    warmup_ratio: float = _TrainSchema.warmup_ratio  # fraction of optimisation steps of linear warm-up
     warmup_steps: int | None = None  # overrides warmup_ratio (Geneformer's Classifier: 500)
-    epochs: int = 5  # the thesis trained 5 epochs
-    batch_size: int = 12  # cells per micro-batch per process (Geneformer: 12)
-    grad_accum: int = 1
-    class_weights: bool = False  # inverse-frequency weights n / (C * n_c) in the loss
+    epochs: int = _TrainSchema.epochs  # the thesis trained 5 epochs
+    batch_size: int = _TrainSchema.batch_size  # cells per micro-batch per process (Geneformer: 12)
+    grad_accum: int = _TrainSchema.grad_accum
+    class_weights: bool = _TrainSchema.class_weights  # inverse-frequency weights n / (C * n_c) in the loss
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    amp: str = "auto"  # auto | bf16 | fp16 | off (autocast is used on CUDA only)
+    amp: str = _TrainSchema.amp  # auto | bf16 | fp16 | off (autocast is used on CUDA only)
     max_len: int | None = None  # keep each cell's top max_len tokens (None: all; must fit the model)
     eval_every_epoch: bool = True
     keep_best: bool = True  # restore the best validation epoch's weights at the end

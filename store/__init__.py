@@ -10,7 +10,9 @@ from store.errors import (
     RunInterrupted,
     RunNotFoundError,
     SchemaTooNewError,
+    StoreDamagedError,
     StoreError,
+    StoreFullError,
 )
 from store.schema import SCHEMA_VERSION
 
@@ -20,6 +22,8 @@ __all__ = [
     "SchemaTooNewError",
     "NetworkFilesystemError",
     "RunNotFoundError",
+    "StoreFullError",
+    "StoreDamagedError",
     "RunInterrupted",
     "RUN_STATUSES",
     "FINISH_STATUSES",

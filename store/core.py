@@ -14,10 +14,10 @@ spliced into SQL (result column names of gene and cell tables) are validated fir
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import math
 import os
-import re
 import sqlite3
 import threading
 import time
@@ -29,7 +29,14 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from store import schema, system
-from store.errors import RunNotFoundError, SchemaTooNewError, StoreError
+from store.errors import (
+    RunNotFoundError,
+    SchemaTooNewError,
+    StoreDamagedError,
+    StoreError,
+    StoreFullError,
+    is_store_full,
+)
 from store.jsonsafe import dumps
 
 RUN_STATUSES = ("running", "completed", "failed", "interrupted", "lost")
@@ -44,7 +51,7 @@ DEFAULT_STALE_AFTER_S = 30.0
 REMOTE_STALE_FACTOR = 20.0
 REMOTE_STALE_MIN_S = 600.0
 
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+MAX_COLUMN_NAME = 1000  # characters of a result column's name (a user's task or class name may be in it)
 _GENE_RESERVED = {"run_id", "gtable", "rowid", "oid", "_rowid_"}
 _CELL_RESERVED = {"run_id", "rowid", "oid", "_rowid_"}
 _WHERE_OPS = {
@@ -119,17 +126,53 @@ def _scalar(v: Any) -> Any:
 
 
 def check_identifier(name: str, what: str) -> str:
-    if not isinstance(name, str) or not _IDENTIFIER.match(name):
+    """A result column's name: any text (a user's task or class names: non-ASCII, spaces, punctuation), kept
+    exactly as given; `_quote` makes it a safe SQL identifier. Only NUL, surrounding spaces, emptiness and
+    absurd lengths are refused."""
+    if (
+        not isinstance(name, str)
+        or not name.strip()
+        or name != name.strip()
+        or "\x00" in name
+        or len(name) > MAX_COLUMN_NAME
+    ):
         raise StoreError(
-            f"{what} name {name!r} is not a valid column name; use letters, digits and underscores, "
-            f"starting with a letter or underscore (at most 63 characters)"
+            f"{what} name {name!r} is not a valid column name; use non-empty text without surrounding spaces "
+            f"(at most {MAX_COLUMN_NAME} characters)"
         )
     return name
 
 
 def _quote(identifier: str) -> str:
-    # identifiers reaching here passed check_identifier (or are fixed names), so they hold no quotes
-    return '"' + identifier + '"'
+    """An SQL identifier of any text: double-quoted, inner quotes doubled (SQLite's quoting rule)."""
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+def _no_room(path: Path) -> bool:
+    """Whether a failed write to the store at `path` met a full disk or the file-size limit (SQLite reports
+    a write past RLIMIT_FSIZE, EFBIG, as a plain I/O error)."""
+    import shutil
+
+    try:
+        if shutil.disk_usage(path.parent).free < (1 << 20):
+            return True
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit == resource.RLIM_INFINITY:
+            return False
+        sizes = [p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists()]
+        return any(size + (1 << 16) >= limit for size in sizes)
+    except (ImportError, OSError, ValueError):
+        return False
+
+
+def _fold(name: str) -> str:
+    """A column name as SQLite compares identifiers: case-insensitive for ASCII letters only."""
+    return name.translate(_ASCII_LOWER)
+
+
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
 def _check_text(value: Any, what: str, *, allow_empty: bool = False) -> str:
@@ -448,6 +491,17 @@ class Store:
                 if "FOREIGN KEY" in str(exc):
                     raise RunNotFoundError(f"no such run in store {self.path} (it may have been deleted)") from None
                 raise
+            except sqlite3.DatabaseError as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                if is_store_full(exc):
+                    raise StoreFullError(self.path) from None
+                if "disk i/o error" in str(exc).lower() and _no_room(self.path):
+                    raise StoreFullError(self.path, f"{exc}; no room left there") from None
+                if type(exc) is not sqlite3.DatabaseError:  # busy, a bug in a statement, ...: as it is
+                    raise
+                raise StoreDamagedError(self.path, str(exc)) from None
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
@@ -892,17 +946,15 @@ class Store:
     def _ensure_columns(
         self, conn: sqlite3.Connection, table: str, names: Iterable[str], index_prefix: tuple[str, ...]
     ) -> None:
-        existing = {row[1].lower() for row in conn.execute(f"PRAGMA table_info({_quote(table)})")}
+        existing = {_fold(row[1]) for row in conn.execute(f"PRAGMA table_info({_quote(table)})")}
         for name in names:
-            if name.lower() in existing:
+            if _fold(name) in existing:
                 continue
             # no declared type: each value keeps its storage class, so sorting stays numeric
             conn.execute(f"ALTER TABLE {_quote(table)} ADD COLUMN {_quote(name)}")
             cols = ", ".join([*index_prefix, _quote(name)])
-            conn.execute(
-                f"CREATE INDEX IF NOT EXISTS {_quote(table + '__' + name.lower())} ON {_quote(table)} ({cols})"
-            )
-            existing.add(name.lower())
+            conn.execute(f"CREATE INDEX IF NOT EXISTS {_quote(table + '__' + _fold(name))} ON {_quote(table)} ({cols})")
+            existing.add(_fold(name))
 
     @staticmethod
     def _result_columns(
@@ -910,12 +962,12 @@ class Store:
     ) -> list[tuple[str, str, list]]:
         """Validated (name, kind, values) of the columns other than `fixed`."""
         out: list[tuple[str, str, list]] = []
-        seen: dict[str, str] = {f.lower(): f for f in fixed}
+        seen: dict[str, str] = {_fold(f): f for f in fixed}
         for name, values in cols.items():
             if name in fixed:
                 continue
             check_identifier(name, f"{what} column")
-            low = name.lower()
+            low = _fold(name)
             if low in reserved:
                 raise StoreError(f"{what} column {name!r} is reserved; rename it")
             if low in seen:
@@ -1345,7 +1397,7 @@ class Store:
     @staticmethod
     def _match_column(col: str, cols: list[str], table: str) -> str:
         for c in cols:
-            if c.lower() == str(col).lower():
+            if _fold(c) == _fold(str(col)):
                 return c
         raise StoreError(f"gene table {table!r} has no column {col!r}; columns: {', '.join(cols)}")
 

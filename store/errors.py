@@ -26,6 +26,36 @@ class RunNotFoundError(StoreError, LookupError):
     """No run with that id or name."""
 
 
+class StoreFullError(StoreError):
+    """The disk (or quota, or file-size limit) ran out while writing the store; the transaction was rolled
+    back, so the store holds everything up to the last complete write."""
+
+    def __init__(self, path, reason: str = "database or disk is full"):
+        self.path = path
+        super().__init__(
+            f"out of disk space writing {path} ({reason}); free space there "
+            "(or move the store and its .gfattn-cache) and resume the run"
+        )
+
+
+class StoreDamagedError(StoreError):
+    """SQLite found the store file damaged (malformed pages, not a database)."""
+
+    def __init__(self, path, reason: str):
+        self.path = path
+        super().__init__(
+            f"store {path} is damaged ({reason}); `gfattn runs` may still list what is intact; "
+            f"restore it from a copy, or recover it with `sqlite3 {path} .recover`"
+        )
+
+
+def is_store_full(exc: BaseException) -> bool:
+    """SQLite's SQLITE_FULL (or an I/O error on a full disk) as raised by the sqlite3 module."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    text = str(exc).lower()
+    return code == 13 or "database or disk is full" in text or "no space left" in text
+
+
 class RunInterrupted(KeyboardInterrupt):
     """Raised in the main thread by `Store.track` when the process receives SIGTERM.
 

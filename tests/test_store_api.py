@@ -204,9 +204,14 @@ def test_gene_table_pages_sorting_search_and_where(st):
 
 def test_gene_table_columns_validated_and_values_are_data(st):
     r = st.create_run("a", "analysis")
-    for bad in ['x"; DROP TABLE runs; --', "1st", "with space", "run_id", "gtable", "a-b", "x" * 80]:
+    for bad in ["run_id", "gtable", "RowID", "", " padded", "a\x00b", "x" * 1001]:
         with pytest.raises(StoreError):
             st.put_gene_table(r, "genes", [{"ensembl_id": "E1", bad: 1.0}])
+    # any other text is a column name, quoted, never SQL: a user's class names reach columns unchanged
+    odd = ['x"; DROP TABLE runs; --', "1st", "with space", "a-b", "x" * 80, "Zustand µ ü"]
+    st.put_gene_table(r, "odd", [{"ensembl_id": "E1", **{name: float(i) for i, name in enumerate(odd)}}])
+    assert st.gene_table_columns(r, "odd")[-len(odd) :] == odd
+    assert st.gene_table(r, "odd")[0]['x"; DROP TABLE runs; --'] == 0.0 and st.get_run(r)["name"] == "a"
     with pytest.raises(StoreError, match="twice"):
         st.put_gene_table(r, "genes", [{"ensembl_id": "E1"}, {"ensembl_id": "E1"}])
     with pytest.raises(StoreError, match="ensembl_id"):

@@ -320,7 +320,7 @@ def test_store_from_a_newer_gfattn_exits_2(tmp_path):
 def test_rm_needs_yes_without_a_terminal(tmp_path):
     path = tmp_path / "s.db"
     with Store(path) as st:
-        st.create_run("demo", "pipeline")
+        st.finish_run(st.create_run("demo", "pipeline"), "completed")  # a running run is refused anyway
     refused = gfattn("rm", "demo", store=path)  # stdin is not a terminal: needs --yes
     assert refused.returncode == 2 and "--yes" in refused.stderr
     with Store(path) as st:
@@ -336,6 +336,8 @@ def test_tag_note_rm_and_errors_in_process(fixture_store, tmp_path, capsys, monk
     with Store(path) as st:
         p = st.create_run("demo", "pipeline")
         c = st.create_run("child", "finetune", parent_id=p)
+        st.finish_run(c, "completed")
+        st.finish_run(p, "completed")  # `rm` refuses a run still running
     s = ["--store", str(path)]
     evil = 'it\'s "fine"; DROP TABLE runs; --'
     assert main(["tag", "demo", "best", *s]) == 0

@@ -1,4 +1,7 @@
-"""`gfattn rm RUN`: delete a run, its child runs and all their results from the experiment store."""
+"""`gfattn rm RUN`: delete a run, its child runs and all their results from the experiment store, and the
+files it owns: a pipeline run's fine-tuned models under `.gfattn-cache/runs/<store uid>/<run>/` (a
+fine-tuning child's own folder when only the child is deleted). A run still running in a live process
+is refused: stop it first (its files are in use, and it would go on writing to a run that is gone)."""
 
 from __future__ import annotations
 
@@ -23,8 +26,14 @@ def run(args: argparse.Namespace) -> int:
         what = f"run {run_id} ({info['name']!r}, {info['status']})" + (
             f" and its {n_desc} child runs" if n_desc else ""
         )
-        if info["status"] == "running":
-            what += "; it is still running"
+        running = [r for r in [run_id, *st.descendants(run_id)] if st.get_run(r)["status"] == "running"]
+        if running:
+            r = st.get_run(running[0])
+            raise InputError(
+                f"run {running[0]} ({r['name']!r}) is still running (pid {r.get('pid')} on {r.get('host')}); "
+                f"stop it first (Ctrl-C where it runs, `kill {r.get('pid')}`, or the TUI's stop), then delete it"
+            )
+        owned = owned_folders(st, run_id)
         if not args.yes:
             if not sys.stdin.isatty():
                 raise InputError(f"refusing to delete {what} without confirmation; pass --yes")
@@ -33,5 +42,32 @@ def run(args: argparse.Namespace) -> int:
                 print("nothing deleted")
                 return 1
         deleted = st.delete_run(run_id)
-    print(f"deleted {len(deleted)} run(s): {', '.join(map(str, deleted))}")
+    import shutil
+
+    for folder in owned:
+        shutil.rmtree(folder, ignore_errors=True)
+    removed = f"; removed {len(owned)} checkpoint folder(s)" if owned else ""
+    print(f"deleted {len(deleted)} run(s): {', '.join(map(str, deleted))}{removed}")
     return 0
+
+
+def owned_folders(st, run_id: int) -> list:
+    """The folders under the store's cache that belong to `run_id` and its descendants: a pipeline run's
+    `.gfattn-cache/runs/<store uid>/<run>/`, and a fine-tuning run's recorded checkpoint folder (only
+    where it lies inside that tree, so nothing outside the cache is ever removed)."""
+    from pathlib import Path
+
+    from pipeline.experiment import CHECKPOINT_JSON
+    from pipeline.paths import cache_dir_for_store
+
+    root = (cache_dir_for_store(st.path) / "runs" / st.uid).resolve()
+    out: list[Path] = []
+    for rid in [run_id, *st.descendants(run_id)]:
+        candidates = [root / str(rid)]
+        if CHECKPOINT_JSON in st.json_names(rid):
+            path = (st.get_json(rid, CHECKPOINT_JSON) or {}).get("path")
+            candidates += [Path(path).resolve()] if path else []
+        for c in candidates:
+            if c.is_dir() and c != root and root in c.parents and not any(c == o or o in c.parents for o in out):
+                out.append(c)
+    return out
