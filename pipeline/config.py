@@ -116,17 +116,33 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
     "train": {
         "tasks": ([], "tasks to fine-tune ([] = every task in [[tasks]])"),
         "modes": (["frozen", "unfrozen", "last-1"], "training modes: frozen, unfrozen, last-K, freeze-N"),
-        "epochs": (5, "fine-tuning epochs (the thesis used 5)"),
+        "epochs": (5, "fine-tuning epochs (the thesis used 5); the least, when min_steps asks for more"),
+        "min_steps": (
+            300,
+            "optimisation steps a small training set still gets: epochs = clamp(ceil(min_steps x batch_size / "
+            "training cells), epochs, max_epochs) (0 = exactly `epochs`)",
+        ),
+        "max_epochs": (40, "the most epochs min_steps may ask for"),
+        "patience": (
+            5,
+            "early stopping: stop once validation macro-F1 has not improved for this many epochs; the best "
+            "epoch's weights are kept (0 = never stop early)",
+        ),
         "batch_size": (16, "cells per optimisation step"),
         "grad_accum": (1, "gradient accumulation steps"),
         "lr": (5e-5, "peak learning rate (Geneformer's 6-layer default)"),
         "head_lr": (0.0, "learning rate of the frozen mode's head (0 = same as lr)"),
         "weight_decay": (0.001, "AdamW weight decay"),
         "warmup_ratio": (0.1, "fraction of steps of linear warm-up"),
-        "class_weights": (False, "weight the loss by inverse class frequency"),
+        "class_weights": (True, "weight the loss by inverse class frequency, n / (classes x n_class): balanced"),
         "amp": ("auto", "autocast on CUDA: auto, bf16, fp16 or off"),
     },
     "analysis": {
+        "gate": (
+            "skip",
+            "a model that did not learn (one class for >= 90% of test cells, or balanced accuracy not above chance): "
+            "`skip` its deletion and randomisation cascade, or `mark` (compute them, marked as no findings)",
+        ),
         "pairs": ([["frozen", "unfrozen"], ["frozen", "last-1"]], "model pairs whose attention is compared"),
         "tasks": (["lowhigh"], "tasks whose fine-tuned models are analysed ([] = every fine-tuned task)"),
         "batch_size": (8, "cells per attention batch"),
@@ -362,6 +378,8 @@ def validate(cfg: dict) -> None:
         raise InputError(f"analysis.null_bins must be two positive integers, got {a['null_bins']!r}")
     if not all(isinstance(k, int) and k >= 1 for k in a["deletion_k"]):
         raise InputError(f"analysis.deletion_k must list positive integers, got {a['deletion_k']!r}")
+    if a["gate"] not in ("skip", "mark"):
+        raise InputError(f"analysis.gate must be skip or mark, got {a['gate']!r}")
     for key in ("null_permutations", "deletion_random_sets", "deletion_top_genes"):
         if a[key] < 0:
             raise InputError(f"analysis.{key} must be 0 or more, got {a[key]!r}")

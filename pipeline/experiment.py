@@ -41,6 +41,7 @@ from pipeline.progress import Reporter
 
 CHECKPOINT_JSON = "checkpoint"  # json result on a finetune run: {"path", "weights_sha256"}
 DETERMINISM_JSON = "determinism"  # json result on a pipeline run: `pipeline.compute.determinism_report`
+IG_GAP_WARN = 0.25  # integrated gradients' relative completeness gap above which the run warns
 
 
 # ------------------------------------------------------------------------------------------- preflight
@@ -189,6 +190,7 @@ class Products:
     de: dict[tuple[str, str, str], Any] = field(default_factory=dict)  # (task, group, reference) -> DE table
     pretrain_metrics: dict = field(default_factory=dict)
     attributions: dict[tuple[str, str], Any] = field(default_factory=dict)  # (task, mode) -> AttributionResult
+    gates: dict[tuple[str, str], dict] = field(default_factory=dict)  # (task, mode) -> results.JSON_GATE document
 
 
 @dataclass
@@ -738,6 +740,11 @@ def stage_finetune(ctx: Context, task: str, mode: str, *, permuted: bool = False
             ctx.out.checkpoint_hashes[(task, mode)] = verify_checkpoint(out_dir, recorded.get("weights_sha256"))
             ctx.rep.line(f"{name}: already fine-tuned (resumed), checkpoint verified")
             ctx.out.models[(task, mode)] = out_dir
+            from store import results as R
+
+            gate = R.model_gate(ctx.store, done)
+            if gate is not None:
+                ctx.out.gates[(task, mode)] = gate
             return
         ctx.store.delete_run(done)  # completed without a usable checkpoint record: fine-tune again
     from pipeline.model import load_classifier
@@ -752,6 +759,9 @@ def stage_finetune(ctx: Context, task: str, mode: str, *, permuted: bool = False
         weight_decay=float(t["weight_decay"]),
         warmup_ratio=float(t["warmup_ratio"]),
         epochs=int(t["epochs"]),
+        min_steps=int(t["min_steps"]),
+        max_epochs=int(t["max_epochs"]),
+        patience=int(t["patience"]),
         batch_size=int(t["batch_size"]),
         grad_accum=int(t["grad_accum"]),
         class_weights=bool(t["class_weights"]),
@@ -806,8 +816,62 @@ def stage_finetune(ctx: Context, task: str, mode: str, *, permuted: bool = False
         save_split(out_dir, ctx.out.selection.cell_ids, ctx.out.split, data=ctx.out.data_path)
         acc, f1 = result.test_metrics["accuracy"], result.test_metrics["macro_f1"]
         ctx.rep.line(f"{name}: test accuracy {acc:.3f}, macro-F1 {f1:.3f} (best epoch {result.best_epoch})")
+        if not permuted and result.test_predictions is not None:
+            _baseline_and_gate(ctx, child, task, mode, parts, names, result, step=len(result.history))
     ctx.out.models[(task, mode)] = out_dir
     ctx.out.checkpoint_hashes[(task, mode)] = digest
+
+
+def _baseline_and_gate(ctx: Context, child: int, task: str, mode: str, parts, names, result, *, step: int) -> None:
+    """Beside the model, on the same cells: the gene-set logistic regression and the majority-class rate
+    (`pipeline.baseline`); then the gate before interpretation (did the model learn?), stored on the child
+    and, when it did not, a warning kept on the run."""
+    from pipeline.baseline import gene_set_baseline, learning_gate
+    from store import results as R
+
+    base = gene_set_baseline(
+        parts,
+        len(names),
+        len(ctx.out.dicts.token_dict),
+        special_ids=ctx.out.dicts.special_ids,
+        seed=ctx.seed,
+        balanced=bool(ctx.cfg["train"]["class_weights"]),
+    )
+    y_test = np.asarray(parts["test"]["label"], dtype=np.int64)
+    gate = learning_gate(y_test, result.test_predictions, names, seed=ctx.seed)
+    values = {
+        R.METRIC_BASELINE_ACCURACY: base.accuracy,
+        R.METRIC_BASELINE_MACRO_F1: base.macro_f1,
+        R.METRIC_MAJORITY_RATE: base.majority_rate,
+        R.METRIC_BALANCED_ACCURACY: gate["balanced_accuracy"],
+    }
+    ctx.store.log_metrics(
+        child,
+        [
+            {"name": k, "value": float(v), "step": step, "epoch": result.best_epoch, "split": R.SPLIT_TEST}
+            for k, v in values.items()
+        ],
+    )
+    ctx.store.put_json(child, R.JSON_GATE, gate)
+    ctx.out.gates[(task, mode)] = gate
+    ctx.rep.line(
+        f"{task}/{mode}: baseline (logistic regression on the gene sets) accuracy {base.accuracy:.3f}, "
+        f"macro-F1 {base.macro_f1:.3f}; majority class {base.majority_rate:.3f}; model balanced accuracy "
+        f"{gate['balanced_accuracy']:.3f} (95% CI {gate['balanced_accuracy_ci'][0]:.3f}-"
+        f"{gate['balanced_accuracy_ci'][1]:.3f}, chance {gate['chance']:.3f})"
+    )
+    if not gate["learned"]:
+        ctx.warn(
+            "gate",
+            f"{task}/{mode} did not learn: {'; '.join(gate['reasons'])}; its key genes are not findings",
+            task=task,
+            mode=mode,
+        )
+
+
+def _did_not_learn(ctx: Context, task: str, mode: str) -> bool:
+    gate = ctx.out.gates.get((task, mode))
+    return gate is not None and not gate.get("learned", True)
 
 
 def _de_for(ctx: Context, task: str):
@@ -1010,6 +1074,26 @@ def _attribution(ctx: Context, child: int, task: str, test, modes: tuple[str, st
             f"{task}: attribution of {mode} ({', '.join(methods)}) on {len(labels)} cells"
             + (f"; integrated gradients' completeness gap {gap:.2%}" if gap is not None else "")
         )
+        if gap is not None and abs(gap) > IG_GAP_WARN:
+            ctx.warn(
+                "integrated_gradients",
+                f"{task}/{mode}: integrated gradients' completeness gap is {gap:.0%} (over {IG_GAP_WARN:.0%}): its "
+                "attributions do not add up to the model's output; raise analysis.ig_steps before trusting them",
+                task=task,
+                mode=mode,
+            )
+
+
+def _gate_skips(ctx: Context, task: str, mode: str, what: str) -> bool:
+    """Whether `analysis.gate = "skip"` leaves out this costly analysis of a model that did not learn (said
+    in the run log); with "mark" it is computed and shown as no findings."""
+    if not _did_not_learn(ctx, task, mode):
+        return False
+    if ctx.cfg["analysis"]["gate"] == "mark":
+        ctx.rep.line(f"{task}: {what} of {mode} computed, but {mode} did not learn: no findings (analysis.gate mark)")
+        return False
+    ctx.rep.line(f"{task}: {what} of {mode} skipped: the model did not learn (analysis.gate skip)")
+    return True
 
 
 def _one_vs_rest_overlaps(ctx: Context, child: int, task: str, genes) -> None:
@@ -1055,6 +1139,8 @@ def _deletion(ctx: Context, child: int, task: str, test, modes: tuple[str, str],
     # computed per pair, never reused from another pair: the rankings come from this pair's gene table, and
     # a run resumed between two pairs must store what an uninterrupted one does
     for mode, suffix in zip(modes, R.MODEL_SUFFIXES):
+        if _gate_skips(ctx, task, mode, "deletion"):
+            continue
         result = run_deletion(
             load_for_attention(ctx.out.models[(task, mode)]),
             test,
@@ -1093,6 +1179,8 @@ def _sanity(ctx: Context, child: int, task: str, test, modes: tuple[str, str], g
     labels = np.asarray(test["label"], dtype=np.int64)
     methods = tuple(a_cfg["attribution"]) if a_cfg["sanity_attribution"] else ()
     for mode, suffix in zip(modes, R.MODEL_SUFFIXES):  # per pair, like the deletion (its reference scores)
+        if _gate_skips(ctx, task, mode, "randomisation cascade"):
+            continue
         trained = genes.set_index("ensembl_id")[["symbol", "n_cells", *[f"{c}_{suffix}" for c in ATTENTION_SCORES]]]
         trained = trained.rename(columns={f"{c}_{suffix}": c for c in ATTENTION_SCORES})
         attr = ctx.out.attributions.get((task, mode))
