@@ -120,7 +120,8 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "min_steps": (
             300,
             "optimisation steps a small training set still gets: epochs = clamp(ceil(min_steps x batch_size / "
-            "training cells), epochs, max_epochs) (0 = exactly `epochs`)",
+            "training cells), epochs, max_epochs) (0 = exactly `epochs`; epochs set in your config file or by "
+            "--epochs are kept exactly unless you set min_steps too)",
         ),
         "max_epochs": (40, "the most epochs min_steps may ask for"),
         "patience": (
@@ -327,6 +328,7 @@ def resolve(preset: str = "default", config_file: str | Path | None = None, flag
         cfg = merge(cfg, doc, str(config_file))
         user_sets |= {"tasks"} if "tasks" in doc else set()
         user_sets |= {"data.filter"} if "filter" in doc.get("data", {}) else set()
+        user_sets |= {f"train.{k}" for k in ("epochs", "min_steps") if k in doc.get("train", {})}
     nested: dict[str, Any] = {}
     for dotted, value in (flags or {}).items():
         if value is None:
@@ -348,6 +350,8 @@ def resolve(preset: str = "default", config_file: str | Path | None = None, flag
         for section in ("train", "analysis"):
             if f"{section}.tasks" not in user_sets and not set(cfg[section]["tasks"]) <= set(names):
                 cfg[section]["tasks"] = []
+    if "train.epochs" in user_sets and "train.min_steps" not in user_sets:
+        cfg["train"]["min_steps"] = 0  # the epochs the user asked for, exactly
     cfg["run"]["preset"] = preset
     validate(cfg)
     return cfg

@@ -636,6 +636,26 @@ def stage_tokenize(ctx: Context) -> None:
     ctx.rep.line(f"tokenized {len(ds)} cells: length median {np.median(lengths):.0f}, max {lengths.max()}")
 
 
+def stage_checkpoint_check(ctx: Context) -> None:
+    """A user's masked-LM checkpoint on a seeded sample of their training cells: masked-gene accuracy against
+    the gene-frequency baseline (`pipeline.checkpoint_check`), stored on the run; one warning when it is no
+    better (random weights, or dictionaries that are not the model's own)."""
+    from pipeline.checkpoint_check import masked_gene_check
+    from store import results as R
+
+    train = np.flatnonzero(ctx.out.split == "train")
+    ids = ctx.out.dataset.select(train.tolist())["input_ids"]
+    check = masked_gene_check(ctx.out.model_dir, ids, ctx.out.dicts, seed=ctx.seed, device=ctx.device)
+    if check is None:
+        ctx.rep.line(f"checkpoint {ctx.out.model_dir} has no masked-LM head: its masked-gene check is skipped")
+        return
+    ctx.store.put_json(ctx.run_id, R.JSON_CHECKPOINT_CHECK, check)
+    if check["ok"]:
+        ctx.rep.line(check["message"])
+    else:
+        ctx.warn("checkpoint", check["message"])
+
+
 def _use_tokenized(ctx: Context) -> None:
     """A dataset tokenized by Geneformer (or `gfattn tokenize`): its selected cells, checked against the
     model's vocabulary and input size, its top ranks kept up to model.max_len."""
@@ -1237,6 +1257,9 @@ def _stages(ctx: Context) -> None:
         stage_model(ctx)
     with stage("tokenize"):
         stage_tokenize(ctx)
+    if cfg["model"]["path"]:
+        with stage("checkpoint"):
+            stage_checkpoint_check(ctx)
     with stage("record"):
         stage_record_data(ctx)
     for task in trained_tasks(cfg):

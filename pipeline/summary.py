@@ -104,7 +104,7 @@ def format_summary(store, run_id: int, elapsed_s: float | None = None, top_n: in
             lines += ["  " + ln for ln in _grid_text(an.grids[R.GRID_COSINE].values)]
         docs = R.read_json(store, an.run_id, (R.JSON_KEY_GENES,))
         key_genes = docs.get(R.JSON_KEY_GENES) or {}
-        task = str(R.run_config(c).get("task") or "")
+        task = str(R.run_config(R.full_run(store, c)).get("task") or "")
         for suffix, model in zip(R.MODEL_SUFFIXES, an.models):
             mark = gate_mark(gates.get((task, model)))
             genes = R.top_genes(store, an.run_id, R.col_key_score(suffix), top_n)
