@@ -69,14 +69,8 @@ def format_summary(store, run_id: int, elapsed_s: float | None = None, top_n: in
         + (f" in {elapsed_s:.0f} s" if elapsed_s is not None else "")
         + f"; store {store.path}"
     ]
-    lines += [f"warning: {w['message']}" for w in R.run_warnings(store, run_id)]
-    check = R.checkpoint_check(store, run_id)
-    if check is not None:
-        lines.append(
-            f"checkpoint check: masked-gene top-1 {check['top1']:.3f}, top-10 {check['top10']:.3f} on "
-            f"{check['cells']} of your cells (gene frequency: {check['baseline_top1']:.3f}, "
-            f"{check['baseline_top10']:.3f})" + ("" if check.get("ok") else "; see the warning above")
-        )
+    lines += warning_lines(store, run_id)
+    lines += checkpoint_check_lines(store, run_id)
     cfg = R.run_config(run)
     if (cfg.get("data") or {}).get("path") and not (cfg.get("model") or {}).get("path"):
         lines.append(
@@ -164,6 +158,42 @@ def finetune_table_lines(store, finetunes: list, gates: dict | None = None) -> l
             line += "   DID NOT LEARN: " + "; ".join(gate.get("reasons") or [])
         lines.append(line)
     return lines
+
+
+def finetune_gate_lines(store, run_id: int) -> list[str]:
+    """A finetune run's baseline and gate in two lines, for `gfattn show`."""
+    lines = []
+    base = R.baseline_scores(store, run_id)
+    if base[R.METRIC_BASELINE_ACCURACY] is not None:
+        lines.append(
+            f"  baseline  logistic regression on the gene sets: accuracy {base[R.METRIC_BASELINE_ACCURACY]:.3f}, "
+            f"macro-F1 {base[R.METRIC_BASELINE_MACRO_F1]:.3f}; majority class {base[R.METRIC_MAJORITY_RATE]:.3f}"
+        )
+    gate = R.model_gate(store, run_id)
+    if gate is not None:
+        lo, hi = gate.get("balanced_accuracy_ci") or [None, None]
+        verdict = "learned" if gate.get("learned") else "DID NOT LEARN: " + "; ".join(gate.get("reasons") or [])
+        ci = f" (95% CI {lo:.3f}-{hi:.3f})" if lo is not None else ""
+        lines.append(f"  gate      balanced accuracy {gate.get('balanced_accuracy', 0):.3f}{ci}: {verdict}")
+    return lines
+
+
+def checkpoint_check_lines(store, run_id: int) -> list[str]:
+    """The masked-gene check of the user's checkpoint (`results.JSON_CHECKPOINT_CHECK`) in one line."""
+    check = R.checkpoint_check(store, run_id)
+    if check is None:
+        return []
+    return [
+        f"checkpoint check: masked-gene top-1 {check['top1']:.3f}, top-10 {check['top10']:.3f} on "
+        f"{check['cells']} of your cells (most frequent genes: {check['baseline_top1']:.3f}, "
+        f"{check['baseline_top10']:.3f}; chance top-10 {check.get('chance_top10', 0):.4f})"
+        + ("" if check.get("ok") else ": it knows nothing of your cells' genes")
+    ]
+
+
+def warning_lines(store, run_id: int) -> list[str]:
+    """A pipeline run's warnings (`results.run_warnings`), one line each."""
+    return [f"warning: {w['message']}" for w in R.run_warnings(store, run_id)]
 
 
 def deletion_lines(store, run_id: int, model: str, mark: str = "") -> list[str]:

@@ -5,6 +5,7 @@ the summary says so first. Also the steps that follow the training set and early
 
 from __future__ import annotations
 
+import re
 import textwrap
 
 import numpy as np
@@ -230,3 +231,22 @@ def test_a_random_weight_checkpoint_is_flagged(tmp_path, geneformer_dir):
     assert check["top10"] <= check["baseline_top10"] and check["top10"] < 3 * check["chance_top10"]
     assert "random weights, or dictionaries that are not its own" in check["message"]
     assert masked_gene_check(model_dir, cells, dicts, seed=0) == check  # seeded: the same sample and masks
+
+
+def test_show_and_compare_put_the_baseline_and_gate_beside_each_model(gated_run, capsys):
+    import argparse
+
+    from pipeline.commands import show
+    from pipeline.commands.compare import compare_text
+    from store import Store
+
+    db, _ = gated_run
+    assert show.run(argparse.Namespace(store=str(db), run="1", json=False)) == 0
+    out = capsys.readouterr().out
+    assert "warning: coin/frozen did not learn" in out and "checkpoint check: masked-gene top-1" in out
+    assert "baseline  logistic regression on the gene sets" in out and "DID NOT LEARN" in out
+    text = compare_text(Store(db), 1, 1)
+    assert "A warning: coin/unfrozen did not learn" in text and "A base" in text
+    assert (
+        re.search(r"coin/frozen +\d\.\d{3}\*", text) and "* did not learn (one class for >= 90% of test cells" in text
+    )
