@@ -112,15 +112,16 @@ def preflight(cfg: dict, cache: Path | None = None) -> Preflight:
         obs = read_obs(read_path)
         out.selection, out.split = select_and_split(obs, cfg)
         out.obs_rows = len(obs)
-        if not model_path:
-            _check_embedded_genes(read_path, cfg)
-        validate_counts(
+        _, totals = validate_counts(
             read_path,
             out.selection.index,
             dicts,
             layer=cfg["data"]["layer"] or None,
             gene_id_column=cfg["data"]["gene_id_column"] or None,
+            gene_totals=True,
         )
+        if not model_path:
+            _check_embedded_genes(read_path, cfg, totals)
     return out
 
 
@@ -163,9 +164,10 @@ def read_obs(data_path: str):
 
 
 def select_and_split(obs, cfg: dict):
-    from pipeline.design import select_cells, stratified_split
+    from pipeline.design import check_class_sizes, select_cells, stratified_split
 
     sel = select_cells(obs, cfg)
+    check_class_sizes(sel, cfg["split"]["validation"], cfg["split"]["test"])
     split = stratified_split(sel.strata, cfg["split"]["validation"], cfg["split"]["test"], int(cfg["run"]["seed"]))
     de_comparisons(cfg, sel)  # refuses DE groups that name no class, before anything is recorded
     return sel, split
@@ -273,6 +275,7 @@ def stage_data(ctx: Context) -> None:
         + ", ".join(f"{k} {v}" for k, v in sel.counts_after.items())
         + f"; split train {int((split == 'train').sum())} / validation {int((split == 'validation').sum())}"
         f" / test {int((split == 'test').sum())}"
+        + (f"; {sel.no_label} cells without a label (NaN) dropped" if sel.no_label else "")
     )
 
 
@@ -498,21 +501,50 @@ def _pretrain_small_model(ctx: Context, corpus_ds, dicts, out: Path, *, seed: in
     )
 
 
-def _check_embedded_genes(data_path: str, cfg: dict) -> None:
+def _check_embedded_genes(data_path: str, cfg: dict, totals: np.ndarray | None = None) -> None:
     """Without a checkpoint, the model's vocabulary is the data's own genes as Ensembl IDs: symbols need
-    Geneformer's name dictionary (--geneformer-dir) to become IDs."""
-    from pipeline.data import looks_like_ensembl, open_counts, var_identifiers
+    Geneformer's name dictionary (--geneformer-dir) to become IDs. Only the genes detected in the selected
+    cells (`totals` > 0: their counts summed over those cells) count: an unfiltered matrix lists many
+    genes no cell expresses, and the vocabulary is built from the detected ones."""
+    from pipeline.data import MIN_MAPPED_FRACTION, looks_like_ensembl, open_counts, var_identifiers
 
-    if cfg["model"]["geneformer_dir"]:
-        return
     with open_counts(data_path, cfg["data"]["layer"] or None) as cm:
-        ids = var_identifiers(cm.var, cfg["data"]["gene_id_column"] or None)
-    if looks_like_ensembl(ids).mean() < 0.5:
+        ids = np.asarray(var_identifiers(cm.var, cfg["data"]["gene_id_column"] or None), dtype=object)
+    detected = totals > 0 if totals is not None and (totals > 0).any() else np.ones(len(ids), dtype=bool)
+    mapped = looks_like_ensembl(ids)
+    if cfg["model"]["geneformer_dir"]:
+        from pipeline.dictionaries import GeneDictionaries
+
+        version = cfg["model"]["version"] if cfg["model"]["version"] != "auto" else "V2"
+        names = GeneDictionaries.from_geneformer_dir(cfg["model"]["geneformer_dir"], version).name_to_id or {}
+        mapped |= np.array([str(i) in names for i in ids], dtype=bool)
+        share = mapped[detected].mean()
+        if share < MIN_MAPPED_FRACTION:
+            raise InputError(
+                f"{data_path}: only {int(mapped[detected].sum()):,} of the {int(detected.sum()):,} genes detected in "
+                f"the selected cells ({share:.1%}) are Ensembl IDs or symbols Geneformer's name dictionary knows "
+                f"(e.g. unknown: {', '.join(map(repr, ids[detected & ~mapped][:3]))}); wrong species, or name a var "
+                "column of Ensembl IDs (data.gene_id_column)"
+            )
+        return
+    if mapped[detected].mean() < 0.5:
         raise InputError(
             f"{data_path}: genes are named by symbol (e.g. {', '.join(map(repr, ids[:3]))}); without --model, gfattn "
             "pretrains its small model on your cells over Ensembl IDs: pass --geneformer-dir (its gene name "
             "dictionary maps symbols to IDs), a var column of Ensembl IDs (data.gene_id_column), or --model DIR"
         )
+
+
+def pretraining_objective(pcfg: dict) -> str:
+    """The objective gfattn's small model is pretrained by, in words (`pretrain.cell_objective`, weight)."""
+    weight = float(pcfg.get("cell_loss_weight") or 0.0)
+    if weight <= 0:
+        return "masked genes"
+    if pcfg.get("cell_objective") == "components":
+        cell = f"the first position regressing the cell's top {int(pcfg['cell_components'])} principal components"
+    else:
+        cell = "the first position predicting its cell's genes"
+    return f"masked genes plus {cell} (weight {weight:g})"
 
 
 def self_pretrained_model_dir(ctx: Context) -> Path:
@@ -551,16 +583,24 @@ def self_pretrained_model_dir(ctx: Context) -> Path:
         name_to_id = GeneDictionaries.from_geneformer_dir(cfg["model"]["geneformer_dir"], version).name_to_id
     cells = ctx.selected_adata()[np.flatnonzero(train)].copy()
     ctx.rep.line(
-        f"no --model: pretraining gfattn's small model ({pcfg['layers']} layers x {pcfg['hidden']}) by masked genes "
-        f"on the {len(train_ids):,} training cells of this data; it is small and self-pretrained, not Geneformer"
+        f"no --model: pretraining gfattn's small model ({pcfg['layers']} layers x {pcfg['hidden']}) by "
+        f"{pretraining_objective(pcfg)} on the {len(train_ids):,} training cells of this data; it is small and "
+        "self-pretrained, not Geneformer"
     )
     opts = {
         "gene_id_column": columns["gene_id_column"] or None,
         "n_counts_column": columns["n_counts_column"] or None,
         "layer": columns["layer"] or None,
     }
-    dicts = build_vocabulary(cells, name_to_id=name_to_id, special_tokens=bool(pcfg.get("cls_token", False)), **opts)
-    corpus, _ = tokenize_anndata(cells, dicts, max_len=int(pcfg["max_len"]), **opts)
+    # preflight checked that most genes detected in the selected cells map (`_check_embedded_genes`)
+    dicts = build_vocabulary(
+        cells,
+        name_to_id=name_to_id,
+        special_tokens=bool(pcfg.get("cls_token", False)),
+        min_mapped_fraction=0.0,
+        **opts,
+    )
+    corpus, _ = tokenize_anndata(cells, dicts, max_len=int(pcfg["max_len"]), min_mapped_fraction=0.0, **opts)
     metrics = _pretrain_small_model(ctx, corpus, dicts, out, seed=ctx.seed)
     ctx.out.pretrain_metrics = dict(metrics)
     if metrics.get("stopped_by_time_budget"):
@@ -612,6 +652,7 @@ def stage_tokenize(ctx: Context) -> None:
             n_counts_column=cfg["data"]["n_counts_column"] or None,
             gene_id_column=cfg["data"]["gene_id_column"] or None,
             layer=cfg["data"]["layer"] or None,
+            min_mapped_fraction=0.0,  # preflight checked the genes detected in the selected cells
         )
         if len(ds) == 0:
             raise InputError(
@@ -1284,6 +1325,32 @@ def _stages(ctx: Context) -> None:
                 stage_attention(ctx, task, mode_a, mode_b)
 
 
+def quiet_library_warnings():
+    """Library warnings that gfattn's code answers itself never reach the terminal raw: scipy's constant-input
+    warnings (a correlation with a constant ranking is undefined; the callers store it as missing) and
+    scikit-learn's convergence and undefined-metric warnings (the baseline caps its iterations; metrics
+    count an undefined ratio as 0)."""
+    import contextlib
+    import warnings
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(warnings.catch_warnings())
+    from scipy import stats
+
+    for name in ("ConstantInputWarning", "NearConstantInputWarning", "DegenerateDataWarning"):
+        category = getattr(stats, name, None)
+        if category is not None:
+            warnings.filterwarnings("ignore", category=category)
+    try:
+        from sklearn.exceptions import ConvergenceWarning, UndefinedMetricWarning
+
+        warnings.filterwarnings("ignore", category=ConvergenceWarning)
+        warnings.filterwarnings("ignore", category=UndefinedMetricWarning)
+    except ImportError:  # pragma: no cover - scikit-learn is a dependency
+        pass
+    return stack
+
+
 def open_store(store_path):
     """The store a pipeline writes to, opened before anything else so a bad `--store` fails first."""
     from store import Store
@@ -1337,7 +1404,7 @@ def run_pipeline(cfg: dict, store_path, *, resume_id: int | None = None, stdout=
         )
     t0 = time.monotonic()
     try:
-        with store.track(run_id):
+        with store.track(run_id), quiet_library_warnings():
             _stages(ctx)
     except InputError:
         rep.close()

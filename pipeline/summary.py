@@ -73,8 +73,11 @@ def format_summary(store, run_id: int, elapsed_s: float | None = None, top_n: in
     lines += checkpoint_check_lines(store, run_id)
     cfg = R.run_config(run)
     if (cfg.get("data") or {}).get("path") and not (cfg.get("model") or {}).get("path"):
+        from pipeline.experiment import pretraining_objective
+
         lines.append(
-            "model: gfattn's small model, pretrained by masked genes on this data's training cells (not Geneformer)"
+            f"model: gfattn's small model, pretrained by {pretraining_objective(cfg.get('pretrain') or {})} on this "
+            "data's training cells (not Geneformer)"
         )
     finetunes = [R.read_finetune(store, c) for c in scope.of_kind(R.KIND_FINETUNE)]
     gates = {(ft.task, ft.mode): R.model_gate(store, ft.run_id) for ft in finetunes}
