@@ -176,19 +176,39 @@ class Train:
         min_items=1,
         each=lambda mode: parse_mode(mode),
     )
-    epochs: int = key(5, "fine-tuning epochs (the thesis used 5)", ge=1)
+    epochs: int = key(5, "fine-tuning epochs (the thesis used 5); the least, when min_steps asks for more", ge=1)
+    min_steps: int = key(
+        300,
+        "optimisation steps a small training set still gets: epochs = clamp(ceil(min_steps x batch_size / "
+        "training cells), epochs, max_epochs) (0 = exactly `epochs`; epochs set in your config file or by "
+        "--epochs are kept exactly unless you set min_steps too)",
+        ge=0,
+    )
+    max_epochs: int = key(40, "the most epochs min_steps may ask for", ge=1)
+    patience: int = key(
+        5,
+        "early stopping: stop once validation macro-F1 has not improved for this many epochs; the best "
+        "epoch's weights are kept (0 = never stop early)",
+        ge=0,
+    )
     batch_size: int = key(12, "cells per optimisation step (Geneformer: 12)", ge=1)
     grad_accum: int = key(1, "gradient accumulation steps", ge=1)
     lr: float = key(5e-5, "peak learning rate (Geneformer's 6-layer default)", gt=0)
     head_lr: float = key(0.0, "learning rate of the frozen mode's head (0 = same as lr)", ge=0)
     weight_decay: float = key(0.001, "AdamW weight decay", ge=0)
     warmup_ratio: float = key(0.1, "fraction of steps of linear warm-up", ge=0, lt=1)
-    class_weights: bool = key(False, "weight the loss by inverse class frequency")
+    class_weights: bool = key(True, "weight the loss by inverse class frequency, n / (classes x n_class): balanced")
     amp: str = key("auto", "autocast on CUDA: auto, bf16, fp16 or off", choices=("auto", "bf16", "fp16", "off"))
 
 
 @dataclass
 class Analysis:
+    gate: str = key(
+        "skip",
+        "a model that did not learn (one class for >= 90% of test cells, or balanced accuracy not above chance): "
+        "`skip` its deletion and randomisation cascade, or `mark` (compute them, marked as no findings)",
+        choices=("skip", "mark"),
+    )
     pairs: list[list[str]] = key(
         [["frozen", "unfrozen"], ["frozen", "last-1"]], "model pairs whose attention is compared"
     )
@@ -567,6 +587,7 @@ def resolve(preset: str = "default", config_file: str | Path | None = None, flag
         cfg = merge(cfg, doc, str(config_file))
         user_sets |= {"tasks"} if "tasks" in doc else set()
         user_sets |= {"data.filter"} if "filter" in doc.get("data", {}) else set()
+        user_sets |= {f"train.{k}" for k in ("epochs", "min_steps") if k in doc.get("train", {})}
     nested: dict[str, Any] = {}
     for dotted, value in (flags or {}).items():
         if value is None:
@@ -588,6 +609,8 @@ def resolve(preset: str = "default", config_file: str | Path | None = None, flag
         for section in ("train", "analysis"):
             if f"{section}.tasks" not in user_sets and not set(cfg[section]["tasks"]) <= set(names):
                 cfg[section]["tasks"] = []
+    if "train.epochs" in user_sets and "train.min_steps" not in user_sets:
+        cfg["train"]["min_steps"] = 0  # the epochs the user asked for, exactly
     cfg["run"]["preset"] = preset
     validate(cfg)
     return cfg

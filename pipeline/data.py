@@ -576,15 +576,20 @@ def map_genes(
     *,
     source: str = "data",
     min_fraction: float = MIN_MAPPED_FRACTION,
+    detected: np.ndarray | None = None,
 ) -> GeneMapping:
     """Resolve `var` gene identifiers to vocabulary genes; refuse when too few map.
 
     With no column named, the var index is used when it maps well, otherwise the common identifier
-    columns are tried and the best-mapping one wins.
+    columns are tried and the best-mapping one wins. With `detected` (a mask over var), only the genes
+    detected in the cells at hand count: an unfiltered matrix lists many genes no cell expresses.
     """
     n = len(var)
     if n == 0:
         raise InputError(f"{source}: var is empty (no genes)")
+    if detected is not None and detected.any():
+        detected = np.asarray(detected, dtype=bool)
+        return _map_detected(var, dicts, gene_id_column, source, min_fraction, detected)
     label = f"the {dicts.version} vocabulary"
     if gene_id_column is not None:
         if gene_id_column not in var.columns:
@@ -620,6 +625,32 @@ def map_genes(
     return best
 
 
+def _map_detected(var, dicts, gene_id_column, source, min_fraction, detected) -> GeneMapping:
+    """`map_genes` counting only the detected genes (best column by detected genes mapped)."""
+    n = int(detected.sum())
+    candidates = [gene_id_column] if gene_id_column is not None else [None]
+    if gene_id_column is None:
+        lowered = {str(c).lower(): c for c in var.columns}
+        candidates += [lowered[c] for c in GENE_ID_COLUMNS if c in lowered and var[lowered[c]].dtype.kind not in "iufb"]
+    best, best_n = None, -1
+    for col in candidates:
+        if col is not None and col not in var.columns:
+            map_genes(var, dicts, col, source=source, min_fraction=0.0)  # the missing-column message
+        cand = _build_mapping(var, col, dicts)
+        mapped = int(((cand.slots >= 0) & detected).sum())
+        if mapped > best_n:
+            best, best_n = cand, mapped
+    if best_n < min_fraction * n:
+        pct = 100.0 * best_n / n
+        unmapped = [str(x) for x in np.asarray(var_identifiers(var, best.column))[(best.slots < 0) & detected][:3]]
+        raise InputError(
+            f"{source}: only {best_n:,} of the {n:,} genes detected in the selected cells ({pct:.1f}%) in {best.where} "
+            f"map to the {dicts.version} vocabulary (unmapped e.g. {', '.join(map(repr, unmapped))}); wrong species "
+            "or ID type? Use human Ensembl IDs or symbols, or name the right var column with --gene-id-column"
+        )
+    return best
+
+
 def _looks_like_row_numbers(index) -> bool:
     sample = [str(v) for v in list(index[:50])]
     return all(s.isdigit() for s in sample)
@@ -645,16 +676,20 @@ def validate_counts(
     layer: str | None = None,
     gene_id_column: str | None = None,
     chunk_rows: int = 4096,
-) -> int:
+    gene_totals: bool = False,
+):
     """Check the counts of the selected `rows` before anything is recorded; returns how many have counts.
 
     Streams the matrix in row chunks (only chunks holding a selected row): raw integer counts as the
     tokenizer checks them (negative, NaN and non-integer values refused), at least one selected cell
-    with counts, and, with `dicts`, enough genes mapping to the vocabulary (`map_genes`).
+    with counts, and, with `dicts`, enough of the genes detected in the selected cells mapping to the
+    vocabulary (`map_genes`). With `gene_totals`, returns (cells with counts, each var gene's counts summed
+    over the selected cells).
     """
     rows = np.sort(np.asarray(rows, dtype=np.int64))
     with open_counts(path, layer) as cm:
         with_counts = 0
+        totals_per_gene = np.zeros(len(cm.var), dtype=np.float64)
         for start, stop in cm.chunks(chunk_rows):
             lo, hi = np.searchsorted(rows, [start, stop])
             if lo == hi:
@@ -663,16 +698,18 @@ def validate_counts(
             check_raw_counts(
                 block.data, source=cm.source, where=cm.where, first_row=start, indptr=block.indptr, sample_step=61
             )
-            totals = np.asarray(block.sum(axis=1)).ravel()[rows[lo:hi] - start]
+            selected = block[rows[lo:hi] - start]
+            totals = np.asarray(selected.sum(axis=1)).ravel()
             with_counts += int((totals > 0).sum())
+            totals_per_gene += np.asarray(selected.sum(axis=0), dtype=np.float64).ravel()
         if len(rows) and with_counts == 0:
             raise InputError(
                 f"{path}: all {len(rows):,} selected cells have zero counts in {cm.where}; store raw counts in X "
                 "or name their layer with data.layer"
             )
         if dicts is not None:
-            map_genes(cm.var, dicts, gene_id_column, source=str(path))
-    return with_counts
+            map_genes(cm.var, dicts, gene_id_column, source=str(path), detected=totals_per_gene > 0)
+    return (with_counts, totals_per_gene) if gene_totals else with_counts
 
 
 def loom_as_h5ad(path: str | os.PathLike, folder: str | os.PathLike) -> Path:

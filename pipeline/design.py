@@ -17,6 +17,7 @@ one class per dose, and low 0-2.5 uM vs high 12.5-25 uM, are the presets `dose` 
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -195,6 +196,7 @@ class Selection:
     names: dict[str, list[str]]  # task name -> class names
     counts_before: dict[str, int] = field(default_factory=dict)  # first task's classes, after the filter only
     counts_after: dict[str, int] = field(default_factory=dict)
+    no_label: int = 0  # cells passing the filter dropped for a missing (NaN) label
 
     def labels(self, task: str) -> tuple[np.ndarray, list[str]]:
         """Integer labels and class names of a task."""
@@ -225,6 +227,7 @@ class Selection:
             names=self.names,
             counts_before=self.counts_before,
             counts_after=self.counts_after,
+            no_label=self.no_label,
         )
 
 
@@ -242,6 +245,10 @@ def select_cells(obs: pd.DataFrame, cfg: dict) -> Selection:
         return {name: int(n) for name, n in zip(first.names, c)}
 
     before = counts(keep)
+    missing = keep.copy()
+    for tl in labels:
+        missing &= ~pd.isna(obs[tl.task.column]).to_numpy()
+    no_label = int(keep.sum() - missing.sum())  # cells the filter keeps whose label is missing (NaN)
     for tl in labels:
         in_task = keep & (tl.codes >= 0)
         empty = [n for i, n in enumerate(tl.names) if not np.any(in_task & (tl.codes == i))]
@@ -261,6 +268,7 @@ def select_cells(obs: pd.DataFrame, cfg: dict) -> Selection:
         codes={tl.task.name: tl.codes[idx] for tl in labels},
         names={tl.task.name: tl.names for tl in labels},
         counts_before=before,
+        no_label=no_label,
     )
     max_cells = int(cfg["data"]["max_cells"])
     if max_cells and len(idx) > max_cells:
@@ -280,6 +288,29 @@ def _stratified_subsample(idx: np.ndarray, strata: np.ndarray, n: int, seed: int
         take = max(1, int(round(n * len(members) / len(idx))))
         keep.append(rng.choice(members, size=min(take, len(members)), replace=False))
     return np.sort(np.concatenate(keep))
+
+
+MIN_CLASS_CELLS = 10  # fewer cells of a class leave too few to train on and to judge the model by
+
+
+def min_class_cells(validation: float, test: float) -> int:
+    """The fewest cells a class may have: the validation and the test split each get at least 2 of them (early
+    stopping and the gate's balanced accuracy read every class) and training at least `MIN_CLASS_CELLS` - 4."""
+    return max(MIN_CLASS_CELLS, math.ceil(2 / min(float(validation), float(test)) - 1e-9))
+
+
+def check_class_sizes(sel: Selection, validation: float, test: float) -> None:
+    """One line naming a class too small for the split (and its count), with the minimum and why."""
+    need = min_class_cells(validation, test)
+    for t in sel.tasks:
+        counts = np.bincount(sel.codes[t.name], minlength=len(sel.names[t.name]))
+        for name, n in zip(sel.names[t.name], counts):
+            if n < need:
+                raise InputError(
+                    f"task {t.name!r}: class {name!r} has {int(n)} cells; each class needs at least {need} so that "
+                    f"validation ({validation:.0%}) and test ({test:.0%}) hold 2 or more of them and training the "
+                    f"rest: drop it (--classes with the other classes) or add cells"
+                )
 
 
 def stratified_split(strata: np.ndarray, validation: float, test: float, seed: int) -> np.ndarray:

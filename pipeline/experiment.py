@@ -40,6 +40,7 @@ from pipeline.progress import Reporter
 
 CHECKPOINT_JSON = "checkpoint"  # json result on a finetune run: {"path", "weights_sha256"}
 DETERMINISM_JSON = "determinism"  # json result on a pipeline run: `pipeline.compute.determinism_report`
+IG_GAP_WARN = 0.25  # integrated gradients' relative completeness gap above which the run warns
 
 
 # ------------------------------------------------------------------------------------------- preflight
@@ -111,15 +112,16 @@ def preflight(cfg: dict, cache: Path | None = None) -> Preflight:
         obs = read_obs(read_path)
         out.selection, out.split = select_and_split(obs, cfg)
         out.obs_rows = len(obs)
-        if not model_path:
-            _check_embedded_genes(read_path, cfg)
-        validate_counts(
+        _, totals = validate_counts(
             read_path,
             out.selection.index,
             dicts,
             layer=cfg["data"]["layer"] or None,
             gene_id_column=cfg["data"]["gene_id_column"] or None,
+            gene_totals=True,
         )
+        if not model_path:
+            _check_embedded_genes(read_path, cfg, totals)
     return out
 
 
@@ -167,9 +169,10 @@ def read_obs(data_path: str):
 
 
 def select_and_split(obs, cfg: dict):
-    from pipeline.design import select_cells, stratified_split
+    from pipeline.design import check_class_sizes, select_cells, stratified_split
 
     sel = select_cells(obs, cfg)
+    check_class_sizes(sel, cfg["split"]["validation"], cfg["split"]["test"])
     split = stratified_split(sel.strata, cfg["split"]["validation"], cfg["split"]["test"], int(cfg["run"]["seed"]))
     de_comparisons(cfg, sel)  # refuses DE groups that name no class, before anything is recorded
     return sel, split
@@ -193,6 +196,7 @@ class Products:
     checkpoint_hashes: dict[tuple[str, str], str] = field(default_factory=dict)
     de: dict[tuple[str, str, str], Any] = field(default_factory=dict)  # (task, group, reference) -> DE table
     pretrain_metrics: dict = field(default_factory=dict)
+    gates: dict[tuple[str, str], dict] = field(default_factory=dict)  # (task, mode) -> results.JSON_GATE document
 
 
 @dataclass
@@ -275,6 +279,7 @@ def stage_data(ctx: Context) -> None:
         + ", ".join(f"{k} {v}" for k, v in sel.counts_after.items())
         + f"; split train {int((split == 'train').sum())} / validation {int((split == 'validation').sum())}"
         f" / test {int((split == 'test').sum())}"
+        + (f"; {sel.no_label} cells without a label (NaN) dropped" if sel.no_label else "")
     )
 
 
@@ -510,21 +515,50 @@ def _pretrain_small_model(ctx: Context, corpus_ds, dicts, out: Path, *, seed: in
     )
 
 
-def _check_embedded_genes(data_path: str, cfg: dict) -> None:
+def _check_embedded_genes(data_path: str, cfg: dict, totals: np.ndarray | None = None) -> None:
     """Without a checkpoint, the model's vocabulary is the data's own genes as Ensembl IDs: symbols need
-    Geneformer's name dictionary (--geneformer-dir) to become IDs."""
-    from pipeline.data import looks_like_ensembl, open_counts, var_identifiers
+    Geneformer's name dictionary (--geneformer-dir) to become IDs. Only the genes detected in the selected
+    cells (`totals` > 0: their counts summed over those cells) count: an unfiltered matrix lists many
+    genes no cell expresses, and the vocabulary is built from the detected ones."""
+    from pipeline.data import MIN_MAPPED_FRACTION, looks_like_ensembl, open_counts, var_identifiers
 
-    if cfg["model"]["geneformer_dir"]:
-        return
     with open_counts(data_path, cfg["data"]["layer"] or None) as cm:
-        ids = var_identifiers(cm.var, cfg["data"]["gene_id_column"] or None)
-    if looks_like_ensembl(ids).mean() < 0.5:
+        ids = np.asarray(var_identifiers(cm.var, cfg["data"]["gene_id_column"] or None), dtype=object)
+    detected = totals > 0 if totals is not None and (totals > 0).any() else np.ones(len(ids), dtype=bool)
+    mapped = looks_like_ensembl(ids)
+    if cfg["model"]["geneformer_dir"]:
+        from pipeline.dictionaries import GeneDictionaries
+
+        version = cfg["model"]["version"] if cfg["model"]["version"] != "auto" else "V2"
+        names = GeneDictionaries.from_geneformer_dir(cfg["model"]["geneformer_dir"], version).name_to_id or {}
+        mapped |= np.array([str(i) in names for i in ids], dtype=bool)
+        share = mapped[detected].mean()
+        if share < MIN_MAPPED_FRACTION:
+            raise InputError(
+                f"{data_path}: only {int(mapped[detected].sum()):,} of the {int(detected.sum()):,} genes detected in "
+                f"the selected cells ({share:.1%}) are Ensembl IDs or symbols Geneformer's name dictionary knows "
+                f"(e.g. unknown: {', '.join(map(repr, ids[detected & ~mapped][:3]))}); wrong species, or name a var "
+                "column of Ensembl IDs (data.gene_id_column)"
+            )
+        return
+    if mapped[detected].mean() < 0.5:
         raise InputError(
             f"{data_path}: genes are named by symbol (e.g. {', '.join(map(repr, ids[:3]))}); without --model, gfattn "
             "pretrains its small model on your cells over Ensembl IDs: pass --geneformer-dir (its gene name "
             "dictionary maps symbols to IDs), a var column of Ensembl IDs (data.gene_id_column), or --model DIR"
         )
+
+
+def pretraining_objective(pcfg: dict) -> str:
+    """The objective gfattn's small model is pretrained by, in words (`pretrain.cell_objective`, weight)."""
+    weight = float(pcfg.get("cell_loss_weight") or 0.0)
+    if weight <= 0:
+        return "masked genes"
+    if pcfg.get("cell_objective") == "components":
+        cell = f"the first position regressing the cell's top {int(pcfg['cell_components'])} principal components"
+    else:
+        cell = "the first position predicting its cell's genes"
+    return f"masked genes plus {cell} (weight {weight:g})"
 
 
 def self_pretrained_model_dir(ctx: Context) -> Path:
@@ -563,16 +597,24 @@ def self_pretrained_model_dir(ctx: Context) -> Path:
         name_to_id = GeneDictionaries.from_geneformer_dir(cfg["model"]["geneformer_dir"], version).name_to_id
     cells = ctx.selected_adata()[np.flatnonzero(train)].copy()
     ctx.rep.line(
-        f"no --model: pretraining gfattn's small model ({pcfg['layers']} layers x {pcfg['hidden']}) by masked genes "
-        f"on the {len(train_ids):,} training cells of this data; it is small and self-pretrained, not Geneformer"
+        f"no --model: pretraining gfattn's small model ({pcfg['layers']} layers x {pcfg['hidden']}) by "
+        f"{pretraining_objective(pcfg)} on the {len(train_ids):,} training cells of this data; it is small and "
+        "self-pretrained, not Geneformer"
     )
     opts = {
         "gene_id_column": columns["gene_id_column"] or None,
         "n_counts_column": columns["n_counts_column"] or None,
         "layer": columns["layer"] or None,
     }
-    dicts = build_vocabulary(cells, name_to_id=name_to_id, special_tokens=bool(pcfg.get("cls_token", False)), **opts)
-    corpus, _ = tokenize_anndata(cells, dicts, max_len=int(pcfg["max_len"]), **opts)
+    # preflight checked that most genes detected in the selected cells map (`_check_embedded_genes`)
+    dicts = build_vocabulary(
+        cells,
+        name_to_id=name_to_id,
+        special_tokens=bool(pcfg.get("cls_token", False)),
+        min_mapped_fraction=0.0,
+        **opts,
+    )
+    corpus, _ = tokenize_anndata(cells, dicts, max_len=int(pcfg["max_len"]), min_mapped_fraction=0.0, **opts)
     metrics = _pretrain_small_model(ctx, corpus, dicts, out, seed=ctx.seed)
     ctx.out.pretrain_metrics = dict(metrics)
     if metrics.get("stopped_by_time_budget"):
@@ -624,6 +666,7 @@ def stage_tokenize(ctx: Context) -> None:
             n_counts_column=cfg["data"]["n_counts_column"] or None,
             gene_id_column=cfg["data"]["gene_id_column"] or None,
             layer=cfg["data"]["layer"] or None,
+            min_mapped_fraction=0.0,  # preflight checked the genes detected in the selected cells
         )
         if len(ds) == 0:
             raise InputError(
@@ -646,6 +689,26 @@ def stage_tokenize(ctx: Context) -> None:
     ctx.out.tokenize_report = report
     lengths = np.asarray(ds["length"])
     ctx.rep.line(f"tokenized {len(ds)} cells: length median {np.median(lengths):.0f}, max {lengths.max()}")
+
+
+def stage_checkpoint_check(ctx: Context) -> None:
+    """A user's masked-LM checkpoint on a seeded sample of their training cells: masked-gene accuracy against
+    the gene-frequency baseline (`pipeline.checkpoint_check`), stored on the run; one warning when it is no
+    better (random weights, or dictionaries that are not the model's own)."""
+    from pipeline.checkpoint_check import masked_gene_check
+    from store import results as R
+
+    train = np.flatnonzero(ctx.out.split == "train")
+    ids = ctx.out.dataset.select(train.tolist())["input_ids"]
+    check = masked_gene_check(ctx.out.model_dir, ids, ctx.out.dicts, seed=ctx.seed, device=ctx.device)
+    if check is None:
+        ctx.rep.line(f"checkpoint {ctx.out.model_dir} has no masked-LM head: its masked-gene check is skipped")
+        return
+    ctx.store.put_json(ctx.run_id, R.JSON_CHECKPOINT_CHECK, check)
+    if check["ok"]:
+        ctx.rep.line(check["message"])
+    else:
+        ctx.warn("checkpoint", check["message"])
 
 
 def _use_tokenized(ctx: Context) -> None:
@@ -754,6 +817,11 @@ def stage_finetune(ctx: Context, task: str, mode: str, *, permuted: bool = False
             ctx.out.checkpoint_hashes[(task, mode)] = verify_checkpoint(out_dir, recorded.get("weights_sha256"))
             ctx.rep.line(f"{name}: already fine-tuned (resumed), checkpoint verified")
             ctx.out.models[(task, mode)] = out_dir
+            from store import results as R
+
+            gate = R.model_gate(ctx.store, done)
+            if gate is not None:
+                ctx.out.gates[(task, mode)] = gate
             return
         ctx.store.delete_run(done)  # completed without a usable checkpoint record: fine-tune again
     from pipeline.model import load_classifier
@@ -768,6 +836,9 @@ def stage_finetune(ctx: Context, task: str, mode: str, *, permuted: bool = False
         weight_decay=float(t["weight_decay"]),
         warmup_ratio=float(t["warmup_ratio"]),
         epochs=int(t["epochs"]),
+        min_steps=int(t["min_steps"]),
+        max_epochs=int(t["max_epochs"]),
+        patience=int(t["patience"]),
         batch_size=int(t["batch_size"]),
         grad_accum=int(t["grad_accum"]),
         class_weights=bool(t["class_weights"]),
@@ -822,8 +893,62 @@ def stage_finetune(ctx: Context, task: str, mode: str, *, permuted: bool = False
         save_split(out_dir, ctx.out.selection.cell_ids, ctx.out.split, data=ctx.out.data_path)
         acc, f1 = result.test_metrics["accuracy"], result.test_metrics["macro_f1"]
         ctx.rep.line(f"{name}: test accuracy {acc:.3f}, macro-F1 {f1:.3f} (best epoch {result.best_epoch})")
+        if not permuted and result.test_predictions is not None:
+            _baseline_and_gate(ctx, child, task, mode, parts, names, result, step=len(result.history))
     ctx.out.models[(task, mode)] = out_dir
     ctx.out.checkpoint_hashes[(task, mode)] = digest
+
+
+def _baseline_and_gate(ctx: Context, child: int, task: str, mode: str, parts, names, result, *, step: int) -> None:
+    """Beside the model, on the same cells: the gene-set logistic regression and the majority-class rate
+    (`pipeline.baseline`); then the gate before interpretation (did the model learn?), stored on the child
+    and, when it did not, a warning kept on the run."""
+    from pipeline.baseline import gene_set_baseline, learning_gate
+    from store import results as R
+
+    base = gene_set_baseline(
+        parts,
+        len(names),
+        len(ctx.out.dicts.token_dict),
+        special_ids=ctx.out.dicts.special_ids,
+        seed=ctx.seed,
+        balanced=bool(ctx.cfg["train"]["class_weights"]),
+    )
+    y_test = np.asarray(parts["test"]["label"], dtype=np.int64)
+    gate = learning_gate(y_test, result.test_predictions, names, seed=ctx.seed)
+    values = {
+        R.METRIC_BASELINE_ACCURACY: base.accuracy,
+        R.METRIC_BASELINE_MACRO_F1: base.macro_f1,
+        R.METRIC_MAJORITY_RATE: base.majority_rate,
+        R.METRIC_BALANCED_ACCURACY: gate["balanced_accuracy"],
+    }
+    ctx.store.log_metrics(
+        child,
+        [
+            {"name": k, "value": float(v), "step": step, "epoch": result.best_epoch, "split": R.SPLIT_TEST}
+            for k, v in values.items()
+        ],
+    )
+    ctx.store.put_json(child, R.JSON_GATE, gate)
+    ctx.out.gates[(task, mode)] = gate
+    ctx.rep.line(
+        f"{task}/{mode}: baseline (logistic regression on the gene sets) accuracy {base.accuracy:.3f}, "
+        f"macro-F1 {base.macro_f1:.3f}; majority class {base.majority_rate:.3f}; model balanced accuracy "
+        f"{gate['balanced_accuracy']:.3f} (95% CI {gate['balanced_accuracy_ci'][0]:.3f}-"
+        f"{gate['balanced_accuracy_ci'][1]:.3f}, chance {gate['chance']:.3f})"
+    )
+    if not gate["learned"]:
+        ctx.warn(
+            "gate",
+            f"{task}/{mode} did not learn: {'; '.join(gate['reasons'])}; its key genes are not findings",
+            task=task,
+            mode=mode,
+        )
+
+
+def _did_not_learn(ctx: Context, task: str, mode: str) -> bool:
+    gate = ctx.out.gates.get((task, mode))
+    return gate is not None and not gate.get("learned", True)
 
 
 def _de_for(ctx: Context, task: str):
@@ -996,6 +1121,18 @@ def stage_model_analysis(ctx: Context, task: str, mode: str, pairs: list[str]) -
     ctx.rep.line(f"{name}: analysed once, {used}")
 
 
+def _gate_skips(ctx: Context, task: str, mode: str, what: str) -> bool:
+    """Whether `analysis.gate = "skip"` leaves out this costly analysis of a model that did not learn (said
+    in the run log); with "mark" it is computed and shown as no findings."""
+    if not _did_not_learn(ctx, task, mode):
+        return False
+    if ctx.cfg["analysis"]["gate"] == "mark":
+        ctx.rep.line(f"{task}: {what} of {mode} computed, but {mode} did not learn: no findings (analysis.gate mark)")
+        return False
+    ctx.rep.line(f"{task}: {what} of {mode} skipped: the model did not learn (analysis.gate skip)")
+    return True
+
+
 # The model analysis's own gene table is a one-model table: its columns end in "_a" (`MODEL_SUFFIX`).
 MODEL_SUFFIX = "a"
 
@@ -1040,6 +1177,14 @@ def _attribution(ctx: Context, child: int, task: str, test, mode: str, model, ge
         f"{task}: attribution of {mode} ({', '.join(methods)}) on {len(labels)} cells"
         + (f"; integrated gradients' completeness gap {gap:.2%}" if gap is not None else "")
     )
+    if gap is not None and abs(gap) > IG_GAP_WARN:
+        ctx.warn(
+            "integrated_gradients",
+            f"{task}/{mode}: integrated gradients' completeness gap is {gap:.0%} (over {IG_GAP_WARN:.0%}): its "
+            "attributions do not add up to the model's output; raise analysis.ig_steps before trusting them",
+            task=task,
+            mode=mode,
+        )
     return result
 
 
@@ -1077,7 +1222,7 @@ def _deletion(ctx: Context, child: int, task: str, test, mode: str, model, genes
     test cells, and single-gene deletion of each score's top genes (`pipeline.deletion`). The rankings
     come from the model's own gene table (`stage_model_analysis`), so every pair reads the same result."""
     a_cfg = ctx.cfg["analysis"]
-    if not a_cfg["deletion"]:
+    if not a_cfg["deletion"] or _gate_skips(ctx, task, mode, "deletion"):
         return
     from pipeline.deletion_report import run_deletion, write_deletion
 
@@ -1107,7 +1252,7 @@ def _deletion(ctx: Context, child: int, task: str, test, mode: str, model, genes
 def _sanity(ctx: Context, child: int, task: str, test, mode: str, genes, attribution) -> None:
     """Cascading randomisation of one model (Adebayo et al. 2018): how its key-gene scores change as the
     head, then the layers top down, then the embeddings are re-initialised."""
-    if not ctx.cfg["analysis"]["sanity"]:
+    if not ctx.cfg["analysis"]["sanity"] or _gate_skips(ctx, task, mode, "randomisation cascade"):
         return
     from pipeline.attribution import attribution_gene_table
     from pipeline.keygenes import min_cells_for
@@ -1284,6 +1429,9 @@ def _stages(ctx: Context) -> None:
         stage_model(ctx)
     with stage("tokenize"):
         stage_tokenize(ctx)
+    if cfg["model"]["path"]:
+        with stage("checkpoint"):
+            stage_checkpoint_check(ctx)
     with stage("record"):
         stage_record_data(ctx)
     for task in trained_tasks(cfg):
@@ -1310,6 +1458,32 @@ def _stages(ctx: Context) -> None:
         for mode_a, mode_b in cfg["analysis"]["pairs"]:
             with stage(f"attention {task}: {mode_a} vs {mode_b}"):
                 stage_attention(ctx, task, mode_a, mode_b)
+
+
+def quiet_library_warnings():
+    """Library warnings that gfattn's code answers itself never reach the terminal raw: scipy's constant-input
+    warnings (a correlation with a constant ranking is undefined; the callers store it as missing) and
+    scikit-learn's convergence and undefined-metric warnings (the baseline caps its iterations; metrics
+    count an undefined ratio as 0)."""
+    import contextlib
+    import warnings
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(warnings.catch_warnings())
+    from scipy import stats
+
+    for name in ("ConstantInputWarning", "NearConstantInputWarning", "DegenerateDataWarning"):
+        category = getattr(stats, name, None)
+        if category is not None:
+            warnings.filterwarnings("ignore", category=category)
+    try:
+        from sklearn.exceptions import ConvergenceWarning, UndefinedMetricWarning
+
+        warnings.filterwarnings("ignore", category=ConvergenceWarning)
+        warnings.filterwarnings("ignore", category=UndefinedMetricWarning)
+    except ImportError:  # pragma: no cover - scikit-learn is a dependency
+        pass
+    return stack
 
 
 def open_store(store_path):
@@ -1366,7 +1540,7 @@ def run_pipeline(cfg: dict, store_path, *, resume_id: int | None = None, stdout=
         )
     t0 = time.monotonic()
     try:
-        with store.track(run_id):
+        with store.track(run_id), quiet_library_warnings():
             _stages(ctx)
     except InputError:
         rep.close()

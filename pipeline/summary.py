@@ -69,20 +69,21 @@ def format_summary(store, run_id: int, elapsed_s: float | None = None, top_n: in
         + (f" in {elapsed_s:.0f} s" if elapsed_s is not None else "")
         + f"; store {store.path}"
     ]
+    lines += warning_lines(store, run_id)
+    lines += checkpoint_check_lines(store, run_id)
     cfg = R.run_config(run)
     if (cfg.get("data") or {}).get("path") and not (cfg.get("model") or {}).get("path"):
+        from pipeline.experiment import pretraining_objective
+
         lines.append(
-            "model: gfattn's small model, pretrained by masked genes on this data's training cells (not Geneformer)"
+            f"model: gfattn's small model, pretrained by {pretraining_objective(cfg.get('pretrain') or {})} on this "
+            "data's training cells (not Geneformer)"
         )
     finetunes = [R.read_finetune(store, c) for c in scope.of_kind(R.KIND_FINETUNE)]
+    gates = {(ft.task, ft.mode): R.model_gate(store, ft.run_id) for ft in finetunes}
     if finetunes:
         lines.append("")
-        lines.append("test accuracy / macro-F1 per task and mode:")
-        width = max([24] + [len(ft.name) for ft in finetunes])
-        for ft in finetunes:
-            if ft.accuracy is not None:
-                f1 = f"{ft.macro_f1:6.3f}" if ft.macro_f1 is not None else f"{'-':>6}"
-                lines.append(f"  {ft.name:<{width}} {ft.accuracy:6.3f}  {f1}")
+        lines += finetune_table_lines(store, finetunes, gates)
         thesis = is_thesis_design(R.run_config(run))
         comparison = comparison_lines(finetunes, thesis)
         if comparison:
@@ -100,13 +101,15 @@ def format_summary(store, run_id: int, elapsed_s: float | None = None, top_n: in
             lines += ["  " + ln for ln in _grid_text(an.grids[R.GRID_COSINE].values)]
         docs = R.read_json(store, an.run_id, (R.JSON_KEY_GENES,))
         key_genes = docs.get(R.JSON_KEY_GENES) or {}
+        task = str(R.run_config(R.full_run(store, c)).get("task") or "")
         for suffix, model in zip(R.MODEL_SUFFIXES, an.models):
+            mark = gate_mark(gates.get((task, model)))
             genes = R.top_genes(store, an.run_id, R.col_key_score(suffix), top_n)
             if genes:
-                lines.append(f"  key genes (controlled score), {model}: {', '.join(genes)}")
+                lines.append(f"  key genes (controlled score), {model}{mark}: {', '.join(genes)}")
             genes = R.top_genes(store, an.run_id, R.col_attn(suffix), top_n)
             if genes:
-                lines.append(f"  most attended genes (summed attention), {model}: {', '.join(genes)}")
+                lines.append(f"  most attended genes (summed attention), {model}{mark}: {', '.join(genes)}")
         overlaps = (an.de_overlap or {}).get("by_group") or {"": an.de_overlap or {}}
         for group, overlap in overlaps.items():
             parts = []
@@ -122,20 +125,88 @@ def format_summary(store, run_id: int, elapsed_s: float | None = None, top_n: in
         for suffix, model in zip(R.MODEL_SUFFIXES, an.models):
             lines += attribution_lines(store, an.run_id, model, R.col_attn(suffix))
         for model in an.models:
-            lines += deletion_lines(store, an.run_id, model)
+            lines += deletion_lines(store, an.run_id, model, mark=gate_mark(gates.get((task, model))))
         for model in an.models:
-            lines += sanity_lines(store, an.run_id, model)
+            lines += sanity_lines(store, an.run_id, model, mark=gate_mark(gates.get((task, model))))
     return "\n".join(lines)
 
 
-def deletion_lines(store, run_id: int, model: str) -> list[str]:
+def gate_mark(gate: dict | None) -> str:
+    """ " (did not learn: not findings)" beside a model whose gate failed, else ""."""
+    return " (did not learn: not findings)" if gate is not None and not gate.get("learned", True) else ""
+
+
+def finetune_table_lines(store, finetunes: list, gates: dict | None = None) -> list[str]:
+    """Test accuracy and macro-F1 per task and mode, each beside what the data allow without a transformer
+    (the gene-set logistic regression, the majority-class rate) and the model's gate."""
+    gates = gates if gates is not None else {(ft.task, ft.mode): R.model_gate(store, ft.run_id) for ft in finetunes}
+    lines = [
+        "test accuracy / macro-F1 per task and mode, beside the baseline (logistic regression on each cell's gene "
+        "set, same cells) and the majority class:"
+    ]
+    width = max([24] + [len(ft.name) for ft in finetunes])
+    for ft in finetunes:
+        if ft.accuracy is None:
+            continue
+        f1 = f"{ft.macro_f1:6.3f}" if ft.macro_f1 is not None else f"{'-':>6}"
+        line = f"  {ft.name:<{width}} {ft.accuracy:6.3f}  {f1}"
+        base = R.baseline_scores(store, ft.run_id)
+        if base[R.METRIC_BASELINE_ACCURACY] is not None:
+            line += (
+                f"   baseline {base[R.METRIC_BASELINE_ACCURACY]:.3f} / {base[R.METRIC_BASELINE_MACRO_F1]:.3f},"
+                f" majority {base[R.METRIC_MAJORITY_RATE]:.3f}"
+            )
+        gate = gates.get((ft.task, ft.mode))
+        if gate is not None and not gate.get("learned", True):
+            line += "   DID NOT LEARN: " + "; ".join(gate.get("reasons") or [])
+        lines.append(line)
+    return lines
+
+
+def finetune_gate_lines(store, run_id: int) -> list[str]:
+    """A finetune run's baseline and gate in two lines, for `gfattn show`."""
+    lines = []
+    base = R.baseline_scores(store, run_id)
+    if base[R.METRIC_BASELINE_ACCURACY] is not None:
+        lines.append(
+            f"  baseline  logistic regression on the gene sets: accuracy {base[R.METRIC_BASELINE_ACCURACY]:.3f}, "
+            f"macro-F1 {base[R.METRIC_BASELINE_MACRO_F1]:.3f}; majority class {base[R.METRIC_MAJORITY_RATE]:.3f}"
+        )
+    gate = R.model_gate(store, run_id)
+    if gate is not None:
+        lo, hi = gate.get("balanced_accuracy_ci") or [None, None]
+        verdict = "learned" if gate.get("learned") else "DID NOT LEARN: " + "; ".join(gate.get("reasons") or [])
+        ci = f" (95% CI {lo:.3f}-{hi:.3f})" if lo is not None else ""
+        lines.append(f"  gate      balanced accuracy {gate.get('balanced_accuracy', 0):.3f}{ci}: {verdict}")
+    return lines
+
+
+def checkpoint_check_lines(store, run_id: int) -> list[str]:
+    """The masked-gene check of the user's checkpoint (`results.JSON_CHECKPOINT_CHECK`) in one line."""
+    check = R.checkpoint_check(store, run_id)
+    if check is None:
+        return []
+    return [
+        f"checkpoint check: masked-gene top-1 {check['top1']:.3f}, top-10 {check['top10']:.3f} on "
+        f"{check['cells']} of your cells (most frequent genes: {check['baseline_top1']:.3f}, "
+        f"{check['baseline_top10']:.3f}; chance top-10 {check.get('chance_top10', 0):.4f})"
+        + ("" if check.get("ok") else ": it knows nothing of your cells' genes")
+    ]
+
+
+def warning_lines(store, run_id: int) -> list[str]:
+    """A pipeline run's warnings (`results.run_warnings`), one line each."""
+    return [f"warning: {w['message']}" for w in R.run_warnings(store, run_id)]
+
+
+def deletion_lines(store, run_id: int, model: str, mark: str = "") -> list[str]:
     """A model's set deletion in a few lines: per score, the change of the true-class probability when its
     top k genes are deleted beside matched random sets (and the empirical p); the frequency Spearmans."""
     doc = R.read_json(store, run_id, (R.json_deletion(model),)).get(R.json_deletion(model))
     if not doc or not doc.get("sets"):
         return []
     lines = [
-        f"  deletion from {model}: change of the true-class probability, top k genes vs matched random sets "
+        f"  deletion from {model}{mark}: change of the true-class probability, top k genes vs matched random sets "
         f"({doc.get('n_random')} per set; {doc.get('n_cells')} cells, accuracy {doc.get('accuracy_before', 0):.3f}):"
     ]
     by_score: dict[str, list[str]] = {}
@@ -186,7 +257,7 @@ def key_gene_table_lines(store, run_id: int, top_n: int = 10) -> list[str]:
     return lines
 
 
-def sanity_lines(store, run_id: int, model: str) -> list[str]:
+def sanity_lines(store, run_id: int, model: str, mark: str = "") -> list[str]:
     """The randomisation cascade of a model in two lines: each score's Spearman with the trained model's once
     everything is re-initialised, and the scores flagged as not model-dependent."""
     doc = R.read_json(store, run_id, (R.json_sanity(model),)).get(R.json_sanity(model))
@@ -199,7 +270,7 @@ def sanity_lines(store, run_id: int, model: str) -> list[str]:
     ]
     flagged = ", ".join(doc.get("flagged", [])) or "none"
     lines = [
-        f"  randomisation cascade, {model}: Spearman with the trained scores, all re-initialised: {', '.join(last)}",
+        f"  randomisation cascade, {model}{mark}: Spearman with the trained scores, all re-initialised: {', '.join(last)}",
         f"    not model-dependent (rho >= 0.8): {flagged}",
     ]
     perm = doc.get("label_permutation")

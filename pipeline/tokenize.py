@@ -399,8 +399,10 @@ class _Tokenization:
         layer,
         chunk_size,
         progress,
+        min_mapped_fraction=MIN_MAPPED_FRACTION,
     ):
         self.dicts = dicts
+        self.min_mapped_fraction = float(min_mapped_fraction)
         self.max_len = int(max_len) if max_len is not None else dicts.model_input_size
         self.special = dicts.uses_special_tokens
         self.max_genes = self.max_len - 2 if self.special else self.max_len
@@ -421,7 +423,7 @@ class _Tokenization:
         cm, dicts = self.cm, self.dicts
         src = cm.source
         self.obs_columns = check_obs_columns(cm.obs, obs_columns, source=src)
-        gm = map_genes(cm.var, dicts, gene_id_column, source=src)
+        gm = map_genes(cm.var, dicts, gene_id_column, source=src, min_fraction=self.min_mapped_fraction)
         self.nc = resolve_n_counts(cm.obs, n_counts_column, source=src)
         self.fp = filter_pass_mask(cm.obs)
         self.report = TokenizeReport(
@@ -531,6 +533,7 @@ def _options(kwargs: dict) -> dict:
         layer=None,
         chunk_size=_DEFAULT_CHUNK,
         progress=None,
+        min_mapped_fraction=MIN_MAPPED_FRACTION,
     )
     unknown = set(kwargs) - set(opts)
     if unknown:
@@ -552,8 +555,12 @@ def tokenize_anndata(
     spill_dir: str | os.PathLike | None = None,
     spill_tokens: int = _SPILL_TOKENS,
     progress: Callable[[int, int], None] | None = None,
+    min_mapped_fraction: float = MIN_MAPPED_FRACTION,
 ) -> tuple[datasets.Dataset, TokenizeReport]:
     """Rank-value encode every cell of an `.h5ad` path or AnnData with `dicts`.
+
+    `min_mapped_fraction` of the var genes must map to the vocabulary (the pipeline passes 0: its
+    preflight has checked the genes detected in the selected cells, `data.validate_counts`).
 
     Returns a `datasets.Dataset` with `input_ids`, `length`, `cell_id` (the obs index) and the
     requested obs columns, and a `TokenizeReport`. `max_len` defaults to the model series' input size
@@ -573,6 +580,7 @@ def tokenize_anndata(
                 layer=layer,
                 chunk_size=chunk_size,
                 progress=progress,
+                min_mapped_fraction=min_mapped_fraction,
             )
         ),
     ) as t:
@@ -806,6 +814,7 @@ def build_vocabulary(
     chunk_size: int = _DEFAULT_CHUNK,
     max_values_in_memory: int = 100_000_000,
     special_tokens: bool = False,
+    min_mapped_fraction: float = MIN_MAPPED_FRACTION,
 ) -> GeneDictionaries:
     """Token dictionary and gene medians of a corpus, for models pretrained by gfattn.
 
@@ -836,7 +845,7 @@ def build_vocabulary(
             else:
                 gene_of_col.append(None)
         n_ok = sum(g is not None for g in gene_of_col)
-        if n_ok < MIN_MAPPED_FRACTION * len(ids):
+        if n_ok < min_mapped_fraction * len(ids):
             raise InputError(
                 f"{src}: only {n_ok:,} of {len(ids):,} var identifiers are Ensembl IDs "
                 f"(e.g. {', '.join(repr(i) for i in ids[:3])}); pass a gene-name map or --gene-id-column"

@@ -55,10 +55,13 @@ class TrainConfig:
     weight_decay: float = _TrainSchema.weight_decay
     warmup_ratio: float = _TrainSchema.warmup_ratio  # fraction of optimisation steps of linear warm-up
     warmup_steps: int | None = None  # overrides warmup_ratio (Geneformer's Classifier: 500)
-    epochs: int = _TrainSchema.epochs  # the thesis trained 5 epochs
+    epochs: int = _TrainSchema.epochs  # the thesis trained 5 epochs (the least, with min_steps)
+    min_steps: int = 0  # small training sets train more epochs to reach this many steps (0: exactly `epochs`)
+    max_epochs: int = _TrainSchema.max_epochs  # the most epochs min_steps may ask for
+    patience: int = 0  # stop once validation `best_metric` has not improved for this many epochs (0: never)
     batch_size: int = _TrainSchema.batch_size  # cells per micro-batch per process (Geneformer: 12)
     grad_accum: int = _TrainSchema.grad_accum
-    class_weights: bool = _TrainSchema.class_weights  # inverse-frequency weights n / (C * n_c) in the loss
+    class_weights: bool = False  # inverse-frequency weights n / (C * n_c) in the loss
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     amp: str = _TrainSchema.amp  # auto | bf16 | fp16 | off (autocast is used on CUDA only)
@@ -80,9 +83,11 @@ class TrainConfig:
             raise InputError(f"amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
         if self.best_metric not in BEST_METRICS:
             raise InputError(f"best_metric must be one of {', '.join(BEST_METRICS)}, got {self.best_metric!r}")
-        for name in ("epochs", "batch_size", "grad_accum", "log_every"):
+        for name in ("epochs", "batch_size", "grad_accum", "log_every", "max_epochs"):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if int(self.min_steps) < 0 or int(self.patience) < 0:
+            raise InputError(f"min_steps and patience must be 0 or more, got {self.min_steps}, {self.patience}")
         if self.lr <= 0:
             raise InputError(f"learning rate must be positive, got {self.lr}")
         if not 0 <= self.warmup_ratio < 1:
@@ -160,24 +165,28 @@ def decay_parameter_groups(named_params, weight_decay: float, lr: float) -> list
 
 
 def classification_metrics(y_true, y_pred, label_names: Sequence[str], logits=None) -> tuple[dict, np.ndarray]:
-    """Accuracy, macro-F1 (over labels present in truth or prediction, like scikit-learn), per-class
-    precision/recall/F1 (0 where undefined), cross-entropy (when logits are given) and the confusion
-    matrix (rows: true label, columns: predicted)."""
+    """Accuracy, macro-F1 (scikit-learn's over every class of the task, absent classes counting 0: the one
+    macro-F1 of the project, `pipeline.baseline.macro_f1`), per-class precision/recall/F1 (0 where
+    undefined), cross-entropy (when logits are given) and the confusion matrix (rows: true label, columns:
+    predicted)."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    from pipeline.baseline import macro_f1
+
     y_true = np.asarray(y_true, dtype=np.int64)
     y_pred = np.asarray(y_pred, dtype=np.int64)
     c = len(label_names)
-    confusion = np.bincount(y_true * c + y_pred, minlength=c * c).reshape(c, c).astype(np.int64)
-    tp = np.diag(confusion).astype(float)
-    predicted = confusion.sum(axis=0).astype(float)
-    actual = confusion.sum(axis=1).astype(float)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        precision = np.where(predicted > 0, tp / predicted, 0.0)
-        recall = np.where(actual > 0, tp / actual, 0.0)
-        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
-    present = (predicted + actual) > 0
+    labels = list(range(c))
+    confusion = confusion_matrix(y_true, y_pred, labels=labels).astype(np.int64)
+    if len(y_true):
+        precision, recall, f1, _ = precision_recall_fscore_support(
+            y_true, y_pred, labels=labels, average=None, zero_division=0
+        )
+    else:
+        precision = recall = f1 = np.zeros(c)
     metrics: dict[str, float] = {
-        "accuracy": float(tp.sum() / max(1, len(y_true))),
-        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "accuracy": float(np.trace(confusion) / max(1, len(y_true))),
+        "macro_f1": macro_f1(y_true, y_pred, c),
         "n_cells": int(len(y_true)),
     }
     if logits is not None and len(y_true):
@@ -348,40 +357,67 @@ def finetune(
     val_ds,
     test_ds,
     *,
-    label_names: Sequence[str],
-    mode: str = "frozen",
-    config: TrainConfig | None = None,
-    store=None,
-    run_id: int | None = None,
     out_dir: str | os.PathLike | None = None,
     progress: Callable[[dict], None] | None = None,
     dicts=None,
+    **options,
 ) -> FinetuneResult:
     """Fine-tune a `BertForSequenceClassification` in a training mode and evaluate it.
 
-    Datasets carry `input_ids`, `length` and an int `label` indexing `label_names`; `val_ds` and
-    `test_ds` may be None. With `store` and `run_id`, rank 0 records progress, train loss and learning
-    rate every `log_every` steps, validation metrics every epoch, and the test metrics and confusion
-    matrix. With `out_dir`, rank 0 saves the model (`save_pretrained`), its gene dictionaries (`dicts`, or
-    the ones next to the checkpoint it was loaded from) and `gfattn_finetune.json`. `progress` is called
-    on rank 0 after every logged step as `progress(step, total_steps, throughput=steps_per_s, eta_s=...,
-    message="epoch E, loss L, lr X, N cells/s")`.
+    `options` are `plan_finetuning`'s: `label_names` (required), `mode` (default frozen), `config`
+    (`TrainConfig`), `store` and `run_id`. Datasets carry `input_ids`, `length` and an int `label`
+    indexing `label_names`; `val_ds` and `test_ds` may be None. With `store` and `run_id`, rank 0 records
+    progress, train loss and learning rate every `log_every` steps, validation metrics every epoch, and the
+    test metrics and confusion matrix. With `out_dir`, rank 0 saves the model (`save_pretrained`), its gene
+    dictionaries (`dicts`, or the ones next to the checkpoint it was loaded from) and `gfattn_finetune.json`.
+    `progress` is called on rank 0 after every logged step as `progress(step, total_steps,
+    throughput=steps_per_s, eta_s=..., message="epoch E, loss L, lr X, N cells/s")`.
 
     The work runs in four steps: `plan_finetuning` (cells, optimiser, schedule, seeds), the frozen
-    feature cache (`encode_frozen_features`), one `run_epoch` + `validate_epoch` per epoch, and
-    `finish_finetuning` (best weights, test metrics, records, the saved checkpoint).
+    feature cache (`encode_frozen_features`), one `run_epoch` + `validate_epoch` per epoch (stopping early
+    once the validation score has not improved for `config.patience` epochs), and `finish_finetuning`
+    (best weights, test metrics, records, the saved checkpoint).
     """
-    plan = plan_finetuning(
-        model, train_ds, val_ds, test_ds, label_names=label_names, mode=mode, config=config, store=store, run_id=run_id
-    )
+    plan = plan_finetuning(model, train_ds, val_ds, test_ds, **options)
     encode_frozen_features(plan)
     state = _TrainState(plan)
-    for epoch in range(1, plan.config.epochs + 1):
+    for epoch in range(1, plan.epochs + 1):
         entry = run_epoch(plan, state, epoch, progress)
         validate_epoch(plan, state, epoch, entry)
         record_epoch(plan, entry)
         state.history.append(entry)
+        if early_stop(plan, state, epoch):
+            break
     return finish_finetuning(plan, state, out_dir=out_dir, dicts=dicts)
+
+
+def planned_epochs(config: TrainConfig, n_train: int, global_bs: int) -> int:
+    """Epochs so that small training sets get enough optimisation steps: ceil(min_steps / steps per epoch),
+    at least `epochs`, at most `max_epochs` (never below `epochs`)."""
+    epochs = int(config.epochs)
+    if not config.min_steps:
+        return epochs
+    per_epoch = max(1, math.ceil(int(n_train) / int(global_bs)))
+    wanted = math.ceil(int(config.min_steps) / per_epoch)
+    return max(epochs, min(wanted, max(epochs, int(config.max_epochs))))
+
+
+def early_stop(plan: FinetunePlan, state: _TrainState, epoch: int) -> bool:
+    """Whether the validation score has not improved for `config.patience` epochs (0: never stop early)."""
+    patience = int(plan.config.patience)
+    if not patience or plan.val is None or not plan.config.eval_every_epoch or epoch >= plan.epochs:
+        return False
+    if epoch - int(state.best["epoch"] or 0) < patience:
+        return False
+    state.stopped_early = epoch
+    if plan.record:
+        plan.store.log_event(
+            plan.run_id,
+            f"early stop after epoch {epoch}: validation {plan.config.best_metric} has not improved for "
+            f"{patience} epochs (best: epoch {state.best['epoch']})",
+            stage=STAGE,
+        )
+    return True
 
 
 @dataclass
@@ -412,6 +448,7 @@ class FinetunePlan:
     class_weight: Any  # tensor on device
     global_bs: int
     total_steps: int
+    epochs: int  # planned epochs (`planned_epochs`); early stopping may end sooner
     optimizer: Any
     scheduler: Any
     scaler: Any
@@ -442,6 +479,7 @@ class _TrainState:
         self.last_progress = 0.0
         self.window_loss = torch.zeros((), dtype=torch.float64, device=plan.device)
         self.window_steps = 0
+        self.stopped_early = 0  # the epoch after which early stopping ended training (0: it did not)
 
 
 def plan_finetuning(
@@ -521,7 +559,8 @@ def plan_finetuning(
     # micro-batches. With cached frozen features every rank runs all micro-batches (the head is tiny),
     # so the ranks stay identical without gradient communication.
     global_bs = config.batch_size * config.grad_accum * world
-    total_steps = math.ceil(len(train) / global_bs) * config.epochs
+    epochs = planned_epochs(config, len(train), global_bs)
+    total_steps = math.ceil(len(train) / global_bs) * epochs
     warmup = config.warmup_steps if config.warmup_steps is not None else math.ceil(config.warmup_ratio * total_steps)
     lr = config.head_lr if (kind == "frozen" and config.head_lr) else config.lr
     optimizer = torch.optim.AdamW(
@@ -560,6 +599,7 @@ def plan_finetuning(
         class_weight=torch.as_tensor(cw, dtype=torch.float32, device=device),
         global_bs=global_bs,
         total_steps=total_steps,
+        epochs=epochs,
         optimizer=optimizer,
         scheduler=scheduler,
         scaler=scaler,
@@ -568,7 +608,9 @@ def plan_finetuning(
     if record:
         store.log_event(
             run_id,
-            f"fine-tuning {mode}: {len(train)} training cells, {total_steps} steps on {world} x {device.type}",
+            f"fine-tuning {mode}: {len(train)} training cells, {epochs} epochs, {total_steps} steps on "
+            f"{world} x {device.type}"
+            + (f", class weights {', '.join(f'{w:.2f}' for w in cw)}" if config.class_weights else ""),
             stage=STAGE,
         )
         store.set_progress(run_id, STAGE, 0, total_steps, unit="steps")
@@ -739,7 +781,7 @@ def _after_step(plan: FinetunePlan, state: _TrainState, epoch: int, lr_now: floa
 def validate_epoch(plan: FinetunePlan, state: _TrainState, epoch: int, entry: dict) -> None:
     """Validation metrics of this epoch; keeps the best epoch's trainable weights (`config.best_metric`)."""
     config = plan.config
-    if plan.val is None or not (config.eval_every_epoch or epoch == config.epochs):
+    if plan.val is None or not (config.eval_every_epoch or epoch == plan.epochs):
         return
     logits = predict_logits(
         plan.model,
@@ -770,7 +812,7 @@ def validate_epoch(plan: FinetunePlan, state: _TrainState, epoch: int, entry: di
         or (score == best["score"] and vm["loss"] < best["val"].get("loss", math.inf))
     ):
         best.update(epoch=epoch, score=score, val=vm)
-        if config.keep_best and epoch < config.epochs:
+        if config.keep_best and epoch < plan.epochs:
             best["state"] = {
                 n: p.detach().to("cpu", copy=True) for n, p in plan.model.named_parameters() if p.requires_grad
             }
@@ -793,7 +835,7 @@ def record_epoch(plan: FinetunePlan, entry: dict) -> None:
             }
         ],
     )
-    msg = f"epoch {entry['epoch']}/{plan.config.epochs}: train loss {entry['train_loss']:.4f}"
+    msg = f"epoch {entry['epoch']}/{plan.epochs}: train loss {entry['train_loss']:.4f}"
     if "val_accuracy" in entry:
         msg += f", validation accuracy {entry['val_accuracy']:.3f}, macro-F1 {entry['val_macro_f1']:.3f}"
     plan.store.log_event(plan.run_id, msg, stage=STAGE)
@@ -805,7 +847,7 @@ def finish_finetuning(plan: FinetunePlan, state: _TrainState, *, out_dir=None, d
 
     config, model, label_names = plan.config, plan.model, plan.label_names
     # Restore the best epoch's weights (only trainable parameters ever change).
-    best_epoch, val_metrics = config.epochs, state.last_val
+    best_epoch, val_metrics = len(state.history) or plan.epochs, state.last_val
     if plan.val is not None and config.keep_best and state.best["epoch"]:
         best_epoch, val_metrics = state.best["epoch"], state.best["val"]
         if state.best["state"] is not None:

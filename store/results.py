@@ -55,6 +55,12 @@ METRIC_MACRO_F1 = "macro_f1"
 METRIC_LR = "lr"
 METRIC_CELLS_PER_S = "cells_per_s"
 METRIC_MASKED_ACCURACY = "masked_accuracy"
+# on each finetune run, split "test": the gene-set logistic regression beside the model (pipeline.baseline),
+# the test cells' share of the training split's most frequent class, and the model's balanced accuracy
+METRIC_BASELINE_ACCURACY = "baseline_accuracy"
+METRIC_BASELINE_MACRO_F1 = "baseline_macro_f1"
+METRIC_MAJORITY_RATE = "majority_rate"
+METRIC_BALANCED_ACCURACY = "balanced_accuracy"
 SPLIT_TRAIN = "train"
 SPLIT_VALIDATION = "validation"
 SPLIT_TEST = "test"
@@ -204,6 +210,12 @@ JSON_KEY_GENES = "key_genes"  # the key-gene score's definition, fit and frequen
 JSON_QC_REPORT = "qc_report"  # on the data run
 JSON_PRETRAIN = "pretrain"  # on a pretraining run
 JSON_WARNINGS = "warnings"  # on a pipeline run: [{"kind", "message", ...}], what the researcher must see
+# on a finetune run: {"learned", "reasons", "predicted_share", "predicted_class", "balanced_accuracy",
+# "balanced_accuracy_ci", "chance"}; a model that did not learn has no findings (`model_gate`)
+JSON_GATE = "gate"
+# on a pipeline run given a masked-LM checkpoint: {"cells", "top1", "top10", "baseline_top1", "baseline_top10",
+# "ok", "message"}, its masked-gene accuracy on the user's cells against the gene-frequency baseline
+JSON_CHECKPOINT_CHECK = "checkpoint_check"
 JSON_DE_NAMES = (JSON_DE_OVERLAP, "de", "de_vs_attention")  # where a DE comparison may sit, first first
 
 # ------------------------------------------------------------------------- the data run's cells table
@@ -1201,3 +1213,26 @@ def run_warnings(st, run_id: int) -> list[dict]:
     if JSON_WARNINGS not in st.json_names(run_id):
         return []
     return [w for w in (st.get_json(run_id, JSON_WARNINGS) or []) if isinstance(w, dict) and w.get("message")]
+
+
+def model_gate(st, finetune_run_id: int) -> dict | None:
+    """The gate before interpretation of a finetune run (`JSON_GATE`), or None when it has none (older runs)."""
+    if JSON_GATE not in st.json_names(finetune_run_id):
+        return None
+    doc = st.get_json(finetune_run_id, JSON_GATE)
+    return doc if isinstance(doc, dict) else None
+
+
+def baseline_scores(st, finetune_run_id: int) -> dict[str, float | None]:
+    """The test metrics stored beside a model: baseline accuracy and macro-F1, majority rate, balanced accuracy."""
+    rows = st.metrics(finetune_run_id, split=SPLIT_TEST)
+    names = (METRIC_BASELINE_ACCURACY, METRIC_BASELINE_MACRO_F1, METRIC_MAJORITY_RATE, METRIC_BALANCED_ACCURACY)
+    return {name: last_metric(rows, (name,), (SPLIT_TEST,)) for name in names}
+
+
+def checkpoint_check(st, run_id: int) -> dict | None:
+    """A pipeline run's masked-gene check of the user's checkpoint (`JSON_CHECKPOINT_CHECK`), or None."""
+    if JSON_CHECKPOINT_CHECK not in st.json_names(run_id):
+        return None
+    doc = st.get_json(run_id, JSON_CHECKPOINT_CHECK)
+    return doc if isinstance(doc, dict) else None

@@ -28,23 +28,43 @@ def _p(item: dict) -> str:
     return f"p={item['p_value']:.2g}" + (f", matched p={matched:.2g}" if matched is not None else "")
 
 
+def _gate_mark(st, row) -> str:
+    """ "*" after a model that did not learn (`results.model_gate`)."""
+    from store import results as R
+
+    gate = R.model_gate(st, row.run_id) if row is not None else None
+    return "*" if gate is not None and not gate.get("learned", True) else ""
+
+
 def compare_text(st, a: int, b: int) -> str:
     from store import results as R
 
     sa, sb = R.read_results_summary(st, a), R.read_results_summary(st, b)
     name = {a: st.get_run(a)["name"], b: st.get_run(b)["name"]}
-    lines = [f"A = run {a} '{name[a]}', B = run {b} '{name[b]}'", "", "test accuracy / macro-F1:"]
+    lines = [f"A = run {a} '{name[a]}', B = run {b} '{name[b]}'"]
+    for label, run_id in (("A", a), ("B", b)):
+        lines += [f"{label} warning: {w['message']}" for w in R.run_warnings(st, run_id)]
+    lines += ["", "test accuracy / macro-F1, and the baseline's macro-F1 (logistic regression on the gene sets):"]
     rows_a = {(r.task, r.mode): r for r in sa.finetunes}
     rows_b = {(r.task, r.mode): r for r in sb.finetunes}
-    lines.append(f"  {'task/mode':<24} {'A acc':>7} {'B acc':>7} {'B - A':>7}   {'A F1':>6} {'B F1':>6}")
+    lines.append(
+        f"  {'task/mode':<24} {'A acc':>7} {'B acc':>7} {'B - A':>7}   {'A F1':>6} {'B F1':>6}   {'A base':>6} {'B base':>6}"
+    )
+    unlearned = False
     for key in sorted(set(rows_a) | set(rows_b), key=lambda k: (k[0], k[1])):
         ra, rb = rows_a.get(key), rows_b.get(key)
         acc_a, acc_b = (ra.accuracy if ra else None), (rb.accuracy if rb else None)
         diff = f"{acc_b - acc_a:+.3f}" if acc_a is not None and acc_b is not None else "-"
+        base = [R.baseline_scores(st, r.run_id)[R.METRIC_BASELINE_MACRO_F1] if r else None for r in (ra, rb)]
+        marks = [_gate_mark(st, r) for r in (ra, rb)]
+        unlearned |= any(marks)
         lines.append(
-            f"  {key[0] + '/' + key[1]:<24} {_fmt(acc_a):>7} {_fmt(acc_b):>7} {diff:>7}   "
-            f"{_fmt(ra.macro_f1 if ra else None):>6} {_fmt(rb.macro_f1 if rb else None):>6}"
+            f"  {key[0] + '/' + key[1]:<24} {_fmt(acc_a) + marks[0]:>7} {_fmt(acc_b) + marks[1]:>7} {diff:>7}   "
+            f"{_fmt(ra.macro_f1 if ra else None):>6} {_fmt(rb.macro_f1 if rb else None):>6}   "
+            f"{_fmt(base[0]):>6} {_fmt(base[1]):>6}"
         )
+    if unlearned:
+        lines.append("  * did not learn (one class for >= 90% of test cells, or not above chance): no findings")
     heads_b = {h.name: h for h in sb.analyses}
     for ha in sa.analyses:
         hb = heads_b.get(ha.name)

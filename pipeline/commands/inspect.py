@@ -102,13 +102,16 @@ def describe(path: Path, *, geneformer_dir=None, model=None, layer=None, gene_id
     with open_counts(path, layer) as cm:
         n_cells, n_genes = cm.shape
         detected = []
+        gene_counts = np.zeros(n_genes, dtype=np.float64)  # each gene's counts summed over all cells
         for start, stop in cm.chunks(8192):
             block = cm.rows(start, stop)
             detected.append(np.diff(block.indptr))
+            gene_counts += np.asarray(block.sum(axis=0), dtype=np.float64).ravel()
         detected = np.concatenate(detected) if detected else np.zeros(0, dtype=np.int64)
         mapping = []
         for label, dicts in _dictionaries(geneformer_dir, model):
             gm = map_genes(cm.var, dicts, gene_id_column, source=str(path), min_fraction=0.0)
+            mapped, seen = gm.slots >= 0, gene_counts > 0
             mapping.append(
                 {
                     "dictionaries": label,
@@ -116,6 +119,10 @@ def describe(path: Path, *, geneformer_dir=None, model=None, layer=None, gene_id
                     "unique": gm.n_unique,
                     "genes": gm.n_total,
                     "where": gm.where,
+                    # what the pipeline checks: the genes detected in some cell, and the counts they hold
+                    "detected": int(seen.sum()),
+                    "mapped_detected": int((mapped & seen).sum()),
+                    "counts_share": float(gene_counts[mapped].sum() / max(gene_counts.sum(), 1e-12)),
                 }
             )
     q = np.percentile(detected, [5, 50, 95]) if len(detected) else [0, 0, 0]
@@ -172,9 +179,14 @@ def format_description(doc: dict, *, geneformer_dir=None, model=None) -> str:
     if doc["mapping"]:
         for m in doc["mapping"]:
             pct = 100.0 * m["mapped"] / max(1, m["genes"])
-            lines.append(
-                f"genes in {m['where']} map to {m['dictionaries']}: {m['mapped']:,} of {m['genes']:,} ({pct:.1f}%)"
-            )
+            line = f"genes in {m['where']} map to {m['dictionaries']}: {m['mapped']:,} of {m['genes']:,} ({pct:.1f}%)"
+            if "detected" in m:
+                share = 100.0 * m["mapped_detected"] / max(1, m["detected"])
+                line += (
+                    f"; of the {m['detected']:,} genes detected in some cell, {m['mapped_detected']:,} ({share:.1f}%), "
+                    f"holding {100.0 * m['counts_share']:.1f}% of the counts"
+                )
+            lines.append(line)
     else:
         lines.append("gene mapping: pass --geneformer-dir DIR (or --model DIR) for the V1 / V2 mapping rates")
     lines.append("obs columns:")

@@ -116,11 +116,22 @@ def run(args: argparse.Namespace) -> int:
             json.dump(doc, sys.stdout, indent=1, ensure_ascii=False, allow_nan=False)
             sys.stdout.write("\n")
             return 0
-        from pipeline.summary import deletion_lines, key_gene_table_lines
+        from pipeline.summary import (
+            checkpoint_check_lines,
+            deletion_lines,
+            finetune_gate_lines,
+            key_gene_table_lines,
+            warning_lines,
+        )
 
         extra = {}
         for r in _runs(doc):
-            if r["kind"] == "analysis":
+            if r["kind"] == "pipeline":
+                lines = warning_lines(st, r["id"]) + checkpoint_check_lines(st, r["id"])
+                extra[r["id"]] = ["  " + line for line in lines]
+            elif r["kind"] == "finetune":
+                extra[r["id"]] = finetune_gate_lines(st, r["id"])
+            elif r["kind"] == "analysis":
                 models = [m for m in st.json_names(r["id"]) if m.startswith("deletion_")]
                 lines = key_gene_table_lines(st, r["id"])
                 for name in models:
