@@ -864,7 +864,10 @@ def stage_de(ctx: Context, task: str, group: str, reference: str) -> None:
     done = ctx.completed_child(name, "de")
     if done is not None:
         ctx.rep.line(f"{name}: already computed (resumed)")
-        ctx.out.de[(task, group, reference)] = ctx.store.gene_table_df(done, "de")
+        de = ctx.store.gene_table_df(done, "de")
+        ctx.out.de[(task, group, reference)] = (
+            _held_out_de(de, group, reference) if "de_all_cells" in ctx.store.gene_tables(done) else de
+        )
         return
     from pipeline.analysis import de_wilcoxon
     from pipeline.data import ensembl_indexed
@@ -875,17 +878,34 @@ def stage_de(ctx: Context, task: str, group: str, reference: str) -> None:
     adata.obs["_class"] = ctx.out.selection.class_names(task)
     child = ctx.new_child(name, "de", {"task": task, "groupby": task, "group": group, "reference": reference})
     with ctx.store.track(child):
-        de = de_wilcoxon(adata, "_class", group, reference)
-        if "symbol" not in de.columns:
-            de.insert(1, "symbol", [""] * len(de))
-        de["symbol"] = _fill_symbols(de, ctx.out.dicts, ctx.selected_adata(), ctx.cfg["data"]["gene_id_column"] or None)
-        ctx.store.put_gene_table(child, "de", de)
+        # the DE the analysis compares with sees no test cell (the analysed cells); every cell's DE: its own table
+        held_out = np.asarray(ctx.out.split) != "test"
+        tables = {}
+        for table, keep in (("de", held_out), ("de_all_cells", np.ones(len(held_out), dtype=bool))):
+            de = de_wilcoxon(adata[keep], "_class", group, reference)
+            if "symbol" not in de.columns:
+                de.insert(1, "symbol", [""] * len(de))
+            de["symbol"] = _fill_symbols(
+                de, ctx.out.dicts, ctx.selected_adata(), ctx.cfg["data"]["gene_id_column"] or None
+            )
+            ctx.store.put_gene_table(child, table, de)
+            tables[table] = de
+        de = _held_out_de(tables["de"], group, reference)
     ctx.out.de[(task, group, reference)] = de
     top = de.head(10)
     labels = [
         str(sym) if isinstance(sym, str) and sym else str(ens) for sym, ens in zip(top["symbol"], top["ensembl_id"])
     ]
     ctx.rep.line(f"top DE genes ({group} vs {reference}): " + ", ".join(labels))
+
+
+def _held_out_de(de, group: str, reference: str):
+    """The DE table the analysis uses, saying which classes it compares and that test cells were held out."""
+    from pipeline.analysis import DE_ATTR_CELLS, DE_ATTR_CLASSES
+
+    de.attrs[DE_ATTR_CLASSES] = (str(group), str(reference))
+    de.attrs[DE_ATTR_CELLS] = "training and validation cells (the analysed test cells held out)"
+    return de
 
 
 def _fill_symbols(de, dicts, adata, gene_id_column) -> list[str]:

@@ -143,7 +143,8 @@ META_MODELS = "models"
 
 # ------------------------------------------------------------------------------------- gene tables
 TABLE_GENES = "genes"  # an analysis run's key-gene table (thesis table 8)
-TABLE_DE = "de"  # a DE run's Wilcoxon table
+TABLE_DE = "de"  # a DE run's Wilcoxon table (pipeline runs: training and validation cells, test cells held out)
+TABLE_DE_ALL_CELLS = "de_all_cells"  # a pipeline DE run's Wilcoxon table on every selected cell (test included)
 
 COL_ENSEMBL_ID = "ensembl_id"
 COL_SYMBOL = "symbol"
@@ -203,6 +204,9 @@ JSON_KEY_GENES = "key_genes"  # the key-gene score's definition, fit and frequen
 JSON_QC_REPORT = "qc_report"  # on the data run
 JSON_PRETRAIN = "pretrain"  # on a pretraining run
 JSON_WARNINGS = "warnings"  # on a pipeline run: [{"kind", "message", ...}], what the researcher must see
+# q-values: the family a document's Benjamini-Hochberg q-values were computed over ({"method", "family",
+# "n_tests"}), in `de_overlap` (overlap tests) and in every `deletion_<model>` (deletion tests)
+FIELD_MULTIPLICITY = "multiplicity"
 JSON_DE_NAMES = (JSON_DE_OVERLAP, "de", "de_vs_attention")  # where a DE comparison may sit, first first
 
 # ------------------------------------------------------------------------- the data run's cells table
