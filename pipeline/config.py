@@ -142,6 +142,16 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         ),
         "hao_steps": (20, "Riemann steps of Hao et al.'s self-attention attribution"),
         "ig_steps": (50, "steps of integrated gradients (Gauss-Legendre, Captum)"),
+        "ig_max_steps": (
+            200,
+            "integrated gradients' steps double from ig_steps up to this while the 95th percentile of the"
+            " per-cell completeness gap is above ig_gap_p95 (a warning if it stays above)",
+        ),
+        "ig_gap_p95": (
+            0.05,
+            "largest acceptable 95th percentile over cells of |sum of attributions - (F(x) - F(baseline))|"
+            " / |F(x) - F(baseline)|",
+        ),
         "null_bins": (
             [5, 5],
             "matched null of the DE and reference-set overlaps: quantile bins of detection frequency x mean rank",
@@ -154,6 +164,16 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "deletion_k": ([1, 5, 10, 20, 50], "sizes of the deleted top-k sets"),
         "deletion_random_sets": (20, "random gene sets per top-k set, matched on detection frequency and rank"),
         "deletion_top_genes": (50, "single-gene deletion of each score's top N genes (0 = none)"),
+        "deletion_max_random_sets": (
+            999,
+            "cap of the random sets per top-k set: while no random set hurts as much (p at its floor"
+            " 1/(R+1)), R doubles up to this (999: p can reach 0.001; = deletion_random_sets: fixed R)",
+        ),
+        "deletion_match_pool": (
+            10,
+            "each random gene is drawn from the N genes nearest to a top gene in cells expressing, mean rank"
+            " and how often it sits at the position the classifier reads",
+        ),
         "sanity": (True, "cascading randomisation of each analysed model (Adebayo et al. 2018)"),
         "sanity_attribution": (
             True,

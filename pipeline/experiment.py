@@ -930,6 +930,7 @@ def stage_attention(ctx: Context, task: str, mode_a: str, mode_b: str) -> None:
     import torch
 
     from pipeline.analysis import run_pair_analysis
+    from pipeline.deletion_report import adjust_multiplicity
     from pipeline.model import load_for_attention
     from pipeline.train import verify_checkpoint
     from store import results as R
@@ -978,6 +979,7 @@ def stage_attention(ctx: Context, task: str, mode_a: str, mode_b: str) -> None:
         _one_vs_rest_overlaps(ctx, child, task, genes)
         _attribution(ctx, child, task, test, (mode_a, mode_b))
         _deletion(ctx, child, task, test, (mode_a, mode_b), genes)
+        adjust_multiplicity(ctx.store, child)  # q-values over the run's overlap tests and its deletion tests
         _sanity(ctx, child, task, test, (mode_a, mode_b), genes)
     ctx.rep.line(f"{name}: analysed {len(test)} test cells")
 
@@ -1009,12 +1011,22 @@ def _attribution(ctx: Context, child: int, task: str, test, modes: tuple[str, st
                 dicts=ctx.out.dicts,
                 hao_steps=int(a_cfg["hao_steps"]),
                 ig_steps=int(a_cfg["ig_steps"]),
+                ig_max_steps=int(a_cfg["ig_max_steps"]),
+                ig_gap_p95=float(a_cfg["ig_gap_p95"]),
                 batch_size=int(a_cfg["batch_size"]),
                 device=ctx.device,
                 seed=ctx.seed,
                 progress=lambda done, total, **kw: ctx.rep.update(done, total, unit="cells", **kw),
             )
             ctx.out.attributions[(task, mode)] = result
+            ig = result.meta.get("ig") or {}
+            if ig.get("gap_converged") is False:
+                ctx.warn(
+                    "integrated_gradients",
+                    f"{task}/{mode}: integrated gradients' 95th percentile completeness gap"
+                    f" {ig['gap_p95_tried'][-1]:.1%} stays above {ig['gap_p95_threshold']:.0%} at {ig['steps']}"
+                    " steps (analysis.ig_max_steps); its per-token scores are approximate",
+                )
         doc = write_attribution(
             ctx.store,
             child,
@@ -1086,6 +1098,8 @@ def _deletion(ctx: Context, child: int, task: str, test, modes: tuple[str, str],
             dicts=ctx.out.dicts,
             ks=tuple(int(k) for k in a_cfg["deletion_k"]),
             n_random=int(a_cfg["deletion_random_sets"]),
+            max_random=int(a_cfg["deletion_max_random_sets"]),
+            match_pool=int(a_cfg["deletion_match_pool"]),
             top_genes=int(a_cfg["deletion_top_genes"]),
             null_bins=tuple(a_cfg["null_bins"]),
             n_boot=int(a_cfg["n_boot"]),
