@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_deletion import PAD, classifier, planted  # noqa: F401 - the same tiny classifier and its fixture
 
 from pipeline.deletion import (
     DeletionEngine,
@@ -20,7 +21,6 @@ from pipeline.deletion import (
 )
 from pipeline.deletion_report import deletion_q_values, p_text
 from pipeline.keygenes import frequency_rank_bins
-from test_deletion import PAD, classifier, planted  # noqa: F401 - the same tiny classifier and its fixture
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -63,6 +63,7 @@ def ig_model():
 def test_ig_gap_percentiles_and_steps_raised_until_below_the_threshold(ig_model):
     from pipeline.attribution import integrated_gradients, run_attribution
     from pipeline.cells import Cells
+
     from test_attention_engine import PAD, SPECIAL
 
     model, data = ig_model
