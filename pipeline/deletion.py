@@ -14,9 +14,11 @@ A cell that holds none of S is unchanged: its deltas are exactly 0 and it costs 
 summaries (`set_deletion`) average over all cells (unaffected cells count as 0, so a set of frequent genes
 can matter more than one of rare genes) with a percentile bootstrap CI over cells
 (`pipeline.analysis.bootstrap_ci`), and compare a score's top-k genes with random gene sets matched to it
-on detection frequency and mean rank (`frequency_rank_bins`, `matched_random_sets`): the empirical p-value
-p = (1 + #{random sets r: mean delta_prob(r) <= mean delta_prob(top)}) / (1 + n_random) is small when
-deleting the top-k genes lowers the true-class probability more than deleting matched genes does.
+gene by gene on cells expressing and mean rank (`matching_features`, `nearest_matched_sets`; or on
+quantile bins, `frequency_rank_bins`, `matched_random_sets`): the empirical p-value
+p = (1 + #{random sets r: mean delta_prob(r) <= mean delta_prob(top)}) / (1 + R) is small when
+deleting the top-k genes lowers the true-class probability more than deleting matched genes does. R
+doubles while p sits at its floor 1 / (R + 1), up to a cap (`set_deletion`'s `max_random`).
 
 Why it is written here: Geneformer's `InSilicoPerturber` deletes one gene (or a set) at a time and
 measures the cosine shift of the cell and gene embeddings of the pretrained or fine-tuned encoder, not the
@@ -286,7 +288,16 @@ class DeletionEngine:
     """
 
     def __init__(
-        self, model, cells, labels=None, *, pad_id: int = 0, special_ids=(), batch_size: int = 64, device="cpu"
+        self,
+        model,
+        cells,
+        labels=None,
+        *,
+        pad_id: int = 0,
+        special_ids=(),
+        batch_size: int = 64,
+        device="cpu",
+        keep_read_position: bool = False,
     ):
         import torch
 
@@ -328,13 +339,18 @@ class DeletionEngine:
         self._occ = np.argsort(flat, kind="stable")
         self._tok_off = np.concatenate([[0], np.cumsum(np.bincount(flat, minlength=self._vocab))]).astype(np.int64)
         self._baseline = None
+        # with `keep_read_position`, the token at position 0 (what the classifier reads; V1: the first gene)
+        # is never deleted, so no set removes it and every set is matched on it
+        self.keep_read_position = bool(keep_read_position)
+        first = self._cell_off[:-1][self.lengths > 0]
+        self._protected = np.sort(first) if self.keep_read_position else np.zeros(0, dtype=np.int64)
 
     @property
     def read_tokens(self) -> np.ndarray:
         """Per cell, the token at the position the classifier reads (position 0: V1's first gene), or -1 where
-        that position holds a special token (V2's `<cls>`, never deleted) or the cell is empty."""
+        that position cannot be deleted: a special token (V2's `<cls>`), `keep_read_position`, an empty cell."""
         first = np.asarray([int(x[0]) if len(x) else -1 for x in self.ids], dtype=np.int64)
-        return np.where(np.isin(first, self.special_ids), -1, first)
+        return np.where(np.isin(first, self.special_ids) | self.keep_read_position, -1, first)
 
     def cells_holding(self, token: int) -> np.ndarray:
         """The indices of the cells that hold `token` (sorted, each once)."""
@@ -394,6 +410,10 @@ class DeletionEngine:
             # occ[starts[i]:ends[i]] for every token, without a Python loop
             idx = np.repeat(starts - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts) + np.arange(total)
             flat = np.sort(self._occ[idx])
+            if self._protected.size:
+                flat = flat[~np.isin(flat, self._protected)]
+                if not flat.size:
+                    continue
             cell = np.searchsorted(self._cell_off, flat, side="right") - 1
             cells, n_del = np.unique(cell, return_counts=True)
             parts_set.append(np.full(len(cells), s, dtype=np.int64))

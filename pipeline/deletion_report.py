@@ -95,7 +95,8 @@ def run_deletion(
     """Set and single-gene deletion of one model on `cells` (its analysis gene table: `genes`).
 
     Random sets are matched gene by gene (`pipeline.deletion.nearest_matched_sets`, the `match_pool`
-    nearest genes) on cells expressing, mean rank and how often the gene sits where the classifier reads;
+    nearest genes) on cells expressing and mean rank; the token the classifier reads (position 0) is never
+    deleted (`DeletionEngine(keep_read_position=True)`), so top and random sets match on it exactly;
     `n_random` of them per test, raised up to `max_random` while p sits at its floor (None: no raise).
     `null_bins` is recorded (the overlaps' matched null uses it); deletion no longer bins."""
     from pipeline.deletion import DeletionEngine, matching_features, set_deletion, single_gene_effects
@@ -111,11 +112,10 @@ def run_deletion(
         special_ids=dicts.special_ids,
         batch_size=batch_size,
         device=device,
+        keep_read_position=True,
     )
     candidates = genes["token_id"].to_numpy(dtype=np.int64)
-    read = engine.read_tokens
-    n_read = np.bincount(read[read >= 0], minlength=int(candidates.max(initial=0)) + 1)[candidates]
-    features = matching_features(genes["n_cells"].to_numpy(), genes["rank_mean"].to_numpy(), n_read)
+    features = matching_features(genes["n_cells"].to_numpy(), genes["rank_mean"].to_numpy())
     ks = tuple(int(k) for k in ks if int(k) <= len(candidates) // 2)
     sets = set_deletion(
         engine,
@@ -151,10 +151,10 @@ def run_deletion(
             "max_random": int(max_random if max_random is not None else n_random),
             "matching": {
                 "method": "gene by gene: each random gene drawn from the genes nearest to a top gene",
-                "features": ["log2 cells expressing (tokens removed)", "mean rank"]
-                + (["log2(1 + cells where it sits at the read position)"] if features.shape[1] > 2 else []),
+                "features": ["log2 cells expressing (tokens removed)", "mean rank"],
                 "pool": int(match_pool),
-                "read_position": "first gene (no <cls>)" if features.shape[1] > 2 else "<cls> (never deleted)",
+                "read_position": "never deleted: the token the classifier reads (position 0: <cls>, or without"
+                " <cls> the cell's first gene) stays in every cell for the top and the random sets alike",
             },
         },
     )

@@ -179,6 +179,9 @@ def key_score_fit_lines(key_genes: dict, models) -> list[str]:
     return lines
 
 
+POOR_MATCH = 0.2  # random sets removing more than 20% more or fewer tokens per cell than the top set
+
+
 def deletion_lines(store, run_id: int, model: str) -> list[str]:
     """A model's set deletion in a few lines: per score, the change of the true-class probability when its
     top k genes are deleted beside matched random sets (and the empirical p); the frequency Spearmans."""
@@ -204,6 +207,8 @@ def deletion_lines(store, run_id: int, model: str) -> list[str]:
         tpc, rtpc = row.get("tokens_per_cell"), row.get("random_tokens_per_cell")
         if isinstance(tpc, (int, float)) and isinstance(rtpc, (int, float)):
             text = f"k={row['k']} {tpc:.2f}/{rtpc:.2f}"
+            if abs(rtpc - tpc) > POOR_MATCH * max(tpc, 1e-12):
+                text += " (!)"
             rr, rrr = row.get("read_removed"), row.get("random_read_removed")
             if isinstance(rr, (int, float)) and isinstance(rrr, (int, float)) and (rr > 0 or rrr > 0):
                 text += f" (read position {rr:.0%}/{rrr:.0%})"
@@ -211,7 +216,10 @@ def deletion_lines(store, run_id: int, model: str) -> list[str]:
     width = max(len(s) for s in by_score)
     lines += [f"    {score:<{width}}  " + "  ".join(parts) for score, parts in by_score.items()]
     if matching:
-        lines.append("    matching: tokens removed per cell, top set / random sets (mean over cells):")
+        lines.append(
+            "    matching: tokens removed per cell, top set / random sets (mean over cells; (!) off by more than"
+            f" {POOR_MATCH:.0%}: no other genes are as frequent; the token the classifier reads is never deleted):"
+        )
         lines += [f"    {score:<{width}}  " + "  ".join(parts) for score, parts in matching.items()]
     family = doc.get(R.FIELD_MULTIPLICITY)
     if family:
@@ -299,10 +307,11 @@ def attribution_lines(store, run_id: int, model: str, attention_column: str, top
     for method, cmp in (info.get("de") or {}).items():
         hit = next((o for o in cmp.get("overlap", []) if o.get("k") == 20), None)
         if hit is not None:
-            matched = f", matched p={hit['p_matched']:.2g}" if hit.get("p_matched") is not None else ""
-            de_parts.append(f"{method} {hit['overlap']} (p={hit['p_value']:.2g}{matched})")
+            de_parts.append(f"{method} {_overlap_item_text(hit).removeprefix('k=20: ')}")
     if de_parts:
-        lines.append(f"    top-20 overlap with DE: {', '.join(de_parts)}")
+        first = next(iter((info.get("de") or {}).values()), {})
+        label = next((d.get("label") for d in first.get("directions") or [] if d.get("direction") == "up"), None)
+        lines.append(f"    top-20 overlap with DE genes{' ' + label if label else ''}: {', '.join(de_parts)}")
     comp = info.get("completeness") or {}
     gap = comp.get("relative_gap_total")
     if gap is not None:

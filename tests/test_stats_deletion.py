@@ -187,3 +187,27 @@ def test_deletion_q_values_over_both_models_equal_bh(tmp_path):
     got = [r["q_value"] for m in ("frozen", "unfrozen") for r in st.get_json(rid, R.json_deletion(m))["sets"]]
     np.testing.assert_allclose(got, benjamini_hochberg(np.array(p)))
     assert st.get_json(rid, R.json_deletion("frozen"))[R.FIELD_MULTIPLICITY]["n_tests"] == 6
+
+
+def test_keep_read_position_never_deletes_the_first_gene():
+    """Without <cls> the classifier reads the first gene; with `keep_read_position` no set removes it, and
+    every other occurrence is deleted as usual: a direct loop builds the same sequences."""
+    from test_deletion import unbatched_logits
+
+    rng = np.random.default_rng(4)
+    ids = [rng.choice(np.arange(2, 30), size=int(rng.integers(3, 10)), replace=False).tolist() for _ in range(25)]
+    labels = rng.integers(0, 2, len(ids))
+    model = classifier(30, n_classes=2, seed=5)
+    engine = DeletionEngine(model, {"input_ids": ids}, labels, pad_id=PAD, keep_read_position=True)
+    assert (engine.read_tokens == -1).all()
+    gene_set = np.array([ids[0][0], ids[1][0], ids[2][-1], 5, 6])
+    (effect,) = engine.effects([gene_set])
+    for c, seq in enumerate(ids):
+        kept = [seq[0]] + [t for t in seq[1:] if t not in set(gene_set.tolist())]
+        assert effect.n_deleted[c] == len(seq) - len(kept)
+        if len(kept) < len(seq):
+            y = int(labels[c])
+            want = unbatched_logits(model, kept)[y] - unbatched_logits(model, seq)[y]
+            assert effect.delta_logit[c] == pytest.approx(want, abs=1e-5)
+        else:
+            assert effect.delta_logit[c] == 0.0
