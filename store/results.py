@@ -753,6 +753,9 @@ class AnalysisHeadline:
     key_warnings: list[str] = field(default_factory=list)  # rankings that track detection frequency
     de_overlap: list[dict] = field(default_factory=list)  # k, overlap, expected, p_value (, p_matched)
     de_attention_column: str | None = None  # the gene-table column the DE overlap ranks genes by
+    # the overlap per DE direction: [{"direction": "up"|"down"|"either", "label": "up in high", "overlap": [...]}]
+    de_directions: list[dict] = field(default_factory=list)
+    de_cells: str | None = None  # which cells the DE was computed on (pipeline runs: test cells held out)
     spearman: dict | None = None
 
 
@@ -811,6 +814,8 @@ def read_analysis_headline(st, run: dict | int) -> AnalysisHeadline:
             head.spearman = overlap["spearman"]
         if overlap.get("attention_column"):
             head.de_attention_column = str(overlap["attention_column"])
+        head.de_directions = [d for d in overlap.get("directions") or () if isinstance(d, dict) and d.get("overlap")]
+        head.de_cells = overlap.get("de_cells")
     return head
 
 
