@@ -433,6 +433,32 @@ def _hypergeom_sf(overlap: int, population: int, successes: int, draws: int) -> 
     return float(hypergeom.sf(overlap - 1, population, successes, draws))
 
 
+DIRECTIONS = ("up", "down", "either")
+# what a DE table says about itself (`DataFrame.attrs`, set by the pipeline's DE stage): the compared classes
+# (group, reference) and which cells it was computed on; `compare_de_attention` reads them when not given
+DE_ATTR_CLASSES = "classes"
+DE_ATTR_CELLS = "cells"
+
+
+def direction_label(direction: str, classes: Sequence[str] | None) -> str:
+    """How an overlap direction reads in the user's words: "up in high", "up in low", "either direction"."""
+    group, reference = (list(classes) + ["", ""])[:2] if classes else ("", "")
+    if direction == "either":
+        return "either direction"
+    name = group if direction == "up" else reference
+    if name == "rest":
+        name = "the other classes"
+    return f"up in {name}" if name else ("up in the tested group" if direction == "up" else "down in the tested group")
+
+
+def _de_order(de: pd.DataFrame, de_column: str, direction: str) -> list[str]:
+    """DE genes ranked for one direction: up (score descending), down (ascending), either (|score|)."""
+    score = de[de_column].to_numpy(dtype=np.float64)
+    key = {"up": -score, "down": score, "either": -np.abs(score)}[direction]
+    order = np.argsort(key, kind="stable")
+    return de["ensembl_id"].astype(str).to_numpy()[order].tolist()
+
+
 def compare_de_attention(
     de_df: pd.DataFrame,
     attention_df: pd.DataFrame,
@@ -445,24 +471,33 @@ def compare_de_attention(
     null_bins: Sequence[int] = (5, 5),
     null_permutations: int = 0,
     seed: int = 0,
+    classes: Sequence[str] | None = None,
+    de_cells: str | None = None,
 ) -> dict:
-    """Agreement between the top DE genes and the top attended genes (thesis fig. 7).
+    """Agreement between the top DE genes and the top attended genes (thesis fig. 7), in both directions.
 
-    Both rankings are restricted to `background` (default: the genes of `attention_df`, i.e. the genes
-    present in the tokenized cells). DE genes are ranked by `de_column` descending (up in the group
-    first), attended genes by `attention_column` descending (default: the last model's `attn_*`).
-    For each k: the overlap of the two top-k lists, its expectation k^2 / N and the hypergeometric
-    P(overlap >= observed) with N = |background|; Spearman correlation of DE score and attention over
-    the shared genes; with a reference set, its members among the top k attended (and top k DE) genes
-    and their hypergeometric enrichment p-values. Also marks `in_reference_set` on `attention_df`.
+    The population is the genes of `background` (default: the genes of `attention_df`, i.e. the genes
+    present in the tokenized cells) that `attention_column` ranks (non-missing; the key score ranks only
+    genes in enough cells): N = `population`. Both rankings are restricted to it. Attended genes are ranked
+    by `attention_column` descending (default: the last model's `attn_*`). DE genes are ranked three ways
+    (`directions`): up in the tested group (`de_column` descending; also the top-level `overlap`), up in
+    the reference (ascending) and either direction (|score| descending); `classes` = (group, reference)
+    names them ("up in high"). For each direction and k: the overlap of the two top-k lists, its
+    expectation k_DE k_attn / N and the hypergeometric P(overlap >= observed); Spearman correlation of DE
+    score and attention over the shared genes; with a reference set, its members among the top k attended
+    (and top k up-DE) genes and their hypergeometric enrichment p-values. Also marks `in_reference_set`
+    on `attention_df`. `de_cells` says which cells the DE table was computed on (stored as given).
 
     Beside each raw hypergeometric p, `p_matched` (and `reference_p_matched`): the same overlap against
     the matched null of `pipeline.keygenes` (the attended genes' top k redrawn within bins of detection
     frequency x mean rank, `null_bins`; exact, or `null_permutations` draws), with `expected_matched`.
-    Needs `n_cells` and `rank_mean` in `attention_df`.
+    Needs `n_cells` and `rank_mean` in `attention_df`. q-values over a run's overlap tests:
+    `overlap_q_values`.
     """
     from scipy.stats import spearmanr
 
+    classes = classes if classes is not None else de_df.attrs.get(DE_ATTR_CLASSES)
+    de_cells = de_cells if de_cells is not None else de_df.attrs.get(DE_ATTR_CELLS)
     if attention_column is None:
         cands = [c for c in attention_df.columns if re.fullmatch(r"attn_[a-z]", c)]
         if not cands:
@@ -472,12 +507,14 @@ def compare_de_attention(
         if col not in df.columns or "ensembl_id" not in df.columns:
             raise ValueError(f"{what} needs columns ensembl_id and {col}")
     bg = set(attention_df["ensembl_id"].astype(str)) if background is None else {str(g) for g in background}
-    de = de_df[de_df["ensembl_id"].astype(str).isin(bg)].dropna(subset=[de_column])
-    de = de.sort_values(de_column, ascending=False, kind="stable").drop_duplicates("ensembl_id")
     at = attention_df[attention_df["ensembl_id"].astype(str).isin(bg)].dropna(subset=[attention_column])
     at = at.sort_values(attention_column, ascending=False, kind="stable").drop_duplicates("ensembl_id")
-    N = len(bg)
-    de_ids, at_ids = de["ensembl_id"].astype(str).tolist(), at["ensembl_id"].astype(str).tolist()
+    at_ids = at["ensembl_id"].astype(str).tolist()
+    population = set(at_ids)  # the genes the score ranks: the only ones that can be among its top k
+    de = de_df[de_df["ensembl_id"].astype(str).isin(population)].dropna(subset=[de_column])
+    de = de.sort_values(de_column, ascending=False, kind="stable").drop_duplicates("ensembl_id")
+    N = len(population)
+    de_ids = de["ensembl_id"].astype(str).tolist()
     symbol = {}
     for df in (attention_df, de_df):
         if "symbol" in df.columns:
@@ -492,19 +529,23 @@ def compare_de_attention(
     if reference_set is not None:
         ref_raw = {str(x) for x in reference_set}
         ref_upper = {x.upper() for x in ref_raw}
-        ref = {g for g in bg if g in ref_raw or symbol.get(g, "").upper() in ref_upper}
+        ref = {g for g in population if g in ref_raw or symbol.get(g, "").upper() in ref_upper}
         mark_reference_set(attention_df, ref_raw)
     out: dict = {
         "attention_column": attention_column,
         "de_column": de_column,
-        "background": N,
+        "background": len(bg),
+        "population": N,
+        "population_definition": f"genes present in the analysed cells that {attention_column} ranks",
         "n_de": len(de_ids),
         "n_attention": len(at_ids),
+        "classes": list(classes) if classes else None,
+        "de_cells": de_cells,
         "overlap": [],
+        "directions": [],
     }
-    for k in ks:
-        k = int(k)
-        top_de, top_at = de_ids[:k], at_ids[:k]
+
+    def overlap_item(k: int, top_de: list[str], top_at: list[str]) -> dict:
         shared = sorted(set(top_de) & set(top_at), key=top_at.index)
         item = {
             "k": k,
@@ -516,18 +557,39 @@ def compare_de_attention(
         if bins is not None:
             null = matched_overlap_p(top_at, top_de, bins, permutations=null_permutations, seed=seed + k)
             item["expected_matched"], item["p_matched"] = null["expected"], null["p_value"]
-        if ref is not None:
-            hits_at = [g for g in top_at if g in ref]
-            hits_de = [g for g in top_de if g in ref]
-            item["reference_in_top_attention"] = len(hits_at)
-            item["reference_p_value"] = _hypergeom_sf(len(hits_at), N, len(ref), len(top_at))
-            item["reference_in_top_de"] = len(hits_de)
-            item["reference_de_p_value"] = _hypergeom_sf(len(hits_de), N, len(ref), len(top_de))
-            item["reference_genes"] = [symbol.get(g) or g for g in hits_at]
-            if bins is not None:
-                null = matched_overlap_p(top_at, ref, bins, permutations=null_permutations, seed=seed + k)
-                item["reference_expected_matched"], item["reference_p_matched"] = null["expected"], null["p_value"]
-        out["overlap"].append(item)
+        return item
+
+    for direction in DIRECTIONS:
+        ranked = de_ids if direction == "up" else _de_order(de, de_column, direction)
+        items = []
+        for k in ks:
+            k = int(k)
+            top_de, top_at = ranked[:k], at_ids[:k]
+            item = overlap_item(k, top_de, top_at)
+            if direction == "up" and ref is not None:
+                hits_at = [g for g in top_at if g in ref]
+                hits_de = [g for g in top_de if g in ref]
+                item["reference_in_top_attention"] = len(hits_at)
+                item["reference_p_value"] = _hypergeom_sf(len(hits_at), N, len(ref), len(top_at))
+                item["reference_in_top_de"] = len(hits_de)
+                item["reference_de_p_value"] = _hypergeom_sf(len(hits_de), N, len(ref), len(top_de))
+                item["reference_genes"] = [symbol.get(g) or g for g in hits_at]
+                if bins is not None:
+                    null = matched_overlap_p(top_at, ref, bins, permutations=null_permutations, seed=seed + k)
+                    item["reference_expected_matched"], item["reference_p_matched"] = null["expected"], null["p_value"]
+            items.append(item)
+        if direction == "up":
+            out["overlap"] = items
+        out["directions"].append(
+            {
+                "direction": direction,
+                "label": direction_label(direction, classes),
+                "overlap": [{key: v for key, v in it.items() if not key.startswith("reference")} for it in items]
+                if direction == "up"
+                else items,
+                "top_de": [symbol.get(g) or g for g in ranked[: max(ks, default=0)]],
+            }
+        )
     merged = de[["ensembl_id", de_column]].merge(at[["ensembl_id", attention_column]], on="ensembl_id")
     if len(merged) >= 3:
         rho, p = spearmanr(merged[de_column], merged[attention_column])
@@ -545,6 +607,94 @@ def compare_de_attention(
     out["top_de"] = [symbol.get(g) or g for g in de_ids[: max(ks, default=0)]]
     out["top_attention"] = [symbol.get(g) or g for g in at_ids[: max(ks, default=0)]]
     return out
+
+
+# p-value fields of an overlap item and the q-value field written beside each
+OVERLAP_P_FIELDS = {
+    "p_value": "q_value",
+    "p_matched": "q_matched",
+    "reference_p_value": "reference_q_value",
+    "reference_p_matched": "reference_q_matched",
+    "reference_de_p_value": "reference_de_q_value",
+}
+
+
+def _overlap_tests(doc: dict, prefix: tuple = ()) -> list[tuple[tuple, dict]]:
+    """Every overlap item of a `compare_de_attention` document (and of its `by_column`, `by_group`,
+    `directions`), each with a key naming the test: the same test stored twice gets the same key."""
+    if not isinstance(doc, dict):
+        return []
+    if doc.get("group"):
+        prefix = (*prefix, str(doc["group"]))
+    out = []
+    column = doc.get("attention_column")
+    for item in doc.get("overlap") or []:
+        if isinstance(item, dict) and "k" in item:
+            out.append(((*prefix, column, "up", item["k"]), item))
+    for block in doc.get("directions") or []:
+        for item in block.get("overlap") or []:
+            if isinstance(item, dict) and "k" in item:
+                out.append(((*prefix, column, block.get("direction"), item["k"]), item))
+    for sub in (doc.get("by_column") or {}).values():
+        out += _overlap_tests(sub, prefix)
+    for group, sub in (doc.get("by_group") or {}).items():
+        out += _overlap_tests(sub, (*prefix, str(group)))
+    return out
+
+
+def overlap_q_values(docs: dict[str, dict]) -> dict:
+    """Benjamini-Hochberg q-values over one family: every overlap test of `docs` (name -> a
+    `compare_de_attention` document, or an attribution document whose `de` maps methods to such documents),
+    separately for each kind of p (`OVERLAP_P_FIELDS`: raw hypergeometric, matched null, reference set).
+    A test stored twice (the headline overlap is also in `by_column`) counts once and gets the same q.
+    Writes the q fields into the items in place; returns the family's description."""
+    tests: list[tuple[tuple, dict]] = []
+    for name, doc in docs.items():
+        if not isinstance(doc, dict):
+            continue
+        if isinstance(doc.get("de"), dict) and "overlap" not in doc:  # an attribution document
+            for method, sub in doc["de"].items():
+                tests += _overlap_tests(sub, (name, method))
+        else:
+            tests += _overlap_tests(doc, (name,))
+    counts = {}
+    for p_field, q_field in OVERLAP_P_FIELDS.items():
+        unique: dict[tuple, float] = {}
+        for key, item in tests:
+            p = item.get(p_field)
+            if isinstance(p, (int, float)) and np.isfinite(p):
+                unique.setdefault(key, float(p))
+        if not unique:
+            continue
+        q = dict(zip(unique, benjamini_hochberg(np.asarray(list(unique.values())))))
+        for key, item in tests:
+            if key in q and isinstance(item.get(p_field), (int, float)):
+                item[q_field] = float(q[key])
+        counts[p_field] = len(unique)
+    return {
+        "method": "Benjamini-Hochberg (scipy.stats.false_discovery_control)",
+        "family": "every DE and reference-set overlap test of this analysis run (each score column, direction,"
+        " comparison and k; attribution methods included), per kind of p-value",
+        "n_tests": counts,
+    }
+
+
+def adjust_overlap_family(store, run_id: int) -> dict | None:
+    """q-values over all overlap tests of an analysis run (`de_overlap` and every attribution's DE
+    comparison), written back into those documents; the family's description goes into `de_overlap`."""
+    from store import results as R
+
+    names = [n for n in store.json_names(run_id) if n == R.JSON_DE_OVERLAP or n.startswith("attribution_")]
+    docs = {n: store.get_json(run_id, n) for n in names}
+    if not any(docs.values()):
+        return None
+    family = overlap_q_values(docs)
+    if isinstance(docs.get(R.JSON_DE_OVERLAP), dict):
+        docs[R.JSON_DE_OVERLAP][R.FIELD_MULTIPLICITY] = family
+    for n, doc in docs.items():
+        if doc:
+            store.put_json(run_id, n, plain(doc))
+    return family
 
 
 # ------------------------------------------------------------------------------------- statistics
@@ -959,6 +1109,9 @@ def run_pair_analysis(
                     de, genes, background, ks=top_k, reference_set=reference_set, attention_column=col, **null
                 )
         de_summary["models"] = dict(zip(SUFFIXES, names))
+        from store.results import FIELD_MULTIPLICITY, JSON_DE_OVERLAP
+
+        de_summary[FIELD_MULTIPLICITY] = overlap_q_values({JSON_DE_OVERLAP: de_summary})
     elif reference_set is not None:
         mark_reference_set(genes, reference_set)
     if store is None:

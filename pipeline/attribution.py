@@ -149,6 +149,7 @@ class AttributionResult:
             "relative_gap_total": float(np.abs(gap).sum() / max(float(np.abs(delta).sum()), 1e-12)),
             "relative_gap_mean": float(rel.mean()) if rel.size else None,
             "relative_gap_median": float(np.median(rel)) if rel.size else None,
+            "relative_gap_p95": float(np.percentile(rel, 95)) if rel.size else None,
             "relative_gap_max": float(rel.max()) if rel.size else None,
             "abs_gap_max": float(np.abs(gap).max()) if gap.size else None,
             "n_cells": int(gap.size),
@@ -808,6 +809,8 @@ def run_attribution(
     hao_steps: int = DEFAULT_HAO_STEPS,
     ig_steps: int = DEFAULT_IG_STEPS,
     ig_internal_batch_size: int | None = None,
+    ig_max_steps: int | None = None,
+    ig_gap_p95: float | None = None,
     batch_size: int = 8,
     device="cpu",
     dtype: torch.dtype = torch.float32,
@@ -818,6 +821,11 @@ def run_attribution(
 
     `dicts` (`GeneDictionaries`) supplies pad id, special ids and `<cls>` (else `pad_id`, `special_ids`).
     `progress(done, total)` counts cells over all methods. `seed` is recorded: nothing is drawn.
+
+    Integrated gradients' steps are raised while the 95th percentile over cells of the relative completeness
+    gap exceeds `ig_gap_p95` (doubling, up to `ig_max_steps`; None: `ig_steps` only). Its parameters record
+    each try (`steps_tried`, `gap_p95_tried`), the threshold and `gap_converged` (False: still above it at
+    the cap; the caller warns).
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
@@ -837,14 +845,30 @@ def run_attribution(
         if method == "hao":
             r = hao_attribution(model, cells, labels, steps=hao_steps, progress=prog, **common)
         elif method == "ig":
-            r = integrated_gradients(
-                model,
-                cells,
-                labels,
-                steps=ig_steps,
-                internal_batch_size=ig_internal_batch_size,
-                progress=prog,
-                **common,
+            steps, cap = int(ig_steps), max(int(ig_max_steps or ig_steps), int(ig_steps))
+            tried, gaps = [], []
+            while True:
+                r = integrated_gradients(
+                    model,
+                    cells,
+                    labels,
+                    steps=steps,
+                    internal_batch_size=ig_internal_batch_size,
+                    progress=prog,
+                    **common,
+                )
+                gap = (r.completeness() or {}).get("relative_gap_p95")
+                tried.append(steps)
+                gaps.append(gap)
+                if ig_gap_p95 is None or gap is None or gap <= float(ig_gap_p95) or steps >= cap:
+                    break
+                steps = min(cap, 2 * steps)
+            r.meta["ig"].update(
+                steps_tried=tried,
+                gap_p95_tried=gaps,
+                gap_p95_threshold=None if ig_gap_p95 is None else float(ig_gap_p95),
+                max_steps=cap,
+                gap_converged=None if ig_gap_p95 is None or gaps[-1] is None else bool(gaps[-1] <= float(ig_gap_p95)),
             )
         else:
             r = attention_rollout(model, cells, labels, cls_id=cls_id, progress=prog, **common)

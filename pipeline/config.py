@@ -227,6 +227,18 @@ class Analysis:
     )
     hao_steps: int = key(20, "Riemann steps of Hao et al.'s self-attention attribution", ge=1)
     ig_steps: int = key(50, "steps of integrated gradients (Gauss-Legendre, Captum)", ge=1)
+    ig_max_steps: int = key(
+        200,
+        "integrated gradients' steps double from ig_steps up to this while the 95th percentile of the"
+        " per-cell completeness gap is above ig_gap_p95 (a warning if it stays above)",
+        ge=1,
+    )
+    ig_gap_p95: float = key(
+        0.05,
+        "largest acceptable 95th percentile over cells of |sum of attributions - (F(x) - F(baseline))|"
+        " / |F(x) - F(baseline)|",
+        gt=0,
+    )
     null_bins: list[int] = key(
         [5, 5],
         "matched null of the DE and reference-set overlaps: quantile bins of detection frequency x mean rank",
@@ -241,6 +253,18 @@ class Analysis:
     )
     deletion_k: list[int] = key([1, 5, 10, 20, 50], "sizes of the deleted top-k sets", ge=1)
     deletion_random_sets: int = key(20, "random gene sets per top-k set, matched on detection frequency and rank", ge=0)
+    deletion_max_random_sets: int = key(
+        999,
+        "cap of the random sets per top-k set: while no random set hurts as much (p at its floor"
+        " 1/(R+1)), R doubles up to this (999: p can reach 0.001; = deletion_random_sets: fixed R)",
+        ge=0,
+    )
+    deletion_match_pool: int = key(
+        10,
+        "each random gene is drawn from the N genes nearest to a top gene in cells expressing, mean rank"
+        " and how often it sits at the position the classifier reads",
+        ge=1,
+    )
     deletion_top_genes: int = key(50, "single-gene deletion of each score's top N genes (0 = none)", ge=0)
     sanity: bool = key(True, "cascading randomisation of each analysed model (Adebayo et al. 2018)")
     sanity_attribution: bool = key(

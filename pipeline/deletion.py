@@ -14,9 +14,11 @@ A cell that holds none of S is unchanged: its deltas are exactly 0 and it costs 
 summaries (`set_deletion`) average over all cells (unaffected cells count as 0, so a set of frequent genes
 can matter more than one of rare genes) with a percentile bootstrap CI over cells
 (`pipeline.analysis.bootstrap_ci`), and compare a score's top-k genes with random gene sets matched to it
-on detection frequency and mean rank (`frequency_rank_bins`, `matched_random_sets`): the empirical p-value
-p = (1 + #{random sets r: mean delta_prob(r) <= mean delta_prob(top)}) / (1 + n_random) is small when
-deleting the top-k genes lowers the true-class probability more than deleting matched genes does.
+gene by gene on cells expressing and mean rank (`matching_features`, `nearest_matched_sets`; or on
+quantile bins, `frequency_rank_bins`, `matched_random_sets`): the empirical p-value
+p = (1 + #{random sets r: mean delta_prob(r) <= mean delta_prob(top)}) / (1 + R) is small when
+deleting the top-k genes lowers the true-class probability more than deleting matched genes does. R
+doubles while p sits at its floor 1 / (R + 1), up to a cap (`set_deletion`'s `max_random`).
 
 Why it is written here: Geneformer's `InSilicoPerturber` deletes one gene (or a set) at a time and
 measures the cosine shift of the cell and gene embeddings of the pretrained or fine-tuned encoder, not the
@@ -154,6 +156,60 @@ def matched_random_sets(
     return out
 
 
+def matching_features(n_cells, rank_mean, n_read=None) -> np.ndarray:
+    """Per gene, what a random gene is matched on: log2 of the cells expressing it (the tokens deleting it
+    removes), its mean rank, and, where any gene holds it, log2(1 + the cells in which it sits at the
+    position the classifier reads) (V1 cells without `<cls>`: the first gene)."""
+    cols = [np.log2(np.maximum(np.asarray(n_cells, dtype=np.float64), 1.0))]
+    cols.append(np.nan_to_num(np.asarray(rank_mean, dtype=np.float64), nan=np.nanmax(rank_mean, initial=0.0) + 1))
+    if n_read is not None and np.any(np.asarray(n_read) > 0):
+        cols.append(np.log2(1.0 + np.asarray(n_read, dtype=np.float64)))
+    return np.column_stack(cols)
+
+
+def nearest_matched_sets(
+    gene_set: np.ndarray, features: np.ndarray, n_sets: int, rng, exclude=None, *, pool: int = 10
+) -> list[np.ndarray]:
+    """`n_sets` random gene sets matched gene by gene to `gene_set` (indices into the rows of `features`).
+
+    Each gene g of the set is replaced by a gene drawn uniformly from the `pool` genes nearest to g (L1
+    distance of the features, each divided by its standard deviation over the genes; ties in index order)
+    among those outside `gene_set` and `exclude` and not already drawn for this set. With the features of
+    `matching_features`, a random set removes about as many tokens per cell as the set, at the same ranks,
+    and the position the classifier reads about as often, at the resolution of single genes (no
+    quantile bins). `rng` is a `numpy.random.Generator` (or a seed); sets are drawn one after another, so
+    asking for more sets later from the same generator continues the same sequence.
+    """
+    rng = np.random.default_rng(rng)
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim == 1:
+        features = features[:, None]
+    gene_set = np.unique(np.asarray(gene_set, dtype=np.int64))
+    available = np.ones(len(features), dtype=bool)
+    available[gene_set] = False
+    if exclude is not None:
+        available[np.asarray(exclude, dtype=np.int64)] = False
+    if int(available.sum()) < len(gene_set):
+        raise ValueError(f"{int(available.sum())} genes to draw from for a set of {len(gene_set)}")
+    scale = features.std(axis=0)
+    z = features / np.where(scale > 0, scale, 1.0)
+    cand = np.flatnonzero(available)
+    # per gene of the set: the candidates nearest first (enough for the pool even if the others took theirs)
+    depth = min(len(cand), int(pool) + len(gene_set))
+    near = [cand[np.argsort(np.abs(z[cand] - z[g]).sum(axis=1), kind="stable")[:depth]] for g in gene_set.tolist()]
+    out = []
+    for _ in range(int(n_sets)):
+        taken: set[int] = set()
+        drawn = []
+        for order in near:
+            free = [int(c) for c in order if int(c) not in taken][: int(pool)]
+            pick = free[int(rng.integers(len(free)))]
+            taken.add(pick)
+            drawn.append(pick)
+        out.append(np.sort(np.asarray(drawn, dtype=np.int64)))
+    return out
+
+
 # ------------------------------------------------------------------------------------- engine
 @dataclass
 class SetEffect:
@@ -232,7 +288,16 @@ class DeletionEngine:
     """
 
     def __init__(
-        self, model, cells, labels=None, *, pad_id: int = 0, special_ids=(), batch_size: int = 64, device="cpu"
+        self,
+        model,
+        cells,
+        labels=None,
+        *,
+        pad_id: int = 0,
+        special_ids=(),
+        batch_size: int = 64,
+        device="cpu",
+        keep_read_position: bool = False,
     ):
         import torch
 
@@ -274,6 +339,18 @@ class DeletionEngine:
         self._occ = np.argsort(flat, kind="stable")
         self._tok_off = np.concatenate([[0], np.cumsum(np.bincount(flat, minlength=self._vocab))]).astype(np.int64)
         self._baseline = None
+        # with `keep_read_position`, the token at position 0 (what the classifier reads; V1: the first gene)
+        # is never deleted, so no set removes it and every set is matched on it
+        self.keep_read_position = bool(keep_read_position)
+        first = self._cell_off[:-1][self.lengths > 0]
+        self._protected = np.sort(first) if self.keep_read_position else np.zeros(0, dtype=np.int64)
+
+    @property
+    def read_tokens(self) -> np.ndarray:
+        """Per cell, the token at the position the classifier reads (position 0: V1's first gene), or -1 where
+        that position cannot be deleted: a special token (V2's `<cls>`), `keep_read_position`, an empty cell."""
+        first = np.asarray([int(x[0]) if len(x) else -1 for x in self.ids], dtype=np.int64)
+        return np.where(np.isin(first, self.special_ids) | self.keep_read_position, -1, first)
 
     def cells_holding(self, token: int) -> np.ndarray:
         """The indices of the cells that hold `token` (sorted, each once)."""
@@ -333,6 +410,10 @@ class DeletionEngine:
             # occ[starts[i]:ends[i]] for every token, without a Python loop
             idx = np.repeat(starts - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts) + np.arange(total)
             flat = np.sort(self._occ[idx])
+            if self._protected.size:
+                flat = flat[~np.isin(flat, self._protected)]
+                if not flat.size:
+                    continue
             cell = np.searchsorted(self._cell_off, flat, side="right") - 1
             cells, n_del = np.unique(cell, return_counts=True)
             parts_set.append(np.full(len(cells), s, dtype=np.int64))
@@ -551,7 +632,21 @@ SET_COLUMNS = [
     "accuracy_after",
     "random_delta_prob_mean",
     "p_empirical",
+    # resolution of p (top rows): random sets drawn, whether p sits at its floor 1 / (R + 1), z-score of the
+    # set's mean against the random sets' (mean, standard deviation)
+    "n_random",
+    "p_at_floor",
+    "z_score",
+    # matching quality: tokens removed per cell (mean, 90th percentile over all cells) and the share of cells
+    # whose read position (V1: the first gene) is removed; on top rows also the random sets' averages
+    "tokens_per_cell",
+    "tokens_per_cell_p90",
+    "read_removed",
+    "random_tokens_per_cell",
+    "random_tokens_per_cell_p90",
+    "random_read_removed",
 ]
+MAX_RANDOM_DEFAULT = 999  # p can reach 0.001
 
 
 def set_rng(seed: int, score: str, k: int) -> np.random.Generator:
@@ -559,81 +654,80 @@ def set_rng(seed: int, score: str, k: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(k), zlib.crc32(str(score).encode("utf-8"))])
 
 
+class _Matcher:
+    """Draws the random sets of one (score, k) top set, continuing its generator on each call."""
+
+    def __init__(self, top, rng, *, bins=None, features=None, pool=10, n_rank_bins=5):
+        self.top, self.rng, self.bins, self.features = top, rng, bins, features
+        self.pool, self.n_rank_bins = int(pool), int(n_rank_bins)
+
+    def draw(self, n: int) -> list[np.ndarray]:
+        if self.features is not None:
+            return nearest_matched_sets(self.top, self.features, n, self.rng, pool=self.pool)
+        return matched_random_sets(self.top, self.bins, n, self.rng, n_rank_bins=self.n_rank_bins)
+
+
+def _ranked_indices(ranking, index: dict) -> list[int]:
+    ranked, seen = [], set()
+    for t in np.asarray(ranking, dtype=np.int64).ravel().tolist():
+        if t in index and t not in seen:
+            seen.add(t)
+            ranked.append(index[t])
+    return ranked
+
+
 def deletion_sets(
     rankings: Mapping[str, np.ndarray],
     ks: Sequence[int] = DEFAULT_KS,
     *,
     candidates: np.ndarray,
-    bins: np.ndarray,
+    bins: np.ndarray | None = None,
     n_random: int = 20,
     seed: int = 0,
     n_rank_bins: int = 5,
+    features: np.ndarray | None = None,
+    match_pool: int = 10,
+    _matchers: dict | None = None,
 ) -> list[tuple[str, int, str, np.ndarray]]:
-    """The gene sets `set_deletion` evaluates, in its row order: (score, k, "top" or "random_<r>", token ids).
+    """The gene sets `set_deletion` evaluates first, in its row order: (score, k, "top" or "random_<r>",
+    token ids).
 
     Per score (in the mapping's order) and k (in `ks` order): the top-k set, then its `n_random` matched
-    random sets; see `set_deletion` for how rankings are restricted to `candidates` and matched on `bins`.
+    random sets; see `set_deletion` for how rankings are restricted to `candidates` and matched (on
+    `features` gene by gene when given, else on `bins`).
     """
     candidates = np.asarray(candidates, dtype=np.int64)
-    bins = np.asarray(bins, dtype=np.int64)
-    if candidates.shape != bins.shape:
-        raise ValueError(f"{len(candidates)} candidates but {len(bins)} bins")
+    if features is None:
+        if bins is None:
+            raise ValueError("deletion_sets needs bins or features to match random sets on")
+        bins = np.asarray(bins, dtype=np.int64)
+        if candidates.shape != bins.shape:
+            raise ValueError(f"{len(candidates)} candidates but {len(bins)} bins")
+    elif len(features) != len(candidates):
+        raise ValueError(f"{len(candidates)} candidates but {len(features)} feature rows")
     index = {int(t): i for i, t in enumerate(candidates.tolist())}
     specs = []
     for score, ranking in rankings.items():
-        ranked, seen = [], set()
-        for t in np.asarray(ranking, dtype=np.int64).ravel().tolist():
-            if t in index and t not in seen:
-                seen.add(t)
-                ranked.append(index[t])
+        ranked = _ranked_indices(ranking, index)
         for k in ks:
             top = np.asarray(ranked[: int(k)], dtype=np.int64)
             specs.append((str(score), int(k), "top", candidates[top]))
-            rng = set_rng(seed, score, k)
-            for r, random_set in enumerate(matched_random_sets(top, bins, n_random, rng, n_rank_bins=n_rank_bins)):
+            matcher = _Matcher(
+                top, set_rng(seed, score, k), bins=bins, features=features, pool=match_pool, n_rank_bins=n_rank_bins
+            )
+            if _matchers is not None:
+                _matchers[(str(score), int(k))] = matcher
+            for r, random_set in enumerate(matcher.draw(n_random)):
                 specs.append((str(score), int(k), f"random_{r}", candidates[random_set]))
     return specs
 
 
-def set_deletion(
-    engine: DeletionEngine,
-    rankings: Mapping[str, np.ndarray],
-    ks: Sequence[int] = DEFAULT_KS,
-    *,
-    candidates: np.ndarray,
-    bins: np.ndarray,
-    n_random: int = 20,
-    n_boot: int = 200,
-    seed: int = 0,
-    alpha: float = 0.05,
-    n_rank_bins: int = 5,
-):
-    """Delete each score's top-k genes and `n_random` matched random sets; one row per (score, k, set).
-
-    `rankings`: score name -> token ids ranked best first. Each ranking is first restricted to
-    `candidates` (the token ids random genes are drawn from, `bins[i]` the `frequency_rank_bins` bin of
-    `candidates[i]`; a ranked token outside them cannot be matched), order kept, so a top-k set can hold
-    fewer than k genes (`n_genes`). The random sets "random_0".. for (score, k) come from
-    `matched_random_sets` (matched on the bins, excluding the top set) with `set_rng(seed, score, k)`.
-
-    Columns (`SET_COLUMNS`): score, k, set ("top" or "random_<r>"), n_genes, n_cells_affected,
-    delta_prob_mean / delta_logit_mean over all cells (unaffected cells 0; cells left without tokens
-    skipped) with bootstrap CIs (`_ci_low`, `_ci_high`; `bootstrap_ci` with `n_boot`, `seed`, `alpha`),
-    accuracy_before / accuracy_after over all cells; on "top" rows random_delta_prob_mean (mean over the
-    random sets) and p_empirical = (1 + #{r: delta_prob_mean(random_r) <= delta_prob_mean(top)}) /
-    (1 + n_random), both NaN on random rows and without random sets. All sets run through
-    `engine.effects` in as few calls as memory allows (`CHUNK_VALUES` cell x set values at once).
-    """
-    import pandas as pd
-
+def _evaluate(engine: DeletionEngine, specs, *, n_boot: int, seed: int, alpha: float) -> list[dict]:
+    """One row per spec: means over all cells with bootstrap CIs, accuracy after, matching quality."""
     from pipeline.analysis import bootstrap_ci
 
-    specs = deletion_sets(
-        rankings, ks, candidates=candidates, bins=bins, n_random=n_random, seed=seed, n_rank_bins=n_rank_bins
-    )
     n = len(engine.cells)
-    base_correct = engine.baseline.argmax(1) == engine.labels
-    accuracy_before = float(base_correct.mean()) if n else np.nan
+    read = engine.read_tokens
     per_chunk = max(1, CHUNK_VALUES // max(n, 1))
     rows = []
     for start in range(0, len(specs), per_chunk):
@@ -650,6 +744,7 @@ def set_deletion(
                 m = lo = hi = np.full(len(chunk), np.nan)
             stats[name] = (np.atleast_1d(m), np.atleast_1d(lo), np.atleast_1d(hi))
         for j, ((score, k, name, tokens), effect) in enumerate(zip(chunk, effects)):
+            removed = effect.n_deleted.astype(np.float64)
             rows.append(
                 dict(
                     score=score,
@@ -663,19 +758,139 @@ def set_deletion(
                     delta_logit_mean=float(stats["delta_logit"][0][j]),
                     delta_logit_ci_low=float(stats["delta_logit"][1][j]),
                     delta_logit_ci_high=float(stats["delta_logit"][2][j]),
-                    accuracy_before=accuracy_before,
                     accuracy_after=float(effect.correct_after.mean()) if n else np.nan,
-                    random_delta_prob_mean=np.nan,
-                    p_empirical=np.nan,
+                    tokens_per_cell=float(removed.mean()) if n else np.nan,
+                    tokens_per_cell_p90=float(np.percentile(removed, 90)) if n else np.nan,
+                    read_removed=float(np.isin(read, np.asarray(tokens, dtype=np.int64)).mean()) if n else np.nan,
                 )
             )
-    frame = pd.DataFrame(rows, columns=SET_COLUMNS)
-    if n_random > 0 and len(frame):
-        step = 1 + int(n_random)
-        top_rows = np.arange(0, len(frame), step)
-        for i in top_rows:
-            top = frame.at[i, "delta_prob_mean"]
-            random = frame["delta_prob_mean"].to_numpy()[i + 1 : i + step]
-            frame.at[i, "random_delta_prob_mean"] = float(np.mean(random))
-            frame.at[i, "p_empirical"] = (1 + int(np.sum(random <= top))) / step
-    return frame
+    return rows
+
+
+def empirical_p(top: float, random: np.ndarray) -> tuple[float, int]:
+    """p = (1 + #{random <= top}) / (1 + R) (a set hurting at least as much counts) and #{random <= top}."""
+    random = np.asarray(random, dtype=np.float64)
+    hits = int(np.sum(random <= top))
+    return (1 + hits) / (1 + len(random)), hits
+
+
+def set_deletion(
+    engine: DeletionEngine,
+    rankings: Mapping[str, np.ndarray],
+    ks: Sequence[int] = DEFAULT_KS,
+    *,
+    candidates: np.ndarray,
+    bins: np.ndarray | None = None,
+    n_random: int = 20,
+    max_random: int | None = None,
+    features: np.ndarray | None = None,
+    match_pool: int = 10,
+    n_boot: int = 200,
+    seed: int = 0,
+    alpha: float = 0.05,
+    n_rank_bins: int = 5,
+):
+    """Delete each score's top-k genes and matched random sets; one row per (score, k, set).
+
+    `rankings`: score name -> token ids ranked best first. Each ranking is first restricted to
+    `candidates` (the token ids random genes are drawn from), order kept, so a top-k set can hold fewer
+    than k genes (`n_genes`). The random sets "random_0".. for (score, k) come from `set_rng(seed, score,
+    k)`: matched gene by gene on `features` (`nearest_matched_sets`, the `match_pool` nearest genes) when
+    given, else on `bins` (`matched_random_sets`, the `frequency_rank_bins` bin of each candidate),
+    excluding the top set.
+
+    **Adaptive resolution.** `n_random` sets are drawn first. While a test's p sits at its floor
+    1 / (R + 1) (no random set hurts as much) and R < `max_random` (None: `n_random`, no extension), R is
+    doubled (capped at `max_random`) for the tests at their floor, continuing their generators: the first
+    `n_random` sets are those of a fixed-R run, so the result is a function of the seed.
+
+    Columns (`SET_COLUMNS`): score, k, set, n_genes, n_cells_affected, delta_prob_mean / delta_logit_mean
+    over all cells (unaffected cells 0; cells left without tokens skipped) with bootstrap CIs (`_ci_low`,
+    `_ci_high`; `bootstrap_ci` with `n_boot`, `seed`, `alpha`), accuracy_before / accuracy_after over all
+    cells, the matching quality (tokens removed per cell, read position removed); on "top" rows
+    random_delta_prob_mean (mean over the random sets), p_empirical = (1 + #{r: delta_prob_mean(random_r)
+    <= delta_prob_mean(top)}) / (1 + R), n_random (R), p_at_floor, z_score = (top - mean) / sd (ddof 1) of
+    the random means, and the random sets' average matching quality; NaN on random rows and without random
+    sets. All sets of a round run through `engine.effects` in as few calls as memory allows
+    (`CHUNK_VALUES` cell x set values at once).
+    """
+    import pandas as pd
+
+    cap = int(n_random) if max_random is None else max(int(max_random), int(n_random))
+    matchers: dict = {}
+    specs = deletion_sets(
+        rankings,
+        ks,
+        candidates=candidates,
+        bins=bins,
+        n_random=n_random,
+        seed=seed,
+        n_rank_bins=n_rank_bins,
+        features=features,
+        match_pool=match_pool,
+        _matchers=matchers,
+    )
+    candidates = np.asarray(candidates, dtype=np.int64)
+    n = len(engine.cells)
+    base_correct = engine.baseline.argmax(1) == engine.labels
+    accuracy_before = float(base_correct.mean()) if n else np.nan
+    groups: dict[tuple[str, int], dict] = {}
+    for row in _evaluate(engine, specs, n_boot=n_boot, seed=seed, alpha=alpha):
+        g = groups.setdefault((row["score"], row["k"]), {"top": None, "random": []})
+        if row["set"] == "top":
+            g["top"] = row
+        else:
+            g["random"].append(row)
+    R = int(n_random)
+    while R and R < cap:
+        floor = [
+            key
+            for key, g in groups.items()
+            if empirical_p(g["top"]["delta_prob_mean"], [r["delta_prob_mean"] for r in g["random"]])[1] == 0
+            and np.isfinite(g["top"]["delta_prob_mean"])
+        ]
+        if not floor:
+            break
+        more = min(cap, 2 * R) - R
+        extra = []
+        for key in floor:
+            for r, random_set in enumerate(matchers[key].draw(more)):
+                extra.append((key[0], key[1], f"random_{R + r}", candidates[random_set]))
+        for row in _evaluate(engine, extra, n_boot=n_boot, seed=seed, alpha=alpha):
+            groups[(row["score"], row["k"])]["random"].append(row)
+        R += more
+    rows = []
+    for g in groups.values():
+        top = g["top"]
+        random = g["random"]
+        means = np.asarray([r["delta_prob_mean"] for r in random], dtype=np.float64)
+        top.update(
+            random_delta_prob_mean=np.nan,
+            p_empirical=np.nan,
+            n_random=len(random),
+            p_at_floor=np.nan,
+            z_score=np.nan,
+            random_tokens_per_cell=np.nan,
+            random_tokens_per_cell_p90=np.nan,
+            random_read_removed=np.nan,
+        )
+        if len(random):
+            p, hits = empirical_p(top["delta_prob_mean"], means)
+            sd = float(np.std(means, ddof=1)) if len(means) > 1 else np.nan
+            top.update(
+                random_delta_prob_mean=float(np.mean(means)),
+                p_empirical=p,
+                p_at_floor=bool(hits == 0),
+                z_score=float((top["delta_prob_mean"] - np.mean(means)) / sd) if sd and sd > 0 else np.nan,
+                random_tokens_per_cell=float(np.mean([r["tokens_per_cell"] for r in random])),
+                random_tokens_per_cell_p90=float(np.mean([r["tokens_per_cell_p90"] for r in random])),
+                random_read_removed=float(np.mean([r["read_removed"] for r in random])),
+            )
+        rows.append(top)
+        rows += random
+    frame = pd.DataFrame(rows)
+    frame["accuracy_before"] = accuracy_before
+    for col in SET_COLUMNS:
+        if col not in frame.columns:
+            frame[col] = np.nan
+    return frame[SET_COLUMNS]

@@ -83,6 +83,8 @@ def run_deletion(
     de: pd.DataFrame | None = None,
     ks: Sequence[int] = (1, 5, 10, 20, 50),
     n_random: int = 20,
+    max_random: int | None = None,
+    match_pool: int = 10,
     top_genes: int = 50,
     null_bins: Sequence[int] = (5, 5),
     n_boot: int = 200,
@@ -90,9 +92,15 @@ def run_deletion(
     device="cpu",
     seed: int = 0,
 ) -> DeletionResult:
-    """Set and single-gene deletion of one model on `cells` (its analysis gene table: `genes`)."""
-    from pipeline.deletion import DeletionEngine, set_deletion, single_gene_effects
-    from pipeline.keygenes import frequency_rank_bins, min_cells_for
+    """Set and single-gene deletion of one model on `cells` (its analysis gene table: `genes`).
+
+    Random sets are matched gene by gene (`pipeline.deletion.nearest_matched_sets`, the `match_pool`
+    nearest genes) on cells expressing and mean rank; the token the classifier reads (position 0) is never
+    deleted (`DeletionEngine(keep_read_position=True)`), so top and random sets match on it exactly;
+    `n_random` of them per test, raised up to `max_random` while p sits at its floor (None: no raise).
+    `null_bins` is recorded (the overlaps' matched null uses it); deletion no longer bins."""
+    from pipeline.deletion import DeletionEngine, matching_features, set_deletion, single_gene_effects
+    from pipeline.keygenes import min_cells_for
 
     n = len(labels)
     rankings = score_rankings(genes, suffix, attribution=attribution, de=de, dicts=dicts, min_cells=min_cells_for(n))
@@ -104,20 +112,22 @@ def run_deletion(
         special_ids=dicts.special_ids,
         batch_size=batch_size,
         device=device,
+        keep_read_position=True,
     )
     candidates = genes["token_id"].to_numpy(dtype=np.int64)
-    bins = frequency_rank_bins(genes["n_cells"].to_numpy(), genes["rank_mean"].to_numpy(), *null_bins)
+    features = matching_features(genes["n_cells"].to_numpy(), genes["rank_mean"].to_numpy())
     ks = tuple(int(k) for k in ks if int(k) <= len(candidates) // 2)
     sets = set_deletion(
         engine,
         rankings,
         ks,
         candidates=candidates,
-        bins=bins,
+        features=features,
+        match_pool=match_pool,
         n_random=n_random,
+        max_random=max_random,
         n_boot=n_boot,
         seed=seed,
-        n_rank_bins=int(null_bins[1]),
     )
     chosen: dict[int, list[str]] = {}
     for name, ranked in rankings.items():
@@ -134,7 +144,19 @@ def run_deletion(
         n_cells=int(n),
         ks=ks,
         n_random=int(n_random),
-        meta={"top_genes": int(top_genes), "null_bins": [int(b) for b in null_bins], "seed": int(seed)},
+        meta={
+            "top_genes": int(top_genes),
+            "null_bins": [int(b) for b in null_bins],
+            "seed": int(seed),
+            "max_random": int(max_random if max_random is not None else n_random),
+            "matching": {
+                "method": "gene by gene: each random gene drawn from the genes nearest to a top gene",
+                "features": ["log2 cells expressing (tokens removed)", "mean rank"],
+                "pool": int(match_pool),
+                "read_position": "never deleted: the token the classifier reads (position 0: <cls>, or without"
+                " <cls> the cell's first gene) stays in every cell for the top and the random sets alike",
+            },
+        },
     )
 
 
@@ -175,6 +197,9 @@ def write_deletion(
         random_means.setdefault(r.score, {})[str(r.k)] = values.tolist()
         row = r._asdict()
         row.pop("set", None)
+        for key, kind in (("p_at_floor", bool), ("n_random", int)):  # NaN on random rows: float/object columns
+            v = row.get(key)
+            row[key] = None if v is None or (isinstance(v, float) and np.isnan(v)) else kind(v)
         row["random_delta_prob_low"] = float(np.percentile(values, 2.5)) if len(values) else None
         row["random_delta_prob_high"] = float(np.percentile(values, 97.5)) if len(values) else None
         rows.append(row)
@@ -192,15 +217,14 @@ def write_deletion(
         genes[R.col_deletion_logit(suffix) + "_low"] = t.map(by_token["delta_logit_ci_low"]).astype(float)
         genes[R.col_deletion_logit(suffix) + "_high"] = t.map(by_token["delta_logit_ci_high"]).astype(float)
         genes[R.col_deletion_prob(suffix)] = t.map(by_token["delta_prob_mean"]).astype(float)
+    deletion_q_values(rows)
     k = HEADLINE_K if HEADLINE_K in result.ks else (max(result.ks) if result.ks else None)
     parts = []
     for row in rows:
         if row["k"] == k and row["score"] in ("key_score", "attn", "de"):
-            p = row.get("p_empirical")
-            p_text = f", p={p:.2g}" if p is not None and np.isfinite(p) else ""
             parts.append(
                 f"{row['score']} {row['delta_prob_mean']:+.3f} vs matched random "
-                f"{row['random_delta_prob_mean']:+.3f}{p_text}"
+                f"{row['random_delta_prob_mean']:+.3f}{p_text(row, sep=', ')}"
             )
     headline = (
         f"change of the true-class probability when the top {k} genes are deleted: " + "; ".join(parts)
@@ -221,8 +245,71 @@ def write_deletion(
             "top_tokens": {k: v[: int(result.meta.get("top_genes", 0))].tolist() for k, v in result.rankings.items()},
             "frequency_spearman": _frequency_spearman(genes, single, suffix),
             "headline": headline,
+            "p_definition": "p = (1 + #{random sets whose mean change is <= the set's}) / (1 + R); at its floor"
+            " (no random set as harmful) it reads p <= 1/(R+1); R raised while p sits at its floor, up to max_random;"
+            " z = (set - mean of random) / sd of random",
             **result.meta,
         }
     )
     store.put_json(run_id, R.json_deletion(model_name), doc)
     return doc
+
+
+def p_text(row: dict, *, sep: str = " ") -> str:
+    """A deletion test's p as printed: `p=0.031`, or `p<=1/21` at its floor (no random set as harmful), with
+    q and z beside it where known."""
+    p, R = row.get("p_empirical"), row.get("n_random")
+    if not isinstance(p, (int, float)) or not np.isfinite(p):
+        return ""
+    text = f"p<=1/{int(R) + 1}" if row.get("p_at_floor") and R else f"p={p:.2g}"
+    q = row.get("q_value")
+    if isinstance(q, (int, float)) and np.isfinite(q):
+        text += f" q={q:.2g}" + (" *" if q < 0.05 else "")
+    z = row.get("z_score")
+    if isinstance(z, (int, float)) and np.isfinite(z):
+        text += f" z={z:+.1f}"
+    return sep + text
+
+
+def deletion_q_values(rows: list[dict]) -> int:
+    """Benjamini-Hochberg q (`q_value`) over the top-set tests of `rows` (one family), in place; returns the
+    number of tests."""
+    from pipeline.analysis import benjamini_hochberg
+
+    tests = [r for r in rows if isinstance(r.get("p_empirical"), (int, float)) and np.isfinite(r["p_empirical"])]
+    if tests:
+        for r, q in zip(tests, benjamini_hochberg(np.asarray([r["p_empirical"] for r in tests]))):
+            r["q_value"] = float(q)
+    return len(tests)
+
+
+def adjust_deletion_family(store, run_id: int) -> dict | None:
+    """q-values over every deletion test of an analysis run (each model, score and k: one family), written
+    back into the `deletion_<model>` documents with the family's description (`multiplicity`)."""
+    from store import results as R
+    from store.jsonsafe import plain
+
+    names = [n for n in store.json_names(run_id) if n.startswith("deletion_")]
+    docs = {n: store.get_json(run_id, n) for n in names}
+    docs = {n: d for n, d in docs.items() if isinstance(d, dict) and d.get("sets")}
+    if not docs:
+        return None
+    n_tests = deletion_q_values([row for d in docs.values() for row in d["sets"]])
+    family = {
+        "method": "Benjamini-Hochberg (scipy.stats.false_discovery_control)",
+        "family": "every deletion test of this analysis run (each model, score and k)",
+        "n_tests": n_tests,
+    }
+    for n, doc in docs.items():
+        doc[R.FIELD_MULTIPLICITY] = family
+        store.put_json(run_id, n, plain(doc))
+    return family
+
+
+def adjust_multiplicity(store, run_id: int) -> dict:
+    """Benjamini-Hochberg q-values of an analysis run, each family at once: every overlap test
+    (`pipeline.analysis.adjust_overlap_family`) and every deletion test (`adjust_deletion_family`).
+    Idempotent: run it again after adding tests."""
+    from pipeline.analysis import adjust_overlap_family
+
+    return {"overlap": adjust_overlap_family(store, run_id), "deletion": adjust_deletion_family(store, run_id)}

@@ -40,7 +40,6 @@ from pipeline.progress import Reporter
 
 CHECKPOINT_JSON = "checkpoint"  # json result on a finetune run: {"path", "weights_sha256"}
 DETERMINISM_JSON = "determinism"  # json result on a pipeline run: `pipeline.compute.determinism_report`
-IG_GAP_WARN = 0.25  # integrated gradients' relative completeness gap above which the run warns
 
 
 # ------------------------------------------------------------------------------------------- preflight
@@ -1005,7 +1004,10 @@ def stage_de(ctx: Context, task: str, group: str, reference: str) -> None:
     done = ctx.completed_child(name, "de")
     if done is not None:
         ctx.rep.line(f"{name}: already computed (resumed)")
-        ctx.out.de[(task, group, reference)] = ctx.store.gene_table_df(done, "de")
+        de = ctx.store.gene_table_df(done, "de")
+        ctx.out.de[(task, group, reference)] = (
+            _held_out_de(de, group, reference) if "de_all_cells" in ctx.store.gene_tables(done) else de
+        )
         return
     from pipeline.analysis import de_wilcoxon
     from pipeline.data import ensembl_indexed
@@ -1016,17 +1018,34 @@ def stage_de(ctx: Context, task: str, group: str, reference: str) -> None:
     adata.obs["_class"] = ctx.out.selection.class_names(task)
     child = ctx.new_child(name, "de", {"task": task, "groupby": task, "group": group, "reference": reference})
     with ctx.store.track(child):
-        de = de_wilcoxon(adata, "_class", group, reference)
-        if "symbol" not in de.columns:
-            de.insert(1, "symbol", [""] * len(de))
-        de["symbol"] = _fill_symbols(de, ctx.out.dicts, ctx.selected_adata(), ctx.cfg["data"]["gene_id_column"] or None)
-        ctx.store.put_gene_table(child, "de", de)
+        # the DE the analysis compares with sees no test cell (the analysed cells); every cell's DE: its own table
+        held_out = np.asarray(ctx.out.split) != "test"
+        tables = {}
+        for table, keep in (("de", held_out), ("de_all_cells", np.ones(len(held_out), dtype=bool))):
+            de = de_wilcoxon(adata[keep], "_class", group, reference)
+            if "symbol" not in de.columns:
+                de.insert(1, "symbol", [""] * len(de))
+            de["symbol"] = _fill_symbols(
+                de, ctx.out.dicts, ctx.selected_adata(), ctx.cfg["data"]["gene_id_column"] or None
+            )
+            ctx.store.put_gene_table(child, table, de)
+            tables[table] = de
+        de = _held_out_de(tables["de"], group, reference)
     ctx.out.de[(task, group, reference)] = de
     top = de.head(10)
     labels = [
         str(sym) if isinstance(sym, str) and sym else str(ens) for sym, ens in zip(top["symbol"], top["ensembl_id"])
     ]
     ctx.rep.line(f"top DE genes ({group} vs {reference}): " + ", ".join(labels))
+
+
+def _held_out_de(de, group: str, reference: str):
+    """The DE table the analysis uses, saying which classes it compares and that test cells were held out."""
+    from pipeline.analysis import DE_ATTR_CELLS, DE_ATTR_CLASSES
+
+    de.attrs[DE_ATTR_CLASSES] = (str(group), str(reference))
+    de.attrs[DE_ATTR_CELLS] = "training and validation cells (the analysed test cells held out)"
+    return de
 
 
 def _fill_symbols(de, dicts, adata, gene_id_column) -> list[str]:
@@ -1157,11 +1176,23 @@ def _attribution(ctx: Context, child: int, task: str, test, mode: str, model, ge
         dicts=ctx.out.dicts,
         hao_steps=int(a_cfg["hao_steps"]),
         ig_steps=int(a_cfg["ig_steps"]),
+        ig_max_steps=int(a_cfg["ig_max_steps"]),
+        ig_gap_p95=float(a_cfg["ig_gap_p95"]),
         batch_size=int(a_cfg["batch_size"]),
         device=ctx.device,
         seed=ctx.seed,
         progress=lambda done, total, **kw: ctx.rep.update(done, total, unit="cells", **kw),
     )
+    ig = result.meta.get("ig") or {}
+    if ig.get("gap_converged") is False:
+        ctx.warn(
+            "integrated_gradients",
+            f"{task}/{mode}: integrated gradients' 95th percentile completeness gap"
+            f" {ig['gap_p95_tried'][-1]:.1%} stays above {ig['gap_p95_threshold']:.0%} at {ig['steps']}"
+            " steps (analysis.ig_max_steps); its per-token scores are approximate",
+            task=task,
+            mode=mode,
+        )
     doc = write_attribution(
         ctx.store,
         child,
@@ -1177,14 +1208,6 @@ def _attribution(ctx: Context, child: int, task: str, test, mode: str, model, ge
         f"{task}: attribution of {mode} ({', '.join(methods)}) on {len(labels)} cells"
         + (f"; integrated gradients' completeness gap {gap:.2%}" if gap is not None else "")
     )
-    if gap is not None and abs(gap) > IG_GAP_WARN:
-        ctx.warn(
-            "integrated_gradients",
-            f"{task}/{mode}: integrated gradients' completeness gap is {gap:.0%} (over {IG_GAP_WARN:.0%}): its "
-            "attributions do not add up to the model's output; raise analysis.ig_steps before trusting them",
-            task=task,
-            mode=mode,
-        )
     return result
 
 
@@ -1239,6 +1262,8 @@ def _deletion(ctx: Context, child: int, task: str, test, mode: str, model, genes
         dicts=ctx.out.dicts,
         ks=tuple(int(k) for k in a_cfg["deletion_k"]),
         n_random=int(a_cfg["deletion_random_sets"]),
+        max_random=int(a_cfg["deletion_max_random_sets"]),
+        match_pool=int(a_cfg["deletion_match_pool"]),
         top_genes=int(a_cfg["deletion_top_genes"]),
         null_bins=tuple(a_cfg["null_bins"]),
         n_boot=int(a_cfg["n_boot"]),
@@ -1362,6 +1387,7 @@ def stage_attention(ctx: Context, task: str, mode_a: str, mode_b: str) -> None:
     import torch
 
     from pipeline.analysis import run_pair_analysis
+    from pipeline.deletion_report import adjust_multiplicity
     from pipeline.model import load_for_attention
     from pipeline.train import verify_checkpoint
     from store import results as R
@@ -1410,6 +1436,7 @@ def stage_attention(ctx: Context, task: str, mode_a: str, mode_b: str) -> None:
             if a_cfg["deletion"]:
                 ctx.store.put_gene_table(child, R.TABLE_GENES, genes)
             ctx.rep.line(f"{name}: attribution, deletion and cascade of each model read from its analysis")
+        adjust_multiplicity(ctx.store, child)  # q-values over the pair's overlap tests and its deletion tests
     ctx.rep.line(f"{name}: analysed {len(test)} test cells")
 
 

@@ -93,8 +93,29 @@ def shrunk_log_ratio(observed, expected, n, *, min_cells: int, frequency_bins: i
         s2=float(s2),
         shrinkage_min=float(np.min(shrink)),
         shrinkage_median=float(np.median(shrink)),
+        share_shrunk=float(np.mean(shrink < 1.0 - SHRUNK_BY)),
+        note=shrinkage_note(float(tau2), float(s2)),
     )
     return out, fit
+
+
+SHRUNK_BY = 0.1  # a gene counts as shrunk when B_g < 1 - SHRUNK_BY (moved 10% or more toward its bin's mean)
+
+
+def shrinkage_note(tau2: float, s2: float) -> str | None:
+    """What a degenerate empirical-Bayes fit means for the key score, in words (None: an ordinary fit). A
+    variance below 1e-9 of the other counts as 0 (the least-squares fit leaves rounding behind)."""
+    if s2 <= 1e-9 * tau2:
+        return (
+            "no shrinkage: the fit found no sampling noise (s^2 = 0), so each key score is the gene's raw"
+            " log-ratio relative to its frequency bin"
+        )
+    if tau2 <= 1e-9 * s2:
+        return (
+            "the fit found no spread between genes beyond sampling noise (prior variance tau^2 = 0): every"
+            " key score is shrunk to 0, so the key-gene ranking carries no information"
+        )
+    return None
 
 
 def add_key_scores(

@@ -274,11 +274,25 @@ def _attention_vs_de(
     ]
     axes[0].barh(labels[::-1], top_de[R.COL_SCORE].to_numpy()[::-1], color="tab:orange")
     axes[0].set_title(f"top DE genes, {compared} (Wilcoxon score)", fontsize=9)
-    colours = ["tab:red" if de_rank.get(str(g), top + 1) <= top else "tab:blue" for g in top_attn[R.COL_ENSEMBL_ID]]
-    labels = [f"{R.gene_label(r)}  (DE #{de_rank.get(str(r[R.COL_ENSEMBL_ID]), '-')})" for _, r in top_attn.iterrows()]
+    # each key gene labelled with its DE rank in the direction it goes: "up in high #3", "up in low #12"
+    group, reference = (compared.split(" vs ", 1) + [""])[:2] if " vs " in compared else ("the group", "the reference")
+    reference = "the other classes" if reference == "rest" else reference
+    down_rank = {g: i + 1 for i, g in enumerate(de[R.COL_ENSEMBL_ID].astype(str).tolist()[::-1])}
+    de_score = dict(zip(de[R.COL_ENSEMBL_ID].astype(str), de[R.COL_SCORE].astype(float)))
+
+    def de_text(gene: str) -> str:
+        if gene not in de_score:
+            return "not in DE"
+        if de_score[gene] >= 0:
+            return f"up in {group} #{de_rank[gene]}"
+        return f"up in {reference} #{down_rank[gene]}"
+
+    either = {g for g in de_rank if de_rank[g] <= top or down_rank[g] <= top}
+    colours = ["tab:red" if str(g) in either else "tab:blue" for g in top_attn[R.COL_ENSEMBL_ID]]
+    labels = [f"{R.gene_label(r)}  ({de_text(str(r[R.COL_ENSEMBL_ID]))})" for _, r in top_attn.iterrows()]
     axes[1].barh(labels[::-1], top_attn[column].to_numpy()[::-1], color=colours[::-1])
     title = "key genes" if keyed else "most attended genes"
-    axes[1].set_title(f"{title}, {names['b']} (red: among the top {top} DE)", fontsize=9)
+    axes[1].set_title(f"{title}, {names['b']} (red: among the top {top} DE, either direction)", fontsize=9)
     axes[0].set_xlabel("Wilcoxon score")
     axes[1].set_xlabel(
         "key score (log2 attention over its positions' and frequency's, shrunk)"
@@ -308,7 +322,8 @@ def _attention_vs_de(
         ax.set_xscale("log")
         ax.set_xlabel("k")
         ax.set_ylabel("genes in both top-k lists")
-        ax.set_title(f"top-k overlap, attention vs DE (N = {overlap.get('background')})", fontsize=9)
+        n = overlap.get("population", overlap.get("background"))
+        ax.set_title(f"top-k overlap with genes up in {group} (N = {n} genes the key score ranks)", fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
     _save(fig, out, f"fig7_attention_vs_de_{stem}", written)

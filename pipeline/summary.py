@@ -110,17 +110,8 @@ def format_summary(store, run_id: int, elapsed_s: float | None = None, top_n: in
             genes = R.top_genes(store, an.run_id, R.col_attn(suffix), top_n)
             if genes:
                 lines.append(f"  most attended genes (summed attention), {model}{mark}: {', '.join(genes)}")
-        overlaps = (an.de_overlap or {}).get("by_group") or {"": an.de_overlap or {}}
-        for group, overlap in overlaps.items():
-            parts = []
-            for item in overlap.get("overlap", []):
-                matched = f", matched p={item['p_matched']:.2g}" if item.get("p_matched") is not None else ""
-                parts.append(f"k={item['k']}: {item['overlap']} (p={item['p_value']:.2g}{matched})")
-            if parts:
-                column = overlap.get("attention_column", "")
-                what = "key genes" if column.startswith("key_score") else "top attended"
-                de = f"top DE genes ({group})" if group else "top DE genes"
-                lines.append(f"  {what} vs {de}: " + "; ".join(parts))
+        lines += overlap_lines(an.de_overlap)
+        lines += key_score_fit_lines(key_genes, an.models)
         lines += [f"  warning: {w}" for w in key_genes.get("warnings", [])]
         for suffix, model in zip(R.MODEL_SUFFIXES, an.models):
             lines += attribution_lines(store, an.run_id, model, R.col_attn(suffix))
@@ -199,25 +190,111 @@ def warning_lines(store, run_id: int) -> list[str]:
     return [f"warning: {w['message']}" for w in R.run_warnings(store, run_id)]
 
 
+def _overlap_item_text(item: dict) -> str:
+    """`k=20: 3 (p=0.01, matched p=0.04, q=0.03 *)`: stars on the matched null's q (else the raw q) only."""
+    text = f"k={item['k']}: {item['overlap']} (p={item['p_value']:.2g}"
+    if item.get("p_matched") is not None:
+        text += f", matched p={item['p_matched']:.2g}"
+    q = item.get("q_matched", item.get("q_value"))
+    if isinstance(q, (int, float)):
+        text += f", q={q:.2g}" + (" *" if q < 0.05 else "")
+    return text + ")"
+
+
+def overlap_lines(doc: dict | None) -> list[str]:
+    """The key genes' overlap with DE genes, for each comparison and direction in the user's class names
+    (up in one class, up in the other, either direction), with raw, matched and BH-adjusted p."""
+    if not doc:
+        return []
+    lines = []
+    overlaps = doc.get("by_group") or {"": doc}
+    for group, overlap in overlaps.items():
+        column = overlap.get("attention_column", "")
+        what = "key genes" if column.startswith("key_score") else "top attended"
+        blocks = overlap.get("directions") or [{"label": "", "overlap": overlap.get("overlap", [])}]
+        n = overlap.get("population", overlap.get("background"))
+        head = f"  {what} vs top DE genes" + (f" ({group})" if group else "") + f", among the {n} genes the score ranks"
+        cells = overlap.get("de_cells")
+        head += f"; DE on {cells}" if cells else "; DE on every cell, the analysed test cells included"
+        lines.append(head + ":")
+        for block in blocks:
+            parts = [_overlap_item_text(item) for item in block.get("overlap", [])]
+            if parts:
+                lines.append(f"    {block.get('label') or 'DE'}: " + "; ".join(parts))
+    family = doc.get(R.FIELD_MULTIPLICITY)
+    if family:
+        n_tests = (family.get("n_tests") or {}).get("p_matched") or (family.get("n_tests") or {}).get("p_value")
+        lines.append(f"    q: Benjamini-Hochberg over the run's {n_tests} overlap tests; * q < 0.05")
+    return lines
+
+
+def key_score_fit_lines(key_genes: dict, models) -> list[str]:
+    """The empirical-Bayes fit of each model's key score: prior variance, noise, share of genes shrunk, and
+    a plain statement when nothing (or everything) was shrunk."""
+    lines = []
+    names = key_genes.get("models") or {}
+    for suffix, fit in (key_genes.get("fit") or {}).items():
+        if not fit or fit.get("tau2") is None:
+            continue
+        model = names.get(suffix, suffix)
+        text = (
+            f"  key score fit, {model}: prior variance tau^2={fit['tau2']:.3g}, noise s^2={fit['s2']:.3g}"
+            f" over {fit.get('n_scored')} genes"
+        )
+        share = fit.get("share_shrunk")
+        if isinstance(share, (int, float)):
+            text += f"; {share:.0%} of genes shrunk by 10% or more"
+        lines.append(text)
+        if fit.get("note"):
+            lines.append(f"    {fit['note']}")
+    return lines
+
+
+POOR_MATCH = 0.2  # random sets removing more than 20% more or fewer tokens per cell than the top set
+
+
 def deletion_lines(store, run_id: int, model: str, mark: str = "") -> list[str]:
     """A model's set deletion in a few lines: per score, the change of the true-class probability when its
     top k genes are deleted beside matched random sets (and the empirical p); the frequency Spearmans."""
     doc = R.read_json(store, run_id, (R.json_deletion(model),)).get(R.json_deletion(model))
     if not doc or not doc.get("sets"):
         return []
+    from pipeline.deletion_report import p_text
+
+    cap = doc.get("max_random")
+    sets = f"{doc.get('n_random')} per set" + (f", up to {cap} while p is at its floor" if cap else "")
     lines = [
-        f"  deletion from {model}{mark}: change of the true-class probability, top k genes vs matched random sets "
-        f"({doc.get('n_random')} per set; {doc.get('n_cells')} cells, accuracy {doc.get('accuracy_before', 0):.3f}):"
+        f"  deletion from {model}{mark}: change of the true-class probability, top k genes / matched random sets "
+        f"({sets}; {doc.get('n_cells')} cells, accuracy {doc.get('accuracy_before', 0):.3f}):"
     ]
     by_score: dict[str, list[str]] = {}
+    matching: dict[str, list[str]] = {}
     for row in doc["sets"]:
-        p = row.get("p_empirical")
-        p_text = f" p={p:.2g}" if isinstance(p, (int, float)) else ""
         rnd = row.get("random_delta_prob_mean")
         rnd_text = f"/{rnd:+.3f}" if isinstance(rnd, (int, float)) else ""
-        by_score.setdefault(row["score"], []).append(f"k={row['k']} {row['delta_prob_mean']:+.3f}{rnd_text}{p_text}")
+        by_score.setdefault(row["score"], []).append(
+            f"k={row['k']} {row['delta_prob_mean']:+.3f}{rnd_text}{p_text(row)}"
+        )
+        tpc, rtpc = row.get("tokens_per_cell"), row.get("random_tokens_per_cell")
+        if isinstance(tpc, (int, float)) and isinstance(rtpc, (int, float)):
+            text = f"k={row['k']} {tpc:.2f}/{rtpc:.2f}"
+            if abs(rtpc - tpc) > POOR_MATCH * max(tpc, 1e-12):
+                text += " (!)"
+            rr, rrr = row.get("read_removed"), row.get("random_read_removed")
+            if isinstance(rr, (int, float)) and isinstance(rrr, (int, float)) and (rr > 0 or rrr > 0):
+                text += f" (read position {rr:.0%}/{rrr:.0%})"
+            matching.setdefault(row["score"], []).append(text)
     width = max(len(s) for s in by_score)
     lines += [f"    {score:<{width}}  " + "  ".join(parts) for score, parts in by_score.items()]
+    if matching:
+        lines.append(
+            "    matching: tokens removed per cell, top set / random sets (mean over cells; (!) off by more than"
+            f" {POOR_MATCH:.0%}: no other genes are as frequent; the token the classifier reads is never deleted):"
+        )
+        lines += [f"    {score:<{width}}  " + "  ".join(parts) for score, parts in matching.items()]
+    family = doc.get(R.FIELD_MULTIPLICITY)
+    if family:
+        lines.append(f"    q: Benjamini-Hochberg over the run's {family.get('n_tests')} deletion tests; * q < 0.05")
     rho = doc.get("frequency_spearman") or {}
     if rho.get("deletion_effect") is not None and rho.get("key_score_same_genes") is not None:
         lines.append(
@@ -301,12 +378,27 @@ def attribution_lines(store, run_id: int, model: str, attention_column: str, top
     for method, cmp in (info.get("de") or {}).items():
         hit = next((o for o in cmp.get("overlap", []) if o.get("k") == 20), None)
         if hit is not None:
-            matched = f", matched p={hit['p_matched']:.2g}" if hit.get("p_matched") is not None else ""
-            de_parts.append(f"{method} {hit['overlap']} (p={hit['p_value']:.2g}{matched})")
+            de_parts.append(f"{method} {_overlap_item_text(hit).removeprefix('k=20: ')}")
     if de_parts:
-        lines.append(f"    top-20 overlap with DE: {', '.join(de_parts)}")
-    gap = (info.get("completeness") or {}).get("relative_gap_total")
+        first = next(iter((info.get("de") or {}).values()), {})
+        label = next((d.get("label") for d in first.get("directions") or [] if d.get("direction") == "up"), None)
+        lines.append(f"    top-20 overlap with DE genes{' ' + label if label else ''}: {', '.join(de_parts)}")
+    comp = info.get("completeness") or {}
+    gap = comp.get("relative_gap_total")
     if gap is not None:
-        lines.append(f"    integrated gradients' completeness gap {gap:.2%}")
+        text = f"    integrated gradients' completeness gap {gap:.2%}"
+        if comp.get("relative_gap_p95") is not None:
+            text += (
+                f"; per cell: median {comp['relative_gap_median']:.2%}, 95th percentile {comp['relative_gap_p95']:.2%}"
+            )
+        ig = (info.get("parameters") or {}).get("ig") or {}
+        if ig.get("steps"):
+            text += f" ({ig['steps']} steps)"
+        lines.append(text)
+        if ig.get("gap_converged") is False:
+            lines.append(
+                f"    warning: integrated gradients' 95th percentile gap stays above {ig.get('gap_p95_threshold'):.0%}"
+                f" at {ig.get('steps')} steps (the cap): its per-token scores are approximate"
+            )
     lines += [f"    warning: {w}" for w in info.get("warnings", [])]
     return lines

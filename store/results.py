@@ -150,7 +150,8 @@ META_MODELS = "models"
 
 # ------------------------------------------------------------------------------------- gene tables
 TABLE_GENES = "genes"  # an analysis run's key-gene table (thesis table 8)
-TABLE_DE = "de"  # a DE run's Wilcoxon table
+TABLE_DE = "de"  # a DE run's Wilcoxon table (pipeline runs: training and validation cells, test cells held out)
+TABLE_DE_ALL_CELLS = "de_all_cells"  # a pipeline DE run's Wilcoxon table on every selected cell (test included)
 
 COL_ENSEMBL_ID = "ensembl_id"
 COL_SYMBOL = "symbol"
@@ -216,6 +217,9 @@ JSON_GATE = "gate"
 # on a pipeline run given a masked-LM checkpoint: {"cells", "top1", "top10", "baseline_top1", "baseline_top10",
 # "ok", "message"}, its masked-gene accuracy on the user's cells against the gene-frequency baseline
 JSON_CHECKPOINT_CHECK = "checkpoint_check"
+# q-values: the family a document's Benjamini-Hochberg q-values were computed over ({"method", "family",
+# "n_tests"}), in `de_overlap` (overlap tests) and in every `deletion_<model>` (deletion tests)
+FIELD_MULTIPLICITY = "multiplicity"
 JSON_DE_NAMES = (JSON_DE_OVERLAP, "de", "de_vs_attention")  # where a DE comparison may sit, first first
 
 # ------------------------------------------------------------------------- the data run's cells table
@@ -762,6 +766,9 @@ class AnalysisHeadline:
     key_warnings: list[str] = field(default_factory=list)  # rankings that track detection frequency
     de_overlap: list[dict] = field(default_factory=list)  # k, overlap, expected, p_value (, p_matched)
     de_attention_column: str | None = None  # the gene-table column the DE overlap ranks genes by
+    # the overlap per DE direction: [{"direction": "up"|"down"|"either", "label": "up in high", "overlap": [...]}]
+    de_directions: list[dict] = field(default_factory=list)
+    de_cells: str | None = None  # which cells the DE was computed on (pipeline runs: test cells held out)
     spearman: dict | None = None
 
 
@@ -820,6 +827,8 @@ def read_analysis_headline(st, run: dict | int) -> AnalysisHeadline:
             head.spearman = overlap["spearman"]
         if overlap.get("attention_column"):
             head.de_attention_column = str(overlap["attention_column"])
+        head.de_directions = [d for d in overlap.get("directions") or () if isinstance(d, dict) and d.get("overlap")]
+        head.de_cells = overlap.get("de_cells")
     return head
 
 

@@ -344,8 +344,10 @@ def test_set_deletion_finds_planted_gene(planted):
     a = table.sort_values(key).reset_index(drop=True)
     b = flipped.sort_values(key).reset_index(drop=True)
     assert a[key + ["n_genes", "n_cells_affected"]].equals(b[key + ["n_genes", "n_cells_affected"]])
-    numeric = [c for c in SET_COLUMNS if c not in key]
+    numeric = [c for c in SET_COLUMNS if c not in key and c != "z_score"]
     np.testing.assert_allclose(a[numeric].to_numpy(float), b[numeric].to_numpy(float), atol=1e-6)
+    # the z-score divides by the random sets' spread, which rounding of the means can be large against
+    np.testing.assert_allclose(a["z_score"].to_numpy(float), b["z_score"].to_numpy(float), rtol=1e-3)
 
 
 def test_set_deletion_uses_matched_sets(planted):

@@ -118,3 +118,34 @@ def test_deleting_planted_targets_hurts_high_dose_predictions_more_than_matched_
     drop = [float(np.mean(e.delta_prob)) for e in effects]
     p = (1 + sum(d <= drop[0] for d in drop[1:])) / len(drop)
     assert drop[0] < 0 and p < 0.05, (drop[0], sorted(drop[1:])[:5], p)
+
+
+@pytest.mark.slow
+def test_planted_targets_overlap_genes_up_in_high_with_q_values_and_held_out_de(quick_run):
+    """The unfrozen model's key genes overlap the genes up in high dose (named so), not those up in low, at a
+    BH q below 0.05 over the run's overlap tests; the DE compared with was computed without the test cells
+    (its full-data twin is kept); every deletion test has a q, a resolved p and its matching quality."""
+    db, _ = quick_run
+    st, children = _children(db)
+    child = children["lowhigh: frozen vs unfrozen"]["id"]
+    ov = st.get_json(child, "de_overlap")
+    assert ov["attention_column"] == "key_score_b" and "held out" in ov["de_cells"]
+    assert ov["population"] < ov["background"]  # the key score ranks only genes in enough cells
+    by = {d["label"]: d["overlap"] for d in ov["directions"]}
+    assert set(by) == {"up in high", "up in low", "either direction"}
+    assert min(item["q_matched"] for item in by["up in high"]) < 0.05, by["up in high"]
+    assert all(item["q_matched"] >= item["p_matched"] for block in by.values() for item in block)
+    assert ov["multiplicity"]["n_tests"]["p_matched"] >= 3 * len(ov["overlap"])
+    de_run = children["de: high vs low"]["id"]
+    assert {"de", "de_all_cells"} <= set(st.gene_tables(de_run))
+    held_out, every = st.gene_table_df(de_run, "de"), st.gene_table_df(de_run, "de_all_cells")
+    every = every.set_index("ensembl_id")["score"].reindex(held_out["ensembl_id"]).to_numpy()
+    assert not np.allclose(held_out["score"].to_numpy(), every)  # other cells, other statistics
+    for model in ("frozen", "unfrozen"):
+        doc = st.get_json(child, f"deletion_{model}")
+        assert doc["multiplicity"]["n_tests"] == 2 * len(doc["sets"])
+        for row in doc["sets"]:
+            assert row["q_value"] >= row["p_empirical"] >= 1 / (row["n_random"] + 1)
+            assert row["n_random"] <= doc["max_random"] and row["read_removed"] == 0.0
+            if row["p_at_floor"] and row["n_random"] < doc["max_random"]:
+                raise AssertionError(f"a test at its floor was not extended: {row}")

@@ -194,9 +194,10 @@ def run(args) -> int:
         if f"top_genes_{s}" in summary:
             print(f"top attended genes, {model}: {', '.join(summary[f'top_genes_{s}'])}")
     if de is not None:
-        ov = store.get_json(run_id, "de_overlap")
-        parts = [f"k={o['k']}: {o['overlap']} (p={o['p_value']:.2g})" for o in ov["overlap"]]
-        print("top attended vs top DE genes: " + "; ".join(parts))
+        from pipeline.summary import overlap_lines
+
+        for line in overlap_lines(store.get_json(run_id, "de_overlap")):
+            print(line.removeprefix("  "))
     print(f"run {run_id}")
     return 0
 

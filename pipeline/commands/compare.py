@@ -24,8 +24,13 @@ def _fmt(v) -> str:
 
 
 def _p(item: dict) -> str:
+    """Raw and matched p, and the run's BH q (stars on q only)."""
     matched = item.get("p_matched")
-    return f"p={item['p_value']:.2g}" + (f", matched p={matched:.2g}" if matched is not None else "")
+    text = f"p={item['p_value']:.2g}" + (f", matched p={matched:.2g}" if matched is not None else "")
+    q = item.get("q_matched", item.get("q_value"))
+    if isinstance(q, (int, float)):
+        text += f", q={q:.2g}" + (" *" if q < 0.05 else "")
+    return text
 
 
 def _gate_mark(st, row) -> str:
@@ -77,17 +82,23 @@ def compare_text(st, a: int, b: int) -> str:
             if hb:
                 genes_b = hb.key_genes.get(suffix) or hb.top_genes.get(suffix, [])
                 lines.append(f"  {'':>{len(model) + 12}}B {', '.join(genes_b[:8])}")
-        ov_b = {o.get("k"): o for o in (hb.de_overlap if hb else [])}
-        parts = []
-        for o in ha.de_overlap:
-            ob = ov_b.get(o.get("k"))
-            part = f"k={o['k']}: A {o['overlap']} ({_p(o)})"
-            if ob:
-                part += f", B {ob['overlap']} ({_p(ob)})"
-            parts.append(part)
-        if parts:
-            what = "key genes" if str(ha.de_attention_column or "").startswith("key_score") else "top attended"
-            lines.append(f"  {what} vs top DE genes: " + "; ".join(parts))
+        what = "key genes" if str(ha.de_attention_column or "").startswith("key_score") else "top attended"
+        blocks_a = ha.de_directions or [{"direction": "up", "label": "", "overlap": ha.de_overlap}]
+        blocks_b = {d.get("direction"): d for d in (hb.de_directions if hb else [])}
+        if hb and not blocks_b:
+            blocks_b = {"up": {"overlap": hb.de_overlap}}
+        for block in blocks_a:
+            ov_b = {o.get("k"): o for o in (blocks_b.get(block.get("direction")) or {}).get("overlap", [])}
+            parts = []
+            for o in block.get("overlap", []):
+                ob = ov_b.get(o.get("k"))
+                part = f"k={o['k']}: A {o['overlap']} ({_p(o)})"
+                if ob:
+                    part += f", B {ob['overlap']} ({_p(ob)})"
+                parts.append(part)
+            if parts:
+                label = f" {block['label']}" if block.get("label") else ""
+                lines.append(f"  {what} vs top DE genes{label}: " + "; ".join(parts))
     return "\n".join(lines)
 
 

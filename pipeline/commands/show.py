@@ -117,12 +117,16 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.write("\n")
             return 0
         from pipeline.summary import (
+            attribution_lines,
             checkpoint_check_lines,
             deletion_lines,
             finetune_gate_lines,
             key_gene_table_lines,
+            key_score_fit_lines,
+            overlap_lines,
             warning_lines,
         )
+        from store import results as R
 
         extra = {}
         for r in _runs(doc):
@@ -133,7 +137,13 @@ def run(args: argparse.Namespace) -> int:
                 extra[r["id"]] = finetune_gate_lines(st, r["id"])
             elif r["kind"] == "analysis":
                 models = [m for m in st.json_names(r["id"]) if m.startswith("deletion_")]
-                lines = key_gene_table_lines(st, r["id"])
+                docs = R.read_json(st, r["id"], (R.JSON_DE_OVERLAP, R.JSON_KEY_GENES))
+                lines = overlap_lines(docs.get(R.JSON_DE_OVERLAP))
+                lines += key_score_fit_lines(docs.get(R.JSON_KEY_GENES) or {}, ())
+                names = (docs.get(R.JSON_KEY_GENES) or {}).get("models") or {}
+                for suffix, model in names.items():
+                    lines += attribution_lines(st, r["id"], model, R.col_attn(suffix))
+                lines += key_gene_table_lines(st, r["id"])
                 for name in models:
                     lines += deletion_lines(st, r["id"], st.get_json(r["id"], name).get("model", ""))
                 extra[r["id"]] = lines
