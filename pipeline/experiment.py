@@ -41,6 +41,7 @@ from pipeline.progress import Reporter
 
 CHECKPOINT_JSON = "checkpoint"  # json result on a finetune run: {"path", "weights_sha256"}
 DETERMINISM_JSON = "determinism"  # json result on a pipeline run: `pipeline.compute.determinism_report`
+REAL_DATA_PRESET = "sciplex2-nutlin"  # a preset that needs the user's data (--data or --tokenized)
 
 
 # ------------------------------------------------------------------------------------------- preflight
@@ -64,6 +65,11 @@ def preflight(cfg: dict, cache: Path | None = None) -> Preflight:
     tokenized = cfg["data"]["tokenized"]
     if tokenized and data_path:
         raise InputError("--data and --tokenized both given; pass one: counts (.h5ad) or a tokenized dataset")
+    if cfg["run"].get("preset") == REAL_DATA_PRESET and not (data_path or tokenized):
+        raise InputError(
+            f"preset {REAL_DATA_PRESET} runs on real data: pass --data FILE.h5ad (sci-Plex 2, Nutlin-3a arm) "
+            "or --tokenized DIR"
+        )
     if data_path:
         p = Path(data_path)
         if p.is_dir():
@@ -1149,6 +1155,9 @@ def _stages(ctx: Context) -> None:
         stage_model(ctx)
     with stage("tokenize"):
         stage_tokenize(ctx)
+    from pipeline.plan import record_plan
+
+    record_plan(ctx)  # JSON `plan` on the run: work and estimated time per stage, the stages' first ETAs
     with stage("record"):
         stage_record_data(ctx)
     for task in trained_tasks(cfg):

@@ -1192,3 +1192,24 @@ def run_warnings(st, run_id: int) -> list[dict]:
     if JSON_WARNINGS not in st.json_names(run_id):
         return []
     return [w for w in (st.get_json(run_id, JSON_WARNINGS) or []) if isinstance(w, dict) and w.get("message")]
+
+
+# ------------------------------------------------------------------------------------- cost plan, memory
+JSON_PLAN = "plan"  # on a pipeline run: `pipeline.plan` (work and estimated seconds per stage), made at its start
+JSON_GPU_MEMORY = "gpu_memory"  # on a pipeline run: stage -> peak CUDA memory allocated (bytes), `pipeline.progress`
+
+
+def run_plan(st, run_id: int) -> dict | None:
+    """The cost plan a pipeline run stored when it started (None for runs without one)."""
+    if JSON_PLAN not in st.json_names(run_id):
+        return None
+    doc = st.get_json(run_id, JSON_PLAN)
+    return doc if isinstance(doc, dict) else None
+
+
+def run_gpu_memory(st, run_id: int) -> dict[str, int]:
+    """Peak CUDA memory per stage of a pipeline run (empty when it ran on CPU)."""
+    if JSON_GPU_MEMORY not in st.json_names(run_id):
+        return {}
+    doc = st.get_json(run_id, JSON_GPU_MEMORY)
+    return {str(k): int(v) for k, v in doc.items()} if isinstance(doc, dict) else {}
