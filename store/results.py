@@ -1213,3 +1213,17 @@ def run_gpu_memory(st, run_id: int) -> dict[str, int]:
         return {}
     doc = st.get_json(run_id, JSON_GPU_MEMORY)
     return {str(k): int(v) for k, v in doc.items()} if isinstance(doc, dict) else {}
+
+
+# --------------------------------------------------------------------------------------- process count
+def run_process_count(st, run_id: int) -> int:
+    """The processes a run fine-tuned in (`compute.nproc` of a pipeline run, `nproc` of a stand-alone finetune
+    run; a finetune child reports its pipeline's); 1 when the run recorded none."""
+    run = st.get_run(run_id)
+    while True:
+        cfg = run.get("config") or {}
+        value = (cfg.get("compute") or {}).get("nproc") if isinstance(cfg.get("compute"), dict) else None
+        value = cfg.get("nproc", value)
+        if value is not None or not run.get("parent_id"):
+            return int(value or 1)
+        run = st.get_run(run["parent_id"])

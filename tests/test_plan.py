@@ -207,3 +207,19 @@ def test_a_run_stores_its_plan(quick_run):
     estimates = P.stage_estimates(plan)
     assert all(v > 0 for v in estimates.values())
     assert "attention lowhigh: frozen vs unfrozen" in estimates
+
+
+# ------------------------------------------------------------------------------------------ process count
+def test_compare_says_when_two_runs_fine_tuned_in_different_process_counts(tmp_path):
+    from pipeline.commands.compare import compare_text
+    from store import Store
+    from store import results as R
+
+    with Store(tmp_path / "g.db") as st:
+        one = st.create_run("one", "pipeline", {"compute": {"nproc": 1}})
+        two = st.create_run("two", "pipeline", {"compute": {"nproc": 2}})
+        child = st.create_run("lowhigh/frozen", "finetune", {"task": "lowhigh"}, parent_id=two)
+        alone = st.create_run("alone", "finetune", {"nproc": 3})
+        assert [R.run_process_count(st, r) for r in (one, two, child, alone)] == [1, 2, 2, 3]
+        assert "not bit-identical" in compare_text(st, one, two)
+        assert "process" not in compare_text(st, one, one)

@@ -33,7 +33,15 @@ def compare_text(st, a: int, b: int) -> str:
 
     sa, sb = R.read_results_summary(st, a), R.read_results_summary(st, b)
     name = {a: st.get_run(a)["name"], b: st.get_run(b)["name"]}
-    lines = [f"A = run {a} '{name[a]}', B = run {b} '{name[b]}'", "", "test accuracy / macro-F1:"]
+    lines = [f"A = run {a} '{name[a]}', B = run {b} '{name[b]}'"]
+    procs = R.run_process_count(st, a), R.run_process_count(st, b)
+    if procs[0] != procs[1]:
+        lines.append(
+            f"fine-tuned in {procs[0]} process{'es' if procs[0] > 1 else ''} (A) and {procs[1]} "
+            f"process{'es' if procs[1] > 1 else ''} (B): data-parallel fine-tuning composes its batches by process "
+            "count, so the two are not bit-identical even with the same seed; differences include that"
+        )
+    lines += ["", "test accuracy / macro-F1:"]
     rows_a = {(r.task, r.mode): r for r in sa.finetunes}
     rows_b = {(r.task, r.mode): r for r in sb.finetunes}
     lines.append(f"  {'task/mode':<24} {'A acc':>7} {'B acc':>7} {'B - A':>7}   {'A F1':>6} {'B F1':>6}")
