@@ -37,7 +37,7 @@ import numpy as np
 
 PLAN_VERSION = 1
 SAMPLE_CELLS = 256  # cells tokenized by --plan to learn the lengths and the genes
-TIMING_TOKENS = 8192  # tokens per timed batch at most (fewer cells per batch at long lengths)
+TIMING_TOKENS = 4096  # tokens per timed batch at most (fewer cells per batch at long lengths)
 DELETION_BATCH = 64  # pipeline.deletion_report.run_deletion's batch
 KINDS = ("forward", "forward_wide", "backward", "gradient", "gradient_wide", "attention_pair", "attention_one")
 KIND_LABELS = {
@@ -91,6 +91,7 @@ class Shape:
     # deletion: fraction of cells holding at least one of the k most frequent genes, per k
     deletion_fraction: dict[int, float] = field(default_factory=dict)
     single_fraction: float = 0.0  # mean fraction of cells expressing one of the top genes deleted alone
+    typical_fraction: float = 0.0  # median fraction of cells expressing a gene the scores rank (>= min cells)
     n_genes: int = 0  # distinct genes of the analysed cells (candidates of the deletion)
 
     @property
@@ -183,16 +184,26 @@ def deletion_scores(cfg: dict, has_de: bool) -> int:
     return 3 + len(dict.fromkeys(cfg["analysis"]["attribution"])) + (1 if has_de else 0)
 
 
+FREQUENCY_SCORES = 2  # summed weight and norm attention: their top genes are the most often detected ones
+
+
 def deletion_passes(cfg: dict, shape: Shape, n_cells: int, has_de: bool) -> float:
     """Forward passes of one model's deletion: its baseline (each cell once), every (set, affected cell) pair
-    of the top-k sets and their matched random sets, and every single gene of each ranking's top N on the
-    cells expressing it. Which genes are top is known only after the analysis: a top-k set is counted as the
-    k genes expressed in most cells (an upper bound; random sets are matched to it on frequency)."""
+    of the top-k sets and their matched random sets (matched on detection frequency, so touching as many
+    cells), and every single gene of each ranking's top N on the cells expressing it. Which genes are top is
+    known only after the analysis: for summed weight and norm attention, which track detection frequency,
+    the k most often detected genes; for the other scores k genes each detected in the median share of the
+    cells among the genes they rank (1 - (1 - f)^k of the cells hold one)."""
     a = cfg["analysis"]
     n_scores = deletion_scores(cfg, has_de)
+    n_freq = min(FREQUENCY_SCORES, n_scores)
     ks = [int(k) for k in a["deletion_k"] if int(k) <= shape.n_genes // 2]
-    sets = n_scores * (1 + int(a["deletion_random_sets"])) * sum(shape.deletion_fraction.get(k, 1.0) for k in ks)
-    singles = min(n_scores * int(a["deletion_top_genes"]), shape.n_genes) * shape.single_fraction
+    f = shape.typical_fraction
+    per_set = n_freq * sum(shape.deletion_fraction.get(k, 1.0) for k in ks)
+    per_set += (n_scores - n_freq) * sum(1.0 - (1.0 - f) ** k for k in ks)
+    sets = (1 + int(a["deletion_random_sets"])) * per_set
+    top = int(a["deletion_top_genes"])
+    singles = min(n_freq * top, shape.n_genes) * shape.single_fraction + (n_scores - n_freq) * top * f
     return float(n_cells) * (1.0 + sets + singles)
 
 
@@ -298,7 +309,7 @@ def count_stages(cfg: dict, shape: Shape) -> list[Part]:
                             tokens=tokens,
                             forward_wide=fwd,
                             fixed_s=ROUGH["deletion"],
-                            note="at most: top-k sets counted as the most frequent genes",
+                            note="top sets estimated from detection frequency",
                         )
                     )
             if a["sanity"]:
@@ -430,6 +441,7 @@ def time_units(
     special_ids: Sequence[int] = (),
     repeats: int = 2,
     seed: int = 0,
+    say=None,
 ) -> dict:
     """Seconds per cell of each kind of pass at the representative lengths: {"lengths": [...], kind: [...]}.
 
@@ -457,12 +469,20 @@ def time_units(
     other = copy.deepcopy(model) if "attention_pair" in kinds else None
     for length in out["lengths"]:
         length = min(int(length), int(config.max_position_embeddings))
+        if say is not None:
+            say(f"timing the model at {length} tokens")
+        seen: dict[tuple[str, int], float] = {}
         for kind in kinds:
             b = max(1, min(int(batches[kind]), TIMING_TOKENS // max(length, 1)))
+            base = kind.removesuffix("_wide")
+            if (base, b) in seen:  # the wide batch is capped to the plain one's size: the same measurement
+                out[kind].append(seen[(base, b)])
+                continue
             ids = torch.as_tensor(gen.integers(low, max(vocab, low + 1), size=(b, length)), device=device)
             mask = torch.ones(b, length, dtype=torch.long, device=device)
             fn = _pass(kind, model, other, ids, mask, pad_id=pad_id, special_ids=special_ids)
             out[kind].append(_timed(fn, device, repeats) / b)
+            seen[(kind, b)] = out[kind][-1]
     model.eval()
     return out
 
@@ -498,9 +518,12 @@ def stage_estimates(plan: dict) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------------ the shape
-def deletion_shape(token_lists: Sequence[Sequence[int]], special_ids: Sequence[int], ks: Sequence[int], top: int):
+def deletion_shape(
+    token_lists: Sequence[Sequence[int]], special_ids: Sequence[int], ks: Sequence[int], top: int, min_cells: int = 1
+):
     """(fraction of cells holding one of the k most frequent genes per k, mean fraction holding one of the
-    `top` most frequent genes, distinct genes) over the cells' token lists."""
+    `top` most frequent genes, distinct genes, median fraction of cells holding a gene held by at least
+    `min_cells` cells) over the cells' token lists."""
     special = {int(s) for s in special_ids}
     n = len(token_lists)
     sets = [set(int(t) for t in x) - special for x in token_lists]
@@ -515,7 +538,9 @@ def deletion_shape(token_lists: Sequence[Sequence[int]], special_ids: Sequence[i
         fractions[int(k)] = sum(1 for s in sets if s & top_k) / n if n else 0.0
     chosen = order[: max(int(top), 1)]
     single = float(np.mean([counts[t] for t in chosen]) / n) if (n and chosen) else 0.0
-    return fractions, single, len(counts)
+    eligible = [c for c in counts.values() if c >= int(min_cells)]
+    typical = float(np.median(eligible) / n) if (n and eligible) else 0.0
+    return fractions, single, len(counts), typical
 
 
 def build_shape(
@@ -533,9 +558,14 @@ def build_shape(
     tokenization_cached: bool = False,
 ) -> Shape:
     a = cfg["analysis"]
-    n_scores = deletion_scores(cfg, True)
-    fractions, single, n_genes = deletion_shape(
-        token_lists, special_ids, a["deletion_k"], n_scores * int(a["deletion_top_genes"])
+    from pipeline.keygenes import min_cells_for
+
+    fractions, single, n_genes, typical = deletion_shape(
+        token_lists,
+        special_ids,
+        a["deletion_k"],
+        FREQUENCY_SCORES * int(a["deletion_top_genes"]),
+        min_cells=min_cells_for(len(token_lists)),
     )
     p = cfg["pretrain"]
     return Shape(
@@ -553,11 +583,12 @@ def build_shape(
         has_counts=not cfg["data"]["tokenized"],
         deletion_fraction=fractions,
         single_fraction=single,
+        typical_fraction=typical,
         n_genes=n_genes,
     )
 
 
-def make_plan(cfg: dict, shape: Shape, model, *, device, dicts=None, extra: dict | None = None) -> dict:
+def make_plan(cfg: dict, shape: Shape, model, *, device, dicts=None, extra: dict | None = None, say=None) -> dict:
     """Time the model at the shape's lengths, count and estimate every stage: the plan as a JSON-able dict."""
     from pipeline.compute import pin_threads
 
@@ -573,6 +604,7 @@ def make_plan(cfg: dict, shape: Shape, model, *, device, dicts=None, extra: dict
         pad_id=pad_id,
         special_ids=special,
         seed=int(cfg["run"]["seed"]),
+        say=say,
     )
     parts = count_stages(cfg, shape)
     units = unit_costs(timing, shape.lengths)
@@ -698,8 +730,10 @@ def _detected_lengths(adata, max_len: int, cls_token: bool, layer: str | None):
     return np.asarray(lengths, dtype=np.int64), lists
 
 
-def plan_before_run(cfg: dict, store_path) -> dict:
-    """`gfattn pipeline --plan`: the plan of the run `cfg` describes, recording nothing in the store."""
+def plan_before_run(cfg: dict, store_path, say=None) -> dict:
+    """`gfattn pipeline --plan`: the plan of the run `cfg` describes, recording nothing in the store.
+    `say(message)` hears what it is doing (the CLI prints it on stderr)."""
+    say = say or (lambda _m: None)
     from pathlib import Path
 
     from pipeline.compute import resolve_device
@@ -726,6 +760,7 @@ def plan_before_run(cfg: dict, store_path) -> dict:
         from types import SimpleNamespace
 
         ctx = SimpleNamespace(cfg=cfg, cache=cache, seed=seed, rep=_Quiet())
+        say("synthetic data (generated into the cache once, as the run would)")
         path = synthetic_data_path(ctx)  # generated into the cache once, as the run would
         read_path = str(path)
         obs = read_obs(read_path)
@@ -749,6 +784,7 @@ def plan_before_run(cfg: dict, store_path) -> dict:
     if pretrain_cells < 0:  # pretrained on the training cells
         pretrain_cells = int((np.asarray(split) == "train").sum())
     rows = _sample(len(sel.index), seed)
+    say(f"lengths of {len(rows)} of the {len(sel.index)} selected cells")
     if cfg["data"]["tokenized"]:
         from pipeline.tokenize import load_tokenized
 
@@ -811,6 +847,7 @@ def plan_before_run(cfg: dict, store_path) -> dict:
         device=device,
         dicts=dicts,
         extra={"source": source, "input_size": int(max_len), "sampled_cells": int(len(rows))},
+        say=say,
     )
     plan["planning_s"] = time.perf_counter() - t0
     return plan

@@ -64,7 +64,7 @@ def test_finetune_passes_equal_a_direct_count_of_the_epochs():
 def test_deletion_shape_against_a_naive_count():
     rng = np.random.default_rng(3)
     lists = [rng.choice(30, size=int(rng.integers(1, 12)), replace=False).tolist() for _ in range(50)]
-    fractions, single, n_genes = P.deletion_shape(lists, special_ids=(0,), ks=(1, 3), top=4)
+    fractions, single, n_genes, typical = P.deletion_shape(lists, special_ids=(0,), ks=(1, 3), top=4, min_cells=5)
     freq = {}
     for cell in lists:
         for t in set(cell) - {0}:
@@ -75,16 +75,23 @@ def test_deletion_shape_against_a_naive_count():
         assert fractions[k] == pytest.approx(np.mean([bool(top & set(c)) for c in lists]))
     assert single == pytest.approx(np.mean([freq[t] for t in order[:4]]) / 50)
     assert n_genes == len(freq)
+    assert typical == pytest.approx(np.median([c for c in freq.values() if c >= 5]) / 50)
 
 
 def test_deletion_passes_count_baseline_sets_and_single_genes():
     cfg = config.resolve("quick")
     shape = _shape(cfg)
     a = cfg["analysis"]
-    n_scores = 3 + len(a["attribution"]) + 1  # key score, attn, attn_norm, each method, DE
+    scores = ["key_score", "attn", "attn_norm", *a["attribution"], "de"]
     ks = [k for k in a["deletion_k"] if k <= shape.n_genes // 2]
-    pairs = sum(n_scores * (1 + a["deletion_random_sets"]) * shape.deletion_fraction[k] * 12 for k in ks)
-    singles = min(n_scores * a["deletion_top_genes"], shape.n_genes) * shape.single_fraction * 12
+    f = shape.typical_fraction
+    pairs = singles = 0.0
+    for score in scores:  # attention's rankings follow detection frequency; the others hold typical genes
+        frequent = score in ("attn", "attn_norm")
+        for k in ks:
+            touched = shape.deletion_fraction[k] if frequent else 1 - (1 - f) ** k
+            pairs += (1 + a["deletion_random_sets"]) * touched * 12
+        singles += a["deletion_top_genes"] * (shape.single_fraction if frequent else f) * 12
     assert P.deletion_passes(cfg, shape, 12, True) == pytest.approx(12 + pairs + singles)
 
 
@@ -223,3 +230,39 @@ def test_compare_says_when_two_runs_fine_tuned_in_different_process_counts(tmp_p
         assert [R.run_process_count(st, r) for r in (one, two, child, alone)] == [1, 2, 2, 3]
         assert "not bit-identical" in compare_text(st, one, two)
         assert "process" not in compare_text(st, one, one)
+
+
+# ------------------------------------------------------------------------------------------ ETA from the plan
+def test_a_stage_reports_its_planned_eta_from_its_first_update(monkeypatch):
+    import io
+
+    from pipeline import progress
+
+    clock = {"t": 1000.0}
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock["t"])
+    calls = []
+
+    class Store:
+        def set_stage(self, *a, **k):
+            pass
+
+        def log_event(self, *a, **k):
+            pass
+
+        def set_progress(self, run_id, stage, done, total, **kw):
+            calls.append((stage, done, total, kw.get("eta_s")))
+
+    rep = progress.Reporter(Store(), 1, stream=io.StringIO(), min_interval_s=0.0)
+    rep.estimates = {"attention t: a vs b": 100.0}
+    with rep.stage("attention t: a vs b"):
+        assert calls[-1] == ("attention t: a vs b", 0, None, 100.0)  # at once, before any work
+        clock["t"] += 10
+        rep.update(1, 100, unit="cells")
+        assert calls[-1][3] == pytest.approx(90.0)  # planned time left
+        clock["t"] += 10
+        rep.update(50, 100, unit="cells")
+        assert calls[-1][3] == pytest.approx(20.0)  # past a fifth of the work: the measured rate
+    with rep.stage("unplanned"):
+        clock["t"] += 10
+        rep.update(1, 4)
+        assert calls[-1][3] == pytest.approx(30.0)

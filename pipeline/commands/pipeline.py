@@ -99,9 +99,14 @@ def run(args) -> int:
         print(config.to_toml(cfg))
         return 0
     if args.plan:
+        import sys
+
         from pipeline.plan import format_plan, plan_before_run
 
-        print("\n".join(format_plan(plan_before_run(cfg, store_path))))
+        def say(message: str) -> None:
+            print(f"plan: {message}", file=sys.stderr, flush=True)
+
+        print("\n".join(format_plan(plan_before_run(cfg, store_path, say=say))))
         return 0
     from pipeline.experiment import run_pipeline
 
