@@ -37,7 +37,7 @@ import numpy as np
 
 PLAN_VERSION = 1
 SAMPLE_CELLS = 256  # cells tokenized by --plan to learn the lengths and the genes
-TIMING_TOKENS = 4096  # tokens per timed batch at most (fewer cells per batch at long lengths)
+TIMING_TOKENS = 2048  # tokens per timed batch at most (fewer cells per batch at long lengths)
 DELETION_BATCH = 64  # pipeline.deletion_report.run_deletion's batch
 KINDS = ("forward", "forward_wide", "backward", "gradient", "gradient_wide", "attention_pair", "attention_one")
 KIND_LABELS = {
@@ -903,7 +903,9 @@ def _duration(s: float) -> str:
         return f"{s:.0f} s"
     if s < 7200:
         return f"{s / 60:.0f} min"
-    return f"{s / 3600:.1f} h"
+    if s < 172800:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 86400:.1f} days"
 
 
 def _count(x: float) -> str:
