@@ -40,6 +40,7 @@ from pipeline.progress import Reporter
 
 CHECKPOINT_JSON = "checkpoint"  # json result on a finetune run: {"path", "weights_sha256"}
 DETERMINISM_JSON = "determinism"  # json result on a pipeline run: `pipeline.compute.determinism_report`
+REAL_DATA_PRESET = "sciplex2-nutlin"  # a preset that needs the user's data (--data or --tokenized)
 
 
 # ------------------------------------------------------------------------------------------- preflight
@@ -63,6 +64,11 @@ def preflight(cfg: dict, cache: Path | None = None) -> Preflight:
     tokenized = cfg["data"]["tokenized"]
     if tokenized and data_path:
         raise InputError("--data and --tokenized both given; pass one: counts (.h5ad) or a tokenized dataset")
+    if cfg["run"].get("preset") == REAL_DATA_PRESET and not (data_path or tokenized):
+        raise InputError(
+            f"preset {REAL_DATA_PRESET} runs on real data: pass --data FILE.h5ad (sci-Plex 2, Nutlin-3a arm) "
+            "or --tokenized DIR"
+        )
     if data_path:
         p = Path(data_path)
         if p.is_dir():
@@ -1459,6 +1465,9 @@ def _stages(ctx: Context) -> None:
     if cfg["model"]["path"]:
         with stage("checkpoint"):
             stage_checkpoint_check(ctx)
+    from pipeline.plan import record_plan
+
+    record_plan(ctx)  # JSON `plan` on the run: work and estimated time per stage, the stages' first ETAs
     with stage("record"):
         stage_record_data(ctx)
     for task in trained_tasks(cfg):

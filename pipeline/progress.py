@@ -11,6 +11,9 @@ import time
 from contextlib import contextmanager
 from typing import Callable
 
+GPU_MEMORY_JSON = "gpu_memory"  # store.results.JSON_GPU_MEMORY: stage -> peak CUDA memory allocated (bytes)
+PLAN_ETA_UNTIL = 0.2  # a stage's ETA comes from its planned time until this share of its work is done
+
 
 class Reporter:
     """Progress for one pipeline run: stage transitions, done/total, throughput and ETA."""
@@ -25,6 +28,8 @@ class Reporter:
         self._started = None
         self._rich = None
         self._task = None
+        self.estimates: dict[str, float] = {}  # stage -> planned seconds (`pipeline.plan.record_plan`)
+        self.gpu_peaks: dict[str, int] = {}  # stage -> peak CUDA memory allocated in it (bytes)
         if getattr(self.stream, "isatty", lambda: False)():
             try:
                 from rich.console import Console
@@ -59,12 +64,17 @@ class Reporter:
         self._stage, self._started = name, time.monotonic()
         if self.store is not None and self.run_id is not None:
             self.store.set_stage(self.run_id, name, "running")
-        self.line("started")
+        planned = self.estimates.get(name)
+        self.line("started" + (f" (planned: about {planned:.0f} s)" if planned else ""))
+        if planned and self.store is not None and self.run_id is not None:
+            self.store.set_progress(self.run_id, name, 0, None, eta_s=planned)
+        cuda = _cuda_reset_peak()
         ok = False
         try:
             yield self
             ok = True
         finally:
+            self._record_gpu_peak(name, cuda)
             if self.store is not None and self.run_id is not None:
                 self.store.set_stage(self.run_id, name, "completed" if ok else "failed")
             if ok:
@@ -93,6 +103,9 @@ class Reporter:
     ) -> None:
         """Progress within the current stage; throttled for the terminal, always cheap for the store."""
         now = time.monotonic()
+        planned = self.estimates.get(self._stage or "")
+        if eta_s is None and planned and self._started and (not total or done < PLAN_ETA_UNTIL * total):
+            eta_s = max(planned - (now - self._started), 0.0)
         if eta_s is None and total and done and self._started:
             rate = done / max(now - self._started, 1e-9)
             eta_s = (total - done) / rate if rate > 0 else None
@@ -142,7 +155,36 @@ class Reporter:
 
         return progress
 
+    def _record_gpu_peak(self, name: str, was_initialised: bool) -> None:
+        """The stage's peak CUDA memory (allocator peak, reset at the stage's start), logged and kept on the run
+        as JSON `gpu_memory`; nothing for a stage that never touched CUDA."""
+        torch = sys.modules.get("torch")
+        try:
+            if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+                return
+            peak = int(torch.cuda.max_memory_allocated())
+        except Exception:  # pragma: no cover - a broken CUDA runtime must not fail the stage
+            return
+        if not peak and not was_initialised:
+            return
+        self.gpu_peaks[name] = peak
+        self.line(f"peak GPU memory {peak / 2**20:.0f} MiB")
+        if self.store is not None and self.run_id is not None:
+            self.store.put_json(self.run_id, GPU_MEMORY_JSON, dict(self.gpu_peaks))
+
     def close(self) -> None:
         if self._rich is not None:
             self._rich.stop()
             self._rich = None
+
+
+def _cuda_reset_peak() -> bool:
+    """Reset CUDA's peak-memory counter when CUDA is in use (torch imported and initialised); True if it was."""
+    torch = sys.modules.get("torch")
+    try:
+        if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+            return False
+        torch.cuda.reset_peak_memory_stats()
+        return True
+    except Exception:  # pragma: no cover
+        return False

@@ -1245,3 +1245,38 @@ def checkpoint_check(st, run_id: int) -> dict | None:
         return None
     doc = st.get_json(run_id, JSON_CHECKPOINT_CHECK)
     return doc if isinstance(doc, dict) else None
+
+
+# ------------------------------------------------------------------------------------- cost plan, memory
+JSON_PLAN = "plan"  # on a pipeline run: `pipeline.plan` (work and estimated seconds per stage), made at its start
+JSON_GPU_MEMORY = "gpu_memory"  # on a pipeline run: stage -> peak CUDA memory allocated (bytes), `pipeline.progress`
+
+
+def run_plan(st, run_id: int) -> dict | None:
+    """The cost plan a pipeline run stored when it started (None for runs without one)."""
+    if JSON_PLAN not in st.json_names(run_id):
+        return None
+    doc = st.get_json(run_id, JSON_PLAN)
+    return doc if isinstance(doc, dict) else None
+
+
+def run_gpu_memory(st, run_id: int) -> dict[str, int]:
+    """Peak CUDA memory per stage of a pipeline run (empty when it ran on CPU)."""
+    if JSON_GPU_MEMORY not in st.json_names(run_id):
+        return {}
+    doc = st.get_json(run_id, JSON_GPU_MEMORY)
+    return {str(k): int(v) for k, v in doc.items()} if isinstance(doc, dict) else {}
+
+
+# --------------------------------------------------------------------------------------- process count
+def run_process_count(st, run_id: int) -> int:
+    """The processes a run fine-tuned in (`compute.nproc` of a pipeline run, `nproc` of a stand-alone finetune
+    run; a finetune child reports its pipeline's); 1 when the run recorded none."""
+    run = st.get_run(run_id)
+    while True:
+        cfg = run.get("config") or {}
+        value = (cfg.get("compute") or {}).get("nproc") if isinstance(cfg.get("compute"), dict) else None
+        value = cfg.get("nproc", value)
+        if value is not None or not run.get("parent_id"):
+            return int(value or 1)
+        run = st.get_run(run["parent_id"])

@@ -71,7 +71,7 @@ def _collect(st, run: dict, top: bool = False) -> dict:
         value = st.get_json(rid, name)
         if name == "checkpoint":
             value = value.get("weights_sha256")
-        if name == "determinism":
+        if name in ("determinism", "plan", "gpu_memory"):  # the machine's report and its timings, not results
             continue
         js[name] = _without_measurements(value)
     out["json"] = js

@@ -49,6 +49,13 @@ def compare_text(st, a: int, b: int) -> str:
     lines = [f"A = run {a} '{name[a]}', B = run {b} '{name[b]}'"]
     for label, run_id in (("A", a), ("B", b)):
         lines += [f"{label} warning: {w['message']}" for w in R.run_warnings(st, run_id)]
+    procs = R.run_process_count(st, a), R.run_process_count(st, b)
+    if procs[0] != procs[1]:
+        lines.append(
+            f"fine-tuned in {procs[0]} process{'es' if procs[0] > 1 else ''} (A) and {procs[1]} "
+            f"process{'es' if procs[1] > 1 else ''} (B): data-parallel fine-tuning composes its batches by process "
+            "count, so the two are not bit-identical even with the same seed; differences include that"
+        )
     lines += ["", "test accuracy / macro-F1, and the baseline's macro-F1 (logistic regression on the gene sets):"]
     rows_a = {(r.task, r.mode): r for r in sa.finetunes}
     rows_b = {(r.task, r.mode): r for r in sb.finetunes}

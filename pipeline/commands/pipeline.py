@@ -65,6 +65,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--resume", metavar="RUN", help="continue a failed or interrupted run from its first unfinished stage"
     )
     p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
+    p.add_argument(
+        "--plan",
+        action="store_true",
+        help="print each stage's work and estimated time on this device (a few timed batches) and exit; "
+        "records nothing",
+    )
 
 
 def run(args) -> int:
@@ -96,6 +102,10 @@ def run(args) -> int:
     }
     flags.update(_task_flags(args))
     store_path = resolve_store_path(args.store)
+    if args.resume and args.plan:
+        from pipeline.errors import InputError
+
+        raise InputError("--plan plans a new run; it does not take --resume")
     if args.resume:
         from pipeline.experiment import resume_pipeline
 
@@ -103,6 +113,16 @@ def run(args) -> int:
     cfg = config.resolve(preset, args.config, flags)
     if args.print_config:
         print(config.to_toml(cfg))
+        return 0
+    if args.plan:
+        import sys
+
+        from pipeline.plan import format_plan, plan_before_run
+
+        def say(message: str) -> None:
+            print(f"plan: {message}", file=sys.stderr, flush=True)
+
+        print("\n".join(format_plan(plan_before_run(cfg, store_path, say=say))))
         return 0
     from pipeline.experiment import run_pipeline
 

@@ -1,0 +1,994 @@
+"""The cost plan of a `gfattn pipeline` run, before it runs (`gfattn pipeline --plan`) and stored on it.
+
+Per stage the run would execute (data, model, tokenize, record, each fine-tuning, DE, each analysis with its
+parts: attention, attribution hao / ig / rollout, deletion, randomisation cascade), the plan counts the work
+(cells, tokens, forward passes, forward+backward passes, streamed attention passes) and estimates its time on
+this device from a few timed batches of the run's own model architecture at the run's own lengths.
+
+Two halves, kept apart so the counts can be tested against a direct count:
+
+- **Counting** (`Shape`, `count_stages`): pure functions of the configuration and the shape of the data
+  (cells per split, lengths, layers, how many cells a deleted gene set touches). A *pass* is one cell through
+  one full model; fractional passes are work on part of the model (Hao attribution runs layers l..L-1 for layer
+  l's alphas: (L + 1) / 2 full passes per alpha; `last-K` fine-tuning back-propagates through K of L layers).
+- **Timing** (`time_units`): seconds per cell of a forward pass (eval, no gradients), a forward+backward pass
+  (train mode, parameter gradients), and the streaming attention engine on a pair and on one model, each at
+  the smallest, median and largest length of the cells, with random token ids and the run's architecture
+  (random weights cost what trained ones do). A cell of length L costs the linear interpolation of those.
+  `estimate` multiplies: seconds = sum over kinds of passes x the mean per-cell cost of the cells' lengths.
+  Library work that is not a model pass (scanpy's UMAP and Wilcoxon test, data generation, statistics) gets
+  a rough fixed allowance (`ROUGH`), marked `~` in the printed plan.
+
+`plan_before_run(cfg, store_path)` is `--plan`: the same preflight as a real run, then the selection and a
+sample of the selected cells tokenized (without writing the tokenization cache; the synthetic data set is
+generated into the cache as the run would). `plan_in_run(ctx)` is the plan a real run stores (JSON `plan` on the
+pipeline run) once its cells are tokenized: exact lengths, the run's model. `format_plan(plan)` renders either as
+lines of text (the CLI and the TUI's New run form).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+PLAN_VERSION = 1
+SAMPLE_CELLS = 256  # cells tokenized by --plan to learn the lengths and the genes
+TIMING_TOKENS = 2048  # tokens per timed batch at most (fewer cells per batch at long lengths)
+DELETION_BATCH = 64  # pipeline.deletion_report.run_deletion's batch
+KINDS = ("forward", "forward_wide", "backward", "gradient", "gradient_wide", "attention_pair", "attention_one")
+KIND_LABELS = {
+    "forward": "forward",
+    "forward_wide": f"forward ({DELETION_BATCH} cells)",
+    "backward": "forward+backward",
+    "gradient": "input gradient",
+    "gradient_wide": "input gradient (IG rows)",
+    "attention_pair": "streamed attention, pair",
+    "attention_one": "streamed attention, one model",
+}
+
+# Rough allowances (seconds) for library work that is not a model pass, measured once on 2 loaded CPU cores
+# with the quick preset; they are not timed by the plan, and the printed plan marks them with `~`.
+ROUGH = {
+    "start": 5.0,  # interpreter, torch and transformers imports, store, summary
+    "data_cached": 0.5,
+    "data_per_cell": 0.0015,  # generating the synthetic data (per obs row)
+    "tokenize": 0.5,
+    "tokenize_per_cell": 0.002,
+    "umap": 10.0,  # scanpy's recipe, numba compilation included
+    "umap_per_cell": 0.005,
+    "de_first": 3.0,  # scanpy import, gene mapping (the first use of its compiled kernels can take 10 s more)
+    "de": 1.0,
+    "de_per_cell": 0.004,
+    "corpus_per_cell": 0.008,  # synthesising, building the vocabulary of and tokenizing a pretraining corpus
+    "analysis": 1.0,  # statistics, bootstrap, gene tables, store writes of one analysis
+    "deletion": 0.5,  # bootstrap of the deletion sets, per model
+    "finetune": 0.3,
+    "model": 0.5,  # reading an existing model and its dictionaries
+}
+
+
+# ------------------------------------------------------------------------------------------- counting
+@dataclass
+class Shape:
+    """What the counts depend on besides the configuration."""
+
+    n_obs: int  # rows of the data (obs)
+    n_selected: int
+    split: dict[str, int]  # train / validation / test
+    lengths: np.ndarray  # lengths of the selected cells (or of a sample of them)
+    n_layers: int
+    de_comparisons: list[tuple[str, str, str]] = field(default_factory=list)  # (task, group, reference)
+    pretrain_cells: int = 0  # corpus cells pretrained in the model stage (0: the model exists)
+    pretrain_epochs: int = 0
+    pretrain_lengths: np.ndarray | None = None
+    data_cached: bool = True  # the data set exists (else generated in the data stage)
+    tokenization_cached: bool = False
+    has_counts: bool = True
+    # deletion: fraction of cells holding at least one of the k most frequent genes, per k
+    deletion_fraction: dict[int, float] = field(default_factory=dict)
+    single_fraction: float = 0.0  # mean fraction of cells expressing one of the top genes deleted alone
+    typical_fraction: float = 0.0  # median fraction of cells expressing a gene the scores rank (>= min cells)
+    n_genes: int = 0  # distinct genes of the analysed cells (candidates of the deletion)
+
+    @property
+    def mean_length(self) -> float:
+        return float(np.mean(self.lengths)) if len(self.lengths) else 0.0
+
+
+@dataclass
+class Part:
+    """One stage (or part of an analysis stage) of the plan: its work and, once estimated, its time."""
+
+    stage: str  # the stage's name as the run records it
+    part: str = ""  # "", "attention", "attribution hao", "deletion", "randomisation cascade", ...
+    cells: int = 0
+    tokens: int = 0
+    forward: float = 0.0  # cell passes, forward only
+    forward_wide: float = 0.0  # forward passes in the deletion's wide batches
+    backward: float = 0.0  # cell passes, forward + backward with parameter gradients (training)
+    gradient: float = 0.0  # forward + backward to the inputs, parameters frozen (Hao attribution)
+    gradient_wide: float = 0.0  # the same in integrated gradients' wide batches (cells x steps rows)
+    attention_pair: float = 0.0  # cells through the streaming attention engine, two models
+    attention_one: float = 0.0  # cells through the streaming attention engine, one model
+    fixed_s: float = 0.0  # rough allowance for work that is not a model pass
+    seconds: float = 0.0
+    note: str = ""
+    pretrain: bool = False  # passes at the pretraining lengths
+
+
+def _test_cells(cfg: dict, shape: Shape) -> int:
+    n = int(shape.split.get("test", 0))
+    cap = int(cfg["analysis"]["max_cells"] or 0)
+    return min(n, cap) if cap else n
+
+
+def trainable_fraction(mode: str, n_layers: int) -> float:
+    """The share of the encoder's layers a training mode back-propagates through (the head aside)."""
+    from pipeline.config import parse_mode
+
+    kind, k = parse_mode(mode)
+    if kind == "frozen":
+        return 0.0
+    if kind == "unfrozen":
+        return 1.0
+    if kind == "last":
+        return min(k, n_layers) / max(n_layers, 1)
+    return max(n_layers - k, 0) / max(n_layers, 1)  # freeze-N
+
+
+def finetune_passes(mode: str, shape: Shape, epochs: int) -> tuple[float, float]:
+    """(forward, forward+backward) cell passes of one fine-tuning: `frozen` encodes every cell once and
+    trains the head on the cached features; other modes run every epoch over the training cells (back-
+    propagating through their share of the layers) and the validation cells, then the test cells once."""
+    train, val, test = (int(shape.split.get(s, 0)) for s in ("train", "validation", "test"))
+    f = trainable_fraction(mode, shape.n_layers)
+    if f == 0.0:
+        return float(train + val + test), 0.0
+    return epochs * train * (1 - f) + epochs * val + test, epochs * train * f
+
+
+def hao_passes(n_cells: int, steps: int, n_layers: int) -> tuple[float, float]:
+    """Hao attribution: one forward per cell, and per layer l and alpha a forward+backward of layers l..L-1
+    (L - l layers): steps x (L + 1) / 2 full passes per cell."""
+    layer_passes = sum(n_layers - layer for layer in range(n_layers))
+    return float(n_cells), n_cells * steps * layer_passes / max(n_layers, 1)
+
+
+def ig_passes(n_cells: int, steps: int) -> tuple[float, float]:
+    """Integrated gradients: steps forward+backward passes per cell (Captum), two forwards for completeness."""
+    return 2.0 * n_cells, float(n_cells * steps)
+
+
+def attribution_parts(stage: str, cfg: dict, n_cells: int, n_layers: int, *, label: str = "") -> list[Part]:
+    """Attribution of one model on `n_cells` cells: one part per method."""
+    a = cfg["analysis"]
+    out = []
+    for method in dict.fromkeys(a["attribution"]):
+        p = Part(stage, f"attribution {method}{label}", cells=n_cells)
+        if method == "hao":
+            p.forward, p.gradient = hao_passes(n_cells, int(a["hao_steps"]), n_layers)
+        elif method == "ig":
+            p.forward, p.gradient_wide = ig_passes(n_cells, int(a["ig_steps"]))
+        else:  # rollout: one forward with every layer's attention
+            p.forward = float(n_cells)
+        out.append(p)
+    return out
+
+
+def deletion_scores(cfg: dict, has_de: bool) -> int:
+    """Rankings the deletion deletes from: key score, weight and norm attention, each attribution method, DE."""
+    return 3 + len(dict.fromkeys(cfg["analysis"]["attribution"])) + (1 if has_de else 0)
+
+
+FREQUENCY_SCORES = 2  # summed weight and norm attention: their top genes are the most often detected ones
+
+
+def deletion_passes(cfg: dict, shape: Shape, n_cells: int, has_de: bool) -> float:
+    """Forward passes of one model's deletion: its baseline (each cell once), every (set, affected cell) pair
+    of the top-k sets and their matched random sets (matched on detection frequency, so touching as many
+    cells), and every single gene of each ranking's top N on the cells expressing it. Which genes are top is
+    known only after the analysis: for summed weight and norm attention, which track detection frequency,
+    the k most often detected genes; for the other scores k genes each detected in the median share of the
+    cells among the genes they rank (1 - (1 - f)^k of the cells hold one)."""
+    a = cfg["analysis"]
+    n_scores = deletion_scores(cfg, has_de)
+    n_freq = min(FREQUENCY_SCORES, n_scores)
+    ks = [int(k) for k in a["deletion_k"] if int(k) <= shape.n_genes // 2]
+    f = shape.typical_fraction
+    per_set = n_freq * sum(shape.deletion_fraction.get(k, 1.0) for k in ks)
+    per_set += (n_scores - n_freq) * sum(1.0 - (1.0 - f) ** k for k in ks)
+    sets = (1 + int(a["deletion_random_sets"])) * per_set
+    top = int(a["deletion_top_genes"])
+    singles = min(n_freq * top, shape.n_genes) * shape.single_fraction + (n_scores - n_freq) * top * f
+    return float(n_cells) * (1.0 + sets + singles)
+
+
+def cascade_steps_count(n_layers: int) -> int:
+    """The randomisation cascade's steps: the head, each layer top down, the embeddings."""
+    return n_layers + 2
+
+
+def count_stages(cfg: dict, shape: Shape) -> list[Part]:
+    """Every stage (and analysis part) of the run, in `pipeline.experiment._stages` order, with its work."""
+    from pipeline.config import analysed_tasks, trained_tasks
+    from pipeline.experiment import PERMUTED
+
+    mean = shape.mean_length
+    n, nl = shape.n_selected, shape.n_layers
+    parts: list[Part] = [Part("(start)", "imports, store, summary", fixed_s=ROUGH["start"])]
+    data_s = ROUGH["data_cached"] + (0.0 if shape.data_cached else ROUGH["data_per_cell"] * shape.n_obs)
+    parts.append(Part("data", cells=n, fixed_s=data_s, note="" if shape.data_cached else "generates the data"))
+    model = Part("model", fixed_s=ROUGH["model"])
+    if shape.pretrain_cells:
+        plen = shape.pretrain_lengths if shape.pretrain_lengths is not None else shape.lengths
+        model = Part(
+            "model",
+            "pretraining",
+            cells=shape.pretrain_cells,
+            tokens=int(round(shape.pretrain_cells * float(np.mean(plen)))) if len(plen) else 0,
+            backward=float(shape.pretrain_cells * shape.pretrain_epochs),
+            fixed_s=ROUGH["corpus_per_cell"] * shape.pretrain_cells,
+            pretrain=True,
+        )
+        budget = float(cfg["pretrain"]["time_budget_s"] or 0)
+        if budget:
+            model.note = f"stops at pretrain.time_budget_s = {budget:g} s"
+    parts.append(model)
+    tok_s = ROUGH["tokenize"] + (0.0 if shape.tokenization_cached else ROUGH["tokenize_per_cell"] * n)
+    parts.append(Part("tokenize", cells=n, tokens=int(round(n * mean)), fixed_s=tok_s))
+    umap = bool(cfg["data"]["umap"]) and shape.has_counts
+    parts.append(
+        Part(
+            "record",
+            "UMAP" if umap else "",
+            cells=n,
+            fixed_s=0.2 + ((ROUGH["umap"] + ROUGH["umap_per_cell"] * n) if umap else 0.0),
+        )
+    )
+    epochs = int(cfg["train"]["epochs"])
+
+    def finetune(task: str, mode: str, train_mode: str) -> Part:
+        fwd, fb = finetune_passes(train_mode, shape, epochs)
+        cells = sum(int(shape.split.get(s, 0)) for s in ("train", "validation", "test"))
+        return Part(
+            f"finetune {task}/{mode}",
+            cells=cells,
+            tokens=int(round(cells * mean)),
+            forward=fwd,
+            backward=fb,
+            fixed_s=ROUGH["finetune"],
+        )
+
+    for task in trained_tasks(cfg):
+        for mode in cfg["train"]["modes"]:
+            parts.append(finetune(task, mode, mode))
+    analysed = analysed_tasks(cfg)
+    pair_modes = list(dict.fromkeys(m for pair in cfg["analysis"]["pairs"] for m in pair))
+    if cfg["analysis"]["label_permutation"]:
+        for task in analysed:
+            for mode in pair_modes:
+                parts.append(finetune(task, mode + PERMUTED, mode))
+    comparisons = list(shape.de_comparisons)
+    for i, (task, group, reference) in enumerate(comparisons):
+        label = "de" if len(comparisons) == 1 else f"de {task}: {group} vs {reference}"
+        fixed = (ROUGH["de_first"] if i == 0 else ROUGH["de"]) + ROUGH["de_per_cell"] * n
+        parts.append(Part(label, "Wilcoxon" if label != "de" else f"{group} vs {reference}", cells=n, fixed_s=fixed))
+    a = cfg["analysis"]
+    test = _test_cells(cfg, shape)
+    tokens = int(round(test * mean))
+    for task in analysed:
+        has_de = sum(1 for t, _, _ in comparisons if t == task) == 1
+        attributed: set[str] = set()
+        for mode_a, mode_b in a["pairs"]:
+            stage = f"attention {task}: {mode_a} vs {mode_b}"
+            parts.append(
+                Part(
+                    stage, "attention", cells=test, tokens=tokens, attention_pair=float(test), fixed_s=ROUGH["analysis"]
+                )
+            )
+            if a["attribution"]:
+                for mode in (mode_a, mode_b):
+                    if mode in attributed:  # a model in several pairs is attributed once
+                        continue
+                    attributed.add(mode)
+                    for p in attribution_parts(stage, cfg, test, nl, label=f" ({mode})"):
+                        p.tokens = tokens
+                        parts.append(p)
+            if a["deletion"]:
+                for mode in (mode_a, mode_b):
+                    fwd = deletion_passes(cfg, shape, test, has_de)
+                    parts.append(
+                        Part(
+                            stage,
+                            f"deletion ({mode})",
+                            cells=test,
+                            tokens=tokens,
+                            forward_wide=fwd,
+                            fixed_s=ROUGH["deletion"],
+                            note="top sets estimated from detection frequency",
+                        )
+                    )
+            if a["sanity"]:
+                steps = cascade_steps_count(nl) + (1 if a["label_permutation"] else 0)
+                methods = a["attribution"] if a["sanity_attribution"] else []
+                for mode in (mode_a, mode_b):
+                    p = Part(stage, f"randomisation cascade ({mode})", cells=test, tokens=tokens)
+                    p.attention_one = float(steps * test)
+                    for q in attribution_parts(stage, {"analysis": {**a, "attribution": methods}}, test, nl):
+                        p.forward += steps * q.forward
+                        p.gradient += steps * q.gradient
+                        p.gradient_wide += steps * q.gradient_wide
+                    p.note = f"{steps} steps"
+                    parts.append(p)
+    return parts
+
+
+# -------------------------------------------------------------------------------------------- timing
+def representative_lengths(lengths: Sequence[int]) -> list[int]:
+    """The smallest, median and largest length (fewer when they coincide)."""
+    x = np.asarray(lengths, dtype=np.int64)
+    if not len(x):
+        return []
+    return sorted({int(x.min()), int(np.median(x)), int(x.max())})
+
+
+def _sync(device) -> None:
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device, repeats: int) -> float:
+    t0 = time.perf_counter()
+    fn()  # warm-up: kernels, allocations, numba compilation
+    _sync(device)
+    warm = time.perf_counter() - t0
+    if warm > 5.0:  # a slow batch: its warm-up is the measurement
+        return warm
+    if warm > 1.0:
+        repeats = 1
+    best = math.inf
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _batches_for(cfg: dict) -> dict[str, int]:
+    """Cells per batch of each kind of pass, as the stages run them."""
+    b = int(cfg["analysis"]["batch_size"])
+    return {
+        "forward": b,
+        "forward_wide": DELETION_BATCH,
+        "backward": int(cfg["train"]["batch_size"]),
+        "gradient": b,
+        "gradient_wide": b * max(1, int(cfg["analysis"]["ig_steps"])),
+        "attention_pair": b,
+        "attention_one": b,
+    }
+
+
+def _pass(kind: str, model, other, ids, mask, *, pad_id: int, special_ids: Sequence[int]):
+    """One batch of one kind of pass, as a callable (see `time_units`)."""
+    import torch
+
+    from pipeline.attention import analyze_attention
+
+    if kind.startswith("forward"):
+
+        def fn():
+            model.eval()
+            with torch.inference_mode():
+                model(input_ids=ids, attention_mask=mask)
+
+    elif kind == "backward":
+        labels = torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device)
+
+        def fn():
+            model.train()
+            model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+            model.zero_grad(set_to_none=True)
+
+    elif kind.startswith("gradient"):
+        params = list(model.parameters())
+
+        def fn():
+            model.eval()
+            for p in params:
+                p.requires_grad_(False)
+            try:
+                emb = model.bert.embeddings.word_embeddings(ids).detach().requires_grad_(True)
+                logits = model(inputs_embeds=emb, attention_mask=mask).logits
+                torch.autograd.grad(logits[:, 0].sum(), emb)
+            finally:
+                for p in params:
+                    p.requires_grad_(True)
+
+    else:
+        cells = {"input_ids": ids.cpu().tolist()}
+        pair = kind == "attention_pair"
+
+        def fn():
+            analyze_attention(
+                model,
+                other if pair else None,
+                cells,
+                pad_id=pad_id,
+                special_ids=special_ids,
+                batch_size=ids.shape[0],
+                device=ids.device,
+                dtype=torch.float32,
+                cell_curves=pair,
+            )
+
+    return fn
+
+
+def time_units(
+    model,
+    lengths: Sequence[int],
+    *,
+    batches: dict[str, int],
+    device="cpu",
+    pad_id: int = 0,
+    special_ids: Sequence[int] = (),
+    repeats: int = 2,
+    seed: int = 0,
+    say=None,
+) -> dict:
+    """Seconds per cell of each kind of pass at the representative lengths: {"lengths": [...], kind: [...]}.
+
+    `model`: a `BertForSequenceClassification` (random weights do); it is moved to `device`. `batches`: kind ->
+    cells per batch (fewer when a batch would exceed `TIMING_TOKENS` tokens), of random non-special token ids.
+    Kinds: forward (eval, no gradients), forward+backward (train mode, parameter gradients), gradient
+    (parameters frozen, the gradient of the logits wrt the embeddings: attribution's passes), the streaming
+    attention engine on a pair and on one model. Each is timed after one warm-up, best of `repeats` (fewer for
+    slow batches).
+    """
+    import copy
+
+    import torch
+
+    device = torch.device(device)
+    model = model.to(device)
+    config = model.config
+    vocab = int(config.vocab_size)
+    low = max([int(pad_id), *[int(s) for s in special_ids]]) + 1
+    gen = np.random.default_rng(seed)
+    out: dict[str, list] = {"lengths": representative_lengths(lengths)}
+    kinds = [k for k in KINDS if k in batches]
+    for kind in kinds:
+        out[kind] = []
+    other = copy.deepcopy(model) if "attention_pair" in kinds else None
+    for length in out["lengths"]:
+        length = min(int(length), int(config.max_position_embeddings))
+        if say is not None:
+            say(f"timing the model at {length} tokens")
+        seen: dict[tuple[str, int], float] = {}
+        for kind in kinds:
+            b = max(1, min(int(batches[kind]), TIMING_TOKENS // max(length, 1)))
+            base = kind.removesuffix("_wide")
+            if (base, b) in seen:  # the wide batch is capped to the plain one's size: the same measurement
+                out[kind].append(seen[(base, b)])
+                continue
+            ids = torch.as_tensor(gen.integers(low, max(vocab, low + 1), size=(b, length)), device=device)
+            mask = torch.ones(b, length, dtype=torch.long, device=device)
+            fn = _pass(kind, model, other, ids, mask, pad_id=pad_id, special_ids=special_ids)
+            out[kind].append(_timed(fn, device, repeats) / b)
+            seen[(kind, b)] = out[kind][-1]
+    model.eval()
+    return out
+
+
+def unit_costs(timing: dict, lengths: Sequence[int]) -> dict[str, float]:
+    """Mean seconds per cell of each timed kind over cells of these lengths (linear in between the timed
+    lengths, constant beyond them)."""
+    x = np.asarray(lengths, dtype=np.float64)
+    ref = np.asarray(timing["lengths"], dtype=np.float64)
+    out = {}
+    for kind in KINDS:
+        if kind in timing and len(ref) and len(x):
+            out[kind] = float(np.mean(np.interp(x, ref, np.asarray(timing[kind], dtype=np.float64))))
+        else:
+            out[kind] = 0.0
+    return out
+
+
+def estimate(parts: list[Part], units: dict[str, float], pretrain_units: dict[str, float] | None = None) -> float:
+    """Fill in each part's seconds (passes x per-cell cost + its rough allowance); returns the total."""
+    for p in parts:
+        u = pretrain_units if (p.pretrain and pretrain_units) else units
+        p.seconds = p.fixed_s + sum(getattr(p, kind) * u.get(kind, 0.0) for kind in KINDS)
+    return float(sum(p.seconds for p in parts))
+
+
+def stage_estimates(plan: dict) -> dict[str, float]:
+    """Seconds per stage name (parts summed): what a running stage's ETA starts from."""
+    out: dict[str, float] = {}
+    for row in plan.get("stages", []):
+        out[row["stage"]] = out.get(row["stage"], 0.0) + float(row.get("seconds") or 0.0)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ the shape
+def deletion_shape(
+    token_lists: Sequence[Sequence[int]], special_ids: Sequence[int], ks: Sequence[int], top: int, min_cells: int = 1
+):
+    """(fraction of cells holding one of the k most frequent genes per k, mean fraction holding one of the
+    `top` most frequent genes, distinct genes, median fraction of cells holding a gene held by at least
+    `min_cells` cells) over the cells' token lists."""
+    special = {int(s) for s in special_ids}
+    n = len(token_lists)
+    sets = [set(int(t) for t in x) - special for x in token_lists]
+    counts: dict[int, int] = {}
+    for s in sets:
+        for t in s:
+            counts[t] = counts.get(t, 0) + 1
+    order = sorted(counts, key=lambda t: (-counts[t], t))
+    fractions = {}
+    for k in ks:
+        top_k = set(order[: int(k)])
+        fractions[int(k)] = sum(1 for s in sets if s & top_k) / n if n else 0.0
+    chosen = order[: max(int(top), 1)]
+    single = float(np.mean([counts[t] for t in chosen]) / n) if (n and chosen) else 0.0
+    eligible = [c for c in counts.values() if c >= int(min_cells)]
+    typical = float(np.median(eligible) / n) if (n and eligible) else 0.0
+    return fractions, single, len(counts), typical
+
+
+def build_shape(
+    cfg: dict,
+    *,
+    n_obs: int,
+    split: np.ndarray,
+    lengths: np.ndarray,
+    token_lists: Sequence[Sequence[int]],
+    special_ids: Sequence[int],
+    n_layers: int,
+    de_comparisons: list,
+    pretrain_cells: int = 0,
+    data_cached: bool = True,
+    tokenization_cached: bool = False,
+) -> Shape:
+    a = cfg["analysis"]
+    from pipeline.keygenes import min_cells_for
+
+    fractions, single, n_genes, typical = deletion_shape(
+        token_lists,
+        special_ids,
+        a["deletion_k"],
+        FREQUENCY_SCORES * int(a["deletion_top_genes"]),
+        min_cells=min_cells_for(len(token_lists)),
+    )
+    p = cfg["pretrain"]
+    return Shape(
+        n_obs=int(n_obs),
+        n_selected=int(len(split)),
+        split={s: int((np.asarray(split) == s).sum()) for s in ("train", "validation", "test")},
+        lengths=np.asarray(lengths, dtype=np.int64),
+        n_layers=int(n_layers),
+        de_comparisons=list(de_comparisons),
+        pretrain_cells=int(pretrain_cells),
+        pretrain_epochs=int(p["epochs"]),
+        pretrain_lengths=np.minimum(np.asarray(lengths, dtype=np.int64), int(p["max_len"])),
+        data_cached=data_cached,
+        tokenization_cached=tokenization_cached,
+        has_counts=not cfg["data"]["tokenized"],
+        deletion_fraction=fractions,
+        single_fraction=single,
+        typical_fraction=typical,
+        n_genes=n_genes,
+    )
+
+
+def make_plan(cfg: dict, shape: Shape, model, *, device, dicts=None, extra: dict | None = None, say=None) -> dict:
+    """Time the model at the shape's lengths, count and estimate every stage: the plan as a JSON-able dict."""
+    from pipeline.compute import pin_threads
+
+    t0 = time.perf_counter()
+    threads = pin_threads(int(cfg["compute"]["threads"]) or None)
+    pad_id = int(getattr(dicts, "pad_id", 0) or 0) if dicts is not None else 0
+    special = sorted(int(s) for s in getattr(dicts, "special_ids", ()) or ()) if dicts is not None else []
+    timing = time_units(
+        model,
+        shape.lengths,
+        batches=_batches_for(cfg),
+        device=device,
+        pad_id=pad_id,
+        special_ids=special,
+        seed=int(cfg["run"]["seed"]),
+        say=say,
+    )
+    parts = count_stages(cfg, shape)
+    units = unit_costs(timing, shape.lengths)
+    p_units = unit_costs(timing, shape.pretrain_lengths) if shape.pretrain_lengths is not None else None
+    total = estimate(parts, units, p_units)
+    budget = float(cfg["pretrain"]["time_budget_s"] or 0)
+    for p in parts:
+        if p.pretrain and budget and p.seconds > budget + p.fixed_s:
+            p.seconds = budget + p.fixed_s
+    total = float(sum(p.seconds for p in parts))
+    c = model.config
+    lengths = shape.lengths
+    return {
+        "version": PLAN_VERSION,
+        "preset": cfg["run"]["preset"],
+        "device": str(getattr(device, "type", device)),
+        "threads": int(threads),
+        "model": {
+            "layers": int(c.num_hidden_layers),
+            "hidden": int(c.hidden_size),
+            "heads": int(c.num_attention_heads),
+            "positions": int(c.max_position_embeddings),
+            **(extra or {}),
+        },
+        "cells": {"selected": shape.n_selected, **shape.split, "analysed": _test_cells(cfg, shape)},
+        "lengths": {
+            "cells": int(len(lengths)),
+            "median": float(np.median(lengths)) if len(lengths) else 0.0,
+            "max": int(lengths.max()) if len(lengths) else 0,
+        },
+        "timing": {**timing, "unit": "seconds per cell"},
+        "stages": [{k: v for k, v in asdict(p).items() if k != "pretrain"} for p in parts],
+        "total_s": total,
+        "planning_s": time.perf_counter() - t0,
+    }
+
+
+# --------------------------------------------------------------------------------------- entry points
+class _Quiet:
+    def line(self, *_a, **_k) -> None:
+        pass
+
+
+def _classifier_for_timing(config, n_labels: int, seed: int):
+    """A `BertForSequenceClassification` with the architecture of `config` and random weights."""
+    import copy
+
+    import torch
+    from transformers import BertForSequenceClassification
+
+    config = copy.deepcopy(config)
+    config.num_labels = max(int(n_labels), 2)
+    config.architectures = ["BertForSequenceClassification"]
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(int(seed))
+    from pipeline.model import _quiet_transformers
+
+    with _quiet_transformers():
+        return BertForSequenceClassification(config)
+
+
+def _pretrain_config(cfg: dict, vocab: int):
+    from transformers import BertConfig
+
+    p = cfg["pretrain"]
+    return BertConfig(
+        vocab_size=int(vocab),
+        hidden_size=int(p["hidden"]),
+        num_hidden_layers=int(p["layers"]),
+        num_attention_heads=int(p["heads"]),
+        intermediate_size=int(p["intermediate"]),
+        hidden_act="relu",
+        max_position_embeddings=int(p["max_len"]),
+        type_vocab_size=2,
+        pad_token_id=0,
+    )
+
+
+def _existing_model(cfg: dict, cache) -> tuple[Any, str, int]:
+    """(model dir or None, where the model comes from, corpus cells pretrained in the model stage)."""
+    from pathlib import Path
+
+    from pipeline import embedded
+
+    if cfg["model"]["path"]:
+        return Path(cfg["model"]["path"]), "given", 0
+    pcfg = dict(cfg["pretrain"])
+    if cfg["data"]["path"]:
+        return None, "pretrained on the data's training cells in this run (timed with random weights)", -1
+    seed = embedded.model_seed(pcfg, int(cfg["run"]["seed"]))
+    key = embedded.recipe_key(embedded.recipe(pcfg, cfg["data"]["synth_preset"], seed))
+    shipped = embedded.shipped_model(key)
+    if shipped is not None:
+        return shipped, "shipped with gfattn", 0
+    out = cache / "models" / f"embedded-{key}"
+    if (out / "config.json").is_file():
+        return out, "cached", 0
+    corpus = int(pcfg["corpus_cells"]) + int(pcfg.get("lineage_cells", 0))
+    return None, "pretrained on a synthetic corpus in this run (timed with random weights)", corpus
+
+
+def _sample(n: int, seed: int) -> np.ndarray:
+    if n <= SAMPLE_CELLS:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, SAMPLE_CELLS, replace=False))
+
+
+def _detected_lengths(adata, max_len: int, cls_token: bool, layer: str | None):
+    """Without the model's dictionaries (a model pretrained in the run): each cell's detected genes, its
+    `max_len` most counted kept, as the lengths and token lists of the encoding (gene indices as tokens)."""
+    import scipy.sparse as sp
+
+    x = adata.layers[layer] if layer else adata.X
+    x = sp.csr_matrix(x)
+    extra = 2 if cls_token else 0
+    lists, lengths = [], []
+    for i in range(x.shape[0]):
+        row = x.getrow(i)
+        order = np.argsort(-row.data, kind="stable")[: max(int(max_len) - extra, 0)]
+        genes = row.indices[order] + 10
+        lists.append(genes.tolist())
+        lengths.append(len(genes) + extra)
+    return np.asarray(lengths, dtype=np.int64), lists
+
+
+def plan_before_run(cfg: dict, store_path, say=None) -> dict:
+    """`gfattn pipeline --plan`: the plan of the run `cfg` describes, recording nothing in the store.
+    `say(message)` hears what it is doing (the CLI prints it on stderr)."""
+    say = say or (lambda _m: None)
+    from pathlib import Path
+
+    from pipeline.compute import resolve_device
+    from pipeline.experiment import (
+        _dictionaries_for,
+        de_comparisons,
+        model_input_size,
+        preflight,
+        read_obs,
+        select_and_split,
+        synthetic_data_path,
+    )
+    from pipeline.model import read_model_config
+    from pipeline.paths import cache_dir_for_store
+
+    t0 = time.perf_counter()
+    cache = cache_dir_for_store(store_path)
+    pre = preflight(cfg, cache)
+    seed = int(cfg["run"]["seed"])
+    data_cached = True
+    if cfg["data"]["tokenized"] or cfg["data"]["path"]:
+        read_path, sel, split, n_obs = pre.read_path, pre.selection, pre.split, pre.obs_rows
+    else:
+        from types import SimpleNamespace
+
+        ctx = SimpleNamespace(cfg=cfg, cache=cache, seed=seed, rep=_Quiet())
+        say("synthetic data (generated into the cache once, as the run would)")
+        path = synthetic_data_path(ctx)  # generated into the cache once, as the run would
+        read_path = str(path)
+        obs = read_obs(read_path)
+        sel, split = select_and_split(obs, cfg)
+        n_obs = len(obs)
+    model_dir, source, pretrain_cells = _existing_model(cfg, cache)
+    dicts = None
+    if model_dir is not None:
+        from pipeline.dictionaries import GeneDictionaries
+
+        dicts = (
+            _dictionaries_for(Path(model_dir), cfg)
+            if cfg["model"]["path"]
+            else GeneDictionaries.from_model_dir(model_dir)
+        )
+        max_len = model_input_size(Path(model_dir), dicts, cfg["model"]["max_len"])
+        config = read_model_config(model_dir)
+    else:
+        max_len = int(cfg["model"]["max_len"] or cfg["pretrain"]["max_len"])
+        config = None
+    if pretrain_cells < 0:  # pretrained on the training cells
+        pretrain_cells = int((np.asarray(split) == "train").sum())
+    rows = _sample(len(sel.index), seed)
+    say(f"lengths of {len(rows)} of the {len(sel.index)} selected cells")
+    if cfg["data"]["tokenized"]:
+        from pipeline.tokenize import load_tokenized
+
+        ds = load_tokenized(cfg["data"]["tokenized"])
+        order = {str(c): i for i, c in enumerate(ds["cell_id"])}
+        sub = ds.select([order[str(c)] for c in np.asarray(sel.cell_ids)[rows]])
+        lists = [list(x)[:max_len] for x in sub["input_ids"]]
+        lengths = np.asarray([len(x) for x in lists], dtype=np.int64)
+    else:
+        from pipeline.data import read_selected
+
+        adata = read_selected(read_path, np.asarray(sel.index)[rows])
+        if dicts is not None:
+            from pipeline.tokenize import tokenize_anndata
+
+            ds, _ = tokenize_anndata(
+                adata,
+                dicts,
+                max_len=max_len,
+                n_counts_column=cfg["data"]["n_counts_column"] or None,
+                gene_id_column=cfg["data"]["gene_id_column"] or None,
+                layer=cfg["data"]["layer"] or None,
+            )
+            lists = [list(x) for x in ds["input_ids"]]
+            lengths = np.asarray(ds["length"], dtype=np.int64)
+        else:
+            cls = bool(cfg["pretrain"].get("cls_token", False))
+            lengths, lists = _detected_lengths(adata, max_len, cls, cfg["data"]["layer"] or None)
+            vocab = int(adata.n_vars) + 10
+            config = _pretrain_config(cfg, vocab)
+    n_fixed = int(cfg["data"]["fixed_length"] or 0)
+    if n_fixed:
+        if dicts is not None:
+            extra = 2 if dicts.cls_id is not None else 0
+        else:
+            extra = 2 if cfg["pretrain"].get("cls_token", False) else 0
+        keep = lengths - extra >= n_fixed
+        lengths = np.full(int(keep.sum()), n_fixed + extra, dtype=np.int64)
+        lists = [x for x, k in zip(lists, keep) if k]
+    n_labels = max((len(v) for v in sel.names.values()), default=2)
+    model = _classifier_for_timing(config, n_labels, seed)
+    shape = build_shape(
+        cfg,
+        n_obs=n_obs,
+        split=split,
+        lengths=lengths,
+        token_lists=lists,
+        special_ids=sorted(getattr(dicts, "special_ids", ()) or ()) if dicts is not None else (),
+        n_layers=int(config.num_hidden_layers),
+        de_comparisons=de_comparisons(cfg, sel),
+        pretrain_cells=pretrain_cells,
+        data_cached=data_cached,
+        tokenization_cached=False,
+    )
+    device = resolve_device(cfg["compute"]["device"])
+    plan = make_plan(
+        cfg,
+        shape,
+        model,
+        device=device,
+        dicts=dicts,
+        extra={"source": source, "input_size": int(max_len), "sampled_cells": int(len(rows))},
+        say=say,
+    )
+    plan["planning_s"] = time.perf_counter() - t0
+    return plan
+
+
+def plan_in_run(ctx) -> dict:
+    """The plan of a running pipeline, once its cells are tokenized: exact lengths, the run's own model."""
+    from pipeline.experiment import de_comparisons
+    from pipeline.model import read_model_config
+
+    cfg = ctx.cfg
+    ds = ctx.out.dataset
+    lists = [list(x) for x in ds["input_ids"]]
+    lengths = np.asarray(ds["length"], dtype=np.int64)
+    config = read_model_config(ctx.out.model_dir)
+    sel = ctx.out.selection
+    pretrained = bool(ctx.out.pretrain_metrics)
+    cells = 0
+    if pretrained:
+        cells = int(cfg["pretrain"]["corpus_cells"]) + int(cfg["pretrain"].get("lineage_cells", 0))
+        if cfg["data"]["path"]:
+            cells = int((np.asarray(ctx.out.split) == "train").sum())
+    shape = build_shape(
+        cfg,
+        n_obs=int(ctx.preflight.obs_rows if ctx.preflight is not None else len(lengths)) or len(lengths),
+        split=ctx.out.split,
+        lengths=lengths,
+        token_lists=lists,
+        special_ids=sorted(ctx.out.dicts.special_ids),
+        n_layers=int(config.num_hidden_layers),
+        de_comparisons=de_comparisons(cfg, sel),
+        pretrain_cells=cells,
+        tokenization_cached=True,
+    )
+    n_labels = max((len(v) for v in sel.names.values()), default=2)
+    model = _classifier_for_timing(config, n_labels, ctx.seed)
+    return make_plan(
+        cfg,
+        shape,
+        model,
+        device=ctx.device,
+        dicts=ctx.out.dicts,
+        extra={"source": str(ctx.out.model_dir), "input_size": int(ctx.out.max_len), "sampled_cells": len(lengths)},
+    )
+
+
+# ----------------------------------------------------------------------------------------- rendering
+def _duration(s: float) -> str:
+    s = float(s)
+    if s < 10:
+        return f"{s:.1f} s"
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 7200:
+        return f"{s / 60:.0f} min"
+    if s < 172800:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 86400:.1f} days"
+
+
+def _count(x: float) -> str:
+    if not x:
+        return "-"
+    x = float(x)
+    if x >= 1e6:
+        return f"{x / 1e6:.1f}M"
+    if x >= 1e4:
+        return f"{x / 1e3:.0f}k"
+    return f"{x:.0f}"
+
+
+def format_plan(plan: dict) -> list[str]:
+    """The plan as lines of text: what runs, its work and its estimated time, stage by stage."""
+    m, c, ln = plan.get("model", {}), plan.get("cells", {}), plan.get("lengths", {})
+    lines = [
+        f"plan of a {plan.get('preset', '')} run on {plan.get('device', '?')} ({plan.get('threads', '?')} threads):"
+        f" {c.get('selected', 0)} cells (train {c.get('train', 0)} / validation {c.get('validation', 0)}"
+        f" / test {c.get('test', 0)}, {c.get('analysed', 0)} analysed), length median"
+        f" {ln.get('median', 0):.0f}, max {ln.get('max', 0)}",
+        f"model: {m.get('layers')} layers x {m.get('hidden')} hidden, {m.get('heads')} heads, input size"
+        f" {m.get('input_size', m.get('positions'))}; {m.get('source', '')}",
+    ]
+    t = plan.get("timing", {})
+    if t.get("lengths"):
+        per = []
+        for kind in KINDS:
+            if t.get(kind):
+                values = ", ".join(f"{v * 1e3:.3g}" for v in t[kind])
+                per.append(f"{KIND_LABELS[kind]} {values}")
+        lines.append(f"timed, ms per cell at {', '.join(str(x) for x in t['lengths'])} tokens: " + "; ".join(per))
+    lines.append("")
+    head = f"{'stage / part':<46} {'cells':>6} {'tokens':>7} {'fwd':>7} {'fwd+bwd':>8} {'attn':>6} {'estimate':>9}"
+    lines.append(head)
+    lines.append("-" * len(head))
+    rows = plan.get("stages", [])
+    per_stage = stage_estimates(plan)
+    n_parts: dict[str, int] = {}
+    for row in rows:
+        n_parts[row["stage"]] = n_parts.get(row["stage"], 0) + 1
+    last = None
+    for row in rows:
+        stage = row["stage"]
+        if n_parts[stage] > 1:
+            if stage != last:
+                lines.append(f"{stage[: 46 + 48]:<{46 + 48 - 10}} {_duration(per_stage[stage]):>9}")
+            label = f"  {row['part']}"
+        else:
+            label = f"{stage}: {row['part']}" if row.get("part") else stage
+        last = stage
+        attn = float(row.get("attention_pair", 0)) + float(row.get("attention_one", 0))
+        fwd = float(row.get("forward", 0)) + float(row.get("forward_wide", 0))
+        fb = sum(float(row.get(k, 0)) for k in ("backward", "gradient", "gradient_wide"))
+        model_work = fwd or fb or attn
+        rough = "~" if (not model_work and row.get("fixed_s")) else " "
+        est = f"{rough}{_duration(row.get('seconds', 0))}"
+        lines.append(
+            f"{label[:46]:<46} {_count(row.get('cells', 0)):>6} {_count(row.get('tokens', 0)):>7}"
+            f" {_count(fwd):>7} {_count(fb):>8} {_count(attn):>6} {est:>9}"
+            + (f"  ({row['note']})" if row.get("note") else "")
+        )
+    lines.append("-" * len(head))
+    lines.append(
+        f"estimated total: {_duration(plan.get('total_s', 0))} on this device "
+        f"(planned in {plan.get('planning_s', 0):.1f} s; ~ marks library work estimated, not timed)"
+    )
+    lines.append("passes are cells through the whole model; attn: cells through the streaming attention engine")
+    return lines
+
+
+def record_plan(ctx) -> dict | None:
+    """Make the running pipeline's plan, store it on the run (`results.JSON_PLAN`) and hand its per-stage
+    estimates to the progress reporter (ETAs from a stage's first update). A plan that cannot be made is a
+    warning line, never a failed run."""
+    from store import results as R
+
+    try:
+        plan = plan_in_run(ctx)
+    except Exception as exc:  # the plan is advice: the run goes on without it
+        ctx.rep.line(f"no cost plan ({type(exc).__name__}: {exc})", level="warning")
+        return None
+    ctx.store.put_json(ctx.run_id, R.JSON_PLAN, plan)
+    ctx.rep.estimates = stage_estimates(plan)
+    ctx.rep.line(f"plan: about {_duration(plan['total_s'])} in all on {plan['device']} (`gfattn pipeline --plan`)")
+    return plan
