@@ -1192,3 +1192,42 @@ def run_warnings(st, run_id: int) -> list[dict]:
     if JSON_WARNINGS not in st.json_names(run_id):
         return []
     return [w for w in (st.get_json(run_id, JSON_WARNINGS) or []) if isinstance(w, dict) and w.get("message")]
+
+
+# ------------------------------------------------------------------------- the TUI's readers (round two)
+# Read defensively: each name may be absent from a store (written before it existed); readers then
+# return None / empty values and the views show nothing.
+METRIC_BASELINE_ACCURACY = "baseline_accuracy"  # on a finetune run, split "test"
+METRIC_BASELINE_MACRO_F1 = "baseline_macro_f1"
+METRIC_MAJORITY_RATE = "majority_rate"
+METRIC_BALANCED_ACCURACY = "balanced_accuracy"
+BASELINE_METRICS = (METRIC_BASELINE_ACCURACY, METRIC_BASELINE_MACRO_F1, METRIC_MAJORITY_RATE, METRIC_BALANCED_ACCURACY)
+JSON_GATE = "gate"  # on a finetune run: {"learned", "reasons", "predicted_class", "balanced_accuracy", "chance", ...}
+JSON_CHECKPOINT_CHECK = "checkpoint_check"  # on a pipeline run: {"top1", "top10", "baseline_top1", "ok", "message"}
+
+
+def finetune_baselines(st, run_id: int) -> dict[str, float | None]:
+    """A finetune run's test baselines and balanced accuracy (None where not stored)."""
+    rows = st.metrics(run_id, split=SPLIT_TEST)
+    return {name: last_metric(rows, (name,), (SPLIT_TEST,)) for name in BASELINE_METRICS}
+
+
+def read_gate(st, run_id: int) -> dict | None:
+    """A finetune run's learning gate (`JSON_GATE`), or None when not stored."""
+    if JSON_GATE not in st.json_names(run_id):
+        return None
+    doc = st.get_json(run_id, JSON_GATE)
+    return doc if isinstance(doc, dict) else None
+
+
+def did_not_learn(gate: dict | None) -> bool:
+    """Whether a gate says the model did not learn (False when there is no gate)."""
+    return isinstance(gate, dict) and gate.get("learned") is False
+
+
+def read_checkpoint_check(st, run_id: int) -> dict | None:
+    """A pipeline run's check of its checkpoint (`JSON_CHECKPOINT_CHECK`), or None when not stored."""
+    if JSON_CHECKPOINT_CHECK not in st.json_names(run_id):
+        return None
+    doc = st.get_json(run_id, JSON_CHECKPOINT_CHECK)
+    return doc if isinstance(doc, dict) else None

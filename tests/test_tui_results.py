@@ -245,7 +245,7 @@ async def test_progress_of_an_ended_stage_is_not_shown(tui_store):
     async with app.run_test(size=(100, 30)) as pilot:
         screen = await open_run(app, pilot, tui_store.running)
         label = str(screen.query_one("#ov-progress-label").render())
-        assert "model" not in label and "stage 4/7" in label
+        assert "model" not in label and "stage 4 of 7" in label
 
 
 @pytest.mark.asyncio

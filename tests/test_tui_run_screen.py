@@ -61,6 +61,8 @@ async def test_every_tab_of_a_pipeline_run(tui_store):
         overview = screen.query_one(OverviewView)
         assert overview.run["id"] == tui_store.pipeline
         assert screen.query_one("#ov-children", DataTable).row_count == 10
+        screen.query_one("#ov-log-box").collapsed = False  # details are collapsed under the results
+        await settle(pilot)
         assert len(screen.query_one("#ov-log", RichLog).lines) == 14
         assert not screen.query_one("#ov-error").display
 

@@ -119,7 +119,7 @@ class RunScreen(RunActions, Screen):
         tabs.active = first
         self._ready = True
         self.load_title()
-        await self.show_view(first)
+        await self.show_view(first, focus=True)  # the tab takes the keys at once (PageDown scrolls)
 
     def check_action(self, action: str, parameters: tuple) -> bool | None:
         if action == "show_tab" and parameters and parameters[0] not in self.tab_keys:
