@@ -124,7 +124,7 @@ class RunScreen(RunActions, Screen):
     def check_action(self, action: str, parameters: tuple) -> bool | None:
         if action == "show_tab" and parameters and parameters[0] not in self.tab_keys:
             return False
-        return True
+        return super().check_action(action, parameters)
 
     def views(self) -> list:
         return [view for key, _, _ in TABS for view in self.query(f"#view-{key}")]

@@ -251,14 +251,7 @@ class RunsScreen(RunActions, Screen):
         self.post_message(OpenRun(int(run["id"])))
 
     def action_new_run(self) -> None:
-        from gfattn_tui.screens.new_run import NewRunScreen
-
-        def started(pid: int | None) -> None:
-            if pid:
-                self.follow_pid = pid
-                self.load_runs()
-
-        self.app.push_screen(NewRunScreen(), started)
+        self.app.open_new_run()
 
     def action_mark(self) -> None:
         run = self.current_run()
