@@ -33,37 +33,53 @@ def headline(st, run: dict) -> str:
     return headline_and_value(st, run)[0]
 
 
-def headline_and_value(st, run: dict) -> tuple[str, float | None]:
-    """The headline text and the number the list sorts by (the first task's best test accuracy, a
-    finetune's test accuracy, an analysis's mean cosine)."""
+def headline_and_value(st, run: dict) -> tuple[str, tuple[str, float] | None]:
+    """The headline text and what the list sorts by: (task, macro-F1) so that sorting keeps each task's
+    runs together. A pipeline names, per task, its best mode by test macro-F1 ("lowhigh unfrozen F1
+    0.84"; a model that did not learn is never the best; "lowhigh: did not learn" when none did); a
+    finetune its task, mode and scores; an analysis its mean cosine."""
     kind = run.get("kind")
     if kind == R.KIND_FINETUNE:
         scores = R.test_scores(st, run["id"], R.read_confusion(st, run["id"]))
         acc, f1 = scores[R.METRIC_ACCURACY], scores[R.METRIC_MACRO_F1]
-        if acc is None:
+        if acc is None and f1 is None:
             return "", None
-        return f"acc {acc:.3f}" + (f" F1 {f1:.3f}" if f1 is not None else ""), acc
+        task, mode = R.task_and_mode(R.full_run(st, run))
+        mark = " ✘" if R.did_not_learn(R.read_gate(st, run["id"])) else ""
+        text = f"{mode}{mark} F1 {f1:.2f}" if f1 is not None else f"{mode}{mark} acc {acc:.2f}"
+        return text, (task, f1 if f1 is not None else acc)
     if kind == R.KIND_PIPELINE:
-        best: dict[str, float] = {}
+        best: dict[str, tuple[float, str, str]] = {}  # task -> (value, mode, metric)
+        not_learned: set[str] = set()
         for child in st.children(run["id"]):
             if child.get("kind") != R.KIND_FINETUNE:
                 continue
-            acc = R.test_accuracy(st, child["id"])
-            if acc is None:
+            task, mode = R.task_and_mode(child)
+            if R.did_not_learn(R.read_gate(st, child["id"])):
+                not_learned.add(task)
                 continue
-            task, _ = R.task_and_mode(child)
-            best[task] = max(best.get(task, -1.0), acc)
-        short = {R.TASK_LOWHIGH: "l/h"}
-        ordered = sorted(best.items(), key=lambda kv: label_sort_key(kv[0]))
-        text = " ".join(f"{short.get(t, t)} {v:.2f}" for t, v in ordered)
-        return text, (ordered[0][1] if ordered else None)
+            rows = st.metrics(child["id"], split=R.SPLIT_TEST)
+            f1 = R.last_metric(rows, R.F1_NAMES, (R.SPLIT_TEST,))
+            value, metric = (
+                (f1, "F1") if f1 is not None else (R.last_metric(rows, R.ACCURACY_NAMES, (R.SPLIT_TEST,)), "acc")
+            )
+            if value is None:
+                continue
+            if task not in best or value > best[task][0]:
+                best[task] = (value, mode, metric)
+        tasks = sorted(set(best) | not_learned, key=label_sort_key)
+        parts = [
+            f"{t} {best[t][1]} {best[t][2]} {best[t][0]:.2f}" if t in best else f"{t}: did not learn" for t in tasks
+        ]
+        first = next((t for t in tasks if t in best), None)
+        return " · ".join(parts), ((first, best[first][0]) if first else None)
     if kind == R.KIND_ANALYSIS:
         grids = R.read_grids(st, run["id"], [R.GRID_COSINE])
         if R.GRID_COSINE in grids:
             values = np.asarray(grids[R.GRID_COSINE].values, dtype=float)
             if values.size and np.isfinite(values).any():
                 mean = float(np.nanmean(values))
-                return f"cos {mean:.3f}", mean
+                return f"cos {mean:.3f}", ("~cosine", mean)
     return "", None
 
 

@@ -422,11 +422,8 @@ class NewRunScreen(Screen[int | None]):
         )
         pending, self._pending_design = self._pending_design, None
         if pending and pending["column"] in self.obs_columns:
+            self._pending_design = pending  # its classes are picked once the column's values are listed
             self.query_one("#nr-label-column", Select).value = pending["column"]
-            self._fill_values()
-            for value in pending["classes"]:
-                if value in self.obs_columns[pending["column"]].get("values", {}):
-                    self.toggle_class(value)
         self._refresh_design()
 
     def _fill_values(self) -> None:
@@ -459,6 +456,12 @@ class NewRunScreen(Screen[int | None]):
             self.query_one("#nr-preset-help", Static).update(self.presets.get(event.value, ""))
         if event.select.id == "nr-label-column":
             self._fill_values()
+            pending = self._pending_design
+            if pending and self.obs is not None and pending["column"] == self.label_column():
+                self._pending_design = None
+                for value in pending["classes"]:
+                    if value in self.obs_columns[pending["column"]].get("values", {}):
+                        self.toggle_class(value)
         self._refresh_design()
 
     @on(Input.Changed)
