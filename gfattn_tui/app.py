@@ -62,8 +62,11 @@ class GfattnApp(App[None]):
     TITLE = "gfattn"
     COMMANDS = App.COMMANDS | {BindingCommands}
     BINDINGS = [
-        Binding("ctrl+t", "toggle_theme", "Theme", id="app.toggle_theme", tooltip="Switch dark / light theme"),
-        Binding("f1", "toggle_help", "Key panel", id="app.help", tooltip="Show or hide the key panel"),
+        # not in the footer (it must fit 80 columns with the screen's own keys): `?` and ctrl+p list them
+        Binding(
+            "ctrl+t", "toggle_theme", "Theme", show=False, id="app.toggle_theme", tooltip="Switch dark / light theme"
+        ),
+        Binding("f1", "toggle_help", "Key panel", show=False, id="app.help", tooltip="Show or hide the key panel"),
     ]
 
     def __init__(

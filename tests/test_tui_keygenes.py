@@ -240,7 +240,7 @@ def test_sort_rows_keeps_missing_values_last():
     rows = [{"v": 2.0}, {"v": None}, {"v": float("nan")}, {"v": -1.0}, {"v": 5.0}]
     assert [r["v"] for r in sort_rows(rows, "v", False)][:3] == [-1.0, 2.0, 5.0]
     assert [r["v"] for r in sort_rows(rows, "v", True)][:3] == [5.0, 2.0, -1.0]
-    assert fmt_delta(7.1e-07) == "+7.1e-07" and fmt_delta(-0.02415) == "-0.0242" and fmt_delta(None) == "—"
+    assert fmt_delta(7.1e-07) == "+0.0000" and fmt_delta(-0.02415) == "-0.0242" and fmt_delta(None) == "—"
 
 
 # ------------------------------------------------------------------------------------------- the tab

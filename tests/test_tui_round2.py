@@ -344,3 +344,207 @@ async def test_runs_list_names_task_mode_and_macro_f1_sorts_within_tasks_and_has
         assert table.cursor_row == table.row_count - 1
         await pilot.press("home")
         assert table.cursor_row == 0
+
+
+# ------------------------------------------------------------------------------ 9: help and footer
+def _footer_cut(screen) -> list[str]:
+    """The footer keys that do not fit left of the palette key (cut or hidden at this width)."""
+    from textual.widgets import Footer
+
+    keys = list(screen.query_one(Footer).query("FooterKey"))
+    palette = [k for k in keys if k.action == "app.command_palette" or "palette" in str(k.description)]
+    right = palette[0].region.x if palette else screen.size.width
+    return [f"{k.key} {k.description}" for k in keys if k not in palette and k.region.right > right]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("size", SIZES)
+async def test_footer_never_cuts_a_binding_and_help_lists_the_tabs_keys(tmp_path, size):
+    from gfattn_tui.screens.compare import CompareScreen
+    from gfattn_tui.screens.keys import KeysScreen
+    from gfattn_tui.screens.run import RunScreen
+
+    ids = copy_store(tmp_path, with_de=True)
+    app = make_app(ids, poll=False)
+    async with app.run_test(size=SIZES[size]) as pilot:
+        await settle(pilot)
+        assert _footer_cut(app.screen) == []
+        await pilot.press("question_mark")
+        await settle(pilot)
+        keys = app.screen
+        assert isinstance(keys, KeysScreen) and keys.title_text == "Keys: runs list"
+        listed = {k for k, _, _ in keys.keys}
+        assert {"⏎", "N", "/", "home", "end"} <= listed, listed
+        await pilot.press("escape")
+        screen = RunScreen(ids.pipeline)
+        await app.push_screen(screen)
+        await settle(pilot)
+        for tab, own in (("keygenes", {"m", "o"}), ("genes", {"/", "f", "o", "[", "]"}), ("data", {"c"})):
+            await screen.action_show_tab(tab)
+            await settle(pilot)
+            assert _footer_cut(screen) == [], tab
+            await pilot.press("question_mark")
+            await settle(pilot)
+            keys = app.screen
+            assert isinstance(keys, KeysScreen), tab
+            assert keys.title_text.startswith(f"Keys: run {ids.pipeline} · "), keys.title_text
+            listed = {k for k, _, _ in keys.keys}
+            assert own <= listed and {"esc", "e", "1"} <= listed, (tab, listed)
+            await pilot.press("escape")
+            await settle(pilot)
+        await app.push_screen(CompareScreen(ids.analyses["dose"], ids.analyses["lowhigh"]))
+        await settle(pilot)
+        assert _footer_cut(app.screen) == []
+        await pilot.press("N")  # over the runs list underneath: nothing; the form from the runs list
+        await app.pop_screen()
+        await app.pop_screen()
+        await settle(pilot)
+        await pilot.press("N")
+        await settle(pilot)
+        assert isinstance(app.screen, NewRunScreen) and _footer_cut(app.screen) == []
+
+
+# ------------------------------------------------------------------------------------ 7: key genes
+@pytest.mark.asyncio
+@pytest.mark.parametrize("size", SIZES)
+async def test_key_genes_tab_ranks_each_models_genes_with_deletion_effects_and_resolved_p(tmp_path, size):
+    from test_tui_keygenes import build_keygenes_store, open_keygenes
+
+    from gfattn_tui.widgets.keygenes import SortableTable
+    from store import Store
+    from store import results as R
+
+    from _helpers_tui import FixtureIds
+
+    kg = build_keygenes_store(tmp_path / "gfattn.db")
+    with Store(kg["path"]) as st:  # 20 random sets per set: the empirical p cannot go below 1/21
+        doc = st.get_json(kg["new"], R.json_deletion("unfrozen"))
+        doc["n_random"] = 20
+        doc["sets"][0]["p_empirical"] = 1 / 21
+        st.put_json(kg["new"], R.json_deletion("unfrozen"), doc)
+        single = st.gene_table_df(kg["new"], R.table_deletion("unfrozen"))
+    app = make_app(FixtureIds(path=kg["path"]), poll=False)
+    async with app.run_test(size=SIZES[size]) as pilot:
+        view = await open_keygenes(app, pilot, kg["new"])
+        ranked = view.query_one("#kg-ranked", SortableTable)
+        genes = kg["genes"].dropna(subset=["key_score_b"]).nlargest(50, "key_score_b")
+        assert [r["symbol"] for r in ranked.rows_shown] == list(genes["symbol"])
+        effects = dict(zip(single["symbol"], single["delta_logit_mean"]))
+        for row in ranked.rows_shown:
+            if row["symbol"] in effects:
+                assert row["delta_logit_mean"] == pytest.approx(effects[row["symbol"]])
+        assert any(row["symbol"] in effects for row in ranked.rows_shown)
+        title = str(view.query_one("#kg-ranked-title").render())
+        assert "Key genes of unfrozen: top 50 by key score" in title
+        # the set table: the p at its floor resolved, no stars
+        sets = view.query_one("#kg-sets", SortableTable)
+        p_col = [c.key for c in sets.spec].index(R.DEL_P)
+        shown = [str(sets.get_row_at(i)[p_col]) for i in range(sets.row_count)]
+        assert "<= 0.0476" in shown and not any(p.startswith("0.048") or "*" in p for p in shown if "<=" in p)
+        # legends outside the plots, named by score
+        assert "key_score" in str(view.query_one("#kg-curves-legend").render())
+        assert "key_score" in str(view.query_one("#kg-cascade-legend").render())
+        await pilot.press("m")
+        await settle(pilot)
+        assert "Key genes of frozen" in str(view.query_one("#kg-ranked-title").render())
+
+
+# ------------------------------------------------------------------------------------------- 8: DE
+@pytest.mark.asyncio
+@pytest.mark.parametrize("size", SIZES)
+async def test_de_tab_fits_its_columns_lists_every_shared_gene_and_picks_each_comparison(tmp_path, size):
+    from textual.widgets import DataTable, Select
+
+    from gfattn_tui.screens.run import RunScreen
+    from gfattn_tui.widgets.de import DEView
+    from store import Store
+    from store import results as R
+
+    ids = copy_store(tmp_path, with_de=True)
+    shared = [f"GENE{i:05d}" for i in range(12)]
+    with Store(ids.path) as st:
+        table = st.gene_table_df(ids.de, R.TABLE_DE)
+        other = st.create_run(
+            "de: low vs high", "de", {"groupby": "group", "group": "low", "reference": "high"}, parent_id=ids.pipeline
+        )
+        st.put_gene_table(other, R.TABLE_DE, table.assign(score=-table["score"]))
+        st.finish_run(other, "completed")
+
+        def overlap(n: int) -> dict:
+            return {"overlap": [{"k": 50, "overlap": n, "expected": 1.2, "p_value": 1e-4, "genes": shared[:n]}]}
+
+        doc = {
+            **overlap(12),
+            "group": "high vs low",
+            "by_group": {"high vs low": overlap(12), "low vs high": overlap(5)},
+        }
+        st.put_json(ids.analyses["lowhigh"], R.JSON_DE_OVERLAP, doc)
+    app = make_app(ids, poll=False)
+    async with app.run_test(size=SIZES[size]) as pilot:
+        await settle(pilot)
+        screen = RunScreen(ids.pipeline, tab="de")
+        await app.push_screen(screen)
+        await settle(pilot)
+        view = screen.query_one(DEView)
+        view.query_one("#de-analysis").value = ids.analyses["lowhigh"]
+        await settle(pilot, rounds=5)
+        picker = view.query_one("#de-comparison", Select)
+        assert picker.display and [v for _, v in picker._options if v is not Select.BLANK] == [
+            "high vs low",
+            "low vs high",
+        ]
+        results = all_text(view.query_one("#de-results"))
+        assert "k=50: 12 shared" in results and all(g in results for g in shared)
+        grid = view.query_one("#de-table", DataTable)
+        await pilot.pause(0.1)
+        await settle(pilot)
+        widths = sum(c.get_render_width(grid) for c in grid.ordered_columns)
+        assert widths <= grid.size.width, (widths, grid.size.width, view.hidden)
+        assert "de: high vs low" in str(view.query_one("#de-status").render())
+        picker.value = "low vs high"
+        await settle(pilot, rounds=5)
+        assert view.comparison == "low vs high"
+        assert "de: low vs high" in str(view.query_one("#de-status").render())
+        results = all_text(view.query_one("#de-results"))
+        assert "comparison: low vs high" in results and "k=50: 5 shared" in results
+
+
+# --------------------------------------------------------------------------------------- 6: compare
+@pytest.mark.asyncio
+@pytest.mark.parametrize("size", SIZES)
+async def test_compare_shows_a_b_and_delta_at_80_columns_names_grids_and_refuses_a_mismatch(tmp_path, size):
+    from textual.widgets import DataTable, OptionList
+
+    from gfattn_tui.screens.compare import CompareScreen
+
+    ids = copy_store(tmp_path, with_de=True)
+    app = make_app(ids, poll=False)
+    async with app.run_test(size=SIZES[size]) as pilot:
+        await settle(pilot)
+        screen = CompareScreen(ids.analyses["dose"], ids.analyses["lowhigh"])
+        await app.push_screen(screen)
+        await settle(pilot)
+        table = screen.query_one("#cmp-metrics-table", DataTable)
+        assert app.focused is table
+        labels = [str(c.label) for c in table.ordered_columns]
+        assert labels[:4] == ["metric", "A", "B", "B − A"]
+        # A, B and B - A are on screen
+        right = sum(c.get_render_width(table) for c in table.ordered_columns[:4])
+        assert right <= table.size.width
+        await pilot.press("right")
+        assert screen.query_one("#cmp-tabs").active == "cmp-metrics"  # Right scrolls, never switches tabs
+        await pilot.press("3")
+        await settle(pilot)
+        options = screen.query_one("#cmp-grid-list", OptionList)
+        names = [str(options.get_option_at_index(i).prompt) for i in range(options.option_count)]
+        assert "norm frozen" in names and "norm_a" not in names
+        info = str(screen.query_one("#cmp-grid-info").render())
+        assert "run B's value minus run A's" in info
+        # an analysis against a finetune: refused, with the reason
+        await app.pop_screen()
+        screen = CompareScreen(ids.analyses["dose"], ids.finetunes["dose/frozen"])
+        await app.push_screen(screen)
+        await settle(pilot)
+        rows = [[str(c) for c in screen.query_one("#cmp-metrics-table", DataTable).get_row_at(i)] for i in range(1)]
+        assert rows[0][0].startswith("nothing to compare: run")
+        assert screen.query_one("#cmp-metrics-table", DataTable).row_count == 1

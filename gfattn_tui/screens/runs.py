@@ -38,7 +38,7 @@ class RunsScreen(RunActions, Screen):
         Binding("c", "compare", "Compare", id="runs.compare"),
         Binding("k", "stop", "Stop", id="runs.stop"),
         Binding("s", "cycle_sort", "Sort", id="runs.sort"),
-        Binding("slash", "search", "Search", id="runs.search"),
+        Binding("slash", "search", "Search", show=False, id="runs.search"),  # the search box says it
         Binding("q", "app.quit", "Quit", id="app.quit"),
         Binding("R", "resume", "Resume", show=False, id="runs.resume"),
         Binding("e", "export", "Export", show=False, id="runs.export"),

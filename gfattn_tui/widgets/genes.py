@@ -140,10 +140,10 @@ class GenesView(RunView, Vertical):
     BINDINGS = [
         Binding("slash", "focus_search", "Search", id="genes.search"),
         Binding("f", "focus_filter", "Filter", id="genes.filter"),
-        Binding("o", "sort_column", "Sort by column", id="genes.sort"),
+        Binding("o", "sort_column", "Sort", id="genes.sort"),
         Binding("O", "reverse_sort", "Reverse", show=False, id="genes.sort_reverse"),
-        Binding("right_square_bracket", "page(1)", "Next page", id="genes.next_page"),
-        Binding("left_square_bracket", "page(-1)", "Prev page", id="genes.prev_page"),
+        Binding("right_square_bracket", "page(1)", "Next page", show=False, id="genes.next_page"),
+        Binding("left_square_bracket", "page(-1)", "Prev page", show=False, id="genes.prev_page"),
         Binding("right_curly_bracket", "last_page", "Last page", show=False, id="genes.last_page"),
         Binding("left_curly_bracket", "first_page", "First page", show=False, id="genes.first_page"),
     ]
