@@ -365,7 +365,7 @@ async def test_genes_tab_opens_on_the_key_score_and_overview_leads_with_key_gene
         text = static_text(screen.query_one("#ov-results", Static))
         top_b = kg_store["genes"].dropna(subset=["key_score_b"]).nlargest(3, "key_score_b")["symbol"]
         assert "key genes unfrozen: " + ", ".join(top_b) in text
-        assert "DE overlap (top k by key_score_b): k=10 2 (p 1.2e-03**, matched p 3.6e-03**)" in text
+        assert "DE overlap (top k by key score unfrozen): k=10 2 (p 1.2e-03**, matched p 3.6e-03**)" in text
         assert "warning: unfrozen: rankings that track detection frequency" in text
 
         await show_tab(pilot, "genes")

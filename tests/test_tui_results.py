@@ -172,7 +172,7 @@ async def test_runs_list_fits_80_columns_and_tree_of_children(tui_store):
     async with app.run_test(size=SMALL) as pilot:
         await settle(pilot)
         table = app.screen.query_one(RunsTable)
-        assert "dose 0.84" in str(table.get_cell(str(tui_store.pipeline), "headline"))
+        assert "dose unfrozen F1 0.82" in str(table.get_cell(str(tui_store.pipeline), "headline"))
         label = str(app.screen.query_one("#runs-filters").render())
         assert label.endswith("4/4")
         await pilot.press("a")
@@ -280,7 +280,7 @@ async def test_resume_export_and_figures_start_the_cli(tui_store, monkeypatch):
 
     started = []
     for name in ("start_resume", "start_export", "start_plot"):
-        monkeypatch.setattr(app_module, name, lambda *a, _n=name: started.append((_n, a)) or _Fake())
+        monkeypatch.setattr(app_module, name, lambda *a, _n=name, **kw: started.append((_n, a)) or _Fake())
     app = make_app(tui_store, poll=False)
     async with app.run_test(size=(100, 30)) as pilot:
         await settle(pilot)

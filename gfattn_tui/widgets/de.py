@@ -20,7 +20,7 @@ from gfattn_tui.json_render import is_records
 from gfattn_tui.messages import Loaded
 from gfattn_tui.results import run_choices
 from gfattn_tui.widgets.analysis_picker import AnalysisPicker
-from gfattn_tui.widgets.gene_table import gene_cell
+from gfattn_tui.widgets.gene_table import column_scientific, gene_cell
 from gfattn_tui.widgets.store_view import RunView
 from store import results as R
 
@@ -207,14 +207,16 @@ class DEView(RunView, Vertical):
         labels = {**LABELS, **((self.data or {}).get("rank_columns") or {})}
         table.clear(columns=True)
         page = []
-        for row in self.rows[self.row_offset : self.row_offset + PAGE]:
+        rows = self.rows[self.row_offset : self.row_offset + PAGE]
+        formats = {col: column_scientific([row.get(col) for row in rows]) for col in self.columns}
+        for row in rows:
             cells = {}
             for col in self.columns:
                 value = row.get(col)
                 if col in (R.COL_PVAL, R.COL_PVAL_ADJ):
                     cells[col] = Text(fmt_p(value), justify="right")
                 else:
-                    cells[col] = gene_cell(col, value)
+                    cells[col] = gene_cell(col, value, formats[col])
             page.append(cells)
         shown = fit_columns(self.columns, labels, page, self.query_one("#de-left").size.width or 200)
         self.hidden = [c for c in self.columns if c not in shown]

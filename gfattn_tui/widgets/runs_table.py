@@ -34,7 +34,7 @@ ALWAYS = ("status", "id", "name", "duration", "headline")
 OPTIONAL = ("preset", "tags", "started", "model", "data")
 NAME_MIN = 16
 NAME_MAX = 48
-NAME_ROOM = 30  # an optional column appears only while the name keeps this much room
+NAME_ROOM = 26  # an optional column appears only while the name keeps this much room
 CELL_PAD = 2  # a DataTable cell's padding, both sides
 
 
