@@ -25,20 +25,19 @@ from textual.signal import Signal
 from gfattn_tui.client import StoreClient
 from gfattn_tui.commands import BindingCommands
 from gfattn_tui.config import ConfigError, TuiConfig
-from gfattn_tui.launcher import LaunchedRun, RunRequest, start_export, start_pipeline, start_plot, start_resume
+from gfattn_tui.launcher import (
+    LaunchedRun,
+    RunRequest,
+    start_export,
+    start_pipeline,
+    start_plot,
+    start_resume,
+    writable_log_dir,
+)
 from gfattn_tui.messages import OpenRun
-from gfattn_tui.screens.run_actions import RunActions
+from gfattn_tui.screens.run_actions import READ_ONLY_REFUSED, RunActions
 from gfattn_tui.screens.runs import RunsScreen
 
-# screen actions that write the store or act on runs, refused over a read-only store
-READ_ONLY_REFUSED = {
-    "new_run": "launching runs",
-    "stop": "stopping runs",
-    "tag": "tagging",
-    "note": "notes",
-    "delete": "deleting runs",
-    "resume": "resuming runs",
-}
 # exit statuses of a process stopped by SIGTERM/SIGINT (the pipeline exits 130 on an interrupt)
 STOPPED_CODES = (130, 143, -2, -15)
 
@@ -63,8 +62,11 @@ class GfattnApp(App[None]):
     TITLE = "gfattn"
     COMMANDS = App.COMMANDS | {BindingCommands}
     BINDINGS = [
-        Binding("ctrl+t", "toggle_theme", "Theme", id="app.toggle_theme", tooltip="Switch dark / light theme"),
-        Binding("f1", "toggle_help", "Key panel", id="app.help", tooltip="Show or hide the key panel"),
+        # not in the footer (it must fit 80 columns with the screen's own keys): `?` and ctrl+p list them
+        Binding(
+            "ctrl+t", "toggle_theme", "Theme", show=False, id="app.toggle_theme", tooltip="Switch dark / light theme"
+        ),
+        Binding("f1", "toggle_help", "Key panel", show=False, id="app.help", tooltip="Show or hide the key panel"),
     ]
 
     def __init__(
@@ -184,22 +186,28 @@ class GfattnApp(App[None]):
         self.notify(message, title="Error" + (f" ({where})" if where else ""), severity="error", timeout=10)
 
     # launching -----------------------------------------------------------------------------------
-    def launch_run(self, request: RunRequest) -> LaunchedRun:
+    def launch_run(self, request: RunRequest, *, form: dict | None = None) -> LaunchedRun:
         if self.read_only:
             raise PermissionError(f"store {self.store_path} is open read-only; launching runs needs a writable store")
         launched = start_pipeline(request, self.store_path)
+        launched.form = form
         self.launched.append(launched)
         self.notify(f"started pid {launched.pid}; log {launched.log_path}", title="New run")
         return launched
 
+    def log_dir(self) -> Path:
+        """Where launched processes log: beside the store, or where the user can write (read-only store)."""
+        return writable_log_dir(self.store_path, read_only=self.read_only)
+
     def start_resume(self, run_id: int) -> LaunchedRun | None:
-        return self._start_task(lambda: start_resume(run_id, self.store_path), "Resume")
+        return self._start_task(lambda: start_resume(run_id, self.store_path, log_dir=self.log_dir()), "Resume")
 
     def start_export(self, run_id: int, fmt: str, out_dir) -> LaunchedRun | None:
-        return self._start_task(lambda: start_export(run_id, self.store_path, fmt, out_dir), "Export")
+        logs = self.log_dir()
+        return self._start_task(lambda: start_export(run_id, self.store_path, fmt, out_dir, log_dir=logs), "Export")
 
     def start_plot(self, run_id: int, out_dir) -> LaunchedRun | None:
-        return self._start_task(lambda: start_plot(run_id, self.store_path, out_dir), "Figures")
+        return self._start_task(lambda: start_plot(run_id, self.store_path, out_dir, log_dir=self.log_dir()), "Figures")
 
     def _start_task(self, start: Callable[[], LaunchedRun], title: str) -> LaunchedRun | None:
         try:
@@ -234,15 +242,35 @@ class GfattnApp(App[None]):
                 )
             else:
                 tail = launched.log_tail(6)
-                if "--resume" in tail:
-                    tail += "\n(press R on the run to resume it from here)"
+                last = launched.last_line() or f"exited with status {code}"
+                resumable = "--resume" in tail
                 self.notify(
-                    f"{launched.what}: pid {launched.pid} exited with status {code}\n{tail}\nlog: {launched.log_path}",
+                    f"{launched.what} failed (pid {launched.pid}, status {code}): {last}\n"
+                    + ("press R on the run to resume it from here\n" if resumable else "")
+                    + f"log: {launched.log_path}",
                     title="Failed",
                     severity="error",
-                    timeout=20,
+                    timeout=30,
                 )
+                if launched.form is not None and not resumable:
+                    # refused before anything was recorded (bad input): the form again, filled in
+                    self.open_new_run(state=launched.form, error=last)
             self.notify_store_changed()
+
+    def open_new_run(self, *, state: dict | None = None, error: str = "") -> None:
+        """The New run form (filled in from `state` after a failed launch, its error on top); the runs
+        list follows the run it starts."""
+        from gfattn_tui.screens.new_run import NewRunScreen
+
+        def started(pid: int | None) -> None:
+            if not pid:
+                return
+            for screen in self.screen_stack:
+                if isinstance(screen, RunsScreen):
+                    screen.follow_pid = pid
+                    screen.load_runs()
+
+        self.push_screen(NewRunScreen(state=state, error=error), started)
 
     # navigation ----------------------------------------------------------------------------------
     def on_open_run(self, message: OpenRun) -> None:

@@ -221,3 +221,47 @@ def short_path(path: Any, width: int = 24) -> str:
     if len(name) > width:
         return "…" + name[-(width - 1) :]
     return name
+
+
+def fmt_p_resolved(p: Any, *, floor: Any = None, at_floor: Any = None, q: Any = None) -> str:
+    """A p-value as resolved as its test allows: "<= 0.048" at the floor of a permutation or empirical
+    test (the smallest p it can give); the stars go on q (the adjusted value) when there is one."""
+    try:
+        value = float(p)
+    except (TypeError, ValueError):
+        return "—"
+    if not math.isfinite(value):
+        return "—"
+    try:
+        lowest = float(floor) if floor is not None else None
+    except (TypeError, ValueError):
+        lowest = None
+    floored = bool(at_floor) if at_floor is not None else (lowest is not None and value <= lowest * (1 + 1e-9))
+    if floored and lowest is not None:
+        text = f"<= {lowest:.3g}"
+    else:
+        text = fmt_p(value, stars=False)
+    has_q = q is not None and fmt_p(q, stars=False) != "—"
+    if has_q:
+        return text
+    # without a q-value, a p at its floor carries no stars: it says only how far the test could resolve
+    return text if floored else text + significance_stars(value)
+
+
+def fmt_q(q: Any) -> str:
+    """An adjusted p-value (q) with its significance stars."""
+    return fmt_p(q)
+
+
+_SUFFIX_RE = re.compile(r"^(?P<stem>.+?)_(?P<suffix>[ab])$")
+
+
+def model_label(name: str, models: Sequence[str] | None) -> str:
+    """A stored name in the researcher's words: `key_score_b` -> "key score unfrozen" (the `_a` / `_b`
+    suffix names the compared models in order), `attribution_frozen` -> "attribution frozen"."""
+    text = str(name)
+    match = _SUFFIX_RE.match(text)
+    if match and models and len(models) >= 2:
+        model = models[0] if match.group("suffix") == "a" else models[1]
+        return f"{match.group('stem').replace('_', ' ')} {model}"
+    return text.replace("_", " ")

@@ -13,21 +13,28 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from gfattn_tui.format import fmt_num
+from gfattn_tui.format import fmt_bytes, fmt_num
 
 
-def _scalar_text(value: Any) -> Text:
+def _scalar_text(value: Any, key: str = "") -> Text:
     if value is None:
         return Text("—", style="dim")
     if isinstance(value, float):
         if value != 0 and abs(value) < 1e-3:
             return Text(f"{value:.2e}")
         return Text(fmt_num(value, 4))
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and str(key).endswith("_bytes"):
+        return Text(fmt_bytes(value))
     if isinstance(value, (int, bool)):
         return Text(fmt_num(value))
+    if isinstance(value, dict):
+        # a nested record in a table cell: its scalars as key=value, never a Python repr
+        return Text(", ".join(f"{k}={_scalar_text(v, k).plain}" for k, v in value.items()))
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        return Text("; ".join(_scalar_text(v).plain for v in value[:10]) + (" …" if len(value) > 10 else ""))
     if isinstance(value, list) and all(not isinstance(v, (dict, list)) for v in value):
-        shown = ", ".join(str(v) for v in value[:20]) + (" …" if len(value) > 20 else "")
-        return Text(f"[{shown}]")
+        shown = ", ".join(_scalar_text(v).plain for v in value[:20]) + (" …" if len(value) > 20 else "")
+        return Text(shown)
     return Text(str(value))
 
 
@@ -45,7 +52,7 @@ def records_table(records: list[dict], title: str | None = None) -> Table:
     for k in keys:
         table.add_column(str(k), justify="right")
     for r in records:
-        table.add_row(*[_scalar_text(r.get(k)) for k in keys])
+        table.add_row(*[_scalar_text(r.get(k), k) for k in keys])
     return table
 
 
@@ -59,9 +66,15 @@ def render_json(value: Any, title: str | None = None, depth: int = 0) -> Rendera
         nested: list[RenderableType] = []
         for k, v in value.items():
             if isinstance(v, dict) or is_records(v):
-                nested.append(render_json(v, f"{title}.{k}" if title and depth else str(k), depth + 1))
+                nested.append(
+                    render_json(
+                        v,
+                        f"{title} · {k}".replace("_", " ") if title and depth else str(k).replace("_", " "),
+                        depth + 1,
+                    )
+                )
             else:
-                scalars.add_row(str(k), _scalar_text(v))
+                scalars.add_row(str(k).replace("_", " "), _scalar_text(v, k))
         parts: list[RenderableType] = []
         if title and not is_records(value):
             parts.append(Text(title, style="bold underline"))

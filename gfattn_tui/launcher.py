@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,6 +127,7 @@ class LaunchedRun:
     started: float
     what: str = "run"  # "run", "resume of run 7", "export of run 7", ...
     out_dir: Path | None = None
+    form: dict | None = None  # the New run form that started it (`NewRunScreen.form_state`), to reopen
 
     @property
     def pid(self) -> int:
@@ -142,12 +144,40 @@ class LaunchedRun:
             return ""
         return "\n".join(text.rstrip().splitlines()[-lines:])
 
+    def last_line(self) -> str:
+        """The log's last non-empty line: what a failed process said last (its error)."""
+        for line in reversed(self.log_tail(20).splitlines()):
+            if line.strip():
+                return line.strip()
+        return ""
+
 
 def log_dir_for_store(store_path: str | Path) -> Path:
     return cache_dir_for_store(store_path) / "logs"
 
 
-def start_pipeline(request: RunRequest, store_path: str | Path, *, cwd: str | Path | None = None) -> LaunchedRun:
+def _writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK)
+
+
+def writable_log_dir(store_path: str | Path, *, read_only: bool = False) -> Path:
+    """Where a launched process's log goes: beside the store (`.gfattn-cache/logs`) when it can be
+    written there, else under the current folder, else the temporary folder (a read-only store)."""
+    candidates = [] if read_only else [log_dir_for_store(store_path)]
+    candidates += [Path.cwd() / ".gfattn-cache" / "logs", Path(tempfile.gettempdir()) / "gfattn-logs"]
+    for folder in candidates:
+        if _writable(folder):
+            return folder
+    return candidates[-1]
+
+
+def start_pipeline(
+    request: RunRequest, store_path: str | Path, *, cwd: str | Path | None = None, log_dir: Path | None = None
+) -> LaunchedRun:
     """Start the run in its own session with output to a log file (first writing the config the form
     generated, when there is one); returns at once."""
     store_path = Path(store_path).expanduser().resolve()
@@ -155,7 +185,7 @@ def start_pipeline(request: RunRequest, store_path: str | Path, *, cwd: str | Pa
         config = Path(request.config).expanduser()
         config.parent.mkdir(parents=True, exist_ok=True)
         config.write_text(request.config_text, encoding="utf-8")
-    return _start(request.argv(store_path), store_path, cwd=cwd, what="run")
+    return _start(request.argv(store_path), store_path, cwd=cwd, what="run", log_dir=log_dir)
 
 
 def resume_argv(run_id: int, store_path: str | Path) -> list[str]:
@@ -192,34 +222,41 @@ EXPORT_FORMATS = ("csv", "parquet", "json")
 
 
 def default_out_dir(store_path: str | Path, run_id: int, what: str) -> Path:
-    """`<store folder>/gfattn-<what>/run-<id>`: beside the store, where a researcher looks for it."""
-    return Path(store_path).expanduser().resolve().parent / f"gfattn-{what}" / f"run-{int(run_id)}"
+    """`./gfattn-<what>/run-<id>` under the current folder: where the user can write (a store may be
+    read-only, or shared) and where a researcher looks for it."""
+    return Path.cwd() / f"gfattn-{what}" / f"run-{int(run_id)}"
 
 
-def start_resume(run_id: int, store_path: str | Path) -> LaunchedRun:
+def start_resume(run_id: int, store_path: str | Path, *, log_dir: Path | None = None) -> LaunchedRun:
     store_path = Path(store_path).expanduser().resolve()
-    return _start(resume_argv(run_id, store_path), store_path, what=f"resume of run {run_id}")
+    return _start(resume_argv(run_id, store_path), store_path, what=f"resume of run {run_id}", log_dir=log_dir)
 
 
-def start_export(run_id: int, store_path: str | Path, fmt: str, out_dir: str | Path) -> LaunchedRun:
+def start_export(
+    run_id: int, store_path: str | Path, fmt: str, out_dir: str | Path, *, log_dir: Path | None = None
+) -> LaunchedRun:
     store_path = Path(store_path).expanduser().resolve()
     out = Path(out_dir).expanduser()
-    launched = _start(export_argv(run_id, store_path, fmt, out), store_path, what=f"export of run {run_id}")
+    argv = export_argv(run_id, store_path, fmt, out)
+    launched = _start(argv, store_path, what=f"export of run {run_id}", log_dir=log_dir)
     launched.out_dir = out
     return launched
 
 
-def start_plot(run_id: int, store_path: str | Path, out_dir: str | Path) -> LaunchedRun:
+def start_plot(run_id: int, store_path: str | Path, out_dir: str | Path, *, log_dir: Path | None = None) -> LaunchedRun:
     store_path = Path(store_path).expanduser().resolve()
     out = Path(out_dir).expanduser()
-    launched = _start(plot_argv(run_id, store_path, out), store_path, what=f"figures of run {run_id}")
+    launched = _start(plot_argv(run_id, store_path, out), store_path, what=f"figures of run {run_id}", log_dir=log_dir)
     launched.out_dir = out
     return launched
 
 
-def _start(argv: list[str], store_path: Path, *, cwd: str | Path | None = None, what: str) -> LaunchedRun:
-    """Start `argv` detached (own session), output to a log file next to the store; returns at once."""
-    logs = log_dir_for_store(store_path)
+def _start(
+    argv: list[str], store_path: Path, *, cwd: str | Path | None = None, what: str, log_dir: Path | None = None
+) -> LaunchedRun:
+    """Start `argv` detached (own session), output to a log file (next to the store unless `log_dir`
+    says otherwise); returns at once."""
+    logs = log_dir or log_dir_for_store(store_path)
     logs.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     log_path = logs / f"{stamp}-{os.getpid()}.log"

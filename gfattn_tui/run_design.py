@@ -244,3 +244,47 @@ def suggest_path(value: str, suffixes: tuple[str, ...] = (".h5ad", ".loom"), *, 
     common = os.path.commonprefix(names)
     completion = names[0] if len(names) == 1 or len(common) <= len(stem) else common
     return value + completion[len(stem) :] if len(completion) > len(stem) else None
+
+
+def input_problems(
+    preset: str, data: str = "", model: str = "", geneformer_dir: str = "", config_file: str = ""
+) -> list[str]:
+    """What the pipeline's preflight (`pipeline.experiment.preflight`) refuses about the data's gene naming,
+    the model directory and the dictionaries, in its own words: its light checks, run here (in a worker)
+    before Start so that a launch does not fail on them. Device, counts and the design are checked
+    elsewhere (the design by `class_sizes`, the rest by the run itself)."""
+    from pipeline import config
+    from pipeline import experiment as ex
+    from pipeline.errors import InputError
+
+    try:
+        cfg = config.resolve(preset, Path(config_file).expanduser() if config_file else None)
+    except (InputError, OSError, ValueError) as exc:
+        return [str(exc)]
+    cfg["model"]["path"] = model
+    cfg["model"]["geneformer_dir"] = geneformer_dir
+    problems: list[str] = []
+
+    def check(fn, *args) -> None:
+        try:
+            fn(*args)
+        except InputError as exc:
+            problems.append(str(exc))
+        except Exception as exc:  # an unreadable file: the pipeline would refuse it too
+            problems.append(f"{args[0]}: {exc}")
+
+    if geneformer_dir and not Path(geneformer_dir).expanduser().is_dir():
+        return problems  # already a problem of the request
+    if model:
+        m = Path(model).expanduser()
+        if m.is_dir():
+            from pipeline.model import read_model_config
+
+            check(read_model_config, m)
+            if not problems:
+                check(ex._dictionaries_for, m, cfg)
+    elif data:
+        p = Path(data).expanduser()
+        if p.is_file() and p.suffix == ".h5ad":
+            check(ex._check_embedded_genes, str(p), cfg)
+    return problems

@@ -1232,11 +1232,18 @@ def model_gate(st, finetune_run_id: int) -> dict | None:
     return doc if isinstance(doc, dict) else None
 
 
+BASELINE_METRICS = (METRIC_BASELINE_ACCURACY, METRIC_BASELINE_MACRO_F1, METRIC_MAJORITY_RATE, METRIC_BALANCED_ACCURACY)
+
+
+def did_not_learn(gate: dict | None) -> bool:
+    """Whether a gate says the model did not learn (False when there is no gate)."""
+    return isinstance(gate, dict) and gate.get("learned") is False
+
+
 def baseline_scores(st, finetune_run_id: int) -> dict[str, float | None]:
     """The test metrics stored beside a model: baseline accuracy and macro-F1, majority rate, balanced accuracy."""
     rows = st.metrics(finetune_run_id, split=SPLIT_TEST)
-    names = (METRIC_BASELINE_ACCURACY, METRIC_BASELINE_MACRO_F1, METRIC_MAJORITY_RATE, METRIC_BALANCED_ACCURACY)
-    return {name: last_metric(rows, (name,), (SPLIT_TEST,)) for name in names}
+    return {name: last_metric(rows, (name,), (SPLIT_TEST,)) for name in BASELINE_METRICS}
 
 
 def checkpoint_check(st, run_id: int) -> dict | None:

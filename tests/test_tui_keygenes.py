@@ -240,7 +240,7 @@ def test_sort_rows_keeps_missing_values_last():
     rows = [{"v": 2.0}, {"v": None}, {"v": float("nan")}, {"v": -1.0}, {"v": 5.0}]
     assert [r["v"] for r in sort_rows(rows, "v", False)][:3] == [-1.0, 2.0, 5.0]
     assert [r["v"] for r in sort_rows(rows, "v", True)][:3] == [5.0, 2.0, -1.0]
-    assert fmt_delta(7.1e-07) == "+7.1e-07" and fmt_delta(-0.02415) == "-0.0242" and fmt_delta(None) == "—"
+    assert fmt_delta(7.1e-07) == "+0.0000" and fmt_delta(-0.02415) == "-0.0242" and fmt_delta(None) == "—"
 
 
 # ------------------------------------------------------------------------------------------- the tab
@@ -365,7 +365,7 @@ async def test_genes_tab_opens_on_the_key_score_and_overview_leads_with_key_gene
         text = static_text(screen.query_one("#ov-results", Static))
         top_b = kg_store["genes"].dropna(subset=["key_score_b"]).nlargest(3, "key_score_b")["symbol"]
         assert "key genes unfrozen: " + ", ".join(top_b) in text
-        assert "DE overlap (top k by key_score_b): k=10 2 (p 1.2e-03**, matched p 3.6e-03**)" in text
+        assert "DE overlap (top k by key score unfrozen): k=10 2 (p 1.2e-03**, matched p 3.6e-03**)" in text
         assert "warning: unfrozen: rankings that track detection frequency" in text
 
         await show_tab(pilot, "genes")

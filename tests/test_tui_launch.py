@@ -76,7 +76,7 @@ async def test_form_starts_a_detached_run_that_the_list_follows(tmp_path, monkey
     app = make_app(EmptyStore(store_path), config=TuiConfig(utc=True, poll_interval=0.05))
     started = []
     launch = app.launch_run
-    app.launch_run = lambda request: started.append(launch(request)) or started[-1]
+    app.launch_run = lambda request, **kw: started.append(launch(request, **kw)) or started[-1]
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot)
         await pilot.press("N")

@@ -46,7 +46,8 @@ def cells(tmp_path) -> Path:
         },
         index=[f"cell{i}" for i in range(n)],
     )
-    adata = ad.AnnData(X=sp.csr_matrix(rng.poisson(1.0, size=(n, 8)).astype(np.float32)), obs=obs)
+    var = pd.DataFrame(index=[f"ENSG{i:011d}" for i in range(8)])  # Ensembl IDs: the embedded model's genes
+    adata = ad.AnnData(X=sp.csr_matrix(rng.poisson(1.0, size=(n, 8)).astype(np.float32)), obs=obs, var=var)
     path = tmp_path / "data" / "cells.h5ad"
     path.parent.mkdir()
     adata.write_h5ad(path)
@@ -129,7 +130,7 @@ async def test_filter_counts_match_pandas_and_a_filter_keeping_nothing_blocks_st
     kept = obs[obs["stim"] == "IFNB"]["perturbation"].value_counts()
     app = make_app(EmptyStore(tmp_path / "gfattn.db"), poll=False)
     launched = []
-    app.launch_run = lambda request: launched.append(request)
+    app.launch_run = lambda request, **_: launched.append(request)
     async with app.run_test(size=SIZE) as pilot:
         form = await _open_form(app, pilot)
         await _load(form, pilot, cells)
@@ -157,7 +158,7 @@ async def test_groups_are_written_as_a_task_of_a_generated_config(tmp_path, cell
     counts = obs["perturbation"].value_counts()
     app = make_app(EmptyStore(tmp_path / "gfattn.db"), poll=False)
     started: list[RunRequest] = []
-    app.launch_run = lambda request: started.append(request) or _Launched()
+    app.launch_run = lambda request, **_: started.append(request) or _Launched()
     async with app.run_test(size=SIZE) as pilot:
         form = await _open_form(app, pilot)
         await _load(form, pilot, cells)

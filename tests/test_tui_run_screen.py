@@ -61,6 +61,8 @@ async def test_every_tab_of_a_pipeline_run(tui_store):
         overview = screen.query_one(OverviewView)
         assert overview.run["id"] == tui_store.pipeline
         assert screen.query_one("#ov-children", DataTable).row_count == 10
+        screen.query_one("#ov-log-box").collapsed = False  # details are collapsed under the results
+        await settle(pilot)
         assert len(screen.query_one("#ov-log", RichLog).lines) == 14
         assert not screen.query_one("#ov-error").display
 
@@ -252,8 +254,8 @@ async def test_compare_two_runs(tui_store):
         metrics = screen.query_one("#cmp-metrics-table", DataTable)
         rows = [[str(c) for c in metrics.get_row_at(i)] for i in range(metrics.row_count)]
         # the finetune is matched with the pipeline's fine-tuning of the same task/mode
-        assert rows[0][:2] == ["dose/frozen", "accuracy"] and rows[0][4] == "+0.000"
-        assert sum(1 for r in rows if r[1] in ("accuracy", "macro-F1")) == 12
+        assert rows[0][4] == "dose/frozen" and rows[0][0] == "accuracy" and rows[0][3] == "+0.000"
+        assert sum(1 for r in rows if r[0] in ("accuracy", "macro-F1")) == 12
         config = screen.query_one("#cmp-config-table", DataTable)
         keys = {str(config.get_row_at(i)[0]) for i in range(config.row_count)}
         assert {"task", "mode", "run.preset", "train.epochs"} <= keys

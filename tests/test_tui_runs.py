@@ -42,7 +42,7 @@ async def test_runs_list_shows_every_status_and_details(tui_store):
         assert shown_ids(app) == [tui_store.running, tui_store.lost, tui_store.failed, tui_store.pipeline]
         demo = screen.details[tui_store.pipeline]
         assert demo["preset"] == "quick"
-        assert demo["headline"].startswith("dose 0.84")
+        assert demo["headline"].startswith("dose unfrozen F1 0.82")
         table = app.screen.query_one(RunsTable)
         cell = lambda key: str(table.get_cell(str(tui_store.pipeline), key))  # noqa: E731
         assert "demo" in cell("name") and "quick" in cell("preset") and "13m50s" in cell("duration")

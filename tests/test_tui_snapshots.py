@@ -1,4 +1,4 @@
-"""SVG snapshots (pytest-textual-snapshot) at 80x24 and 160x48 of the runs list, a pipeline's Overview,
+"""SVG snapshots (pytest-textual-snapshot) at 80x24 and 120x40 of the runs list, a pipeline's Overview,
 the Genes and Confusion tabs, and Compare of two analyses and of two finetunes; the attention grid at
 100x30. The app's clock is frozen and timestamps are shown in UTC, the store path is relative, and the
 change poll is off, so the pictures depend on nothing but the fixture store.
@@ -16,7 +16,7 @@ from gfattn_tui.widgets.genes import GenesView
 
 from _helpers_tui import copy_store, make_app, settle
 
-SIZES = {"80x24": (80, 24), "160x48": (160, 48)}
+SIZES = {"80x24": (80, 24), "120x40": (120, 40)}
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from textual.widgets import DataTable, Footer, Header, OptionList, Static, Tabbe
 from textual.widgets.option_list import Option
 from textual_plotext import PlotextPlot
 
-from gfattn_tui.format import STATUS_MARKS, fmt_num, fmt_p
+from gfattn_tui.format import STATUS_MARKS, fmt_num, fmt_p, model_label
 from gfattn_tui.messages import Loaded
 from gfattn_tui.results import ordered_confusion
 from gfattn_tui.widgets.confusion_matrix import ConfusionMatrix
@@ -112,7 +112,21 @@ def read_compare(st, a: int, b: int) -> dict:
     analyses = pair_units(side_a, side_b, kind_a, kind_b, "analyses")
     genes = {label: _key_genes(st, ua, ub) for label, ua, ub in analyses if ua is not None and ub is not None}
     diff = R.config_differences(R.run_config(side_a["run"]), R.run_config(side_b["run"]))
-    return {"a": side_a, "b": side_b, "finetunes": finetunes, "analyses": analyses, "genes": genes, "config_diff": diff}
+    out = {"a": side_a, "b": side_b, "finetunes": finetunes, "analyses": analyses, "genes": genes, "config_diff": diff}
+    out["refused"] = refusal(side_a["run"], side_b["run"], finetunes, analyses)
+    return out
+
+
+def refusal(run_a: dict, run_b: dict, finetunes: list, analyses: list) -> str:
+    """Why two runs cannot be compared ("" when they can): nothing of one is matched on the other."""
+    matched = [u for u in [*finetunes, *analyses] if u[1] is not None and u[2] is not None]
+    if matched or not (finetunes or analyses):
+        return ""
+    kinds = f"run {run_a['id']} is a {run_a.get('kind')} run, run {run_b['id']} a {run_b.get('kind')} run"
+    return (
+        f"nothing to compare: {kinds}, and no fine-tuning or analysis of one is matched on the other; "
+        "compare two fine-tunings, two analyses (an analysis holds its two models side by side), or two pipelines"
+    )
 
 
 def _delta_text(a: float | None, b: float | None, *, digits: int = 3) -> Text:
@@ -194,6 +208,7 @@ class CompareScreen(StoreBacked, Screen):
 
     def on_loaded(self, message: Loaded) -> None:
         data = self.data = message.data
+        first = self.data is not None and not self.query_one("#cmp-metrics-table", DataTable).row_count
         self._show_title(data)
         self._show_metrics(data)
         self._show_config(data)
@@ -202,6 +217,10 @@ class CompareScreen(StoreBacked, Screen):
         self._show_rank_list(data)
         self._show_genes(data)
         self._show_confusions(data)
+        if first:  # the table has the keys (left / right scroll it), not the tab bar
+            self.query_one("#cmp-metrics-table", DataTable).focus()
+        if data.get("refused"):
+            self.app.notify(data["refused"], title="Compare", severity="warning", timeout=10)
 
     # sections ------------------------------------------------------------------------------------
     def _show_title(self, data: dict) -> None:
@@ -218,33 +237,41 @@ class CompareScreen(StoreBacked, Screen):
     def _show_metrics(self, data: dict) -> None:
         table = self.query_one("#cmp-metrics-table", DataTable)
         table.clear(columns=True)
-        table.add_column("what", key="key")
+        # A, B and B - A first: they stay on screen at 80 columns; what the row belongs to comes last
         table.add_column("metric", key="metric")
         table.add_column(Text("A", justify="right"), key="a")
         table.add_column(Text("B", justify="right"), key="b")
         table.add_column(Text("B − A", justify="right"), key="d")
+        table.add_column("of", key="key")
+
+        def add_row(label, name, va, vb, delta) -> None:
+            table.add_row(name, va, vb, delta, label)
+
+        if data.get("refused"):
+            add_row("", Text(data["refused"], style="yellow"), "", "", "")
+            return
         for label, fa, fb in data["finetunes"]:
             for metric, name in ((R.METRIC_ACCURACY, "accuracy"), (R.METRIC_MACRO_F1, "macro-F1")):
                 va = getattr(fa, "accuracy" if metric == R.METRIC_ACCURACY else "macro_f1", None) if fa else None
                 vb = getattr(fb, "accuracy" if metric == R.METRIC_ACCURACY else "macro_f1", None) if fb else None
-                table.add_row(label, name, _num(va), _num(vb), _delta_text(va, vb))
+                add_row(label, name, _num(va), _num(vb), _delta_text(va, vb))
             ea, eb = getattr(fa, "best_epoch", None), getattr(fb, "best_epoch", None)
-            table.add_row(label, "best epoch", _num(ea), _num(eb), _delta_text(ea, eb, digits=0))
+            add_row(label, "best epoch", _num(ea), _num(eb), _delta_text(ea, eb, digits=0))
         for label, ua, ub in data["analyses"]:
             ha = ua["head"] if ua else None
             hb = ub["head"] if ub else None
             ca, cb = getattr(ha, "cosine_mean", None), getattr(hb, "cosine_mean", None)
-            table.add_row(label, "mean cosine", _num(ca), _num(cb), _delta_text(ca, cb))
+            add_row(label, "mean cosine", _num(ca), _num(cb), _delta_text(ca, cb))
             layers = max(len(getattr(ha, "cosine_per_layer", []) or []), len(getattr(hb, "cosine_per_layer", []) or []))
             for layer in range(layers):
                 la = _at(getattr(ha, "cosine_per_layer", None), layer)
                 lb = _at(getattr(hb, "cosine_per_layer", None), layer)
-                table.add_row(label, f"cosine layer {layer}", _num(la), _num(lb), _delta_text(la, lb))
+                add_row(label, f"cosine layer {layer}", _num(la), _num(lb), _delta_text(la, lb))
             da = {r.get("k"): r for r in getattr(ha, "de_overlap", []) or []}
             db = {r.get("k"): r for r in getattr(hb, "de_overlap", []) or []}
             for k in sorted({*da, *db}, key=lambda v: float(v or 0)):
                 ra, rb = da.get(k, {}), db.get(k, {})
-                table.add_row(
+                add_row(
                     label,
                     f"DE overlap k={k}",
                     Text(_overlap(ra), justify="right"),
@@ -252,7 +279,7 @@ class CompareScreen(StoreBacked, Screen):
                     _delta_text(ra.get("overlap"), rb.get("overlap"), digits=0),
                 )
         if not data["finetunes"] and not data["analyses"]:
-            table.add_row("—", "no fine-tuning or analysis results in either run", "", "", "")
+            add_row("", "no fine-tuning or analysis results in either run", "", "", "")
 
     def _show_config(self, data: dict) -> None:
         table = self.query_one("#cmp-config-table", DataTable)
@@ -271,10 +298,11 @@ class CompareScreen(StoreBacked, Screen):
             if ua is None or ub is None:
                 continue
             ga, gb = ua["pair"].grids, ub["pair"].grids
+            models = getattr(ua.get("head"), "models", None)
             for name in ga:
                 if name in gb:
                     key = f"{label} · {name}"
-                    self.grids[key] = (label, name, ga[name].values, gb[name].values)
+                    self.grids[key] = (label, model_label(name, models), ga[name].values, gb[name].values)
         keys = list(self.grids)
         options = self.query_one("#cmp-grid-list", OptionList)
         with options.prevent(OptionList.OptionHighlighted):
@@ -302,7 +330,7 @@ class CompareScreen(StoreBacked, Screen):
                 f"shapes differ: A {a.shape}, B {b.shape}; the models are not comparable head by head"
             )
             return
-        grid.show(f"{name} (B − A)", b - a)
+        grid.show(f"{name}: run B − run A", b - a)
         self._describe_grid_cell()
 
     def _describe_grid_cell(self) -> None:
@@ -318,7 +346,8 @@ class CompareScreen(StoreBacked, Screen):
         b = float(np.asarray(vb, dtype=float)[layer, head])
         d = b - a if math.isfinite(a) and math.isfinite(b) else float("nan")
         self.query_one("#cmp-grid-info", Static).update(
-            f"{name}  layer {layer} head {head}:  A {a:.4f}   B {b:.4f}   B − A {d:+.4f}"
+            f"{name}, each cell run B's value minus run A's (rows: layers, columns: heads)\n"
+            f"layer {layer} head {head}:  A {a:.4f}   B {b:.4f}   B − A {d:+.4f}"
         )
 
     def _show_curve_list(self, data: dict) -> None:

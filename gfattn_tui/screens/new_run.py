@@ -35,6 +35,7 @@ from gfattn_tui.run_design import (
     filter_flags,
     form_config_path,
     form_config_text,
+    input_problems,
     parse_assignments,
     preset_task_columns,
     suggest_path,
@@ -92,11 +93,18 @@ class NewRunScreen(Screen[int | None]):
         Binding("escape", "cancel", "Cancel", id="new_run.cancel"),
     ]
 
-    def __init__(self, *, preset: str | None = None) -> None:
+    def __init__(self, *, preset: str | None = None, state: dict | None = None, error: str = "") -> None:
         super().__init__()
         self.presets = available_presets()
         fallback = "default" if "default" in self.presets else next(iter(self.presets))
+        state = dict(state or {})
+        preset = state.get("preset", preset)
         self.initial_preset = preset if preset in self.presets else fallback
+        self.state = state  # a form to fill in again (a launch that failed), restored on mount
+        self.launch_error = error  # why that launch failed: its last log line
+        self._pending_design: dict | None = None  # label column and classes, applied once the obs is read
+        self.input_problems: list[str] = []  # the pipeline's own checks of data, model and dictionaries
+        self._inputs_checked: tuple | None = None
         self.obs = None  # the data's obs table, once read
         self.obs_columns: dict[str, dict] = {}  # column -> its `gfattn inspect` description
         self.obs_source: tuple[str, str] | None = None  # (kind, path) read or being read
@@ -111,6 +119,12 @@ class NewRunScreen(Screen[int | None]):
         yield Header()
         with VerticalScroll(id="new-run-form"):
             yield Label("New pipeline run", classes="section")
+            yield Static(
+                f"the last run started from this form failed: {self.launch_error}",
+                id="nr-launch-error",
+                classes="error-box",
+                markup=False,
+            )
             with Horizontal(classes="form-row"):
                 yield Label("preset", classes="form-label")
                 yield Select(
@@ -154,6 +168,7 @@ class NewRunScreen(Screen[int | None]):
             with Horizontal(classes="form-row"):
                 yield Label("filter", classes="form-label")
                 yield Input(placeholder="keep cells: COL=V1,V2; COL2=V3 (* wildcards)", id="nr-filter", compact=True)
+            yield Static("", id="nr-input-problems", classes="error-text", markup=False)
             yield Static("", id="nr-sizes", markup=False)
             yield Static("", id="nr-design-problems", classes="error-text", markup=False)
             yield Label("command", classes="section")
@@ -165,8 +180,38 @@ class NewRunScreen(Screen[int | None]):
         yield Footer()
 
     def on_mount(self) -> None:
+        self.query_one("#nr-launch-error").display = bool(self.launch_error)
         self.query_one("#nr-preset", Select).focus()
+        if self.state:
+            self._restore(self.state)
         self._refresh_command()
+
+    def form_state(self) -> dict:
+        """What the form holds, to fill it in again (`NewRunScreen(state=...)`) after a failed launch."""
+        preset = self.query_one("#nr-preset", Select).value
+        device = self.query_one("#nr-device", Select).value
+        state: dict = {key: self._text(key) for key, _, _ in FIELDS}
+        state.update(
+            preset=preset if isinstance(preset, str) else self.initial_preset,
+            device=device if isinstance(device, str) else "auto",
+            label_column=self.label_column(),
+            classes=list(self.picked),
+            groups=self._text("groups"),
+            filter=self._text("filter"),
+        )
+        return state
+
+    def _restore(self, state: dict) -> None:
+        for key, _, _ in FIELDS:
+            if state.get(key):
+                self.query_one(f"#nr-{key}", Input).value = str(state[key])
+        for key in ("groups", "filter"):
+            if state.get(key):
+                self.query_one(f"#nr-{key}", Input).value = str(state[key])
+        if state.get("device") in DEVICES:
+            self.query_one("#nr-device", Select).value = state["device"]
+        if state.get("label_column"):
+            self._pending_design = {"column": state["label_column"], "classes": list(state.get("classes") or ())}
 
     # the form's state --------------------------------------------------------------------------------
     def _text(self, key: str) -> str:
@@ -253,7 +298,38 @@ class NewRunScreen(Screen[int | None]):
         shown = ["gfattn", *argv[3:]]
         self.query_one("#nr-command", Static).update(" ".join(shlex.quote(a) for a in shown))
 
+    def _check_inputs(self) -> None:
+        """Run the pipeline's checks of data, model and dictionaries again when one of them changed."""
+        preset = self.query_one("#nr-preset", Select).value
+        key = (
+            preset if isinstance(preset, str) else self.initial_preset,
+            self._text("data"),
+            self._text("model"),
+            self._text("geneformer_dir"),
+            self._text("config"),
+        )
+        if key == self._inputs_checked:
+            return
+        self._inputs_checked = key
+        self.input_problems = ["checking the data, model and dictionaries as the pipeline will ..."]
+        self._run_input_checks(key)
+
+    @work(thread=True, exclusive=True, group="new-run-inputs")
+    def _run_input_checks(self, key: tuple) -> None:
+        worker = get_current_worker()
+        problems = input_problems(*key)
+        if not worker.is_cancelled:
+            self.app.call_from_thread(self._inputs_ready, key, problems)
+
+    def _inputs_ready(self, key: tuple, problems: list[str]) -> None:
+        if key != self._inputs_checked:
+            return
+        self.input_problems = problems
+        self.query_one("#nr-input-problems", Static).update("\n".join(problems))
+
     def _refresh_design(self) -> None:
+        self._check_inputs()
+        self.query_one("#nr-input-problems", Static).update("\n".join(self.input_problems))
         design, _ = self.design()
         if self.obs is not None:
             self.sizes = class_sizes(self.obs, design, cache=self._rows_cache)
@@ -342,8 +418,12 @@ class NewRunScreen(Screen[int | None]):
             f"{len(obs):,} cells, {len(columns)} obs columns: choose the label column, then pick its classes"
         )
         self.query_one("#nr-label-column", Select).set_options(
-            [(Text(f"{c['name']} ({c['n_values']:,} values)"), c["name"]) for c in columns]
+            [(Text(f"{c['name']} ({_count(c['n_values'], 'value')})"), c["name"]) for c in columns]
         )
+        pending, self._pending_design = self._pending_design, None
+        if pending and pending["column"] in self.obs_columns:
+            self._pending_design = pending  # its classes are picked once the column's values are listed
+            self.query_one("#nr-label-column", Select).value = pending["column"]
         self._refresh_design()
 
     def _fill_values(self) -> None:
@@ -376,6 +456,12 @@ class NewRunScreen(Screen[int | None]):
             self.query_one("#nr-preset-help", Static).update(self.presets.get(event.value, ""))
         if event.select.id == "nr-label-column":
             self._fill_values()
+            pending = self._pending_design
+            if pending and self.obs is not None and pending["column"] == self.label_column():
+                self._pending_design = None
+                for value in pending["classes"]:
+                    if value in self.obs_columns[pending["column"]].get("values", {}):
+                        self.toggle_class(value)
         self._refresh_design()
 
     @on(Input.Changed)
@@ -402,13 +488,13 @@ class NewRunScreen(Screen[int | None]):
 
     def action_start(self) -> None:
         request = self.request()
-        problems = request.validate() + self.design_problems()
+        problems = request.validate() + self.input_problems + self.design_problems()
         self.query_one("#nr-problems", Static).update("\n".join(problems))
         if problems:
             self.app.notify(problems[0], title="Cannot start", severity="warning")
             return
         try:
-            launched = self.app.launch_run(request)
+            launched = self.app.launch_run(request, form=self.form_state())
         except OSError as exc:
             self.app.report_error(exc, where="start run")
             return
@@ -416,3 +502,8 @@ class NewRunScreen(Screen[int | None]):
 
     def action_cancel(self) -> None:
         self.dismiss(None)
+
+
+def _count(n: int, word: str) -> str:
+    """ "1 value", "2,304 values"."""
+    return f"{n:,} {word}" + ("" if n == 1 else "s")

@@ -21,7 +21,7 @@ from textual.widgets import Footer, Header, Static, TabbedContent, TabPane
 
 from gfattn_tui.format import STATUS_MARKS, fmt_duration, fmt_time, run_duration
 from gfattn_tui.messages import Loaded
-from gfattn_tui.screens.run_actions import RunActions
+from gfattn_tui.screens.run_actions import RESUMABLE, RunActions
 from gfattn_tui.widgets.attention import AttentionView
 from gfattn_tui.widgets.confusion import ConfusionView
 from gfattn_tui.widgets.data_view import DataView
@@ -67,7 +67,7 @@ class RunScreen(RunActions, Screen):
         Binding("k", "stop", "Stop", id="run.stop"),
         Binding("R", "resume", "Resume", id="run.resume"),
         Binding("e", "export", "Export", id="run.export"),
-        Binding("p", "plot", "Figures", id="run.plot"),
+        Binding("p", "plot", "Figures", show=False, id="run.plot"),
         Binding("q", "app.quit", "Quit", id="run.quit"),
         *[
             Binding(str(i + 1), f"show_tab('{key}')", title, show=False, id=f"run.tab_{key}")
@@ -119,12 +119,18 @@ class RunScreen(RunActions, Screen):
         tabs.active = first
         self._ready = True
         self.load_title()
-        await self.show_view(first)
+        await self.show_view(first, focus=True)  # the tab takes the keys at once (PageDown scrolls)
 
     def check_action(self, action: str, parameters: tuple) -> bool | None:
         if action == "show_tab" and parameters and parameters[0] not in self.tab_keys:
             return False
-        return True
+        # stop and resume only where they apply, so the footer keeps room for the tab's own keys
+        status = (self.run or {}).get("status")
+        if action == "stop" and status != "running":
+            return False
+        if action == "resume" and (status not in RESUMABLE or (self.run or {}).get("kind") != R.KIND_PIPELINE):
+            return False
+        return super().check_action(action, parameters)
 
     def views(self) -> list:
         return [view for key, _, _ in TABS for view in self.query(f"#view-{key}")]
@@ -187,6 +193,7 @@ class RunScreen(RunActions, Screen):
             text.append("  tags " + ", ".join(run["tags"]), style="italic")
         self.query_one("#run-title", Static).update(text)
         self.sub_title = f"run {run['id']} {run.get('name', '')}"
+        self.refresh_bindings()
 
     # actions -------------------------------------------------------------------------------------
     def action_back(self) -> None:

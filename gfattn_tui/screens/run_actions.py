@@ -22,9 +22,35 @@ from gfattn_tui.screens.confirm import ConfirmScreen
 from gfattn_tui.screens.prompt import PromptScreen
 from gfattn_tui.widgets.store_view import StoreBacked
 
+# screen actions that write the store or act on runs: greyed in the footer, and refused with a notice,
+# over a read-only store
+READ_ONLY_REFUSED = {
+    "new_run": "launching runs",
+    "stop": "stopping runs",
+    "tag": "tagging",
+    "note": "notes",
+    "delete": "deleting runs",
+    "resume": "resuming runs",
+}
+
 
 class RunActions(StoreBacked):
     """Mixin for screens; needs `post_message`, `app` and `push_screen` from `Screen`."""
+
+    def check_action(self, action: str, parameters: tuple) -> bool | None:
+        """Keys that need a writable store are greyed (disabled) over a read-only one."""
+        if action in READ_ONLY_REFUSED and getattr(self.app, "read_only", False):
+            return None
+        return True
+
+    def on_key(self, event) -> None:
+        """A greyed write key still says why it does nothing."""
+        if not getattr(self.app, "read_only", False):
+            return
+        active = self.active_bindings.get(event.key)  # type: ignore[attr-defined]
+        if active is not None and not active.enabled and active.binding.action in READ_ONLY_REFUSED:
+            event.stop()
+            self.app._refuse_read_only(READ_ONLY_REFUSED[active.binding.action])
 
     @work(thread=True, exit_on_error=False, group="store-write", name="store write")
     def write_store(self, fn: Callable, summary: str) -> None:
@@ -156,7 +182,10 @@ class RunActions(StoreBacked):
                 return
             self.app.start_export(rid, fmt, folder.strip() or out)
 
-        hint = f"FORMAT [FOLDER]; formats {', '.join(EXPORT_FORMATS)}; every table of the run and its children"
+        hint = (
+            f"FORMAT [FOLDER]; formats {', '.join(EXPORT_FORMATS)}; every table of the run and its children; "
+            "the folder is under the current folder unless you give another"
+        )
         self.app.push_screen(PromptScreen(f"Export run {rid}", value=f"csv {out}", hint=hint), done)
 
     def ask_plot(self, run: dict) -> None:
@@ -168,7 +197,7 @@ class RunActions(StoreBacked):
             if text is not None:
                 self.app.start_plot(rid, text.strip() or out)
 
-        hint = "the thesis's figures of this run, drawn by `gfattn plot`"
+        hint = "the thesis's figures of this run, drawn by `gfattn plot`, into a folder under the current folder"
         self.app.push_screen(PromptScreen(f"Figures of run {rid} into", value=str(out), hint=hint), done)
 
 

@@ -38,7 +38,7 @@ class RunsScreen(RunActions, Screen):
         Binding("c", "compare", "Compare", id="runs.compare"),
         Binding("k", "stop", "Stop", id="runs.stop"),
         Binding("s", "cycle_sort", "Sort", id="runs.sort"),
-        Binding("slash", "search", "Search", id="runs.search"),
+        Binding("slash", "search", "Search", show=False, id="runs.search"),  # the search box says it
         Binding("q", "app.quit", "Quit", id="app.quit"),
         Binding("R", "resume", "Resume", show=False, id="runs.resume"),
         Binding("e", "export", "Export", show=False, id="runs.export"),
@@ -142,10 +142,13 @@ class RunsScreen(RunActions, Screen):
             if self.sort_key == "id":
                 return int(r["id"])
             if self.sort_key == "metric":
-                value = self.details.get(int(r["id"]), {}).get("metric")
-                # runs without the metric sort last in both directions
-                missing = value is None
-                return (not missing if self.sort_reverse else missing, value if value is not None else 0.0)
+                metric = self.details.get(int(r["id"]), {}).get("metric")
+                # runs without the metric sort last in both directions; tasks stay together (in task
+                # order), the metric sorts within each task
+                if metric is None:
+                    return (not self.sort_reverse, "", 0.0)
+                task, value = metric
+                return (self.sort_reverse, _reversed_text(task) if self.sort_reverse else task, value)
             return (as_epoch(r.get("created")) or 0.0, int(r["id"]))
 
         ordered = sorted(runs, key=key, reverse=self.sort_reverse)
@@ -251,14 +254,7 @@ class RunsScreen(RunActions, Screen):
         self.post_message(OpenRun(int(run["id"])))
 
     def action_new_run(self) -> None:
-        from gfattn_tui.screens.new_run import NewRunScreen
-
-        def started(pid: int | None) -> None:
-            if pid:
-                self.follow_pid = pid
-                self.load_runs()
-
-        self.app.push_screen(NewRunScreen(), started)
+        self.app.open_new_run()
 
     def action_mark(self) -> None:
         run = self.current_run()
@@ -363,6 +359,11 @@ class RunsScreen(RunActions, Screen):
         tags = run.get("tags") or ()
         parts = (run.get("name"), run.get("kind"), info.get("preset"), run.get("note"), *tags, run.get("id"))
         return " ".join(str(x) for x in parts if x).lower()
+
+
+def _reversed_text(text: str) -> tuple:
+    """A key that sorts text backwards, so a reversed sort still lists the tasks in order."""
+    return tuple(-ord(c) for c in str(text)) + (0,)
 
 
 def _details(st, runs: list[dict]) -> dict[int, dict]:

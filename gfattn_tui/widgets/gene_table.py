@@ -8,12 +8,20 @@ import math
 from rich.text import Text
 from textual.widgets import DataTable
 
+from gfattn_tui.format import model_label
 from store.results import COL_IN_REFERENCE_SET
 
 FLAG_COLUMNS = (COL_IN_REFERENCE_SET,)
 
 
-def gene_cell(column: str, value) -> Text | str:
+def column_scientific(values) -> bool:
+    """One number format per column: scientific for a column whose values are all tiny (or all huge),
+    else fixed decimals for every row (never "+1.6e-05" beside "+0.0001")."""
+    sizes = [abs(v) for v in values if isinstance(v, float) and math.isfinite(v) and v != 0]
+    return bool(sizes) and (max(sizes) < 1e-3 or min(sizes) >= 1e6)
+
+
+def gene_cell(column: str, value, scientific: bool | None = None) -> Text | str:
     if value is None:
         return Text("—", style="dim", justify="right")
     if column in FLAG_COLUMNS:
@@ -25,6 +33,8 @@ def gene_cell(column: str, value) -> Text | str:
     if isinstance(value, float):
         if not math.isfinite(value):
             return Text(str(value), justify="right")
+        if scientific is not None:
+            return Text(f"{value:.3e}" if scientific else f"{value:.4f}", justify="right")
         if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e6):
             return Text(f"{value:.3e}", justify="right")
         return Text(f"{value:.4f}", justify="right")
@@ -36,6 +46,7 @@ class GeneTable(DataTable):
         super().__init__(cursor_type="cell", zebra_stripes=True, fixed_columns=2, **kwargs)
         self.columns_shown: list[str] = []
         self.rows_shown: list[dict] = []
+        self.models: tuple[str, str] | None = None  # the compared models, to name `_a` / `_b` columns
         self._sort_marks: tuple = (None, True)
 
     def show(
@@ -58,15 +69,17 @@ class GeneTable(DataTable):
             self.add_column(Text("rank", style="dim"), key="_n")
             for col in columns:
                 mark = (" ↓" if descending else " ↑") if col == order_by else ""
-                self.add_column(Text(col + mark, style="bold" if mark else ""), key=col)
+                label = model_label(col, self.models) if self.models else col
+                self.add_column(Text(label + mark, style="bold" if mark else ""), key=col)
         else:
             self.clear(columns=False)
         self.rows_shown = rows
+        formats = {col: column_scientific([row.get(col) for row in rows]) for col in columns}
         for i, row in enumerate(rows):
             rank = (ranks or {}).get(row.get("ensembl_id")) if ranks else offset + i + 1
             self.add_row(
                 Text("—" if rank is None else str(rank), style="dim", justify="right"),
-                *[gene_cell(col, row.get(col)) for col in columns],
+                *[gene_cell(col, row.get(col), formats[col]) for col in columns],
                 key=f"{offset + i}:{row.get('ensembl_id')}",
             )
         if rows:

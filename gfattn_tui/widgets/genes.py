@@ -15,6 +15,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Input, Label, Select, Static
 
+from gfattn_tui.format import model_label
 from gfattn_tui.gene_filter import FilterError, parse_gene_filter
 from gfattn_tui.messages import Loaded
 from gfattn_tui.widgets.analysis_picker import AnalysisPicker
@@ -108,6 +109,8 @@ def read_gene_page(st, run_id: int, q: dict) -> dict:
     if chosen is None:
         return out
     tables = next(a["tables"] for a in with_tables if a["id"] == chosen)
+    chosen_run = R.full_run(st, chosen)
+    out["models"] = R.compared_models(chosen_run) if chosen_run.get("kind") == R.KIND_ANALYSIS else None
     table = q["table"] if q["table"] in tables else (R.TABLE_GENES if R.TABLE_GENES in tables else tables[0])
     columns = st.gene_table_columns(chosen, table)
     order_by = q["order_by"] if q["order_by"] in columns else next((c for c in DEFAULT_SORT if c in columns), None)
@@ -140,10 +143,10 @@ class GenesView(RunView, Vertical):
     BINDINGS = [
         Binding("slash", "focus_search", "Search", id="genes.search"),
         Binding("f", "focus_filter", "Filter", id="genes.filter"),
-        Binding("o", "sort_column", "Sort by column", id="genes.sort"),
+        Binding("o", "sort_column", "Sort", id="genes.sort"),
         Binding("O", "reverse_sort", "Reverse", show=False, id="genes.sort_reverse"),
-        Binding("right_square_bracket", "page(1)", "Next page", id="genes.next_page"),
-        Binding("left_square_bracket", "page(-1)", "Prev page", id="genes.prev_page"),
+        Binding("right_square_bracket", "page(1)", "Next page", show=False, id="genes.next_page"),
+        Binding("left_square_bracket", "page(-1)", "Prev page", show=False, id="genes.prev_page"),
         Binding("right_curly_bracket", "last_page", "Last page", show=False, id="genes.last_page"),
         Binding("left_curly_bracket", "first_page", "First page", show=False, id="genes.first_page"),
     ]
@@ -230,6 +233,9 @@ class GenesView(RunView, Vertical):
         self.order_by, self.row_offset, self.count = data["order_by"], data["offset"], data["count"]
         self.query_one("#genes-filter", Input).placeholder = filter_example(data["columns"])
         table = self.query_one(GeneTable)
+        if table.models != data.get("models"):
+            table.models = data.get("models")
+            table.columns_shown = []  # the headers are named again
         table.show(data["columns"], data["rows"], self.order_by, self.descending, self.row_offset, ranks=data["ranks"])
         self._update_status()
 
@@ -244,7 +250,8 @@ class GenesView(RunView, Vertical):
             f"page {self.row_offset // size + 1}/{pages}",
         ]
         if self.order_by:
-            parts.append(f"sorted by {self.order_by} {arrow}")
+            models = self.query_one(GeneTable).models
+            parts.append(f"sorted by {model_label(self.order_by, models) if models else self.order_by} {arrow}")
         if self.search:
             parts.append(f"search {self.search!r}")
         if self.where:

@@ -27,7 +27,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import DataTable, Label, Select, Static
 from textual_plotext import PlotextPlot
 
-from gfattn_tui.format import fmt_num, fmt_p
+from gfattn_tui.format import fmt_num, fmt_p_resolved
 from gfattn_tui.messages import Loaded
 from gfattn_tui.results import run_choices
 from gfattn_tui.widgets.analysis_picker import AnalysisPicker
@@ -67,7 +67,43 @@ def read_keygenes(st, run_id: int, analysis_id: int | None, suffix: str | None) 
         sanity=R.read_sanity(st, chosen, model),
         key_genes=R.read_key_genes(st, chosen),
     )
+    out["ranked_by"], out["ranked"] = ranked_genes(st, chosen, suffix, out["deletion"])
     return out
+
+
+RANKED_N = 50  # genes in the ranked key-gene table
+
+
+def ranked_genes(st, run_id: int, suffix: str, deletion: R.Deletion | None, n: int = RANKED_N):
+    """The model's top `n` genes by its key score (else by attention received), each with its attention,
+    the cells expressing it and its single-gene deletion effect where the run deleted it."""
+    if R.TABLE_GENES not in st.gene_tables(run_id):
+        return None, []
+    columns = st.gene_table_columns(run_id, R.TABLE_GENES)
+    by = next((c for c in (R.col_key_score(suffix), R.col_attn(suffix)) if c in columns), None)
+    if by is None:
+        return None, []
+    rows = st.gene_table(run_id, R.TABLE_GENES, order_by=by, descending=True, limit=n, where={by: ("is not", None)})
+    effects: dict[str, dict] = {}
+    if deletion is not None and deletion.single is not None and len(deletion.single):
+        for row in deletion.single.to_dict("records"):
+            effects[str(row.get(R.COL_ENSEMBL_ID))] = row
+    out = []
+    for rank, row in enumerate(rows, 1):
+        effect = effects.get(str(row.get(R.COL_ENSEMBL_ID))) or {}
+        out.append(
+            {
+                "rank": rank,
+                R.COL_SYMBOL: row.get(R.COL_SYMBOL) or row.get(R.COL_ENSEMBL_ID),
+                "score": row.get(by),
+                "attn": row.get(R.col_attn(suffix)),
+                R.COL_N_CELLS: row.get(R.COL_N_CELLS),
+                R.DEL_LOGIT: effect.get(R.DEL_LOGIT, row.get(R.col_deletion_logit(suffix))),
+                R.DEL_LOGIT_LOW: effect.get(R.DEL_LOGIT_LOW),
+                R.DEL_LOGIT_HIGH: effect.get(R.DEL_LOGIT_HIGH),
+            }
+        )
+    return by, out
 
 
 # ------------------------------------------------------------------------------------------ formatting
@@ -80,12 +116,10 @@ def _finite(value: Any) -> float | None:
 
 
 def fmt_delta(value: Any) -> str:
-    """A signed change: "+0.0123", tiny ones in scientific notation ("-7.1e-07"), missing "—"."""
+    """A signed change with four decimals ("+0.0123"; one format for the whole column), missing "—"."""
     f = _finite(value)
     if f is None:
         return "—"
-    if f != 0 and abs(f) < 1e-4:
-        return f"{f:+.1e}"
     return f"{f:+.4f}"
 
 
@@ -141,9 +175,39 @@ SET_COLUMNS = [
         lambda r: Text(fmt_interval(r.get(R.DEL_RANDOM_LOW), r.get(R.DEL_RANDOM_HIGH)), justify="right"),
         ascending_first=True,
     ),
-    Column(R.DEL_P, "p", _num(fmt_p, R.DEL_P), ascending_first=True),
+    Column(R.DEL_P, "p", lambda r: Text(_deletion_p(r), justify="right"), ascending_first=True),
     Column(R.DEL_ACCURACY_AFTER, "acc after", _num(lambda v: fmt_num(_finite(v)), R.DEL_ACCURACY_AFTER)),
 ]
+
+
+def _deletion_p(row: dict) -> str:
+    """The empirical p, "<= 0.048" at its floor 1/(random sets + 1); stars only on q where stored."""
+    return fmt_p_resolved(
+        row.get(R.DEL_P), floor=row.get("p_floor", row.get("_floor")), at_floor=row.get("at_floor"), q=row.get("q")
+    )
+
+
+RANKED_COLUMNS = [
+    Column("rank", "#", _num(lambda v: fmt_num(v, 0) if _finite(v) is not None else "—", "rank"), True),
+    Column(R.COL_SYMBOL, "gene", lambda r: str(r.get(R.COL_SYMBOL) or ""), ascending_first=True),
+    Column("score", "key score", _num(lambda v: fmt_fixed(v, 4), "score")),
+    Column("attn", "attention", _num(lambda v: fmt_fixed(v, 4), "attn")),
+    Column(R.COL_N_CELLS, "cells", _num(lambda v: fmt_num(int(v)) if _finite(v) is not None else "—", R.COL_N_CELLS)),
+    Column(R.DEL_LOGIT, "Δlogit", _num(fmt_delta, R.DEL_LOGIT), ascending_first=True),
+    Column(
+        R.DEL_LOGIT_LOW,
+        "95% CI",
+        lambda r: Text(fmt_interval(r.get(R.DEL_LOGIT_LOW), r.get(R.DEL_LOGIT_HIGH)), justify="right"),
+        ascending_first=True,
+    ),
+]
+
+
+def fmt_fixed(value: Any, digits: int = 4) -> str:
+    """One format for a whole column: fixed decimals ("0.0123"), never a switch to scientific notation."""
+    f = _finite(value)
+    return "—" if f is None else f"{f:.{digits}f}"
+
 
 SINGLE_COLUMNS = [
     Column(R.COL_SYMBOL, "symbol", lambda r: str(r.get(R.COL_SYMBOL) or r.get(R.COL_ENSEMBL_ID) or ""), True),
@@ -167,7 +231,7 @@ class SortableTable(DataTable):
     """A table of a few hundred rows held in memory, sorted by a column on header click or `o`."""
 
     BINDINGS = [
-        Binding("o", "sort_column", "Sort by column", id="keygenes.sort"),
+        Binding("o", "sort_column", "Sort", id="keygenes.sort"),
         Binding("O", "reverse_sort", "Reverse", show=False, id="keygenes.sort_reverse"),
     ]
 
@@ -256,6 +320,28 @@ def frequency_line(deletion: R.Deletion | None, key_genes: dict | None, key_scor
     return line
 
 
+RICH_COLORS = {
+    "blue+": "bright_blue",
+    "red+": "bright_red",
+    "green+": "bright_green",
+    "magenta+": "bright_magenta",
+    "cyan+": "bright_cyan",
+    "orange": "dark_orange",
+    "yellow+": "bright_yellow",
+    "white": "white",
+}
+
+
+def legend(scores: list[str]) -> Text:
+    """The plot's legend as a line under it (plotext draws its own over the curves)."""
+    text = Text("  ")
+    for i, score in enumerate(scores):
+        color = SCORE_COLORS[i % len(SCORE_COLORS)]
+        text.append("━━ ", style=RICH_COLORS.get(color, "white"))
+        text.append(f"{score}   ")
+    return text
+
+
 def _densify(x: list[float], y: list[float], n: int = BAND_POINTS) -> tuple[list[float], list[float]]:
     """Points along the polyline through (x, y), for a dotted line."""
     if len(x) < 2:
@@ -283,6 +369,8 @@ class KeyGenesView(RunView, Vertical):
             yield Select([], id="kg-model", compact=True, allow_blank=True, prompt="model")
         with VerticalScroll(id="kg-body"):
             yield Static("", id="kg-head")
+            yield Label("Key genes", classes="section", id="kg-ranked-title")
+            yield SortableTable(RANKED_COLUMNS, id="kg-ranked")
             yield Label("Set deletion: change of the true-class probability", classes="section")
             yield Static("", id="kg-del-msg", classes="hint")
             with Vertical(id="kg-del"):
@@ -290,6 +378,7 @@ class KeyGenesView(RunView, Vertical):
                     yield Label("matched random band of ", classes="hint")
                     yield Select([], id="kg-band", compact=True, allow_blank=True, prompt="score")
                 yield PlotextPlot(id="kg-curves", classes="plot")
+                yield Static("", id="kg-curves-legend")
                 yield SortableTable(SET_COLUMNS, id="kg-sets")
                 yield Label("Single-gene deletion: change of the true-class logit", classes="section")
                 yield SortableTable(SINGLE_COLUMNS, sort=(R.DEL_LOGIT, False), id="kg-single")
@@ -297,6 +386,7 @@ class KeyGenesView(RunView, Vertical):
             yield Static("", id="kg-sanity-msg", classes="hint")
             with Vertical(id="kg-sanity"):
                 yield PlotextPlot(id="kg-cascade", classes="plot")
+                yield Static("", id="kg-cascade-legend")
                 yield Static("", id="kg-flagged")
         yield Static("No analysis runs (yet) under this run.", id="kg-empty", classes="empty")
 
@@ -337,6 +427,7 @@ class KeyGenesView(RunView, Vertical):
             picker.set_options([(name, s) for s, name in data["models"].items()])
             picker.value = data["suffix"]
         self._show_head(data)
+        self._show_ranked(data)
         self._show_deletion(data)
         self._show_sanity(data)
 
@@ -369,6 +460,16 @@ class KeyGenesView(RunView, Vertical):
             lines.append(Text("No key-gene score in this run (written before it existed).", style="dim"))
         self.query_one("#kg-head", Static).update(Text("\n").join(lines))
 
+    def _show_ranked(self, data: dict) -> None:
+        rows, by = data.get("ranked") or [], data.get("ranked_by")
+        table = self.query_one("#kg-ranked", SortableTable)
+        title = self.query_one("#kg-ranked-title", Label)
+        table.display = title.display = bool(rows)
+        if rows:
+            what = "key score" if by == R.col_key_score(data["suffix"]) else "attention received (no key score stored)"
+            title.update(f"Key genes of {data['model']}: top {len(rows)} by {what}, with single-gene deletion")
+            table.show(rows)
+
     def _show_deletion(self, data: dict) -> None:
         deletion: R.Deletion | None = data["deletion"]
         has = deletion is not None and len(deletion.sets) > 0
@@ -387,7 +488,9 @@ class KeyGenesView(RunView, Vertical):
             if self.band is not None:
                 band.value = self.band
         self._draw_curves(deletion, data["model"])
-        self.query_one("#kg-sets", SortableTable).show(deletion.sets.to_dict("records"))
+        floor = 1.0 / (int(deletion.info["n_random"]) + 1) if deletion.info.get("n_random") else None
+        sets = [{**row, "_floor": floor} for row in deletion.sets.to_dict("records")]
+        self.query_one("#kg-sets", SortableTable).show(sets)
         single = self.query_one("#kg-single", SortableTable)
         rows = deletion.single.to_dict("records") if deletion.single is not None else []
         single.show(rows)
@@ -404,7 +507,7 @@ class KeyGenesView(RunView, Vertical):
             y = [float(v) if _finite(v) is not None else float("nan") for v in curve[R.DEL_DELTA_PROB]]
             ks.update(x)
             color = SCORE_COLORS[i % len(SCORE_COLORS)]
-            plt.plot(x, y, label=score, color=color, marker="braille")
+            plt.plot(x, y, color=color, marker="braille")  # the legend is drawn below the plot
             if score == self.band and {R.DEL_RANDOM_LOW, R.DEL_RANDOM_HIGH} <= set(curve.columns):
                 for bound in (R.DEL_RANDOM_LOW, R.DEL_RANDOM_HIGH):
                     pts = [(k, _finite(v)) for k, v in zip(x, curve[bound])]
@@ -417,6 +520,7 @@ class KeyGenesView(RunView, Vertical):
             plt.xticks(sorted(ks), [f"{k:g}" for k in sorted(ks)])
         plt.xlabel(f"k   (dotted: 2.5–97.5% of matched random sets for {self.band})")
         plot.refresh()
+        self.query_one("#kg-curves-legend", Static).update(legend(deletion.scores))
 
     def _show_sanity(self, data: dict) -> None:
         sanity = data["sanity"]
@@ -434,17 +538,18 @@ class KeyGenesView(RunView, Vertical):
         plt.clear_figure()
         plt.title(f"{data['model']}: Spearman with the trained model's score, re-initialised from the head down")
         x = list(range(1, len(steps) + 1))
-        for i, (score, values) in enumerate(scores.items()):
+        for i, (_score, values) in enumerate(scores.items()):
             pts = [(xi, _finite(v)) for xi, v in zip(x, values.get("spearman") or ())]
             pts = [(xi, v) for xi, v in pts if v is not None]
             if pts:
                 color = SCORE_COLORS[i % len(SCORE_COLORS)]
-                plt.plot([p[0] for p in pts], [p[1] for p in pts], label=score, color=color, marker="braille")
+                plt.plot([p[0] for p in pts], [p[1] for p in pts], color=color, marker="braille")
         plt.hline(R.SANITY_FLAG_RHO, "red")
         plt.xticks(x, steps)
         plt.ylim(-1.05, 1.05)
         plt.xlabel(f"re-initialised up to   (red: {R.SANITY_FLAG_RHO})")
         plot.refresh()
+        self.query_one("#kg-cascade-legend", Static).update(legend(list(scores)))
         flagged = [str(f) for f in sanity.get("flagged") or ()]
         text = Text("not model-dependent: ", style="bold")
         text.append(", ".join(flagged) if flagged else "none", style="yellow" if flagged else "")

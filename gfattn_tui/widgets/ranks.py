@@ -85,10 +85,12 @@ class RanksView(RunView, Vertical):
             with Horizontal(classes="plot-row"):
                 yield PlotextPlot(id="ranks-diff", classes="plot")
                 yield PlotextPlot(id="ranks-lengths", classes="plot")
+                yield Static("", id="ranks-lengths-note", classes="empty")
         yield Static("No per-rank attention (yet) under this run.", id="ranks-empty", classes="empty")
 
     def on_mount(self) -> None:
         self.query_one("#ranks-empty").display = False
+        self.query_one("#ranks-lengths-note").display = False
 
     def reload(self) -> None:
         self.load()
@@ -149,14 +151,19 @@ class RanksView(RunView, Vertical):
         plt.clear_figure()
         plt.title("cell lengths (genes per cell)")
         hist = data["hist"]
+        note = self.query_one("#ranks-lengths-note", Static)
+        note.display = False
+        lengths.display = True
         if hist is not None and len(hist):
             x = histogram_axis(data["hist_meta"], len(hist))
             counts = [float(v) for v in hist]
             filled = [i for i, c in enumerate(counts) if c > 0]
             if len(filled) <= 1:
                 # every cell has the same length (truncated to the model's input size): no distribution
+                # (a plot of one bar is an empty box: say it in words instead)
                 where = x[filled[0]] if filled else 0
-                plt.title(f"cell lengths: all {sum(counts):.0f} cells have {where:.0f} genes (the input size)")
+                note.update(f"cell lengths: all {sum(counts):.0f} cells have {where:.0f} genes (the input size)")
+                note.display, lengths.display = True, False
             else:
                 x, counts = rebin(x[filled[0] : filled[-1] + 1], counts[filled[0] : filled[-1] + 1], MAX_BARS)
                 plt.bar(x, counts, width=0.8)

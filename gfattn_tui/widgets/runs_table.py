@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Iterable
 
 from rich.text import Text
+from textual.binding import Binding
 from textual.widgets import DataTable
 
 from gfattn_tui.format import STATUS_MARKS, fmt_duration, fmt_time, run_duration, short_path
@@ -23,7 +24,7 @@ COLUMNS: list[tuple[str, str, int | None]] = [
     ("preset", "preset", 9),
     ("started", "started", 16),
     ("duration", "took", 6),
-    ("headline", "test metrics", 18),
+    ("headline", "best test macro-F1", 26),
     ("data", "data", 14),
     ("model", "model", 10),
     ("tags", "tags", 12),
@@ -33,7 +34,7 @@ ALWAYS = ("status", "id", "name", "duration", "headline")
 OPTIONAL = ("preset", "tags", "started", "model", "data")
 NAME_MIN = 16
 NAME_MAX = 48
-NAME_ROOM = 30  # an optional column appears only while the name keeps this much room
+NAME_ROOM = 26  # an optional column appears only while the name keeps this much room
 CELL_PAD = 2  # a DataTable cell's padding, both sides
 
 
@@ -79,6 +80,19 @@ def detail_cells(run: dict, info: dict | None) -> dict[str, object]:
 
 class RunsTable(DataTable):
     """Runs with status, provenance, timing and headline test metrics."""
+
+    BINDINGS = [
+        Binding("home", "first_run", "First run", show=False, id="runs.first"),
+        Binding("end", "last_run", "Last run", show=False, id="runs.last"),
+    ]
+
+    def action_first_run(self) -> None:
+        if self.row_count:
+            self.move_cursor(row=0)
+
+    def action_last_run(self) -> None:
+        if self.row_count:
+            self.move_cursor(row=self.row_count - 1)
 
     def __init__(self, **kwargs) -> None:
         super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)
