@@ -6,16 +6,16 @@ a built-in equivalent: 6 layers, hidden 256, 4 heads, intermediate 512, 2048 pos
 without replacement from a pool of 4 L genes with Zipf-like frequencies, so that deleted gene sets touch some
 cells and not others. On whatever device it finds (`--device auto`: CUDA when torch sees a GPU), for each L:
 
-- analysis: what one model of an analysis pair costs (`pipeline.experiment`): the streamed attention sums
+- analysis: what one model of an analysis pair costs (`pipeline.run.driver`): the streamed attention sums
             (`analyze_attention`, one model), attribution (`run_attribution`: Hao et al. with --hao-steps,
             integrated gradients with --ig-steps, rollout), and in-silico deletion (`DeletionEngine` +
             `set_deletion`: the top-k genes of summed attention and of Hao attribution for k in --ks, with
             --random-sets matched random sets each, bootstrap 50);
 - baseline: the bare passes that analysis needs, counted as the pipeline's plan counts them
-            (`pipeline.plan`: 1 forward for attention; Hao: 1 forward + steps x (layers + 1) / 2
+            (`pipeline.run.plan`: 1 forward for attention; Hao: 1 forward + steps x (layers + 1) / 2
             input-gradient passes; IG: steps input-gradient passes in its wide batches + 2 forwards; rollout
             1 forward; deletion: the forwards its engine ran, counted), each kind timed here on batches of
-            the same cells (`pipeline.plan.time_units`) and multiplied out.
+            the same cells (`pipeline.run.plan.time_units`) and multiplied out.
 
 Printed per L: cells/s of the analysis and of its baseline, and analysis / baseline (how much the streaming,
 reductions, bookkeeping and statistics add over the model's own passes); on CUDA also the peak memory.
@@ -83,12 +83,12 @@ def bench_length(args, config, length: int) -> dict:
     import torch
     from transformers import BertForSequenceClassification
 
-    from pipeline import plan as P
-    from pipeline.attention import analyze_attention
-    from pipeline.attribution import run_attribution
-    from pipeline.cells import Cells
-    from pipeline.deletion import DeletionEngine, gene_frequency_rank, set_deletion
-    from pipeline.keygenes import frequency_rank_bins
+    from pipeline.analysis.attention import analyze_attention
+    from pipeline.analysis.attribution import run_attribution
+    from pipeline.analysis.deletion import DeletionEngine, gene_frequency_rank, set_deletion
+    from pipeline.analysis.keygenes import frequency_rank_bins
+    from pipeline.run import plan as P
+    from pipeline.tokenize.cells import Cells
 
     device = torch.device(args.device)
     torch.manual_seed(args.seed)

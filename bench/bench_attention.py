@@ -3,8 +3,8 @@
 Both analyses compute analyses 1-4 of docs/architecture.md ("Attention analyses") for two models with the V1-6L
 Geneformer configuration and random weights, on the same length-bucketed batches:
 
-- streaming: `pipeline.attention.analyze_attention` (one block of attention rows alive at a time);
-- naive:     `pipeline.attention.naive_attention_reductions` (`output_attentions=True` for each model,
+- streaming: `pipeline.analysis.attention.analyze_attention` (one block of attention rows alive at a time);
+- naive:     `pipeline.analysis.attention.naive_attention_reductions` (`output_attentions=True` for each model,
              all layers kept, then the same reductions);
 - sdpa:      a plain inference pass of the two models with `attn_implementation="sdpa"` (no analysis).
 
@@ -58,9 +58,9 @@ def worker(args) -> dict:
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
-    from pipeline.analysis import result_differences
-    from pipeline.attention import analyze_attention, naive_attention_reductions
-    from pipeline.batching import length_grouped_batches, pad_batch
+    from pipeline.analysis.attention import analyze_attention, naive_attention_reductions
+    from pipeline.analysis.pair import result_differences
+    from pipeline.tokenize.batching import length_grouped_batches, pad_batch
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -3,7 +3,7 @@
 V1-6L Geneformer configuration (`BertForSequenceClassification`, 2 labels) with random weights; the same
 length-bucketed batches and the true-class logit for every method:
 
-- streamed: `pipeline.attribution.hao_attribution` (per layer, one gradient of the attention output,
+- streamed: `pipeline.analysis.attribution.hao_attribution` (per layer, one gradient of the attention output,
             the attribution reduced block by block of query rows; SDPA elsewhere);
 - naive:    the published code's approach (github.com/YRdddream/attattr): for each layer and alpha a full
             eager forward from the embeddings whose layer-l probabilities are the leaf alpha A, every
@@ -85,8 +85,8 @@ def naive_hao(model, data, *, steps, batch_size, device):
     import numpy as np
     import torch
 
-    from pipeline.attention import routed_attention
-    from pipeline.batching import length_grouped_batches, pad_batch
+    from pipeline.analysis.attention import routed_attention
+    from pipeline.tokenize.batching import length_grouped_batches, pad_batch
 
     layers = list(model.bert.encoder.layer)
     nl, H = len(layers), model.config.num_attention_heads
@@ -126,8 +126,8 @@ def worker(args) -> dict:
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
-    from pipeline.attribution import hao_attribution
-    from pipeline.batching import length_grouped_batches, pad_batch
+    from pipeline.analysis.attribution import hao_attribution
+    from pipeline.tokenize.batching import length_grouped_batches, pad_batch
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -1,16 +1,16 @@
 """Benchmark: in-silico set deletion, pooled and length-batched vs a loop over sets and cells.
 
-A small `BertForSequenceClassification` (`pipeline.model.build_small_bert`'s config, random weights, 3
+A small `BertForSequenceClassification` (`pipeline.models.load.build_small_bert`'s config, random weights, 3
 labels) and synthetic rank-value cells: lengths uniform in [--min-len, --max-len], genes drawn without
 replacement from a vocabulary of --genes genes with Zipf-like frequencies (p_g ~ 1 / g^0.8) and ordered by a
 noisy expression (Gumbel top-k: the draw and the order in one step). Five scores rank the genes (by
-frequency, reverse frequency, three random orders); `pipeline.deletion.set_deletion` deletes each score's
+frequency, reverse frequency, three random orders); `pipeline.analysis.deletion.set_deletion` deletes each score's
 top-k for k in 1, 5, 10, 20, 50 and 20 random sets matched on frequency x mean-rank bins:
 5 x 5 x (1 + 20) = 525 sets. Three timings in one process:
 
 - batched: `DeletionEngine` (baseline pass) + `set_deletion` (every (set, affected cell) pair pooled,
             sorted by length, batches of --batch-size, bootstrap CIs);
-- naive:    `pipeline.deletion.naive_set_effects`, one unbatched forward per cell (baseline) and per
+- naive:    `pipeline.analysis.deletion.naive_set_effects`, one unbatched forward per cell (baseline) and per
             cell per set, no skipping of unaffected cells. With --naive-sets N it runs N of the sets
             (evenly spaced over the list, so every k is represented) and is extrapolated linearly:
             baseline time + (time of the N sets) x (all sets / N); every set costs the same n_cells
@@ -47,7 +47,7 @@ def synthetic(args):
     import torch
     from transformers import BertForSequenceClassification
 
-    from pipeline.model import build_small_bert
+    from pipeline.models.load import build_small_bert
 
     first = 2  # <pad> = 0, <mask> = 1, as V1
     vocab = args.genes + first
@@ -104,14 +104,14 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
-    from pipeline.deletion import (
+    from pipeline.analysis.deletion import (
         DeletionEngine,
         deletion_sets,
         gene_frequency_rank,
         naive_set_effects,
         set_deletion,
     )
-    from pipeline.keygenes import frequency_rank_bins
+    from pipeline.analysis.keygenes import frequency_rank_bins
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -160,7 +160,7 @@ def main(argv=None) -> int:
     )
 
     # plain: the same forward passes, tensors built beforehand
-    from pipeline.batching import length_grouped_batches
+    from pipeline.tokenize.batching import length_grouped_batches
 
     prebuilt = []
     for idx in length_grouped_batches(engine.lengths, args.batch_size):
@@ -233,7 +233,7 @@ def adaptive(args, model, data, genes, rankings, n_cells, rank_mean, device, syn
     --max-random; the ratio of the two wall times, and how many tests were extended."""
     import numpy as np
 
-    from pipeline.deletion import DeletionEngine, matching_features, set_deletion
+    from pipeline.analysis.deletion import DeletionEngine, matching_features, set_deletion
 
     features = matching_features(n_cells, rank_mean)
     kw = dict(candidates=genes, features=features, n_random=args.n_random, n_boot=args.n_boot, seed=args.seed)

@@ -3,7 +3,7 @@
 Cells get sci-Plex-like lengths (median ~680 genes, at most ~1,400). Three ways to form batches of the same
 cells, each timed on the same model and optimiser (AdamW, full fine-tuning step):
 
-- gfattn: length-grouped batches (`pipeline.batching.length_grouped_batches`), padded to their own longest;
+- gfattn: length-grouped batches (`pipeline.tokenize.batching.length_grouped_batches`), padded to their own longest;
 - baseline: random batches padded to the model input size (2,048 for V1), the named baseline;
 - random-dynamic (for reference): random batches padded to their own longest, as Geneformer's collator does.
 
@@ -76,7 +76,7 @@ def time_variant(model, cells, labels, batches, *, pad_to, device, amp_dtype, wa
 
     import torch
 
-    from pipeline.batching import pad_batch
+    from pipeline.tokenize.batching import pad_batch
 
     model = copy.deepcopy(model).train()
     opt = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.001)
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from pipeline.batching import length_grouped_batches
+    from pipeline.tokenize.batching import length_grouped_batches
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -128,7 +128,7 @@ FIXED_STAGES = ("data", "model", "tokenize", "record")
 
 def planned_stage_count(cfg: dict | None) -> int | None:
     """How many stages a `gfattn pipeline` run with this (resolved) config goes through, as
-    `pipeline.experiment._stages` runs them; None when the config does not say (an older run)."""
+    `pipeline.run.driver._stages` runs them; None when the config does not say (an older run)."""
     try:
         from pipeline.config import analysed_tasks, trained_tasks
 

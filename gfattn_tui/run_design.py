@@ -1,7 +1,7 @@
 """The New run form's design on the user's own data: label column, classes or groups, a filter, and
 the class sizes they give.
 
-The sizes come from the pipeline's own `pipeline.design` functions (`task_labels`, `filter_mask`), so
+The sizes come from the pipeline's own `pipeline.data.design` functions (`task_labels`, `filter_mask`), so
 they are the cells `gfattn pipeline` selects (before `data.max_cells` subsampling and the split). The
 obs table is first reduced to its distinct rows over the columns in play, each with its number of
 cells, so the form stays responsive on a million cells. Problems come back one line each; the form
@@ -89,7 +89,7 @@ def class_sizes(obs, design: Design, *, min_cells: int = MIN_CELLS, cache: dict 
     """
     import numpy as np
 
-    from pipeline.design import Task, filter_mask, task_labels
+    from pipeline.data.design import Task, filter_mask, task_labels
     from pipeline.errors import InputError
 
     out = Sizes()
@@ -249,13 +249,13 @@ def suggest_path(value: str, suffixes: tuple[str, ...] = (".h5ad", ".loom"), *, 
 def input_problems(
     preset: str, data: str = "", model: str = "", geneformer_dir: str = "", config_file: str = ""
 ) -> list[str]:
-    """What the pipeline's preflight (`pipeline.experiment.preflight`) refuses about the data's gene naming,
+    """What the pipeline's preflight (`pipeline.run.driver.preflight`) refuses about the data's gene naming,
     the model directory and the dictionaries, in its own words: its light checks, run here (in a worker)
     before Start so that a launch does not fail on them. Device, counts and the design are checked
     elsewhere (the design by `class_sizes`, the rest by the run itself)."""
     from pipeline import config
-    from pipeline import experiment as ex
     from pipeline.errors import InputError
+    from pipeline.run import driver as ex
 
     try:
         cfg = config.resolve(preset, Path(config_file).expanduser() if config_file else None)
@@ -278,7 +278,7 @@ def input_problems(
     if model:
         m = Path(model).expanduser()
         if m.is_dir():
-            from pipeline.model import read_model_config
+            from pipeline.models.load import read_model_config
 
             check(read_model_config, m)
             if not problems:

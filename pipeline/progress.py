@@ -28,7 +28,7 @@ class Reporter:
         self._started = None
         self._rich = None
         self._task = None
-        self.estimates: dict[str, float] = {}  # stage -> planned seconds (`pipeline.plan.record_plan`)
+        self.estimates: dict[str, float] = {}  # stage -> planned seconds (`pipeline.run.plan.record_plan`)
         self.gpu_peaks: dict[str, int] = {}  # stage -> peak CUDA memory allocated in it (bytes)
         if getattr(self.stream, "isatty", lambda: False)():
             try:

@@ -2,7 +2,7 @@
 
 The pipeline writes its results into the store under fixed names (grids, per-rank vectors, gene tables,
 JSON documents, metrics, run kinds; docs/architecture.md, "How the pipeline uses runs"). The writers
-(`pipeline.analysis.write_pair_analysis`, the experiment's stages, fine-tuning) and every reader
+(`pipeline.analysis.pair.write_pair_analysis`, the experiment's stages, fine-tuning) and every reader
 (`gfattn plot`, the end-of-run summary, the TUI) name them through the constants here, and the readers
 get them back as dataclasses instead of querying the store themselves.
 
@@ -55,7 +55,7 @@ METRIC_MACRO_F1 = "macro_f1"
 METRIC_LR = "lr"
 METRIC_CELLS_PER_S = "cells_per_s"
 METRIC_MASKED_ACCURACY = "masked_accuracy"
-# on each finetune run, split "test": the gene-set logistic regression beside the model (pipeline.baseline),
+# on each finetune run, split "test": the gene-set logistic regression beside the model (pipeline.training.baseline),
 # the test cells' share of the training split's most frequent class, and the model's balanced accuracy
 METRIC_BASELINE_ACCURACY = "baseline_accuracy"
 METRIC_BASELINE_MACRO_F1 = "baseline_macro_f1"
@@ -195,7 +195,7 @@ def col_attn_pos_ratio(suffix: str) -> str:
 
 
 def col_key_score(suffix: str) -> str:
-    """The controlled key-gene score (`pipeline.keygenes`), the default ranking of key genes."""
+    """The controlled key-gene score (`pipeline.analysis.keygenes`), the default ranking of key genes."""
     return _suffixed("key_score", suffix)
 
 
@@ -1016,9 +1016,9 @@ def read_data_record(st, run: dict) -> DataRecord:
     return DataRecord(rid, str(run.get("name") or ""), st.cells(rid), st.labels(rid), qc, read_histogram(st, rid))
 
 
-# ====================================================================== attribution (pipeline.attribution)
+# ====================================================================== attribution (pipeline.analysis.attribution)
 # Per analysed model: Hao et al.'s self-attention attribution, integrated gradients and attention rollout,
-# written by `pipeline.attribution.write_attribution` into the run it is given. `<model>` is
+# written by `pipeline.analysis.attribution.write_attribution` into the run it is given. `<model>` is
 # `attr_model_key(model name)`; `<method>` one of ATTR_METHODS.
 ATTR_METHODS = ("hao", "ig", "rollout")
 ATTR_TABLE_PREFIX = "attribution_"
@@ -1053,7 +1053,7 @@ def model_analysis_name(task: str, model: str) -> str:
 
 
 def json_sanity(model: str) -> str:
-    """JSON `sanity_<model>`: the randomisation cascade of one model (`pipeline.sanity`)."""
+    """JSON `sanity_<model>`: the randomisation cascade of one model (`pipeline.analysis.sanity`)."""
     return f"sanity_{attr_model_key(model)}"
 
 
@@ -1141,8 +1141,8 @@ def read_attribution(st, run_id: int, model: str, *, genes: bool = False) -> Att
 
 
 # ===================================================== key genes, deletion and the randomisation cascade
-# Per analysed model: set and single-gene deletion (`pipeline.deletion`) and the randomisation cascade
-# (`pipeline.sanity`), keyed by `attr_model_key(model name)`; per analysis run: the key-gene score's
+# Per analysed model: set and single-gene deletion (`pipeline.analysis.deletion`) and the randomisation cascade
+# (`pipeline.analysis.sanity`), keyed by `attr_model_key(model name)`; per analysis run: the key-gene score's
 # definition, fit and frequency correlations (JSON_KEY_GENES).
 DEL_SCORE = "score"
 DEL_K = "k"
@@ -1255,7 +1255,7 @@ def checkpoint_check(st, run_id: int) -> dict | None:
 
 
 # ------------------------------------------------------------------------------------- cost plan, memory
-JSON_PLAN = "plan"  # on a pipeline run: `pipeline.plan` (work and estimated seconds per stage), made at its start
+JSON_PLAN = "plan"  # on a pipeline run: `pipeline.run.plan` (work and estimated seconds per stage), made at its start
 JSON_GPU_MEMORY = "gpu_memory"  # on a pipeline run: stage -> peak CUDA memory allocated (bytes), `pipeline.progress`
 
 

@@ -9,7 +9,7 @@ import numpy as np
 
 def toy_dictionaries(n_genes: int = 200):
     """V1-style dictionaries (<pad>=0, <mask>=1, then genes) over made-up Ensembl IDs."""
-    from pipeline.dictionaries import GeneDictionaries
+    from pipeline.data.dictionaries import GeneDictionaries
 
     tokens = {"<pad>": 0, "<mask>": 1}
     tokens.update({f"ENSG{i:011d}": i + 2 for i in range(n_genes)})
@@ -79,7 +79,7 @@ def save_tiny_model(
     dropout: float = 0.02,
     seed: int = 0,
 ):
-    from pipeline.model import build_small_bert
+    from pipeline.models.load import build_small_bert
 
     model = build_small_bert(
         vocab_size,

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.analysis import compare_de_attention, de_wilcoxon, load_reference_set, mark_reference_set
+from pipeline.analysis.pair import compare_de_attention, de_wilcoxon, load_reference_set, mark_reference_set
 from pipeline.errors import InputError
 
 PLANTED = [3, 17, 42, 77, 120]
@@ -41,7 +41,7 @@ def test_de_wilcoxon_finds_the_planted_genes():
 
 
 def test_de_maps_symbols_through_the_dictionaries():
-    from pipeline.dictionaries import GeneDictionaries
+    from pipeline.data.dictionaries import GeneDictionaries
 
     adata = planted_adata()
     adata.var_names = [f"GENE{i}" for i in range(adata.n_vars)]
@@ -67,7 +67,7 @@ def test_de_wilcoxon_rejects_bad_groups():
 
 
 def test_de_on_synthetic_sciplex_finds_p53_targets():
-    from pipeline.synth import ground_truth, make_sciplex_like
+    from pipeline.data.synth import ground_truth, make_sciplex_like
 
     adata = make_sciplex_like(scale=0.05, preset="thesis", seed=0)
     dose = adata.obs["dose_value"].astype(float)

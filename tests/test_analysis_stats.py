@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.analysis import (
+from pipeline.analysis.pair import (
     attention_statistics,
     benjamini_hochberg,
     bootstrap_ci,
@@ -94,7 +94,7 @@ def test_wilcoxon_signed_rank_equals_scipy_feature_by_feature(n):
 def test_statistics_of_identical_and_different_models():
     import torch
 
-    from pipeline.attention import analyze_attention
+    from pipeline.analysis.attention import analyze_attention
 
     from test_attention_engine import PAD, SPECIAL, tiny_bert, v2_cells
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.analysis import (
+from pipeline.analysis.pair import (
     gene_expected,
     gene_table,
     gene_total,
@@ -23,7 +23,7 @@ SYMBOLS = {f"ENSG{t:011d}": f"G{t}" for t in range(3, VOCAB)}
 
 @pytest.fixture(scope="module")
 def result():
-    from pipeline.attention import analyze_attention
+    from pipeline.analysis.attention import analyze_attention
 
     data = v2_cells(14, seed=12)
     return analyze_attention(
@@ -94,7 +94,7 @@ def test_position_control_is_one_when_attention_follows_position_only(result):
 
 
 def test_write_pair_analysis_into_a_store(result, tmp_path):
-    from pipeline.analysis import attention_statistics
+    from pipeline.analysis.pair import attention_statistics
     from store import Store
 
     st = Store(tmp_path / "s.db")
@@ -152,7 +152,7 @@ def _save_model(path, seed, dicts):
         initializer_range=0.3,
     )
     torch.manual_seed(seed)
-    from pipeline.train import save_finetuned
+    from pipeline.training.finetune import save_finetuned
 
     # as `gfattn finetune` saves it: weights, dictionaries and gfattn_finetune.json with the weights' sha256
     save_finetuned(BertForSequenceClassification(cfg), path, dicts=dicts, summary={"mode": "test"})
@@ -162,7 +162,7 @@ def test_gfattn_analyze_records_an_analysis_run(tmp_path, capsys):
     import datasets
 
     from pipeline.cli import main
-    from pipeline.dictionaries import GeneDictionaries
+    from pipeline.data.dictionaries import GeneDictionaries
     from store import Store
 
     tokens = {"<pad>": 0, "<mask>": 1, **{f"ENSG{i:011d}": i + 2 for i in range(60)}}
@@ -227,7 +227,7 @@ def test_gfattn_analyze_records_an_analysis_run(tmp_path, capsys):
     )
     assert rc == 2 and "is not a directory" in capsys.readouterr().err
     # a model fine-tuned by gfattn carries its split: by default only its held-out test cells are analysed
-    from pipeline.train import save_split
+    from pipeline.training.finetune import save_split
 
     split = ["test" if i % 4 == 0 else "train" for i in range(12)]
     save_split(tmp_path / "frozen", [f"c{i}" for i in range(12)], split)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.attention import analyze_attention
+from pipeline.analysis.attention import analyze_attention
 
 from test_attention_engine import ADDITIVE, PAD, SPECIAL, assert_results_close, tiny_bert, v2_cells
 
@@ -40,7 +40,7 @@ class FakeGroup:
 def test_all_reduced_ranks_equal_one_process(monkeypatch):
     import torch.distributed as dist
 
-    import pipeline.attention as attention
+    import pipeline.analysis.attention as attention
 
     models = tiny_bert(1), tiny_bert(2)
     data = v2_cells(9, seed=6)

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.analysis import (
+from pipeline.analysis.attention import AttentionResult, analyze_attention, naive_attention_reductions
+from pipeline.analysis.pair import (
     cosine_grid,
     gene_expected,
     gene_total,
@@ -20,7 +21,6 @@ from pipeline.analysis import (
     rank_received,
     special_positions,
 )
-from pipeline.attention import AttentionResult, analyze_attention, naive_attention_reductions
 
 PAD, CLS, EOS = 0, 1, 2
 VOCAB = 50
@@ -208,7 +208,7 @@ def test_rank_and_gene_sums_by_hand(pair):
 
 def test_blocks_bound_the_attention_alive(pair, monkeypatch):
     """No tensor of attention ever exceeds one block of query rows; `output_attentions` is never used."""
-    import pipeline.attention as attention
+    import pipeline.analysis.attention as attention
 
     seen = []
     original = attention._block_probs
@@ -267,15 +267,15 @@ def test_datasets_input_and_errors(pair, tmp_path):
 
 
 def test_the_engine_never_imports_the_analysis():
-    """attention.py produces sums; pipeline.analysis derives from them (the arrow points one way)."""
+    """attention.py produces sums; pipeline.analysis.pair derives from them (the arrow points one way)."""
     import json
     import subprocess
     import sys
 
-    probe = "import json, sys, pipeline.attention; print(json.dumps('pipeline.analysis' in sys.modules))"
+    probe = "import json, sys, pipeline.analysis.attention; print(json.dumps('pipeline.analysis.pair' in sys.modules))"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) is False
-    import pipeline.attention as attention
+    import pipeline.analysis.attention as attention
 
     assert not hasattr(attention.AttentionResult, "to_store") and not hasattr(
         attention.AttentionResult, "rank_received"

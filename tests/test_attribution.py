@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.attribution import (
+from pipeline.analysis.attribution import (
     AttributionResult,
     attention_rollout,
     attribution_gene_table,
@@ -25,7 +25,7 @@ from pipeline.attribution import (
     run_attribution,
     write_attribution,
 )
-from pipeline.cells import Cells
+from pipeline.tokenize.cells import Cells
 
 from test_attention_engine import CLS, EOS, PAD, SPECIAL, VOCAB, tiny_bert, v2_cells
 
@@ -193,7 +193,7 @@ def test_rollout_equals_dense_products(model, data):
 
 
 def test_run_attribution_writes_and_reads_back(model, data, tmp_path):
-    from pipeline.dictionaries import GeneDictionaries
+    from pipeline.data.dictionaries import GeneDictionaries
     from store import Store
     from store import results as R
 

@@ -1,4 +1,4 @@
-"""The baseline beside every model (`pipeline.baseline`): a logistic regression on each cell's gene set,
+"""The baseline beside every model (`pipeline.training.baseline`): a logistic regression on each cell's gene set,
 the majority-class rate, and the project's one macro-F1; checked against scikit-learn directly."""
 
 from __future__ import annotations
@@ -6,13 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.baseline import (
+from pipeline.training.baseline import (
     C_GRID,
     gene_bags,
     gene_set_baseline,
     macro_f1,
 )
-from pipeline.train import classification_metrics
+from pipeline.training.finetune import classification_metrics
 from store import results as R
 
 from _helpers_model import class_coded_cells

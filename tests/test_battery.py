@@ -134,7 +134,7 @@ def test_an_integer_for_a_number_becomes_a_float(tmp_path):
 
 
 def test_the_schema_and_train_config_share_their_defaults():
-    from pipeline.train import TrainConfig
+    from pipeline.training.finetune import TrainConfig
 
     tc, train = TrainConfig(), config.defaults()["train"]
     for name in ("lr", "weight_decay", "warmup_ratio", "epochs", "batch_size", "grad_accum", "class_weights", "amp"):
@@ -195,7 +195,7 @@ def test_any_task_or_class_name_is_a_column_of_the_store(tmp_path):
 
 
 def test_class_names_reach_gene_columns_unchanged():
-    from pipeline.analysis import sql_name
+    from pipeline.analysis.pair import sql_name
 
     assert [sql_name(n) for n in USER_NAMES] == USER_NAMES
 
@@ -311,7 +311,7 @@ def test_a_damaged_checkpoint_is_one_line_before_a_run(tmp_path, capsys, tiny_ch
 
 def test_an_intact_checkpoint_passes_the_check(tmp_path, tiny_checkpoint):
     from pipeline.io import write_manifest
-    from pipeline.model import check_checkpoint
+    from pipeline.models.load import check_checkpoint
 
     model = _copy_checkpoint(tiny_checkpoint, tmp_path / "model")
     write_manifest(model)
@@ -334,8 +334,8 @@ def test_the_cached_synthetic_data_carry_a_manifest_checked_on_reuse(tmp_path):
     import anndata as ad
     import numpy as np
 
-    from pipeline.experiment import synthetic_data_path
     from pipeline.io import MANIFEST, sha256_file
+    from pipeline.run.driver import synthetic_data_path
 
     ctx = _synth_ctx(tmp_path)
     path = synthetic_data_path(ctx)
@@ -354,7 +354,7 @@ def test_a_synthetic_data_set_that_does_not_fit_is_refused_up_front(tmp_path, mo
     """h5py may crash the process when the disk fills mid-write: the estimate (every matrix, obs, var)
     must refuse first, naming the cache entry, with no temporaries left."""
     from pipeline import io
-    from pipeline.experiment import synthetic_data_path
+    from pipeline.run.driver import synthetic_data_path
 
     ctx = _synth_ctx(tmp_path)
     monkeypatch.setattr(io, "_free_bytes", lambda path: 5 << 20)
@@ -504,8 +504,8 @@ def test_a_full_disk_during_a_store_write_says_so_as_the_other_paths_do(tmp_path
 
 # --------------------------------------------------------------------------------------- gfattn rm
 def _pipeline_with_checkpoint(store_path: Path):
-    from pipeline.experiment import CHECKPOINT_JSON
     from pipeline.paths import cache_dir_for_store
+    from pipeline.run.driver import CHECKPOINT_JSON
     from store import Store
 
     st = Store(store_path)
@@ -551,7 +551,7 @@ def test_rm_refuses_a_running_run(tmp_path, capsys):
 
 
 def test_a_pipeline_whose_run_is_deleted_under_it_ends_with_one_line(tmp_path, capsys, monkeypatch):
-    from pipeline import experiment
+    from pipeline.run import driver as experiment
 
     def stages(ctx):
         (ctx.cache / "runs" / ctx.store.uid / str(ctx.run_id)).mkdir(parents=True)

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from pipeline import config
-from pipeline.design import parse_numbers, select_cells, stratified_split
+from pipeline.data.design import parse_numbers, select_cells, stratified_split
 from pipeline.errors import InputError
 
 
@@ -85,7 +85,7 @@ def _thesis_selection(obs, seed=0):
 
 
 def test_sciplex_tasks_in_the_general_form_reproduce_the_thesis_design():
-    from pipeline.synth import make_sciplex_like
+    from pipeline.data.synth import make_sciplex_like
 
     obs = make_sciplex_like(scale=0.15, preset="thesis", seed=0).obs
     for preset in ("default", "quick"):

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from pipeline.data import (
+from pipeline.data.counts import (
     check_raw_counts,
     filter_pass_mask,
     map_genes,
@@ -14,9 +14,9 @@ from pipeline.data import (
     resolve_n_counts,
     strip_version,
 )
-from pipeline.dictionaries import GeneDictionaries
+from pipeline.data.dictionaries import GeneDictionaries
 from pipeline.errors import InputError
-from pipeline.tokenize import tokenize_anndata
+from pipeline.tokenize.encode import tokenize_anndata
 
 from _helpers_tokenize import tiny_counts_adata, tiny_vocabulary
 
@@ -211,8 +211,8 @@ def test_a_loom_file_reads_as_the_same_counts(tmp_path):
     import anndata as ad
     import scipy.sparse as sp
 
-    from pipeline.data import loom_as_h5ad
-    from pipeline.synth import make_sciplex_like
+    from pipeline.data.counts import loom_as_h5ad
+    from pipeline.data.synth import make_sciplex_like
 
     adata = make_sciplex_like(scale=0.02, preset="thesis", seed=5)
     adata.uns.clear()

@@ -1,4 +1,4 @@
-"""In-silico deletion (`pipeline.deletion`) against independent computations.
+"""In-silico deletion (`pipeline.analysis.deletion`) against independent computations.
 
 - A deletion equals the model run on a sequence built by hand without the deleted genes (V1: no special
   tokens; V2: `<cls>`/`<eos>` kept even when listed).
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.deletion import (
+from pipeline.analysis.deletion import (
     SET_COLUMNS,
     SINGLE_COLUMNS,
     DeletionEngine,
@@ -28,8 +28,8 @@ from pipeline.deletion import (
     set_deletion,
     single_gene_effects,
 )
-from pipeline.keygenes import frequency_rank_bins
-from pipeline.model import build_small_bert
+from pipeline.analysis.keygenes import frequency_rank_bins
+from pipeline.models.load import build_small_bert
 
 PAD, CLS, EOS = 0, 1, 2
 VOCAB = 60
@@ -281,7 +281,7 @@ def planted():
     torch.manual_seed(0)
     model = classifier(vocab, n_classes=2, seed=0, init=0.02, hidden=32)
     model.train()
-    from pipeline.batching import pad_batch
+    from pipeline.tokenize.batching import pad_batch
 
     batch, mask = pad_batch(ids, pad_token_id=PAD)
     y = torch.tensor(labels)
@@ -357,7 +357,7 @@ def test_set_deletion_uses_matched_sets(planted):
     bins = frequency_rank_bins(*gene_frequency_rank(data["input_ids"], candidates), 3, 2)
     ranking = np.array([x_token, 12, 20])
     table = set_deletion(engine, {"s": ranking}, (3,), candidates=candidates, bins=bins, n_random=4, n_boot=20)
-    from pipeline.deletion import set_rng
+    from pipeline.analysis.deletion import set_rng
 
     sets = matched_random_sets(ranking - 2, bins, 4, set_rng(0, "s", 3), n_rank_bins=5)
     engine_rows = table[table["set"] != "top"]

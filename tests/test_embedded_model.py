@@ -1,7 +1,7 @@
 """The embedded model: the cell-level objectives, the shipped model and what its first position knows.
 
 The thesis's first finding is that the pretrained representation already separates high from low
-Nutlin-3a dose (a frozen encoder with a trained head). The shipped model (`pipeline/embedded_model/`)
+Nutlin-3a dose (a frozen encoder with a trained head). The shipped model (`pipeline/models/embedded_model/`)
 is checked for that on held-out synthetic cells, for its recipe and manifest, and (slow, opt-in) for
 being rebuilt bit for bit by its command.
 """
@@ -14,10 +14,11 @@ import os
 import numpy as np
 import pytest
 
-from pipeline import embedded, synth
+from pipeline.data import synth
 from pipeline.errors import InputError
-from pipeline.pretrain import cell_gene_loss, gene_idf, pretrain
-from pipeline.tokenize import tokenize_anndata
+from pipeline.models import embedded
+from pipeline.models.pretrain import cell_gene_loss, gene_idf, pretrain
+from pipeline.tokenize.encode import tokenize_anndata
 
 
 def test_gene_idf_weighs_rare_genes_more():
@@ -31,7 +32,7 @@ def test_gene_idf_weighs_rare_genes_more():
 def test_cell_gene_loss_is_the_cross_entropy_against_the_cells_weighted_genes():
     import torch
 
-    from pipeline.model import build_small_bert
+    from pipeline.models.load import build_small_bert
 
     torch.manual_seed(0)
     model = build_small_bert(12, layers=1, hidden=8, heads=2, intermediate=16, max_len=8).eval()
@@ -58,7 +59,7 @@ def _first_position_features(model_dir, ds):
     import torch
     from transformers import BertForMaskedLM
 
-    from pipeline.batching import pad_batch
+    from pipeline.tokenize.batching import pad_batch
 
     model = BertForMaskedLM.from_pretrained(str(model_dir)).eval()
     ids = [np.asarray(x, dtype=np.int64) for x in ds["input_ids"]]
@@ -116,7 +117,7 @@ def test_frozen_features_separate_low_from_high_dose():
     from sklearn.metrics import f1_score
     from sklearn.preprocessing import StandardScaler
 
-    from pipeline.dictionaries import GeneDictionaries
+    from pipeline.data.dictionaries import GeneDictionaries
 
     dicts = GeneDictionaries.from_model_dir(embedded.SHIPPED_DIR)
     data = synth.make_sciplex_like(scale=0.2, preset="thesis", seed=3)
@@ -155,7 +156,7 @@ def test_the_shipped_model_is_rebuilt_bit_for_bit(tmp_path, capsys):
 def test_cell_component_targets_are_the_principal_component_scores_of_the_gene_sets():
     """Against a dense SVD of the centred cell x gene indicator (special tokens left out): the same scores
     up to sign, each at unit variance; the same seed gives the same targets."""
-    from pipeline.pretrain import cell_component_targets
+    from pipeline.models.pretrain import cell_component_targets
 
     rng = np.random.default_rng(0)
     cells = [
@@ -184,8 +185,8 @@ def test_component_objective_teaches_the_first_position_the_components(tmp_path)
     import torch
     from transformers import BertForMaskedLM
 
-    from pipeline.batching import pad_batch
-    from pipeline.pretrain import cell_component_targets, plan_pretraining, start_run
+    from pipeline.models.pretrain import cell_component_targets, plan_pretraining, start_run
+    from pipeline.tokenize.batching import pad_batch
 
     from _helpers_model import corpus_cells, toy_dictionaries
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.dictionaries import GeneDictionaries
-from pipeline.fixed_length import fix_length
-from pipeline.tokenize import tokenize_anndata
+from pipeline.data.dictionaries import GeneDictionaries
+from pipeline.data.fixed_length import fix_length
+from pipeline.tokenize.encode import tokenize_anndata
 
 from _helpers_tokenize import tiny_counts_adata, tiny_vocabulary
 

@@ -1,4 +1,4 @@
-"""Gates before interpretation (`pipeline.baseline.learning_gate`, `analysis.gate`): a model that predicts
+"""Gates before interpretation (`pipeline.training.baseline.learning_gate`, `analysis.gate`): a model that predicts
 one class for >= 90% of test cells, or whose balanced accuracy is not above chance with its bootstrap
 interval, did not learn; its deletion and randomisation cascade are skipped (or computed and marked), and
 the summary says so first. Also the steps that follow the training set and early stopping."""
@@ -11,8 +11,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from pipeline.baseline import _balanced_accuracy_rows, balanced_accuracy_interval, learning_gate
-from pipeline.train import TrainConfig, planned_epochs
+from pipeline.training.baseline import _balanced_accuracy_rows, balanced_accuracy_interval, learning_gate
+from pipeline.training.finetune import TrainConfig, planned_epochs
 
 # the shipped embedded model as a user's checkpoint, on synthetic cells labelled by a coin: nothing to learn
 NO_LEARNING = textwrap.dedent("""
@@ -42,7 +42,7 @@ NO_LEARNING = textwrap.dedent("""
 
 def coin_h5ad(path, seed: int = 0):
     """Synthetic sci-Plex-like counts with an obs column `coin` of random heads and tails."""
-    from pipeline.synth import make_sciplex_like
+    from pipeline.data.synth import make_sciplex_like
 
     adata = make_sciplex_like(scale=0.1, preset="thesis", seed=seed)
     adata.uns.pop("gfattn_truth", None)
@@ -131,8 +131,8 @@ def _run(root, gate: str, db) -> str:
     import io
 
     from pipeline import config
-    from pipeline.embedded import SHIPPED_DIR
-    from pipeline.experiment import run_pipeline
+    from pipeline.models.embedded import SHIPPED_DIR
+    from pipeline.run.driver import run_pipeline
 
     path = root / "nolearn.toml"
     path.write_text(NO_LEARNING)
@@ -210,8 +210,8 @@ def test_a_random_weight_checkpoint_is_flagged(tmp_path, geneformer_dir):
     """Geneformer's V1 config (shrunk to two layers) with random weights, on cells over the real V1 vocabulary:
     no better than gene frequency, nor than chance. The same cells through the shipped model's own
     vocabulary are not flagged."""
-    from pipeline.checkpoint_check import masked_gene_check
-    from pipeline.dictionaries import GeneDictionaries
+    from pipeline.data.dictionaries import GeneDictionaries
+    from pipeline.models.checkpoint_check import masked_gene_check
 
     from _helpers_model import corpus_cells, save_geneformer_checkpoint
 

@@ -16,7 +16,7 @@ from pipeline.errors import InputError
 
 
 def _synthetic(path: Path, *, scale: float = 0.06, seed: int = 0, geneformer_dir=None):
-    from pipeline.synth import make_sciplex_like
+    from pipeline.data.synth import make_sciplex_like
 
     adata = make_sciplex_like(scale=scale, preset="thesis", seed=seed, geneformer_dir=geneformer_dir)
     adata.uns.pop("gfattn_truth", None)
@@ -43,7 +43,7 @@ def _cfg(path, **flags):
 
 
 def test_nan_labels_are_counted_in_the_selection_line(labelled, tmp_path):
-    from pipeline.experiment import Context, preflight, stage_data
+    from pipeline.run.driver import Context, preflight, stage_data
 
     cfg = _cfg(labelled, tasks=[{"name": "cell_type", "column": "cell_type", "classes": ["T cell", "CD14 Mono"]}])
     pre = preflight(cfg)
@@ -64,7 +64,7 @@ def test_nan_labels_are_counted_in_the_selection_line(labelled, tmp_path):
 
 
 def test_a_class_too_small_for_the_split_is_one_line_before_any_run(labelled, tmp_path):
-    from pipeline.experiment import run_pipeline
+    from pipeline.run.driver import run_pipeline
     from store import Store
 
     cfg = _cfg(labelled, tasks=[{"name": "cell_type", "column": "cell_type"}])
@@ -77,14 +77,14 @@ def test_a_class_too_small_for_the_split_is_one_line_before_any_run(labelled, tm
     assert "validation (15%) and test (15%) hold 2 or more" in message and "--classes" in message
     assert Store(db).list_runs() == []  # refused before a run was recorded
     # dropped with --classes, the same data passes
-    from pipeline.experiment import preflight
+    from pipeline.run.driver import preflight
 
     ok = _cfg(labelled, tasks=[{"name": "cell_type", "column": "cell_type", "classes": ["T cell", "CD14 Mono"]}])
     assert set(preflight(ok).selection.class_names("cell_type")) == {"T cell", "CD14 Mono"}
 
 
 def test_min_class_cells_follows_the_split():
-    from pipeline.design import min_class_cells
+    from pipeline.data.design import min_class_cells
 
     assert min_class_cells(0.15, 0.15) == 14  # ceil(2 / 0.15): 2 test and 2 validation cells
     assert min_class_cells(0.3, 0.3) == 10  # never fewer than MIN_CLASS_CELLS
@@ -99,7 +99,7 @@ def unfiltered_symbols(tmp_path_factory, geneformer_dir):
     import pandas as pd
     import scipy.sparse as sp
 
-    from pipeline.dictionaries import GeneDictionaries
+    from pipeline.data.dictionaries import GeneDictionaries
 
     root = tmp_path_factory.mktemp("unfiltered")
     adata = _synthetic(root, scale=0.06, geneformer_dir=geneformer_dir)
@@ -136,7 +136,7 @@ def test_an_unfiltered_symbol_matrix_self_pretrains(unfiltered_symbols, geneform
     matrix whose var is three quarters unexpressed, unknown symbols passes, pretrains and fine-tunes."""
     import io
 
-    from pipeline.experiment import run_pipeline
+    from pipeline.run.driver import run_pipeline
     from store import Store
 
     path, n_real, n_junk = unfiltered_symbols
@@ -158,7 +158,7 @@ def test_an_unfiltered_symbol_matrix_self_pretrains(unfiltered_symbols, geneform
 
 
 def test_the_pretraining_line_names_the_objective():
-    from pipeline.experiment import pretraining_objective
+    from pipeline.run.driver import pretraining_objective
 
     default = config.resolve("default")["pretrain"]
     assert pretraining_objective(default) == (
@@ -196,7 +196,7 @@ def test_library_warnings_stay_off_the_terminal():
     from scipy import stats
     from sklearn.metrics import precision_score
 
-    from pipeline.experiment import quiet_library_warnings
+    from pipeline.run.driver import quiet_library_warnings
 
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")

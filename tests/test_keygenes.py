@@ -1,4 +1,4 @@
-"""The controlled key-gene score, the matched null and the frequency warning (pipeline.keygenes)."""
+"""The controlled key-gene score, the matched null and the frequency warning (pipeline.analysis.keygenes)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.analysis import _hypergeom_sf, compare_de_attention
-from pipeline.keygenes import (
+from pipeline.analysis.keygenes import (
     frequency_correlations,
     frequency_rank_bins,
     frequency_warnings,
@@ -15,6 +14,7 @@ from pipeline.keygenes import (
     min_cells_for,
     shrunk_log_ratio,
 )
+from pipeline.analysis.pair import _hypergeom_sf, compare_de_attention
 
 
 def _simulated(seed=0, genes=4000, tau=0.5, s=2.0):

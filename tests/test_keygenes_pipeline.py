@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.synth_genes import P53_TARGETS_UP
+from pipeline.data.synth_genes import P53_TARGETS_UP
 from store import Store
 
 P53_TARGETS = set(P53_TARGETS_UP)
@@ -23,7 +23,7 @@ def _children(db):
 def _test_cells(db, checkpoint: Path):
     from datasets import load_from_disk
 
-    from pipeline.train import load_split
+    from pipeline.training.finetune import load_split
 
     (tokenized,) = [p for p in (Path(db).parent / ".gfattn-cache" / "tokenized").iterdir() if p.is_dir()]
     ds = load_from_disk(str(tokenized))
@@ -39,8 +39,8 @@ def test_controlled_overlap_of_a_random_weight_model_is_not_significant(quick_ru
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
-    from pipeline.analysis import run_pair_analysis
-    from pipeline.model import model_dictionaries
+    from pipeline.analysis.pair import run_pair_analysis
+    from pipeline.models.load import model_dictionaries
 
     db, _ = quick_run
     st, children = _children(db)
@@ -87,9 +87,9 @@ def test_planted_targets_lead_the_controlled_key_genes_of_the_unfrozen_model(qui
 def test_deleting_planted_targets_hurts_high_dose_predictions_more_than_matched_random_sets(quick_run):
     """The unfrozen lowhigh model uses the planted p53 targets: deleting them from the high-dose test cells
     lowers the high-dose probability more than deleting random genes matched on frequency and rank."""
-    from pipeline.deletion import DeletionEngine, matched_random_sets
-    from pipeline.keygenes import frequency_rank_bins
-    from pipeline.model import load_for_attention, model_dictionaries
+    from pipeline.analysis.deletion import DeletionEngine, matched_random_sets
+    from pipeline.analysis.keygenes import frequency_rank_bins
+    from pipeline.models.load import load_for_attention, model_dictionaries
 
     db, _ = quick_run
     st, children = _children(db)

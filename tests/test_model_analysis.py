@@ -1,5 +1,5 @@
 """One unit of work per model: a model's analysis (attribution, deletion, cascade) is computed once per
-pipeline run and read by every pair comparing it (`pipeline.experiment.stage_model_analysis`).
+pipeline run and read by every pair comparing it (`pipeline.run.driver.stage_model_analysis`).
 
 That is only right if what the per-model analysis starts from is a function of the model and the cells
 alone: here a model's columns of the gene table (attention received, norm attention, position control,
@@ -49,8 +49,8 @@ def _cells(n: int = 40, seed: int = 0):
 
 
 def _genes(model_a, model_b, cells):
-    from pipeline.analysis import gene_table
-    from pipeline.attention import analyze_attention
+    from pipeline.analysis.attention import analyze_attention
+    from pipeline.analysis.pair import gene_table
 
     result = analyze_attention(
         model_a, model_b, cells, pad_id=PAD, special_ids={CLS, EOS}, group_column="dose", batch_size=7
@@ -76,7 +76,7 @@ def test_a_models_gene_columns_do_not_depend_on_the_pair():
 
 
 def test_analysed_models_names_each_model_once_with_its_pairs():
-    from pipeline.experiment import analysed_models, model_analysis_on
+    from pipeline.run.driver import analysed_models, model_analysis_on
 
     cfg = {
         "analysis": {

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.errors import InputError
-from pipeline.model import (
+from pipeline.models.load import (
     build_small_bert,
     check_model_inputs,
     load_classifier,
@@ -35,7 +35,7 @@ def v1_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def v1_dicts(v1_checkpoint):
-    from pipeline.dictionaries import GeneDictionaries
+    from pipeline.data.dictionaries import GeneDictionaries
 
     return GeneDictionaries.from_geneformer_dir(v1_checkpoint[2] / "geneformer", "V1")
 
@@ -56,7 +56,7 @@ def test_masked_lm_checkpoint_loads_as_classifier_with_new_head(v1_checkpoint, v
 
 
 def test_vocabulary_mismatch_names_both_sizes_and_files(v1_checkpoint, shared):
-    from pipeline.dictionaries import GeneDictionaries
+    from pipeline.data.dictionaries import GeneDictionaries
 
     v2 = GeneDictionaries.from_geneformer_dir(shared / "geneformer", "V2")
     with pytest.raises(InputError) as err:
@@ -76,7 +76,7 @@ def test_input_size_mismatch_names_both_numbers(v1_checkpoint):
 def test_v2_configs_match_v2_dictionaries_and_4096_tokens(shared):
     from transformers import BertConfig
 
-    from pipeline.dictionaries import GeneDictionaries
+    from pipeline.data.dictionaries import GeneDictionaries
 
     v2 = GeneDictionaries.from_geneformer_dir(shared / "geneformer", "V2")
     for name in ("V2-104M", "V2-316M", "V2-104M_CLcancer"):

@@ -41,7 +41,7 @@ def assert_no_running_runs(db: Path):
 
 @pytest.fixture(scope="module")
 def small_h5ad(tmp_path_factory):
-    from pipeline.synth import make_sciplex_like
+    from pipeline.data.synth import make_sciplex_like
 
     path = tmp_path_factory.mktemp("data") / "small.h5ad"
     make_sciplex_like(scale=0.03, preset="thesis", seed=1).write_h5ad(path)

@@ -203,7 +203,7 @@ def test_no_checkpoint_pretrains_on_the_users_cells(tcells, geneformer_dir, tmp_
     (run,) = st.list_runs(kind="pipeline")
     model_dir = st.get_run(run["id"])["model_path"]
     assert "/models/self-" in model_dir
-    from pipeline.dictionaries import GeneDictionaries
+    from pipeline.data.dictionaries import GeneDictionaries
 
     vocab = GeneDictionaries.from_model_dir(model_dir).token_dict
     assert 1000 < len(vocab) <= 2002  # the T cells' own genes (2,000 measured) plus <pad> and <mask>

@@ -57,7 +57,7 @@ def user_checkpoint(tmp_path_factory, geneformer_dir):
 @pytest.fixture(scope="module")
 def user_h5ad(tmp_path_factory, geneformer_dir):
     """sci-Plex-like counts whose genes are all real Geneformer vocabulary genes, with a user's obs columns."""
-    from pipeline.synth import make_sciplex_like
+    from pipeline.data.synth import make_sciplex_like
 
     adata = make_sciplex_like(scale=0.12, preset="thesis", seed=3, geneformer_dir=geneformer_dir)
     adata.uns.pop("gfattn_truth", None)
@@ -98,7 +98,7 @@ def test_user_data_and_checkpoint_run_end_to_end(tmp_path, user_checkpoint, user
     assert run["status"] == "completed"
     assert run["model_path"] == str(model_dir) and run["data_path"] == str(user_h5ad)
     assert run["config"]["model"]["geneformer_dir"] == str(geneformer_dir)
-    from pipeline.tokenize import hash_file
+    from pipeline.tokenize.encode import hash_file
 
     assert run["data_hash"] == hash_file(user_h5ad)
     assert run["model_hash"] == hash_file(model_dir / "pytorch_model.bin")
@@ -107,7 +107,7 @@ def test_user_data_and_checkpoint_run_end_to_end(tmp_path, user_checkpoint, user
     assert all(c["status"] == "completed" for c in children.values())
 
     # the fine-tuned models keep the checkpoint's vocabulary (real V1 dictionary, 25,426 tokens)
-    from pipeline.model import read_model_config
+    from pipeline.models.load import read_model_config
 
     ft_dir = Path(st.get_json(children["lowhigh/unfrozen"]["id"], "checkpoint")["path"])
     assert ft_dir == db.parent / ".gfattn-cache" / "runs" / st.uid / "1" / "lowhigh__unfrozen"
@@ -147,8 +147,8 @@ def _tiny_embedded_config(tmp_path):
 
 
 def test_resume_continues_a_failed_run_from_its_first_unfinished_stage(tmp_path, monkeypatch, capsys):
-    import pipeline.analysis as analysis
-    from pipeline.experiment import resume_pipeline, run_pipeline
+    import pipeline.analysis.pair as analysis
+    from pipeline.run.driver import resume_pipeline, run_pipeline
     from store import Store
 
     cfg = _tiny_embedded_config(tmp_path)
@@ -198,7 +198,7 @@ def test_resume_continues_a_failed_run_from_its_first_unfinished_stage(tmp_path,
 @pytest.mark.slow
 def test_pipeline_fine_tunes_with_two_processes(tmp_path, capsys):
     """`compute.nproc = 2` fine-tunes each model through torchrun (gloo on CPU) and records it as usual."""
-    from pipeline.experiment import run_pipeline
+    from pipeline.run.driver import run_pipeline
     from store import Store
 
     cfg = _tiny_embedded_config(tmp_path)

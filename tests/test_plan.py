@@ -1,4 +1,4 @@
-"""The cost plan (`pipeline.plan`, `gfattn pipeline --plan`): its counts against direct counts of what the
+"""The cost plan (`pipeline.run.plan`, `gfattn pipeline --plan`): its counts against direct counts of what the
 stages run, the stage list against `_stages`, `--plan` recording nothing, and the plan stored on a run."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline import config
-from pipeline import plan as P
+from pipeline.run import plan as P
 
 
 def _shape(cfg, **kw):
@@ -97,7 +97,7 @@ def test_deletion_passes_count_baseline_sets_and_single_genes():
 
 def test_the_plan_names_the_stages_the_run_executes(monkeypatch):
     """`_stages` with every stage function stubbed: the stage names it enters are the plan's."""
-    from pipeline import experiment as E
+    from pipeline.run import driver as E
 
     cfg = config.resolve(
         "default", None, {"analysis.label_permutation": True, "train.modes": ["frozen", "unfrozen", "last-1"]}

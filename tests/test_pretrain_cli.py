@@ -13,9 +13,9 @@ torch.set_num_threads(1)  # 2 threads crawl when other processes share the 2 cor
 
 @pytest.mark.slow
 def test_pretrain_and_finetune_commands(tmp_path, capsys):
-    from pipeline.dictionaries import GeneDictionaries
-    from pipeline.synth import make_corpus, make_sciplex_like
-    from pipeline.tokenize import save_tokenized, tokenize_anndata
+    from pipeline.data.dictionaries import GeneDictionaries
+    from pipeline.data.synth import make_corpus, make_sciplex_like
+    from pipeline.tokenize.encode import save_tokenized, tokenize_anndata
     from store import Store
 
     corpus = tmp_path / "corpus.h5ad"
@@ -107,7 +107,7 @@ def test_pretrain_and_finetune_commands(tmp_path, capsys):
 def test_finetune_command_refuses_a_missing_label_column(tmp_path, capsys):
     import datasets
 
-    from pipeline.tokenize import save_tokenized
+    from pipeline.tokenize.encode import save_tokenized
 
     ds = datasets.Dataset.from_dict({"input_ids": [[2, 3, 4]] * 6, "length": [3] * 6, "cell_id": list("abcdef")})
     save_tokenized(ds, tmp_path / "tok")

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from pipeline.pretrain import plan_pretraining, pretrain
+from pipeline.models.pretrain import plan_pretraining, pretrain
 
 from _helpers_model import corpus_cells, toy_dictionaries
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline.errors import InputError
-from pipeline.pretrain import corrupt_selected, frequency_baselines, pretrain, select_masked_positions
+from pipeline.models.pretrain import corrupt_selected, frequency_baselines, pretrain, select_masked_positions
 
 from _helpers_model import FakeRecorder, corpus_cells, toy_dictionaries
 
@@ -95,7 +95,7 @@ def test_pretraining_writes_a_geneformer_like_checkpoint(pretrained):
     summary = json.loads((out / "gfattn_pretrain.json").read_text())
     assert summary["metrics"]["heldout_accuracy"] == pytest.approx(m["heldout_accuracy"])
     assert summary["hyperparameters"]["mask_probability"] == 0.15
-    from pipeline.model import load_classifier
+    from pipeline.models.load import load_classifier
 
     model = load_classifier(out, 2, max_len=64)  # its own dictionaries are found and checked
     assert model.config.vocab_size == len(dicts.token_dict)
@@ -137,7 +137,7 @@ def test_a_budget_that_does_not_bind_leaves_the_model_unchanged(tmp_path, monkey
 
     from safetensors.torch import load_file
 
-    import pipeline.pretrain as pretrain_module
+    import pipeline.models.pretrain as pretrain_module
 
     corpus, dicts = corpus_cells(120, n_genes=60, seed=2), toy_dictionaries(60)
     kw = dict(layers=1, hidden=16, heads=2, intermediate=32, max_len=64, epochs=3, batch_size=8, lr=1e-3, seed=0)

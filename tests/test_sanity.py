@@ -1,4 +1,4 @@
-"""Sanity checks of key-gene scores (pipeline.sanity): the randomisation cascade and the score comparison."""
+"""Sanity checks of key-gene scores (pipeline.analysis.sanity): the randomisation cascade and the score comparison."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from pipeline.sanity import cascade_steps, compare_scores, randomisation_cascade, reinitialise
+from pipeline.analysis.sanity import cascade_steps, compare_scores, randomisation_cascade, reinitialise
 
 from _helpers_model import class_coded_cells, toy_dictionaries
 
@@ -86,7 +86,7 @@ def test_cascade_leaves_attention_untouched_by_the_head_and_is_reproducible():
 def test_permuted_labels_keep_cells_classes_and_sizes_and_leave_test_cells_alone():
     from datasets import Dataset
 
-    from pipeline.experiment import permuted_parts
+    from pipeline.run.driver import permuted_parts
 
     rng = np.random.default_rng(0)
     parts = {

@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_deletion import PAD, classifier, planted  # noqa: F401 - the same tiny classifier and its fixture
 
-from pipeline.deletion import (
+from pipeline.analysis.deletion import (
     DeletionEngine,
     empirical_p,
     gene_frequency_rank,
@@ -19,8 +19,8 @@ from pipeline.deletion import (
     set_deletion,
     set_rng,
 )
-from pipeline.deletion_report import deletion_q_values, p_text
-from pipeline.keygenes import frequency_rank_bins
+from pipeline.analysis.deletion_report import deletion_q_values, p_text
+from pipeline.analysis.keygenes import frequency_rank_bins
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -169,8 +169,8 @@ def test_special_tokens_are_never_deleted_nor_read():
 
 
 def test_deletion_q_values_over_both_models_equal_bh(tmp_path):
-    from pipeline.analysis import benjamini_hochberg
-    from pipeline.deletion_report import adjust_deletion_family
+    from pipeline.analysis.deletion_report import adjust_deletion_family
+    from pipeline.analysis.pair import benjamini_hochberg
     from store import Store
     from store import results as R
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.keygenes import SHRUNK_BY, shrunk_log_ratio
+from pipeline.analysis.keygenes import SHRUNK_BY, shrunk_log_ratio
 
 
 def test_share_shrunk_and_prior_variance_equal_a_direct_computation():
@@ -61,8 +61,8 @@ def ig_model():
 
 
 def test_ig_gap_percentiles_and_steps_raised_until_below_the_threshold(ig_model):
-    from pipeline.attribution import integrated_gradients, run_attribution
-    from pipeline.cells import Cells
+    from pipeline.analysis.attribution import integrated_gradients, run_attribution
+    from pipeline.tokenize.cells import Cells
 
     from test_attention_engine import PAD, SPECIAL
 

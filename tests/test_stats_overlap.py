@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.analysis import benjamini_hochberg, compare_de_attention, overlap_q_values
+from pipeline.analysis.pair import benjamini_hochberg, compare_de_attention, overlap_q_values
 
 
 def _tail(o, N, K, n):

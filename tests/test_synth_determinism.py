@@ -5,7 +5,7 @@ import sys
 
 CODE = """
 import hashlib
-from pipeline.synth import make_corpus, make_sciplex_like
+from pipeline.data.synth import make_corpus, make_sciplex_like
 a = make_corpus(n_cells=150, seed=3, preset="thesis")
 b = make_sciplex_like(scale=0.02, preset="thesis", seed=3)
 print(hashlib.sha256(a.X.data.tobytes() + b.X.data.tobytes()).hexdigest())

@@ -6,8 +6,8 @@ import csv
 
 import pytest
 
-from pipeline import synth, synth_genes
-from pipeline.dictionaries import load_pickle_restricted
+from pipeline.data import synth, synth_genes
+from pipeline.data.dictionaries import load_pickle_restricted
 
 
 def test_named_gene_tables_are_consistent():

@@ -53,7 +53,7 @@ def test_cli_tokenizes_and_reports(setup, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "cells: 20 in, 20 tokenized" in r.stdout and "genes: 40 of 40 mapped to the V2 vocabulary" in r.stdout
     assert "n_counts: obs['n_counts']" in r.stdout and "length: median" in r.stdout
-    from pipeline.tokenize import load_tokenize_report, load_tokenized
+    from pipeline.tokenize.encode import load_tokenize_report, load_tokenized
 
     ds = load_tokenized(out)
     assert set(ds.column_names) == {"input_ids", "length", "cell_id", "label", "dose"}

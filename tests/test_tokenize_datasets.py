@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.dictionaries import GeneDictionaries
+from pipeline.data.dictionaries import GeneDictionaries
 from pipeline.errors import InputError
-from pipeline.tokenize import (
+from pipeline.tokenize.encode import (
     REPORT_FILE,
     build_vocabulary,
     hash_file,

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from pipeline.dictionaries import GeneDictionaries
+from pipeline.data.dictionaries import GeneDictionaries
 from pipeline.paths import shared_dir
-from pipeline.tokenize import normalise_counts, rank_rows, tokenize_anndata
+from pipeline.tokenize.encode import normalise_counts, rank_rows, tokenize_anndata
 
 from _helpers_tokenize import (
     assert_same_ranking,
@@ -194,7 +194,7 @@ def test_rank_rows_exact_for_adversarial_values():
 
 def test_rank_rows_in_row_groups(monkeypatch):
     """Chunks too large for the index bits are ranked in row groups; a long row stays whole."""
-    import pipeline.tokenize as tok
+    import pipeline.tokenize.encode as tok
 
     rng = np.random.default_rng(8)
     lengths = np.array([7_000, 3, 0, 500, 900, 1])

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from pipeline.compute import seed_everything
-from pipeline.launch import WORKER_MODULE, finetune_distributed, torchrun_command
-from pipeline.model import load_classifier
-from pipeline.train import TrainConfig, finetune
+from pipeline.models.load import load_classifier
+from pipeline.parallel.launch import WORKER_MODULE, finetune_distributed, torchrun_command
+from pipeline.training.finetune import TrainConfig, finetune
 
 from _helpers_model import class_coded_cells, save_tiny_model
 
@@ -25,11 +25,11 @@ def test_workers_run_the_launcher_module_and_primitives_stay_below_training():
     import subprocess
     import sys
 
-    assert WORKER_MODULE == "pipeline.launch"
-    probe = "import json, sys, pipeline.distributed; print(json.dumps(sorted(m for m in sys.modules if m.startswith('pipeline.'))))"
+    assert WORKER_MODULE == "pipeline.parallel.launch"
+    probe = "import json, sys, pipeline.parallel.distributed; print(json.dumps(sorted(m for m in sys.modules if m.startswith('pipeline.'))))"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     loaded = set(json.loads(out.stdout))
-    assert "pipeline.train" not in loaded and "pipeline.launch" not in loaded
+    assert "pipeline.training.finetune" not in loaded and "pipeline.parallel.launch" not in loaded
     out = subprocess.run([sys.executable, "-m", WORKER_MODULE, "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--job" in out.stdout
 

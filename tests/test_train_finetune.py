@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from pipeline.errors import InputError
-from pipeline.model import load_classifier
-from pipeline.train import (
+from pipeline.models.load import load_classifier
+from pipeline.training.finetune import (
     TrainConfig,
     classification_metrics,
     evaluate,
@@ -30,7 +30,7 @@ def _splits(n_train=160, n_val=40, n_test=40, **kw):
 
 
 def test_v1_6l_finetune_save_load_gives_identical_predictions(shared, tmp_path):
-    from pipeline.dictionaries import GeneDictionaries
+    from pipeline.data.dictionaries import GeneDictionaries
 
     config_dir = shared / "geneformer" / "configs" / "V1-6L-10M"
     save_random_geneformer(config_dir, tmp_path / "v1")

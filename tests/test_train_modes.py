@@ -1,6 +1,6 @@
 """Training modes on the real V1-6L config (random weights): exactly the documented parameters change.
 
-Documented in pipeline/model.py: the head is `bert.pooler` + `classifier`; `frozen` trains only the head,
+Documented in pipeline/models/load.py: the head is `bert.pooler` + `classifier`; `frozen` trains only the head,
 `last-K` the last K encoder layers and the head, `freeze-N` (Geneformer's freeze_layers) everything but
 the first N encoder layers, `unfrozen` everything.
 """
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from pipeline.errors import InputError
-from pipeline.model import apply_training_mode, load_classifier, parse_mode
-from pipeline.train import TrainConfig, finetune
+from pipeline.models.load import apply_training_mode, load_classifier, parse_mode
+from pipeline.training.finetune import TrainConfig, finetune
 
 from _helpers_model import class_coded_cells, parameters, save_random_geneformer
 

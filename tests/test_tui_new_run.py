@@ -214,8 +214,8 @@ def test_start_writes_the_generated_config(tmp_path, monkeypatch):
 
 
 def test_class_sizes_are_the_pipelines_on_every_row(cells):
-    """The distinct-row shortcut gives the counts of `pipeline.design.select_cells` on the full obs."""
-    from pipeline.design import select_cells
+    """The distinct-row shortcut gives the counts of `pipeline.data.design.select_cells` on the full obs."""
+    from pipeline.data.design import select_cells
 
     obs = _obs(cells)
     design = Design(column="dose", groups={"low": ["0", "2.5"], "high": ["25"]}, filters={"stim": ["ctrl"]})

@@ -109,7 +109,7 @@ async def test_the_form_refuses_gene_symbols_without_dictionaries_as_the_pipelin
         form.query_one("#nr-data").value = str(data)
         await settle(pilot, rounds=6)
         problems = str(form.query_one("#nr-input-problems").content)
-        # the pipeline's own message (pipeline.experiment._check_embedded_genes)
+        # the pipeline's own message (pipeline.run.driver._check_embedded_genes)
         assert SYMBOL_ERROR in problems and "--geneformer-dir" in problems
         await pilot.press("ctrl+s")
         await settle(pilot)

@@ -2,7 +2,7 @@
 
 Thesis sections 3.3-4.5: weight- and norm-based attention per layer/head, per rank and per gene, the
 cosine between the two models, position-controlled key genes, optional DE agreement and statistics.
-Records an "analysis" run in the store (`pipeline.analysis.run_pair_analysis`).
+Records an "analysis" run in the store (`pipeline.analysis.pair.run_pair_analysis`).
 """
 
 from __future__ import annotations
@@ -84,9 +84,9 @@ def run(args) -> int:
 
     import torch
 
-    from pipeline.analysis import de_wilcoxon, load_reference_set, run_pair_analysis
-    from pipeline.model import load_for_attention, model_dictionaries
-    from pipeline.tokenize import load_tokenized
+    from pipeline.analysis.pair import de_wilcoxon, load_reference_set, run_pair_analysis
+    from pipeline.models.load import load_for_attention, model_dictionaries
+    from pipeline.tokenize.encode import load_tokenized
 
     dicts = model_dictionaries(model_a)
     if dicts is None:
@@ -98,7 +98,7 @@ def run(args) -> int:
                 f"{model_a} and {model_b} do not share a tokenization (different dictionaries); "
                 "compare models fine-tuned from the same checkpoint"
             )
-    from pipeline.train import verify_checkpoint
+    from pipeline.training.finetune import verify_checkpoint
 
     # a gfattn fine-tuned model carries the sha256 of its weights: a changed file is refused, not analysed
     hashes = {str(m): verify_checkpoint(m) for m in (model_a, model_b) if m is not None}
@@ -108,7 +108,7 @@ def run(args) -> int:
     if args.group_column and args.group_column not in ds.column_names:
         raise InputError(f"{data}: no column {args.group_column!r} (columns: {', '.join(ds.column_names)})")
     ds = _select_cells(ds, args.cells, model_a, data)
-    from pipeline.cells import subsample
+    from pipeline.tokenize.cells import subsample
 
     ds = subsample(ds, args.max_cells, args.seed)
     lengths = ds["length"] if "length" in ds.column_names else [len(x) for x in ds["input_ids"]]
@@ -194,7 +194,7 @@ def run(args) -> int:
         if f"top_genes_{s}" in summary:
             print(f"top attended genes, {model}: {', '.join(summary[f'top_genes_{s}'])}")
     if de is not None:
-        from pipeline.summary import overlap_lines
+        from pipeline.report.summary import overlap_lines
 
         for line in overlap_lines(store.get_json(run_id, "de_overlap")):
             print(line.removeprefix("  "))
@@ -204,7 +204,7 @@ def run(args) -> int:
 
 def _select_cells(ds, which: str, model_dir: Path, data: Path):
     """The dataset rows to analyse: the model's test split, all, or the cell ids listed in a file."""
-    from pipeline.train import load_split
+    from pipeline.training.finetune import load_split
 
     ids = [str(c) for c in ds["cell_id"]]
     if which == "all":

@@ -60,11 +60,11 @@ def _label_names(values) -> tuple[list[str], object]:
 
 def _dictionaries(model_dir, geneformer_dir):
 
-    from pipeline.model import model_dictionaries
+    from pipeline.models.load import model_dictionaries
 
     dicts = model_dictionaries(model_dir)
     if dicts is None and geneformer_dir:
-        from pipeline.dictionaries import GeneDictionaries, resolve_version
+        from pipeline.data.dictionaries import GeneDictionaries, resolve_version
 
         dicts = GeneDictionaries.from_geneformer_dir(geneformer_dir, resolve_version("auto", model_dir))
     return dicts
@@ -75,7 +75,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from pipeline.errors import InputError
-    from pipeline.model import parse_mode
+    from pipeline.models.load import parse_mode
 
     parse_mode(args.mode)
     if args.nproc < 1:
@@ -86,9 +86,9 @@ def run(args) -> int:
 
     import numpy as np
 
-    from pipeline.design import stratified_split
-    from pipeline.tokenize import load_tokenized
-    from pipeline.train import TrainConfig, finetune
+    from pipeline.data.design import stratified_split
+    from pipeline.tokenize.encode import load_tokenized
+    from pipeline.training.finetune import TrainConfig, finetune
 
     ds = load_tokenized(args.data)
     if args.label_column not in ds.column_names:
@@ -126,7 +126,7 @@ def run(args) -> int:
         max_len=max_len,
     ).validate()
     # Refuse a mismatched model before a run is recorded.
-    from pipeline.model import check_model_inputs, read_model_config
+    from pipeline.models.load import check_model_inputs, read_model_config
 
     model_config = read_model_config(args.model)
     parse_mode(args.mode, model_config.num_hidden_layers)
@@ -163,7 +163,7 @@ def run(args) -> int:
         split_names[train_idx], split_names[val_idx], split_names[test_idx] = "train", "validation", "test"
         store.put_split(run_id, [str(c) for c in ds["cell_id"]], split_names.tolist())
         if args.nproc > 1:
-            from pipeline.launch import finetune_distributed
+            from pipeline.parallel.launch import finetune_distributed
 
             result = finetune_distributed(
                 args.model,
@@ -178,7 +178,7 @@ def run(args) -> int:
                 dicts=dicts,
             )
         else:
-            from pipeline.model import load_classifier
+            from pipeline.models.load import load_classifier
 
             model = load_classifier(
                 args.model,
@@ -202,7 +202,7 @@ def run(args) -> int:
                 progress=rep.callback("steps", stage="finetune"),
                 dicts=dicts,
             )
-    from pipeline.train import save_split
+    from pipeline.training.finetune import save_split
 
     save_split(args.out, ds["cell_id"], split, data=str(args.data))
     m = result.test_metrics

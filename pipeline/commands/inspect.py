@@ -33,13 +33,13 @@ def read_obs_table(path: str | Path):
     path = Path(path)
     if path.suffix == ".loom":
         return _loom_obs(path)
-    from pipeline.experiment import read_obs
+    from pipeline.run.driver import read_obs
 
     return read_obs(str(path))
 
 
 def _loom_obs(path: Path):
-    """A .loom's 1-D column attributes as obs, indexed like `pipeline.data.loom_as_h5ad` indexes them."""
+    """A .loom's 1-D column attributes as obs, indexed like `pipeline.data.counts.loom_as_h5ad` indexes them."""
     import h5py
     import pandas as pd
 
@@ -95,8 +95,8 @@ def obs_columns(obs, max_values: int = MAX_CLASSES) -> list[dict]:
 def describe(path: Path, *, geneformer_dir=None, model=None, layer=None, gene_id_column=None) -> dict:
     import numpy as np
 
-    from pipeline.data import map_genes, open_counts
-    from pipeline.experiment import read_obs
+    from pipeline.data.counts import map_genes, open_counts
+    from pipeline.run.driver import read_obs
 
     columns = obs_columns(read_obs(str(path)))
     with open_counts(path, layer) as cm:
@@ -144,8 +144,8 @@ def describe(path: Path, *, geneformer_dir=None, model=None, layer=None, gene_id
 
 
 def _dictionaries(geneformer_dir, model):
-    from pipeline.dictionaries import GeneDictionaries
-    from pipeline.model import model_dictionaries
+    from pipeline.data.dictionaries import GeneDictionaries
+    from pipeline.models.load import model_dictionaries
 
     out = []
     if model:

@@ -1,4 +1,4 @@
-"""`gfattn pipeline`: the thesis experiment end to end, headless (see pipeline/experiment.py)."""
+"""`gfattn pipeline`: the thesis experiment end to end, headless (see pipeline/run/driver.py)."""
 
 from __future__ import annotations
 
@@ -107,7 +107,7 @@ def run(args) -> int:
 
         raise InputError("--plan plans a new run; it does not take --resume")
     if args.resume:
-        from pipeline.experiment import resume_pipeline
+        from pipeline.run.driver import resume_pipeline
 
         return resume_pipeline(args.resume, store_path)
     cfg = config.resolve(preset, args.config, flags)
@@ -117,14 +117,14 @@ def run(args) -> int:
     if args.plan:
         import sys
 
-        from pipeline.plan import format_plan, plan_before_run
+        from pipeline.run.plan import format_plan, plan_before_run
 
         def say(message: str) -> None:
             print(f"plan: {message}", file=sys.stderr, flush=True)
 
         print("\n".join(format_plan(plan_before_run(cfg, store_path, say=say))))
         return 0
-    from pipeline.experiment import run_pipeline
+    from pipeline.run.driver import run_pipeline
 
     return run_pipeline(cfg, store_path)
 

@@ -16,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from pipeline.errors import InputError
     from pipeline.paths import resolve_store_path
-    from pipeline.plot import plot_run
+    from pipeline.report.plot import plot_run
     from store import Store
 
     path = resolve_store_path(args.store)

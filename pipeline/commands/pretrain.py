@@ -1,9 +1,9 @@
 """`gfattn pretrain`: masked-gene pretraining of a small Geneformer-style BERT on a raw-count corpus.
 
 Builds the corpus vocabulary (token ids and gene medians), rank-value encodes the cells and pretrains
-(`pipeline.pretrain`), writing a directory that looks like a Geneformer checkpoint.
+(`pipeline.models.pretrain`), writing a directory that looks like a Geneformer checkpoint.
 
-`gfattn pretrain --embedded --out DIR` builds a preset's embedded model instead (`pipeline.embedded`:
+`gfattn pretrain --embedded --out DIR` builds a preset's embedded model instead (`pipeline.models.embedded`:
 its synthetic corpus, vocabulary and pretraining, with the preset's CPU threads) and says whether it
 equals the model shipped with gfattn bit for bit (`--check`: exit 1 when it does not).
 """
@@ -78,8 +78,8 @@ def run(args) -> int:
     if (out / "config.json").exists():
         raise InputError(f"{out} already holds a model (config.json); choose a new --out directory")
 
-    from pipeline.pretrain import pretrain
-    from pipeline.tokenize import build_vocabulary, tokenize_anndata
+    from pipeline.models.pretrain import pretrain
+    from pipeline.tokenize.encode import build_vocabulary, tokenize_anndata
 
     store = open_store(args.store)
     run_id = None
@@ -158,9 +158,10 @@ def _embedded(args) -> int:
     from contextlib import closing
     from pathlib import Path
 
-    from pipeline import config, embedded
+    from pipeline import config
     from pipeline.errors import InputError
     from pipeline.io import sha256_file
+    from pipeline.models import embedded
     from pipeline.progress import Reporter
 
     if args.preset not in config.PRESETS:

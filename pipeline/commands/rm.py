@@ -57,8 +57,8 @@ def owned_folders(st, run_id: int) -> list:
     where it lies inside that tree, so nothing outside the cache is ever removed)."""
     from pathlib import Path
 
-    from pipeline.experiment import CHECKPOINT_JSON
     from pipeline.paths import cache_dir_for_store
+    from pipeline.run.driver import CHECKPOINT_JSON
 
     root = (cache_dir_for_store(st.path) / "runs" / st.uid).resolve()
     out: list[Path] = []

@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
             json.dump(doc, sys.stdout, indent=1, ensure_ascii=False, allow_nan=False)
             sys.stdout.write("\n")
             return 0
-        from pipeline.summary import (
+        from pipeline.report.summary import (
             attribution_lines,
             checkpoint_check_lines,
             deletion_lines,

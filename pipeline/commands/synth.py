@@ -1,6 +1,6 @@
 """`gfattn synth`: write a synthetic sci-Plex 2-like .h5ad, or a healthy pretraining corpus.
 
-See pipeline/synth.py for the model (thesis section 2.1-2.2 data, with planted Nutlin-3a biology and
+See pipeline/data/synth.py for the model (thesis section 2.1-2.2 data, with planted Nutlin-3a biology and
 a tunable dose -> detected-genes confound).
 """
 
@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from pipeline.errors import InputError
-from pipeline.io import write_h5ad_atomic  # also imported from here by pipeline.experiment, for now
+from pipeline.io import write_h5ad_atomic  # also imported from here by pipeline.run.driver, for now
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,7 +77,7 @@ def _check(args: argparse.Namespace) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     out = _check(args)
-    from pipeline import synth
+    from pipeline.data import synth
 
     t0 = time.perf_counter()
     if args.corpus:

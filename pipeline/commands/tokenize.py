@@ -60,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_dictionaries(args):
     """The dictionaries named on the command line (shared with other commands that tokenize)."""
-    from pipeline.dictionaries import GeneDictionaries
+    from pipeline.data.dictionaries import GeneDictionaries
 
     files = (args.token_dictionary, args.gene_median, args.gene_mapping, args.gene_name_id)
     if args.geneformer_dir and any(files):
@@ -99,7 +99,7 @@ def run(args) -> int:
 
     import os
 
-    from pipeline.tokenize import tokenize_to_disk
+    from pipeline.tokenize.encode import tokenize_to_disk
 
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     report = tokenize_to_disk(

@@ -49,7 +49,7 @@ class Preflight:
     """What the checks before recording learned: the device, the resolved model and the cell selection."""
 
     device: str
-    selection: Any = None  # pipeline.design.Selection (None for the synthetic data, made in the data stage)
+    selection: Any = None  # pipeline.data.design.Selection (None for the synthetic data, made in the data stage)
     split: np.ndarray | None = None
     obs_rows: int = 0
     read_path: str = ""  # the .h5ad the stages read: --data itself, or its .loom converted once into the cache
@@ -78,7 +78,7 @@ def preflight(cfg: dict, cache: Path | None = None) -> Preflight:
         if p.suffix not in (".h5ad", ".loom"):
             raise InputError(f"data file {p} is neither .h5ad nor .loom; convert it with anndata (`adata.write_h5ad`)")
         if p.suffix == ".loom":
-            from pipeline.data import loom_as_h5ad
+            from pipeline.data.counts import loom_as_h5ad
 
             read_path = str(loom_as_h5ad(p, (cache or p.parent / ".gfattn-cache") / "data"))
     model_path = cfg["model"]["path"]
@@ -87,7 +87,7 @@ def preflight(cfg: dict, cache: Path | None = None) -> Preflight:
         m = Path(model_path)
         if not m.is_dir():
             raise InputError(f"model directory {m} does not exist; pass a local Hugging Face checkpoint dir to --model")
-        from pipeline.model import check_checkpoint, read_model_config
+        from pipeline.models.load import check_checkpoint, read_model_config
 
         # config.json present, valid, BERT, weights beside it, opened and matching it (and its manifest)
         check_checkpoint(m, read_model_config(m))
@@ -112,7 +112,7 @@ def preflight(cfg: dict, cache: Path | None = None) -> Preflight:
         out.selection, out.split = select_and_split(obs, cfg)
         out.obs_rows = len(obs)
     if data_path:
-        from pipeline.data import validate_counts
+        from pipeline.data.counts import validate_counts
 
         obs = read_obs(read_path)
         out.selection, out.split = select_and_split(obs, cfg)
@@ -134,7 +134,7 @@ def tokenized_obs(path: str):
     """A tokenized dataset's cell columns (everything but the tokens) as an obs table indexed by cell id."""
     import pandas as pd
 
-    from pipeline.tokenize import load_tokenized
+    from pipeline.tokenize.encode import load_tokenized
 
     ds = load_tokenized(path)
     columns = [c for c in ds.column_names if c not in ("input_ids", "length", "cell_id")]
@@ -174,7 +174,7 @@ def read_obs(data_path: str):
 
 
 def select_and_split(obs, cfg: dict):
-    from pipeline.design import check_class_sizes, select_cells, stratified_split
+    from pipeline.data.design import check_class_sizes, select_cells, stratified_split
 
     sel = select_cells(obs, cfg)
     check_class_sizes(sel, cfg["split"]["validation"], cfg["split"]["test"])
@@ -190,10 +190,10 @@ class Products:
 
     data_path: str = ""
     data_hash: str | None = None
-    selection: Any = None  # pipeline.design.Selection
+    selection: Any = None  # pipeline.data.design.Selection
     split: np.ndarray | None = None
     model_dir: Path | None = None
-    dicts: Any = None  # pipeline.dictionaries.GeneDictionaries
+    dicts: Any = None  # pipeline.data.dictionaries.GeneDictionaries
     max_len: int = 0
     dataset: Any = None  # datasets.Dataset of the selected cells, in selection order
     tokenize_report: dict = field(default_factory=dict)
@@ -229,7 +229,7 @@ class Context:
     def selected_adata(self):
         """The selected cells' AnnData (X in memory), read from the data file once per process."""
         if self._adata is None:
-            from pipeline.data import read_selected
+            from pipeline.data.counts import read_selected
 
             self._adata = read_selected(self.out.data_path, self.out.selection.index)
         return self._adata
@@ -293,8 +293,8 @@ def synthetic_data_path(ctx: Context) -> Path:
     manifest (sha256), verified on reuse: a replaced or damaged file is an error, never a quiet reuse."""
     import errno
 
+    from pipeline.data.synth import make_sciplex_like
     from pipeline.io import MANIFEST, DiskFullError, staging_dir, verify_manifest, write_h5ad_atomic, write_manifest
-    from pipeline.synth import make_sciplex_like
 
     d = ctx.cfg["data"]
     params = {
@@ -348,7 +348,7 @@ def stage_record_data(ctx: Context) -> None:
         cells = pd.DataFrame({"cell_id": sel.cell_ids, **{t.name: sel.class_names(t.name) for t in sel.tasks}})
         cells["length"], cells["split"] = lengths, split
         if ctx.cfg["data"]["umap"] and ctx.has_counts:
-            from pipeline.data import umap_coordinates
+            from pipeline.data.counts import umap_coordinates
 
             ctx.rep.line("UMAP of the selected cells (scanpy)")
             coords = umap_coordinates(ctx.selected_adata(), ctx.seed)
@@ -361,7 +361,7 @@ def stage_record_data(ctx: Context) -> None:
             t.name: {c: _length_summary(lengths[cells[t.name].to_numpy() == c]) for c in sel.names[t.name]}
             for t in sel.tasks
         }
-        from pipeline.analysis import length_histogram
+        from pipeline.analysis.pair import length_histogram
         from store import results as R
 
         hist, edges = length_histogram(lengths, bins=50)  # the analysis runs' histogram, over every cell
@@ -408,9 +408,9 @@ def _length_summary(lengths: np.ndarray) -> dict:
 # -------------------------------------------------------------------------------------------- model
 def stage_model(ctx: Context) -> None:
     """The checkpoint and its dictionaries: the user's, or the embedded model (pretrained once, cached)."""
-    from pipeline.dictionaries import GeneDictionaries
+    from pipeline.data.dictionaries import GeneDictionaries
     from pipeline.io import sha256_file
-    from pipeline.model import weight_file
+    from pipeline.models.load import weight_file
 
     cfg = ctx.cfg
     if cfg["model"]["path"]:
@@ -432,7 +432,7 @@ def stage_model(ctx: Context) -> None:
 
 def model_input_size(model_dir: Path, dicts, requested: int = 0) -> int:
     """The encoding length for a model: its input size, or fewer ranks if asked; refuses a vocabulary mismatch."""
-    from pipeline.model import read_model_config
+    from pipeline.models.load import read_model_config
 
     config = read_model_config(model_dir)
     vocab, n_tokens = int(config.vocab_size), len(dicts.token_dict)
@@ -448,7 +448,7 @@ def model_input_size(model_dir: Path, dicts, requested: int = 0) -> int:
 
 
 def _dictionaries_for(model_dir: Path, cfg: dict):
-    from pipeline.dictionaries import GeneDictionaries, resolve_version
+    from pipeline.data.dictionaries import GeneDictionaries, resolve_version
 
     version = cfg["model"]["version"]
     if any(model_dir.glob("token_dictionary*.pkl")):
@@ -463,14 +463,14 @@ def _dictionaries_for(model_dir: Path, cfg: dict):
 
 
 def embedded_model_dir(ctx: Context) -> Path:
-    """The embedded default's model (`pipeline.embedded`): the one shipped with gfattn when the run's recipe
+    """The embedded default's model (`pipeline.models.embedded`): the one shipped with gfattn when the run's recipe
     is the shipped one's, else pretrained on the synthetic corpus once per recipe and cached.
 
     Concurrent pipelines may both pretrain it; the first complete copy is kept (`staging_dir(replace=False)`)
     and both are identical for the same recipe unless the time budget cut one short. A shipped or cached
     copy is verified against its manifest before use."""
-    from pipeline import embedded
     from pipeline.io import verify_manifest
+    from pipeline.models import embedded
 
     pcfg = dict(ctx.cfg["pretrain"])
     preset = ctx.cfg["data"]["synth_preset"]
@@ -506,8 +506,8 @@ def embedded_model_dir(ctx: Context) -> Path:
 
 
 def _pretrain_small_model(ctx: Context, corpus_ds, dicts, out: Path, *, seed: int) -> dict:
-    """`pipeline.embedded.pretrain_small_model` with the run's config, device and progress line."""
-    from pipeline.embedded import pretrain_small_model
+    """`pipeline.models.embedded.pretrain_small_model` with the run's config, device and progress line."""
+    from pipeline.models.embedded import pretrain_small_model
 
     return pretrain_small_model(
         ctx.cfg["pretrain"],
@@ -525,14 +525,14 @@ def _check_embedded_genes(data_path: str, cfg: dict, totals: np.ndarray | None =
     Geneformer's name dictionary (--geneformer-dir) to become IDs. Only the genes detected in the selected
     cells (`totals` > 0: their counts summed over those cells) count: an unfiltered matrix lists many
     genes no cell expresses, and the vocabulary is built from the detected ones."""
-    from pipeline.data import MIN_MAPPED_FRACTION, looks_like_ensembl, open_counts, var_identifiers
+    from pipeline.data.counts import MIN_MAPPED_FRACTION, looks_like_ensembl, open_counts, var_identifiers
 
     with open_counts(data_path, cfg["data"]["layer"] or None) as cm:
         ids = np.asarray(var_identifiers(cm.var, cfg["data"]["gene_id_column"] or None), dtype=object)
     detected = totals > 0 if totals is not None and (totals > 0).any() else np.ones(len(ids), dtype=bool)
     mapped = looks_like_ensembl(ids)
     if cfg["model"]["geneformer_dir"]:
-        from pipeline.dictionaries import GeneDictionaries
+        from pipeline.data.dictionaries import GeneDictionaries
 
         version = cfg["model"]["version"] if cfg["model"]["version"] != "auto" else "V2"
         names = GeneDictionaries.from_geneformer_dir(cfg["model"]["geneformer_dir"], version).name_to_id or {}
@@ -570,7 +570,7 @@ def self_pretrained_model_dir(ctx: Context) -> Path:
     """No checkpoint given: gfattn's small model pretrained by masked genes on the user's own training cells
     (test cells stay unseen), over the genes they express; cached by data, cells and pretraining config."""
     from pipeline.io import verify_manifest
-    from pipeline.tokenize import build_vocabulary, hash_file, tokenize_anndata
+    from pipeline.tokenize.encode import build_vocabulary, hash_file, tokenize_anndata
 
     cfg, pcfg = ctx.cfg, dict(ctx.cfg["pretrain"])
     ctx.out.data_hash = ctx.out.data_hash or hash_file(ctx.out.data_path)
@@ -596,7 +596,7 @@ def self_pretrained_model_dir(ctx: Context) -> Path:
 
     name_to_id = None
     if cfg["model"]["geneformer_dir"]:
-        from pipeline.dictionaries import GeneDictionaries, resolve_version
+        from pipeline.data.dictionaries import GeneDictionaries, resolve_version
 
         version = resolve_version(cfg["model"]["version"])
         name_to_id = GeneDictionaries.from_geneformer_dir(cfg["model"]["geneformer_dir"], version).name_to_id
@@ -634,7 +634,7 @@ def self_pretrained_model_dir(ctx: Context) -> Path:
 # ----------------------------------------------------------------------------------------- tokenize
 def stage_tokenize(ctx: Context) -> None:
     """Rank-value encode the selected cells (cached by data content hash, dictionaries and options)."""
-    from pipeline.tokenize import (
+    from pipeline.tokenize.encode import (
         hash_file,
         load_cached_tokenization,
         save_tokenized,
@@ -698,9 +698,9 @@ def stage_tokenize(ctx: Context) -> None:
 
 def stage_checkpoint_check(ctx: Context) -> None:
     """A user's masked-LM checkpoint on a seeded sample of their training cells: masked-gene accuracy against
-    the gene-frequency baseline (`pipeline.checkpoint_check`), stored on the run; one warning when it is no
+    the gene-frequency baseline (`pipeline.models.checkpoint_check`), stored on the run; one warning when it is no
     better (random weights, or dictionaries that are not the model's own)."""
-    from pipeline.checkpoint_check import masked_gene_check
+    from pipeline.models.checkpoint_check import masked_gene_check
     from store import results as R
 
     train = np.flatnonzero(ctx.out.split == "train")
@@ -720,7 +720,7 @@ def _use_tokenized(ctx: Context) -> None:
     """A dataset tokenized by Geneformer (or `gfattn tokenize`): its selected cells, checked against the
     model's vocabulary and input size, its top ranks kept up to model.max_len."""
     from pipeline.io import folder_hash
-    from pipeline.tokenize import load_tokenized
+    from pipeline.tokenize.encode import load_tokenized
 
     path = Path(ctx.out.data_path)
     ds = load_tokenized(path)
@@ -753,7 +753,7 @@ def _fixed_length(ctx: Context, ds, report: dict):
     n = int(ctx.cfg["data"]["fixed_length"])
     if not n:
         return ds, report
-    from pipeline.fixed_length import fix_length
+    from pipeline.data.fixed_length import fix_length
 
     ds, fixed = fix_length(
         ds, n, mode=ctx.cfg["data"]["fixed_length_mode"], seed=ctx.seed, special_ids=ctx.out.dicts.special_ids
@@ -809,7 +809,7 @@ def permuted_parts(parts: dict, seed: int) -> dict:
 def stage_finetune(ctx: Context, task: str, mode: str, *, permuted: bool = False) -> None:
     """Fine-tune one (task, mode) and record metrics, confusion and the best model (thesis 2.3, 4.1).
     With `permuted`, on permuted training labels (`permuted_parts`), as the mode "<mode> (permuted labels)"."""
-    from pipeline.train import recorded_weights_hash, verify_checkpoint
+    from pipeline.training.finetune import recorded_weights_hash, verify_checkpoint
 
     key = mode + (PERMUTED if permuted else "")
     name = f"{task}/{key}"
@@ -829,8 +829,8 @@ def stage_finetune(ctx: Context, task: str, mode: str, *, permuted: bool = False
                 ctx.out.gates[(task, mode)] = gate
             return
         ctx.store.delete_run(done)  # completed without a usable checkpoint record: fine-tune again
-    from pipeline.model import load_classifier
-    from pipeline.train import TrainConfig, finetune
+    from pipeline.models.load import load_classifier
+    from pipeline.training.finetune import TrainConfig, finetune
 
     parts, names = task_datasets(ctx, task)
     if permuted:
@@ -859,7 +859,7 @@ def stage_finetune(ctx: Context, task: str, mode: str, *, permuted: bool = False
         ctx.store.put_labels(child, task, names)
         nproc = int(ctx.cfg["compute"]["nproc"])
         if nproc > 1:
-            from pipeline.launch import finetune_distributed
+            from pipeline.parallel.launch import finetune_distributed
 
             result = finetune_distributed(
                 ctx.out.model_dir,
@@ -893,7 +893,7 @@ def stage_finetune(ctx: Context, task: str, mode: str, *, permuted: bool = False
             )
         digest = recorded_weights_hash(out_dir)
         ctx.store.put_json(child, CHECKPOINT_JSON, {"path": str(out_dir), "weights_sha256": digest})
-        from pipeline.train import save_split
+        from pipeline.training.finetune import save_split
 
         save_split(out_dir, ctx.out.selection.cell_ids, ctx.out.split, data=ctx.out.data_path)
         acc, f1 = result.test_metrics["accuracy"], result.test_metrics["macro_f1"]
@@ -906,9 +906,9 @@ def stage_finetune(ctx: Context, task: str, mode: str, *, permuted: bool = False
 
 def _baseline_and_gate(ctx: Context, child: int, task: str, mode: str, parts, names, result, *, step: int) -> None:
     """Beside the model, on the same cells: the gene-set logistic regression and the majority-class rate
-    (`pipeline.baseline`); then the gate before interpretation (did the model learn?), stored on the child
+    (`pipeline.training.baseline`); then the gate before interpretation (did the model learn?), stored on the child
     and, when it did not, a warning kept on the run."""
-    from pipeline.baseline import gene_set_baseline, learning_gate
+    from pipeline.training.baseline import gene_set_baseline, learning_gate
     from store import results as R
 
     base = gene_set_baseline(
@@ -1015,8 +1015,8 @@ def stage_de(ctx: Context, task: str, group: str, reference: str) -> None:
             _held_out_de(de, group, reference) if "de_all_cells" in ctx.store.gene_tables(done) else de
         )
         return
-    from pipeline.analysis import de_wilcoxon
-    from pipeline.data import ensembl_indexed
+    from pipeline.analysis.pair import de_wilcoxon
+    from pipeline.data.counts import ensembl_indexed
 
     adata = ensembl_indexed(
         ctx.selected_adata(), ctx.out.dicts, ctx.cfg["data"]["gene_id_column"] or None, source=ctx.out.data_path
@@ -1047,7 +1047,7 @@ def stage_de(ctx: Context, task: str, group: str, reference: str) -> None:
 
 def _held_out_de(de, group: str, reference: str):
     """The DE table the analysis uses, saying which classes it compares and that test cells were held out."""
-    from pipeline.analysis import DE_ATTR_CELLS, DE_ATTR_CLASSES
+    from pipeline.analysis.pair import DE_ATTR_CELLS, DE_ATTR_CLASSES
 
     de.attrs[DE_ATTR_CLASSES] = (str(group), str(reference))
     de.attrs[DE_ATTR_CELLS] = "training and validation cells (the analysed test cells held out)"
@@ -1056,7 +1056,7 @@ def _held_out_de(de, group: str, reference: str):
 
 def _fill_symbols(de, dicts, adata, gene_id_column) -> list[str]:
     """Gene symbols for a DE table: the dictionaries' where they name the gene, else the data's own var."""
-    from pipeline.data import gene_symbols_of
+    from pipeline.data.counts import gene_symbols_of
 
     from_data = gene_symbols_of(adata, dicts, gene_id_column)
     out = []
@@ -1069,7 +1069,7 @@ def _fill_symbols(de, dicts, adata, gene_id_column) -> list[str]:
 def analysis_cells(ctx: Context, task: str):
     """The test cells every analysis of `task` reads (each model's and each pair's): the task's test split,
     at most `analysis.max_cells` of them drawn with the run's seed."""
-    from pipeline.cells import subsample
+    from pipeline.tokenize.cells import subsample
 
     parts, _ = task_datasets(ctx, task)
     return subsample(parts["test"], int(ctx.cfg["analysis"]["max_cells"]), ctx.seed)
@@ -1097,12 +1097,12 @@ def stage_model_analysis(ctx: Context, task: str, mode: str, pairs: list[str]) -
     child run (`results.model_analysis_name`) that every pair's analysis run reads (`_copy_model_results`).
 
     Each of these is a function of the model and the task's analysis cells alone: the gene table is the
-    model's own (`pipeline.analysis.gene_table` of a one-model attention pass; its key-score fit is
+    model's own (`pipeline.analysis.pair.gene_table` of a one-model attention pass; its key-score fit is
     per model), never the pair's, whose row order follows the other model's key score."""
-    from pipeline.analysis import gene_table
-    from pipeline.attention import analyze_attention
-    from pipeline.model import load_for_attention
-    from pipeline.train import verify_checkpoint
+    from pipeline.analysis.attention import analyze_attention
+    from pipeline.analysis.pair import gene_table
+    from pipeline.models.load import load_for_attention
+    from pipeline.training.finetune import verify_checkpoint
     from store import results as R
 
     name = R.model_analysis_name(task, mode)
@@ -1168,8 +1168,8 @@ def _attribution(ctx: Context, child: int, task: str, test, mode: str, model, ge
     methods = tuple(ctx.cfg["analysis"]["attribution"])
     if not methods:
         return None
-    from pipeline.attribution import run_attribution, write_attribution
-    from pipeline.cells import Cells
+    from pipeline.analysis.attribution import run_attribution, write_attribution
+    from pipeline.tokenize.cells import Cells
     from store import results as R
 
     a_cfg = ctx.cfg["analysis"]
@@ -1223,8 +1223,8 @@ def _one_vs_rest_overlaps(ctx: Context, child: int, task: str, genes) -> None:
     tables = {(g, ref): de for (t, g, ref), de in ctx.out.de.items() if t == task}
     if len(tables) < 2:
         return
-    from pipeline.analysis import compare_de_attention
-    from pipeline.keygenes import key_score_column
+    from pipeline.analysis.keygenes import key_score_column
+    from pipeline.analysis.pair import compare_de_attention
     from store import results as R
     from store.jsonsafe import plain
 
@@ -1248,12 +1248,12 @@ def _one_vs_rest_overlaps(ctx: Context, child: int, task: str, genes) -> None:
 
 def _deletion(ctx: Context, child: int, task: str, test, mode: str, model, genes, attribution) -> None:
     """In-silico deletion of the model's top genes by every score (and of matched random sets) from the
-    test cells, and single-gene deletion of each score's top genes (`pipeline.deletion`). The rankings
+    test cells, and single-gene deletion of each score's top genes (`pipeline.analysis.deletion`). The rankings
     come from the model's own gene table (`stage_model_analysis`), so every pair reads the same result."""
     a_cfg = ctx.cfg["analysis"]
     if not a_cfg["deletion"] or _gate_skips(ctx, task, mode, "deletion"):
         return
-    from pipeline.deletion_report import run_deletion, write_deletion
+    from pipeline.analysis.deletion_report import run_deletion, write_deletion
 
     labels = np.asarray(test["label"], dtype=np.int64)
     suffix = MODEL_SUFFIX
@@ -1285,11 +1285,11 @@ def _sanity(ctx: Context, child: int, task: str, test, mode: str, genes, attribu
     head, then the layers top down, then the embeddings are re-initialised."""
     if not ctx.cfg["analysis"]["sanity"] or _gate_skips(ctx, task, mode, "randomisation cascade"):
         return
-    from pipeline.attribution import attribution_gene_table
-    from pipeline.keygenes import min_cells_for
-    from pipeline.model import load_for_attention
-    from pipeline.sanity import ATTENTION_SCORES, FLAG_RHO, randomisation_cascade
-    from pipeline.train import verify_checkpoint
+    from pipeline.analysis.attribution import attribution_gene_table
+    from pipeline.analysis.keygenes import min_cells_for
+    from pipeline.analysis.sanity import ATTENTION_SCORES, FLAG_RHO, randomisation_cascade
+    from pipeline.models.load import load_for_attention
+    from pipeline.training.finetune import verify_checkpoint
     from store import results as R
 
     a_cfg = ctx.cfg["analysis"]
@@ -1322,7 +1322,7 @@ def _sanity(ctx: Context, child: int, task: str, test, mode: str, genes, attribu
     doc["model"] = mode
     permuted = ctx.out.models.get((task, mode + PERMUTED))
     if permuted is not None:
-        from pipeline.sanity import compare_scores, key_gene_scores
+        from pipeline.analysis.sanity import compare_scores, key_gene_scores
 
         verify_checkpoint(permuted, ctx.out.checkpoint_hashes.get((task, mode + PERMUTED)))
         scores = key_gene_scores(load_for_attention(permuted), test, labels, **scoring)
@@ -1392,10 +1392,10 @@ def stage_attention(ctx: Context, task: str, mode_a: str, mode_b: str) -> None:
         return
     import torch
 
-    from pipeline.analysis import run_pair_analysis
-    from pipeline.deletion_report import adjust_multiplicity
-    from pipeline.model import load_for_attention
-    from pipeline.train import verify_checkpoint
+    from pipeline.analysis.deletion_report import adjust_multiplicity
+    from pipeline.analysis.pair import run_pair_analysis
+    from pipeline.models.load import load_for_attention
+    from pipeline.training.finetune import verify_checkpoint
     from store import results as R
 
     a_cfg = ctx.cfg["analysis"]
@@ -1465,7 +1465,7 @@ def _stages(ctx: Context) -> None:
     if cfg["model"]["path"]:
         with stage("checkpoint"):
             stage_checkpoint_check(ctx)
-    from pipeline.plan import record_plan
+    from pipeline.run.plan import record_plan
 
     record_plan(ctx)  # JSON `plan` on the run: work and estimated time per stage, the stages' first ETAs
     with stage("record"):
@@ -1620,7 +1620,7 @@ def run_pipeline(cfg: dict, store_path, *, resume_id: int | None = None, stdout=
         return 1
     finally:
         rep.close()
-    from pipeline.summary import format_summary
+    from pipeline.report.summary import format_summary
 
     print(format_summary(store, run_id, elapsed_s=time.monotonic() - t0), file=stdout)
     return 0

@@ -1,6 +1,6 @@
 """In-silico deletion as an analysis of the pipeline: which gene sets to delete, and what is stored.
 
-`pipeline.deletion` is the engine (deleting token sets from cells and measuring the classifier's
+`pipeline.analysis.deletion` is the engine (deleting token sets from cells and measuring the classifier's
 prediction); this module decides what the key-gene question needs from it and writes the answer:
 
 - **Rankings** of one model's genes by every score the analysis has (`score_rankings`): the controlled
@@ -8,10 +8,10 @@ prediction); this module decides what the key-gene question needs from it and wr
   (genes in at least `min_cells` cells, as the attribution's own top genes), and Wilcoxon DE (up in the
   tested group first).
 - **Set deletion** of each ranking's top k genes from every test cell, beside `n_random` random gene sets
-  matched to each top-k set on detection frequency x mean rank (the bins of `pipeline.keygenes`), with
+  matched to each top-k set on detection frequency x mean rank (the bins of `pipeline.analysis.keygenes`), with
   bootstrap CIs over cells and the empirical p that the score's set hurts at least as much as its
-  matched random sets (`pipeline.deletion.set_deletion`).
-- **Single-gene deletion** of each ranking's top N genes (`pipeline.deletion.single_gene_effects`): the
+  matched random sets (`pipeline.analysis.deletion.set_deletion`).
+- **Single-gene deletion** of each ranking's top N genes (`pipeline.analysis.deletion.single_gene_effects`): the
   mean change of the true-class logit over the cells expressing the gene, with its CI.
 
 Stored (names in `store.results`): JSON `deletion_<model>` (the top-k rows with their matched-random
@@ -34,8 +34,8 @@ HEADLINE_K = 20
 
 @dataclass
 class DeletionResult:
-    sets: pd.DataFrame  # pipeline.deletion.SET_COLUMNS, one row per (score, k, set)
-    single: pd.DataFrame  # pipeline.deletion.SINGLE_COLUMNS plus `top_of`
+    sets: pd.DataFrame  # pipeline.analysis.deletion.SET_COLUMNS, one row per (score, k, set)
+    single: pd.DataFrame  # pipeline.analysis.deletion.SINGLE_COLUMNS plus `top_of`
     rankings: dict[str, np.ndarray]
     n_cells: int
     ks: tuple[int, ...]
@@ -57,7 +57,7 @@ def score_rankings(
             ranked = genes.dropna(subset=[col]).sort_values(col, ascending=False, kind="stable")
             out[name] = ranked["token_id"].to_numpy(dtype=np.int64)
     if attribution is not None:
-        from pipeline.attribution import attribution_gene_table
+        from pipeline.analysis.attribution import attribution_gene_table
 
         table = attribution_gene_table(attribution, dicts.id_to_gene)
         table = table[table["n_cells"] >= int(min_cells)]
@@ -94,13 +94,13 @@ def run_deletion(
 ) -> DeletionResult:
     """Set and single-gene deletion of one model on `cells` (its analysis gene table: `genes`).
 
-    Random sets are matched gene by gene (`pipeline.deletion.nearest_matched_sets`, the `match_pool`
+    Random sets are matched gene by gene (`pipeline.analysis.deletion.nearest_matched_sets`, the `match_pool`
     nearest genes) on cells expressing and mean rank; the token the classifier reads (position 0) is never
     deleted (`DeletionEngine(keep_read_position=True)`), so top and random sets match on it exactly;
     `n_random` of them per test, raised up to `max_random` while p sits at its floor (None: no raise).
     `null_bins` is recorded (the overlaps' matched null uses it); deletion no longer bins."""
-    from pipeline.deletion import DeletionEngine, matching_features, set_deletion, single_gene_effects
-    from pipeline.keygenes import min_cells_for
+    from pipeline.analysis.deletion import DeletionEngine, matching_features, set_deletion, single_gene_effects
+    from pipeline.analysis.keygenes import min_cells_for
 
     n = len(labels)
     rankings = score_rankings(genes, suffix, attribution=attribution, de=de, dicts=dicts, min_cells=min_cells_for(n))
@@ -274,7 +274,7 @@ def p_text(row: dict, *, sep: str = " ") -> str:
 def deletion_q_values(rows: list[dict]) -> int:
     """Benjamini-Hochberg q (`q_value`) over the top-set tests of `rows` (one family), in place; returns the
     number of tests."""
-    from pipeline.analysis import benjamini_hochberg
+    from pipeline.analysis.pair import benjamini_hochberg
 
     tests = [r for r in rows if isinstance(r.get("p_empirical"), (int, float)) and np.isfinite(r["p_empirical"])]
     if tests:
@@ -308,8 +308,8 @@ def adjust_deletion_family(store, run_id: int) -> dict | None:
 
 def adjust_multiplicity(store, run_id: int) -> dict:
     """Benjamini-Hochberg q-values of an analysis run, each family at once: every overlap test
-    (`pipeline.analysis.adjust_overlap_family`) and every deletion test (`adjust_deletion_family`).
+    (`pipeline.analysis.pair.adjust_overlap_family`) and every deletion test (`adjust_deletion_family`).
     Idempotent: run it again after adding tests."""
-    from pipeline.analysis import adjust_overlap_family
+    from pipeline.analysis.pair import adjust_overlap_family
 
     return {"overlap": adjust_overlap_family(store, run_id), "deletion": adjust_deletion_family(store, run_id)}

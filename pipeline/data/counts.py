@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
     import scipy.sparse as sp
 
-    from pipeline.dictionaries import GeneDictionaries
+    from pipeline.data.dictionaries import GeneDictionaries
 
 # obs columns accepted as the per-cell total count, in order of preference.
 N_COUNTS_COLUMNS = ("n_counts", "ncounts", "n.umi", "total_counts")

@@ -86,9 +86,9 @@ def key_gene_scores(
     attention scores (`ATTENTION_SCORES`) and `<method>_mean` per attribution method."""
     import torch
 
-    from pipeline.analysis import gene_table
-    from pipeline.attention import analyze_attention
-    from pipeline.attribution import attribution_gene_table, run_attribution
+    from pipeline.analysis.attention import analyze_attention
+    from pipeline.analysis.attribution import attribution_gene_table, run_attribution
+    from pipeline.analysis.pair import gene_table
 
     result = analyze_attention(
         model,

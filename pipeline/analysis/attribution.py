@@ -28,10 +28,10 @@ whole. Because the attention output of the scaled layer is O = (alpha A) V, and 
 (layers before l are untouched), dF/dA_ij = <dF/dO_i, v_j> exactly (chain rule), and layer l's output at
 alpha is alpha O. So per layer: compute O once; for each alpha feed the leaf alpha O (B, L, H, d) through
 the rest of the model and accumulate S = sum_k dF/dO at alpha_k; then Attr = A * (S V^T) / m, computed
-block by block of query rows with A recomputed from the layer's queries and keys (`pipeline.attention`'s
+block by block of query rows with A recomputed from the layer's queries and keys (`pipeline.analysis.attention`'s
 `_block_probs`, the same eager probabilities) and reduced into column sums and head maxima before the next
 block exists. The scaled layer's output goes through the registered attention function
-(`pipeline.attention.routed_attention`), so transformers' layer code runs unchanged; the other layers run
+(`pipeline.analysis.attention.routed_attention`), so transformers' layer code runs unchanged; the other layers run
 SDPA (flash or memory-efficient kernels: no L x L tensor saved for the backward pass). Peak memory is
 therefore one block of attention rows (`block_elements`, 3 tensors of it: A, S V^T, Attr) plus the
 activations of one forward/backward of the layers after l, O(B L D) each, never an (L x L) tensor per
@@ -42,7 +42,7 @@ Integrated gradients uses Captum because it is the field's reference integrator.
 products; it runs through the same registered attention function, keeping one running product
 (B, L, L) rather than every layer's attention.
 
-Per-rank and per-gene sums, counts and ranks are accumulated by `pipeline.attention._Accumulators`, the
+Per-rank and per-gene sums, counts and ranks are accumulated by `pipeline.analysis.attention._Accumulators`, the
 engine that produces `AttentionResult`, so the derived quantities (means per rank position, per
 occurrence, position control) use the same code as the attention analyses (`as_attention_result`).
 Nothing is random: `seed` is recorded only. Runs on one process (no sharding).
@@ -59,14 +59,14 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from pipeline.attention import AttentionResult, _Accumulators, _block_probs, routed_attention
-from pipeline.batching import length_grouped_batches, pad_batch
-from pipeline.cells import Cells
+from pipeline.analysis.attention import AttentionResult, _Accumulators, _block_probs, routed_attention
+from pipeline.tokenize.batching import length_grouped_batches, pad_batch
+from pipeline.tokenize.cells import Cells
 
 METHODS = ("hao", "ig", "rollout")
 DEFAULT_HAO_STEPS = 20  # Hao et al.'s m
 DEFAULT_IG_STEPS = 50  # Captum's default n_steps
-DEFAULT_BLOCK_ELEMENTS = 1 << 22  # attention entries per query block (as pipeline.attention)
+DEFAULT_BLOCK_ELEMENTS = 1 << 22  # attention entries per query block (as pipeline.analysis.attention)
 IG_METHOD = "gausslegendre"  # Captum's default integration rule
 
 
@@ -156,10 +156,10 @@ class AttributionResult:
         }
 
     def as_attention_result(self, method: str) -> AttentionResult:
-        """One method's sums as a one-model `AttentionResult`, for `pipeline.analysis`'s tables and curves.
+        """One method's sums as a one-model `AttentionResult`, for `pipeline.analysis.pair`'s tables and curves.
 
         `rank_sum` / `gene_sum` hold the method's attribution (Hao per layer and head, the others as one
-        layer with one head); per-cell and norm fields are zeros. `pipeline.analysis.rank_received`,
+        layer with one head); per-cell and norm fields are zeros. `pipeline.analysis.pair.rank_received`,
         `gene_total`, `gene_expected`, `position_controlled_attention` and `gene_table` then apply as they
         do to attention.
         """
@@ -427,7 +427,7 @@ def hao_attribution(
     """Hao et al.'s self-attention attribution of every layer and head, streamed (see the module docstring).
 
     `model`: a `BertForSequenceClassification` (eval mode, moved to `device`/`dtype` in place); `cells`: a
-    `pipeline.cells.Cells` (or a dataset it wraps); `labels`: each cell's true class index (default
+    `pipeline.tokenize.cells.Cells` (or a dataset it wraps); `labels`: each cell's true class index (default
     `cells.labels`). `steps` = m, right Riemann points alpha = k/m, k = 1..m (Hao et al.'s eq. 3).
     `alpha_batch`: alpha steps run together as one larger batch (faster on GPUs, memory x alpha_batch).
     `progress(done_cells, total_cells)` after each batch.
@@ -890,7 +890,7 @@ def attribution_gene_table(result: AttributionResult, id_to_gene: dict, symbols:
     mean, descending.
     """
 
-    from pipeline.analysis import gene_expected, gene_rank_mean, gene_rows
+    from pipeline.analysis.pair import gene_expected, gene_rank_mean, gene_rows
 
     tokens, df = gene_rows(result, id_to_gene, symbols)
     occ = result.gene_occ[tokens]
@@ -971,9 +971,9 @@ def write_attribution(
     read position and whether the model has `<cls>`, and the agreement between the methods' per-gene
     means (Spearman, top-k overlap; genes in at least `min_cells` cells, default max(3, 5% of cells)),
     with `attention_genes[attention_columns]` when given, and with DE (`de`: a `de_wilcoxon` table,
-    `pipeline.analysis.compare_de_attention` per method). `<model>` is `store.results.attr_model_key`.
+    `pipeline.analysis.pair.compare_de_attention` per method). `<model>` is `store.results.attr_model_key`.
     """
-    from pipeline.analysis import compare_de_attention, length_median, special_positions
+    from pipeline.analysis.pair import compare_de_attention, length_median, special_positions
     from store import results as R
     from store.jsonsafe import plain
 
@@ -1006,7 +1006,7 @@ def write_attribution(
             meta=plain({**base_meta, "method": "hao", "axes": ["layer", "head", "rank"]}),
         )
         store.put_grid(run_id, R.grid_attr_head_importance(key), result.head_importance())
-    from pipeline.keygenes import frequency_correlations, frequency_warnings, min_cells_for
+    from pipeline.analysis.keygenes import frequency_correlations, frequency_warnings, min_cells_for
 
     min_cells = min_cells_for(result.n_cells) if min_cells is None else int(min_cells)
     doc: dict = {

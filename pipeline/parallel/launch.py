@@ -4,9 +4,9 @@
 gfattn starts the processes itself: asked for `--nproc N > 1` outside a torchrun launch, a command
 re-executes itself under `python -m torch.distributed.run --standalone --nproc-per-node N`
 (`launch_torchrun`). `finetune_distributed` writes the splits and a job file to a work folder and runs
-`python -m pipeline.launch --job JOB` in N processes; each joins the process group (`pipeline.distributed`),
-trains on its share of each global batch (`pipeline.train.finetune`), and only rank 0 writes to the store
-and to disk. Layering: this module sits above `pipeline.train`, which sits above `pipeline.distributed`.
+`python -m pipeline.parallel.launch --job JOB` in N processes; each joins the process group (`pipeline.parallel.distributed`),
+trains on its share of each global batch (`pipeline.training.finetune.finetune`), and only rank 0 writes to the store
+and to disk. Layering: this module sits above `pipeline.training.finetune`, which sits above `pipeline.parallel.distributed`.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import subprocess
 import sys
 from typing import Sequence
 
-from pipeline.distributed import env_local_rank, env_rank, init_from_env, shutdown
 from pipeline.errors import InputError
+from pipeline.parallel.distributed import env_local_rank, env_rank, init_from_env, shutdown
 from store.jsonsafe import json_default
 
-WORKER_MODULE = "pipeline.launch"
+WORKER_MODULE = "pipeline.parallel.launch"
 
 
 def torchrun_command(
@@ -113,7 +113,7 @@ def finetune_distributed(
 
     import numpy as np
 
-    from pipeline.train import FinetuneResult
+    from pipeline.training.finetune import FinetuneResult
 
     own_work = work_dir is None
     work = Path(work_dir or tempfile.mkdtemp(prefix="gfattn-ddp-"))
@@ -152,7 +152,7 @@ def finetune_distributed(
                 f"distributed fine-tuning in {nproc} processes failed (exit status {rc}); "
                 "the workers' errors are printed above"
             )
-        from pipeline.model import load_classifier
+        from pipeline.models.load import load_classifier
 
         model = load_classifier(model_out, len(label_names))
         model.eval()
@@ -193,15 +193,15 @@ def _run_job(job_path: str) -> int:
         import datasets
 
         from pipeline.compute import resolve_device
-        from pipeline.model import load_classifier
-        from pipeline.train import TrainConfig, finetune
+        from pipeline.models.load import load_classifier
+        from pipeline.training.finetune import TrainConfig, finetune
 
         config = TrainConfig(**job["config"])
         device = resolve_device(config.device, env_local_rank())
         init_from_env(device)
         dicts = None
         if job["dicts_dir"]:
-            from pipeline.dictionaries import GeneDictionaries
+            from pipeline.data.dictionaries import GeneDictionaries
 
             dicts = GeneDictionaries.from_model_dir(job["dicts_dir"])
         model = load_classifier(job["model_dir"], len(job["label_names"]), dicts=dicts, seed=config.seed)

@@ -1,6 +1,6 @@
 """From attention sums to findings: gene tables, position control, DE agreement, statistics, the store.
 
-Thesis sections 4.2-4.5 on top of `pipeline.attention` (docs/architecture.md, "Attention analyses"):
+Thesis sections 4.2-4.5 on top of `pipeline.analysis.attention` (docs/architecture.md, "Attention analyses"):
 
 - derived quantities of an `AttentionResult`'s sums over cells: `rank_received` (per-rank curves),
   `rank_pct_diff`, `rank_log_ratio`, `rank_norm_received`, `gene_total`, `gene_norm_total`,
@@ -29,8 +29,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from pipeline.errors import InputError
-from pipeline.keygenes import (
+from pipeline.analysis.keygenes import (
     add_key_scores,
     frequency_correlations,
     frequency_rank_bins,
@@ -40,13 +39,14 @@ from pipeline.keygenes import (
     min_cells_for,
     score_columns,
 )
+from pipeline.errors import InputError
 from store.jsonsafe import plain
 
 SUFFIXES = ("a", "b")
 
 
 # ---------------------------------------------------------------------------- derived quantities
-# `pipeline.attention` produces sums over cells (`AttentionResult`); every quantity reported is derived
+# `pipeline.analysis.attention` produces sums over cells (`AttentionResult`); every quantity reported is derived
 # from those sums here.
 def _safe_div(num, den):
     num = np.asarray(num, dtype=np.float64)
@@ -230,7 +230,7 @@ def gene_table(
     Per model (column suffix `_a`, `_b`): `attn` (attention received, summed over layers, heads, query
     rows and cells), `attn_scaled` (min-max over the table, thesis table 8), `attn_per_cell` (per
     occurrence), `attn_norm` (weighted by ||f_h(x_j)||), `attn_expected` and `attn_pos_ratio` (analysis 5),
-    `key_score` (the controlled key-gene score of `pipeline.keygenes`: empirical-Bayes shrunk log2 position
+    `key_score` (the controlled key-gene score of `pipeline.analysis.keygenes`: empirical-Bayes shrunk log2 position
     ratio; NaN for genes in fewer than 5% of the cells). Shared: `token_id`, `n_cells`, `rank_mean`, `rank_std` (population, over occurrences; rank 1 = most
     expressed gene of the cell), `rank_mean_<group>` per label group. For two models: `attn_diff`
     (b - a), `attn_log2_ratio`, `attn_scaled_diff`, `pos_ratio_diff`. `in_reference_set` (0/1) when a
@@ -489,7 +489,7 @@ def compare_de_attention(
     on `attention_df`. `de_cells` says which cells the DE table was computed on (stored as given).
 
     Beside each raw hypergeometric p, `p_matched` (and `reference_p_matched`): the same overlap against
-    the matched null of `pipeline.keygenes` (the attended genes' top k redrawn within bins of detection
+    the matched null of `pipeline.analysis.keygenes` (the attended genes' top k redrawn within bins of detection
     frequency x mean rank, `null_bins`; exact, or `null_permutations` draws), with `expected_matched`.
     Needs `n_cells` and `rank_mean` in `attention_df`. q-values over a run's overlap tests:
     `overlap_q_values`.
@@ -1065,7 +1065,7 @@ def run_pair_analysis(
     """
     import torch
 
-    from pipeline.attention import analyze_attention
+    from pipeline.analysis.attention import analyze_attention
 
     if group_column is not None and hasattr(dataset, "column_names") and group_column not in dataset.column_names:
         group_column = None

@@ -1,7 +1,7 @@
 """Checkpoint sanity before fine-tuning: does a user's masked-LM checkpoint know the user's cells?
 
 On a seeded sample of the training cells, 15% of each cell's genes (the pretraining collator's rule,
-`pipeline.pretrain.select_masked_positions`) are replaced by <mask> and the checkpoint predicts them;
+`pipeline.models.pretrain.select_masked_positions`) are replaced by <mask> and the checkpoint predicts them;
 its top-1 and top-10 accuracy stand against the gene-frequency baseline, which always guesses the genes
 detected in the most training cells, and against chance (10 / genes in the vocabulary). A checkpoint no
 better than that baseline and within `MIN_LIFT` times chance has random weights, or reads the cells through
@@ -52,9 +52,9 @@ def masked_gene_check(
     import torch
     from transformers import BertForMaskedLM
 
-    from pipeline.batching import length_grouped_batches, pad_batch
-    from pipeline.model import MASKED_LM_ARCHITECTURES, _quiet_transformers, read_model_config
-    from pipeline.pretrain import MASK_PROBABILITY, select_masked_positions
+    from pipeline.models.load import MASKED_LM_ARCHITECTURES, _quiet_transformers, read_model_config
+    from pipeline.models.pretrain import MASK_PROBABILITY, select_masked_positions
+    from pipeline.tokenize.batching import length_grouped_batches, pad_batch
 
     config = read_model_config(model_dir)
     if not any(a in MASKED_LM_ARCHITECTURES for a in (getattr(config, "architectures", None) or [])):

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import synth_genes as genes
+from pipeline.data import synth_genes as genes
 from pipeline.errors import InputError
 from store.jsonsafe import plain
 
@@ -109,7 +109,7 @@ def _named_symbols() -> list[str]:
 
 
 def _load_pickle(path: Path) -> Any:
-    from pipeline.dictionaries import load_pickle_restricted
+    from pipeline.data.dictionaries import load_pickle_restricted
 
     return load_pickle_restricted(path)
 

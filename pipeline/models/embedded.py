@@ -74,7 +74,7 @@ def pretrain_small_model(
     """gfattn's small BERT pretrained by masked genes (the `pretrain` config) into `out`, published whole
     with a manifest; the first complete copy wins when two processes race."""
     from pipeline.io import staging_dir, write_manifest
-    from pipeline.pretrain import pretrain
+    from pipeline.models.pretrain import pretrain
 
     with staging_dir(out, replace=False) as tmp:
         metrics = pretrain(
@@ -103,8 +103,8 @@ def pretrain_small_model(
 
 def corpus_for(pcfg: dict, preset: str, seed: int):
     """The embedded model's vocabulary and tokenized synthetic corpus."""
-    from pipeline.synth import make_corpus
-    from pipeline.tokenize import build_vocabulary, tokenize_anndata
+    from pipeline.data.synth import make_corpus
+    from pipeline.tokenize.encode import build_vocabulary, tokenize_anndata
 
     kind = str(pcfg.get("corpus", "healthy"))
     if kind not in ("healthy", "atlas"):

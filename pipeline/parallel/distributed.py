@@ -3,7 +3,7 @@
 
 Each process reads RANK / WORLD_SIZE / LOCAL_RANK from the environment, joins a process group (NCCL on
 GPUs, gloo on CPUs) and uses the helpers here to sum, broadcast and synchronise; outside a launch they
-are no-ops for one process. Starting the processes (torchrun) is `pipeline.launch`, one layer up: this
+are no-ops for one process. Starting the processes (torchrun) is `pipeline.parallel.launch`, one layer up: this
 module imports nothing from the training code.
 """
 

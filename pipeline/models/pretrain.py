@@ -51,8 +51,8 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.batching import length_grouped_batches, pad_batch
 from pipeline.errors import InputError
+from pipeline.tokenize.batching import length_grouped_batches, pad_batch
 
 MASK_PROBABILITY = 0.15
 CELL_OBJECTIVES = ("genes", "components")
@@ -522,8 +522,8 @@ def start_run(plan: PretrainPlan, device) -> PretrainRun:
     training cells' log gene frequencies."""
     import torch
 
-    from pipeline.model import build_small_bert
-    from pipeline.train import decay_parameter_groups
+    from pipeline.models.load import build_small_bert
+    from pipeline.training.finetune import decay_parameter_groups
 
     model = build_small_bert(plan.vocab_size, pad_token_id=plan.pad_id, seed=None, **plan.model)
     model.to(device)
@@ -700,7 +700,7 @@ def record_pretraining(
     """Write the Geneformer-like checkpoint (`config.json`, `model.safetensors`, the dictionaries) and
     `gfattn_pretrain.json`; with a store, record the held-out metrics, the summary and the final event.
     Returns the summary. Moves the model to the CPU."""
-    from pipeline.model import _quiet_transformers
+    from pipeline.models.load import _quiet_transformers
 
     record = record or _RunRecord(None, None)
     out = Path(out_dir)

@@ -4,18 +4,18 @@ The loop a researcher would trust, with Geneformer's 6-layer defaults (learning 
 0.001, linear warm-up and linear decay; Geneformer's `Classifier` warms up over 500 steps, gfattn over a
 ratio of the run so small data sets leave warm-up too): AdamW (no decay on biases and LayerNorm weights),
 gradient clipping at 1.0, gradient accumulation, optional inverse-frequency class weights, seeds for
-everything, length-grouped batches padded only to their own longest cell (`pipeline.batching`), autocast
+everything, length-grouped batches padded only to their own longest cell (`pipeline.tokenize.batching`), autocast
 (bf16/fp16) on CUDA, validation every epoch, the best epoch's weights kept (validation macro-F1 by
 default), then test accuracy, macro-F1, per-class precision/recall and the confusion matrix.
 
-Training modes are `pipeline.model.apply_training_mode`'s (`frozen`, `unfrozen`, `last-K`, `freeze-N`).
+Training modes are `pipeline.models.load.apply_training_mode`'s (`frozen`, `unfrozen`, `last-K`, `freeze-N`).
 In `frozen` mode (the linear probe) the encoder never changes, so by default its output at the first
 position is computed once per cell in eval mode and only the head (pooler, dropout, classifier) trains on
 those cached features for every epoch. This equals plain training with the encoder in train mode except
 for the encoder's dropout (absent here, as in any evaluation of a frozen encoder); with dropout 0 both
 give the same model. `TrainConfig(cache_frozen_features=False)` runs the plain path.
 
-Several processes (`pipeline.distributed`): each optimisation step takes a global batch of
+Several processes (`pipeline.parallel.distributed`): each optimisation step takes a global batch of
 `batch_size * grad_accum * world_size` cells from the same length-grouped plan on every rank and splits
 it into micro-batches; each micro-batch's loss is normalised by the global batch's total (class) weight,
 so the averaged gradient equals one process's on the same global batch. Evaluation shards batches over
@@ -34,12 +34,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from pipeline import distributed
-from pipeline.batching import length_grouped_batches, pad_batch
-from pipeline.cells import Cells
 from pipeline.compute import DEVICE_CHOICES, configure_determinism, fault_point, resolve_device, seed_everything
 from pipeline.config import Train as _TrainSchema
 from pipeline.errors import InputError
+from pipeline.parallel import distributed
+from pipeline.tokenize.batching import length_grouped_batches, pad_batch
+from pipeline.tokenize.cells import Cells
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 BEST_METRICS = ("macro_f1", "accuracy", "loss")
@@ -166,12 +166,12 @@ def decay_parameter_groups(named_params, weight_decay: float, lr: float) -> list
 
 def classification_metrics(y_true, y_pred, label_names: Sequence[str], logits=None) -> tuple[dict, np.ndarray]:
     """Accuracy, macro-F1 (scikit-learn's over every class of the task, absent classes counting 0: the one
-    macro-F1 of the project, `pipeline.baseline.macro_f1`), per-class precision/recall/F1 (0 where
+    macro-F1 of the project, `pipeline.training.baseline.macro_f1`), per-class precision/recall/F1 (0 where
     undefined), cross-entropy (when logits are given) and the confusion matrix (rows: true label, columns:
     predicted)."""
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-    from pipeline.baseline import macro_f1
+    from pipeline.training.baseline import macro_f1
 
     y_true = np.asarray(y_true, dtype=np.int64)
     y_pred = np.asarray(y_pred, dtype=np.int64)
@@ -497,7 +497,7 @@ def plan_finetuning(
     """Check the inputs, set the training mode, seed, and build the optimiser and schedule."""
     import torch
 
-    from pipeline.model import apply_training_mode, parse_mode
+    from pipeline.models.load import apply_training_mode, parse_mode
 
     config = (config or TrainConfig()).validate()
     label_names = [str(x) for x in label_names]
@@ -945,13 +945,13 @@ def save_finetuned(model, out_dir, *, dicts=None, summary: dict | None = None) -
     The directory appears complete or not at all (`pipeline.io.staging_dir`); the summary records the
     sha256 of the weights file (`weights_sha256`), which `verify_checkpoint` checks on reuse."""
     from pipeline.io import atomic_write_json, sha256_file, staging_dir
-    from pipeline.model import _quiet_transformers, weight_file
+    from pipeline.models.load import _quiet_transformers, weight_file
 
     out = Path(out_dir)
     if dicts is None:
         source = str(getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "") or "")
         if source and Path(source).is_dir() and Path(source).resolve() != out.resolve():
-            from pipeline.model import model_dictionaries
+            from pipeline.models.load import model_dictionaries
 
             dicts = model_dictionaries(source)
     with staging_dir(out) as tmp:
@@ -1004,7 +1004,7 @@ def verify_checkpoint(out_dir, expected_sha256: str | None = None) -> str:
     """The sha256 of a fine-tuned checkpoint's weights, checked against `expected_sha256` (or, when None,
     against the hash its `gfattn_finetune.json` recorded); a mismatch is an `InputError`."""
     from pipeline.io import sha256_file
-    from pipeline.model import weight_file
+    from pipeline.models.load import weight_file
 
     out = Path(out_dir)
     weights = weight_file(out) if out.is_dir() else None

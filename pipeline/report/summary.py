@@ -73,7 +73,7 @@ def format_summary(store, run_id: int, elapsed_s: float | None = None, top_n: in
     lines += checkpoint_check_lines(store, run_id)
     cfg = R.run_config(run)
     if (cfg.get("data") or {}).get("path") and not (cfg.get("model") or {}).get("path"):
-        from pipeline.experiment import pretraining_objective
+        from pipeline.run.driver import pretraining_objective
 
         lines.append(
             f"model: gfattn's small model, pretrained by {pretraining_objective(cfg.get('pretrain') or {})} on this "
@@ -259,7 +259,7 @@ def deletion_lines(store, run_id: int, model: str, mark: str = "") -> list[str]:
     doc = R.read_json(store, run_id, (R.json_deletion(model),)).get(R.json_deletion(model))
     if not doc or not doc.get("sets"):
         return []
-    from pipeline.deletion_report import p_text
+    from pipeline.analysis.deletion_report import p_text
 
     cap = doc.get("max_random")
     sets = f"{doc.get('n_random')} per set" + (f", up to {cap} while p is at its floor" if cap else "")

@@ -43,8 +43,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from pipeline.batching import length_grouped_batches, pad_batch
-from pipeline.cells import Cells
+from pipeline.tokenize.batching import length_grouped_batches, pad_batch
+from pipeline.tokenize.cells import Cells
 
 STREAMING_ATTENTION = "gfattn_streaming"
 DEFAULT_BLOCK_ELEMENTS = 1 << 22  # attention entries per query block: 16 MiB in float32
@@ -59,7 +59,7 @@ class AttentionResult:
     """Sums over cells of every attention quantity, plus per-cell values for statistics.
 
     Raw sums only: the quantities reported (per-rank means, gene totals, position control, grids) are
-    derived from them by `pipeline.analysis` (`rank_received`, `gene_total`, `gene_expected`, ...).
+    derived from them by `pipeline.analysis.pair` (`rank_received`, `gene_total`, `gene_expected`, ...).
 
     Axes: M models (1 or 2, in `names` order), n cells (dataset order), nl layers, H heads, P rank
     positions (token index, 0-based, special tokens included), V vocabulary, G label groups.
@@ -145,7 +145,7 @@ class AttentionResult:
         values["meta"] = dict(self.meta)
         return AttentionResult(**values)
 
-    # ----- metadata (every derived quantity is a function of `pipeline.analysis`)
+    # ----- metadata (every derived quantity is a function of `pipeline.analysis.pair`)
     @property
     def n_models(self) -> int:
         return len(self.names)
@@ -761,7 +761,7 @@ def routed_attention(models: Iterable, engine):
 
     Inside the block every self-attention call returns `engine.attend(module, query, key, value,
     attention_mask, scaling)` (queries, keys, values (B, H, L, d); the output in HF's (B, L, H, d) layout).
-    The hook other analyses (`pipeline.attribution`) use to run their own attention through the same
+    The hook other analyses (`pipeline.analysis.attribution`) use to run their own attention through the same
     registered function as the streaming engine; the previous engine and attention implementation come back
     afterwards.
     """

@@ -13,7 +13,7 @@ z(x) (`BertForSequenceClassification(input_ids, attention_mask).logits`) and the
 A cell that holds none of S is unchanged: its deltas are exactly 0 and it costs no forward pass. Gene-set
 summaries (`set_deletion`) average over all cells (unaffected cells count as 0, so a set of frequent genes
 can matter more than one of rare genes) with a percentile bootstrap CI over cells
-(`pipeline.analysis.bootstrap_ci`), and compare a score's top-k genes with random gene sets matched to it
+(`pipeline.analysis.pair.bootstrap_ci`), and compare a score's top-k genes with random gene sets matched to it
 gene by gene on cells expressing and mean rank (`matching_features`, `nearest_matched_sets`; or on
 quantile bins, `frequency_rank_bins`, `matched_random_sets`): the empirical p-value
 p = (1 + #{random sets r: mean delta_prob(r) <= mean delta_prob(top)}) / (1 + R) is small when
@@ -46,8 +46,8 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
-from pipeline.batching import length_grouped_batches
-from pipeline.cells import Cells
+from pipeline.tokenize.batching import length_grouped_batches
+from pipeline.tokenize.cells import Cells
 
 DEFAULT_KS = (1, 5, 10, 20, 50)
 CHUNK_VALUES = 1 << 24  # set_deletion: (cells x sets) values held at once per chunk of sets
@@ -277,7 +277,7 @@ class DeletionEngine:
     """Batched in-silico deletion of token sets for one classifier and one set of cells.
 
     `model`: a `BertForSequenceClassification` (put in eval mode and moved to `device`; its dtype kept);
-    `cells`: a `pipeline.cells.Cells` or anything it accepts; `labels`: the true class per cell (default
+    `cells`: a `pipeline.tokenize.cells.Cells` or anything it accepts; `labels`: the true class per cell (default
     `cells.labels`, or a dict's or dataset's "label" column); `special_ids`: tokens never deleted (V2:
     `<cls>`, `<eos>`; `pad_id` never is either); `pad_id` pads batches; `batch_size`: sequences per forward.
 
@@ -572,7 +572,7 @@ def single_gene_effects(
     """One row per token: the effect of deleting that gene alone, over the cells that express it.
 
     Columns: token_id, n_cells_expressing (cells holding the token), delta_logit_mean with its bootstrap
-    CI (delta_logit_ci_low, delta_logit_ci_high; `pipeline.analysis.bootstrap_ci` with `n_boot`, `seed`,
+    CI (delta_logit_ci_low, delta_logit_ci_high; `pipeline.analysis.pair.bootstrap_ci` with `n_boot`, `seed`,
     `alpha`), delta_prob_mean. The effects are NaN when no cell expresses the token, and for special tokens
     (never deleted; their n_cells_expressing is still counted). Cells the deletion would empty are left out
     of the means. All single deletions go through one pool of the engine (`effects`' pooled, length-sorted
@@ -580,7 +580,7 @@ def single_gene_effects(
     """
     import pandas as pd
 
-    from pipeline.analysis import bootstrap_ci
+    from pipeline.analysis.pair import bootstrap_ci
 
     tokens = np.asarray(tokens, dtype=np.int64).ravel()
     pool, logits = engine._run([[t] for t in tokens.tolist()])
@@ -724,7 +724,7 @@ def deletion_sets(
 
 def _evaluate(engine: DeletionEngine, specs, *, n_boot: int, seed: int, alpha: float) -> list[dict]:
     """One row per spec: means over all cells with bootstrap CIs, accuracy after, matching quality."""
-    from pipeline.analysis import bootstrap_ci
+    from pipeline.analysis.pair import bootstrap_ci
 
     n = len(engine.cells)
     read = engine.read_tokens

@@ -194,7 +194,7 @@ def model_dictionaries(model_dir: str | os.PathLike):
     model_dir = Path(model_dir)
     if not any(model_dir.glob("token_dictionary*.pkl")):
         return None
-    from pipeline.dictionaries import GeneDictionaries
+    from pipeline.data.dictionaries import GeneDictionaries
 
     return GeneDictionaries.from_model_dir(model_dir)
 

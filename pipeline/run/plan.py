@@ -38,7 +38,7 @@ import numpy as np
 PLAN_VERSION = 1
 SAMPLE_CELLS = 256  # cells tokenized by --plan to learn the lengths and the genes
 TIMING_TOKENS = 2048  # tokens per timed batch at most (fewer cells per batch at long lengths)
-DELETION_BATCH = 64  # pipeline.deletion_report.run_deletion's batch
+DELETION_BATCH = 64  # pipeline.analysis.deletion_report.run_deletion's batch
 KINDS = ("forward", "forward_wide", "backward", "gradient", "gradient_wide", "attention_pair", "attention_one")
 KIND_LABELS = {
     "forward": "forward",
@@ -213,9 +213,9 @@ def cascade_steps_count(n_layers: int) -> int:
 
 
 def count_stages(cfg: dict, shape: Shape) -> list[Part]:
-    """Every stage (and analysis part) of the run, in `pipeline.experiment._stages` order, with its work."""
+    """Every stage (and analysis part) of the run, in `pipeline.run.driver._stages` order, with its work."""
     from pipeline.config import analysed_tasks, trained_tasks
-    from pipeline.experiment import PERMUTED
+    from pipeline.run.driver import PERMUTED
 
     mean = shape.mean_length
     n, nl = shape.n_selected, shape.n_layers
@@ -379,7 +379,7 @@ def _pass(kind: str, model, other, ids, mask, *, pad_id: int, special_ids: Seque
     """One batch of one kind of pass, as a callable (see `time_units`)."""
     import torch
 
-    from pipeline.attention import analyze_attention
+    from pipeline.analysis.attention import analyze_attention
 
     if kind.startswith("forward"):
 
@@ -558,7 +558,7 @@ def build_shape(
     tokenization_cached: bool = False,
 ) -> Shape:
     a = cfg["analysis"]
-    from pipeline.keygenes import min_cells_for
+    from pipeline.analysis.keygenes import min_cells_for
 
     fractions, single, n_genes, typical = deletion_shape(
         token_lists,
@@ -660,7 +660,7 @@ def _classifier_for_timing(config, n_labels: int, seed: int):
     config.architectures = ["BertForSequenceClassification"]
     config._attn_implementation = "sdpa"
     torch.manual_seed(int(seed))
-    from pipeline.model import _quiet_transformers
+    from pipeline.models.load import _quiet_transformers
 
     with _quiet_transformers():
         return BertForSequenceClassification(config)
@@ -687,7 +687,7 @@ def _existing_model(cfg: dict, cache) -> tuple[Any, str, int]:
     """(model dir or None, where the model comes from, corpus cells pretrained in the model stage)."""
     from pathlib import Path
 
-    from pipeline import embedded
+    from pipeline.models import embedded
 
     if cfg["model"]["path"]:
         return Path(cfg["model"]["path"]), "given", 0
@@ -737,7 +737,9 @@ def plan_before_run(cfg: dict, store_path, say=None) -> dict:
     from pathlib import Path
 
     from pipeline.compute import resolve_device
-    from pipeline.experiment import (
+    from pipeline.models.load import read_model_config
+    from pipeline.paths import cache_dir_for_store
+    from pipeline.run.driver import (
         _dictionaries_for,
         de_comparisons,
         model_input_size,
@@ -746,8 +748,6 @@ def plan_before_run(cfg: dict, store_path, say=None) -> dict:
         select_and_split,
         synthetic_data_path,
     )
-    from pipeline.model import read_model_config
-    from pipeline.paths import cache_dir_for_store
 
     t0 = time.perf_counter()
     cache = cache_dir_for_store(store_path)
@@ -769,7 +769,7 @@ def plan_before_run(cfg: dict, store_path, say=None) -> dict:
     model_dir, source, pretrain_cells = _existing_model(cfg, cache)
     dicts = None
     if model_dir is not None:
-        from pipeline.dictionaries import GeneDictionaries
+        from pipeline.data.dictionaries import GeneDictionaries
 
         dicts = (
             _dictionaries_for(Path(model_dir), cfg)
@@ -786,7 +786,7 @@ def plan_before_run(cfg: dict, store_path, say=None) -> dict:
     rows = _sample(len(sel.index), seed)
     say(f"lengths of {len(rows)} of the {len(sel.index)} selected cells")
     if cfg["data"]["tokenized"]:
-        from pipeline.tokenize import load_tokenized
+        from pipeline.tokenize.encode import load_tokenized
 
         ds = load_tokenized(cfg["data"]["tokenized"])
         order = {str(c): i for i, c in enumerate(ds["cell_id"])}
@@ -794,11 +794,11 @@ def plan_before_run(cfg: dict, store_path, say=None) -> dict:
         lists = [list(x)[:max_len] for x in sub["input_ids"]]
         lengths = np.asarray([len(x) for x in lists], dtype=np.int64)
     else:
-        from pipeline.data import read_selected
+        from pipeline.data.counts import read_selected
 
         adata = read_selected(read_path, np.asarray(sel.index)[rows])
         if dicts is not None:
-            from pipeline.tokenize import tokenize_anndata
+            from pipeline.tokenize.encode import tokenize_anndata
 
             ds, _ = tokenize_anndata(
                 adata,
@@ -855,8 +855,8 @@ def plan_before_run(cfg: dict, store_path, say=None) -> dict:
 
 def plan_in_run(ctx) -> dict:
     """The plan of a running pipeline, once its cells are tokenized: exact lengths, the run's own model."""
-    from pipeline.experiment import de_comparisons
-    from pipeline.model import read_model_config
+    from pipeline.models.load import read_model_config
+    from pipeline.run.driver import de_comparisons
 
     cfg = ctx.cfg
     ds = ctx.out.dataset

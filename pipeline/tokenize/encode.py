@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
 
-from pipeline.data import (
+from pipeline.data.counts import (
     MIN_MAPPED_FRACTION,
     check_obs_columns,
     check_raw_counts,
@@ -52,7 +52,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import datasets
     import scipy.sparse as sp
 
-    from pipeline.dictionaries import GeneDictionaries
+    from pipeline.data.dictionaries import GeneDictionaries
 
 TARGET_SUM = 10_000
 # Bumped whenever the encoding changes, so cached tokenizations are rebuilt.
@@ -827,7 +827,7 @@ def build_vocabulary(
     `<cls>` ... `<eos>` and the first position is a cell token. `save()` writes it in Geneformer's pickle
     layout.
     """
-    from pipeline.dictionaries import GeneDictionaries
+    from pipeline.data.dictionaries import GeneDictionaries
 
     with open_counts(adata_or_path, layer) as cm:
         src = cm.source

@@ -1,0 +1,1 @@
+"""Several processes: torchrun launch and the process-group primitives."""

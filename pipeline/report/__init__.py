@@ -1,0 +1,1 @@
+"""What a run says: the end-of-run summary and the thesis's figures."""
