@@ -135,6 +135,16 @@ def fmt_p(p: Any, *, stars: bool = True) -> str:
     return text + (significance_stars(value) if stars else "")
 
 
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "—"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)  # pragma: no cover
+
+
 _DOSE_RE = re.compile(r"^\s*([-+]?\d*\.?\d+(?:[eE][-+]?\d+)?)\s*(?:u?m|µm|um|nm)?\s*$", re.IGNORECASE)
 _WORD_ORDER = {"control": -3.0, "vehicle": -3.0, "dmso": -3.0, "low": -2.0, "mid": -1.5, "medium": -1.5, "high": -1.0}
 
