@@ -36,10 +36,9 @@ from pipeline.compute import fault_point, pin_threads
 from pipeline.config import analysed_tasks, trained_tasks
 from pipeline.errors import InputError
 from pipeline.io import digest as _digest
-from pipeline.paths import cache_dir_for_store
+from pipeline.paths import CHECKPOINT_JSON, cache_dir_for_store  # CHECKPOINT_JSON: {"path", "weights_sha256"}
 from pipeline.progress import Reporter
 
-CHECKPOINT_JSON = "checkpoint"  # json result on a finetune run: {"path", "weights_sha256"}
 DETERMINISM_JSON = "determinism"  # json result on a pipeline run: `pipeline.compute.determinism_report`
 
 

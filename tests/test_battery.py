@@ -504,8 +504,7 @@ def test_a_full_disk_during_a_store_write_says_so_as_the_other_paths_do(tmp_path
 
 # --------------------------------------------------------------------------------------- gfattn rm
 def _pipeline_with_checkpoint(store_path: Path):
-    from pipeline.experiment import CHECKPOINT_JSON
-    from pipeline.paths import cache_dir_for_store
+    from pipeline.paths import CHECKPOINT_JSON, cache_dir_for_store
     from store import Store
 
     st = Store(store_path)
