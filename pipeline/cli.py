@@ -180,6 +180,16 @@ def _main(argv: list[str] | None) -> int:
 
         if type(exc) is sqlite3.DatabaseError:  # "database disk image is malformed", "file is not a database"
             return _damaged_store(name, args, exc)
+        from pipeline.io import DiskFullError, is_disk_full
+
+        if is_disk_full(exc):  # a command's own files (exports, figures, tokenizations): one line, exit 1
+            why = (
+                str(exc)
+                if isinstance(exc, DiskFullError)
+                else f"out of disk space ({exc}); free space and run it again"
+            )
+            print(f"gfattn {name}: error: {why}", file=sys.stderr)
+            return 1
         if not _is_store_error(exc):
             raise
         print(f"gfattn {name}: error: {exc}", file=sys.stderr)

@@ -11,7 +11,8 @@ what is allowed), `--print-config` (`to_toml`) and the TOML writer (`dumps_toml`
 key is one line in its section's class. Dataclasses rather than pydantic: this module stays
 standard-library only (the CLI's `--help` and the TUI import it without loading anything heavy), the
 rules are few (bounds, choices, element types), and the resolved configuration stays the plain nested
-dict (`cfg["train"]["lr"]`) that is stored with the run and read by every stage.
+dict (`cfg["train"]["lr"]`) that is stored with the run and read by every stage. Most of the module's
+length is the schema itself: one documented field per key.
 """
 
 from __future__ import annotations

@@ -143,6 +143,30 @@ def write_h5ad_atomic(adata, out: os.PathLike | str) -> Path:
     return out
 
 
+def cached_h5ad(folder: os.PathLike | str, make, *, what: str = "cached data") -> Path:
+    """An .h5ad cache entry: `<folder>/<folder name>.h5ad` beside the folder's manifest, made by `make()`
+    (an AnnData) once and verified against the manifest on every reuse: a missing manifest or a changed
+    file is an `InputError` naming the folder, never a quiet reuse."""
+    from pipeline.errors import InputError
+
+    folder = Path(folder)
+    path = folder / f"{folder.name}.h5ad"
+    fix = "delete the folder to make it again"
+    if folder.is_dir():
+        if not (folder / MANIFEST).is_file():
+            raise InputError(f"{what} {folder} has no {MANIFEST}; {fix}")
+        verify_manifest(folder, what=what, fix=fix)
+        return path
+    adata = make()
+    try:
+        with staging_dir(folder, replace=False) as tmp:
+            write_h5ad_atomic(adata, tmp / path.name)
+            write_manifest(tmp)
+    except DiskFullError as exc:  # name the cache entry, not its temporary folder (already removed)
+        raise DiskFullError(path, OSError(errno.ENOSPC, exc.why)) from None
+    return path
+
+
 def _h5ad_size_estimate(adata) -> int | None:
     """An upper estimate of an .h5ad's size: every matrix (X, layers, obsm, varm, obsp), obs and var as
     pandas holds them, a quarter more for HDF5's own structures, and 4 MiB."""

@@ -77,3 +77,24 @@ def file_name(text: str, limit: int = 120) -> str:
         head = out.encode("utf-8")[: limit - 17].decode("utf-8", "ignore")
         out = f"{head}~{digest}"
     return out
+
+
+CHECKPOINT_JSON = "checkpoint"  # a finetune run's JSON result {"path", "weights_sha256"} (pipeline.run.driver)
+
+
+def run_folders(store, run_id: int) -> list[Path]:
+    """The folders under the store's cache that belong to `run_id` and its descendants, for deleting them
+    with the run (`gfattn rm`, the TUI): a pipeline run's `.gfattn-cache/runs/<store uid>/<run>/`, and a
+    fine-tuning run's recorded checkpoint folder, only where it lies inside that tree (nothing outside
+    the cache is ever removed)."""
+    root = (cache_dir_for_store(store.path) / "runs" / store.uid).resolve()
+    out: list[Path] = []
+    for rid in [run_id, *store.descendants(run_id)]:
+        candidates = [root / str(rid)]
+        if CHECKPOINT_JSON in store.json_names(rid):
+            path = (store.get_json(rid, CHECKPOINT_JSON) or {}).get("path")
+            candidates += [Path(path).resolve()] if path else []
+        for c in candidates:
+            if c.is_dir() and c != root and root in c.parents and not any(c == o or o in c.parents for o in out):
+                out.append(c)
+    return out

@@ -504,8 +504,7 @@ def test_a_full_disk_during_a_store_write_says_so_as_the_other_paths_do(tmp_path
 
 # --------------------------------------------------------------------------------------- gfattn rm
 def _pipeline_with_checkpoint(store_path: Path):
-    from pipeline.paths import cache_dir_for_store
-    from pipeline.run.driver import CHECKPOINT_JSON
+    from pipeline.paths import CHECKPOINT_JSON, cache_dir_for_store
     from store import Store
 
     st = Store(store_path)
@@ -618,3 +617,44 @@ print(st.get_run(run)["status"])
     first, status = out.stdout.strip().splitlines()
     assert first.startswith(f"out of disk space writing {tmp_path / 's.db'}") and "resume the run" in first
     assert status == "running"
+
+
+def test_a_full_disk_during_an_export_is_one_line(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import pandas as pd
+
+    from store import Store
+
+    st = Store(tmp_path / "s.db")
+    run = st.create_run("p", "pipeline")
+    st.put_cells(run, pd.DataFrame({"cell_id": ["c1"], "state": ["a"]}))
+    st.finish_run(run, "completed")
+    st.close()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", full)
+    code, _, err = run_cli(capsys, "export", "1", "--out", tmp_path / "out", "--store", tmp_path / "s.db")
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "out of disk space" in err, err
+
+
+def test_a_full_disk_while_drawing_figures_leaves_no_partial_file(tmp_path, monkeypatch):
+    import errno
+
+    from pipeline.io import DiskFullError
+    from pipeline.report import plot
+
+    plt = plot._plt()
+    fig = plt.figure()
+    real = type(fig).savefig
+
+    def savefig(self, fname, **kwargs):
+        real(self, fname, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(type(fig), "savefig", savefig)
+    with pytest.raises(DiskFullError, match="fig1_umap.png"):
+        plot._save(fig, tmp_path, "fig1_umap", [])
+    assert list(tmp_path.iterdir()) == []

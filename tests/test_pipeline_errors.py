@@ -50,12 +50,21 @@ def small_h5ad(tmp_path_factory):
 
 @pytest.fixture
 def tiny_model(tmp_path, geneformer_dir):
-    """A directory shaped like a Geneformer V1 checkpoint (config.json + weights file)."""
+    """A directory shaped like a Geneformer V1 checkpoint: config.json and a weights file whose tensors have
+    the config's shapes (preflight opens it), in int8 zeros to keep it small."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
     d = tmp_path / "model"
     d.mkdir()
     config = json.loads((geneformer_dir / "configs" / "V1-6L-10M" / "config.json").read_text())
     (d / "config.json").write_text(json.dumps(config))
-    (d / "model.safetensors").write_bytes(b"\0")
+    tensors = {
+        "bert.embeddings.word_embeddings.weight": np.zeros((config["vocab_size"], config["hidden_size"]), np.int8)
+    }
+    for i in range(config["num_hidden_layers"]):
+        tensors[f"bert.encoder.layer.{i}.output.dense.bias"] = np.zeros(1, np.int8)
+    save_file(tensors, str(d / "model.safetensors"))
     return d
 
 

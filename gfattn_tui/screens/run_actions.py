@@ -109,8 +109,15 @@ class RunActions(StoreBacked):
             ids = [int(r["id"]) for r in runs]
 
             def apply(st) -> None:
+                import shutil
+
+                from pipeline.paths import run_folders
+
                 for rid in ids:
+                    owned = run_folders(st, rid)  # its checkpoints under .gfattn-cache go with it
                     st.delete_run(rid)
+                    for folder in owned:
+                        shutil.rmtree(folder, ignore_errors=True)
 
             self.write_store(apply, f"deleted {len(ids)} run{'s' if len(ids) != 1 else ''}")
             if after:

@@ -10,6 +10,7 @@ import sys
 
 from pipeline.commands.runs import add_store_argument, open_store, resolve_run
 from pipeline.errors import InputError
+from pipeline.paths import run_folders
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
                 f"run {running[0]} ({r['name']!r}) is still running (pid {r.get('pid')} on {r.get('host')}); "
                 f"stop it first (Ctrl-C where it runs, `kill {r.get('pid')}`, or the TUI's stop), then delete it"
             )
-        owned = owned_folders(st, run_id)
+        owned = run_folders(st, run_id)
         if not args.yes:
             if not sys.stdin.isatty():
                 raise InputError(f"refusing to delete {what} without confirmation; pass --yes")
@@ -49,25 +50,3 @@ def run(args: argparse.Namespace) -> int:
     removed = f"; removed {len(owned)} checkpoint folder(s)" if owned else ""
     print(f"deleted {len(deleted)} run(s): {', '.join(map(str, deleted))}{removed}")
     return 0
-
-
-def owned_folders(st, run_id: int) -> list:
-    """The folders under the store's cache that belong to `run_id` and its descendants: a pipeline run's
-    `.gfattn-cache/runs/<store uid>/<run>/`, and a fine-tuning run's recorded checkpoint folder (only
-    where it lies inside that tree, so nothing outside the cache is ever removed)."""
-    from pathlib import Path
-
-    from pipeline.paths import cache_dir_for_store
-    from pipeline.run.driver import CHECKPOINT_JSON
-
-    root = (cache_dir_for_store(st.path) / "runs" / st.uid).resolve()
-    out: list[Path] = []
-    for rid in [run_id, *st.descendants(run_id)]:
-        candidates = [root / str(rid)]
-        if CHECKPOINT_JSON in st.json_names(rid):
-            path = (st.get_json(rid, CHECKPOINT_JSON) or {}).get("path")
-            candidates += [Path(path).resolve()] if path else []
-        for c in candidates:
-            if c.is_dir() and c != root and root in c.parents and not any(c == o or o in c.parents for o in out):
-                out.append(c)
-    return out

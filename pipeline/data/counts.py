@@ -713,14 +713,18 @@ def validate_counts(
 
 
 def loom_as_h5ad(path: str | os.PathLike, folder: str | os.PathLike) -> Path:
-    """A .loom file as an .h5ad, converted once (anndata's `read_loom`, with loompy) and cached by content:
-    every later read is the same lazy, backed .h5ad read as for any other input."""
-    from pipeline.io import sha256_file, write_h5ad_atomic
+    """A .loom file as an .h5ad, converted once (anndata's `read_loom`, with loompy) and cached by content
+    with a manifest checked on reuse (`io.cached_h5ad`): every later read is the same lazy, backed .h5ad
+    read as for any other input."""
+    from pipeline.io import cached_h5ad, sha256_file
 
     path = Path(path)
-    out = Path(folder) / f"loom-{sha256_file(path)[:16]}.h5ad"
-    if out.is_file():
-        return out
+    return cached_h5ad(
+        Path(folder) / f"loom-{sha256_file(path)[:16]}", lambda: _read_loom(path), what="converted .loom"
+    )
+
+
+def _read_loom(path: Path):
     try:
         import anndata as ad
 
@@ -738,8 +742,7 @@ def loom_as_h5ad(path: str | os.PathLike, folder: str | os.PathLike) -> Path:
         key = next((k for k in keys if k in frame.columns), None)
         if key is not None:
             frame.index = frame.pop(key).astype(str).to_numpy()
-    write_h5ad_atomic(adata, out)
-    return out
+    return adata
 
 
 def read_selected(path: str | os.PathLike, rows):

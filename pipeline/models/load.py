@@ -152,7 +152,11 @@ def check_checkpoint(model_dir: str | os.PathLike, config=None) -> None:
     model_dir = Path(model_dir).expanduser()
     config = config if config is not None else read_model_config(model_dir)
     if (model_dir / MANIFEST).is_file():
-        verify_manifest(model_dir, what="model folder", fix="its weights are not the ones its manifest names")
+        verify_manifest(
+            model_dir,
+            what="model folder",
+            fix=f"restore the files it records, or delete {MANIFEST} there to use the folder as it is",
+        )
     first = weight_file(model_dir)
     files = [first]
     if first is not None and first.name.endswith(".index.json"):

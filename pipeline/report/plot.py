@@ -26,11 +26,18 @@ def _plt():
 
 
 def _save(fig, out: Path, stem: str, written: list[Path]) -> None:
-    for ext in ("png", "svg"):
-        path = out / f"{stem}.{ext}"
-        fig.savefig(path, dpi=150 if ext == "png" else None, bbox_inches="tight")
-        written.append(path)
-    _plt().close(fig)
+    """PNG and SVG, each written atomically (`io.atomic_file`): a full disk leaves no half-written figure
+    and ends as one `DiskFullError` line."""
+    from pipeline.io import atomic_file
+
+    try:
+        for ext in ("png", "svg"):
+            path = out / f"{stem}.{ext}"
+            with atomic_file(path) as tmp:
+                fig.savefig(tmp, format=ext, dpi=150 if ext == "png" else None, bbox_inches="tight")
+            written.append(path)
+    finally:
+        _plt().close(fig)
 
 
 def _slug(text: str) -> str:

@@ -35,10 +35,9 @@ from pipeline.compute import fault_point, pin_threads
 from pipeline.config import analysed_tasks, trained_tasks
 from pipeline.errors import InputError
 from pipeline.io import digest as _digest
-from pipeline.paths import cache_dir_for_store
+from pipeline.paths import CHECKPOINT_JSON, cache_dir_for_store  # CHECKPOINT_JSON: {"path", "weights_sha256"}
 from pipeline.progress import Reporter
 
-CHECKPOINT_JSON = "checkpoint"  # json result on a finetune run: {"path", "weights_sha256"}
 DETERMINISM_JSON = "determinism"  # json result on a pipeline run: `pipeline.compute.determinism_report`
 REAL_DATA_PRESET = "sciplex2-nutlin"  # a preset that needs the user's data (--data or --tokenized)
 
@@ -291,10 +290,8 @@ def stage_data(ctx: Context) -> None:
 def synthetic_data_path(ctx: Context) -> Path:
     """The embedded default's data set, generated once per configuration and cached in a folder with its
     manifest (sha256), verified on reuse: a replaced or damaged file is an error, never a quiet reuse."""
-    import errno
-
     from pipeline.data.synth import make_sciplex_like
-    from pipeline.io import MANIFEST, DiskFullError, staging_dir, verify_manifest, write_h5ad_atomic, write_manifest
+    from pipeline.io import cached_h5ad
 
     d = ctx.cfg["data"]
     params = {
@@ -304,27 +301,16 @@ def synthetic_data_path(ctx: Context) -> Path:
         "seed": ctx.seed,
         "v": 1,
     }
-    name = f"sciplex-like-{_digest(params)}"
-    folder = ctx.cache / "data" / name
-    path = folder / f"{name}.h5ad"
-    fix = "delete the folder to generate the data again"
-    if folder.is_dir():
-        if not (folder / MANIFEST).is_file():
-            raise InputError(f"cached synthetic data {folder} has no {MANIFEST}; {fix}")
-        verify_manifest(folder, what="cached synthetic data", fix=fix)
-        return path
-    ctx.rep.line(f"generating synthetic sci-Plex-like data (scale {d['synth_scale']}, preset {d['synth_preset']})")
-    adata = make_sciplex_like(
-        scale=d["synth_scale"], preset=d["synth_preset"], length_effect=d["synth_length_effect"], seed=ctx.seed
-    )
-    fault_point("write", "synthetic-data")
-    try:
-        with staging_dir(folder, replace=False) as tmp:
-            write_h5ad_atomic(adata, tmp / path.name)
-            write_manifest(tmp)
-    except DiskFullError as exc:  # name the cache entry, not its temporary folder (already removed)
-        raise DiskFullError(path, OSError(errno.ENOSPC, exc.why)) from None
-    return path
+
+    def make():
+        ctx.rep.line(f"generating synthetic sci-Plex-like data (scale {d['synth_scale']}, preset {d['synth_preset']})")
+        adata = make_sciplex_like(
+            scale=d["synth_scale"], preset=d["synth_preset"], length_effect=d["synth_length_effect"], seed=ctx.seed
+        )
+        fault_point("write", "synthetic-data")
+        return adata
+
+    return cached_h5ad(ctx.cache / "data" / f"sciplex-like-{_digest(params)}", make, what="cached synthetic data")
 
 
 def stage_record_data(ctx: Context) -> None:
