@@ -181,3 +181,23 @@ def run_progress_text(run: dict, stages: list[dict], progress: dict | None, now:
     elif current_eta is not None:
         text += f" · ETA {fmt_duration(float(current_eta))} for this stage"
     return text, overall.done / total
+
+
+def model_gates(st, analysis: dict) -> dict[str, dict]:
+    """{model: gate} of the fine-tunings an analysis run compares (its siblings of the same task), for
+    the did-not-learn marks beside each model; empty where no gate is stored."""
+    run = R.full_run(st, analysis)
+    if run.get("parent_id") is None:
+        return {}
+    task = R.run_config(run).get("task") or str(run.get("name") or "").split(":", 1)[0]
+    models = set(R.compared_models(run))
+    out = {}
+    for child in st.children(run["parent_id"]):
+        if child.get("kind") != R.KIND_FINETUNE:
+            continue
+        t, mode = R.task_and_mode(child)
+        if t == task and mode in models:
+            gate = R.read_gate(st, child["id"])
+            if gate is not None:
+                out[mode] = gate
+    return out

@@ -548,3 +548,27 @@ async def test_compare_shows_a_b_and_delta_at_80_columns_names_grids_and_refuses
         rows = [[str(c) for c in screen.query_one("#cmp-metrics-table", DataTable).get_row_at(i)] for i in range(1)]
         assert rows[0][0].startswith("nothing to compare: run")
         assert screen.query_one("#cmp-metrics-table", DataTable).row_count == 1
+
+
+# ------------------------------------------------------------------------------ 10: number formats
+def test_one_number_format_per_column_and_names_in_model_words():
+    from gfattn_tui.format import in_model_words, model_label
+    from gfattn_tui.widgets.gene_table import column_scientific, gene_cell
+    from gfattn_tui.widgets.keygenes import fmt_delta
+    from gfattn_tui.widgets.overview import _value_text
+
+    # a column of mixed sizes is fixed-point throughout; a column of tiny values scientific throughout
+    mixed = [1.6e-05, 0.0001, 0.25]
+    formats = {str(gene_cell("x", v, column_scientific(mixed))) for v in mixed}
+    assert formats == {"0.0000", "0.0001", "0.2500"}
+    tiny = [1.6e-05, 3e-06]
+    assert [str(gene_cell("x", v, column_scientific(tiny))) for v in tiny] == ["1.600e-05", "3.000e-06"]
+    assert [fmt_delta(v) for v in (1.6e-05, 0.0001, -0.25)] == ["+0.0000", "+0.0001", "-0.2500"]
+    models = ("frozen", "unfrozen")
+    assert model_label("key_score_b", models) == "key score unfrozen"
+    assert model_label("attribution_frozen", models) == "attribution frozen"
+    assert (
+        in_model_words("frozen: attn_a 0.97, attn_norm_a 0.95", models)
+        == "frozen: attn frozen 0.97, attn norm frozen 0.95"
+    )
+    assert _value_text([{"name": "dose", "column": "dose_value"}]) == "name=dose, column=dose_value"

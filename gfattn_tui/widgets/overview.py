@@ -30,6 +30,7 @@ from gfattn_tui.format import (
     fmt_p_resolved,
     fmt_q,
     fmt_time,
+    in_model_words,
     model_label,
     run_duration,
 )
@@ -505,7 +506,7 @@ def _analysis_block(head: R.AnalysisHeadline, results: OverviewResults, learned:
         if len(groups) > 1:
             lines.append(Text(f"  ({groups[0]}; {len(groups) - 1} more comparisons in the DE tab)", style="dim"))
     for warning in head.key_warnings:
-        lines.append(Text(f"warning: {warning}", style="yellow"))
+        lines.append(Text(f"warning: {in_model_words(warning, models)}", style="yellow"))
     if head.spearman and head.spearman.get("rho") is not None:
         rho, p = head.spearman.get("rho"), head.spearman.get("p_value")
         against = model_label(head.de_attention_column, models) if head.de_attention_column else "attention"
