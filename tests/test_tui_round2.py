@@ -572,3 +572,26 @@ def test_one_number_format_per_column_and_names_in_model_words():
         == "frozen: attn frozen 0.97, attn norm frozen 0.95"
     )
     assert _value_text([{"name": "dose", "column": "dose_value"}]) == "name=dose, column=dose_value"
+
+
+@pytest.mark.asyncio
+async def test_a_prompt_ignores_keys_typed_before_it_opened(tmp_path):
+    from textual import events
+    from textual.widgets import Input
+
+    from gfattn_tui.screens.prompt import PromptScreen
+
+    ids = copy_store(tmp_path, with_de=True)
+    app = make_app(ids, poll=False)
+    async with app.run_test(size=SIZES["80x24"]) as pilot:
+        await settle(pilot)
+        early = events.Key("x", "x")  # typed on the runs list while the dialog was being opened
+        screen = PromptScreen("Export run 1", value="csv out")
+        await app.push_screen(screen)
+        await settle(pilot)
+        field = screen.query_one(Input)
+        field.post_message(early)
+        await settle(pilot)
+        assert field.value == "csv out"
+        await pilot.press("y")  # a key after it opened is its input (replacing the proposed value, selected)
+        assert field.value == "y"
