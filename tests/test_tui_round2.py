@@ -199,6 +199,14 @@ def _round_two_results(ids) -> dict:
                     {"k": 50, "overlap": 12, "p_value": 0.2, "p_floor": 0.001, "at_floor": False, "q": 0.3},
                 ],
                 "by_group": {"high vs low": {}, "low vs high": {}},
+                "directions": [
+                    {"direction": "up", "label": "up in high", "overlap": []},
+                    {
+                        "direction": "down",
+                        "label": "up in low",
+                        "overlap": [{"k": 10, "overlap": 1, "p_value": 0.5, "q_value": 0.6}],
+                    },
+                ],
             },
         )
         sets = [
@@ -237,7 +245,8 @@ async def test_overview_is_results_without_raw_records_and_scrolls_at_once(tmp_p
         assert "baseline acc" in results and "0.067" in results
         assert "checkpoint check: top-1 0.310 (baseline 0.020)" in results
         # model names, not suffixes; the p floor resolved, the stars on q
-        assert "DE overlap (top k by key score unfrozen)" in results
+        assert "DE overlap, up in high (top k by key score unfrozen)" in results
+        assert "DE overlap, up in low: k=10 1 (p 0.500, q 0.600)" in results
         assert "k=10 3 (p <= 0.001, q 4.0e-03**)" in results
         assert "(high vs low; 1 more comparisons in the DE tab)" in results
         assert "deletion from unfrozen: top 20 by key score: Δp -0.200 vs random -0.010 (p <= 0.0476)" in results
