@@ -465,7 +465,7 @@ class KeyGenesView(RunView, Vertical):
             default = key_genes.get("default_score")
             line = Text("key score: ", style="bold").append(str(key_genes.get("definition") or key_score), style="dim")
             if default:
-                line.append(f"  (default ranking: {default})", style="dim")
+                line.append(f"  (default ranking: {in_model_words(str(default), models)})", style="dim")
             lines.append(line)
         if not lines:
             lines.append(Text("No key-gene score in this run (written before it existed).", style="dim"))
