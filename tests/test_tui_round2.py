@@ -604,3 +604,31 @@ async def test_a_prompt_ignores_keys_typed_before_it_opened(tmp_path):
         assert field.value == "csv out"
         await pilot.press("y")  # a key after it opened is its input (replacing the proposed value, selected)
         assert field.value == "y"
+
+
+def test_form_checks_a_model_dir_as_the_pipeline_does_without_importing_torch(tmp_path):
+    import json
+    import os
+    import subprocess
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "bert", "max_position_embeddings": 2048}))
+    (model / "model.safetensors").write_bytes(b"")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code = (
+        "import sys, json; from gfattn_tui.run_design import input_problems; "
+        f"print(json.dumps([input_problems('quick', model={str(model)!r}), input_problems('quick', model={str(empty)!r}), "
+        "[m for m in ('torch', 'transformers') if m in sys.modules]]))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    no_dicts, no_config, imported = json.loads(out.stdout.strip().splitlines()[-1])
+    # the pipeline's own messages (experiment._dictionaries_for, model.read_model_config)
+    assert no_dicts == [
+        f"model directory {model} carries no gene dictionaries; pass --geneformer-dir with a Geneformer"
+        " checkout's dictionaries (token_dictionary_gc104M.pkl, gene_dictionaries_30m/)"
+    ]
+    assert no_config == [f"{empty} has no config.json; a model directory needs config.json and its weights"]
+    assert imported == []
