@@ -334,7 +334,8 @@ async def test_runs_list_names_task_mode_and_macro_f1_sorts_within_tasks_and_has
         table = screen.query_one(RunsTable)
         cell = str(table.get_row(str(ids.pipeline))[table.layout_keys.index("headline")])
         width = {k: w for k, _, w in layout_columns(table.size.width)}["headline"]
-        assert cell == info["headline"] and width >= 26
+        assert width >= 26 and len(cell) <= width  # never cut: a second task is counted when it does not fit
+        assert cell in (info["headline"], f"{expected[0]} +1 task", f"{expected[0]} +1")
         # sorting by the metric keeps each task's runs together and sorts within the task
         metrics = {901: ("lowhigh", 0.9), 902: ("dose", 0.5), 903: None, 904: ("dose", 0.8), 905: ("lowhigh", 0.6)}
         saved = (screen.runs, screen.details)
