@@ -246,7 +246,8 @@ def fmt_p_resolved(p: Any, *, floor: Any = None, at_floor: Any = None, q: Any = 
         lowest = float(floor) if floor is not None else None
     except (TypeError, ValueError):
         lowest = None
-    floored = bool(at_floor) if at_floor is not None else (lowest is not None and value <= lowest * (1 + 1e-9))
+    # an empirical p = (exceedances + 1) / (draws + 1) is never below its floor: at it means "no draw did"
+    floored = bool(at_floor) if at_floor is not None else (lowest is not None and abs(value - lowest) <= 1e-9 * lowest)
     if floored and lowest is not None:
         text = f"<= {lowest:.3g}"
     else:
@@ -275,3 +276,23 @@ def model_label(name: str, models: Sequence[str] | None) -> str:
         model = models[0] if match.group("suffix") == "a" else models[1]
         return f"{match.group('stem').replace('_', ' ')} {model}"
     return text.replace("_", " ")
+
+
+_SUFFIXED_WORD = re.compile(r"\b([a-z][a-z0-9]*(?:_[a-z0-9]+)*_[ab])\b")
+
+
+def in_model_words(text: str, models: Sequence[str] | None) -> str:
+    """A sentence with its stored names (`attn_norm_a`) in model names ("attn norm frozen")."""
+    if not models or len(models) < 2:
+        return str(text)
+    return _SUFFIXED_WORD.sub(lambda m: model_label(m.group(1), models), str(text))
+
+
+def fmt_deletion_floor(row: dict, default: float | None = None) -> float | None:
+    """The floor 1/(R+1) of a deletion test's empirical p, R its own number of random sets (raised while p sat
+    at its floor), else `default`."""
+    n = row.get("n_random")
+    try:
+        return 1.0 / (int(n) + 1) if n is not None and n == n and int(n) > 0 else default
+    except (TypeError, ValueError):
+        return default

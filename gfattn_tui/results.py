@@ -151,6 +151,11 @@ def planned_stage_count(cfg: dict | None) -> int | None:
                     comparisons += 1 if n_classes == 2 else n_classes
         n += max(comparisons, 1)  # no comparison: the skipped "de" stage
         n += len(analysed) * len(analysis["pairs"])
+        if analysis.get("attribution") or analysis.get("deletion") or analysis.get("sanity"):
+            models = dict.fromkeys(m for pair in analysis["pairs"] for m in pair)  # each analysed once
+            n += len(analysed) * len(models)
+        if (cfg.get("model") or {}).get("path"):
+            n += 1  # the checkpoint check of a user's model
         return n
     except (KeyError, TypeError, AttributeError, ValueError, ImportError):
         return None
@@ -181,3 +186,23 @@ def run_progress_text(run: dict, stages: list[dict], progress: dict | None, now:
     elif current_eta is not None:
         text += f" · ETA {fmt_duration(float(current_eta))} for this stage"
     return text, overall.done / total
+
+
+def model_gates(st, analysis: dict) -> dict[str, dict]:
+    """{model: gate} of the fine-tunings an analysis run compares (its siblings of the same task), for
+    the did-not-learn marks beside each model; empty where no gate is stored."""
+    run = R.full_run(st, analysis)
+    if run.get("parent_id") is None:
+        return {}
+    task = R.run_config(run).get("task") or str(run.get("name") or "").split(":", 1)[0]
+    models = set(R.compared_models(run))
+    out = {}
+    for child in st.children(run["parent_id"]):
+        if child.get("kind") != R.KIND_FINETUNE:
+            continue
+        t, mode = R.task_and_mode(child)
+        if t == task and mode in models:
+            gate = R.model_gate(st, child["id"])
+            if gate is not None:
+                out[mode] = gate
+    return out

@@ -14,7 +14,7 @@ import os
 import numpy as np
 import pytest
 
-from pipeline.data.counts import synth
+from pipeline.data import synth
 from pipeline.errors import InputError
 from pipeline.models import embedded
 from pipeline.models.pretrain import cell_gene_loss, gene_idf, pretrain

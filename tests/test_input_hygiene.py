@@ -158,7 +158,7 @@ def test_an_unfiltered_symbol_matrix_self_pretrains(unfiltered_symbols, geneform
 
 
 def test_the_pretraining_line_names_the_objective():
-    from pipeline.run.driver import pretraining_objective
+    from pipeline.models.embedded import pretraining_objective
 
     default = config.resolve("default")["pretrain"]
     assert pretraining_objective(default) == (
@@ -175,7 +175,13 @@ def test_flags_named_by_error_messages_exist():
     other = {"--embedded": "pretrain"}  # "rebuilt by `gfattn pretrain --embedded`"
     root = Path(__file__).resolve().parents[1] / "pipeline"
     named = set()
-    for name in ("data.py", "experiment.py", "design.py", "baseline.py", "checkpoint_check.py"):
+    for name in (
+        "data/counts.py",
+        "run/driver.py",
+        "data/design.py",
+        "training/baseline.py",
+        "models/checkpoint_check.py",
+    ):
         named |= set(re.findall(r"(?<![\w-])(--[a-z][a-z-]+)", (root / name).read_text()))
     for flag in sorted(named):
         if flag in other:

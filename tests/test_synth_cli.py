@@ -11,7 +11,7 @@ from pipeline.cli import main
 def test_cli_writes_sciplex_like(tmp_path, capsys):
     import anndata as ad
 
-    from pipeline.data.counts import synth
+    from pipeline.data import synth
 
     out = tmp_path / "sub" / "data.h5ad"
     rc = main(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.data.counts import synth, synth_genes
+from pipeline.data import synth, synth_genes
 from pipeline.errors import InputError
 
 

@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 
-from pipeline.data.counts import synth, synth_genes
+from pipeline.data import synth, synth_genes
 from pipeline.errors import InputError
 
 THESIS_SCALE = 0.3  # the embedded demo's size (~1,800 cells)

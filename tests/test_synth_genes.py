@@ -6,7 +6,7 @@ import csv
 
 import pytest
 
-from pipeline.data.counts import synth, synth_genes
+from pipeline.data import synth, synth_genes
 from pipeline.data.dictionaries import load_pickle_restricted
 
 

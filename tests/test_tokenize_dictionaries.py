@@ -131,7 +131,7 @@ def test_built_vocabulary_with_cell_tokens_is_v2_style(tmp_path):
     """`build_vocabulary(special_tokens=True)`: <cls>=2 and <eos>=3 before the same genes (their order and
     medians unchanged), V2, and every tokenized cell wrapped in <cls> ... <eos> within max_len; the
     dictionaries saved with a model load back as V2."""
-    from pipeline.data.counts import synth
+    from pipeline.data import synth
     from pipeline.tokenize.encode import build_vocabulary, tokenize_anndata
 
     corpus = synth.make_corpus(n_cells=60, seed=0, preset="thesis")

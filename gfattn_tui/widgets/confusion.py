@@ -53,6 +53,7 @@ class ConfusionView(RunView, VerticalScroll):
                         "matrix": matrix,
                         R.METRIC_ACCURACY: ft.accuracy,
                         R.METRIC_MACRO_F1: ft.macro_f1,
+                        "not_learned": R.did_not_learn(R.model_gate(st, ft.run_id)),
                     }
                 )
             return out
@@ -110,4 +111,5 @@ class ConfusionView(RunView, VerticalScroll):
 
 def _title(m: dict) -> str:
     split = "" if m.get("split") == "test" else f", {m.get('split')} split"
-    return f"{m['mode']}  (run {m['run_id']}{split})"
+    mark = "  ✘ did not learn" if m.get("not_learned") else ""
+    return f"{m['mode']}{mark}  (run {m['run_id']}{split})"

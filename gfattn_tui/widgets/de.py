@@ -254,9 +254,20 @@ class DEView(RunView, Vertical):
             plot.refresh()
             for r in records:
                 genes = ", ".join(map(str, r.get("genes") or []))  # every shared gene, wrapped
-                p = fmt_p_resolved(r.get("p_value"), floor=r.get("p_floor"), at_floor=r.get("at_floor"), q=r.get("q"))
-                q = f", q {fmt_q(r['q'])}" if r.get("q") is not None else ""
+                q_value = r.get("q", r.get("q_value"))
+                p = fmt_p_resolved(r.get("p_value"), floor=r.get("p_floor"), at_floor=r.get("at_floor"), q=q_value)
+                q = f", q {fmt_q(q_value)}" if q_value is not None else ""
                 lines.append(f"k={r['k']}: {r.get(overlap_key)} shared (p {p}{q})  {genes}")
+            for block in overlap.get("directions") or ():
+                if not isinstance(block, dict) or block.get("direction") == "up":
+                    continue
+                parts = [
+                    f"k={r.get('k')}: {r.get('overlap')} (p {fmt_p(r.get('p_value'), stars=False)})"
+                    for r in block.get("overlap") or ()
+                    if isinstance(r, dict)
+                ]
+                if parts:
+                    lines.append(f"{block.get('label') or block.get('direction')}: " + "  ".join(parts))
         spearman = (overlap or {}).get("spearman") or {}
         if spearman.get("rho") is not None:
             lines.append(

@@ -27,9 +27,9 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import DataTable, Label, Select, Static
 from textual_plotext import PlotextPlot
 
-from gfattn_tui.format import fmt_num, fmt_p_resolved
+from gfattn_tui.format import fmt_num, fmt_p_resolved, in_model_words
 from gfattn_tui.messages import Loaded
-from gfattn_tui.results import run_choices
+from gfattn_tui.results import model_gates, run_choices
 from gfattn_tui.widgets.analysis_picker import AnalysisPicker
 from gfattn_tui.widgets.store_view import RunView
 from store import results as R
@@ -68,6 +68,7 @@ def read_keygenes(st, run_id: int, analysis_id: int | None, suffix: str | None) 
         key_genes=R.read_key_genes(st, chosen),
     )
     out["ranked_by"], out["ranked"] = ranked_genes(st, chosen, suffix, out["deletion"])
+    out["not_learned"] = [m for m, gate in model_gates(st, chosen).items() if R.did_not_learn(gate)]
     return out
 
 
@@ -183,7 +184,10 @@ SET_COLUMNS = [
 def _deletion_p(row: dict) -> str:
     """The empirical p, "<= 0.048" at its floor 1/(random sets + 1); stars only on q where stored."""
     return fmt_p_resolved(
-        row.get(R.DEL_P), floor=row.get("p_floor", row.get("_floor")), at_floor=row.get("at_floor"), q=row.get("q")
+        row.get(R.DEL_P),
+        floor=fmt_deletion_floor(row, row.get("_floor")),
+        at_floor=row.get("p_at_floor"),
+        q=row.get("q"),
     )
 
 
@@ -424,7 +428,10 @@ class KeyGenesView(RunView, Vertical):
         self.suffix = data["suffix"]
         picker = self.query_one("#kg-model", Select)
         with picker.prevent(Select.Changed):
-            picker.set_options([(name, s) for s, name in data["models"].items()])
+            not_learned = data.get("not_learned") or ()
+            picker.set_options(
+                [(name + (" ✘ did not learn" if name in not_learned else ""), s) for s, name in data["models"].items()]
+            )
             picker.value = data["suffix"]
         self._show_head(data)
         self._show_ranked(data)
@@ -436,6 +443,12 @@ class KeyGenesView(RunView, Vertical):
         key_genes, deletion, model = data["key_genes"], data["deletion"], data["model"]
         key_score = R.col_key_score(data["suffix"])
         lines: list[Text] = []
+        if model in (data.get("not_learned") or ()):
+            lines.append(
+                Text(
+                    f"✘ {model} did not learn (see the Overview): its key genes explain no learned signal", style="red"
+                )
+            )
         if deletion is not None:
             info = deletion.info
             acc = _finite(info.get("accuracy_before"))
@@ -448,13 +461,14 @@ class KeyGenesView(RunView, Vertical):
         freq = frequency_line(deletion, key_genes, key_score)
         if freq is not None:
             lines.append(freq)
+        models = list((data.get("models") or {}).values())
         for warning in (key_genes or {}).get("warnings") or ():
-            lines.append(Text(f"warning: {warning}", style="yellow"))
+            lines.append(Text(f"warning: {in_model_words(warning, models)}", style="yellow"))
         if key_genes:
             default = key_genes.get("default_score")
             line = Text("key score: ", style="bold").append(str(key_genes.get("definition") or key_score), style="dim")
             if default:
-                line.append(f"  (default ranking: {default})", style="dim")
+                line.append(f"  (default ranking: {in_model_words(str(default), models)})", style="dim")
             lines.append(line)
         if not lines:
             lines.append(Text("No key-gene score in this run (written before it existed).", style="dim"))

@@ -24,12 +24,14 @@ from textual.widgets import Collapsible, DataTable, Label, ProgressBar, RichLog,
 from gfattn_tui.format import (
     STATUS_MARKS,
     as_epoch,
+    fmt_deletion_floor,
     fmt_duration,
     fmt_num,
     fmt_p,
     fmt_p_resolved,
     fmt_q,
     fmt_time,
+    in_model_words,
     model_label,
     run_duration,
 )
@@ -57,6 +59,7 @@ class OverviewResults:
     sanity: dict[int, dict[str, dict]] = field(default_factory=dict)
     attribution: dict[int, dict[str, dict]] = field(default_factory=dict)
     de_groups: dict[int, list[str]] = field(default_factory=dict)  # analysis id -> comparisons
+    de_directions: dict[int, list[dict]] = field(default_factory=dict)  # analysis id -> per-direction overlaps
     records: dict[str, object] = field(default_factory=dict)  # the run's own other JSON documents
 
     @property
@@ -93,6 +96,8 @@ def read_overview(st, run_id: int) -> OverviewResults:
             doc = st.get_json(head.run_id, R.JSON_DE_OVERLAP)
             if isinstance(doc, dict) and isinstance(doc.get("by_group"), dict):
                 out.de_groups[head.run_id] = [str(g) for g in doc["by_group"]]
+            if isinstance(doc, dict) and isinstance(doc.get("directions"), list):
+                out.de_directions[head.run_id] = [d for d in doc["directions"] if isinstance(d, dict)]
     for name in st.json_names(run_id):
         if name not in SHOWN_DOCS:
             out.records[name] = st.get_json(run_id, name)
@@ -455,9 +460,16 @@ def _checkpoint_line(doc: dict) -> Text:
     return line
 
 
+def q_of(record: dict, p_key: str = "p_value"):
+    """The q-value of a record's p (`q` / `q_value`, `q_matched` for the matched null), None when absent."""
+    if p_key == "p_matched":
+        return record.get("q_matched")
+    return record.get("q", record.get("q_value"))
+
+
 def _p_of(record: dict, p_key: str = "p_value") -> str:
     return fmt_p_resolved(
-        record.get(p_key), floor=record.get("p_floor"), at_floor=record.get("at_floor"), q=record.get("q")
+        record.get(p_key), floor=record.get("p_floor"), at_floor=record.get("at_floor"), q=q_of(record, p_key)
     )
 
 
@@ -465,10 +477,13 @@ def _overlap_text(records: list[dict]) -> str:
     parts = []
     for r in records:
         extra = []
-        if r.get("q") is not None:
-            extra.append(f"q {fmt_q(r.get('q'))}")
+        if q_of(r) is not None:
+            extra.append(f"q {fmt_q(q_of(r))}")
         if r.get("p_matched") is not None:
-            extra.append(f"matched p {fmt_p(r.get('p_matched'))}")
+            matched_q = q_of(r, "p_matched")
+            extra.append(
+                f"matched p {_p_of(r, 'p_matched')}" + (f" q {fmt_q(matched_q)}" if matched_q is not None else "")
+            )
         more = ", " + ", ".join(extra) if extra else ""
         parts.append(f"k={r.get('k')} {r.get('overlap')} (p {_p_of(r)}{more})")
     return "  ".join(parts)
@@ -498,14 +513,23 @@ def _analysis_block(head: R.AnalysisHeadline, results: OverviewResults, learned:
             lines.append(Text(f"key genes {named(model)}: ", style="bold").append(", ".join(genes[:10]), style=""))
     if head.de_overlap:
         by = f" by {model_label(head.de_attention_column, models)}" if head.de_attention_column else ""
-        line = Text(f"DE overlap (top k{by}): ", style="bold")
+        directions = results.de_directions.get(head.run_id) or []
+        up = next((d for d in directions if d.get("direction") == "up"), None)
+        where = f", {up['label']}" if up and up.get("label") else ""
+        line = Text(f"DE overlap{where} (top k{by}): ", style="bold")
         line.append(_overlap_text(head.de_overlap))
         lines.append(line)
+        for block in directions:
+            records = [r for r in block.get("overlap") or () if isinstance(r, dict) and "k" in r]
+            if block is up or not records:
+                continue
+            label = block.get("label") or block.get("direction")
+            lines.append(Text(f"DE overlap, {label}: ", style="bold").append(_overlap_text(records)))
         groups = results.de_groups.get(head.run_id) or []
         if len(groups) > 1:
             lines.append(Text(f"  ({groups[0]}; {len(groups) - 1} more comparisons in the DE tab)", style="dim"))
     for warning in head.key_warnings:
-        lines.append(Text(f"warning: {warning}", style="yellow"))
+        lines.append(Text(f"warning: {in_model_words(warning, models)}", style="yellow"))
     if head.spearman and head.spearman.get("rho") is not None:
         rho, p = head.spearman.get("rho"), head.spearman.get("p_value")
         against = model_label(head.de_attention_column, models) if head.de_attention_column else "attention"
@@ -538,7 +562,7 @@ def deletion_line(doc: dict) -> str:
     row = max((r for r in rows if r.get("score") == score), key=lambda r: r["k"])
     floor = 1.0 / (int(doc["n_random"]) + 1) if doc.get("n_random") else None
     p = fmt_p_resolved(
-        row.get("p_empirical"), floor=row.get("p_floor", floor), at_floor=row.get("at_floor"), q=row.get("q")
+        row.get("p_empirical"), floor=fmt_deletion_floor(row, floor), at_floor=row.get("p_at_floor"), q=row.get("q")
     )
     return (
         f"top {row['k']} by {str(score).replace('_', ' ')}: Δp {fmt_num(row.get('delta_prob_mean'), 3)} "

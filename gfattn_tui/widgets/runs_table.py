@@ -64,7 +64,18 @@ def id_text(run_id: int, marked: bool) -> Text:
     return text
 
 
-def detail_cells(run: dict, info: dict | None) -> dict[str, object]:
+def fit_headline(text: str, width: int) -> str:
+    """A headline of several tasks that does not fit: its first task and how many more ("+1 task")."""
+    if len(text) <= width or " · " not in text:
+        return text
+    parts = text.split(" · ")
+    for more in (f" +{len(parts) - 1} task{'s' if len(parts) > 2 else ''}", f" +{len(parts) - 1}"):
+        if len(parts[0] + more) <= width:
+            return parts[0] + more
+    return parts[0]
+
+
+def detail_cells(run: dict, info: dict | None, width: int = 1000) -> dict[str, object]:
     """Preset, data, model and headline cells; blank until the details worker has read them."""
     if info is None:
         return {"preset": "…", "data": "", "model": "", "headline": ""}
@@ -72,7 +83,7 @@ def detail_cells(run: dict, info: dict | None) -> dict[str, object]:
     preset = info.get("preset") or ("" if pipeline else str(run.get("kind") or ""))
     data = short_path(info.get("data_path"), 14) if info.get("data_path") else ("synthetic" if pipeline else "")
     model = short_path(info.get("model_path"), 14) if info.get("model_path") else ("embedded" if pipeline else "")
-    head: object = info.get("headline", "")
+    head: object = fit_headline(str(info.get("headline", "")), width)
     if run.get("status") == "running" and info.get("progress"):
         head = Text(info["progress"], style="yellow")
     return {"preset": preset, "data": data, "model": model, "headline": head}
@@ -145,7 +156,7 @@ class RunsTable(DataTable):
                 "started": fmt_time(run.get("created"), utc=utc),
                 "duration": Text(fmt_duration(run_duration(run, now)), justify="right"),
                 "tags": ", ".join(run.get("tags") or ()),
-                **detail_cells(run, details.get(rid)),
+                **detail_cells(run, details.get(rid), self.headline_width()),
             }
             self.add_row(*[cells[key] for key in self.layout_keys], key=str(rid))
         if keep is not None:
@@ -161,9 +172,12 @@ class RunsTable(DataTable):
         key = str(run["id"])
         if key not in self.rows:
             return
-        for column, value in detail_cells(run, info).items():
+        for column, value in detail_cells(run, info, self.headline_width()).items():
             if column in self.layout_keys:
                 self.update_cell(key, column, value)
+
+    def headline_width(self) -> int:
+        return next((w for key, _, w in layout_columns(self._width or 100) if key == "headline"), 1000)
 
     def selected_run_id(self) -> int | None:
         if not self.row_count:

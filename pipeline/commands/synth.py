@@ -77,7 +77,7 @@ def _check(args: argparse.Namespace) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     out = _check(args)
-    from pipeline.data.counts import synth
+    from pipeline.data import synth
 
     t0 = time.perf_counter()
     if args.corpus:

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.data.counts import synth_genes as genes
+from pipeline.data import synth_genes as genes
 from pipeline.errors import InputError
 from store.jsonsafe import plain
 

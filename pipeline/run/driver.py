@@ -35,6 +35,7 @@ from pipeline.compute import fault_point, pin_threads
 from pipeline.config import analysed_tasks, trained_tasks
 from pipeline.errors import InputError
 from pipeline.io import digest as _digest
+from pipeline.models.embedded import pretraining_objective
 from pipeline.paths import CHECKPOINT_JSON, cache_dir_for_store  # CHECKPOINT_JSON: {"path", "weights_sha256"}
 from pipeline.progress import Reporter
 
@@ -538,18 +539,6 @@ def _check_embedded_genes(data_path: str, cfg: dict, totals: np.ndarray | None =
             "pretrains its small model on your cells over Ensembl IDs: pass --geneformer-dir (its gene name "
             "dictionary maps symbols to IDs), a var column of Ensembl IDs (data.gene_id_column), or --model DIR"
         )
-
-
-def pretraining_objective(pcfg: dict) -> str:
-    """The objective gfattn's small model is pretrained by, in words (`pretrain.cell_objective`, weight)."""
-    weight = float(pcfg.get("cell_loss_weight") or 0.0)
-    if weight <= 0:
-        return "masked genes"
-    if pcfg.get("cell_objective") == "components":
-        cell = f"the first position regressing the cell's top {int(pcfg['cell_components'])} principal components"
-    else:
-        cell = "the first position predicting its cell's genes"
-    return f"masked genes plus {cell} (weight {weight:g})"
 
 
 def self_pretrained_model_dir(ctx: Context) -> Path:

@@ -48,7 +48,11 @@ STAGE = "finetune"
 
 @dataclass
 class TrainConfig:
-    """Fine-tuning hyperparameters; defaults are Geneformer's for 6-layer models where it has them."""
+    """Fine-tuning hyperparameters; defaults are Geneformer's for 6-layer models where it has them.
+
+    The keys shared with the config's [train] section take its defaults, except the adaptive schedule
+    (`min_steps`, `patience`, `class_weights`): this loop is plain unless asked (exactly `epochs`, no early
+    stop, an unweighted loss), while the pipeline's configuration turns them on."""
 
     # the keys shared with the config's [train] section take its defaults (pipeline/config.py)
     lr: float = _TrainSchema.lr
