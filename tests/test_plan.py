@@ -106,6 +106,7 @@ def test_the_plan_names_the_stages_the_run_executes(monkeypatch):
         monkeypatch.setattr(E, name, lambda *a, **k: None)
     monkeypatch.setattr(E, "stage_de", lambda *a, **k: None)
     monkeypatch.setattr(E, "stage_attention", lambda *a, **k: None)
+    monkeypatch.setattr(E, "stage_model_analysis", lambda *a, **k: None)
     monkeypatch.setattr(P, "record_plan", lambda ctx: None)
     entered = []
 
@@ -137,7 +138,7 @@ def test_every_stage_of_every_counted_preset_has_work_and_a_positive_estimate():
         total = P.estimate(parts, P.unit_costs(timing, shape.lengths))
         assert total > 0
         assert all(p.seconds > 0 for p in parts), [(p.stage, p.part) for p in parts if p.seconds <= 0]
-        analysis = [p for p in parts if p.stage.startswith("attention")]
+        analysis = [p for p in parts if p.stage.startswith(("attention", "model"))]
         assert {p.part.split(" (")[0] for p in analysis} >= {
             "attention",
             "attribution hao",

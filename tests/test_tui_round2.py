@@ -290,14 +290,14 @@ async def test_progress_counts_the_whole_runs_stages_with_a_whole_run_eta(tmp_pa
         label = screen.query_one("#ov-progress-label")
         text = str(label.render())
         # 60 s left of this stage + 4 stages to come at 30 s each
-        assert "stage 5 of 9: finetune lowhigh/frozen · ETA 3m00s for the run" in text
+        assert "stage 5 of 11: finetune lowhigh/frozen · ETA 4m00s for the run" in text
         assert "ETA 1m00s" in text
         await pilot.press("escape")
         await settle(pilot)
         table = app.screen.query_one(RunsTable)
         row = table.get_row(str(rid))
         cell = str(row[table.layout_keys.index("headline")])
-        assert cell == "5 of 9 · ETA 3m00s"
+        assert cell == "5 of 11 · ETA 4m00s"
         width = dict(
             (k, w)
             for k, _, w in __import__("gfattn_tui.widgets.runs_table").widgets.runs_table.layout_columns(

@@ -27,7 +27,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import DataTable, Label, Select, Static
 from textual_plotext import PlotextPlot
 
-from gfattn_tui.format import fmt_num, fmt_p_resolved, in_model_words
+from gfattn_tui.format import fmt_deletion_floor, fmt_num, fmt_p_resolved, in_model_words
 from gfattn_tui.messages import Loaded
 from gfattn_tui.results import model_gates, run_choices
 from gfattn_tui.widgets.analysis_picker import AnalysisPicker

@@ -215,7 +215,7 @@ def cascade_steps_count(n_layers: int) -> int:
 def count_stages(cfg: dict, shape: Shape) -> list[Part]:
     """Every stage (and analysis part) of the run, in `pipeline.run.driver._stages` order, with its work."""
     from pipeline.config import analysed_tasks, trained_tasks
-    from pipeline.run.driver import PERMUTED
+    from pipeline.run.driver import PERMUTED, analysed_models, model_analysis_on
 
     mean = shape.mean_length
     n, nl = shape.n_selected, shape.n_layers
@@ -282,41 +282,38 @@ def count_stages(cfg: dict, shape: Shape) -> list[Part]:
     tokens = int(round(test * mean))
     for task in analysed:
         has_de = sum(1 for t, _, _ in comparisons if t == task) == 1
-        attributed: set[str] = set()
-        for mode_a, mode_b in a["pairs"]:
-            stage = f"attention {task}: {mode_a} vs {mode_b}"
-            parts.append(
-                Part(
-                    stage, "attention", cells=test, tokens=tokens, attention_pair=float(test), fixed_s=ROUGH["analysis"]
+        if model_analysis_on(cfg):  # each model once (`stage_model_analysis`), whatever the pairs comparing it
+            for mode in analysed_models(cfg):
+                stage = f"model {task}: {mode}"
+                parts.append(
+                    Part(
+                        stage,
+                        "attention",
+                        cells=test,
+                        tokens=tokens,
+                        attention_one=float(test),
+                        fixed_s=ROUGH["analysis"],
+                    )
                 )
-            )
-            if a["attribution"]:
-                for mode in (mode_a, mode_b):
-                    if mode in attributed:  # a model in several pairs is attributed once
-                        continue
-                    attributed.add(mode)
-                    for p in attribution_parts(stage, cfg, test, nl, label=f" ({mode})"):
-                        p.tokens = tokens
-                        parts.append(p)
-            if a["deletion"]:
-                for mode in (mode_a, mode_b):
-                    fwd = deletion_passes(cfg, shape, test, has_de)
+                for p in attribution_parts(stage, cfg, test, nl) if a["attribution"] else []:
+                    p.tokens = tokens
+                    parts.append(p)
+                if a["deletion"]:
                     parts.append(
                         Part(
                             stage,
-                            f"deletion ({mode})",
+                            "deletion",
                             cells=test,
                             tokens=tokens,
-                            forward_wide=fwd,
+                            forward_wide=deletion_passes(cfg, shape, test, has_de),
                             fixed_s=ROUGH["deletion"],
-                            note="top sets estimated from detection frequency",
+                            note="top sets estimated from detection frequency; skipped for a model that did not learn",
                         )
                     )
-            if a["sanity"]:
-                steps = cascade_steps_count(nl) + (1 if a["label_permutation"] else 0)
-                methods = a["attribution"] if a["sanity_attribution"] else []
-                for mode in (mode_a, mode_b):
-                    p = Part(stage, f"randomisation cascade ({mode})", cells=test, tokens=tokens)
+                if a["sanity"]:
+                    steps = cascade_steps_count(nl) + (1 if a["label_permutation"] else 0)
+                    methods = a["attribution"] if a["sanity_attribution"] else []
+                    p = Part(stage, "randomisation cascade", cells=test, tokens=tokens)
                     p.attention_one = float(steps * test)
                     for q in attribution_parts(stage, {"analysis": {**a, "attribution": methods}}, test, nl):
                         p.forward += steps * q.forward
@@ -324,6 +321,13 @@ def count_stages(cfg: dict, shape: Shape) -> list[Part]:
                         p.gradient_wide += steps * q.gradient_wide
                     p.note = f"{steps} steps"
                     parts.append(p)
+        for mode_a, mode_b in a["pairs"]:
+            stage = f"attention {task}: {mode_a} vs {mode_b}"
+            parts.append(
+                Part(
+                    stage, "attention", cells=test, tokens=tokens, attention_pair=float(test), fixed_s=ROUGH["analysis"]
+                )
+            )
     return parts
 
 
