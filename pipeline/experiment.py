@@ -535,22 +535,11 @@ def _check_embedded_genes(data_path: str, cfg: dict, totals: np.ndarray | None =
         )
 
 
-def pretraining_objective(pcfg: dict) -> str:
-    """The objective gfattn's small model is pretrained by, in words (`pretrain.cell_objective`, weight)."""
-    weight = float(pcfg.get("cell_loss_weight") or 0.0)
-    if weight <= 0:
-        return "masked genes"
-    if pcfg.get("cell_objective") == "components":
-        cell = f"the first position regressing the cell's top {int(pcfg['cell_components'])} principal components"
-    else:
-        cell = "the first position predicting its cell's genes"
-    return f"masked genes plus {cell} (weight {weight:g})"
-
-
 def self_pretrained_model_dir(ctx: Context) -> Path:
     """No checkpoint given: gfattn's small model pretrained by masked genes on the user's own training cells
     (test cells stay unseen), over the genes they express; cached by data, cells and pretraining config."""
     from pipeline.io import verify_manifest
+    from pipeline.pretrain import pretraining_objective
     from pipeline.tokenize import build_vocabulary, hash_file, tokenize_anndata
 
     cfg, pcfg = ctx.cfg, dict(ctx.cfg["pretrain"])
