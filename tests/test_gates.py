@@ -250,3 +250,32 @@ def test_show_and_compare_put_the_baseline_and_gate_beside_each_model(gated_run,
     assert (
         re.search(r"coin/frozen +\d\.\d{3}\*", text) and "* did not learn (one class for >= 90% of test cells" in text
     )
+
+
+def test_early_stopping_keeps_the_best_epoch(tmp_path):
+    """Labels the genes cannot tell (a coin): validation macro-F1 stops improving, training stops `patience`
+    epochs after the best one, whose weights are kept; the planned epochs follow min_steps."""
+    from pipeline.models.load import load_classifier
+    from pipeline.training.finetune import finetune
+
+    from _helpers_model import FakeRecorder, class_coded_cells, save_tiny_model, toy_dictionaries
+
+    cells = class_coded_cells(96, seed=3)
+    cells["label"] = np.random.default_rng(0).integers(0, 2, 96).tolist()
+    held_out = class_coded_cells(48, seed=4)
+    held_out["label"] = np.random.default_rng(1).integers(0, 2, 48).tolist()
+    dicts = toy_dictionaries(200)
+    model = load_classifier(save_tiny_model(tmp_path / "m"), 2, dicts=dicts, max_len=64, seed=0)
+    store = FakeRecorder()
+    config = TrainConfig(lr=1e-3, epochs=2, min_steps=120, max_epochs=30, patience=2, batch_size=16)
+    result = finetune(
+        model, cells, held_out, held_out, label_names=["a", "b"], mode="unfrozen", config=config, store=store, run_id=1
+    )
+    planned = planned_epochs(config, 96, 16)  # 6 steps an epoch: 20 epochs reach 120 steps
+    assert planned == 20
+    assert len(result.history) < planned  # stopped early
+    scores = [h["val_macro_f1"] for h in result.history]
+    assert scores[result.best_epoch - 1] == max(scores)  # the best epoch's weights (ties: the lower loss)
+    assert len(result.history) == result.best_epoch + 2  # stopped `patience` epochs after it
+    assert result.val_metrics["macro_f1"] == max(scores)
+    assert any("early stop after epoch" in e for e in store.events)

@@ -158,7 +158,7 @@ def test_an_unfiltered_symbol_matrix_self_pretrains(unfiltered_symbols, geneform
 
 
 def test_the_pretraining_line_names_the_objective():
-    from pipeline.models.embedded import pretraining_objective
+    from pipeline.models.pretrain import pretraining_objective
 
     default = config.resolve("default")["pretrain"]
     assert pretraining_objective(default) == (

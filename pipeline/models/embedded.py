@@ -164,15 +164,3 @@ def rebuilt_differences(built: Path, reference: Path = SHIPPED_DIR) -> list[str]
     a = {k: v["sha256"] for k, v in folder_files(built).items() if k not in skip}
     b = {k: v["sha256"] for k, v in folder_files(reference).items() if k not in skip}
     return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
-
-
-def pretraining_objective(pcfg: dict) -> str:
-    """The objective gfattn's small model is pretrained by, in words (`pretrain.cell_objective`, weight)."""
-    weight = float(pcfg.get("cell_loss_weight") or 0.0)
-    if weight <= 0:
-        return "masked genes"
-    if pcfg.get("cell_objective") == "components":
-        cell = f"the first position regressing the cell's top {int(pcfg['cell_components'])} principal components"
-    else:
-        cell = "the first position predicting its cell's genes"
-    return f"masked genes plus {cell} (weight {weight:g})"

@@ -60,6 +60,18 @@ PACE_FROM_STEP = 3  # steps before a time budget measures the pace (allocation, 
 STAGE = "pretrain"
 
 
+def pretraining_objective(pcfg: dict) -> str:
+    """The objective gfattn's small model is pretrained by, in words (`pretrain.cell_objective`, weight)."""
+    weight = float(pcfg.get("cell_loss_weight") or 0.0)
+    if weight <= 0:
+        return "masked genes"
+    if pcfg.get("cell_objective") == "components":
+        cell = f"the first position regressing the cell's top {int(pcfg['cell_components'])} principal components"
+    else:
+        cell = "the first position predicting its cell's genes"
+    return f"masked genes plus {cell} (weight {weight:g})"
+
+
 def select_masked_positions(input_ids, attention_mask, special_ids, probability: float, generator):
     """Bernoulli(`probability`) selection over real, non-special tokens (the collator's rule)."""
     import torch

@@ -73,7 +73,7 @@ def format_summary(store, run_id: int, elapsed_s: float | None = None, top_n: in
     lines += checkpoint_check_lines(store, run_id)
     cfg = R.run_config(run)
     if (cfg.get("data") or {}).get("path") and not (cfg.get("model") or {}).get("path"):
-        from pipeline.models.embedded import pretraining_objective
+        from pipeline.models.pretrain import pretraining_objective
 
         lines.append(
             f"model: gfattn's small model, pretrained by {pretraining_objective(cfg.get('pretrain') or {})} on this "

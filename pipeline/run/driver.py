@@ -35,7 +35,6 @@ from pipeline.compute import fault_point, pin_threads
 from pipeline.config import analysed_tasks, trained_tasks
 from pipeline.errors import InputError
 from pipeline.io import digest as _digest
-from pipeline.models.embedded import pretraining_objective
 from pipeline.paths import CHECKPOINT_JSON, cache_dir_for_store  # CHECKPOINT_JSON: {"path", "weights_sha256"}
 from pipeline.progress import Reporter
 
@@ -545,6 +544,7 @@ def self_pretrained_model_dir(ctx: Context) -> Path:
     """No checkpoint given: gfattn's small model pretrained by masked genes on the user's own training cells
     (test cells stay unseen), over the genes they express; cached by data, cells and pretraining config."""
     from pipeline.io import verify_manifest
+    from pipeline.models.pretrain import pretraining_objective
     from pipeline.tokenize.encode import build_vocabulary, hash_file, tokenize_anndata
 
     cfg, pcfg = ctx.cfg, dict(ctx.cfg["pretrain"])
