@@ -95,8 +95,8 @@ def main(argv=None) -> int:
     p.add_argument(
         "--max-random",
         type=int,
-        default=99,
-        help="adaptive resolution: cap of random sets per test (default 99, the default preset's)",
+        default=39,
+        help="adaptive resolution: cap of random sets per test (default 39, the default preset's)",
     )
     p.add_argument("--adaptive-only", action="store_true", help="only the adaptive vs fixed-R measurement")
     args = p.parse_args(argv)
