@@ -25,6 +25,11 @@ batched / plain 1.08x. A larger model is compute-bound on CPU, where batching ga
 `--cells 200 --min-len 100 --max-len 256 --layers 4 --hidden 64 --heads 4` the ratio was 3.8x (CPU time;
 1.05x over plain), all of it from skipping unaffected cells, running shared sequences once and batching.
 
+Then adaptive resolution against fixed R in the same invocation: `set_deletion` with random sets matched
+gene by gene (the pipeline's matching), R = --n-random, then R doubled while a test's p sits at its floor
+up to --max-random (default 39, the `default` preset's); the ratio of wall times and how many tests
+were extended (`--adaptive-only` runs just this).
+
     python bench/bench_deletion.py [--device cpu|cuda] [--cells 228] [--naive-sets 42] [--threads 1]
 """
 
