@@ -149,3 +149,31 @@ def test_planted_targets_overlap_genes_up_in_high_with_q_values_and_held_out_de(
             assert row["n_random"] <= doc["max_random"] and row["read_removed"] == 0.0
             if row["p_at_floor"] and row["n_random"] < doc["max_random"]:
                 raise AssertionError(f"a test at its floor was not extended: {row}")
+
+
+@pytest.mark.slow
+def test_held_out_de_is_scanpy_on_the_training_and_validation_cells(quick_run):
+    """The stored `de` table against scanpy run here on the run's own split: the training and validation
+    cells of each class, test cells left out (the `de_all_cells` table keeps every cell)."""
+    import anndata as ad
+    import scanpy as sc
+
+    db, _ = quick_run
+    st, children = _children(db)
+    data = children["data"]["id"]
+    cells = st.cells(data)
+    held_out = cells[(cells["split"] != "test") & cells["lowhigh"].isin(["high", "low"])]
+    got = st.gene_table_df(children["de: high vs low"]["id"], "de").set_index("ensembl_id")["score"]
+    adata = ad.read_h5ad(st.get_run(data)["data_path"])
+    # the genes the model's vocabulary maps (the DE stage tests those and normalises over them)
+    adata = adata[held_out["cell_id"].astype(str).to_numpy(), adata.var["ensembl_id"].isin(got.index).to_numpy()]
+    adata = adata[:, ~adata.var["ensembl_id"].duplicated().to_numpy()].copy()
+    adata.obs["group"] = held_out["lowhigh"].to_numpy()
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    sc.tl.rank_genes_groups(adata, "group", groups=["high"], reference="low", method="wilcoxon")
+    want = sc.get.rank_genes_groups_df(adata, group="high").set_index("names")["scores"]
+    want.index = adata.var.loc[want.index, "ensembl_id"].astype(str).to_numpy()
+    shared = got.index.intersection(want.index)
+    assert len(shared) > 0.9 * len(got)
+    np.testing.assert_allclose(got[shared].to_numpy(), want[shared].to_numpy(), rtol=1e-4, atol=1e-4)
