@@ -893,88 +893,66 @@ def _fill_symbols(de, dicts, adata, gene_id_column) -> list[str]:
     return out
 
 
-def analysis_cells(ctx: Context, task: str):
-    """The test cells every analysis of `task` reads (each model's and each pair's): the task's test split,
-    at most `analysis.max_cells` of them drawn with the run's seed."""
-    from pipeline.cells import subsample
+# --------------------------------------------------------------------------------------- attention
+def stage_attention(ctx: Context, task: str, mode_a: str, mode_b: str) -> None:
+    """Weight- and norm-based attention of two fine-tuned models on the test cells (thesis 3.3-4.5), and
+    each model's attribution, deletion and cascade read from its model analysis (`stage_model_analysis`)."""
+    name = f"{task}: {mode_a} vs {mode_b}"
+    if ctx.completed_child(name, "analysis") is not None:
+        ctx.rep.line(f"{name}: already analysed (resumed)")
+        return
+    import torch
 
-    parts, _ = task_datasets(ctx, task)
-    return subsample(parts["test"], int(ctx.cfg["analysis"]["max_cells"]), ctx.seed)
-
-
-def analysed_models(cfg: dict) -> dict[str, list[str]]:
-    """Each model of the analysis pairs (in pair order) with the pairs that compare it: "{a} vs {b}"."""
-    out: dict[str, list[str]] = {}
-    for mode_a, mode_b in cfg["analysis"]["pairs"]:
-        for mode in dict.fromkeys((mode_a, mode_b)):
-            out.setdefault(mode, []).append(f"{mode_a} vs {mode_b}")
-    return out
-
-
-def model_analysis_on(cfg: dict) -> bool:
-    """Whether the run analyses each model on its own: attribution, deletion or the randomisation cascade."""
-    a_cfg = cfg["analysis"]
-    return bool(a_cfg["attribution"] or a_cfg["deletion"] or a_cfg["sanity"])
-
-
-# ----------------------------------------------------------------------------------- one model
-def stage_model_analysis(ctx: Context, task: str, mode: str, pairs: list[str]) -> None:
-    """One model's analysis, once per run however many pairs compare it: its own attention pass (the gene
-    table its rankings come from), attribution, deletion and the randomisation cascade, into a "model"
-    child run (`results.model_analysis_name`) that every pair's analysis run reads (`_copy_model_results`).
-
-    Each of these is a function of the model and the task's analysis cells alone: the gene table is the
-    model's own (`pipeline.analysis.gene_table` of a one-model attention pass; its key-score fit is
-    per model), never the pair's, whose row order follows the other model's key score."""
-    from pipeline.analysis import gene_table
-    from pipeline.attention import analyze_attention
+    from pipeline.analysis import run_pair_analysis
     from pipeline.model import load_for_attention
     from pipeline.train import verify_checkpoint
     from store import results as R
 
-    name = R.model_analysis_name(task, mode)
-    used = f"used by {len(pairs)} pair{'s' if len(pairs) != 1 else ''} ({'; '.join(pairs)})"
-    if ctx.completed_child(name, R.KIND_MODEL) is not None:
-        ctx.rep.line(f"{name}: already analysed (resumed), {used}")
-        return
-    import torch
-
     a_cfg = ctx.cfg["analysis"]
     test = analysis_cells(ctx, task)
-    path = ctx.out.models[(task, mode)]
-    verify_checkpoint(path, ctx.out.checkpoint_hashes.get((task, mode)))
+    models = ctx.out.models
+    for mode in (mode_a, mode_b):  # the checkpoints are the ones this run fine-tuned and recorded
+        verify_checkpoint(models[(task, mode)], ctx.out.checkpoint_hashes.get((task, mode)))
     child = ctx.new_child(
-        name, R.KIND_MODEL, {"task": task, "model": mode, "pairs": pairs, "analysis": a_cfg, "cells": len(test)}
+        name, "analysis", {"task": task, "model_a": mode_a, "model_b": mode_b, "analysis": a_cfg, "cells": len(test)}
     )
-    fault_point("stage", f"model {name}")
+    fault_point("stage", f"attention {name}")
     with ctx.store.track(child):
-        model = load_for_attention(path)  # attention, attribution and deletion leave the weights as they are
-        result = analyze_attention(
-            model,
-            None,
+        model_a = load_for_attention(models[(task, mode_a)])
+        model_b = load_for_attention(models[(task, mode_b)])
+        summary = run_pair_analysis(
+            ctx.store,
+            child,
+            model_a,
+            model_b,
             test,
-            pad_id=ctx.out.dicts.pad_id,
-            special_ids=ctx.out.dicts.special_ids,
+            dicts=ctx.out.dicts,
+            names=(mode_a, mode_b),
             group_column="group_name",
+            de=_de_for(ctx, task),
+            reference_set=a_cfg["reference_set"] or None,
+            top_k=a_cfg["top_k"],
+            null_bins=tuple(a_cfg["null_bins"]),
+            null_permutations=int(a_cfg["null_permutations"]),
+            n_boot=int(a_cfg["n_boot"]),
             batch_size=int(a_cfg["batch_size"]),
             device=ctx.device,
             dtype=torch.float32,
-            names=(mode,),
+            seed=ctx.seed,
             progress=lambda done, total, **kw: ctx.rep.update(done, total, unit="cells", **kw),
         )
-        genes = gene_table(result, ctx.out.dicts.id_to_gene, ctx.out.dicts.id_to_symbol)  # columns `_a`
-        del result
-        attribution = _attribution(ctx, child, task, test, mode, model, genes)
-        _deletion(ctx, child, task, test, mode, model, genes, attribution)
-        del model
-        _sanity(ctx, child, task, test, mode, genes, attribution)
-        ctx.store.put_gene_table(child, R.TABLE_GENES, genes)
-        ctx.store.put_json(child, R.JSON_MODEL_ANALYSIS, {"task": task, "model": mode, "pairs": pairs})
-    ctx.rep.line(f"{name}: analysed once, {used}")
-
-
-# The model analysis's own gene table is a one-model table: its columns end in "_a" (`MODEL_SUFFIX`).
-MODEL_SUFFIX = "a"
+        del model_a, model_b
+        for line in summary.get("frequency_warnings", []):
+            ctx.rep.line(f"warning: {line}")
+        genes = ctx.store.gene_table_df(child, R.TABLE_GENES)  # read once; deletion adds its columns
+        _one_vs_rest_overlaps(ctx, child, task, genes)
+        if model_analysis_on(ctx.cfg):
+            for mode, suffix in zip((mode_a, mode_b), R.MODEL_SUFFIXES):
+                _copy_model_results(ctx, child, task, mode, suffix, genes)
+            if a_cfg["deletion"]:
+                ctx.store.put_gene_table(child, R.TABLE_GENES, genes)
+            ctx.rep.line(f"{name}: attribution, deletion and cascade of each model read from its analysis")
+    ctx.rep.line(f"{name}: analysed {len(test)} test cells")
 
 
 def _attribution(ctx: Context, child: int, task: str, test, mode: str, model, genes):
@@ -1136,6 +1114,90 @@ def _sanity(ctx: Context, child: int, task: str, test, mode: str, genes, attribu
     ctx.rep.line(f"{task}: randomisation cascade of {mode}: scores that survive randomisation: {flagged}")
 
 
+# ----------------------------------------------------------------------------------- one model
+def analysis_cells(ctx: Context, task: str):
+    """The test cells every analysis of `task` reads (each model's and each pair's): the task's test split,
+    at most `analysis.max_cells` of them drawn with the run's seed."""
+    from pipeline.cells import subsample
+
+    parts, _ = task_datasets(ctx, task)
+    return subsample(parts["test"], int(ctx.cfg["analysis"]["max_cells"]), ctx.seed)
+
+
+def analysed_models(cfg: dict) -> dict[str, list[str]]:
+    """Each model of the analysis pairs (in pair order) with the pairs that compare it: "{a} vs {b}"."""
+    out: dict[str, list[str]] = {}
+    for mode_a, mode_b in cfg["analysis"]["pairs"]:
+        for mode in dict.fromkeys((mode_a, mode_b)):
+            out.setdefault(mode, []).append(f"{mode_a} vs {mode_b}")
+    return out
+
+
+def model_analysis_on(cfg: dict) -> bool:
+    """Whether the run analyses each model on its own: attribution, deletion or the randomisation cascade."""
+    a_cfg = cfg["analysis"]
+    return bool(a_cfg["attribution"] or a_cfg["deletion"] or a_cfg["sanity"])
+
+
+def stage_model_analysis(ctx: Context, task: str, mode: str, pairs: list[str]) -> None:
+    """One model's analysis, once per run however many pairs compare it: its own attention pass (the gene
+    table its rankings come from), attribution, deletion and the randomisation cascade, into a "model"
+    child run (`results.model_analysis_name`) that every pair's analysis run reads (`_copy_model_results`).
+
+    Each of these is a function of the model and the task's analysis cells alone: the gene table is the
+    model's own (`pipeline.analysis.gene_table` of a one-model attention pass; its key-score fit is
+    per model), never the pair's, whose row order follows the other model's key score."""
+    from pipeline.analysis import gene_table
+    from pipeline.attention import analyze_attention
+    from pipeline.model import load_for_attention
+    from pipeline.train import verify_checkpoint
+    from store import results as R
+
+    name = R.model_analysis_name(task, mode)
+    used = f"used by {len(pairs)} pair{'s' if len(pairs) != 1 else ''} ({'; '.join(pairs)})"
+    if ctx.completed_child(name, R.KIND_MODEL) is not None:
+        ctx.rep.line(f"{name}: already analysed (resumed), {used}")
+        return
+    import torch
+
+    a_cfg = ctx.cfg["analysis"]
+    test = analysis_cells(ctx, task)
+    path = ctx.out.models[(task, mode)]
+    verify_checkpoint(path, ctx.out.checkpoint_hashes.get((task, mode)))
+    child = ctx.new_child(
+        name, R.KIND_MODEL, {"task": task, "model": mode, "pairs": pairs, "analysis": a_cfg, "cells": len(test)}
+    )
+    fault_point("stage", f"model {name}")
+    with ctx.store.track(child):
+        model = load_for_attention(path)  # attention, attribution and deletion leave the weights as they are
+        result = analyze_attention(
+            model,
+            None,
+            test,
+            pad_id=ctx.out.dicts.pad_id,
+            special_ids=ctx.out.dicts.special_ids,
+            group_column="group_name",
+            batch_size=int(a_cfg["batch_size"]),
+            device=ctx.device,
+            dtype=torch.float32,
+            names=(mode,),
+            progress=lambda done, total, **kw: ctx.rep.update(done, total, unit="cells", **kw),
+        )
+        genes = gene_table(result, ctx.out.dicts.id_to_gene, ctx.out.dicts.id_to_symbol)  # columns `_a`
+        del result
+        attribution = _attribution(ctx, child, task, test, mode, model, genes)
+        _deletion(ctx, child, task, test, mode, model, genes, attribution)
+        del model
+        _sanity(ctx, child, task, test, mode, genes, attribution)
+        ctx.store.put_gene_table(child, R.TABLE_GENES, genes)
+        ctx.store.put_json(child, R.JSON_MODEL_ANALYSIS, {"task": task, "model": mode, "pairs": pairs})
+    ctx.rep.line(f"{name}: analysed once, {used}")
+
+
+# The model analysis's own gene table is a one-model table: its columns end in "_a" (`MODEL_SUFFIX`).
+MODEL_SUFFIX = "a"
+
+
 # ------------------------------------------------------------------------------------ a pair reads
 def _model_gene_columns(suffix: str) -> list[str]:
     """The columns of a model's gene table that a pair's gene table carries (`write_deletion`'s)."""
@@ -1181,68 +1243,6 @@ def _copy_model_results(ctx: Context, child: int, task: str, mode: str, suffix: 
     for own_name, pair_name in zip(_model_gene_columns(MODEL_SUFFIX), _model_gene_columns(suffix)):
         if own_name in own.columns:
             genes[pair_name] = token.map(own[own_name]).astype(float)
-
-
-# --------------------------------------------------------------------------------------- attention
-def stage_attention(ctx: Context, task: str, mode_a: str, mode_b: str) -> None:
-    """Weight- and norm-based attention of two fine-tuned models on the test cells (thesis 3.3-4.5), and
-    each model's attribution, deletion and cascade read from its model analysis (`stage_model_analysis`)."""
-    name = f"{task}: {mode_a} vs {mode_b}"
-    if ctx.completed_child(name, "analysis") is not None:
-        ctx.rep.line(f"{name}: already analysed (resumed)")
-        return
-    import torch
-
-    from pipeline.analysis import run_pair_analysis
-    from pipeline.model import load_for_attention
-    from pipeline.train import verify_checkpoint
-    from store import results as R
-
-    a_cfg = ctx.cfg["analysis"]
-    test = analysis_cells(ctx, task)
-    models = ctx.out.models
-    for mode in (mode_a, mode_b):  # the checkpoints are the ones this run fine-tuned and recorded
-        verify_checkpoint(models[(task, mode)], ctx.out.checkpoint_hashes.get((task, mode)))
-    child = ctx.new_child(
-        name, "analysis", {"task": task, "model_a": mode_a, "model_b": mode_b, "analysis": a_cfg, "cells": len(test)}
-    )
-    fault_point("stage", f"attention {name}")
-    with ctx.store.track(child):
-        model_a = load_for_attention(models[(task, mode_a)])
-        model_b = load_for_attention(models[(task, mode_b)])
-        summary = run_pair_analysis(
-            ctx.store,
-            child,
-            model_a,
-            model_b,
-            test,
-            dicts=ctx.out.dicts,
-            names=(mode_a, mode_b),
-            group_column="group_name",
-            de=_de_for(ctx, task),
-            reference_set=a_cfg["reference_set"] or None,
-            top_k=a_cfg["top_k"],
-            null_bins=tuple(a_cfg["null_bins"]),
-            null_permutations=int(a_cfg["null_permutations"]),
-            n_boot=int(a_cfg["n_boot"]),
-            batch_size=int(a_cfg["batch_size"]),
-            device=ctx.device,
-            dtype=torch.float32,
-            seed=ctx.seed,
-            progress=lambda done, total, **kw: ctx.rep.update(done, total, unit="cells", **kw),
-        )
-        del model_a, model_b
-        for line in summary.get("frequency_warnings", []):
-            ctx.rep.line(f"warning: {line}")
-        genes = ctx.store.gene_table_df(child, R.TABLE_GENES)  # read once; deletion adds its columns
-        _one_vs_rest_overlaps(ctx, child, task, genes)
-        if model_analysis_on(ctx.cfg):
-            for mode, suffix in zip((mode_a, mode_b), R.MODEL_SUFFIXES):
-                _copy_model_results(ctx, child, task, mode, suffix, genes)
-            if a_cfg["deletion"]:
-                ctx.store.put_gene_table(child, R.TABLE_GENES, genes)
-            ctx.rep.line(f"{name}: attribution, deletion and cascade of each model read from its analysis")
-    ctx.rep.line(f"{name}: analysed {len(test)} test cells")
 
 
 # ----------------------------------------------------------------------------------------- driver
