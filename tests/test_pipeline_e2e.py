@@ -7,7 +7,7 @@ import pytest
 
 from store import Store
 
-from _helpers_cli import gfattn
+from _helpers_cli import cli
 
 P53_UP = {
     "CDKN1A",
@@ -103,11 +103,11 @@ def test_quick_run_learns_and_finds_planted_genes(quick_run):
 @pytest.mark.slow
 def test_show_json_and_plot_of_the_run(quick_run, tmp_path):
     db, _ = quick_run
-    out = gfattn("show", "1", "--json", "--store", str(db))
+    out = cli("show", "1", "--json", "--store", str(db))
     assert out.returncode == 0, out.stderr
     shown = json.loads(out.stdout)
     assert shown["run"]["status"] == "completed" if "run" in shown else shown["status"] == "completed"
-    out = gfattn("plot", "1", "--out", str(tmp_path / "fig"), "--store", str(db))
+    out = cli("plot", "1", "--out", str(tmp_path / "fig"), "--store", str(db))
     assert out.returncode == 0, out.stderr
     names = {p.name for p in (tmp_path / "fig").iterdir()}
     for stem in ("fig1_umap", "fig3_confusion_lowhigh"):
@@ -120,7 +120,7 @@ def test_show_json_and_plot_of_the_run(quick_run, tmp_path):
     assert any(n.startswith("fig10_attribution_") and n.endswith(".png") for n in names)
     assert any(n.startswith("fig11_deletion_") and n.endswith(".png") for n in names)
     assert any(n.startswith("fig12_randomisation_") and n.endswith(".png") for n in names)
-    text = gfattn("show", "1", "--store", str(db))
+    text = cli("show", "1", "--store", str(db))
     assert "top genes of unfrozen by score (single-gene deletion" in text.stdout
     assert "deletion from unfrozen: change of the true-class probability" in text.stdout
 
@@ -129,7 +129,7 @@ def test_show_json_and_plot_of_the_run(quick_run, tmp_path):
 def test_compare_two_runs(quick_run, tmp_path):
     """`gfattn compare`: a run against itself differs by nothing, and the figure is written."""
     db, _ = quick_run
-    out = gfattn("compare", "1", "1", "--store", str(db), "--out", str(tmp_path / "cmp"))
+    out = cli("compare", "1", "1", "--store", str(db), "--out", str(tmp_path / "cmp"))
     assert out.returncode == 0, out.stderr
     rows = [ln for ln in out.stdout.splitlines() if ln.startswith("  lowhigh/")]
     assert len(rows) == 3 and all("+0.000" in ln for ln in rows)
