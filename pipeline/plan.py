@@ -588,24 +588,32 @@ def build_shape(
     )
 
 
-def make_plan(cfg: dict, shape: Shape, model, *, device, dicts=None, extra: dict | None = None, say=None) -> dict:
-    """Time the model at the shape's lengths, count and estimate every stage: the plan as a JSON-able dict."""
+def make_plan(
+    cfg: dict, shape: Shape, model, *, device, dicts=None, extra: dict | None = None, say=None, repeats: int = 2
+) -> dict:
+    """Time the model at the shape's lengths, count and estimate every stage: the plan as a JSON-able dict.
+    The timing runs on forked random generators: the run's own draws are not moved by it."""
+    import torch
+
     from pipeline.compute import pin_threads
 
     t0 = time.perf_counter()
     threads = pin_threads(int(cfg["compute"]["threads"]) or None)
     pad_id = int(getattr(dicts, "pad_id", 0) or 0) if dicts is not None else 0
     special = sorted(int(s) for s in getattr(dicts, "special_ids", ()) or ()) if dicts is not None else []
-    timing = time_units(
-        model,
-        shape.lengths,
-        batches=_batches_for(cfg),
-        device=device,
-        pad_id=pad_id,
-        special_ids=special,
-        seed=int(cfg["run"]["seed"]),
-        say=say,
-    )
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda):
+        timing = time_units(
+            model,
+            shape.lengths,
+            batches=_batches_for(cfg),
+            device=device,
+            pad_id=pad_id,
+            special_ids=special,
+            seed=int(cfg["run"]["seed"]),
+            say=say,
+            repeats=repeats,
+        )
     parts = count_stages(cfg, shape)
     units = unit_costs(timing, shape.lengths)
     p_units = unit_costs(timing, shape.pretrain_lengths) if shape.pretrain_lengths is not None else None
@@ -659,10 +667,10 @@ def _classifier_for_timing(config, n_labels: int, seed: int):
     config.num_labels = max(int(n_labels), 2)
     config.architectures = ["BertForSequenceClassification"]
     config._attn_implementation = "sdpa"
-    torch.manual_seed(int(seed))
     from pipeline.model import _quiet_transformers
 
-    with _quiet_transformers():
+    with torch.random.fork_rng(devices=[]), _quiet_transformers():
+        torch.manual_seed(int(seed))
         return BertForSequenceClassification(config)
 
 
@@ -890,6 +898,7 @@ def plan_in_run(ctx) -> dict:
         model,
         device=ctx.device,
         dicts=ctx.out.dicts,
+        repeats=1,
         extra={"source": str(ctx.out.model_dir), "input_size": int(ctx.out.max_len), "sampled_cells": len(lengths)},
     )
 

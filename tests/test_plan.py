@@ -266,3 +266,29 @@ def test_a_stage_reports_its_planned_eta_from_its_first_update(monkeypatch):
         clock["t"] += 10
         rep.update(1, 4)
         assert calls[-1][3] == pytest.approx(30.0)
+
+
+def test_timing_a_tiny_model_gives_positive_costs_and_leaves_the_random_state_alone():
+    import torch
+    from transformers import BertConfig
+
+    cfg = config.resolve("quick")
+    shape = _shape(cfg)
+    tiny = BertConfig(
+        vocab_size=70,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=32,
+    )
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    model = P._classifier_for_timing(tiny, 2, seed=0)
+    plan = P.make_plan(cfg, shape, model, device="cpu", repeats=1)
+    assert torch.equal(torch.rand(3), expected)  # the run's own draws are not moved by the timing
+    assert plan["timing"]["lengths"] == P.representative_lengths(shape.lengths)
+    assert all(v > 0 for k in P.KINDS for v in plan["timing"][k])
+    assert all(v > 0 for v in P.stage_estimates(plan).values())
+    assert plan["total_s"] == pytest.approx(sum(row["seconds"] for row in plan["stages"]))
