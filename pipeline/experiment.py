@@ -1157,7 +1157,8 @@ def _stages(ctx: Context) -> None:
         stage_tokenize(ctx)
     from pipeline.plan import record_plan
 
-    record_plan(ctx)  # JSON `plan` on the run: work and estimated time per stage, the stages' first ETAs
+    # JSON `plan` on the run: work and estimated time per stage, the stages' first ETAs
+    record_plan(ctx, de_comparisons(cfg, ctx.out.selection), PERMUTED)
     with stage("record"):
         stage_record_data(ctx)
     for task in trained_tasks(cfg):

@@ -106,7 +106,7 @@ def test_the_plan_names_the_stages_the_run_executes(monkeypatch):
         monkeypatch.setattr(E, name, lambda *a, **k: None)
     monkeypatch.setattr(E, "stage_de", lambda *a, **k: None)
     monkeypatch.setattr(E, "stage_attention", lambda *a, **k: None)
-    monkeypatch.setattr(P, "record_plan", lambda ctx: None)
+    monkeypatch.setattr(P, "record_plan", lambda *a: None)
     entered = []
 
     class Rep:
@@ -285,7 +285,7 @@ def test_timing_a_tiny_model_gives_positive_costs_and_leaves_the_random_state_al
     torch.manual_seed(5)
     expected = torch.rand(3)
     torch.manual_seed(5)
-    model = P._classifier_for_timing(tiny, 2, seed=0)
+    model = P.timing_model(tiny, 2, seed=0)
     plan = P.make_plan(cfg, shape, model, device="cpu", repeats=1)
     assert torch.equal(torch.rand(3), expected)  # the run's own draws are not moved by the timing
     assert plan["timing"]["lengths"] == P.representative_lengths(shape.lengths)
