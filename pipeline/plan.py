@@ -28,7 +28,6 @@ lines of text (the CLI and the TUI's New run form).
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
@@ -343,7 +342,10 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(fn, device, repeats: int) -> float:
+def _timed(fn, device, repeats: int, budget_s: float = 0.3) -> float:
+    """Median time of `fn` after a warm-up: at least `repeats` runs, more while they fit in `budget_s` (at
+    most 20; a loaded machine makes single runs noisy), one for a slow batch, none beyond the warm-up for a
+    very slow one."""
     t0 = time.perf_counter()
     fn()  # warm-up: kernels, allocations, numba compilation
     _sync(device)
@@ -352,13 +354,13 @@ def _timed(fn, device, repeats: int) -> float:
         return warm
     if warm > 1.0:
         repeats = 1
-    best = math.inf
-    for _ in range(max(1, repeats)):
+    times: list[float] = []
+    while len(times) < max(1, repeats) or (sum(times) < budget_s and len(times) < 20):
         t0 = time.perf_counter()
         fn()
         _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))  # what a run sees on this machine as loaded as it is now
 
 
 def _batches_for(cfg: dict) -> dict[str, int]:
@@ -449,8 +451,8 @@ def time_units(
     cells per batch (fewer when a batch would exceed `TIMING_TOKENS` tokens), of random non-special token ids.
     Kinds: forward (eval, no gradients), forward+backward (train mode, parameter gradients), gradient
     (parameters frozen, the gradient of the logits wrt the embeddings: attribution's passes), the streaming
-    attention engine on a pair and on one model. Each is timed after one warm-up, best of `repeats` (fewer for
-    slow batches).
+    attention engine on a pair and on one model. Each is timed after one warm-up, the median of `repeats` or
+    more runs (`_timed`).
     """
     import copy
 
