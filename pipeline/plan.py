@@ -11,19 +11,20 @@ Two halves, kept apart so the counts can be tested against a direct count:
   (cells per split, lengths, layers, how many cells a deleted gene set touches). A *pass* is one cell through
   one full model; fractional passes are work on part of the model (Hao attribution runs layers l..L-1 for layer
   l's alphas: (L + 1) / 2 full passes per alpha; `last-K` fine-tuning back-propagates through K of L layers).
-- **Timing** (`time_units`): seconds per cell of a forward pass (eval, no gradients), a forward+backward pass
-  (train mode, parameter gradients), and the streaming attention engine on a pair and on one model, each at
-  the smallest, median and largest length of the cells, with random token ids and the run's architecture
-  (random weights cost what trained ones do). A cell of length L costs the linear interpolation of those.
-  `estimate` multiplies: seconds = sum over kinds of passes x the mean per-cell cost of the cells' lengths.
-  Library work that is not a model pass (scanpy's UMAP and Wilcoxon test, data generation, statistics) gets
-  a rough fixed allowance (`ROUGH`), marked `~` in the printed plan.
+- **Timing** (`time_units`): seconds per cell of each kind of pass (`KINDS`: forward, forward+backward with
+  parameter gradients, the input gradient attribution runs, the streaming attention engine on a pair and on
+  one model), each in the batch size its stage uses and at the smallest, median and largest length of the
+  cells, with random token ids and the run's architecture (random weights cost what trained ones do). A cell
+  of length L costs the linear interpolation of those. `estimate` multiplies: seconds = sum over kinds of
+  passes x the mean per-cell cost of the cells' lengths. Library work that is not a model pass (scanpy's
+  UMAP and Wilcoxon test, data generation, statistics) gets a rough fixed allowance (`ROUGH`), marked `~`
+  in the printed plan. Timings are medians on the machine as loaded as it is when the plan is made.
 
-`pipeline.commands.pipeline.plan_before_run(cfg, store_path)` is `--plan`: the same preflight as a real run, then the selection and a
-sample of the selected cells tokenized (without writing the tokenization cache; the synthetic data set is
-generated into the cache as the run would). `plan_in_run(ctx)` is the plan a real run stores (JSON `plan` on the
-pipeline run) once its cells are tokenized: exact lengths, the run's model. `format_plan(plan)` renders either as
-lines of text (the CLI and the TUI's New run form).
+`pipeline.commands.pipeline.plan_before_run(cfg, store_path)` is `--plan`: the same preflight as a real run,
+then the selection and a sample of the selected cells tokenized (without writing the tokenization cache; the
+synthetic data set is generated into the cache as the run would). `record_plan(ctx, ...)` stores the plan of a
+running pipeline (JSON `plan` on the pipeline run) once its cells are tokenized: exact lengths, the run's
+model. `format_plan(plan)` renders either as lines of text (the CLI; the TUI's New run form).
 """
 
 from __future__ import annotations
@@ -49,20 +50,21 @@ KIND_LABELS = {
     "attention_one": "streamed attention, one model",
 }
 
-# Rough allowances (seconds) for library work that is not a model pass, measured once on 2 loaded CPU cores
-# with the quick preset; they are not timed by the plan, and the printed plan marks them with `~`.
+# Rough allowances (seconds) for library work that is not a model pass, measured on 2 shared CPU cores with
+# the quick preset; they are not timed by the plan (so they do not follow the machine's load), and the
+# printed plan marks them with `~`.
 ROUGH = {
     "start": 5.0,  # interpreter, torch and transformers imports, store, summary
     "data_cached": 0.5,
     "data_per_cell": 0.0015,  # generating the synthetic data (per obs row)
     "tokenize": 0.5,
     "tokenize_per_cell": 0.002,
-    "umap": 10.0,  # scanpy's recipe, numba compilation included
-    "umap_per_cell": 0.005,
+    "umap": 12.0,  # scanpy's recipe, numba compilation included (14 s to 33 s for 691 cells, by load)
+    "umap_per_cell": 0.008,
     "de_first": 3.0,  # scanpy import, gene mapping (the first use of its compiled kernels can take 10 s more)
     "de": 1.0,
     "de_per_cell": 0.004,
-    "corpus_per_cell": 0.008,  # synthesising, building the vocabulary of and tokenizing a pretraining corpus
+    "corpus_per_cell": 0.012,  # synthesising, building the vocabulary of and tokenizing a pretraining corpus
     "analysis": 1.0,  # statistics, bootstrap, gene tables, store writes of one analysis
     "deletion": 0.5,  # bootstrap of the deletion sets, per model
     "finetune": 0.3,
