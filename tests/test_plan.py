@@ -292,3 +292,51 @@ def test_timing_a_tiny_model_gives_positive_costs_and_leaves_the_random_state_al
     assert all(v > 0 for k in P.KINDS for v in plan["timing"][k])
     assert all(v > 0 for v in P.stage_estimates(plan).values())
     assert plan["total_s"] == pytest.approx(sum(row["seconds"] for row in plan["stages"]))
+
+
+def test_each_stage_on_cuda_records_its_peak_gpu_memory(monkeypatch):
+    """The stage hook with a stand-in for torch.cuda (no GPU here): reset at the stage's start, the peak read
+    at its end, logged and kept as JSON `gpu_memory` per stage."""
+    import io
+    import sys
+
+    from pipeline import progress
+
+    class Cuda:
+        peak, resets = 0, 0
+
+        def is_available(self):
+            return True
+
+        def is_initialized(self):
+            return True
+
+        def reset_peak_memory_stats(self):
+            Cuda.resets += 1
+            Cuda.peak = 0
+
+        def max_memory_allocated(self):
+            return Cuda.peak
+
+    monkeypatch.setitem(sys.modules, "torch", SimpleNamespace(cuda=Cuda()))
+    stored = {}
+
+    class Store:
+        def set_stage(self, *a, **k):
+            pass
+
+        def log_event(self, *a, **k):
+            pass
+
+        def put_json(self, run_id, name, doc):
+            stored[name] = doc
+
+    rep = progress.Reporter(Store(), 1, stream=io.StringIO())
+    for stage, peak in (("finetune t/unfrozen", 3 * 2**20), ("attention t: a vs b", 5 * 2**20)):
+        with rep.stage(stage):
+            Cuda.peak = peak
+    assert Cuda.resets == 2
+    assert stored[progress.GPU_MEMORY_JSON] == {"finetune t/unfrozen": 3 * 2**20, "attention t: a vs b": 5 * 2**20}
+    from store import results as R
+
+    assert R.JSON_GPU_MEMORY == progress.GPU_MEMORY_JSON
