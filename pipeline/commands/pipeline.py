@@ -309,12 +309,14 @@ def plan_before_run(cfg: dict, store_path, say=None) -> dict:
             vocab = int(adata.n_vars) + 10
             config = _pretrain_config(cfg, vocab)
     n_fixed = int(cfg["data"]["fixed_length"] or 0)
+    kept = 1.0
     if n_fixed:
         if dicts is not None:
             extra = 2 if dicts.cls_id is not None else 0
         else:
             extra = 2 if cfg["pretrain"].get("cls_token", False) else 0
         keep = lengths - extra >= n_fixed
+        kept = float(keep.mean()) if len(keep) else 1.0  # cells with fewer genes are dropped
         lengths = np.full(int(keep.sum()), n_fixed + extra, dtype=np.int64)
         lists = [x for x, k in zip(lists, keep) if k]
     n_labels = max((len(v) for v in sel.names.values()), default=2)
@@ -333,6 +335,9 @@ def plan_before_run(cfg: dict, store_path, say=None) -> dict:
         tokenization_cached=False,
         permuted=PERMUTED,
     )
+    if kept < 1.0:
+        shape.split = {k: int(round(v * kept)) for k, v in shape.split.items()}
+        shape.n_selected = sum(shape.split.values())
     device = resolve_device(cfg["compute"]["device"])
     plan = P.make_plan(
         cfg,
