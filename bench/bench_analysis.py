@@ -19,7 +19,7 @@ cells and not others. On whatever device it finds (`--device auto`: CUDA when to
 
 Printed per L: cells/s of the analysis and of its baseline, and analysis / baseline (how much the streaming,
 reductions, bookkeeping and statistics add over the model's own passes); on CUDA also the peak memory.
-Defaults keep a CPU run to a few minutes (--cells 2, 2 Hao steps, 4 IG steps, k = 5, 2 random sets); on CUDA
+Defaults keep a CPU run to a few minutes (--cells 1, 2 Hao steps, 4 IG steps, k = 5, 2 random sets); on CUDA
 64 cells, 20 Hao steps, 50 IG steps (the pipeline's defaults), k = 1, 5, 20, 5 random sets.
 
     python bench/bench_analysis.py [--device auto|cpu|cuda] [--cells N] [--lengths 512,2048] [--threads 2]
@@ -184,7 +184,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--config", help="a BERT config.json (default: Geneformer V1-6L, else a built-in equivalent)")
-    p.add_argument("--cells", type=int, help="cells per length (default: 2 on CPU, 64 on CUDA)")
+    p.add_argument("--cells", type=int, help="cells per length (default: 1 on CPU, 64 on CUDA)")
     p.add_argument("--lengths", default="512,2048", help="tokens per cell, comma-separated (default 512,2048)")
     p.add_argument("--batch-size", type=int, help="cells per batch (default: 1 on CPU, 8 on CUDA)")
     p.add_argument("--hao-steps", type=int, help="Hao attribution steps (default: 2 on CPU, 20 on CUDA)")
@@ -202,7 +202,7 @@ def main(argv=None) -> int:
     args.device = resolve_device(args.device).type
     threads = pin_threads(args.threads or None)
     gpu = args.device == "cuda"
-    args.cells = args.cells or (64 if gpu else 2)
+    args.cells = args.cells or (64 if gpu else 1)
     args.batch_size = args.batch_size or (8 if gpu else 1)
     args.hao_steps = args.hao_steps or (20 if gpu else 2)
     args.ig_steps = args.ig_steps or (50 if gpu else 4)

@@ -768,3 +768,18 @@ def to_toml(cfg: dict) -> str:
         lines.extend(f"{toml_key(k)} = {toml_value(v)}" for k, v in t.items())
         lines.append("")
     return "\n".join(lines)
+
+
+def analysed_models(cfg: dict) -> dict[str, list[str]]:
+    """Each model of the analysis pairs (in pair order) with the pairs that compare it: "{a} vs {b}"."""
+    out: dict[str, list[str]] = {}
+    for mode_a, mode_b in cfg["analysis"]["pairs"]:
+        for mode in dict.fromkeys((mode_a, mode_b)):
+            out.setdefault(mode, []).append(f"{mode_a} vs {mode_b}")
+    return out
+
+
+def model_analysis_on(cfg: dict) -> bool:
+    """Whether the run analyses each model on its own: attribution, deletion or the randomisation cascade."""
+    a_cfg = cfg["analysis"]
+    return bool(a_cfg["attribution"] or a_cfg["deletion"] or a_cfg["sanity"])

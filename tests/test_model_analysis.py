@@ -76,7 +76,7 @@ def test_a_models_gene_columns_do_not_depend_on_the_pair():
 
 
 def test_analysed_models_names_each_model_once_with_its_pairs():
-    from pipeline.run.driver import analysed_models, model_analysis_on
+    from pipeline.config import analysed_models, model_analysis_on
 
     cfg = {
         "analysis": {

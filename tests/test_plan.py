@@ -107,7 +107,7 @@ def test_the_plan_names_the_stages_the_run_executes(monkeypatch):
     monkeypatch.setattr(E, "stage_de", lambda *a, **k: None)
     monkeypatch.setattr(E, "stage_attention", lambda *a, **k: None)
     monkeypatch.setattr(E, "stage_model_analysis", lambda *a, **k: None)
-    monkeypatch.setattr(P, "record_plan", lambda ctx: None)
+    monkeypatch.setattr(P, "record_plan", lambda *a: None)
     entered = []
 
     class Rep:
@@ -267,3 +267,77 @@ def test_a_stage_reports_its_planned_eta_from_its_first_update(monkeypatch):
         clock["t"] += 10
         rep.update(1, 4)
         assert calls[-1][3] == pytest.approx(30.0)
+
+
+def test_timing_a_tiny_model_gives_positive_costs_and_leaves_the_random_state_alone():
+    import torch
+    from transformers import BertConfig
+
+    cfg = config.resolve("quick")
+    shape = _shape(cfg)
+    tiny = BertConfig(
+        vocab_size=70,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=32,
+    )
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    model = P.timing_model(tiny, 2, seed=0)
+    plan = P.make_plan(cfg, shape, model, device="cpu", repeats=1)
+    assert torch.equal(torch.rand(3), expected)  # the run's own draws are not moved by the timing
+    assert plan["timing"]["lengths"] == P.representative_lengths(shape.lengths)
+    assert all(v > 0 for k in P.KINDS for v in plan["timing"][k])
+    assert all(v > 0 for v in P.stage_estimates(plan).values())
+    assert plan["total_s"] == pytest.approx(sum(row["seconds"] for row in plan["stages"]))
+
+
+def test_each_stage_on_cuda_records_its_peak_gpu_memory(monkeypatch):
+    """The stage hook with a stand-in for torch.cuda (no GPU here): reset at the stage's start, the peak read
+    at its end, logged and kept as JSON `gpu_memory` per stage."""
+    import io
+    import sys
+
+    from pipeline import progress
+
+    class Cuda:
+        peak, resets = 0, 0
+
+        def is_available(self):
+            return True
+
+        def is_initialized(self):
+            return True
+
+        def reset_peak_memory_stats(self):
+            Cuda.resets += 1
+            Cuda.peak = 0
+
+        def max_memory_allocated(self):
+            return Cuda.peak
+
+    monkeypatch.setitem(sys.modules, "torch", SimpleNamespace(cuda=Cuda()))
+    stored = {}
+
+    class Store:
+        def set_stage(self, *a, **k):
+            pass
+
+        def log_event(self, *a, **k):
+            pass
+
+        def put_json(self, run_id, name, doc):
+            stored[name] = doc
+
+    rep = progress.Reporter(Store(), 1, stream=io.StringIO())
+    for stage, peak in (("finetune t/unfrozen", 3 * 2**20), ("attention t: a vs b", 5 * 2**20)):
+        with rep.stage(stage):
+            Cuda.peak = peak
+    assert Cuda.resets == 2
+    assert stored[progress.GPU_MEMORY_JSON] == {"finetune t/unfrozen": 3 * 2**20, "attention t: a vs b": 5 * 2**20}
+    from store import results as R
+
+    assert R.JSON_GPU_MEMORY == progress.GPU_MEMORY_JSON

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.compute import fault_point, pin_threads
-from pipeline.config import analysed_tasks, trained_tasks
+from pipeline.config import analysed_models, analysed_tasks, model_analysis_on, trained_tasks
 from pipeline.errors import InputError
 from pipeline.io import digest as _digest
 from pipeline.paths import CHECKPOINT_JSON, cache_dir_for_store  # CHECKPOINT_JSON: {"path", "weights_sha256"}
@@ -1050,21 +1050,6 @@ def analysis_cells(ctx: Context, task: str):
     return subsample(parts["test"], int(ctx.cfg["analysis"]["max_cells"]), ctx.seed)
 
 
-def analysed_models(cfg: dict) -> dict[str, list[str]]:
-    """Each model of the analysis pairs (in pair order) with the pairs that compare it: "{a} vs {b}"."""
-    out: dict[str, list[str]] = {}
-    for mode_a, mode_b in cfg["analysis"]["pairs"]:
-        for mode in dict.fromkeys((mode_a, mode_b)):
-            out.setdefault(mode, []).append(f"{mode_a} vs {mode_b}")
-    return out
-
-
-def model_analysis_on(cfg: dict) -> bool:
-    """Whether the run analyses each model on its own: attribution, deletion or the randomisation cascade."""
-    a_cfg = cfg["analysis"]
-    return bool(a_cfg["attribution"] or a_cfg["deletion"] or a_cfg["sanity"])
-
-
 # ----------------------------------------------------------------------------------- one model
 def stage_model_analysis(ctx: Context, task: str, mode: str, pairs: list[str]) -> None:
     """One model's analysis, once per run however many pairs compare it: its own attention pass (the gene
@@ -1442,7 +1427,8 @@ def _stages(ctx: Context) -> None:
             stage_checkpoint_check(ctx)
     from pipeline.run.plan import record_plan
 
-    record_plan(ctx)  # JSON `plan` on the run: work and estimated time per stage, the stages' first ETAs
+    # JSON `plan` on the run: work and estimated time per stage, the stages' first ETAs
+    record_plan(ctx, de_comparisons(cfg, ctx.out.selection), PERMUTED)
     with stage("record"):
         stage_record_data(ctx)
     for task in trained_tasks(cfg):

@@ -11,27 +11,27 @@ Two halves, kept apart so the counts can be tested against a direct count:
   (cells per split, lengths, layers, how many cells a deleted gene set touches). A *pass* is one cell through
   one full model; fractional passes are work on part of the model (Hao attribution runs layers l..L-1 for layer
   l's alphas: (L + 1) / 2 full passes per alpha; `last-K` fine-tuning back-propagates through K of L layers).
-- **Timing** (`time_units`): seconds per cell of a forward pass (eval, no gradients), a forward+backward pass
-  (train mode, parameter gradients), and the streaming attention engine on a pair and on one model, each at
-  the smallest, median and largest length of the cells, with random token ids and the run's architecture
-  (random weights cost what trained ones do). A cell of length L costs the linear interpolation of those.
-  `estimate` multiplies: seconds = sum over kinds of passes x the mean per-cell cost of the cells' lengths.
-  Library work that is not a model pass (scanpy's UMAP and Wilcoxon test, data generation, statistics) gets
-  a rough fixed allowance (`ROUGH`), marked `~` in the printed plan.
+- **Timing** (`time_units`): seconds per cell of each kind of pass (`KINDS`: forward, forward+backward with
+  parameter gradients, the input gradient attribution runs, the streaming attention engine on a pair and on
+  one model), each in the batch size its stage uses and at the smallest, median and largest length of the
+  cells, with random token ids and the run's architecture (random weights cost what trained ones do). A cell
+  of length L costs the linear interpolation of those. `estimate` multiplies: seconds = sum over kinds of
+  passes x the mean per-cell cost of the cells' lengths. Library work that is not a model pass (scanpy's
+  UMAP and Wilcoxon test, data generation, statistics) gets a rough fixed allowance (`ROUGH`), marked `~`
+  in the printed plan. Timings are medians on the machine as loaded as it is when the plan is made.
 
-`plan_before_run(cfg, store_path)` is `--plan`: the same preflight as a real run, then the selection and a
-sample of the selected cells tokenized (without writing the tokenization cache; the synthetic data set is
-generated into the cache as the run would). `plan_in_run(ctx)` is the plan a real run stores (JSON `plan` on the
-pipeline run) once its cells are tokenized: exact lengths, the run's model. `format_plan(plan)` renders either as
-lines of text (the CLI and the TUI's New run form).
+`pipeline.commands.pipeline.plan_before_run(cfg, store_path)` is `--plan`: the same preflight as a real run,
+then the selection and a sample of the selected cells tokenized (without writing the tokenization cache; the
+synthetic data set is generated into the cache as the run would). `record_plan(ctx, ...)` stores the plan of a
+running pipeline (JSON `plan` on the pipeline run) once its cells are tokenized: exact lengths, the run's
+model. `format_plan(plan)` renders either as lines of text (the CLI; the TUI's New run form).
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -50,20 +50,21 @@ KIND_LABELS = {
     "attention_one": "streamed attention, one model",
 }
 
-# Rough allowances (seconds) for library work that is not a model pass, measured once on 2 loaded CPU cores
-# with the quick preset; they are not timed by the plan, and the printed plan marks them with `~`.
+# Rough allowances (seconds) for library work that is not a model pass, measured on 2 shared CPU cores with
+# the quick preset; they are not timed by the plan (so they do not follow the machine's load), and the
+# printed plan marks them with `~`.
 ROUGH = {
     "start": 5.0,  # interpreter, torch and transformers imports, store, summary
     "data_cached": 0.5,
     "data_per_cell": 0.0015,  # generating the synthetic data (per obs row)
     "tokenize": 0.5,
     "tokenize_per_cell": 0.002,
-    "umap": 10.0,  # scanpy's recipe, numba compilation included
-    "umap_per_cell": 0.005,
+    "umap": 12.0,  # scanpy's recipe, numba compilation included (14 s to 33 s for 691 cells, by load)
+    "umap_per_cell": 0.008,
     "de_first": 3.0,  # scanpy import, gene mapping (the first use of its compiled kernels can take 10 s more)
     "de": 1.0,
     "de_per_cell": 0.004,
-    "corpus_per_cell": 0.008,  # synthesising, building the vocabulary of and tokenizing a pretraining corpus
+    "corpus_per_cell": 0.012,  # synthesising, building the vocabulary of and tokenizing a pretraining corpus
     "analysis": 1.0,  # statistics, bootstrap, gene tables, store writes of one analysis
     "deletion": 0.5,  # bootstrap of the deletion sets, per model
     "finetune": 0.3,
@@ -82,6 +83,7 @@ class Shape:
     lengths: np.ndarray  # lengths of the selected cells (or of a sample of them)
     n_layers: int
     de_comparisons: list[tuple[str, str, str]] = field(default_factory=list)  # (task, group, reference)
+    permuted: str = " (permuted labels)"  # the label-permutation fine-tunings' suffix (`experiment.PERMUTED`)
     pretrain_cells: int = 0  # corpus cells pretrained in the model stage (0: the model exists)
     pretrain_epochs: int = 0
     pretrain_lengths: np.ndarray | None = None
@@ -214,8 +216,7 @@ def cascade_steps_count(n_layers: int) -> int:
 
 def count_stages(cfg: dict, shape: Shape) -> list[Part]:
     """Every stage (and analysis part) of the run, in `pipeline.run.driver._stages` order, with its work."""
-    from pipeline.config import analysed_tasks, trained_tasks
-    from pipeline.run.driver import PERMUTED, analysed_models, model_analysis_on
+    from pipeline.config import analysed_models, analysed_tasks, model_analysis_on, trained_tasks
 
     mean = shape.mean_length
     n, nl = shape.n_selected, shape.n_layers
@@ -271,7 +272,7 @@ def count_stages(cfg: dict, shape: Shape) -> list[Part]:
     if cfg["analysis"]["label_permutation"]:
         for task in analysed:
             for mode in pair_modes:
-                parts.append(finetune(task, mode + PERMUTED, mode))
+                parts.append(finetune(task, mode + shape.permuted, mode))
     comparisons = list(shape.de_comparisons)
     for i, (task, group, reference) in enumerate(comparisons):
         label = "de" if len(comparisons) == 1 else f"de {task}: {group} vs {reference}"
@@ -347,7 +348,10 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(fn, device, repeats: int) -> float:
+def _timed(fn, device, repeats: int, budget_s: float = 0.3) -> float:
+    """Median time of `fn` after a warm-up: at least `repeats` runs, more while they fit in `budget_s` (at
+    most 20; a loaded machine makes single runs noisy), one for a slow batch, none beyond the warm-up for a
+    very slow one."""
     t0 = time.perf_counter()
     fn()  # warm-up: kernels, allocations, numba compilation
     _sync(device)
@@ -356,13 +360,13 @@ def _timed(fn, device, repeats: int) -> float:
         return warm
     if warm > 1.0:
         repeats = 1
-    best = math.inf
-    for _ in range(max(1, repeats)):
+    times: list[float] = []
+    while len(times) < max(1, repeats) or (sum(times) < budget_s and len(times) < 20):
         t0 = time.perf_counter()
         fn()
         _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))  # what a run sees on this machine as loaded as it is now
 
 
 def _batches_for(cfg: dict) -> dict[str, int]:
@@ -453,8 +457,8 @@ def time_units(
     cells per batch (fewer when a batch would exceed `TIMING_TOKENS` tokens), of random non-special token ids.
     Kinds: forward (eval, no gradients), forward+backward (train mode, parameter gradients), gradient
     (parameters frozen, the gradient of the logits wrt the embeddings: attribution's passes), the streaming
-    attention engine on a pair and on one model. Each is timed after one warm-up, best of `repeats` (fewer for
-    slow batches).
+    attention engine on a pair and on one model. Each is timed after one warm-up, the median of `repeats` or
+    more runs (`_timed`).
     """
     import copy
 
@@ -560,6 +564,7 @@ def build_shape(
     pretrain_cells: int = 0,
     data_cached: bool = True,
     tokenization_cached: bool = False,
+    permuted: str = " (permuted labels)",
 ) -> Shape:
     a = cfg["analysis"]
     from pipeline.analysis.keygenes import min_cells_for
@@ -585,6 +590,7 @@ def build_shape(
         data_cached=data_cached,
         tokenization_cached=tokenization_cached,
         has_counts=not cfg["data"]["tokenized"],
+        permuted=permuted,
         deletion_fraction=fractions,
         single_fraction=single,
         typical_fraction=typical,
@@ -592,24 +598,32 @@ def build_shape(
     )
 
 
-def make_plan(cfg: dict, shape: Shape, model, *, device, dicts=None, extra: dict | None = None, say=None) -> dict:
-    """Time the model at the shape's lengths, count and estimate every stage: the plan as a JSON-able dict."""
+def make_plan(
+    cfg: dict, shape: Shape, model, *, device, dicts=None, extra: dict | None = None, say=None, repeats: int = 2
+) -> dict:
+    """Time the model at the shape's lengths, count and estimate every stage: the plan as a JSON-able dict.
+    The timing runs on forked random generators: the run's own draws are not moved by it."""
+    import torch
+
     from pipeline.compute import pin_threads
 
     t0 = time.perf_counter()
     threads = pin_threads(int(cfg["compute"]["threads"]) or None)
     pad_id = int(getattr(dicts, "pad_id", 0) or 0) if dicts is not None else 0
     special = sorted(int(s) for s in getattr(dicts, "special_ids", ()) or ()) if dicts is not None else []
-    timing = time_units(
-        model,
-        shape.lengths,
-        batches=_batches_for(cfg),
-        device=device,
-        pad_id=pad_id,
-        special_ids=special,
-        seed=int(cfg["run"]["seed"]),
-        say=say,
-    )
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda):
+        timing = time_units(
+            model,
+            shape.lengths,
+            batches=_batches_for(cfg),
+            device=device,
+            pad_id=pad_id,
+            special_ids=special,
+            seed=int(cfg["run"]["seed"]),
+            say=say,
+            repeats=repeats,
+        )
     parts = count_stages(cfg, shape)
     units = unit_costs(timing, shape.lengths)
     p_units = unit_costs(timing, shape.pretrain_lengths) if shape.pretrain_lengths is not None else None
@@ -647,12 +661,7 @@ def make_plan(cfg: dict, shape: Shape, model, *, device, dicts=None, extra: dict
 
 
 # --------------------------------------------------------------------------------------- entry points
-class _Quiet:
-    def line(self, *_a, **_k) -> None:
-        pass
-
-
-def _classifier_for_timing(config, n_labels: int, seed: int):
+def timing_model(config, n_labels: int, seed: int):
     """A `BertForSequenceClassification` with the architecture of `config` and random weights."""
     import copy
 
@@ -663,204 +672,17 @@ def _classifier_for_timing(config, n_labels: int, seed: int):
     config.num_labels = max(int(n_labels), 2)
     config.architectures = ["BertForSequenceClassification"]
     config._attn_implementation = "sdpa"
-    torch.manual_seed(int(seed))
     from pipeline.models.load import _quiet_transformers
 
-    with _quiet_transformers():
+    with torch.random.fork_rng(devices=[]), _quiet_transformers():
+        torch.manual_seed(int(seed))
         return BertForSequenceClassification(config)
 
 
-def _pretrain_config(cfg: dict, vocab: int):
-    from transformers import BertConfig
-
-    p = cfg["pretrain"]
-    return BertConfig(
-        vocab_size=int(vocab),
-        hidden_size=int(p["hidden"]),
-        num_hidden_layers=int(p["layers"]),
-        num_attention_heads=int(p["heads"]),
-        intermediate_size=int(p["intermediate"]),
-        hidden_act="relu",
-        max_position_embeddings=int(p["max_len"]),
-        type_vocab_size=2,
-        pad_token_id=0,
-    )
-
-
-def _existing_model(cfg: dict, cache) -> tuple[Any, str, int]:
-    """(model dir or None, where the model comes from, corpus cells pretrained in the model stage)."""
-    from pathlib import Path
-
-    from pipeline.models import embedded
-
-    if cfg["model"]["path"]:
-        return Path(cfg["model"]["path"]), "given", 0
-    pcfg = dict(cfg["pretrain"])
-    if cfg["data"]["path"]:
-        return None, "pretrained on the data's training cells in this run (timed with random weights)", -1
-    seed = embedded.model_seed(pcfg, int(cfg["run"]["seed"]))
-    key = embedded.recipe_key(embedded.recipe(pcfg, cfg["data"]["synth_preset"], seed))
-    shipped = embedded.shipped_model(key)
-    if shipped is not None:
-        return shipped, "shipped with gfattn", 0
-    out = cache / "models" / f"embedded-{key}"
-    if (out / "config.json").is_file():
-        return out, "cached", 0
-    corpus = int(pcfg["corpus_cells"]) + int(pcfg.get("lineage_cells", 0))
-    return None, "pretrained on a synthetic corpus in this run (timed with random weights)", corpus
-
-
-def _sample(n: int, seed: int) -> np.ndarray:
-    if n <= SAMPLE_CELLS:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).choice(n, SAMPLE_CELLS, replace=False))
-
-
-def _detected_lengths(adata, max_len: int, cls_token: bool, layer: str | None):
-    """Without the model's dictionaries (a model pretrained in the run): each cell's detected genes, its
-    `max_len` most counted kept, as the lengths and token lists of the encoding (gene indices as tokens)."""
-    import scipy.sparse as sp
-
-    x = adata.layers[layer] if layer else adata.X
-    x = sp.csr_matrix(x)
-    extra = 2 if cls_token else 0
-    lists, lengths = [], []
-    for i in range(x.shape[0]):
-        row = x.getrow(i)
-        order = np.argsort(-row.data, kind="stable")[: max(int(max_len) - extra, 0)]
-        genes = row.indices[order] + 10
-        lists.append(genes.tolist())
-        lengths.append(len(genes) + extra)
-    return np.asarray(lengths, dtype=np.int64), lists
-
-
-def plan_before_run(cfg: dict, store_path, say=None) -> dict:
-    """`gfattn pipeline --plan`: the plan of the run `cfg` describes, recording nothing in the store.
-    `say(message)` hears what it is doing (the CLI prints it on stderr)."""
-    say = say or (lambda _m: None)
-    from pathlib import Path
-
-    from pipeline.compute import resolve_device
+def plan_in_run(ctx, comparisons: list, permuted: str) -> dict:
+    """The plan of a running pipeline, once its cells are tokenized: exact lengths, the run's own model.
+    `comparisons`: its DE comparisons (`experiment.de_comparisons`); `permuted`: `experiment.PERMUTED`."""
     from pipeline.models.load import read_model_config
-    from pipeline.paths import cache_dir_for_store
-    from pipeline.run.driver import (
-        _dictionaries_for,
-        de_comparisons,
-        model_input_size,
-        preflight,
-        read_obs,
-        select_and_split,
-        synthetic_data_path,
-    )
-
-    t0 = time.perf_counter()
-    cache = cache_dir_for_store(store_path)
-    pre = preflight(cfg, cache)
-    seed = int(cfg["run"]["seed"])
-    data_cached = True
-    if cfg["data"]["tokenized"] or cfg["data"]["path"]:
-        read_path, sel, split, n_obs = pre.read_path, pre.selection, pre.split, pre.obs_rows
-    else:
-        from types import SimpleNamespace
-
-        ctx = SimpleNamespace(cfg=cfg, cache=cache, seed=seed, rep=_Quiet())
-        say("synthetic data (generated into the cache once, as the run would)")
-        path = synthetic_data_path(ctx)  # generated into the cache once, as the run would
-        read_path = str(path)
-        obs = read_obs(read_path)
-        sel, split = select_and_split(obs, cfg)
-        n_obs = len(obs)
-    model_dir, source, pretrain_cells = _existing_model(cfg, cache)
-    dicts = None
-    if model_dir is not None:
-        from pipeline.data.dictionaries import GeneDictionaries
-
-        dicts = (
-            _dictionaries_for(Path(model_dir), cfg)
-            if cfg["model"]["path"]
-            else GeneDictionaries.from_model_dir(model_dir)
-        )
-        max_len = model_input_size(Path(model_dir), dicts, cfg["model"]["max_len"])
-        config = read_model_config(model_dir)
-    else:
-        max_len = int(cfg["model"]["max_len"] or cfg["pretrain"]["max_len"])
-        config = None
-    if pretrain_cells < 0:  # pretrained on the training cells
-        pretrain_cells = int((np.asarray(split) == "train").sum())
-    rows = _sample(len(sel.index), seed)
-    say(f"lengths of {len(rows)} of the {len(sel.index)} selected cells")
-    if cfg["data"]["tokenized"]:
-        from pipeline.tokenize.encode import load_tokenized
-
-        ds = load_tokenized(cfg["data"]["tokenized"])
-        order = {str(c): i for i, c in enumerate(ds["cell_id"])}
-        sub = ds.select([order[str(c)] for c in np.asarray(sel.cell_ids)[rows]])
-        lists = [list(x)[:max_len] for x in sub["input_ids"]]
-        lengths = np.asarray([len(x) for x in lists], dtype=np.int64)
-    else:
-        from pipeline.data.counts import read_selected
-
-        adata = read_selected(read_path, np.asarray(sel.index)[rows])
-        if dicts is not None:
-            from pipeline.tokenize.encode import tokenize_anndata
-
-            ds, _ = tokenize_anndata(
-                adata,
-                dicts,
-                max_len=max_len,
-                n_counts_column=cfg["data"]["n_counts_column"] or None,
-                gene_id_column=cfg["data"]["gene_id_column"] or None,
-                layer=cfg["data"]["layer"] or None,
-            )
-            lists = [list(x) for x in ds["input_ids"]]
-            lengths = np.asarray(ds["length"], dtype=np.int64)
-        else:
-            cls = bool(cfg["pretrain"].get("cls_token", False))
-            lengths, lists = _detected_lengths(adata, max_len, cls, cfg["data"]["layer"] or None)
-            vocab = int(adata.n_vars) + 10
-            config = _pretrain_config(cfg, vocab)
-    n_fixed = int(cfg["data"]["fixed_length"] or 0)
-    if n_fixed:
-        if dicts is not None:
-            extra = 2 if dicts.cls_id is not None else 0
-        else:
-            extra = 2 if cfg["pretrain"].get("cls_token", False) else 0
-        keep = lengths - extra >= n_fixed
-        lengths = np.full(int(keep.sum()), n_fixed + extra, dtype=np.int64)
-        lists = [x for x, k in zip(lists, keep) if k]
-    n_labels = max((len(v) for v in sel.names.values()), default=2)
-    model = _classifier_for_timing(config, n_labels, seed)
-    shape = build_shape(
-        cfg,
-        n_obs=n_obs,
-        split=split,
-        lengths=lengths,
-        token_lists=lists,
-        special_ids=sorted(getattr(dicts, "special_ids", ()) or ()) if dicts is not None else (),
-        n_layers=int(config.num_hidden_layers),
-        de_comparisons=de_comparisons(cfg, sel),
-        pretrain_cells=pretrain_cells,
-        data_cached=data_cached,
-        tokenization_cached=False,
-    )
-    device = resolve_device(cfg["compute"]["device"])
-    plan = make_plan(
-        cfg,
-        shape,
-        model,
-        device=device,
-        dicts=dicts,
-        extra={"source": source, "input_size": int(max_len), "sampled_cells": int(len(rows))},
-        say=say,
-    )
-    plan["planning_s"] = time.perf_counter() - t0
-    return plan
-
-
-def plan_in_run(ctx) -> dict:
-    """The plan of a running pipeline, once its cells are tokenized: exact lengths, the run's own model."""
-    from pipeline.models.load import read_model_config
-    from pipeline.run.driver import de_comparisons
 
     cfg = ctx.cfg
     ds = ctx.out.dataset
@@ -882,18 +704,20 @@ def plan_in_run(ctx) -> dict:
         token_lists=lists,
         special_ids=sorted(ctx.out.dicts.special_ids),
         n_layers=int(config.num_hidden_layers),
-        de_comparisons=de_comparisons(cfg, sel),
+        de_comparisons=comparisons,
         pretrain_cells=cells,
         tokenization_cached=True,
+        permuted=permuted,
     )
     n_labels = max((len(v) for v in sel.names.values()), default=2)
-    model = _classifier_for_timing(config, n_labels, ctx.seed)
+    model = timing_model(config, n_labels, ctx.seed)
     return make_plan(
         cfg,
         shape,
         model,
         device=ctx.device,
         dicts=ctx.out.dicts,
+        repeats=1,
         extra={"source": str(ctx.out.model_dir), "input_size": int(ctx.out.max_len), "sampled_cells": len(lengths)},
     )
 
@@ -981,14 +805,14 @@ def format_plan(plan: dict) -> list[str]:
     return lines
 
 
-def record_plan(ctx) -> dict | None:
+def record_plan(ctx, comparisons: list, permuted: str) -> dict | None:
     """Make the running pipeline's plan, store it on the run (`results.JSON_PLAN`) and hand its per-stage
     estimates to the progress reporter (ETAs from a stage's first update). A plan that cannot be made is a
     warning line, never a failed run."""
     from store import results as R
 
     try:
-        plan = plan_in_run(ctx)
+        plan = plan_in_run(ctx, comparisons, permuted)
     except Exception as exc:  # the plan is advice: the run goes on without it
         ctx.rep.line(f"no cost plan ({type(exc).__name__}: {exc})", level="warning")
         return None
