@@ -8,11 +8,13 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import numpy as np
 
+from pipeline.paths import add_store_argument
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from pipeline.config import PRESETS
 
-    p.add_argument("--store", help="experiment store (default: $GFATTN_STORE or ./gfattn.db)")
+    add_store_argument(p)
     p.add_argument(
         "--preset", default=None, choices=list(PRESETS), help="; ".join(f"{k}: {v}" for k, v in PRESETS.items())
     )
@@ -30,6 +32,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="Geneformer checkpoint dir (default `embedded`: gfattn's small model, pretrained on your data)",
     )
     p.add_argument("--geneformer-dir", metavar="DIR", help="Geneformer dictionaries when the model dir has none")
+    p.add_argument("--layer", metavar="NAME", help="layer of --data holding the raw counts (data.layer; default: X)")
+    p.add_argument(
+        "--gene-id-column",
+        metavar="NAME",
+        help="var column of --data with Ensembl IDs or symbols (data.gene_id_column; default: the var index)",
+    )
+    p.add_argument(
+        "--n-counts-column",
+        metavar="NAME",
+        help="obs column of --data with each cell's total counts (data.n_counts_column)",
+    )
     p.add_argument(
         "--label-column",
         metavar="COL",
@@ -79,6 +92,9 @@ def run(args) -> int:
         "data.path": args.data,
         "data.tokenized": args.tokenized,
         "data.fixed_length": args.fixed_length,
+        "data.layer": args.layer,
+        "data.gene_id_column": args.gene_id_column,
+        "data.n_counts_column": args.n_counts_column,
         "model.path": args.model,
         "model.geneformer_dir": args.geneformer_dir,
         "run.name": args.name,
