@@ -255,7 +255,7 @@ def input_problems(
     elsewhere (the design by `class_sizes`, the rest by the run itself)."""
     from pipeline import config
     from pipeline.errors import InputError
-    from pipeline.run import driver as ex
+    from pipeline.run.stages import model as ex
 
     try:
         cfg = config.resolve(preset, Path(config_file).expanduser() if config_file else None)

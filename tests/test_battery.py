@@ -348,7 +348,7 @@ def test_the_cached_synthetic_data_carry_a_manifest_checked_on_reuse(tmp_path):
     import numpy as np
 
     from pipeline.io import MANIFEST, sha256_file
-    from pipeline.run.driver import synthetic_data_path
+    from pipeline.run.stages.data import synthetic_data_path
 
     ctx = _synth_ctx(tmp_path)
     path = synthetic_data_path(ctx)
@@ -367,7 +367,7 @@ def test_a_synthetic_data_set_that_does_not_fit_is_refused_up_front(tmp_path, mo
     """h5py may crash the process when the disk fills mid-write: the estimate (every matrix, obs, var)
     must refuse first, naming the cache entry, with no temporaries left."""
     from pipeline import io
-    from pipeline.run.driver import synthetic_data_path
+    from pipeline.run.stages.data import synthetic_data_path
 
     ctx = _synth_ctx(tmp_path)
     monkeypatch.setattr(io, "_free_bytes", lambda path: 5 << 20)

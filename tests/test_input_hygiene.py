@@ -43,7 +43,9 @@ def _cfg(path, **flags):
 
 
 def test_nan_labels_are_counted_in_the_selection_line(labelled, tmp_path):
-    from pipeline.run.driver import Context, preflight, stage_data
+    from pipeline.run.context import Context
+    from pipeline.run.preflight import preflight
+    from pipeline.run.stages.data import stage_data
 
     cfg = _cfg(labelled, tasks=[{"name": "cell_type", "column": "cell_type", "classes": ["T cell", "CD14 Mono"]}])
     pre = preflight(cfg)
@@ -77,7 +79,7 @@ def test_a_class_too_small_for_the_split_is_one_line_before_any_run(labelled, tm
     assert "validation (15%) and test (15%) hold 2 or more" in message and "--classes" in message
     assert Store(db).list_runs() == []  # refused before a run was recorded
     # dropped with --classes, the same data passes
-    from pipeline.run.driver import preflight
+    from pipeline.run.preflight import preflight
 
     ok = _cfg(labelled, tasks=[{"name": "cell_type", "column": "cell_type", "classes": ["T cell", "CD14 Mono"]}])
     assert set(preflight(ok).selection.class_names("cell_type")) == {"T cell", "CD14 Mono"}

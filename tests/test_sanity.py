@@ -86,7 +86,7 @@ def test_cascade_leaves_attention_untouched_by_the_head_and_is_reproducible():
 def test_permuted_labels_keep_cells_classes_and_sizes_and_leave_test_cells_alone():
     from datasets import Dataset
 
-    from pipeline.run.driver import permuted_parts
+    from pipeline.run.stages.finetune import permuted_parts
 
     rng = np.random.default_rng(0)
     parts = {

@@ -389,7 +389,7 @@ class NewRunScreen(Screen[int | None]):
             from pipeline.commands.inspect import obs_columns, read_obs_table
 
             if kind == "tokenized":
-                from pipeline.run.driver import tokenized_obs
+                from pipeline.run.preflight import tokenized_obs
 
                 obs = tokenized_obs(path)
             else:

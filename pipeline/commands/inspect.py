@@ -33,7 +33,7 @@ def read_obs_table(path: str | Path):
     path = Path(path)
     if path.suffix == ".loom":
         return _loom_obs(path)
-    from pipeline.run.driver import read_obs
+    from pipeline.run.preflight import read_obs
 
     return read_obs(str(path))
 
@@ -96,7 +96,7 @@ def describe(path: Path, *, geneformer_dir=None, model=None, layer=None, gene_id
     import numpy as np
 
     from pipeline.data.counts import map_genes, open_counts
-    from pipeline.run.driver import read_obs
+    from pipeline.run.preflight import read_obs
 
     columns = obs_columns(read_obs(str(path)))
     with open_counts(path, layer) as cm:

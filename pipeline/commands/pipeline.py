@@ -246,16 +246,11 @@ def plan_before_run(cfg: dict, store_path, say=None) -> dict:
     from pipeline.models.load import read_model_config
     from pipeline.paths import cache_dir_for_store
     from pipeline.run import plan as P
-    from pipeline.run.driver import (
-        PERMUTED,
-        _dictionaries_for,
-        de_comparisons,
-        model_input_size,
-        preflight,
-        read_obs,
-        select_and_split,
-        synthetic_data_path,
-    )
+    from pipeline.run.preflight import preflight, read_obs, select_and_split
+    from pipeline.run.stages.data import synthetic_data_path
+    from pipeline.run.stages.de import de_comparisons
+    from pipeline.run.stages.finetune import PERMUTED
+    from pipeline.run.stages.model import _dictionaries_for, model_input_size
 
     say = say or (lambda _m: None)
     t0 = time.perf_counter()
