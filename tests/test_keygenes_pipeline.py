@@ -141,9 +141,12 @@ def test_planted_targets_overlap_genes_up_in_high_with_q_values_and_held_out_de(
     held_out, every = st.gene_table_df(de_run, "de"), st.gene_table_df(de_run, "de_all_cells")
     every = every.set_index("ensembl_id")["score"].reindex(held_out["ensembl_id"]).to_numpy()
     assert not np.allclose(held_out["score"].to_numpy(), every)  # other cells, other statistics
-    for model in ("frozen", "unfrozen"):
-        doc = st.get_json(child, f"deletion_{model}")
-        assert doc["multiplicity"]["n_tests"] == 2 * len(doc["sets"])
+    # a model that did not learn has no deletion (analysis.gate = "skip"); the family is every test of the run
+    docs = [
+        st.get_json(child, f"deletion_{m}") for m in ("frozen", "unfrozen") if f"deletion_{m}" in st.json_names(child)
+    ]
+    assert docs and all(d["multiplicity"]["n_tests"] == sum(len(e["sets"]) for e in docs) for d in docs)
+    for doc in docs:
         for row in doc["sets"]:
             assert row["q_value"] >= row["p_empirical"] >= 1 / (row["n_random"] + 1)
             assert row["n_random"] <= doc["max_random"] and row["read_removed"] == 0.0

@@ -119,7 +119,7 @@ def test_each_model_analysed_once_and_a_run_killed_between_pairs_resumes_identic
     config = tmp_path / "pairs.toml"
     config.write_text(  # the quick preset, smaller still: what matters here is where the numbers come from
         "[data]\numap = false\n[train]\nepochs = 2\n"
-        '[analysis]\npairs = [["frozen", "unfrozen"], ["unfrozen", "last-1"]]\n'
+        '[analysis]\ngate = "mark"\npairs = [["frozen", "unfrozen"], ["unfrozen", "last-1"]]\n'
         "max_cells = 60\nn_boot = 20\ndeletion_k = [5]\ndeletion_random_sets = 3\ndeletion_top_genes = 5\n"
     )
     clean = tmp_path / "clean.db"

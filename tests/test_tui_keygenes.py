@@ -417,8 +417,11 @@ async def test_key_genes_tab_of_a_quick_pipeline_run(quick_run, tmp_path):
         view = screen.query_one(KeyGenesView)
         assert view.shown_analysis == analysis["id"] and view.data["model"] == models[1]
         rows = rows_of(view.query_one("#kg-sets", DataTable))
-        floor = 1 / (deletion.info["n_random"] + 1)  # the smallest p the matched random sets can give
-        assert [r[6] for r in rows] == [fmt_p_resolved(p, floor=floor) for p in deletion.sets["p_empirical"]]
+        # the smallest p each test's matched random sets can give, 1/(R+1), R raised while p sat at its floor
+        assert [r[6] for r in rows] == [
+            fmt_p_resolved(r["p_empirical"], floor=1 / (r["n_random"] + 1), at_floor=r["p_at_floor"], q=r["q_value"])
+            for r in deletion.sets.to_dict("records")
+        ]
         flagged = static_text(view.query_one("#kg-flagged", Static))
         for name in sanity.get("flagged") or ["none"]:
             assert name in flagged

@@ -187,7 +187,7 @@ def _deletion_p(row: dict) -> str:
         row.get(R.DEL_P),
         floor=fmt_deletion_floor(row, row.get("_floor")),
         at_floor=row.get("p_at_floor"),
-        q=row.get("q"),
+        q=row.get("q_value", row.get("q")),
     )
 
 

@@ -562,7 +562,10 @@ def deletion_line(doc: dict) -> str:
     row = max((r for r in rows if r.get("score") == score), key=lambda r: r["k"])
     floor = 1.0 / (int(doc["n_random"]) + 1) if doc.get("n_random") else None
     p = fmt_p_resolved(
-        row.get("p_empirical"), floor=fmt_deletion_floor(row, floor), at_floor=row.get("p_at_floor"), q=row.get("q")
+        row.get("p_empirical"),
+        floor=fmt_deletion_floor(row, floor),
+        at_floor=row.get("p_at_floor"),
+        q=row.get("q_value", row.get("q")),
     )
     return (
         f"top {row['k']} by {str(score).replace('_', ' ')}: Δp {fmt_num(row.get('delta_prob_mean'), 3)} "

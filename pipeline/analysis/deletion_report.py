@@ -306,6 +306,40 @@ def adjust_deletion_family(store, run_id: int) -> dict | None:
     return family
 
 
+def adjust_run_deletion_family(store, run_id: int) -> dict | None:
+    """q-values over every deletion test of a pipeline run, one family: each analysed model's tests once (from its
+    `model` run, whatever the number of pairs showing them), each score and k. Written into the model runs'
+    documents and into every copy on a pair's analysis run of the same task, so a test reads the same q wherever
+    it is shown. Idempotent: computed from the stored p-values alone, so a resumed run stores the same q."""
+    from store import results as R
+    from store.jsonsafe import plain
+
+    children = [store.get_run(c["id"]) for c in store.children(run_id)]
+    units = [c for c in children if c["kind"] == R.KIND_MODEL]
+    pairs = [c for c in children if c["kind"] == R.KIND_ANALYSIS]
+    docs = {}
+    for unit in units:
+        for name in store.json_names(unit["id"]):
+            doc = store.get_json(unit["id"], name) if name.startswith("deletion_") else None
+            if isinstance(doc, dict) and doc.get("sets"):
+                docs[(unit["id"], name)] = (R.run_config(unit).get("task"), doc)
+    if not docs:
+        return None
+    n_tests = deletion_q_values([row for _, doc in docs.values() for row in doc["sets"]])
+    family = {
+        "method": "Benjamini-Hochberg (scipy.stats.false_discovery_control)",
+        "family": "every deletion test of this pipeline run (each analysed model once, each score and k)",
+        "n_tests": n_tests,
+    }
+    for (unit_id, name), (task, doc) in docs.items():
+        doc[R.FIELD_MULTIPLICITY] = family
+        store.put_json(unit_id, name, plain(doc))
+        for pair in pairs:
+            if R.run_config(pair).get("task") == task and name in store.json_names(pair["id"]):
+                store.put_json(pair["id"], name, plain(doc))
+    return family
+
+
 def adjust_multiplicity(store, run_id: int) -> dict:
     """Benjamini-Hochberg q-values of an analysis run, each family at once: every overlap test
     (`pipeline.analysis.pair.adjust_overlap_family`) and every deletion test (`adjust_deletion_family`).

@@ -96,6 +96,10 @@ def _stages(ctx: Context) -> None:
         for mode_a, mode_b in cfg["analysis"]["pairs"]:
             with stage(f"attention {task}: {mode_a} vs {mode_b}"):
                 stage_attention(ctx, task, mode_a, mode_b)
+    if analysed_tasks(cfg) and cfg["analysis"]["deletion"]:
+        from pipeline.analysis.deletion_report import adjust_run_deletion_family
+
+        adjust_run_deletion_family(ctx.store, ctx.run_id)  # BH q over every deletion test of the run
 
 
 def quiet_library_warnings():

@@ -329,8 +329,7 @@ def stage_attention(ctx: Context, task: str, mode_a: str, mode_b: str) -> None:
         return
     import torch
 
-    from pipeline.analysis.deletion_report import adjust_multiplicity
-    from pipeline.analysis.pair import run_pair_analysis
+    from pipeline.analysis.pair import adjust_overlap_family, run_pair_analysis
     from pipeline.models.load import load_for_attention
     from pipeline.training.finetune import verify_checkpoint
     from store import results as R
@@ -379,5 +378,7 @@ def stage_attention(ctx: Context, task: str, mode_a: str, mode_b: str) -> None:
             if a_cfg["deletion"]:
                 ctx.store.put_gene_table(child, R.TABLE_GENES, genes)
             ctx.rep.line(f"{name}: attribution, deletion and cascade of each model read from its analysis")
-        adjust_multiplicity(ctx.store, child)  # q-values over the pair's overlap tests and its deletion tests
+        # q-values over the pair's overlap tests; its deletion tests' q come from the run's whole family
+        # (`adjust_run_deletion_family`, once every model is analysed)
+        adjust_overlap_family(ctx.store, child)
     ctx.rep.line(f"{name}: analysed {len(test)} test cells")
