@@ -148,8 +148,7 @@ def test_the_schema_and_train_config_share_their_defaults():
 def test_presets_resolve_as_before_the_typed_schema():
     """Every preset resolves every key it had before the schema was typed to exactly the value (and JSON type)
     recorded in the fixture (the values of then, and the deliberate changes since: balanced class weights, the
-    default preset's integrated-gradients steps);
-    it had then; keys added since are the only difference."""
+    default preset's integrated-gradients steps); keys added since are the only other difference."""
     before = json.loads((FIXTURES / "config_presets_resolved.json").read_text())
     assert set(before) == set(config.PRESETS)
     for name in config.PRESETS:
