@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-MIN_CELLS = 3  # the train / validation / test split needs a cell of every class in each part
 
 
 def parse_assignments(text: str, what: str) -> tuple[dict[str, list[str]], list[str]]:
@@ -81,7 +80,7 @@ def distinct_rows(obs, columns: list[str]):
     return sub.iloc[first], np.bincount(ids).astype(np.int64)
 
 
-def class_sizes(obs, design: Design, *, min_cells: int = MIN_CELLS, cache: dict | None = None) -> Sizes:
+def class_sizes(obs, design: Design, *, min_cells: int | None = None, cache: dict | None = None) -> Sizes:
     """Cells per class after the filter, as `gfattn pipeline` selects them, and what blocks the design.
 
     `cache` (any dict kept by the caller) remembers the distinct rows per set of columns, so only the
@@ -92,6 +91,12 @@ def class_sizes(obs, design: Design, *, min_cells: int = MIN_CELLS, cache: dict 
     from pipeline.data.design import Task, filter_mask, task_labels
     from pipeline.errors import InputError
 
+    if min_cells is None:  # the pipeline's own minimum at the default split (`design.min_class_cells`)
+        from pipeline import config
+        from pipeline.data.design import min_class_cells
+
+        split = config.defaults()["split"]
+        min_cells = min_class_cells(split["validation"], split["test"])
     out = Sizes()
     present = set(map(str, obs.columns))
     column = design.column

@@ -107,6 +107,9 @@ def test_the_plan_names_the_stages_the_run_executes(monkeypatch):
     monkeypatch.setattr(E, "stage_de", lambda *a, **k: None)
     monkeypatch.setattr(E, "stage_attention", lambda *a, **k: None)
     monkeypatch.setattr(E, "stage_model_analysis", lambda *a, **k: None)
+    from pipeline.analysis import deletion_report
+
+    monkeypatch.setattr(deletion_report, "adjust_run_deletion_family", lambda *a, **k: None)
     monkeypatch.setattr(P, "record_plan", lambda *a: None)
     entered = []
 
@@ -121,7 +124,13 @@ def test_the_plan_names_the_stages_the_run_executes(monkeypatch):
 
     names = {"dose": ["0 uM", "1.25 uM", "2.5 uM", "12.5 uM", "25 uM"], "lowhigh": ["low", "high"]}
     ctx = SimpleNamespace(
-        cfg=cfg, rep=Rep(), threads=1, has_counts=True, out=SimpleNamespace(selection=SimpleNamespace(names=names))
+        cfg=cfg,
+        rep=Rep(),
+        threads=1,
+        has_counts=True,
+        out=SimpleNamespace(selection=SimpleNamespace(names=names)),
+        store=None,
+        run_id=0,
     )
     E._stages(ctx)
     shape = _shape(cfg, de_comparisons=E.de_comparisons(cfg, ctx.out.selection))

@@ -186,7 +186,7 @@ async def test_groups_are_written_as_a_task_of_a_generated_config(tmp_path, cell
 
         form.query_one("#nr-groups").value = "KO=ZAP70_1; few=rare"
         await settle(pilot)
-        assert "class few has 2 cells; the split needs at least 3" in _text(form, "#nr-design-problems")
+        assert "class few has 2 cells; the split needs at least 14" in _text(form, "#nr-design-problems")
 
         form.query_one("#nr-groups").value = "KO=ZAP70_1,CD3E_2; ctrl=control"
         await settle(pilot)

@@ -49,6 +49,7 @@ ALL_TABS = tuple(key for key, _, _ in TABS)
 KIND_TABS: dict[str, tuple[str, ...]] = {
     R.KIND_FINETUNE: ("overview", "training", "confusion"),
     R.KIND_ANALYSIS: ("overview", "keygenes", "attention", "ranks", "genes", "de"),
+    R.KIND_MODEL: ("overview", "keygenes", "genes"),
     R.KIND_DE: ("de", "overview"),
     R.KIND_DATA: ("overview", "data"),
     R.KIND_PRETRAIN: ("overview",),
