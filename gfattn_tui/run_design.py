@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-
 def parse_assignments(text: str, what: str) -> tuple[dict[str, list[str]], list[str]]:
     """`A=v1,v2; B=v3` -> {A: [v1, v2], B: [v3]} and problems (one line each); a repeated name extends."""
     out: dict[str, list[str]] = {}
