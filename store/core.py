@@ -9,6 +9,9 @@ Stores can also be opened read-only (a shared, finished result store in a folder
 Only the pipeline's rank-0 process writes results; the TUI and the `gfattn runs/show/export/tag/note/rm`
 commands read and make small edits. SQL is parameterised everywhere; the few identifiers that are
 spliced into SQL (result column names of gene and cell tables) are validated first and double-quoted.
+
+One module on purpose: it is the only code that writes SQL; its transactions, schema checks and read-only
+handling must stay in one place.
 """
 
 from __future__ import annotations

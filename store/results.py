@@ -14,6 +14,9 @@ single child.
 Headless: imports the standard library, numpy and (lazily) pandas only; never textual, torch or
 `pipeline`. Readers take a `store.Store` and do all their reading before they return, so they can run on
 the TUI's store thread.
+
+One module on purpose: it owns every stored name, for writers and readers alike, so that no name is spelled
+twice.
 """
 
 from __future__ import annotations

@@ -31,6 +31,9 @@ operations (`_reduce_block_torch`); both compute the same sums.
 Accumulators are float64 tensors on the device. Every field of `AttentionResult` except its metadata is a
 sum over cells (per-cell arrays hold zeros for cells a process did not see), so results of several
 processes add up to the single-process result (`torch.distributed.all_reduce` when initialised).
+
+One module: the streaming attention engine and its naive reference share the reductions they are tested
+against; each reduction is a function of its own.
 """
 
 from __future__ import annotations

@@ -46,6 +46,9 @@ Per-rank and per-gene sums, counts and ranks are accumulated by `pipeline.analys
 engine that produces `AttentionResult`, so the derived quantities (means per rank position, per
 occurrence, position control) use the same code as the attention analyses (`as_attention_result`).
 Nothing is random: `seed` is recorded only. Runs on one process (no sharding).
+
+One module: Hao attribution, integrated gradients (Captum) and rollout share one engine set-up (hooks, memory,
+batching) and one result type.
 """
 
 from __future__ import annotations

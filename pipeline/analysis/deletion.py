@@ -36,6 +36,9 @@ Results are float64 numpy arrays on any device. `bench/bench_deletion.py` (525 s
 22x a loop of single forwards for the `default` preset's model and cells, within 1.08x of the bare
 forward passes it needs; for a 4-layer, 64-wide model on 100-256 tokens, whose forward pass is
 compute-bound on CPU, 3.8x (the bare forwards are 95% of the batched time there).
+
+One module: the deletion engine (pooled, length-batched forwards), its naive reference loop and the matched
+random sets share the sequence builder they are tested against.
 """
 
 from __future__ import annotations

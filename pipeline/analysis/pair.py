@@ -18,6 +18,9 @@ Thesis sections 4.2-4.5 on top of `pipeline.analysis.attention` (docs/architectu
 - `bootstrap_ci`, `paired_sign_flip_test`, `wilcoxon_signed_rank`, `attention_statistics`: confidence
   intervals over cells and per-(layer, head) paired tests that two models' attention differs;
 - `write_pair_analysis` / `run_pair_analysis`: everything into an "analysis" run of the store.
+
+One module: the pair's gene table, its statistics (bootstrap, sign-flip, Wilcoxon, BH) and the DE overlaps are
+written together into one analysis run by `write_pair_analysis`.
 """
 
 from __future__ import annotations

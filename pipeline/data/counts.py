@@ -12,6 +12,9 @@ AnnData) into exactly that, without loading a large matrix into memory:
 - `check_raw_counts` refuses log-normalised or otherwise non-count data.
 
 Every problem a user can fix is an `InputError` with a one-line message.
+
+One module: everything that reads a user's count matrix (formats, layers, gene identifiers, validation in row
+chunks, the UMAP recipe) shares its readers; split, each part would reopen the same file handles.
 """
 
 from __future__ import annotations

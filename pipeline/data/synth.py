@@ -27,6 +27,9 @@ structure to learn and its vocabulary covers the sci-Plex-like data. Like a real
 stressed, arrested and proliferating cells, it spans the states the sci-Plex-like data varies, without
 any dose: a p53 response of graded strength on the planted targets that also arrests the cycle,
 cycling and resting cells, and a wide spread of library sizes.
+
+One module: the generator's cell types, p53 response, dose and length effects are drawn from one seeded
+stream, in order; split, the draw order (and every stored number) would be at risk.
 """
 
 from __future__ import annotations

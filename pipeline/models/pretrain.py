@@ -36,6 +36,9 @@ The output directory looks like a Geneformer checkpoint (`config.json` with `Ber
 configuration, seeds, batches and `LrSchedule`), `start_run` and `run_epoch` per epoch (`PretrainRun`
 holds the model, optimiser and counters), `evaluate_heldout`, and `record_pretraining` (checkpoint,
 JSON, store). One seed decides every draw, and the caller's global RNG state is left as it was.
+
+One module: the masked-gene objective, the cell objectives, the corpus batches and the training loop share one
+plan object (`plan_pretraining`) and its seeded state.
 """
 
 from __future__ import annotations

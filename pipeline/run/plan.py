@@ -25,6 +25,9 @@ then the selection and a sample of the selected cells tokenized (without writing
 synthetic data set is generated into the cache as the run would). `record_plan(ctx, ...)` stores the plan of a
 running pipeline (JSON `plan` on the pipeline run) once its cells are tokenized: exact lengths, the run's
 model. `format_plan(plan)` renders either as lines of text (the CLI; the TUI's New run form).
+
+One module: the counting (pure) and the timing of the plan describe the same stages; the counts are unit-
+tested against direct loops, the timing is kept apart in its own functions.
 """
 
 from __future__ import annotations

@@ -18,6 +18,9 @@ number of cells.
 Differences from Geneformer, on purpose: duplicate Ensembl IDs are always summed (Geneformer skips
 that when its mapping dictionary is one-to-one, so a gene listed twice appears twice); explicit
 zeros stored in a sparse matrix are not tokens; cells without any vocabulary gene are counted.
+
+One module: Geneformer's tokenizer, reproduced token for token (medians, ranking, special tokens, truncation,
+datasets output), is one unit that the parity tests check as a whole.
 """
 
 from __future__ import annotations

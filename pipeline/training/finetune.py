@@ -20,6 +20,9 @@ Several processes (`pipeline.parallel.distributed`): each optimisation step take
 it into micro-batches; each micro-batch's loss is normalised by the global batch's total (class) weight,
 so the averaged gradient equals one process's on the same global batch. Evaluation shards batches over
 ranks and sums logits, so every rank computes the same metrics; only rank 0 writes to the store and disk.
+
+One module: the fine-tuning plan, epoch loop, evaluation, checkpointing and the frozen-feature cache share the
+plan's state; each step is a function of its own.
 """
 
 from __future__ import annotations
