@@ -282,6 +282,8 @@ def input_problems(
     if model:
         m = Path(model).expanduser()
         if m.is_dir():
+            from pipeline.models.load import check_model_dir
+
             check(check_model_dir, m)
             if not problems:
                 check(ex._dictionaries_for, m, cfg)
@@ -290,29 +292,3 @@ def input_problems(
         if p.is_file() and p.suffix == ".h5ad":
             check(ex._check_embedded_genes, str(p), cfg)
     return problems
-
-
-def check_model_dir(model_dir: Path) -> None:
-    """`pipeline.models.load.read_model_config`'s checks of a model directory, with its messages, without loading
-    the config through transformers (which would import torch into the TUI)."""
-    import json
-
-    from pipeline.errors import InputError
-    from pipeline.models.load import CONFIG_FILE, WEIGHT_FILES, weight_file
-
-    config_path = model_dir / CONFIG_FILE
-    if not config_path.is_file():
-        raise InputError(f"{model_dir} has no {CONFIG_FILE}; a model directory needs config.json and its weights")
-    try:
-        raw = json.loads(config_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{config_path} is not valid JSON: {exc}") from None
-    if raw.get("model_type", "bert") != "bert":
-        raise InputError(
-            f"{config_path}: model_type is {raw.get('model_type')!r}; gfattn needs a BERT (Geneformer) model"
-        )
-    if weight_file(model_dir) is None:
-        raise InputError(
-            f"{model_dir} has {CONFIG_FILE} but no weights ({', '.join(WEIGHT_FILES[::2])}); "
-            "copy the checkpoint's weights next to its config"
-        )

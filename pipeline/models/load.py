@@ -78,11 +78,9 @@ def weight_file(model_dir: str | os.PathLike) -> Path | None:
     return None
 
 
-def read_model_config(model_dir: str | os.PathLike):
-    """The `BertConfig` of a local model directory, after checking the directory is a usable checkpoint."""
-    _offline()
-    from transformers import BertConfig
-
+def check_model_dir(model_dir: str | os.PathLike) -> Path:
+    """The checks of a local model directory, in the words every caller uses (the pipeline's preflight, the
+    TUI's New run form): a folder with a BERT `config.json` and its weights. Light: reads JSON only."""
     model_dir = Path(model_dir).expanduser()
     if not model_dir.is_dir():
         raise InputError(f"model directory {model_dir} does not exist; pass a local Hugging Face model directory")
@@ -102,6 +100,15 @@ def read_model_config(model_dir: str | os.PathLike):
             f"{model_dir} has {CONFIG_FILE} but no weights ({', '.join(WEIGHT_FILES[::2])}); "
             "copy the checkpoint's weights next to its config"
         )
+    return model_dir
+
+
+def read_model_config(model_dir: str | os.PathLike):
+    """The `BertConfig` of a local model directory, after checking the directory is a usable checkpoint."""
+    _offline()
+    from transformers import BertConfig
+
+    model_dir = check_model_dir(model_dir)
     return BertConfig.from_pretrained(str(model_dir), local_files_only=True)
 
 
