@@ -43,23 +43,3 @@ def quick_run(tmp_path_factory):
     out = gfattn("pipeline", "--quick", "--store", str(db), "--name", "e2e")
     assert out.returncode == 0, out.stderr[-3000:]
     return db, out
-
-
-# The end-to-end files hold the longest tests (whole pipeline runs, tens of seconds each). Collected first,
-# they start first on pytest-xdist's workers and the short tests fill in around them, so no long test is
-# left to run alone at the end; within a file the order stays as written.
-LONG_FIRST = (
-    "test_pipeline_real_data.py",
-    "test_pipeline_reproducible.py",
-    "test_tui_launch.py",
-    "test_keygenes_pipeline.py",
-    "test_pipeline_user_model.py",
-    "test_pipeline_e2e.py",
-    "test_gates.py",
-    "test_train_distributed.py",
-)
-
-
-def pytest_collection_modifyitems(session, config, items):
-    rank = {name: i for i, name in enumerate(LONG_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FIRST)))
