@@ -160,3 +160,12 @@ def test_overlap_q_values_over_a_run_count_each_test_once(tables):
     # the headline items carry the same q as the by_column copy of the same test
     for a, b in zip(doc["overlap"], doc["by_column"]["key_score_b"]["overlap"]):
         assert a["q_value"] == b["q_value"]
+
+
+def test_a_k_that_takes_every_ranked_gene_is_not_tested(tables):
+    """A top k at or above the number of genes the score ranks holds all of them (overlap p = 1 whatever the
+    model): it is left out and named, never reported as a result."""
+    de, att = tables
+    out = compare_de_attention(de, att, ks=(10, 240, 500), attention_column="key_score_b", classes=("high", "low"))
+    assert out["population"] == 240 and out["ks_not_tested"] == [240, 500]
+    assert all([item["k"] for item in block["overlap"]] == [10] for block in out["directions"])

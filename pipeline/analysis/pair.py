@@ -562,11 +562,14 @@ def compare_de_attention(
             item["expected_matched"], item["p_matched"] = null["expected"], null["p_value"]
         return item
 
+    # a k at or above the number of genes the score ranks takes them all: its overlap says nothing (p = 1)
+    usable = [int(k) for k in ks if int(k) < len(population)]
+    if len(usable) < len(ks):
+        out["ks_not_tested"] = [int(k) for k in ks if int(k) >= len(population)]
     for direction in DIRECTIONS:
         ranked = de_ids if direction == "up" else _de_order(de, de_column, direction)
         items = []
-        for k in ks:
-            k = int(k)
+        for k in usable:
             top_de, top_at = ranked[:k], at_ids[:k]
             item = overlap_item(k, top_de, top_at)
             if direction == "up" and ref is not None:

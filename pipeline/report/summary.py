@@ -216,6 +216,9 @@ def overlap_lines(doc: dict | None) -> list[str]:
         head = f"  {what} vs top DE genes" + (f" ({group})" if group else "") + f", among the {n} genes the score ranks"
         cells = overlap.get("de_cells")
         head += f"; DE on {cells}" if cells else "; DE on every cell, the analysed test cells included"
+        skipped = overlap.get("ks_not_tested")
+        if skipped:
+            head += f" (k = {', '.join(map(str, skipped))} not tested: no fewer than the genes it ranks)"
         lines.append(head + ":")
         for block in blocks:
             parts = [_overlap_item_text(item) for item in block.get("overlap", [])]
