@@ -296,3 +296,14 @@ def fmt_deletion_floor(row: dict, default: float | None = None) -> float | None:
         return 1.0 / (int(n) + 1) if n is not None and n == n and int(n) > 0 else default
     except (TypeError, ValueError):
         return default
+
+
+def fmt_deletion_p(row: dict, default_floor: float | None = None) -> str:
+    """A deletion test's empirical p as resolved as it is: "<= 0.048" at its floor (`fmt_deletion_floor`), the
+    stars on its q where stored (`q_value`, or an older `q`)."""
+    return fmt_p_resolved(
+        row.get("p_empirical"),
+        floor=fmt_deletion_floor(row, default_floor),
+        at_floor=row.get("p_at_floor"),
+        q=row.get("q_value", row.get("q")),
+    )

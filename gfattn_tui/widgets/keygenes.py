@@ -27,7 +27,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import DataTable, Label, Select, Static
 from textual_plotext import PlotextPlot
 
-from gfattn_tui.format import fmt_deletion_floor, fmt_num, fmt_p_resolved, in_model_words
+from gfattn_tui.format import fmt_deletion_p, fmt_num, in_model_words
 from gfattn_tui.messages import Loaded
 from gfattn_tui.results import model_gates, run_choices
 from gfattn_tui.widgets.analysis_picker import AnalysisPicker
@@ -183,12 +183,7 @@ SET_COLUMNS = [
 
 def _deletion_p(row: dict) -> str:
     """The empirical p, "<= 0.048" at its floor 1/(random sets + 1); stars only on q where stored."""
-    return fmt_p_resolved(
-        row.get(R.DEL_P),
-        floor=fmt_deletion_floor(row, row.get("_floor")),
-        at_floor=row.get("p_at_floor"),
-        q=row.get("q_value", row.get("q")),
-    )
+    return fmt_deletion_p(row, row.get("_floor"))
 
 
 RANKED_COLUMNS = [

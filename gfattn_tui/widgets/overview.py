@@ -24,7 +24,7 @@ from textual.widgets import Collapsible, DataTable, Label, ProgressBar, RichLog,
 from gfattn_tui.format import (
     STATUS_MARKS,
     as_epoch,
-    fmt_deletion_floor,
+    fmt_deletion_p,
     fmt_duration,
     fmt_num,
     fmt_p,
@@ -561,12 +561,7 @@ def deletion_line(doc: dict) -> str:
     score = rows[0].get("score")
     row = max((r for r in rows if r.get("score") == score), key=lambda r: r["k"])
     floor = 1.0 / (int(doc["n_random"]) + 1) if doc.get("n_random") else None
-    p = fmt_p_resolved(
-        row.get("p_empirical"),
-        floor=fmt_deletion_floor(row, floor),
-        at_floor=row.get("p_at_floor"),
-        q=row.get("q_value", row.get("q")),
-    )
+    p = fmt_deletion_p(row, floor)
     return (
         f"top {row['k']} by {str(score).replace('_', ' ')}: Δp {fmt_num(row.get('delta_prob_mean'), 3)} "
         f"vs random {fmt_num(row.get('random_delta_prob_mean'), 3)} (p {p})"
