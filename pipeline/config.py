@@ -289,7 +289,8 @@ class De:
 @dataclass
 class Compute:
     device: str = key("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
-    nproc: int = key(1, "processes for data-parallel fine-tuning (torchrun)", ge=1)
+    nproc: int = key(1, "processes for data-parallel fine-tuning and the sharded analysis (torchrun)", ge=1)
+    analysis_nproc: int = key(0, "processes that analyse each model (torchrun; 0 = compute.nproc)", ge=0)
     threads: int = key(0, "torch CPU threads (0 = torch's default)", ge=0)
 
 
@@ -777,6 +778,11 @@ def analysed_models(cfg: dict) -> dict[str, list[str]]:
         for mode in dict.fromkeys((mode_a, mode_b)):
             out.setdefault(mode, []).append(f"{mode_a} vs {mode_b}")
     return out
+
+
+def analysis_processes(cfg: dict) -> int:
+    """How many processes analyse each model (`compute.analysis_nproc`, or `compute.nproc` when it is 0)."""
+    return int(cfg["compute"]["analysis_nproc"] or cfg["compute"]["nproc"])
 
 
 def model_analysis_on(cfg: dict) -> bool:

@@ -128,7 +128,7 @@ def test_the_plan_names_the_stages_the_run_executes(monkeypatch):
         rep=Rep(),
         threads=1,
         has_counts=True,
-        out=SimpleNamespace(selection=SimpleNamespace(names=names)),
+        out=SimpleNamespace(selection=SimpleNamespace(names=names), sharded={}),
         store=None,
         run_id=0,
     )
@@ -350,3 +350,25 @@ def test_each_stage_on_cuda_records_its_peak_gpu_memory(monkeypatch):
     from store import results as R
 
     assert R.JSON_GPU_MEMORY == progress.GPU_MEMORY_JSON
+
+
+def test_a_sharded_analysis_shares_each_model_stage_and_starts_once_per_task():
+    """With N analysis processes a model stage's passes take 1/N of the time, plus the processes' start
+    once per task (on its first model stage); other stages keep theirs."""
+    cfg = config.resolve("default")
+    timing = {"lengths": [5, 20], **{k: [1e-4, 4e-4] for k in P.KINDS}}
+    shape = _shape(cfg, pretrain_cells=100)
+    one = P.count_stages(cfg, shape)
+    P.estimate(one, P.unit_costs(timing, shape.lengths))
+    two = P.count_stages(cfg, shape)
+    P.estimate(two, P.unit_costs(timing, shape.lengths))
+    P.shard_model_stages(two, 2)
+    first_model = next(i for i, p in enumerate(one) if p.stage.startswith("model "))
+    for i, (a, b) in enumerate(zip(one, two)):
+        if not a.stage.startswith("model "):
+            assert b.seconds == a.seconds
+            continue
+        shared = a.fixed_s + (a.seconds - a.fixed_s) / 2
+        start = P.ROUGH["processes"] if i == first_model else 0.0
+        assert b.seconds == pytest.approx(shared + start)
+    assert len({p.stage for p in one if p.stage.startswith("model ")}) >= 2

@@ -813,9 +813,9 @@ def _prepare(model_a, model_b, dataset, *, group_column, device, dtype, special_
 
 
 def _shard():
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+    from pipeline.parallel.distributed import shard
+
+    return shard()
 
 
 def _batches(cells: Cells, batch_size: int, shard):

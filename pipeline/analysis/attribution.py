@@ -63,6 +63,7 @@ import numpy as np
 import torch
 
 from pipeline.analysis.attention import AttentionResult, _Accumulators, _block_probs, routed_attention
+from pipeline.parallel.distributed import all_reduce_max, all_reduce_sum, shard
 from pipeline.tokenize.batching import length_grouped_batches, pad_batch
 from pipeline.tokenize.cells import Cells
 
@@ -269,7 +270,11 @@ class _Setup:
         limit = int(getattr(self.config, "max_position_embeddings", self.max_len))
         if self.max_len > limit:
             raise ValueError(f"cells have up to {self.max_len} tokens but the model has {limit} positions")
-        self.batches = length_grouped_batches(self.cells.lengths, int(batch_size))
+        # in a process group of N (`pipeline.parallel.distributed`), every N-th batch of the same list; the
+        # sums are all-reduced by `reduce` and the per-cell values, each written by one rank, add up exactly
+        self.rank, self.world = shard()
+        self.batches = length_grouped_batches(self.cells.lengths, int(batch_size))[self.rank :: self.world]
+        self.n_local = int(sum(len(b) for b in self.batches))
         self.batch_size = int(batch_size)
         self.labels_t = torch.as_tensor(self.labels, device=self.device)
 
@@ -286,6 +291,15 @@ class _Setup:
             special_ids=self.special,
             cell_curves=False,
         )
+
+    def reduce(self, accumulators: Sequence[_Accumulators] = (), tensors: Sequence[torch.Tensor] = ()) -> None:
+        """Sum every rank's accumulators and tensors in place (nothing for one process)."""
+        if self.world == 1:
+            return
+        for acc in accumulators:
+            acc.all_reduce()
+        for t in tensors:
+            all_reduce_sum(t)
 
     def batch(self, idx):
         ids, mask = pad_batch(self.cells.input_ids(idx), pad_token_id=self.pad_id)
@@ -451,7 +465,7 @@ def hao_attribution(
     red = dtype if dtype in (torch.float32, torch.float64) else torch.float32
     engine = _HaoEngine(setup.layers)
     memory = _Memory(setup.device)
-    total, done = len(setup.cells), 0
+    total, done = setup.n_local, 0
     with routed_attention([model], engine), _frozen_parameters(model):
         for idx in setup.batches:
             ids, mask, cell_t = setup.batch(idx)
@@ -515,6 +529,7 @@ def hao_attribution(
             done += len(idx)
             if progress is not None:
                 progress(done, total)
+    setup.reduce((tokens, acc), (head_max, head_total, cell_total, logit))
     meta = {
         "hao": {
             "steps": steps,
@@ -652,7 +667,8 @@ def integrated_gradients(
             captum_delta[cell_t] = conv.detach().to(torch.float64)
             done += len(idx)
             if progress is not None:
-                progress(done, n)
+                progress(done, setup.n_local)
+    setup.reduce((tokens, acc), (cell_total, delta, logit, captum_delta))
     meta = {
         "ig": {
             "library": "captum.attr.LayerIntegratedGradients on bert.embeddings.word_embeddings",
@@ -772,7 +788,10 @@ def attention_rollout(
             cell_total[cell_t] = score.sum(1)
             done += len(idx)
             if progress is not None:
-                progress(done, n)
+                progress(done, setup.n_local)
+    setup.reduce((tokens, acc), (cell_total,))
+    if cls_id is not None and setup.world > 1:  # <cls> at the read position in every rank's cells
+        first_is_cls = bool(-all_reduce_max(torch.tensor([-int(first_is_cls)]))[0])
     reads = (
         f"position {read_position}: <cls>"
         if first_is_cls
@@ -840,11 +859,13 @@ def run_attribution(
     special_ids = tuple(special_ids or ())
     cls_id = getattr(dicts, "cls_id", None) if dicts is not None else None
     cells = cells if isinstance(cells, Cells) else Cells(cells)
-    total = len(cells) * len(methods)
+    rank, world = shard()  # progress counts this process's cells (every world-th batch)
+    per_method = int(sum(len(b) for b in length_grouped_batches(cells.lengths, int(batch_size))[rank::world]))
+    total = per_method * len(methods)
     common = dict(batch_size=batch_size, pad_id=pad_id, special_ids=special_ids, device=device, dtype=dtype)
     result = None
     for i, method in enumerate(dict.fromkeys(methods)):
-        prog = _progress_over(progress, i * len(cells), total)
+        prog = _progress_over(progress, i * per_method, total)
         if method == "hao":
             r = hao_attribution(model, cells, labels, steps=hao_steps, progress=prog, **common)
         elif method == "ig":
@@ -877,6 +898,7 @@ def run_attribution(
             r = attention_rollout(model, cells, labels, cls_id=cls_id, progress=prog, **common)
         result = r if result is None else result.combine(r)
     result.meta["seed"] = int(seed)
+    result.meta["world_size"] = int(world)
     return result
 
 

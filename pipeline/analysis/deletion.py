@@ -379,21 +379,38 @@ class DeletionEngine:
             mask[row, : len(s)] = 1
         return ids, mask
 
+    def _logits(self, batches: Sequence[np.ndarray], inputs) -> tuple[np.ndarray, np.ndarray]:
+        """The rows `batches` list (in order) and their logits, (rows, n_classes) float64, one forward pass per
+        batch; `inputs(batch)` pads a batch. In a process group (`pipeline.parallel.distributed`) each rank
+        runs every world-th batch and every rank receives all of them: the same batches as one process, so
+        the same numbers."""
+        from pipeline.parallel.distributed import gather, shard
+
+        torch = self._torch
+        rank, world = shard()
+        chunks, rows = [], []
+        with torch.inference_mode():
+            for b in batches[rank::world]:
+                chunks.append(self._forward(*inputs(b)))
+                rows.append(b)
+        logits = torch.cat(chunks).to("cpu", torch.float64).numpy() if chunks else np.zeros((0, self.n_classes))
+        rows_ = np.concatenate(rows).astype(np.int64) if rows else np.zeros(0, dtype=np.int64)
+        if world > 1:
+            parts = gather((rows_, logits))
+            rows_ = np.concatenate([p[0] for p in parts])
+            logits = np.concatenate([p[1] for p in parts])
+        return rows_, logits
+
     @property
     def baseline(self) -> np.ndarray:
         """The intact cells' logits, (n_cells, n_classes) float64, computed once."""
         if self._baseline is None:
-            torch = self._torch
             out = np.full((len(self.cells), self.n_classes), np.nan)
-            chunks, rows = [], []
-            with torch.inference_mode():
-                for idx in length_grouped_batches(self.lengths, self.batch_size):
-                    idx = idx[self.lengths[idx] > 0]
-                    if len(idx):
-                        chunks.append(self._forward(*self._padded([self.ids[i] for i in idx])))
-                        rows.append(idx)
-                if chunks:
-                    out[np.concatenate(rows)] = torch.cat(chunks).to("cpu", torch.float64).numpy()
+            batches = [idx[self.lengths[idx] > 0] for idx in length_grouped_batches(self.lengths, self.batch_size)]
+            rows, logits = self._logits(
+                [b for b in batches if len(b)], lambda b: self._padded([self.ids[i] for i in b])
+            )
+            out[rows] = logits
             self._baseline = out
         return self._baseline
 
@@ -465,16 +482,12 @@ class DeletionEngine:
     def _run(self, token_sets: Sequence[np.ndarray]) -> tuple[_Pool, np.ndarray]:
         """The pool and each entry's logits after the deletion, (E, n_classes) float64 (NaN rows for
         entries left without tokens)."""
-        torch = self._torch
         pool = self._pool(token_sets)
         logits = np.full((len(pool.cell), self.n_classes), np.nan)
-        chunks, rows = [], []
-        with torch.inference_mode():
-            for entries in self._entry_batches(pool):
-                chunks.append(self._forward(*self._padded(self._sequences(pool, entries))))
-                rows.append(entries)
-            if chunks:
-                logits[np.concatenate(rows)] = torch.cat(chunks).to("cpu", torch.float64).numpy()
+        rows, values = self._logits(
+            self._entry_batches(pool), lambda entries: self._padded(self._sequences(pool, entries))
+        )
+        logits[rows] = values
         return pool, logits[pool.source]
 
     def _entry_deltas(self, pool: _Pool, logits: np.ndarray):

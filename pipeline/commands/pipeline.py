@@ -61,7 +61,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, help="fine-tuning epochs")
     p.add_argument("--seed", type=int, help="seed for everything")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="compute device")
-    p.add_argument("--nproc", type=int, help="processes for data-parallel fine-tuning (torchrun)")
+    p.add_argument(
+        "--nproc", type=int, help="processes for data-parallel fine-tuning and the sharded analysis (torchrun)"
+    )
+    p.add_argument(
+        "--analysis-nproc",
+        type=int,
+        metavar="N",
+        help="processes that analyse each model, the cells' batches shared out (default: --nproc)",
+    )
     p.add_argument(
         "--reference-set", metavar="FILE", help="reference gene set (e.g. p53 targets) marked in gene tables"
     )
@@ -102,6 +110,7 @@ def run(args) -> int:
         "train.epochs": args.epochs,
         "compute.device": args.device,
         "compute.nproc": args.nproc,
+        "compute.analysis_nproc": args.analysis_nproc,
         "analysis.reference_set": args.reference_set,
     }
     flags.update(_task_flags(args))

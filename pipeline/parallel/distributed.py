@@ -101,6 +101,34 @@ def all_reduce_sum(tensor):
     return tensor
 
 
+def shard() -> tuple[int, int]:
+    """(rank, world size) of a joined process group of more than one process, else (0, 1): the analysis
+    splits its batches as `batches[rank::world]` (every world-th batch, the same list in every process)."""
+    if is_initialized() and world_size() > 1:
+        return rank(), world_size()
+    return 0, 1
+
+
+def gather(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank (`[obj]` for one process)."""
+    if is_initialized() and world_size() > 1:
+        import torch.distributed as dist
+
+        out: list = [None] * world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+def all_reduce_max(tensor):
+    """Maximum of a tensor over ranks in place (identity for one process); returns it."""
+    if is_initialized() and world_size() > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
 def broadcast_parameters(parameters, src: int = 0) -> None:
     """Make every rank hold rank `src`'s values (e.g. a randomly initialised head)."""
     if is_initialized() and world_size() > 1:

@@ -33,7 +33,7 @@ from pipeline.paths import cache_dir_for_store  # CHECKPOINT_JSON: {"path", "wei
 from pipeline.progress import Reporter
 from pipeline.run.context import Context
 from pipeline.run.preflight import preflight
-from pipeline.run.stages.analysis import stage_attention, stage_model_analysis
+from pipeline.run.stages.analysis import close_sharded, stage_attention, stage_model_analysis
 from pipeline.run.stages.data import stage_data, stage_record_data
 from pipeline.run.stages.de import de_comparisons, stage_de
 from pipeline.run.stages.finetune import PERMUTED, stage_finetune
@@ -90,9 +90,12 @@ def _stages(ctx: Context) -> None:
             stage_de(ctx, task, group, reference)
     for task in analysed_tasks(cfg):
         if model_analysis_on(cfg):  # each model once, whatever the number of pairs comparing it
-            for mode, pairs in analysed_models(cfg).items():
-                with stage(f"model {task}: {mode}"):
-                    stage_model_analysis(ctx, task, mode, pairs)
+            try:
+                for mode, pairs in analysed_models(cfg).items():
+                    with stage(f"model {task}: {mode}"):
+                        stage_model_analysis(ctx, task, mode, pairs)
+            finally:
+                close_sharded(ctx)  # the processes analysing the task's models, when sharded
         for mode_a, mode_b in cfg["analysis"]["pairs"]:
             with stage(f"attention {task}: {mode_a} vs {mode_b}"):
                 stage_attention(ctx, task, mode_a, mode_b)

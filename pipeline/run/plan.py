@@ -38,6 +38,8 @@ from typing import Sequence
 
 import numpy as np
 
+from pipeline.config import analysis_processes
+
 PLAN_VERSION = 1
 SAMPLE_CELLS = 256  # cells tokenized by --plan to learn the lengths and the genes
 TIMING_TOKENS = 2048  # tokens per timed batch at most (fewer cells per batch at long lengths)
@@ -72,6 +74,7 @@ ROUGH = {
     "deletion": 0.5,  # bootstrap of the deletion sets, per model
     "finetune": 0.3,
     "model": 0.5,  # reading an existing model and its dictionaries
+    "processes": 8.0,  # starting the processes of a sharded analysis (torchrun, imports), once per task
 }
 
 
@@ -601,6 +604,22 @@ def build_shape(
     )
 
 
+def shard_model_stages(parts: list[Part], processes: int) -> None:
+    """A sharded analysis (`pipeline.parallel.analyse`): each model stage's passes shared by `processes`,
+    and the processes' start once per task, on its first model stage."""
+    if processes <= 1:
+        return
+    started: set[str] = set()
+    for p in parts:
+        if not p.stage.startswith("model "):
+            continue
+        p.seconds = p.fixed_s + (p.seconds - p.fixed_s) / processes
+        task = p.stage[len("model ") :].split(": ")[0]
+        if task not in started:
+            started.add(task)
+            p.seconds += ROUGH["processes"]
+
+
 def make_plan(
     cfg: dict, shape: Shape, model, *, device, dicts=None, extra: dict | None = None, say=None, repeats: int = 2
 ) -> dict:
@@ -635,6 +654,7 @@ def make_plan(
     for p in parts:
         if p.pretrain and budget and p.seconds > budget + p.fixed_s:
             p.seconds = budget + p.fixed_s
+    shard_model_stages(parts, analysis_processes(cfg))
     total = float(sum(p.seconds for p in parts))
     c = model.config
     lengths = shape.lengths
@@ -643,6 +663,7 @@ def make_plan(
         "preset": cfg["run"]["preset"],
         "device": str(getattr(device, "type", device)),
         "threads": int(threads),
+        "analysis_processes": analysis_processes(cfg),
         "model": {
             "layers": int(c.num_hidden_layers),
             "hidden": int(c.hidden_size),

@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pipeline.analysis.model import MODEL_SUFFIX
 from pipeline.compute import fault_point
-from pipeline.config import model_analysis_on
+from pipeline.config import analysis_processes, model_analysis_on
 from pipeline.run.stages.de import _de_for
 from pipeline.run.stages.finetune import PERMUTED, _did_not_learn
 from pipeline.run.stages.tokenize import task_datasets
@@ -30,15 +31,15 @@ def analysis_cells(ctx: Context, task: str):
 # ----------------------------------------------------------------------------------- one model
 def stage_model_analysis(ctx: Context, task: str, mode: str, pairs: list[str]) -> None:
     """One model's analysis, once per run however many pairs compare it: its own attention pass (the gene
-    table its rankings come from), attribution, deletion and the randomisation cascade, into a "model"
-    child run (`results.model_analysis_name`) that every pair's analysis run reads (`_copy_model_results`).
+    table its rankings come from), attribution, deletion and the randomisation cascade
+    (`pipeline.analysis.model.analyse_model`, in one process or sharded over `analysis_processes`), recorded
+    into a "model" child run (`results.model_analysis_name`) that every pair's analysis run reads
+    (`_copy_model_results`).
 
     Each of these is a function of the model and the task's analysis cells alone: the gene table is the
     model's own (`pipeline.analysis.pair.gene_table` of a one-model attention pass; its key-score fit is
     per model), never the pair's, whose row order follows the other model's key score."""
-    from pipeline.analysis.attention import analyze_attention
-    from pipeline.analysis.pair import gene_table
-    from pipeline.models.load import load_for_attention
+    from pipeline.analysis.model import analyse_model
     from pipeline.training.finetune import verify_checkpoint
     from store import results as R
 
@@ -47,40 +48,157 @@ def stage_model_analysis(ctx: Context, task: str, mode: str, pairs: list[str]) -
     if ctx.completed_child(name, R.KIND_MODEL) is not None:
         ctx.rep.line(f"{name}: already analysed (resumed), {used}")
         return
-    import torch
-
     a_cfg = ctx.cfg["analysis"]
     test = analysis_cells(ctx, task)
     path = ctx.out.models[(task, mode)]
     verify_checkpoint(path, ctx.out.checkpoint_hashes.get((task, mode)))
+    permuted = ctx.out.models.get((task, mode + PERMUTED))
+    if permuted is not None:
+        verify_checkpoint(permuted, ctx.out.checkpoint_hashes.get((task, mode + PERMUTED)))
+    nproc = analysis_processes(ctx.cfg)
     child = ctx.new_child(
-        name, R.KIND_MODEL, {"task": task, "model": mode, "pairs": pairs, "analysis": a_cfg, "cells": len(test)}
+        name,
+        R.KIND_MODEL,
+        {"task": task, "model": mode, "pairs": pairs, "analysis": a_cfg, "cells": len(test), "processes": nproc},
     )
     fault_point("stage", f"model {name}")
     with ctx.store.track(child):
-        model = load_for_attention(path)  # attention, attribution and deletion leave the weights as they are
-        result = analyze_attention(
-            model,
-            None,
-            test,
-            pad_id=ctx.out.dicts.pad_id,
-            special_ids=ctx.out.dicts.special_ids,
-            group_column="group_name",
-            batch_size=int(a_cfg["batch_size"]),
-            device=ctx.device,
-            dtype=torch.float32,
-            names=(mode,),
-            progress=lambda done, total, **kw: ctx.rep.update(done, total, unit="cells", **kw),
-        )
-        genes = gene_table(result, ctx.out.dicts.id_to_gene, ctx.out.dicts.id_to_symbol)  # columns `_a`
-        del result
-        attribution = _attribution(ctx, child, task, test, mode, model, genes)
-        _deletion(ctx, child, task, test, mode, model, genes, attribution)
-        del model
-        _sanity(ctx, child, task, test, mode, genes, attribution)
-        ctx.store.put_gene_table(child, R.TABLE_GENES, genes)
+        deletion, sanity = _parts(ctx, task, mode, say=True)
+
+        def progress(done, total, **kw):
+            ctx.rep.update(done, total, **kw)
+
+        if nproc > 1:
+            ctx.rep.line(f"{name}: analysed in {nproc} processes (torchrun), the cells' batches shared out")
+            result = _sharded(ctx, task, test, nproc).result(mode, progress)
+        else:
+            result = analyse_model(
+                path,
+                test,
+                dicts=ctx.out.dicts,
+                analysis=a_cfg,
+                de=_de_for(ctx, task),
+                seed=ctx.seed,
+                device=ctx.device,
+                deletion=deletion,
+                sanity=sanity,
+                permuted_path=permuted,
+                progress=progress,
+            )
+        record_model_analysis(ctx, child, task, mode, result, n_cells=len(test))
         ctx.store.put_json(child, R.JSON_MODEL_ANALYSIS, {"task": task, "model": mode, "pairs": pairs})
     ctx.rep.line(f"{name}: analysed once, {used}")
+
+
+def _parts(ctx: Context, task: str, mode: str, *, say: bool = False) -> tuple[bool, bool]:
+    """Whether the model's deletion and randomisation cascade run (the configuration and the gate); `say`:
+    the gate's line in the run log."""
+    a_cfg = ctx.cfg["analysis"]
+
+    def skips(what: str) -> bool:
+        if say:
+            return _gate_skips(ctx, task, mode, what)
+        return _did_not_learn(ctx, task, mode) and a_cfg["gate"] != "mark"
+
+    deletion = bool(a_cfg["deletion"]) and not skips("deletion")
+    sanity = bool(a_cfg["sanity"]) and not skips("randomisation cascade")
+    return deletion, sanity
+
+
+def _sharded(ctx: Context, task: str, test, nproc: int):
+    """The task's `ShardedAnalysis`: started at its first model stage for every model of the task not yet
+    analysed, so the processes start once per task; `close_sharded` ends it."""
+    job = ctx.out.sharded.get(task)
+    if job is not None:
+        return job
+    from pipeline.config import analysed_models
+    from pipeline.parallel.analyse import ShardedAnalysis
+    from store import results as R
+
+    done = {
+        c["name"] for c in ctx.store.children(ctx.run_id) if c["kind"] == R.KIND_MODEL and c["status"] == "completed"
+    }
+    units = []
+    for mode in analysed_models(ctx.cfg):
+        if R.model_analysis_name(task, mode) in done:
+            continue
+        deletion, sanity = _parts(ctx, task, mode)
+        permuted = ctx.out.models.get((task, mode + PERMUTED))
+        units.append(
+            {
+                "key": mode,
+                "model_path": str(ctx.out.models[(task, mode)]),
+                "permuted_path": None if permuted is None else str(permuted),
+                "deletion": deletion,
+                "sanity": sanity,
+            }
+        )
+    job = ShardedAnalysis(
+        units,
+        test,
+        dicts=ctx.out.dicts,
+        analysis=ctx.cfg["analysis"],
+        de=_de_for(ctx, task),
+        seed=ctx.seed,
+        device=ctx.cfg["compute"]["device"],
+        nproc=nproc,
+    )
+    ctx.out.sharded[task] = job
+    return job
+
+
+def close_sharded(ctx: Context) -> None:
+    """Stop and remove every task's `ShardedAnalysis` (done, or the run interrupted)."""
+    while ctx.out.sharded:
+        _, job = ctx.out.sharded.popitem()
+        job.close()
+
+
+def record_model_analysis(ctx: Context, child: int, task: str, mode: str, result, *, n_cells: int) -> None:
+    """The recorder of one model's analysis (`pipeline.analysis.model.ModelAnalysis`): attribution with its
+    agreement with attention and DE, deletion, the cascade and the model's gene table, under the names
+    `store.results` owns, with the run log's lines and warnings."""
+    from pipeline.analysis.attribution import write_attribution
+    from pipeline.analysis.deletion_report import write_deletion
+    from store import results as R
+
+    genes = result.genes
+    methods = tuple(ctx.cfg["analysis"]["attribution"])
+    if result.attribution is not None:
+        ig = result.attribution.meta.get("ig") or {}
+        if ig.get("gap_converged") is False:
+            ctx.warn(
+                "integrated_gradients",
+                f"{task}/{mode}: integrated gradients' 95th percentile completeness gap"
+                f" {ig['gap_p95_tried'][-1]:.1%} stays above {ig['gap_p95_threshold']:.0%} at {ig['steps']}"
+                " steps (analysis.ig_max_steps); its per-token scores are approximate",
+                task=task,
+                mode=mode,
+            )
+        doc = write_attribution(
+            ctx.store,
+            child,
+            result.attribution,
+            dicts=ctx.out.dicts,
+            model_name=mode,
+            de=_de_for(ctx, task),
+            attention_genes=genes,
+            attention_columns=(R.col_attn(MODEL_SUFFIX),),
+        )
+        gap = (doc.get("completeness") or {}).get("relative_gap_total")
+        ctx.rep.line(
+            f"{task}: attribution of {mode} ({', '.join(methods)}) on {n_cells} cells"
+            + (f"; integrated gradients' completeness gap {gap:.2%}" if gap is not None else "")
+        )
+    if result.deletion is not None:
+        doc = write_deletion(ctx.store, child, result.deletion, model_name=mode, suffix=MODEL_SUFFIX, genes=genes)
+        ctx.rep.line(f"{task}: deletion from {mode}: " + doc["headline"])
+    if result.sanity is not None:
+        doc = dict(result.sanity, model=mode)
+        ctx.store.put_json(child, R.json_sanity(mode), doc)
+        flagged = ", ".join(doc["flagged"]) or "none"
+        ctx.rep.line(f"{task}: randomisation cascade of {mode}: scores that survive randomisation: {flagged}")
+    ctx.store.put_gene_table(child, R.TABLE_GENES, genes)
 
 
 def _gate_skips(ctx: Context, task: str, mode: str, what: str) -> bool:
@@ -93,65 +211,6 @@ def _gate_skips(ctx: Context, task: str, mode: str, what: str) -> bool:
         return False
     ctx.rep.line(f"{task}: {what} of {mode} skipped: the model did not learn (analysis.gate skip)")
     return True
-
-
-# The model analysis's own gene table is a one-model table: its columns end in "_a" (`MODEL_SUFFIX`).
-MODEL_SUFFIX = "a"
-
-
-def _attribution(ctx: Context, child: int, task: str, test, mode: str, model, genes):
-    """Attribution (Hao et al., integrated gradients, rollout) of one model on the analysis's test cells,
-    written with its agreement with the model's attention and with DE; returns the `AttributionResult`."""
-    methods = tuple(ctx.cfg["analysis"]["attribution"])
-    if not methods:
-        return None
-    from pipeline.analysis.attribution import run_attribution, write_attribution
-    from pipeline.tokenize.cells import Cells
-    from store import results as R
-
-    a_cfg = ctx.cfg["analysis"]
-    labels = np.asarray(test["label"], dtype=np.int64)
-    result = run_attribution(
-        model,
-        Cells(test),
-        labels,
-        methods=methods,
-        dicts=ctx.out.dicts,
-        hao_steps=int(a_cfg["hao_steps"]),
-        ig_steps=int(a_cfg["ig_steps"]),
-        ig_max_steps=int(a_cfg["ig_max_steps"]),
-        ig_gap_p95=float(a_cfg["ig_gap_p95"]),
-        batch_size=int(a_cfg["batch_size"]),
-        device=ctx.device,
-        seed=ctx.seed,
-        progress=lambda done, total, **kw: ctx.rep.update(done, total, unit="cells", **kw),
-    )
-    ig = result.meta.get("ig") or {}
-    if ig.get("gap_converged") is False:
-        ctx.warn(
-            "integrated_gradients",
-            f"{task}/{mode}: integrated gradients' 95th percentile completeness gap"
-            f" {ig['gap_p95_tried'][-1]:.1%} stays above {ig['gap_p95_threshold']:.0%} at {ig['steps']}"
-            " steps (analysis.ig_max_steps); its per-token scores are approximate",
-            task=task,
-            mode=mode,
-        )
-    doc = write_attribution(
-        ctx.store,
-        child,
-        result,
-        dicts=ctx.out.dicts,
-        model_name=mode,
-        de=_de_for(ctx, task),
-        attention_genes=genes,
-        attention_columns=(R.col_attn(MODEL_SUFFIX),),
-    )
-    gap = (doc.get("completeness") or {}).get("relative_gap_total")
-    ctx.rep.line(
-        f"{task}: attribution of {mode} ({', '.join(methods)}) on {len(labels)} cells"
-        + (f"; integrated gradients' completeness gap {gap:.2%}" if gap is not None else "")
-    )
-    return result
 
 
 def _one_vs_rest_overlaps(ctx: Context, child: int, task: str, genes) -> None:
@@ -181,95 +240,6 @@ def _one_vs_rest_overlaps(ctx: Context, child: int, task: str, genes) -> None:
         )
     first = next(iter(by_group))
     ctx.store.put_json(child, R.JSON_DE_OVERLAP, plain({**by_group[first], "group": first, "by_group": by_group}))
-
-
-def _deletion(ctx: Context, child: int, task: str, test, mode: str, model, genes, attribution) -> None:
-    """In-silico deletion of the model's top genes by every score (and of matched random sets) from the
-    test cells, and single-gene deletion of each score's top genes (`pipeline.analysis.deletion`). The rankings
-    come from the model's own gene table (`stage_model_analysis`), so every pair reads the same result."""
-    a_cfg = ctx.cfg["analysis"]
-    if not a_cfg["deletion"] or _gate_skips(ctx, task, mode, "deletion"):
-        return
-    from pipeline.analysis.deletion_report import run_deletion, write_deletion
-
-    labels = np.asarray(test["label"], dtype=np.int64)
-    suffix = MODEL_SUFFIX
-    result = run_deletion(
-        model,
-        test,
-        labels,
-        genes=genes,
-        suffix=suffix,
-        attribution=attribution,
-        de=_de_for(ctx, task),
-        dicts=ctx.out.dicts,
-        ks=tuple(int(k) for k in a_cfg["deletion_k"]),
-        n_random=int(a_cfg["deletion_random_sets"]),
-        max_random=int(a_cfg["deletion_max_random_sets"]),
-        match_pool=int(a_cfg["deletion_match_pool"]),
-        top_genes=int(a_cfg["deletion_top_genes"]),
-        null_bins=tuple(a_cfg["null_bins"]),
-        n_boot=int(a_cfg["n_boot"]),
-        device=ctx.device,
-        seed=ctx.seed,
-    )
-    doc = write_deletion(ctx.store, child, result, model_name=mode, suffix=suffix, genes=genes)
-    ctx.rep.line(f"{task}: deletion from {mode}: " + doc["headline"])
-
-
-def _sanity(ctx: Context, child: int, task: str, test, mode: str, genes, attribution) -> None:
-    """Cascading randomisation of one model (Adebayo et al. 2018): how its key-gene scores change as the
-    head, then the layers top down, then the embeddings are re-initialised."""
-    if not ctx.cfg["analysis"]["sanity"] or _gate_skips(ctx, task, mode, "randomisation cascade"):
-        return
-    from pipeline.analysis.attribution import attribution_gene_table
-    from pipeline.analysis.keygenes import min_cells_for
-    from pipeline.analysis.sanity import ATTENTION_SCORES, FLAG_RHO, randomisation_cascade
-    from pipeline.models.load import load_for_attention
-    from pipeline.training.finetune import verify_checkpoint
-    from store import results as R
-
-    a_cfg = ctx.cfg["analysis"]
-    labels = np.asarray(test["label"], dtype=np.int64)
-    methods = tuple(a_cfg["attribution"]) if a_cfg["sanity_attribution"] else ()
-    suffix = MODEL_SUFFIX
-    trained = genes.set_index("ensembl_id")[["symbol", "n_cells", *[f"{c}_{suffix}" for c in ATTENTION_SCORES]]]
-    trained = trained.rename(columns={f"{c}_{suffix}": c for c in ATTENTION_SCORES})
-    if attribution is not None:
-        table = attribution_gene_table(attribution, ctx.out.dicts.id_to_gene).set_index("ensembl_id")
-        trained = trained.join(table[[f"{m}_mean" for m in methods]], how="left")
-    scoring = dict(
-        dicts=ctx.out.dicts,
-        methods=methods if attribution is not None else (),
-        hao_steps=int(a_cfg["hao_steps"]),
-        ig_steps=int(a_cfg["ig_steps"]),
-        batch_size=int(a_cfg["batch_size"]),
-        device=ctx.device,
-        seed=ctx.seed,
-    )
-    doc = randomisation_cascade(
-        load_for_attention(ctx.out.models[(task, mode)]),  # re-initialised in place: a copy of its own
-        test,
-        labels,
-        min_cells=min_cells_for(len(labels)),
-        trained_scores=trained,
-        progress=lambda done, total, **kw: ctx.rep.update(done, total, unit="randomisation steps", **kw),
-        **scoring,
-    )
-    doc["model"] = mode
-    permuted = ctx.out.models.get((task, mode + PERMUTED))
-    if permuted is not None:
-        from pipeline.analysis.sanity import compare_scores, key_gene_scores
-
-        verify_checkpoint(permuted, ctx.out.checkpoint_hashes.get((task, mode + PERMUTED)))
-        scores = key_gene_scores(load_for_attention(permuted), test, labels, **scoring)
-        doc["label_permutation"] = compare_scores(trained, scores, min_cells=min_cells_for(len(labels)))
-        doc["label_permutation_flagged"] = [
-            c for c, v in doc["label_permutation"].items() if (v.get("spearman") or 0.0) >= FLAG_RHO
-        ]
-    ctx.store.put_json(child, R.json_sanity(mode), doc)
-    flagged = ", ".join(doc["flagged"]) or "none"
-    ctx.rep.line(f"{task}: randomisation cascade of {mode}: scores that survive randomisation: {flagged}")
 
 
 # ------------------------------------------------------------------------------------ a pair reads
