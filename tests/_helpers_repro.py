@@ -80,23 +80,36 @@ def _collect(st, run: dict, top: bool = False) -> dict:
     return out
 
 
-def differences(a, b, path: str = "") -> list[str]:
-    """Paths where two `stored_results` differ (empty when identical)."""
+def differences(a, b, path: str = "", *, rtol: float = 0.0) -> list[str]:
+    """Paths where two `stored_results` differ (empty when identical). `rtol` > 0: floats (and float vectors)
+    that agree to that relative tolerance count as equal; everything else must be identical."""
     if isinstance(a, dict) and isinstance(b, dict):
         diffs = []
         for k in sorted(set(a) | set(b), key=str):
             if k not in a or k not in b:
                 diffs.append(f"{path}/{k}: only in {'first' if k in a else 'second'}")
             else:
-                diffs.extend(differences(a[k], b[k], f"{path}/{k}"))
+                diffs.extend(differences(a[k], b[k], f"{path}/{k}", rtol=rtol))
         return diffs
-    if isinstance(a, float) and isinstance(b, float) and np.isnan(a) and np.isnan(b):
-        return []
+    if isinstance(a, float) and isinstance(b, float):
+        if (np.isnan(a) and np.isnan(b)) or a == b or (rtol and abs(a - b) <= rtol * max(abs(a), abs(b))):
+            return []
+        return [f"{path}: {a!r} != {b!r}"]
+    if rtol and _is_vector(a) and _is_vector(b) and a[1] == b[1] and a[0] != b[0]:
+        x, y = (np.frombuffer(v[0], dtype=v[1].get("dtype", "float64")) for v in (a, b))
+        if x.dtype.kind == "f" and x.shape == y.shape and np.allclose(x, y, rtol=rtol, atol=0.0, equal_nan=True):
+            return []
+        return [f"{path}: vectors differ beyond rtol {rtol}"]
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
         diffs = []
         for i, (x, y) in enumerate(zip(a, b)):
-            diffs.extend(differences(x, y, f"{path}[{i}]"))
+            diffs.extend(differences(x, y, f"{path}[{i}]", rtol=rtol))
             if len(diffs) > 20:
                 break
         return diffs
     return [] if a == b else [f"{path}: {str(a)[:80]} != {str(b)[:80]}"]
+
+
+def _is_vector(v) -> bool:
+    """A stored vector as `stored_results` keeps it: (bytes, meta)."""
+    return isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], bytes) and isinstance(v[1], dict)

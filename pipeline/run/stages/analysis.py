@@ -59,7 +59,7 @@ def stage_model_analysis(ctx: Context, task: str, mode: str, pairs: list[str]) -
     child = ctx.new_child(
         name,
         R.KIND_MODEL,
-        {"task": task, "model": mode, "pairs": pairs, "analysis": a_cfg, "cells": len(test), "processes": nproc},
+        {"task": task, "model": mode, "pairs": pairs, "analysis": a_cfg, "cells": len(test)},
     )
     fault_point("stage", f"model {name}")
     with ctx.store.track(child):
