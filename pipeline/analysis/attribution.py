@@ -400,6 +400,11 @@ def _progress_over(progress, offset, total):
     return lambda done, _n: progress(offset + done, total)
 
 
+def _sdpa(query, key, value, mask, scaling):
+    """Scaled dot-product attention (B, H, L, d) with a boolean or additive key mask."""
+    return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+
+
 # ------------------------------------------------------------------------------------- Hao et al.
 class _HaoEngine:
     """Attention function of the Hao pass: SDPA for every layer, except that the target layer returns the
@@ -418,9 +423,7 @@ class _HaoEngine:
         if layer is not None and layer == self.leaf_layer:
             return self.leaf
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=self.key_mask, scale=scaling
-        )
+        out = _sdpa(query, key, value, self.key_mask, scaling)
         if layer is not None and layer == self.capture:
             self.captured = (query.detach(), key.detach(), value.detach(), out.detach(), scaling)
         return out.transpose(1, 2)
@@ -591,10 +594,7 @@ class _PlainEngine:
     def attend(self, module, query, key, value, attention_mask, scaling):
         if attention_mask is not None and attention_mask.dtype != torch.bool:
             attention_mask = attention_mask.to(query.dtype)
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, scale=scaling
-        )
-        return out.transpose(1, 2)
+        return _sdpa(query, key, value, attention_mask, scaling).transpose(1, 2)
 
 
 def integrated_gradients(
@@ -735,9 +735,9 @@ def attention_rollout(
     *,
     read_position: int = 0,
     cls_id: int | None = None,
-    batch_size: int = 8,
     pad_id: int = 0,
     special_ids: Iterable[int] = (),
+    batch_size: int = 8,
     device="cpu",
     dtype: torch.dtype = torch.float32,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,

@@ -57,10 +57,7 @@ def analyse_model(
     columns with `input_ids`, `label`, `group_name`): `analysis` is the run's `[analysis]` section;
     `deletion` / `sanity` say whether those parts run (the gate decides before); `permuted_path`: the
     same model fine-tuned on permuted labels, scored beside the cascade. `progress(done, total, unit=...)`."""
-    import torch
-
-    from pipeline.analysis.attention import analyze_attention
-    from pipeline.analysis.pair import gene_table
+    from pipeline.analysis.pair import model_gene_table
     from pipeline.models.load import load_for_attention
     from pipeline.parallel.distributed import shard
 
@@ -70,21 +67,15 @@ def analyse_model(
         return lambda done, total, **kw: progress(done, total, unit=unit, **kw)
 
     model = load_for_attention(model_path)  # attention, attribution and deletion leave the weights as they are
-    result = analyze_attention(
+    genes = model_gene_table(
         model,
-        None,
         cells,
-        pad_id=dicts.pad_id,
-        special_ids=dicts.special_ids,
-        group_column="group_name",
-        batch_size=int(analysis["batch_size"]),
+        dicts=dicts,
+        batch_size=analysis["batch_size"],
         device=device,
-        dtype=torch.float32,
-        names=("model",),
+        group_column="group_name",
         progress=report("cells"),
     )
-    genes = gene_table(result, dicts.id_to_gene, dicts.id_to_symbol)  # columns `_a`
-    del result
     out = ModelAnalysis(genes=genes, world_size=shard()[1])
     out.attribution = _attribution(model, cells, dicts, analysis, seed, device, report("cells"))
     if deletion and analysis["deletion"]:

@@ -282,6 +282,39 @@ def gene_table(
     return df
 
 
+def model_gene_table(
+    model,
+    cells,
+    *,
+    dicts,
+    batch_size: int,
+    device,
+    group_column: str | None = None,
+    cell_curves: bool = True,
+    progress: Callable | None = None,
+) -> pd.DataFrame:
+    """One model's gene table (columns `_a`) from a one-model attention pass over `cells` (float32), with the
+    dictionaries' pad and special tokens."""
+    import torch
+
+    from pipeline.analysis.attention import analyze_attention
+
+    result = analyze_attention(
+        model,
+        None,
+        cells,
+        pad_id=dicts.pad_id,
+        special_ids=dicts.special_ids,
+        group_column=group_column,
+        batch_size=int(batch_size),
+        device=device,
+        dtype=torch.float32,
+        cell_curves=cell_curves,
+        progress=progress,
+    )
+    return gene_table(result, dicts.id_to_gene, dicts.id_to_symbol, suffixes=SUFFIXES[:1])
+
+
 def mark_reference_set(df: pd.DataFrame, reference_set: Iterable[str]) -> pd.DataFrame:
     """Add (in place) `in_reference_set` (0/1): the row's Ensembl ID or symbol is in the set."""
     ref = {str(x) for x in reference_set}

@@ -84,24 +84,10 @@ def key_gene_scores(
 ) -> pd.DataFrame:
     """Every key-gene score of one model on `cells`: a table indexed by Ensembl ID with `n_cells` and the
     attention scores (`ATTENTION_SCORES`) and `<method>_mean` per attribution method."""
-    import torch
-
-    from pipeline.analysis.attention import analyze_attention
     from pipeline.analysis.attribution import attribution_gene_table, run_attribution
-    from pipeline.analysis.pair import gene_table
+    from pipeline.analysis.pair import model_gene_table
 
-    result = analyze_attention(
-        model,
-        None,
-        cells,
-        pad_id=dicts.pad_id,
-        special_ids=dicts.special_ids,
-        batch_size=batch_size,
-        device=device,
-        dtype=torch.float32,
-        cell_curves=False,
-    )
-    genes = gene_table(result, dicts.id_to_gene, dicts.id_to_symbol, suffixes=("a",))
+    genes = model_gene_table(model, cells, dicts=dicts, batch_size=batch_size, device=device, cell_curves=False)
     out = genes.set_index("ensembl_id")[["symbol", "n_cells", *[f"{c}_a" for c in ATTENTION_SCORES]]]
     out = out.rename(columns={f"{c}_a": c for c in ATTENTION_SCORES})
     if methods:

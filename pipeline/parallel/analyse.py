@@ -189,8 +189,6 @@ def _run_job(job_path: str) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover - entry point of the torchrun workers
-    import argparse
-
-    parser = argparse.ArgumentParser(prog=f"python -m {WORKER_MODULE}")
-    parser.add_argument("--job", required=True)
-    sys.exit(_run_job(parser.parse_args().job))
+    if len(sys.argv) != 3 or sys.argv[1] != "--job":
+        sys.exit(f"usage: python -m {WORKER_MODULE} --job JOB (started by gfattn pipeline --analysis-nproc N)")
+    sys.exit(_run_job(sys.argv[2]))
