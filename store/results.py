@@ -2,7 +2,7 @@
 
 The pipeline writes its results into the store under fixed names (grids, per-rank vectors, gene tables,
 JSON documents, metrics, run kinds; docs/architecture.md, "How the pipeline uses runs"). The writers
-(`pipeline.analysis.pair.write_pair_analysis`, the experiment's stages, fine-tuning) and every reader
+(`pipeline.analysis.pair.pair_records`, the experiment's stages, fine-tuning) and every reader
 (`gfattn plot`, the end-of-run summary, the TUI) name them through the constants here, and the readers
 get them back as dataclasses instead of querying the store themselves.
 
@@ -1021,7 +1021,7 @@ def read_data_record(st, run: dict) -> DataRecord:
 
 # ====================================================================== attribution (pipeline.analysis.attribution)
 # Per analysed model: Hao et al.'s self-attention attribution, integrated gradients and attention rollout,
-# written by `pipeline.analysis.attribution.write_attribution` into the run it is given. `<model>` is
+# written by `pipeline.analysis.attribution.attribution_records` for the run its recorder writes. `<model>` is
 # `attr_model_key(model name)`; `<method>` one of ATTR_METHODS.
 ATTR_METHODS = ("hao", "ig", "rollout")
 ATTR_TABLE_PREFIX = "attribution_"

@@ -11,8 +11,8 @@ from pipeline.analysis.pair import (
     gene_table,
     gene_total,
     length_median,
+    pair_records,
     position_controlled_attention,
-    write_pair_analysis,
 )
 
 from test_attention_engine import CLS, EOS, PAD, SPECIAL, VOCAB, tiny_bert, v2_cells
@@ -93,7 +93,7 @@ def test_position_control_is_one_when_attention_follows_position_only(result):
     np.testing.assert_allclose(position_controlled_attention(result, per_head=True).shape, (2, 3, 4, VOCAB))
 
 
-def test_write_pair_analysis_into_a_store(result, tmp_path):
+def test_pair_records_written_into_a_store(result, tmp_path):
     from pipeline.analysis.pair import attention_statistics
     from store import Store
 
@@ -101,15 +101,15 @@ def test_write_pair_analysis_into_a_store(result, tmp_path):
     run = st.create_run("lowhigh: frozen vs unfrozen", "analysis")
     genes = gene_table(result, ID_TO_GENE, SYMBOLS)
     stats = attention_statistics(result, n_boot=50, n_perm=100)
-    summary = write_pair_analysis(
-        st,
-        run,
+    records = pair_records(
         result,
         genes,
         {"overlap": [{"k": 10, "overlap": 2, "p_value": 0.1}]},
         stats,
         model_names=("frozen", "unfrozen"),
     )
+    records.write(st, run)
+    summary = records.json("summary")
     grids = set(st.grid_names(run))
     assert {"cosine", "cosine_std", "norm_a", "norm_b", "norm_summed_a", "norm_summed_b", "p_value"} <= grids
     cos = st.grid(run, "cosine")

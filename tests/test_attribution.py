@@ -20,10 +20,10 @@ from pipeline.analysis.attribution import (
     AttributionResult,
     attention_rollout,
     attribution_gene_table,
+    attribution_records,
     hao_attribution,
     integrated_gradients,
     run_attribution,
-    write_attribution,
 )
 from pipeline.tokenize.cells import Cells
 
@@ -223,7 +223,9 @@ def test_run_attribution_writes_and_reads_back(model, data, tmp_path):
     st = Store(tmp_path / "s.db")
     run = st.create_run("attribution test", kind=R.KIND_ANALYSIS)
     de = table[["ensembl_id", "symbol"]].assign(score=np.arange(len(table))[::-1].astype(float))
-    doc = write_attribution(st, run, result, dicts=dicts, model_name="last-1", de=de, min_cells=1)
+    records = attribution_records(result, dicts=dicts, model_name="last-1", de=de, min_cells=1)
+    records.write(st, run)
+    doc = records.json(R.json_attribution("last_1"))
     assert R.attribution_models(st, run) == ["last_1"]
     back = R.read_attribution(st, run, "last-1", genes=True)
     assert back.methods == ["hao", "ig", "rollout"]

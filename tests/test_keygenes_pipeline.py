@@ -50,8 +50,6 @@ def test_controlled_overlap_of_a_random_weight_model_is_not_significant(quick_ru
     config = json.loads((checkpoint / "config.json").read_text())
     model = BertForSequenceClassification(BertConfig(**config)).eval()
     out = run_pair_analysis(
-        None,
-        0,
         model,
         None,
         _test_cells(db, checkpoint),

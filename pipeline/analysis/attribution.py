@@ -974,9 +974,7 @@ def score_agreement(
     return {"min_cells": int(min_cells), "n_genes": int(len(table)), "pairs": pairs}
 
 
-def write_attribution(
-    store,
-    run_id: int,
+def attribution_records(
     result: AttributionResult,
     *,
     dicts,
@@ -987,7 +985,7 @@ def write_attribution(
     ks: Sequence[int] = (10, 20, 50, 100),
     min_cells: int | None = None,
 ) -> dict:
-    """Write one model's attribution into a run of the store; returns the JSON document.
+    """One model's attribution as `store.records.Records` (the JSON document under `json_attribution`).
 
     Names (`store.results`): gene table `attribution_<model>` (`attribution_gene_table`); vectors
     `attr_rank_<method>_<model>` (per-rank mean score, layers and heads summed) and
@@ -1001,10 +999,12 @@ def write_attribution(
     from pipeline.analysis.pair import compare_de_attention, length_median, special_positions
     from store import results as R
     from store.jsonsafe import plain
+    from store.records import Records
 
+    rec = Records()
     key = R.attr_model_key(model_name)
     table = attribution_gene_table(result, dicts.id_to_gene, dicts.id_to_symbol)
-    store.put_gene_table(run_id, R.table_attribution(key), table)
+    rec.put_gene_table(R.table_attribution(key), table)
     view = result.as_attention_result(result.methods[0])
     base_meta = {
         R.META_MEDIAN_LENGTH: length_median(view),
@@ -1014,8 +1014,7 @@ def write_attribution(
         "model": model_name,
     }
     for m in result.methods:
-        store.put_vector(
-            run_id,
+        rec.put_vector(
             R.vec_attr_rank(m, key),
             result.rank_mean(m),
             meta=plain(
@@ -1024,13 +1023,12 @@ def write_attribution(
         )
     if "hao" in result.methods:
         lh = _safe_div(result.rank_sum["hao"], result.rank_count)
-        store.put_vector(
-            run_id,
+        rec.put_vector(
             R.vec_attr_rank_lh_hao(key),
             lh,
             meta=plain({**base_meta, "method": "hao", "axes": ["layer", "head", "rank"]}),
         )
-        store.put_grid(run_id, R.grid_attr_head_importance(key), result.head_importance())
+        rec.put_grid(R.grid_attr_head_importance(key), result.head_importance())
     from pipeline.analysis.keygenes import frequency_correlations, frequency_warnings, min_cells_for
 
     min_cells = min_cells_for(result.n_cells) if min_cells is None else int(min_cells)
@@ -1072,6 +1070,5 @@ def write_attribution(
         ]
         for m in result.methods
     }
-    doc = plain(doc)
-    store.put_json(run_id, R.json_attribution(key), doc)
-    return doc
+    rec.put_json(R.json_attribution(key), plain(doc))
+    return rec

@@ -180,13 +180,14 @@ def _frequency_spearman(genes: pd.DataFrame, single: pd.DataFrame, suffix: str) 
     return out
 
 
-def write_deletion(
-    store, run_id: int, result: DeletionResult, *, model_name: str, suffix: str, genes: pd.DataFrame
-) -> dict:
-    """Store one model's deletion results (see the module docstring); adds the single-gene columns to
-    `genes` in place (the caller writes the gene table back). Returns the JSON document."""
+def deletion_records(result: DeletionResult, *, model_name: str, suffix: str, genes: pd.DataFrame):
+    """One model's deletion results as `store.records.Records` (see the module docstring; the JSON document
+    under `json_deletion`); adds the single-gene columns to `genes` in place (the caller stores the table)."""
     from store import results as R
     from store.jsonsafe import plain
+    from store.records import Records
+
+    rec = Records()
 
     sets = result.sets
     top = sets[sets["set"] == "top"]
@@ -210,7 +211,7 @@ def write_deletion(
         table = single.copy()
         table.insert(0, "symbol", [symbols.get(int(t), "") for t in table["token_id"]])
         table.insert(0, "ensembl_id", [ids.get(int(t), f"token_{int(t)}") for t in table["token_id"]])
-        store.put_gene_table(run_id, R.table_deletion(model_name), table)
+        rec.put_gene_table(R.table_deletion(model_name), table)
         by_token = single.set_index("token_id")
         t = genes["token_id"].astype(np.int64)
         genes[R.col_deletion_logit(suffix)] = t.map(by_token["delta_logit_mean"]).astype(float)
@@ -251,8 +252,8 @@ def write_deletion(
             **result.meta,
         }
     )
-    store.put_json(run_id, R.json_deletion(model_name), doc)
-    return doc
+    rec.put_json(R.json_deletion(model_name), doc)
+    return rec
 
 
 def p_text(row: dict, *, sep: str = " ") -> str:

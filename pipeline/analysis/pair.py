@@ -17,10 +17,10 @@ Thesis sections 4.2-4.5 on top of `pipeline.analysis.attention` (docs/architectu
   against the genes present in the tokenized cells, Spearman correlation, reference-set enrichment;
 - `bootstrap_ci`, `paired_sign_flip_test`, `wilcoxon_signed_rank`, `attention_statistics`: confidence
   intervals over cells and per-(layer, head) paired tests that two models' attention differs;
-- `write_pair_analysis` / `run_pair_analysis`: everything into an "analysis" run of the store.
+- `pair_records` / `run_pair_analysis`: everything an "analysis" run stores, as `store.records.Records`.
 
 One module: the pair's gene table, its statistics (bootstrap, sign-flip, Wilcoxon, BH) and the DE overlaps are
-written together into one analysis run by `write_pair_analysis`.
+written together into one analysis run from `pair_records`.
 """
 
 from __future__ import annotations
@@ -923,9 +923,7 @@ def length_histogram(lengths, bins: int = 40) -> tuple[np.ndarray, np.ndarray]:
     return counts.astype(np.float64), edges
 
 
-def write_pair_analysis(
-    store,
-    run_id: int,
+def pair_records(
     result,
     gene_df: pd.DataFrame | None,
     de_summary: dict | None,
@@ -934,7 +932,7 @@ def write_pair_analysis(
     model_names: Sequence[str] | None = None,
     key_genes: dict | None = None,
 ) -> dict:
-    """Write an analysis run's results (grids, per-rank vectors, the gene table, JSON) into the store.
+    """An analysis run's results (grids, per-rank vectors, the gene table, JSON) as `store.records.Records`.
 
     Grids (layer x head): `cosine` (bootstrap CI as lower/upper), `cosine_std`, `norm_<s>` (CI),
     `norm_summed_<s>` (layer x 1, CI), `centre_<s>`, `p_value` (lower/upper unused), `p_value_adj`,
@@ -942,10 +940,12 @@ def write_pair_analysis(
     arrays' names), `rank_received_lh_<s>` (layer, head, rank), `rank_norm_received_<s>`, `rank_pct_diff`
     (+ `_lower`/`_upper`), `rank_log_ratio`, `rank_count`, `rank_special_count`, `length_hist`. Every
     per-rank vector's meta: median length, special-token positions, cells, model name. Gene table
-    `genes`; JSON `de_overlap`, `stats`, `summary` (names: `store.results`). Returns the summary.
+    `genes`; JSON `de_overlap`, `stats`, `summary` (names: `store.results`).
     """
     from store import results as R
+    from store.records import Records
 
+    rec = Records()
     names = SUFFIXES[: result.n_models]
     model_names = tuple(model_names or result.names)
     stats = stats if stats is not None else attention_statistics(result)
@@ -963,74 +963,69 @@ def write_pair_analysis(
         return plain({**base_meta, **extra})
 
     if result.n_models == 2 and "cosine" in stats:
-        store.put_grid(run_id, R.GRID_COSINE, stats["cosine"], lower=stats["cosine_lower"], upper=stats["cosine_upper"])
-        store.put_grid(run_id, R.GRID_COSINE_STD, stats["cosine_std"])
-        store.put_grid(run_id, R.GRID_P_VALUE, stats["p_value"])
-        store.put_grid(run_id, R.GRID_P_VALUE_ADJ, stats["p_value_adj"])
-        store.put_grid(run_id, R.GRID_P_VALUE_NORM, stats["p_value_norm"])
+        rec.put_grid(R.GRID_COSINE, stats["cosine"], lower=stats["cosine_lower"], upper=stats["cosine_upper"])
+        rec.put_grid(R.GRID_COSINE_STD, stats["cosine_std"])
+        rec.put_grid(R.GRID_P_VALUE, stats["p_value"])
+        rec.put_grid(R.GRID_P_VALUE_ADJ, stats["p_value_adj"])
+        rec.put_grid(R.GRID_P_VALUE_NORM, stats["p_value_norm"])
     for s in names:
-        store.put_grid(
-            run_id, R.grid_norm(s), stats[f"norm_{s}"], lower=stats[f"norm_{s}_lower"], upper=stats[f"norm_{s}_upper"]
-        )
+        rec.put_grid(R.grid_norm(s), stats[f"norm_{s}"], lower=stats[f"norm_{s}_lower"], upper=stats[f"norm_{s}_upper"])
         col = lambda v: np.asarray(v).reshape(-1, 1)  # noqa: E731 - one column: the heads are summed
-        store.put_grid(
-            run_id,
+        rec.put_grid(
             R.grid_norm_summed(s),
             col(stats[f"norm_summed_{s}"]),
             lower=col(stats[f"norm_summed_{s}_lower"]),
             upper=col(stats[f"norm_summed_{s}_upper"]),
         )
-        store.put_grid(run_id, R.grid_centre(s), stats[f"centre_{s}"])
+        rec.put_grid(R.grid_centre(s), stats[f"centre_{s}"])
     received = rank_received(result)
     received_lh = rank_received(result, per_head=True)
     norm_received = rank_norm_received(result)
     for m, s in enumerate(names):
         extra = {}
         if f"rank_received_{s}_lower" in stats:
-            store.put_vector(
-                run_id, R.vec_rank_received_lower(s), stats[f"rank_received_{s}_lower"], meta=meta(model=model_names[m])
+            rec.put_vector(
+                R.vec_rank_received_lower(s), stats[f"rank_received_{s}_lower"], meta=meta(model=model_names[m])
             )
-            store.put_vector(
-                run_id, R.vec_rank_received_upper(s), stats[f"rank_received_{s}_upper"], meta=meta(model=model_names[m])
+            rec.put_vector(
+                R.vec_rank_received_upper(s), stats[f"rank_received_{s}_upper"], meta=meta(model=model_names[m])
             )
             extra = {R.META_LOWER: R.vec_rank_received_lower(s), R.META_UPPER: R.vec_rank_received_upper(s)}
-        store.put_vector(run_id, R.vec_rank_received(s), received[m], meta=meta(model=model_names[m], **extra))
-        store.put_vector(
-            run_id,
+        rec.put_vector(R.vec_rank_received(s), received[m], meta=meta(model=model_names[m], **extra))
+        rec.put_vector(
             R.vec_rank_received_lh(s),
             received_lh[m],
             meta=meta(model=model_names[m], axes=["layer", "head", "rank"]),
         )
-        store.put_vector(run_id, R.vec_rank_norm_received(s), norm_received[m], meta=meta(model=model_names[m]))
+        rec.put_vector(R.vec_rank_norm_received(s), norm_received[m], meta=meta(model=model_names[m]))
     if result.n_models == 2:
         pct, log_ratio = rank_pct_diff(result), rank_log_ratio(result)
         extra = {}
         if "rank_pct_diff_lower" in stats:
-            store.put_vector(run_id, R.VEC_RANK_PCT_DIFF_LOWER, stats["rank_pct_diff_lower"], meta=meta())
-            store.put_vector(run_id, R.VEC_RANK_PCT_DIFF_UPPER, stats["rank_pct_diff_upper"], meta=meta())
+            rec.put_vector(R.VEC_RANK_PCT_DIFF_LOWER, stats["rank_pct_diff_lower"], meta=meta())
+            rec.put_vector(R.VEC_RANK_PCT_DIFF_UPPER, stats["rank_pct_diff_upper"], meta=meta())
             extra = {R.META_LOWER: R.VEC_RANK_PCT_DIFF_LOWER, R.META_UPPER: R.VEC_RANK_PCT_DIFF_UPPER}
-        store.put_vector(run_id, R.VEC_RANK_PCT_DIFF, pct, meta=meta(definition="100 (b - a) / a", **extra))
-        store.put_vector(run_id, R.VEC_RANK_LOG_RATIO, log_ratio, meta=meta(definition="ln(b / a)"))
-    store.put_vector(run_id, R.VEC_RANK_COUNT, result.rank_count, meta=meta())
-    store.put_vector(run_id, R.VEC_RANK_SPECIAL_COUNT, result.rank_special_count, meta=meta())
+        rec.put_vector(R.VEC_RANK_PCT_DIFF, pct, meta=meta(definition="100 (b - a) / a", **extra))
+        rec.put_vector(R.VEC_RANK_LOG_RATIO, log_ratio, meta=meta(definition="ln(b / a)"))
+    rec.put_vector(R.VEC_RANK_COUNT, result.rank_count, meta=meta())
+    rec.put_vector(R.VEC_RANK_SPECIAL_COUNT, result.rank_special_count, meta=meta())
     counts, edges = length_histogram(result.lengths)
-    store.put_vector(
-        run_id,
+    rec.put_vector(
         R.VEC_LENGTH_HIST,
         counts,
         meta=plain({"edges": edges, "median": median, "n_cells": int(result.n_cells)}),
     )
     if gene_df is not None:
-        store.put_gene_table(run_id, R.TABLE_GENES, gene_df)
+        rec.put_gene_table(R.TABLE_GENES, gene_df)
     if de_summary is not None:
-        store.put_json(run_id, R.JSON_DE_OVERLAP, plain(de_summary))
+        rec.put_json(R.JSON_DE_OVERLAP, plain(de_summary))
     if key_genes is not None:
-        store.put_json(run_id, R.JSON_KEY_GENES, plain(key_genes))
+        rec.put_json(R.JSON_KEY_GENES, plain(key_genes))
     stats_json = {k: v for k, v in stats.items() if not k.startswith("rank_")}
-    store.put_json(run_id, R.JSON_STATS, plain(stats_json))
+    rec.put_json(R.JSON_STATS, plain(stats_json))
     summary = pair_summary(result, gene_df, stats, model_names=model_names, key_genes=key_genes)
-    store.put_json(run_id, R.JSON_SUMMARY, summary)
-    return summary
+    rec.put_json(R.JSON_SUMMARY, summary)
+    return rec
 
 
 def pair_summary(result, gene_df, stats, *, model_names, top_n: int = 10, key_genes: dict | None = None) -> dict:
@@ -1074,8 +1069,6 @@ def pair_summary(result, gene_df, stats, *, model_names, top_n: int = 10, key_ge
 
 # --------------------------------------------------------------------------------- orchestration
 def run_pair_analysis(
-    store,
-    run_id: int,
     model_a,
     model_b,
     dataset,
@@ -1096,11 +1089,13 @@ def run_pair_analysis(
     seed: int = 0,
     progress: Callable | None = None,
 ) -> dict:
-    """The attention stage of an analysis run: analyses 1-7 of two models on `dataset`, into the store.
+    """The attention stage of an analysis run: analyses 1-7 of two models on `dataset`.
 
     `dicts`: the `GeneDictionaries` of the shared tokenization (pad and special tokens, Ensembl IDs,
     symbols). `de`: a `de_wilcoxon` table to compare with (optional). `reference_set`: a path or a set
-    of IDs/symbols, marked in the gene table and tested among the top attended genes. Returns the summary.
+    of IDs/symbols, marked in the gene table and tested among the top attended genes. Returns a dict:
+    `result` (the `AttentionResult`), `genes`, `stats`, `de_overlap`, `key_genes` and `records` (what the
+    run stores, `pair_records`; its `summary` document is `records.json(store.results.JSON_SUMMARY)`).
     """
     import torch
 
@@ -1122,8 +1117,6 @@ def run_pair_analysis(
         dtype=dtype or torch.float32,
         progress=progress,
     )
-    if store is not None:
-        store.log_event(run_id, f"attention reduced over {result.n_cells} cells", stage="attention")
     genes = gene_table(result, dicts.id_to_gene, dicts.id_to_symbol, reference_set=reference_set)
     stats = attention_statistics(result, n_boot=n_boot, n_perm=n_perm, seed=seed)
     key_genes = key_gene_report(genes, result.n_cells, names=names)
@@ -1153,13 +1146,15 @@ def run_pair_analysis(
         de_summary[FIELD_MULTIPLICITY] = overlap_q_values({JSON_DE_OVERLAP: de_summary})
     elif reference_set is not None:
         mark_reference_set(genes, reference_set)
-    if store is None:
-        return {"result": result, "genes": genes, "stats": stats, "de_overlap": de_summary, "key_genes": key_genes}
-    for line in key_genes["warnings"]:
-        store.log_event(run_id, line, stage="attention", level="warning")
-    return write_pair_analysis(
-        store, run_id, result, genes, de_summary, stats, model_names=tuple(names), key_genes=key_genes
-    )
+    records = pair_records(result, genes, de_summary, stats, model_names=tuple(names), key_genes=key_genes)
+    return {
+        "result": result,
+        "genes": genes,
+        "stats": stats,
+        "de_overlap": de_summary,
+        "key_genes": key_genes,
+        "records": records,
+    }
 
 
 def key_gene_report(genes: pd.DataFrame, n_cells: int, *, names: Sequence[str]) -> dict:

@@ -87,6 +87,7 @@ def run(args) -> int:
     from pipeline.analysis.pair import de_wilcoxon, load_reference_set, run_pair_analysis
     from pipeline.models.load import load_for_attention, model_dictionaries
     from pipeline.tokenize.encode import load_tokenized
+    from store import results as R
 
     dicts = model_dictionaries(model_a)
     if dicts is None:
@@ -166,9 +167,7 @@ def run(args) -> int:
         source = f"cells in {data}"
         m_a = load_for_attention(model_a, dicts=dicts, max_len=longest, data_source=source)
         m_b = load_for_attention(model_b, dicts=dicts, max_len=longest, data_source=source) if model_b else None
-        summary = run_pair_analysis(
-            store,
-            run_id,
+        out = run_pair_analysis(
             m_a,
             m_b,
             ds,
@@ -185,6 +184,10 @@ def run(args) -> int:
             seed=args.seed,
             progress=rep.callback("cells", stage="attention"),
         )
+        out["records"].write(store, run_id)
+        summary = out["records"].json(R.JSON_SUMMARY)
+        for line in out["key_genes"]["warnings"]:
+            store.log_event(run_id, line, stage="attention", level="warning")
         store.set_stage(run_id, "attention", "completed")
     print(f"{name}: {summary['n_cells']} cells, median length {summary['median_length']:.0f}")
     if "cosine_per_layer" in summary:

@@ -156,13 +156,15 @@ def close_sharded(ctx: Context) -> None:
 
 def record_model_analysis(ctx: Context, child: int, task: str, mode: str, result, *, n_cells: int) -> None:
     """The recorder of one model's analysis (`pipeline.analysis.model.ModelAnalysis`): attribution with its
-    agreement with attention and DE, deletion, the cascade and the model's gene table, under the names
-    `store.results` owns, with the run log's lines and warnings."""
-    from pipeline.analysis.attribution import write_attribution
-    from pipeline.analysis.deletion_report import write_deletion
+    agreement with attention and DE, deletion, the cascade and the model's gene table, as `Records` under the
+    names `store.results` owns, written into the model's run; with the run log's lines and warnings."""
+    from pipeline.analysis.attribution import attribution_records
+    from pipeline.analysis.deletion_report import deletion_records
     from store import results as R
+    from store.records import Records
 
     genes = result.genes
+    records = Records()
     methods = tuple(ctx.cfg["analysis"]["attribution"])
     if result.attribution is not None:
         ig = result.attribution.meta.get("ig") or {}
@@ -175,9 +177,7 @@ def record_model_analysis(ctx: Context, child: int, task: str, mode: str, result
                 task=task,
                 mode=mode,
             )
-        doc = write_attribution(
-            ctx.store,
-            child,
+        attribution = attribution_records(
             result.attribution,
             dicts=ctx.out.dicts,
             model_name=mode,
@@ -185,20 +185,24 @@ def record_model_analysis(ctx: Context, child: int, task: str, mode: str, result
             attention_genes=genes,
             attention_columns=(R.col_attn(MODEL_SUFFIX),),
         )
+        records.extend(attribution)
+        doc = attribution.json(R.json_attribution(R.attr_model_key(mode)))
         gap = (doc.get("completeness") or {}).get("relative_gap_total")
         ctx.rep.line(
             f"{task}: attribution of {mode} ({', '.join(methods)}) on {n_cells} cells"
             + (f"; integrated gradients' completeness gap {gap:.2%}" if gap is not None else "")
         )
     if result.deletion is not None:
-        doc = write_deletion(ctx.store, child, result.deletion, model_name=mode, suffix=MODEL_SUFFIX, genes=genes)
-        ctx.rep.line(f"{task}: deletion from {mode}: " + doc["headline"])
+        deletion = deletion_records(result.deletion, model_name=mode, suffix=MODEL_SUFFIX, genes=genes)
+        records.extend(deletion)
+        ctx.rep.line(f"{task}: deletion from {mode}: " + deletion.json(R.json_deletion(mode))["headline"])
     if result.sanity is not None:
         doc = dict(result.sanity, model=mode)
-        ctx.store.put_json(child, R.json_sanity(mode), doc)
+        records.put_json(R.json_sanity(mode), doc)
         flagged = ", ".join(doc["flagged"]) or "none"
         ctx.rep.line(f"{task}: randomisation cascade of {mode}: scores that survive randomisation: {flagged}")
-    ctx.store.put_gene_table(child, R.TABLE_GENES, genes)
+    records.put_gene_table(R.TABLE_GENES, genes)
+    records.write(ctx.store, child)
 
 
 def _gate_skips(ctx: Context, task: str, mode: str, what: str) -> bool:
@@ -244,7 +248,7 @@ def _one_vs_rest_overlaps(ctx: Context, child: int, task: str, genes) -> None:
 
 # ------------------------------------------------------------------------------------ a pair reads
 def _model_gene_columns(suffix: str) -> list[str]:
-    """The columns of a model's gene table that a pair's gene table carries (`write_deletion`'s)."""
+    """The columns of a model's gene table that a pair's gene table carries (`deletion_records`')."""
     from store import results as R
 
     logit = R.col_deletion_logit(suffix)
@@ -316,9 +320,7 @@ def stage_attention(ctx: Context, task: str, mode_a: str, mode_b: str) -> None:
     with ctx.store.track(child):
         model_a = load_for_attention(models[(task, mode_a)])
         model_b = load_for_attention(models[(task, mode_b)])
-        summary = run_pair_analysis(
-            ctx.store,
-            child,
+        out = run_pair_analysis(
             model_a,
             model_b,
             test,
@@ -338,6 +340,8 @@ def stage_attention(ctx: Context, task: str, mode_a: str, mode_b: str) -> None:
             progress=lambda done, total, **kw: ctx.rep.update(done, total, unit="cells", **kw),
         )
         del model_a, model_b
+        out["records"].write(ctx.store, child)
+        summary = out["records"].json(R.JSON_SUMMARY)
         for line in summary.get("frequency_warnings", []):
             ctx.rep.line(f"warning: {line}")
         genes = ctx.store.gene_table_df(child, R.TABLE_GENES)  # read once; deletion adds its columns
