@@ -74,8 +74,8 @@ def run(args) -> int:
     import contextlib
     from pathlib import Path
 
+    from pipeline.config import parse_mode
     from pipeline.errors import InputError
-    from pipeline.models.load import parse_mode
 
     parse_mode(args.mode)
     if args.nproc < 1:

@@ -39,6 +39,7 @@ import numpy as np
 
 from pipeline.compute import DEVICE_CHOICES, configure_determinism, fault_point, resolve_device, seed_everything
 from pipeline.config import Train as _TrainSchema
+from pipeline.config import parse_mode
 from pipeline.errors import InputError
 from pipeline.parallel import distributed
 from pipeline.tokenize.batching import length_grouped_batches, pad_batch
@@ -143,15 +144,22 @@ def _autocast(device, dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def linear_warmup_decay(warmup: int, total: int) -> Callable[[int], float]:
-    """LR multiplier: linear rise over `warmup` steps (never 0 at the first step), then linear decay to 0."""
+def warmup_decay_factor(step: int, warmup: int, total: int) -> float:
+    """The learning-rate multiplier at optimisation step `step` (0-based): a linear rise over `warmup` steps
+    (never 0 at the first step), then a linear decay to 0 at step `total`. The one schedule of fine-tuning
+    and pretraining (`pipeline.models.pretrain.LrSchedule` re-aims `total` under a time budget)."""
     warmup = max(0, int(warmup))
     total = max(1, int(total))
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def linear_warmup_decay(warmup: int, total: int) -> Callable[[int], float]:
+    """`warmup_decay_factor` for a fixed `warmup` and `total`, as a `LambdaLR` factor."""
 
     def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return max(0.0, (total - step) / max(1, total - warmup))
+        return warmup_decay_factor(step, warmup, total)
 
     return factor
 
@@ -504,7 +512,7 @@ def plan_finetuning(
     """Check the inputs, set the training mode, seed, and build the optimiser and schedule."""
     import torch
 
-    from pipeline.models.load import apply_training_mode, parse_mode
+    from pipeline.models.load import apply_training_mode
 
     config = (config or TrainConfig()).validate()
     label_names = [str(x) for x in label_names]
