@@ -23,15 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import config_path, peak_bytes, reset_peak, rss_bytes  # noqa: E402
+import _measure  # noqa: E402
 
 WORKLOADS = {
     # name: (number of cells, how lengths are drawn)
@@ -108,22 +104,7 @@ def worker(args) -> dict:
         )
     elif args.method == "naive":
         naive_attention_reductions(models[0], models[1], short, pad_id=0, batch_size=2, device=device)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        reset_ok = reset_peak()
-        base = rss_bytes()
-    seconds = cpu_seconds = float("inf")
-    for _ in range(args.repeat if args.method != "naive" else 1):
-        t0, c0 = time.perf_counter(), time.process_time()
-        result = run()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = min(seconds, time.perf_counter() - t0)
-        cpu_seconds = min(cpu_seconds, time.process_time() - c0)
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_bytes(reset_ok)
+    result, timing = _measure.measure(run, device, args.repeat if args.method != "naive" else 1)
     errors = None
     if args.method == "streaming" and dtype != torch.float32:
         reference = analyze_attention(
@@ -134,12 +115,8 @@ def worker(args) -> dict:
         "errors": errors,
         "method": args.method,
         "workload": args.workload,
-        "seconds": seconds,
-        "cpu_seconds": cpu_seconds,
-        "peak_bytes": max(0, peak - base),
-        "cells": int(len(lengths)),
-        "median_length": float(sorted(lengths)[len(lengths) // 2]),
-        "max_length": int(max(lengths)),
+        **timing,
+        **_measure.lengths_summary(lengths),
     }
 
 
@@ -163,55 +140,23 @@ def main(argv=None) -> int:
     p.add_argument("--config", default=None, help="BERT config.json (default: shared V1-6L-10M)")
     p.add_argument("--workloads", default="sciplex,2048")
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--method", help=argparse.SUPPRESS)
-    p.add_argument("--workload", help=argparse.SUPPRESS)
-    p.add_argument("--config-path", help=argparse.SUPPRESS)
+    _measure.add_worker_arguments(p)
     args = p.parse_args(argv)
     if args.worker:
-        print("RESULT " + json.dumps(worker(args)), flush=True)
+        _measure.print_result(worker(args))
         return 0
-    config = config_path(args.config)
+    config = _measure.config_path(args.config)
     print(f"config {config}; device {args.device}; threads {args.threads}; batch {args.batch_size}")
     results: dict[tuple[str, str], dict] = {}
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     for workload in args.workloads.split(","):
         for method in args.methods.split(","):
-            cmd = [
-                sys.executable,
-                __file__,
-                "--worker",
-                "--method",
-                method,
-                "--workload",
-                workload,
-                "--config-path",
-                str(config),
-                "--device",
-                args.device,
-                "--threads",
-                str(args.threads),
-                "--batch-size",
-                str(args.batch_size),
-                "--dtype",
-                args.dtype,
-                "--repeat",
-                str(args.repeat),
-            ]
-            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if out.returncode != 0 or line is None:
-                tail = (out.stderr or out.stdout).strip().splitlines()[-3:]
-                print(f"{workload:>8} {method:>10}: failed (exit {out.returncode}): {' | '.join(tail)}")
+            extra = ["--batch-size", args.batch_size, "--dtype", args.dtype, "--repeat", args.repeat]
+            r, failure = _measure.run_worker(__file__, args, method, workload, config, extra)
+            if r is None:
+                print(f"{workload:>8} {method:>10}: {failure}")
                 continue
-            r = json.loads(line[len("RESULT ") :])
             results[(workload, method)] = r
-            print(
-                f"{workload:>8} {method:>10}: {r['seconds']:8.2f} s (CPU {r['cpu_seconds']:7.2f} s)"
-                f"  peak {r['peak_bytes'] / 2**20:9.1f} MiB"
-                f"  ({r['cells']} cells, median length {r['median_length']:.0f}, max {r['max_length']})",
-                flush=True,
-            )
+            print(f"{workload:>8} {method:>10}: {_measure.result_line(r)}", flush=True)
             if r.get("errors"):
                 errs = ", ".join(f"{k} {v:.2e}" for k, v in r["errors"].items())
                 print(f"{'':>20}{args.dtype} vs float32, max relative difference: {errs}")

@@ -26,14 +26,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import config_path, peak_bytes, reset_peak, rss_bytes  # noqa: E402
+import _measure  # noqa: E402
 
 WORKLOADS = {
     # name: (cells, how lengths are drawn, batch size)
@@ -177,28 +174,12 @@ def worker(args) -> dict:
         hao_attribution(model, short, np.array([0]), steps=1, batch_size=1, device=device)
     elif args.method == "naive":
         naive_hao(model, short, steps=1, batch_size=1, device=device)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        reset_ok = reset_peak()
-        base = rss_bytes()
-    t0, c0 = time.perf_counter(), time.process_time()
-    out = run()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_bytes(reset_ok)
+    out, timing = _measure.measure(run, device)
     result = {
         "method": args.method,
         "workload": args.workload,
-        "seconds": seconds,
-        "cpu_seconds": cpu_seconds,
-        "peak_bytes": max(0, peak - base),
-        "cells": int(len(lengths)),
-        "median_length": float(sorted(lengths)[len(lengths) // 2]),
-        "max_length": int(max(lengths)),
+        **timing,
+        **_measure.lengths_summary(lengths),
         "steps": steps,
     }
     if out is not None:
@@ -215,64 +196,34 @@ def main(argv=None) -> int:
     p.add_argument("--config", default=None, help="BERT config.json (default: shared V1-6L-10M)")
     p.add_argument("--workloads", default=None, help="comma-separated; default sciplex,2048 (small: sciplex-small,512)")
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--method", help=argparse.SUPPRESS)
-    p.add_argument("--workload", help=argparse.SUPPRESS)
-    p.add_argument("--config-path", help=argparse.SUPPRESS)
+    _measure.add_worker_arguments(p)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        print("RESULT " + json.dumps(worker(args)), flush=True)
+        _measure.print_result(worker(args))
         return 0
     import tempfile
 
     import numpy as np
 
-    config = config_path(args.config)
+    config = _measure.config_path(args.config)
     workloads = (args.workloads or ("sciplex-small,512" if args.small else "sciplex,2048")).split(",")
     print(f"config {config}; device {args.device}; threads {args.threads}; m = {args.steps}")
     results: dict[tuple[str, str], dict] = {}
     sums: dict[tuple[str, str], np.ndarray] = {}
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     tmp = tempfile.mkdtemp(prefix="bench_attribution_")
     for workload in workloads:
         for method in args.methods.split(","):
             out_path = os.path.join(tmp, f"{workload}_{method}.npy")
-            cmd = [
-                sys.executable,
-                __file__,
-                "--worker",
-                "--method",
-                method,
-                "--workload",
-                workload,
-                "--config-path",
-                str(config),
-                "--device",
-                args.device,
-                "--threads",
-                str(args.threads),
-                "--steps",
-                str(args.steps),
-                "--out",
-                out_path,
-            ]
-            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if out.returncode != 0 or line is None:
-                tail = (out.stderr or out.stdout).strip().splitlines()[-3:]
-                print(f"{workload:>13} {method:>9}: failed (exit {out.returncode}): {' | '.join(tail)}")
+            extra = ["--steps", args.steps, "--out", out_path]
+            r, failure = _measure.run_worker(__file__, args, method, workload, config, extra)
+            if r is None:
+                print(f"{workload:>13} {method:>9}: {failure}")
                 continue
-            r = json.loads(line[len("RESULT ") :])
             results[(workload, method)] = r
             if os.path.exists(out_path):
                 sums[(workload, method)] = np.load(out_path)
-            print(
-                f"{workload:>13} {method:>9}: {r['seconds']:8.2f} s (CPU {r['cpu_seconds']:8.2f} s)"
-                f"  peak {r['peak_bytes'] / 2**20:9.1f} MiB"
-                f"  ({r['cells']} cells, median length {r['median_length']:.0f}, max {r['max_length']})",
-                flush=True,
-            )
+            print(f"{workload:>13} {method:>9}: {_measure.result_line(r)}", flush=True)
     print()
     print("ratios: naive / streamed (what the published approach costs more); streamed / fb (the streamed")
     print("attribution's cost in units of m forward+backward passes of the model). Wall (CPU) time.")

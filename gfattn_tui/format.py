@@ -112,24 +112,27 @@ def fmt_num(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def finite_float(value: Any) -> float | None:
+    """`value` as a finite float, or None where it is missing, not a number, NaN or infinite."""
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
 def significance_stars(p: Any) -> str:
     """`***` p < 0.001, `**` p < 0.01, `*` p < 0.05, else empty."""
-    try:
-        p = float(p)
-    except (TypeError, ValueError):
-        return ""
-    if not math.isfinite(p):
+    p = finite_float(p)
+    if p is None:
         return ""
     return "***" if p < 0.001 else "**" if p < 0.01 else "*" if p < 0.05 else ""
 
 
 def fmt_p(p: Any, *, stars: bool = True) -> str:
     """A p-value in scientific notation ("5.0e-04"), with its significance stars."""
-    try:
-        value = float(p)
-    except (TypeError, ValueError):
-        return "—"
-    if not math.isfinite(value):
+    value = finite_float(p)
+    if value is None:
         return "—"
     text = "1" if value >= 0.9995 else f"{value:.1e}" if value < 0.01 else f"{value:.3f}"
     return text + (significance_stars(value) if stars else "")
@@ -212,15 +215,8 @@ def diverging_style(value: float | None, vmax: float) -> str:
 
 
 def finite(values: Iterable[Any]) -> list[float]:
-    out = []
-    for v in values:
-        try:
-            f = float(v)
-        except (TypeError, ValueError):
-            continue
-        if math.isfinite(f):
-            out.append(f)
-    return out
+    """The finite numbers among `values`, as floats."""
+    return [f for f in map(finite_float, values) if f is not None]
 
 
 def short_path(path: Any, width: int = 24) -> str:
@@ -236,11 +232,8 @@ def short_path(path: Any, width: int = 24) -> str:
 def fmt_p_resolved(p: Any, *, floor: Any = None, at_floor: Any = None, q: Any = None) -> str:
     """A p-value as resolved as its test allows: "<= 0.048" at the floor of a permutation or empirical
     test (the smallest p it can give); the stars go on q (the adjusted value) when there is one."""
-    try:
-        value = float(p)
-    except (TypeError, ValueError):
-        return "—"
-    if not math.isfinite(value):
+    value = finite_float(p)
+    if value is None:
         return "—"
     try:
         lowest = float(floor) if floor is not None else None

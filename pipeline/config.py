@@ -691,16 +691,29 @@ def analysed_tasks(cfg: dict) -> list[str]:
     return list(cfg["analysis"]["tasks"]) or trained_tasks(cfg)
 
 
-def parse_mode(mode: str) -> tuple[str, int]:
-    """`frozen`, `unfrozen`, `last-K` or `freeze-N` -> (kind, k)."""
+MODES_HELP = "frozen, unfrozen, last-K (e.g. last-1) or freeze-N (e.g. freeze-2)"
+
+
+def parse_mode(mode: str, num_layers: int | None = None) -> tuple[str, int]:
+    """`frozen`, `unfrozen`, `last-K` or `freeze-N` -> (kind, K); K checked against `num_layers` when given.
+
+    The one parser of training modes: the configuration checks `train.modes` with it before a model is
+    loaded, and `pipeline.models.load.apply_training_mode` checks a mode against the model's layers."""
     if not isinstance(mode, str):
-        raise InputError(f"training mode {_show(mode)}; use frozen, unfrozen, last-K (e.g. last-1) or freeze-N")
+        raise InputError(f"training mode {_show(mode)}; use {MODES_HELP}")
+    kind, k = None, 0
     if mode in ("frozen", "unfrozen"):
-        return mode, 0
-    for prefix in ("last-", "freeze-"):
-        if mode.startswith(prefix) and mode[len(prefix) :].isdigit() and int(mode[len(prefix) :]) >= 1:
-            return prefix[:-1], int(mode[len(prefix) :])
-    raise InputError(f"unknown training mode {mode!r}; use frozen, unfrozen, last-K (e.g. last-1) or freeze-N")
+        kind = mode
+    else:
+        for prefix in ("last-", "freeze-"):
+            rest = mode[len(prefix) :] if mode.startswith(prefix) else ""
+            if rest.isdigit() and int(rest) >= 1:
+                kind, k = prefix[:-1], int(rest)
+    if kind is None:
+        raise InputError(f"unknown training mode {mode!r}; use {MODES_HELP}")
+    if num_layers is not None and k > int(num_layers):
+        raise InputError(f"training mode {mode!r} names {k} layers but the model has {num_layers} encoder layers")
+    return kind, k
 
 
 def toml_value(value: Any) -> str:

@@ -137,19 +137,21 @@ class Reporter:
             print(f"{stamp} {self._stage or '-':<10} " + ", ".join(parts), file=self.stream, flush=True)
 
     def callback(self, unit: str = "", *, stage: str | None = None) -> Callable[..., None]:
-        """A `progress(done, total, *, throughput=None, eta_s=None, message=None)` callable, the form the
-        training, pretraining and attention loops report through, forwarding to `update`.
+        """A `progress(done, total, *, throughput=None, eta_s=None, message=None, unit=None)` callable, the form
+        the training, pretraining and attention loops report through, forwarding to `update` (in `unit`
+        unless the call names its own).
 
         `stage` labels the lines (and the store's progress row) without entering `stage()`, for a command
         that records its stages itself; by default the current stage is used.
         """
 
-        def progress(done, total=None, *, throughput=None, eta_s=None, message=None, **_):
+        def progress(done, total=None, *, throughput=None, eta_s=None, message=None, **kw):
             previous = self._stage
             if stage is not None:
                 self._stage = stage
             try:
-                self.update(done, total, unit=unit, throughput=throughput, eta_s=eta_s, message=message)
+                now_unit = kw.get("unit") or unit  # a caller that names its unit ("steps", "cells encoded")
+                self.update(done, total, unit=now_unit, throughput=throughput, eta_s=eta_s, message=message)
             finally:
                 self._stage = previous
 

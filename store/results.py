@@ -40,6 +40,7 @@ KIND_ANALYSIS = "analysis"
 KIND_PRETRAIN = "pretrain"
 KIND_MODEL = "model"  # one model's analysis in a pipeline run ("lowhigh: frozen"), read by every pair using it
 RUN_KINDS = (KIND_PIPELINE, KIND_DATA, KIND_FINETUNE, KIND_DE, KIND_ANALYSIS, KIND_PRETRAIN, KIND_MODEL)
+STAGE_FINETUNE = "finetune"  # the stage a finetune run's own events and progress row name
 
 # ---------------------------------------------------------------------------- tasks and training modes
 TASK_DOSE = "dose"

@@ -125,8 +125,9 @@ def save_geneformer_checkpoint(config_file, path, *, seed: int = 0, **overrides)
     return config
 
 
-class FakeRecorder:
-    """Stands in for `store.Store`: records the calls fine-tuning and pretraining make."""
+class FakeStore:
+    """Stands in for `store.Store`: keeps the calls pretraining and fine-tuning's store recorder
+    (`pipeline.run.stages.finetune.FinetuneStoreRecorder`) make."""
 
     def __init__(self):
         self.progress, self.metrics, self.confusions, self.events, self.json = [], [], [], [], {}

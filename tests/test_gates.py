@@ -256,9 +256,10 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path):
     """Labels the genes cannot tell (a coin): validation macro-F1 stops improving, training stops `patience`
     epochs after the best one, whose weights are kept; the planned epochs follow min_steps."""
     from pipeline.models.load import load_classifier
+    from pipeline.run.stages.finetune import FinetuneStoreRecorder
     from pipeline.training.finetune import finetune
 
-    from _helpers_model import FakeRecorder, class_coded_cells, save_tiny_model, toy_dictionaries
+    from _helpers_model import FakeStore, class_coded_cells, save_tiny_model, toy_dictionaries
 
     cells = class_coded_cells(96, seed=3)
     cells["label"] = np.random.default_rng(0).integers(0, 2, 96).tolist()
@@ -266,10 +267,17 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path):
     held_out["label"] = np.random.default_rng(1).integers(0, 2, 48).tolist()
     dicts = toy_dictionaries(200)
     model = load_classifier(save_tiny_model(tmp_path / "m"), 2, dicts=dicts, max_len=64, seed=0)
-    store = FakeRecorder()
+    store = FakeStore()
     config = TrainConfig(lr=1e-3, epochs=2, min_steps=120, max_epochs=30, patience=2, batch_size=16)
     result = finetune(
-        model, cells, held_out, held_out, label_names=["a", "b"], mode="unfrozen", config=config, store=store, run_id=1
+        model,
+        cells,
+        held_out,
+        held_out,
+        label_names=["a", "b"],
+        mode="unfrozen",
+        config=config,
+        recorder=FinetuneStoreRecorder(store, 1),
     )
     planned = planned_epochs(config, 96, 16)  # 6 steps an epoch: 20 epochs reach 120 steps
     assert planned == 20

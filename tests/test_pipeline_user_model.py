@@ -214,5 +214,9 @@ def test_pipeline_fine_tunes_with_two_processes(tmp_path, capsys):
         test_accuracy = st.metrics(child["id"], name="accuracy", split="test")
         assert len(test_accuracy) == 1 and 0.0 <= test_accuracy[0]["value"] <= 1.0
         assert any(c["split"] == "test" and c["matrix"].sum() > 0 for c in st.confusions(child["id"]))
+        # rank 0's reports reached the parent over the job channel and were recorded on the child there
+        progress = st.progress(child["id"])
+        assert progress["unit"] == "steps" and progress["done"] == progress["total"] > 0
+        assert any(e["message"].startswith(f"fine-tuning {mode}:") for e in st.events(child["id"]))
         assert (db.parent / ".gfattn-cache" / "runs" / st.uid / "1" / f"lowhigh__{mode}" / "config.json").is_file()
     assert children["lowhigh: frozen vs unfrozen"]["status"] == "completed"

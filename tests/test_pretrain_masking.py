@@ -9,7 +9,7 @@ import torch
 from pipeline.errors import InputError
 from pipeline.models.pretrain import corrupt_selected, frequency_baselines, pretrain, select_masked_positions
 
-from _helpers_model import FakeRecorder, corpus_cells, toy_dictionaries
+from _helpers_model import FakeStore, corpus_cells, toy_dictionaries
 
 torch.set_num_threads(1)  # 2 threads crawl when other processes share the 2 cores
 
@@ -50,7 +50,7 @@ def test_frequency_baselines_count_training_genes():
 def pretrained(tmp_path_factory):
     out = tmp_path_factory.mktemp("pretrain") / "model"
     dicts = toy_dictionaries(120)
-    rec = FakeRecorder()
+    rec = FakeStore()
     metrics = pretrain(
         corpus_cells(600, n_genes=120, seed=0, noise=0.5),
         dicts,

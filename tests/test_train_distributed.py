@@ -7,6 +7,7 @@ import torch
 from pipeline.compute import seed_everything
 from pipeline.models.load import load_classifier
 from pipeline.parallel.launch import WORKER_MODULE, finetune_distributed, torchrun_command
+from pipeline.run.stages.finetune import FinetuneStoreRecorder
 from pipeline.training.finetune import TrainConfig, finetune
 
 from _helpers_model import class_coded_cells, save_tiny_model
@@ -67,8 +68,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
         mode="unfrozen",
         config=TrainConfig(batch_size=4, **common),
         nproc=2,
-        store_path=st.path,
-        run_id=run,
+        recorder=FinetuneStoreRecorder(st, run),
         out_dir=tmp_path / "ddp",
     )
 
@@ -84,5 +84,9 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     steps = [m["step"] for m in st.metrics(run, name="loss", split="train")]
     assert steps == sorted(set(steps)) and steps[-1] == 2 * 8
     assert len(st.confusions(run)) == 1
+    # rank 0's reports reached the parent's recorder over the job channel
+    assert st.progress(run)["done"] == st.progress(run)["total"] == 2 * 8
+    assert [m["epoch"] for m in st.metrics(run, name="accuracy", split="validation")] == [1, 2]
+    assert any(e["message"].startswith("test accuracy") for e in st.events(run))
     assert (tmp_path / "ddp" / "model.safetensors").is_file()
     st.close()

@@ -8,6 +8,7 @@ import torch
 
 from pipeline.errors import InputError
 from pipeline.models.load import load_classifier
+from pipeline.run.stages.finetune import FinetuneStoreRecorder
 from pipeline.training.finetune import (
     TrainConfig,
     classification_metrics,
@@ -16,7 +17,7 @@ from pipeline.training.finetune import (
     linear_warmup_decay,
 )
 
-from _helpers_model import FakeRecorder, class_coded_cells, save_random_geneformer, save_tiny_model, toy_dictionaries
+from _helpers_model import FakeStore, class_coded_cells, save_random_geneformer, save_tiny_model, toy_dictionaries
 
 torch.set_num_threads(1)  # 2 threads crawl when other processes share the 2 cores
 
@@ -144,7 +145,7 @@ def test_gradient_accumulation_matches_one_large_batch(tmp_path):
 
 def test_progress_metrics_and_confusion_are_recorded(tmp_path):
     train, val, test = _splits(64, 16, 16)
-    rec = FakeRecorder()
+    rec = FakeStore()
     calls = []
     torch.manual_seed(0)
     model = load_classifier(save_tiny_model(tmp_path / "m"), 2)
@@ -155,10 +156,8 @@ def test_progress_metrics_and_confusion_are_recorded(tmp_path):
         test,
         label_names=["low", "high"],
         mode="last-1",
-        store=rec,
-        run_id=7,
         config=TrainConfig(lr=1e-3, epochs=2, batch_size=8, log_every=3),
-        progress=lambda done, total, **kw: calls.append((done, total, kw)),
+        recorder=FinetuneStoreRecorder(rec, 7, on_progress=lambda done, total, **kw: calls.append((done, total, kw))),
     )
     steps = 2 * 8
     assert rec.progress[-1]["done"] == steps and rec.progress[-1]["total"] == steps
@@ -174,7 +173,8 @@ def test_progress_metrics_and_confusion_are_recorded(tmp_path):
     (conf,) = rec.confusions
     assert conf["labels"] == ["low", "high"] and conf["split"] == "test"
     assert np.array_equal(conf["matrix"], result.confusion)
-    assert calls and calls[-1][0] == steps and set(calls[-1][2]) == {"throughput", "eta_s", "message"}
+    assert calls and calls[-1][0] == steps and set(calls[-1][2]) == {"unit", "throughput", "eta_s", "message"}
+    assert calls[-1][2]["unit"] == "steps" and calls[-1][2]["message"].startswith("epoch 2, loss ")
 
 
 def test_best_epoch_weights_are_restored(tmp_path):
@@ -211,8 +211,7 @@ def test_real_store_receives_the_run(tmp_path):
         test,
         label_names=["low", "high"],
         mode="frozen",
-        store=st,
-        run_id=run,
+        recorder=FinetuneStoreRecorder(st, run),
         config=TrainConfig(lr=1e-2, epochs=2, batch_size=8),
     )
     assert st.progress(run)["done"] == st.progress(run)["total"] == 12

@@ -8,8 +8,9 @@ the first N encoder layers, `unfrozen` everything.
 import pytest
 import torch
 
+from pipeline.config import parse_mode
 from pipeline.errors import InputError
-from pipeline.models.load import apply_training_mode, load_classifier, parse_mode
+from pipeline.models.load import apply_training_mode, load_classifier
 from pipeline.training.finetune import TrainConfig, finetune
 
 from _helpers_model import class_coded_cells, parameters, save_random_geneformer

@@ -21,7 +21,7 @@ from gfattn_tui.messages import Loaded
 from gfattn_tui.results import run_choices
 from gfattn_tui.widgets.analysis_picker import AnalysisPicker
 from gfattn_tui.widgets.gene_table import column_scientific, gene_cell
-from gfattn_tui.widgets.store_view import RunView
+from gfattn_tui.widgets.sorted_rows import SortedRowsView
 from store import results as R
 
 PRIMARY = R.JSON_DE_NAMES
@@ -103,9 +103,10 @@ def _cell_len(cell) -> int:
     return cell.cell_len if isinstance(cell, Text) else len(str(cell))
 
 
-class DEView(RunView, Vertical):
+class DEView(SortedRowsView, Vertical):
     focus_selector = "#de-table"
     uses_analysis = True
+    ascending_first = ASCENDING_FIRST
 
     BINDINGS = [
         Binding("slash", "focus_search", "Search", id="de.search"),
@@ -115,15 +116,8 @@ class DEView(RunView, Vertical):
     ]
 
     def __init__(self, run_id: int, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.run_id = run_id
-        self.stale = True
+        super().__init__(run_id, order_by=R.COL_SCORE, **kwargs)
         self.data: dict | None = None
-        self.order_by: str | None = R.COL_SCORE
-        self.descending = True
-        self.search = ""
-        self.row_offset = 0
-        self.columns: list[str] = []
         self.rows: list[dict] = []  # sorted and searched
         self.comparison: str | None = None  # the DE comparison shown ("group vs reference")
         self.hidden: list[str] = []  # columns left out because they do not fit the table's width
@@ -284,9 +278,7 @@ class DEView(RunView, Vertical):
     # input ---------------------------------------------------------------------------------------
     @on(Input.Changed, "#de-search")
     def _search_changed(self, event: Input.Changed) -> None:
-        self.search = event.value.strip()
-        self.row_offset = 0
-        self._apply()
+        self.set_search(event.value)
 
     @on(Input.Submitted, "#de-search")
     def _search_submitted(self, event: Input.Submitted) -> None:
@@ -308,16 +300,12 @@ class DEView(RunView, Vertical):
             self.analysis_id = event.value
             self.load()
 
-    def sort_by(self, column: str) -> None:
-        if column not in self.columns:
-            return
-        if column == self.order_by:
-            self.descending = not self.descending
-        else:
-            rank = column in ((self.data or {}).get("rank_columns") or {})
-            self.order_by, self.descending = column, not (column in ASCENDING_FIRST or rank)
-        self.row_offset = 0
+    def show_rows(self) -> None:
         self._apply()
+
+    def sorts_ascending_first(self, column: str) -> bool:
+        # names, p-values and every analysis's attention rank (1 = most attended)
+        return super().sorts_ascending_first(column) or column in ((self.data or {}).get("rank_columns") or {})
 
     def action_sort_column(self) -> None:
         table = self.query_one("#de-table", DataTable)

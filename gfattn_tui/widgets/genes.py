@@ -20,7 +20,7 @@ from gfattn_tui.gene_filter import FilterError, parse_gene_filter
 from gfattn_tui.messages import Loaded
 from gfattn_tui.widgets.analysis_picker import AnalysisPicker
 from gfattn_tui.widgets.gene_table import GeneTable
-from gfattn_tui.widgets.store_view import RunView
+from gfattn_tui.widgets.sorted_rows import SortedRowsView
 from store import results as R
 
 _A, _B = R.MODEL_SUFFIXES
@@ -136,9 +136,10 @@ def read_gene_page(st, run_id: int, q: dict) -> dict:
     return out
 
 
-class GenesView(RunView, Vertical):
+class GenesView(SortedRowsView, Vertical):
     focus_selector = "GeneTable"
     uses_analysis = True
+    ascending_first = ASCENDING_FIRST
 
     BINDINGS = [
         Binding("slash", "focus_search", "Search", id="genes.search"),
@@ -152,17 +153,10 @@ class GenesView(RunView, Vertical):
     ]
 
     def __init__(self, run_id: int, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.run_id = run_id
-        self.stale = True
+        super().__init__(run_id, **kwargs)
         self.table: str | None = None
-        self.order_by: str | None = None
-        self.descending = True
-        self.row_offset = 0
-        self.search = ""
         self.where: dict = {}
         self.count = 0
-        self.columns: list[str] = []
         self._request = 0
         self._shown_request = 0
 
@@ -261,9 +255,7 @@ class GenesView(RunView, Vertical):
     # input -------------------------------------------------------------------------------------
     @on(Input.Changed, "#genes-search")
     def _search_changed(self, event: Input.Changed) -> None:
-        self.search = event.value.strip()
-        self.row_offset = 0
-        self.load()
+        self.set_search(event.value)
 
     @on(Input.Submitted, "#genes-filter")
     def _filter_submitted(self, event: Input.Submitted) -> None:
@@ -302,14 +294,7 @@ class GenesView(RunView, Vertical):
         self.sort_by(str(event.column_key.value))
 
     # actions -----------------------------------------------------------------------------------
-    def sort_by(self, column: str) -> None:
-        if column not in self.columns:
-            return
-        if column == self.order_by:
-            self.descending = not self.descending
-        else:
-            self.order_by, self.descending = column, column not in ASCENDING_FIRST
-        self.row_offset = 0
+    def show_rows(self) -> None:
         self.load()
 
     def action_sort_column(self) -> None:

@@ -14,7 +14,6 @@ Both tables sort by a column when its header is clicked or with `o` on the colum
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -27,7 +26,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import DataTable, Label, Select, Static
 from textual_plotext import PlotextPlot
 
-from gfattn_tui.format import fmt_deletion_p, fmt_num, in_model_words
+from gfattn_tui.format import finite_float, fmt_deletion_p, fmt_num, in_model_words
 from gfattn_tui.messages import Loaded
 from gfattn_tui.results import model_gates, run_choices
 from gfattn_tui.widgets.analysis_picker import AnalysisPicker
@@ -108,17 +107,9 @@ def ranked_genes(st, run_id: int, suffix: str, deletion: R.Deletion | None, n: i
 
 
 # ------------------------------------------------------------------------------------------ formatting
-def _finite(value: Any) -> float | None:
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
-
 def fmt_delta(value: Any) -> str:
     """A signed change with four decimals ("+0.0123"; one format for the whole column), missing "—"."""
-    f = _finite(value)
+    f = finite_float(value)
     if f is None:
         return "—"
     return f"{f:+.4f}"
@@ -126,7 +117,7 @@ def fmt_delta(value: Any) -> str:
 
 def fmt_interval(low: Any, high: Any) -> str:
     """ "[-0.0381, -0.0121]": fixed width (bounds to 4 decimals), so a column of intervals stays narrow."""
-    lo, hi = _finite(low), _finite(high)
+    lo, hi = finite_float(low), finite_float(high)
     if lo is None and hi is None:
         return "—"
     return "[" + ", ".join("—" if v is None else f"{v:+.4f}" for v in (lo, hi)) + "]"
@@ -139,7 +130,7 @@ def sort_rows(rows: list[dict], key: str, descending: bool) -> list[dict]:
         v = row.get(key)
         if isinstance(v, str):
             return v.lower()
-        return _finite(v)
+        return finite_float(v)
 
     present = [r for r in rows if value(r) is not None]
     missing = [r for r in rows if value(r) is None]
@@ -159,25 +150,37 @@ def _num(fmt: Callable[[Any], str], key: str) -> Callable[[dict], Text]:
     return lambda row: Text(fmt(row.get(key)), justify="right")
 
 
+def _whole(value: Any) -> str:
+    """A count or rank as a whole number ("1,204"), "—" where missing."""
+    return fmt_num(value, 0) if finite_float(value) is not None else "—"
+
+
+def _cells(value: Any) -> str:
+    return fmt_num(int(value)) if finite_float(value) is not None else "—"
+
+
+def _interval_column(low: str, high: str, label: str = "95% CI") -> Column:
+    """A column showing the interval [row[low], row[high]], sorted by its lower end (smallest first)."""
+    return Column(low, label, lambda r: Text(fmt_interval(r.get(low), r.get(high)), justify="right"), True)
+
+
+def _logit_columns() -> list[Column]:
+    """A single gene's deletion effect on the true-class logit and its 95% interval."""
+    return [
+        Column(R.DEL_LOGIT, "Δlogit", _num(fmt_delta, R.DEL_LOGIT), ascending_first=True),
+        _interval_column(R.DEL_LOGIT_LOW, R.DEL_LOGIT_HIGH),
+    ]
+
+
 SET_COLUMNS = [
     Column(R.DEL_SCORE, "score", lambda r: str(r.get(R.DEL_SCORE, "")), ascending_first=True),
-    Column(R.DEL_K, "k", _num(lambda v: fmt_num(v, 0) if _finite(v) is not None else "—", R.DEL_K)),
+    Column(R.DEL_K, "k", _num(_whole, R.DEL_K)),
     Column(R.DEL_DELTA_PROB, "Δp", _num(fmt_delta, R.DEL_DELTA_PROB), ascending_first=True),
-    Column(
-        R.DEL_DELTA_PROB_LOW,
-        "95% CI",
-        lambda r: Text(fmt_interval(r.get(R.DEL_DELTA_PROB_LOW), r.get(R.DEL_DELTA_PROB_HIGH)), justify="right"),
-        ascending_first=True,
-    ),
+    _interval_column(R.DEL_DELTA_PROB_LOW, R.DEL_DELTA_PROB_HIGH),
     Column(R.DEL_RANDOM_MEAN, "random Δp", _num(fmt_delta, R.DEL_RANDOM_MEAN), ascending_first=True),
-    Column(
-        R.DEL_RANDOM_LOW,
-        "random 2.5–97.5%",
-        lambda r: Text(fmt_interval(r.get(R.DEL_RANDOM_LOW), r.get(R.DEL_RANDOM_HIGH)), justify="right"),
-        ascending_first=True,
-    ),
+    _interval_column(R.DEL_RANDOM_LOW, R.DEL_RANDOM_HIGH, "random 2.5–97.5%"),
     Column(R.DEL_P, "p", lambda r: Text(_deletion_p(r), justify="right"), ascending_first=True),
-    Column(R.DEL_ACCURACY_AFTER, "acc after", _num(lambda v: fmt_num(_finite(v)), R.DEL_ACCURACY_AFTER)),
+    Column(R.DEL_ACCURACY_AFTER, "acc after", _num(lambda v: fmt_num(finite_float(v)), R.DEL_ACCURACY_AFTER)),
 ]
 
 
@@ -187,42 +190,26 @@ def _deletion_p(row: dict) -> str:
 
 
 RANKED_COLUMNS = [
-    Column("rank", "#", _num(lambda v: fmt_num(v, 0) if _finite(v) is not None else "—", "rank"), True),
+    Column("rank", "#", _num(_whole, "rank"), True),
     Column(R.COL_SYMBOL, "gene", lambda r: str(r.get(R.COL_SYMBOL) or ""), ascending_first=True),
     Column("score", "key score", _num(lambda v: fmt_fixed(v, 4), "score")),
     Column("attn", "attention", _num(lambda v: fmt_fixed(v, 4), "attn")),
-    Column(R.COL_N_CELLS, "cells", _num(lambda v: fmt_num(int(v)) if _finite(v) is not None else "—", R.COL_N_CELLS)),
-    Column(R.DEL_LOGIT, "Δlogit", _num(fmt_delta, R.DEL_LOGIT), ascending_first=True),
-    Column(
-        R.DEL_LOGIT_LOW,
-        "95% CI",
-        lambda r: Text(fmt_interval(r.get(R.DEL_LOGIT_LOW), r.get(R.DEL_LOGIT_HIGH)), justify="right"),
-        ascending_first=True,
-    ),
+    Column(R.COL_N_CELLS, "cells", _num(_cells, R.COL_N_CELLS)),
+    *_logit_columns(),
 ]
 
 
 def fmt_fixed(value: Any, digits: int = 4) -> str:
     """One format for a whole column: fixed decimals ("0.0123"), never a switch to scientific notation."""
-    f = _finite(value)
+    f = finite_float(value)
     return "—" if f is None else f"{f:.{digits}f}"
 
 
 SINGLE_COLUMNS = [
     Column(R.COL_SYMBOL, "symbol", lambda r: str(r.get(R.COL_SYMBOL) or r.get(R.COL_ENSEMBL_ID) or ""), True),
     Column(R.DEL_TOP_OF, "top of", lambda r: str(r.get(R.DEL_TOP_OF) or ""), ascending_first=True),
-    Column(
-        R.DEL_N_CELLS_EXPRESSING,
-        "cells",
-        _num(lambda v: fmt_num(int(v)) if _finite(v) is not None else "—", R.DEL_N_CELLS_EXPRESSING),
-    ),
-    Column(R.DEL_LOGIT, "Δlogit", _num(fmt_delta, R.DEL_LOGIT), ascending_first=True),
-    Column(
-        R.DEL_LOGIT_LOW,
-        "95% CI",
-        lambda r: Text(fmt_interval(r.get(R.DEL_LOGIT_LOW), r.get(R.DEL_LOGIT_HIGH)), justify="right"),
-        ascending_first=True,
-    ),
+    Column(R.DEL_N_CELLS_EXPRESSING, "cells", _num(_cells, R.DEL_N_CELLS_EXPRESSING)),
+    *_logit_columns(),
 ]
 
 
@@ -295,7 +282,7 @@ class SortableTable(DataTable):
 
 # ------------------------------------------------------------------------------------------- the view
 def _spearman(value: Any) -> str:
-    f = _finite(value)
+    f = finite_float(value)
     return "—" if f is None else f"{f:+.2f}"
 
 
@@ -446,7 +433,7 @@ class KeyGenesView(RunView, Vertical):
             )
         if deletion is not None:
             info = deletion.info
-            acc = _finite(info.get("accuracy_before"))
+            acc = finite_float(info.get("accuracy_before"))
             text = f"deletion from {model}: {info.get('n_cells', '?')} cells"
             if acc is not None:
                 text += f", accuracy {acc:.3f} before deletion"
@@ -513,13 +500,13 @@ class KeyGenesView(RunView, Vertical):
         for i, score in enumerate(deletion.scores):
             curve = deletion.curve(score)
             x = [float(v) for v in curve[R.DEL_K]]
-            y = [float(v) if _finite(v) is not None else float("nan") for v in curve[R.DEL_DELTA_PROB]]
+            y = [float(v) if finite_float(v) is not None else float("nan") for v in curve[R.DEL_DELTA_PROB]]
             ks.update(x)
             color = SCORE_COLORS[i % len(SCORE_COLORS)]
             plt.plot(x, y, color=color, marker="braille")  # the legend is drawn below the plot
             if score == self.band and {R.DEL_RANDOM_LOW, R.DEL_RANDOM_HIGH} <= set(curve.columns):
                 for bound in (R.DEL_RANDOM_LOW, R.DEL_RANDOM_HIGH):
-                    pts = [(k, _finite(v)) for k, v in zip(x, curve[bound])]
+                    pts = [(k, finite_float(v)) for k, v in zip(x, curve[bound])]
                     pts = [(k, v) for k, v in pts if v is not None]
                     if pts:
                         bx, by = _densify([p[0] for p in pts], [p[1] for p in pts])
@@ -548,7 +535,7 @@ class KeyGenesView(RunView, Vertical):
         plt.title(f"{data['model']}: Spearman with the trained model's score, re-initialised from the head down")
         x = list(range(1, len(steps) + 1))
         for i, (_score, values) in enumerate(scores.items()):
-            pts = [(xi, _finite(v)) for xi, v in zip(x, values.get("spearman") or ())]
+            pts = [(xi, finite_float(v)) for xi, v in zip(x, values.get("spearman") or ())]
             pts = [(xi, v) for xi, v in pts if v is not None]
             if pts:
                 color = SCORE_COLORS[i % len(SCORE_COLORS)]

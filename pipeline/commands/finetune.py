@@ -74,8 +74,8 @@ def run(args) -> int:
     import contextlib
     from pathlib import Path
 
+    from pipeline.config import parse_mode
     from pipeline.errors import InputError
-    from pipeline.models.load import parse_mode
 
     parse_mode(args.mode)
     if args.nproc < 1:
@@ -88,7 +88,7 @@ def run(args) -> int:
 
     from pipeline.data.design import stratified_split
     from pipeline.tokenize.encode import load_tokenized
-    from pipeline.training.finetune import TrainConfig, finetune
+    from pipeline.training.finetune import TrainConfig
 
     ds = load_tokenized(args.data)
     if args.label_column not in ds.column_names:
@@ -135,12 +135,13 @@ def run(args) -> int:
     )
 
     from pipeline.paths import open_store
+    from store import results as R
 
     store = open_store(args.store)
     name = args.name or f"{args.label_column}/{args.mode}"
     run_id = store.create_run(
         name,
-        "finetune",
+        R.KIND_FINETUNE,
         {
             "task": args.label_column,
             "mode": args.mode,
@@ -154,54 +155,32 @@ def run(args) -> int:
         model_path=str(args.model),
         device=args.device,
     )
+    from pipeline.parallel.launch import finetune_model
     from pipeline.progress import Reporter
+    from pipeline.run.stages.finetune import FinetuneStoreRecorder
 
-    rep = Reporter()  # the terminal only: `finetune` records its progress in the store itself
+    rep = Reporter()  # the terminal only: the recorder writes the run's progress to the store
     with store.track(run_id), contextlib.closing(rep):
         store.put_labels(run_id, args.label_column, names)
         split_names = np.empty(len(ds), dtype=object)
-        split_names[train_idx], split_names[val_idx], split_names[test_idx] = "train", "validation", "test"
+        split_names[train_idx], split_names[val_idx], split_names[test_idx] = (
+            R.SPLIT_TRAIN,
+            R.SPLIT_VALIDATION,
+            R.SPLIT_TEST,
+        )
         store.put_split(run_id, [str(c) for c in ds["cell_id"]], split_names.tolist())
-        if args.nproc > 1:
-            from pipeline.parallel.launch import finetune_distributed
-
-            result = finetune_distributed(
-                args.model,
-                parts,
-                label_names=names,
-                mode=args.mode,
-                config=config,
-                nproc=args.nproc,
-                store_path=str(store.path),
-                run_id=run_id,
-                out_dir=args.out,
-                dicts=dicts,
-            )
-        else:
-            from pipeline.models.load import load_classifier
-
-            model = load_classifier(
-                args.model,
-                len(names),
-                dicts=dicts,
-                max_len=max_len or longest,
-                data_source=f"cells in {args.data}",
-                seed=args.seed,
-            )
-            result = finetune(
-                model,
-                parts["train"],
-                parts["validation"],
-                parts["test"],
-                label_names=names,
-                mode=args.mode,
-                config=config,
-                store=store,
-                run_id=run_id,
-                out_dir=args.out,
-                progress=rep.callback("steps", stage="finetune"),
-                dicts=dicts,
-            )
+        result = finetune_model(
+            args.model,
+            parts,
+            label_names=names,
+            mode=args.mode,
+            config=config,
+            nproc=args.nproc,
+            recorder=FinetuneStoreRecorder(store, run_id, on_progress=rep.callback(stage=R.STAGE_FINETUNE)),
+            out_dir=args.out,
+            dicts=dicts,
+            load_options={"max_len": max_len or longest, "data_source": f"cells in {args.data}"},
+        )
     from pipeline.training.finetune import save_split
 
     save_split(args.out, ds["cell_id"], split, data=str(args.data))

@@ -130,12 +130,12 @@ def run(args: argparse.Namespace) -> int:
 
         extra = {}
         for r in _runs(doc):
-            if r["kind"] == "pipeline":
+            if r["kind"] == R.KIND_PIPELINE:
                 lines = warning_lines(st, r["id"]) + checkpoint_check_lines(st, r["id"])
                 extra[r["id"]] = ["  " + line for line in lines]
-            elif r["kind"] == "finetune":
+            elif r["kind"] == R.KIND_FINETUNE:
                 extra[r["id"]] = finetune_gate_lines(st, r["id"])
-            elif r["kind"] == "analysis":
+            elif r["kind"] == R.KIND_ANALYSIS:
                 models = [m for m in st.json_names(r["id"]) if m.startswith("deletion_")]
                 docs = R.read_json(st, r["id"], (R.JSON_DE_OVERLAP, R.JSON_KEY_GENES))
                 lines = overlap_lines(docs.get(R.JSON_DE_OVERLAP))

@@ -31,6 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pipeline.config import parse_mode  # the one parser of training modes
 from pipeline.errors import InputError
 
 CONFIG_FILE = "config.json"
@@ -42,7 +43,6 @@ WEIGHT_FILES = (
 )
 CLASSIFIER_ARCHITECTURES = ("BertForSequenceClassification",)
 MASKED_LM_ARCHITECTURES = ("BertForMaskedLM", "BertForPreTraining")
-MODES_HELP = "frozen, unfrozen, last-K (e.g. last-1) or freeze-N (e.g. freeze-2)"
 
 
 # --------------------------------------------------------------------------------------------- files
@@ -417,23 +417,6 @@ def build_small_bert(
 
 
 # ------------------------------------------------------------------------------------ training modes
-def parse_mode(mode: str, num_layers: int | None = None) -> tuple[str, int]:
-    """`frozen`, `unfrozen`, `last-K` or `freeze-N` -> (kind, K); K checked against `num_layers`."""
-    kind, k = None, 0
-    if mode in ("frozen", "unfrozen"):
-        kind = mode
-    else:
-        for prefix in ("last-", "freeze-"):
-            rest = mode[len(prefix) :] if isinstance(mode, str) and mode.startswith(prefix) else ""
-            if rest.isdigit() and int(rest) >= 1:
-                kind, k = prefix[:-1], int(rest)
-    if kind is None:
-        raise InputError(f"unknown training mode {mode!r}; use {MODES_HELP}")
-    if num_layers is not None and k > int(num_layers):
-        raise InputError(f"training mode {mode!r} names {k} layers but the model has {num_layers} encoder layers")
-    return kind, k
-
-
 def apply_training_mode(model, mode: str) -> list[str]:
     """Set `requires_grad` for a training mode (see the module docstring); returns the trainable names."""
     num_layers = len(model.bert.encoder.layer)

@@ -56,6 +56,7 @@ import numpy as np
 
 from pipeline.errors import InputError
 from pipeline.tokenize.batching import length_grouped_batches, pad_batch
+from pipeline.training.finetune import decay_parameter_groups, warmup_decay_factor
 
 MASK_PROBABILITY = 0.15
 CELL_OBJECTIVES = ("genes", "components")
@@ -260,7 +261,8 @@ def evaluate_masked_genes(
 # ------------------------------------------------------------------------------------------- plan
 @dataclass
 class LrSchedule:
-    """Linear warm-up, then linear decay to zero at `horizon` (a `LambdaLR` factor of the base rate).
+    """Linear warm-up, then linear decay to zero at `horizon` (a `LambdaLR` factor of the base rate; the
+    formula is fine-tuning's, `pipeline.training.finetune.warmup_decay_factor`).
 
     `horizon` starts at the planned number of steps; with a time budget, `observe` re-aims it at the steps
     the budget still allows, only while the planned steps would overrun it at the pace measured after the
@@ -279,9 +281,7 @@ class LrSchedule:
 
     def factor(self, step: int) -> float:
         w = min(self.warmup, max(1, self.horizon // 10)) if self.horizon < self.planned else self.warmup
-        if step < w:
-            return (step + 1) / (w + 1)
-        return max(0.0, (self.horizon - step) / max(1, self.horizon - w))
+        return warmup_decay_factor(step, w, self.horizon)
 
     def observe(self, step: int, elapsed: float) -> None:
         """Measure the pace after `step` steps taking `elapsed` seconds; re-aim the decay if the budget binds."""
@@ -538,7 +538,6 @@ def start_run(plan: PretrainPlan, device) -> PretrainRun:
     import torch
 
     from pipeline.models.load import build_small_bert
-    from pipeline.training.finetune import decay_parameter_groups
 
     model = build_small_bert(plan.vocab_size, pad_token_id=plan.pad_id, seed=None, **plan.model)
     model.to(device)

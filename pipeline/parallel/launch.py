@@ -1,12 +1,34 @@
-"""Starting data-parallel fine-tuning in several processes under torchrun (docs/architecture.md,
-"Data-parallel processes").
+"""Work in several processes under torchrun, and the channel between such a job and the process that
+started it (docs/architecture.md, "Data-parallel processes").
 
-gfattn starts the processes itself: asked for `--nproc N > 1` outside a torchrun launch, a command
-re-executes itself under `python -m torch.distributed.run --standalone --nproc-per-node N`
-(`launch_torchrun`). `finetune_distributed` writes the splits and a job file to a work folder and runs
-`python -m pipeline.parallel.launch --job JOB` in N processes; each joins the process group (`pipeline.parallel.distributed`),
-trains on its share of each global batch (`pipeline.training.finetune.finetune`), and only rank 0 writes to the store
-and to disk. Layering: this module sits above `pipeline.training.finetune`, which sits above `pipeline.parallel.distributed`.
+Two ways in. A command asked for `--nproc N > 1` outside a torchrun launch may re-execute itself under
+`python -m torch.distributed.run --standalone --nproc-per-node N` (`launch_torchrun`). A stage that runs
+one piece of work in N processes and goes on in its own process uses the **job channel**:
+
+- the parent calls `run_job(job, nproc, module=M, on_event=callback, work_dir=DIR)`: it writes the job (a
+  JSON document) to `DIR/job.json`, starts `python -m M --job DIR/job.json` in N processes with
+  `subprocess.Popen`, and while they run polls `DIR/events.jsonl` (JSON lines), handing each record, in
+  order and as it arrives, to `callback` in the parent; the parent's recorder writes the records to the
+  store there, so progress shows live and no worker ever opens the store. When the processes have ended
+  it returns the job's result, or raises the worker's `InputError` as one line, or a `RuntimeError` naming
+  the exit status (the workers' tracebacks are on stderr above it).
+- the worker module ends in `sys.exit(worker_main(work))`; in each process `work(channel)` gets a
+  `JobChannel` (`channel.job`: the job; `channel.main`: rank 0) and returns the result. Only rank 0
+  writes: `channel.emit(record)` appends one JSON line to the events file (a no-op on other ranks), and
+  its return value is written atomically as the result (`channel.set_result`), JSON (`result="json"`)
+  or, for results holding numpy arrays or DataFrames, a pickle (`result="pickle"`). An `InputError`
+  raised by `work` is passed to the parent; every process leaves the process group at the end.
+
+`DIR` is the parent's own temporary work folder (`tempfile.mkdtemp`, readable by its user only); the
+pickled result is read back from there only, written by the workers the parent started.
+
+A recorder crosses the channel as calls: in the worker `CallForwarder(channel, METHODS)` stands in for
+the recorder and turns each call of one of `METHODS` into a record, and the parent's `on_event` is
+`lambda record: replay_call(recorder, record, METHODS)`. Fine-tuning in N processes
+(`finetune_distributed`, worker `_finetune_worker` in this module) works this way with the methods of
+`pipeline.training.finetune.FinetuneRecorder`.
+
+Layering: this module sits above `pipeline.training.finetune`, which sits above `pipeline.parallel.distributed`.
 """
 
 from __future__ import annotations
@@ -15,13 +37,18 @@ import json
 import os
 import subprocess
 import sys
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 from pipeline.errors import InputError
 from pipeline.parallel.distributed import env_local_rank, env_rank, init_from_env, shutdown
 from store.jsonsafe import json_default
 
 WORKER_MODULE = "pipeline.parallel.launch"
+JOB_FILE = "job.json"
+EVENTS_FILE = "events.jsonl"
+RESULT_FORMATS = {"json": "result.json", "pickle": "result.pkl"}
+POLL_S = 0.2  # how often the parent reads new events while the workers run
 
 
 def torchrun_command(
@@ -42,6 +69,11 @@ def torchrun_command(
     return cmd + [str(a) for a in argv]
 
 
+def _check_nproc(nproc: int) -> None:
+    if int(nproc) < 1:
+        raise InputError(f"--nproc must be at least 1, got {nproc}")
+
+
 def launch_torchrun(
     argv: Sequence[str],
     nproc: int,
@@ -55,15 +87,215 @@ def launch_torchrun(
     Blocks until every process has finished and returns the launcher's exit status. torchrun sets
     OMP_NUM_THREADS=1 per process unless it is already set.
     """
-    if int(nproc) < 1:
-        raise InputError(f"--nproc must be at least 1, got {nproc}")
-    run_env = dict(os.environ)
-    run_env.update(env or {})
+    _check_nproc(nproc)
     cmd = torchrun_command(argv, nproc, module=module, script=script)
-    return subprocess.call(cmd, env=run_env)
+    return subprocess.call(cmd, env={**os.environ, **(env or {})})
+
+
+# ------------------------------------------------------------------------------------- the job channel
+def _dump(obj) -> str:
+    # A private hand-off between processes: NaN stays NaN (Python's json reads it back), so the parent
+    # sees exactly the worker's values; numpy and paths go through the shared `json_default`.
+    return json.dumps(obj, default=json_default)
+
+
+class _EventReader:
+    """The complete lines appended to the events file since the last read (a line being written waits)."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset, self.pending = path, 0, b""
+
+    def read(self) -> list[dict]:
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(self.offset)
+                data = fh.read()
+        except FileNotFoundError:
+            return []
+        self.offset += len(data)
+        *lines, self.pending = (self.pending + data).split(b"\n")
+        return [json.loads(line) for line in lines if line.strip()]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """End the launcher (torchrun stops its workers on SIGTERM); kill it when it does not end in 30 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def write_job(job: dict, work_dir, *, result: str = "json") -> Path:
+    """Write `WORK_DIR/job.json` (the job and where its events and result go), empty the events file and
+    remove an old result; returns the job file's path, which `JobChannel` opens."""
+    if result not in RESULT_FORMATS:
+        raise ValueError(f"result must be one of {', '.join(RESULT_FORMATS)}, got {result!r}")
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    events, outcome = work / EVENTS_FILE, work / RESULT_FORMATS[result]
+    events.write_bytes(b"")
+    outcome.unlink(missing_ok=True)
+    channel = {"events": str(events), "result": str(outcome), "format": result}
+    (work / JOB_FILE).write_text(_dump({"channel": channel, "job": job}))
+    return work / JOB_FILE
+
+
+def run_job(
+    job: dict,
+    nproc: int,
+    *,
+    module: str,
+    work_dir,
+    on_event: Callable[[dict], None] | None = None,
+    result: str = "json",
+    what: str = "the job",
+    env: dict | None = None,
+    poll_s: float = POLL_S,
+) -> Any:
+    """Run `python -m MODULE --job WORK_DIR/job.json` in `nproc` processes under torchrun and return the
+    result its rank 0 set (see the module docstring). `on_event` receives each record rank 0 emits, in
+    order, while the processes run; if it raises, the processes are stopped and the error propagates.
+    `result` is "json" or "pickle"; `what` names the work in the error raised when the processes fail."""
+    import pickle
+
+    _check_nproc(nproc)
+    job_path = write_job(job, work_dir, result=result)
+    work = job_path.parent
+    reader = _EventReader(work / EVENTS_FILE)
+    outcome_path = work / RESULT_FORMATS[result]
+    proc = subprocess.Popen(
+        torchrun_command(["--job", str(job_path)], nproc, module=module), env={**os.environ, **(env or {})}
+    )
+    try:
+        while True:
+            finished = proc.poll() is not None
+            for record in reader.read():  # after the exit, this read drains what is left
+                if on_event is not None:
+                    on_event(record)
+            if finished:
+                break
+            try:
+                proc.wait(timeout=poll_s)
+            except subprocess.TimeoutExpired:
+                pass
+    except BaseException:
+        _stop(proc)
+        raise
+    rc = proc.returncode
+    outcome: dict = {}
+    if outcome_path.is_file():
+        data = outcome_path.read_bytes()
+        outcome = pickle.loads(data) if result == "pickle" else json.loads(data)
+    if outcome.get("input_error"):
+        raise InputError(outcome["input_error"])
+    if rc != 0 or "result" not in outcome:
+        raise RuntimeError(
+            f"{what} in {nproc} processes failed (exit status {rc}); the workers' errors are printed above"
+        )
+    return outcome["result"]
+
+
+class JobChannel:
+    """The worker's end of `run_job`: the job, and (rank 0 only) the events and the result."""
+
+    def __init__(self, job_path):
+        doc = json.loads(Path(job_path).read_text())
+        self.job: dict = doc["job"]
+        self._channel: dict = doc["channel"]
+        self.main = env_rank() == 0
+        self._events = open(self._channel["events"], "ab") if self.main else None
+
+    def emit(self, record: dict) -> None:
+        """Append `record` (JSON-able: numpy values and paths are converted) to the events the parent reads."""
+        if self._events is not None:
+            self._events.write((_dump(record) + "\n").encode("utf-8"))
+            self._events.flush()
+
+    def _write_outcome(self, outcome: dict) -> None:
+        if not self.main:
+            return
+        import pickle
+
+        from pipeline.io import atomic_write_bytes
+
+        if self._channel["format"] == "pickle":
+            data = pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
+        else:
+            data = _dump(outcome).encode("utf-8")
+        atomic_write_bytes(self._channel["result"], data)
+
+    def set_result(self, obj) -> None:
+        """The job's result, which `run_job` returns in the parent (JSON-able, or any picklable object)."""
+        self._write_outcome({"result": obj})
+
+    def fail(self, message: str) -> None:
+        """An error the user can fix: `run_job` raises it in the parent as `InputError(message)`."""
+        self._write_outcome({"input_error": message})
+
+    def close(self) -> None:
+        if self._events is not None:
+            self._events.close()
+            self._events = None
+
+
+def serve_job(job_path, work: Callable[[JobChannel], Any]) -> int:
+    """One torchrun process of a job: `work(channel)`'s return value becomes the result (rank 0's); an
+    `InputError` goes to the parent as its message (exit status 2). The process group is left at the end."""
+    channel = JobChannel(job_path)
+    try:
+        channel.set_result(work(channel))
+        return 0
+    except InputError as exc:
+        channel.fail(str(exc))
+        return 2
+    finally:
+        channel.close()
+        shutdown()
+
+
+def worker_main(
+    work: Callable[[JobChannel], Any], argv: Sequence[str] | None = None, *, prog: str | None = None
+) -> int:
+    """The entry point of a worker module: `--job JOB` from the command line, then `serve_job`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=prog)
+    parser.add_argument("--job", required=True, help="the job file `run_job` wrote")
+    return serve_job(parser.parse_args(argv).job, work)
+
+
+class CallForwarder:
+    """Stands in for a recorder in a worker: each call of one of `methods` becomes the record
+    {"call": name, "args": [...], "kwargs": {...}} on the channel, for `replay_call` in the parent."""
+
+    def __init__(self, channel: JobChannel, methods: Sequence[str]):
+        self._channel, self._methods = channel, tuple(methods)
+
+    def __getattr__(self, name: str):
+        if name.startswith("_") or name not in self._methods:
+            raise AttributeError(name)
+
+        def forward(*args, **kwargs) -> None:
+            self._channel.emit({"call": name, "args": list(args), "kwargs": kwargs})
+
+        return forward
+
+
+def replay_call(recorder, record: dict, methods: Sequence[str]) -> None:
+    """Make the call a `CallForwarder` forwarded, on the parent's `recorder`."""
+    name = record.get("call")
+    if name not in methods:
+        raise ValueError(f"a worker sent {name!r}, which is not a recorder method ({', '.join(methods)})")
+    getattr(recorder, name)(*record.get("args", ()), **record.get("kwargs", {}))
 
 
 # ------------------------------------------------------------------------- fine-tuning in N processes
+FINETUNE_RECORDER_METHODS = ("event", "progress", "metrics", "confusion")  # `FinetuneRecorder`'s
+
+
 def _save_split(ds, path) -> None:
     import datasets
 
@@ -80,10 +312,52 @@ def _save_split(ds, path) -> None:
             datasets.utils.logging.enable_progress_bar()
 
 
-def _dump(obj) -> str:
-    # A private hand-off between processes: NaN stays NaN (Python's json reads it back), so the parent
-    # sees exactly the worker's values; numpy and paths go through the shared `json_default`.
-    return json.dumps(obj, default=json_default)
+def finetune_model(
+    model_dir,
+    parts: dict,
+    *,
+    label_names,
+    mode: str,
+    config,
+    nproc: int = 1,
+    recorder=None,
+    out_dir=None,
+    dicts=None,
+    load_options: dict | None = None,
+):
+    """Fine-tune `model_dir` on `parts` ("train", "validation", "test") in this process (`nproc` 1) or in
+    `nproc` processes (`finetune_distributed`); returns a `FinetuneResult`. The classifier is loaded with
+    `dicts`, `config.seed` and `load_options` (`load_classifier`'s `max_len`, `data_source`); `recorder`
+    (a `FinetuneRecorder`) hears the run either way."""
+    if int(nproc) > 1:
+        return finetune_distributed(
+            model_dir,
+            parts,
+            label_names=label_names,
+            mode=mode,
+            config=config,
+            nproc=nproc,
+            recorder=recorder,
+            out_dir=out_dir,
+            dicts=dicts,
+            load_options=load_options,
+        )
+    from pipeline.models.load import load_classifier
+    from pipeline.training.finetune import finetune
+
+    model = load_classifier(model_dir, len(label_names), dicts=dicts, seed=config.seed, **(load_options or {}))
+    return finetune(
+        model,
+        parts["train"],
+        parts.get("validation"),
+        parts.get("test"),
+        label_names=label_names,
+        mode=mode,
+        config=config,
+        recorder=recorder,
+        out_dir=out_dir,
+        dicts=dicts,
+    )
 
 
 def finetune_distributed(
@@ -94,22 +368,22 @@ def finetune_distributed(
     mode: str,
     config,
     nproc: int,
-    store_path=None,
-    run_id: int | None = None,
+    recorder=None,
     out_dir=None,
     dicts=None,
+    load_options: dict | None = None,
     work_dir=None,
 ):
     """Fine-tune `model_dir` in `nproc` processes launched with torchrun; returns a `FinetuneResult`.
 
     `parts` maps "train", "validation", "test" to datasets (Hugging Face `Dataset`s or dicts of columns).
-    They are written to a work folder that every process reads; rank 0 records to the store at
-    `store_path` under `run_id` and saves the model to `out_dir`, whose fine-tuned model is returned.
+    They are written to a work folder that every process reads; rank 0 forwards what it reports to
+    `recorder` in this process (the job channel) and saves the model to `out_dir`, whose fine-tuned model
+    is returned.
     """
     import shutil
     import tempfile
     from dataclasses import asdict
-    from pathlib import Path
 
     import numpy as np
 
@@ -135,23 +409,19 @@ def finetune_distributed(
             "label_names": [str(x) for x in label_names],
             "mode": mode,
             "config": asdict(config),
-            "store_path": None if store_path is None else str(store_path),
-            "run_id": run_id,
+            "record": recorder is not None,
             "out_dir": str(model_out),
             "dicts_dir": None if dicts_dir is None else str(dicts_dir),
-            "result": str(work / "result.json"),
+            "load_options": dict(load_options or {}),
         }
-        (work / "job.json").write_text(_dump(job))
-        rc = launch_torchrun(["--job", str(work / "job.json")], nproc, module=WORKER_MODULE)
-        result_path = work / "result.json"
-        outcome = json.loads(result_path.read_text()) if result_path.is_file() else {}
-        if outcome.get("input_error"):
-            raise InputError(outcome["input_error"])
-        if rc != 0 or "test_metrics" not in outcome:
-            raise RuntimeError(
-                f"distributed fine-tuning in {nproc} processes failed (exit status {rc}); "
-                "the workers' errors are printed above"
-            )
+        outcome = run_job(
+            job,
+            nproc,
+            module=WORKER_MODULE,
+            work_dir=work,
+            on_event=None if recorder is None else lambda r: replay_call(recorder, r, FINETUNE_RECORDER_METHODS),
+            what="distributed fine-tuning",
+        )
         from pipeline.models.load import load_classifier
 
         model = load_classifier(model_out, len(label_names))
@@ -178,76 +448,50 @@ def finetune_distributed(
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _run_job(job_path: str) -> int:
-    """One torchrun process of `finetune_distributed`."""
-    from pathlib import Path
+def _finetune_worker(channel: JobChannel) -> dict:
+    """One torchrun process of `finetune_distributed`: the JSON result rank 0 hands back."""
+    import datasets
 
-    job = json.loads(Path(job_path).read_text())
-    main = env_rank() == 0
+    from pipeline.compute import resolve_device
+    from pipeline.models.load import load_classifier
+    from pipeline.training.finetune import TrainConfig, finetune
 
-    def write(obj) -> None:
-        if main:
-            Path(job["result"]).write_text(_dump(obj))
+    job = channel.job
+    config = TrainConfig(**job["config"])
+    device = resolve_device(config.device, env_local_rank())
+    init_from_env(device)
+    dicts = None
+    if job["dicts_dir"]:
+        from pipeline.data.dictionaries import GeneDictionaries
 
-    try:
-        import datasets
-
-        from pipeline.compute import resolve_device
-        from pipeline.models.load import load_classifier
-        from pipeline.training.finetune import TrainConfig, finetune
-
-        config = TrainConfig(**job["config"])
-        device = resolve_device(config.device, env_local_rank())
-        init_from_env(device)
-        dicts = None
-        if job["dicts_dir"]:
-            from pipeline.data.dictionaries import GeneDictionaries
-
-            dicts = GeneDictionaries.from_model_dir(job["dicts_dir"])
-        model = load_classifier(job["model_dir"], len(job["label_names"]), dicts=dicts, seed=config.seed)
-        splits = {k: datasets.load_from_disk(v) for k, v in job["splits"].items()}
-        store = None
-        if main and job["store_path"] and job["run_id"] is not None:
-            from store import Store
-
-            store = Store(job["store_path"])
-        result = finetune(
-            model,
-            splits["train"],
-            splits.get("validation"),
-            splits.get("test"),
-            label_names=job["label_names"],
-            mode=job["mode"],
-            config=config,
-            store=store,
-            run_id=job["run_id"],
-            out_dir=job["out_dir"],
-            dicts=dicts,
-        )
-        write(
-            {
-                "best_epoch": result.best_epoch,
-                "val_metrics": result.val_metrics,
-                "test_metrics": result.test_metrics,
-                "confusion": result.confusion,
-                "test_predictions": result.test_predictions,
-                "test_probabilities": result.test_probabilities,
-                "history": result.history,
-            }
-        )
-        if store is not None:
-            store.close()
-        return 0
-    except InputError as exc:
-        write({"input_error": str(exc)})
-        return 2
-    finally:
-        shutdown()
+        dicts = GeneDictionaries.from_model_dir(job["dicts_dir"])
+    model = load_classifier(
+        job["model_dir"], len(job["label_names"]), dicts=dicts, seed=config.seed, **job["load_options"]
+    )
+    splits = {k: datasets.load_from_disk(v) for k, v in job["splits"].items()}
+    recorder = CallForwarder(channel, FINETUNE_RECORDER_METHODS) if job["record"] and channel.main else None
+    result = finetune(
+        model,
+        splits["train"],
+        splits.get("validation"),
+        splits.get("test"),
+        label_names=job["label_names"],
+        mode=job["mode"],
+        config=config,
+        recorder=recorder,
+        out_dir=job["out_dir"],
+        dicts=dicts,
+    )
+    return {
+        "best_epoch": result.best_epoch,
+        "val_metrics": result.val_metrics,
+        "test_metrics": result.test_metrics,
+        "confusion": result.confusion,
+        "test_predictions": result.test_predictions,
+        "test_probabilities": result.test_probabilities,
+        "history": result.history,
+    }
 
 
 if __name__ == "__main__":  # pragma: no cover - entry point of the torchrun workers
-    import argparse
-
-    parser = argparse.ArgumentParser(prog=f"python -m {WORKER_MODULE}")
-    parser.add_argument("--job", required=True)
-    sys.exit(_run_job(parser.parse_args().job))
+    sys.exit(worker_main(_finetune_worker, prog=f"python -m {WORKER_MODULE}"))

@@ -19,7 +19,13 @@ Several processes (`pipeline.parallel.distributed`): each optimisation step take
 `batch_size * grad_accum * world_size` cells from the same length-grouped plan on every rank and splits
 it into micro-batches; each micro-batch's loss is normalised by the global batch's total (class) weight,
 so the averaged gradient equals one process's on the same global batch. Evaluation shards batches over
-ranks and sums logits, so every rank computes the same metrics; only rank 0 writes to the store and disk.
+ranks and sums logits, so every rank computes the same metrics; only rank 0 reports and writes to disk.
+
+Recording: this module never holds a store. What a run reports while it runs (events, progress, metrics,
+the test confusion matrix) goes to a `FinetuneRecorder` its caller passes; the fine-tune stage's recorder
+(`pipeline.run.stages.finetune.FinetuneStoreRecorder`) writes it to the store under the names
+`store.results` owns, and a worker of several processes forwards it to its parent
+(`pipeline.parallel.launch`).
 
 One module: the fine-tuning plan, epoch loop, evaluation, checkpointing and the frozen-feature cache share the
 plan's state; each step is a function of its own.
@@ -33,12 +39,13 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
 from pipeline.compute import DEVICE_CHOICES, configure_determinism, fault_point, resolve_device, seed_everything
 from pipeline.config import Train as _TrainSchema
+from pipeline.config import parse_mode
 from pipeline.errors import InputError
 from pipeline.parallel import distributed
 from pipeline.tokenize.batching import length_grouped_batches, pad_batch
@@ -46,7 +53,42 @@ from pipeline.tokenize.cells import Cells
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 BEST_METRICS = ("macro_f1", "accuracy", "loss")
-STAGE = "finetune"
+# the splits a run reports metrics of (`FinetuneRecorder.metrics`)
+SPLIT_TRAIN, SPLIT_VALIDATION, SPLIT_TEST = "train", "validation", "test"
+PER_LABEL_METRICS = ("precision", "recall", "f1")
+PROGRESS_EVERY_S = 1.0  # the least seconds between two progress reports (the first and last are always sent)
+
+
+class FinetuneRecorder(Protocol):
+    """What a fine-tuning run reports while it runs, on rank 0 only. The caller decides where it goes (the
+    store, the terminal, a parent process); this module names nothing in the store.
+
+    Metric names are this module's: `loss` and `lr` (split "train", every `log_every` steps), `cells_per_s`
+    (split "train", every epoch), and `classification_metrics`' keys: `accuracy`, `macro_f1`, `loss`
+    (validation every epoch, test at the end, at the best epoch), `<m>/<label>` for m in
+    `PER_LABEL_METRICS` (test only)."""
+
+    def event(self, message: str) -> None:
+        """A line for the run's log."""
+
+    def progress(
+        self,
+        done: float,
+        total: float | None,
+        *,
+        unit: str,
+        throughput: float | None = None,
+        eta_s: float | None = None,
+        message: str | None = None,
+    ) -> None:
+        """`done` of `total` `unit`s ("steps", "cells encoded"); `throughput` in units per second. At most
+        one a `PROGRESS_EVERY_S`, besides the first and the last."""
+
+    def metrics(self, split: str, step: int, epoch: int, values: Mapping[str, float]) -> None:
+        """Values of one split ("train", "validation", "test") at optimisation step `step` of epoch `epoch`."""
+
+    def confusion(self, split: str, labels: Sequence[str], matrix) -> None:
+        """The confusion matrix of `split` (rows: true label, columns: predicted)."""
 
 
 @dataclass
@@ -143,15 +185,22 @@ def _autocast(device, dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def linear_warmup_decay(warmup: int, total: int) -> Callable[[int], float]:
-    """LR multiplier: linear rise over `warmup` steps (never 0 at the first step), then linear decay to 0."""
+def warmup_decay_factor(step: int, warmup: int, total: int) -> float:
+    """The learning-rate multiplier at optimisation step `step` (0-based): a linear rise over `warmup` steps
+    (never 0 at the first step), then a linear decay to 0 at step `total`. The one schedule of fine-tuning
+    and pretraining (`pipeline.models.pretrain.LrSchedule` re-aims `total` under a time budget)."""
     warmup = max(0, int(warmup))
     total = max(1, int(total))
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def linear_warmup_decay(warmup: int, total: int) -> Callable[[int], float]:
+    """`warmup_decay_factor` for a fixed `warmup` and `total`, as a `LambdaLR` factor."""
 
     def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return max(0.0, (total - step) / max(1, total - warmup))
+        return warmup_decay_factor(step, warmup, total)
 
     return factor
 
@@ -199,10 +248,15 @@ def classification_metrics(y_true, y_pred, label_names: Sequence[str], logits=No
     if logits is not None and len(y_true):
         metrics["loss"] = cross_entropy(logits, y_true)
     for i, name in enumerate(label_names):
-        metrics[f"precision/{name}"] = float(precision[i])
-        metrics[f"recall/{name}"] = float(recall[i])
-        metrics[f"f1/{name}"] = float(f1[i])
+        metrics[per_label_key("precision", name)] = float(precision[i])
+        metrics[per_label_key("recall", name)] = float(recall[i])
+        metrics[per_label_key("f1", name)] = float(f1[i])
     return metrics, confusion
+
+
+def per_label_key(metric: str, label: str) -> str:
+    """ "precision/high": the key of a per-class metric in `classification_metrics`' dictionary."""
+    return f"{metric}/{label}"
 
 
 def cross_entropy(logits, labels) -> float:
@@ -365,20 +419,19 @@ def finetune(
     test_ds,
     *,
     out_dir: str | os.PathLike | None = None,
-    progress: Callable[[dict], None] | None = None,
     dicts=None,
     **options,
 ) -> FinetuneResult:
     """Fine-tune a `BertForSequenceClassification` in a training mode and evaluate it.
 
     `options` are `plan_finetuning`'s: `label_names` (required), `mode` (default frozen), `config`
-    (`TrainConfig`), `store` and `run_id`. Datasets carry `input_ids`, `length` and an int `label`
-    indexing `label_names`; `val_ds` and `test_ds` may be None. With `store` and `run_id`, rank 0 records
-    progress, train loss and learning rate every `log_every` steps, validation metrics every epoch, and the
-    test metrics and confusion matrix. With `out_dir`, rank 0 saves the model (`save_pretrained`), its gene
-    dictionaries (`dicts`, or the ones next to the checkpoint it was loaded from) and `gfattn_finetune.json`.
-    `progress` is called on rank 0 after every logged step as `progress(step, total_steps,
-    throughput=steps_per_s, eta_s=..., message="epoch E, loss L, lr X, N cells/s")`.
+    (`TrainConfig`) and `recorder`. Datasets carry `input_ids`, `length` and an int `label` indexing
+    `label_names`; `val_ds` and `test_ds` may be None. With a `recorder` (`FinetuneRecorder`), rank 0
+    reports its events, its progress (steps, with "epoch E, loss L, lr X, N cells/s"; in frozen mode first
+    the cells encoded), train loss and learning rate every `log_every` steps, validation metrics every
+    epoch, and the test metrics and confusion matrix. With `out_dir`, rank 0 saves the model
+    (`save_pretrained`), its gene dictionaries (`dicts`, or the ones next to the checkpoint it was loaded
+    from) and `gfattn_finetune.json`.
 
     The work runs in four steps: `plan_finetuning` (cells, optimiser, schedule, seeds), the frozen
     feature cache (`encode_frozen_features`), one `run_epoch` + `validate_epoch` per epoch (stopping early
@@ -389,7 +442,7 @@ def finetune(
     encode_frozen_features(plan)
     state = _TrainState(plan)
     for epoch in range(1, plan.epochs + 1):
-        entry = run_epoch(plan, state, epoch, progress)
+        entry = run_epoch(plan, state, epoch)
         validate_epoch(plan, state, epoch, entry)
         record_epoch(plan, entry)
         state.history.append(entry)
@@ -418,11 +471,9 @@ def early_stop(plan: FinetunePlan, state: _TrainState, epoch: int) -> bool:
         return False
     state.stopped_early = epoch
     if plan.record:
-        plan.store.log_event(
-            plan.run_id,
+        plan.recorder.event(
             f"early stop after epoch {epoch}: validation {plan.config.best_metric} has not improved for "
-            f"{patience} epochs (best: epoch {state.best['epoch']})",
-            stage=STAGE,
+            f"{patience} epochs (best: epoch {state.best['epoch']})"
         )
     return True
 
@@ -442,9 +493,8 @@ class FinetunePlan:
     device: Any
     rank: int
     world: int
-    record: bool
-    store: Any
-    run_id: int | None
+    record: bool  # rank 0 with a recorder
+    recorder: FinetuneRecorder | None
     params: list
     trainable: list
     amp_dtype: Any
@@ -483,7 +533,8 @@ class _TrainState:
         self.step = 0
         self.cells_seen = 0
         self.t0 = time.perf_counter()
-        self.last_progress = 0.0
+        self.last_progress = 0.0  # when progress was last reported (perf_counter)
+        self.message: str | None = None  # the latest logged step's "epoch E, loss L, lr X, N cells/s"
         self.window_loss = torch.zeros((), dtype=torch.float64, device=plan.device)
         self.window_steps = 0
         self.stopped_early = 0  # the epoch after which early stopping ended training (0: it did not)
@@ -498,13 +549,12 @@ def plan_finetuning(
     label_names: Sequence[str],
     mode: str = "frozen",
     config: TrainConfig | None = None,
-    store=None,
-    run_id: int | None = None,
+    recorder: FinetuneRecorder | None = None,
 ) -> FinetunePlan:
     """Check the inputs, set the training mode, seed, and build the optimiser and schedule."""
     import torch
 
-    from pipeline.models.load import apply_training_mode, parse_mode
+    from pipeline.models.load import apply_training_mode
 
     config = (config or TrainConfig()).validate()
     label_names = [str(x) for x in label_names]
@@ -522,7 +572,7 @@ def plan_finetuning(
     configure_determinism(device)
     distributed.init_from_env(device)
     rank, world = distributed.rank(), distributed.world_size()
-    record = store is not None and run_id is not None and rank == 0
+    record = recorder is not None and rank == 0
     seed_everything(config.seed)
 
     max_positions = int(model.config.max_position_embeddings)
@@ -594,8 +644,7 @@ def plan_finetuning(
         rank=rank,
         world=world,
         record=record,
-        store=store,
-        run_id=run_id,
+        recorder=recorder if record else None,
         params=params,
         trainable=trainable,
         amp_dtype=amp_dtype,
@@ -613,14 +662,12 @@ def plan_finetuning(
         ddp=ddp,
     )
     if record:
-        store.log_event(
-            run_id,
+        recorder.event(
             f"fine-tuning {mode}: {len(train)} training cells, {epochs} epochs, {total_steps} steps on "
             f"{world} x {device.type}"
-            + (f", class weights {', '.join(f'{w:.2f}' for w in cw)}" if config.class_weights else ""),
-            stage=STAGE,
+            + (f", class weights {', '.join(f'{w:.2f}' for w in cw)}" if config.class_weights else "")
         )
-        store.set_progress(run_id, STAGE, 0, total_steps, unit="steps")
+        recorder.progress(0, total_steps, unit="steps")
     return plan
 
 
@@ -628,7 +675,7 @@ def encode_frozen_features(plan: FinetunePlan) -> None:
     """Frozen mode: the encoder's first-position output of every cell, computed once (eval mode)."""
     if not plan.cached:
         return
-    store, run_id = plan.store, plan.run_id
+    recorder = plan.recorder
     t_enc = time.perf_counter()
     n_enc = sum(len(c) for c in (plan.train, plan.val, plan.test) if c is not None)
     done_enc = [0]
@@ -637,17 +684,15 @@ def encode_frozen_features(plan: FinetunePlan) -> None:
     def on_batch(n):
         done_enc[0] += n * plan.world
         now = time.perf_counter()
-        if plan.record and now - last[0] > 1.0:
+        if plan.record and now - last[0] > PROGRESS_EVERY_S:
             last[0] = now
             rate = done_enc[0] / max(now - t_enc, 1e-9)
-            store.set_progress(
-                run_id,
-                STAGE,
+            recorder.progress(
                 min(done_enc[0], n_enc),
                 n_enc,
                 unit="cells encoded",
                 throughput=rate,
-                eta_s=(n_enc - done_enc[0]) / max(rate, 1e-9),
+                eta_s=max(n_enc - done_enc[0], 0) / max(rate, 1e-9),
             )
 
     for cells in (plan.train, plan.val, plan.test):
@@ -663,14 +708,12 @@ def encode_frozen_features(plan: FinetunePlan) -> None:
                 on_batch,
             )
     if plan.record:
-        store.log_event(
-            run_id,
-            f"frozen encoder: {n_enc} cells encoded once in {time.perf_counter() - t_enc:.1f} s; training the head",
-            stage=STAGE,
+        recorder.event(
+            f"frozen encoder: {n_enc} cells encoded once in {time.perf_counter() - t_enc:.1f} s; training the head"
         )
 
 
-def run_epoch(plan: FinetunePlan, state: _TrainState, epoch: int, progress=None) -> dict:
+def run_epoch(plan: FinetunePlan, state: _TrainState, epoch: int) -> dict:
     """One pass over the training cells in the epoch's seeded length-grouped order; returns its history entry."""
     import torch
 
@@ -726,7 +769,7 @@ def run_epoch(plan: FinetunePlan, state: _TrainState, epoch: int, progress=None)
         state.window_loss += step_loss
         epoch_loss += step_loss
         state.window_steps += 1
-        _after_step(plan, state, epoch, lr_now, progress)
+        _after_step(plan, state, epoch, lr_now)
         fault_point("finetune-step", f"{plan.mode}:{state.step}")
 
     if not plan.cached:
@@ -742,46 +785,30 @@ def run_epoch(plan: FinetunePlan, state: _TrainState, epoch: int, progress=None)
     }
 
 
-def _after_step(plan: FinetunePlan, state: _TrainState, epoch: int, lr_now: float, progress) -> None:
-    """Train-loss and learning-rate records every `log_every` steps; store progress at most once a second."""
+def _after_step(plan: FinetunePlan, state: _TrainState, epoch: int, lr_now: float) -> None:
+    """Train loss and learning rate every `log_every` steps; progress at most once a `PROGRESS_EVERY_S`."""
     step, total = state.step, plan.total_steps
-    store, run_id = plan.store, plan.run_id
     if step % plan.config.log_every == 0 or step == total:
         if not plan.cached:
             distributed.all_reduce_sum(state.window_loss)
         loss_value = float(state.window_loss) / state.window_steps
         state.window_loss.zero_()
         state.window_steps = 0
-        elapsed = time.perf_counter() - state.t0
-        rate = state.cells_seen / max(elapsed, 1e-9)
         if plan.record:
-            store.log_metrics(
-                run_id,
-                [
-                    {"name": "loss", "value": loss_value, "step": step, "epoch": epoch, "split": "train"},
-                    {"name": "lr", "value": lr_now, "step": step, "epoch": epoch, "split": "train"},
-                ],
-            )
-        if plan.main and progress:
-            progress(
-                step,
-                total,
-                throughput=step / max(elapsed, 1e-9),
-                eta_s=(total - step) * elapsed / step,
-                message=f"epoch {epoch}, loss {loss_value:.4f}, lr {lr_now:.2e}, {rate:.0f} cells/s",
-            )
+            rate = state.cells_seen / max(time.perf_counter() - state.t0, 1e-9)
+            state.message = f"epoch {epoch}, loss {loss_value:.4f}, lr {lr_now:.2e}, {rate:.0f} cells/s"
+            plan.recorder.metrics(SPLIT_TRAIN, step, epoch, {"loss": loss_value, "lr": lr_now})
     now = time.perf_counter()
-    if plan.record and (now - state.last_progress > 1.0 or step == total):
+    if plan.record and (now - state.last_progress > PROGRESS_EVERY_S or step == total):
         state.last_progress = now
         elapsed = now - state.t0
-        store.set_progress(
-            run_id,
-            STAGE,
+        plan.recorder.progress(
             step,
             total,
             unit="steps",
-            throughput=state.cells_seen / max(elapsed, 1e-9),
+            throughput=step / max(elapsed, 1e-9),
             eta_s=(total - step) * elapsed / step,
+            message=state.message,
         )
 
 
@@ -804,13 +831,7 @@ def validate_epoch(plan: FinetunePlan, state: _TrainState, epoch: int, entry: di
     state.last_val = vm
     entry.update({"val_loss": vm["loss"], "val_accuracy": vm["accuracy"], "val_macro_f1": vm["macro_f1"]})
     if plan.record:
-        plan.store.log_metrics(
-            plan.run_id,
-            [
-                {"name": name, "value": vm[name], "step": state.step, "epoch": epoch, "split": "validation"}
-                for name in ("accuracy", "macro_f1", "loss")
-            ],
-        )
+        plan.recorder.metrics(SPLIT_VALIDATION, state.step, epoch, {k: vm[k] for k in ("accuracy", "macro_f1", "loss")})
     best = state.best
     score = -vm["loss"] if config.best_metric == "loss" else vm[config.best_metric]
     if (
@@ -830,22 +851,11 @@ def validate_epoch(plan: FinetunePlan, state: _TrainState, epoch: int, entry: di
 def record_epoch(plan: FinetunePlan, entry: dict) -> None:
     if not plan.record:
         return
-    plan.store.log_metrics(
-        plan.run_id,
-        [
-            {
-                "name": "cells_per_s",
-                "value": entry["cells_per_s"],
-                "step": entry["step"],
-                "epoch": entry["epoch"],
-                "split": "train",
-            }
-        ],
-    )
+    plan.recorder.metrics(SPLIT_TRAIN, entry["step"], entry["epoch"], {"cells_per_s": entry["cells_per_s"]})
     msg = f"epoch {entry['epoch']}/{plan.epochs}: train loss {entry['train_loss']:.4f}"
     if "val_accuracy" in entry:
         msg += f", validation accuracy {entry['val_accuracy']:.3f}, macro-F1 {entry['val_macro_f1']:.3f}"
-    plan.store.log_event(plan.run_id, msg, stage=STAGE)
+    plan.recorder.event(msg)
 
 
 def finish_finetuning(plan: FinetunePlan, state: _TrainState, *, out_dir=None, dicts=None) -> FinetuneResult:
@@ -882,23 +892,14 @@ def finish_finetuning(plan: FinetunePlan, state: _TrainState, *, out_dir=None, d
         probs = softmax(logits)
         test_metrics, confusion = classification_metrics(plan.test.labels, preds, label_names, logits)
         if plan.record:
-            store, run_id = plan.store, plan.run_id
             names = ["accuracy", "macro_f1", "loss"] + [
-                f"{m}/{lab}" for lab in label_names for m in ("precision", "recall", "f1")
+                per_label_key(m, lab) for lab in label_names for m in PER_LABEL_METRICS
             ]
-            store.log_metrics(
-                run_id,
-                [
-                    {"name": n, "value": test_metrics[n], "step": state.step, "epoch": best_epoch, "split": "test"}
-                    for n in names
-                ],
-            )
-            store.put_confusion(run_id, label_names, confusion, split="test")
-            store.log_event(
-                run_id,
+            plan.recorder.metrics(SPLIT_TEST, state.step, best_epoch, {n: test_metrics[n] for n in names})
+            plan.recorder.confusion(SPLIT_TEST, label_names, confusion)
+            plan.recorder.event(
                 f"test accuracy {test_metrics['accuracy']:.3f}, macro-F1 "
-                f"{test_metrics['macro_f1']:.3f} (epoch {best_epoch} weights)",
-                stage=STAGE,
+                f"{test_metrics['macro_f1']:.3f} (epoch {best_epoch} weights)"
             )
 
     model.eval()

@@ -1,18 +1,80 @@
 """Stage `finetune <task>/<mode>`: one fine-tuning per task and mode, its checkpoint recorded by hash, the
-bag-of-genes baseline beside it and the gate before interpretation."""
+bag-of-genes baseline beside it and the gate before interpretation.
+
+The stage's recorder, `FinetuneStoreRecorder`, writes what fine-tuning reports (`pipeline.training.finetune`
+never holds a store) to the finetune run under the names `store.results` owns; `gfattn finetune` records
+through it too. In several processes the reports reach it over the job channel of `pipeline.parallel.launch`.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
 
 from pipeline.paths import CHECKPOINT_JSON  # CHECKPOINT_JSON: {"path", "weights_sha256"}
 from pipeline.run.stages.tokenize import task_datasets
+from pipeline.training import finetune as T
+from store import results as R
 
 if TYPE_CHECKING:  # annotations only
     from pipeline.run.context import Context
+
+
+# ----------------------------------------------------------------------------------------- recording
+# fine-tuning's own names (`pipeline.training.finetune.FinetuneRecorder`) -> the names stored; the
+# per-class metrics ("precision/high") follow `stored_metric`
+STORED_SPLITS = {T.SPLIT_TRAIN: R.SPLIT_TRAIN, T.SPLIT_VALIDATION: R.SPLIT_VALIDATION, T.SPLIT_TEST: R.SPLIT_TEST}
+STORED_METRICS = {
+    "loss": R.METRIC_LOSS,
+    "lr": R.METRIC_LR,
+    "cells_per_s": R.METRIC_CELLS_PER_S,
+    "accuracy": R.METRIC_ACCURACY,
+    "macro_f1": R.METRIC_MACRO_F1,
+}
+
+
+def stored_metric(name: str) -> str:
+    """The stored name of one of fine-tuning's metrics ("precision/high" -> `R.per_label_metric`)."""
+    if name in STORED_METRICS:
+        return STORED_METRICS[name]
+    for metric in T.PER_LABEL_METRICS:
+        prefix = T.per_label_key(metric, "")
+        if name.startswith(prefix):
+            return R.per_label_metric(metric, name[len(prefix) :])
+    raise ValueError(f"fine-tuning reported a metric {name!r} that has no stored name")
+
+
+class FinetuneStoreRecorder:
+    """The fine-tune stage's recorder (a `pipeline.training.finetune.FinetuneRecorder`): events, progress,
+    metrics and the confusion matrix of one fine-tuning, written to its finetune run `run_id`; progress is
+    also handed to `on_progress(done, total, unit=, throughput=, eta_s=, message=)` (the terminal, and in a
+    pipeline the pipeline run's progress row)."""
+
+    def __init__(self, store, run_id: int, *, on_progress: Callable[..., None] | None = None):
+        self.store, self.run_id, self.on_progress = store, run_id, on_progress
+
+    def event(self, message: str) -> None:
+        self.store.log_event(self.run_id, message, stage=R.STAGE_FINETUNE)
+
+    def progress(self, done, total, *, unit: str, throughput=None, eta_s=None, message=None) -> None:
+        self.store.set_progress(
+            self.run_id, R.STAGE_FINETUNE, done, total, unit=unit, throughput=throughput, eta_s=eta_s
+        )
+        if self.on_progress is not None:
+            self.on_progress(done, total, unit=unit, throughput=throughput, eta_s=eta_s, message=message)
+
+    def metrics(self, split: str, step: int, epoch: int, values: Mapping[str, float]) -> None:
+        rows = [
+            {"name": stored_metric(k), "value": v, "step": step, "epoch": epoch, "split": STORED_SPLITS[split]}
+            for k, v in values.items()
+        ]
+        self.store.log_metrics(self.run_id, rows)
+
+    def confusion(self, split: str, labels: Sequence[str], matrix) -> None:
+        matrix = np.asarray(matrix, dtype=np.int64)
+        self.store.put_confusion(self.run_id, [str(x) for x in labels], matrix, split=STORED_SPLITS[split])
 
 
 # ----------------------------------------------------------------------------------------- finetune
@@ -40,34 +102,29 @@ def permuted_parts(parts: dict, seed: int) -> dict:
 def stage_finetune(ctx: Context, task: str, mode: str, *, permuted: bool = False) -> None:
     """Fine-tune one (task, mode) and record metrics, confusion and the best model (thesis 2.3, 4.1).
     With `permuted`, on permuted training labels (`permuted_parts`), as the mode "<mode> (permuted labels)"."""
-    from pipeline.training.finetune import recorded_weights_hash, verify_checkpoint
-
     key = mode + (PERMUTED if permuted else "")
     name = f"{task}/{key}"
     out_dir = model_out_dir(ctx, task, mode + ("__permuted" if permuted else ""))
     mode, train_mode = key, mode
-    done = ctx.completed_child(name, "finetune")
+    done = ctx.completed_child(name, R.KIND_FINETUNE)
     if done is not None:
         recorded = _recorded_checkpoint(ctx, done)
         if recorded is not None and recorded.get("path") == str(out_dir):
-            ctx.out.checkpoint_hashes[(task, mode)] = verify_checkpoint(out_dir, recorded.get("weights_sha256"))
+            ctx.out.checkpoint_hashes[(task, mode)] = T.verify_checkpoint(out_dir, recorded.get("weights_sha256"))
             ctx.rep.line(f"{name}: already fine-tuned (resumed), checkpoint verified")
             ctx.out.models[(task, mode)] = out_dir
-            from store import results as R
-
             gate = R.model_gate(ctx.store, done)
             if gate is not None:
                 ctx.out.gates[(task, mode)] = gate
             return
         ctx.store.delete_run(done)  # completed without a usable checkpoint record: fine-tune again
-    from pipeline.models.load import load_classifier
-    from pipeline.training.finetune import TrainConfig, finetune
+    from pipeline.parallel.launch import finetune_model
 
     parts, names = task_datasets(ctx, task)
     if permuted:
         parts = permuted_parts(parts, ctx.seed)
     t = ctx.cfg["train"]
-    tc = TrainConfig(
+    tc = T.TrainConfig(
         lr=float(t["lr"]) if not (train_mode == "frozen" and t["head_lr"]) else float(t["head_lr"]),
         weight_decay=float(t["weight_decay"]),
         warmup_ratio=float(t["warmup_ratio"]),
@@ -84,49 +141,28 @@ def stage_finetune(ctx: Context, task: str, mode: str, *, permuted: bool = False
         max_len=ctx.out.max_len,
     )
     child = ctx.new_child(
-        name, "finetune", {"task": task, "mode": mode, "labels": names, "train": t}, model_path=str(ctx.out.model_dir)
+        name,
+        R.KIND_FINETUNE,
+        {"task": task, "mode": mode, "labels": names, "train": t},
+        model_path=str(ctx.out.model_dir),
     )
     with ctx.store.track(child):
         ctx.store.put_labels(child, task, names)
-        nproc = int(ctx.cfg["compute"]["nproc"])
-        if nproc > 1:
-            from pipeline.parallel.launch import finetune_distributed
-
-            result = finetune_distributed(
-                ctx.out.model_dir,
-                parts,
-                label_names=names,
-                mode=train_mode,
-                config=tc,
-                nproc=nproc,
-                store_path=str(ctx.store.path),
-                run_id=child,
-                out_dir=out_dir,
-                dicts=ctx.out.dicts,
-            )
-        else:
-            model = load_classifier(
-                ctx.out.model_dir, len(names), dicts=ctx.out.dicts, max_len=ctx.out.max_len, seed=ctx.seed
-            )
-            result = finetune(
-                model,
-                parts["train"],
-                parts["validation"],
-                parts["test"],
-                label_names=names,
-                mode=train_mode,
-                config=tc,
-                store=ctx.store,
-                run_id=child,
-                out_dir=out_dir,
-                dicts=ctx.out.dicts,
-                progress=lambda done, total, **kw: ctx.rep.update(done, total, unit="steps", **kw),
-            )
-        digest = recorded_weights_hash(out_dir)
+        result = finetune_model(
+            ctx.out.model_dir,
+            parts,
+            label_names=names,
+            mode=train_mode,
+            config=tc,
+            nproc=int(ctx.cfg["compute"]["nproc"]),
+            recorder=FinetuneStoreRecorder(ctx.store, child, on_progress=ctx.rep.update),
+            out_dir=out_dir,
+            dicts=ctx.out.dicts,
+            load_options={"max_len": ctx.out.max_len},
+        )
+        digest = T.recorded_weights_hash(out_dir)
         ctx.store.put_json(child, CHECKPOINT_JSON, {"path": str(out_dir), "weights_sha256": digest})
-        from pipeline.training.finetune import save_split
-
-        save_split(out_dir, ctx.out.selection.cell_ids, ctx.out.split, data=ctx.out.data_path)
+        T.save_split(out_dir, ctx.out.selection.cell_ids, ctx.out.split, data=ctx.out.data_path)
         acc, f1 = result.test_metrics["accuracy"], result.test_metrics["macro_f1"]
         ctx.rep.line(f"{name}: test accuracy {acc:.3f}, macro-F1 {f1:.3f} (best epoch {result.best_epoch})")
         if not permuted and result.test_predictions is not None:
@@ -140,7 +176,6 @@ def _baseline_and_gate(ctx: Context, child: int, task: str, mode: str, parts, na
     (`pipeline.training.baseline`); then the gate before interpretation (did the model learn?), stored on the child
     and, when it did not, a warning kept on the run."""
     from pipeline.training.baseline import gene_set_baseline, learning_gate
-    from store import results as R
 
     base = gene_set_baseline(
         parts,
