@@ -38,7 +38,7 @@ class ShardedAnalysis:
     def __init__(self, units: list[dict], cells, *, dicts, analysis, de, seed, device, nproc: int, work_dir=None):
         import tempfile
 
-        from pipeline.parallel.launch import torchrun_command
+        from pipeline.parallel.launch import EventReader, torchrun_command
 
         self.nproc = int(nproc)
         self.keys = [u["key"] for u in units]
@@ -65,7 +65,8 @@ class ShardedAnalysis:
         self.proc = subprocess.Popen(
             cmd, env=dict(os.environ), start_new_session=True, stdout=self.log, stderr=subprocess.STDOUT
         )
-        self._seen = 0
+        self._events = EventReader(self.events)
+        self._pending: list[dict] = []
 
     @property
     def events(self) -> Path:
@@ -95,15 +96,13 @@ class ShardedAnalysis:
         return outcome["analysis"]
 
     def _replay(self, i: int, progress: Callable | None) -> None:
-        if not self.events.is_file():
-            return
-        text = self.events.read_text()
-        lines = text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]
-        for line in lines[self._seen :]:
-            event = json.loads(line)
-            if progress is not None and event["model"] == i:
+        """Hand model `i`'s progress lines to `progress`; a later model's wait for its own stage."""
+        self._pending += self._events.read()
+        mine = [e for e in self._pending if e["model"] == i]
+        self._pending = [e for e in self._pending if e["model"] > i]
+        for event in mine:
+            if progress is not None:
                 progress(event["done"], event["total"], unit=event["unit"])
-        self._seen = len(lines)
 
     def _last_error(self) -> str:
         """The last line a worker's traceback ends with (its exception), else the log's last line."""

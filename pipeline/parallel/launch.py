@@ -99,7 +99,7 @@ def _dump(obj) -> str:
     return json.dumps(obj, default=json_default)
 
 
-class _EventReader:
+class EventReader:
     """The complete lines appended to the events file since the last read (a line being written waits)."""
 
     def __init__(self, path: Path):
@@ -164,7 +164,7 @@ def run_job(
     _check_nproc(nproc)
     job_path = write_job(job, work_dir, result=result)
     work = job_path.parent
-    reader = _EventReader(work / EVENTS_FILE)
+    reader = EventReader(work / EVENTS_FILE)
     outcome_path = work / RESULT_FORMATS[result]
     proc = subprocess.Popen(
         torchrun_command(["--job", str(job_path)], nproc, module=module), env={**os.environ, **(env or {})}
