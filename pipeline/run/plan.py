@@ -606,18 +606,24 @@ def build_shape(
 
 def shard_model_stages(parts: list[Part], processes: int) -> None:
     """A sharded analysis (`pipeline.parallel.analyse`): each model stage's passes shared by `processes`,
-    and the processes' start once per task, on its first model stage."""
+    and the processes' start once per task, as a part of its first model stage (in place)."""
     if processes <= 1:
         return
     started: set[str] = set()
-    for p in parts:
-        if not p.stage.startswith("model "):
-            continue
-        p.seconds = p.fixed_s + (p.seconds - p.fixed_s) / processes
-        task = p.stage[len("model ") :].split(": ")[0]
-        if task not in started:
-            started.add(task)
-            p.seconds += ROUGH["processes"]
+    i = 0
+    while i < len(parts):
+        p = parts[i]
+        if p.stage.startswith("model "):
+            p.seconds = p.fixed_s + (p.seconds - p.fixed_s) / processes
+            task = p.stage[len("model ") :].split(": ")[0]
+            if task not in started:
+                started.add(task)
+                start = ROUGH["processes"]
+                parts.insert(
+                    i, Part(p.stage, f"start of {processes} processes (torchrun)", fixed_s=start, seconds=start)
+                )
+                i += 1
+        i += 1
 
 
 def make_plan(
@@ -778,7 +784,12 @@ def format_plan(plan: dict) -> list[str]:
         f"plan of a {plan.get('preset', '')} run on {plan.get('device', '?')} ({plan.get('threads', '?')} threads):"
         f" {c.get('selected', 0)} cells (train {c.get('train', 0)} / validation {c.get('validation', 0)}"
         f" / test {c.get('test', 0)}, {c.get('analysed', 0)} analysed), length median"
-        f" {ln.get('median', 0):.0f}, max {ln.get('max', 0)}",
+        f" {ln.get('median', 0):.0f}, max {ln.get('max', 0)}"
+        + (
+            f"; each model analysed in {plan['analysis_processes']} processes"
+            if int(plan.get("analysis_processes") or 1) > 1
+            else ""
+        ),
         f"model: {m.get('layers')} layers x {m.get('hidden')} hidden, {m.get('heads')} heads, input size"
         f" {m.get('input_size', m.get('positions'))}; {m.get('source', '')}",
     ]
