@@ -56,12 +56,14 @@ def de_child_name(cfg: dict, task: str, group: str, reference: str) -> str:
 def stage_de(ctx: Context, task: str, group: str, reference: str) -> None:
     """scanpy's Wilcoxon of one class against another (or the rest) on the selected cells (thesis fig. 7)."""
     name = de_child_name(ctx.cfg, task, group, reference)
-    done = ctx.completed_child(name, "de")
+    from store import results as R
+
+    done = ctx.completed_child(name, R.KIND_DE)
     if done is not None:
         ctx.rep.line(f"{name}: already computed (resumed)")
-        de = ctx.store.gene_table_df(done, "de")
+        de = ctx.store.gene_table_df(done, R.TABLE_DE)
         ctx.out.de[(task, group, reference)] = (
-            _held_out_de(de, group, reference) if "de_all_cells" in ctx.store.gene_tables(done) else de
+            _held_out_de(de, group, reference) if R.TABLE_DE_ALL_CELLS in ctx.store.gene_tables(done) else de
         )
         return
     from pipeline.analysis.pair import de_wilcoxon
@@ -71,12 +73,12 @@ def stage_de(ctx: Context, task: str, group: str, reference: str) -> None:
         ctx.selected_adata(), ctx.out.dicts, ctx.cfg["data"]["gene_id_column"] or None, source=ctx.out.data_path
     )
     adata.obs["_class"] = ctx.out.selection.class_names(task)
-    child = ctx.new_child(name, "de", {"task": task, "groupby": task, "group": group, "reference": reference})
+    child = ctx.new_child(name, R.KIND_DE, {"task": task, "groupby": task, "group": group, "reference": reference})
     with ctx.store.track(child):
         # the DE the analysis compares with sees no test cell (the analysed cells); every cell's DE: its own table
         held_out = np.asarray(ctx.out.split) != "test"
         tables = {}
-        for table, keep in (("de", held_out), ("de_all_cells", np.ones(len(held_out), dtype=bool))):
+        for table, keep in ((R.TABLE_DE, held_out), (R.TABLE_DE_ALL_CELLS, np.ones(len(held_out), dtype=bool))):
             de = de_wilcoxon(adata[keep], "_class", group, reference)
             if "symbol" not in de.columns:
                 de.insert(1, "symbol", [""] * len(de))
