@@ -55,6 +55,7 @@ class ShardedAnalysis:
             "device": str(device),
             "events": str(self.events),
             "results": str(self.work),
+            "parent": os.getpid(),
         }
         with open(self.work / "job.pkl", "wb") as f:
             pickle.dump(job, f)
@@ -125,13 +126,27 @@ class ShardedAnalysis:
         shutil.rmtree(self.work, ignore_errors=True)
 
 
-class _Progress:
-    """Rank 0's progress of model `model` as JSON lines, at most twice a second and always a part's last."""
+def _parent_gone(pid: int) -> bool:
+    """Whether the pipeline that started the job has ended (killed without stopping its processes)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
-    def __init__(self, path: str | None, model: int):
-        self.path, self.model, self.last = path, model, 0.0
+
+class _Progress:
+    """Rank 0's progress of model `model` as JSON lines, at most twice a second and always a part's last.
+    Every rank stops here when the pipeline that started the job has ended."""
+
+    def __init__(self, path: str | None, model: int, parent: int):
+        self.path, self.model, self.parent, self.last = path, model, parent, 0.0
 
     def __call__(self, done, total, unit="cells", **_):
+        if _parent_gone(self.parent):
+            raise SystemExit(3)
         if self.path is None:
             return
         now = time.monotonic()
@@ -174,7 +189,7 @@ def _run_job(job_path: str) -> int:
                 deletion=unit["deletion"],
                 sanity=unit["sanity"],
                 permuted_path=unit["permuted_path"],
-                progress=_Progress(job["events"] if main else None, i),
+                progress=_Progress(job["events"] if main else None, i, job["parent"]),
             )
             if main:
                 _write_result(results / f"result-{i}.pkl", {"analysis": analysis})
