@@ -36,7 +36,7 @@ def geneformer_dir(shared):
 def quick_run(tmp_path_factory):
     """One `gfattn pipeline --quick` per test session, shared by every test that reads a complete run
     (the end-to-end checks, reproducibility, checkpoint ownership): (store path, CompletedProcess)."""
-    from _helpers_cli import gfattn
+    from tests._helpers_cli import gfattn
 
     root = tmp_path_factory.mktemp("quick")
     db = root / "gfattn.db"
