@@ -32,13 +32,25 @@ def v1_6l(geneformer_dir, tmp_path_factory):
     return d
 
 
-# two epochs, and analyses and attribution on 60 test cells, keep a 6-layer model within the quick budget
+# analyses and attribution on 60 test cells
 SMALL = textwrap.dedent("""
     [analysis]
     max_cells = 60
     n_boot = 20
 """)
-SMALL_TRAIN = "[train]\nepochs = 2\n"
+# a 6-layer model within the quick budget: the two models the analysis compares, two epochs, analyses and
+# attribution on 30 test cells with integrated gradients at the preset's 16 steps, no UMAP (the --quick run covers it)
+SIX_LAYERS = textwrap.dedent("""
+    [data]
+    umap = false
+    [train]
+    epochs = 2
+    modes = ["frozen", "unfrozen"]
+    [analysis]
+    max_cells = 30
+    n_boot = 20
+    ig_max_steps = 16
+""")
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +69,12 @@ def v1_small(geneformer_dir, tmp_path_factory):
 
 
 def _small_config(tmp_path, extra: str = "") -> str:
-    path = tmp_path / "small.toml"
-    path.write_text(SMALL + textwrap.dedent(extra))
+    return _config(tmp_path, SMALL + textwrap.dedent(extra))
+
+
+def _config(tmp_path, text: str) -> str:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
     return str(path)
 
 
@@ -107,7 +123,7 @@ def test_stimulated_vs_unstimulated_in_the_quick_budget(tcells, v1_6l, geneforme
         "--label-column",
         "perturbation_2",
         "--config",
-        _small_config(tmp_path, SMALL_TRAIN),
+        _config(tmp_path, SIX_LAYERS),
         "--store",
         str(db),
     )
@@ -177,7 +193,7 @@ def test_no_checkpoint_pretrains_on_the_users_cells(tcells, geneformer_dir, tmp_
     # the quick preset's barely pretrained model may not learn this task; the deletion is computed anyway
     # (and marked) so that key scores and deletion effects can be compared
     mark = tmp_path / "mark.toml"
-    mark.write_text('[analysis]\ngate = "mark"\n')
+    mark.write_text('[data]\numap = false\n[analysis]\ngate = "mark"\n')  # UMAP: the --quick run covers it
     out = gfattn(
         "pipeline",
         "--quick",
