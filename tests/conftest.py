@@ -11,6 +11,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("NUMBA_CACHE_DIR", "/tmp/gfattn-numba-cache")
 # tests run tiny models on 2 cores, where one thread per process avoids thread-pool contention
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# an OpenMP thread that waits for work sleeps rather than spins: a test that uses two threads shares the cores
+# with the other xdist worker, whose CPU the spinning would take
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 

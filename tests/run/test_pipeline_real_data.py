@@ -38,13 +38,13 @@ SMALL = textwrap.dedent("""
     max_cells = 60
     n_boot = 20
 """)
-# a 6-layer model within the quick budget: the two models the analysis compares, two epochs, analyses and
+# a 6-layer model within the quick budget: the two models the analysis compares, one epoch, analyses and
 # attribution on 30 test cells with integrated gradients at the preset's 16 steps, no UMAP (the --quick run covers it)
 SIX_LAYERS = textwrap.dedent("""
     [data]
     umap = false
     [train]
-    epochs = 2
+    epochs = 1
     modes = ["frozen", "unfrozen"]
     [analysis]
     max_cells = 30

@@ -203,6 +203,8 @@ def test_pipeline_fine_tunes_with_two_processes(tmp_path, capsys):
 
     cfg = _tiny_embedded_config(tmp_path)
     cfg["compute"]["nproc"] = 2
+    # fine-tuning in two processes; the analysis in two processes is the warm rerun's (test_pipeline_reproducible)
+    cfg["compute"]["analysis_nproc"] = 1
     cfg["analysis"]["de"] = False
     db = tmp_path / "gfattn.db"
     assert run_pipeline(cfg, db) == 0, capsys.readouterr().err[-3000:]
