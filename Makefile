@@ -23,10 +23,10 @@ demo: $(STAMP)
 	$(BIN)/gfattn pipeline
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider -n auto tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n auto --dist worksteal tests
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider -n auto -m "not slow" tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n auto --dist worksteal -m "not slow" tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

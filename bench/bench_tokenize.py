@@ -26,13 +26,12 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 from pipeline.data.dictionaries import GeneDictionaries  # noqa: E402
 from pipeline.paths import shared_dir  # noqa: E402
 from pipeline.tokenize.encode import load_tokenized, tokenize_to_disk  # noqa: E402
 
-from _helpers_tokenize import assert_same_ranking, load_raw_dicts, reference_gene_ids, reference_tokenize  # noqa: E402
+from tests._helpers_tokenize import assert_same_ranking, load_raw_dicts, reference_gene_ids, reference_tokenize  # noqa: E402
 
 
 def synthetic_raw_dicts(n_genes: int, seed: int) -> dict:

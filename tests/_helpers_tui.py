@@ -25,13 +25,14 @@ from unittest import mock
 import numpy as np
 import pytest
 
+from tests import REPO
+
 T0 = 1_717_243_200.0  # 2024-06-01 12:00:00 UTC
 NOW = T0 + 7 * 86_400  # the clock the app is given in tests: a week after the fixture runs
 DOSES = ["0", "1.25", "2.5", "12.5", "25"]
 LOWHIGH = ["low", "high"]
 MODES = ["frozen", "unfrozen", "last-1"]
 REFERENCE_GENES = ["MDM2", "CDKN1A", "BAX", "FAS", "GDF15", "TP53I3", "RRM2B", "SESN1", "ZMAT3", "TNFRSF10B"]
-REPO = Path(__file__).resolve().parent.parent
 
 
 class FrozenClock:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from tests import REPO
+
 PACKAGES = ("pipeline", "store", "gfattn_tui")
 
 

@@ -12,7 +12,7 @@ The `default` preset's model ships with gfattn (`SHIPPED_DIR`), built once by
 and used whenever a run's recipe key equals the one recorded in its `gfattn_recipe.json`; its manifest
 (sha256 of every file) is checked first, and a mismatch is an error, never a quiet reuse. Rebuilding
 it is deterministic on one machine and software stack (one CPU thread, `recipe["threads"]`, no time
-budget): the same weights bit for bit (`tests/test_embedded_model.py`, marked slow, compares them).
+budget): the same weights bit for bit (`tests/models/test_embedded_model.py`, marked slow, compares them).
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Tests of `pipeline.analysis`: the attention engine, statistics, attribution, deletion, key genes, the cascade."""

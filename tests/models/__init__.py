@@ -1,0 +1,1 @@
+"""Tests of `pipeline.models`: loading checkpoints, pretraining gfattn's small BERT, the embedded model."""

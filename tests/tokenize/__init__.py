@@ -1,0 +1,1 @@
+"""Tests of `pipeline.tokenize`: the rank-value encoding, tokenized datasets, `gfattn tokenize`."""

@@ -1,0 +1,144 @@
+"""The New run form: validation, a detached launch with its own session and log file, and the real
+`gfattn pipeline --preset quick` started from the form and followed in the runs list until it ends."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from gfattn_tui.config import TuiConfig
+from gfattn_tui.launcher import RunRequest, log_dir_for_store
+from gfattn_tui.screens.new_run import NewRunScreen
+from gfattn_tui.screens.runs import RunsScreen
+from gfattn_tui.widgets.runs_table import RunsTable
+
+from tests._helpers_tui import make_app, settle
+
+SIZE = (100, 30)
+
+
+class EmptyStore:
+    def __init__(self, path: Path):
+        self.path = path
+
+
+def _kill_leftovers(app) -> None:
+    for launched in list(app.launched):
+        if launched.poll() is None:
+            os.killpg(launched.pid, signal.SIGTERM)
+            launched.process.wait(timeout=30)
+
+
+@pytest.mark.asyncio
+async def test_form_refuses_missing_files_and_cancels(tmp_path):
+    app = make_app(EmptyStore(tmp_path / "gfattn.db"), poll=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        assert "No runs in" in str(app.screen.query_one("#runs-empty").content)
+        await pilot.press("N")
+        await settle(pilot)
+        form = app.screen
+        assert isinstance(form, NewRunScreen)
+        form.query_one("#nr-data").value = str(tmp_path / "missing.h5ad")
+        form.query_one("#nr-epochs").value = "2"
+        await pilot.pause()
+        command = str(form.query_one("#nr-command").content)
+        assert command.startswith("gfattn pipeline --store") and "--data" in command and "--epochs 2" in command
+        await pilot.press("ctrl+s")
+        await settle(pilot)
+        assert app.screen is form
+        assert "missing.h5ad does not exist" in str(form.query_one("#nr-problems").content)
+        assert app.launched == []
+        await pilot.press("escape")
+        await settle(pilot)
+        assert isinstance(app.screen, RunsScreen)
+
+
+@pytest.mark.asyncio
+async def test_form_starts_a_detached_run_that_the_list_follows(tmp_path, monkeypatch):
+    """The command is replaced by a stand-in that records a run from its own process and session."""
+    store_path = tmp_path / "gfattn.db"
+    script = textwrap.dedent(f"""
+        import os, sys
+        from store import Store
+        print("session leader:", os.getsid(0) == os.getpid(), flush=True)
+        with Store({str(store_path)!r}) as st:
+            rid = st.create_run("stand-in", "pipeline", {{"run": {{"preset": "quick"}}}})
+            st.finish_run(rid, "completed")
+    """)
+    monkeypatch.setattr(RunRequest, "argv", lambda self, store: [sys.executable, "-c", script])
+    app = make_app(EmptyStore(store_path), config=TuiConfig(utc=True, poll_interval=0.05))
+    started = []
+    launch = app.launch_run
+    app.launch_run = lambda request, **kw: started.append(launch(request, **kw)) or started[-1]
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await pilot.press("N")
+        await settle(pilot)
+        await pilot.press("ctrl+s")
+        await settle(pilot)
+        assert isinstance(app.screen, RunsScreen)
+        launched = started[0]
+        deadline = time.monotonic() + 90  # a loaded CI machine may take a while to start Python
+        while time.monotonic() < deadline:
+            await pilot.pause(0.1)
+            if not app.launched and app.screen.runs:
+                break
+        await settle(pilot)
+        assert app.launched == []  # exited and reaped
+        assert [r["name"] for r in app.screen.runs] == ["stand-in"]
+        assert app.screen.query_one(RunsTable).selected_run_id() == app.screen.runs[0]["id"]
+    log = launched.log_path
+    assert log.parent == log_dir_for_store(store_path)
+    assert "session leader: True" in log.read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.asyncio
+async def test_quick_demo_started_from_the_form_finishes_in_the_list(tmp_path):
+    try:
+        import pipeline.commands.pipeline  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"`gfattn pipeline` is not available in this checkout ({exc})")
+    app = make_app(EmptyStore(tmp_path / "gfattn.db"), config=TuiConfig(utc=True, poll_interval=0.25))
+    async with app.run_test(size=SIZE) as pilot:
+        try:
+            await settle(pilot)
+            await pilot.press("N")
+            await settle(pilot)
+            form = app.screen
+            # choose the preset with the keyboard: open the select, move to "quick", confirm
+            await pilot.press("enter")
+            await pilot.pause(0.2)
+            order = list(form.presets)
+            await pilot.press(*["down"] * (order.index("quick") - order.index(form.initial_preset)), "enter")
+            await pilot.pause(0.2)
+            assert form.query_one("#nr-preset").value == "quick"
+            await pilot.press("ctrl+s")
+            await settle(pilot)
+            assert isinstance(app.screen, RunsScreen)
+            launched = app.launched[0]  # the demo runs for many seconds: still there
+
+            seen: set[str] = set()
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline:
+                await pilot.pause(0.5)
+                runs = app.screen.runs
+                seen |= {r["status"] for r in runs}
+                if runs and runs[0]["status"] != "running" and not app.launched:
+                    break
+            await settle(pilot)
+            runs = app.screen.runs
+            assert runs, f"no run appeared; log:\n{launched.log_tail(30)}"
+            assert runs[0]["kind"] == "pipeline" and runs[0]["status"] == "completed", launched.log_tail(30)
+            assert "running" in seen  # it was followed live, not only found at the end
+            assert app.screen.details[runs[0]["id"]]["preset"] == "quick"
+        finally:
+            _kill_leftovers(app)
