@@ -1,7 +1,7 @@
 """The sharded analysis's job (`pipeline.parallel.analyse`), in-process: what one worker computes and hands
 back equals `analyse_model` in the pipeline's own process; a worker stops when the pipeline that started it
 has ended; a failed job names the worker's error in one line. (Two gloo processes against one: the warm
-rerun of `tests/.../test_pipeline_reproducible.py`.)"""
+rerun of `tests/run/test_pipeline_reproducible.py`.)"""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from _helpers_model import class_coded_cells, toy_dictionaries
+from tests._helpers_model import class_coded_cells, toy_dictionaries
 
 ANALYSIS = {
     "batch_size": 4,
