@@ -95,6 +95,31 @@ def save_tiny_model(
     return path
 
 
+def save_tiny_classifier(path, dicts, *, seed: int = 0, **config):
+    """A 2-layer, 16-wide `BertForSequenceClassification` over `dicts`, saved as `gfattn finetune` saves one
+    (weights, dictionaries, gfattn_finetune.json with the weights' sha256); `config` overrides BertConfig."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from pipeline.training.finetune import save_finetuned
+
+    cfg = BertConfig(
+        **{
+            "vocab_size": dicts.vocab_size,
+            "hidden_size": 16,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "intermediate_size": 32,
+            "max_position_embeddings": 64,
+            "num_labels": 2,
+            **config,
+        }
+    )
+    torch.manual_seed(seed)
+    save_finetuned(BertForSequenceClassification(cfg), path, dicts=dicts, summary={"mode": "test"})
+    return path
+
+
 def save_random_geneformer(config_dir, path, seed: int = 0):
     """A Geneformer masked-LM checkpoint with the real config and random weights."""
     import torch

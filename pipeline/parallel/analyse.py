@@ -71,7 +71,9 @@ class ShardedAnalysis:
 
     @property
     def events(self) -> Path:
-        return self.work / "events.jsonl"
+        from pipeline.parallel.launch import EVENTS_FILE
+
+        return self.work / EVENTS_FILE
 
     def _result_path(self, i: int) -> Path:
         return self.work / f"result-{i}.pkl"
@@ -158,10 +160,9 @@ class _Progress:
 
 
 def _write_result(path: Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        pickle.dump(obj, f)
-    os.replace(tmp, path)
+    from pipeline.io import atomic_write_bytes
+
+    atomic_write_bytes(path, pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def _run_job(job_path: str) -> int:

@@ -15,6 +15,7 @@ from pipeline.analysis.pair import (
     position_controlled_attention,
 )
 
+from tests._helpers_model import save_tiny_classifier
 from tests.analysis.test_attention_engine import CLS, EOS, PAD, SPECIAL, VOCAB, tiny_bert, v2_cells
 
 ID_TO_GENE = {t: f"ENSG{t:011d}" for t in range(3, VOCAB)} | {PAD: "<pad>", CLS: "<cls>", EOS: "<eos>"}
@@ -139,23 +140,7 @@ def test_pair_records_written_into_a_store(result, tmp_path):
 
 
 def _save_model(path, seed, dicts):
-    from transformers import BertConfig, BertForSequenceClassification
-
-    cfg = BertConfig(
-        vocab_size=dicts.vocab_size,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=64,
-        num_labels=2,
-        initializer_range=0.3,
-    )
-    torch.manual_seed(seed)
-    from pipeline.training.finetune import save_finetuned
-
-    # as `gfattn finetune` saves it: weights, dictionaries and gfattn_finetune.json with the weights' sha256
-    save_finetuned(BertForSequenceClassification(cfg), path, dicts=dicts, summary={"mode": "test"})
+    save_tiny_classifier(path, dicts, seed=seed, initializer_range=0.3)
 
 
 def test_gfattn_analyze_records_an_analysis_run(tmp_path, capsys):

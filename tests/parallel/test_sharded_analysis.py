@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests._helpers_model import class_coded_cells, toy_dictionaries
+from tests._helpers_model import class_coded_cells, save_tiny_classifier, toy_dictionaries
 
 ANALYSIS = {
     "batch_size": 4,
@@ -36,24 +36,8 @@ ANALYSIS = {
 
 @pytest.fixture(scope="module")
 def unit(tmp_path_factory):
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification
-
-    from pipeline.training.finetune import save_finetuned
-
     dicts = toy_dictionaries(60)
-    path = tmp_path_factory.mktemp("sharded") / "model"
-    cfg = BertConfig(
-        vocab_size=dicts.vocab_size,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=64,
-        num_labels=2,
-    )
-    torch.manual_seed(3)
-    save_finetuned(BertForSequenceClassification(cfg), path, dicts=dicts, summary={"mode": "test"})
+    path = save_tiny_classifier(tmp_path_factory.mktemp("sharded") / "model", dicts, seed=3)
     cells = class_coded_cells(24, vocab_size=dicts.vocab_size, length=(8, 20), seed=4)
     cells["group_name"] = ["low" if y == 0 else "high" for y in cells["label"]]
     return path, cells, dicts
