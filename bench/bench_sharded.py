@@ -5,10 +5,12 @@ the tokenization cached by the first run, so the second differs only in its anal
 
 - baseline: `--analysis-nproc 1`, every model analysed in the pipeline's own process;
 - sharded:  `--analysis-nproc N` (default 2), each model's attention pass, attribution, deletion and
-            randomisation cascade sharing the cells' batches over N processes started once per task.
+            randomisation cascade sharing the cells' batches over N processes started once per run, when
+            the cells are tokenized (their start runs beside the record and fine-tuning stages).
 
-Printed: the seconds of every model analysis (its "model" run in the store, created to finished, the
-processes' start included in the first) in each, their sums, and baseline / sharded (the speed-up); then
+Printed: the seconds of every model analysis (its "model" run in the store, created to finished) in each,
+their sums, and baseline / sharded (the speed-up); the whole pipeline's seconds in each (what the processes'
+start costs where the stages before the analysis do not hide it shows there); then
 whether every stored number of the model analyses agrees (to relative 1e-12, the stated tolerance of
 sums reduced in another order). On CPUs each of the N processes runs one thread (torchrun's default); the
 one process runs the preset's `compute.threads` (the default and quick presets pin one thread: their small
@@ -44,6 +46,17 @@ def _model_runs(db: Path) -> dict[str, dict]:
     st = Store(db)
     try:
         return {r["name"]: r for r in st.list_runs() if r["kind"] == "model"}
+    finally:
+        st.close()
+
+
+def _pipeline_seconds(db: Path) -> float:
+    from store import Store
+
+    st = Store(db)
+    try:
+        (run,) = st.list_runs(kind="pipeline")
+        return run["finished"] - run["created"]
     finally:
         st.close()
 
@@ -98,6 +111,8 @@ def main(argv=None) -> int:
         print(f"{name:<28} {s1:>9.1f}s {s2:>11.1f}s  {'same results' if same else 'RESULTS DIFFER'}")
     print(f"{'all model analyses':<28} {total_one:>9.1f}s {total_sharded:>11.1f}s")
     print(f"speed-up of {args.nproc} processes over 1: {total_one / total_sharded:.2f}x (baseline: 1 process)")
+    whole = [_pipeline_seconds(folder / db) for db in ("one.db", "sharded.db")]
+    print(f"{'whole pipeline':<28} {whole[0]:>9.1f}s {whole[1]:>11.1f}s  ({whole[0] / whole[1]:.2f}x)")
     print("stored results agree (relative 1e-12)" if agree else "stored results DIFFER")
     return 0 if agree else 1
 

@@ -32,8 +32,8 @@ class Products:
     de: dict[tuple[str, str, str], Any] = field(default_factory=dict)  # (task, group, reference) -> DE table
     pretrain_metrics: dict = field(default_factory=dict)
     gates: dict[tuple[str, str], dict] = field(default_factory=dict)  # (task, mode) -> results.JSON_GATE document
-    # task -> the running `pipeline.parallel.analyse.ShardedAnalysis` of its models (`compute.analysis_nproc`)
-    sharded: dict[str, Any] = field(default_factory=dict)
+    # the run's `pipeline.parallel.analyse.AnalysisWorkers` (`compute.analysis_nproc` above 1), once started
+    analysis_workers: Any = None
 
 
 @dataclass

@@ -33,7 +33,12 @@ from pipeline.paths import cache_dir_for_store  # CHECKPOINT_JSON: {"path", "wei
 from pipeline.progress import Reporter
 from pipeline.run.context import Context
 from pipeline.run.preflight import preflight
-from pipeline.run.stages.analysis import close_sharded, stage_attention, stage_model_analysis
+from pipeline.run.stages.analysis import (
+    close_analysis_workers,
+    stage_attention,
+    stage_model_analysis,
+    start_analysis_workers,
+)
 from pipeline.run.stages.data import stage_data, stage_record_data
 from pipeline.run.stages.de import de_comparisons, stage_de
 from pipeline.run.stages.finetune import PERMUTED, stage_finetune
@@ -70,6 +75,19 @@ def _stages(ctx: Context) -> None:
 
     # JSON `plan` on the run: work and estimated time per stage, the stages' first ETAs
     record_plan(ctx, de_comparisons(cfg, ctx.out.selection), PERMUTED)
+    start_analysis_workers(ctx)  # a sharded analysis's processes start beside the stages before it
+    try:
+        _stages_after_tokenize(ctx, stage)
+    finally:
+        close_analysis_workers(ctx)
+    if analysed_tasks(cfg) and cfg["analysis"]["deletion"]:
+        from pipeline.analysis.deletion_report import adjust_run_deletion_family
+
+        adjust_run_deletion_family(ctx.store, ctx.run_id)  # BH q over every deletion test of the run
+
+
+def _stages_after_tokenize(ctx: Context, stage) -> None:
+    cfg = ctx.cfg
     with stage("record"):
         stage_record_data(ctx)
     for task in trained_tasks(cfg):
@@ -90,19 +108,12 @@ def _stages(ctx: Context) -> None:
             stage_de(ctx, task, group, reference)
     for task in analysed_tasks(cfg):
         if model_analysis_on(cfg):  # each model once, whatever the number of pairs comparing it
-            try:
-                for mode, pairs in analysed_models(cfg).items():
-                    with stage(f"model {task}: {mode}"):
-                        stage_model_analysis(ctx, task, mode, pairs)
-            finally:
-                close_sharded(ctx)  # the processes analysing the task's models, when sharded
+            for mode, pairs in analysed_models(cfg).items():
+                with stage(f"model {task}: {mode}"):
+                    stage_model_analysis(ctx, task, mode, pairs)
         for mode_a, mode_b in cfg["analysis"]["pairs"]:
             with stage(f"attention {task}: {mode_a} vs {mode_b}"):
                 stage_attention(ctx, task, mode_a, mode_b)
-    if analysed_tasks(cfg) and cfg["analysis"]["deletion"]:
-        from pipeline.analysis.deletion_report import adjust_run_deletion_family
-
-        adjust_run_deletion_family(ctx.store, ctx.run_id)  # BH q over every deletion test of the run
 
 
 def quiet_library_warnings():

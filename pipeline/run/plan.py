@@ -74,7 +74,7 @@ ROUGH = {
     "deletion": 0.5,  # bootstrap of the deletion sets, per model
     "finetune": 0.3,
     "model": 0.5,  # reading an existing model and its dictionaries
-    "processes": 8.0,  # starting the processes of a sharded analysis (torchrun, imports), once per task
+    "processes": 8.0,  # starting the processes of a sharded analysis (torchrun, imports), once per run
 }
 
 
@@ -354,10 +354,19 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(fn, device, repeats: int, budget_s: float = 0.3) -> float:
+def _timed(fn, device, repeats: int, budget_s: float = 0.3, warm_up: bool = True) -> float:
     """Median time of `fn` after a warm-up: at least `repeats` runs, more while they fit in `budget_s` (at
     most 20; a loaded machine makes single runs noisy), one for a slow batch, none beyond the warm-up for a
-    very slow one."""
+    very slow one. Without `warm_up` (a kind timed after another at the same length, in a running pipeline's
+    plan): `repeats` runs."""
+    if not warm_up:
+        times = []
+        for _ in range(max(1, repeats)):
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times))
     t0 = time.perf_counter()
     fn()  # warm-up: kernels, allocations, numba compilation
     _sync(device)
@@ -456,6 +465,7 @@ def time_units(
     repeats: int = 2,
     seed: int = 0,
     say=None,
+    quick: bool = False,
 ) -> dict:
     """Seconds per cell of each kind of pass at the representative lengths: {"lengths": [...], kind: [...]}.
 
@@ -464,7 +474,8 @@ def time_units(
     Kinds: forward (eval, no gradients), forward+backward (train mode, parameter gradients), gradient
     (parameters frozen, the gradient of the logits wrt the embeddings: attribution's passes), the streaming
     attention engine on a pair and on one model. Each is timed after one warm-up, the median of `repeats` or
-    more runs (`_timed`).
+    more runs (`_timed`). `quick` (a running pipeline's plan, whose ETAs need less precision than `--plan`):
+    one warm-up per length and `repeats` runs of each kind, so that the plan costs a small part of the run.
     """
     import copy
 
@@ -495,7 +506,8 @@ def time_units(
             ids = torch.as_tensor(gen.integers(low, max(vocab, low + 1), size=(b, length)), device=device)
             mask = torch.ones(b, length, dtype=torch.long, device=device)
             fn = _pass(kind, model, other, ids, mask, pad_id=pad_id, special_ids=special_ids)
-            out[kind].append(_timed(fn, device, repeats) / b)
+            warm_up = not quick or not seen
+            out[kind].append(_timed(fn, device, repeats, budget_s=0.0 if quick else 0.3, warm_up=warm_up) / b)
             seen[(kind, b)] = out[kind][-1]
     model.eval()
     return out
@@ -605,29 +617,36 @@ def build_shape(
 
 
 def shard_model_stages(parts: list[Part], processes: int) -> None:
-    """A sharded analysis (`pipeline.parallel.analyse`): each model stage's passes shared by `processes`,
-    and the processes' start once per task, as a part of its first model stage (in place)."""
+    """A sharded analysis (`pipeline.parallel.analyse`): each model stage's passes shared by `processes`
+    (in place). The processes start once per run, when the cells are tokenized, beside the stages before the
+    first model stage: what of their start those stages do not cover is a part of the first model stage."""
     if processes <= 1:
         return
-    started: set[str] = set()
-    i = 0
-    while i < len(parts):
-        p = parts[i]
+    first = next((i for i, p in enumerate(parts) if p.stage.startswith("model ")), None)
+    if first is None:
+        return
+    for p in parts[first:]:
         if p.stage.startswith("model "):
             p.seconds = p.fixed_s + (p.seconds - p.fixed_s) / processes
-            task = p.stage[len("model ") :].split(": ")[0]
-            if task not in started:
-                started.add(task)
-                start = ROUGH["processes"]
-                parts.insert(
-                    i, Part(p.stage, f"start of {processes} processes (torchrun)", fixed_s=start, seconds=start)
-                )
-                i += 1
-        i += 1
+    tokenized = max((i for i, p in enumerate(parts[:first]) if p.stage == "tokenize"), default=-1)
+    before = sum(p.seconds for p in parts[tokenized + 1 : first])
+    start = max(0.0, ROUGH["processes"] - before)
+    parts.insert(
+        first, Part(parts[first].stage, f"start of {processes} processes (torchrun)", fixed_s=start, seconds=start)
+    )
 
 
 def make_plan(
-    cfg: dict, shape: Shape, model, *, device, dicts=None, extra: dict | None = None, say=None, repeats: int = 2
+    cfg: dict,
+    shape: Shape,
+    model,
+    *,
+    device,
+    dicts=None,
+    extra: dict | None = None,
+    say=None,
+    repeats: int = 2,
+    quick: bool = False,
 ) -> dict:
     """Time the model at the shape's lengths, count and estimate every stage: the plan as a JSON-able dict.
     The timing runs on forked random generators: the run's own draws are not moved by it."""
@@ -651,6 +670,7 @@ def make_plan(
             seed=int(cfg["run"]["seed"]),
             say=say,
             repeats=repeats,
+            quick=quick,
         )
     parts = count_stages(cfg, shape)
     units = unit_costs(timing, shape.lengths)
@@ -748,6 +768,7 @@ def plan_in_run(ctx, comparisons: list, permuted: str) -> dict:
         device=ctx.device,
         dicts=ctx.out.dicts,
         repeats=1,
+        quick=True,
         extra={"source": str(ctx.out.model_dir), "input_size": int(ctx.out.max_len), "sampled_cells": len(lengths)},
     )
 
@@ -842,10 +863,15 @@ def format_plan(plan: dict) -> list[str]:
 
 def record_plan(ctx, comparisons: list, permuted: str) -> dict | None:
     """Make the running pipeline's plan, store it on the run (`results.JSON_PLAN`) and hand its per-stage
-    estimates to the progress reporter (ETAs from a stage's first update). A plan that cannot be made is a
-    warning line, never a failed run."""
+    estimates to the progress reporter (ETAs from a stage's first update); a resumed run keeps the plan it
+    stored when it started. A plan that cannot be made is a warning line, never a failed run."""
     from store import results as R
 
+    if R.JSON_PLAN in ctx.store.json_names(ctx.run_id):  # resumed: the plan made when the run started
+        plan = ctx.store.get_json(ctx.run_id, R.JSON_PLAN)
+        ctx.rep.estimates = stage_estimates(plan)
+        ctx.rep.line(f"plan: about {_duration(plan['total_s'])} in all on {plan['device']}, made when the run started")
+        return plan
     try:
         plan = plan_in_run(ctx, comparisons, permuted)
     except Exception as exc:  # the plan is advice: the run goes on without it

@@ -1,6 +1,7 @@
-"""The sharded analysis's job (`pipeline.parallel.analyse`), in-process: what one worker computes and hands
-back equals `analyse_model` in the pipeline's own process; a worker stops when the pipeline that started it
-has ended; a failed job names the worker's error in one line. (Two gloo processes against one: the warm
+"""The sharded analysis's workers (`pipeline.parallel.analyse`), in-process: what one worker computes and
+hands back equals `analyse_model` in the pipeline's own process; a worker stops when the pipeline that started
+it has ended; workers started once analyse each batch handed over; a failed job names the worker's error in
+one line. (Two gloo processes against one: the warm
 rerun of `tests/run/test_pipeline_reproducible.py`.)"""
 
 from __future__ import annotations
@@ -43,34 +44,34 @@ def unit(tmp_path_factory):
     return path, cells, dicts
 
 
-def _job(tmp_path, unit, parent: int) -> dict:
+def _batch(unit) -> dict:
     path, cells, dicts = unit
     return {
-        "units": [{"key": "m", "model_path": str(path), "permuted_path": None, "deletion": True, "sanity": True}],
+        "units": [
+            {"key": "m", "uid": 0, "model_path": str(path), "permuted_path": None, "deletion": True, "sanity": True}
+        ],
         "cells": cells,
         "dicts": dicts,
         "analysis": ANALYSIS,
         "de": None,
         "seed": 5,
-        "device": "cpu",
-        "events": str(tmp_path / "events.jsonl"),
-        "results": str(tmp_path),
-        "parent": parent,
     }
 
 
 def test_a_worker_hands_back_what_the_pipeline_would_compute(unit, tmp_path):
+    """One worker (a process group of one, in this process) serves the batch the parent wrote, then stops at
+    the stop file: its result equals `analyse_model` in the pipeline's own process."""
     import os
 
     import pandas as pd
 
     from pipeline.analysis.model import analyse_model
-    from pipeline.parallel.analyse import _run_job
+    from pipeline.parallel.analyse import STOP_FILE, serve
 
     path, cells, dicts = unit
-    job = _job(tmp_path, unit, os.getpid())
-    (tmp_path / "job.pkl").write_bytes(pickle.dumps(job))
-    assert _run_job(str(tmp_path / "job.pkl")) == 0
+    (tmp_path / "batch-0.pkl").write_bytes(pickle.dumps(_batch(unit)))
+    (tmp_path / STOP_FILE).touch()
+    assert serve(tmp_path, os.getpid(), "cpu", threads=1) == 0
     got = pickle.loads((tmp_path / "result-0.pkl").read_bytes())["analysis"]
     want = analyse_model(path, cells, dicts=dicts, analysis=ANALYSIS, de=None, seed=5, device="cpu")
     pd.testing.assert_frame_equal(got.genes, want.genes)
@@ -82,14 +83,47 @@ def test_a_worker_hands_back_what_the_pipeline_would_compute(unit, tmp_path):
 
 
 def test_a_worker_stops_when_its_pipeline_has_ended(unit, tmp_path):
-    from pipeline.parallel.analyse import _run_job
+    """Waiting for work, or analysing, a worker whose pipeline has ended stops (exit status 3)."""
+    from pipeline.parallel.analyse import serve
 
     ended = subprocess.Popen([sys.executable, "-c", "pass"])
     ended.wait()
-    (tmp_path / "job.pkl").write_bytes(pickle.dumps(_job(tmp_path, unit, ended.pid)))
-    with pytest.raises(SystemExit) as stop:
-        _run_job(str(tmp_path / "job.pkl"))
-    assert stop.value.code == 3 and not (tmp_path / "result-0.pkl").exists()
+    with pytest.raises(SystemExit) as waiting:
+        serve(tmp_path, ended.pid, "cpu", threads=1)
+    (tmp_path / "batch-0.pkl").write_bytes(pickle.dumps(_batch(unit)))
+    with pytest.raises(SystemExit) as busy:
+        serve(tmp_path, ended.pid, "cpu", threads=1)
+    assert waiting.value.code == busy.value.code == 3 and not (tmp_path / "result-0.pkl").exists()
+
+
+def test_workers_start_once_and_analyse_what_is_handed_over(unit, tmp_path, monkeypatch):
+    """`AnalysisWorkers` starts its processes before any work exists; each `submit` is one batch, its models
+    numbered in turn; `result` waits for each; `close` stops the idle processes and removes the folder."""
+    import pipeline.parallel.analyse as A
+    import pipeline.parallel.launch as L
+
+    script = (
+        "import os, sys; sys.path.insert(0, os.getcwd());"
+        "from pipeline.parallel.analyse import serve;"
+        "a = sys.argv[1:]; sys.exit(serve(a[1], int(a[3]), a[5], int(a[7])))"
+    )
+    monkeypatch.setattr(L, "torchrun_command", lambda argv, nproc, **k: [sys.executable, "-c", script, *argv])
+    path, cells, dicts = unit
+    workers = A.AnalysisWorkers(device="cpu", nproc=1, threads=1, work_dir=tmp_path / "w")
+    try:
+        for key in ("a", "b"):
+            units = [{"key": key, "model_path": str(path), "permuted_path": None, "deletion": False, "sanity": False}]
+            workers.submit(units, cells, dicts=dicts, analysis=ANALYSIS, de=None, seed=5)
+        seen = []
+        first = workers.result("a", lambda done, total, unit: seen.append((done, total, unit)))
+        second = workers.result("b")
+        assert workers.uids == {"a": 0, "b": 1} and seen and seen[-1][0] == seen[-1][1]
+        assert first.genes.equals(second.genes) and first.deletion is None
+        with pytest.raises(ValueError, match="handed to the analysis processes already"):
+            workers.submit(units, cells, dicts=dicts, analysis=ANALYSIS, de=None, seed=5)
+    finally:
+        workers.close()
+    assert workers.proc.returncode == 0 and not (tmp_path / "w").exists()
 
 
 def test_a_failed_job_names_the_workers_error(unit, tmp_path, monkeypatch):
@@ -103,9 +137,8 @@ def test_a_failed_job_names_the_workers_error(unit, tmp_path, monkeypatch):
     monkeypatch.setattr(L, "torchrun_command", lambda *a, **k: [sys.executable, "-c", script])
     path, cells, dicts = unit
     units = [{"key": "m", "model_path": str(path), "permuted_path": None, "deletion": False, "sanity": False}]
-    job = A.ShardedAnalysis(
-        units, cells, dicts=dicts, analysis=ANALYSIS, de=None, seed=5, device="cpu", nproc=2, work_dir=tmp_path / "w"
-    )
+    job = A.AnalysisWorkers(device="cpu", nproc=2, work_dir=tmp_path / "w")
+    job.submit(units, cells, dicts=dicts, analysis=ANALYSIS, de=None, seed=5)
     try:
         with pytest.raises(RuntimeError) as err:
             job.result("m")
@@ -115,3 +148,10 @@ def test_a_failed_job_names_the_workers_error(unit, tmp_path, monkeypatch):
     assert "in 2 processes failed (exit status 1)" in message
     assert message.endswith("ValueError: cells have up to 99 tokens but the model has 64 positions")
     assert "\n" not in message and not (tmp_path / "w").exists()
+
+
+def test_worker_threads_follow_the_runs_count():
+    from pipeline.parallel.analyse import worker_threads
+
+    assert worker_threads(3, 2) == 3  # compute.threads set: every process runs the one process's kernels
+    assert worker_threads(0, 1) >= 1 and worker_threads(0, 10_000) == 1

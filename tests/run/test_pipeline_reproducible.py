@@ -12,7 +12,7 @@ import pytest
 
 from store import Store
 
-from tests._helpers_cli import gfattn
+from tests._helpers_cli import cli, gfattn
 from tests._helpers_repro import differences, stored_results
 from tests._helpers_session import exclusive
 
@@ -105,6 +105,7 @@ def test_killed_then_disk_full_then_resumed_gives_identical_results(quick_run, t
         "pipeline", "--resume", str(run_id), "--store", str(db), env={"GFATTN_FAULT": "save:lowhigh__last-1:enospc"}
     )
     assert out.returncode == 1, out.stderr[-2000:]
+    assert "made when the run started" in out.stderr  # a resumed run keeps its plan: no model timed again
     last = out.stderr.strip().splitlines()[-1]
     assert "out of disk space" in last and "lowhigh__last-1" in last and "--resume" in last, last
     assert "Traceback" not in out.stderr
@@ -122,7 +123,7 @@ def test_killed_then_disk_full_then_resumed_gives_identical_results(quick_run, t
     with open(weights, "r+b") as fh:
         fh.seek(-8, os.SEEK_END)
         fh.write(b"\x00" * 8)
-    out = gfattn("pipeline", "--resume", str(run_id), "--store", str(db))
+    out = cli("pipeline", "--resume", str(run_id), "--store", str(db))  # refused before any work: in this process
     assert out.returncode == 2, out.stderr[-2000:]
     assert "lowhigh__frozen" in out.stderr.strip().splitlines()[-1] and "sha256" in out.stderr
     shutil.copyfile(tmp_path / "weights.bak", weights)
@@ -134,17 +135,19 @@ def test_killed_then_disk_full_then_resumed_gives_identical_results(quick_run, t
     _same(quick_run[0], db)
 
 
-def test_each_model_analysed_once_and_a_run_killed_between_pairs_resumes_identically(tmp_path):
+def test_each_model_analysed_once_and_a_run_killed_between_pairs_resumes_identically(quick_run, tmp_path):
     """Two pairs sharing a model (unfrozen: model b of one, model a of the other): each model is analysed
     once per run, the pairs read its results, and a run killed between the pairs and resumed stores what
-    an uninterrupted run stores."""
+    an uninterrupted run stores. Both stores sit beside the session's quick run: its data, embedded model and
+    tokenization are cached, and each store keeps checkpoints of its own."""
+    folder = quick_run[0].parent
     config = tmp_path / "pairs.toml"
     config.write_text(  # the quick preset, smaller still: what matters here is where the numbers come from
         "[data]\numap = false\n[train]\nepochs = 2\n"
         '[analysis]\ngate = "mark"\npairs = [["frozen", "unfrozen"], ["unfrozen", "last-1"]]\n'
         "max_cells = 60\nn_boot = 20\ndeletion_k = [5]\ndeletion_random_sets = 3\ndeletion_top_genes = 5\n"
     )
-    clean = tmp_path / "clean.db"
+    clean = folder / "pairs-clean.db"
     out = gfattn("pipeline", "--quick", "--config", str(config), "--store", str(clean), "--name", "pairs")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "lowhigh: unfrozen: analysed once, used by 2 pairs" in out.stderr
@@ -161,7 +164,7 @@ def test_each_model_analysed_once_and_a_run_killed_between_pairs_resumes_identic
         assert merged[f"{stem}_b_x"].fillna(-1e300).tolist() == merged[f"{stem}_a_y"].fillna(-1e300).tolist(), stem
     st.close()
 
-    db = tmp_path / "killed.db"  # beside the clean store: warm caches, checkpoints of its own
+    db = folder / "pairs-killed.db"
     out = _gfattn_env(
         "pipeline",
         "--quick",

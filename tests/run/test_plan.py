@@ -128,7 +128,7 @@ def test_the_plan_names_the_stages_the_run_executes(monkeypatch):
         rep=Rep(),
         threads=1,
         has_counts=True,
-        out=SimpleNamespace(selection=SimpleNamespace(names=names), sharded={}),
+        out=SimpleNamespace(selection=SimpleNamespace(names=names), analysis_workers=None),
         store=None,
         run_id=0,
     )
@@ -352,9 +352,10 @@ def test_each_stage_on_cuda_records_its_peak_gpu_memory(monkeypatch):
     assert R.JSON_GPU_MEMORY == progress.GPU_MEMORY_JSON
 
 
-def test_a_sharded_analysis_shares_each_model_stage_and_starts_once_per_task():
-    """With N analysis processes a model stage's passes take 1/N of the time, and the processes' start is
-    one more part, once per task (on its first model stage); other stages keep theirs."""
+def test_a_sharded_analysis_shares_each_model_stage_and_starts_once_per_run():
+    """With N analysis processes a model stage's passes take 1/N of the time; the processes start once per
+    run when the cells are tokenized, and what of their start the stages before the first model stage do not
+    cover is one more part of that stage; other stages keep their time."""
     cfg = config.resolve("default")
     timing = {"lengths": [5, 20], **{k: [1e-4, 4e-4] for k in P.KINDS}}
     shape = _shape(cfg, pretrain_cells=100)
@@ -363,11 +364,20 @@ def test_a_sharded_analysis_shares_each_model_stage_and_starts_once_per_task():
     two = P.count_stages(cfg, shape)
     P.estimate(two, P.unit_costs(timing, shape.lengths))
     P.shard_model_stages(two, 2)
-    starts = [p for p in two if p.part.startswith("start of 2 processes")]
-    tasks = {p.stage.split(": ")[0] for p in one if p.stage.startswith("model ")}
-    assert len(starts) == len(tasks) >= 1 and all(p.seconds == P.ROUGH["processes"] for p in starts)
-    rest = [p for p in two if p not in starts]
+    (start,) = [p for p in two if p.part.startswith("start of 2 processes")]
+    first = next(i for i, p in enumerate(one) if p.stage.startswith("model "))
+    tokenized = next(i for i, p in enumerate(one) if p.stage == "tokenize")
+    covered = sum(p.seconds for p in one[tokenized + 1 : first])
+    assert start.stage == one[first].stage and start.seconds == pytest.approx(max(0.0, P.ROUGH["processes"] - covered))
+    rest = [p for p in two if p is not start]
     assert [(p.stage, p.part) for p in rest] == [(p.stage, p.part) for p in one]
     for a, b in zip(one, rest):
         expected = a.fixed_s + (a.seconds - a.fixed_s) / 2 if a.stage.startswith("model ") else a.seconds
         assert b.seconds == pytest.approx(expected)
+    # stages shorter than the start leave the rest of it to the first model stage
+    short = [P.Part("tokenize"), P.Part("record", seconds=3.0), P.Part("model t: a", seconds=10.0)]
+    P.shard_model_stages(short, 2)
+    assert [(p.part, p.seconds) for p in short[2:]] == [
+        ("start of 2 processes (torchrun)", P.ROUGH["processes"] - 3.0),
+        ("", 5.0),
+    ]

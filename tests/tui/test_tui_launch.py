@@ -102,12 +102,15 @@ async def test_form_starts_a_detached_run_that_the_list_follows(tmp_path, monkey
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.asyncio
-async def test_quick_demo_started_from_the_form_finishes_in_the_list(tmp_path):
+async def test_quick_demo_started_from_the_form_finishes_in_the_list(quick_run):
+    """The form's quick demo, started into a store beside the session's quick run (its data, embedded model and
+    tokenization cached there; the run keeps checkpoints of its own), is followed live to its end."""
     try:
         import pipeline.commands.pipeline  # noqa: F401
     except ImportError as exc:
         pytest.skip(f"`gfattn pipeline` is not available in this checkout ({exc})")
-    app = make_app(EmptyStore(tmp_path / "gfattn.db"), config=TuiConfig(utc=True, poll_interval=0.25))
+    db = quick_run[0].with_name("tui-demo.db")
+    app = make_app(EmptyStore(db), config=TuiConfig(utc=True, poll_interval=0.25))
     async with app.run_test(size=SIZE) as pilot:
         try:
             await settle(pilot)

@@ -70,7 +70,7 @@ def stage_model_analysis(ctx: Context, task: str, mode: str, pairs: list[str]) -
 
         if nproc > 1:
             ctx.rep.line(f"{name}: analysed in {nproc} processes (torchrun), the cells' batches shared out")
-            result = _sharded(ctx, task, test, nproc).result(mode, progress)
+            result = _sharded(ctx, task, mode, test).result((task, mode), progress)
         else:
             result = analyse_model(
                 path,
@@ -105,53 +105,64 @@ def _parts(ctx: Context, task: str, mode: str, *, say: bool = False) -> tuple[bo
     return deletion, sanity
 
 
-def _sharded(ctx: Context, task: str, test, nproc: int):
-    """The task's `ShardedAnalysis`: started at its first model stage for every model of the task not yet
-    analysed, so the processes start once per task; `close_sharded` ends it."""
-    job = ctx.out.sharded.get(task)
-    if job is not None:
-        return job
+def _pending_models(ctx: Context, task: str) -> list[str]:
+    """The task's models whose analysis is not yet recorded (all of them, unless the run was resumed)."""
     from pipeline.config import analysed_models
-    from pipeline.parallel.analyse import ShardedAnalysis
     from store import results as R
 
     done = {
         c["name"] for c in ctx.store.children(ctx.run_id) if c["kind"] == R.KIND_MODEL and c["status"] == "completed"
     }
+    return [m for m in analysed_models(ctx.cfg) if R.model_analysis_name(task, m) not in done]
+
+
+def start_analysis_workers(ctx: Context) -> None:
+    """With `compute.analysis_nproc` above 1 and models left to analyse, start the run's `AnalysisWorkers`
+    now (called once the cells are tokenized), so that their start-up runs beside the record and fine-tuning
+    stages; `close_analysis_workers` ends them."""
+    from pipeline.config import analysed_tasks
+
+    nproc = analysis_processes(ctx.cfg)
+    if nproc <= 1 or not model_analysis_on(ctx.cfg) or ctx.out.analysis_workers is not None:
+        return
+    if not any(_pending_models(ctx, task) for task in analysed_tasks(ctx.cfg)):
+        return
+    from pipeline.parallel.analyse import AnalysisWorkers
+
+    ctx.out.analysis_workers = AnalysisWorkers(
+        device=ctx.cfg["compute"]["device"], nproc=nproc, threads=int(ctx.cfg["compute"]["threads"])
+    )
+
+
+def _sharded(ctx: Context, task: str, mode: str, test):
+    """The run's `AnalysisWorkers`, with every model of `task` not yet analysed handed over at the task's
+    first model stage (one batch: the task's cells, DE table and configuration)."""
+    start_analysis_workers(ctx)
+    workers = ctx.out.analysis_workers
+    if (task, mode) in workers.uids:
+        return workers
     units = []
-    for mode in analysed_models(ctx.cfg):
-        if R.model_analysis_name(task, mode) in done:
-            continue
-        deletion, sanity = _parts(ctx, task, mode)
-        permuted = ctx.out.models.get((task, mode + PERMUTED))
+    for other in _pending_models(ctx, task):
+        deletion, sanity = _parts(ctx, task, other)
+        permuted = ctx.out.models.get((task, other + PERMUTED))
         units.append(
             {
-                "key": mode,
-                "model_path": str(ctx.out.models[(task, mode)]),
+                "key": (task, other),
+                "model_path": str(ctx.out.models[(task, other)]),
                 "permuted_path": None if permuted is None else str(permuted),
                 "deletion": deletion,
                 "sanity": sanity,
             }
         )
-    job = ShardedAnalysis(
-        units,
-        test,
-        dicts=ctx.out.dicts,
-        analysis=ctx.cfg["analysis"],
-        de=_de_for(ctx, task),
-        seed=ctx.seed,
-        device=ctx.cfg["compute"]["device"],
-        nproc=nproc,
-    )
-    ctx.out.sharded[task] = job
-    return job
+    workers.submit(units, test, dicts=ctx.out.dicts, analysis=ctx.cfg["analysis"], de=_de_for(ctx, task), seed=ctx.seed)
+    return workers
 
 
-def close_sharded(ctx: Context) -> None:
-    """Stop and remove every task's `ShardedAnalysis` (done, or the run interrupted)."""
-    while ctx.out.sharded:
-        _, job = ctx.out.sharded.popitem()
-        job.close()
+def close_analysis_workers(ctx: Context) -> None:
+    """Stop the run's `AnalysisWorkers` and remove their work folder (done, or the run interrupted)."""
+    workers, ctx.out.analysis_workers = ctx.out.analysis_workers, None
+    if workers is not None:
+        workers.close()
 
 
 def record_model_analysis(ctx: Context, child: int, task: str, mode: str, result, *, n_cells: int) -> None:
