@@ -1,6 +1,10 @@
 """Your data, your labels: `gfattn pipeline` on real T-cell counts (DatlingerBock2021: CRISPR knockouts x
 TCR stimulation) with a random-weight Geneformer V1-6L checkpoint built from the real config and the real
-dictionaries. Asked in the user's words, answered in them: no dose, no uM, no low/high anywhere."""
+dictionaries. Asked in the user's words, answered in them: no dose, no uM, no low/high anywhere.
+
+Each run is `gfattn pipeline` through `pipeline.cli.main(argv)` in the test's own process (its output
+captured as a user would see it): the imports of torch and transformers, seconds per process, are paid once
+per test worker; the subprocess runs of the suite are the session's quick run and the fault-injected ones."""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ import pytest
 
 from store import Store
 
-from tests._helpers_cli import cli, gfattn
+from tests._helpers_cli import cli
 from tests._helpers_model import save_geneformer_checkpoint
 from tests._helpers_tokenize import datlinger_anndata
 
@@ -111,7 +115,7 @@ def _assert_users_words(db, out, task: str, classes: list[str]):
 
 def test_stimulated_vs_unstimulated_in_the_quick_budget(tcells, v1_6l, geneformer_dir, tmp_path):
     db = tmp_path / "gfattn.db"
-    out = gfattn(
+    out = cli(
         "pipeline",
         "--quick",
         "--data",
@@ -156,7 +160,7 @@ def test_grouped_knockouts_with_a_filter(tcells, v1_small, geneformer_dir, tmp_p
     """)
     )
     db = tmp_path / "gfattn.db"
-    out = gfattn(
+    out = cli(
         "pipeline",
         "--quick",
         "--config",
@@ -194,7 +198,7 @@ def test_no_checkpoint_pretrains_on_the_users_cells(tcells, geneformer_dir, tmp_
     # (and marked) so that key scores and deletion effects can be compared
     mark = tmp_path / "mark.toml"
     mark.write_text('[data]\numap = false\n[analysis]\ngate = "mark"\n')  # UMAP: the --quick run covers it
-    out = gfattn(
+    out = cli(
         "pipeline",
         "--quick",
         "--config",
@@ -234,7 +238,7 @@ def test_no_checkpoint_pretrains_on_the_users_cells(tcells, geneformer_dir, tmp_
 def test_a_dataset_tokenized_beforehand(tcells, v1_small, geneformer_dir, tmp_path):
     """`--tokenized DIR`: cells a user already rank-value encoded, with their cell columns as labels."""
     tok = tmp_path / "tokenized"
-    out = gfattn(
+    out = cli(
         "tokenize",
         str(tcells),
         "--out",
@@ -248,7 +252,7 @@ def test_a_dataset_tokenized_beforehand(tcells, v1_small, geneformer_dir, tmp_pa
     )
     assert out.returncode == 0, out.stderr[-2000:]
     db = tmp_path / "gfattn.db"
-    out = gfattn(
+    out = cli(
         "pipeline",
         "--quick",
         "--tokenized",

@@ -1,8 +1,11 @@
 """Same seed, same numbers: a clean run, a run with warm caches, and a run killed mid fine-tuning, then
 failing on a full disk, then resumed, store identical results; checkpoints belong to their store.
 
-Every rerun is a real `gfattn pipeline --quick` subprocess. Faults are injected at named points through
-`GFATTN_FAULT` (`pipeline.compute.fault_point`): SIGKILL at a fine-tuning step, ENOSPC while saving a model.
+The session's quick run, the warm rerun and every run a fault stops are real `gfattn pipeline --quick`
+subprocesses; faults are injected at named points through `GFATTN_FAULT` (`pipeline.compute.fault_point`):
+SIGKILL at a fine-tuning step or a stage, ENOSPC while saving a model. The runs that complete a resume, and
+the clean run of two pairs, go through `pipeline.cli.main(argv)` in the test's process: the same numbers
+from another process.
 """
 
 import os
@@ -128,8 +131,8 @@ def test_killed_then_disk_full_then_resumed_gives_identical_results(quick_run, t
     assert "lowhigh__frozen" in out.stderr.strip().splitlines()[-1] and "sha256" in out.stderr
     shutil.copyfile(tmp_path / "weights.bak", weights)
 
-    # 4. space freed: the resume completes, and every stored number equals the clean run's
-    out = gfattn("pipeline", "--resume", str(run_id), "--store", str(db))
+    # 4. space freed: the resume completes (in this process), and every stored number equals the clean run's
+    out = cli("pipeline", "--resume", str(run_id), "--store", str(db))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "lowhigh/frozen: already fine-tuned (resumed), checkpoint verified" in out.stderr
     _same(quick_run[0], db)
@@ -148,7 +151,7 @@ def test_each_model_analysed_once_and_a_run_killed_between_pairs_resumes_identic
         "max_cells = 60\nn_boot = 20\ndeletion_k = [5]\ndeletion_random_sets = 3\ndeletion_top_genes = 5\n"
     )
     clean = folder / "pairs-clean.db"
-    out = gfattn("pipeline", "--quick", "--config", str(config), "--store", str(clean), "--name", "pairs")
+    out = cli("pipeline", "--quick", "--config", str(config), "--store", str(clean), "--name", "pairs")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "lowhigh: unfrozen: analysed once, used by 2 pairs" in out.stderr
     st = Store(clean)
@@ -177,7 +180,7 @@ def test_each_model_analysed_once_and_a_run_killed_between_pairs_resumes_identic
         env={"GFATTN_FAULT": "stage:attention lowhigh: unfrozen vs last-1"},
     )
     assert out.returncode == -9, (out.returncode, out.stderr[-2000:])
-    out = gfattn("pipeline", "--resume", str(_pipeline_id(db)), "--store", str(db))
+    out = cli("pipeline", "--resume", str(_pipeline_id(db)), "--store", str(db))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "lowhigh: unfrozen: already analysed (resumed), used by 2 pairs" in out.stderr
     _same(clean, db)

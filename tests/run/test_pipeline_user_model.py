@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests._helpers_cli import gfattn
+from tests._helpers_cli import cli
 
 # a model and data small enough for seconds per stage; UMAP is covered by the --quick run
 TINY = textwrap.dedent("""
@@ -74,7 +74,7 @@ def test_user_data_and_checkpoint_run_end_to_end(tmp_path, user_checkpoint, user
     cfg = tmp_path / "tiny.toml"
     cfg.write_text(TINY)
     db = tmp_path / "gfattn.db"
-    out = gfattn(
+    out = cli(
         "pipeline",
         "--data",
         str(user_h5ad),
@@ -191,7 +191,7 @@ def test_resume_continues_a_failed_run_from_its_first_unfinished_stage(tmp_path,
     assert len(st.gene_table_df(by_name["de: high vs low"]["id"], "de")) > 0
 
     # a completed run cannot be resumed: a one-line error and exit code 2
-    out = gfattn("pipeline", "--resume", "1", "--store", str(db))
+    out = cli("pipeline", "--resume", "1", "--store", str(db))
     assert out.returncode == 2 and "already completed" in out.stderr.strip().splitlines()[-1]
 
 
