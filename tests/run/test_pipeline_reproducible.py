@@ -1,5 +1,8 @@
-"""Same seed, same numbers: a clean run, a run with warm caches, and a run killed mid fine-tuning, then
-failing on a full disk, then resumed, store identical results; checkpoints belong to their store.
+"""Same seed, same numbers: a clean run, a run with warm caches analysed in two processes, a run killed mid
+fine-tuning, then failing on a full disk, then resumed, and a run killed between its pairs and resumed store
+identical results; checkpoints belong to their store. Every run is the quick preset made smaller still, with
+two pairs sharing a model (`PAIRS`), beside the session's quick run (its caches) unless its cache is cold
+on purpose.
 
 The session's quick run, the warm rerun and every run a fault stops are real `gfattn pipeline --quick`
 subprocesses; faults are injected at named points through `GFATTN_FAULT` (`pipeline.compute.fault_point`):
@@ -46,42 +49,80 @@ def _same(db_a, db_b, *, rtol: float = 0.0):
     assert not diffs, "\n".join(diffs[:20])
 
 
-@pytest.fixture(scope="module")
-def warm_rerun(quick_run):
-    """The same config again, in a second store beside the first: every cache is warm, and each model is
-    analysed by two processes (torchrun, gloo) where the first run used one."""
-    db, _ = quick_run
-    db2 = db.with_name("second.db")
-    with exclusive(db.with_name("second.lock")):  # once per session: the xdist workers share the quick run's folder
-        done = db.with_name("second.done")
+# The quick preset, smaller still, with two pairs sharing a model (unfrozen: model b of one, model a of the
+# other): every stage, each model's analysis (deletion of every model: gate "mark") and two pair analyses.
+PAIRS = (
+    "[data]\numap = false\n[train]\nepochs = 2\n"
+    '[analysis]\ngate = "mark"\npairs = [["frozen", "unfrozen"], ["unfrozen", "last-1"]]\n'
+    "max_cells = 60\nn_boot = 20\ndeletion_k = [5]\ndeletion_random_sets = 3\ndeletion_top_genes = 5\n"
+)
+
+
+def _pairs_config(folder) -> str:
+    path = folder / "pairs.toml"
+    if not path.exists():
+        path.write_text(PAIRS)
+    return str(path)
+
+
+def _once(folder, name: str, run) -> None:
+    """`run()` once per session, by whichever xdist worker comes first (the workers share `folder`)."""
+    with exclusive(folder / f"{name}.lock"):
+        done = folder / f"{name}.done"
         if done.exists():
-            return db2
-        assert not db2.exists(), "the warm rerun failed in another worker of this session"
-        out = gfattn("pipeline", "--quick", "--analysis-nproc", "2", "--store", str(db2), "--name", "e2e")
+            return
+        assert not (folder / f"{name}.db").exists(), f"the {name} run failed in another worker of this session"
+        run(folder / f"{name}.db")
+        done.touch()
+
+
+@pytest.fixture(scope="module")
+def pairs_clean(quick_run):
+    """The two pairs' run, uninterrupted, in one process (`pipeline.cli.main` in the test's process), in a
+    store beside the session's quick run: its data, embedded model and tokenization cached there, and
+    checkpoints of its own. The reference every other run of this module is compared with."""
+    folder = quick_run[0].parent
+
+    def run(db):
+        out = cli("pipeline", "--quick", "--config", _pairs_config(folder), "--store", str(db), "--name", "pairs")
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "lowhigh: unfrozen: analysed once, used by 2 pairs" in out.stderr
+
+    _once(folder, "pairs-clean", run)
+    return folder / "pairs-clean.db"
+
+
+@pytest.fixture(scope="module")
+def warm_rerun(pairs_clean):
+    """The same config again, in another store beside it: every cache is warm, and each model is analysed
+    by two processes (torchrun, gloo) where the clean run used one."""
+    folder = pairs_clean.parent
+
+    def run(db):
+        argv = ["pipeline", "--quick", "--config", _pairs_config(folder), "--analysis-nproc", "2"]
+        out = gfattn(*argv, "--store", str(db), "--name", "pairs")
         assert out.returncode == 0, out.stderr[-3000:]
         assert "embedded model cached" in out.stderr and "tokenization cached" in out.stderr
-        from pipeline import config
+        assert out.stderr.count("analysed in 2 processes (torchrun)") == 3  # frozen, unfrozen, last-1
 
-        models = config.analysed_models(config.resolve("quick"))
-        assert out.stderr.count("analysed in 2 processes (torchrun)") == len(models) >= 2
-        done.touch()
-    return db2
+    _once(folder, "pairs-sharded", run)
+    return folder / "pairs-sharded.db"
 
 
-def test_warm_caches_and_two_analysis_processes_give_identical_results(quick_run, warm_rerun):
+def test_warm_caches_and_two_analysis_processes_give_identical_results(pairs_clean, warm_rerun):
     """Every stored result of the second run equals the first's: warm caches, and the analysis of each model
     (attention, attribution, deletion, cascade) sharded over two processes. Checkpoints (by hash), counts,
     rankings, gene sets and labels are identical; per-cell values and deletion logits are gathered, so they
     are the same numbers; sums over cells are all-reduced in float64 in another order, so floats agree to
     rounding: relative SHARDED_RTOL (docs/architecture.md, "Sharded analysis")."""
-    _same(quick_run[0], warm_rerun, rtol=SHARDED_RTOL)
+    _same(pairs_clean, warm_rerun, rtol=SHARDED_RTOL)
     (pipeline,) = Store(warm_rerun).list_runs(kind="pipeline")
     assert Store(warm_rerun).get_run(pipeline["id"])["config"]["compute"]["analysis_nproc"] == 2
 
 
-def test_two_stores_in_one_folder_keep_their_own_checkpoints(quick_run, warm_rerun):
+def test_two_stores_in_one_folder_keep_their_own_checkpoints(pairs_clean, warm_rerun):
     paths = []
-    for db in (quick_run[0], warm_rerun):
+    for db in (pairs_clean, warm_rerun):
         st = Store(db)
         for child in st.children(_pipeline_id(db)):
             if child["kind"] == "finetune":
@@ -91,11 +132,22 @@ def test_two_stores_in_one_folder_keep_their_own_checkpoints(quick_run, warm_rer
     assert len(paths) == 6 and len(set(paths)) == 6  # both stores number their runs from 1
 
 
-def test_killed_then_disk_full_then_resumed_gives_identical_results(quick_run, tmp_path):
+def test_killed_then_disk_full_then_resumed_gives_identical_results(pairs_clean, tmp_path):
+    """The two pairs' run in a folder of its own (a cold cache: nothing shared), killed, failed, refused and
+    resumed, stores what the clean run stores."""
     db = tmp_path / "gfattn.db"
+    config = _pairs_config(tmp_path)
     # 1. SIGKILL in the middle of the unfrozen model's fine-tuning (a cold cache: nothing shared)
     out = _gfattn_env(
-        "pipeline", "--quick", "--store", str(db), "--name", "e2e", env={"GFATTN_FAULT": "finetune-step:unfrozen:40"}
+        "pipeline",
+        "--quick",
+        "--config",
+        config,
+        "--store",
+        str(db),
+        "--name",
+        "pairs",
+        env={"GFATTN_FAULT": "finetune-step:unfrozen:40"},
     )
     assert out.returncode == -9, (out.returncode, out.stderr[-2000:])
     st = Store(db)
@@ -135,25 +187,13 @@ def test_killed_then_disk_full_then_resumed_gives_identical_results(quick_run, t
     out = cli("pipeline", "--resume", str(run_id), "--store", str(db))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "lowhigh/frozen: already fine-tuned (resumed), checkpoint verified" in out.stderr
-    _same(quick_run[0], db)
+    _same(pairs_clean, db)
 
 
-def test_each_model_analysed_once_and_a_run_killed_between_pairs_resumes_identically(quick_run, tmp_path):
-    """Two pairs sharing a model (unfrozen: model b of one, model a of the other): each model is analysed
-    once per run, the pairs read its results, and a run killed between the pairs and resumed stores what
-    an uninterrupted run stores. Both stores sit beside the session's quick run: its data, embedded model and
-    tokenization are cached, and each store keeps checkpoints of its own."""
-    folder = quick_run[0].parent
-    config = tmp_path / "pairs.toml"
-    config.write_text(  # the quick preset, smaller still: what matters here is where the numbers come from
-        "[data]\numap = false\n[train]\nepochs = 2\n"
-        '[analysis]\ngate = "mark"\npairs = [["frozen", "unfrozen"], ["unfrozen", "last-1"]]\n'
-        "max_cells = 60\nn_boot = 20\ndeletion_k = [5]\ndeletion_random_sets = 3\ndeletion_top_genes = 5\n"
-    )
-    clean = folder / "pairs-clean.db"
-    out = cli("pipeline", "--quick", "--config", str(config), "--store", str(clean), "--name", "pairs")
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "lowhigh: unfrozen: analysed once, used by 2 pairs" in out.stderr
+def test_each_model_analysed_once_and_a_run_killed_between_pairs_resumes_identically(pairs_clean):
+    """Two pairs sharing a model: each model is analysed once per run, the pairs read its results, and a run
+    killed between the pairs and resumed stores what an uninterrupted run stores."""
+    clean = pairs_clean
     st = Store(clean)
     models = [c["name"] for c in st.children(_pipeline_id(clean)) if c["kind"] == "model"]
     assert models == ["lowhigh: frozen", "lowhigh: unfrozen", "lowhigh: last-1"]
@@ -167,12 +207,12 @@ def test_each_model_analysed_once_and_a_run_killed_between_pairs_resumes_identic
         assert merged[f"{stem}_b_x"].fillna(-1e300).tolist() == merged[f"{stem}_a_y"].fillna(-1e300).tolist(), stem
     st.close()
 
-    db = folder / "pairs-killed.db"
+    db = clean.with_name("pairs-killed.db")  # beside the clean store: warm caches, checkpoints of its own
     out = _gfattn_env(
         "pipeline",
         "--quick",
         "--config",
-        str(config),
+        _pairs_config(clean.parent),
         "--store",
         str(db),
         "--name",
