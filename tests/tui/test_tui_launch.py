@@ -110,7 +110,8 @@ async def test_quick_demo_started_from_the_form_finishes_in_the_list(quick_run):
     except ImportError as exc:
         pytest.skip(f"`gfattn pipeline` is not available in this checkout ({exc})")
     db = quick_run[0].with_name("tui-demo.db")
-    app = make_app(EmptyStore(db), config=TuiConfig(utc=True, poll_interval=0.25))
+    # the list polls the store once a second: the run it follows keeps the cores
+    app = make_app(EmptyStore(db), config=TuiConfig(utc=True, poll_interval=1.0))
     async with app.run_test(size=SIZE) as pilot:
         try:
             await settle(pilot)
@@ -132,7 +133,7 @@ async def test_quick_demo_started_from_the_form_finishes_in_the_list(quick_run):
             seen: set[str] = set()
             deadline = time.monotonic() + 240
             while time.monotonic() < deadline:
-                await pilot.pause(0.5)
+                await pilot.pause(1.0)
                 runs = app.screen.runs
                 seen |= {r["status"] for r in runs}
                 if runs and runs[0]["status"] != "running" and not app.launched:
