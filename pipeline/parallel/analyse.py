@@ -144,9 +144,10 @@ class AnalysisWorkers:
 
         if self.proc.poll() is None:
             (self.work / STOP_FILE).touch()
-            try:
-                self.proc.wait(timeout=5)  # idle processes see the stop file within POLL_S
-            except subprocess.TimeoutExpired:  # busy (an interrupted run): stop them
+            busy = any(not _result_path(self.work, uid).is_file() for uid in self.uids.values())
+            try:  # idle processes see the stop file within POLL_S; busy ones (an interrupted run) are stopped
+                self.proc.wait(timeout=0 if busy else 5)
+            except subprocess.TimeoutExpired:
                 try:
                     os.killpg(self.proc.pid, signal.SIGTERM)
                     self.proc.wait(timeout=30)

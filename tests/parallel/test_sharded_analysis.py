@@ -7,6 +7,7 @@ rerun of `tests/run/test_pipeline_reproducible.py`.)"""
 from __future__ import annotations
 
 import pickle
+import signal
 import subprocess
 import sys
 
@@ -155,3 +156,18 @@ def test_worker_threads_follow_the_runs_count():
 
     assert worker_threads(3, 2) == 3  # compute.threads set: every process runs the one process's kernels
     assert worker_threads(0, 1) >= 1 and worker_threads(0, 10_000) == 1
+
+
+def test_closing_stops_processes_busy_with_a_model(unit, tmp_path, monkeypatch):
+    """An interrupted run closes its workers while a model it handed over has no result yet: they are
+    stopped at once (a signal to their process group), not waited for."""
+    import pipeline.parallel.analyse as A
+    import pipeline.parallel.launch as L
+
+    monkeypatch.setattr(L, "torchrun_command", lambda *a, **k: [sys.executable, "-c", "import time; time.sleep(600)"])
+    path, cells, dicts = unit
+    workers = A.AnalysisWorkers(device="cpu", nproc=2, work_dir=tmp_path / "w")
+    units = [{"key": "m", "model_path": str(path), "permuted_path": None, "deletion": False, "sanity": False}]
+    workers.submit(units, cells, dicts=dicts, analysis=ANALYSIS, de=None, seed=5)
+    workers.close()
+    assert workers.proc.returncode == -signal.SIGTERM and not (tmp_path / "w").exists()
