@@ -42,10 +42,17 @@ def geneformer_dir(shared):
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects
 def pytest_collection_modifyitems(items):
     """A test that reads the session's quick run is an end-to-end test: marked `slow`, so that the edit loop's
-    tier (`make test-fast`, `-m "not slow"`) never starts the run."""
+    tier (`make test-fast`, `-m "not slow"`) never starts the run. Those tests run after the others (a stable
+    sort, the same order in every xdist worker): the run, started with the session, is done by the time they
+    ask for it, and no worker sits waiting for it while other tests could run."""
     for item in items:
-        if "quick_run" in getattr(item, "fixturenames", ()):
+        if _reads_quick_run(item):
             item.add_marker(pytest.mark.slow)
+    items[:] = sorted(items, key=_reads_quick_run)
+
+
+def _reads_quick_run(item) -> bool:
+    return "quick_run" in getattr(item, "fixturenames", ())
 
 
 def _quick_run_folder(tmp_path_factory) -> Path:
