@@ -205,7 +205,8 @@ def test_pipeline_fine_tunes_with_two_processes(tmp_path, capsys):
     cfg["compute"]["nproc"] = 2
     # fine-tuning in two processes; the analysis in two processes is the warm rerun's (test_pipeline_reproducible)
     cfg["compute"]["analysis_nproc"] = 1
-    cfg["analysis"]["de"] = False
+    # what follows fine-tuning is the pair analysis alone (deletion and the cascade: the other end-to-end runs)
+    cfg["analysis"].update(de=False, deletion=False, sanity=False)
     db = tmp_path / "gfattn.db"
     assert run_pipeline(cfg, db) == 0, capsys.readouterr().err[-3000:]
     st = Store(db)
