@@ -55,6 +55,7 @@ PAIRS = (
     "[data]\numap = false\n[train]\nepochs = 2\n"
     '[analysis]\ngate = "mark"\npairs = [["frozen", "unfrozen"], ["unfrozen", "last-1"]]\n'
     "max_cells = 60\nn_boot = 20\ndeletion_k = [5]\ndeletion_random_sets = 3\ndeletion_top_genes = 5\n"
+    "ig_steps = 8\nig_max_steps = 16\n"  # integrated gradients' step doubling still decided, at fewer steps
 )
 
 
