@@ -358,23 +358,16 @@ def _timed(fn, device, repeats: int, budget_s: float = 0.3, warm_up: bool = True
     """Median time of `fn` after a warm-up: at least `repeats` runs, more while they fit in `budget_s` (at
     most 20; a loaded machine makes single runs noisy), one for a slow batch, none beyond the warm-up for a
     very slow one. Without `warm_up` (a kind timed after another at the same length, in a running pipeline's
-    plan): `repeats` runs."""
-    if not warm_up:
-        times = []
-        for _ in range(max(1, repeats)):
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-        return float(np.median(times))
-    t0 = time.perf_counter()
-    fn()  # warm-up: kernels, allocations, numba compilation
-    _sync(device)
-    warm = time.perf_counter() - t0
-    if warm > 5.0:  # a slow batch: its warm-up is the measurement
-        return warm
-    if warm > 1.0:
-        repeats = 1
+    plan): no warm-up run."""
+    if warm_up:
+        t0 = time.perf_counter()
+        fn()  # warm-up: kernels, allocations, numba compilation
+        _sync(device)
+        warm = time.perf_counter() - t0
+        if warm > 5.0:  # a slow batch: its warm-up is the measurement
+            return warm
+        if warm > 1.0:
+            repeats = 1
     times: list[float] = []
     while len(times) < max(1, repeats) or (sum(times) < budget_s and len(times) < 20):
         t0 = time.perf_counter()
