@@ -29,9 +29,9 @@ from typing import Callable
 
 from pipeline.errors import InputError
 from pipeline.parallel.distributed import env_local_rank, env_rank, init_from_env, shutdown
+from pipeline.parallel.launch import STOP_FILE, parent_gone
 
 WORKER_MODULE = "pipeline.parallel.analyse"
-STOP_FILE = "stop"
 POLL_S = 0.1
 
 
@@ -158,17 +158,6 @@ class AnalysisWorkers:
         shutil.rmtree(self.work, ignore_errors=True)
 
 
-def _parent_gone(pid: int) -> bool:
-    """Whether the pipeline that started the job has ended (killed without stopping its processes)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
 class _Progress:
     """Rank 0's progress of model `model` as JSON lines, at most twice a second and always a part's last.
     Every rank stops here when the pipeline that started the job has ended."""
@@ -177,7 +166,7 @@ class _Progress:
         self.path, self.model, self.parent, self.last = path, model, parent, 0.0
 
     def __call__(self, done, total, unit="cells", **_):
-        if _parent_gone(self.parent):
+        if parent_gone(self.parent):
             raise SystemExit(3)
         if self.path is None:
             return
@@ -205,7 +194,7 @@ def _next_batch(work: Path, n: int, parent: int) -> dict | None:
                 return pickle.load(f)
         if (work / STOP_FILE).exists():
             return None
-        if _parent_gone(parent):
+        if parent_gone(parent):
             raise SystemExit(3)
         time.sleep(POLL_S)
 

@@ -3,21 +3,26 @@ started it (docs/architecture.md, "Data-parallel processes").
 
 Two ways in. A command asked for `--nproc N > 1` outside a torchrun launch may re-execute itself under
 `python -m torch.distributed.run --standalone --nproc-per-node N` (`launch_torchrun`). A stage that runs
-one piece of work in N processes and goes on in its own process uses the **job channel**:
+pieces of work in N processes and goes on in its own process uses the **job channel**:
 
-- the parent calls `run_job(job, nproc, module=M, on_event=callback, work_dir=DIR)`: it writes the job (a
-  JSON document) to `DIR/job.json`, starts `python -m M --job DIR/job.json` in N processes with
-  `subprocess.Popen`, and while they run polls `DIR/events.jsonl` (JSON lines), handing each record, in
-  order and as it arrives, to `callback` in the parent; the parent's recorder writes the records to the
-  store there, so progress shows live and no worker ever opens the store. When the processes have ended
-  it returns the job's result, or raises the worker's `InputError` as one line, or a `RuntimeError` naming
-  the exit status (the workers' tracebacks are on stderr above it).
-- the worker module ends in `sys.exit(worker_main(work))`; in each process `work(channel)` gets a
-  `JobChannel` (`channel.job`: the job; `channel.main`: rank 0) and returns the result. Only rank 0
-  writes: `channel.emit(record)` appends one JSON line to the events file (a no-op on other ranks), and
-  its return value is written atomically as the result (`channel.set_result`), JSON (`result="json"`)
-  or, for results holding numpy arrays or DataFrames, a pickle (`result="pickle"`). An `InputError`
-  raised by `work` is passed to the parent; every process leaves the process group at the end.
+- the parent starts `JobWorkers(nproc, module=M)`: `python -m M --serve DIR --parent PID` in N processes
+  under torchrun, once, however many jobs follow (their start, seconds of imports and the process group,
+  and on GPUs each device's context, is paid once per run, not once per model). `workers.run(job,
+  on_event=callback)` writes the job (a JSON document) atomically to `DIR/job-K/job.json` and, while the
+  processes work on it, polls `DIR/job-K/events.jsonl` (JSON lines), handing each record, in order and as
+  it arrives, to `callback` in the parent; the parent's recorder writes the records to the store there,
+  so progress shows live and no worker ever opens the store. Once rank 0 has written the job's result it
+  returns it, or raises the worker's `InputError` as one line, or a `RuntimeError` naming the exit status
+  when the processes end without one (the workers' tracebacks are on stderr above it). `close()` writes
+  the stop file `DIR/stop`; the processes end there, or once the parent has ended (killed). `run_job` is
+  one job in processes started for it alone.
+- the worker module ends in `sys.exit(worker_main(work))`; each process waits for the jobs in turn, and
+  for each `work(channel)` gets a `JobChannel` (`channel.job`: the job; `channel.main`: rank 0) and
+  returns the result. Only rank 0 writes: `channel.emit(record)` appends one JSON line to the events file
+  (a no-op on other ranks), and its return value is written atomically as the result
+  (`channel.set_result`), JSON (`result="json"`) or, for results holding numpy arrays or DataFrames, a
+  pickle (`result="pickle"`). An `InputError` raised by `work` is passed to the parent and ends the
+  processes; every process leaves the process group at the end.
 
 `DIR` is the parent's own temporary work folder (`tempfile.mkdtemp`, readable by its user only); the
 pickled result is read back from there only, written by the workers the parent started.
@@ -26,7 +31,9 @@ A recorder crosses the channel as calls: in the worker `CallForwarder(channel, M
 the recorder and turns each call of one of `METHODS` into a record, and the parent's `on_event` is
 `lambda record: replay_call(recorder, record, METHODS)`. Fine-tuning in N processes
 (`finetune_distributed`, worker `_finetune_worker` in this module) works this way with the methods of
-`pipeline.training.finetune.FinetuneRecorder`.
+`pipeline.training.finetune.FinetuneRecorder`; the pipeline starts its `JobWorkers` at the run's first
+fine-tuning and ends them after the last, so that every model of the run is fine-tuned by the same
+processes.
 
 Layering: this module sits above `pipeline.training.finetune`, which sits above `pipeline.parallel.distributed`.
 """
@@ -37,6 +44,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -48,7 +56,8 @@ WORKER_MODULE = "pipeline.parallel.launch"
 JOB_FILE = "job.json"
 EVENTS_FILE = "events.jsonl"
 RESULT_FORMATS = {"json": "result.json", "pickle": "result.pkl"}
-POLL_S = 0.2  # how often the parent reads new events while the workers run
+STOP_FILE = "stop"
+POLL_S = 0.05  # how often the parent reads new events while the workers run, and the workers look for a job
 
 
 def torchrun_command(
@@ -139,8 +148,102 @@ def write_job(job: dict, work_dir, *, result: str = "json") -> Path:
     events.write_bytes(b"")
     outcome.unlink(missing_ok=True)
     channel = {"events": str(events), "result": str(outcome), "format": result}
-    (work / JOB_FILE).write_text(_dump({"channel": channel, "job": job}))
+    from pipeline.io import atomic_write_bytes
+
+    atomic_write_bytes(work / JOB_FILE, _dump({"channel": channel, "job": job}).encode("utf-8"))  # read whole
     return work / JOB_FILE
+
+
+def parent_gone(pid: int) -> bool:
+    """Whether the process that started a job's workers has ended (killed without stopping them)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+class JobWorkers:
+    """`nproc` processes of `python -m MODULE` under torchrun, started once, that run the jobs `run` hands
+    them in turn (see the module docstring). `what` names the work in the error raised when they fail; the
+    work folder is removed on `close` when the workers made it."""
+
+    def __init__(self, nproc: int, *, module: str, work_dir=None, env: dict | None = None, what: str = "the job"):
+        import tempfile
+
+        _check_nproc(nproc)
+        self.nproc, self.what = int(nproc), what
+        self._own = work_dir is None
+        self.work = Path(work_dir or tempfile.mkdtemp(prefix="gfattn-jobs-"))
+        self.work.mkdir(parents=True, exist_ok=True)
+        (self.work / STOP_FILE).unlink(missing_ok=True)
+        self.jobs = 0
+        argv = ["--serve", str(self.work), "--parent", str(os.getpid())]
+        self.proc = subprocess.Popen(torchrun_command(argv, nproc, module=module), env={**os.environ, **(env or {})})
+
+    def __enter__(self) -> JobWorkers:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def run(
+        self,
+        job: dict,
+        *,
+        on_event: Callable[[dict], None] | None = None,
+        result: str = "json",
+        poll_s: float = POLL_S,
+    ) -> Any:
+        """Run `job` in the processes and return the result its rank 0 set. `on_event` receives each record
+        rank 0 emits, in order, while they work; if it raises, or the wait is interrupted, the processes are
+        stopped and the error propagates. `result` is "json" or "pickle"."""
+        import pickle
+
+        job_path = write_job(job, self.work / f"job-{self.jobs}", result=result)
+        self.jobs += 1
+        reader = EventReader(job_path.parent / EVENTS_FILE)
+        outcome_path = job_path.parent / RESULT_FORMATS[result]
+        try:
+            while True:
+                rc = self.proc.poll()
+                done = outcome_path.is_file()
+                for record in reader.read():  # once the result is there, this read drains what is left
+                    if on_event is not None:
+                        on_event(record)
+                if done:
+                    break
+                if rc is not None:
+                    raise RuntimeError(
+                        f"{self.what} in {self.nproc} processes failed (exit status {rc});"
+                        " the workers' errors are printed above"
+                    )
+                time.sleep(poll_s)
+        except BaseException:
+            _stop(self.proc)
+            raise
+        data = outcome_path.read_bytes()
+        outcome = pickle.loads(data) if result == "pickle" else json.loads(data)
+        if outcome.get("input_error"):
+            self.close()  # the processes end after an input error
+            raise InputError(outcome["input_error"])
+        return outcome["result"]
+
+    def close(self) -> None:
+        """Stop the processes (the stop file; a signal when they do not end within seconds) and remove the
+        work folder the workers made."""
+        import shutil
+
+        if self.proc.poll() is None:
+            (self.work / STOP_FILE).touch()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                _stop(self.proc)
+        if self._own:
+            shutil.rmtree(self.work, ignore_errors=True)
 
 
 def run_job(
@@ -155,47 +258,9 @@ def run_job(
     env: dict | None = None,
     poll_s: float = POLL_S,
 ) -> Any:
-    """Run `python -m MODULE --job WORK_DIR/job.json` in `nproc` processes under torchrun and return the
-    result its rank 0 set (see the module docstring). `on_event` receives each record rank 0 emits, in
-    order, while the processes run; if it raises, the processes are stopped and the error propagates.
-    `result` is "json" or "pickle"; `what` names the work in the error raised when the processes fail."""
-    import pickle
-
-    _check_nproc(nproc)
-    job_path = write_job(job, work_dir, result=result)
-    work = job_path.parent
-    reader = EventReader(work / EVENTS_FILE)
-    outcome_path = work / RESULT_FORMATS[result]
-    proc = subprocess.Popen(
-        torchrun_command(["--job", str(job_path)], nproc, module=module), env={**os.environ, **(env or {})}
-    )
-    try:
-        while True:
-            finished = proc.poll() is not None
-            for record in reader.read():  # after the exit, this read drains what is left
-                if on_event is not None:
-                    on_event(record)
-            if finished:
-                break
-            try:
-                proc.wait(timeout=poll_s)
-            except subprocess.TimeoutExpired:
-                pass
-    except BaseException:
-        _stop(proc)
-        raise
-    rc = proc.returncode
-    outcome: dict = {}
-    if outcome_path.is_file():
-        data = outcome_path.read_bytes()
-        outcome = pickle.loads(data) if result == "pickle" else json.loads(data)
-    if outcome.get("input_error"):
-        raise InputError(outcome["input_error"])
-    if rc != 0 or "result" not in outcome:
-        raise RuntimeError(
-            f"{what} in {nproc} processes failed (exit status {rc}); the workers' errors are printed above"
-        )
-    return outcome["result"]
+    """One job in `nproc` processes started for it alone (`JobWorkers`, closed when it is done)."""
+    with JobWorkers(nproc, module=module, work_dir=work_dir, env=env, what=what) as workers:
+        return workers.run(job, on_event=on_event, result=result, poll_s=poll_s)
 
 
 class JobChannel:
@@ -241,30 +306,53 @@ class JobChannel:
             self._events = None
 
 
-def serve_job(job_path, work: Callable[[JobChannel], Any]) -> int:
-    """One torchrun process of a job: `work(channel)`'s return value becomes the result (rank 0's); an
-    `InputError` goes to the parent as its message (exit status 2). The process group is left at the end."""
-    channel = JobChannel(job_path)
+def _next_job(work: Path, n: int, parent: int) -> Path | None:
+    """Job `n`'s file once the parent has written it; None once the parent asks the processes to stop. Every
+    rank waits alone (no collective while the parent does other work); it ends when the parent has ended."""
+    path = work / f"job-{n}" / JOB_FILE
+    while True:
+        if path.is_file():
+            return path
+        if (work / STOP_FILE).exists():
+            return None
+        if parent_gone(parent):
+            raise SystemExit(3)
+        time.sleep(POLL_S)
+
+
+def serve_jobs(work_dir, parent: int, work: Callable[[JobChannel], Any]) -> int:
+    """One torchrun process of `JobWorkers`: each job in turn, `work(channel)`'s return value its result
+    (rank 0's). An `InputError` goes to the parent as its message and ends the process (exit status 2). The
+    process group is left at the end."""
+    n = 0
     try:
-        channel.set_result(work(channel))
+        while (job_path := _next_job(Path(work_dir), n, parent)) is not None:
+            channel = JobChannel(job_path)
+            try:
+                channel.set_result(work(channel))
+            except InputError as exc:
+                channel.fail(str(exc))
+                return 2
+            finally:
+                channel.close()
+            n += 1
         return 0
-    except InputError as exc:
-        channel.fail(str(exc))
-        return 2
     finally:
-        channel.close()
         shutdown()
 
 
 def worker_main(
     work: Callable[[JobChannel], Any], argv: Sequence[str] | None = None, *, prog: str | None = None
 ) -> int:
-    """The entry point of a worker module: `--job JOB` from the command line, then `serve_job`."""
+    """The entry point of a worker module: `--serve DIR --parent PID` from the command line, then
+    `serve_jobs`."""
     import argparse
 
     parser = argparse.ArgumentParser(prog=prog)
-    parser.add_argument("--job", required=True, help="the job file `run_job` wrote")
-    return serve_job(parser.parse_args(argv).job, work)
+    parser.add_argument("--serve", required=True, help="the work folder `JobWorkers` hands its jobs into")
+    parser.add_argument("--parent", type=int, required=True, help="the process that started the workers")
+    args = parser.parse_args(argv)
+    return serve_jobs(args.serve, args.parent, work)
 
 
 class CallForwarder:
@@ -294,6 +382,12 @@ def replay_call(recorder, record: dict, methods: Sequence[str]) -> None:
 
 # ------------------------------------------------------------------------- fine-tuning in N processes
 FINETUNE_RECORDER_METHODS = ("event", "progress", "metrics", "confusion")  # `FinetuneRecorder`'s
+FINETUNE_WHAT = "distributed fine-tuning"
+
+
+def finetune_workers(nproc: int) -> JobWorkers:
+    """The processes that fine-tune every model of a run in `nproc` processes (`finetune_model(workers=)`)."""
+    return JobWorkers(nproc, module=WORKER_MODULE, what=FINETUNE_WHAT)
 
 
 def _save_split(ds, path) -> None:
@@ -324,11 +418,12 @@ def finetune_model(
     out_dir=None,
     dicts=None,
     load_options: dict | None = None,
+    workers: JobWorkers | None = None,
 ):
     """Fine-tune `model_dir` on `parts` ("train", "validation", "test") in this process (`nproc` 1) or in
-    `nproc` processes (`finetune_distributed`); returns a `FinetuneResult`. The classifier is loaded with
-    `dicts`, `config.seed` and `load_options` (`load_classifier`'s `max_len`, `data_source`); `recorder`
-    (a `FinetuneRecorder`) hears the run either way."""
+    `nproc` processes (`finetune_distributed`; in `workers` where given, the run's processes); returns a
+    `FinetuneResult`. The classifier is loaded with `dicts`, `config.seed` and `load_options`
+    (`load_classifier`'s `max_len`, `data_source`); `recorder` (a `FinetuneRecorder`) hears the run either way."""
     if int(nproc) > 1:
         return finetune_distributed(
             model_dir,
@@ -341,6 +436,7 @@ def finetune_model(
             out_dir=out_dir,
             dicts=dicts,
             load_options=load_options,
+            workers=workers,
         )
     from pipeline.models.load import load_classifier
     from pipeline.training.finetune import finetune
@@ -373,8 +469,11 @@ def finetune_distributed(
     dicts=None,
     load_options: dict | None = None,
     work_dir=None,
+    workers: JobWorkers | None = None,
 ):
-    """Fine-tune `model_dir` in `nproc` processes launched with torchrun; returns a `FinetuneResult`.
+    """Fine-tune `model_dir` in `nproc` processes launched with torchrun (the `JobWorkers` `workers`, which
+    run `_finetune_worker` in `nproc` processes, where given; else processes started for this model alone);
+    returns a `FinetuneResult`.
 
     `parts` maps "train", "validation", "test" to datasets (Hugging Face `Dataset`s or dicts of columns).
     They are written to a work folder that every process reads; rank 0 forwards what it reports to
@@ -414,14 +513,13 @@ def finetune_distributed(
             "dicts_dir": None if dicts_dir is None else str(dicts_dir),
             "load_options": dict(load_options or {}),
         }
-        outcome = run_job(
-            job,
-            nproc,
-            module=WORKER_MODULE,
-            work_dir=work,
-            on_event=None if recorder is None else lambda r: replay_call(recorder, r, FINETUNE_RECORDER_METHODS),
-            what="distributed fine-tuning",
-        )
+        on_event = None if recorder is None else lambda r: replay_call(recorder, r, FINETUNE_RECORDER_METHODS)
+        if workers is not None:
+            if workers.nproc != int(nproc):
+                raise ValueError(f"fine-tuning in {nproc} processes was handed workers of {workers.nproc}")
+            outcome = workers.run(job, on_event=on_event)
+        else:
+            outcome = run_job(job, nproc, module=WORKER_MODULE, work_dir=work, on_event=on_event, what=FINETUNE_WHAT)
         from pipeline.models.load import load_classifier
 
         model = load_classifier(model_out, len(label_names))
@@ -482,7 +580,7 @@ def _finetune_worker(channel: JobChannel) -> dict:
         out_dir=job["out_dir"],
         dicts=dicts,
     )
-    return {
+    out = {
         "best_epoch": result.best_epoch,
         "val_metrics": result.val_metrics,
         "test_metrics": result.test_metrics,
@@ -491,6 +589,12 @@ def _finetune_worker(channel: JobChannel) -> dict:
         "test_probabilities": result.test_probabilities,
         "history": result.history,
     }
+    del model, result  # the next job's model takes their place: on a GPU, hand the cached memory back
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
+    return out
 
 
 if __name__ == "__main__":  # pragma: no cover - entry point of the torchrun workers

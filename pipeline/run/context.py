@@ -34,6 +34,8 @@ class Products:
     gates: dict[tuple[str, str], dict] = field(default_factory=dict)  # (task, mode) -> results.JSON_GATE document
     # the run's `pipeline.parallel.analyse.AnalysisWorkers` (`compute.analysis_nproc` above 1), once started
     analysis_workers: Any = None
+    # the run's fine-tuning processes (`pipeline.parallel.launch.JobWorkers`, `compute.nproc` above 1)
+    finetune_workers: Any = None
 
 
 @dataclass

@@ -41,7 +41,7 @@ from pipeline.run.stages.analysis import (
 )
 from pipeline.run.stages.data import stage_data, stage_record_data
 from pipeline.run.stages.de import de_comparisons, stage_de
-from pipeline.run.stages.finetune import PERMUTED, stage_finetune
+from pipeline.run.stages.finetune import PERMUTED, close_finetune_workers, stage_finetune
 from pipeline.run.stages.model import stage_model
 from pipeline.run.stages.tokenize import stage_checkpoint_check, stage_tokenize
 
@@ -90,15 +90,18 @@ def _stages_after_tokenize(ctx: Context, stage) -> None:
     cfg = ctx.cfg
     with stage("record"):
         stage_record_data(ctx)
-    for task in trained_tasks(cfg):
-        for mode in cfg["train"]["modes"]:
-            with stage(f"finetune {task}/{mode}"):
-                stage_finetune(ctx, task, mode)
-    if cfg["analysis"]["label_permutation"]:
-        for task in analysed_tasks(cfg):
-            for mode in dict.fromkeys(m for pair in cfg["analysis"]["pairs"] for m in pair):
-                with stage(f"finetune {task}/{mode}{PERMUTED}"):
-                    stage_finetune(ctx, task, mode, permuted=True)
+    try:  # every model fine-tuned in N processes by the same processes, ended before the analysis
+        for task in trained_tasks(cfg):
+            for mode in cfg["train"]["modes"]:
+                with stage(f"finetune {task}/{mode}"):
+                    stage_finetune(ctx, task, mode)
+        if cfg["analysis"]["label_permutation"]:
+            for task in analysed_tasks(cfg):
+                for mode in dict.fromkeys(m for pair in cfg["analysis"]["pairs"] for m in pair):
+                    with stage(f"finetune {task}/{mode}{PERMUTED}"):
+                        stage_finetune(ctx, task, mode, permuted=True)
+    finally:
+        close_finetune_workers(ctx)
     comparisons = de_comparisons(cfg, ctx.out.selection)
     if not comparisons:
         ctx.rep.skip("de", "analysis.de is off" if ctx.has_counts else "a tokenized dataset has no counts to test")

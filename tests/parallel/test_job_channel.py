@@ -1,6 +1,7 @@
-"""The job channel of `pipeline.parallel.launch` and fine-tuning's recorder: rank 0's records reach the
-parent while the workers run, results come back as JSON or pickles, a worker's InputError is one line,
-and a recorder forwarded over the channel writes what the stage's recorder writes in-process."""
+"""The job channel of `pipeline.parallel.launch` and fine-tuning's recorder: processes started once run job
+after job, rank 0's records reach the parent while the workers run, results come back as JSON or pickles,
+a worker's InputError is one line and ends the processes, and a recorder forwarded over the channel writes
+what the stage's recorder writes in-process."""
 
 import json
 import os
@@ -17,6 +18,7 @@ from pipeline.parallel.launch import (
     FINETUNE_RECORDER_METHODS,
     CallForwarder,
     JobChannel,
+    JobWorkers,
     replay_call,
     run_job,
     write_job,
@@ -32,6 +34,7 @@ torch.set_num_threads(1)  # 2 threads crawl when other processes share the 2 cor
 # A worker module: both ranks join the process group; rank 0 reports, waits until the parent has seen its
 # first record (so the parent read it while the workers still ran), reports again and returns arrays.
 PROBE = textwrap.dedent("""
+    import os
     import sys
     import time
     from pathlib import Path
@@ -55,7 +58,8 @@ PROBE = textwrap.dedent("""
         while not ack.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         channel.emit({"step": 2, "heard_live": ack.exists(), "value": np.float32(0.5)})
-        return {"values": np.arange(4.0) * (distributed.rank() + 1), "rank": distributed.rank()}
+        values = np.arange(4.0) * (distributed.rank() + 1) * job.get("scale", 1.0)
+        return {"values": values, "rank": distributed.rank(), "pid": os.getpid()}
 
 
     if __name__ == "__main__":
@@ -71,37 +75,34 @@ def probe_env(tmp_path):
     return {"PYTHONPATH": os.pathsep.join([str(folder), str(REPO), os.environ.get("PYTHONPATH", "")])}
 
 
-def test_the_parent_hears_rank_0_while_two_workers_run_and_gets_a_pickled_result(tmp_path, probe_env):
-    ack = tmp_path / "ack"
-    heard = []
+def test_processes_started_once_run_job_after_job_and_the_parent_hears_rank_0_while_they_run(tmp_path, probe_env):
+    """Two jobs in the same two processes (rank 0's process id is the same), each heard live and answered
+    (a pickle, then JSON); a third job's InputError is one line in the parent and ends the processes."""
+    results = []
+    with JobWorkers(2, module="channel_probe", env=probe_env, what="the probe") as workers:
+        for n, result in enumerate(("pickle", "json")):
+            ack, heard = tmp_path / f"ack-{n}", []
 
-    def on_event(record):
-        heard.append(record)
-        if record["step"] == 1:
-            ack.touch()
+            def on_event(record, ack=ack, heard=heard):
+                heard.append(record)
+                if record["step"] == 1:
+                    ack.touch()
 
-    result = run_job(
-        {"ack": str(ack)},
-        2,
-        module="channel_probe",
-        work_dir=tmp_path / "work",
-        on_event=on_event,
-        result="pickle",
-        env=probe_env,
-    )
-    assert heard == [{"step": 1, "world": 2, "rank": 0}, {"step": 2, "heard_live": True, "value": 0.5}]
-    assert result["rank"] == 0 and np.array_equal(result["values"], np.arange(4.0))
+            job = {"ack": str(ack), "scale": n + 1.0}
+            results.append(workers.run(job, on_event=on_event, result=result))
+            assert heard == [{"step": 1, "world": 2, "rank": 0}, {"step": 2, "heard_live": True, "value": 0.5}]
+        with pytest.raises(InputError, match=r"^the probe's cells are too few$"):
+            workers.run({"refuse": "the probe's cells are too few"})
+        assert workers.proc.poll() is not None  # ended
+        work = workers.work
+    assert not work.exists()  # the work folder the workers made is removed
+    first, second = results
+    assert first["rank"] == 0 and np.array_equal(first["values"], np.arange(4.0))
+    assert second["values"] == [0.0, 2.0, 4.0, 6.0]  # JSON
+    assert first["pid"] == second["pid"]  # one launch
 
 
-def test_a_workers_input_error_is_one_line_in_the_parent(tmp_path, probe_env):
-    with pytest.raises(InputError, match=r"^the probe's cells are too few$"):
-        run_job(
-            {"refuse": "the probe's cells are too few"},
-            1,
-            module="channel_probe",
-            work_dir=tmp_path / "work",
-            env=probe_env,
-        )
+def test_a_worker_that_fails_is_named_with_its_exit_status(tmp_path, probe_env):
     with pytest.raises(RuntimeError, match=r"the probe in 1 processes failed \(exit status 1\)"):
         run_job({}, 1, module="channel_probe", work_dir=tmp_path / "again", env=probe_env, what="the probe")
 

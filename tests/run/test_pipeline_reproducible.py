@@ -1,12 +1,11 @@
-"""Same seed, same numbers: a clean run, a run with warm caches analysed in two processes, a run killed mid
-fine-tuning, then failing on a full disk, then resumed, and a run killed between its pairs and resumed store
-identical results; checkpoints belong to their store. Every run is the quick preset made smaller still, with
+"""Same seed, same numbers: a clean run, a run with warm caches analysed in two processes, and a run killed mid
+fine-tuning, then failing on a full disk, then killed between its pairs, then resumed store identical results; checkpoints belong to their store. Every run is the quick preset made smaller still, with
 two pairs sharing a model (`PAIRS`), beside the session's quick run (its caches) unless its cache is cold
 on purpose.
 
 The session's quick run, the warm rerun and every run a fault stops are real `gfattn pipeline --quick`
 subprocesses; faults are injected at named points through `GFATTN_FAULT` (`pipeline.compute.fault_point`):
-SIGKILL at a fine-tuning step or a stage, ENOSPC while saving a model. The runs that complete a resume, and
+SIGKILL at a fine-tuning step or a stage, ENOSPC while saving a model. The resume that completes the run, and
 the clean run of two pairs, go through `pipeline.cli.main(argv)` in the test's process: the same numbers
 from another process.
 """
@@ -133,9 +132,10 @@ def test_two_stores_in_one_folder_keep_their_own_checkpoints(pairs_clean, warm_r
     assert len(paths) == 6 and len(set(paths)) == 6  # both stores number their runs from 1
 
 
-def test_killed_then_disk_full_then_resumed_gives_identical_results(pairs_clean, tmp_path):
-    """The two pairs' run in a folder of its own (a cold cache: nothing shared), killed, failed, refused and
-    resumed, stores what the clean run stores."""
+def test_killed_then_disk_full_then_killed_between_pairs_then_resumed_gives_identical_results(pairs_clean, tmp_path):
+    """The two pairs' run in a folder of its own (a cold cache: nothing shared), killed mid fine-tuning,
+    failed on a full disk, refused a changed checkpoint, killed between its pairs and resumed, stores what
+    the clean run stores."""
     db = tmp_path / "gfattn.db"
     config = _pairs_config(tmp_path)
     # 1. SIGKILL in the middle of the unfrozen model's fine-tuning (a cold cache: nothing shared)
@@ -184,16 +184,29 @@ def test_killed_then_disk_full_then_resumed_gives_identical_results(pairs_clean,
     assert "lowhigh__frozen" in out.stderr.strip().splitlines()[-1] and "sha256" in out.stderr
     shutil.copyfile(tmp_path / "weights.bak", weights)
 
-    # 4. space freed: the resume completes (in this process), and every stored number equals the clean run's
+    # 4. space freed, resumed: killed again between its two pairs (every model analysed, the first pair done)
+    out = _gfattn_env(
+        "pipeline",
+        "--resume",
+        str(run_id),
+        "--store",
+        str(db),
+        env={"GFATTN_FAULT": "stage:attention lowhigh: unfrozen vs last-1"},
+    )
+    assert out.returncode == -9, (out.returncode, out.stderr[-2000:])
+    assert "lowhigh/frozen: already fine-tuned (resumed), checkpoint verified" in out.stderr
+
+    # 5. resumed once more (in this process): the second pair reads the shared model's stored analysis, and
+    # every stored number equals the clean run's
     out = cli("pipeline", "--resume", str(run_id), "--store", str(db))
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "lowhigh/frozen: already fine-tuned (resumed), checkpoint verified" in out.stderr
+    assert "lowhigh: unfrozen: already analysed (resumed), used by 2 pairs" in out.stderr
     _same(pairs_clean, db)
 
 
-def test_each_model_analysed_once_and_a_run_killed_between_pairs_resumes_identically(pairs_clean):
-    """Two pairs sharing a model: each model is analysed once per run, the pairs read its results, and a run
-    killed between the pairs and resumed stores what an uninterrupted run stores."""
+def test_each_model_analysed_once_and_both_pairs_read_its_results(pairs_clean):
+    """Two pairs sharing a model: each model is analysed once per run and both pairs read its results (a run
+    killed between the pairs resumes to the same numbers: the killed run's last resume above)."""
     clean = pairs_clean
     st = Store(clean)
     models = [c["name"] for c in st.children(_pipeline_id(clean)) if c["kind"] == "model"]
@@ -207,21 +220,3 @@ def test_each_model_analysed_once_and_a_run_killed_between_pairs_resumes_identic
     for stem in ("attn", "key_score", "deletion_logit", "deletion_prob"):  # unfrozen is b, then a
         assert merged[f"{stem}_b_x"].fillna(-1e300).tolist() == merged[f"{stem}_a_y"].fillna(-1e300).tolist(), stem
     st.close()
-
-    db = clean.with_name("pairs-killed.db")  # beside the clean store: warm caches, checkpoints of its own
-    out = _gfattn_env(
-        "pipeline",
-        "--quick",
-        "--config",
-        _pairs_config(clean.parent),
-        "--store",
-        str(db),
-        "--name",
-        "pairs",
-        env={"GFATTN_FAULT": "stage:attention lowhigh: unfrozen vs last-1"},
-    )
-    assert out.returncode == -9, (out.returncode, out.stderr[-2000:])
-    out = cli("pipeline", "--resume", str(_pipeline_id(db)), "--store", str(db))
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "lowhigh: unfrozen: already analysed (resumed), used by 2 pairs" in out.stderr
-    _same(clean, db)

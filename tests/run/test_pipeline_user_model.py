@@ -197,7 +197,8 @@ def test_resume_continues_a_failed_run_from_its_first_unfinished_stage(tmp_path,
 
 @pytest.mark.slow
 def test_pipeline_fine_tunes_with_two_processes(tmp_path, capsys):
-    """`compute.nproc = 2` fine-tunes each model through torchrun (gloo on CPU) and records it as usual."""
+    """`compute.nproc = 2` fine-tunes the run's models in two processes started once (torchrun, gloo on CPU)
+    and records each as usual."""
     from pipeline.run.driver import run_pipeline
     from store import Store
 
@@ -209,6 +210,8 @@ def test_pipeline_fine_tunes_with_two_processes(tmp_path, capsys):
     cfg["analysis"].update(de=False, deletion=False, sanity=False)
     db = tmp_path / "gfattn.db"
     assert run_pipeline(cfg, db) == 0, capsys.readouterr().err[-3000:]
+    # one torchrun launch fine-tunes both models
+    assert capsys.readouterr().err.count("fine-tuning in 2 processes (torchrun), started once") == 1
     st = Store(db)
     children = {c["name"]: c for c in st.children(1)}
     for mode in ("frozen", "unfrozen"):

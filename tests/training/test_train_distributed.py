@@ -6,7 +6,7 @@ import torch
 
 from pipeline.compute import seed_everything
 from pipeline.models.load import load_classifier
-from pipeline.parallel.launch import WORKER_MODULE, finetune_distributed, torchrun_command
+from pipeline.parallel.launch import WORKER_MODULE, finetune_distributed, finetune_workers, torchrun_command
 from pipeline.run.stages.finetune import FinetuneStoreRecorder
 from pipeline.training.finetune import TrainConfig, finetune
 
@@ -32,7 +32,7 @@ def test_workers_run_the_launcher_module_and_primitives_stay_below_training():
     loaded = set(json.loads(out.stdout))
     assert "pipeline.training.finetune" not in loaded and "pipeline.parallel.launch" not in loaded
     out = subprocess.run([sys.executable, "-m", WORKER_MODULE, "--help"], capture_output=True, text=True)
-    assert out.returncode == 0 and "--job" in out.stdout
+    assert out.returncode == 0 and "--serve" in out.stdout
 
 
 @pytest.mark.slow
@@ -61,16 +61,32 @@ def test_two_gloo_processes_match_one_process(tmp_path):
 
     st = Store(tmp_path / "gfattn.db")
     run = st.create_run("lowhigh/unfrozen", "finetune", {"mode": "unfrozen"})
-    double = finetune_distributed(
-        src,
-        parts,
-        label_names=names,
-        mode="unfrozen",
-        config=TrainConfig(batch_size=4, **common),
-        nproc=2,
-        recorder=FinetuneStoreRecorder(st, run),
-        out_dir=tmp_path / "ddp",
-    )
+    with finetune_workers(2) as workers:  # one launch for both models, as a pipeline run fine-tunes
+        double = finetune_distributed(
+            src,
+            parts,
+            label_names=names,
+            mode="unfrozen",
+            config=TrainConfig(batch_size=4, **common),
+            nproc=2,
+            recorder=FinetuneStoreRecorder(st, run),
+            out_dir=tmp_path / "ddp",
+            workers=workers,
+        )
+        # the same processes' second model: the same numbers as their first (nothing carried over)
+        again = finetune_distributed(
+            src,
+            parts,
+            label_names=names,
+            mode="unfrozen",
+            config=TrainConfig(batch_size=4, **common),
+            nproc=2,
+            out_dir=tmp_path / "ddp-again",
+            workers=workers,
+        )
+    b = dict(again.model.named_parameters())
+    for name, p in double.model.named_parameters():
+        assert torch.equal(p, b[name]), name
 
     assert np.array_equal(double.confusion, single.confusion)
     assert np.array_equal(double.test_predictions, single.test_predictions)

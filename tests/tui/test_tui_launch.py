@@ -1,5 +1,5 @@
 """The New run form: validation, a detached launch with its own session and log file, and the real
-`gfattn pipeline --preset quick` started from the form and followed in the runs list until it ends."""
+`gfattn pipeline --preset quick` (with a config of overrides) started from the form and followed in the runs list until it ends."""
 
 from __future__ import annotations
 
@@ -17,10 +17,20 @@ from gfattn_tui.launcher import RunRequest, log_dir_for_store
 from gfattn_tui.screens.new_run import NewRunScreen
 from gfattn_tui.screens.runs import RunsScreen
 from gfattn_tui.widgets.runs_table import RunsTable
+from store import Store
 
 from tests._helpers_tui import make_app, settle
 
 SIZE = (100, 30)
+
+
+def _smaller_quick(folder: Path) -> Path:
+    path = folder / "tui-demo.toml"
+    path.write_text(
+        "[data]\numap = false\n[train]\nepochs = 1\n[analysis]\nmax_cells = 40\nn_boot = 20\n"
+        "deletion_k = [5]\ndeletion_random_sets = 3\ndeletion_top_genes = 5\nig_steps = 8\nig_max_steps = 16\n"
+    )
+    return path
 
 
 class EmptyStore:
@@ -102,9 +112,11 @@ async def test_form_starts_a_detached_run_that_the_list_follows(tmp_path, monkey
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.asyncio
-async def test_quick_demo_started_from_the_form_finishes_in_the_list(quick_run):
-    """The form's quick demo, started into a store beside the session's quick run (its data, embedded model and
-    tokenization cached there; the run keeps checkpoints of its own), is followed live to its end."""
+async def test_quick_run_with_a_config_started_from_the_form_finishes_in_the_list(quick_run):
+    """The form's quick preset with a config file of overrides (the quick run made smaller: one epoch, no
+    UMAP, fewer cells and deletion sets), started into a store beside the session's quick run (its data,
+    embedded model and tokenization cached there; the run keeps checkpoints of its own), is followed live to
+    its end, and the run it records is the preset with the file's overrides."""
     try:
         import pipeline.commands.pipeline  # noqa: F401
     except ImportError as exc:
@@ -125,6 +137,9 @@ async def test_quick_demo_started_from_the_form_finishes_in_the_list(quick_run):
             await pilot.press(*["down"] * (order.index("quick") - order.index(form.initial_preset)), "enter")
             await pilot.pause(0.2)
             assert form.query_one("#nr-preset").value == "quick"
+            form.query_one("#nr-config").value = str(_smaller_quick(db.parent))
+            await pilot.pause()
+            assert "--config" in str(form.query_one("#nr-command").content)
             await pilot.press("ctrl+s")
             await settle(pilot)
             assert isinstance(app.screen, RunsScreen)
@@ -144,5 +159,7 @@ async def test_quick_demo_started_from_the_form_finishes_in_the_list(quick_run):
             assert runs[0]["kind"] == "pipeline" and runs[0]["status"] == "completed", launched.log_tail(30)
             assert "running" in seen  # it was followed live, not only found at the end
             assert app.screen.details[runs[0]["id"]]["preset"] == "quick"
+            config = Store(db).get_run(runs[0]["id"])["config"]
+            assert config["train"]["epochs"] == 1 and config["data"]["umap"] is False
         finally:
             _kill_leftovers(app)

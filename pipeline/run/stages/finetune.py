@@ -159,6 +159,7 @@ def stage_finetune(ctx: Context, task: str, mode: str, *, permuted: bool = False
             out_dir=out_dir,
             dicts=ctx.out.dicts,
             load_options={"max_len": ctx.out.max_len},
+            workers=start_finetune_workers(ctx),
         )
         digest = T.recorded_weights_hash(out_dir)
         ctx.store.put_json(child, CHECKPOINT_JSON, {"path": str(out_dir), "weights_sha256": digest})
@@ -169,6 +170,29 @@ def stage_finetune(ctx: Context, task: str, mode: str, *, permuted: bool = False
             _baseline_and_gate(ctx, child, task, mode, parts, names, result, step=len(result.history))
     ctx.out.models[(task, mode)] = out_dir
     ctx.out.checkpoint_hashes[(task, mode)] = digest
+
+
+def start_finetune_workers(ctx: Context):
+    """With `compute.nproc` above 1, the run's fine-tuning processes (`pipeline.parallel.launch.JobWorkers`),
+    started at the first model the run fine-tunes and kept for every other: one torchrun launch per run;
+    `close_finetune_workers` ends them. None in one process."""
+    nproc = int(ctx.cfg["compute"]["nproc"])
+    if nproc <= 1:
+        return None
+    if ctx.out.finetune_workers is None:
+        from pipeline.parallel.launch import finetune_workers
+
+        ctx.out.finetune_workers = finetune_workers(nproc)
+        ctx.rep.line(f"fine-tuning in {nproc} processes (torchrun), started once for the run's models")
+    return ctx.out.finetune_workers
+
+
+def close_finetune_workers(ctx: Context) -> None:
+    """Stop the run's fine-tuning processes (after the last fine-tuning, or the run interrupted): on GPUs
+    they hand their devices' memory back before the analysis."""
+    workers, ctx.out.finetune_workers = ctx.out.finetune_workers, None
+    if workers is not None:
+        workers.close()
 
 
 def _baseline_and_gate(ctx: Context, child: int, task: str, mode: str, parts, names, result, *, step: int) -> None:
