@@ -7,6 +7,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.gfattn-installed
 TORCH  ?= torch==2.13.0
+# test workers: one more than the cores, since many tests spend part of their time waiting (the TUI's event
+# loop, subprocesses and torchrun launches being polled) and one more worker fills that time
+WORKERS ?= $(shell $(PYTHON) -c 'import os; print((os.cpu_count() or 1) + 1)')
 
 .PHONY: demo test test-fast lint venv bench clean
 
@@ -23,10 +26,10 @@ demo: $(STAMP)
 	$(BIN)/gfattn pipeline
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider -n auto --dist worksteal tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(WORKERS) --dist worksteal tests
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider -n auto --dist worksteal -m "not slow" tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(WORKERS) --dist worksteal -m "not slow" tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -14,6 +14,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # an OpenMP thread that waits for work sleeps rather than spins: a test that uses two threads shares the cores
 # with the other xdist worker, whose CPU the spinning would take
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# the TUI's tests check what is shown, not how it moves there: no scrolling animations to wait for
+os.environ.setdefault("TEXTUAL_ANIMATIONS", "none")
 
 import pytest  # noqa: E402
 

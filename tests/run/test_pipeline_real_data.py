@@ -42,18 +42,21 @@ SMALL = textwrap.dedent("""
     max_cells = 60
     n_boot = 20
 """)
-# a 6-layer model within the quick budget: the two models the analysis compares, one epoch, analyses and
-# attribution on 30 test cells with integrated gradients at the preset's 16 steps, no UMAP (the --quick run covers it)
+# a 6-layer model within the quick budget: the two models the analysis compares, 30 optimisation steps,
+# analyses and attribution on 30 test cells with integrated gradients at the preset's 16 steps, no
+# randomisation cascade (the quick run's) and no UMAP (the --quick run covers it)
 SIX_LAYERS = textwrap.dedent("""
     [data]
     umap = false
     [train]
     epochs = 1
+    min_steps = 30
     modes = ["frozen", "unfrozen"]
     [analysis]
     max_cells = 30
     n_boot = 20
     ig_max_steps = 16
+    sanity = false
 """)
 
 
@@ -264,7 +267,10 @@ def test_a_dataset_tokenized_beforehand(tcells, v1_small, geneformer_dir, tmp_pa
         "--label-column",
         "perturbation_2",
         "--config",
-        _small_config(tmp_path, 'pairs = [["frozen", "unfrozen"]]\n[train]\nmodes = ["frozen", "unfrozen"]\n'),
+        _small_config(
+            tmp_path,
+            'pairs = [["frozen", "unfrozen"]]\n[train]\nmodes = ["frozen", "unfrozen"]\nepochs = 1\nmin_steps = 30\n',
+        ),
         "--store",
         str(db),
     )

@@ -51,7 +51,7 @@ def _same(db_a, db_b, *, rtol: float = 0.0):
 # The quick preset, smaller still, with two pairs sharing a model (unfrozen: model b of one, model a of the
 # other): every stage, each model's analysis (deletion of every model: gate "mark") and two pair analyses.
 PAIRS = (
-    "[data]\numap = false\n[train]\nepochs = 2\n"
+    "[data]\numap = false\n[train]\nepochs = 2\nmin_steps = 0\n"  # 2 epochs: 62 steps, not the preset's 150
     '[analysis]\ngate = "mark"\npairs = [["frozen", "unfrozen"], ["unfrozen", "last-1"]]\n'
     "max_cells = 60\nn_boot = 20\ndeletion_k = [5]\ndeletion_random_sets = 3\ndeletion_top_genes = 5\n"
     "ig_steps = 8\nig_max_steps = 16\n"  # integrated gradients' step doubling still decided, at fewer steps
@@ -132,10 +132,11 @@ def test_two_stores_in_one_folder_keep_their_own_checkpoints(pairs_clean, warm_r
     assert len(paths) == 6 and len(set(paths)) == 6  # both stores number their runs from 1
 
 
-def test_killed_then_disk_full_then_killed_between_pairs_then_resumed_gives_identical_results(pairs_clean, tmp_path):
+def test_killed_then_disk_full_then_killed_between_pairs_then_resumed_gives_identical_results(request, tmp_path):
     """The two pairs' run in a folder of its own (a cold cache: nothing shared), killed mid fine-tuning,
     failed on a full disk, refused a changed checkpoint, killed between its pairs and resumed, stores what
-    the clean run stores."""
+    the clean run stores. It needs nothing of the session's runs until it compares (it runs beside them, not
+    after them: conftest.py)."""
     db = tmp_path / "gfattn.db"
     config = _pairs_config(tmp_path)
     # 1. SIGKILL in the middle of the unfrozen model's fine-tuning (a cold cache: nothing shared)
@@ -201,7 +202,7 @@ def test_killed_then_disk_full_then_killed_between_pairs_then_resumed_gives_iden
     out = cli("pipeline", "--resume", str(run_id), "--store", str(db))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "lowhigh: unfrozen: already analysed (resumed), used by 2 pairs" in out.stderr
-    _same(pairs_clean, db)
+    _same(request.getfixturevalue("pairs_clean"), db)
 
 
 def test_each_model_analysed_once_and_both_pairs_read_its_results(pairs_clean):

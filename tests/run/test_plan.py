@@ -128,7 +128,7 @@ def test_the_plan_names_the_stages_the_run_executes(monkeypatch):
         rep=Rep(),
         threads=1,
         has_counts=True,
-        out=SimpleNamespace(selection=SimpleNamespace(names=names), analysis_workers=None),
+        out=SimpleNamespace(selection=SimpleNamespace(names=names), analysis_workers=None, finetune_workers=None),
         store=None,
         run_id=0,
     )

@@ -27,7 +27,7 @@ SIZE = (100, 30)
 def _smaller_quick(folder: Path) -> Path:
     path = folder / "tui-demo.toml"
     path.write_text(
-        "[data]\numap = false\n[train]\nepochs = 1\n[analysis]\nmax_cells = 40\nn_boot = 20\n"
+        "[data]\numap = false\n[train]\nepochs = 1\nmin_steps = 0\n[analysis]\nmax_cells = 40\nn_boot = 20\n"
         "deletion_k = [5]\ndeletion_random_sets = 3\ndeletion_top_genes = 5\nig_steps = 8\nig_max_steps = 16\n"
     )
     return path
@@ -114,7 +114,7 @@ async def test_form_starts_a_detached_run_that_the_list_follows(tmp_path, monkey
 @pytest.mark.asyncio
 async def test_quick_run_with_a_config_started_from_the_form_finishes_in_the_list(quick_run):
     """The form's quick preset with a config file of overrides (the quick run made smaller: one epoch, no
-    UMAP, fewer cells and deletion sets), started into a store beside the session's quick run (its data,
+    minimum of steps, no UMAP, fewer cells and deletion sets), started into a store beside the session's quick run (its data,
     embedded model and tokenization cached there; the run keeps checkpoints of its own), is followed live to
     its end, and the run it records is the preset with the file's overrides."""
     try:
