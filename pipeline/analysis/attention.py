@@ -818,9 +818,13 @@ def _shard():
     return shard()
 
 
-def _batches(cells: Cells, batch_size: int, shard):
-    rank, world = shard
-    return length_grouped_batches(cells.lengths, batch_size)[rank::world]
+def sharded_batches(lengths, batch_size: int, shard: tuple[int, int] | None = None) -> list[np.ndarray]:
+    """This process's share (`pipeline.parallel.distributed.share`, by padded tokens) of the cells'
+    length-grouped batches: the same batches as one process, each run by one rank."""
+    from pipeline.parallel.distributed import batch_cost, share
+
+    batches = length_grouped_batches(lengths, batch_size)
+    return [batches[i] for i in share([batch_cost(b, lengths) for b in batches], shard)]
 
 
 def _meta(models, dtype, device, batch_size, method):
@@ -863,7 +867,7 @@ def analyze_attention(
     `block_elements` bounds the attention entries alive at once per model (query rows per block follow
     from it). `kernel`: "auto" reduces large blocks on CPU with compiled numba kernels (compiled once per
     dtype, cached on disk) and everything else with tensor operations; "torch" or "numba" force one.
-    `shard=(rank, world)` processes every world-th batch only; without it, an initialised
+    `shard=(rank, world)` processes that rank's share of the batches only (`sharded_batches`); without it, an initialised
     `torch.distributed` group shards the batches and the sums are all-reduced, so every rank returns the
     full result. Results of shards add up with `AttentionResult.merge`. `method="naive"`: the reference
     computation (`naive_attention_reductions`).
@@ -874,14 +878,14 @@ def analyze_attention(
     )
     acc = _Accumulators(**acc_kwargs, cell_curves=cell_curves)
     if method == "naive":
-        batches = _batches(cells, batch_size, shard or (0, 1))
+        batches = sharded_batches(cells.lengths, batch_size, shard or (0, 1))
         _naive_pass(models, cells, acc, batches, pad_id=pad_id, device=device, progress=progress)
         meta = _meta(models, dtype, device, batch_size, "naive")
         return acc.result(names=tuple(names[: len(models)]), special_ids=special, cells=cells, meta=meta)
     if method != "streaming":
         raise ValueError(f"method must be streaming or naive, not {method!r}")
     distributed = shard is None and _shard()[1] > 1
-    batches = _batches(cells, batch_size, shard or _shard())
+    batches = sharded_batches(cells.lengths, batch_size, shard or _shard())
     _register_attention()
     engine = _StreamingEngine(models, acc, int(block_elements), kernel=kernel)
     total = int(sum(len(b) for b in batches))

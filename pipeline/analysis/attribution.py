@@ -45,7 +45,8 @@ products; it runs through the same registered attention function, keeping one ru
 Per-rank and per-gene sums, counts and ranks are accumulated by `pipeline.analysis.attention._Accumulators`, the
 engine that produces `AttentionResult`, so the derived quantities (means per rank position, per
 occurrence, position control) use the same code as the attention analyses (`as_attention_result`).
-Nothing is random: `seed` is recorded only. Runs on one process (no sharding).
+Nothing is random: `seed` is recorded only. In a process group each rank runs its share of the batches
+(`sharded_batches`) and the sums are all-reduced (`_Setup.reduce`).
 
 One module: Hao attribution, integrated gradients (Captum) and rollout share one engine set-up (hooks, memory,
 batching) and one result type.
@@ -62,9 +63,9 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from pipeline.analysis.attention import AttentionResult, _Accumulators, _block_probs, routed_attention
+from pipeline.analysis.attention import AttentionResult, _Accumulators, _block_probs, routed_attention, sharded_batches
 from pipeline.parallel.distributed import all_reduce_max, all_reduce_sum, shard
-from pipeline.tokenize.batching import length_grouped_batches, pad_batch
+from pipeline.tokenize.batching import pad_batch
 from pipeline.tokenize.cells import Cells
 
 METHODS = ("hao", "ig", "rollout")
@@ -273,7 +274,7 @@ class _Setup:
         # in a process group of N (`pipeline.parallel.distributed`), every N-th batch of the same list; the
         # sums are all-reduced by `reduce` and the per-cell values, each written by one rank, add up exactly
         self.rank, self.world = shard()
-        self.batches = length_grouped_batches(self.cells.lengths, int(batch_size))[self.rank :: self.world]
+        self.batches = sharded_batches(self.cells.lengths, int(batch_size))
         self.n_local = int(sum(len(b) for b in self.batches))
         self.batch_size = int(batch_size)
         self.labels_t = torch.as_tensor(self.labels, device=self.device)
@@ -859,8 +860,7 @@ def run_attribution(
     special_ids = tuple(special_ids or ())
     cls_id = getattr(dicts, "cls_id", None) if dicts is not None else None
     cells = cells if isinstance(cells, Cells) else Cells(cells)
-    rank, world = shard()  # progress counts this process's cells (every world-th batch)
-    per_method = int(sum(len(b) for b in length_grouped_batches(cells.lengths, int(batch_size))[rank::world]))
+    per_method = int(sum(len(b) for b in sharded_batches(cells.lengths, int(batch_size))))  # this process's cells
     total = per_method * len(methods)
     common = dict(batch_size=batch_size, pad_id=pad_id, special_ids=special_ids, device=device, dtype=dtype)
     result = None
@@ -898,7 +898,7 @@ def run_attribution(
             r = attention_rollout(model, cells, labels, cls_id=cls_id, progress=prog, **common)
         result = r if result is None else result.combine(r)
     result.meta["seed"] = int(seed)
-    result.meta["world_size"] = int(world)
+    result.meta["world_size"] = int(shard()[1])
     return result
 
 

@@ -379,18 +379,19 @@ class DeletionEngine:
             mask[row, : len(s)] = 1
         return ids, mask
 
-    def _logits(self, batches: Sequence[np.ndarray], inputs) -> tuple[np.ndarray, np.ndarray]:
+    def _logits(self, batches: Sequence[np.ndarray], inputs, lengths) -> tuple[np.ndarray, np.ndarray]:
         """The rows `batches` list (in order) and their logits, (rows, n_classes) float64, one forward pass per
-        batch; `inputs(batch)` pads a batch. In a process group (`pipeline.parallel.distributed`) each rank
-        runs every world-th batch and every rank receives all of them: the same batches as one process, so
-        the same numbers."""
-        from pipeline.parallel.distributed import gather, shard
+        batch; `inputs(batch)` pads a batch, whose rows have `lengths[batch]` tokens. In a process group (`pipeline.parallel.distributed`) each rank
+        runs its share of the batches (`share`, by padded tokens) and every rank receives all of them: the
+        same batches as one process, so the same numbers."""
+        from pipeline.parallel.distributed import batch_cost, gather, shard, share
 
         torch = self._torch
-        rank, world = shard()
+        world = shard()[1]
         chunks, rows = [], []
+        mine = share([batch_cost(b, lengths) for b in batches]) if world > 1 else None
         with torch.inference_mode():
-            for b in batches[rank::world]:
+            for b in batches if mine is None else [batches[i] for i in mine]:
                 chunks.append(self._forward(*inputs(b)))
                 rows.append(b)
         logits = torch.cat(chunks).to("cpu", torch.float64).numpy() if chunks else np.zeros((0, self.n_classes))
@@ -408,7 +409,7 @@ class DeletionEngine:
             out = np.full((len(self.cells), self.n_classes), np.nan)
             batches = [idx[self.lengths[idx] > 0] for idx in length_grouped_batches(self.lengths, self.batch_size)]
             rows, logits = self._logits(
-                [b for b in batches if len(b)], lambda b: self._padded([self.ids[i] for i in b])
+                [b for b in batches if len(b)], lambda b: self._padded([self.ids[i] for i in b]), self.lengths
             )
             out[rows] = logits
             self._baseline = out
@@ -485,7 +486,7 @@ class DeletionEngine:
         pool = self._pool(token_sets)
         logits = np.full((len(pool.cell), self.n_classes), np.nan)
         rows, values = self._logits(
-            self._entry_batches(pool), lambda entries: self._padded(self._sequences(pool, entries))
+            self._entry_batches(pool), lambda entries: self._padded(self._sequences(pool, entries)), pool.length
         )
         logits[rows] = values
         return pool, logits[pool.source]

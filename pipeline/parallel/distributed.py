@@ -103,10 +103,36 @@ def all_reduce_sum(tensor):
 
 def shard() -> tuple[int, int]:
     """(rank, world size) of a joined process group of more than one process, else (0, 1): the analysis
-    splits its batches as `batches[rank::world]` (every world-th batch, the same list in every process)."""
+    shares the same list of batches out over the ranks (`share`)."""
     if is_initialized() and world_size() > 1:
         return rank(), world_size()
     return 0, 1
+
+
+def share(costs, shard_: tuple[int, int] | None = None) -> list[int]:
+    """The indices of the batches (with costs `costs`, in order) that this rank runs: each batch in turn goes
+    to the rank with the least cost so far, the lower rank on a tie (longest-processing-time-first over
+    batches sorted longest first); every rank computes the same assignment, and one process runs them all.
+    A batch's cost is its padded tokens (rows x width): every rank ends with about the same work where
+    `batches[rank::world]` gives rank 0 the longer batch of every pair, and the odd one."""
+    rank_, world = shard() if shard_ is None else shard_
+    if world == 1:
+        return list(range(len(costs)))
+    load, mine = [0.0] * world, []
+    for i, cost in enumerate(costs):
+        owner = min(range(world), key=lambda r: (load[r], r))
+        load[owner] += float(cost)
+        if owner == rank_:
+            mine.append(i)
+    return mine
+
+
+def batch_cost(batch, lengths) -> int:
+    """Padded tokens of a batch of cells (indices into `lengths`): rows x the longest."""
+    import numpy as np
+
+    batch = np.asarray(batch, dtype=np.int64)
+    return int(len(batch) * (int(np.max(np.asarray(lengths)[batch])) if len(batch) else 0))
 
 
 def gather(obj) -> list:

@@ -171,3 +171,26 @@ def test_closing_stops_processes_busy_with_a_model(unit, tmp_path, monkeypatch):
     workers.submit(units, cells, dicts=dicts, analysis=ANALYSIS, de=None, seed=5)
     workers.close()
     assert workers.proc.returncode == -signal.SIGTERM and not (tmp_path / "w").exists()
+
+
+def test_batches_are_shared_out_by_padded_tokens_each_run_once():
+    """`share`: every batch on exactly one rank, the same assignment on every rank, all of them in one
+    process, and the ranks' padded tokens closer than every world-th batch gives them (rank 0 would take the
+    longer batch of each pair and the odd one)."""
+    import numpy as np
+
+    from pipeline.parallel.distributed import batch_cost, share
+    from pipeline.tokenize.batching import length_grouped_batches
+
+    lengths = np.random.default_rng(0).integers(20, 97, 229)
+    batches = length_grouped_batches(lengths, 8)
+    costs = [batch_cost(b, lengths) for b in batches]
+    assert costs == sorted(costs, reverse=True) and costs[0] == 8 * 96
+    assert share(costs, (0, 1)) == list(range(len(batches)))
+    for world in (2, 3):
+        owned = [share(costs, (r, world)) for r in range(world)]
+        assert sorted(i for mine in owned for i in mine) == list(range(len(batches)))
+        loads = [sum(costs[i] for i in mine) for mine in owned]
+        strided = [sum(costs[r::world]) for r in range(world)]
+        assert max(loads) - min(loads) <= max(costs)
+        assert max(loads) - min(loads) < max(strided) - min(strided)
