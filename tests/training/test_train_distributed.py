@@ -62,28 +62,24 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     st = Store(tmp_path / "gfattn.db")
     run = st.create_run("lowhigh/unfrozen", "finetune", {"mode": "unfrozen"})
     with finetune_workers(2) as workers:  # one launch for both models, as a pipeline run fine-tunes
-        double = finetune_distributed(
-            src,
-            parts,
-            label_names=names,
-            mode="unfrozen",
-            config=TrainConfig(batch_size=4, **common),
-            nproc=2,
-            recorder=FinetuneStoreRecorder(st, run),
-            out_dir=tmp_path / "ddp",
-            workers=workers,
-        )
+
+        def in_two_processes(out_dir, recorder=None):
+            config = TrainConfig(batch_size=4, **common)
+            return finetune_distributed(
+                src,
+                parts,
+                label_names=names,
+                mode="unfrozen",
+                config=config,
+                nproc=2,
+                recorder=recorder,
+                out_dir=out_dir,
+                workers=workers,
+            )
+
+        double = in_two_processes(tmp_path / "ddp", FinetuneStoreRecorder(st, run))
         # the same processes' second model: the same numbers as their first (nothing carried over)
-        again = finetune_distributed(
-            src,
-            parts,
-            label_names=names,
-            mode="unfrozen",
-            config=TrainConfig(batch_size=4, **common),
-            nproc=2,
-            out_dir=tmp_path / "ddp-again",
-            workers=workers,
-        )
+        again = in_two_processes(tmp_path / "ddp-again")
     b = dict(again.model.named_parameters())
     for name, p in double.model.named_parameters():
         assert torch.equal(p, b[name]), name
