@@ -74,7 +74,7 @@ ROUGH = {
     "deletion": 0.5,  # bootstrap of the deletion sets, per model
     "finetune": 0.3,
     "model": 0.5,  # reading an existing model and its dictionaries
-    "processes": 8.0,  # starting the processes of a sharded analysis (torchrun, imports), once per run
+    "processes": 8.0,  # starting the processes of a sharded analysis or fine-tuning (torchrun, imports), once per run
 }
 
 
@@ -629,6 +629,24 @@ def shard_model_stages(parts: list[Part], processes: int) -> None:
     )
 
 
+def share_finetune_stages(parts: list[Part], processes: int) -> None:
+    """Data-parallel fine-tuning (`compute.nproc`, `pipeline.parallel.launch.JobWorkers`): each fine-tuning
+    stage's passes shared by `processes` (in place); the processes start once per run, at the first model it
+    fine-tunes, as one more part of that stage (nothing runs beside their start)."""
+    if processes <= 1:
+        return
+    first = next((i for i, p in enumerate(parts) if p.stage.startswith("finetune ")), None)
+    if first is None:
+        return
+    for p in parts[first:]:
+        if p.stage.startswith("finetune "):
+            p.seconds = p.fixed_s + (p.seconds - p.fixed_s) / processes
+    start = ROUGH["processes"]
+    parts.insert(
+        first, Part(parts[first].stage, f"start of {processes} processes (torchrun)", fixed_s=start, seconds=start)
+    )
+
+
 def make_plan(
     cfg: dict,
     shape: Shape,
@@ -673,6 +691,7 @@ def make_plan(
     for p in parts:
         if p.pretrain and budget and p.seconds > budget + p.fixed_s:
             p.seconds = budget + p.fixed_s
+    share_finetune_stages(parts, int(cfg["compute"]["nproc"]))
     shard_model_stages(parts, analysis_processes(cfg))
     total = float(sum(p.seconds for p in parts))
     c = model.config

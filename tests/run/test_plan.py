@@ -381,3 +381,28 @@ def test_a_sharded_analysis_shares_each_model_stage_and_starts_once_per_run():
         ("start of 2 processes (torchrun)", P.ROUGH["processes"] - 3.0),
         ("", 5.0),
     ]
+
+
+def test_fine_tuning_in_n_processes_shares_each_stage_and_starts_once():
+    """With `compute.nproc` N each fine-tuning stage's passes take 1/N of the time, and the processes'
+    start is one part of the first fine-tuning stage (they start there, once per run); other stages keep
+    their time."""
+    cfg = config.resolve("default")
+    timing = {"lengths": [5, 20], **{k: [1e-4, 4e-4] for k in P.KINDS}}
+    shape = _shape(cfg, pretrain_cells=100)
+    one = P.count_stages(cfg, shape)
+    P.estimate(one, P.unit_costs(timing, shape.lengths))
+    two = P.count_stages(cfg, shape)
+    P.estimate(two, P.unit_costs(timing, shape.lengths))
+    P.share_finetune_stages(two, 2)
+    (start,) = [p for p in two if p.part.startswith("start of 2 processes")]
+    assert start.stage == next(p.stage for p in one if p.stage.startswith("finetune "))
+    assert start.seconds == P.ROUGH["processes"]
+    rest = [p for p in two if p is not start]
+    assert [(p.stage, p.part) for p in rest] == [(p.stage, p.part) for p in one]
+    for a, b in zip(one, rest):
+        expected = a.fixed_s + (a.seconds - a.fixed_s) / 2 if a.stage.startswith("finetune ") else a.seconds
+        assert b.seconds == pytest.approx(expected)
+    before = [(p.stage, p.part, p.seconds) for p in one]
+    P.share_finetune_stages(one, 1)  # one process: as it was
+    assert [(p.stage, p.part, p.seconds) for p in one] == before
