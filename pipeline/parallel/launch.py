@@ -36,6 +36,8 @@ fine-tuning and ends them after the last, so that every model of the run is fine
 processes.
 
 Layering: this module sits above `pipeline.training.finetune`, which sits above `pipeline.parallel.distributed`.
+It is one module of about 600 lines because `python -m pipeline.parallel.launch` is the fine-tuning workers'
+entry point: the launcher, the job channel and the fine-tuning job it serves live where that entry point is.
 """
 
 from __future__ import annotations
