@@ -867,9 +867,9 @@ def analyze_attention(
     `block_elements` bounds the attention entries alive at once per model (query rows per block follow
     from it). `kernel`: "auto" reduces large blocks on CPU with compiled numba kernels (compiled once per
     dtype, cached on disk) and everything else with tensor operations; "torch" or "numba" force one.
-    `shard=(rank, world)` processes that rank's share of the batches only (`sharded_batches`); without it, an initialised
-    `torch.distributed` group shards the batches and the sums are all-reduced, so every rank returns the
-    full result. Results of shards add up with `AttentionResult.merge`. `method="naive"`: the reference
+    `shard=(rank, world)` processes that rank's share of the batches only (`sharded_batches`); without
+    it, an initialised `torch.distributed` group shards the batches and the sums are all-reduced, so every
+    rank returns the full result. Results of shards add up with `AttentionResult.merge`. `method="naive"`: the reference
     computation (`naive_attention_reductions`).
     """
     special = set(int(s) for s in special_ids) | {int(pad_id)}

@@ -271,8 +271,8 @@ class _Setup:
         limit = int(getattr(self.config, "max_position_embeddings", self.max_len))
         if self.max_len > limit:
             raise ValueError(f"cells have up to {self.max_len} tokens but the model has {limit} positions")
-        # in a process group of N (`pipeline.parallel.distributed`), every N-th batch of the same list; the
-        # sums are all-reduced by `reduce` and the per-cell values, each written by one rank, add up exactly
+        # in a process group (`pipeline.parallel.distributed`), this rank's share of the same list of batches;
+        # the sums are all-reduced by `reduce` and the per-cell values, each written by one rank, add up exactly
         self.rank, self.world = shard()
         self.batches = sharded_batches(self.cells.lengths, int(batch_size))
         self.n_local = int(sum(len(b) for b in self.batches))

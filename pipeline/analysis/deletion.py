@@ -381,9 +381,9 @@ class DeletionEngine:
 
     def _logits(self, batches: Sequence[np.ndarray], inputs, lengths) -> tuple[np.ndarray, np.ndarray]:
         """The rows `batches` list (in order) and their logits, (rows, n_classes) float64, one forward pass per
-        batch; `inputs(batch)` pads a batch, whose rows have `lengths[batch]` tokens. In a process group (`pipeline.parallel.distributed`) each rank
-        runs its share of the batches (`share`, by padded tokens) and every rank receives all of them: the
-        same batches as one process, so the same numbers."""
+        batch; `inputs(batch)` pads a batch, whose rows have `lengths[batch]` tokens. In a process group
+        (`pipeline.parallel.distributed`) each rank runs its share of the batches (`share`, by padded tokens)
+        and every rank receives all of them: the same batches as one process, so the same numbers."""
         from pipeline.parallel.distributed import batch_cost, gather, shard, share
 
         torch = self._torch

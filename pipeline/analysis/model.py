@@ -5,10 +5,10 @@ cells, returned as a `ModelAnalysis`; the run's recorder (`pipeline.run.stages.a
 Every part is a function of the model, the cells, the configuration and the seed, never of the pair a
 model is compared in. In a process group (torchrun, `pipeline.parallel.analyse`) each part shards its
 batches over the ranks (the same list, shared out by padded tokens: `pipeline.parallel.distributed.share`):
-per-cell values and deletion logits are
-gathered, so they equal one process's; sums over cells are all-reduced in float64, so they agree with one
-process's to rounding (relative 1e-12; docs/architecture.md, "Sharded analysis"). Random sets, bootstrap
-and re-initialisation draw from the run's seed on every rank alike.
+per-cell values and deletion logits are gathered, so they equal one process's; sums over cells are
+all-reduced in float64, so they agree with one process's to rounding (relative 1e-12;
+docs/architecture.md, "Sharded analysis"). Random sets, bootstrap and re-initialisation draw from the run's
+seed on every rank alike.
 """
 
 from __future__ import annotations

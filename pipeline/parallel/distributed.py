@@ -109,13 +109,14 @@ def shard() -> tuple[int, int]:
     return 0, 1
 
 
-def share(costs, shard_: tuple[int, int] | None = None) -> list[int]:
+def share(costs, rank_world: tuple[int, int] | None = None) -> list[int]:
     """The indices of the batches (with costs `costs`, in order) that this rank runs: each batch in turn goes
     to the rank with the least cost so far, the lower rank on a tie (longest-processing-time-first over
     batches sorted longest first); every rank computes the same assignment, and one process runs them all.
     A batch's cost is its padded tokens (rows x width): every rank ends with about the same work where
-    `batches[rank::world]` gives rank 0 the longer batch of every pair, and the odd one."""
-    rank_, world = shard() if shard_ is None else shard_
+    `batches[rank::world]` gives rank 0 the longer batch of every pair, and the odd one. `rank_world`:
+    (rank, world size) instead of the process group's (`shard`)."""
+    rank_, world = shard() if rank_world is None else rank_world
     if world == 1:
         return list(range(len(costs)))
     load, mine = [0.0] * world, []

@@ -173,6 +173,7 @@ class JobWorkers:
     work folder is removed on `close` when the workers made it."""
 
     def __init__(self, nproc: int, *, module: str, work_dir=None, env: dict | None = None, what: str = "the job"):
+        import shutil
         import tempfile
 
         _check_nproc(nproc)
@@ -180,6 +181,8 @@ class JobWorkers:
         self._own = work_dir is None
         self.work = Path(work_dir or tempfile.mkdtemp(prefix="gfattn-jobs-"))
         self.work.mkdir(parents=True, exist_ok=True)
+        for stale in self.work.glob("job-*"):  # a folder used before: its jobs are not this run's
+            shutil.rmtree(stale, ignore_errors=True)
         (self.work / STOP_FILE).unlink(missing_ok=True)
         self.jobs = 0
         argv = ["--serve", str(self.work), "--parent", str(os.getpid())]
