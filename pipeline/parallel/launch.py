@@ -31,8 +31,8 @@ A recorder crosses the channel as calls: in the worker `CallForwarder(channel, M
 the recorder and turns each call of one of `METHODS` into a record, and the parent's `on_event` is
 `lambda record: replay_call(recorder, record, METHODS)`. Fine-tuning in N processes
 (`finetune_distributed`, worker `_finetune_worker` in this module) works this way with the methods of
-`pipeline.training.finetune.FinetuneRecorder`; the pipeline starts its `JobWorkers` at the run's first
-fine-tuning and ends them after the last, so that every model of the run is fine-tuned by the same
+`pipeline.training.finetune.FinetuneRecorder`; the pipeline starts its `JobWorkers` once the cells are
+tokenized (beside the record stage) and ends them after the last fine-tuning, so that every model of the run is fine-tuned by the same
 processes.
 
 Layering: this module sits above `pipeline.training.finetune`, which sits above `pipeline.parallel.distributed`.

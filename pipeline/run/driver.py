@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from pipeline.compute import pin_threads
-from pipeline.config import analysed_models, analysed_tasks, model_analysis_on, trained_tasks
+from pipeline.config import analysed_models, analysed_tasks, model_analysis_on
 from pipeline.errors import InputError
 from pipeline.paths import cache_dir_for_store  # CHECKPOINT_JSON: {"path", "weights_sha256"}
 from pipeline.progress import Reporter
@@ -41,7 +41,13 @@ from pipeline.run.stages.analysis import (
 )
 from pipeline.run.stages.data import stage_data, stage_record_data
 from pipeline.run.stages.de import de_comparisons, stage_de
-from pipeline.run.stages.finetune import PERMUTED, close_finetune_workers, stage_finetune
+from pipeline.run.stages.finetune import (
+    PERMUTED,
+    close_finetune_workers,
+    finetune_stage_names,
+    stage_finetune,
+    start_finetune_workers,
+)
 from pipeline.run.stages.model import stage_model
 from pipeline.run.stages.tokenize import stage_checkpoint_check, stage_tokenize
 
@@ -75,10 +81,13 @@ def _stages(ctx: Context) -> None:
 
     # JSON `plan` on the run: work and estimated time per stage, the stages' first ETAs
     record_plan(ctx, de_comparisons(cfg, ctx.out.selection), PERMUTED)
-    start_analysis_workers(ctx)  # a sharded analysis's processes start beside the stages before it
+    # the processes of fine-tuning and of a sharded analysis in N processes start beside the stages before them
+    start_finetune_workers(ctx, early=True)
+    start_analysis_workers(ctx)
     try:
         _stages_after_tokenize(ctx, stage)
     finally:
+        close_finetune_workers(ctx)
         close_analysis_workers(ctx)
     if analysed_tasks(cfg) and cfg["analysis"]["deletion"]:
         from pipeline.analysis.deletion_report import adjust_run_deletion_family
@@ -91,15 +100,9 @@ def _stages_after_tokenize(ctx: Context, stage) -> None:
     with stage("record"):
         stage_record_data(ctx)
     try:  # every model fine-tuned in N processes by the same processes, ended before the analysis
-        for task in trained_tasks(cfg):
-            for mode in cfg["train"]["modes"]:
-                with stage(f"finetune {task}/{mode}"):
-                    stage_finetune(ctx, task, mode)
-        if cfg["analysis"]["label_permutation"]:
-            for task in analysed_tasks(cfg):
-                for mode in dict.fromkeys(m for pair in cfg["analysis"]["pairs"] for m in pair):
-                    with stage(f"finetune {task}/{mode}{PERMUTED}"):
-                        stage_finetune(ctx, task, mode, permuted=True)
+        for task, mode, permuted in finetune_stage_names(cfg):
+            with stage(f"finetune {task}/{mode}{PERMUTED if permuted else ''}"):
+                stage_finetune(ctx, task, mode, permuted=permuted)
     finally:
         close_finetune_workers(ctx)
     comparisons = de_comparisons(cfg, ctx.out.selection)

@@ -621,6 +621,12 @@ def shard_model_stages(parts: list[Part], processes: int) -> None:
     for p in parts[first:]:
         if p.stage.startswith("model "):
             p.seconds = p.fixed_s + (p.seconds - p.fixed_s) / processes
+    _insert_start(parts, first, processes)
+
+
+def _insert_start(parts: list[Part], first: int, processes: int) -> None:
+    """The start of `processes` processes begun when the cells are tokenized: what of it the stages between
+    tokenization and stage `first` do not cover, as a part of that stage (in place)."""
     tokenized = max((i for i, p in enumerate(parts[:first]) if p.stage == "tokenize"), default=-1)
     before = sum(p.seconds for p in parts[tokenized + 1 : first])
     start = max(0.0, ROUGH["processes"] - before)
@@ -631,8 +637,9 @@ def shard_model_stages(parts: list[Part], processes: int) -> None:
 
 def share_finetune_stages(parts: list[Part], processes: int) -> None:
     """Data-parallel fine-tuning (`compute.nproc`, `pipeline.parallel.launch.JobWorkers`): each fine-tuning
-    stage's passes shared by `processes` (in place); the processes start once per run, at the first model it
-    fine-tunes, as one more part of that stage (nothing runs beside their start)."""
+    stage's passes shared by `processes` (in place). The processes start once per run, when the cells are
+    tokenized, beside the record stage: what of their start it does not cover is a part of the first
+    fine-tuning stage."""
     if processes <= 1:
         return
     first = next((i for i, p in enumerate(parts) if p.stage.startswith("finetune ")), None)
@@ -641,10 +648,7 @@ def share_finetune_stages(parts: list[Part], processes: int) -> None:
     for p in parts[first:]:
         if p.stage.startswith("finetune "):
             p.seconds = p.fixed_s + (p.seconds - p.fixed_s) / processes
-    start = ROUGH["processes"]
-    parts.insert(
-        first, Part(parts[first].stage, f"start of {processes} processes (torchrun)", fixed_s=start, seconds=start)
-    )
+    _insert_start(parts, first, processes)
 
 
 def make_plan(

@@ -210,8 +210,10 @@ def test_pipeline_fine_tunes_with_two_processes(tmp_path, capsys):
     cfg["analysis"].update(de=False, deletion=False, sanity=False)
     db = tmp_path / "gfattn.db"
     assert run_pipeline(cfg, db) == 0, capsys.readouterr().err[-3000:]
-    # one torchrun launch fine-tunes both models
-    assert capsys.readouterr().err.count("fine-tuning in 2 processes (torchrun), started once") == 1
+    # one torchrun launch fine-tunes both models, started once the cells are tokenized (beside the record stage)
+    err = capsys.readouterr().err
+    assert err.count("fine-tuning in 2 processes (torchrun), started once") == 1, err[-3000:]
+    assert err.index("fine-tuning in 2 processes") < err.index("record     started") < err.index("finetune ")
     st = Store(db)
     children = {c["name"]: c for c in st.children(1)}
     for mode in ("frozen", "unfrozen"):
@@ -226,3 +228,34 @@ def test_pipeline_fine_tunes_with_two_processes(tmp_path, capsys):
         assert any(e["message"].startswith(f"fine-tuning {mode}:") for e in st.events(child["id"]))
         assert (db.parent / ".gfattn-cache" / "runs" / st.uid / "1" / f"lowhigh__{mode}" / "config.json").is_file()
     assert children["lowhigh: frozen vs unfrozen"]["status"] == "completed"
+
+
+def test_fine_tuning_processes_start_early_only_where_a_model_is_left_to_fine_tune(monkeypatch):
+    """Once the cells are tokenized the run starts its fine-tuning processes where a model is left to
+    fine-tune; a resumed run whose models are all fine-tuned starts none; one process never does."""
+    from types import SimpleNamespace
+
+    from pipeline import config
+    from pipeline.parallel import launch
+    from pipeline.run.stages.finetune import PERMUTED, finetune_stage_names, start_finetune_workers
+    from store import results as R
+
+    started = []
+    monkeypatch.setattr(launch, "finetune_workers", lambda nproc: started.append(nproc) or f"workers of {nproc}")
+    cfg = config.resolve("quick", None, {"compute.nproc": 2, "analysis.label_permutation": True})
+    names = [f"{t}/{m}{PERMUTED if p else ''}" for t, m, p in finetune_stage_names(cfg)]
+    assert names == ["lowhigh/frozen", "lowhigh/unfrozen", "lowhigh/last-1"] + [
+        f"lowhigh/{m}{PERMUTED}" for m in ("frozen", "unfrozen")
+    ]
+
+    def ctx(children, nproc=2):
+        run = dict(cfg, compute={**cfg["compute"], "nproc": nproc})
+        store = SimpleNamespace(children=lambda run_id: children)
+        rep = SimpleNamespace(line=lambda text: None)
+        return SimpleNamespace(cfg=run, store=store, run_id=1, rep=rep, out=SimpleNamespace(finetune_workers=None))
+
+    every = [{"name": n, "kind": R.KIND_FINETUNE, "status": "completed"} for n in names]
+    assert start_finetune_workers(ctx(every), early=True) is None and started == []
+    one_failed = every[:-1] + [{**every[-1], "status": "failed"}]
+    assert start_finetune_workers(ctx(one_failed), early=True) == "workers of 2" and started == [2]
+    assert start_finetune_workers(ctx([], nproc=1), early=True) is None and started == [2]

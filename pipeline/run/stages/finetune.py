@@ -172,13 +172,32 @@ def stage_finetune(ctx: Context, task: str, mode: str, *, permuted: bool = False
     ctx.out.checkpoint_hashes[(task, mode)] = digest
 
 
-def start_finetune_workers(ctx: Context):
+def finetune_stage_names(cfg: dict) -> list[tuple[str, str, bool]]:
+    """(task, mode, permuted) of every fine-tuning stage of the run, in order."""
+    from pipeline.config import analysed_tasks, trained_tasks
+
+    stages = [(task, mode, False) for task in trained_tasks(cfg) for mode in cfg["train"]["modes"]]
+    if cfg["analysis"]["label_permutation"]:
+        pair_modes = dict.fromkeys(m for pair in cfg["analysis"]["pairs"] for m in pair)
+        stages += [(task, mode, True) for task in analysed_tasks(cfg) for mode in pair_modes]
+    return stages
+
+
+def start_finetune_workers(ctx: Context, *, early: bool = False):
     """With `compute.nproc` above 1, the run's fine-tuning processes (`pipeline.parallel.launch.JobWorkers`),
-    started at the first model the run fine-tunes and kept for every other: one torchrun launch per run;
-    `close_finetune_workers` ends them. None in one process."""
+    one torchrun launch for every model the run fine-tunes; `close_finetune_workers` ends them. `early`
+    (once the cells are tokenized): only where a model is left to fine-tune, so that the processes' start
+    runs beside the record stage; otherwise at the latest at the first model fine-tuned. None in one
+    process."""
     nproc = int(ctx.cfg["compute"]["nproc"])
     if nproc <= 1:
         return None
+    if early and ctx.out.finetune_workers is None:
+        children = ctx.store.children(ctx.run_id)
+        done = {c["name"] for c in children if c["kind"] == R.KIND_FINETUNE and c["status"] == "completed"}
+        stages = finetune_stage_names(ctx.cfg)
+        if all(f"{task}/{mode}{PERMUTED if permuted else ''}" in done for task, mode, permuted in stages):
+            return None  # a resumed run with every model fine-tuned
     if ctx.out.finetune_workers is None:
         from pipeline.parallel.launch import finetune_workers
 
