@@ -613,26 +613,7 @@ def shard_model_stages(parts: list[Part], processes: int) -> None:
     """A sharded analysis (`pipeline.parallel.analyse`): each model stage's passes shared by `processes`
     (in place). The processes start once per run, when the cells are tokenized, beside the stages before the
     first model stage: what of their start those stages do not cover is a part of the first model stage."""
-    if processes <= 1:
-        return
-    first = next((i for i, p in enumerate(parts) if p.stage.startswith("model ")), None)
-    if first is None:
-        return
-    for p in parts[first:]:
-        if p.stage.startswith("model "):
-            p.seconds = p.fixed_s + (p.seconds - p.fixed_s) / processes
-    _insert_start(parts, first, processes)
-
-
-def _insert_start(parts: list[Part], first: int, processes: int) -> None:
-    """The start of `processes` processes begun when the cells are tokenized: what of it the stages between
-    tokenization and stage `first` do not cover, as a part of that stage (in place)."""
-    tokenized = max((i for i, p in enumerate(parts[:first]) if p.stage == "tokenize"), default=-1)
-    before = sum(p.seconds for p in parts[tokenized + 1 : first])
-    start = max(0.0, ROUGH["processes"] - before)
-    parts.insert(
-        first, Part(parts[first].stage, f"start of {processes} processes (torchrun)", fixed_s=start, seconds=start)
-    )
+    _share_stages(parts, "model ", processes)
 
 
 def share_finetune_stages(parts: list[Part], processes: int) -> None:
@@ -640,15 +621,27 @@ def share_finetune_stages(parts: list[Part], processes: int) -> None:
     stage's passes shared by `processes` (in place). The processes start once per run, when the cells are
     tokenized, beside the record stage: what of their start it does not cover is a part of the first
     fine-tuning stage."""
+    _share_stages(parts, "finetune ", processes)
+
+
+def _share_stages(parts: list[Part], prefix: str, processes: int) -> None:
+    """Every stage named `prefix...`: its passes shared by `processes`, plus what of the processes' start
+    (begun when the cells are tokenized) the stages between tokenization and the first such stage do not
+    cover, as a part of that stage (in place)."""
     if processes <= 1:
         return
-    first = next((i for i, p in enumerate(parts) if p.stage.startswith("finetune ")), None)
+    first = next((i for i, p in enumerate(parts) if p.stage.startswith(prefix)), None)
     if first is None:
         return
     for p in parts[first:]:
-        if p.stage.startswith("finetune "):
+        if p.stage.startswith(prefix):
             p.seconds = p.fixed_s + (p.seconds - p.fixed_s) / processes
-    _insert_start(parts, first, processes)
+    tokenized = max((i for i, p in enumerate(parts[:first]) if p.stage == "tokenize"), default=-1)
+    before = sum(p.seconds for p in parts[tokenized + 1 : first])
+    start = max(0.0, ROUGH["processes"] - before)
+    parts.insert(
+        first, Part(parts[first].stage, f"start of {processes} processes (torchrun)", fixed_s=start, seconds=start)
+    )
 
 
 def make_plan(

@@ -352,10 +352,16 @@ def test_each_stage_on_cuda_records_its_peak_gpu_memory(monkeypatch):
     assert R.JSON_GPU_MEMORY == progress.GPU_MEMORY_JSON
 
 
-def test_a_sharded_analysis_shares_each_model_stage_and_starts_once_per_run():
-    """With N analysis processes a model stage's passes take 1/N of the time; the processes start once per
-    run when the cells are tokenized, and what of their start the stages before the first model stage do not
-    cover is one more part of that stage; other stages keep their time."""
+@pytest.mark.parametrize(
+    "share, prefix",
+    [(P.shard_model_stages, "model "), (P.share_finetune_stages, "finetune ")],
+    ids=["analysis", "fine-tuning"],
+)
+def test_n_processes_share_each_stage_and_start_once_per_run(share, prefix):
+    """With N processes (a sharded analysis, `compute.analysis_nproc`; data-parallel fine-tuning,
+    `compute.nproc`) each of their stages' passes take 1/N of the time; the processes start once per run when
+    the cells are tokenized, and what of their start the stages before the first of their stages do not
+    cover is one more part of that stage; other stages keep their time, and one process changes nothing."""
     cfg = config.resolve("default")
     timing = {"lengths": [5, 20], **{k: [1e-4, 4e-4] for k in P.KINDS}}
     shape = _shape(cfg, pretrain_cells=100)
@@ -363,48 +369,24 @@ def test_a_sharded_analysis_shares_each_model_stage_and_starts_once_per_run():
     P.estimate(one, P.unit_costs(timing, shape.lengths))
     two = P.count_stages(cfg, shape)
     P.estimate(two, P.unit_costs(timing, shape.lengths))
-    P.shard_model_stages(two, 2)
+    share(two, 2)
     (start,) = [p for p in two if p.part.startswith("start of 2 processes")]
-    first = next(i for i, p in enumerate(one) if p.stage.startswith("model "))
+    first = next(i for i, p in enumerate(one) if p.stage.startswith(prefix))
     tokenized = next(i for i, p in enumerate(one) if p.stage == "tokenize")
     covered = sum(p.seconds for p in one[tokenized + 1 : first])
     assert start.stage == one[first].stage and start.seconds == pytest.approx(max(0.0, P.ROUGH["processes"] - covered))
     rest = [p for p in two if p is not start]
     assert [(p.stage, p.part) for p in rest] == [(p.stage, p.part) for p in one]
     for a, b in zip(one, rest):
-        expected = a.fixed_s + (a.seconds - a.fixed_s) / 2 if a.stage.startswith("model ") else a.seconds
+        expected = a.fixed_s + (a.seconds - a.fixed_s) / 2 if a.stage.startswith(prefix) else a.seconds
         assert b.seconds == pytest.approx(expected)
-    # stages shorter than the start leave the rest of it to the first model stage
-    short = [P.Part("tokenize"), P.Part("record", seconds=3.0), P.Part("model t: a", seconds=10.0)]
-    P.shard_model_stages(short, 2)
+    before = [(p.stage, p.part, p.seconds) for p in one]
+    share(one, 1)
+    assert [(p.stage, p.part, p.seconds) for p in one] == before
+    # stages shorter than the start leave the rest of it to the first of the processes' stages
+    short = [P.Part("tokenize"), P.Part("record", seconds=3.0), P.Part(f"{prefix}t: a", seconds=10.0)]
+    share(short, 2)
     assert [(p.part, p.seconds) for p in short[2:]] == [
         ("start of 2 processes (torchrun)", P.ROUGH["processes"] - 3.0),
         ("", 5.0),
     ]
-
-
-def test_fine_tuning_in_n_processes_shares_each_stage_and_starts_once():
-    """With `compute.nproc` N each fine-tuning stage's passes take 1/N of the time; the processes start once
-    per run when the cells are tokenized, and what of their start the record stage does not cover is one
-    part of the first fine-tuning stage; other stages keep their time."""
-    cfg = config.resolve("default")
-    timing = {"lengths": [5, 20], **{k: [1e-4, 4e-4] for k in P.KINDS}}
-    shape = _shape(cfg, pretrain_cells=100)
-    one = P.count_stages(cfg, shape)
-    P.estimate(one, P.unit_costs(timing, shape.lengths))
-    two = P.count_stages(cfg, shape)
-    P.estimate(two, P.unit_costs(timing, shape.lengths))
-    P.share_finetune_stages(two, 2)
-    (start,) = [p for p in two if p.part.startswith("start of 2 processes")]
-    first = next(i for i, p in enumerate(one) if p.stage.startswith("finetune "))
-    tokenized = next(i for i, p in enumerate(one) if p.stage == "tokenize")
-    covered = sum(p.seconds for p in one[tokenized + 1 : first])
-    assert start.stage == one[first].stage and start.seconds == pytest.approx(max(0.0, P.ROUGH["processes"] - covered))
-    rest = [p for p in two if p is not start]
-    assert [(p.stage, p.part) for p in rest] == [(p.stage, p.part) for p in one]
-    for a, b in zip(one, rest):
-        expected = a.fixed_s + (a.seconds - a.fixed_s) / 2 if a.stage.startswith("finetune ") else a.seconds
-        assert b.seconds == pytest.approx(expected)
-    before = [(p.stage, p.part, p.seconds) for p in one]
-    P.share_finetune_stages(one, 1)  # one process: as it was
-    assert [(p.stage, p.part, p.seconds) for p in one] == before
