@@ -691,6 +691,16 @@ def analysed_tasks(cfg: dict) -> list[str]:
     return list(cfg["analysis"]["tasks"]) or trained_tasks(cfg)
 
 
+def finetune_stages(cfg: dict) -> list[tuple[str, str, bool]]:
+    """(task, mode, permuted labels) of every model the run fine-tunes, in order: each mode of each trained
+    task, then (`analysis.label_permutation`) each mode the pairs compare, on permuted labels."""
+    stages = [(task, mode, False) for task in trained_tasks(cfg) for mode in cfg["train"]["modes"]]
+    if cfg["analysis"]["label_permutation"]:
+        pair_modes = dict.fromkeys(m for pair in cfg["analysis"]["pairs"] for m in pair)
+        stages += [(task, mode, True) for task in analysed_tasks(cfg) for mode in pair_modes]
+    return stages
+
+
 MODES_HELP = "frozen, unfrozen, last-K (e.g. last-1) or freeze-N (e.g. freeze-2)"
 
 

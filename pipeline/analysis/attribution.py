@@ -273,7 +273,7 @@ class _Setup:
             raise ValueError(f"cells have up to {self.max_len} tokens but the model has {limit} positions")
         # in a process group (`pipeline.parallel.distributed`), this rank's share of the same list of batches;
         # the sums are all-reduced by `reduce` and the per-cell values, each written by one rank, add up exactly
-        self.rank, self.world = shard()
+        self.world = shard()[1]
         self.batches = sharded_batches(self.cells.lengths, int(batch_size))
         self.n_local = int(sum(len(b) for b in self.batches))
         self.batch_size = int(batch_size)

@@ -389,9 +389,9 @@ class DeletionEngine:
         torch = self._torch
         world = shard()[1]
         chunks, rows = [], []
-        mine = share([batch_cost(b, lengths) for b in batches]) if world > 1 else None
+        mine = share([batch_cost(b, lengths) for b in batches])  # every batch in one process
         with torch.inference_mode():
-            for b in batches if mine is None else [batches[i] for i in mine]:
+            for b in (batches[i] for i in mine):
                 chunks.append(self._forward(*inputs(b)))
                 rows.append(b)
         logits = torch.cat(chunks).to("cpu", torch.float64).numpy() if chunks else np.zeros((0, self.n_classes))

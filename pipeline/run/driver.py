@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from pipeline.compute import pin_threads
-from pipeline.config import analysed_models, analysed_tasks, model_analysis_on
+from pipeline.config import analysed_models, analysed_tasks, finetune_stages, model_analysis_on
 from pipeline.errors import InputError
 from pipeline.paths import cache_dir_for_store  # CHECKPOINT_JSON: {"path", "weights_sha256"}
 from pipeline.progress import Reporter
@@ -44,7 +44,7 @@ from pipeline.run.stages.de import de_comparisons, stage_de
 from pipeline.run.stages.finetune import (
     PERMUTED,
     close_finetune_workers,
-    finetune_stage_names,
+    finetune_name,
     stage_finetune,
     start_finetune_workers,
 )
@@ -100,8 +100,8 @@ def _stages_after_tokenize(ctx: Context, stage) -> None:
     with stage("record"):
         stage_record_data(ctx)
     try:  # every model fine-tuned in N processes by the same processes, ended before the analysis
-        for task, mode, permuted in finetune_stage_names(cfg):
-            with stage(f"finetune {task}/{mode}{PERMUTED if permuted else ''}"):
+        for task, mode, permuted in finetune_stages(cfg):
+            with stage(f"finetune {finetune_name(task, mode, permuted)}"):
                 stage_finetune(ctx, task, mode, permuted=permuted)
     finally:
         close_finetune_workers(ctx)

@@ -222,7 +222,7 @@ def cascade_steps_count(n_layers: int) -> int:
 
 def count_stages(cfg: dict, shape: Shape) -> list[Part]:
     """Every stage (and analysis part) of the run, in `pipeline.run.driver._stages` order, with its work."""
-    from pipeline.config import analysed_models, analysed_tasks, model_analysis_on, trained_tasks
+    from pipeline.config import analysed_models, analysed_tasks, finetune_stages, model_analysis_on
 
     mean = shape.mean_length
     n, nl = shape.n_selected, shape.n_layers
@@ -270,15 +270,9 @@ def count_stages(cfg: dict, shape: Shape) -> list[Part]:
             fixed_s=ROUGH["finetune"],
         )
 
-    for task in trained_tasks(cfg):
-        for mode in cfg["train"]["modes"]:
-            parts.append(finetune(task, mode, mode))
+    for task, mode, permuted in finetune_stages(cfg):
+        parts.append(finetune(task, mode + (shape.permuted if permuted else ""), mode))
     analysed = analysed_tasks(cfg)
-    pair_modes = list(dict.fromkeys(m for pair in cfg["analysis"]["pairs"] for m in pair))
-    if cfg["analysis"]["label_permutation"]:
-        for task in analysed:
-            for mode in pair_modes:
-                parts.append(finetune(task, mode + shape.permuted, mode))
     comparisons = list(shape.de_comparisons)
     for i, (task, group, reference) in enumerate(comparisons):
         label = "de" if len(comparisons) == 1 else f"de {task}: {group} vs {reference}"

@@ -236,14 +236,15 @@ def test_fine_tuning_processes_start_early_only_where_a_model_is_left_to_fine_tu
     from types import SimpleNamespace
 
     from pipeline import config
+    from pipeline.config import finetune_stages
     from pipeline.parallel import launch
-    from pipeline.run.stages.finetune import PERMUTED, finetune_stage_names, start_finetune_workers
+    from pipeline.run.stages.finetune import PERMUTED, finetune_name, start_finetune_workers
     from store import results as R
 
     started = []
     monkeypatch.setattr(launch, "finetune_workers", lambda nproc: started.append(nproc) or f"workers of {nproc}")
     cfg = config.resolve("quick", None, {"compute.nproc": 2, "analysis.label_permutation": True})
-    names = [f"{t}/{m}{PERMUTED if p else ''}" for t, m, p in finetune_stage_names(cfg)]
+    names = [finetune_name(*stage) for stage in finetune_stages(cfg)]
     assert names == ["lowhigh/frozen", "lowhigh/unfrozen", "lowhigh/last-1"] + [
         f"lowhigh/{m}{PERMUTED}" for m in ("frozen", "unfrozen")
     ]

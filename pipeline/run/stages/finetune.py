@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
 
+from pipeline.config import finetune_stages
 from pipeline.paths import CHECKPOINT_JSON  # CHECKPOINT_JSON: {"path", "weights_sha256"}
 from pipeline.run.stages.tokenize import task_datasets
 from pipeline.training import finetune as T
@@ -103,7 +104,7 @@ def stage_finetune(ctx: Context, task: str, mode: str, *, permuted: bool = False
     """Fine-tune one (task, mode) and record metrics, confusion and the best model (thesis 2.3, 4.1).
     With `permuted`, on permuted training labels (`permuted_parts`), as the mode "<mode> (permuted labels)"."""
     key = mode + (PERMUTED if permuted else "")
-    name = f"{task}/{key}"
+    name = finetune_name(task, mode, permuted)
     out_dir = model_out_dir(ctx, task, mode + ("__permuted" if permuted else ""))
     mode, train_mode = key, mode
     done = ctx.completed_child(name, R.KIND_FINETUNE)
@@ -172,15 +173,10 @@ def stage_finetune(ctx: Context, task: str, mode: str, *, permuted: bool = False
     ctx.out.checkpoint_hashes[(task, mode)] = digest
 
 
-def finetune_stage_names(cfg: dict) -> list[tuple[str, str, bool]]:
-    """(task, mode, permuted) of every fine-tuning stage of the run, in order."""
-    from pipeline.config import analysed_tasks, trained_tasks
-
-    stages = [(task, mode, False) for task in trained_tasks(cfg) for mode in cfg["train"]["modes"]]
-    if cfg["analysis"]["label_permutation"]:
-        pair_modes = dict.fromkeys(m for pair in cfg["analysis"]["pairs"] for m in pair)
-        stages += [(task, mode, True) for task in analysed_tasks(cfg) for mode in pair_modes]
-    return stages
+def finetune_name(task: str, mode: str, permuted: bool = False) -> str:
+    """The fine-tuning child run's name (and its stage's, after "finetune "): `<task>/<mode>`, with
+    PERMUTED for the model trained on permuted labels."""
+    return f"{task}/{mode}{PERMUTED if permuted else ''}"
 
 
 def start_finetune_workers(ctx: Context, *, early: bool = False):
@@ -195,8 +191,7 @@ def start_finetune_workers(ctx: Context, *, early: bool = False):
     if early and ctx.out.finetune_workers is None:
         children = ctx.store.children(ctx.run_id)
         done = {c["name"] for c in children if c["kind"] == R.KIND_FINETUNE and c["status"] == "completed"}
-        stages = finetune_stage_names(ctx.cfg)
-        if all(f"{task}/{mode}{PERMUTED if permuted else ''}" in done for task, mode, permuted in stages):
+        if all(finetune_name(*stage) in done for stage in finetune_stages(ctx.cfg)):
             return None  # a resumed run with every model fine-tuned
     if ctx.out.finetune_workers is None:
         from pipeline.parallel.launch import finetune_workers
