@@ -1,7 +1,8 @@
-"""Same seed, same numbers: a clean run, a run with warm caches analysed in two processes, and a run killed mid
-fine-tuning, then failing on a full disk, then killed between its pairs, then resumed store identical results; checkpoints belong to their store. Every run is the quick preset made smaller still, with
-two pairs sharing a model (`PAIRS`), beside the session's quick run (its caches) unless its cache is cold
-on purpose.
+"""Same seed, same numbers: a clean run, a run with warm caches analysed in two processes, and a run killed
+mid fine-tuning, then failing on a full disk, then killed between its pairs, then resumed store identical
+results; checkpoints belong to their store. Every run is the quick preset made smaller still, with two
+pairs sharing a model (`PAIRS`), beside the session's quick run (its caches) unless its cache is cold on
+purpose.
 
 The session's quick run, the warm rerun and every run a fault stops are real `gfattn pipeline --quick`
 subprocesses; faults are injected at named points through `GFATTN_FAULT` (`pipeline.compute.fault_point`):
